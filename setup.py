@@ -1,0 +1,51 @@
+"""Build torchrec_esd and its operator extension torchrec_esd._C.
+
+CPU kernels (csrc/*.cpp, csrc/cpu/*.cpp) are always built; CUDA kernels
+(csrc/cuda/*.cu) only when torch sees CUDA and a toolkit is present, or when
+TORCHREC_ESD_CUDA=1 forces it (TORCHREC_ESD_CUDA=0 disables it).
+"""
+
+import glob
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("TORCHREC_ESD_CUDA", "auto").lower()
+    if flag in ("0", "false", "no"):
+        return False
+    if flag in ("1", "true", "yes"):
+        return True
+    return torch.cuda.is_available() and CUDA_HOME is not None
+
+
+def _extension():
+    rel = lambda pattern: sorted(  # noqa: E731
+        os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern))
+    )
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    cxx = ["-O3"]
+    if _want_cuda():
+        return CUDAExtension(
+            "torchrec_esd._C",
+            sources + rel("csrc/cuda/*.cu"),
+            define_macros=[("WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+        )
+    return CppExtension("torchrec_esd._C", sources, extra_compile_args={"cxx": cxx})
+
+
+setup(
+    name="torchrec_esd",
+    version="0.1.0",
+    description="ESD: embedding samples dispatching for TorchRec on heterogeneous edge workers",
+    packages=find_packages(include=["torchrec_esd", "torchrec_esd.*"]),
+    python_requires=">=3.10",
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

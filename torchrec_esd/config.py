@@ -1,0 +1,260 @@
+"""Worker / parameter-server topology of an ESD deployment.
+
+Holds only *what the system looks like*: each edge worker's embedding cache
+capacity, its link to the parameter servers (bandwidth, latency), its share of
+the global batch, plus the global knobs (number of PS ranks, staleness bound,
+dispatch objective, cache policy).  Everything is validated on construction so
+that a bad value fails with a message naming the field, on every rank, before
+any collective is entered.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Union
+
+OBJECTIVES = ("total", "makespan")
+CACHE_POLICIES = ("lru", "lfu")
+
+CacheRows = Union[int, Mapping[str, int]]
+
+
+class EsdConfigError(ValueError):
+    """A topology / workload value that cannot work."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise EsdConfigError(msg)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One edge worker.
+
+    Args:
+        cache_rows: embedding rows the worker may cache, either one number used
+            for every table or a ``{table_name: rows}`` mapping.
+        bandwidth_mbps: bandwidth of the worker's link to the PS, Mbit/s.
+        latency_ms: one-way latency of one transmission on that link, ms.
+        share: relative share of the global batch this worker trains (its
+            compute weight); shares are normalised over all workers.
+    """
+
+    cache_rows: CacheRows
+    bandwidth_mbps: float
+    latency_ms: float = 0.0
+    share: float = 1.0
+
+    def __post_init__(self) -> None:
+        rows = self.cache_rows
+        if isinstance(rows, Mapping):
+            _require(len(rows) > 0, "WorkerSpec.cache_rows mapping is empty")
+            for name, r in rows.items():
+                _require(
+                    isinstance(r, int) and r > 0,
+                    f"WorkerSpec.cache_rows[{name!r}] must be a positive int, got {r!r}"
+                    " (a worker with no cache capacity cannot train through ESD)",
+                )
+        else:
+            _require(
+                isinstance(rows, int) and not isinstance(rows, bool) and rows > 0,
+                f"WorkerSpec.cache_rows must be a positive int, got {rows!r}"
+                " (a worker with no cache capacity cannot train through ESD)",
+            )
+        _require(
+            math.isfinite(self.bandwidth_mbps) and self.bandwidth_mbps > 0,
+            f"WorkerSpec.bandwidth_mbps must be > 0, got {self.bandwidth_mbps!r}",
+        )
+        _require(
+            math.isfinite(self.latency_ms) and self.latency_ms >= 0,
+            f"WorkerSpec.latency_ms must be >= 0, got {self.latency_ms!r}",
+        )
+        _require(
+            math.isfinite(self.share) and self.share >= 0,
+            f"WorkerSpec.share must be >= 0, got {self.share!r}",
+        )
+
+    @property
+    def bytes_per_second(self) -> float:
+        return self.bandwidth_mbps * 1e6 / 8.0
+
+    @property
+    def latency_s(self) -> float:
+        return self.latency_ms / 1e3
+
+    def link_time(self, num_bytes: float, num_messages: float = 1.0) -> float:
+        """Seconds to move ``num_bytes`` in ``num_messages`` transmissions."""
+        return num_bytes / self.bytes_per_second + num_messages * self.latency_s
+
+    def cache_rows_for(self, table: str) -> int:
+        if isinstance(self.cache_rows, Mapping):
+            if table not in self.cache_rows:
+                raise EsdConfigError(
+                    f"WorkerSpec.cache_rows has no entry for table {table!r}"
+                )
+            return int(self.cache_rows[table])
+        return int(self.cache_rows)
+
+
+@dataclass(frozen=True)
+class EsdConfig:
+    """The whole ESD topology.
+
+    Args:
+        workers: one :class:`WorkerSpec` per worker rank (ranks ``0..W-1``).
+        num_ps: parameter-server ranks (ranks ``W..W+P-1``); tables are split
+            row-wise over them.
+        staleness: bound ``s`` on how many iterations a cached row may lag the
+            PS; ``0`` is strictly synchronous (same model as vanilla TorchRec).
+        objective: ``"total"`` (sum of link times) or ``"makespan"`` (slowest
+            link bounds the synchronous iteration).
+        cache_policy: ``"lru"`` or ``"lfu"`` eviction.
+        collective_timeout_s: timeout of every collective, so that a rank that
+            fails makes the others fail instead of hang.
+    """
+
+    workers: Sequence[WorkerSpec]
+    num_ps: int = 1
+    staleness: int = 0
+    objective: str = "total"
+    cache_policy: str = "lru"
+    collective_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "workers", tuple(self.workers))
+        _require(len(self.workers) > 0, "EsdConfig.workers is empty")
+        for i, w in enumerate(self.workers):
+            _require(
+                isinstance(w, WorkerSpec),
+                f"EsdConfig.workers[{i}] must be a WorkerSpec, got {type(w).__name__}",
+            )
+        _require(
+            sum(w.share for w in self.workers) > 0,
+            "EsdConfig: all worker shares are 0; at least one worker must train",
+        )
+        _require(
+            isinstance(self.num_ps, int) and self.num_ps >= 1,
+            f"EsdConfig.num_ps must be an int >= 1, got {self.num_ps!r}",
+        )
+        _require(
+            isinstance(self.staleness, int) and self.staleness >= 0,
+            f"EsdConfig.staleness must be an int >= 0, got {self.staleness!r}",
+        )
+        _require(
+            self.objective in OBJECTIVES,
+            f"EsdConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}",
+        )
+        _require(
+            self.cache_policy in CACHE_POLICIES,
+            f"EsdConfig.cache_policy must be one of {CACHE_POLICIES}, got {self.cache_policy!r}",
+        )
+        _require(
+            self.collective_timeout_s > 0,
+            f"EsdConfig.collective_timeout_s must be > 0, got {self.collective_timeout_s!r}",
+        )
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.workers)
+
+    @property
+    def world_size(self) -> int:
+        return self.num_workers + self.num_ps
+
+    def ps_ranks(self) -> List[int]:
+        return list(range(self.num_workers, self.world_size))
+
+    def batch_shares(self, global_batch_size: int) -> List[int]:
+        """Split ``global_batch_size`` into per-worker shares ``B_w``.
+
+        Proportional to ``WorkerSpec.share`` with largest-remainder rounding;
+        the shares always add up to the global batch size.
+        """
+        _require(
+            isinstance(global_batch_size, int) and global_batch_size > 0,
+            f"global batch size must be a positive int, got {global_batch_size!r}",
+        )
+        weights = [w.share for w in self.workers]
+        total = sum(weights)
+        exact = [global_batch_size * s / total for s in weights]
+        shares = [int(math.floor(e)) for e in exact]
+        rest = global_batch_size - sum(shares)
+        order = sorted(range(len(exact)), key=lambda i: (shares[i] - exact[i], i))
+        for i in order[:rest]:
+            shares[i] += 1
+        return shares
+
+    def validate_tables(self, table_rows: Mapping[str, int]) -> None:
+        """Check every worker's cache capacity against the tables' sizes."""
+        _require(len(table_rows) > 0, "no embedding tables given")
+        for name, rows in table_rows.items():
+            _require(rows > 0, f"table {name!r} has {rows} rows")
+            for i, w in enumerate(self.workers):
+                c = w.cache_rows_for(name)
+                _require(
+                    c <= rows,
+                    f"worker {i}: cache capacity {c} rows for table {name!r} exceeds"
+                    f" the table's {rows} rows",
+                )
+        if isinstance(self.workers[0].cache_rows, Mapping):
+            for i, w in enumerate(self.workers):
+                extra = set(w.cache_rows) - set(table_rows)  # type: ignore[arg-type]
+                _require(
+                    not extra,
+                    f"worker {i}: cache_rows names unknown tables {sorted(extra)}",
+                )
+
+    # -- (de)serialisation, so that every rank can check it holds the same config
+    def to_dict(self) -> Dict:
+        d = asdict(self)
+        d["workers"] = [asdict(w) for w in self.workers]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "EsdConfig":
+        d = dict(d)
+        d["workers"] = [
+            WorkerSpec(
+                **{
+                    **w,
+                    "cache_rows": dict(w["cache_rows"])
+                    if isinstance(w["cache_rows"], Mapping)
+                    else w["cache_rows"],
+                }
+            )
+            for w in d["workers"]
+        ]
+        return cls(**d)
+
+    def fingerprint(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def heterogeneous_workers(
+    bandwidths_mbps: Sequence[float],
+    cache_rows: Union[CacheRows, Sequence[CacheRows]],
+    latency_ms: Union[float, Sequence[float]] = 0.0,
+    shares: Optional[Sequence[float]] = None,
+) -> List[WorkerSpec]:
+    """Convenience: a worker list from per-worker bandwidths (e.g. 1:2:4:8)."""
+    n = len(bandwidths_mbps)
+
+    def per(v, name):
+        if isinstance(v, (list, tuple)):
+            _require(len(v) == n, f"{name} has {len(v)} entries for {n} workers")
+            return list(v)
+        return [v] * n
+
+    return [
+        WorkerSpec(cache_rows=c, bandwidth_mbps=b, latency_ms=l, share=s)
+        for b, c, l, s in zip(
+            bandwidths_mbps,
+            per(cache_rows, "cache_rows"),
+            per(latency_ms, "latency_ms"),
+            per(list(shares) if shares is not None else 1.0, "shares"),
+        )
+    ]
+

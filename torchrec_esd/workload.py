@@ -1,0 +1,272 @@
+"""Seeded synthetic DLRM workload: Criteo-shaped batches with Zipf-skewed ids.
+
+Every batch is a function of ``(seed, step)`` only, so that every rank (and
+every method of a side-by-side benchmark) sees exactly the same global batches.
+Batches are TorchRec :class:`~torchrec.datasets.utils.Batch` objects whose
+``sparse_features`` is a :class:`KeyedJaggedTensor` (one key per sparse
+feature, feature-major values as TorchRec expects).
+
+Ids of feature ``f`` follow a Zipf law truncated to the feature's cardinality
+``N_f``: rank ``k`` (1-based) is drawn with probability ``∝ k^-alpha``, then
+mapped to an id by a fixed per-feature bijection of ``[0, N_f)`` so that hot
+ids are scattered over the table like in real data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torchrec.datasets.utils import Batch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_esd.config import EsdConfigError
+
+# Cardinalities of the 26 categorical features of the Criteo Kaggle display-ads
+# data set; ``max_cardinality`` caps them to keep tables trainable on a laptop.
+CRITEO_KAGGLE_CARDINALITIES: Tuple[int, ...] = (
+    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593,
+    3194, 27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105,
+    142572,
+)
+
+
+@dataclass
+class SyntheticWorkloadConfig:
+    """Shape and skew of the synthetic workload.
+
+    Args:
+        num_dense: dense features per sample (Criteo: 13).
+        num_sparse: sparse (categorical) features per sample (Criteo: 26).
+        cardinalities: rows of each feature's table; default Criteo Kaggle's,
+            capped at ``max_cardinality``.
+        max_cardinality: cap applied to the default cardinalities.
+        alpha: Zipf exponent (> 0; 1.05-1.2 is Criteo-like).
+        bag_size: ids per sample per feature, ``(min, max)`` inclusive;
+            ``(1, 1)`` is one-hot (Criteo), e.g. ``(10, 50)`` multi-hot.
+        seed: seeds everything.
+    """
+
+    num_dense: int = 13
+    num_sparse: int = 26
+    cardinalities: Optional[Sequence[int]] = None
+    max_cardinality: int = 100_000
+    alpha: float = 1.05
+    bag_size: Tuple[int, int] = (1, 1)
+    seed: int = 0
+    feature_prefix: str = "cat_"
+
+    def __post_init__(self) -> None:
+        def req(cond: bool, msg: str) -> None:
+            if not cond:
+                raise EsdConfigError(msg)
+
+        req(
+            isinstance(self.num_dense, int) and self.num_dense >= 0,
+            f"num_dense must be an int >= 0, got {self.num_dense!r}",
+        )
+        req(
+            isinstance(self.num_sparse, int) and self.num_sparse > 0,
+            f"num_sparse must be an int > 0 (zero sparse features leaves nothing"
+            f" to dispatch), got {self.num_sparse!r}",
+        )
+        req(
+            isinstance(self.max_cardinality, int) and self.max_cardinality > 0,
+            f"max_cardinality must be a positive int, got {self.max_cardinality!r}",
+        )
+        req(
+            isinstance(self.alpha, (int, float))
+            and math.isfinite(self.alpha)
+            and self.alpha > 0,
+            f"alpha must be > 0, got {self.alpha!r}",
+        )
+        lo, hi = self.bag_size
+        req(
+            isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi and hi > 0,
+            f"bag_size must be (min, max) with 0 <= min <= max and max > 0, got {self.bag_size!r}",
+        )
+        if self.cardinalities is None:
+            base = CRITEO_KAGGLE_CARDINALITIES
+            self.cardinalities = tuple(
+                min(base[i % len(base)], self.max_cardinality)
+                for i in range(self.num_sparse)
+            )
+        else:
+            self.cardinalities = tuple(self.cardinalities)
+            req(
+                len(self.cardinalities) == self.num_sparse,
+                f"{len(self.cardinalities)} cardinalities given for"
+                f" {self.num_sparse} sparse features",
+            )
+            for i, c in enumerate(self.cardinalities):
+                req(
+                    isinstance(c, int) and c > 0,
+                    f"cardinality of feature {i} must be a positive int, got {c!r}",
+                )
+
+    @property
+    def feature_names(self) -> List[str]:
+        return [f"{self.feature_prefix}{i}" for i in range(self.num_sparse)]
+
+
+def _zipf_cdf(n: int, alpha: float) -> torch.Tensor:
+    ranks = torch.arange(1, n + 1, dtype=torch.float64)
+    pmf = ranks.pow(-alpha)
+    cdf = torch.cumsum(pmf, 0)
+    return cdf / cdf[-1]
+
+
+def _coprime_multiplier(n: int, gen: torch.Generator) -> int:
+    if n <= 2:
+        return 1
+    while True:
+        a = int(torch.randint(1, n, (1,), generator=gen))
+        if math.gcd(a, n) == 1:
+            return a
+
+
+class SyntheticWorkload:
+    """Generates global batches ``step -> Batch`` deterministically."""
+
+    def __init__(self, config: Optional[SyntheticWorkloadConfig] = None) -> None:
+        self.config = config or SyntheticWorkloadConfig()
+        c = self.config
+        gen = torch.Generator().manual_seed(c.seed)
+        self._cdfs: List[torch.Tensor] = [_zipf_cdf(n, c.alpha) for n in c.cardinalities]
+        # bijection rank -> id per feature: id = (a * rank + b) mod n
+        self._perm: List[Tuple[int, int]] = [
+            (_coprime_multiplier(n, gen), int(torch.randint(0, n, (1,), generator=gen)))
+            for n in c.cardinalities
+        ]
+        # hidden logistic model that generates the labels (so training can learn)
+        self._dense_w = torch.randn(c.num_dense, generator=gen, dtype=torch.float64) * 0.5
+        self._id_effect_salt = [
+            int(torch.randint(1, 2**31 - 1, (1,), generator=gen)) for _ in range(c.num_sparse)
+        ]
+
+    # ------------------------------------------------------------------ tables
+    def table_configs(
+        self, embedding_dim: int, pooling: PoolingType = PoolingType.SUM
+    ) -> List[EmbeddingBagConfig]:
+        """One table per sparse feature, named ``t_<feature>``."""
+        if embedding_dim <= 0:
+            raise EsdConfigError(f"embedding_dim must be > 0, got {embedding_dim}")
+        return [
+            EmbeddingBagConfig(
+                name=f"t_{f}",
+                embedding_dim=embedding_dim,
+                num_embeddings=n,
+                feature_names=[f],
+                pooling=pooling,
+            )
+            for f, n in zip(self.config.feature_names, self.config.cardinalities)
+        ]
+
+    # ------------------------------------------------------------------ ids
+    def sample_ids(self, feature: int, count: int, gen: torch.Generator) -> torch.Tensor:
+        """``count`` ids of feature ``feature`` (int64), Zipf distributed."""
+        n = self.config.cardinalities[feature]
+        u = torch.rand(count, generator=gen, dtype=torch.float64)
+        rank = torch.searchsorted(self._cdfs[feature], u).clamp_(max=n - 1)
+        a, b = self._perm[feature]
+        return (rank * a + b) % n
+
+    def _generator(self, step: int) -> torch.Generator:
+        if step < 0:
+            raise EsdConfigError(f"step must be >= 0, got {step}")
+        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + step + 1)
+
+    def global_batch(self, step: int, batch_size: int) -> Batch:
+        """The global batch of iteration ``step`` (``batch_size`` samples)."""
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise EsdConfigError(f"batch_size must be a positive int, got {batch_size!r}")
+        c = self.config
+        gen = self._generator(step)
+        lo, hi = c.bag_size
+        dense = torch.randn(batch_size, c.num_dense, generator=gen)
+        lengths = torch.randint(lo, hi + 1, (c.num_sparse, batch_size), generator=gen)
+        values = []
+        logit = dense.double() @ self._dense_w
+        for f in range(c.num_sparse):
+            ids = self.sample_ids(f, int(lengths[f].sum()), gen)
+            values.append(ids)
+            # per-id effect in [-0.5, 0.5) from a salted multiplicative hash
+            eff = ((ids * 2654435761 + self._id_effect_salt[f]) % 1000).double() / 1000 - 0.5
+            seg = torch.repeat_interleave(torch.arange(batch_size), lengths[f])
+            logit += torch.zeros(batch_size, dtype=torch.float64).index_add_(0, seg, eff) / max(
+                1.0, (lo + hi) / 2
+            )
+        noise = torch.rand(batch_size, generator=gen, dtype=torch.float64)
+        labels = (noise < torch.sigmoid(logit)).float()
+        kjt = KeyedJaggedTensor(
+            keys=c.feature_names,
+            values=torch.cat(values),
+            lengths=lengths.reshape(-1).to(torch.int32),
+        )
+        return Batch(dense_features=dense, sparse_features=kjt, labels=labels)
+
+    def local_batch(self, step: int, batch_size: int, rank: int, world_size: int) -> Batch:
+        """Rank ``rank``'s contiguous slice of the global batch (vanilla TorchRec
+        data-parallel loading: every rank reads ``batch_size / world_size``)."""
+        if batch_size % world_size != 0:
+            raise EsdConfigError(
+                f"global batch {batch_size} is not divisible by {world_size} ranks"
+            )
+        per = batch_size // world_size
+        return slice_batch(self.global_batch(step, batch_size), rank * per, (rank + 1) * per)
+
+
+def slice_batch(batch: Batch, start: int, end: int) -> Batch:
+    """Samples ``[start, end)`` of a batch, as a new Batch."""
+    return select_samples(batch, torch.arange(start, end))
+
+
+def select_samples(batch: Batch, index: torch.Tensor) -> Batch:
+    """The samples ``index`` (any order, no repeats needed) of ``batch``."""
+    kjt = batch.sparse_features
+    return Batch(
+        dense_features=batch.dense_features.index_select(0, index),
+        sparse_features=select_kjt_samples(kjt, index),
+        labels=batch.labels.index_select(0, index),
+    )
+
+
+def select_kjt_samples(kjt: KeyedJaggedTensor, index: torch.Tensor) -> KeyedJaggedTensor:
+    """Rows ``index`` of every key of a KJT (values, lengths and weights)."""
+    num_keys = len(kjt.keys())
+    stride = kjt.stride()
+    index = index.to(torch.int64)
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= stride):
+        raise IndexError(f"sample index out of range for a batch of {stride} samples")
+    lengths = kjt.lengths().view(num_keys, stride).to(torch.int64)
+    offsets = torch.zeros(num_keys * stride + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lengths.reshape(-1), 0)
+    sel_len = lengths[:, index]  # (F, b)
+    starts = offsets[:-1].view(num_keys, stride)[:, index].reshape(-1)
+    flat_len = sel_len.reshape(-1)
+    total = int(flat_len.sum())
+    # gather positions: start_j + (0..len_j-1) for every selected bag j, in order
+    bag = torch.repeat_interleave(torch.arange(flat_len.numel()), flat_len)
+    within = torch.arange(total) - torch.repeat_interleave(
+        torch.cumsum(flat_len, 0) - flat_len, flat_len
+    )
+    pos = starts[bag] + within
+    weights = kjt.weights_or_none()
+    return KeyedJaggedTensor(
+        keys=kjt.keys(),
+        values=kjt.values().index_select(0, pos),
+        lengths=flat_len.to(kjt.lengths().dtype),
+        weights=weights.index_select(0, pos) if weights is not None else None,
+        stride=int(index.numel()),
+    )
+
+
+def access_share_of_top(ids: torch.Tensor, top_fraction: float, num_ids: int) -> float:
+    """Share of accesses that go to the ``top_fraction`` most accessed ids out of
+    a universe of ``num_ids`` (the skew statistic the tests and planner use)."""
+    counts = torch.bincount(ids, minlength=num_ids).sort(descending=True).values
+    k = max(1, int(round(top_fraction * num_ids)))
+    return float(counts[:k].sum()) / max(1, int(counts.sum()))
