@@ -10,6 +10,7 @@ and a loud warning says so (tests fail in that state unless explicitly allowed).
 from __future__ import annotations
 
 import warnings
+from typing import List, Tuple
 
 import torch
 
@@ -53,3 +54,91 @@ def hash_ids(ids: torch.Tensor, feature: int = 0, num_buckets: int = 0) -> torch
     if EXTENSION_LOADED:
         return torch.ops.torchrec_esd.hash_ids(ids, int(feature), int(num_buckets))
     return reference_ops.hash_ids_ref(ids, int(feature), int(num_buckets))
+
+
+def _have(name: str) -> bool:
+    # TEMPORARY while the C++ kernels of issue 6 land: use the reference for an
+    # operator that the loaded extension does not register yet.
+    return EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, name)
+
+
+def id_table_capacity(num_keys: int) -> int:
+    """Rows of the table :func:`id_table_build` makes for ``num_keys`` keys."""
+    return reference_ops.id_table_capacity(num_keys)
+
+
+def id_table_build(keys: torch.Tensor) -> torch.Tensor:
+    """Open-addressing (linear probing) hash table of unique keys >= 0.
+
+    Returns an int64 ``[cap, 2]`` tensor on ``keys``' device, ``cap`` the next
+    power of two ``>= max(2, 2 * len(keys))``; row = ``(key, index of the key in
+    keys)``, empty rows ``(-1, -1)``.  Home slot of a key:
+    ``hash_ids(key, 0) & (cap - 1)``.  Duplicate or negative keys raise.
+    """
+    if _have("id_table_build"):
+        return torch.ops.torchrec_esd.id_table_build(keys)
+    return reference_ops.id_table_build_ref(keys)
+
+
+def id_table_lookup(slots: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """int64 index of every query key in the table (``-1`` when absent)."""
+    if _have("id_table_lookup"):
+        return torch.ops.torchrec_esd.id_table_lookup(slots, queries)
+    return reference_ops.id_table_lookup_ref(slots, queries)
+
+
+def sample_cost_matrix(
+    keys: torch.Tensor,
+    offsets: torch.Tensor,
+    slots: List[torch.Tensor],
+    weights: List[torch.Tensor],
+    miss_weight: torch.Tensor,
+) -> torch.Tensor:
+    """float64 ``[B, W]`` cost of sending sample ``b`` to worker ``w``.
+
+    ``keys`` (int32/int64 ``[N]``) holds the row keys of the batch sample-major:
+    sample ``b`` owns ``keys[offsets[b]:offsets[b+1]]`` (``offsets`` int32/int64
+    ``[B+1]``, ``offsets[0] == 0``, non-decreasing, ``offsets[B] == N``).
+    ``out[b, w]`` sums, over the DISTINCT keys of sample ``b``,
+    ``weights[w][idx]`` when the key is in table ``slots[w]`` (built by
+    :func:`id_table_build`) at index ``idx``, else ``miss_weight[w]``.
+    ``weights[w]`` is float64 1-D (one per key of worker ``w``'s table),
+    ``miss_weight`` float64 ``[W]``.
+    """
+    if _have("sample_cost_matrix"):
+        return torch.ops.torchrec_esd.sample_cost_matrix(
+            keys, offsets, list(slots), list(weights), miss_weight
+        )
+    return reference_ops.sample_cost_matrix_ref(keys, offsets, list(slots), list(weights),
+                                                miss_weight)
+
+
+def cache_hit_counts(
+    keys: torch.Tensor, offsets: torch.Tensor, slots: List[torch.Tensor]
+) -> torch.Tensor:
+    """int64 ``[B, W]``: number of distinct keys of sample ``b`` present in
+    worker ``w``'s table (``sample_cost_matrix`` with weight 1 per hit, 0 per miss)."""
+    slots = list(slots)
+    dev = keys.device
+    # A table of capacity cap holds at most cap // 2 keys, so cap // 2 weights cover it.
+    weights = [
+        torch.ones(s.size(0) // 2 if s.dim() == 2 else 0, dtype=torch.float64, device=dev)
+        for s in slots
+    ]
+    miss = torch.zeros(len(slots), dtype=torch.float64, device=dev)
+    return sample_cost_matrix(keys, offsets, slots, weights, miss).to(torch.int64)
+
+
+def unique_keys_per_group(
+    keys: torch.Tensor, group: torch.Tensor, num_groups: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distinct ``(group, key)`` pairs of a dispatched batch, sorted by
+    ``(group, key)``.
+
+    ``group[i]`` in ``[0, num_groups)`` is the worker of ``keys[i]``.  Returns
+    ``(unique_keys, unique_group, counts)``: ``unique_keys`` has ``keys``' dtype,
+    ``unique_group`` and ``counts`` (occurrences of each pair) are int64.
+    """
+    if _have("unique_keys_per_group"):
+        return torch.ops.torchrec_esd.unique_keys_per_group(keys, group, int(num_groups))
+    return reference_ops.unique_keys_per_group_ref(keys, group, int(num_groups))
