@@ -1,0 +1,176 @@
+"""EsdInputDist: dispatch the samples of a global batch to the workers.
+
+Drop-in in front of a TorchRec model: it takes a :class:`torchrec.datasets.utils.Batch`
+and returns the Batch of the samples this worker trains this iteration.  Each
+iteration, worker 0 builds the cost matrix from the replicated cache directory,
+runs the dispatcher and broadcasts the assignment; every worker then advances
+its copy of the directory (which queues the iteration plan for the ESD
+embedding module) and keeps its samples.
+
+Two input modes:
+
+* ``"global"``: every worker passes the same global batch (e.g. all read one
+  stream); no sample moves over the network.
+* ``"local"``: every worker passes its own local batch, as in vanilla TorchRec
+  data-parallel loading; the sparse ids are all-gathered (the dispatcher needs
+  them), dense features and labels move with one uneven all-to-all.
+
+Losses: with uneven shares, use ``reduction="sum"`` times :attr:`loss_scale`
+(``W / B``) so that gradients equal vanilla synchronous training on the same
+global batch; with equal shares this equals each worker's mean loss.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_esd.config import EsdConfigError
+from torchrec_esd.dispatch.base import DispatchResult, Dispatcher
+from torchrec_esd.runtime import EsdRuntime
+from torchrec_esd.workload import select_kjt_samples, select_samples
+
+MODES = ("global", "local")
+
+
+class EsdInputDist(nn.Module):
+    def __init__(
+        self,
+        runtime: EsdRuntime,
+        dispatcher: Dispatcher,
+        mode: str = "global",
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise EsdConfigError(f"EsdInputDist mode must be one of {MODES}, got {mode!r}")
+        if not runtime.is_worker:
+            raise EsdConfigError("EsdInputDist runs on worker ranks only")
+        self.runtime = runtime
+        self.dispatcher = dispatcher
+        self.mode = mode
+        self.device = device or torch.device("cpu")
+        self.last_result: Optional[DispatchResult] = None
+        self.loss_scale: float = 1.0
+        self.last_mine = torch.empty(0, dtype=torch.int64)
+        self._cost_model = None
+
+    # ------------------------------------------------------------ helpers
+    @property
+    def cost_model(self):
+        if self._cost_model is None:
+            from torchrec_esd.cost import CostModel
+
+            rt = self.runtime
+            self._cost_model = CostModel(
+                rt.config, rt.tables, optimizer_state_bytes_per_row=4 * rt.optimizer.state_dim
+            )
+        return self._cost_model
+
+    def _decide(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        rt = self.runtime
+        b = kjt.stride()
+        shares = rt.config.batch_shares(b)
+        assignment = torch.empty(b, dtype=torch.int64)
+        if rt.worker_index == 0:
+            if getattr(self.dispatcher, "needs_cost", True):
+                cost = self.cost_model.matrix(kjt, rt.directory.views())  # type: ignore[union-attr]
+            else:
+                cost = torch.zeros(b, len(shares), dtype=torch.float64)
+            self.last_result = self.dispatcher.assign(cost, shares)
+            assignment.copy_(self.last_result.assignment)
+        a = assignment.to(self.device)
+        dist.broadcast(a, src=0, group=rt.worker_group)
+        return a.cpu()
+
+    def _gather_ids(self, batch: Batch) -> tuple:
+        """All-gather the local batches' sparse features (and sizes)."""
+        rt = self.runtime
+        kjt = batch.sparse_features
+        mine = {
+            "keys": kjt.keys(),
+            "lengths": kjt.lengths(),
+            "values": kjt.values(),
+            "weights": kjt.weights_or_none(),
+            "stride": kjt.stride(),
+        }
+        every: List[Optional[dict]] = [None] * rt.config.num_workers
+        dist.all_gather_object(every, mine, group=rt.worker_group)
+        keys = every[0]["keys"]  # type: ignore[index]
+        for r, e in enumerate(every):
+            if e["keys"] != keys:  # type: ignore[index]
+                raise EsdConfigError(
+                    f"worker {r} passed features {e['keys']} but worker 0 passed {keys}"  # type: ignore[index]
+                )
+        strides = [e["stride"] for e in every]  # type: ignore[index]
+        nk = len(keys)
+        lengths = torch.cat([e["lengths"].view(nk, -1) for e in every], dim=1)  # type: ignore[index]
+        # values are feature-major inside each worker's KJT: regroup per feature
+        vals, wts = [], []
+        for f in range(nk):
+            for e in every:
+                ln = e["lengths"].view(nk, -1).to(torch.int64)  # type: ignore[index]
+                start = int(ln[:f].sum())
+                n = int(ln[f].sum())
+                vals.append(e["values"][start : start + n])  # type: ignore[index]
+                if e["weights"] is not None:  # type: ignore[index]
+                    wts.append(e["weights"][start : start + n])  # type: ignore[index]
+        gkjt = KeyedJaggedTensor(
+            keys=keys,
+            values=torch.cat(vals),
+            lengths=lengths.reshape(-1),
+            weights=torch.cat(wts) if wts else None,
+            stride=sum(strides),
+        )
+        return gkjt, strides
+
+    # ------------------------------------------------------------ forward
+    def forward(self, batch: Batch) -> Batch:
+        rt = self.runtime
+        me = rt.worker_index
+        if self.mode == "global":
+            gkjt, strides = batch.sparse_features, None
+        else:
+            gkjt, strides = self._gather_ids(batch)
+        b = gkjt.stride()
+        try:
+            rt.directory.check_batch(gkjt)  # type: ignore[union-attr]
+        except EsdConfigError as e:
+            # every worker sees the same global ids, so every worker fails here
+            rt.abort(f"bad batch: {e}")
+            raise
+        assignment = self._decide(gkjt)
+        plan = rt.directory.plan(gkjt, assignment)  # type: ignore[union-attr]
+        rt.enqueue(plan)
+        self.loss_scale = rt.config.num_workers / b
+        mine = (assignment == me).nonzero().view(-1)
+        self.last_mine = mine  # global indices of this worker's samples
+        if self.mode == "global":
+            return select_samples(batch, mine)
+        return Batch(
+            dense_features=self._move_rows(batch.dense_features, assignment, strides),
+            sparse_features=select_kjt_samples(gkjt, mine),
+            labels=self._move_rows(batch.labels, assignment, strides),
+        )
+
+    def _move_rows(self, local: torch.Tensor, assignment: torch.Tensor, strides: List[int]) -> torch.Tensor:
+        """Uneven all-to-all of this worker's rows to their assigned workers
+        (received in global sample order)."""
+        rt = self.runtime
+        me, W = rt.worker_index, rt.config.num_workers
+        start = sum(strides[:me])
+        mine = assignment[start : start + strides[me]]
+        order = torch.argsort(mine, stable=True)
+        send_counts = torch.bincount(mine, minlength=W).tolist()
+        recv_counts = [
+            int((assignment[sum(strides[:r]) : sum(strides[: r + 1])] == me).sum()) for r in range(W)
+        ]
+        send = local[order].contiguous().to(self.device)
+        out = torch.empty((sum(recv_counts),) + tuple(local.shape[1:]), dtype=local.dtype, device=self.device)
+        dist.all_to_all_single(out, send, recv_counts, send_counts, group=rt.worker_group)
+        return out.to(local.device)

@@ -1,0 +1,89 @@
+"""Run a function on every rank of a local gloo world (tests, one-run benchmarks).
+
+``torchrun`` is the launcher for real jobs; this spawns ``world_size`` local
+processes on localhost, initialises gloo in each, runs ``fn(*args)`` and
+returns every rank's result.  A rank that fails makes the call raise with that
+rank's traceback; a world that does not finish within ``timeout_s`` is killed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from datetime import timedelta
+from typing import Any, Callable, List
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, outdir: str, fn, args, timeout_s: float) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+    )
+    torch.set_num_threads(1)
+    path = os.path.join(outdir, f"rank{rank}.pt")
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+        result = fn(*args)
+        torch.save({"ok": True, "result": result}, path)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        torch.save({"ok": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()}, path)
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+class RankFailed(RuntimeError):
+    def __init__(self, errors: dict) -> None:
+        self.errors = errors  # rank -> message
+        lines = [f"rank {r}: {e['error']}\n{e['tb']}" for r, e in sorted(errors.items())]
+        super().__init__("\n".join(lines))
+
+
+def run_local_world(fn: Callable[..., Any], world_size: int, *args, timeout_s: float = 300.0) -> List[Any]:
+    """Run ``fn(*args)`` on ``world_size`` gloo ranks; per-rank results."""
+    with tempfile.TemporaryDirectory() as outdir:
+        ctx = mp.get_context("spawn")
+        port = free_port()
+        procs = [
+            ctx.Process(target=_entry, args=(r, world_size, port, outdir, fn, args, timeout_s), daemon=False)
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout_s + 60)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        results, errors = [], {}
+        for r in range(world_size):
+            path = os.path.join(outdir, f"rank{r}.pt")
+            if not os.path.exists(path):
+                errors[r] = {"error": f"rank {r} died without a result (exit code {procs[r].exitcode})", "tb": ""}
+                results.append(None)
+                continue
+            rec = torch.load(path, weights_only=False)
+            if rec["ok"]:
+                results.append(rec["result"])
+            else:
+                errors[r] = rec
+                results.append(None)
+        if errors:
+            raise RankFailed(errors)
+        return results

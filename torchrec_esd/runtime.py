@@ -1,0 +1,191 @@
+"""Per-rank ESD runtime: roles, process groups, replicated cache directory,
+PS client, and the queue of iteration plans between dispatch and compute.
+
+A job of ``W`` workers and ``P`` parameter servers is one ``torchrun`` world of
+``W + P`` ranks: ranks ``0..W-1`` are workers (they run the model under
+``DistributedModelParallel`` on the workers-only process group), ranks
+``W..W+P-1`` are parameter servers (they call :meth:`EsdRuntime.serve`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from datetime import timedelta
+from typing import Deque, Dict, List, Optional, Sequence
+
+import torch.distributed as dist
+from torchrec.distributed.types import ShardingEnv
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from torchrec_esd.cache import CacheDirectory, IterationPlan
+from torchrec_esd.config import EsdConfig, EsdConfigError
+from torchrec_esd.metrics import TransmissionMeter
+from torchrec_esd.ps import ParameterServer, PsClient, RowRouting, SparseOptimizer, _Wire
+
+
+def _tables_fingerprint(tables: Sequence[EmbeddingBagConfig]) -> List:
+    return [
+        [t.name, t.num_embeddings, t.embedding_dim, list(t.feature_names), str(t.pooling)]
+        for t in tables
+    ]
+
+
+class EsdRuntime:
+    """Everything ESD keeps per rank.
+
+    Args:
+        config: the topology; every rank must pass an identical one.
+        tables: the ESD-managed tables (``EmbeddingBagCollection`` configs).
+        optimizer: sparse optimizer applied by the PS and by workers' local updates.
+    """
+
+    def __init__(
+        self,
+        config: EsdConfig,
+        tables: Sequence[EmbeddingBagConfig],
+        optimizer: SparseOptimizer,
+    ) -> None:
+        if not dist.is_initialized():
+            raise EsdConfigError(
+                "torch.distributed is not initialised: launch with torchrun and call "
+                "dist.init_process_group() before creating the EsdRuntime"
+            )
+        self.config = config
+        self.tables = list(tables)
+        self.optimizer = optimizer
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        if self.world_size != config.world_size:
+            raise EsdConfigError(
+                f"world size {self.world_size} does not match the ESD topology: "
+                f"{config.num_workers} workers + {config.num_ps} parameter servers = "
+                f"{config.world_size} ranks"
+            )
+        timeout = timedelta(seconds=config.collective_timeout_s)
+        # every rank creates every group, in the same order
+        self.all_group = dist.new_group(list(range(self.world_size)), timeout=timeout, backend="gloo")
+        self.worker_group = dist.new_group(list(range(config.num_workers)), timeout=timeout)
+        self._check_same_config_everywhere()
+        self.routing = RowRouting(self.tables, config.num_ps)
+        config.validate_tables({t.name: t.num_embeddings for t in self.tables})
+        self.wire = _Wire(self.all_group, self.world_size, config.ps_ranks())
+        self.directory: Optional[CacheDirectory] = None
+        self.client: Optional[PsClient] = None
+        self.meter = TransmissionMeter()
+        self._plans: Deque[IterationPlan] = deque()
+        self._executor = None  # the sharded embedding module of this worker
+        if self.is_worker:
+            self.directory = CacheDirectory(config, self.tables)
+            self.client = PsClient(self.routing, optimizer, self.wire, self.rank)
+
+    # ------------------------------------------------------------ roles
+    @property
+    def is_worker(self) -> bool:
+        return self.rank < self.config.num_workers
+
+    @property
+    def is_ps(self) -> bool:
+        return not self.is_worker
+
+    @property
+    def worker_index(self) -> int:
+        if not self.is_worker:
+            raise EsdConfigError(f"rank {self.rank} is a parameter server, not a worker")
+        return self.rank
+
+    @property
+    def link(self):
+        return self.config.workers[self.worker_index]
+
+    def sharding_env(self) -> ShardingEnv:
+        """The ``ShardingEnv`` to give ``DistributedModelParallel`` on workers."""
+        return ShardingEnv(self.config.num_workers, self.worker_index, self.worker_group)
+
+    def _check_same_config_everywhere(self) -> None:
+        mine = json.dumps(
+            {"config": self.config.to_dict(), "tables": _tables_fingerprint(self.tables),
+             "optimizer": [self.optimizer.name, self.optimizer.lr, self.optimizer.eps]},
+            sort_keys=True,
+        )
+        everyone: List[Optional[str]] = [None] * self.world_size
+        dist.all_gather_object(everyone, mine, group=self.all_group)
+        bad = [r for r, s in enumerate(everyone) if s != everyone[0]]
+        if bad:
+            raise EsdConfigError(
+                f"ranks {bad} hold a different ESD config / table configs / optimizer than "
+                f"rank 0 (mismatched configs between ranks); rank 0 has {everyone[0]}, "
+                f"rank {bad[0]} has {everyone[bad[0]]}"
+            )
+
+    # ------------------------------------------------------------ PS side
+    def serve(self, ebc: EmbeddingBagCollection) -> ParameterServer:
+        """Run this PS rank until the workers stop; initial table values come
+        from ``ebc`` (built with the same seed as on the workers)."""
+        if not self.is_ps:
+            raise EsdConfigError(f"rank {self.rank} is a worker; only PS ranks serve")
+        weights = {
+            name: bag.weight.detach()
+            for name, bag in ebc.embedding_bags.items()
+            if name in self.routing.names
+        }
+        server = ParameterServer(
+            self.rank - self.config.num_workers, self.routing, self.optimizer, self.wire, weights
+        )
+        server.serve()
+        return server
+
+    # ------------------------------------------------------------ worker side
+    def attach(self, executor) -> None:
+        if self._executor is not None:
+            raise EsdConfigError("one EsdRuntime serves one sharded EmbeddingBagCollection")
+        self._executor = executor
+
+    def enqueue(self, plan: IterationPlan) -> None:
+        self._plans.append(plan)
+
+    def next_plan(self) -> IterationPlan:
+        if not self._plans:
+            raise EsdConfigError(
+                "the ESD embedding module got a batch that did not go through EsdInputDist "
+                "(no dispatch plan is queued); pass every training batch through EsdInputDist"
+            )
+        return self._plans.popleft()
+
+    def flush(self) -> None:
+        """Push every dirty cached row to the PS (checkpoint / end of training)."""
+        if self._executor is None:
+            raise EsdConfigError("flush() needs the sharded embedding module to be built")
+        self._executor.flush()
+
+    def gather_tables(self):
+        """(weights, optimizer states) of every table, from the PS ranks, on
+        every worker.  Call :meth:`flush` first to include dirty cached rows."""
+        assert self.client is not None
+        return self.client.gather_tables()
+
+    def shutdown(self, flush: bool = True) -> None:
+        """Flush (by default) and stop the PS ranks; call on every worker."""
+        if flush and self._executor is not None:
+            self.flush()
+        assert self.client is not None
+        self.client.stop()
+
+    def abort(self, msg: str) -> None:
+        """Make the PS ranks fail with ``msg``; call on every worker."""
+        assert self.client is not None
+        self.client.abort(msg)
+
+    def metrics(self) -> Dict:
+        return self.meter.as_dict()
+
+    def all_metrics(self) -> Dict:
+        """Per-worker transmission metrics gathered on every worker."""
+        out: List[Optional[Dict]] = [None] * self.config.num_workers
+        dist.all_gather_object(out, self.metrics(), group=self.worker_group)
+        return TransmissionMeter.summarize(out)  # type: ignore[arg-type]
+
+    def ps_optimizer(self) -> SparseOptimizer:
+        return self.optimizer
+

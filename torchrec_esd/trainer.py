@@ -1,0 +1,257 @@
+"""One DLRM training job, vanilla TorchRec or ESD, on one rank of a torchrun world.
+
+Shared by the example (``examples/dlrm_esd.py``), the end-to-end benchmark
+and the equivalence tests, so that every method runs the *same* model, data
+and global batches:
+
+* ``method="vanilla"``: TorchRec ``DistributedModelParallel`` with TorchRec's
+  own planner (table-wise sharding) and fused embedding optimizer; each rank
+  trains its contiguous slice of the global batch (``W`` ranks).
+* ``method="esd"``: ``W`` workers + ``P`` parameter servers; every batch goes
+  through :class:`EsdInputDist` (dispatcher by name) and the ESD sharder.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.datasets.utils import Batch
+from torchrec.models.dlrm import DLRM
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from torchrec_esd.config import EsdConfig, EsdConfigError
+from torchrec_esd.ps import SparseOptimizer
+from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig
+
+EBC_PATH = "model.sparse_arch.embedding_bag_collection"
+
+
+@dataclass
+class JobConfig:
+    method: str = "esd"  # "vanilla" | "esd"
+    steps: int = 20
+    global_batch: int = 256
+    embedding_dim: int = 8
+    dense_arch: Tuple[int, ...] = (16,)  # the last layer (embedding_dim) is appended
+    over_arch: Tuple[int, ...] = (16, 1)
+    dense_lr: float = 0.05
+    sparse_optimizer: str = "sgd"
+    sparse_lr: float = 0.05
+    sparse_eps: float = 1e-8
+    seed: int = 0
+    workload: SyntheticWorkloadConfig = field(default_factory=SyntheticWorkloadConfig)
+    # ESD only
+    esd: Optional[EsdConfig] = None
+    dispatcher: str = "heuristic"
+    dispatcher_kwargs: Dict = field(default_factory=dict)
+    input_mode: str = "global"
+    collect_tables: bool = False  # return final tables (tests)
+    use_pipeline: bool = False  # drive steps with TorchRec's TrainPipelineSparseDist
+
+
+class DlrmTask(nn.Module):
+    """DLRM + BCE loss; ``loss_scale`` turns the summed loss into vanilla's
+    gradient scale (see :class:`EsdInputDist`)."""
+
+    def __init__(self, model: DLRM, loss_scale: Optional[float] = None) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_scale = loss_scale
+
+    def forward(self, batch: Batch):
+        logits = self.model(batch.dense_features, batch.sparse_features).squeeze(-1)
+        if self.loss_scale is None:
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        else:
+            loss = (
+                nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="sum")
+                * self.loss_scale
+            )
+        return loss, (loss.detach(), logits.detach(), batch.labels.detach())
+
+
+def build_model(job: JobConfig, workload: SyntheticWorkload) -> DLRM:
+    torch.manual_seed(job.seed)
+    ebc = EmbeddingBagCollection(tables=workload.table_configs(job.embedding_dim), device=torch.device("cpu"))
+    return DLRM(
+        embedding_bag_collection=ebc,
+        dense_in_features=workload.config.num_dense,
+        dense_arch_layer_sizes=list(job.dense_arch) + [job.embedding_dim],
+        over_arch_layer_sizes=list(job.over_arch),
+    )
+
+
+def sparse_optimizer(job: JobConfig) -> SparseOptimizer:
+    return SparseOptimizer(job.sparse_optimizer, job.sparse_lr, job.sparse_eps)
+
+
+def _dense_params(model: nn.Module):
+    return [p for n, p in model.named_parameters() if "embedding_bag_collection" not in n]
+
+
+def _dense_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    out = {}
+    for n, p in model.named_parameters():
+        if "embedding_bag_collection" in n:
+            continue
+        key = n
+        for prefix in ("_dmp_wrapped_module.", "module."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = p.detach().clone()
+    return out
+
+
+def _vanilla(job: JobConfig, workload: SyntheticWorkload) -> Dict:
+    from torchrec import optim as trec_optim
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.planner.types import ParameterConstraints
+    from torchrec.distributed.types import ShardingEnv
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = DlrmTask(build_model(job, workload))
+    initial = {k: v.clone() for k, v in model.state_dict().items() if "embedding_bags" in k}
+    opt_cls = torch.optim.SGD if job.sparse_optimizer == "sgd" else trec_optim.RowWiseAdagrad
+    kwargs = {"lr": job.sparse_lr}
+    if job.sparse_optimizer != "sgd":
+        kwargs["eps"] = job.sparse_eps
+    apply_optimizer_in_backward(opt_cls, model.model.sparse_arch.embedding_bag_collection.parameters(), kwargs)
+    env = ShardingEnv.from_process_group(dist.group.WORLD)
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world, compute_device="cpu", local_world_size=world),
+        constraints={t.name: ParameterConstraints(sharding_types=["table_wise"]) for t in workload.table_configs(job.embedding_dim)},
+    )
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+
+    sharders = [EmbeddingBagCollectionSharder()]
+    plan = planner.collective_plan(model, sharders, dist.group.WORLD)
+    dmp = DistributedModelParallel(model, env=env, plan=plan, sharders=sharders, device=torch.device("cpu"))
+    dmp.load_state_dict(initial, strict=False)
+    dense_opt = torch.optim.SGD(_dense_params(dmp), lr=job.dense_lr)
+    per = job.global_batch // world
+    losses, t0 = [], time.perf_counter()
+    for step in range(job.steps):
+        batch = workload.local_batch(step, job.global_batch, rank, world)
+        dense_opt.zero_grad()
+        loss, _ = dmp(batch)
+        loss.backward()
+        dense_opt.step()
+        g = loss.detach().clone() * per
+        dist.all_reduce(g)
+        losses.append(float(g) / job.global_batch)
+    elapsed = time.perf_counter() - t0
+    out = {"losses": losses, "dense": _dense_state(dmp), "elapsed_s": elapsed}
+    if job.collect_tables:
+        out["tables"] = _gather_vanilla_tables(dmp, workload, job)
+    return out
+
+
+def _gather_vanilla_tables(dmp, workload, job) -> Dict[str, torch.Tensor]:
+    sd = dmp.state_dict()
+    tables = {}
+    for t in workload.table_configs(job.embedding_dim):
+        key = [k for k in sd if k.endswith(f"embedding_bags.{t.name}.weight")][0]
+        st = sd[key]
+        full = torch.zeros(t.num_embeddings, t.embedding_dim)
+        for shard in st.local_shards():
+            off = shard.metadata.shard_offsets
+            sz = shard.metadata.shard_sizes
+            full[off[0] : off[0] + sz[0], off[1] : off[1] + sz[1]] = shard.tensor
+        dist.all_reduce(full)  # each row is owned by exactly one rank
+        tables[t.name] = full
+    return tables
+
+
+def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.types import ShardingPlan
+
+    from torchrec_esd.dispatch import make_dispatcher
+    from torchrec_esd.input_dist import EsdInputDist
+    from torchrec_esd.runtime import EsdRuntime
+    from torchrec_esd.sharding import EsdEmbeddingBagCollectionSharder, esd_module_plan
+
+    if job.esd is None:
+        raise EsdConfigError("method 'esd' needs JobConfig.esd")
+    cfg = job.esd
+    tables = workload.table_configs(job.embedding_dim)
+    runtime = EsdRuntime(cfg, tables, sparse_optimizer(job))
+    dlrm = build_model(job, workload)
+    if runtime.is_ps:
+        runtime.serve(dlrm.sparse_arch.embedding_bag_collection)
+        return {"role": "ps"}
+    W = cfg.num_workers
+    model = DlrmTask(dlrm, loss_scale=W / job.global_batch)
+    ebc = dlrm.sparse_arch.embedding_bag_collection
+    plan = ShardingPlan({EBC_PATH: esd_module_plan(ebc, runtime)})
+    dmp = DistributedModelParallel(
+        model,
+        env=runtime.sharding_env(),
+        plan=plan,
+        sharders=[EsdEmbeddingBagCollectionSharder(runtime)],
+        device=torch.device("cpu"),
+    )
+    dense_opt = torch.optim.SGD(_dense_params(dmp), lr=job.dense_lr)
+    dispatch = EsdInputDist(runtime, make_dispatcher(job.dispatcher, **job.dispatcher_kwargs), mode=job.input_mode)
+    me = runtime.worker_index
+    losses, decisions, t0 = [], [], time.perf_counter()
+    samples_seen = torch.zeros(job.global_batch, dtype=torch.int64)
+
+    def batches():
+        for step in range(job.steps):
+            if job.input_mode == "global":
+                yield workload.global_batch(step, job.global_batch)
+            else:
+                yield workload.local_batch(step, job.global_batch, me, W)
+
+    for batch in batches():
+        local = dispatch(batch)
+        if dispatch.last_result is not None:
+            decisions.append(
+                {"solver": dispatch.last_result.solver, "ms": dispatch.last_result.decision_s * 1e3}
+            )
+        dense_opt.zero_grad()
+        loss, _ = dmp(local)
+        loss.backward()
+        dense_opt.step()
+        g = loss.detach().clone() / dispatch.loss_scale
+        dist.all_reduce(g, group=runtime.worker_group)
+        losses.append(float(g) / job.global_batch)
+        samples_seen += torch.bincount(dispatch.last_mine, minlength=job.global_batch)
+    elapsed = time.perf_counter() - t0
+    runtime.flush()
+    out = {
+        "losses": losses,
+        "dense": _dense_state(dmp),
+        "elapsed_s": elapsed,
+        "metrics": runtime.all_metrics(),
+        "decisions": decisions,
+        "samples_seen": samples_seen,
+    }
+    if job.collect_tables:
+        out["tables"], out["tables_state"] = runtime.gather_tables()
+    runtime.shutdown(flush=False)
+    return out
+
+
+def run(job: JobConfig) -> Dict:
+    """Run ``job`` on this rank (torch.distributed must be initialised)."""
+    workload = SyntheticWorkload(job.workload)
+    if job.method == "vanilla":
+        if job.global_batch % dist.get_world_size():
+            raise EsdConfigError(
+                f"vanilla TorchRec needs the global batch {job.global_batch} divisible by "
+                f"{dist.get_world_size()} ranks"
+            )
+        return _vanilla(job, workload)
+    if job.method == "esd":
+        return _esd(job, workload)
+    raise EsdConfigError(f"unknown method {job.method!r}; use 'vanilla' or 'esd'")
+
