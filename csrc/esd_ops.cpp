@@ -20,4 +20,20 @@ TORCH_LIBRARY(torchrec_esd, m) {
   // 64-bit key (num_buckets == 0) or bucket in [0, num_buckets) of every
   // (feature, id) pair; stable across runs, processes and devices.
   m.def("hash_ids(Tensor ids, int feature, int num_buckets) -> Tensor");
+
+  // Open-addressing (linear probing) table of unique keys >= 0: int64 [cap, 2]
+  // rows (key, index of the key in `keys`), empty rows (-1, -1),
+  // cap = next power of two >= max(2, 2 * len(keys)).
+  m.def("id_table_build(Tensor keys) -> Tensor");
+  // Index stored for every query key, -1 when absent (int64, queries' shape).
+  m.def("id_table_lookup(Tensor slots, Tensor queries) -> Tensor");
+  // float64 [B, W]: sum over the distinct keys of sample b of weights[w][idx]
+  // (key in slots[w] at idx) or miss_weight[w] (key absent).
+  m.def(
+      "sample_cost_matrix(Tensor keys, Tensor offsets, Tensor[] slots, Tensor[] weights, "
+      "Tensor miss_weight) -> Tensor");
+  // Distinct (group, key) pairs sorted by (group, key) and their multiplicities.
+  m.def(
+      "unique_keys_per_group(Tensor keys, Tensor group, int num_groups) -> "
+      "(Tensor unique_keys, Tensor unique_group, Tensor counts)");
 }

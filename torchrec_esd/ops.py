@@ -43,6 +43,54 @@ if EXTENSION_LOADED:
         )
         return torch.empty_like(ids, dtype=torch.int64)
 
+    @torch.library.register_fake("torchrec_esd::id_table_build")
+    def _id_table_build_fake(keys: torch.Tensor) -> torch.Tensor:
+        torch._check(keys.dim() == 1, lambda: "id_table_build: keys must be 1-D")
+        torch._check(
+            keys.dtype in (torch.int32, torch.int64),
+            lambda: "id_table_build: keys must be int32/int64",
+        )
+        n = keys.shape[0]
+        if isinstance(n, int):
+            cap = reference_ops.id_table_capacity(n)
+        else:  # symbolic length: the capacity is a new unbacked size
+            cap = torch.library.get_ctx().new_dynamic_size(min=2)
+        return keys.new_empty((cap, 2), dtype=torch.int64)
+
+    @torch.library.register_fake("torchrec_esd::id_table_lookup")
+    def _id_table_lookup_fake(slots: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        torch._check(slots.dim() == 2 and slots.dtype == torch.int64,
+                     lambda: "id_table_lookup: slots must be int64 [cap, 2]")
+        torch._check(queries.dim() == 1, lambda: "id_table_lookup: queries must be 1-D")
+        return torch.empty_like(queries, dtype=torch.int64)
+
+    @torch.library.register_fake("torchrec_esd::sample_cost_matrix")
+    def _sample_cost_matrix_fake(
+        keys: torch.Tensor,
+        offsets: torch.Tensor,
+        slots: List[torch.Tensor],
+        weights: List[torch.Tensor],
+        miss_weight: torch.Tensor,
+    ) -> torch.Tensor:
+        torch._check(offsets.dim() == 1, lambda: "sample_cost_matrix: offsets must be 1-D")
+        torch._check(len(slots) == len(weights),
+                     lambda: "sample_cost_matrix: slots and weights must have the same length")
+        return keys.new_empty((offsets.shape[0] - 1, len(slots)), dtype=torch.float64)
+
+    @torch.library.register_fake("torchrec_esd::unique_keys_per_group")
+    def _unique_keys_per_group_fake(
+        keys: torch.Tensor, group: torch.Tensor, num_groups: int
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        torch._check(keys.dim() == 1 and group.dim() == 1,
+                     lambda: "unique_keys_per_group: keys and group must be 1-D")
+        u = torch.library.get_ctx().new_dynamic_size()
+        return (
+            keys.new_empty((u,)),
+            keys.new_empty((u,), dtype=torch.int64),
+            keys.new_empty((u,), dtype=torch.int64),
+        )
+
+
 
 def hash_ids(ids: torch.Tensor, feature: int = 0, num_buckets: int = 0) -> torch.Tensor:
     """Stable 64-bit hash of every ``(feature, id)`` pair (int64 bit pattern), or
@@ -54,12 +102,6 @@ def hash_ids(ids: torch.Tensor, feature: int = 0, num_buckets: int = 0) -> torch
     if EXTENSION_LOADED:
         return torch.ops.torchrec_esd.hash_ids(ids, int(feature), int(num_buckets))
     return reference_ops.hash_ids_ref(ids, int(feature), int(num_buckets))
-
-
-def _have(name: str) -> bool:
-    # TEMPORARY while the C++ kernels of issue 6 land: use the reference for an
-    # operator that the loaded extension does not register yet.
-    return EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, name)
 
 
 def id_table_capacity(num_keys: int) -> int:
@@ -75,14 +117,14 @@ def id_table_build(keys: torch.Tensor) -> torch.Tensor:
     keys)``, empty rows ``(-1, -1)``.  Home slot of a key:
     ``hash_ids(key, 0) & (cap - 1)``.  Duplicate or negative keys raise.
     """
-    if _have("id_table_build"):
+    if EXTENSION_LOADED:
         return torch.ops.torchrec_esd.id_table_build(keys)
     return reference_ops.id_table_build_ref(keys)
 
 
 def id_table_lookup(slots: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     """int64 index of every query key in the table (``-1`` when absent)."""
-    if _have("id_table_lookup"):
+    if EXTENSION_LOADED:
         return torch.ops.torchrec_esd.id_table_lookup(slots, queries)
     return reference_ops.id_table_lookup_ref(slots, queries)
 
@@ -105,7 +147,7 @@ def sample_cost_matrix(
     ``weights[w]`` is float64 1-D (one per key of worker ``w``'s table),
     ``miss_weight`` float64 ``[W]``.
     """
-    if _have("sample_cost_matrix"):
+    if EXTENSION_LOADED:
         return torch.ops.torchrec_esd.sample_cost_matrix(
             keys, offsets, list(slots), list(weights), miss_weight
         )
@@ -139,6 +181,6 @@ def unique_keys_per_group(
     ``(unique_keys, unique_group, counts)``: ``unique_keys`` has ``keys``' dtype,
     ``unique_group`` and ``counts`` (occurrences of each pair) are int64.
     """
-    if _have("unique_keys_per_group"):
+    if EXTENSION_LOADED:
         return torch.ops.torchrec_esd.unique_keys_per_group(keys, group, int(num_groups))
     return reference_ops.unique_keys_per_group_ref(keys, group, int(num_groups))
