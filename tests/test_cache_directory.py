@@ -1,0 +1,185 @@
+"""The cache directory's plans, executed on a simulator whose row values are
+version numbers: every read must see the latest version (s = 0) or one at most
+``s`` versions old, and no update may be lost."""
+
+import pytest
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+from torchrec_esd.cache import CacheDirectory
+from torchrec_esd.config import EsdConfig, EsdConfigError, WorkerSpec
+from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig
+
+
+def _tables(cards):
+    return [
+        EmbeddingBagConfig(name=f"t_cat_{i}", embedding_dim=4, num_embeddings=n, feature_names=[f"cat_{i}"])
+        for i, n in enumerate(cards)
+    ]
+
+
+class VersionSimulator:
+    """Executes plans with row values = versions; checks reads and updates."""
+
+    def __init__(self, directory: CacheDirectory):
+        self.d = directory
+        self.ps = {t.name: torch.zeros(t.num_embeddings, dtype=torch.int64) for t in directory.tables}
+        self.truth = {t.name: torch.zeros(t.num_embeddings, dtype=torch.int64) for t in directory.tables}
+        self.cache = [
+            {t.name: torch.full((directory.state(w, t.name).capacity,), -99, dtype=torch.int64) for t in directory.tables}
+            for w in range(directory.num_workers)
+        ]
+        self.max_lag = 0
+
+    def step(self, plan):
+        W = self.d.num_workers
+        # phase 1: value pushes of all workers, then pulls
+        for w in range(W):
+            for name, tp in plan.tables[w].items():
+                self.ps[name][tp.push_ids] = self.cache[w][name][tp.push_slots]
+        read = []
+        for w in range(W):
+            vals = {}
+            for name, tp in plan.tables[w].items():
+                v = torch.full_like(tp.used_ids, -1)
+                inc = tp.used_slot >= 0
+                v[inc] = self.cache[w][name][tp.used_slot[inc]]
+                pulled = self.ps[name][tp.pull_ids]
+                v[tp.pull_pos] = pulled
+                dst = tp.used_slot[tp.pull_pos]
+                self.cache[w][name][dst[dst >= 0]] = pulled[dst >= 0]
+                lag = self.truth[name][tp.used_ids] - v
+                assert (lag >= 0).all(), "read a version from the future"
+                self.max_lag = max(self.max_lag, int(lag.max()) if lag.numel() else 0)
+                vals[name] = v
+            read.append(vals)
+        # phase 2: local updates and gradient pushes; each used row gains one version
+        for name in self.truth:
+            used = torch.unique(torch.cat([plan.tables[w][name].used_ids for w in range(W)]))
+            new = self.truth[name][used] + 1
+            self.truth[name][used] = new
+            for w in range(W):
+                tp = plan.tables[w][name]
+                slots = tp.used_slot[tp.local_pos]
+                self.cache[w][name][slots] = self.truth[name][tp.used_ids[tp.local_pos]]
+                gids = tp.used_ids[tp.grad_pos]
+                self.ps[name][gids] = self.truth[name][gids]
+
+    def flush(self):
+        for w, d in enumerate(self.d.flush_plan()):
+            for name, tp in d.items():
+                self.ps[name][tp.push_ids] = self.cache[w][name][tp.push_slots]
+
+
+def _run(staleness, policy, steps=25, seed=0, shares=(1, 1, 1)):
+    wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=3, cardinalities=[40, 200, 7], bag_size=(0, 4), alpha=1.1, seed=seed))
+    tables = _tables(wl.config.cardinalities)
+    cfg = EsdConfig(
+        [WorkerSpec({"t_cat_0": 8, "t_cat_1": 30, "t_cat_2": 7}, 1.0, share=s) for s in shares[:2]]
+        + [WorkerSpec({"t_cat_0": 3, "t_cat_1": 5, "t_cat_2": 1}, 1.0, share=shares[2])],
+        staleness=staleness,
+        cache_policy=policy,
+    )
+    d = CacheDirectory(cfg, tables)
+    sim = VersionSimulator(d)
+    g = torch.Generator().manual_seed(seed)
+    B = 24
+    for step in range(steps):
+        kjt = wl.global_batch(step, B).sparse_features
+        sh = cfg.batch_shares(B)
+        a = torch.repeat_interleave(torch.arange(3), torch.tensor(sh))[torch.randperm(B, generator=g)]
+        plan = d.plan(kjt, a)
+        _check_plan_invariants(d, plan)
+        sim.step(plan)
+    return d, sim
+
+
+def _check_plan_invariants(d, plan):
+    for w in range(d.num_workers):
+        for name, tp in plan.tables[w].items():
+            st = d.state(w, name)
+            occ = st.ids[st.ids >= 0]
+            assert occ.numel() <= st.capacity
+            assert occ.unique().numel() == occ.numel(), "an id sits in two slots"
+            hits = tp.used_ids.numel() - tp.pull_pos.numel()
+            # counters add up: hits + misses + outdated re-pulls = lookups
+            assert hits + tp.rows["miss_pull"] + tp.rows["update_pull"] == tp.used_ids.numel()
+            assert tp.local_pos.numel() + tp.grad_pos.numel() == tp.used_ids.numel()
+            cached = tp.used_slot >= 0
+            assert torch.equal(st.ids[tp.used_slot[cached]], tp.used_ids[cached])
+    # one owner per dirty row
+    for name in d.table_rows:
+        owners = torch.zeros(d.table_rows[name], dtype=torch.int64)
+        for w in range(d.num_workers):
+            st = d.state(w, name)
+            owners[st.ids[st.dirty]] += 1
+        assert int(owners.max()) <= 1
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_synchronous_plans_read_latest_and_lose_nothing(policy):
+    d, sim = _run(staleness=0, policy=policy)
+    assert sim.max_lag == 0
+    sim.flush()
+    for name in sim.truth:
+        assert torch.equal(sim.ps[name], sim.truth[name]), f"lost updates in {name}"
+    assert all(not d.state(w, n).dirty.any() for w in range(3) for n in d.table_rows)
+
+
+@pytest.mark.parametrize("s", [1, 3])
+def test_bounded_staleness(s):
+    d, sim = _run(staleness=s, policy="lru", steps=30, seed=2)
+    assert 0 < sim.max_lag <= s
+    sim.flush()
+    for name in sim.truth:
+        assert torch.equal(sim.ps[name], sim.truth[name])
+
+
+def test_uneven_shares_and_zero_share():
+    d, sim = _run(staleness=0, policy="lru", shares=(3, 1, 0), steps=10)
+    assert sim.max_lag == 0
+
+
+def test_lru_evicts_least_recently_used():
+    tables = _tables([10])
+    cfg = EsdConfig([WorkerSpec(2, 1.0)])
+    d = CacheDirectory(cfg, tables)
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    def batch(ids):
+        return KeyedJaggedTensor(keys=["cat_0"], values=torch.tensor(ids), lengths=torch.ones(len(ids), dtype=torch.int32))
+
+    d.plan(batch([1]), torch.zeros(1, dtype=torch.int64))
+    d.plan(batch([2]), torch.zeros(1, dtype=torch.int64))
+    d.plan(batch([1]), torch.zeros(1, dtype=torch.int64))  # 1 is now more recent than 2
+    p = d.plan(batch([3]), torch.zeros(1, dtype=torch.int64))
+    assert sorted(d.state(0, "t_cat_0").ids.tolist()) == [1, 3]
+    # 2 was dirty (updated locally, sole user): its eviction is a miss-push
+    assert p.tables[0]["t_cat_0"].rows["miss_push"] == 1
+    assert p.tables[0]["t_cat_0"].push_ids.tolist() == [2]
+
+
+def test_bad_inputs():
+    tables = _tables([10, 20])
+    with pytest.raises(EsdConfigError, match="no cache capacity"):
+        EsdConfig([WorkerSpec({"t_cat_0": 0, "t_cat_1": 1}, 1.0)])
+    with pytest.raises(EsdConfigError, match="exceeds"):
+        CacheDirectory(EsdConfig([WorkerSpec({"t_cat_0": 11, "t_cat_1": 1}, 1.0)]), tables)
+    d = CacheDirectory(EsdConfig([WorkerSpec(5, 1.0)] * 2), tables)
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    bad = KeyedJaggedTensor(keys=["cat_0", "cat_1"], values=torch.tensor([3, 20]), lengths=torch.ones(2, dtype=torch.int32))
+    with pytest.raises(EsdConfigError, match="id 20 is outside table 't_cat_1' of 20 rows"):
+        d.check_batch(bad)
+    neg = KeyedJaggedTensor(keys=["cat_0", "cat_1"], values=torch.tensor([-1, 2]), lengths=torch.ones(2, dtype=torch.int32))
+    with pytest.raises(EsdConfigError, match="id -1"):
+        d.plan(neg, torch.zeros(1, dtype=torch.int64))
+    ok = KeyedJaggedTensor(keys=["cat_0", "cat_1"], values=torch.tensor([1, 2]), lengths=torch.ones(2, dtype=torch.int32))
+    with pytest.raises(EsdConfigError, match="outside"):
+        d.plan(ok, torch.tensor([2]))
+    unknown = KeyedJaggedTensor(keys=["cat_9"], values=torch.tensor([1]), lengths=torch.ones(1, dtype=torch.int32))
+    with pytest.raises(EsdConfigError, match="no embedding table"):
+        d.check_batch(unknown)
+    floats = KeyedJaggedTensor(keys=["cat_0"], values=torch.tensor([1.0]), lengths=torch.ones(1, dtype=torch.int32))
+    with pytest.raises(EsdConfigError, match="int32/int64"):
+        d.check_batch(floats)
