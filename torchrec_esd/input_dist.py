@@ -36,6 +36,7 @@ from torchrec_esd.runtime import EsdRuntime
 from torchrec_esd.workload import select_kjt_samples, select_samples
 
 MODES = ("global", "local")
+COST_BLIND = ("random", "round_robin")  # dispatchers that ignore the cost matrix
 
 
 class EsdInputDist(nn.Module):
@@ -78,11 +79,15 @@ class EsdInputDist(nn.Module):
         shares = rt.config.batch_shares(b)
         assignment = torch.empty(b, dtype=torch.int64)
         if rt.worker_index == 0:
-            if getattr(self.dispatcher, "needs_cost", True):
-                cost = self.cost_model.matrix(kjt, rt.directory.views())  # type: ignore[union-attr]
-            else:
+            aux = None
+            if self.dispatcher.name in COST_BLIND:
                 cost = torch.zeros(b, len(shares), dtype=torch.float64)
-            self.last_result = self.dispatcher.assign(cost, shares)
+            else:
+                views = rt.directory.views()  # type: ignore[union-attr]
+                cost = self.cost_model.matrix(kjt, views)
+                if self.dispatcher.name == "laia":
+                    aux = {"hits": self.cost_model.hit_matrix(kjt, views)}
+            self.last_result = self.dispatcher.assign(cost, shares, aux=aux)
             assignment.copy_(self.last_result.assignment)
         a = assignment.to(self.device)
         dist.broadcast(a, src=0, group=rt.worker_group)

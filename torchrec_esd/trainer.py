@@ -51,7 +51,8 @@ class JobConfig:
     dispatcher_kwargs: Dict = field(default_factory=dict)
     input_mode: str = "global"
     collect_tables: bool = False  # return final tables (tests)
-    use_pipeline: bool = False  # drive steps with TorchRec's TrainPipelineSparseDist
+    progress: bool = False  # tqdm progress bar on rank 0
+    auc_steps: int = 10  # AUC over the predictions of the last steps
 
 
 class DlrmTask(nn.Module):
@@ -73,6 +74,42 @@ class DlrmTask(nn.Module):
                 * self.loss_scale
             )
         return loss, (loss.detach(), logits.detach(), batch.labels.detach())
+
+
+class _Tracker:
+    """Per-step losses, predictions of the last steps (for AUC), progress bar."""
+
+    def __init__(self, job: JobConfig, group, rank: int, label: str) -> None:
+        self.group, self.rank = group, rank
+        self.losses = []
+        self.preds, self.labels = [], []
+        self.keep = max(1, job.auc_steps)
+        self.bar = None
+        if job.progress and rank == 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=job.steps, desc=label, leave=False)
+
+    def step(self, mean_loss: float, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.losses.append(mean_loss)
+        self.preds.append(logits.detach().float())
+        self.labels.append(labels.detach().float())
+        self.preds, self.labels = self.preds[-self.keep :], self.labels[-self.keep :]
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{mean_loss:.4f}")
+
+    def auc(self) -> float:
+        from torchmetrics.functional.classification import binary_auroc
+
+        if self.bar is not None:
+            self.bar.close()
+        mine = (torch.cat(self.preds), torch.cat(self.labels))
+        everyone = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(everyone, mine, group=self.group)
+        p = torch.cat([e[0] for e in everyone])
+        y = torch.cat([e[1] for e in everyone]).long()
+        return float(binary_auroc(p, y))
 
 
 def build_model(job: JobConfig, workload: SyntheticWorkload) -> DLRM:
@@ -107,7 +144,7 @@ def _dense_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _vanilla(job: JobConfig, workload: SyntheticWorkload) -> Dict:
+def _vanilla(job: JobConfig, workload: SyntheticWorkload, group=None) -> Dict:
     from torchrec import optim as trec_optim
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
@@ -115,7 +152,8 @@ def _vanilla(job: JobConfig, workload: SyntheticWorkload) -> Dict:
     from torchrec.distributed.types import ShardingEnv
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-    rank, world = dist.get_rank(), dist.get_world_size()
+    group = group or dist.group.WORLD
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
     model = DlrmTask(build_model(job, workload))
     initial = {k: v.clone() for k, v in model.state_dict().items() if "embedding_bags" in k}
     opt_cls = torch.optim.SGD if job.sparse_optimizer == "sgd" else trec_optim.RowWiseAdagrad
@@ -123,7 +161,7 @@ def _vanilla(job: JobConfig, workload: SyntheticWorkload) -> Dict:
     if job.sparse_optimizer != "sgd":
         kwargs["eps"] = job.sparse_eps
     apply_optimizer_in_backward(opt_cls, model.model.sparse_arch.embedding_bag_collection.parameters(), kwargs)
-    env = ShardingEnv.from_process_group(dist.group.WORLD)
+    env = ShardingEnv.from_process_group(group)
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=world, compute_device="cpu", local_world_size=world),
         constraints={t.name: ParameterConstraints(sharding_types=["table_wise"]) for t in workload.table_configs(job.embedding_dim)},
@@ -131,29 +169,30 @@ def _vanilla(job: JobConfig, workload: SyntheticWorkload) -> Dict:
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 
     sharders = [EmbeddingBagCollectionSharder()]
-    plan = planner.collective_plan(model, sharders, dist.group.WORLD)
+    plan = planner.collective_plan(model, sharders, group)
     dmp = DistributedModelParallel(model, env=env, plan=plan, sharders=sharders, device=torch.device("cpu"))
     dmp.load_state_dict(initial, strict=False)
     dense_opt = torch.optim.SGD(_dense_params(dmp), lr=job.dense_lr)
     per = job.global_batch // world
-    losses, t0 = [], time.perf_counter()
+    track = _Tracker(job, group, rank, "vanilla TorchRec")
+    t0 = time.perf_counter()
     for step in range(job.steps):
         batch = workload.local_batch(step, job.global_batch, rank, world)
         dense_opt.zero_grad()
-        loss, _ = dmp(batch)
+        loss, (_, logits, labels) = dmp(batch)
         loss.backward()
         dense_opt.step()
         g = loss.detach().clone() * per
-        dist.all_reduce(g)
-        losses.append(float(g) / job.global_batch)
+        dist.all_reduce(g, group=group)
+        track.step(float(g) / job.global_batch, logits, labels)
     elapsed = time.perf_counter() - t0
-    out = {"losses": losses, "dense": _dense_state(dmp), "elapsed_s": elapsed}
+    out = {"losses": track.losses, "auc": track.auc(), "dense": _dense_state(dmp), "elapsed_s": elapsed}
     if job.collect_tables:
-        out["tables"] = _gather_vanilla_tables(dmp, workload, job)
+        out["tables"] = _gather_vanilla_tables(dmp, workload, job, group)
     return out
 
 
-def _gather_vanilla_tables(dmp, workload, job) -> Dict[str, torch.Tensor]:
+def _gather_vanilla_tables(dmp, workload, job, group) -> Dict[str, torch.Tensor]:
     sd = dmp.state_dict()
     tables = {}
     for t in workload.table_configs(job.embedding_dim):
@@ -164,7 +203,7 @@ def _gather_vanilla_tables(dmp, workload, job) -> Dict[str, torch.Tensor]:
             off = shard.metadata.shard_offsets
             sz = shard.metadata.shard_sizes
             full[off[0] : off[0] + sz[0], off[1] : off[1] + sz[1]] = shard.tensor
-        dist.all_reduce(full)  # each row is owned by exactly one rank
+        dist.all_reduce(full, group=group)  # each row is owned by exactly one rank
         tables[t.name] = full
     return tables
 
@@ -201,7 +240,8 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
     dense_opt = torch.optim.SGD(_dense_params(dmp), lr=job.dense_lr)
     dispatch = EsdInputDist(runtime, make_dispatcher(job.dispatcher, **job.dispatcher_kwargs), mode=job.input_mode)
     me = runtime.worker_index
-    losses, decisions, t0 = [], [], time.perf_counter()
+    track = _Tracker(job, runtime.worker_group, me, f"ESD {job.dispatcher}")
+    decisions, t0 = [], time.perf_counter()
     samples_seen = torch.zeros(job.global_batch, dtype=torch.int64)
 
     def batches():
@@ -218,17 +258,18 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
                 {"solver": dispatch.last_result.solver, "ms": dispatch.last_result.decision_s * 1e3}
             )
         dense_opt.zero_grad()
-        loss, _ = dmp(local)
+        loss, (_, logits, labels) = dmp(local)
         loss.backward()
         dense_opt.step()
         g = loss.detach().clone() / dispatch.loss_scale
         dist.all_reduce(g, group=runtime.worker_group)
-        losses.append(float(g) / job.global_batch)
+        track.step(float(g) / job.global_batch, logits, labels)
         samples_seen += torch.bincount(dispatch.last_mine, minlength=job.global_batch)
     elapsed = time.perf_counter() - t0
     runtime.flush()
     out = {
-        "losses": losses,
+        "losses": track.losses,
+        "auc": track.auc(),
         "dense": _dense_state(dmp),
         "elapsed_s": elapsed,
         "metrics": runtime.all_metrics(),
@@ -242,16 +283,26 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
 
 
 def run(job: JobConfig) -> Dict:
-    """Run ``job`` on this rank (torch.distributed must be initialised)."""
+    """Run ``job`` on this rank (torch.distributed must be initialised).
+
+    ``vanilla`` uses the first ``W`` ranks of the world (``W`` = the ESD
+    config's workers if one is given, else the whole world); other ranks
+    (an ESD job's PS ranks) idle, so both methods can run in one torchrun world.
+    """
     workload = SyntheticWorkload(job.workload)
     if job.method == "vanilla":
-        if job.global_batch % dist.get_world_size():
+        world = dist.get_world_size()
+        W = job.esd.num_workers if job.esd is not None else world
+        if W > world:
+            raise EsdConfigError(f"vanilla needs {W} ranks, the world has {world}")
+        if job.global_batch % W:
             raise EsdConfigError(
-                f"vanilla TorchRec needs the global batch {job.global_batch} divisible by "
-                f"{dist.get_world_size()} ranks"
+                f"vanilla TorchRec needs the global batch {job.global_batch} divisible by {W} ranks"
             )
-        return _vanilla(job, workload)
+        group = dist.group.WORLD if W == world else dist.new_group(list(range(W)))
+        if dist.get_rank() >= W:
+            return {"role": "idle"}
+        return _vanilla(job, workload, group)
     if job.method == "esd":
         return _esd(job, workload)
     raise EsdConfigError(f"unknown method {job.method!r}; use 'vanilla' or 'esd'")
-

@@ -1,0 +1,125 @@
+"""ESD with staleness 0 trains the same model as vanilla TorchRec DMP.
+
+Each test launches real gloo worlds on localhost: vanilla TorchRec
+``DistributedModelParallel`` (table-wise, fused optimizer) on W ranks, and ESD
+on W workers + 1 parameter server, on the same global batches.
+"""
+
+import pytest
+import torch
+
+from torchrec_esd.config import EsdConfig, WorkerSpec
+from torchrec_esd.launch import RankFailed, run_local_world
+from torchrec_esd.trainer import JobConfig, run
+from torchrec_esd.workload import SyntheticWorkloadConfig
+
+STEPS = 20
+BATCH = 48
+WORKLOAD = SyntheticWorkloadConfig(num_sparse=4, cardinalities=[60, 150, 400, 25], bag_size=(1, 4), alpha=1.1, seed=3)
+CACHE = {"t_cat_0": 12, "t_cat_1": 30, "t_cat_2": 40, "t_cat_3": 6}
+
+
+def _assert_close_rel(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float = 1e-5) -> None:
+    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-12)
+    err = float((a - b).abs().max())
+    assert err <= rtol * scale, f"{what}: max abs diff {err:.3g} > {rtol} x {scale:.3g}"
+
+
+def _compare(W, shares, dispatcher, optimizer, mode, bandwidths):
+    common = dict(steps=STEPS, global_batch=BATCH, workload=WORKLOAD, collect_tables=True,
+                  sparse_optimizer=optimizer, sparse_lr=0.1, dense_lr=0.1)
+    vanilla = run_local_world(run, W, JobConfig(method="vanilla", **common))
+    cfg = EsdConfig([WorkerSpec(CACHE, bw, share=s) for bw, s in zip(bandwidths, shares)])
+    esd = run_local_world(
+        run, W + 1, JobConfig(method="esd", esd=cfg, dispatcher=dispatcher, input_mode=mode, **common)
+    )
+    v, e = vanilla[0], esd[0]
+    assert esd[W] == {"role": "ps"}
+    # same losses per step (the loss is the global-batch mean on both sides)
+    _assert_close_rel(torch.tensor(v["losses"]), torch.tensor(e["losses"]), "losses")
+    # same final embedding tables (after the flush, from the PS) and dense weights
+    for name in v["tables"]:
+        _assert_close_rel(v["tables"][name], e["tables"][name], f"table {name}")
+    for name in v["dense"]:
+        _assert_close_rel(v["dense"][name], e["dense"][name], f"dense {name}")
+    # every worker holds the same dense weights (DDP) and the same gathered tables
+    for r in range(1, W):
+        for name in e["dense"]:
+            assert torch.equal(esd[r]["dense"][name], e["dense"][name])
+    # conservation: every sample of every step trained exactly once
+    seen = sum(esd[r]["samples_seen"] for r in range(W))
+    assert torch.equal(seen, torch.full((BATCH,), STEPS, dtype=torch.int64))
+    # training actually moved rows over the links, and the ESD caches worked
+    m = e["metrics"]
+    assert m["rows"]["miss_pull"] > 0 and m["total_bytes"] > 0
+    assert all(w["iterations"] == STEPS for w in m["per_worker"])
+    return vanilla, esd
+
+
+def test_equivalence_two_workers_sgd_local_batches():
+    _compare(2, [1, 1], "heuristic", "sgd", "local", [1.0, 8.0])
+
+
+def test_equivalence_four_workers_rowwise_adagrad_uneven_shares():
+    _, esd = _compare(4, [1, 2, 2, 3], "random", "rowwise_adagrad", "global", [1.0, 2.0, 4.0, 8.0])
+    states = esd[0]["tables_state"]
+    assert all(s.shape[1] == 1 and float(s.max()) > 0 for s in states.values())
+
+
+# ---------------------------------------------------------------- bad input
+def _bad_id_job(job):
+    """Training whose third global batch has an id outside its table."""
+    import torchrec_esd.workload as wlmod
+
+    orig = wlmod.SyntheticWorkload.global_batch
+
+    def global_batch(self, step, batch_size):
+        b = orig(self, step, batch_size)
+        if step == 2:
+            b.sparse_features.values()[0] = 10_000
+        return b
+
+    wlmod.SyntheticWorkload.global_batch = global_batch
+    return run(job)
+
+
+def test_out_of_range_id_fails_every_rank_without_hanging():
+    cfg = EsdConfig([WorkerSpec(CACHE, 1.0), WorkerSpec(CACHE, 2.0)], collective_timeout_s=60)
+    job = JobConfig(method="esd", esd=cfg, steps=4, global_batch=8, workload=WORKLOAD, dispatcher="random")
+    with pytest.raises(RankFailed) as info:
+        run_local_world(_bad_id_job, 3, job, timeout_s=120)
+    errors = info.value.errors
+    assert sorted(errors) == [0, 1, 2]
+    for r in (0, 1):
+        assert "id 10000 is outside table 't_cat_0'" in errors[r]["error"]
+    assert "aborted by the workers" in errors[2]["error"] and "id 10000" in errors[2]["error"]
+
+
+def _mismatched_config_job(job):
+    import dataclasses
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:  # this worker believes in a bigger cache
+        w = list(job.esd.workers)
+        w[1] = WorkerSpec({k: v + 1 for k, v in CACHE.items()}, 2.0)
+        job = dataclasses.replace(job, esd=dataclasses.replace(job.esd, workers=w))
+    return run(job)
+
+
+def test_mismatched_configs_fail_every_rank():
+    cfg = EsdConfig([WorkerSpec(CACHE, 1.0), WorkerSpec(CACHE, 2.0)], collective_timeout_s=60)
+    job = JobConfig(method="esd", esd=cfg, steps=2, global_batch=8, workload=WORKLOAD)
+    with pytest.raises(RankFailed) as info:
+        run_local_world(_mismatched_config_job, 3, job, timeout_s=120)
+    assert sorted(info.value.errors) == [0, 1, 2]
+    assert all("mismatched configs" in e["error"] for e in info.value.errors.values())
+
+
+def test_world_size_must_match_topology():
+    cfg = EsdConfig([WorkerSpec(CACHE, 1.0), WorkerSpec(CACHE, 2.0)], num_ps=2, collective_timeout_s=60)
+    job = JobConfig(method="esd", esd=cfg, steps=1, global_batch=8, workload=WORKLOAD)
+    with pytest.raises(RankFailed) as info:
+        run_local_world(run, 3, job, timeout_s=120)
+    assert sorted(info.value.errors) == [0, 1, 2]
+    assert all("2 workers + 2 parameter servers = 4 ranks" in e["error"] for e in info.value.errors.values())
