@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 
@@ -29,26 +29,52 @@ class DispatchResult:
 
 
 def check_problem(cost: torch.Tensor, shares: Sequence[int]) -> None:
-    """Validate a dispatch problem; raises :class:`DispatchError`."""
+    """Validate a dispatch problem; raises :class:`DispatchError`.
+
+    ``+inf`` costs are allowed only in the column of a worker whose share is 0
+    (e.g. a worker that cannot be reached: it simply gets no samples); any NaN,
+    ``-inf``, or ``+inf`` for a worker with a positive share is an error.
+    """
     if cost.dim() != 2:
         raise DispatchError(f"cost must be a (B, W) matrix, got shape {tuple(cost.shape)}")
     b, w = cost.shape
     if len(shares) != w:
         raise DispatchError(f"{len(shares)} shares for {w} workers")
+    if any(int(s) != s for s in shares):
+        raise DispatchError(f"shares must be integers, got {list(shares)}")
     if any(int(s) < 0 for s in shares):
         raise DispatchError(f"shares must be >= 0, got {list(shares)}")
     if sum(int(s) for s in shares) != b:
         raise DispatchError(f"shares add up to {sum(shares)} but the batch has {b} samples")
-    if not torch.isfinite(cost).all():
-        bad = (~torch.isfinite(cost)).nonzero()[0].tolist()
-        raise DispatchError(
-            f"cost matrix has a non-finite entry at sample {bad[0]}, worker {bad[1]}"
-            " (a worker with zero bandwidth can only get a share of 0)"
-        )
+    if b == 0:
+        return
+    finite = torch.isfinite(cost)
+    if not finite.all():
+        nan = torch.isnan(cost) | (cost == float("-inf"))
+        if nan.any():
+            bad = nan.nonzero()[0].tolist()
+            raise DispatchError(
+                f"cost matrix has a NaN/-inf entry at sample {bad[0]}, worker {bad[1]}"
+            )
+        active = torch.tensor([int(s) > 0 for s in shares], dtype=torch.bool)
+        bad_mask = (~finite) & active.view(1, -1)
+        if bad_mask.any():
+            bad = bad_mask.nonzero()[0].tolist()
+            raise DispatchError(
+                f"cost matrix has a non-finite entry at sample {bad[0]}, worker {bad[1]},"
+                f" but worker {bad[1]} has a share of {int(shares[bad[1]])} > 0"
+                " (a worker with zero bandwidth can only get a share of 0)"
+            )
 
 
 def check_assignment(assignment: torch.Tensor, shares: Sequence[int]) -> None:
     """Assert that ``assignment`` places each sample once and respects shares."""
+    if assignment.dim() != 1 or assignment.numel() != sum(int(s) for s in shares):
+        raise DispatchError(
+            f"assignment has shape {tuple(assignment.shape)}, expected ({sum(shares)},)"
+        )
+    if assignment.numel() and (int(assignment.min()) < 0 or int(assignment.max()) >= len(shares)):
+        raise DispatchError(f"assignment names a worker outside [0, {len(shares)})")
     counts = torch.bincount(assignment, minlength=len(shares))
     if counts.numel() != len(shares) or counts.tolist() != [int(s) for s in shares]:
         raise DispatchError(
@@ -61,16 +87,54 @@ class Dispatcher:
 
     name: str = "dispatcher"
 
-    def assign(self, cost: torch.Tensor, shares: Sequence[int]) -> DispatchResult:
+    def assign(
+        self,
+        cost: torch.Tensor,
+        shares: Sequence[int],
+        aux: Optional[Mapping[str, torch.Tensor]] = None,
+    ) -> DispatchResult:
+        """Decide the worker of every sample.
+
+        Workers with a share of 0 are removed before :meth:`_solve` runs (their
+        cost column may be ``inf``), so every ``_solve`` sees only workers with a
+        positive share and a finite float64 CPU cost matrix.  ``aux`` holds
+        extra ``[B, W]`` matrices a dispatcher needs (e.g. ``{"hits": ...}`` for
+        LAIA); they get the same column selection and are passed to
+        ``_solve`` as keyword arguments.
+        """
         check_problem(cost, shares)
+        aux = dict(aux or {})
+        for k, m in aux.items():
+            if tuple(m.shape) != tuple(cost.shape):
+                raise DispatchError(
+                    f"aux matrix {k!r} has shape {tuple(m.shape)}, cost has {tuple(cost.shape)}"
+                )
+        shares = [int(s) for s in shares]
         t0 = time.perf_counter()
-        assignment, info = self._solve(cost, [int(s) for s in shares])
+        cost64 = cost.detach().to(device="cpu", dtype=torch.float64)
+        active = [w for w, s in enumerate(shares) if s > 0]
+        sel = None if len(active) == len(shares) else torch.tensor(active, dtype=torch.int64)
+        sub = cost64.contiguous() if sel is None else cost64[:, sel].contiguous()
+        extra = {
+            k: (m.detach().cpu() if sel is None else m.detach().cpu()[:, sel]).contiguous()
+            for k, m in aux.items()
+        }
+        if sub.shape[0] == 0:
+            assignment, info = torch.zeros(0, dtype=torch.int64), {}
+        else:
+            assignment, info = self._solve(sub, [shares[w] for w in active], **extra)
+            assignment = torch.as_tensor(assignment, dtype=torch.int64).view(-1)
+            if len(active) != len(shares):
+                assignment = torch.tensor(active, dtype=torch.int64)[assignment]
         dt = time.perf_counter() - t0
         check_assignment(assignment, shares)
+        solver = info.pop("solver", self.name)
+        if not isinstance(solver, str):
+            solver = self.name
         return DispatchResult(
             assignment=assignment,
-            objective=self.objective_value(cost, assignment),
-            solver=info.pop("solver", self.name) if isinstance(info.get("solver"), str) else self.name,
+            objective=self.objective_value(cost64, assignment),
+            solver=solver,
             decision_s=dt,
             info={k: v for k, v in info.items() if isinstance(v, (int, float))},
         )
@@ -81,12 +145,20 @@ class Dispatcher:
     objective: str = "total"
 
     def objective_value(self, cost: torch.Tensor, assignment: torch.Tensor) -> float:
-        per_sample = cost.gather(1, assignment.view(-1, 1)).view(-1)
-        if self.objective == "makespan":
-            per_worker = torch.zeros(cost.shape[1], dtype=cost.dtype).index_add_(
-                0, assignment, per_sample
-            )
-            return float(per_worker.max())
-        return float(per_sample.sum())
+        return objective_value(cost, assignment, self.objective)
 
 
+def objective_value(cost: torch.Tensor, assignment: torch.Tensor, objective: str = "total") -> float:
+    """Objective of ``assignment`` under the additive cost model: ``"total"``
+    (sum of the chosen costs) or ``"makespan"`` (largest per-worker sum)."""
+    if objective not in ("total", "makespan"):
+        raise DispatchError(f"objective must be 'total' or 'makespan', got {objective!r}")
+    if assignment.numel() == 0:
+        return 0.0
+    per_sample = cost.gather(1, assignment.view(-1, 1)).view(-1)
+    if objective == "makespan":
+        per_worker = torch.zeros(cost.shape[1], dtype=cost.dtype).index_add_(
+            0, assignment, per_sample
+        )
+        return float(per_worker.max())
+    return float(per_sample.sum())

@@ -1,0 +1,397 @@
+"""Dispatchers: exactness against brute force, validity on odd inputs, hybrid."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from torchrec_esd.dispatch import (
+    DISPATCHERS,
+    DispatchError,
+    HybridDis,
+    OptimalDispatcher,
+    check_assignment,
+    make_dispatcher,
+    objective_value,
+    proven_lower_bound,
+)
+from torchrec_esd.dispatch.heuristic import greedy_rounds, makespan_heuristic, total_heuristic
+from torchrec_esd.dispatch.lower_bound import dual_value, makespan_lower_bound, transport_lower_bound
+from torchrec_esd.dispatch.optimal import (
+    cancel_negative_cycles,
+    expand_group_flows,
+    group_rows,
+    mcf_total,
+    solve_makespan,
+    solve_total,
+)
+
+NAMES = sorted(DISPATCHERS)
+
+
+def _assign(name, cost, shares, **kw):
+    d = make_dispatcher(name, **kw)
+    aux = None
+    if name == "laia":
+        # a hit matrix that is not a function of the cost (LAIA ignores bandwidth)
+        g = torch.Generator().manual_seed(cost.shape[0] * 31 + cost.shape[1])
+        aux = {"hits": torch.randint(0, 4, tuple(cost.shape), generator=g).double()}
+    return d.assign(cost, shares, aux=aux)
+
+
+def _brute(cost: np.ndarray, shares, objective: str) -> float:
+    """Enumerate every balanced assignment (multiset permutations)."""
+    b, w = cost.shape
+    labels = [j for j, s in enumerate(shares) for _ in range(s)]
+    best = math.inf
+    for perm in set(itertools.permutations(labels)):
+        a = np.array(perm)
+        per = cost[np.arange(b), a]
+        if objective == "total":
+            v = per.sum()
+        else:
+            v = np.bincount(a, weights=per, minlength=w).max()
+        best = min(best, v)
+    return best
+
+
+def _random_shares(rng, b, w, allow_zero=False):
+    if allow_zero and w > 1 and rng.random() < 0.3:
+        cuts = np.sort(rng.integers(0, b + 1, w - 1))
+    else:
+        base = np.full(w, b // w)
+        base[: b % w] += 1
+        return rng.permutation(base).tolist()
+    return np.diff(np.concatenate([[0], cuts, [b]])).tolist()
+
+
+def _instances(seed, n, bmax=8, wmax=3):
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        b = int(rng.integers(1, bmax + 1))
+        w = int(rng.integers(1, wmax + 1))
+        kind = rng.integers(0, 3)
+        if kind == 0:  # continuous random
+            c = rng.random((b, w))
+        elif kind == 1:  # few distinct values: ties and duplicate rows
+            c = rng.integers(0, 3, (b, w)).astype(np.float64)
+        else:  # miss counts x heterogeneous per-row link time (the ESD structure)
+            c = rng.integers(0, 6, (b, w)) * rng.choice([1.0, 0.5, 0.25, 0.125], w)
+        yield c, _random_shares(rng, b, w, allow_zero=True)
+
+
+# ---------------------------------------------------------------- exactness
+@pytest.mark.parametrize("method", ["auto", "cycles", "mcf"])
+def test_optimal_total_equals_brute_force(method):
+    for c, shares in _instances(1, 120):
+        d = OptimalDispatcher("total", method=method)
+        r = d.assign(torch.from_numpy(c), shares)
+        assert r.objective == pytest.approx(_brute(c, shares, "total"), abs=1e-9)
+        assert r.info["lower_bound"] <= r.objective + 1e-9 if "lower_bound" in r.info else True
+
+
+def test_optimal_makespan_equals_brute_force():
+    milp_used = 0
+    for c, shares in _instances(2, 80):
+        r = OptimalDispatcher("makespan").assign(torch.from_numpy(c), shares)
+        assert r.objective == pytest.approx(_brute(c, shares, "makespan"), rel=1e-6, abs=1e-9)
+        milp_used += int(r.info.get("milp_ran", 0))
+    assert milp_used > 0  # the MILP path is exercised, not only the certificate
+
+
+def test_makespan_milp_alone_matches_brute_force():
+    from torchrec_esd.dispatch.optimal import makespan_milp
+
+    for c, shares in _instances(3, 25):
+        shares_pos = [s for s in shares if s > 0]
+        cols = [j for j, s in enumerate(shares) if s > 0]
+        cc = np.ascontiguousarray(c[:, cols])
+        a, info = makespan_milp(cc, shares_pos, time_limit_s=10)
+        assert a is not None and info["proven_optimal"] == 1.0
+        loads = np.bincount(a, weights=cc[np.arange(len(a)), a], minlength=len(cols))
+        assert loads.max() == pytest.approx(_brute(cc, shares_pos, "makespan"), rel=1e-6, abs=1e-9)
+
+
+def test_cycle_cancelling_certificate_on_medium_instance():
+    rng = np.random.default_rng(4)
+    b, w = 600, 6
+    c = rng.integers(0, 20, (b, w)) * (1.0 / np.array([1, 2, 4, 8, 1, 2]))
+    shares = [100] * 6
+    start = greedy_rounds(c, shares)
+    a, phi, iters, tol = cancel_negative_cycles(c, start, max_iters=10_000)
+    assert phi is not None and iters > 0
+    ref, _ = mcf_total(c, shares)
+    v = c[np.arange(b), a].sum()
+    assert v == pytest.approx(c[np.arange(b), ref].sum(), abs=1e-9)
+    # the potentials certify optimality: dual bound == cost
+    assert dual_value(c, shares, phi) >= v - b * tol - 1e-9
+    check_assignment(torch.from_numpy(a), shares)
+
+
+def test_mcf_rounding_bound_reported_and_tiny():
+    rng = np.random.default_rng(5)
+    c = rng.random((200, 4)) * 1e-3
+    a, info = mcf_total(c, [50] * 4)
+    assert 0 < info["rounding_bound_s"] < 1e-9 * c.sum()
+
+
+def test_group_rows_and_expand_roundtrip():
+    rng = np.random.default_rng(6)
+    c = rng.integers(0, 3, (50, 3)).astype(np.float64)
+    rows, inv, counts = group_rows(c)
+    assert rows.shape[0] < 50 and counts.sum() == 50
+    np.testing.assert_array_equal(rows[inv], c)
+    assert len({tuple(r) for r in rows}) == rows.shape[0]  # groups are distinct
+    flows = np.zeros((rows.shape[0], 3), dtype=np.int64)
+    flows[:, 0] = counts // 2
+    flows[:, 2] = counts - counts // 2
+    a = expand_group_flows(inv, counts, flows)
+    for g in range(rows.shape[0]):
+        got = np.bincount(a[inv == g], minlength=3)
+        np.testing.assert_array_equal(got, flows[g])
+
+
+# ---------------------------------------------------------------- bounds
+def test_lower_bounds_below_optimum_and_tight_with_prices():
+    for c, shares in _instances(7, 60):
+        shares_pos = [s for s in shares if s > 0]
+        cols = [j for j, s in enumerate(shares) if s > 0]
+        cc = np.ascontiguousarray(c[:, cols])
+        opt_t = _brute(cc, shares_pos, "total")
+        opt_m = _brute(cc, shares_pos, "makespan")
+        lb, u = transport_lower_bound(cc, shares_pos)
+        assert lb <= opt_t + 1e-9
+        assert lb >= cc.min(axis=1).sum() - 1e-12  # never worse than the row minimum
+        assert makespan_lower_bound(cc, shares_pos) <= opt_m + 1e-9
+        assert proven_lower_bound(torch.from_numpy(c), shares) <= opt_t + 1e-9
+        assert proven_lower_bound(torch.from_numpy(c), shares, "makespan") <= opt_m + 1e-9
+
+
+def test_dual_bound_beats_row_minimum_on_heterogeneous_links():
+    rng = np.random.default_rng(8)
+    c = rng.integers(1, 10, (400, 4)) / np.array([1.0, 2.0, 4.0, 8.0])
+    shares = [100] * 4
+    lb, _ = transport_lower_bound(c, shares)
+    opt = c[np.arange(400), mcf_total(c, shares)[0]].sum()
+    row_min = c.min(axis=1).sum()
+    assert row_min < 0.6 * opt  # everyone wants the fast link: trivial bound is weak
+    assert lb > 0.99 * opt
+
+
+# ---------------------------------------------------------------- validity
+def _check_valid(r, shares, b):
+    a = r.assignment
+    assert a.dtype == torch.int64 and a.shape == (b,)
+    assert torch.bincount(a, minlength=len(shares)).tolist() == list(shares)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("objective", ["total", "makespan"])
+def test_every_solver_valid_on_random_and_degenerate(name, objective):
+    rng = np.random.default_rng(9)
+    cases = []
+    for b, w in [(1, 1), (1, 3), (7, 3), (64, 4), (257, 5)]:
+        cases.append((rng.random((b, w)), _random_shares(rng, b, w, allow_zero=True)))
+    cases.append((np.ones((40, 4)), [10] * 4))  # all costs equal
+    cases.append((np.zeros((40, 4)), [0, 20, 0, 20]))  # zero shares
+    c = rng.random((30, 3))
+    c[:, 1] = np.inf  # unreachable worker with share 0
+    cases.append((c, [15, 0, 15]))
+    c = rng.random((50, 4))  # every sample prefers worker 0 by far
+    c[:, 0] = 0.0
+    c[:, 1:] = 1e6
+    cases.append((c, [5, 15, 15, 15]))
+    cases.append((rng.random((30, 3)) * 1e-12, [10, 10, 10]))  # tiny magnitudes
+    cases.append((rng.random((30, 3)) * 1e9, [10, 10, 10]))  # huge magnitudes
+    cases.append((rng.random((30, 3)) - 0.5, [10, 10, 10]))  # negative costs
+    for c, shares in cases:
+        kw = {"objective": objective}
+        if name == "optimal":
+            kw["time_limit_s"] = 0.5  # continuous random makespan MILPs may not close
+        r = _assign(name, torch.from_numpy(c), shares, **kw)
+        _check_valid(r, shares, c.shape[0])
+        assert math.isfinite(r.objective)
+        assert r.decision_s >= 0
+        if 0 in shares:
+            for j, s in enumerate(shares):
+                if s == 0:
+                    assert not bool((r.assignment == j).any())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inf_worker_with_positive_share_is_an_error(name):
+    c = torch.rand(12, 3, dtype=torch.float64)
+    c[:, 2] = math.inf
+    with pytest.raises(DispatchError, match="worker 2"):
+        _assign(name, c, [4, 4, 4])
+    c[0, 0] = math.nan
+    with pytest.raises(DispatchError, match="NaN"):
+        _assign(name, c, [6, 6, 0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_shares_are_errors(name):
+    c = torch.rand(6, 2, dtype=torch.float64)
+    with pytest.raises(DispatchError):
+        _assign(name, c, [3, 2])
+    with pytest.raises(DispatchError):
+        _assign(name, c, [7, -1])
+    with pytest.raises(DispatchError):
+        _assign(name, c, [6])
+
+
+def test_unknown_dispatcher_and_objective():
+    with pytest.raises(DispatchError, match="unknown dispatcher"):
+        make_dispatcher("fastest")
+    for name in NAMES:
+        with pytest.raises(DispatchError):
+            make_dispatcher(name, objective="latency")
+
+
+def test_solvers_never_beat_optimum_and_heuristic_is_close():
+    rng = np.random.default_rng(10)
+    for _ in range(10):
+        b, w = 256, 4
+        c = rng.integers(0, 26, (b, w)) * (5e-4 / np.array([1, 2, 4, 8]))
+        ct = torch.from_numpy(c)
+        shares = [64] * 4
+        opt = make_dispatcher("optimal").assign(ct, shares).objective
+        for name in NAMES:
+            v = _assign(name, ct, shares).objective
+            assert v >= opt - 1e-9
+        h = make_dispatcher("heuristic").assign(ct, shares).objective
+        assert h <= opt * 1.03
+        hb = make_dispatcher("hybrid", time_budget_ms=1000).assign(ct, shares)
+        assert hb.objective == pytest.approx(opt, rel=1e-9)
+
+
+def test_makespan_heuristic_close_and_bounds_hold():
+    rng = np.random.default_rng(11)
+    c = rng.integers(0, 26, (512, 4)) * (5e-4 / np.array([1, 2, 4, 8]))
+    shares = [128] * 4
+    a, info = makespan_heuristic(c, shares)
+    check_assignment(torch.from_numpy(a), shares)
+    v = np.bincount(a, weights=c[np.arange(512), a], minlength=4).max()
+    assert info["lower_bound"] <= v + 1e-12
+    lb = makespan_lower_bound(c, shares)
+    assert lb <= v + 1e-12 and v <= 1.03 * lb
+    # makespan-aware beats the total-optimal assignment on the makespan
+    at, _ = solve_total(c, shares)
+    vt = np.bincount(at, weights=c[np.arange(512), at], minlength=4).max()
+    assert v <= vt + 1e-12
+
+
+# ---------------------------------------------------------------- baselines
+def test_round_robin_is_contiguous_slices():
+    r = make_dispatcher("round_robin").assign(torch.rand(10, 3, dtype=torch.float64), [3, 3, 4])
+    assert r.assignment.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]
+    r = make_dispatcher("round_robin").assign(torch.rand(5, 3, dtype=torch.float64), [2, 0, 3])
+    assert r.assignment.tolist() == [0, 0, 2, 2, 2]
+
+
+def test_random_is_seeded_and_varies_per_batch():
+    c = torch.rand(40, 4, dtype=torch.float64)
+    d1, d2 = make_dispatcher("random", seed=3), make_dispatcher("random", seed=3)
+    a1, a2 = d1.assign(c, [10] * 4).assignment, d2.assign(c, [10] * 4).assignment
+    assert torch.equal(a1, a2)
+    assert not torch.equal(d1.assign(c, [10] * 4).assignment, a1)
+
+
+def test_laia_follows_hits_and_ignores_bandwidth():
+    b = 8
+    hits = torch.zeros(b, 2, dtype=torch.float64)
+    hits[:4, 0] = 3  # samples 0-3 cached on worker 0
+    hits[4:, 1] = 2
+    # worker 1 is far cheaper for everything (fast link): LAIA does not care
+    cost = torch.stack([torch.full((b,), 10.0), torch.full((b,), 1.0)], 1).double()
+    r = make_dispatcher("laia").assign(cost, [4, 4], aux={"hits": hits})
+    assert r.assignment.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    # capacity: everyone wants worker 0, earliest samples win
+    hits = torch.zeros(b, 2, dtype=torch.float64)
+    hits[:, 0] = 1
+    r = make_dispatcher("laia").assign(cost, [3, 5], aux={"hits": hits})
+    assert r.assignment.tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+    with pytest.raises(DispatchError, match="hit"):
+        make_dispatcher("laia").assign(cost, [4, 4])
+    with pytest.raises(DispatchError, match="shape"):
+        make_dispatcher("laia").assign(cost, [4, 4], aux={"hits": hits[:3]})
+
+
+def test_regret_greedy_places_high_regret_first():
+    # two samples want worker 0 (room 1): the one that loses more gets it
+    c = np.array([[0.0, 1.0], [0.0, 5.0]])
+    assert greedy_rounds(c, [1, 1]).tolist() == [1, 0]
+    a, info = total_heuristic(c, [1, 1], improve_sweeps=0, price_sweeps=0)
+    assert a.tolist() == [1, 0]
+
+
+# ---------------------------------------------------------------- hybrid
+def _esd_like(rng, b, w):
+    return rng.integers(0, 26, (b, w)) * (5e-4 / np.tile([1, 2, 4, 8], w // 4 + 1)[:w])
+
+
+def test_hybrid_runs_exact_when_gap_and_budget_allow():
+    rng = np.random.default_rng(12)
+    c = torch.from_numpy(_esd_like(rng, 512, 8))
+    shares = [64] * 8
+    opt = make_dispatcher("optimal").assign(c, shares).objective
+    h = HybridDis(time_budget_ms=2000, gap_threshold=0.0)
+    r = h.assign(c, shares)
+    assert r.solver == "hybrid:optimal"
+    assert r.info["exact_ran"] == 1.0 and r.info["exact_certified"] == 1.0
+    assert r.objective == pytest.approx(opt, rel=1e-12)
+    assert r.info["heuristic_cost"] >= r.objective - 1e-12
+    assert r.info["lower_bound"] <= r.objective + 1e-9
+    assert r.info["gap"] == pytest.approx(0.0, abs=1e-9)
+    assert len(h.history) == 1  # the time model learned from the solve
+
+
+def test_hybrid_skips_exact_when_budget_too_small_or_gap_small():
+    rng = np.random.default_rng(13)
+    c = torch.from_numpy(_esd_like(rng, 512, 8))
+    shares = [64] * 8
+    tiny = HybridDis(time_budget_ms=1e-3)
+    r = tiny.assign(c, shares)
+    assert r.solver == "hybrid:heuristic" and r.info["exact_ran"] == 0.0
+    assert r.info["predicted_exact_s"] > 1e-6
+    loose = HybridDis(time_budget_ms=5000, gap_threshold=10.0)
+    r = loose.assign(c, shares)
+    assert r.solver == "hybrid:heuristic"
+    assert r.info["gap_heuristic"] <= 10.0
+
+
+def test_hybrid_cpu_budget_limits_exact_runs():
+    rng = np.random.default_rng(14)
+    shares = [32] * 8
+    h = HybridDis(time_budget_ms=200, cpu_budget=0.01, gap_threshold=0.0, burst=1.0,
+                  prior_s_per_cell=1e-5)  # predicted 2.6 ms > credit 2 ms
+    runs = 0
+    for _ in range(5):
+        c = torch.from_numpy(_esd_like(rng, 256, 8))
+        runs += int(h.assign(c, shares).info["exact_ran"])
+    assert runs == 0
+    h = HybridDis(time_budget_ms=200, cpu_budget=1.0, gap_threshold=0.0)
+    runs = sum(
+        int(h.assign(torch.from_numpy(_esd_like(rng, 256, 8)), shares).info["exact_ran"])
+        for _ in range(3)
+    )
+    assert runs >= 1
+
+
+def test_hybrid_makespan():
+    rng = np.random.default_rng(15)
+    c = torch.from_numpy(_esd_like(rng, 256, 4))
+    shares = [64] * 4
+    r = HybridDis(time_budget_ms=3000, objective="makespan").assign(c, shares)
+    ref = OptimalDispatcher("makespan").assign(c, shares)
+    assert r.objective <= ref.objective * 1.01
+    assert r.info["lower_bound"] <= ref.objective + 1e-9
+
+
+def test_objective_value_helper():
+    c = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=torch.float64)
+    a = torch.tensor([0, 1, 1])
+    assert objective_value(c, a, "total") == 11.0
+    assert objective_value(c, a, "makespan") == 10.0

@@ -1,0 +1,450 @@
+"""Expected embedding transmission cost of dispatching a sample to a worker.
+
+Given the dispatcher's mirror of every worker's cache (one
+:class:`TableCacheView` per worker and table) and each worker's link, the cost
+matrix ``c[s, w]`` (float64 seconds, ``[B, W]``) is the link time that putting
+sample ``s`` on worker ``w`` is expected to cause.  Per distinct row id ``x`` of
+the sample (``rt_w = row_bytes / bytes_per_second_w``, ``row_bytes =
+embedding_dim * value_bytes + optimizer_state_bytes_per_row``):
+
+* cached on ``w`` and fresh: ``0``;
+* cached on ``w`` but outdated: ``rt_w`` (**update-pull**);
+* not cached on ``w``: ``rt_w`` (**miss-pull**) plus the expected
+  **miss-push** of the row it evicts: if ``w``'s cache of the table is full
+  (``len(ids) >= capacity``), the fraction of dirty rows in it times ``rt_w``;
+* in every case, if another worker ``w'`` holds ``x`` dirty (the only
+  up-to-date copy), ``+ rt_{w'}``: ``w'`` must **update-push** it first.
+
+The matrix is additive over the DISTINCT keys of each sample (an id used twice
+in one bag counts once); an id shared by two samples placed on the same worker
+is counted for both, and latency (a per-message constant) is not in it.
+:meth:`CostModel.measure` gives the true, de-duplicated cost of an assignment.
+
+Computation.  The C++ operators of :mod:`torchrec_esd.ops` do the per-sample
+work: one :func:`~torchrec_esd.ops.id_table_build` over the batch's distinct
+global row keys, one :func:`~torchrec_esd.ops.id_table_lookup` per worker of
+its cached keys into that table (to read the cache state of every batch key),
+and one :func:`~torchrec_esd.ops.sample_cost_matrix` that sums, per sample and
+worker, the weights of the sample's distinct keys.  Every batch key is in the
+(shared) table, so the per-worker weight vectors carry the full per-key cost
+(fresh / outdated / miss + expected miss-push, + dirty-elsewhere push) and
+``miss_weight`` is never used: unlike a per-worker scalar miss weight, this is
+exact when tables differ in row size or in the dirty fraction of their cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_esd import ops
+from torchrec_esd.config import EsdConfig
+
+KINDS = ("miss_pull", "miss_push", "update_pull", "update_push")
+
+
+@dataclass
+class TableCacheView:
+    """One worker's cache of one table (a snapshot of the cache mirror).
+
+    Attributes:
+        ids: distinct cached row ids of the table (int64 ``[M]``).
+        outdated: the cached copy is older than the latest value and needs an
+            update-pull before use (bool ``[M]``).
+        dirty: this worker holds the only up-to-date copy; the PS is stale
+            (bool ``[M]``).
+        capacity: cache capacity in rows.
+    """
+
+    ids: torch.Tensor
+    outdated: torch.Tensor
+    dirty: torch.Tensor
+    capacity: int
+
+    def __post_init__(self) -> None:
+        m = self.ids.numel()
+        if self.outdated.numel() != m or self.dirty.numel() != m:
+            raise ValueError(
+                f"TableCacheView: ids ({m}), outdated ({self.outdated.numel()}) and dirty"
+                f" ({self.dirty.numel()}) must have the same length"
+            )
+        if m > self.capacity:
+            raise ValueError(f"TableCacheView: {m} cached ids exceed the capacity {self.capacity}")
+
+
+WorkerCacheView = Dict[str, TableCacheView]
+
+
+@dataclass
+class _BatchState:
+    keys: torch.Tensor  # [N] sample-major global row keys
+    offsets: torch.Tensor  # [B+1]
+    uniq: torch.Tensor  # [U] distinct keys of the batch (sorted)
+    slots: torch.Tensor  # id table of uniq
+    table_of: torch.Tensor  # [U] table index of every distinct key
+    cached: torch.Tensor  # [W, U] bool
+    outdated: torch.Tensor  # [W, U] bool (only meaningful where cached)
+    dirty: torch.Tensor  # [W, U] bool
+    occupied: Optional[torch.Tensor] = None  # [W, T] cached rows
+    ndirty: Optional[torch.Tensor] = None  # [W, T] dirty cached rows
+    cap: Optional[torch.Tensor] = None  # [W, T] capacity
+
+
+class CostModel:
+    """Cost matrix and measured cost of dispatching a global batch.
+
+    Args:
+        config: topology (links of every worker, cache capacities).
+        tables: the embedding tables; a KJT feature maps to the table listing
+            it in ``feature_names``.  Global row key of id ``i`` of table ``t``
+            is ``row_offset[t] + i`` (tables in the given order).
+        value_bytes: bytes per embedding value (4 for fp32).
+        optimizer_state_bytes_per_row: optimizer state moved with every row.
+    """
+
+    def __init__(
+        self,
+        config: EsdConfig,
+        tables: Sequence[EmbeddingBagConfig],
+        value_bytes: int = 4,
+        optimizer_state_bytes_per_row: int = 0,
+    ) -> None:
+        if value_bytes <= 0:
+            raise ValueError(f"value_bytes must be > 0, got {value_bytes}")
+        if optimizer_state_bytes_per_row < 0:
+            raise ValueError(
+                f"optimizer_state_bytes_per_row must be >= 0, got {optimizer_state_bytes_per_row}"
+            )
+        self.config = config
+        self.tables = list(tables)
+        if not self.tables:
+            raise ValueError("CostModel needs at least one embedding table")
+        self.num_workers = config.num_workers
+        self.table_names = [t.name for t in self.tables]
+        self.table_index = {t.name: i for i, t in enumerate(self.tables)}
+        if len(self.table_index) != len(self.tables):
+            raise ValueError("CostModel: two tables have the same name")
+        self.table_rows = torch.tensor([t.num_embeddings for t in self.tables], dtype=torch.int64)
+        self.row_offset = torch.zeros(len(self.tables) + 1, dtype=torch.int64)
+        self.row_offset[1:] = torch.cumsum(self.table_rows, 0)
+        self.feature_table: Dict[str, int] = {}
+        for i, t in enumerate(self.tables):
+            for f in t.feature_names:
+                if f in self.feature_table:
+                    raise ValueError(f"feature {f!r} is mapped to two tables")
+                self.feature_table[f] = i
+        self.row_bytes = torch.tensor(
+            [t.embedding_dim * value_bytes + optimizer_state_bytes_per_row for t in self.tables],
+            dtype=torch.float64,
+        )
+        bps = torch.tensor([w.bytes_per_second for w in config.workers], dtype=torch.float64)
+        # rt[w, t]: seconds to move one row of table t over worker w's link
+        self.row_time = self.row_bytes.view(1, -1) / bps.view(-1, 1)
+        self.capacity = torch.tensor(
+            [[w.cache_rows_for(n) for n in self.table_names] for w in config.workers],
+            dtype=torch.int64,
+        )
+
+    # ------------------------------------------------------------------ keys
+    def row_keys(self, kjt: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Sample-major global row keys of a batch and their per-sample offsets.
+
+        ``keys[offsets[s]:offsets[s+1]]`` are the keys of sample ``s``, feature
+        by feature in ``kjt.keys()`` order; key = ``row_offset[table] + id``.
+        """
+        feats = list(kjt.keys())
+        nf = len(feats)
+        b = kjt.stride()
+        lengths = kjt.lengths().view(nf, b).to(torch.int64) if nf else torch.zeros(0, b, dtype=torch.int64)
+        values = kjt.values().to(torch.int64)
+        tidx = []
+        for f in feats:
+            if f not in self.feature_table:
+                raise ValueError(
+                    f"KJT feature {f!r} has no embedding table (tables cover"
+                    f" {sorted(self.feature_table)})"
+                )
+            tidx.append(self.feature_table[f])
+        if values.numel() == 0:
+            return values.new_zeros(0), torch.zeros(b + 1, dtype=torch.int64)
+        tidx_t = torch.tensor(tidx, dtype=torch.int64)
+        l0 = int(lengths[0, 0])
+        if bool((lengths == l0).all()):
+            # fixed bag size (e.g. one-hot Criteo): a reshape, no gather
+            vals = values.view(nf, b, l0)
+            rows = self.table_rows[tidx_t].view(nf, 1, 1)
+            bad = (vals < 0) | (vals >= rows)
+            if bool(bad.any()):
+                f, _, _ = (int(x) for x in bad.nonzero()[0])
+                i = int(bad.view(-1).nonzero()[0])
+                self._bad_id(feats[f], int(tidx_t[f]), int(values[i]))
+            keys = (vals + self.row_offset[tidx_t].view(nf, 1, 1)).permute(1, 0, 2).reshape(-1)
+            offsets = torch.arange(0, (b + 1) * nf * l0, nf * l0, dtype=torch.int64)
+            return keys, offsets
+        per_feat = lengths.sum(1)
+        feat_of = torch.repeat_interleave(torch.arange(nf), per_feat)
+        t_of = tidx_t[feat_of]
+        bad = (values < 0) | (values >= self.table_rows[t_of])
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            self._bad_id(feats[int(feat_of[i])], int(t_of[i]), int(values[i]))
+        gkeys = values + self.row_offset[t_of]
+        # feature-major bags (f, s) -> sample-major bags (s, f), without a sort
+        flat_fm = lengths.reshape(-1)
+        start_fm = torch.cumsum(flat_fm, 0) - flat_fm
+        flat_sm = lengths.t().reshape(-1)
+        start_sm = (torch.cumsum(flat_sm, 0) - flat_sm).view(b, nf).t().reshape(-1)
+        bag = torch.repeat_interleave(torch.arange(nf * b), flat_fm)
+        dest = start_sm[bag] + (torch.arange(values.numel()) - start_fm[bag])
+        keys = torch.empty_like(gkeys)
+        keys[dest] = gkeys
+        offsets = torch.zeros(b + 1, dtype=torch.int64)
+        offsets[1:] = torch.cumsum(lengths.sum(0), 0)
+        return keys, offsets
+
+    def _bad_id(self, feature: str, table: int, value: int) -> None:
+        t = self.tables[table]
+        raise ValueError(
+            f"feature {feature!r}: id {value} is outside table {t.name!r}"
+            f" of {t.num_embeddings} rows"
+        )
+
+    # --------------------------------------------------------------- state
+    def _check_views(self, views: Sequence[WorkerCacheView]) -> None:
+        if len(views) != self.num_workers:
+            raise ValueError(f"{len(views)} cache views for {self.num_workers} workers")
+
+    def _flatten_views(self, views: Sequence[WorkerCacheView]):
+        """All cached keys of all workers at once: ``(global keys, worker,
+        outdated, dirty)`` per cached row, plus per ``(worker, table)``: rows
+        cached, dirty rows, capacity."""
+        self._check_views(views)
+        W, T = self.num_workers, len(self.tables)
+        ids, od, dt, seg_w, seg_t, seg_n = [], [], [], [], [], []
+        cap = self.capacity.clone()
+        for w, view in enumerate(views):
+            for name, v in view.items():
+                t = self.table_index.get(name)
+                if t is None:
+                    raise ValueError(f"worker {w}: cache view names unknown table {name!r}")
+                ids.append(v.ids.view(-1))
+                od.append(v.outdated.view(-1))
+                dt.append(v.dirty.view(-1))
+                seg_w.append(w)
+                seg_t.append(t)
+                seg_n.append(v.ids.numel())
+                cap[w, t] = int(v.capacity)
+        occupied = torch.zeros(W, T, dtype=torch.int64)
+        ndirty = torch.zeros(W, T, dtype=torch.int64)
+        if not ids:
+            e = torch.zeros(0, dtype=torch.int64)
+            return e, e, e.bool(), e.bool(), occupied, ndirty, cap
+        n = torch.tensor(seg_n, dtype=torch.int64)
+        sw = torch.tensor(seg_w, dtype=torch.int64)
+        stt = torch.tensor(seg_t, dtype=torch.int64)
+        flat_ids = torch.cat(ids).to(torch.int64)
+        dirty = torch.cat(dt).to(torch.bool)
+        outdated = torch.cat(od).to(torch.bool)
+        t_of = torch.repeat_interleave(stt, n)
+        w_of = torch.repeat_interleave(sw, n)
+        bad = (flat_ids < 0) | (flat_ids >= self.table_rows[t_of])
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(
+                f"worker {int(w_of[i])}: cached id {int(flat_ids[i])} is outside table"
+                f" {self.table_names[int(t_of[i])]!r}"
+            )
+        seg = sw * T + stt
+        occupied.view(-1).index_add_(0, seg, n)
+        seg_of = torch.repeat_interleave(seg, n)
+        ndirty.view(-1).index_add_(0, seg_of, dirty.to(torch.int64))
+        return flat_ids + self.row_offset[t_of], w_of, outdated, dirty, occupied, ndirty, cap
+
+    def _state(self, kjt: KeyedJaggedTensor, views: Sequence[WorkerCacheView]) -> _BatchState:
+        keys, offsets = self.row_keys(kjt)
+        ck, cw, cod, cdt, occupied, ndirty, cap = self._flatten_views(views)
+        uniq = torch.unique(keys)
+        slots = ops.id_table_build(uniq)
+        u = uniq.numel()
+        W = self.num_workers
+        table_of = torch.searchsorted(self.row_offset, uniq, right=True) - 1
+        cached = torch.zeros(W, u, dtype=torch.bool)
+        outdated = torch.zeros(W, u, dtype=torch.bool)
+        dirty = torch.zeros(W, u, dtype=torch.bool)
+        if ck.numel() and u:
+            idx = ops.id_table_lookup(slots, ck)
+            hit = (idx >= 0).nonzero().view(-1)
+            flat = cw[hit] * u + idx[hit]
+            cached.view(-1)[flat] = True
+            outdated.view(-1)[flat] = cod[hit]
+            dirty.view(-1)[flat] = cdt[hit]
+        st = _BatchState(keys, offsets, uniq, slots, table_of, cached, outdated, dirty)
+        st.occupied, st.ndirty, st.cap = occupied, ndirty, cap
+        return st
+
+    def _evict_fraction(self, st: _BatchState) -> torch.Tensor:
+        """[W, T]: dirty fraction of the cache where it is full, else 0."""
+        full = (st.occupied > 0) & (st.occupied >= st.cap)
+        frac = st.ndirty.double() / st.occupied.clamp(min=1).double()
+        return torch.where(full, frac, torch.zeros_like(frac))
+
+    def key_weights(self, st: _BatchState) -> torch.Tensor:
+        """[W, U] expected cost of every distinct batch key on every worker."""
+        rt = self.row_time[:, st.table_of]  # [W, U]
+        evict = (self._evict_fraction(st) * self.row_time)[:, st.table_of]
+        push_all = (st.dirty.double() * rt).sum(0, keepdim=True)
+        push_elsewhere = push_all - st.dirty.double() * rt
+        own = torch.where(st.cached, st.outdated.double() * rt, rt + evict)
+        return own + push_elsewhere
+
+    # --------------------------------------------------------------- matrix
+    def matrix(self, kjt: KeyedJaggedTensor, views: Sequence[WorkerCacheView]) -> torch.Tensor:
+        """Expected transmission cost ``c[s, w]`` (float64 seconds, ``[B, W]``)."""
+        st = self._state(kjt, views)
+        weights = self.key_weights(st)
+        return self._sum(st, [weights[w].contiguous() for w in range(self.num_workers)])
+
+    def hit_matrix(self, kjt: KeyedJaggedTensor, views: Sequence[WorkerCacheView]) -> torch.Tensor:
+        """``h[s, w]``: distinct ids of sample ``s`` cached on worker ``w``
+        (fresh or outdated), float64 ``[B, W]`` (what LAIA-style dispatch uses)."""
+        st = self._state(kjt, views)
+        return self._sum(st, [st.cached[w].double().contiguous() for w in range(self.num_workers)])
+
+    def _sum(self, st: _BatchState, weights: List[torch.Tensor]) -> torch.Tensor:
+        b = st.offsets.numel() - 1
+        if st.keys.numel() == 0:
+            return torch.zeros(b, self.num_workers, dtype=torch.float64)
+        miss = torch.zeros(self.num_workers, dtype=torch.float64)
+        return ops.sample_cost_matrix(
+            st.keys, st.offsets, [st.slots] * self.num_workers, weights, miss
+        )
+
+    # --------------------------------------------------------------- measure
+    def measure(
+        self,
+        kjt: KeyedJaggedTensor,
+        assignment: torch.Tensor,
+        views: Sequence[WorkerCacheView],
+    ) -> Dict:
+        """True (de-duplicated) transmission of an assignment.
+
+        Per worker ``w`` and per table, over the DISTINCT ids its samples use:
+
+        * ``miss_pull``: ids not cached on ``w``;
+        * ``update_pull``: ids cached on ``w`` but outdated;
+        * ``miss_push``: dirty rows evicted to make room for the misses.  The
+          number of evictions is exact (``misses - free slots``, at most the
+          cached rows ``w`` does not use this iteration); which rows are evicted
+          depends on the LRU/LFU order, which a view does not carry, so the
+          dirty share among them is the expected one (dirty unused rows /
+          unused rows; exact when every unused row is evicted);
+        * ``update_push`` (on the pushing worker's link): a dirty row of ``w``
+          that another worker uses this iteration (pushed once), plus one
+          gradient push per using worker for ids used by more than one worker
+          (synchronous, staleness-0 semantics), plus the gradients of ids that
+          find no cache slot (misses beyond the capacity stay transient: the
+          smallest ids get the slots, as in :class:`~torchrec_esd.cache.CacheDirectory`).
+
+        Link seconds of a kind = ``bytes / bandwidth + latency`` if at least one
+        row moves (one message per worker and kind).  Returns ``{"per_worker":
+        [{kind: {"rows", "bytes", "seconds"}, "rows", "bytes", "seconds"}],
+        "per_kind": {kind: {"rows", "bytes", "seconds"}}, "link_s": [W],
+        "rows", "bytes", "total_s", "makespan_s"}``.
+        """
+        st = self._state(kjt, views)
+        W = self.num_workers
+        b = st.offsets.numel() - 1
+        assignment = torch.as_tensor(assignment, dtype=torch.int64).view(-1)
+        if assignment.numel() != b:
+            raise ValueError(f"assignment has {assignment.numel()} entries for {b} samples")
+        if b and (int(assignment.min()) < 0 or int(assignment.max()) >= W):
+            raise ValueError(f"assignment names a worker outside [0, {W})")
+        T = len(self.tables)
+        u = st.uniq.numel()
+        used = torch.zeros(W, u, dtype=torch.bool)
+        if st.keys.numel():
+            owner = torch.repeat_interleave(assignment, st.offsets[1:] - st.offsets[:-1])
+            uk, ug, _ = ops.unique_keys_per_group(st.keys, owner, W)
+            pos = ops.id_table_lookup(st.slots, uk)
+            used[ug, pos] = True
+        users = used.sum(0)  # [U]
+        cached = st.cached
+        tab = st.table_of.view(1, -1).expand(W, -1)
+        flat_seg = (torch.arange(W).view(-1, 1) * T + tab).reshape(-1)
+
+        def per_wt(mask: torch.Tensor) -> torch.Tensor:
+            """[W, U] bool -> [W, T] counts."""
+            return torch.bincount(flat_seg[mask.reshape(-1)], minlength=W * T).view(W, T).double()
+
+        miss = used & ~cached
+        rows = {
+            "miss_pull": per_wt(miss),
+            "update_pull": per_wt(used & cached & st.outdated),
+            # a dirty copy that another worker uses is pushed first (once) ...
+            # ... and every id with more than one user gets one gradient push per user
+            "update_push": per_wt(st.dirty & ((users.view(1, -1) - used.long()) > 0))
+            + per_wt(used & (users.view(1, -1) > 1)),
+            "miss_push": torch.zeros(W, T, dtype=torch.float64),
+        }
+        # evictions: misses beyond the free slots evict rows w does not use
+        n_miss = rows["miss_pull"]
+        occupied = st.occupied.double()
+        free = (st.cap.double() - occupied).clamp(min=0)
+        unpinned = occupied - per_wt(used & cached)
+        k = torch.minimum((n_miss - free).clamp(min=0), unpinned)
+        dirty_unused = st.ndirty.double() - per_wt(st.dirty & (users.view(1, -1) > 0))
+        rows["miss_push"] = torch.where(
+            unpinned > 0, k * dirty_unused / unpinned.clamp(min=1), torch.zeros_like(k)
+        )
+        # misses beyond the slots stay transient (smallest ids get the slots) and
+        # their gradient goes to the PS (if not already counted as shared)
+        n_slot = free + k
+        if u:
+            cs = torch.cumsum(miss.long(), 1)  # [W, U]
+            tstart = torch.searchsorted(st.uniq, self.row_offset[:-1])  # [T]
+            before = torch.where(
+                tstart.view(1, -1) > 0,
+                cs[:, (tstart - 1).clamp(min=0)],
+                torch.zeros(W, T, dtype=torch.long),
+            )
+            rank = cs - torch.gather(before, 1, tab)  # 1-based rank of a miss in its (w, t)
+            slots_wt = torch.gather(n_slot, 1, tab)
+            transient = miss & (rank.double() > slots_wt) & (users.view(1, -1) == 1)
+            rows["update_push"] = rows["update_push"] + per_wt(transient)
+        return self._summarize(rows)
+
+    def _summarize(self, rows: Dict[str, torch.Tensor]) -> Dict:
+        W = self.num_workers
+        per_worker = []
+        per_kind = {k: {"rows": 0.0, "bytes": 0.0, "seconds": 0.0} for k in KINDS}
+        link = []
+        for w, spec in enumerate(self.config.workers):
+            d: Dict = {}
+            tot_rows = tot_bytes = tot_s = 0.0
+            for k in KINDS:
+                r = float(rows[k][w].sum())
+                by = float((rows[k][w] * self.row_bytes).sum())
+                s = spec.link_time(by, 1.0) if r > 0 else 0.0
+                d[k] = {"rows": r, "bytes": by, "seconds": s}
+                per_kind[k]["rows"] += r
+                per_kind[k]["bytes"] += by
+                per_kind[k]["seconds"] += s
+                tot_rows += r
+                tot_bytes += by
+                tot_s += s
+            d.update(rows=tot_rows, bytes=tot_bytes, seconds=tot_s)
+            per_worker.append(d)
+            link.append(tot_s)
+        return {
+            "per_worker": per_worker,
+            "per_kind": per_kind,
+            "link_s": link,
+            "rows": sum(p["rows"] for p in per_worker),
+            "bytes": sum(p["bytes"] for p in per_worker),
+            "total_s": float(sum(link)),
+            "makespan_s": float(max(link)) if W else 0.0,
+        }
