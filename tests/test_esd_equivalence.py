@@ -25,13 +25,13 @@ def _assert_close_rel(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float =
     assert err <= rtol * scale, f"{what}: max abs diff {err:.3g} > {rtol} x {scale:.3g}"
 
 
-def _compare(W, shares, dispatcher, optimizer, mode, bandwidths):
+def _compare(W, shares, dispatcher, optimizer, mode, bandwidths, **esd_kwargs):
     common = dict(steps=STEPS, global_batch=BATCH, workload=WORKLOAD, collect_tables=True,
                   sparse_optimizer=optimizer, sparse_lr=0.1, dense_lr=0.1)
     vanilla = run_local_world(run, W, JobConfig(method="vanilla", **common))
     cfg = EsdConfig([WorkerSpec(CACHE, bw, share=s) for bw, s in zip(bandwidths, shares)])
     esd = run_local_world(
-        run, W + 1, JobConfig(method="esd", esd=cfg, dispatcher=dispatcher, input_mode=mode, **common)
+        run, W + 1, JobConfig(method="esd", esd=cfg, dispatcher=dispatcher, input_mode=mode, **esd_kwargs, **common)
     )
     v, e = vanilla[0], esd[0]
     assert esd[W] == {"role": "ps"}
@@ -60,8 +60,11 @@ def test_equivalence_two_workers_sgd_local_batches():
     _compare(2, [1, 1], "heuristic", "sgd", "local", [1.0, 8.0])
 
 
-def test_equivalence_four_workers_rowwise_adagrad_uneven_shares():
-    _, esd = _compare(4, [1, 2, 2, 3], "random", "rowwise_adagrad", "global", [1.0, 2.0, 4.0, 8.0])
+def test_equivalence_four_workers_rowwise_adagrad_uneven_shares_train_pipeline():
+    # driven by TorchRec's TrainPipelineSparseDist (input_dist run ahead)
+    _, esd = _compare(
+        4, [1, 2, 2, 3], "random", "rowwise_adagrad", "global", [1.0, 2.0, 4.0, 8.0], use_pipeline=True
+    )
     states = esd[0]["tables_state"]
     assert all(s.shape[1] == 1 and float(s.max()) > 0 for s in states.values())
 

@@ -32,6 +32,32 @@ def _tables_fingerprint(tables: Sequence[EmbeddingBagConfig]) -> List:
     ]
 
 
+_GROUPS: Dict[tuple, tuple] = {}
+
+
+def esd_process_groups(config: EsdConfig):
+    """(all-ranks gloo group, workers-only group) of ``config``'s topology.
+
+    Created once per process and reused by every runtime of the same
+    topology.  Group names come from a per-process counter, so call this on
+    every rank *before* anything that creates groups on a subset of ranks only
+    (e.g. a vanilla TorchRec job on the worker ranks in the same world).
+    """
+    key = (dist.get_world_size(), config.num_workers, config.collective_timeout_s)
+    if key not in _GROUPS:
+        if dist.get_world_size() != config.world_size:
+            raise EsdConfigError(
+                f"world size {dist.get_world_size()} does not match the ESD topology: "
+                f"{config.num_workers} workers + {config.num_ps} parameter servers = "
+                f"{config.world_size} ranks"
+            )
+        timeout = timedelta(seconds=config.collective_timeout_s)
+        all_group = dist.new_group(list(range(config.world_size)), timeout=timeout, backend="gloo")
+        worker_group = dist.new_group(list(range(config.num_workers)), timeout=timeout)
+        _GROUPS[key] = (all_group, worker_group)
+    return _GROUPS[key]
+
+
 class EsdRuntime:
     """Everything ESD keeps per rank.
 
@@ -63,10 +89,7 @@ class EsdRuntime:
                 f"{config.num_workers} workers + {config.num_ps} parameter servers = "
                 f"{config.world_size} ranks"
             )
-        timeout = timedelta(seconds=config.collective_timeout_s)
-        # every rank creates every group, in the same order
-        self.all_group = dist.new_group(list(range(self.world_size)), timeout=timeout, backend="gloo")
-        self.worker_group = dist.new_group(list(range(config.num_workers)), timeout=timeout)
+        self.all_group, self.worker_group = esd_process_groups(config)
         self._check_same_config_everywhere()
         self.routing = RowRouting(self.tables, config.num_ps)
         config.validate_tables({t.name: t.num_embeddings for t in self.tables})

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchrec.distributed.comm_ops import get_gradient_division
+from torchrec.distributed.embedding_sharding import KJTListSplitsAwaitable
+from torchrec.distributed.embedding_types import KJTList
 from torchrec.distributed.types import (
     Awaitable,
     EmbeddingModuleShardingPlan,
@@ -108,19 +110,23 @@ class ShardedEsdEmbeddingBagCollection(
     def create_context(self) -> EsdContext:
         return EsdContext()
 
-    def input_dist(self, ctx: EsdContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KeyedJaggedTensor]]:
-        return NoWait(NoWait(features))
+    def input_dist(self, ctx: EsdContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
+        # The samples were dispatched before the model (EsdInputDist): nothing
+        # moves here.  TorchRec's awaitable structure (one local "split") lets
+        # the train pipelines run it ahead like any other input dist.
+        return KJTListSplitsAwaitable([NoWait(NoWait(features))], ctx)
 
-    def compute(self, ctx: EsdContext, dist_input: KeyedJaggedTensor) -> KeyedTensor:
+    def compute(self, ctx: EsdContext, dist_input) -> KeyedTensor:
+        kjt = dist_input[0] if isinstance(dist_input, KJTList) else dist_input
         self._finish_pending_backward()
         plan = self._runtime.next_plan()
         ctx.plan = plan
-        return self._lookup(plan, dist_input)
+        return self._lookup(plan, kjt)
 
     def output_dist(self, ctx: EsdContext, output: KeyedTensor) -> LazyAwaitable[KeyedTensor]:
         return LazyNoWait(output)
 
-    def compute_and_output_dist(self, ctx: EsdContext, input: KeyedJaggedTensor) -> LazyAwaitable[KeyedTensor]:
+    def compute_and_output_dist(self, ctx: EsdContext, input) -> LazyAwaitable[KeyedTensor]:
         return self.output_dist(ctx, self.compute(ctx, input))
 
     def embedding_bag_configs(self):

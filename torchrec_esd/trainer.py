@@ -52,6 +52,7 @@ class JobConfig:
     input_mode: str = "global"
     collect_tables: bool = False  # return final tables (tests)
     progress: bool = False  # tqdm progress bar on rank 0
+    use_pipeline: bool = False  # ESD: drive steps with TorchRec's TrainPipelineSparseDist
     auc_steps: int = 10  # AUC over the predictions of the last steps
 
 
@@ -251,20 +252,40 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
             else:
                 yield workload.local_batch(step, job.global_batch, me, W)
 
-    for batch in batches():
-        local = dispatch(batch)
-        if dispatch.last_result is not None:
-            decisions.append(
-                {"solver": dispatch.last_result.solver, "ms": dispatch.last_result.decision_s * 1e3}
-            )
-        dense_opt.zero_grad()
-        loss, (_, logits, labels) = dmp(local)
-        loss.backward()
-        dense_opt.step()
+    def dispatched():
+        nonlocal samples_seen
+        for batch in batches():
+            local = dispatch(batch)
+            samples_seen += torch.bincount(dispatch.last_mine, minlength=job.global_batch)
+            if dispatch.last_result is not None:
+                decisions.append(
+                    {"solver": dispatch.last_result.solver, "ms": dispatch.last_result.decision_s * 1e3}
+                )
+            yield local
+
+    def record(loss, logits, labels):
         g = loss.detach().clone() / dispatch.loss_scale
         dist.all_reduce(g, group=runtime.worker_group)
         track.step(float(g) / job.global_batch, logits, labels)
-        samples_seen += torch.bincount(dispatch.last_mine, minlength=job.global_batch)
+
+    if job.use_pipeline:
+        # TorchRec's pipeline runs the ESD module's (local) input_dist of the
+        # next batch ahead; dispatch plans are queued in order, the PS phases
+        # run in compute and backward, so the pipelined result is the same.
+        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+        pipe = TrainPipelineSparseDist(dmp, dense_opt, torch.device("cpu"), execute_all_batches=True)
+        it = dispatched()
+        for _ in range(job.steps):
+            loss, logits, labels = pipe.progress(it)  # the model output's second element
+            record(loss, logits, labels)
+    else:
+        for local in dispatched():
+            dense_opt.zero_grad()
+            loss, (_, logits, labels) = dmp(local)
+            loss.backward()
+            dense_opt.step()
+            record(loss, logits, labels)
     elapsed = time.perf_counter() - t0
     runtime.flush()
     out = {
@@ -299,7 +320,12 @@ def run(job: JobConfig) -> Dict:
             raise EsdConfigError(
                 f"vanilla TorchRec needs the global batch {job.global_batch} divisible by {W} ranks"
             )
-        group = dist.group.WORLD if W == world else dist.new_group(list(range(W)))
+        if W == world:
+            group = dist.group.WORLD
+        else:  # the workers of an ESD world (its PS ranks idle meanwhile)
+            from torchrec_esd.runtime import esd_process_groups
+
+            group = esd_process_groups(job.esd)[1]
         if dist.get_rank() >= W:
             return {"role": "idle"}
         return _vanilla(job, workload, group)
