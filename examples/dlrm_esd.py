@@ -39,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--max-cardinality", type=int, default=20_000)
     p.add_argument("--alpha", type=float, default=1.1)
     p.add_argument("--dispatchers", default="hybrid", help="comma-separated: hybrid,optimal,heuristic,laia,random")
+    p.add_argument("--staleness", type=int, default=0, help="ESD staleness bound s (0 = synchronous)")
     p.add_argument("--sparse-optimizer", default="rowwise_adagrad", choices=["sgd", "rowwise_adagrad"])
     p.add_argument("--compare-vanilla", action="store_true")
     p.add_argument("--backend", default="gloo")
@@ -61,6 +62,7 @@ def main(argv=None) -> None:
     esd = EsdConfig(
         heterogeneous_workers([bws[i % len(bws)] for i in range(W)], cache, latency_ms=args.latency_ms),
         num_ps=args.num_ps,
+        staleness=args.staleness,
     )
     base = dict(
         steps=args.steps, global_batch=args.batch, embedding_dim=args.embedding_dim, workload=workload,

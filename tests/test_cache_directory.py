@@ -23,52 +23,40 @@ class VersionSimulator:
 
     def __init__(self, directory: CacheDirectory):
         self.d = directory
-        self.ps = {t.name: torch.zeros(t.num_embeddings, dtype=torch.int64) for t in directory.tables}
-        self.truth = {t.name: torch.zeros(t.num_embeddings, dtype=torch.int64) for t in directory.tables}
+        self.ps = torch.zeros(directory.total_rows, dtype=torch.int64)
+        self.truth = torch.zeros(directory.total_rows, dtype=torch.int64)
         self.cache = [
-            {t.name: torch.full((directory.state(w, t.name).capacity,), -99, dtype=torch.int64) for t in directory.tables}
+            torch.full((int(directory.capacity(w).sum()),), -99, dtype=torch.int64)
             for w in range(directory.num_workers)
         ]
         self.max_lag = 0
 
     def step(self, plan):
-        W = self.d.num_workers
         # phase 1: value pushes of all workers, then pulls
-        for w in range(W):
-            for name, tp in plan.tables[w].items():
-                self.ps[name][tp.push_ids] = self.cache[w][name][tp.push_slots]
-        read = []
-        for w in range(W):
-            vals = {}
-            for name, tp in plan.tables[w].items():
-                v = torch.full_like(tp.used_ids, -1)
-                inc = tp.used_slot >= 0
-                v[inc] = self.cache[w][name][tp.used_slot[inc]]
-                pulled = self.ps[name][tp.pull_ids]
-                v[tp.pull_pos] = pulled
-                dst = tp.used_slot[tp.pull_pos]
-                self.cache[w][name][dst[dst >= 0]] = pulled[dst >= 0]
-                lag = self.truth[name][tp.used_ids] - v
-                assert (lag >= 0).all(), "read a version from the future"
-                self.max_lag = max(self.max_lag, int(lag.max()) if lag.numel() else 0)
-                vals[name] = v
-            read.append(vals)
+        for w, p in enumerate(plan.workers):
+            self.ps[p.push_keys] = self.cache[w][p.push_slots]
+        for w, p in enumerate(plan.workers):
+            v = torch.full_like(p.used_keys, -1)
+            inc = p.used_slot >= 0
+            v[inc] = self.cache[w][p.used_slot[inc]]
+            pulled = self.ps[p.pull_keys]
+            v[p.pull_pos] = pulled
+            dst = p.used_slot[p.pull_pos]
+            self.cache[w][dst[dst >= 0]] = pulled[dst >= 0]
+            lag = self.truth[p.used_keys] - v
+            assert (lag >= 0).all(), "read a version from the future"
+            self.max_lag = max(self.max_lag, int(lag.max()) if lag.numel() else 0)
         # phase 2: local updates and gradient pushes; each used row gains one version
-        for name in self.truth:
-            used = torch.unique(torch.cat([plan.tables[w][name].used_ids for w in range(W)]))
-            new = self.truth[name][used] + 1
-            self.truth[name][used] = new
-            for w in range(W):
-                tp = plan.tables[w][name]
-                slots = tp.used_slot[tp.local_pos]
-                self.cache[w][name][slots] = self.truth[name][tp.used_ids[tp.local_pos]]
-                gids = tp.used_ids[tp.grad_pos]
-                self.ps[name][gids] = self.truth[name][gids]
+        used = torch.unique(torch.cat([p.used_keys for p in plan.workers]))
+        self.truth[used] += 1
+        for w, p in enumerate(plan.workers):
+            self.cache[w][p.used_slot[p.local_pos]] = self.truth[p.used_keys[p.local_pos]]
+            gk = p.used_keys[p.grad_pos]
+            self.ps[gk] = self.truth[gk]
 
     def flush(self):
-        for w, d in enumerate(self.d.flush_plan()):
-            for name, tp in d.items():
-                self.ps[name][tp.push_ids] = self.cache[w][name][tp.push_slots]
+        for w, p in enumerate(self.d.flush_plan()):
+            self.ps[p.push_keys] = self.cache[w][p.push_slots]
 
 
 def _run(staleness, policy, steps=25, seed=0, shares=(1, 1, 1)):
@@ -95,25 +83,22 @@ def _run(staleness, policy, steps=25, seed=0, shares=(1, 1, 1)):
 
 
 def _check_plan_invariants(d, plan):
-    for w in range(d.num_workers):
-        for name, tp in plan.tables[w].items():
-            st = d.state(w, name)
-            occ = st.ids[st.ids >= 0]
-            assert occ.numel() <= st.capacity
-            assert occ.unique().numel() == occ.numel(), "an id sits in two slots"
-            hits = tp.used_ids.numel() - tp.pull_pos.numel()
-            # counters add up: hits + misses + outdated re-pulls = lookups
-            assert hits + tp.rows["miss_pull"] + tp.rows["update_pull"] == tp.used_ids.numel()
-            assert tp.local_pos.numel() + tp.grad_pos.numel() == tp.used_ids.numel()
-            cached = tp.used_slot >= 0
-            assert torch.equal(st.ids[tp.used_slot[cached]], tp.used_ids[cached])
-    # one owner per dirty row
-    for name in d.table_rows:
-        owners = torch.zeros(d.table_rows[name], dtype=torch.int64)
-        for w in range(d.num_workers):
-            st = d.state(w, name)
-            owners[st.ids[st.dirty]] += 1
-        assert int(owners.max()) <= 1
+    owners = torch.zeros(d.total_rows, dtype=torch.int64)
+    for w, p in enumerate(plan.workers):
+        cached = d.cached_keys(w)
+        assert cached.unique().numel() == cached.numel(), "a row sits in two slots"
+        per_table = torch.bincount(d.table_of(cached), minlength=d.num_tables)
+        assert (per_table <= d.capacity(w)).all()
+        hits = p.used_keys.numel() - p.pull_pos.numel()
+        # counters add up: hits + misses + outdated re-pulls = lookups
+        assert hits + p.rows["miss_pull"] + p.rows["update_pull"] == p.used_keys.numel()
+        assert p.local_pos.numel() + p.grad_pos.numel() == p.used_keys.numel()
+        inc = p.used_slot >= 0
+        assert torch.equal(d.slot_of(w, p.used_keys[inc]), p.used_slot[inc])
+        # each slot holds rows of its own table only
+        assert torch.equal(d.slot_table(w)[p.used_slot[inc]], d.table_of(p.used_keys[inc]))
+        owners[d.dirty_keys(w)] += 1
+    assert int(owners.max()) <= 1, "a row is dirty in two caches"
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
@@ -121,9 +106,8 @@ def test_synchronous_plans_read_latest_and_lose_nothing(policy):
     d, sim = _run(staleness=0, policy=policy)
     assert sim.max_lag == 0
     sim.flush()
-    for name in sim.truth:
-        assert torch.equal(sim.ps[name], sim.truth[name]), f"lost updates in {name}"
-    assert all(not d.state(w, n).dirty.any() for w in range(3) for n in d.table_rows)
+    assert torch.equal(sim.ps, sim.truth), "lost updates"
+    assert all(d.dirty_keys(w).numel() == 0 for w in range(3))
 
 
 @pytest.mark.parametrize("s", [1, 3])
@@ -131,8 +115,7 @@ def test_bounded_staleness(s):
     d, sim = _run(staleness=s, policy="lru", steps=30, seed=2)
     assert 0 < sim.max_lag <= s
     sim.flush()
-    for name in sim.truth:
-        assert torch.equal(sim.ps[name], sim.truth[name])
+    assert torch.equal(sim.ps, sim.truth)
 
 
 def test_uneven_shares_and_zero_share():
@@ -153,10 +136,10 @@ def test_lru_evicts_least_recently_used():
     d.plan(batch([2]), torch.zeros(1, dtype=torch.int64))
     d.plan(batch([1]), torch.zeros(1, dtype=torch.int64))  # 1 is now more recent than 2
     p = d.plan(batch([3]), torch.zeros(1, dtype=torch.int64))
-    assert sorted(d.state(0, "t_cat_0").ids.tolist()) == [1, 3]
+    assert sorted(d.cached_keys(0).tolist()) == [1, 3]
     # 2 was dirty (updated locally, sole user): its eviction is a miss-push
-    assert p.tables[0]["t_cat_0"].rows["miss_push"] == 1
-    assert p.tables[0]["t_cat_0"].push_ids.tolist() == [2]
+    assert p.workers[0].rows["miss_push"] == 1
+    assert p.workers[0].push_keys.tolist() == [2]
 
 
 def test_bad_inputs():

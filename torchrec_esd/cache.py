@@ -1,22 +1,27 @@
 """Worker embedding caches: the replicated cache directory and its plans.
 
-:class:`CacheDirectory` holds the metadata of *every* worker's cache for every
-table (which ids sit in which slot, LRU clock / LFU counts, dirty bits, copy
-versions) plus, per row, the global version and which worker (if any) holds
-the only up-to-date copy.  It is a deterministic function of the sequence of
-``(global batch ids, assignment)`` it is fed, so the dispatcher's mirror and the
-workers' real caches are the *same* object replicated on every worker rank:
-no cache state ever needs to be exchanged.
+:class:`CacheDirectory` holds the metadata of *every* worker's cache (which row
+sits in which slot, LRU clock / LFU counts, dirty bits, copy versions) plus, per
+row, the global version and which worker (if any) holds the only up-to-date
+copy.  It is a deterministic function of the sequence of ``(global batch ids,
+assignment)`` it is fed, so the dispatcher's mirror and the workers' real
+caches are the *same* object replicated on every worker rank: no cache state
+is ever exchanged.
 
-Feeding it one iteration (:meth:`CacheDirectory.plan`) returns, per worker and
-table, the :class:`TablePlan` that the worker's sharded embedding module then
-executes against its row storage (:class:`WorkerRowStore`):
+Rows are named by *global row keys* ``row_offset[table] + id`` (tables in
+order, see :class:`~torchrec_esd.ps.RowRouting`); a worker's slots are the
+concatenation of its per-table cache blocks, so every step below is a few
+vectorised operations per worker whatever the number of tables.
+
+Feeding it one iteration (:meth:`CacheDirectory.plan`) returns, per worker, the
+:class:`WorkerPlan` that the worker's sharded embedding module executes:
 
 1. *value pushes* (before the forward): dirty rows that are evicted
    (**miss-push**) or that another worker uses this iteration (**update-push**);
-2. *pulls*: ids not cached (**miss-pull**) or cached but outdated beyond the
-   staleness bound (**update-pull**);
-3. after the backward, per used id: a *local update* when this worker is its
+2. *pulls*: rows not cached (**miss-pull**) or cached but outdated beyond the
+   staleness bound (**update-pull**); misses beyond the table's capacity (after
+   evicting unpinned rows, LRU or LFU) are used transiently, not cached;
+3. after the backward, per used row: a *local update* when this worker is its
    only user this iteration and holds a current cached copy (the row becomes
    dirty here, nothing is sent), otherwise a *gradient push* to the PS
    (**update-push**), which sums all users' gradients before applying the
@@ -31,7 +36,7 @@ the PS (never applies it to its stale copy), so no update is ever lost.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -40,24 +45,26 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_esd.config import EsdConfig, EsdConfigError
 
 KINDS = ("miss_pull", "miss_push", "update_pull", "update_push")
+_EMPTY = torch.empty(0, dtype=torch.int64)
 
 
 @dataclass
-class TablePlan:
-    """What one worker does for one table in one iteration."""
+class WorkerPlan:
+    """What one worker does in one iteration (rows by global key)."""
 
-    used_ids: torch.Tensor  # (U,) sorted distinct ids this worker's samples use
-    used_slot: torch.Tensor  # (U,) cache slot of each used id, -1 = transient
-    push_ids: torch.Tensor  # ids whose value (+ optimizer state) is pushed first
-    push_slots: torch.Tensor  # their cache slots (read before any pull)
-    pull_pos: torch.Tensor  # positions in used_ids to pull from the PS
+    used_keys: torch.Tensor  # (U,) sorted distinct row keys this worker's samples use
+    used_slot: torch.Tensor  # (U,) cache slot of each used row, -1 = transient
+    push_keys: torch.Tensor  # rows whose value (+ optimizer state) is pushed first
+    push_slots: torch.Tensor  # their slots (read before any pull overwrites them)
+    pull_pos: torch.Tensor  # positions in used_keys pulled from the PS
     local_pos: torch.Tensor  # positions whose update is applied locally
     grad_pos: torch.Tensor  # positions whose gradient is pushed to the PS
     rows: Dict[str, int] = field(default_factory=dict)  # rows per transmission kind
+    num_samples: int = 0
 
     @property
-    def pull_ids(self) -> torch.Tensor:
-        return self.used_ids[self.pull_pos]
+    def pull_keys(self) -> torch.Tensor:
+        return self.used_keys[self.pull_pos]
 
 
 @dataclass
@@ -65,107 +72,55 @@ class IterationPlan:
     """Plans of all workers for one iteration (every worker rank holds it)."""
 
     iteration: int
-    tables: List[Dict[str, TablePlan]]  # [worker][table]
-    evicted_dirty: int = 0
+    workers: List[WorkerPlan]
 
     def rows(self, worker: int) -> Dict[str, int]:
-        out = {k: 0 for k in KINDS}
-        for tp in self.tables[worker].values():
-            for k, v in tp.rows.items():
-                out[k] += v
-        return out
+        return dict(self.workers[worker].rows)
 
 
-class _TableState:
-    """Metadata of one worker's cache of one table."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.ids = torch.full((capacity,), -1, dtype=torch.int64)
-        self.last_use = torch.zeros(capacity, dtype=torch.int64)
-        self.freq = torch.zeros(capacity, dtype=torch.int64)
-        self.ver = torch.zeros(capacity, dtype=torch.int64)
-        self.dirty = torch.zeros(capacity, dtype=torch.bool)
-
-    def find(self, ids: torch.Tensor) -> torch.Tensor:
-        """Slot of each id, -1 where not cached."""
-        occupied = (self.ids >= 0).nonzero().view(-1)
-        if occupied.numel() == 0 or ids.numel() == 0:
-            return torch.full_like(ids, -1)
-        keys = self.ids[occupied]
-        order = torch.argsort(keys)
-        sk = keys[order]
-        pos = torch.searchsorted(sk, ids).clamp_(max=sk.numel() - 1)
-        hit = sk[pos] == ids
-        return torch.where(hit, occupied[order[pos]], torch.full_like(ids, -1))
-
-
-def _table_feature_layout(tables: Sequence[EmbeddingBagConfig]) -> Dict[str, str]:
-    feat_to_table: Dict[str, str] = {}
-    for t in tables:
+def _feature_tables(tables: Sequence[EmbeddingBagConfig]) -> Dict[str, int]:
+    feat_to_table: Dict[str, int] = {}
+    for ti, t in enumerate(tables):
         for f in t.feature_names:
             if f in feat_to_table:
                 raise EsdConfigError(f"feature {f!r} is mapped to two tables")
-            feat_to_table[f] = t.name
+            feat_to_table[f] = ti
     return feat_to_table
 
 
-def checked_features(kjt: KeyedJaggedTensor, feat_to_table: Dict[str, str], rows: Dict[str, int]):
-    """Yield ``(feature, table, ids, lengths)`` of every KJT key, raising a clear
-    error for a feature without a table, a bad dtype, or an id outside its table."""
-    if kjt.values().dtype not in (torch.int32, torch.int64):
-        raise EsdConfigError(f"KJT values must be int32/int64 ids, got {kjt.values().dtype}")
-    stride = kjt.stride()
-    lengths = kjt.lengths().view(len(kjt.keys()), stride).to(torch.int64)
-    values = kjt.values().to(torch.int64)
-    offset = 0
-    for i, key in enumerate(kjt.keys()):
-        n = int(lengths[i].sum())
-        vals = values[offset : offset + n]
-        offset += n
-        if key not in feat_to_table:
-            raise EsdConfigError(f"batch feature {key!r} has no embedding table")
-        t = feat_to_table[key]
-        if n and (int(vals.min()) < 0 or int(vals.max()) >= rows[t]):
-            bad = vals[(vals < 0) | (vals >= rows[t])][0]
-            raise EsdConfigError(
-                f"feature {key!r}: id {int(bad)} is outside table {t!r} of {rows[t]} rows"
-            )
-        yield key, t, vals, lengths[i]
+def _group_rank(groups: torch.Tensor, num_groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For values sorted by group: rank of each inside its group, and group starts."""
+    counts = torch.bincount(groups, minlength=num_groups)
+    starts = torch.cumsum(counts, 0) - counts
+    return torch.arange(groups.numel()) - starts[groups], starts
 
 
-def ids_per_worker(
-    kjt: KeyedJaggedTensor,
-    assignment: torch.Tensor,
-    tables: Sequence[EmbeddingBagConfig],
-    num_workers: int,
-) -> Dict[str, List[torch.Tensor]]:
-    """For every table, each worker's sorted distinct ids (checked in range)."""
-    feat_to_table = _table_feature_layout(tables)
-    rows = {t.name: t.num_embeddings for t in tables}
-    stride = kjt.stride()
-    if assignment.numel() != stride:
-        raise EsdConfigError(
-            f"assignment has {assignment.numel()} entries for a batch of {stride} samples"
-        )
-    per_table_vals: Dict[str, List[torch.Tensor]] = {t.name: [] for t in tables}
-    per_table_owner: Dict[str, List[torch.Tensor]] = {t.name: [] for t in tables}
-    for key, t, vals, lens in checked_features(kjt, feat_to_table, rows):
-        per_table_vals[t].append(vals)
-        per_table_owner[t].append(torch.repeat_interleave(assignment, lens))
-    out: Dict[str, List[torch.Tensor]] = {}
-    for t in per_table_vals:
-        if not per_table_vals[t]:
-            out[t] = [torch.empty(0, dtype=torch.int64) for _ in range(num_workers)]
-            continue
-        vals = torch.cat(per_table_vals[t])
-        owner = torch.cat(per_table_owner[t])
-        key = owner * rows[t] + vals
-        uk = torch.unique(key)  # sorted by (worker, id)
-        uw = uk // rows[t]
-        counts = torch.bincount(uw, minlength=num_workers).tolist()
-        out[t] = list(torch.split(uk - uw * rows[t], counts))
-    return out
+class _WorkerState:
+    """Metadata of one worker's cache slots (all tables, table-major blocks)."""
+
+    def __init__(self, capacities: List[int]) -> None:
+        cap = torch.tensor(capacities, dtype=torch.int64)
+        self.capacity = cap  # [T]
+        self.slot_base = torch.zeros(len(capacities) + 1, dtype=torch.int64)
+        self.slot_base[1:] = torch.cumsum(cap, 0)
+        n = int(self.slot_base[-1])
+        self.slot_table = torch.repeat_interleave(torch.arange(len(capacities)), cap)
+        self.keys = torch.full((n,), -1, dtype=torch.int64)
+        self.last_use = torch.zeros(n, dtype=torch.int64)
+        self.freq = torch.zeros(n, dtype=torch.int64)
+        self.ver = torch.zeros(n, dtype=torch.int64)
+        self.dirty = torch.zeros(n, dtype=torch.bool)
+
+    def find(self, keys: torch.Tensor) -> torch.Tensor:
+        """Slot of each key, -1 where not cached."""
+        occupied = (self.keys >= 0).nonzero().view(-1)
+        if occupied.numel() == 0 or keys.numel() == 0:
+            return torch.full_like(keys, -1)
+        ok = self.keys[occupied]
+        order = torch.argsort(ok)
+        sk = ok[order]
+        pos = torch.searchsorted(sk, keys).clamp_(max=sk.numel() - 1)
+        return torch.where(sk[pos] == keys, occupied[order[pos]], torch.full_like(keys, -1))
 
 
 class CacheDirectory:
@@ -176,205 +131,248 @@ class CacheDirectory:
         self.tables = list(tables)
         self.table_rows = {t.name: t.num_embeddings for t in self.tables}
         config.validate_tables(self.table_rows)
-        _table_feature_layout(self.tables)
+        self.feature_table = _feature_tables(self.tables)
+        self.rows = torch.tensor([t.num_embeddings for t in self.tables], dtype=torch.int64)
+        self.row_offset = torch.zeros(len(self.tables) + 1, dtype=torch.int64)
+        self.row_offset[1:] = torch.cumsum(self.rows, 0)
+        self.total_rows = int(self.row_offset[-1])
         self.num_workers = config.num_workers
+        self.num_tables = len(self.tables)
         self.iteration = 0
-        self._state: List[Dict[str, _TableState]] = [
-            {t.name: _TableState(w.cache_rows_for(t.name)) for t in self.tables}
-            for w in config.workers
+        self._w: List[_WorkerState] = [
+            _WorkerState([w.cache_rows_for(t.name) for t in self.tables]) for w in config.workers
         ]
-        self._latest = {t.name: torch.zeros(t.num_embeddings, dtype=torch.int64) for t in self.tables}
-        self._owner = {
-            t.name: torch.full((t.num_embeddings,), -1, dtype=torch.int64) for t in self.tables
-        }
+        self._latest = torch.zeros(self.total_rows, dtype=torch.int64)
+        self._owner = torch.full((self.total_rows,), -1, dtype=torch.int64)
 
-    # ------------------------------------------------------------ inspection
-    def state(self, worker: int, table: str) -> _TableState:
-        return self._state[worker][table]
+    # ------------------------------------------------------------ keys
+    def table_of(self, keys: torch.Tensor) -> torch.Tensor:
+        return torch.searchsorted(self.row_offset, keys, right=True) - 1
 
-    def views(self):
-        """Snapshots for the cost model: per worker, table -> TableCacheView."""
-        from torchrec_esd.cost import TableCacheView  # cost.py depends on cache views only
-
-        out = []
-        for w in range(self.num_workers):
-            d = {}
-            for name, st in self._state[w].items():
-                occ = st.ids >= 0
-                ids = st.ids[occ]
-                d[name] = TableCacheView(
-                    ids=ids,
-                    outdated=(st.ver[occ] < self._latest[name][ids]) & ~st.dirty[occ],
-                    dirty=st.dirty[occ].clone(),
-                    capacity=st.capacity,
-                )
-            out.append(d)
-        return out
-
-    def dirty_rows(self, worker: int) -> Dict[str, torch.Tensor]:
-        """Ids (per table) whose only up-to-date copy is in ``worker``'s cache."""
-        return {
-            name: st.ids[st.dirty].clone() for name, st in self._state[worker].items()
-        }
+    def batch_keys(self, kjt: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Global row key of every KJT value (KJT order) and its sample index;
+        raises a clear error for unknown features, bad dtypes, ids out of range."""
+        if kjt.values().dtype not in (torch.int32, torch.int64):
+            raise EsdConfigError(f"KJT values must be int32/int64 ids, got {kjt.values().dtype}")
+        keys = kjt.keys()
+        b = kjt.stride()
+        lengths = kjt.lengths().view(len(keys), b).to(torch.int64)
+        values = kjt.values().to(torch.int64)
+        per_key = lengths.sum(1)
+        tix = []
+        for k in keys:
+            if k not in self.feature_table:
+                raise EsdConfigError(f"batch feature {k!r} has no embedding table")
+            tix.append(self.feature_table[k])
+        t_of = torch.repeat_interleave(torch.tensor(tix, dtype=torch.int64), per_key)
+        bad = (values < 0) | (values >= self.rows[t_of])
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            f = keys[int(torch.searchsorted(torch.cumsum(per_key, 0), torch.tensor(i), right=True))]
+            t = self.tables[int(t_of[i])]
+            raise EsdConfigError(
+                f"feature {f!r}: id {int(values[i])} is outside table {t.name!r} of {t.num_embeddings} rows"
+            )
+        sample = torch.arange(b).repeat(len(keys))
+        return values + self.row_offset[t_of], torch.repeat_interleave(sample, lengths.reshape(-1))
 
     def check_batch(self, kjt: KeyedJaggedTensor) -> None:
         """Raise :class:`EsdConfigError` for ids outside their table etc."""
-        for _ in checked_features(kjt, _table_feature_layout(self.tables), self.table_rows):
-            pass
+        self.batch_keys(kjt)
+
+    # ------------------------------------------------------------ inspection
+    def cached_keys(self, worker: int) -> torch.Tensor:
+        st = self._w[worker]
+        return st.keys[st.keys >= 0]
+
+    def dirty_keys(self, worker: int) -> torch.Tensor:
+        st = self._w[worker]
+        return st.keys[st.dirty]
+
+    def capacity(self, worker: int) -> torch.Tensor:
+        return self._w[worker].capacity.clone()
+
+    def slot_of(self, worker: int, keys: torch.Tensor) -> torch.Tensor:
+        return self._w[worker].find(keys)
+
+    def slot_table(self, worker: int) -> torch.Tensor:
+        return self._w[worker].slot_table
+
+    def views(self):
+        """Snapshots for the cost model: per worker, table -> TableCacheView."""
+        from torchrec_esd.cost import TableCacheView
+
+        out = []
+        for st in self._w:
+            occ = (st.keys >= 0).nonzero().view(-1)  # slots are table-major
+            keys = st.keys[occ]
+            outdated = (st.ver[occ] < self._latest[keys]) & ~st.dirty[occ]
+            dirty = st.dirty[occ]
+            counts = torch.bincount(st.slot_table[occ], minlength=self.num_tables).tolist()
+            parts = zip(
+                torch.split(keys, counts), torch.split(outdated, counts), torch.split(dirty, counts)
+            )
+            out.append(
+                {
+                    t.name: TableCacheView(
+                        ids=k - self.row_offset[ti], outdated=o, dirty=d, capacity=int(st.capacity[ti])
+                    )
+                    for ti, (t, (k, o, d)) in enumerate(zip(self.tables, parts))
+                }
+            )
+        return out
 
     # ------------------------------------------------------------ one iteration
     def plan(self, kjt: KeyedJaggedTensor, assignment: torch.Tensor) -> IterationPlan:
         """Plan one iteration for the global batch ``kjt`` dispatched by
         ``assignment`` and advance the directory to its end state."""
-        assignment = assignment.to(torch.int64)
-        if assignment.numel() and (
-            int(assignment.min()) < 0 or int(assignment.max()) >= self.num_workers
-        ):
-            raise EsdConfigError(
-                f"assignment names a worker outside [0, {self.num_workers})"
-            )
-        used = ids_per_worker(kjt, assignment, self.tables, self.num_workers)
-        self.iteration += 1
-        plans: List[Dict[str, TablePlan]] = [dict() for _ in range(self.num_workers)]
-        evicted_dirty = 0
-        for t in self.tables:
-            evicted_dirty += self._plan_table(t.name, used[t.name], plans)
-        return IterationPlan(self.iteration, plans, evicted_dirty)
-
-    def _plan_table(self, name: str, used: List[torch.Tensor], plans) -> int:
         W = self.num_workers
-        latest = self._latest[name]
-        owner = self._owner[name]
-        nrows = self.table_rows[name]
-        s = self.config.staleness
-        users = torch.zeros(nrows, dtype=torch.int64)
-        for u in used:
-            users.index_add_(0, u, torch.ones_like(u))
-        push_slots: List[List[torch.Tensor]] = [[] for _ in range(W)]
-        push_ids: List[List[torch.Tensor]] = [[] for _ in range(W)]
-        update_push_rows = [0] * W
-        # step A: a dirty copy that another worker uses this iteration is pushed first
+        assignment = assignment.to(torch.int64).view(-1)
+        if assignment.numel() != kjt.stride():
+            raise EsdConfigError(
+                f"assignment has {assignment.numel()} entries for a batch of {kjt.stride()} samples"
+            )
+        if assignment.numel() and (int(assignment.min()) < 0 or int(assignment.max()) >= W):
+            raise EsdConfigError(f"assignment names a worker outside [0, {W})")
+        keys, sample = self.batch_keys(kjt)
+        owner_of_value = assignment[sample]
+        uk = torch.unique(owner_of_value * self.total_rows + keys)  # sorted by (worker, key)
+        uw = uk // self.total_rows
+        used = list(torch.split(uk - uw * self.total_rows, torch.bincount(uw, minlength=W).tolist()))
+        users = torch.bincount(uk - uw * self.total_rows, minlength=self.total_rows)
+        num_samples = torch.bincount(assignment, minlength=W).tolist()
+        self.iteration += 1
+        pushes = self._push_shared_dirty(used, users)
+        plans = []
         for w in range(W):
-            st = self._state[w][name]
+            plans.append(self._plan_worker(w, used[w], users, pushes[w], num_samples[w]))
+        # end of iteration: every used row has one new version
+        all_used = torch.unique(torch.cat(used)) if used else _EMPTY
+        self._latest[all_used] += 1
+        self._owner[all_used] = -1
+        for w, p in enumerate(plans):
+            slots = p.used_slot[p.local_pos]
+            if slots.numel():
+                st = self._w[w]
+                st.ver[slots] = self._latest[p.used_keys[p.local_pos]]
+                st.dirty[slots] = True
+                self._owner[p.used_keys[p.local_pos]] = w
+        return IterationPlan(self.iteration, plans)
+
+    def _push_shared_dirty(self, used: List[torch.Tensor], users: torch.Tensor):
+        """Step A: a dirty copy that another worker uses this iteration is pushed."""
+        out = []
+        for w, st in enumerate(self._w):
             dslots = st.dirty.nonzero().view(-1)
             if dslots.numel() == 0:
+                out.append((_EMPTY, _EMPTY))
                 continue
-            dids = st.ids[dslots]
-            mine = torch.zeros(nrows, dtype=torch.bool)
-            mine[used[w]] = True
-            needed = (users[dids] - mine[dids].long()) > 0
-            if needed.any():
-                ps = dslots[needed]
-                push_slots[w].append(ps)
-                push_ids[w].append(st.ids[ps].clone())
-                update_push_rows[w] += int(ps.numel())
-                st.dirty[ps] = False
-                owner[st.ids[ps]] = -1
-        evicted_dirty = 0
-        local_ids: List[torch.Tensor] = []
-        local_slots: List[torch.Tensor] = []
-        grad_ids: List[torch.Tensor] = []
-        for w in range(W):
-            st = self._state[w][name]
-            ids = used[w]
-            slot = st.find(ids)
-            present = slot >= 0
-            cur_ver = torch.where(present, st.ver[slot.clamp(min=0)], torch.zeros_like(ids))
-            lag = latest[ids] - cur_ver
-            usable = present & (lag <= s)
-            current = present & (lag == 0)
-            miss = ~present
-            update = present & ~usable
-            # step B: place misses in free slots, then in evicted unpinned slots
-            miss_pos = miss.nonzero().view(-1)  # ascending id order (ids are sorted)
-            n_miss = int(miss_pos.numel())
-            free = (st.ids < 0).nonzero().view(-1)
-            miss_push_rows = 0
-            if n_miss > free.numel():
-                pinned = torch.zeros(st.capacity, dtype=torch.bool)
-                pinned[slot[present]] = True
-                cand = ((st.ids >= 0) & ~pinned).nonzero().view(-1)
-                k = min(n_miss - int(free.numel()), int(cand.numel()))
-                if k > 0:
-                    if self.config.cache_policy == "lru":
-                        prio = st.last_use[cand]
-                    else:
-                        prio = st.freq[cand] * (1 << 32) + st.last_use[cand]
-                    victims = cand[torch.argsort(prio, stable=True)[:k]]
-                    vd = victims[st.dirty[victims]]
-                    if vd.numel():
-                        push_slots[w].append(vd)
-                        push_ids[w].append(st.ids[vd].clone())
-                        miss_push_rows = int(vd.numel())
-                        evicted_dirty += miss_push_rows
-                        owner[st.ids[vd]] = -1
-                    st.ids[victims] = -1
-                    st.dirty[victims] = False
-                    st.freq[victims] = 0
-                    free = torch.cat([free, victims])
-            # misses beyond the capacity stay transient (smallest ids get slots)
-            keep = miss_pos[: free.numel()]
-            dst = free[: keep.numel()].sort().values
-            slot[keep] = dst
-            st.ids[dst] = ids[keep]
-            st.dirty[dst] = False
-            st.freq[dst] = 0
-            pulled = miss | update
-            cached_now = slot >= 0
-            st.ver[slot[pulled & cached_now]] = latest[ids[pulled & cached_now]]
-            st.last_use[slot[cached_now]] = self.iteration
-            st.freq[slot[cached_now]] += 1
-            # step C (after the backward): local update iff sole user with a
-            # current cached copy; otherwise the gradient goes to the PS
-            local = (users[ids] == 1) & cached_now & (current | pulled)
-            grad = ~local
-            local_ids.append(ids[local])
-            local_slots.append(slot[local])
-            grad_ids.append(ids[grad])
-            plans[w][name] = TablePlan(
-                used_ids=ids,
-                used_slot=slot,
-                push_ids=torch.cat(push_ids[w]) if push_ids[w] else torch.empty(0, dtype=torch.int64),
-                push_slots=torch.cat(push_slots[w]) if push_slots[w] else torch.empty(0, dtype=torch.int64),
-                pull_pos=pulled.nonzero().view(-1),
-                local_pos=local.nonzero().view(-1),
-                grad_pos=grad.nonzero().view(-1),
-                rows={
-                    "miss_pull": int(miss.sum()),
-                    "update_pull": int(update.sum()),
-                    "miss_push": miss_push_rows,
-                    "update_push": update_push_rows[w] + int(grad.sum()),
-                },
-            )
-        # end of iteration: every used row has one new version
-        all_used = torch.unique(torch.cat(used)) if used else torch.empty(0, dtype=torch.int64)
-        latest[all_used] += 1
-        owner[all_used] = -1
-        for w in range(W):
-            st = self._state[w][name]
-            if local_slots[w].numel():
-                st.ver[local_slots[w]] = latest[local_ids[w]]
-                st.dirty[local_slots[w]] = True
-                owner[local_ids[w]] = w
-        return evicted_dirty
+            dkeys = st.keys[dslots]
+            mine = torch.isin(dkeys, used[w]).long()
+            needed = (users[dkeys] - mine) > 0
+            slots = dslots[needed]
+            st.dirty[slots] = False
+            self._owner[dkeys[needed]] = -1
+            out.append((dkeys[needed], slots))
+        return out
 
-    def flush_plan(self) -> List[Dict[str, TablePlan]]:
-        """Push every dirty row (checkpoint / end of training); returns, per
-        worker and table, the value pushes to execute, and marks rows clean."""
-        out: List[Dict[str, TablePlan]] = []
-        empty = torch.empty(0, dtype=torch.int64)
-        for w in range(self.num_workers):
-            d = {}
-            for name, st in self._state[w].items():
-                slots = st.dirty.nonzero().view(-1)
-                ids = st.ids[slots].clone()
-                st.dirty[slots] = False
-                self._owner[name][ids] = -1
-                d[name] = TablePlan(
-                    used_ids=empty, used_slot=empty, push_ids=ids, push_slots=slots,
-                    pull_pos=empty, local_pos=empty, grad_pos=empty,
-                    rows={"miss_pull": 0, "update_pull": 0, "miss_push": 0,
-                          "update_push": int(ids.numel())},
+    def _plan_worker(self, w: int, keys: torch.Tensor, users: torch.Tensor, pushed, num_samples: int) -> WorkerPlan:
+        st, T = self._w[w], self.num_tables
+        s = self.config.staleness
+        slot = st.find(keys)
+        present = slot >= 0
+        cur_ver = torch.where(present, st.ver[slot.clamp(min=0)], torch.zeros_like(keys))
+        lag = self._latest[keys] - cur_ver
+        usable = present & (lag <= s)
+        current = present & (lag == 0)
+        miss = ~present
+        update = present & ~usable
+        # step B: misses go to free slots of their table, then to evicted ones
+        miss_pos = miss.nonzero().view(-1)  # keys are sorted: table-major, ids ascending
+        miss_t = self.table_of(keys[miss_pos])
+        n_miss = torch.bincount(miss_t, minlength=T)
+        free = (st.keys < 0).nonzero().view(-1)
+        n_free = torch.bincount(st.slot_table[free], minlength=T)
+        need = (n_miss - n_free).clamp(min=0)
+        push_keys, push_slots = [pushed[0]], [pushed[1]]
+        miss_push = 0
+        if bool((need > 0).any()):
+            pinned = torch.zeros_like(st.dirty)
+            pinned[slot[present]] = True
+            cand = ((st.keys >= 0) & ~pinned).nonzero().view(-1)
+            if self.config.cache_policy == "lru":
+                prio = st.last_use[cand]
+            else:
+                prio = st.freq[cand] * (1 << 32) + st.last_use[cand]
+            cand = cand[torch.argsort(prio, stable=True)]
+            cand = cand[torch.argsort(st.slot_table[cand], stable=True)]  # by table, then priority
+            ct = st.slot_table[cand]
+            rank, _ = _group_rank(ct, T)
+            victims = cand[rank < need[ct]]
+            vd = victims[st.dirty[victims]]
+            if vd.numel():
+                push_keys.append(st.keys[vd].clone())
+                push_slots.append(vd)
+                miss_push = int(vd.numel())
+                self._owner[st.keys[vd]] = -1
+            st.keys[victims] = -1
+            st.dirty[victims] = False
+            st.freq[victims] = 0
+            free = torch.cat([free, victims])
+        # pair the r-th miss of table t with the r-th free slot of table t
+        free = free.sort().values
+        free = free[torch.argsort(st.slot_table[free], stable=True)]
+        f_rank, f_start = _group_rank(st.slot_table[free], T)
+        m_rank, _ = _group_rank(miss_t, T)
+        n_free = torch.bincount(st.slot_table[free], minlength=T)
+        keep = m_rank < n_free[miss_t]
+        dst = free[f_start[miss_t[keep]] + m_rank[keep]]
+        kept = miss_pos[keep]
+        slot[kept] = dst
+        st.keys[dst] = keys[kept]
+        st.dirty[dst] = False
+        st.freq[dst] = 0
+        pulled = miss | update
+        cached_now = slot >= 0
+        refreshed = pulled & cached_now
+        st.ver[slot[refreshed]] = self._latest[keys[refreshed]]
+        st.last_use[slot[cached_now]] = self.iteration
+        st.freq[slot[cached_now]] += 1
+        # step C (after the backward): local update iff sole user with a current cached copy
+        local = (users[keys] == 1) & cached_now & (current | pulled)
+        grad = ~local
+        n_value_push = int(pushed[0].numel())
+        return WorkerPlan(
+            used_keys=keys,
+            used_slot=slot,
+            push_keys=torch.cat(push_keys),
+            push_slots=torch.cat(push_slots),
+            pull_pos=pulled.nonzero().view(-1),
+            local_pos=local.nonzero().view(-1),
+            grad_pos=grad.nonzero().view(-1),
+            rows={
+                "miss_pull": int(miss.sum()),
+                "update_pull": int(update.sum()),
+                "miss_push": miss_push,
+                "update_push": n_value_push + int(grad.sum()),
+            },
+            num_samples=num_samples,
+        )
+
+    def flush_plan(self) -> List[WorkerPlan]:
+        """Push every dirty row (checkpoint / end of training): per worker, the
+        value pushes to execute; marks all rows clean."""
+        out = []
+        for st in self._w:
+            slots = st.dirty.nonzero().view(-1)
+            keys = st.keys[slots].clone()
+            st.dirty[slots] = False
+            self._owner[keys] = -1
+            out.append(
+                WorkerPlan(
+                    used_keys=_EMPTY, used_slot=_EMPTY, push_keys=keys, push_slots=slots,
+                    pull_pos=_EMPTY, local_pos=_EMPTY, grad_pos=_EMPTY,
+                    rows={"miss_pull": 0, "update_pull": 0, "miss_push": 0, "update_push": int(keys.numel())},
                 )
-            out.append(d)
+            )
         return out

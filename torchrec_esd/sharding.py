@@ -40,7 +40,7 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec_esd.cache import IterationPlan, TablePlan
+from torchrec_esd.cache import IterationPlan, WorkerPlan
 from torchrec_esd.config import EsdConfigError
 from torchrec_esd.runtime import EsdRuntime
 
@@ -59,18 +59,15 @@ class EsdContext:
 
 
 class _WorkerRowStore:
-    """Row storage of one worker's cache: one ``[C_t, D]`` block per table plus
-    optimizer state; slot numbers are the cache directory's."""
+    """Row storage of one worker's cache: ``[C, D]`` rows plus optimizer state,
+    slot numbers are the cache directory's (table-major blocks)."""
 
     def __init__(self, runtime: EsdRuntime) -> None:
         d, s = runtime.routing.dim, runtime.optimizer.state_dim
         w = runtime.worker_index
-        self.rows: Dict[str, torch.Tensor] = {}
-        self.state: Dict[str, torch.Tensor] = {}
-        for t in runtime.tables:
-            cap = runtime.config.workers[w].cache_rows_for(t.name)
-            self.rows[t.name] = torch.zeros(cap, d)
-            self.state[t.name] = torch.zeros(cap, s)
+        cap = sum(runtime.config.workers[w].cache_rows_for(t.name) for t in runtime.tables)
+        self.rows = torch.zeros(cap, d)
+        self.state = torch.zeros(cap, s)
 
 
 class ShardedEsdEmbeddingBagCollection(
@@ -102,6 +99,10 @@ class ShardedEsdEmbeddingBagCollection(
             for f in t.feature_names:
                 self._feature_table[f] = ti
                 self._embedding_names.append(f)
+        self._feature_mode = {
+            f: ("sum" if t.pooling == PoolingType.SUM else "mean") for t in self._configs for f in t.feature_names
+        }
+        self._modes = sorted(set(self._feature_mode.values()))
         self._store = _WorkerRowStore(runtime)
         self._pending: Optional[Dict] = None
         runtime.attach(self)
@@ -137,62 +138,46 @@ class ShardedEsdEmbeddingBagCollection(
         return EmbeddingBagCollection
 
     # ------------------------------------------------------------ phases
-    def _tplans(self, plan: IterationPlan) -> List[TablePlan]:
-        mine = plan.tables[self._runtime.worker_index]
-        return [mine[t.name] for t in self._configs]
-
-    def _push_pull(self, tplans: List[TablePlan]) -> List[torch.Tensor]:
-        rt, r = self._runtime, self._runtime.routing
-        push_keys, push_vals, pull_keys = [], [], []
-        for ti, (t, tp) in enumerate(zip(self._configs, tplans)):
-            push_keys.append(r.keys(ti, tp.push_ids))
-            push_vals.append(
-                torch.cat([self._store.rows[t.name][tp.push_slots], self._store.state[t.name][tp.push_slots]], 1)
-            )
-            pull_keys.append(r.keys(ti, tp.pull_ids))
-        pk, pv, qk = torch.cat(push_keys), torch.cat(push_vals), torch.cat(pull_keys)
-        got = rt.client.push_pull(pk, pv, qk)  # type: ignore[union-attr]
-        self._account_phase1(tplans, pk.numel(), qk.numel())
-        return list(torch.split(got, [tp.pull_pos.numel() for tp in tplans]))
-
-    def _account_phase1(self, tplans: List[TablePlan], n_push: int, n_pull: int) -> None:
-        m, link = self._runtime.meter, self._runtime.link
-        row = (self._dim + self._runtime.optimizer.state_dim) * 4
-        for tp in tplans:
-            m.add("miss_pull", tp.rows["miss_pull"], tp.rows["miss_pull"] * row)
-            m.add("update_pull", tp.rows["update_pull"], tp.rows["update_pull"] * row)
-            m.add("miss_push", tp.rows["miss_push"], tp.rows["miss_push"] * row)
-            value_pushes = tp.push_ids.numel() - tp.rows["miss_push"]
-            m.add("update_push", value_pushes, value_pushes * row)
-        m.add_message(link, n_push * (row + 8))
-        m.add_message(link, n_pull * 8)
-        m.add_message(link, n_pull * row)
+    def _push_pull(self, wp: WorkerPlan) -> torch.Tensor:
+        """Phase 1: push dirty values, pull missing/outdated rows (value + state)."""
+        rt, store = self._runtime, self._store
+        values = torch.cat([store.rows[wp.push_slots], store.state[wp.push_slots]], 1)
+        pull_keys = wp.pull_keys
+        got = rt.client.push_pull(wp.push_keys, values, pull_keys)  # type: ignore[union-attr]
+        m, link = rt.meter, rt.link
+        row = (self._dim + rt.optimizer.state_dim) * 4
+        for kind in ("miss_pull", "update_pull", "miss_push"):
+            m.add(kind, wp.rows[kind], wp.rows[kind] * row)
+        value_pushes = wp.push_keys.numel() - wp.rows["miss_push"]
+        m.add("update_push", value_pushes, value_pushes * row)
+        m.add_message(link, wp.push_keys.numel() * (row + 8))
+        m.add_message(link, pull_keys.numel() * 8)
+        m.add_message(link, pull_keys.numel() * row)
+        return got
 
     def _lookup(self, plan: IterationPlan, kjt: KeyedJaggedTensor) -> KeyedTensor:
-        tplans = self._tplans(plan)
-        pulled = self._push_pull(tplans)
-        # working set: the rows this batch uses, table after table
-        parts, bases, base = [], [], 0
-        for t, tp, got in zip(self._configs, tplans, pulled):
-            store = self._store
-            slot = tp.used_slot
-            dst = slot[tp.pull_pos]
-            cached = dst >= 0
-            store.rows[t.name][dst[cached]] = got[cached, : self._dim]
-            store.state[t.name][dst[cached]] = got[cached, self._dim :]
-            ws = torch.empty(tp.used_ids.numel(), self._dim)
-            inc = slot >= 0
-            ws[inc] = store.rows[t.name][slot[inc]]
-            ws[tp.pull_pos[~cached]] = got[~cached, : self._dim]
-            parts.append(ws)
-            bases.append(base)
-            base += ws.shape[0]
-        working_set = torch.cat(parts) if parts else torch.empty(0, self._dim)
+        wp = plan.workers[self._runtime.worker_index]
+        if kjt.stride() != wp.num_samples:
+            raise EsdConfigError(
+                f"this worker got a batch of {kjt.stride()} samples but EsdInputDist dispatched "
+                f"{wp.num_samples} to it; keep batches in the order they were dispatched"
+            )
+        got = self._push_pull(wp)
+        store, slot = self._store, wp.used_slot
+        dst = slot[wp.pull_pos]
+        cached = dst >= 0
+        store.rows[dst[cached]] = got[cached, : self._dim]
+        store.state[dst[cached]] = got[cached, self._dim :]
+        # working set: the rows this batch uses, in used_keys order
+        working_set = torch.empty(wp.used_keys.numel(), self._dim)
+        inc = slot >= 0
+        working_set[inc] = store.rows[slot[inc]]
+        working_set[wp.pull_pos[~cached]] = got[~cached, : self._dim]
         training = torch.is_grad_enabled()
         if training:
             working_set.requires_grad_(True)
-        pooled = self._pool(kjt, tplans, bases, working_set)
-        pending = {"plan": plan, "tplans": tplans, "bases": bases, "rows": working_set.shape[0], "done": False}
+        pooled = self._pool(kjt, wp, working_set)
+        pending = {"plan": wp, "rows": working_set.shape[0], "done": False}
         self._pending = pending
         if training:
             working_set.register_hook(lambda g, p=pending: self._after_backward(p, g))
@@ -201,71 +186,44 @@ class ShardedEsdEmbeddingBagCollection(
         self._runtime.meter.iterations += 1
         return pooled
 
-    def _pool(self, kjt: KeyedJaggedTensor, tplans, bases, working_set) -> KeyedTensor:
+    def _pool(self, kjt: KeyedJaggedTensor, wp: WorkerPlan, working_set: torch.Tensor) -> KeyedTensor:
         keys = kjt.keys()
         b = kjt.stride()
-        lengths = kjt.lengths().view(len(keys), b).to(torch.int64)
-        values = kjt.values().to(torch.int64)
-        weights = kjt.weights_or_none() if self._is_weighted else None
-        idx_parts, offset = [], 0
-        by_key = {}
-        for i, key in enumerate(keys):
-            n = int(lengths[i].sum())
-            v = values[offset : offset + n]
-            offset += n
-            if key not in self._feature_table:
-                continue
-            ti = self._feature_table[key]
-            used = tplans[ti].used_ids
-            pos = torch.searchsorted(used, v).clamp_(max=max(used.numel() - 1, 0))
-            if v.numel() and (used.numel() == 0 or not bool(torch.equal(used[pos], v))):
-                raise EsdConfigError(
-                    f"feature {key!r}: this batch is not the one EsdInputDist dispatched to "
-                    "this worker (ids missing from the dispatch plan); keep batches in order"
-                )
-            by_key[key] = i
-            idx_parts.append(pos + bases[ti])
-        missing = [f for f in self._embedding_names if f not in by_key]
+        missing = [f for f in self._embedding_names if f not in keys]
         if missing:
             raise EsdConfigError(f"batch has no feature(s) {missing} of the EmbeddingBagCollection")
-        # pool every feature of the batch in KJT order, then reorder to EBC order
-        order = [by_key[f] for f in self._embedding_names]
-        sel_lengths = lengths[sorted(by_key.values())]
-        idx = torch.cat(idx_parts) if idx_parts else torch.empty(0, dtype=torch.int64)
-        offs = torch.zeros(sel_lengths.numel() + 1, dtype=torch.int64)
-        offs[1:] = torch.cumsum(sel_lengths.reshape(-1), 0)
-        psw = None
-        if weights is not None:
-            wparts, offset = [], 0
-            for i, key in enumerate(keys):
-                n = int(lengths[i].sum())
-                if key in by_key:
-                    wparts.append(weights[offset : offset + n])
-                offset += n
-            psw = torch.cat(wparts).to(working_set.dtype)
-        modes = {self._configs[self._feature_table[f]].pooling for f in by_key}
-        out_rows = []
-        if len(modes) == 1:
-            mode = "sum" if modes.pop() == PoolingType.SUM else "mean"
-            out = F.embedding_bag(idx, working_set, offs, mode=mode, per_sample_weights=psw, include_last_offset=True)
-            out_rows = out.view(len(by_key), b, self._dim)
-        else:
-            # mixed pooling: pool per feature
+        directory = self._runtime.directory
+        gkeys, _ = directory.batch_keys(kjt)  # type: ignore[union-attr]
+        used = wp.used_keys
+        pos = torch.searchsorted(used, gkeys).clamp_(max=max(used.numel() - 1, 0))
+        if gkeys.numel() and (used.numel() == 0 or not bool(torch.equal(used[pos], gkeys))):
+            raise EsdConfigError(
+                "this batch is not the one EsdInputDist dispatched to this worker (ids missing "
+                "from the dispatch plan); keep batches in the order they were dispatched"
+            )
+        lengths = kjt.lengths().view(len(keys), b).to(torch.int64)
+        offs = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+        offs[1:] = torch.cumsum(lengths.reshape(-1), 0)
+        psw = kjt.weights_or_none() if self._is_weighted else None
+        if psw is not None:
+            psw = psw.to(working_set.dtype)
+        if len(self._modes) == 1:
+            mode = self._modes[0]
+            out = F.embedding_bag(pos, working_set, offs, mode=mode, per_sample_weights=psw, include_last_offset=True)
+            per_key = out.view(len(keys), b, self._dim)
+        else:  # tables with different poolings: pool feature by feature
             per = []
-            kpos = sorted(by_key.values())
-            for j, i in enumerate(kpos):
-                mode = "sum" if self._configs[self._feature_table[keys[i]]].pooling == PoolingType.SUM else "mean"
-                lo, hi = int(offs[j * b]), int(offs[(j + 1) * b])
-                o = offs[j * b : (j + 1) * b + 1] - lo
+            for i, k in enumerate(keys):
+                mode = self._feature_mode.get(k, "sum")
+                lo, hi = int(offs[i * b]), int(offs[(i + 1) * b])
                 per.append(
-                    F.embedding_bag(idx[lo:hi], working_set, o, mode=mode,
+                    F.embedding_bag(pos[lo:hi], working_set, offs[i * b : (i + 1) * b + 1] - lo, mode=mode,
                                     per_sample_weights=None if psw is None else psw[lo:hi], include_last_offset=True)
                 )
-            out_rows = torch.stack(per)
-        kpos = sorted(by_key.values())
-        rank_of = {i: j for j, i in enumerate(kpos)}
-        out_rows = out_rows[[rank_of[i] for i in order]]
-        pooled = out_rows.permute(1, 0, 2).reshape(b, len(order) * self._dim)
+            per_key = torch.stack(per)
+        index = {k: i for i, k in enumerate(keys)}
+        order = [index[f] for f in self._embedding_names]
+        pooled = per_key[order].permute(1, 0, 2).reshape(b, len(order) * self._dim)
         return KeyedTensor(
             keys=list(self._embedding_names),
             length_per_key=[self._dim] * len(self._embedding_names),
@@ -273,32 +231,27 @@ class ShardedEsdEmbeddingBagCollection(
         )
 
     def _after_backward(self, pending: Dict, grad: Optional[torch.Tensor]) -> None:
+        """Phase 2: local updates of sole-user cached rows, gradient push of the rest."""
         if pending["done"]:
             return
         pending["done"] = True
+        wp: WorkerPlan = pending["plan"]
+        rt = self._runtime
         if grad is None:
             grad = torch.zeros(pending["rows"], self._dim)
         elif get_gradient_division():
             # TorchRec divides pooled-embedding gradients by the world size (to
             # match DDP's averaging of dense gradients); so does ESD, over workers
-            grad = grad / self._runtime.config.num_workers
-        rt, r = self._runtime, self._runtime.routing
-        keys, grads = [], []
-        for ti, (t, tp, base) in enumerate(zip(self._configs, pending["tplans"], pending["bases"])):
-            g = grad[base : base + tp.used_ids.numel()]
-            if tp.local_pos.numel():
-                slots = tp.used_slot[tp.local_pos]
-                rows = self._store.rows[t.name][slots]
-                state = self._store.state[t.name][slots]
-                rt.optimizer.apply_(rows, state, g[tp.local_pos])
-                self._store.rows[t.name][slots] = rows
-                self._store.state[t.name][slots] = state
-            keys.append(r.keys(ti, tp.used_ids[tp.grad_pos]))
-            grads.append(g[tp.grad_pos])
-        k = torch.cat(keys)
-        rt.client.push_grads(k, torch.cat(grads).detach())  # type: ignore[union-attr]
-        rt.meter.add("update_push", k.numel(), k.numel() * self._dim * 4)
-        rt.meter.add_message(rt.link, k.numel() * (self._dim * 4 + 8))
+            grad = grad / rt.config.num_workers
+        if wp.local_pos.numel():
+            slots = wp.used_slot[wp.local_pos]
+            rows, state = self._store.rows[slots], self._store.state[slots]
+            rt.optimizer.apply_(rows, state, grad[wp.local_pos])
+            self._store.rows[slots], self._store.state[slots] = rows, state
+        keys = wp.used_keys[wp.grad_pos]
+        rt.client.push_grads(keys, grad[wp.grad_pos].detach())  # type: ignore[union-attr]
+        rt.meter.add("update_push", keys.numel(), keys.numel() * self._dim * 4)
+        rt.meter.add_message(rt.link, keys.numel() * (self._dim * 4 + 8))
         self._pending = None
 
     def _finish_pending_backward(self) -> None:
@@ -311,10 +264,7 @@ class ShardedEsdEmbeddingBagCollection(
         self._finish_pending_backward()
         rt = self._runtime
         assert rt.directory is not None
-        fplans = rt.directory.flush_plan()
-        mine = fplans[rt.worker_index]
-        tplans = [mine[t.name] for t in self._configs]
-        self._push_pull(tplans)
+        self._push_pull(rt.directory.flush_plan()[rt.worker_index])
 
 
 class EsdEmbeddingBagCollectionSharder(ModuleSharder[EmbeddingBagCollection]):
