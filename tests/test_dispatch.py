@@ -130,6 +130,36 @@ def test_cycle_cancelling_certificate_on_medium_instance():
     check_assignment(torch.from_numpy(a), shares)
 
 
+def test_auto_exact_paths_agree_with_min_cost_flow():
+    rng = np.random.default_rng(16)
+    paths = set()
+    for i in range(12):
+        b, w = int(rng.integers(100, 400)), int(rng.integers(2, 9))
+        c = rng.integers(0, 12, (b, w)) * (1.0 / np.tile([1.0, 2.0, 4.0, 8.0], 3)[:w])
+        if i % 3 == 0:
+            c = c + rng.random((b, w)) * 1e-3  # break the ties
+        shares = _random_shares(rng, b, w)
+        a, info = solve_total(c, shares, "auto")
+        ref, _ = mcf_total(c, shares)
+        check_assignment(torch.from_numpy(a), shares)
+        assert c[np.arange(b), a].sum() == pytest.approx(c[np.arange(b), ref].sum(), rel=1e-12, abs=1e-12)
+        assert info["certified"] == 1.0
+        assert info["lower_bound"] <= c[np.arange(b), a].sum() + 1e-9
+        paths.add(info["exact_path"])
+    assert 1.0 in paths  # restricted flow + cycle certificate is exercised
+    # no cycles allowed from a poor start: the full min-cost flow decides
+    c = rng.integers(0, 12, (200, 4)) * 1.0
+    start = np.repeat(np.arange(4), 50)
+    a, info = solve_total(c, [50] * 4, "cycles", warm_start=start, max_cancel_iters=0)
+    assert info["exact_path"] == 3.0
+    assert c[np.arange(200), a].sum() == pytest.approx(c[np.arange(200), mcf_total(c, [50] * 4)[0]].sum())
+    # no fallback and no time: an uncertified but valid, never worse answer
+    a, info = solve_total(c, [50] * 4, "cycles", warm_start=start, deadline=0.0, fallback=False)
+    assert info["certified"] == 0.0
+    check_assignment(torch.from_numpy(a), [50] * 4)
+    assert c[np.arange(200), a].sum() <= c[np.arange(200), start].sum()
+
+
 def test_mcf_rounding_bound_reported_and_tiny():
     rng = np.random.default_rng(5)
     c = rng.random((200, 4)) * 1e-3

@@ -9,14 +9,17 @@ Per batch:
 2. if the gap is above ``gap_threshold`` AND the exact solver's predicted time
    fits both what is left of ``time_budget_ms`` and the CPU credit, run the
    exact solver warm-started from the heuristic with a hard deadline at the end
-   of the budget: negative-cycle cancelling for ``"total"`` (anytime: every
-   cancelled cycle lowers the cost; optimal with a certificate when it
-   finishes), the MILP with ``time_limit = remaining budget`` for
+   of the budget: for ``"total"`` the exact path of
+   :func:`~torchrec_esd.dispatch.optimal.solve_total` reusing the heuristic's
+   prices and assignment (min-cost flow on the near-tight arcs, then
+   negative-cycle cancelling -- anytime: every cancelled cycle lowers the cost
+   -- which ends with an optimality certificate; the full min-cost flow if that
+   does not certify and the prediction still fits), the MILP with ``time_limit = remaining budget`` for
    ``"makespan"``; keep the better answer.
 
 *Prediction.*  The exact solver's time is modelled as ``k * B * W`` seconds
-(its per-cycle work is ``O(B W)`` and the number of cycles from a good warm
-start is small); ``k`` starts at ``prior_s_per_cell`` and is refitted online as
+(the restricted flow has ``O(B)`` arcs, a cycle costs ``O(B W)`` and few are
+needed from the heuristic's warm start); ``k`` starts at ``prior_s_per_cell`` and is refitted online as
 an exponential moving average of ``time / (B W)`` over past exact solves
 (including solves cut by the deadline, whose time is a lower estimate).
 
@@ -46,7 +49,7 @@ import torch
 from torchrec_esd.dispatch.base import Dispatcher, DispatchError
 from torchrec_esd.dispatch.heuristic import _loads, makespan_heuristic, pairwise_exchange, price_greedy
 from torchrec_esd.dispatch.lower_bound import dual_value, makespan_lower_bound
-from torchrec_esd.dispatch.optimal import cancel_negative_cycles, makespan_milp
+from torchrec_esd.dispatch.optimal import makespan_milp, mcf_total, preload_milp, solve_total
 
 
 class HybridDis(Dispatcher):
@@ -87,6 +90,8 @@ class HybridDis(Dispatcher):
         if gap_threshold < 0:
             raise DispatchError(f"gap_threshold must be >= 0, got {gap_threshold}")
         self.objective = objective
+        if objective == "makespan":
+            preload_milp()
         self.time_budget_s = time_budget_ms / 1e3
         self.cpu_budget = cpu_budget
         self.gap_threshold = gap_threshold
@@ -151,15 +156,20 @@ class HybridDis(Dispatcher):
             return torch.from_numpy(h), info
         t1 = time.perf_counter()
         if self.objective == "total":
-            a, phi, iters, tol = cancel_negative_cycles(
-                c, h, max_iters=10 * w + 200, deadline=deadline
+            a, xinfo = solve_total(
+                c, shares, "auto", warm_start=h, prices=u, deadline=deadline, fallback=False
             )
+            finished = bool(xinfo.get("certified", 0.0))
+            if not finished and deadline - time.perf_counter() >= predicted:
+                a, _ = mcf_total(c, shares)  # exact, within its rounding bound
+                finished = True
             t_x = time.perf_counter() - t1
-            finished = phi is not None
             val = float(c[np.arange(b), a].sum())
-            if finished:
-                lb = max(lb, dual_value(c, shares, phi))
-            info["exact_iters"] = float(iters)
+            if val > h_val:  # cannot happen (cycles only improve), but never worse
+                a, val = h, h_val
+            lb = max(lb, float(xinfo.get("lower_bound", lb)))
+            info["exact_path"] = float(xinfo.get("exact_path", 3.0))
+            info["exact_iters"] = float(xinfo.get("cycles_iters", 0.0))
         else:
             a, minfo = makespan_milp(c, shares, time_limit_s=max(1e-3, deadline - t1))
             t_x = time.perf_counter() - t1

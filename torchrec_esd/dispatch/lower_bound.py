@@ -28,17 +28,18 @@ import numpy as np
 
 
 def _best_two(r: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row: index of the minimum, the minimum, and the second minimum."""
+    """Per row: index of the minimum, the minimum, and the second minimum
+    (``inf`` with one column).  ``O(B W)``: argmin, then the min of a copy with
+    the argmin masked (faster than a partial sort along rows)."""
     b, w = r.shape
+    rows = np.arange(b)
+    bi = r.argmin(axis=1)
+    bv = r[rows, bi]
     if w == 1:
-        return np.zeros(b, dtype=np.int64), r[:, 0].copy(), np.full(b, np.inf)
-    p = np.argpartition(r, 1, axis=1)[:, :2]
-    v = np.take_along_axis(r, p, axis=1)
-    swap = v[:, 0] > v[:, 1]
-    best_i = np.where(swap, p[:, 1], p[:, 0])
-    best_v = np.minimum(v[:, 0], v[:, 1])
-    second_v = np.maximum(v[:, 0], v[:, 1])
-    return best_i, best_v, second_v
+        return bi, bv, np.full(b, np.inf)
+    r2 = r.copy()
+    r2[rows, bi] = np.inf
+    return bi, bv, r2.min(axis=1)
 
 
 def dual_value(cost: np.ndarray, shares: Sequence[int], u: np.ndarray) -> float:
@@ -59,30 +60,37 @@ def dual_prices(
     """
     b, w = cost.shape
     sh = np.asarray(shares, dtype=np.int64)
+    shf = sh.astype(np.float64)
     u = np.zeros(w) if u0 is None else np.asarray(u0, dtype=np.float64).copy()
-    best_u, best_v = u.copy(), dual_value(cost, shares, u)
-    cols = np.arange(w)
-    for _ in range(max(0, sweeps)):
+    rows = np.arange(b)
+    best_u, best_v = u.copy(), -np.inf
+    # workers grouped by share, so that one partition call serves a group
+    groups = [(int(k), np.flatnonzero(sh == k)) for k in np.unique(sh)]
+    for it in range(max(0, sweeps) + 1):
         r = cost - u[None, :]
         bi, bv, sv = _best_two(r)
-        m = np.where(bi[:, None] == cols[None, :], sv[:, None], bv[:, None])
-        d = cost - m
-        new = np.empty(w)
-        for j in range(w):
-            k = int(sh[j])
-            col = d[:, j]
-            if not np.isfinite(col).any():
-                new[j] = 0.0
-            elif k <= 0:
-                new[j] = float(col.min())
-            elif k >= b:
-                new[j] = float(col.max()) if np.isfinite(col.max()) else float(col[np.isfinite(col)].max())
-            else:
-                new[j] = float(np.partition(col, k - 1)[k - 1])
-        u = new
-        v = dual_value(cost, shares, u)
+        v = float(bv.sum() + (shf * u).sum())  # LB(u), see module docstring
         if v > best_v:
             best_u, best_v = u.copy(), v
+        if it == max(0, sweeps):
+            break
+        # d[s, w] = c[s, w] - min_{w' != w} (c[s, w'] - u_w')
+        d = cost - bv[:, None]
+        d[rows, bi] = cost[rows, bi] - sv
+        dt = np.ascontiguousarray(d.T)
+        new = np.empty(w)
+        for k, ws in groups:
+            block = dt[ws]
+            if k <= 0:
+                new[ws] = block.min(axis=1)
+            elif k >= b:
+                new[ws] = block.max(axis=1)
+            else:
+                new[ws] = np.partition(block, k - 1, axis=1)[:, k - 1]
+        bad = ~np.isfinite(new)
+        if bad.any():
+            new[bad] = 0.0
+        u = new
     return best_u
 
 
