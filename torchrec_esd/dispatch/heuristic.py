@@ -120,7 +120,10 @@ def pairwise_exchange(
 
 
 def price_greedy(
-    cost: np.ndarray, shares: Sequence[int], price_sweeps: int = 3
+    cost: np.ndarray,
+    shares: Sequence[int],
+    price_sweeps: int = 3,
+    u0: Optional[np.ndarray] = None,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Regret greedy on price-adjusted costs ``c[s, w] - u_w``.
 
@@ -129,15 +132,16 @@ def price_greedy(
     price, so that only the samples that gain most from it still want it and
     the greedy's proposals are already nearly balanced.  Subtracting a
     per-worker constant does not change the total of any balanced assignment,
-    so this only changes which samples the greedy favours.  Returns
+    so this only changes which samples the greedy favours.  ``u0`` warm-starts
+    the prices (e.g. from a similar problem).  Returns
     ``(assignment, prices)``; ``LB(prices)`` is a valid lower bound.
     """
     from torchrec_esd.dispatch.lower_bound import dual_prices
 
     if price_sweeps > 0 and cost.shape[1] > 1:
-        u = dual_prices(cost, shares, price_sweeps)
+        u = dual_prices(cost, shares, price_sweeps, u0=u0)
     else:
-        u = np.zeros(cost.shape[1])
+        u = np.zeros(cost.shape[1]) if u0 is None else np.asarray(u0, dtype=np.float64)
     return greedy_rounds(cost - u[None, :], shares), u
 
 
@@ -264,9 +268,12 @@ def makespan_heuristic(
     best_a, best_v = None, np.inf
     lb = 0.0
     step = 1.0
+    u = None
     for r in range(max(1, rounds)):
         wc = cost * lam[None, :]
-        a, u = price_greedy(wc, shares)
+        # prices of the previous round, rescaled to the new weights, are a
+        # good start: one sweep instead of three after the first round
+        a, u = price_greedy(wc, shares, 3 if u is None else 1, u0=u)
         lb = max(lb, dual_value(wc, shares, u) / float(lam.sum()))
         loads = _loads(cost, a)
         v = float(loads.max())
@@ -275,8 +282,10 @@ def makespan_heuristic(
         mean = float(loads.mean())
         if mean <= 0 or (deadline is not None and time.perf_counter() > deadline):
             break
-        lam = lam * np.exp(step * (loads / mean - 1.0))
-        lam = lam / lam.mean()
+        new_lam = lam * np.exp(step * (loads / mean - 1.0))
+        new_lam = new_lam / new_lam.mean()
+        u = u * (new_lam / lam)
+        lam = new_lam
         step *= 0.8
     a, iters = bottleneck_swaps(cost, best_a, swap_iters, candidates, deadline)
     return a, {"mw_best_makespan": best_v, "swap_iters": float(iters), "lower_bound": lb}
