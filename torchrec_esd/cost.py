@@ -20,10 +20,15 @@ in one bag counts once); an id shared by two samples placed on the same worker
 is counted for both, and latency (a per-message constant) is not in it.
 :meth:`CostModel.measure` gives the true, de-duplicated cost of an assignment.
 
+For the ``"makespan"`` objective the same matrix is used; the dirty-elsewhere
+push really loads ``w'``'s link, not ``w``'s, which the per-worker sums of the
+additive model attribute to ``w`` (``measure`` puts it on ``w'``).
+
 Computation.  The C++ operators of :mod:`torchrec_esd.ops` do the per-sample
 work: one :func:`~torchrec_esd.ops.id_table_build` over the batch's distinct
-global row keys, one :func:`~torchrec_esd.ops.id_table_lookup` per worker of
-its cached keys into that table (to read the cache state of every batch key),
+global row keys, one :func:`~torchrec_esd.ops.id_table_lookup` of all
+workers' cached keys into that table (to read the cache state of every batch
+key),
 and one :func:`~torchrec_esd.ops.sample_cost_matrix` that sums, per sample and
 worker, the weights of the sample's distinct keys.  Every batch key is in the
 (shared) table, so the per-worker weight vectors carry the full per-key cost
