@@ -208,6 +208,7 @@ def main(argv=None) -> Dict:
     Ws = [int(x) for x in args.workers.split(",")]
     Bs = [int(x) for x in args.batches.split(",")]
     t_all = time.perf_counter()
+    load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
     configs = []
     hdr = f"{'W':>3} {'B':>6} | " + " ".join(f"{d:>11}" for d in COMPARED)
     print(f"objective={args.objective}; cost = additive link seconds per batch; gap % vs optimal;"
@@ -252,6 +253,7 @@ def main(argv=None) -> Dict:
         ),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "threads": args.threads,
+                    "loadavg_at_start": load0,
                     "loadavg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
         "configs": configs,
         "targets": targets,
