@@ -68,7 +68,6 @@ The problem: ``x[s, w] in {0, 1}``, ``sum_w x[s, w] = 1`` (each sample once),
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Dict, Optional, Sequence, Tuple
 
