@@ -63,7 +63,8 @@ class HybridDis(Dispatcher):
         gap_threshold: run the exact solver only if the heuristic is more than
             this relative gap above the lower bound.
         prior_s_per_cell: initial time model of the exact solver, seconds per
-            cost-matrix entry.
+            cost-matrix entry (``"total"``).
+        makespan_prior_s_per_cell: the same for the makespan MILP.
         improve_sweeps: pairwise-exchange sweeps of the total heuristic.
         burst: CPU credit cap, in batches' worth of ``cpu_budget * budget``.
     """
@@ -77,6 +78,7 @@ class HybridDis(Dispatcher):
         objective: str = "total",
         gap_threshold: float = 1e-4,
         prior_s_per_cell: float = 5e-7,
+        makespan_prior_s_per_cell: float = 1e-4,
         improve_sweeps: int = 0,
         burst: float = 4.0,
         ema: float = 0.3,
@@ -95,7 +97,9 @@ class HybridDis(Dispatcher):
         self.time_budget_s = time_budget_ms / 1e3
         self.cpu_budget = cpu_budget
         self.gap_threshold = gap_threshold
-        self.s_per_cell = {"total": prior_s_per_cell, "makespan": 20 * prior_s_per_cell}
+        # the makespan MILP is far slower per entry than the flow (and rarely
+        # improves on the heuristic within a short limit): a conservative prior
+        self.s_per_cell = {"total": prior_s_per_cell, "makespan": makespan_prior_s_per_cell}
         self.improve_sweeps = improve_sweeps
         self.burst = burst
         self.ema = ema
@@ -171,7 +175,9 @@ class HybridDis(Dispatcher):
             info["exact_path"] = float(xinfo.get("exact_path", 3.0))
             info["exact_iters"] = float(xinfo.get("cycles_iters", 0.0))
         else:
-            a, minfo = makespan_milp(c, shares, time_limit_s=max(1e-3, deadline - t1))
+            # HiGHS may overrun its limit (model build, presolve, coarse
+            # checks): give it half of what is left
+            a, minfo = makespan_milp(c, shares, time_limit_s=max(1e-3, 0.5 * (deadline - t1)))
             t_x = time.perf_counter() - t1
             finished = bool(minfo.get("proven_optimal", 0.0))
             if "lower_bound" in minfo:
