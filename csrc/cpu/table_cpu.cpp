@@ -41,6 +41,13 @@ void for_each_chunk(int64_t chunks, const F& f) {
   });
 }
 
+constexpr int64_t kPrefetchGroup = 32;    // lookups hashed + prefetched ahead
+constexpr int64_t kPrefetchDistance = 32;  // probes prefetched ahead in cost_kernel
+
+inline void prefetch_slot(const int64_t* slots, uint64_t s) {
+  __builtin_prefetch(slots + 2 * s, 0, 3);
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -148,11 +155,20 @@ at::Tensor id_table_lookup_cpu(const at::Tensor& slots, const at::Tensor& querie
   AT_DISPATCH_INDEX_TYPES(queries.scalar_type(), "id_table_lookup_cpu", [&] {
     const index_t* q = queries.data_ptr<index_t>();
     at::parallel_for(0, n, 1 << 12, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const int64_t k = static_cast<int64_t>(q[i]);
-        TORCH_CHECK(k >= 0, "torchrec_esd::", op, ": queries must be non-negative, got ", k,
-                    " at position ", i);
-        o[i] = table_probe(tab, mask, k, table_hash(static_cast<uint64_t>(k)));
+      // Hash a group of queries and prefetch their home slots before probing,
+      // so that the (cache-missing) table reads overlap.
+      uint64_t h[kPrefetchGroup];
+      for (int64_t g0 = b; g0 < e; g0 += kPrefetchGroup) {
+        const int64_t g1 = std::min<int64_t>(e, g0 + kPrefetchGroup);
+        for (int64_t i = g0; i < g1; ++i) {
+          const int64_t k = static_cast<int64_t>(q[i]);
+          TORCH_CHECK(k >= 0, "torchrec_esd::", op, ": queries must be non-negative, got ", k,
+                      " at position ", i);
+          h[i - g0] = table_hash(static_cast<uint64_t>(k));
+          prefetch_slot(tab, h[i - g0] & mask);
+        }
+        for (int64_t i = g0; i < g1; ++i)
+          o[i] = table_probe(tab, mask, static_cast<int64_t>(q[i]), h[i - g0]);
       }
     });
   });
@@ -173,61 +189,182 @@ struct WorkerTable {
   double miss;
 };
 
+// The batch is cut into segments of whole samples (about kSegmentKeys keys,
+// more segments than threads); one thread handles a segment at a time:
+//   1. de-duplicates the segment's keys with a private hash map (uid per key,
+//      Zipf batches repeat hot keys a lot),
+//   2. probes every worker's table once per distinct key -> val[uid, w],
+//   3. adds, for every sample, the val rows of its distinct keys to out[b, :].
+// So each (distinct key, worker) pair costs one probe, and each key occurrence
+// one contiguous W-vector add instead of W random table probes.
+constexpr int64_t kSegmentKeys = 65536;
+constexpr int64_t kWorkerTile = 4;
+
 template <typename index_t, typename offset_t>
 void cost_kernel(const index_t* keys, const offset_t* offsets, int64_t B,
                  const std::vector<WorkerTable>& tables, double* out) {
   const char* op = "sample_cost_matrix";
   const int64_t W = static_cast<int64_t>(tables.size());
-  constexpr int64_t kBlock = 256;  // samples per block: keeps buffers in cache
-  at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
-    std::vector<int64_t> dkey;      // distinct keys of the block's bags
-    std::vector<uint64_t> dhash;    // their hashes (shared by all workers)
-    std::vector<int32_t> dsample;   // their sample, relative to the block
-    std::vector<int64_t> tmp;
-    for (int64_t s0 = b0; s0 < b1; s0 += kBlock) {
-      const int64_t s1 = std::min(b1, s0 + kBlock);
+  const int64_t N = static_cast<int64_t>(offsets[B]);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t target =
+      std::max<int64_t>(4096, std::min<int64_t>(kSegmentKeys, N / (4 * threads) + 1));
+  std::vector<int64_t> seg{0};
+  for (int64_t b = 1; b < B; ++b)
+    if (static_cast<int64_t>(offsets[b]) - static_cast<int64_t>(offsets[seg.back()]) >= target)
+      seg.push_back(b);
+  seg.push_back(B);
+  const int64_t S = static_cast<int64_t>(seg.size()) - 1;
+  uint64_t max_mask = 1;
+  for (const WorkerTable& tw : tables) max_mask = std::max(max_mask, tw.mask);
+  int table_bits = 0;
+  while ((uint64_t{1} << table_bits) <= max_mask) ++table_bits;
+  const int sort_bits = std::min(table_bits, 12);
+  const int sort_shift = table_bits - sort_bits;
+
+  at::parallel_for(0, S, 1, [&](int64_t q0, int64_t q1) {
+    std::vector<int64_t> map;     // private map: rows (key, uid), key -1 when empty
+    std::vector<int32_t> uid;     // uid of every key of the segment
+    std::vector<int64_t> dkey;    // distinct keys, by uid
+    std::vector<uint64_t> dhash;  // their hashes
+    std::vector<double> val;      // [U, W] weight of every distinct key per worker
+    std::vector<int64_t> stamp;   // per uid: last sample that counted it
+    std::vector<int64_t> idx;     // index found in the current worker's table, per uid
+    std::vector<int64_t> hist(int64_t{1} << sort_bits);
+    std::vector<int32_t> kept;      // uids of the occurrences that count, by sample
+    std::vector<int64_t> kept_end;  // end of every sample's run in kept
+    std::vector<int32_t> renum;
+    std::vector<int64_t> skey;
+    std::vector<uint64_t> shash;
+    uint64_t h[kPrefetchGroup];
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t b0 = seg[q], b1 = seg[q + 1];
+      const int64_t lo = static_cast<int64_t>(offsets[b0]);
+      const int64_t n = static_cast<int64_t>(offsets[b1]) - lo;
+      TORCH_CHECK(n < (int64_t{1} << 31), "torchrec_esd::", op,
+                  ": a sample has more than 2^31 keys");
+      const int64_t cap = table_capacity(n);
+      const uint64_t mask = static_cast<uint64_t>(cap - 1);
+      map.assign(2 * cap, kEmptyKey);
+      uid.resize(n);
+      kept_end.resize(b1 - b0);
       dkey.clear();
-      dsample.clear();
-      for (int64_t b = s0; b < s1; ++b) {
-        const int64_t lo = static_cast<int64_t>(offsets[b]);
-        const int64_t hi = static_cast<int64_t>(offsets[b + 1]);
-        const size_t bag_start = dkey.size();
-        if (hi - lo <= 32) {
-          // small bag: keep the first occurrence of every key (quadratic scan)
-          for (int64_t j = lo; j < hi; ++j) {
-            const int64_t k = static_cast<int64_t>(keys[j]);
-            TORCH_CHECK(k >= 0, "torchrec_esd::", op, ": keys must be non-negative, got ", k,
-                        " at position ", j);
-            bool seen = false;
-            for (size_t t = bag_start; t < dkey.size(); ++t) seen |= dkey[t] == k;
-            if (!seen) dkey.push_back(k);
-          }
-        } else {
-          tmp.assign(keys + lo, keys + hi);
-          std::sort(tmp.begin(), tmp.end());
-          TORCH_CHECK(tmp.front() >= 0, "torchrec_esd::", op,
-                      ": keys must be non-negative, got ", tmp.front(), " in sample ", b);
-          for (size_t t = 0; t < tmp.size(); ++t)
-            if (t == 0 || tmp[t] != tmp[t - 1]) dkey.push_back(tmp[t]);
+      dhash.clear();
+      // 1. de-duplicate (hash a group of keys and prefetch their slots first)
+      for (int64_t g0 = 0; g0 < n; g0 += kPrefetchGroup) {
+        const int64_t g1 = std::min<int64_t>(n, g0 + kPrefetchGroup);
+        for (int64_t j = g0; j < g1; ++j) {
+          const int64_t k = static_cast<int64_t>(keys[lo + j]);
+          TORCH_CHECK(k >= 0, "torchrec_esd::", op, ": keys must be non-negative, got ", k,
+                      " at position ", lo + j);
+          h[j - g0] = table_hash(static_cast<uint64_t>(k));
+          __builtin_prefetch(map.data() + 2 * (h[j - g0] & mask), 1, 1);
         }
-        dsample.resize(dkey.size(), static_cast<int32_t>(b - s0));
-      }
-      const int64_t nd = static_cast<int64_t>(dkey.size());
-      dhash.resize(nd);
-      for (int64_t t = 0; t < nd; ++t) dhash[t] = table_hash(static_cast<uint64_t>(dkey[t]));
-      for (int64_t w = 0; w < W; ++w) {
-        const WorkerTable& tw = tables[w];
-        double* o = out + s0 * W + w;
-        for (int64_t t = 0; t < nd; ++t) {
-          const int64_t idx = table_probe(tw.slots, tw.mask, dkey[t], dhash[t]);
-          double v = tw.miss;
-          if (idx >= 0) {
-            TORCH_CHECK(idx < tw.num_weights, "torchrec_esd::", op, ": table slots[", w,
-                        "] stores index ", idx, " but weights[", w, "] has only ",
-                        tw.num_weights, " entries");
-            v = tw.weights[idx];
+        for (int64_t j = g0; j < g1; ++j) {
+          const int64_t k = static_cast<int64_t>(keys[lo + j]);
+          uint64_t sl = h[j - g0] & mask;
+          while (map[2 * sl] != k && map[2 * sl] != kEmptyKey) sl = (sl + 1) & mask;
+          if (map[2 * sl] == kEmptyKey) {
+            map[2 * sl] = k;
+            map[2 * sl + 1] = static_cast<int64_t>(dkey.size());
+            dkey.push_back(k);
+            dhash.push_back(h[j - g0]);
           }
-          o[static_cast<int64_t>(dsample[t]) * W] += v;
+          uid[j] = static_cast<int32_t>(map[2 * sl + 1]);
+        }
+      }
+      // Renumber the distinct keys in (coarse) order of their slot in the
+      // largest worker table, so that step 2 sweeps every table nearly
+      // sequentially instead of jumping around it (counting sort on the top
+      // <= 12 bits of the slot).
+      const int64_t U = static_cast<int64_t>(dkey.size());
+      {
+        std::fill(hist.begin(), hist.end(), 0);
+        for (int64_t u = 0; u < U; ++u) ++hist[(dhash[u] & max_mask) >> sort_shift];
+        int64_t acc = 0;
+        for (auto& c : hist) {
+          const int64_t v = c;
+          c = acc;
+          acc += v;
+        }
+        renum.resize(U);
+        skey.resize(U);
+        shash.resize(U);
+        for (int64_t u = 0; u < U; ++u) {
+          const int64_t r = hist[(dhash[u] & max_mask) >> sort_shift]++;
+          renum[u] = static_cast<int32_t>(r);
+          skey[r] = dkey[u];
+          shash[r] = dhash[u];
+        }
+        dkey.swap(skey);
+        dhash.swap(shash);
+        for (int64_t j = 0; j < n; ++j) uid[j] = renum[uid[j]];
+      }
+      // Occurrences that count: the first of every uid in its sample (stamp[u]
+      // remembers the last sample that counted uid u), in order.
+      kept.clear();
+      stamp.assign(U, -1);
+      for (int64_t bb = b0; bb < b1; ++bb) {
+        const int64_t j0 = static_cast<int64_t>(offsets[bb]) - lo;
+        const int64_t j1 = static_cast<int64_t>(offsets[bb + 1]) - lo;
+        for (int64_t j = j0; j < j1; ++j) {
+          const int32_t u = uid[j];
+          if (stamp[u] == bb) continue;
+          stamp[u] = bb;
+          kept.push_back(u);
+        }
+        kept_end[bb - b0] = static_cast<int64_t>(kept.size());
+      }
+      // Workers in tiles of kWorkerTile, so that val (U x tile) stays in cache:
+      // 2. one probe per (distinct key, worker) -> val[u, t]; slots, then
+      //    weights, are prefetched kPrefetchDistance probes ahead;
+      // 3. every sample adds the val rows of its kept keys to out[b, tile].
+      for (int64_t w0 = 0; w0 < W; w0 += kWorkerTile) {
+        const int64_t T = std::min(kWorkerTile, W - w0);
+        val.resize(U * T);
+        idx.resize(U);
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t w = w0 + t;
+          const WorkerTable& tw = tables[w];
+          for (int64_t u = 0; u < std::min(U, kPrefetchDistance); ++u)
+            prefetch_slot(tw.slots, dhash[u] & tw.mask);
+          for (int64_t u = 0; u < U; ++u) {
+            if (u + kPrefetchDistance < U)
+              prefetch_slot(tw.slots, dhash[u + kPrefetchDistance] & tw.mask);
+            idx[u] = table_probe(tw.slots, tw.mask, dkey[u], dhash[u]);
+          }
+          for (int64_t u = 0; u < U; ++u) {
+            if (u + kPrefetchDistance < U && idx[u + kPrefetchDistance] >= 0)
+              __builtin_prefetch(tw.weights + idx[u + kPrefetchDistance], 0, 3);
+            const int64_t i = idx[u];
+            double v = tw.miss;
+            if (i >= 0) {
+              TORCH_CHECK(i < tw.num_weights, "torchrec_esd::", op, ": table slots[", w,
+                          "] stores index ", i, " but weights[", w, "] has only ",
+                          tw.num_weights, " entries");
+              v = tw.weights[i];
+            }
+            val[u * T + t] = v;
+          }
+        }
+        const double* vr = val.data();
+        int64_t j = 0;
+        for (int64_t bb = b0; bb < b1; ++bb) {
+          double* ob = out + bb * W + w0;
+          const int64_t je = kept_end[bb - b0];
+          if (T == kWorkerTile) {
+            double acc[kWorkerTile] = {};
+            for (; j < je; ++j) {
+              const double* r = vr + static_cast<int64_t>(kept[j]) * kWorkerTile;
+              for (int64_t t = 0; t < kWorkerTile; ++t) acc[t] += r[t];
+            }
+            for (int64_t t = 0; t < kWorkerTile; ++t) ob[t] = acc[t];
+          } else {
+            for (; j < je; ++j) {
+              const double* r = vr + static_cast<int64_t>(kept[j]) * T;
+              for (int64_t t = 0; t < T; ++t) ob[t] += r[t];
+            }
+          }
         }
       }
     }
@@ -298,28 +435,34 @@ int bit_width(uint64_t v) {
   return b;
 }
 
-// Parallel LSD radix sort of `a` (values < 2^bits), 8-bit digits; `buf` is
-// scratch of the same size.  Digits on which all values agree are skipped.
+// Parallel LSD radix sort of `a` (values < 2^bits) with as few passes of
+// <= 11-bit digits as possible; `buf` is scratch of the same size.  Digits on
+// which all values agree are skipped.
 void radix_sort_u64(std::vector<uint64_t>& a, std::vector<uint64_t>& buf, int bits) {
   const int64_t n = static_cast<int64_t>(a.size());
+  if (bits == 0 || n < 2) return;
+  const int passes = (bits + 10) / 11;
+  const int digit = (bits + passes - 1) / passes;
+  const int64_t R = int64_t{1} << digit;
+  const uint64_t dmask = static_cast<uint64_t>(R - 1);
   const std::vector<int64_t> cb = chunk_bounds(n, 1 << 15);
   const int64_t C = static_cast<int64_t>(cb.size()) - 1;
-  std::vector<int64_t> hist(C * 256);
-  for (int shift = 0; shift < bits; shift += 8) {
+  std::vector<int64_t> hist(C * R);
+  for (int shift = 0; shift < bits; shift += digit) {
     std::fill(hist.begin(), hist.end(), 0);
     const uint64_t* src = a.data();
     for_each_chunk(C, [&](int64_t c) {
-      int64_t* h = hist.data() + c * 256;
-      for (int64_t i = cb[c]; i < cb[c + 1]; ++i) ++h[(src[i] >> shift) & 255];
+      int64_t* h = hist.data() + c * R;
+      for (int64_t i = cb[c]; i < cb[c + 1]; ++i) ++h[(src[i] >> shift) & dmask];
     });
     // exclusive prefix in (digit, chunk) order -> stable scatter offsets
     int64_t total = 0;
     bool single = false;
-    for (int d = 0; d < 256; ++d) {
+    for (int64_t d = 0; d < R; ++d) {
       int64_t dsum = 0;
       for (int64_t c = 0; c < C; ++c) {
-        const int64_t v = hist[c * 256 + d];
-        hist[c * 256 + d] = total;
+        const int64_t v = hist[c * R + d];
+        hist[c * R + d] = total;
         total += v;
         dsum += v;
       }
@@ -328,8 +471,8 @@ void radix_sort_u64(std::vector<uint64_t>& a, std::vector<uint64_t>& buf, int bi
     if (single) continue;  // every value has this digit: order unchanged
     uint64_t* dst = buf.data();
     for_each_chunk(C, [&](int64_t c) {
-      int64_t* h = hist.data() + c * 256;
-      for (int64_t i = cb[c]; i < cb[c + 1]; ++i) dst[h[(src[i] >> shift) & 255]++] = src[i];
+      int64_t* h = hist.data() + c * R;
+      for (int64_t i = cb[c]; i < cb[c + 1]; ++i) dst[h[(src[i] >> shift) & dmask]++] = src[i];
     });
     a.swap(buf);
   }
@@ -343,59 +486,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unique_keys_per_group_cpu(
   check_unique_args(keys, group, num_groups);
   check_cpu(op, "keys", keys);
   const int64_t n = keys.numel();
+  const auto lopt = keys.options().dtype(at::kLong);
+  if (n == 0) return {at::empty({0}, keys.options()), at::empty({0}, lopt), at::empty({0}, lopt)};
 
-  // Read keys and groups, check them and find the largest key (parallel).
-  std::vector<int64_t> k64(n), g64(n);
-  int64_t max_key = 0;
-  {
-    const std::vector<int64_t> cb = chunk_bounds(n, 1 << 14);
-    const int64_t C = static_cast<int64_t>(cb.size()) - 1;
-    std::vector<int64_t> cmax(C, 0);
-    AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "unique_keys_per_group_keys", [&] {
-      const index_t* kp = keys.data_ptr<index_t>();
+  const std::vector<int64_t> cb = chunk_bounds(n, 1 << 15);
+  const int64_t C = static_cast<int64_t>(cb.size()) - 1;
+  // Pass 1: check keys and groups, find the largest key.
+  std::vector<int64_t> cmax(C, 0);
+  AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "unique_keys_per_group_keys", [&] {
+    using key_t = index_t;
+    const key_t* kp = keys.data_ptr<key_t>();
+    AT_DISPATCH_INDEX_TYPES(group.scalar_type(), "unique_keys_per_group_group", [&] {
+      const index_t* gp = group.data_ptr<index_t>();
       for_each_chunk(C, [&](int64_t c) {
         int64_t m = 0;
         for (int64_t i = cb[c]; i < cb[c + 1]; ++i) {
           const int64_t k = static_cast<int64_t>(kp[i]);
+          const int64_t g = static_cast<int64_t>(gp[i]);
           TORCH_CHECK(k >= 0, "torchrec_esd::", op, ": keys must be non-negative, got ", k,
                       " at position ", i);
-          k64[i] = k;
+          TORCH_CHECK(g >= 0 && g < num_groups, "torchrec_esd::", op,
+                      ": group values must be in [0, num_groups = ", num_groups, "), got ", g,
+                      " at position ", i);
           m = std::max(m, k);
         }
         cmax[c] = m;
       });
     });
-    for (int64_t c = 0; c < C; ++c) max_key = std::max(max_key, cmax[c]);
-    AT_DISPATCH_INDEX_TYPES(group.scalar_type(), "unique_keys_per_group_group", [&] {
-      const index_t* gp = group.data_ptr<index_t>();
-      for_each_chunk(C, [&](int64_t c) {
-        for (int64_t i = cb[c]; i < cb[c + 1]; ++i) {
-          const int64_t g = static_cast<int64_t>(gp[i]);
-          TORCH_CHECK(g >= 0 && g < num_groups, "torchrec_esd::", op,
-                      ": group values must be in [0, num_groups = ", num_groups, "), got ", g,
-                      " at position ", i);
-          g64[i] = g;
-        }
-      });
-    });
-  }
-
-  std::vector<int64_t> uk, ug, cnt;
+  });
+  const int64_t max_key = *std::max_element(cmax.begin(), cmax.end());
   const int kbits = bit_width(static_cast<uint64_t>(max_key));
   const int gbits = bit_width(static_cast<uint64_t>(std::max<int64_t>(num_groups - 1, 0)));
-  if (n > 0 && kbits + gbits <= 64) {
+
+  if (kbits + gbits <= 64) {
     // Fast path: radix sort of packed (group << kbits | key), then run lengths.
     std::vector<uint64_t> c(n), buf(n);
-    at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i)
-        c[i] = (kbits == 64 ? 0 : (static_cast<uint64_t>(g64[i]) << kbits)) |
-               static_cast<uint64_t>(k64[i]);
+    AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "unique_keys_per_group_pack", [&] {
+      using key_t = index_t;
+      const key_t* kp = keys.data_ptr<key_t>();
+      AT_DISPATCH_INDEX_TYPES(group.scalar_type(), "unique_keys_per_group_pack2", [&] {
+        const index_t* gp = group.data_ptr<index_t>();
+        for_each_chunk(C, [&](int64_t ch) {
+          for (int64_t i = cb[ch]; i < cb[ch + 1]; ++i)
+            c[i] = (static_cast<uint64_t>(gp[i]) << kbits) | static_cast<uint64_t>(kp[i]);
+        });
+      });
     });
     radix_sort_u64(c, buf, kbits + gbits);
-    const uint64_t kmask = kbits == 64 ? ~0ULL : ((1ULL << kbits) - 1);
-    // run starts, counted then written per chunk
-    const std::vector<int64_t> cb = chunk_bounds(n, 1 << 15);
-    const int64_t C = static_cast<int64_t>(cb.size()) - 1;
+    const uint64_t kmask = (uint64_t{1} << kbits) - 1;  // kbits <= 63: keys are int64 >= 0
     std::vector<int64_t> cstart(C + 1, 0);
     for_each_chunk(C, [&](int64_t ch) {
       int64_t m = 0;
@@ -404,45 +542,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unique_keys_per_group_cpu(
     });
     for (int64_t ch = 0; ch < C; ++ch) cstart[ch + 1] += cstart[ch];
     const int64_t u = cstart[C];
-    uk.resize(u), ug.resize(u), cnt.resize(u);
-    std::vector<int64_t> first(u + 1);
-    first[u] = n;
-    for_each_chunk(C, [&](int64_t ch) {
-      int64_t j = cstart[ch];
-      for (int64_t i = cb[ch]; i < cb[ch + 1]; ++i) {
-        if (i == 0 || c[i] != c[i - 1]) {
-          uk[j] = static_cast<int64_t>(c[i] & kmask);
-          ug[j] = kbits == 64 ? 0 : static_cast<int64_t>(c[i] >> kbits);
-          first[j] = i;
-          ++j;
+    at::Tensor out_k = at::empty({u}, keys.options());
+    at::Tensor out_g = at::empty({u}, lopt);
+    at::Tensor out_c = at::empty({u}, lopt);
+    int64_t* og = out_g.data_ptr<int64_t>();
+    int64_t* oc = out_c.data_ptr<int64_t>();  // first holds run starts, then counts
+    AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "unique_keys_per_group_out", [&] {
+      index_t* ok = out_k.data_ptr<index_t>();
+      for_each_chunk(C, [&](int64_t ch) {
+        int64_t j = cstart[ch];
+        for (int64_t i = cb[ch]; i < cb[ch + 1]; ++i) {
+          if (i == 0 || c[i] != c[i - 1]) {
+            ok[j] = static_cast<index_t>(c[i] & kmask);
+            og[j] = static_cast<int64_t>(c[i] >> kbits);
+            oc[j] = i;
+            ++j;
+          }
         }
-      }
+      });
     });
-    at::parallel_for(0, u, 1 << 14, [&](int64_t b, int64_t e) {
-      for (int64_t j = b; j < e; ++j) cnt[j] = first[j + 1] - first[j];
+    // counts = next run start - run start (chunk c's last run ends at the next
+    // chunk's first start, read before that chunk overwrites it: do it serially
+    // per chunk boundary, then in parallel inside chunks)
+    std::vector<int64_t> next_start(C);
+    for (int64_t ch = 0; ch < C; ++ch) next_start[ch] = cstart[ch + 1] < u ? oc[cstart[ch + 1]] : n;
+    for_each_chunk(C, [&](int64_t ch) {
+      for (int64_t j = cstart[ch]; j < cstart[ch + 1]; ++j)
+        oc[j] = (j + 1 < cstart[ch + 1] ? oc[j + 1] : next_start[ch]) - oc[j];
     });
-  } else if (n > 0) {
-    // General path (keys too wide to pack with the group): sort (group, key) pairs.
-    std::vector<std::pair<int64_t, int64_t>> p(n);
-    for (int64_t i = 0; i < n; ++i) p[i] = {g64[i], k64[i]};
-    std::sort(p.begin(), p.end());
-    for (int64_t i = 0; i < n; ++i) {
-      if (i == 0 || p[i] != p[i - 1]) {
-        ug.push_back(p[i].first);
-        uk.push_back(p[i].second);
-        cnt.push_back(1);
-      } else {
-        ++cnt.back();
-      }
+    return {out_k, out_g, out_c};
+  }
+
+  // General path (keys too wide to pack with the group): sort (group, key) pairs.
+  std::vector<std::pair<int64_t, int64_t>> p(n);
+  AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "unique_keys_per_group_pairs", [&] {
+    using key_t = index_t;
+    const key_t* kp = keys.data_ptr<key_t>();
+    AT_DISPATCH_INDEX_TYPES(group.scalar_type(), "unique_keys_per_group_pairs2", [&] {
+      const index_t* gp = group.data_ptr<index_t>();
+      for (int64_t i = 0; i < n; ++i)
+        p[i] = {static_cast<int64_t>(gp[i]), static_cast<int64_t>(kp[i])};
+    });
+  });
+  std::sort(p.begin(), p.end());
+  std::vector<int64_t> uk, ug, cnt;
+  for (int64_t i = 0; i < n; ++i) {
+    if (i == 0 || p[i] != p[i - 1]) {
+      ug.push_back(p[i].first);
+      uk.push_back(p[i].second);
+      cnt.push_back(1);
+    } else {
+      ++cnt.back();
     }
   }
   const int64_t u = static_cast<int64_t>(uk.size());
   at::Tensor out_k = at::empty({u}, keys.options());
-  at::Tensor out_g = at::empty({u}, keys.options().dtype(at::kLong));
-  at::Tensor out_c = at::empty({u}, keys.options().dtype(at::kLong));
-  std::copy(ug.begin(), ug.end(), out_g.data_ptr<int64_t>());
-  std::copy(cnt.begin(), cnt.end(), out_c.data_ptr<int64_t>());
-  AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "unique_keys_per_group_out", [&] {
+  at::Tensor out_g = at::from_blob(ug.data(), {u}, lopt).clone();
+  at::Tensor out_c = at::from_blob(cnt.data(), {u}, lopt).clone();
+  AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "unique_keys_per_group_out2", [&] {
     index_t* o = out_k.data_ptr<index_t>();
     for (int64_t j = 0; j < u; ++j) o[j] = static_cast<index_t>(uk[j]);
   });
