@@ -143,14 +143,16 @@ class EsdInputDist(nn.Module):
         else:
             gkjt, strides = self._gather_ids(batch)
         b = gkjt.stride()
+        ekjt = rt.esd_view(gkjt)  # replicated tables' features are not dispatched on
         try:
-            rt.directory.check_batch(gkjt)  # type: ignore[union-attr]
+            rt.directory.check_batch(ekjt)  # type: ignore[union-attr]
+            rt.check_replicated_ids(gkjt)
         except EsdConfigError as e:
             # every worker sees the same global ids, so every worker fails here
             rt.abort(f"bad batch: {e}")
             raise
-        assignment = self._decide(gkjt)
-        plan = rt.directory.plan(gkjt, assignment)  # type: ignore[union-attr]
+        assignment = self._decide(ekjt)
+        plan = rt.directory.plan(ekjt, assignment)  # type: ignore[union-attr]
         rt.enqueue(plan)
         self.loss_scale = rt.config.num_workers / b
         mine = (assignment == me).nonzero().view(-1)

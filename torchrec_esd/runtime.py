@@ -14,10 +14,12 @@ from collections import deque
 from datetime import timedelta
 from typing import Deque, Dict, List, Optional, Sequence
 
+import torch
 import torch.distributed as dist
 from torchrec.distributed.types import ShardingEnv
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_esd.cache import CacheDirectory, IterationPlan
 from torchrec_esd.config import EsdConfig, EsdConfigError
@@ -33,6 +35,29 @@ def _tables_fingerprint(tables: Sequence[EmbeddingBagConfig]) -> List:
 
 
 _GROUPS: Dict[tuple, tuple] = {}
+
+
+def select_kjt_keys(kjt: KeyedJaggedTensor, keep: Sequence[str]) -> KeyedJaggedTensor:
+    """The features ``keep`` of ``kjt`` (in ``kjt``'s order); all must exist."""
+    keys = kjt.keys()
+    missing = [k for k in keep if k not in keys]
+    if missing:
+        raise EsdConfigError(f"batch has no feature(s) {missing}")
+    wanted = set(keep)
+    b = kjt.stride()
+    lengths = kjt.lengths().view(len(keys), b)
+    per_key = lengths.sum(1).tolist()
+    vals = torch.split(kjt.values(), per_key)
+    w = kjt.weights_or_none()
+    wts = torch.split(w, per_key) if w is not None else None
+    idx = [i for i, k in enumerate(keys) if k in wanted]
+    return KeyedJaggedTensor(
+        keys=[keys[i] for i in idx],
+        values=torch.cat([vals[i] for i in idx]) if idx else kjt.values()[:0],
+        lengths=lengths[idx].reshape(-1),
+        weights=torch.cat([wts[i] for i in idx]) if wts is not None and idx else None,
+        stride=b,
+    )
 
 
 def esd_process_groups(config: EsdConfig):
@@ -72,6 +97,7 @@ class EsdRuntime:
         config: EsdConfig,
         tables: Sequence[EmbeddingBagConfig],
         optimizer: SparseOptimizer,
+        replicated_tables: Sequence[EmbeddingBagConfig] = (),
     ) -> None:
         if not dist.is_initialized():
             raise EsdConfigError(
@@ -80,7 +106,13 @@ class EsdRuntime:
             )
         self.config = config
         self.tables = list(tables)
+        self.replicated_tables = list(replicated_tables)
         self.optimizer = optimizer
+        both = [t.name for t in self.tables] + [t.name for t in self.replicated_tables]
+        if len(set(both)) != len(both):
+            raise EsdConfigError(f"a table is both ESD-managed and replicated: {both}")
+        self.esd_features = [f for t in self.tables for f in t.feature_names]
+        self.replicated_features = [f for t in self.replicated_tables for f in t.feature_names]
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         if self.world_size != config.world_size:
@@ -122,6 +154,26 @@ class EsdRuntime:
     def link(self):
         return self.config.workers[self.worker_index]
 
+    def esd_view(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """``kjt`` restricted to the features of ESD-managed tables (replicated
+        tables' features never reach the directory, the cost model or the PS)."""
+        if not self.replicated_tables:
+            return kjt
+        return select_kjt_keys(kjt, self.esd_features)
+
+    def check_replicated_ids(self, kjt: KeyedJaggedTensor) -> None:
+        """Ids of replicated tables' features must be inside their tables."""
+        for t in self.replicated_tables:
+            for f in t.feature_names:
+                if f not in kjt.keys():
+                    raise EsdConfigError(f"batch has no feature {f!r} (replicated table {t.name!r})")
+                v = kjt[f].values()
+                if v.numel() and (int(v.min()) < 0 or int(v.max()) >= t.num_embeddings):
+                    bad = v[(v < 0) | (v >= t.num_embeddings)][0]
+                    raise EsdConfigError(
+                        f"feature {f!r}: id {int(bad)} is outside table {t.name!r} of {t.num_embeddings} rows"
+                    )
+
     def sharding_env(self) -> ShardingEnv:
         """The ``ShardingEnv`` to give ``DistributedModelParallel`` on workers."""
         return ShardingEnv(self.config.num_workers, self.worker_index, self.worker_group)
@@ -129,6 +181,7 @@ class EsdRuntime:
     def _check_same_config_everywhere(self) -> None:
         mine = json.dumps(
             {"config": self.config.to_dict(), "tables": _tables_fingerprint(self.tables),
+             "replicated": _tables_fingerprint(self.replicated_tables),
              "optimizer": [self.optimizer.name, self.optimizer.lr, self.optimizer.eps]},
             sort_keys=True,
         )
@@ -181,6 +234,10 @@ class EsdRuntime:
         if self._executor is None:
             raise EsdConfigError("flush() needs the sharded embedding module to be built")
         self._executor.flush()
+
+    def replica_tables(self) -> Dict[str, torch.Tensor]:
+        """This worker's copies of the replicated (data-parallel) tables."""
+        return self._executor.replica_tables() if self._executor is not None else {}
 
     def gather_tables(self):
         """(weights, optimizer states) of every table, from the PS ranks, on

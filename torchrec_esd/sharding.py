@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Type
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchrec.distributed.comm_ops import get_gradient_division
@@ -46,6 +47,7 @@ from torchrec_esd.runtime import EsdRuntime
 
 ESD_SHARDING_TYPE = "esd_ps_cache"
 ESD_COMPUTE_KERNEL = "esd_cache"
+REPLICATED_SHARDING_TYPE = "data_parallel"  # whole table on every worker, all-reduced gradients
 
 
 class EsdContext:
@@ -79,11 +81,12 @@ class ShardedEsdEmbeddingBagCollection(
             raise EsdConfigError("only worker ranks build the ESD embedding module")
         self._runtime = runtime
         self._configs = list(module.embedding_bag_configs())
-        names = [t.name for t in self._configs]
-        if names != runtime.routing.names:
+        names = sorted(t.name for t in self._configs)
+        expected = sorted(runtime.routing.names + [t.name for t in runtime.replicated_tables])
+        if names != expected:
             raise EsdConfigError(
                 f"the EmbeddingBagCollection's tables {names} do not match the EsdRuntime's "
-                f"tables {runtime.routing.names}"
+                f"ESD + replicated tables {expected}"
             )
         for t in self._configs:
             if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
@@ -104,6 +107,17 @@ class ShardedEsdEmbeddingBagCollection(
         }
         self._modes = sorted(set(self._feature_mode.values()))
         self._store = _WorkerRowStore(runtime)
+        # replicated tables: whole on every worker, data parallel (all-reduced
+        # gradients, the same optimizer step everywhere), never through the PS
+        self._replicas: Dict[str, torch.Tensor] = {}
+        self._replica_state: Dict[str, torch.Tensor] = {}
+        for t in runtime.replicated_tables:
+            w = module.embedding_bags[t.name].weight.detach()
+            if w.device.type == "meta":
+                raise EsdConfigError(f"replicated table {t.name!r} has no initial values (meta device)")
+            self._replicas[t.name] = w.to(torch.float32).clone()
+            self._replica_state[t.name] = torch.zeros(t.num_embeddings, runtime.optimizer.state_dim)
+        self._replica_of_feature = {f: t.name for t in runtime.replicated_tables for f in t.feature_names}
         self._pending: Optional[Dict] = None
         runtime.attach(self)
 
@@ -173,11 +187,14 @@ class ShardedEsdEmbeddingBagCollection(
         inc = slot >= 0
         working_set[inc] = store.rows[slot[inc]]
         working_set[wp.pull_pos[~cached]] = got[~cached, : self._dim]
+        n_esd = working_set.shape[0]
+        if self._replicas:
+            working_set = torch.cat([working_set] + list(self._replicas.values()))
         training = torch.is_grad_enabled()
         if training:
             working_set.requires_grad_(True)
-        pooled = self._pool(kjt, wp, working_set)
-        pending = {"plan": wp, "rows": working_set.shape[0], "done": False}
+        pooled = self._pool(kjt, wp, working_set, n_esd)
+        pending = {"plan": wp, "rows": working_set.shape[0], "esd_rows": n_esd, "done": False}
         self._pending = pending
         if training:
             working_set.register_hook(lambda g, p=pending: self._after_backward(p, g))
@@ -186,22 +203,39 @@ class ShardedEsdEmbeddingBagCollection(
         self._runtime.meter.iterations += 1
         return pooled
 
-    def _pool(self, kjt: KeyedJaggedTensor, wp: WorkerPlan, working_set: torch.Tensor) -> KeyedTensor:
+    def _pool(self, kjt: KeyedJaggedTensor, wp: WorkerPlan, working_set: torch.Tensor, n_esd: int) -> KeyedTensor:
         keys = kjt.keys()
         b = kjt.stride()
         missing = [f for f in self._embedding_names if f not in keys]
         if missing:
             raise EsdConfigError(f"batch has no feature(s) {missing} of the EmbeddingBagCollection")
-        directory = self._runtime.directory
-        gkeys, _ = directory.batch_keys(kjt)  # type: ignore[union-attr]
+        rt = self._runtime
+        directory = rt.directory
+        gkeys, _ = directory.batch_keys(rt.esd_view(kjt))  # type: ignore[union-attr]
         used = wp.used_keys
-        pos = torch.searchsorted(used, gkeys).clamp_(max=max(used.numel() - 1, 0))
-        if gkeys.numel() and (used.numel() == 0 or not bool(torch.equal(used[pos], gkeys))):
+        epos = torch.searchsorted(used, gkeys).clamp_(max=max(used.numel() - 1, 0))
+        if gkeys.numel() and (used.numel() == 0 or not bool(torch.equal(used[epos], gkeys))):
             raise EsdConfigError(
                 "this batch is not the one EsdInputDist dispatched to this worker (ids missing "
                 "from the dispatch plan); keep batches in the order they were dispatched"
             )
         lengths = kjt.lengths().view(len(keys), b).to(torch.int64)
+        if self._replicas:
+            # positions of every value (KJT order) in [ESD working set | replicas]
+            per_key = lengths.sum(1)
+            is_rep = torch.tensor([k in self._replica_of_feature for k in keys])
+            seg = torch.repeat_interleave(torch.arange(len(keys)), per_key)
+            rep_val = is_rep[seg]
+            base, bases = n_esd, {}
+            for name, rows in self._replicas.items():
+                bases[name] = base
+                base += rows.shape[0]
+            feat_base = torch.tensor([bases.get(self._replica_of_feature.get(k, ""), 0) for k in keys])
+            pos = torch.empty(kjt.values().numel(), dtype=torch.int64)
+            pos[~rep_val] = epos
+            pos[rep_val] = feat_base[seg[rep_val]] + kjt.values()[rep_val].to(torch.int64)
+        else:
+            pos = epos
         offs = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
         offs[1:] = torch.cumsum(lengths.reshape(-1), 0)
         psw = kjt.weights_or_none() if self._is_weighted else None
@@ -243,6 +277,9 @@ class ShardedEsdEmbeddingBagCollection(
             # TorchRec divides pooled-embedding gradients by the world size (to
             # match DDP's averaging of dense gradients); so does ESD, over workers
             grad = grad / rt.config.num_workers
+        if self._replicas:
+            self._update_replicas(grad[pending["esd_rows"] :])
+            grad = grad[: pending["esd_rows"]]
         if wp.local_pos.numel():
             slots = wp.used_slot[wp.local_pos]
             rows, state = self._store.rows[slots], self._store.state[slots]
@@ -253,6 +290,28 @@ class ShardedEsdEmbeddingBagCollection(
         rt.meter.add("update_push", keys.numel(), keys.numel() * self._dim * 4)
         rt.meter.add_message(rt.link, keys.numel() * (self._dim * 4 + 8))
         self._pending = None
+
+    def _update_replicas(self, grad: torch.Tensor) -> None:
+        """Data-parallel step of the replicated tables: sum the workers' gradients
+        (the same division as ESD rows is already applied), same update everywhere."""
+        rt = self._runtime
+        g = grad.detach().contiguous()
+        dist.all_reduce(g, group=rt.worker_group)
+        W = rt.config.num_workers
+        rt.meter.add_message(rt.link, int(2 * (W - 1) / W * g.numel() * 4))
+        off = 0
+        for name, rows in self._replicas.items():
+            n = rows.shape[0]
+            gt = g[off : off + n]
+            off += n
+            touched = (gt != 0).any(dim=1).nonzero().view(-1)
+            if touched.numel():
+                r, st = rows[touched], self._replica_state[name][touched]
+                rt.optimizer.apply_(r, st, gt[touched])
+                rows[touched], self._replica_state[name][touched] = r, st
+
+    def replica_tables(self) -> Dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self._replicas.items()}
 
     def _finish_pending_backward(self) -> None:
         """A forward whose backward never ran (eval, skipped step) still owes
@@ -279,7 +338,7 @@ class EsdEmbeddingBagCollectionSharder(ModuleSharder[EmbeddingBagCollection]):
         return EmbeddingBagCollection
 
     def sharding_types(self, compute_device_type: str) -> List[str]:
-        return [ESD_SHARDING_TYPE]
+        return [ESD_SHARDING_TYPE, REPLICATED_SHARDING_TYPE]
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
         return [ESD_COMPUTE_KERNEL]
@@ -292,11 +351,13 @@ class EsdEmbeddingBagCollectionSharder(ModuleSharder[EmbeddingBagCollection]):
         device: Optional[torch.device] = None,
         module_fqn: Optional[str] = None,
     ) -> ShardedEsdEmbeddingBagCollection:
+        replicated = {t.name for t in self._runtime.replicated_tables}
         for name, ps in params.items():
-            if ps.sharding_type != ESD_SHARDING_TYPE:
+            want = REPLICATED_SHARDING_TYPE if name in replicated else ESD_SHARDING_TYPE
+            if ps.sharding_type != want:
                 raise EsdConfigError(
-                    f"table {name!r}: the ESD sharder got sharding type {ps.sharding_type!r}; "
-                    f"plan it as {ESD_SHARDING_TYPE!r} (see esd_sharding_plan)"
+                    f"table {name!r}: the plan says {ps.sharding_type!r} but the EsdRuntime treats it as "
+                    f"{want!r} (build the runtime and the plan from the same EsdPlan / esd_module_plan)"
                 )
         return ShardedEsdEmbeddingBagCollection(module, self._runtime)
 
@@ -304,10 +365,13 @@ class EsdEmbeddingBagCollectionSharder(ModuleSharder[EmbeddingBagCollection]):
 def esd_module_plan(module: EmbeddingBagCollection, runtime: EsdRuntime) -> EmbeddingModuleShardingPlan:
     """The per-module plan that puts every table of ``module`` on ESD."""
     ranks = list(range(runtime.config.num_workers))
+    replicated = {t.name for t in runtime.replicated_tables}
     return EmbeddingModuleShardingPlan(
         {
             t.name: ParameterSharding(
-                sharding_type=ESD_SHARDING_TYPE, compute_kernel=ESD_COMPUTE_KERNEL, ranks=ranks
+                sharding_type=REPLICATED_SHARDING_TYPE if t.name in replicated else ESD_SHARDING_TYPE,
+                compute_kernel=ESD_COMPUTE_KERNEL,
+                ranks=ranks,
             )
             for t in module.embedding_bag_configs()
         }

@@ -14,7 +14,7 @@ and global batches:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -25,6 +25,7 @@ from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from torchrec_esd.config import EsdConfig, EsdConfigError
+from torchrec_esd.planner import EsdPlan
 from torchrec_esd.ps import SparseOptimizer
 from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig
 
@@ -47,6 +48,8 @@ class JobConfig:
     workload: SyntheticWorkloadConfig = field(default_factory=SyntheticWorkloadConfig)
     # ESD only
     esd: Optional[EsdConfig] = None
+    replicated: Tuple[str, ...] = ()  # tables kept whole on every worker (data parallel)
+    plan: Optional[EsdPlan] = None  # an EsdShardingPlanner plan: sets esd + replicated
     dispatcher: str = "heuristic"
     dispatcher_kwargs: Dict = field(default_factory=dict)
     input_mode: str = "global"
@@ -218,11 +221,18 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
     from torchrec_esd.runtime import EsdRuntime
     from torchrec_esd.sharding import EsdEmbeddingBagCollectionSharder, esd_module_plan
 
+    if job.plan is not None:
+        job = replace(job, esd=job.plan.esd_config(), replicated=tuple(job.plan.replicated))
     if job.esd is None:
-        raise EsdConfigError("method 'esd' needs JobConfig.esd")
+        raise EsdConfigError("method 'esd' needs JobConfig.esd or JobConfig.plan")
     cfg = job.esd
-    tables = workload.table_configs(job.embedding_dim)
-    runtime = EsdRuntime(cfg, tables, sparse_optimizer(job))
+    all_tables = workload.table_configs(job.embedding_dim)
+    unknown = set(job.replicated) - {t.name for t in all_tables}
+    if unknown:
+        raise EsdConfigError(f"replicated tables {sorted(unknown)} are not tables of the model")
+    tables = [t for t in all_tables if t.name not in job.replicated]
+    replicated = [t for t in all_tables if t.name in job.replicated]
+    runtime = EsdRuntime(cfg, tables, sparse_optimizer(job), replicated_tables=replicated)
     dlrm = build_model(job, workload)
     if runtime.is_ps:
         runtime.serve(dlrm.sparse_arch.embedding_bag_collection)
@@ -230,7 +240,11 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
     W = cfg.num_workers
     model = DlrmTask(dlrm, loss_scale=W / job.global_batch)
     ebc = dlrm.sparse_arch.embedding_bag_collection
-    plan = ShardingPlan({EBC_PATH: esd_module_plan(ebc, runtime)})
+    plan = (
+        job.plan.sharding_plan(EBC_PATH)
+        if job.plan is not None
+        else ShardingPlan({EBC_PATH: esd_module_plan(ebc, runtime)})
+    )
     dmp = DistributedModelParallel(
         model,
         env=runtime.sharding_env(),
@@ -299,6 +313,7 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
     }
     if job.collect_tables:
         out["tables"], out["tables_state"] = runtime.gather_tables()
+        out["tables"].update(runtime.replica_tables())
     runtime.shutdown(flush=False)
     return out
 

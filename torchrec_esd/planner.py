@@ -1,0 +1,433 @@
+"""EsdShardingPlanner: plans for heterogeneous edge workers.
+
+TorchRec's planner knows per-rank memory but a single bandwidth.  This planner
+takes every worker's memory, compute speed, bandwidth and latency, and every
+PS's memory, plus (optionally) a sample of the workload, and decides:
+
+* which tables are *replicated* on every worker (plain data parallel: whole
+  table, all-reduced gradients) -- a table whose rows are fewer than the
+  distinct ids a worker touches per iteration costs less to all-reduce than to
+  keep synchronising through the PS;
+* each worker's cache capacity per ESD table, filling its memory budget with
+  the rows of highest access frequency per byte (measured on the sample; in
+  proportion to table size without one);
+* each worker's share ``B_w`` of the global batch, so that the expected time
+  per iteration (compute + expected miss traffic over its own link) is equal
+  across workers;
+* the PS layout (every table row-wise over all PS ranks, contiguous blocks:
+  bytes balanced to a row; expected traffic per PS measured on the sample).
+
+The result, :class:`EsdPlan`, prints as a table, round-trips through JSON,
+builds the :class:`EsdConfig` of the runtime and the TorchRec ``ShardingPlan``
+that ``DistributedModelParallel`` takes with the ESD sharder.  Per-worker
+memory is held in a TorchRec :class:`Topology` (one device per worker), and
+``ParameterConstraints(sharding_types=[...])`` forces a table's choice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+
+import torch
+from torchrec.distributed.planner.types import ParameterConstraints, Topology
+from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSharding, ShardingPlan
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_esd.config import EsdConfig, EsdConfigError, WorkerSpec
+
+ESD = "esd_ps_cache"
+REPLICATED = "data_parallel"
+DIRECTORY_BYTES_PER_ROW = 16  # the replicated cache directory: version + owner per ESD row
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    memory_bytes: int  # memory for embeddings (caches, replicated tables, directory)
+    bandwidth_mbps: float
+    latency_ms: float = 0.0
+    samples_per_s: float = 2000.0  # the worker's measured training throughput (compute only)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.memory_bytes, int) and self.memory_bytes > 0):
+            raise EsdConfigError(f"worker memory_bytes must be a positive int, got {self.memory_bytes!r}")
+        if not self.bandwidth_mbps > 0:
+            raise EsdConfigError(f"worker bandwidth_mbps must be > 0, got {self.bandwidth_mbps!r}")
+        if not self.samples_per_s > 0:
+            raise EsdConfigError(f"worker samples_per_s must be > 0, got {self.samples_per_s!r}")
+
+
+@dataclass(frozen=True)
+class PsResources:
+    memory_bytes: int
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.memory_bytes, int) and self.memory_bytes > 0):
+            raise EsdConfigError(f"PS memory_bytes must be a positive int, got {self.memory_bytes!r}")
+
+
+@dataclass
+class EsdPlan:
+    tables: List[Dict]  # name, rows, dim, choice ("esd_ps_cache" | "data_parallel")
+    workers: List[Dict]  # bandwidth_mbps, latency_ms, share, cache_rows {table: rows}, memory used/budget
+    ps: List[Dict]  # bytes, budget, expected traffic share
+    num_ps: int
+    notes: List[str] = field(default_factory=list)
+
+    # -------------------------------------------------------------- views
+    @property
+    def replicated(self) -> List[str]:
+        return [t["name"] for t in self.tables if t["choice"] == REPLICATED]
+
+    @property
+    def esd_tables(self) -> List[str]:
+        return [t["name"] for t in self.tables if t["choice"] == ESD]
+
+    def esd_config(self, **kwargs) -> EsdConfig:
+        """The runtime topology (``kwargs``: staleness, objective, ...)."""
+        return EsdConfig(
+            [
+                WorkerSpec(
+                    cache_rows=dict(w["cache_rows"]),
+                    bandwidth_mbps=w["bandwidth_mbps"],
+                    latency_ms=w["latency_ms"],
+                    share=w["share"],
+                )
+                for w in self.workers
+            ],
+            num_ps=self.num_ps,
+            **kwargs,
+        )
+
+    def sharding_plan(self, module_path: str) -> ShardingPlan:
+        """TorchRec plan for the EmbeddingBagCollection at ``module_path``."""
+        ranks = list(range(len(self.workers)))
+        from torchrec_esd.sharding import ESD_COMPUTE_KERNEL
+
+        return ShardingPlan(
+            {
+                module_path: EmbeddingModuleShardingPlan(
+                    {
+                        t["name"]: ParameterSharding(
+                            sharding_type=t["choice"], compute_kernel=ESD_COMPUTE_KERNEL, ranks=ranks
+                        )
+                        for t in self.tables
+                    }
+                )
+            }
+        )
+
+    # -------------------------------------------------------------- (de)serialisation
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "EsdPlan":
+        d = json.loads(text)
+        return cls(**d)
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            f.write(self.to_json())
+
+    @classmethod
+    def load(cls, path: str) -> "EsdPlan":
+        with open(path) as f:
+            return cls.from_json(f.read())
+
+    def __str__(self) -> str:
+        lines = ["EsdPlan", "", f"{'table':<14}{'rows':>10}{'dim':>5}  {'choice':<14}" + "".join(
+            f"{'cache w' + str(i):>10}" for i in range(len(self.workers)))]
+        for t in self.tables:
+            caches = "".join(
+                f"{w['cache_rows'].get(t['name'], t['rows'] if t['choice'] == REPLICATED else 0):>10}"
+                for w in self.workers
+            )
+            lines.append(f"{t['name']:<14}{t['rows']:>10}{t['dim']:>5}  {t['choice']:<14}{caches}")
+        lines += ["", f"{'worker':<8}{'Mbit/s':>9}{'lat ms':>8}{'share':>8}{'memory used / budget':>26}"]
+        for i, w in enumerate(self.workers):
+            lines.append(
+                f"w{i:<7}{w['bandwidth_mbps']:>9g}{w['latency_ms']:>8g}{w['share']:>8.3f}"
+                f"{w['memory_used_bytes'] / 2**20:>14.2f} / {w['memory_budget_bytes'] / 2**20:.2f} MiB"
+            )
+        lines += ["", f"{'PS':<8}{'MiB':>10}{'budget MiB':>12}{'traffic share':>15}"]
+        for i, p in enumerate(self.ps):
+            lines.append(f"ps{i:<6}{p['bytes'] / 2**20:>10.2f}{p['budget_bytes'] / 2**20:>12.2f}{p['traffic_share']:>15.3f}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+class EsdShardingPlanner:
+    """Plans an ESD deployment; see the module docstring.
+
+    Args:
+        workers / ps: resources of each worker and parameter server.
+        tables: the EmbeddingBagCollection's tables (one embedding_dim).
+        sample: batches (KJT) of the workload to measure access skew on.
+        global_batch_size: samples per iteration (for per-iteration estimates).
+        optimizer_state_per_row: optimizer floats per row (row-wise Adagrad: 1).
+        constraints: per table, ``ParameterConstraints(sharding_types=[...])``
+            with ``"data_parallel"`` or ``"esd_ps_cache"`` forces the choice.
+    """
+
+    def __init__(
+        self,
+        workers: Sequence[WorkerResources],
+        ps: Sequence[PsResources],
+        tables: Sequence[EmbeddingBagConfig],
+        sample: Optional[Iterable[KeyedJaggedTensor]] = None,
+        global_batch_size: int = 512,
+        optimizer_state_per_row: int = 1,
+        constraints: Optional[Mapping[str, ParameterConstraints]] = None,
+        value_bytes: int = 4,
+    ) -> None:
+        if not workers:
+            raise EsdConfigError("EsdShardingPlanner needs at least one worker")
+        if not ps:
+            raise EsdConfigError("EsdShardingPlanner needs at least one parameter server")
+        if not tables:
+            raise EsdConfigError("EsdShardingPlanner needs at least one table")
+        dims = {t.embedding_dim for t in tables}
+        if len(dims) != 1:
+            raise EsdConfigError(f"all tables must share one embedding_dim, got {sorted(dims)}")
+        if global_batch_size <= 0:
+            raise EsdConfigError(f"global_batch_size must be > 0, got {global_batch_size}")
+        self.workers = list(workers)
+        self.ps = list(ps)
+        self.tables = list(tables)
+        self.dim = dims.pop()
+        self.row_bytes = (self.dim + optimizer_state_per_row) * value_bytes
+        self.global_batch_size = global_batch_size
+        self.constraints = dict(constraints or {})
+        for name, c in self.constraints.items():
+            if name not in {t.name for t in self.tables}:
+                raise EsdConfigError(f"constraints name unknown table {name!r}")
+            bad = set(c.sharding_types or []) - {ESD, REPLICATED}
+            if bad:
+                raise EsdConfigError(
+                    f"table {name!r}: ESD plans support sharding types {ESD!r} and {REPLICATED!r}, got {sorted(bad)}"
+                )
+        # TorchRec topology: one device per worker with its memory as DDR
+        self.topology = Topology(world_size=len(self.workers), compute_device="cpu", local_world_size=len(self.workers))
+        for dev, w in zip(self.topology.devices, self.workers):
+            dev.storage.ddr = w.memory_bytes
+            dev.storage.hbm = 0
+        self._freq = self._measure(sample)
+
+    # -------------------------------------------------------------- sample statistics
+    def _measure(self, sample) -> Optional[Dict[str, Dict]]:
+        self._sample = list(sample) if sample is not None else None
+        if sample is None:
+            return None
+        sample = self._sample
+        feat = {f: t for t in self.tables for f in t.feature_names}
+        counts = {t.name: torch.zeros(t.num_embeddings, dtype=torch.int64) for t in self.tables}
+        samples = 0
+        for kjt in sample:
+            samples += kjt.stride()
+            per_batch: Dict[str, List[torch.Tensor]] = {t.name: [] for t in self.tables}
+            for k in kjt.keys():
+                if k not in feat:
+                    continue
+                t = feat[k]
+                v = kjt[k].values().to(torch.int64)
+                if v.numel() and (int(v.min()) < 0 or int(v.max()) >= t.num_embeddings):
+                    raise EsdConfigError(f"sample feature {k!r} has ids outside table {t.name!r}")
+                per_batch[t.name].append(v)
+            for name, vs in per_batch.items():
+                if vs:
+                    v = torch.cat(vs)
+                    counts[name] += torch.bincount(v, minlength=counts[name].numel())
+        if samples == 0:
+            raise EsdConfigError("the workload sample is empty")
+        out = {}
+        for t in self.tables:
+            c = counts[t.name]
+            sorted_c = torch.sort(c, descending=True).values
+            out[t.name] = {
+                "sorted": sorted_c,
+                "ids_per_sample": float(c.sum()) / samples,
+                "counts": c,
+            }
+        return out
+
+    # -------------------------------------------------------------- planning
+    def plan(self) -> EsdPlan:
+        W = len(self.workers)
+        notes: List[str] = []
+        table_bytes = {t.name: t.num_embeddings * self.row_bytes for t in self.tables}
+        # 1) replicated tables: fewer rows than a worker touches per iteration
+        replicated = []
+        for t in self.tables:
+            forced = self.constraints.get(t.name)
+            types = forced.sharding_types if forced and forced.sharding_types else None
+            if types == [REPLICATED]:
+                replicated.append(t.name)
+            elif types == [ESD]:
+                continue
+            elif self._freq is not None:
+                # all-reducing the whole table (2 (W-1)/W rows per worker) costs less
+                # than synchronising the rows a worker touches through the PS (~2 per row)
+                if t.num_embeddings * (W - 1) / W <= self._expected_distinct(t.name, W):
+                    replicated.append(t.name)
+            elif table_bytes[t.name] <= 64 * 1024:
+                replicated.append(t.name)
+        esd_tables = [t for t in self.tables if t.name not in replicated]
+        rep_bytes = sum(table_bytes[n] for n in replicated)
+        dir_bytes = DIRECTORY_BYTES_PER_ROW * sum(t.num_embeddings for t in esd_tables)
+        # 2) caches: budget after replicated tables and the directory
+        workers_out = []
+        for i, w in enumerate(self.workers):
+            budget_rows = (w.memory_bytes - rep_bytes - dir_bytes) // self.row_bytes
+            if budget_rows < len(esd_tables):
+                raise EsdConfigError(
+                    f"worker {i}: memory {w.memory_bytes} B cannot hold the replicated tables "
+                    f"({rep_bytes} B), the cache directory ({dir_bytes} B) and one cache row per ESD "
+                    f"table ({len(esd_tables) * self.row_bytes} B): no feasible plan"
+                )
+            caches = self._allocate(esd_tables, int(budget_rows))
+            used = rep_bytes + dir_bytes + sum(caches.values()) * self.row_bytes
+            workers_out.append(
+                {
+                    "bandwidth_mbps": w.bandwidth_mbps,
+                    "latency_ms": w.latency_ms,
+                    "cache_rows": caches,
+                    "memory_budget_bytes": w.memory_bytes,
+                    "memory_used_bytes": int(used),
+                    "share": 0.0,
+                }
+            )
+        # 3) shares: equal expected time per sample (compute + expected miss traffic)
+        rows_per_sample = self._simulated_rows_per_sample(esd_tables, workers_out)
+        times = []
+        for w, wo, r in zip(self.workers, workers_out, rows_per_sample):
+            if r is None:
+                r = self._expected_miss_rows_per_sample(esd_tables, wo["cache_rows"]) * 2
+            times.append(
+                1.0 / w.samples_per_s
+                + r * self.row_bytes / (w.bandwidth_mbps * 1e6 / 8)
+                + w.latency_ms / 1e3 / self.global_batch_size
+            )
+        inv = [1.0 / t for t in times]
+        for wo, x in zip(workers_out, inv):
+            wo["share"] = round(x / sum(inv), 6)
+        if self._freq is None:
+            notes.append("no workload sample: caches in proportion to table rows, miss rates assumed uniform")
+        # 4) PS layout: every ESD table row-wise over all PS ranks
+        P = len(self.ps)
+        ps_bytes = [0] * P
+        ps_traffic = [0.0] * P
+        for t in esd_tables:
+            block = math.ceil(t.num_embeddings / P)
+            for p in range(P):
+                rows = max(0, min(block, t.num_embeddings - p * block))
+                ps_bytes[p] += rows * self.row_bytes
+                if self._freq is not None and rows:
+                    ps_traffic[p] += float(self._freq[t.name]["counts"][p * block : p * block + rows].sum())
+        total_traffic = sum(ps_traffic) or 1.0
+        ps_out = []
+        for p, r in enumerate(self.ps):
+            if ps_bytes[p] > r.memory_bytes:
+                raise EsdConfigError(
+                    f"parameter server {p}: its share of the tables needs {ps_bytes[p]} B but it has "
+                    f"{r.memory_bytes} B: no feasible plan (add PS ranks or memory)"
+                )
+            ps_out.append(
+                {
+                    "bytes": ps_bytes[p],
+                    "budget_bytes": r.memory_bytes,
+                    "traffic_share": ps_traffic[p] / total_traffic if self._freq is not None else 1.0 / P,
+                }
+            )
+        tables_out = [
+            {
+                "name": t.name,
+                "rows": t.num_embeddings,
+                "dim": t.embedding_dim,
+                "choice": REPLICATED if t.name in replicated else ESD,
+            }
+            for t in self.tables
+        ]
+        return EsdPlan(tables=tables_out, workers=workers_out, ps=ps_out, num_ps=P, notes=notes)
+
+    def _allocate(self, esd_tables: Sequence[EmbeddingBagConfig], budget_rows: int) -> Dict[str, int]:
+        """Rows per table: one each, then the most frequently accessed rows first
+        (with a sample) or in proportion to table rows (without)."""
+        caps = {t.name: 1 for t in esd_tables}
+        left = budget_rows - len(esd_tables)
+        total_rows = sum(t.num_embeddings for t in esd_tables)
+        if left >= total_rows - len(esd_tables):
+            return {t.name: t.num_embeddings for t in esd_tables}
+        if self._freq is None:
+            for t in esd_tables:
+                caps[t.name] += int(left * (t.num_embeddings - 1) / max(1, total_rows - len(esd_tables)))
+            return caps
+        # the `left` most frequent rows over all tables (beyond each table's first)
+        names = [t.name for t in esd_tables]
+        freqs = torch.cat([self._freq[n]["sorted"][1:].double() for n in names])
+        owner = torch.cat(
+            [torch.full((self._freq[n]["sorted"].numel() - 1,), i, dtype=torch.int64) for i, n in enumerate(names)]
+        )
+        # ties (unseen rows) broken in proportion to table size: stable order by frequency
+        order = torch.argsort(-freqs, stable=True)[:left]
+        extra = torch.bincount(owner[order], minlength=len(names))
+        for n, e in zip(names, extra.tolist()):
+            caps[n] += e
+        return caps
+
+    def _simulated_rows_per_sample(self, esd_tables, workers_out) -> List[Optional[float]]:
+        """Rows each worker transmits per sample (all four kinds), replaying the
+        workload sample through the real cache directory with the planned
+        caches, equal shares and random dispatch; ``None`` without a sample."""
+        if self._sample is None or not esd_tables:
+            return [None] * len(self.workers)
+        from torchrec_esd.cache import CacheDirectory
+        from torchrec_esd.runtime import select_kjt_keys
+
+        cfg = EsdConfig(
+            [WorkerSpec(dict(wo["cache_rows"]), wo["bandwidth_mbps"]) for wo in workers_out],
+            num_ps=len(self.ps),
+        )
+        directory = CacheDirectory(cfg, esd_tables)
+        features = [f for t in esd_tables for f in t.feature_names]
+        gen = torch.Generator().manual_seed(0)
+        rows = [0] * len(self.workers)
+        samples = [0] * len(self.workers)
+        for i, kjt in enumerate(self._sample):
+            kjt = select_kjt_keys(kjt, features)
+            shares = cfg.batch_shares(kjt.stride())
+            a = torch.repeat_interleave(torch.arange(len(shares)), torch.tensor(shares))
+            a = a[torch.randperm(a.numel(), generator=gen)]
+            plan = directory.plan(kjt, a)
+            if i == 0:
+                continue  # cold caches
+            for w, wp in enumerate(plan.workers):
+                rows[w] += sum(wp.rows.values())
+                samples[w] += wp.num_samples
+        return [r / s if s else None for r, s in zip(rows, samples)]
+
+    def _expected_distinct(self, table: str, num_workers: int) -> float:
+        """Expected distinct rows of ``table`` in one worker's share of a batch
+        (``sum_i 1 - (1 - p_i)^n`` with the sample's access frequencies)."""
+        f = self._freq[table]  # type: ignore[index]
+        c = f["counts"].double()
+        if float(c.sum()) == 0:
+            return 0.0
+        n = f["ids_per_sample"] * self.global_batch_size / num_workers
+        p = c / c.sum()
+        return float((1 - (1 - p).pow(n)).sum())
+
+    def _expected_miss_rows_per_sample(self, esd_tables, caches: Dict[str, int]) -> float:
+        total = 0.0
+        for t in esd_tables:
+            if self._freq is None:
+                total += 1.0 - caches[t.name] / t.num_embeddings
+                continue
+            f = self._freq[t.name]
+            s = f["sorted"].double()
+            hit = float(s[: caches[t.name]].sum() / s.sum()) if float(s.sum()) > 0 else 0.0
+            total += f["ids_per_sample"] * (1.0 - hit)
+        return total
