@@ -8,7 +8,9 @@ distinct keys drawn from the same distribution (other steps of the workload).
 
     python benchmarks/kernels.py --out results.json
 
-writes ``{"ops": [{"name", "ref_ms", "ext_ms", "speedup", ...}], ...}``.
+writes ``{"ops": [{"name", "ref_ms", "ext_ms", "speedup", ...}], ...}`` (median
+times; ``*_min_ms``/``speedup_min`` from the fastest repeat, which is steadier
+on a shared machine; ``env.load_avg_1m`` tells how busy the machine was).
 Every extension result is checked against the reference before timing.
 """
 
@@ -35,7 +37,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn, device, repeats: int, warmup: int = 1) -> float:
+def time_ms(fn, device, repeats: int, warmup: int = 1):
+    """(median, min) wall time of ``fn`` in milliseconds."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -45,7 +48,7 @@ def time_ms(fn, device, repeats: int, warmup: int = 1) -> float:
         fn()
         _sync(device)
         samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+    return statistics.median(samples), min(samples)
 
 
 def batch_keys(wl: SyntheticWorkload, step: int, batch: int) -> torch.Tensor:
@@ -123,12 +126,15 @@ def main() -> None:
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-9)
         else:
             assert torch.equal(got, want), name
-        ref_ms = time_ms(ref, device, args.repeats)
-        ext_ms = time_ms(ext, device, args.repeats)
+        ref_ms, ref_min = time_ms(ref, device, args.repeats)
+        ext_ms, ext_min = time_ms(ext, device, args.repeats)
         row = {"name": name, "ref_ms": round(ref_ms, 3), "ext_ms": round(ext_ms, 3),
-               "speedup": round(ref_ms / ext_ms, 2), **extra}
+               "speedup": round(ref_ms / ext_ms, 2), "ref_min_ms": round(ref_min, 3),
+               "ext_min_ms": round(ext_min, 3), "speedup_min": round(ref_min / ext_min, 2),
+               **extra}
         results.append(row)
-        print(f"{name:30s} ref {ref_ms:9.2f} ms   ext {ext_ms:8.2f} ms   speedup {ref_ms / ext_ms:6.1f}x",
+        print(f"{name:30s} ref {ref_ms:9.2f} ms   ext {ext_ms:8.2f} ms   speedup {ref_ms / ext_ms:6.1f}x"
+              f"   (min: {ref_min:8.2f} / {ext_min:7.2f} ms = {ref_min / ext_min:6.1f}x)",
               flush=True)
 
     hits = ops.cache_hit_counts(keys, offsets, tables)
@@ -141,7 +147,8 @@ def main() -> None:
                    "threads": torch.get_num_threads(), "repeats": args.repeats,
                    "hit_rate": round(hit_rate, 4)},
         "env": {"torch": torch.__version__, "python": platform.python_version(),
-                "machine": platform.machine(), "cpus": os.cpu_count()},
+                "machine": platform.machine(), "cpus": os.cpu_count(),
+                "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None},
     }
     if args.out:
         with open(args.out, "w") as f:

@@ -293,6 +293,24 @@ def test_cost_matrix_with_threads_on_larger_batch():
         torch.set_num_threads(old)
 
 
+def test_cost_matrix_giant_bag_among_small_ones():
+    # one bag larger than a kernel segment, surrounded by small and empty bags
+    gen = torch.Generator().manual_seed(12)
+    giant = torch.randint(0, 3000, (150_000,), generator=gen)
+    small = torch.randint(0, 3000, (40,), generator=gen)
+    keys = torch.cat([small[:20], giant, small[20:]])
+    offsets = torch.tensor([0, 7, 20, 20, 20 + giant.numel(), keys.numel() - 5, keys.numel()])
+    tables, weights, miss = make_workers(6, 3000, [1500, 10, 2999], torch.int64, gen)
+    got = ops.sample_cost_matrix(keys, offsets, tables, weights, miss)
+    want = R.sample_cost_matrix_ref(keys, offsets, tables, weights, miss)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)
+    hits = ops.cache_hit_counts(keys, offsets, tables)
+    in_giant = torch.unique(giant)
+    assert hits[3].tolist() == [
+        int((ops.id_table_lookup(t, in_giant) >= 0).sum()) for t in tables
+    ]
+
+
 # ---------------------------------------------------------------------------
 # unique_keys_per_group
 # ---------------------------------------------------------------------------
@@ -517,7 +535,7 @@ def test_cuda_build_and_lookup(dtype):
 @pytest.mark.parametrize("W", [1, 4])
 def test_cuda_cost_matrix(dtype, W):
     gen = torch.Generator().manual_seed(6)
-    for B, max_bag in ((0, 3), (50, 6), (500, 80)):
+    for B, max_bag in ((0, 3), (50, 6), (500, 80), (7, 3000)):  # last: sort-based dedup
         keys, offsets = random_batch(B, max_bag, 300, dtype, gen)
         tables, weights, miss = make_workers(W, 300, [1, 100, 250], dtype, gen)
         want = R.sample_cost_matrix_ref(keys, offsets, tables, weights, miss)
@@ -554,3 +572,17 @@ def test_cuda_unique_per_group(dtype):
             assert a.is_cuda and torch.equal(a.cpu(), b)
     with pytest.raises(RuntimeError, match="group values must be in"):
         ops.unique_keys_per_group(ext.cuda(), torch.tensor([0, 1, 0, 2, 3]).cuda(), 3)
+
+
+def test_wrappers_fall_back_to_reference(monkeypatch):
+    # what ops.py does when the extension failed to load (it warns loudly then)
+    monkeypatch.setattr(ops, "EXTENSION_LOADED", False)
+    keys = torch.tensor([9, 4, 7])
+    t = ops.id_table_build(keys)
+    assert torch.equal(t, R.id_table_build_ref(keys))
+    assert ops.id_table_lookup(t, torch.tensor([4, 5])).tolist() == [1, -1]
+    offsets = torch.tensor([0, 2, 3])
+    q = torch.tensor([4, 4, 5])
+    assert ops.cache_hit_counts(q, offsets, [t]).tolist() == [[1], [0]]
+    uk, ug, c = ops.unique_keys_per_group(q, torch.tensor([1, 1, 0]), 2)
+    assert uk.tolist() == [5, 4] and ug.tolist() == [0, 1] and c.tolist() == [1, 2]

@@ -21,6 +21,7 @@ namespace torchrec_esd {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int64_t kScanMaxBag = 256;  // longer bags: sort-based first-occurrence mask
 
 int grid_for(int64_t n, int per_block = kThreads) {
   return static_cast<int>(
@@ -87,13 +88,15 @@ struct WorkerDesc {
 };
 
 // One warp per sample: each lane takes one key of a 32-key chunk of the bag,
-// keeps it only at its first occurrence in the bag (scan of the earlier keys),
-// then for every worker the warp sums the weights of its kept keys.
+// keeps it only at its first occurrence in the bag (scan of the earlier keys,
+// or the precomputed `first` mask when bags are long), then for every worker
+// the warp sums the weights of its kept keys.
 // error[0]: a negative key; error[1]: 1 + worker whose table stores an index
 // beyond its weights, error[2]: that index.
 template <typename index_t, typename offset_t>
 __global__ void cost_kernel(const index_t* __restrict__ keys, const offset_t* __restrict__ offsets,
-                            int64_t B, const WorkerDesc* __restrict__ tables,
+                            int64_t B, const bool* __restrict__ first,
+                            const WorkerDesc* __restrict__ tables,
                             const double* __restrict__ miss, int64_t W, double* __restrict__ out,
                             unsigned long long* __restrict__ error) {
   const int lane = threadIdx.x & 31;
@@ -112,8 +115,12 @@ __global__ void cost_kernel(const index_t* __restrict__ keys, const offset_t* __
         error[0] = 1ULL;
         keep = false;
       }
-      for (int64_t t = lo; keep && t < j; ++t)
-        if (static_cast<int64_t>(keys[t]) == k) keep = false;
+      if (first != nullptr) {
+        keep = keep && first[j];
+      } else {
+        for (int64_t t = lo; keep && t < j; ++t)
+          if (static_cast<int64_t>(keys[t]) == k) keep = false;
+      }
       const uint64_t h = table_hash(static_cast<uint64_t>(k));
       for (int64_t w = 0; w < W; ++w) {
         double v = 0.0;
@@ -226,11 +233,13 @@ at::Tensor sample_cost_matrix_cuda(const at::Tensor& keys, const at::Tensor& off
   const int64_t B = offsets.numel() - 1;
   const int64_t W = static_cast<int64_t>(slots.size());
 
-  // Offsets: one synchronising copy of (offsets[0], offsets[B], any decrease).
+  // Offsets: one synchronising copy of (offsets[0], offsets[B], any decrease,
+  // longest bag).
   at::Tensor off64 = offsets.to(at::kLong);
-  at::Tensor decreasing = B > 0 ? off64.slice(0, 1).lt(off64.slice(0, 0, B)).any().to(at::kLong)
-                                : at::zeros({}, off64.options());
-  at::Tensor stats = at::stack({off64[0], off64[B], decreasing}).cpu();
+  at::Tensor lengths = off64.slice(0, 1) - off64.slice(0, 0, B);
+  at::Tensor decreasing = B > 0 ? lengths.lt(0).any().to(at::kLong) : at::zeros({}, off64.options());
+  at::Tensor longest = B > 0 ? lengths.max() : at::zeros({}, off64.options());
+  at::Tensor stats = at::stack({off64[0], off64[B], decreasing, longest}).cpu();
   const int64_t* st = stats.data_ptr<int64_t>();
   TORCH_CHECK(st[0] == 0, "torchrec_esd::", op, ": offsets[0] must be 0, got ", st[0]);
   TORCH_CHECK(st[2] == 0, "torchrec_esd::", op, ": offsets must be non-decreasing");
@@ -255,6 +264,26 @@ at::Tensor sample_cost_matrix_cuda(const at::Tensor& keys, const at::Tensor& off
   std::memcpy(desc_cpu.data_ptr<uint8_t>(), host.data(), W * sizeof(WorkerDesc));
   at::Tensor desc = desc_cpu.to(keys.device());
   at::Tensor error = at::zeros({3}, keys.options().dtype(at::kLong));
+  // Long bags: first-occurrence mask from a sort by (sample, key) instead of
+  // the kernel's quadratic scan of each bag.
+  at::Tensor first;
+  if (st[3] > kScanMaxBag) {
+    const auto lopt = keys.options().dtype(at::kLong);
+    at::Tensor k64 = keys.to(at::kLong);
+    at::Tensor sample = at::repeat_interleave(at::arange(B, lopt), lengths, 0, n);
+    at::Tensor order = std::get<1>(at::sort(k64, /*stable=*/true, 0, false));
+    order = order.index_select(
+        0, std::get<1>(at::sort(sample.index_select(0, order), /*stable=*/true, 0, false)));
+    at::Tensor sk = k64.index_select(0, order);
+    at::Tensor ss = sample.index_select(0, order);
+    at::Tensor first_sorted = at::ones({n}, keys.options().dtype(at::kBool));
+    if (n > 1) {
+      first_sorted.slice(0, 1).copy_(at::logical_or(sk.slice(0, 1).ne(sk.slice(0, 0, n - 1)),
+                                                    ss.slice(0, 1).ne(ss.slice(0, 0, n - 1))));
+    }
+    first = at::empty({n}, keys.options().dtype(at::kBool));
+    first.index_copy_(0, order, first_sorted);
+  }
 
   const int warps_per_block = kThreads / 32;
   AT_DISPATCH_INDEX_TYPES(offsets.scalar_type(), "sample_cost_matrix_cuda_offsets", [&] {
@@ -263,7 +292,7 @@ at::Tensor sample_cost_matrix_cuda(const at::Tensor& keys, const at::Tensor& off
     AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "sample_cost_matrix_cuda_keys", [&] {
       cost_kernel<index_t, offset_t>
           <<<grid_for(B, warps_per_block), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-              keys.data_ptr<index_t>(), off, B,
+              keys.data_ptr<index_t>(), off, B, first.defined() ? first.data_ptr<bool>() : nullptr,
               reinterpret_cast<const WorkerDesc*>(desc.data_ptr<uint8_t>()),
               miss_weight.data_ptr<double>(), W, out.data_ptr<double>(),
               reinterpret_cast<unsigned long long*>(error.data_ptr<int64_t>()));
