@@ -1,5 +1,8 @@
 // Hash function shared by the CPU and CUDA kernels (host and device).
 #pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -24,6 +27,16 @@ ESD_HOST_DEVICE uint64_t hash_feature_id(uint64_t id, uint64_t feature) {
 ESD_HOST_DEVICE int64_t hash_to_output(uint64_t key, uint64_t num_buckets) {
   return num_buckets == 0 ? static_cast<int64_t>(key)
                           : static_cast<int64_t>(key % num_buckets);
+}
+
+// Argument checks of torchrec_esd::hash_ids, shared by every kernel (host side).
+inline void check_hash_ids_args(const at::Tensor& ids, int64_t feature, int64_t num_buckets) {
+  TORCH_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
+              "torchrec_esd::hash_ids: ids must be int32 or int64, got ", ids.scalar_type());
+  TORCH_CHECK(ids.dim() == 1, "torchrec_esd::hash_ids: ids must be 1-D, got ", ids.dim(), "-D");
+  TORCH_CHECK(feature >= 0, "torchrec_esd::hash_ids: feature must be >= 0, got ", feature);
+  TORCH_CHECK(num_buckets >= 0, "torchrec_esd::hash_ids: num_buckets must be >= 0, got ",
+              num_buckets);
 }
 
 }  // namespace torchrec_esd

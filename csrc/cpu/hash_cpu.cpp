@@ -9,15 +9,6 @@ namespace torchrec_esd {
 
 namespace {
 
-void check_ids(const at::Tensor& ids, int64_t feature, int64_t num_buckets) {
-  TORCH_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
-              "torchrec_esd::hash_ids: ids must be int32 or int64, got ", ids.scalar_type());
-  TORCH_CHECK(ids.dim() == 1, "torchrec_esd::hash_ids: ids must be 1-D, got ", ids.dim(), "-D");
-  TORCH_CHECK(feature >= 0, "torchrec_esd::hash_ids: feature must be >= 0, got ", feature);
-  TORCH_CHECK(num_buckets >= 0, "torchrec_esd::hash_ids: num_buckets must be >= 0, got ",
-              num_buckets);
-}
-
 template <typename index_t>
 void hash_ids_kernel(const index_t* in, int64_t* out, int64_t n, uint64_t feature,
                      uint64_t num_buckets) {
@@ -34,7 +25,7 @@ void hash_ids_kernel(const index_t* in, int64_t* out, int64_t n, uint64_t featur
 }  // namespace
 
 at::Tensor hash_ids_cpu(const at::Tensor& ids, int64_t feature, int64_t num_buckets) {
-  check_ids(ids, feature, num_buckets);
+  check_hash_ids_args(ids, feature, num_buckets);
   TORCH_CHECK(ids.device().is_cpu(), "torchrec_esd::hash_ids: CPU kernel got a ", ids.device(),
               " tensor");
   at::Tensor in = ids.contiguous();

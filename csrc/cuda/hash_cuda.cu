@@ -25,12 +25,7 @@ __global__ void hash_ids_cuda_kernel(const index_t* __restrict__ in, int64_t* __
 }  // namespace
 
 at::Tensor hash_ids_cuda(const at::Tensor& ids, int64_t feature, int64_t num_buckets) {
-  TORCH_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
-              "torchrec_esd::hash_ids: ids must be int32 or int64, got ", ids.scalar_type());
-  TORCH_CHECK(ids.dim() == 1, "torchrec_esd::hash_ids: ids must be 1-D, got ", ids.dim(), "-D");
-  TORCH_CHECK(feature >= 0, "torchrec_esd::hash_ids: feature must be >= 0, got ", feature);
-  TORCH_CHECK(num_buckets >= 0, "torchrec_esd::hash_ids: num_buckets must be >= 0, got ",
-              num_buckets);
+  check_hash_ids_args(ids, feature, num_buckets);
   c10::cuda::CUDAGuard guard(ids.device());
   at::Tensor in = ids.contiguous();
   at::Tensor out = at::empty({in.numel()}, in.options().dtype(at::kLong));
