@@ -1,0 +1,63 @@
+"""benchmarks/netns.py: shaped links between rank namespaces, nothing left behind.
+
+Needs root and iproute2 (network namespaces, veth, bridge, tc); skips otherwise.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+
+import netns  # noqa: E402
+
+OK, WHY = netns.netns_support()
+pytestmark = pytest.mark.skipif(not OK, reason=f"network namespaces unavailable: {WHY}")
+
+
+def _root_links():
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+    return sorted(line.split(":")[1].strip() for line in out.splitlines())
+
+
+def test_shaped_link_rate_and_teardown():
+    before = _root_links()
+    with netns.NetnsCluster([netns.Link(20.0), netns.Link(None)]) as cl:
+        tag = cl.tag
+        assert _root_links() == before  # nothing added to the root namespace
+        assert set(netns.list_namespaces()) >= set(cl.rank_ns + [cl.bridge_ns])
+        assert "htb" in cl.qdiscs(0) and "rate 20Mbit" in subprocess.run(
+            ["ip", "netns", "exec", cl.rank_ns[0], "tc", "class", "show", "dev", netns.IFACE],
+            capture_output=True, text=True).stdout
+    assert not [n for n in netns.list_namespaces() if n.startswith(tag + "-")]
+    # the measured rate of a 20 Mbit/s link, both directions
+    rows = netns.selftest([20.0], nbytes=600_000, timeout_s=20)
+    assert not [n for n in netns.list_namespaces() if n.startswith(f"{netns.PREFIX}-{os.getpid()}-")]
+    r = rows[0]
+    assert 10.0 < r["up_mbit_s"] < 23.0, r
+    assert 10.0 < r["down_mbit_s"] < 23.0, r
+    assert _root_links() == before
+
+
+def test_stale_namespaces_of_dead_owners_are_removed():
+    dead = 4_194_000
+    while netns._pid_alive(dead):
+        dead -= 1
+    name = f"{netns.PREFIX}-{dead}-r0"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        removed = netns.cleanup(only_dead=True)
+        assert name in removed
+        assert name not in netns.list_namespaces()
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def test_launch_world_kills_on_timeout(tmp_path):
+    with netns.NetnsCluster([netns.Link(None), netns.Link(None)]) as cl:
+        codes = netns.launch_world([sys.executable, "-c", "import time; time.sleep(60)"], 2, 1.0,
+                                   str(tmp_path), cluster=cl)
+        assert all(c != 0 for c in codes)
+        assert all(p.poll() is not None for p in cl.procs)
