@@ -1,0 +1,652 @@
+"""End to end: vanilla TorchRec vs ESD dispatchers over real heterogeneous links.
+
+    python benchmarks/end_to_end.py --out results_e2e.json [--quick] [--no-netns]
+
+One invocation trains the same DLRM on the same seeded global batches with
+
+* ``vanilla``   TorchRec ``DistributedModelParallel`` (table-wise plan from
+                TorchRec's planner, fused embedding optimizer) on the W worker ranks;
+* ``cache-only`` ESD runtime with the ``random`` dispatcher (HET-like LRU caches, no dispatch);
+* ``laia``      LAIA-style greedy by cache hits (bandwidth-blind);
+* ``heuristic``, ``optimal``, ``hybrid`` (HybridDis) ESD dispatchers,
+
+for every bandwidth mix (default: heterogeneous 1000/100/50/10 Mbit/s and
+homogeneous 4x1000 Mbit/s; W = 4 workers + 1 parameter server, staleness 0).
+
+Links.  As root with iproute2 every rank runs in its own network namespace
+behind a veth pair to a bridge (``benchmarks/netns.py``); each worker's link is
+rate-limited with ``tc`` HTB in both directions (and delayed with netem when
+the kernel has it); the PS link is unshaped.  All ranks of one torch.distributed
+world (gloo over the namespaces' own 10.231.0.0/24 addresses) run all mixes and
+methods in sequence; between mixes the parent re-shapes the links.  Reported
+per method and mix: the embedding transmission the ESD runtime accounts for
+(bytes and link time per worker, *modelled* from the configured bandwidth), the
+bytes that really crossed each worker's shaped link (interface counters, every
+kind of traffic: vanilla's all-to-alls, ESD's PS round trips, dispatch, dense
+all-reduce), wall-clock iteration time and samples/s over the shaped links,
+final loss and AUC, and ratios vs vanilla and vs cache-only.
+Without root/``ip`` (or with ``--no-netns``) the ranks are plain local
+processes on loopback: link times are then only modelled, which the output and
+the JSON say (``"links": "modelled"`` instead of ``"emulated-tc"``).
+
+Also written: a PNG next to ``--out`` (or ``--png``) and a Markdown table
+(printed, and ``--markdown``) for the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+import netns  # noqa: E402
+
+METHODS = ["vanilla", "random", "laia", "heuristic", "optimal", "hybrid"]
+LABEL = {
+    "vanilla": "vanilla TorchRec",
+    "random": "cache-only (random)",
+    "laia": "LAIA-style greedy",
+    "heuristic": "ESD heuristic",
+    "optimal": "ESD optimal",
+    "hybrid": "HybridDis",
+}
+DEFAULT_MIXES = "hetero=1000,100,50,10;homo=1000,1000,1000,1000"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="results_e2e.json")
+    p.add_argument("--png", default=None, help="plot path (default: --out with .png)")
+    p.add_argument("--markdown", default=None, help="also write the Markdown table here")
+    p.add_argument("--quick", action="store_true", help="smoke size: 6 steps, batch 256, cardinality <= 5000, 1 repeat")
+    p.add_argument("--no-netns", action="store_true", help="plain local processes, modelled links only")
+    p.add_argument("--mixes", default=DEFAULT_MIXES, help="name=Mbit/s per worker;... (W = entries)")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--num-ps", type=int, default=1)
+    p.add_argument("--steps", type=int, default=None, help="default 40 (--quick: 6)")
+    p.add_argument("--batch", type=int, default=None, help="global batch, default 512 (--quick: 256)")
+    p.add_argument("--embedding-dim", type=int, default=16)
+    p.add_argument("--max-cardinality", type=int, default=None, help="default 20000 (--quick: 5000)")
+    p.add_argument("--alpha", type=float, default=1.1, help="Zipf exponent of the ids")
+    p.add_argument("--cache-fraction", type=float, default=0.1, help="cache rows per table / table rows")
+    p.add_argument("--delay-ms", type=float, default=1.0,
+                   help="one-way delay per worker link (netem; where the kernel lacks netem none is "
+                        "applied and the ESD model uses the applied 0 ms)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="run every method this often, default 2 (--quick: 1); odd repeats in reverse order; "
+                        "iteration time = median")
+    p.add_argument("--warmup-steps", type=int, default=2,
+                   help="first steps left out of the steady-state iteration time")
+    p.add_argument("--staleness", type=int, default=0)
+    p.add_argument("--sparse-optimizer", default="rowwise_adagrad", choices=["sgd", "rowwise_adagrad"])
+    p.add_argument("--input-mode", default="global", choices=["global", "local"],
+                   help="ESD input: every worker reads the global batch (global) or its slice, ids "
+                        "all-gathered over the links (local)")
+    p.add_argument("--timeout-s", type=float, default=1500.0, help="kill the world after this long")
+    p.add_argument("--keep-logs", action="store_true")
+    p.add_argument("--_rank", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    # defaults: full size, or --quick's smoke-test size; explicit values win
+    size = {"steps": 6, "batch": 256, "max_cardinality": 5000, "repeats": 1} if a.quick else \
+        {"steps": 40, "batch": 512, "max_cardinality": 20_000, "repeats": 2}
+    for k, v in size.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    return a
+
+
+def parse_mixes(text: str) -> List[Dict]:
+    mixes = []
+    for part in text.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, bws = part.partition("=")
+        mixes.append({"name": name.strip(), "bandwidths": [float(b) for b in bws.split(",")]})
+    if not mixes or len({len(m["bandwidths"]) for m in mixes}) != 1:
+        raise SystemExit("--mixes: give every mix the same number of workers, e.g. 'a=1000,10;b=1000,1000'")
+    return mixes
+
+
+# ====================================================================== rank side
+def _iface_counters() -> Optional[Dict[str, int]]:
+    base = f"/sys/class/net/{netns.IFACE}/statistics"
+    if os.environ.get("ESD_BENCH_LINKS") != "emulated-tc" or not os.path.isdir(base):
+        return None
+    out = {}
+    for k in ("tx_bytes", "rx_bytes"):
+        with open(os.path.join(base, k)) as f:
+            out[k] = int(f.read())
+    return out
+
+
+def _wait_file(path: str, timeout_s: float) -> None:
+    t0 = time.monotonic()
+    while not os.path.exists(path):
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"the launcher did not answer ({path})")
+        time.sleep(0.05)
+
+
+def rank_main(spec_path: str) -> None:
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from torchrec_esd.config import EsdConfig, heterogeneous_workers
+    from torchrec_esd.trainer import JobConfig, run
+    from torchrec_esd.workload import SyntheticWorkloadConfig
+
+    torch.set_num_threads(1)
+    with open(spec_path) as f:
+        spec = json.load(f)
+    outdir = os.path.dirname(spec_path)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=spec["barrier_timeout_s"]))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    W = world - spec["num_ps"]
+    workload = SyntheticWorkloadConfig(max_cardinality=spec["max_cardinality"], alpha=spec["alpha"], seed=0)
+    cache = {f"t_cat_{i}": max(1, int(spec["cache_fraction"] * n)) for i, n in enumerate(workload.cardinalities)}
+
+    def progress(msg: str) -> None:
+        if rank == 0:
+            with open(os.path.join(outdir, "progress.txt"), "a") as f:
+                f.write(msg + "\n")
+
+    # Step timestamps: the trainer reads global batch `step` once at the start
+    # of every step (vanilla via local_batch -> global_batch), so consecutive
+    # reads give per-step wall times without touching the trainer.
+    from torchrec_esd import workload as wl_mod
+
+    stamps: Dict[int, float] = {}
+    orig_global_batch = wl_mod.SyntheticWorkload.global_batch
+
+    def stamped_global_batch(self, step, batch_size):
+        stamps.setdefault(int(step), time.perf_counter())
+        return orig_global_batch(self, step, batch_size)
+
+    wl_mod.SyntheticWorkload.global_batch = stamped_global_batch
+
+    records = []
+    for k, mix in enumerate(spec["mixes"]):
+        # the launcher (re)shapes the links between mixes
+        dist.barrier()
+        if rank == 0:
+            open(os.path.join(outdir, f"mix{k}.request"), "w").close()
+            _wait_file(os.path.join(outdir, f"mix{k}.ready"), 120)
+        dist.barrier()
+        with open(os.path.join(outdir, f"mix{k}.ready")) as f:
+            latency_ms = json.load(f)["latency_ms_model"]
+        esd = EsdConfig(
+            heterogeneous_workers(mix["bandwidths"], cache, latency_ms=latency_ms),
+            num_ps=spec["num_ps"], staleness=spec["staleness"],
+            collective_timeout_s=spec["barrier_timeout_s"],
+        )
+        base = dict(steps=spec["steps"], global_batch=spec["batch"], embedding_dim=spec["embedding_dim"],
+                    workload=workload, sparse_optimizer=spec["sparse_optimizer"], esd=esd,
+                    input_mode=spec["input_mode"])
+        order = [(rep, m) for rep in range(spec["repeats"])
+                 for m in (spec["methods"] if rep % 2 == 0 else list(reversed(spec["methods"])))]
+        for rep, method in order:
+            job = JobConfig(method="vanilla", **base) if method == "vanilla" else \
+                JobConfig(method="esd", dispatcher=method, **base)
+            dist.barrier()
+            c0, t0 = _iface_counters(), time.perf_counter()
+            stamps.clear()
+            r = run(job)
+            dist.barrier()  # PS and idle ranks wait here, with the world's long timeout
+            wall, c1 = time.perf_counter() - t0, _iface_counters()
+            rec = {"mix": mix["name"], "method": method, "rep": rep, "rank": rank, "wall_s": wall,
+                   "role": r.get("role", "worker")}
+            if c0 is not None:
+                rec["wire"] = {k2: c1[k2] - c0[k2] for k2 in c0}
+            if "losses" in r:
+                ts = [stamps[i] for i in sorted(stamps)]
+                rec.update(losses=r["losses"], auc=r["auc"], elapsed_s=r["elapsed_s"],
+                           step_s=[b - a for a, b in zip(ts, ts[1:])])
+            if "metrics" in r and rank == 0:
+                rec["metrics"] = r["metrics"]
+                solvers: Dict[str, int] = {}
+                for d in r["decisions"]:
+                    solvers[d["solver"]] = solvers.get(d["solver"], 0) + 1
+                rec["dispatch"] = {"solvers": solvers, "decision_ms": [d["ms"] for d in r["decisions"]]}
+            records.append(rec)
+            progress(f"{mix['name']:>8} {method:<10} rep {rep} {wall:6.1f} s wall"
+                     + (f", {r['elapsed_s']:.1f} s training, loss {r['losses'][-1]:.4f}" if "losses" in r else ""))
+    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
+        json.dump(records, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ====================================================================== launcher
+def _cpu_snapshot() -> Dict[str, float]:
+    """Machine-wide busy CPU seconds (/proc/stat) and our reaped children's CPU seconds."""
+    import resource
+
+    busy = None
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        busy = (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+    except (OSError, ValueError, IndexError):
+        pass
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"t": time.perf_counter(), "busy_s": busy, "children_s": ru.ru_utime + ru.ru_stime}
+
+
+def _cpu_usage(a: Dict[str, float], b: Dict[str, float]) -> Dict[str, Optional[float]]:
+    wall = b["t"] - a["t"]
+    ours = b["children_s"] - a["children_s"]
+    out: Dict[str, Optional[float]] = {"wall_s": wall, "benchmark_cores": ours / wall, "other_cores": None}
+    if a["busy_s"] is not None and b["busy_s"] is not None:
+        out["machine_busy_cores"] = (b["busy_s"] - a["busy_s"]) / wall
+        out["other_cores"] = max(0.0, (b["busy_s"] - a["busy_s"]) - ours) / wall
+    return out
+
+
+def launch(args, mixes: List[Dict], methods: List[str]) -> Dict:
+    W = len(mixes[0]["bandwidths"])
+    world = W + args.num_ps
+    use_netns, why = (False, "--no-netns given") if args.no_netns else netns.netns_support()
+    links_kind = "emulated-tc" if use_netns else "modelled"
+    if not use_netns:
+        print(f"[e2e] links: MODELLED only ({why}); ranks are plain local processes on loopback, "
+              "wall-clock times do not include any link time", flush=True)
+    tmp = tempfile.mkdtemp(prefix="esd_e2e_")
+    spec = {
+        "mixes": mixes, "methods": methods, "num_ps": args.num_ps, "steps": args.steps, "batch": args.batch,
+        "embedding_dim": args.embedding_dim, "max_cardinality": args.max_cardinality, "alpha": args.alpha,
+        "cache_fraction": args.cache_fraction, "staleness": args.staleness,
+        "sparse_optimizer": args.sparse_optimizer, "input_mode": args.input_mode, "repeats": args.repeats,
+        "barrier_timeout_s": max(300.0, args.timeout_s / 2),
+    }
+    spec_path = os.path.join(tmp, "spec.json")
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    cluster = None
+    applied: Dict[str, List[Dict]] = {}
+    state = {"next_mix": 0, "progress_pos": 0}
+    t_start = time.perf_counter()
+
+    def links_for(mix) -> List[netns.Link]:
+        return [netns.Link(b, args.delay_ms) for b in mix["bandwidths"]] + [netns.Link(None, 0.0)] * args.num_ps
+
+    def poll() -> None:
+        prog = os.path.join(tmp, "progress.txt")
+        if os.path.exists(prog):
+            with open(prog) as f:
+                f.seek(state["progress_pos"])
+                new = f.read()
+                state["progress_pos"] = f.tell()
+            for line in new.splitlines():
+                print(f"[e2e {time.perf_counter() - t_start:6.1f} s] {line}", flush=True)
+        k = state["next_mix"]
+        if k < len(mixes) and os.path.exists(os.path.join(tmp, f"mix{k}.request")):
+            if cluster is not None:
+                applied[mixes[k]["name"]] = cluster.apply(links_for(mixes[k]))
+                lat = min(a["upload"]["delay_ms"] for a in applied[mixes[k]["name"]][:W])
+                print(f"[e2e] mix {mixes[k]['name']}: shaped worker links "
+                      + ", ".join(f"w{r}={a['upload']['rate_mbit']:g} Mbit/s" for r, a in
+                                  enumerate(applied[mixes[k]["name"]][:W]))
+                      + f", delay {lat:g} ms applied (netem {'available' if cluster.netem else 'NOT in this kernel'})"
+                      + f", PS unshaped", flush=True)
+            else:
+                lat = args.delay_ms
+            with open(os.path.join(tmp, f"mix{k}.ready.tmp"), "w") as f:
+                json.dump({"latency_ms_model": lat}, f)
+            os.replace(os.path.join(tmp, f"mix{k}.ready.tmp"), os.path.join(tmp, f"mix{k}.ready"))
+            state["next_mix"] = k + 1
+
+    argv = [sys.executable, os.path.abspath(__file__), "--_rank", spec_path]
+    cpu0 = _cpu_snapshot()
+    try:
+        if use_netns:
+            cluster = netns.NetnsCluster([netns.Link(None, 0.0)] * world)
+            cluster.setup()
+            if cluster.removed_stale:
+                print(f"[e2e] removed stale namespaces: {' '.join(cluster.removed_stale)}", flush=True)
+            print(f"[e2e] {world} rank namespaces + bridge up ({time.perf_counter() - t_start:.1f} s); "
+                  f"master {cluster.addr(0)}", flush=True)
+        env_kind = {"ESD_BENCH_LINKS": links_kind}
+        os.environ.update(env_kind)
+        codes = netns.launch_world(argv, world, args.timeout_s, tmp, cluster=cluster, poll=poll)
+        cpu = _cpu_usage(cpu0, _cpu_snapshot())
+        poll()
+        if any(codes):
+            logs = []
+            for r in range(world):
+                with open(os.path.join(tmp, f"rank{r}.log")) as f:
+                    logs.append(f"--- rank {r} (exit {codes[r]}) ---\n" + f.read()[-3000:])
+            raise SystemExit("[e2e] a rank failed:\n" + "\n".join(logs))
+        per_rank = []
+        for r in range(world):
+            with open(os.path.join(tmp, f"rank{r}.json")) as f:
+                per_rank.append(json.load(f))
+    finally:
+        if cluster is not None:
+            cluster.teardown()
+            left = [n for n in netns.list_namespaces() if n.startswith(cluster.tag + "-")]
+            print(f"[e2e] namespaces torn down ({'none left' if not left else 'LEFT: ' + ' '.join(left)})",
+                  flush=True)
+        if args.keep_logs:
+            print(f"[e2e] logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"links": links_kind, "links_reason": why, "applied_links": applied, "per_rank": per_rank,
+            "netem": bool(cluster.netem) if cluster is not None else None, "cpu": cpu,
+            "world_s": time.perf_counter() - t_start}
+
+
+# ====================================================================== analysis
+def summarize(args, mixes, methods, raw) -> Dict:
+    W = len(mixes[0]["bandwidths"])
+    out = {}
+    for mix in mixes:
+        bws = mix["bandwidths"]
+        res = {}
+        for m in methods:
+            every = [rec for rank in raw["per_rank"] for rec in rank if rec["mix"] == mix["name"] and rec["method"] == m]
+            skip = min(args.warmup_steps, args.steps - 2)
+            steady_reps, elapsed_reps = [], []
+            for rep in range(args.repeats):
+                ws = [r for r in every if r["rep"] == rep and r["rank"] < W]
+                steady_reps.append(max(sum(r["step_s"][skip:]) / len(r["step_s"][skip:]) for r in ws))
+                elapsed_reps.append(max(r["elapsed_s"] for r in ws))
+            # transmission and wire bytes: first repeat (the same batches and dispatch every time)
+            recs = [r for r in every if r["rep"] == 0]
+            workers = sorted([r for r in recs if r["rank"] < W], key=lambda r: r["rank"])
+            w0 = workers[0]
+            losses = w0["losses"]
+            rep_loss_diff = max(abs(a - b) for r in every if r["rank"] == 0 for a, b in zip(r["losses"], losses))
+            steady = sorted(steady_reps)[len(steady_reps) // 2] if len(steady_reps) % 2 else \
+                sum(sorted(steady_reps)[len(steady_reps) // 2 - 1 : len(steady_reps) // 2 + 1]) / 2
+            elapsed = sum(elapsed_reps) / len(elapsed_reps)
+            s = {
+                "final_loss": sum(losses[-5:]) / len(losses[-5:]),
+                "last_loss": losses[-1],
+                "losses": losses,
+                "auc": w0["auc"],
+                "elapsed_s": elapsed,
+                "iter_ms": steady * 1e3,  # steady state: mean step time after the warm-up steps, median of repeats
+                "iter_ms_repeats": [1e3 * x for x in steady_reps],
+                "max_loss_diff_between_repeats": rep_loss_diff,
+                "iter_ms_all_steps": elapsed / args.steps * 1e3,
+                "samples_per_s": args.batch / steady,
+                "step_ms": [[1e3 * t for t in r["step_s"]] for r in workers],
+                "wall_s": max(r["wall_s"] for r in recs),
+            }
+            if all("wire" in r for r in workers):
+                per = [{"tx_bytes": r["wire"]["tx_bytes"], "rx_bytes": r["wire"]["rx_bytes"]} for r in workers]
+                for p, bw in zip(per, bws):
+                    p["link_s"] = (p["tx_bytes"] + p["rx_bytes"]) * 8 / (bw * 1e6)
+                s["wire"] = {
+                    "per_worker": per,
+                    "total_bytes": sum(p["tx_bytes"] + p["rx_bytes"] for p in per),
+                    "total_link_s": sum(p["link_s"] for p in per),
+                    "makespan_link_s": max(p["link_s"] for p in per),
+                    "ps_bytes": [r["wire"]["tx_bytes"] + r["wire"]["rx_bytes"] for r in recs if r["rank"] >= W],
+                }
+            if "metrics" in w0:
+                mt = w0["metrics"]
+                s["emb"] = {
+                    "total_bytes": mt["total_bytes"], "total_link_s": mt["total_link_s"],
+                    "makespan_link_s": mt["makespan_link_s"], "rows": mt["rows"],
+                    "per_worker": [{"bytes": p["total_bytes"], "link_s": p["link_s"], "rows": p["rows"]}
+                                   for p in mt["per_worker"]],
+                }
+                # modelled iteration time: compute as measured + the slowest worker's modelled link time
+                s["modelled_iter_ms"] = s["iter_ms"] + mt["makespan_link_s"] / args.steps * 1e3
+                dec = w0["dispatch"]["decision_ms"]
+                s["dispatch"] = {"solvers": w0["dispatch"]["solvers"],
+                                 "mean_decision_ms": sum(dec) / max(1, len(dec))}
+            res[m] = s
+        # ratios
+        van = res.get("vanilla")
+        for m, s in res.items():
+            r = {}
+            if van:
+                r["speedup_vs_vanilla"] = van["iter_ms"] / s["iter_ms"]
+                r["loss_diff_vs_vanilla"] = s["final_loss"] - van["final_loss"]
+                r["max_step_loss_diff_vs_vanilla"] = max(abs(a - b) for a, b in zip(s["losses"], van["losses"]))
+                if "wire" in s and "wire" in van:
+                    r["wire_bytes_vs_vanilla"] = s["wire"]["total_bytes"] / van["wire"]["total_bytes"]
+                    r["wire_link_s_vs_vanilla"] = s["wire"]["total_link_s"] / van["wire"]["total_link_s"]
+            for base in ("random", "laia"):
+                b = res.get(base)
+                if b is None or m == "vanilla":
+                    continue
+                r[f"speedup_vs_{base}"] = b["iter_ms"] / s["iter_ms"]
+                if "emb" in s and "emb" in b:
+                    r[f"emb_link_reduction_vs_{base}_pct"] = 100 * (1 - s["emb"]["total_link_s"] / b["emb"]["total_link_s"])
+                    r[f"emb_bytes_reduction_vs_{base}_pct"] = 100 * (1 - s["emb"]["total_bytes"] / b["emb"]["total_bytes"])
+                if "wire" in s and "wire" in b:
+                    r[f"wire_link_reduction_vs_{base}_pct"] = 100 * (1 - s["wire"]["total_link_s"] / b["wire"]["total_link_s"])
+            s["ratios"] = r
+        out[mix["name"]] = {"bandwidths": bws, "methods": res}
+    return out
+
+
+def targets(summary: Dict, links: str) -> List[Dict]:
+    """The project's targets, checked on what was measured."""
+    rows = []
+    names = list(summary)
+    het = next((n for n in names if len(set(summary[n]["bandwidths"])) > 1), None)
+    hom = next((n for n in names if len(set(summary[n]["bandwidths"])) == 1), None)
+    if het:
+        ms = summary[het]["methods"]
+        hy = ms.get("hybrid")
+        bases = [b for b in ("random", "laia") if b in ms]
+        if hy and bases and "emb" in hy:
+            best = min(bases, key=lambda b: ms[b]["emb"]["total_link_s"])
+            red = 100 * (1 - hy["emb"]["total_link_s"] / ms[best]["emb"]["total_link_s"])
+            wire = ""
+            if "wire" in hy and "wire" in ms[best]:
+                wred = 100 * (1 - hy["wire"]["total_link_s"] / ms[best]["wire"]["total_link_s"])
+                wire = f"; all traffic on the wire, Σ bytes/bw: {wred:.1f} % less"
+            rows.append({"target": f"[{het}] HybridDis link-time-weighted embedding traffic >= 36.76 % below "
+                                   f"the better of cache-only/LAIA ({LABEL[best]})",
+                         "measured": f"{red:.1f} % less (modelled embedding link time){wire}", "met": red >= 36.76})
+            fastest = min(bases, key=lambda b: ms[b]["iter_ms"])
+            sp = ms[fastest]["iter_ms"] / hy["iter_ms"]
+            rows.append({"target": f"[{het}] HybridDis >= 1.74x faster end to end than the faster of "
+                                   f"cache-only/LAIA ({LABEL[fastest]})",
+                         "measured": f"{sp:.2f}x ({links})", "met": sp >= 1.74})
+        if hy and "vanilla" in ms:
+            sp = ms["vanilla"]["iter_ms"] / hy["iter_ms"]
+            rows.append({"target": f"[{het}] HybridDis faster than vanilla TorchRec",
+                         "measured": f"{sp:.2f}x ({links})", "met": sp > 1.0})
+    if hom:
+        ms = summary[hom]["methods"]
+        if "hybrid" in ms and "vanilla" in ms:
+            slow = ms["hybrid"]["iter_ms"] / ms["vanilla"]["iter_ms"]
+            rows.append({"target": f"[{hom}] HybridDis at most 5 % slower than vanilla TorchRec",
+                         "measured": f"{100 * (slow - 1):+.1f} % iteration time ({links})", "met": slow <= 1.05})
+    for n in names:
+        ms = summary[n]["methods"]
+        if "hybrid" in ms and "vanilla" in ms:
+            d = ms["hybrid"]["ratios"]["max_step_loss_diff_vs_vanilla"]
+            rows.append({"target": f"[{n}] same loss as vanilla at staleness 0",
+                         "measured": f"vanilla {ms['vanilla']['final_loss']:.5f}, HybridDis "
+                                     f"{ms['hybrid']['final_loss']:.5f} (max per-step diff {d:.1e})",
+                         "met": d < 1e-3})
+    return rows
+
+
+def markdown(args, summary: Dict, links: str, meta: Dict) -> str:
+    lines = []
+    for mix, d in summary.items():
+        bws = "/".join(f"{b:g}" for b in d["bandwidths"])
+        lines.append(f"**{mix}** ({bws} Mbit/s per worker, links {links}):\n")
+        modelled = links != "emulated-tc"
+        lines.append("| method | iter ms " + ("| iter ms + modelled link " if modelled else "")
+                     + "| samples/s | speedup vs vanilla | speedup vs cache-only | emb. MB (model) "
+                     "| emb. link s Σ (model) | emb. link s per worker (model) | emb. link vs cache-only "
+                     "| wire MB | wire link s Σ | final loss | AUC |")
+        lines.append("|---|---:|" + ("---:|" if modelled else "") + "---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+        for m, s in d["methods"].items():
+            r = s["ratios"]
+            e, w = s.get("emb"), s.get("wire")
+            cells = [
+                LABEL.get(m, m), f"{s['iter_ms']:.0f}",
+            ] + ([f"{s['modelled_iter_ms']:.0f}" if "modelled_iter_ms" in s else "-"] if modelled else []) + [
+                f"{s['samples_per_s']:.0f}",
+                f"{r.get('speedup_vs_vanilla', float('nan')):.2f}x",
+                f"{r['speedup_vs_random']:.2f}x" if "speedup_vs_random" in r else "-",
+                f"{e['total_bytes'] / 1e6:.2f}" if e else "-",
+                f"{e['total_link_s']:.2f}" if e else "-",
+                "/".join(f"{p['link_s']:.2f}" for p in e["per_worker"]) if e else "-",
+                ("baseline" if m == "random" else f"{-r['emb_link_reduction_vs_random_pct']:+.1f} %")
+                if "emb_link_reduction_vs_random_pct" in r else "-",
+                f"{w['total_bytes'] / 1e6:.2f}" if w else "-",
+                f"{w['total_link_s']:.2f}" if w else "-",
+                f"{s['final_loss']:.5f}", f"{s['auc']:.4f}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append(
+        f"Setup: {meta['W']} workers + {args.num_ps} PS, {args.steps} steps, global batch {args.batch}, "
+        f"26 Zipf(alpha {args.alpha:g}) sparse features, max cardinality {args.max_cardinality}, "
+        f"embedding dim {args.embedding_dim}, caches {100 * args.cache_fraction:g} % of every table, "
+        f"{args.sparse_optimizer}, staleness {args.staleness}, ESD input mode {args.input_mode}; "
+        f"{os.cpu_count()} CPU cores, the benchmark's ranks used {meta['cpu']['benchmark_cores']:.2f} cores on average"
+        + (f", other processes {meta['cpu']['other_cores']:.2f}" if meta["cpu"].get("other_cores") is not None else "")
+        + ". "
+        f"iter ms = mean wall time of steps {min(args.warmup_steps, args.steps - 2) + 1}..{args.steps - 1} "
+        f"(steady state, slowest worker), median of {args.repeats} runs of every method "
+        f"(spread: ±{meta.get('spread_pct', 0):.0f} % at most); emb. = embedding rows the ESD runtime "
+        "moves between workers and PS (bytes and bytes/bandwidth + latency, modelled from the configured "
+        "links; vanilla has none of this traffic); wire = bytes that really crossed the workers' shaped "
+        "links (tx+rx, all traffic incl. TorchRec's all-to-alls, dense all-reduce, dispatch), "
+        "wire link s = Σ_w bytes_w / bandwidth_w."
+        + (" Links MODELLED (no root/ip or --no-netns): iter ms contains no link time; 'iter ms + modelled "
+           "link' adds the slowest worker's modelled embedding link time per step (ESD only)." if links != "emulated-tc"
+           else f" Links emulated with tc (HTB rate limits both directions{'' if meta.get('netem') else '; no delay: this kernel has no netem, so the model uses 0 ms latency'}); the PS link is unshaped."))
+    return "\n".join(lines)
+
+
+def plot(summary: Dict, path: str, links: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mixes = list(summary)
+    methods = list(next(iter(summary.values()))["methods"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    width = 0.8 / len(mixes)
+    xs = list(range(len(methods)))
+
+    def rel(base: str, key: str):
+        def f(ms, m):
+            if key not in ms[m] or base not in ms or key not in ms[base]:
+                return None
+            return ms[m][key]["total_link_s"] / ms[base][key]["total_link_s"]
+        return f
+
+    panels = [
+        ("embedding link time (modelled, Σ workers)\nrelative to cache-only", rel("random", "emb")),
+        ("on-wire link time Σ_w bytes_w / bw_w (measured)\nrelative to vanilla TorchRec"
+         if links == "emulated-tc" else "on-wire traffic: not measured (links modelled)", rel("vanilla", "wire")),
+        ("speedup vs vanilla TorchRec\n(steady-state iteration time" + (", shaped links)" if links == "emulated-tc"
+                                                                          else ", NO link time: modelled)"),
+         lambda ms, m: ms[m]["ratios"].get("speedup_vs_vanilla")),
+    ]
+    for ax, (title, fn) in zip(axes, panels):
+        for i, mix in enumerate(mixes):
+            ms = summary[mix]["methods"]
+            vals = [fn(ms, m) for m in methods]
+            pos = [x + (i - (len(mixes) - 1) / 2) * width for x in xs]
+            bars = ax.bar(pos, [v or 0.0 for v in vals], width,
+                          label=f"{mix}: {'/'.join(f'{b:g}' for b in summary[mix]['bandwidths'])} Mbit/s")
+            for bar, v in zip(bars, vals):
+                ax.annotate("n/a" if v is None else f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=6)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([LABEL.get(m, m).replace(" (random)", "") for m in methods], rotation=30, ha="right",
+                           fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.axhline(1.0, color="k", lw=0.6)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(mixes), fontsize=8)
+    fig.suptitle(f"torchrec_esd end to end (benchmarks/end_to_end.py), links: {links}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args._rank:
+        rank_main(args._rank)
+        return
+    t0 = time.perf_counter()
+    mixes = parse_mixes(args.mixes)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+    W = len(mixes[0]["bandwidths"])
+    print(f"[e2e] {W} workers + {args.num_ps} PS, steps {args.steps}, batch {args.batch}, dim "
+          f"{args.embedding_dim}, max cardinality {args.max_cardinality}, cache {args.cache_fraction:g}, "
+          f"mixes {[m['name'] for m in mixes]}, methods {methods}", flush=True)
+    raw = launch(args, mixes, methods)
+    summary = summarize(args, mixes, methods, raw)
+    tg = targets(summary, raw["links"])
+    spreads = [100 * (max(s["iter_ms_repeats"]) - min(s["iter_ms_repeats"])) / 2 / s["iter_ms"]
+               for d in summary.values() for s in d["methods"].values()]
+    meta = {"W": W, "netem": raw["netem"], "spread_pct": max(spreads), "cpu": raw["cpu"]}
+    md = markdown(args, summary, raw["links"], meta)
+    elapsed = time.perf_counter() - t0
+    result = {
+        "links": raw["links"], "links_reason": raw["links_reason"], "netem_available": raw["netem"],
+        "applied_links": raw["applied_links"],
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "runtime_s": elapsed, "world_s": raw["world_s"], "cpu_during_world": raw["cpu"],
+        "results": summary, "targets": tg, "markdown": md,
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    png = args.png or os.path.splitext(args.out)[0] + ".png"
+    plot(summary, png, raw["links"])
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(md + "\n")
+    print("\n" + md + "\n")
+    for name, d in summary.items():
+        for m, s in d["methods"].items():
+            if "dispatch" in s:
+                print(f"  [{name}] {LABEL[m]}: dispatch {s['dispatch']['solvers']}, "
+                      f"{s['dispatch']['mean_decision_ms']:.1f} ms/decision; rows {s['emb']['rows']}")
+            if "wire" in s:
+                per = ", ".join(f"w{i} {(p['tx_bytes'] + p['rx_bytes']) / 1e6:.2f} MB" for i, p in
+                                enumerate(s["wire"]["per_worker"]))
+                print(f"  [{name}] {LABEL[m]}: wire {per}; PS {[round(b / 1e6, 2) for b in s['wire']['ps_bytes']]} MB")
+    print("\nTargets:")
+    for t in tg:
+        print(f"  [{'MET ' if t['met'] else 'MISS'}] {t['target']}: {t['measured']}")
+    if raw["links"] != "emulated-tc":
+        print("NOTE: links were MODELLED, not emulated: wall-clock times contain no link time.")
+    c = raw["cpu"]
+    print(f"CPU during the run: benchmark ranks {c['benchmark_cores']:.2f} cores, other processes "
+          f"{c['other_cores'] if c['other_cores'] is None else round(c['other_cores'], 2)} cores "
+          f"(machine has {os.cpu_count()})")
+    print(f"\nwrote {args.out}, {png}" + (f", {args.markdown}" if args.markdown else "")
+          + f" in {elapsed:.0f} s (links: {raw['links']})")
+
+
+if __name__ == "__main__":
+    main()
