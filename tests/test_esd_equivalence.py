@@ -25,16 +25,16 @@ def _assert_close_rel(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float =
     assert err <= rtol * scale, f"{what}: max abs diff {err:.3g} > {rtol} x {scale:.3g}"
 
 
-def _compare(W, shares, dispatcher, optimizer, mode, bandwidths, **esd_kwargs):
+def _compare(W, shares, dispatcher, optimizer, mode, bandwidths, num_ps=1, **esd_kwargs):
     common = dict(steps=STEPS, global_batch=BATCH, workload=WORKLOAD, collect_tables=True,
                   sparse_optimizer=optimizer, sparse_lr=0.1, dense_lr=0.1)
     vanilla = run_local_world(run, W, JobConfig(method="vanilla", **common))
-    cfg = EsdConfig([WorkerSpec(CACHE, bw, share=s) for bw, s in zip(bandwidths, shares)])
+    cfg = EsdConfig([WorkerSpec(CACHE, bw, share=s) for bw, s in zip(bandwidths, shares)], num_ps=num_ps)
     esd = run_local_world(
-        run, W + 1, JobConfig(method="esd", esd=cfg, dispatcher=dispatcher, input_mode=mode, **esd_kwargs, **common)
+        run, W + num_ps, JobConfig(method="esd", esd=cfg, dispatcher=dispatcher, input_mode=mode, **esd_kwargs, **common)
     )
     v, e = vanilla[0], esd[0]
-    assert esd[W] == {"role": "ps"}
+    assert all(esd[W + p] == {"role": "ps"} for p in range(num_ps))
     # same losses per step (the loss is the global-batch mean on both sides)
     _assert_close_rel(torch.tensor(v["losses"]), torch.tensor(e["losses"]), "losses")
     # same final embedding tables (after the flush, from the PS) and dense weights
@@ -56,8 +56,9 @@ def _compare(W, shares, dispatcher, optimizer, mode, bandwidths, **esd_kwargs):
     return vanilla, esd
 
 
-def test_equivalence_two_workers_sgd_local_batches():
-    _compare(2, [1, 1], "heuristic", "sgd", "local", [1.0, 8.0])
+def test_equivalence_two_workers_two_ps_sgd_local_batches():
+    # tables split row-wise over 2 parameter servers
+    _compare(2, [1, 1], "heuristic", "sgd", "local", [1.0, 8.0], num_ps=2)
 
 
 def test_equivalence_four_workers_rowwise_adagrad_uneven_shares_train_pipeline():
@@ -126,3 +127,16 @@ def test_world_size_must_match_topology():
         run_local_world(run, 3, job, timeout_s=120)
     assert sorted(info.value.errors) == [0, 1, 2]
     assert all("2 workers + 2 parameter servers = 4 ranks" in e["error"] for e in info.value.errors.values())
+
+
+def test_cache_larger_than_table_fails_every_rank():
+    too_big = dict(CACHE, t_cat_3=26)  # t_cat_3 has 25 rows
+    cfg = EsdConfig([WorkerSpec(CACHE, 1.0), WorkerSpec(too_big, 2.0)], collective_timeout_s=60)
+    job = JobConfig(method="esd", esd=cfg, steps=1, global_batch=8, workload=WORKLOAD)
+    with pytest.raises(RankFailed) as info:
+        run_local_world(run, 3, job, timeout_s=120)
+    assert sorted(info.value.errors) == [0, 1, 2]
+    assert all(
+        "cache capacity 26 rows for table 't_cat_3' exceeds the table's 25 rows" in e["error"]
+        for e in info.value.errors.values()
+    )

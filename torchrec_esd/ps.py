@@ -257,8 +257,14 @@ class ParameterServer:
         self.weights[uniq], self.state[uniq] = rows, state
 
     def _gather(self) -> None:
-        dist.broadcast(self.weights.contiguous(), src=dist.get_rank(), group=self.wire.group)
-        dist.broadcast(self.state.contiguous(), src=dist.get_rank(), group=self.wire.group)
+        # every rank joins every PS's broadcasts, in PS order (see PsClient.gather_tables)
+        for i, src in enumerate(self.wire.ps_ranks):
+            mine = i == self.ps_index
+            rows = int(self.routing.ps_rows[i])
+            w = self.weights.contiguous() if mine else torch.empty(rows, self.routing.dim)
+            s = self.state.contiguous() if mine else torch.empty(rows, self.optimizer.state_dim)
+            dist.broadcast(w, src=src, group=self.wire.group)
+            dist.broadcast(s, src=src, group=self.wire.group)
 
     def _local(self, keys: torch.Tensor) -> torch.Tensor:
         p, local = self.routing.locate(keys)
