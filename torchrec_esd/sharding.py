@@ -22,7 +22,6 @@ from typing import Dict, List, Optional, Type
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 from torchrec.distributed.comm_ops import get_gradient_division
 from torchrec.distributed.embedding_sharding import KJTListSplitsAwaitable
 from torchrec.distributed.embedding_types import KJTList

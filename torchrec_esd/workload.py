@@ -15,8 +15,8 @@ ids are scattered over the table like in real data.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torchrec.datasets.utils import Batch
