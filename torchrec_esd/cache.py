@@ -101,9 +101,7 @@ class _WorkerState:
     def __init__(self, capacities: List[int]) -> None:
         cap = torch.tensor(capacities, dtype=torch.int64)
         self.capacity = cap  # [T]
-        self.slot_base = torch.zeros(len(capacities) + 1, dtype=torch.int64)
-        self.slot_base[1:] = torch.cumsum(cap, 0)
-        n = int(self.slot_base[-1])
+        n = int(cap.sum())
         self.slot_table = torch.repeat_interleave(torch.arange(len(capacities)), cap)
         self.keys = torch.full((n,), -1, dtype=torch.int64)
         self.last_use = torch.zeros(n, dtype=torch.int64)

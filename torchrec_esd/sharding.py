@@ -95,12 +95,7 @@ class ShardedEsdEmbeddingBagCollection(
                 )
         self._is_weighted = module.is_weighted()
         self._dim = runtime.routing.dim
-        self._feature_table: Dict[str, int] = {}
-        self._embedding_names: List[str] = []
-        for ti, t in enumerate(self._configs):
-            for f in t.feature_names:
-                self._feature_table[f] = ti
-                self._embedding_names.append(f)
+        self._embedding_names: List[str] = [f for t in self._configs for f in t.feature_names]
         self._feature_mode = {
             f: ("sum" if t.pooling == PoolingType.SUM else "mean") for t in self._configs for f in t.feature_names
         }
