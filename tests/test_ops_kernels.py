@@ -167,6 +167,22 @@ def test_build_large_and_clustered(dtype):
     assert got[0, 0] >= 0  # wrapped
 
 
+def test_build_and_lookup_with_threads():
+    gen = torch.Generator().manual_seed(21)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        keys = torch.randperm(1 << 22, generator=gen)[:150_000]
+        table = ops.id_table_build(keys)
+        assert torch.equal(table, R.id_table_build_ref(keys))
+        q = torch.randint(0, 1 << 22, (200_000,), generator=gen)
+        assert torch.equal(ops.id_table_lookup(table, q), R.id_table_lookup_ref(table, q))
+        with pytest.raises(RuntimeError, match="duplicate key"):
+            ops.id_table_build(torch.cat([keys, keys[-1:]]))
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [0, 1, 2, 1000])
 def test_lookup_matches_reference(dtype, n):
@@ -353,6 +369,18 @@ def test_unique_per_group_extreme_keys(dtype):
         group = torch.tensor([0, 0, 1, 1, 0, 1, 0]) % G
         check_unique(keys, group, G)
     check_unique(keys, torch.zeros(7, dtype=torch.int64), 1000)  # unused groups
+    # more groups than the per-group path takes: packed sort / wide-key pair sort
+    many = torch.tensor([9000, 3, 9000, 3, 0, 9000, 4999])
+    check_unique(torch.tensor([5, 1, 5, 2, 1, 5, 7], dtype=dtype), many, 10_000)
+    check_unique(keys, many, 10_000)
+
+
+def test_unique_per_group_many_groups_random():
+    gen = torch.Generator().manual_seed(13)
+    keys = torch.randint(0, 500, (20_000,), generator=gen)
+    group = torch.randint(0, 6000, (20_000,), generator=gen)
+    check_unique(keys, group, 6000)
+    check_unique(keys, group % 3, 3)
 
 
 def test_unique_per_group_with_threads():

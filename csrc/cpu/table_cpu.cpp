@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -478,6 +479,41 @@ void radix_sort_u64(std::vector<uint64_t>& a, std::vector<uint64_t>& buf, int bi
   }
 }
 
+// Serial LSD radix sort of a[0, n) (values < 2^bits, <= 11-bit digits, digits
+// on which all values agree skipped); buf: scratch of n.  Small inputs use
+// std::sort.  The result is in a.
+void radix_sort_serial(uint64_t* a, uint64_t* buf, int64_t n, int bits,
+                       std::vector<int64_t>& hist) {
+  if (n < 2 || bits == 0) return;
+  if (n <= 256) {
+    std::sort(a, a + n);
+    return;
+  }
+  const int passes = (bits + 10) / 11;
+  const int digit = (bits + passes - 1) / passes;
+  const int64_t R = int64_t{1} << digit;
+  const uint64_t dmask = static_cast<uint64_t>(R - 1);
+  hist.resize(R);
+  uint64_t* src = a;
+  uint64_t* dst = buf;
+  for (int shift = 0; shift < bits; shift += digit) {
+    std::fill(hist.begin(), hist.end(), 0);
+    for (int64_t i = 0; i < n; ++i) ++hist[(src[i] >> shift) & dmask];
+    if (hist[(src[0] >> shift) & dmask] == n) continue;  // all share this digit
+    int64_t acc = 0;
+    for (int64_t d = 0; d < R; ++d) {
+      const int64_t v = hist[d];
+      hist[d] = acc;
+      acc += v;
+    }
+    for (int64_t i = 0; i < n; ++i) dst[hist[(src[i] >> shift) & dmask]++] = src[i];
+    std::swap(src, dst);
+  }
+  if (src != a) std::copy(src, src + n, a);
+}
+
+constexpr int64_t kMaxGroupedGroups = 4096;  // more groups: one packed global sort
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> unique_keys_per_group_cpu(
@@ -491,8 +527,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unique_keys_per_group_cpu(
 
   const std::vector<int64_t> cb = chunk_bounds(n, 1 << 15);
   const int64_t C = static_cast<int64_t>(cb.size()) - 1;
-  // Pass 1: check keys and groups, find the largest key.
+  // Pass 1: check keys and groups, find the largest key (and, with few
+  // groups, count every chunk's keys per group).
+  const bool grouped = num_groups <= kMaxGroupedGroups;
+  const int64_t G = grouped ? num_groups : 0;
   std::vector<int64_t> cmax(C, 0);
+  std::vector<int64_t> ghist(C * G, 0);
   AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "unique_keys_per_group_keys", [&] {
     using key_t = index_t;
     const key_t* kp = keys.data_ptr<key_t>();
@@ -511,6 +551,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unique_keys_per_group_cpu(
           m = std::max(m, k);
         }
         cmax[c] = m;
+        if (grouped) {
+          int64_t* h = ghist.data() + c * G;
+          for (int64_t i = cb[c]; i < cb[c + 1]; ++i) ++h[gp[i]];
+        }
       });
     });
   });
@@ -518,8 +562,81 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unique_keys_per_group_cpu(
   const int kbits = bit_width(static_cast<uint64_t>(max_key));
   const int gbits = bit_width(static_cast<uint64_t>(std::max<int64_t>(num_groups - 1, 0)));
 
+  if (grouped) {
+    // Few groups: scatter the keys into per-group runs (stable counting sort
+    // by group), then sort and run-length encode every group on its own: the
+    // groups are small enough to stay in cache, and independent (parallel).
+    std::vector<int64_t> gstart(G + 1, 0);
+    {
+      int64_t acc = 0;
+      for (int64_t g = 0; g < G; ++g) {
+        gstart[g] = acc;
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t v = ghist[c * G + g];
+          ghist[c * G + g] = acc;  // chunk c's write cursor in group g
+          acc += v;
+        }
+      }
+      gstart[G] = acc;
+    }
+    std::unique_ptr<uint64_t[]> v(new uint64_t[n]);  // every entry is written below
+    AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "unique_keys_per_group_scatter", [&] {
+      using key_t = index_t;
+      const key_t* kp = keys.data_ptr<key_t>();
+      AT_DISPATCH_INDEX_TYPES(group.scalar_type(), "unique_keys_per_group_scatter2", [&] {
+        const index_t* gp = group.data_ptr<index_t>();
+        for_each_chunk(C, [&](int64_t c) {
+          int64_t* cur = ghist.data() + c * G;
+          for (int64_t i = cb[c]; i < cb[c + 1]; ++i)
+            v[cur[gp[i]]++] = static_cast<uint64_t>(kp[i]);
+        });
+      });
+    });
+    std::vector<int64_t> gunique(G + 1, 0);
+    at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+      std::vector<uint64_t> buf;
+      std::vector<int64_t> hist;
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t m = gstart[g + 1] - gstart[g];
+        uint64_t* a = v.get() + gstart[g];
+        buf.resize(m);
+        radix_sort_serial(a, buf.data(), m, kbits, hist);
+        int64_t u = 0;
+        for (int64_t i = 0; i < m; ++i) u += (i == 0 || a[i] != a[i - 1]);
+        gunique[g + 1] = u;
+      }
+    });
+    for (int64_t g = 0; g < G; ++g) gunique[g + 1] += gunique[g];
+    const int64_t u = gunique[G];
+    at::Tensor out_k = at::empty({u}, keys.options());
+    at::Tensor out_g = at::empty({u}, lopt);
+    at::Tensor out_c = at::empty({u}, lopt);
+    int64_t* og = out_g.data_ptr<int64_t>();
+    int64_t* oc = out_c.data_ptr<int64_t>();
+    AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "unique_keys_per_group_gout", [&] {
+      index_t* ok = out_k.data_ptr<index_t>();
+      at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+        for (int64_t g = g0; g < g1; ++g) {
+          const uint64_t* a = v.get() + gstart[g];
+          const int64_t m = gstart[g + 1] - gstart[g];
+          int64_t j = gunique[g] - 1;
+          for (int64_t i = 0; i < m; ++i) {
+            if (i == 0 || a[i] != a[i - 1]) {
+              ++j;
+              ok[j] = static_cast<index_t>(a[i]);
+              og[j] = g;
+              oc[j] = 0;
+            }
+            ++oc[j];
+          }
+        }
+      });
+    });
+    return {out_k, out_g, out_c};
+  }
+
   if (kbits + gbits <= 64) {
-    // Fast path: radix sort of packed (group << kbits | key), then run lengths.
+    // Many groups: radix sort of packed (group << kbits | key), then run lengths.
     std::vector<uint64_t> c(n), buf(n);
     AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "unique_keys_per_group_pack", [&] {
       using key_t = index_t;
