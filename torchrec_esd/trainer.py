@@ -57,6 +57,8 @@ class JobConfig:
     progress: bool = False  # tqdm progress bar on rank 0
     use_pipeline: bool = False  # ESD: drive steps with TorchRec's TrainPipelineSparseDist
     auc_steps: int = 10  # AUC over the predictions of the last steps
+    # DES only (method="des", see _des): "row_wise" | "table_wise"
+    des_sharding: str = "row_wise"
 
 
 class DlrmTask(nn.Module):
@@ -318,6 +320,52 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
     return out
 
 
+# ---------------------------------------------------------------- DES (issue 9)
+def _des(job: JobConfig, workload: SyntheticWorkload, group=None) -> Dict:
+    """DES sharding (torchrec_esd.des): like ``_vanilla`` (same model, local
+    batches, DDP dense), but the EBC is sharded by the DES sharder: partial
+    sums are pooled next to the weight shards and exchanged instead of rows."""
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.types import ShardingEnv, ShardingPlan
+
+    from torchrec_esd.des import DesEmbeddingBagCollectionSharder, des_module_plan, find_des_modules
+
+    group = group or dist.group.WORLD
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if job.global_batch % world:
+        raise EsdConfigError(f"DES needs the global batch {job.global_batch} divisible by {world} ranks")
+    model = DlrmTask(build_model(job, workload))
+    ebc = model.model.sparse_arch.embedding_bag_collection
+    plan = ShardingPlan({EBC_PATH: des_module_plan(ebc, world, job.des_sharding)})
+    dmp = DistributedModelParallel(
+        model,
+        env=ShardingEnv.from_process_group(group),
+        plan=plan,
+        sharders=[DesEmbeddingBagCollectionSharder(sparse_optimizer(job))],
+        device=torch.device("cpu"),
+    )
+    (des_ebc,) = find_des_modules(dmp)
+    dense_opt = torch.optim.SGD(_dense_params(dmp), lr=job.dense_lr)
+    per = job.global_batch // world
+    track = _Tracker(job, group, rank, f"DES {job.des_sharding}")
+    t0 = time.perf_counter()
+    for step in range(job.steps):
+        batch = workload.local_batch(step, job.global_batch, rank, world)
+        dense_opt.zero_grad()
+        loss, (_, logits, labels) = dmp(batch)
+        loss.backward()
+        dense_opt.step()
+        g = loss.detach().clone() * per
+        dist.all_reduce(g, group=group)
+        track.step(float(g) / job.global_batch, logits, labels)
+    elapsed = time.perf_counter() - t0
+    out = {"losses": track.losses, "auc": track.auc(), "dense": _dense_state(dmp), "elapsed_s": elapsed,
+           "comm_bytes": dict(des_ebc.comm_bytes), "iterations": des_ebc.iterations}
+    if job.collect_tables:
+        out["tables"], out["tables_state"] = des_ebc.gather_tables()
+    return out
+
+
 def run(job: JobConfig) -> Dict:
     """Run ``job`` on this rank (torch.distributed must be initialised).
 
@@ -346,4 +394,6 @@ def run(job: JobConfig) -> Dict:
         return _vanilla(job, workload, group)
     if job.method == "esd":
         return _esd(job, workload)
-    raise EsdConfigError(f"unknown method {job.method!r}; use 'vanilla' or 'esd'")
+    if job.method == "des":
+        return _des(job, workload)
+    raise EsdConfigError(f"unknown method {job.method!r}; use 'vanilla', 'esd' or 'des'")
