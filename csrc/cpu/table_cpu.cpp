@@ -55,6 +55,11 @@ inline void prefetch_slot(const int64_t* slots, uint64_t s) {
 // id_table_build
 // ---------------------------------------------------------------------------
 
+// Robin Hood insertion with ties broken by key: while probing, a key takes
+// the slot of an occupant that is closer to its own home (or equally far with
+// a larger key) and carries the occupant on.  Every cluster of the result is
+// sorted by (home, key) in circular order, which is the canonical layout of
+// reference_ops.id_table_build_ref whatever the insertion order.
 at::Tensor id_table_build_cpu(const at::Tensor& keys) {
   const char* op = "id_table_build";
   check_index_vector(op, "keys", keys);
@@ -64,77 +69,53 @@ at::Tensor id_table_build_cpu(const at::Tensor& keys) {
   const uint64_t mask = static_cast<uint64_t>(cap - 1);
   at::Tensor slots = at::full({cap, 2}, kEmptyKey, keys.options().dtype(at::kLong));
   if (n == 0) return slots;
-
-  // Keys as int64 and their home slots (parallel).
-  std::vector<int64_t> key(n);
-  std::vector<int64_t> home(n);
+  int64_t* out = slots.data_ptr<int64_t>();
+  int64_t min_dup = std::numeric_limits<int64_t>::max();
   AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "id_table_build_cpu", [&] {
     const index_t* in = keys.data_ptr<index_t>();
-    at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
+    uint64_t h[kPrefetchGroup];
+    for (int64_t g0 = 0; g0 < n; g0 += kPrefetchGroup) {
+      const int64_t g1 = std::min<int64_t>(n, g0 + kPrefetchGroup);
+      for (int64_t i = g0; i < g1; ++i) {
         const int64_t k = static_cast<int64_t>(in[i]);
         TORCH_CHECK(k >= 0, "torchrec_esd::", op, ": keys must be non-negative, got ", k,
                     " at position ", i);
-        key[i] = k;
-        home[i] = static_cast<int64_t>(table_hash(static_cast<uint64_t>(k)) & mask);
+        h[i - g0] = table_hash(static_cast<uint64_t>(k));
+        __builtin_prefetch(out + 2 * (h[i - g0] & mask), 1, 3);
       }
-    });
-  });
-
-  // Keys per home slot; e = first slot minimising the prefix sum of (count - 1)
-  // is empty in any linear-probing table of these keys: start the table after it.
-  std::vector<int64_t> count(cap, 0);
-  for (int64_t i = 0; i < n; ++i) ++count[home[i]];
-  int64_t run = 0, best = std::numeric_limits<int64_t>::max(), e = 0;
-  for (int64_t s = 0; s < cap; ++s) {
-    run += count[s] - 1;
-    if (run < best) best = run, e = s;
-  }
-  const int64_t start = (e + 1) & static_cast<int64_t>(mask);
-
-  // Counting sort by rotated home r = (home - start) mod cap, stable in position.
-  std::vector<int64_t> bucket(cap + 1, 0);
-  for (int64_t r = 0; r < cap; ++r) bucket[r + 1] = bucket[r] + count[(r + start) & mask];
-  std::vector<int64_t> order(n);
-  {
-    std::vector<int64_t> cursor(bucket.begin(), bucket.end() - 1);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t r = (home[i] - start) & static_cast<int64_t>(mask);
-      order[cursor[r]++] = i;
-    }
-  }
-  // Sort every bucket by key (buckets are tiny: expected load <= 1/2); equal keys
-  // share a home, so duplicates end up adjacent.
-  std::atomic<int64_t> min_dup{std::numeric_limits<int64_t>::max()};
-  at::parallel_for(0, cap, 1 << 12, [&](int64_t r0, int64_t r1) {
-    int64_t local_dup = std::numeric_limits<int64_t>::max();
-    for (int64_t r = r0; r < r1; ++r) {
-      int64_t* b = order.data() + bucket[r];
-      int64_t* en = order.data() + bucket[r + 1];
-      if (en - b < 2) continue;
-      std::sort(b, en, [&](int64_t x, int64_t y) { return key[x] < key[y]; });
-      for (int64_t* p = b + 1; p < en; ++p)
-        if (key[*p] == key[*(p - 1)]) local_dup = std::min(local_dup, key[*p]);
-    }
-    int64_t cur = min_dup.load();
-    while (local_dup < cur && !min_dup.compare_exchange_weak(cur, local_dup)) {
+      for (int64_t i = g0; i < g1; ++i) {
+        int64_t k = static_cast<int64_t>(in[i]);
+        int64_t ix = i;
+        uint64_t s = h[i - g0] & mask;
+        uint64_t d = 0;  // distance of (k, ix) from its home
+        while (true) {
+          const int64_t ok = out[2 * s];
+          if (ok == kEmptyKey) {
+            out[2 * s] = k;
+            out[2 * s + 1] = ix;
+            break;
+          }
+          if (ok == k) {  // only reachable for the key being inserted
+            min_dup = std::min(min_dup, k);
+            break;
+          }
+          const uint64_t od = (s - (table_hash(static_cast<uint64_t>(ok)) & mask)) & mask;
+          if (od < d || (od == d && k < ok)) {
+            const int64_t oix = out[2 * s + 1];
+            out[2 * s] = k;
+            out[2 * s + 1] = ix;
+            k = ok;
+            ix = oix;
+            d = od;
+          }
+          s = (s + 1) & mask;
+          ++d;
+        }
+      }
     }
   });
-  TORCH_CHECK(min_dup.load() == std::numeric_limits<int64_t>::max(), "torchrec_esd::", op,
-              ": keys must be unique, found duplicate key ", min_dup.load());
-
-  // Linear probing in that order: position p_i = max(r_i, p_{i-1} + 1) < cap.
-  int64_t* out = slots.data_ptr<int64_t>();
-  int64_t pos = -1;
-  for (int64_t r = 0; r < cap; ++r) {
-    for (int64_t j = bucket[r]; j < bucket[r + 1]; ++j) {
-      pos = std::max(r, pos + 1);
-      const int64_t s = (pos + start) & static_cast<int64_t>(mask);
-      out[2 * s] = key[order[j]];
-      out[2 * s + 1] = order[j];
-    }
-  }
-  TORCH_INTERNAL_ASSERT(pos < cap, "id_table_build: probe sequence overflowed");
+  TORCH_CHECK(min_dup == std::numeric_limits<int64_t>::max(), "torchrec_esd::", op,
+              ": keys must be unique, found duplicate key ", min_dup);
   return slots;
 }
 
