@@ -157,6 +157,8 @@ def id_table_build_ref(keys: torch.Tensor) -> torch.Tensor:
     is empty in every linear-probing table of these keys.  Keys are inserted in
     increasing order of ``((home - e - 1) mod cap, key)``, i.e. each probe
     cluster holds its keys sorted by home slot, then key (an ordered table).
+    This is also what Robin Hood insertion with ties broken by key gives, in
+    any insertion order (the CPU kernel builds it that way).
     """
     op = "id_table_build"
     _check_index_vector(op, "keys", keys)
