@@ -169,11 +169,11 @@ def rank_main(spec_path: str) -> None:
     # reads give per-step wall times without touching the trainer.
     from torchrec_esd import workload as wl_mod
 
-    stamps: Dict[int, float] = {}
+    stamps: Dict[int, tuple] = {}  # step -> (wall clock, this process's CPU time)
     orig_global_batch = wl_mod.SyntheticWorkload.global_batch
 
     def stamped_global_batch(self, step, batch_size):
-        stamps.setdefault(int(step), time.perf_counter())
+        stamps.setdefault(int(step), (time.perf_counter(), time.process_time()))
         return orig_global_batch(self, step, batch_size)
 
     wl_mod.SyntheticWorkload.global_batch = stamped_global_batch
@@ -202,19 +202,21 @@ def rank_main(spec_path: str) -> None:
             job = JobConfig(method="vanilla", **base) if method == "vanilla" else \
                 JobConfig(method="esd", dispatcher=method, **base)
             dist.barrier()
-            c0, t0 = _iface_counters(), time.perf_counter()
+            c0, t0, p0 = _iface_counters(), time.perf_counter(), time.process_time()
             stamps.clear()
             r = run(job)
+            cpu_s = time.process_time() - p0  # this rank's CPU (all threads) for the whole job
             dist.barrier()  # PS and idle ranks wait here, with the world's long timeout
             wall, c1 = time.perf_counter() - t0, _iface_counters()
-            rec = {"mix": mix["name"], "method": method, "rep": rep, "rank": rank, "wall_s": wall,
+            rec = {"mix": mix["name"], "method": method, "rep": rep, "rank": rank, "wall_s": wall, "cpu_s": cpu_s,
                    "role": r.get("role", "worker")}
             if c0 is not None:
                 rec["wire"] = {k2: c1[k2] - c0[k2] for k2 in c0}
             if "losses" in r:
                 ts = [stamps[i] for i in sorted(stamps)]
                 rec.update(losses=r["losses"], auc=r["auc"], elapsed_s=r["elapsed_s"],
-                           step_s=[b - a for a, b in zip(ts, ts[1:])])
+                           step_s=[b[0] - a[0] for a, b in zip(ts, ts[1:])],
+                           step_cpu_s=[b[1] - a[1] for a, b in zip(ts, ts[1:])])
             if "metrics" in r and rank == 0:
                 rec["metrics"] = r["metrics"]
                 solvers: Dict[str, int] = {}
@@ -386,6 +388,10 @@ def summarize(args, mixes, methods, raw) -> Dict:
                 "samples_per_s": args.batch / steady,
                 "step_ms": [[1e3 * t for t in r["step_s"]] for r in workers],
                 "wall_s": max(r["wall_s"] for r in recs),
+                # CPU per steady-state step (all threads) of every worker; PS: whole job / steps
+                "cpu_ms_per_step_workers": [1e3 * sum(r["step_cpu_s"][skip:]) / len(r["step_cpu_s"][skip:])
+                                            for r in workers],
+                "cpu_ms_per_step_ps": [1e3 * r["cpu_s"] / args.steps for r in recs if r["rank"] >= W],
             }
             if all("wire" in r for r in workers):
                 per = [{"tx_bytes": r["wire"]["tx_bytes"], "rx_bytes": r["wire"]["rx_bytes"]} for r in workers]
@@ -458,21 +464,30 @@ def targets(summary: Dict, links: str) -> List[Dict]:
             rows.append({"target": f"[{het}] HybridDis link-time-weighted embedding traffic >= 36.76 % below "
                                    f"the better of cache-only/LAIA ({LABEL[best]})",
                          "measured": f"{red:.1f} % less (modelled embedding link time){wire}", "met": red >= 36.76})
-            fastest = min(bases, key=lambda b: ms[b]["iter_ms"])
-            sp = ms[fastest]["iter_ms"] / hy["iter_ms"]
+            # over emulated links: measured wall clock; modelled: compute + modelled link time
+            key = "iter_ms" if links == "emulated-tc" else "modelled_iter_ms"
+            fastest = min(bases, key=lambda b: ms[b][key])
+            sp = ms[fastest][key] / hy[key]
             rows.append({"target": f"[{het}] HybridDis >= 1.74x faster end to end than the faster of "
                                    f"cache-only/LAIA ({LABEL[fastest]})",
-                         "measured": f"{sp:.2f}x ({links})", "met": sp >= 1.74})
+                         "measured": f"{sp:.2f}x ({links if links == 'emulated-tc' else 'modelled: compute + modelled link'})",
+                         "met": sp >= 1.74})
         if hy and "vanilla" in ms:
-            sp = ms["vanilla"]["iter_ms"] / hy["iter_ms"]
-            rows.append({"target": f"[{het}] HybridDis faster than vanilla TorchRec",
-                         "measured": f"{sp:.2f}x ({links})", "met": sp > 1.0})
+            if links == "emulated-tc":
+                sp = ms["vanilla"]["iter_ms"] / hy["iter_ms"]
+                rows.append({"target": f"[{het}] HybridDis faster than vanilla TorchRec",
+                             "measured": f"{sp:.2f}x ({links})", "met": sp > 1.0})
+            else:
+                rows.append({"target": f"[{het}] HybridDis faster than vanilla TorchRec",
+                             "measured": "not measurable: links modelled (vanilla's all-to-all traffic is not modelled)",
+                             "met": None})
     if hom:
         ms = summary[hom]["methods"]
         if "hybrid" in ms and "vanilla" in ms:
             slow = ms["hybrid"]["iter_ms"] / ms["vanilla"]["iter_ms"]
+            note = links if links == "emulated-tc" else "links modelled: compute only"
             rows.append({"target": f"[{hom}] HybridDis at most 5 % slower than vanilla TorchRec",
-                         "measured": f"{100 * (slow - 1):+.1f} % iteration time ({links})", "met": slow <= 1.05})
+                         "measured": f"{100 * (slow - 1):+.1f} % iteration time ({note})", "met": slow <= 1.05})
     for n in names:
         ms = summary[n]["methods"]
         if "hybrid" in ms and "vanilla" in ms:
@@ -631,13 +646,17 @@ def main(argv=None) -> None:
             if "dispatch" in s:
                 print(f"  [{name}] {LABEL[m]}: dispatch {s['dispatch']['solvers']}, "
                       f"{s['dispatch']['mean_decision_ms']:.1f} ms/decision; rows {s['emb']['rows']}")
+            print(f"  [{name}] {LABEL[m]}: CPU ms/step workers "
+                  f"{'/'.join(f'{x:.0f}' for x in s['cpu_ms_per_step_workers'])}, PS "
+                  f"{'/'.join(f'{x:.0f}' for x in s['cpu_ms_per_step_ps'])}")
             if "wire" in s:
                 per = ", ".join(f"w{i} {(p['tx_bytes'] + p['rx_bytes']) / 1e6:.2f} MB" for i, p in
                                 enumerate(s["wire"]["per_worker"]))
                 print(f"  [{name}] {LABEL[m]}: wire {per}; PS {[round(b / 1e6, 2) for b in s['wire']['ps_bytes']]} MB")
     print("\nTargets:")
     for t in tg:
-        print(f"  [{'MET ' if t['met'] else 'MISS'}] {t['target']}: {t['measured']}")
+        tag = "n/a " if t["met"] is None else ("MET " if t["met"] else "MISS")
+        print(f"  [{tag}] {t['target']}: {t['measured']}")
     if raw["links"] != "emulated-tc":
         print("NOTE: links were MODELLED, not emulated: wall-clock times contain no link time.")
     c = raw["cpu"]
