@@ -349,7 +349,10 @@ class ShardedDesEmbeddingBagCollection(
         vsend = v[order]
         vsplits = [int(counts[r].sum()) for r in range(W)]
         vrecv = [int(c.sum()) for c in ctx.recv_counts]
-        ctx.recv_values = self._a2a(vsend.to(kjt.values().dtype), vsplits, vrecv, "ids").to(torch.int64)
+        # ids travel as row numbers inside the owner's shard: int32 whenever
+        # every shard has < 2^31 rows (half of TorchRec's int64 KJT values)
+        id_dtype = torch.int32 if int(self._owned.max()) < 2**31 else torch.int64
+        ctx.recv_values = self._a2a(vsend.to(id_dtype), vsplits, vrecv, "ids").to(torch.int64)
         if weights is not None:
             ctx.recv_weights = self._a2a(cat(wts, weights.dtype)[order], vsplits, vrecv, "ids")
 
