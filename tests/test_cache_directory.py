@@ -166,3 +166,34 @@ def test_bad_inputs():
     floats = KeyedJaggedTensor(keys=["cat_0"], values=torch.tensor([1.0]), lengths=torch.ones(1, dtype=torch.int32))
     with pytest.raises(EsdConfigError, match="int32/int64"):
         d.check_batch(floats)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_single_worker_tracking_gives_the_same_plans(policy):
+    """Workers other than the dispatcher track only their own cache: their plans
+    must be identical to the full directory's."""
+    wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=3, cardinalities=[40, 200, 7], bag_size=(0, 4), alpha=1.1, seed=7))
+    tables = _tables(wl.config.cardinalities)
+    cfg = EsdConfig(
+        [WorkerSpec({"t_cat_0": 8, "t_cat_1": 30, "t_cat_2": 7}, 1.0), WorkerSpec({"t_cat_0": 3, "t_cat_1": 5, "t_cat_2": 1}, 1.0)],
+        staleness=1,
+        cache_policy=policy,
+    )
+    full = CacheDirectory(cfg, tables)
+    mine = [CacheDirectory(cfg, tables, track=[w]) for w in range(2)]
+    g = torch.Generator().manual_seed(1)
+    fields = ("used_keys", "used_slot", "push_keys", "push_slots", "pull_pos", "local_pos", "grad_pos")
+    for step in range(20):
+        kjt = wl.global_batch(step, 20).sparse_features
+        a = torch.randint(0, 2, (20,), generator=g)
+        pf = full.plan(kjt, a)
+        for w in range(2):
+            pw = mine[w].plan(kjt, a)
+            assert pw.workers[1 - w] is None
+            for f in fields:
+                assert torch.equal(getattr(pf.workers[w], f), getattr(pw.workers[w], f)), (step, w, f)
+            assert pf.workers[w].rows == pw.workers[w].rows
+    with pytest.raises(EsdConfigError, match="tracks every worker"):
+        mine[0].views()
+    with pytest.raises(EsdConfigError, match="not tracked"):
+        mine[0].cached_keys(1)

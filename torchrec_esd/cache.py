@@ -36,7 +36,7 @@ the PS (never applies it to its stale copy), so no update is ever lost.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -72,10 +72,13 @@ class IterationPlan:
     """Plans of all workers for one iteration (every worker rank holds it)."""
 
     iteration: int
-    workers: List[WorkerPlan]
+    workers: List[Optional[WorkerPlan]]  # None for workers the directory does not track
 
     def rows(self, worker: int) -> Dict[str, int]:
-        return dict(self.workers[worker].rows)
+        p = self.workers[worker]
+        if p is None:
+            raise EsdConfigError(f"worker {worker} is not tracked by this directory")
+        return dict(p.rows)
 
 
 def _feature_tables(tables: Sequence[EmbeddingBagConfig]) -> Dict[str, int]:
@@ -124,7 +127,9 @@ class _WorkerState:
 class CacheDirectory:
     """Replicated metadata of all worker caches; see the module docstring."""
 
-    def __init__(self, config: EsdConfig, tables: Sequence[EmbeddingBagConfig]) -> None:
+    def __init__(
+        self, config: EsdConfig, tables: Sequence[EmbeddingBagConfig], track: Optional[Sequence[int]] = None
+    ) -> None:
         self.config = config
         self.tables = list(tables)
         self.table_rows = {t.name: t.num_embeddings for t in self.tables}
@@ -137,11 +142,16 @@ class CacheDirectory:
         self.num_workers = config.num_workers
         self.num_tables = len(self.tables)
         self.iteration = 0
-        self._w: List[_WorkerState] = [
-            _WorkerState([w.cache_rows_for(t.name) for t in self.tables]) for w in config.workers
-        ]
+        # A worker's plan needs only its own cache, the global row versions and
+        # the batch, so a worker may track itself alone; the dispatcher (which
+        # needs every worker's cache) tracks all.
+        self.tracked = sorted(set(track)) if track is not None else list(range(self.num_workers))
+        if any(w < 0 or w >= self.num_workers for w in self.tracked):
+            raise EsdConfigError(f"tracked workers {self.tracked} outside [0, {self.num_workers})")
+        self._w: Dict[int, _WorkerState] = {
+            w: _WorkerState([config.workers[w].cache_rows_for(t.name) for t in self.tables]) for w in self.tracked
+        }
         self._latest = torch.zeros(self.total_rows, dtype=torch.int64)
-        self._owner = torch.full((self.total_rows,), -1, dtype=torch.int64)
 
     # ------------------------------------------------------------ keys
     def table_of(self, keys: torch.Tensor) -> torch.Tensor:
@@ -179,29 +189,36 @@ class CacheDirectory:
         self.batch_keys(kjt)
 
     # ------------------------------------------------------------ inspection
+    def _state(self, worker: int) -> _WorkerState:
+        if worker not in self._w:
+            raise EsdConfigError(f"worker {worker} is not tracked by this directory (tracks {self.tracked})")
+        return self._w[worker]
+
     def cached_keys(self, worker: int) -> torch.Tensor:
-        st = self._w[worker]
+        st = self._state(worker)
         return st.keys[st.keys >= 0]
 
     def dirty_keys(self, worker: int) -> torch.Tensor:
-        st = self._w[worker]
+        st = self._state(worker)
         return st.keys[st.dirty]
 
     def capacity(self, worker: int) -> torch.Tensor:
-        return self._w[worker].capacity.clone()
+        return self._state(worker).capacity.clone()
 
     def slot_of(self, worker: int, keys: torch.Tensor) -> torch.Tensor:
-        return self._w[worker].find(keys)
+        return self._state(worker).find(keys)
 
     def slot_table(self, worker: int) -> torch.Tensor:
-        return self._w[worker].slot_table
+        return self._state(worker).slot_table
 
     def views(self):
         """Snapshots for the cost model: per worker, table -> TableCacheView."""
         from torchrec_esd.cost import TableCacheView
 
+        if len(self.tracked) != self.num_workers:
+            raise EsdConfigError("views() needs a directory that tracks every worker (the dispatcher's)")
         out = []
-        for st in self._w:
+        for st in self._w.values():
             occ = (st.keys >= 0).nonzero().view(-1)  # slots are table-major
             keys = st.keys[occ]
             outdated = (st.ver[occ] < self._latest[keys]) & ~st.dirty[occ]
@@ -241,37 +258,35 @@ class CacheDirectory:
         num_samples = torch.bincount(assignment, minlength=W).tolist()
         self.iteration += 1
         pushes = self._push_shared_dirty(used, users)
-        plans = []
-        for w in range(W):
-            plans.append(self._plan_worker(w, used[w], users, pushes[w], num_samples[w]))
+        plans: List[Optional[WorkerPlan]] = [None] * W
+        for w in self.tracked:
+            plans[w] = self._plan_worker(w, used[w], users, pushes[w], num_samples[w])
         # end of iteration: every used row has one new version
         all_used = torch.unique(torch.cat(used)) if used else _EMPTY
         self._latest[all_used] += 1
-        self._owner[all_used] = -1
-        for w, p in enumerate(plans):
+        for w in self.tracked:
+            p = plans[w]
             slots = p.used_slot[p.local_pos]
             if slots.numel():
                 st = self._w[w]
                 st.ver[slots] = self._latest[p.used_keys[p.local_pos]]
                 st.dirty[slots] = True
-                self._owner[p.used_keys[p.local_pos]] = w
         return IterationPlan(self.iteration, plans)
 
     def _push_shared_dirty(self, used: List[torch.Tensor], users: torch.Tensor):
         """Step A: a dirty copy that another worker uses this iteration is pushed."""
-        out = []
-        for w, st in enumerate(self._w):
+        out: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        for w, st in self._w.items():
             dslots = st.dirty.nonzero().view(-1)
             if dslots.numel() == 0:
-                out.append((_EMPTY, _EMPTY))
+                out[w] = (_EMPTY, _EMPTY)
                 continue
             dkeys = st.keys[dslots]
             mine = torch.isin(dkeys, used[w]).long()
             needed = (users[dkeys] - mine) > 0
             slots = dslots[needed]
             st.dirty[slots] = False
-            self._owner[dkeys[needed]] = -1
-            out.append((dkeys[needed], slots))
+            out[w] = (dkeys[needed], slots)
         return out
 
     def _plan_worker(self, w: int, keys: torch.Tensor, users: torch.Tensor, pushed, num_samples: int) -> WorkerPlan:
@@ -312,7 +327,6 @@ class CacheDirectory:
                 push_keys.append(st.keys[vd].clone())
                 push_slots.append(vd)
                 miss_push = int(vd.numel())
-                self._owner[st.keys[vd]] = -1
             st.keys[victims] = -1
             st.dirty[victims] = False
             st.freq[victims] = 0
@@ -360,17 +374,14 @@ class CacheDirectory:
     def flush_plan(self) -> List[WorkerPlan]:
         """Push every dirty row (checkpoint / end of training): per worker, the
         value pushes to execute; marks all rows clean."""
-        out = []
-        for st in self._w:
+        out: List[Optional[WorkerPlan]] = [None] * self.num_workers
+        for w, st in self._w.items():
             slots = st.dirty.nonzero().view(-1)
             keys = st.keys[slots].clone()
             st.dirty[slots] = False
-            self._owner[keys] = -1
-            out.append(
-                WorkerPlan(
-                    used_keys=_EMPTY, used_slot=_EMPTY, push_keys=keys, push_slots=slots,
-                    pull_pos=_EMPTY, local_pos=_EMPTY, grad_pos=_EMPTY,
-                    rows={"miss_pull": 0, "update_pull": 0, "miss_push": 0, "update_push": int(keys.numel())},
-                )
+            out[w] = WorkerPlan(
+                used_keys=_EMPTY, used_slot=_EMPTY, push_keys=keys, push_slots=slots,
+                pull_pos=_EMPTY, local_pos=_EMPTY, grad_pos=_EMPTY,
+                rows={"miss_pull": 0, "update_pull": 0, "miss_push": 0, "update_push": int(keys.numel())},
             )
         return out

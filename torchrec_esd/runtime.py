@@ -132,7 +132,10 @@ class EsdRuntime:
         self._plans: Deque[IterationPlan] = deque()
         self._executor = None  # the sharded embedding module of this worker
         if self.is_worker:
-            self.directory = CacheDirectory(config, self.tables)
+            # worker 0 dispatches (needs every cache); the others track their own
+            self.directory = CacheDirectory(
+                config, self.tables, track=None if self.rank == 0 else [self.rank]
+            )
             self.client = PsClient(self.routing, optimizer, self.wire, self.rank)
 
     # ------------------------------------------------------------ roles
