@@ -425,3 +425,227 @@ def test_objective_value_helper():
     a = torch.tensor([0, 1, 1])
     assert objective_value(c, a, "total") == 11.0
     assert objective_value(c, a, "makespan") == 10.0
+
+
+# ---------------------------------------------------------------- esd (de-duplicated cost)
+from torchrec_esd.cost import DedupCost  # noqa: E402
+from torchrec_esd.dispatch.esd import _Search, _select_swaps, _swap_candidates, refine  # noqa: E402
+from torchrec_esd.dispatch.heuristic import price_greedy  # noqa: E402
+
+
+def _coloc_instance():
+    """8 samples on 2 workers (worker 1's link 10x slower): samples 0-3 share
+    row A, samples 4-7 row B, all use the hot row H.  Every row is a miss
+    everywhere, so the additive matrix is the same for every sample (every
+    balanced assignment has the same additive cost); the true cost is 33 when
+    A and B each stay on one worker (only H is shared) and up to 66 otherwise."""
+    occ_s = np.repeat(np.arange(8), 2)
+    occ_k = np.array([0, 1] * 4 + [0, 2] * 4)
+    rt = np.array([[1.0, 10.0]] * 3)
+    return DedupCost(8, 2, occ_s, occ_k, pull=rt, push=rt, owner=np.full(3, -1), owner_push=np.zeros(3))
+
+
+def _all_balanced(b, shares):
+    labels = [j for j, s in enumerate(shares) for _ in range(s)]
+    return [np.array(p) for p in set(itertools.permutations(labels))]
+
+
+def test_esd_colocates_where_additive_dispatch_cannot_tell():
+    d = _coloc_instance()
+    cost = torch.from_numpy(d.additive_matrix())
+    assert float(cost.std()) == 0.0 or torch.allclose(cost, cost[0].expand_as(cost))
+    everything = [d.total(a) for a in _all_balanced(8, [4, 4])]
+    assert min(everything) == 33.0 and max(everything) == 66.0
+    r = make_dispatcher("esd").assign(cost, [4, 4], aux={"dedup": d})
+    assert d.total(r.assignment.numpy()) == 33.0
+    # never worse than any random dispatch, strictly better on average
+    rand = [d.total(make_dispatcher("random", seed=i).assign(cost, [4, 4]).assignment.numpy())
+            for i in range(20)]
+    assert min(rand) >= 33.0 and np.mean(rand) > 40.0
+    # the local search repairs a start one swap away from co-location
+    a0 = np.array([0, 0, 0, 1, 1, 1, 1, 0])
+    a, info = refine(d, a0)
+    assert d.total(a) == 33.0 and info["start_cost"] == 66.0 and info["cost"] == 33.0
+
+
+def _random_dedup(rng, B, W, K):
+    pairs = {(int(s), int(k)) for s in range(B)
+             for k in rng.choice(K, int(rng.integers(1, min(K, 4) + 1)), replace=False)}
+    occ = np.array(sorted(pairs))
+    rt = rng.choice([1.0, 2.0, 10.0], size=W)[None, :] * np.ones((K, 1))
+    pull = rt * rng.choice([0.0, 1.0, 1.25], size=(K, W))
+    owner = np.where(rng.random(K) < 0.3, rng.integers(0, W, K), -1)
+    return DedupCost(B, W, occ[:, 0], occ[:, 1], pull, rt, owner,
+                     np.where(owner >= 0, rt[0, np.maximum(owner, 0)], 0.0))
+
+
+def test_esd_close_to_brute_force_on_small_instances():
+    rng = np.random.default_rng(3)
+    gaps = []
+    for _ in range(25):
+        B, W = int(rng.integers(4, 9)), int(rng.integers(2, 4))
+        d = _random_dedup(rng, B, W, int(rng.integers(3, 10)))
+        shares = _random_shares(rng, B, W)
+        best = min(d.total(a) for a in _all_balanced(B, shares))
+        r = make_dispatcher("esd").assign(torch.from_numpy(d.additive_matrix()), shares, aux={"dedup": d})
+        _check_valid(r, shares, B)
+        v = d.total(r.assignment.numpy())
+        assert v >= best - 1e-9
+        # never worse than its own start (the local search only improves)
+        start, _ = price_greedy(d.amortised_matrix(shares), shares)
+        assert v <= d.total(start) + 1e-9
+        gaps.append(v / best - 1.0)
+    # swap-local optima only: almost always the optimum on instances this small
+    assert np.mean(gaps) < 0.02 and np.mean(np.array(gaps) == 0.0) >= 0.8
+
+
+def test_refine_incremental_state_matches_fresh_computation():
+    rng = np.random.default_rng(4)
+    for _ in range(10):
+        B, W = int(rng.integers(20, 60)), int(rng.integers(2, 5))
+        d = _random_dedup(rng, B, W, int(rng.integers(5, 30)))
+        a = rng.integers(0, W, B)
+        S = _Search(d, a)
+        for _ in range(4):  # arbitrary swaps, not only improving ones
+            s_, t_ = rng.choice(B, 2, replace=False)
+            if S.a[s_] == S.a[t_]:
+                continue
+            S.apply(np.array([s_, t_]), np.array([S.a[t_], S.a[s_]]))
+            np.testing.assert_array_equal(S.cnt, d.counts(S.a))
+            np.testing.assert_allclose(S.M, d.move_deltas(S.a), atol=1e-9)
+            assert S.cur == pytest.approx(d.total(S.a), abs=1e-9)
+
+
+def test_selected_swaps_never_do_worse_than_predicted():
+    rng = np.random.default_rng(5)
+    checked = 0
+    for _ in range(40):
+        B, W = int(rng.integers(10, 50)), int(rng.integers(2, 5))
+        d = _random_dedup(rng, B, W, int(rng.integers(3, 20)))
+        a = rng.integers(0, W, B)
+        S = _Search(d, a)
+        s, t, x, y = _swap_candidates(S.M, S.a, B, 6)
+        if s.size == 0:
+            continue
+        sel, g = _select_swaps(S, s, t, x, y, 1e-12)
+        # every swap's gain is exact on its own
+        for i in range(s.size):
+            b = a.copy()
+            b[s[i]], b[t[i]] = y[i], x[i]
+            assert d.total(b) - d.total(a) == pytest.approx(g[i], abs=1e-9)
+        if sel.size == 0:
+            continue
+        assert np.unique(np.concatenate([s[sel], t[sel]])).size == 2 * sel.size
+        b = a.copy()
+        b[s[sel]] = y[sel]
+        b[t[sel]] = x[sel]
+        assert d.total(b) - d.total(a) <= float(g[sel].sum()) + 1e-9
+        checked += 1
+    assert checked > 10
+
+
+def test_esd_zero_share_worker_fallback_and_errors():
+    d = _coloc_instance()
+    # three workers, the middle one with share 0 (and an unreachable link)
+    pull = np.concatenate([d.pull[:, :1], np.full((3, 1), np.inf), d.pull[:, 1:]], 1)
+    d3 = DedupCost(8, 3, d.occ_s, d.occ_k, pull, pull, np.full(3, -1), np.zeros(3))
+    cost = torch.from_numpy(d3.additive_matrix())
+    r = make_dispatcher("esd").assign(cost, [4, 0, 4], aux={"dedup": d3})
+    _check_valid(r, [4, 0, 4], 8)
+    assert d3.restrict([0, 2]).total(np.where(r.assignment.numpy() == 2, 1, 0)) == 33.0
+    # without the de-duplicated model: additive greedy, reported as such
+    r = make_dispatcher("esd").assign(torch.rand(8, 2, dtype=torch.float64), [4, 4])
+    assert r.solver == "esd:additive"
+    _check_valid(r, [4, 4], 8)
+    with pytest.raises(DispatchError, match="dedup cost is for 8 samples"):
+        make_dispatcher("esd").assign(torch.rand(6, 2, dtype=torch.float64), [3, 3], aux={"dedup": d})
+    with pytest.raises(DispatchError, match="restrict"):
+        make_dispatcher("esd").assign(torch.rand(8, 2, dtype=torch.float64), [4, 4], aux={"dedup": object()})
+    with pytest.raises(DispatchError, match="time_budget_ms"):
+        make_dispatcher("esd", time_budget_ms=0)
+
+
+def test_esd_deadline_returns_the_amortised_start():
+    rng = np.random.default_rng(6)
+    d = _random_dedup(rng, 200, 4, 60)
+    shares = [50] * 4
+    r = make_dispatcher("esd", time_budget_ms=1e-9).assign(
+        torch.from_numpy(d.additive_matrix()), shares, aux={"dedup": d})
+    assert r.info["rounds"] == 0 and r.info["stopped_at_deadline"] == 1.0
+    start, _ = price_greedy(d.amortised_matrix(shares), shares)
+    np.testing.assert_array_equal(r.assignment.numpy(), start)
+    full = make_dispatcher("esd", time_budget_ms=10_000).assign(
+        torch.from_numpy(d.additive_matrix()), shares, aux={"dedup": d})
+    assert full.info["cost"] <= r.info["cost"]
+
+
+def test_esd_makespan_objective():
+    rng = np.random.default_rng(7)
+    d = _random_dedup(rng, 120, 3, 40)
+    cost = torch.from_numpy(d.additive_matrix())
+    tot = make_dispatcher("esd", time_budget_ms=10_000).assign(cost, [40] * 3, aux={"dedup": d})
+    mk = make_dispatcher("esd", objective="makespan", time_budget_ms=10_000).assign(
+        cost, [40] * 3, aux={"dedup": d})
+    _check_valid(mk, [40] * 3, 120)
+    assert d.per_worker(mk.assignment.numpy()).max() <= d.per_worker(tot.assignment.numpy()).max() + 1e-9
+    assert mk.info["predicted_makespan_s"] == pytest.approx(d.per_worker(mk.assignment.numpy()).max())
+
+
+def _small_world(bws=(100.0, 10.0, 1.0)):
+    from torchrec_esd.config import EsdConfig, heterogeneous_workers
+    from torchrec_esd.cost import CostModel
+    from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig
+
+    wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=8, max_cardinality=2000, alpha=1.1))
+    tables = wl.table_configs(8)
+    cfg = EsdConfig(workers=heterogeneous_workers(
+        list(bws), cache_rows={t.name: max(1, t.num_embeddings // 10) for t in tables}))
+    return wl, tables, cfg, CostModel(cfg, tables, optimizer_state_bytes_per_row=4)
+
+
+def test_inputs_give_each_dispatcher_what_it_reads():
+    from torchrec_esd.cache import CacheDirectory
+
+    wl, tables, cfg, cm = _small_world()
+    cd = CacheDirectory(cfg, tables)
+    kjt = wl.global_batch(0, 30).sparse_features
+    cd.plan(kjt, torch.arange(30) % 3)
+    kjt = wl.global_batch(1, 30).sparse_features
+    views = cd.views()
+
+    def boom():
+        raise AssertionError("a cost-blind dispatcher must not snapshot the directory")
+
+    cost, aux = make_dispatcher("random").inputs(cm, kjt, boom)
+    assert aux is None and float(cost.abs().sum()) == 0.0 and cost.shape == (30, 3)
+    cost, aux = make_dispatcher("laia").inputs(cm, kjt, lambda: views)
+    torch.testing.assert_close(aux["hits"], cm.hit_matrix(kjt, views))
+    torch.testing.assert_close(cost, cm.matrix(kjt, views))
+    cost, aux = make_dispatcher("hybrid").inputs(cm, kjt, views)
+    assert aux is None
+    cost, aux = make_dispatcher("esd").inputs(cm, kjt, views)
+    torch.testing.assert_close(cost, cm.matrix(kjt, views), rtol=1e-12, atol=1e-15)
+    assert isinstance(aux["dedup"], DedupCost) and aux["dedup"].num_samples == 30
+
+
+def test_esd_beats_baselines_on_the_cache_directory_ground_truth():
+    """Through the real cache directory (its plans are what the runtime moves),
+    esd moves less link time than random, LAIA and the additive optimum."""
+    from torchrec_esd.cache import KINDS, CacheDirectory
+
+    wl, tables, cfg, cm = _small_world()
+    B, shares = 96, [32, 32, 32]
+    link = {}
+    for name in ("random", "laia", "hybrid", "esd"):
+        d = make_dispatcher(name, **({"time_budget_ms": 10_000} if name == "esd" else {}))
+        cd = CacheDirectory(cfg, tables)
+        total = 0.0
+        for step in range(6):
+            kjt = wl.global_batch(step, B).sparse_features
+            cost, aux = d.inputs(cm, kjt, cd.views)
+            plan = cd.plan(kjt, d.assign(cost, shares, aux=aux).assignment)
+            for w, spec in enumerate(cfg.workers):
+                rows = sum(plan.workers[w].rows[k] for k in KINDS)
+                total += rows * float(cm.row_bytes[0]) / spec.bytes_per_second
+        link[name] = total
+    assert link["esd"] < 0.95 * min(link["random"], link["laia"], link["hybrid"]), link

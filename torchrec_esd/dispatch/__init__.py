@@ -9,6 +9,8 @@ laia       :class:`LaiaDispatcher` (greedy by cache hits, needs ``aux={"hits": .
 heuristic  :class:`HeuristicDispatcher` (regret greedy + local search)
 optimal    :class:`OptimalDispatcher` (exact: cycle cancelling / min-cost flow, MILP)
 hybrid     :class:`HybridDis` (heuristic, exact when it pays and fits a budget)
+esd        :class:`EsdDispatcher` (de-duplicated true cost: amortised start + exact
+           local search; needs ``aux={"dedup": CostModel.dedup_cost(...)}``)
 ========== ============================================================
 """
 
@@ -20,6 +22,7 @@ from torchrec_esd.dispatch.base import (
     check_problem,
     objective_value,
 )
+from torchrec_esd.dispatch.esd import EsdDispatcher, refine
 from torchrec_esd.dispatch.baselines import LaiaDispatcher, RandomDispatcher, RoundRobinDispatcher
 from torchrec_esd.dispatch.heuristic import HeuristicDispatcher
 from torchrec_esd.dispatch.hybrid import HybridDis
@@ -39,12 +42,13 @@ DISPATCHERS = {
     "heuristic": HeuristicDispatcher,
     "optimal": OptimalDispatcher,
     "hybrid": HybridDis,
+    "esd": EsdDispatcher,
 }
 
 
 def make_dispatcher(name: str, **kw) -> Dispatcher:
     """Build a dispatcher by name (``random``, ``round_robin``, ``laia``,
-    ``heuristic``, ``optimal``, ``hybrid``); keyword arguments go to its class
+    ``heuristic``, ``optimal``, ``hybrid``, ``esd``); keyword arguments go to its class
     (e.g. ``objective="makespan"``, ``seed=1``, ``time_budget_ms=20``)."""
     if name not in DISPATCHERS:
         raise DispatchError(f"unknown dispatcher {name!r}; choose one of {sorted(DISPATCHERS)}")
@@ -76,6 +80,7 @@ __all__ = [
     "DispatchError",
     "DispatchResult",
     "Dispatcher",
+    "EsdDispatcher",
     "HeuristicDispatcher",
     "HybridDis",
     "LaiaDispatcher",
@@ -90,6 +95,7 @@ __all__ = [
     "make_dispatcher",
     "makespan_lower_bound",
     "objective_value",
+    "refine",
     "row_min_bound",
     "transport_lower_bound",
 ]

@@ -99,11 +99,21 @@ class Dispatcher:
         cost column may be ``inf``), so every ``_solve`` sees only workers with a
         positive share and a finite float64 CPU cost matrix.  ``aux`` holds
         extra ``[B, W]`` matrices a dispatcher needs (e.g. ``{"hits": ...}`` for
-        LAIA); they get the same column selection and are passed to
-        ``_solve`` as keyword arguments.
+        LAIA) or per-batch models with a ``restrict(workers)`` method (e.g.
+        ``{"dedup": CostModel.dedup_cost(...)}`` for ``esd``); they get the
+        same worker selection and are passed to ``_solve`` as keyword
+        arguments.  :meth:`inputs` builds exactly what a dispatcher needs.
         """
         check_problem(cost, shares)
         aux = dict(aux or {})
+        objs = {k: m for k, m in aux.items() if not isinstance(m, torch.Tensor)}
+        aux = {k: m for k, m in aux.items() if isinstance(m, torch.Tensor)}
+        for k, m in objs.items():
+            if not hasattr(m, "restrict"):
+                raise DispatchError(
+                    f"aux entry {k!r} must be a [B, W] tensor or a per-batch model with"
+                    f" .restrict(workers), got {type(m).__name__}"
+                )
         for k, m in aux.items():
             if tuple(m.shape) != tuple(cost.shape):
                 raise DispatchError(
@@ -119,6 +129,7 @@ class Dispatcher:
             k: (m.detach().cpu() if sel is None else m.detach().cpu()[:, sel]).contiguous()
             for k, m in aux.items()
         }
+        extra.update({k: (m if sel is None else m.restrict(active)) for k, m in objs.items()})
         if sub.shape[0] == 0:
             assignment, info = torch.zeros(0, dtype=torch.int64), {}
         else:
@@ -141,6 +152,29 @@ class Dispatcher:
 
     def _solve(self, cost: torch.Tensor, shares: Sequence[int]):  # pragma: no cover
         raise NotImplementedError
+
+    # what the dispatcher reads (see :meth:`inputs`)
+    needs_cost: bool = True  # the additive matrix (else zeros: only for reporting)
+    needs_hits: bool = False  # aux "hits": CostModel.hit_matrix
+    needs_dedup: bool = False  # aux "dedup": CostModel.dedup_cost
+
+    def inputs(self, cost_model, kjt, views):
+        """``(cost, aux)`` to pass to :meth:`assign` for the batch ``kjt``.
+
+        ``views`` are the cache views (``CacheDirectory.views()``) or a
+        zero-argument callable returning them (only called when needed, so a
+        cost-blind dispatcher never snapshots the directory)."""
+        b, w = kjt.stride(), cost_model.num_workers
+        if not (self.needs_cost or self.needs_hits or self.needs_dedup):
+            return torch.zeros(b, w, dtype=torch.float64), None
+        v = views() if callable(views) else views
+        cost = cost_model.matrix(kjt, v) if self.needs_cost else torch.zeros(b, w, dtype=torch.float64)
+        aux = {}
+        if self.needs_hits:
+            aux["hits"] = cost_model.hit_matrix(kjt, v)
+        if self.needs_dedup:
+            aux["dedup"] = cost_model.dedup_cost(kjt, v)
+        return cost, (aux or None)
 
     objective: str = "total"
 
