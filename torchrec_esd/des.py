@@ -358,23 +358,10 @@ class ShardedDesEmbeddingBagCollection(
 
     def _partials(self, ctx: DesContext) -> torch.Tensor:
         """Owner side: one pooled partial vector per non-empty received bag part."""
-        me = self._rank
-        feats = torch.tensor(self._feats_on[me], dtype=torch.int64)
-        counts = torch.cat([c.reshape(-1) for c in ctx.recv_counts]) if ctx.recv_counts else torch.zeros(0, dtype=torch.int64)
-        bag_feat = torch.cat(
-            [feats.repeat_interleave(c.shape[1]) for c in ctx.recv_counts]
-        ) if ctx.recv_counts else torch.zeros(0, dtype=torch.int64)
-        table = torch.tensor(self._feature_table, dtype=torch.int64)[bag_feat] if bag_feat.numel() else bag_feat
-        keys = ctx.recv_values + torch.repeat_interleave(self._base[table], counts)
-        uniq, inv = torch.unique(keys, return_inverse=True)
-        working_set = self._rows[uniq].clone()
-        training = torch.is_grad_enabled()
-        if training:
-            working_set.requires_grad_(True)
-            working_set.register_hook(lambda g, u=uniq: self._apply_grad(u, g))
+        counts, uniq, inv, psw = self._bag_keys(ctx)
+        working_set = self._working_set(uniq)
         offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64)
         offsets[1:] = torch.cumsum(counts, 0)
-        psw = ctx.recv_weights.to(working_set.dtype) if ctx.recv_weights is not None else None
         pooled = F.embedding_bag(inv, working_set, offsets, mode="sum", per_sample_weights=psw,
                                  include_last_offset=True)
         nonempty = counts > 0
@@ -411,6 +398,68 @@ class ShardedDesEmbeddingBagCollection(
             pooled = pooled / div[:, :, None].to(pooled.dtype)
         values = pooled.permute(1, 0, 2).reshape(b, Fn * self._dim)
         return KeyedTensor(keys=list(self._features), length_per_key=[self._dim] * Fn, values=values)
+
+    # ------------------------------------------------------------ FM / LR partial sums
+    def fm_sums(self, features: KeyedJaggedTensor):
+        """First- and second-order sums of a factorization machine, per sample,
+        computed next to the weights: ``s1[s] = sum_i x_i v_i`` (``[b, D]``) and
+        ``s2[s] = sum_i x_i^2 ||v_i||^2`` (``[b]``) over every id ``i`` of every
+        feature of sample ``s`` (``x_i``: per-sample weight, 1 if unweighted).
+        Each owner sends one ``D + 1`` vector per sample (not one per feature
+        or id); the FM interaction is ``0.5 * (||s1||^2 - s2)`` and an LR term
+        is ``s1`` of a ``D = 1`` table.  Differentiable, with the same fused
+        optimizer step on the owners during the backward.  SUM pooling only."""
+        if bool(self._mean.any()):
+            bad = [f for f, m in zip(self._features, self._mean.tolist()) if m]
+            raise EsdConfigError(f"DES FM sums need SUM pooling; feature(s) {bad} use MEAN")
+        ctx = self.create_context()
+        self._send_ids(ctx, features)
+        me, W, b, D = self._rank, self._world, ctx.batch_size, self._dim
+        counts, uniq, inv, psw = self._bag_keys(ctx)
+        working_set = self._working_set(uniq)
+        offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+        offsets[1:] = torch.cumsum(counts, 0)
+        sq = working_set.pow(2).sum(1, keepdim=True)
+        p1 = F.embedding_bag(inv, working_set, offsets, mode="sum", per_sample_weights=psw, include_last_offset=True)
+        p2 = F.embedding_bag(inv, sq, offsets, mode="sum", per_sample_weights=None if psw is None else psw * psw,
+                             include_last_offset=True)
+        pooled = torch.cat([p1, p2], 1)  # per received bag part (src, feature, sample)
+        nf = len(self._feats_on[me])
+        send_splits = [c.shape[1] if nf else 0 for c in ctx.recv_counts]  # one row per source sample
+        parts = [x.view(nf, n, D + 1).sum(0) for x, n in zip(pooled.split([nf * n for n in send_splits]), send_splits)
+                 if n]
+        send = torch.cat(parts) if parts else pooled.new_zeros(0, D + 1)
+        recv_splits = [b if self._feats_on[r] else 0 for r in range(W)]
+        self.comm_bytes["partials_fwd"] += (sum(send_splits) - send_splits[me]) * (D + 1) * 4
+        if torch.is_grad_enabled():
+            recv = _PartialsAllToAll.apply(send, send_splits, recv_splits, self._group)
+            self.comm_bytes["partials_bwd"] += (sum(recv_splits) - recv_splits[me]) * (D + 1) * 4
+        else:
+            recv = send.new_empty(sum(recv_splits), D + 1)
+            dist.all_to_all_single(recv, send.detach().contiguous(), recv_splits, send_splits, group=self._group)
+        total = recv.view(-1, b, D + 1).sum(0)
+        self.iterations += 1
+        return total[:, :D], total[:, D]
+
+    def _bag_keys(self, ctx: DesContext):
+        """Received bag parts: counts per (src, feature, sample), unique shard
+        rows, their positions per id, per-sample weights."""
+        me = self._rank
+        feats = torch.tensor(self._feats_on[me], dtype=torch.int64)
+        counts = torch.cat([c.reshape(-1) for c in ctx.recv_counts])
+        bag_feat = torch.cat([feats.repeat_interleave(c.shape[1]) for c in ctx.recv_counts])
+        table = torch.tensor(self._feature_table, dtype=torch.int64)[bag_feat] if bag_feat.numel() else bag_feat
+        keys = ctx.recv_values + torch.repeat_interleave(self._base[table], counts)
+        uniq, inv = torch.unique(keys, return_inverse=True)
+        psw = ctx.recv_weights.to(torch.float32) if ctx.recv_weights is not None else None
+        return counts, uniq, inv, psw
+
+    def _working_set(self, uniq: torch.Tensor) -> torch.Tensor:
+        working_set = self._rows[uniq].clone()
+        if torch.is_grad_enabled():
+            working_set.requires_grad_(True)
+            working_set.register_hook(lambda g, u=uniq: self._apply_grad(u, g))
+        return working_set
 
     def _apply_grad(self, uniq: torch.Tensor, grad: Optional[torch.Tensor]) -> None:
         """Backward of the shard: rows' summed gradients -> sparse optimizer step."""
