@@ -520,18 +520,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unique_keys_per_group_cpu(
     AT_DISPATCH_INDEX_TYPES(group.scalar_type(), "unique_keys_per_group_group", [&] {
       const index_t* gp = group.data_ptr<index_t>();
       for_each_chunk(C, [&](int64_t c) {
-        int64_t m = 0;
+        // branch-free min/max first (vectorises); locate a bad value only on error
+        int64_t kmin = 0, kmax = 0, gmin = 0, gmax = 0;
         for (int64_t i = cb[c]; i < cb[c + 1]; ++i) {
           const int64_t k = static_cast<int64_t>(kp[i]);
           const int64_t g = static_cast<int64_t>(gp[i]);
-          TORCH_CHECK(k >= 0, "torchrec_esd::", op, ": keys must be non-negative, got ", k,
-                      " at position ", i);
-          TORCH_CHECK(g >= 0 && g < num_groups, "torchrec_esd::", op,
-                      ": group values must be in [0, num_groups = ", num_groups, "), got ", g,
-                      " at position ", i);
-          m = std::max(m, k);
+          kmin = std::min(kmin, k);
+          kmax = std::max(kmax, k);
+          gmin = std::min(gmin, g);
+          gmax = std::max(gmax, g);
         }
-        cmax[c] = m;
+        if (kmin < 0 || gmin < 0 || gmax >= num_groups) {
+          for (int64_t i = cb[c]; i < cb[c + 1]; ++i) {
+            const int64_t k = static_cast<int64_t>(kp[i]);
+            const int64_t g = static_cast<int64_t>(gp[i]);
+            TORCH_CHECK(k >= 0, "torchrec_esd::", op, ": keys must be non-negative, got ", k,
+                        " at position ", i);
+            TORCH_CHECK(g >= 0 && g < num_groups, "torchrec_esd::", op,
+                        ": group values must be in [0, num_groups = ", num_groups, "), got ",
+                        g, " at position ", i);
+          }
+        }
+        cmax[c] = kmax;
         if (grouped) {
           int64_t* h = ghist.data() + c * G;
           for (int64_t i = cb[c]; i < cb[c + 1]; ++i) ++h[gp[i]];
