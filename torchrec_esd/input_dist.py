@@ -36,7 +36,6 @@ from torchrec_esd.runtime import EsdRuntime
 from torchrec_esd.workload import select_kjt_samples, select_samples
 
 MODES = ("global", "local")
-COST_BLIND = ("random", "round_robin")  # dispatchers that ignore the cost matrix
 
 
 class EsdInputDist(nn.Module):
@@ -79,14 +78,11 @@ class EsdInputDist(nn.Module):
         shares = rt.config.batch_shares(b)
         assignment = torch.empty(b, dtype=torch.int64)
         if rt.worker_index == 0:
-            aux = None
-            if self.dispatcher.name in COST_BLIND:
-                cost = torch.zeros(b, len(shares), dtype=torch.float64)
-            else:
-                views = rt.directory.views()  # type: ignore[union-attr]
-                cost = self.cost_model.matrix(kjt, views)
-                if self.dispatcher.name == "laia":
-                    aux = {"hits": self.cost_model.hit_matrix(kjt, views)}
+            # what this dispatcher reads: the additive matrix, LAIA's hit
+            # counts, esd's de-duplicated model (nothing for cost-blind ones)
+            cost, aux = self.dispatcher.inputs(
+                self.cost_model, kjt, rt.directory.views  # type: ignore[union-attr]
+            )
             self.last_result = self.dispatcher.assign(cost, shares, aux=aux)
             assignment.copy_(self.last_result.assignment)
         a = assignment.to(self.device)
