@@ -29,15 +29,19 @@ def _extension():
         os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern))
     )
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3"]
+    # at::parallel_for is OpenMP-based in torch's CPU builds: without -fopenmp
+    # the kernels would run on one thread (torch's own libgomp is reused)
+    cxx = ["-O3", "-fopenmp"]
+    link = ["-fopenmp"]
     if _want_cuda():
         return CUDAExtension(
             "torchrec_esd._C",
             sources + rel("csrc/cuda/*.cu"),
             define_macros=[("WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-Xcompiler", "-fopenmp"]},
+            extra_link_args=link,
         )
-    return CppExtension("torchrec_esd._C", sources, extra_compile_args={"cxx": cxx})
+    return CppExtension("torchrec_esd._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
 setup(
