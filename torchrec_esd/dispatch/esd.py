@@ -160,7 +160,7 @@ def _group_min(idx: np.ndarray, vals: np.ndarray, size: int, empty: int) -> np.n
     return out.numpy()
 
 
-def _select_swaps(S: "_Search", s, t, x, y, tol: float, passes: int = 12):
+def _select_swaps(S: "_Search", s, t, x, y, tol: float, passes: int = 12, unique_pairs: bool = True):
     """Exact gains of the candidate swaps and a set of them that do not interact.
 
     *Exact gain of one swap* ``(s: x -> y, t: y -> x)``: ``M[s, y] + M[t, x]``
@@ -188,30 +188,36 @@ def _select_swaps(S: "_Search", s, t, x, y, tol: float, passes: int = 12):
     pos, rep = _ranges(S.sample_ptr, samp)
     key = d.occ_k[pos]
     c_of = cand[rep]
-    # rows used by both samples of a swap: neutral
-    code = c_of * K + key
+    to_e, frm_e = to[rep], frm[rep]
+    sens = (S.cnt[key, frm_e] == 1) | (S.cnt[key, to_e] == 0)
+    dv = S.docc[pos, to_e]
+    # rows used by both samples of a swap are neutral; only rows that some
+    # move changes (sensitive or with a nonzero change) need looking at
+    hot = np.zeros(K, dtype=bool)
+    hot[key[sens | (dv != 0.0)]] = True
+    sub = np.flatnonzero(hot[key])
+    code = c_of[sub] * K + key[sub]
     order = np.argsort(code, kind="stable")
     sc = code[order]
     same = np.flatnonzero(sc[1:] == sc[:-1])
-    neutral = np.zeros(code.size, dtype=bool)
-    neutral[order[same]] = True
-    neutral[order[same + 1]] = True
-    corr = np.bincount(c_of[neutral], weights=S.docc[pos[neutral], to[rep][neutral]], minlength=n)
+    neutral = np.zeros(key.size, dtype=bool)
+    neutral[sub[order[same]]] = True
+    neutral[sub[order[same + 1]]] = True
+    corr = np.bincount(c_of[neutral], weights=dv[neutral], minlength=n)
     gain = S.M[s, y] + S.M[t, x] - corr
     alive = gain < -tol
-    # one copy of every (s, t) pair
-    _, first = np.unique(s * B + t, return_index=True)
-    dup = np.ones(n, dtype=bool)
-    dup[first] = False
-    alive &= ~dup
+    if unique_pairs:  # one copy of every (s, t) pair
+        _, first = np.unique(s * B + t, return_index=True)
+        dup = np.ones(n, dtype=bool)
+        dup[first] = False
+        alive &= ~dup
     if not alive.any():
         return np.zeros(0, dtype=np.int64), gain
     # rank candidates by gain (best first)
     rank_of = np.empty(n, dtype=np.int64)
     rank_of[np.argsort(gain, kind="stable")] = np.arange(n)
     keep = ~neutral
-    key, c_of = key[keep], c_of[keep]
-    sens = (S.cnt[key, frm[rep][keep]] == 1) | (S.cnt[key, to[rep][keep]] == 0)
+    key, c_of, sens = key[keep], c_of[keep], sens[keep]
     r_of = rank_of[c_of]
     r_cand = rank_of[cand]
     taken = np.zeros(n, dtype=bool)
@@ -253,23 +259,21 @@ def refine(
     assignment: np.ndarray,
     max_rounds: int = 64,
     deadline: Optional[float] = None,
-    per_pair: Optional[int] = None,
+    per_pair: int = 32,
     cross: int = 8,
 ) -> Tuple[np.ndarray, Dict[str, float]]:
     """Local search on :meth:`DedupCost.total` (see the module docstring).
 
-    Every round takes candidate swaps (:func:`_swap_candidates`: the best
-    movers each way per worker pair, paired in order, or when that finds
-    nothing the ``cross`` best each way in every combination), computes
-    their exact gains, keeps a set of improving ones that do not interact
+    Every round takes candidate swaps (:func:`_swap_candidates`: the
+    ``per_pair`` best movers each way per worker pair, paired in order, or
+    when that finds nothing the ``cross`` best each way in every
+    combination), computes their exact gains, keeps a set of improving ones that do not interact
     (:func:`_select_swaps`: the true change is then at most the predicted
     one, so every round lowers the cost) and applies it.  Returns the
     improved assignment and ``info`` (``rounds``, ``swaps``, ``start_cost``,
     ``cost``, ``stopped_at_deadline``)."""
     S = _Search(dedup, assignment)
     start = S.cur
-    B, W = dedup.num_samples, dedup.num_workers
-    per_pair = max(1, B // max(1, W)) if per_pair is None else per_pair
     tol = 1e-12 * max(abs(start), 1e-300)
     rounds = swaps = 0
     stop = "max_rounds"
@@ -282,7 +286,7 @@ def refine(
         # only when that finds nothing (they rarely help on large batches)
         for c in (0, cross):
             s, t, x, y = _swap_candidates(S.M, S.a, per_pair, c)
-            sel, g = _select_swaps(S, s, t, x, y, tol) if s.size else (s, s)
+            sel, g = _select_swaps(S, s, t, x, y, tol, unique_pairs=c > 1) if s.size else (s, s)
             if sel.size or c == cross:
                 break
         if sel.size == 0 or not float(g[sel].sum()) < -tol:
