@@ -3,7 +3,8 @@
     python benchmarks/dispatch_true_cost.py --out results.json [--quick]
 
 For every dispatcher (``random`` = cache-only with random dispatch, ``laia``,
-``heuristic``, ``optimal``, ``hybrid``, ``esd``), a fresh replicated cache
+``heuristic``, ``optimal``, ``hybrid``, ``esd``, and ``esd:0.1``: esd whose
+budget is also at most 10 % of the predicted link makespan of its start), a fresh replicated cache
 directory (:class:`torchrec_esd.cache.CacheDirectory`, cold caches) is fed
 ``--iters`` global batches of the default Zipf workload, each dispatched by that
 dispatcher on the inputs it asks for (:meth:`Dispatcher.inputs`: additive
@@ -20,7 +21,9 @@ rows per kind, per-worker link seconds, mean/max decision ms and input-building
 ms, and the reduction of the total vs the better of ``random`` and ``laia``.
 A second part times the ``esd`` decision (and ``hybrid``'s) at
 ``B in {512, 4096}``, ``W in {4, 8}`` after a few iterations of history, with
-the iteration's measured link makespan for scale.
+the iteration's measured link makespan for scale, and the time esd needs to
+reach its local optimum (no budget) with the predicted cost it gives up at
+the default budget.
 
 Defaults: 4 workers at 1000/100/50/10 Mbit/s, equal shares, batch 512, the
 default Zipf workload (26 one-hot features, ``alpha`` 1.1, tables capped at
@@ -48,7 +51,7 @@ from torchrec_esd.cost import CostModel  # noqa: E402
 from torchrec_esd.dispatch import make_dispatcher  # noqa: E402
 from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig  # noqa: E402
 
-DISPATCHERS = ["random", "laia", "heuristic", "optimal", "hybrid", "esd"]
+DISPATCHERS = ["random", "laia", "heuristic", "optimal", "hybrid", "esd", "esd:0.1"]
 TARGET_PCT = 36.76
 
 
@@ -102,7 +105,12 @@ def build(args, wl, bws: List[float]):
 
 
 def make(name: str, args, budget_ms=None):
+    """``esd:F`` is esd with ``budget_fraction=F`` (its budget is also at
+    most F times the predicted link makespan of its start assignment)."""
     kw = {"objective": args.objective}
+    if name.startswith("esd:"):
+        kw["budget_fraction"] = float(name.split(":", 1)[1])
+        name = "esd"
     if name in ("random", "laia"):
         kw["seed"] = args.seed
     if name == "hybrid":
@@ -176,9 +184,12 @@ def time_config(args, wl, B: int, W: int) -> Dict:
     tables, config, cm, rb = build(args, wl, bws)
     shares = config.batch_shares(B)
     directory = CacheDirectory(config, tables)
-    esd, hyb = make("esd", args), make("hybrid", args)
+    esd, hyb, esd_f = make("esd", args), make("hybrid", args), make("esd:0.1", args)
+    esd_inf = make_dispatcher("esd", objective=args.objective, time_budget_ms=60_000)
     rec = {"esd_ms": [], "esd_inputs_ms": [], "esd_rounds": [], "esd_at_deadline": [], "hybrid_ms": [],
-           "hybrid_inputs_ms": [], "iteration_link_makespan_s": []}
+           "hybrid_inputs_ms": [], "esd_0.1_ms": [], "esd_0.1_predicted_cost_vs_esd": [],
+           "esd_converged_ms": [], "esd_predicted_cost_vs_converged": [],
+           "iteration_link_makespan_s": []}
     for step in range(args.timing_iters):
         kjt = wl.global_batch(1000 + step, B).sparse_features
         views = directory.views()
@@ -190,6 +201,12 @@ def time_config(args, wl, B: int, W: int) -> Dict:
         cost, aux = esd.inputs(cm, kjt, views)
         rec["esd_inputs_ms"].append((time.perf_counter() - t0) * 1e3)
         r = esd.assign(cost, shares, aux=aux)
+        rf = esd_f.assign(cost, shares, aux=aux)
+        rec["esd_0.1_ms"].append(rf.decision_s * 1e3)
+        rec["esd_0.1_predicted_cost_vs_esd"].append(rf.info["cost"] / r.info["cost"])
+        ri = esd_inf.assign(cost, shares, aux=aux)
+        rec["esd_converged_ms"].append(ri.decision_s * 1e3)
+        rec["esd_predicted_cost_vs_converged"].append(r.info["cost"] / ri.info["cost"])
         rec["esd_ms"].append(r.decision_s * 1e3)
         rec["esd_rounds"].append(r.info.get("rounds", 0.0))
         rec["esd_at_deadline"].append(r.info.get("stopped_at_deadline", 0.0))
@@ -261,7 +278,10 @@ def main(argv=None) -> Dict:
               f" rounds {t['esd_rounds']:.1f}, at deadline {t['esd_at_deadline']:.0%}) + inputs"
               f" {t['esd_inputs_ms']:.1f} ms; hybrid {t['hybrid_ms']:.1f} + {t['hybrid_inputs_ms']:.1f} ms;"
               f" iteration link makespan {t['iteration_link_makespan_s'] * 1e3:.0f} ms"
-              f" (esd decision = {t['esd_pct_of_iteration_link_makespan']:.1f} % of it)")
+              f" (esd decision = {t['esd_pct_of_iteration_link_makespan']:.1f} % of it); esd:0.1"
+              f" {t['esd_0.1_ms']:.1f} ms, predicted cost x{t['esd_0.1_predicted_cost_vs_esd']:.4f} of esd's;"
+              f" esd to a local optimum {t['esd_converged_ms']:.1f} ms (esd's predicted cost"
+              f" x{t['esd_predicted_cost_vs_converged']:.4f} of it)")
         sys.stdout.flush()
     result = {
         "benchmark": "dispatch_true_cost",

@@ -649,3 +649,17 @@ def test_esd_beats_baselines_on_the_cache_directory_ground_truth():
                 total += rows * float(cm.row_bytes[0]) / spec.bytes_per_second
         link[name] = total
     assert link["esd"] < 0.95 * min(link["random"], link["laia"], link["hybrid"]), link
+
+
+def test_esd_budget_fraction_of_the_predicted_link_makespan():
+    rng = np.random.default_rng(8)
+    d = _random_dedup(rng, 300, 4, 80)
+    shares = [75] * 4
+    cost = torch.from_numpy(d.additive_matrix())
+    r = make_dispatcher("esd", time_budget_ms=10_000, budget_fraction=1e-3).assign(cost, shares, aux={"dedup": d})
+    start, _ = price_greedy(d.amortised_matrix(shares), shares)
+    assert r.info["budget_ms"] == pytest.approx(1e-3 * d.per_worker(start).max() * 1e3)
+    r = make_dispatcher("esd", time_budget_ms=5.0, budget_fraction=1e9).assign(cost, shares, aux={"dedup": d})
+    assert r.info["budget_ms"] == pytest.approx(5.0)
+    with pytest.raises(DispatchError, match="budget_fraction"):
+        make_dispatcher("esd", budget_fraction=0.0)

@@ -20,6 +20,13 @@ in one bag counts once); an id shared by two samples placed on the same worker
 is counted for both, and latency (a per-message constant) is not in it.
 :meth:`CostModel.measure` gives the true, de-duplicated cost of an assignment.
 
+:meth:`CostModel.dedup_cost` gives that true cost as a model a dispatcher can
+optimise (:class:`DedupCost`): per distinct row, the cost of the set of
+workers that use it (pulls once per worker, one gradient push per user when
+the row is shared, the dirty owner's push), with exact single-move changes
+(:meth:`DedupCost.move_deltas`) and amortised per-sample costs
+(:meth:`DedupCost.amortised_matrix`); the ``esd`` dispatcher decides on it.
+
 For the ``"makespan"`` objective the same matrix is used; the dirty-elsewhere
 push really loads ``w'``'s link, not ``w``'s, which the per-worker sums of the
 additive model attribute to ``w`` (``measure`` puts it on ``w'``).
@@ -85,6 +92,15 @@ class TableCacheView:
 WorkerCacheView = Dict[str, TableCacheView]
 
 
+def segment_sum(rows: np.ndarray, segment: np.ndarray, num_segments: int) -> np.ndarray:
+    """``out[j] = sum of rows[i] with segment[i] == j`` (float64 ``[num_segments, W]``)."""
+    out = torch.zeros(num_segments, rows.shape[1], dtype=torch.float64)
+    if segment.size:
+        out.index_add_(0, torch.from_numpy(np.ascontiguousarray(segment, dtype=np.int64)),
+                       torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float64)))
+    return out.numpy()
+
+
 class DedupCost:
     """De-duplicated transmission cost of one batch as a function of an assignment.
 
@@ -131,6 +147,20 @@ class DedupCost:
             raise ValueError("DedupCost: occ_s and occ_k must have the same length")
         # samples using each row (the batch frequency used by amortised costs)
         self.uses = np.bincount(self.occ_k, minlength=self.num_keys).astype(np.float64)
+        self._index = None
+
+    def occurrence_index(self):
+        """``(sample_ptr, by_key, key_ptr)``: the occurrences of sample ``s``
+        are ``sample_ptr[s]:sample_ptr[s + 1]``; those of row ``x`` are
+        ``by_key[key_ptr[x]:key_ptr[x + 1]]`` (computed once)."""
+        if self._index is None:
+            by_key = np.argsort(self.occ_k, kind="stable")
+            self._index = (
+                np.searchsorted(self.occ_s, np.arange(self.num_samples + 1)),
+                by_key,
+                np.searchsorted(self.occ_k[by_key], np.arange(self.num_keys + 1)),
+            )
+        return self._index
 
     # ----------------------------------------------------------- transforms
     def restrict(self, workers) -> "DedupCost":
@@ -150,8 +180,10 @@ class DedupCost:
         """Every worker's link costs times ``weights[w]`` (e.g. makespan multipliers)."""
         lam = np.asarray(weights, dtype=np.float64).reshape(1, -1)
         op = self.owner_push * np.where(self.owner >= 0, lam[0, np.maximum(self.owner, 0)], 0.0)
-        return DedupCost(self.num_samples, self.num_workers, self.occ_s, self.occ_k,
-                         self.pull * lam, self.push * lam, self.owner, op)
+        out = DedupCost(self.num_samples, self.num_workers, self.occ_s, self.occ_k,
+                        self.pull * lam, self.push * lam, self.owner, op)
+        out._index = self._index  # same occurrences
+        return out
 
     # ----------------------------------------------------------- evaluation
     def counts(self, assignment) -> np.ndarray:
@@ -239,29 +271,22 @@ class DedupCost:
         Only rows whose user set can change matter (:meth:`movable`); a row
         every worker already uses several times is skipped."""
         a = np.asarray(assignment, dtype=np.int64)
-        W, B = self.num_workers, self.num_samples
+        B = self.num_samples
         cnt = self.counts(a) if counts is None else counts
         state = self.key_state(cnt > 0)
         occ = np.flatnonzero(self.movable(np.arange(self.occ_k.size), a, cnt, state[0]))
         d = self.occurrence_deltas(occ, a, cnt, state)
-        s = self.occ_s[occ]
-        out = np.empty((B, W))
-        for v in range(W):
-            out[:, v] = np.bincount(s, weights=d[:, v], minlength=B)
-        return out
+        return segment_sum(d, self.occ_s[occ], B)
 
     def additive_matrix(self) -> np.ndarray:
         """``[B, W]`` the additive matrix of :meth:`CostModel.matrix` (every
         distinct row of a sample charged to it: pull + the dirty owner's push)."""
-        W, B = self.num_workers, self.num_samples
+        B = self.num_samples
         h = self.pull.copy()
         has = np.flatnonzero(self.owner >= 0)
         h[has] += self.owner_push[has, None]
         h[has, self.owner[has]] -= self.owner_push[has]
-        out = np.empty((B, W))
-        for v in range(W):
-            out[:, v] = np.bincount(self.occ_s, weights=h[self.occ_k, v], minlength=B)
-        return out
+        return segment_sum(h[self.occ_k], self.occ_s, B)
 
     def amortised_matrix(self, shares: Sequence[int]) -> np.ndarray:
         """``[B, W]`` additive costs with every row's cost spread over the
@@ -289,10 +314,7 @@ class DedupCost:
             rows = np.flatnonzero(has)
             extra[rows, o[rows]] *= p_shared[rows, o[rows]]
             h = h + np.where(has[:, None], extra, 0.0)
-        out = np.empty((B, W))
-        for v in range(W):
-            out[:, v] = np.bincount(self.occ_s, weights=h[self.occ_k, v], minlength=B)
-        return out
+        return segment_sum(h[self.occ_k], self.occ_s, B)
 
 
 @dataclass

@@ -46,6 +46,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from torchrec_esd.cost import segment_sum
 from torchrec_esd.dispatch.base import Dispatcher, DispatchError
 from torchrec_esd.dispatch.heuristic import price_greedy
 
@@ -68,25 +69,22 @@ class _Search:
 
     def __init__(self, dedup, assignment: np.ndarray) -> None:
         d = self.d = dedup
-        B, W, K = d.num_samples, d.num_workers, d.num_keys
+        B, W = d.num_samples, d.num_workers
         self.a = np.asarray(assignment, dtype=np.int64).copy()
         self.cnt = d.counts(self.a)
         self.state = list(d.key_state(self.cnt > 0))
         self.cur = float(self.state[3].sum())
-        self.sample_ptr = np.searchsorted(d.occ_s, np.arange(B + 1))
-        self.by_key = np.argsort(d.occ_k, kind="stable")
-        self.key_ptr = np.searchsorted(d.occ_k[self.by_key], np.arange(K + 1))
+        self.sample_ptr, self.by_key, self.key_ptr = d.occurrence_index()
         n = d.occ_k.size
         self.docc = np.zeros((n, W))
         occ = np.flatnonzero(d.movable(np.arange(n), self.a, self.cnt, self.state[0]))
-        self.docc[occ] = d.occurrence_deltas(occ, self.a, self.cnt, self.state)
-        self.M = np.empty((B, W))
-        for v in range(W):
-            self.M[:, v] = np.bincount(d.occ_s, weights=self.docc[:, v], minlength=B)
+        rows = d.occurrence_deltas(occ, self.a, self.cnt, self.state)
+        self.docc[occ] = rows
+        self.M = segment_sum(rows, d.occ_s[occ], B)
 
     def apply(self, samples: np.ndarray, dest: np.ndarray) -> None:
         d, cnt = self.d, self.cnt
-        B, W = d.num_samples, d.num_workers
+        B = d.num_samples
         occ, rep = _ranges(self.sample_ptr, samples)
         k = d.occ_k[occ]
         ks = np.unique(k)
@@ -110,9 +108,7 @@ class _Search:
         nd = d.occurrence_deltas(aff, self.a, cnt, self.state)
         diff = nd - self.docc[aff]
         self.docc[aff] = nd
-        sa = d.occ_s[aff]
-        for v in range(W):
-            self.M[:, v] += np.bincount(sa, weights=diff[:, v], minlength=B)
+        self.M += segment_sum(diff, d.occ_s[aff], B)
 
 
 def _swap_candidates(M: np.ndarray, a: np.ndarray, per_pair: int, cross: int) -> Tuple[np.ndarray, ...]:
@@ -313,6 +309,11 @@ class EsdDispatcher(Dispatcher):
         objective: ``"total"`` (sum of link seconds) or ``"makespan"``.
         time_budget_ms: wall-clock budget of one decision; the local search
             stops at the deadline (the start is always computed).
+        budget_fraction: if set, the budget is also at most this fraction of
+            the predicted link makespan of the start assignment (the
+            iteration's slowest link, a lower bound on the iteration time of
+            a synchronous step), so the decision stays a small part of the
+            iteration whatever the batch and the links.
         max_rounds: local-search rounds at most.
         makespan_rounds: multiplicative-weight rounds for ``"makespan"``.
 
@@ -328,6 +329,7 @@ class EsdDispatcher(Dispatcher):
         self,
         objective: str = "total",
         time_budget_ms: float = 50.0,
+        budget_fraction: Optional[float] = None,
         max_rounds: int = 64,
         makespan_rounds: int = 4,
     ) -> None:
@@ -336,7 +338,10 @@ class EsdDispatcher(Dispatcher):
         if not time_budget_ms > 0:
             raise DispatchError(f"time_budget_ms must be > 0, got {time_budget_ms}")
         self.objective = objective
+        if budget_fraction is not None and not budget_fraction > 0:
+            raise DispatchError(f"budget_fraction must be > 0, got {budget_fraction}")
         self.time_budget_s = time_budget_ms / 1e3
+        self.budget_fraction = budget_fraction
         self.max_rounds = int(max_rounds)
         self.makespan_rounds = int(makespan_rounds)
 
@@ -347,13 +352,17 @@ class EsdDispatcher(Dispatcher):
         dedup = cost_model.dedup_cost(kjt, v)
         return torch.from_numpy(dedup.additive_matrix()), {"dedup": dedup}
 
-    def _total(self, dedup, shares, deadline) -> Tuple[np.ndarray, Dict[str, float]]:
-        a, _ = price_greedy(dedup.amortised_matrix(shares), shares)
-        return refine(dedup, a, self.max_rounds, deadline)
+    def _start(self, dedup, shares) -> np.ndarray:
+        return price_greedy(dedup.amortised_matrix(shares), shares)[0]
+
+    def _deadline(self, t0: float, dedup, start: np.ndarray) -> float:
+        budget = self.time_budget_s
+        if self.budget_fraction is not None:
+            budget = min(budget, self.budget_fraction * float(dedup.per_worker(start).max()))
+        return t0 + budget
 
     def _solve(self, cost: torch.Tensor, shares: Sequence[int], dedup=None):
         t0 = time.perf_counter()
-        deadline = t0 + self.time_budget_s
         c = np.ascontiguousarray(cost.numpy())
         b, w = c.shape
         if dedup is None:
@@ -366,9 +375,12 @@ class EsdDispatcher(Dispatcher):
             )
         if w == 1:
             return torch.zeros(b, dtype=torch.int64), {"solver": "esd"}
+        start = self._start(dedup, shares)
+        deadline = self._deadline(t0, dedup, start)
         if self.objective == "total":
-            a, info = self._total(dedup, shares, deadline)
+            a, info = refine(dedup, start, self.max_rounds, deadline)
             info["predicted_total_s"] = info["cost"]
+            info["budget_ms"] = (deadline - t0) * 1e3
             return torch.from_numpy(a), info
         # makespan: multiplicative weights on the links' multipliers
         lam = np.ones(w)
@@ -377,7 +389,9 @@ class EsdDispatcher(Dispatcher):
         for r in range(n):
             left = deadline - time.perf_counter()
             sub_deadline = time.perf_counter() + max(0.0, left) / (n - r)
-            a, _ = self._total(dedup.scaled(lam), shares, sub_deadline)
+            scaled = dedup.scaled(lam)
+            a, _ = refine(scaled, start if r == 0 else self._start(scaled, shares), self.max_rounds,
+                          sub_deadline)
             loads = dedup.per_worker(a)
             v = float(loads.max())
             if v < best_v:
