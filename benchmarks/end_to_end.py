@@ -52,7 +52,7 @@ sys.path.insert(0, HERE)
 
 import netns  # noqa: E402
 
-METHODS = ["vanilla", "random", "laia", "heuristic", "optimal", "hybrid"]
+METHODS = ["vanilla", "random", "laia", "heuristic", "optimal", "hybrid", "esd"]
 LABEL = {
     "vanilla": "vanilla TorchRec",
     "random": "cache-only (random)",
@@ -60,6 +60,7 @@ LABEL = {
     "heuristic": "ESD heuristic",
     "optimal": "ESD optimal",
     "hybrid": "HybridDis",
+    "esd": "ESD de-dup local search",
 }
 DEFAULT_MIXES = "hetero=1000,100,50,10;homo=1000,1000,1000,1000"
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything (venv, pinned stack, extension) and run the main job: a
 # small torchrun run of a DLRM on the embedded synthetic Criteo-like workload,
-# vanilla TorchRec side by side with ESD (HybridDis, LAIA-style greedy, random
+# vanilla TorchRec side by side with ESD (de-duplicated local search, HybridDis, LAIA-style greedy, random
 # dispatch) on 4 heterogeneous workers (1000/100/50/10 Mbit/s) + 1 parameter server.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -10,4 +10,4 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
 exec torchrun --nproc_per_node 5 --master_port "${MASTER_PORT:-29517}" examples/dlrm_esd.py \
-  --num-ps 1 --compare-vanilla --dispatchers hybrid,laia,random --steps 20 --out results_main.json "$@"
+  --num-ps 1 --compare-vanilla --dispatchers esd,hybrid,laia,random --steps 20 --out results_main.json "$@"
