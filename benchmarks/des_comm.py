@@ -327,7 +327,7 @@ def _print_table(out: Dict, methods: List[str]) -> None:
     print(f"\nW={cfg['workers']} ranks, batch {cfg['batch']}, {cfg['features']} features, dim {cfg['dim']}, "
           f"{cfg['steps']} steps, optimizer {cfg['optimizer']}; wall {out['wall_s']:.0f} s, "
           f"load {out['host']['load_avg_start'][0]:.1f} on {out['host']['cpus']} CPUs")
-    print(f"| workload | method | embedding KB/iter | iter ms |")
+    print("| workload | method | embedding KB/iter | iter ms |")
     print("|---|---|---|---|")
     for w in out["workloads"]:
         for m in methods:

@@ -155,8 +155,7 @@ def rank_main(spec_path: str) -> None:
         spec = json.load(f)
     outdir = os.path.dirname(spec_path)
     dist.init_process_group("gloo", timeout=timedelta(seconds=spec["barrier_timeout_s"]))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    W = world - spec["num_ps"]
+    rank = dist.get_rank()
     workload = SyntheticWorkloadConfig(max_cardinality=spec["max_cardinality"], alpha=spec["alpha"], seed=0)
     cache = {f"t_cat_{i}": max(1, int(spec["cache_fraction"] * n)) for i, n in enumerate(workload.cardinalities)}
 
@@ -304,7 +303,7 @@ def launch(args, mixes: List[Dict], methods: List[str]) -> Dict:
                       + ", ".join(f"w{r}={a['upload']['rate_mbit']:g} Mbit/s" for r, a in
                                   enumerate(applied[mixes[k]["name"]][:W]))
                       + f", delay {lat:g} ms applied (netem {'available' if cluster.netem else 'NOT in this kernel'})"
-                      + f", PS unshaped", flush=True)
+                      + ", PS unshaped", flush=True)
             else:
                 lat = args.delay_ms
             with open(os.path.join(tmp, f"mix{k}.ready.tmp"), "w") as f:

@@ -24,7 +24,6 @@ from torchrec_esd.dispatch.optimal import (
     expand_group_flows,
     group_rows,
     mcf_total,
-    solve_makespan,
     solve_total,
 )
 

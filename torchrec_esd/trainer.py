@@ -150,6 +150,25 @@ def _dense_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     return out
 
 
+def _train_local_batches(dmp, job: JobConfig, workload: SyntheticWorkload, group, rank: int, world: int, label: str):
+    """The data-parallel loop of vanilla TorchRec and DES: every rank trains its
+    contiguous slice of each global batch; returns (tracker, elapsed seconds)."""
+    dense_opt = torch.optim.SGD(_dense_params(dmp), lr=job.dense_lr)
+    per = job.global_batch // world
+    track = _Tracker(job, group, rank, label)
+    t0 = time.perf_counter()
+    for step in range(job.steps):
+        batch = workload.local_batch(step, job.global_batch, rank, world)
+        dense_opt.zero_grad()
+        loss, (_, logits, labels) = dmp(batch)
+        loss.backward()
+        dense_opt.step()
+        g = loss.detach().clone() * per
+        dist.all_reduce(g, group=group)
+        track.step(float(g) / job.global_batch, logits, labels)
+    return track, time.perf_counter() - t0
+
+
 def _vanilla(job: JobConfig, workload: SyntheticWorkload, group=None) -> Dict:
     from torchrec import optim as trec_optim
     from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -178,20 +197,7 @@ def _vanilla(job: JobConfig, workload: SyntheticWorkload, group=None) -> Dict:
     plan = planner.collective_plan(model, sharders, group)
     dmp = DistributedModelParallel(model, env=env, plan=plan, sharders=sharders, device=torch.device("cpu"))
     dmp.load_state_dict(initial, strict=False)
-    dense_opt = torch.optim.SGD(_dense_params(dmp), lr=job.dense_lr)
-    per = job.global_batch // world
-    track = _Tracker(job, group, rank, "vanilla TorchRec")
-    t0 = time.perf_counter()
-    for step in range(job.steps):
-        batch = workload.local_batch(step, job.global_batch, rank, world)
-        dense_opt.zero_grad()
-        loss, (_, logits, labels) = dmp(batch)
-        loss.backward()
-        dense_opt.step()
-        g = loss.detach().clone() * per
-        dist.all_reduce(g, group=group)
-        track.step(float(g) / job.global_batch, logits, labels)
-    elapsed = time.perf_counter() - t0
+    track, elapsed = _train_local_batches(dmp, job, workload, group, rank, world, "vanilla TorchRec")
     out = {"losses": track.losses, "auc": track.auc(), "dense": _dense_state(dmp), "elapsed_s": elapsed}
     if job.collect_tables:
         out["tables"] = _gather_vanilla_tables(dmp, workload, job, group)
@@ -345,20 +351,7 @@ def _des(job: JobConfig, workload: SyntheticWorkload, group=None) -> Dict:
         device=torch.device("cpu"),
     )
     (des_ebc,) = find_des_modules(dmp)
-    dense_opt = torch.optim.SGD(_dense_params(dmp), lr=job.dense_lr)
-    per = job.global_batch // world
-    track = _Tracker(job, group, rank, f"DES {job.des_sharding}")
-    t0 = time.perf_counter()
-    for step in range(job.steps):
-        batch = workload.local_batch(step, job.global_batch, rank, world)
-        dense_opt.zero_grad()
-        loss, (_, logits, labels) = dmp(batch)
-        loss.backward()
-        dense_opt.step()
-        g = loss.detach().clone() * per
-        dist.all_reduce(g, group=group)
-        track.step(float(g) / job.global_batch, logits, labels)
-    elapsed = time.perf_counter() - t0
+    track, elapsed = _train_local_batches(dmp, job, workload, group, rank, world, f"DES {job.des_sharding}")
     out = {"losses": track.losses, "auc": track.auc(), "dense": _dense_state(dmp), "elapsed_s": elapsed,
            "comm_bytes": dict(des_ebc.comm_bytes), "iterations": des_ebc.iterations}
     if job.collect_tables:
