@@ -6,6 +6,14 @@ side with vanilla TorchRec on the same global batches.
 runs vanilla TorchRec ``DistributedModelParallel`` on the 4 worker ranks, then
 ESD with each ``--dispatchers`` entry on 4 workers + 1 parameter server, and
 prints per method: final loss, AUC, throughput and transmission per worker.
+The data is the seeded synthetic Criteo-like workload, or, with
+``--criteo-tsv PATH``, a Criteo-format TSV file (``label, I1..I13, C1..C26``
+per line, e.g. the Kaggle display-ads ``train.txt``; see torchrec_esd.criteo):
+batch ``k`` is rows ``k*B..(k+1)*B-1``, wrapping around at the end of the file.
+
+    torchrun --nproc_per_node 5 examples/dlrm_esd.py --num-ps 1 --compare-vanilla \
+        --criteo-tsv train.txt --max-rows 1000000
+
 Backend: gloo on CPU (``--backend nccl`` on GPUs keeps the worker collectives
 on NCCL; the PS protocol always runs on gloo).
 """
@@ -23,6 +31,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from torchrec_esd.config import EsdConfig, heterogeneous_workers  # noqa: E402
+from torchrec_esd.criteo import CriteoTsvConfig  # noqa: E402
 from torchrec_esd.trainer import JobConfig, run  # noqa: E402
 from torchrec_esd.workload import SyntheticWorkloadConfig  # noqa: E402
 
@@ -38,6 +47,10 @@ def parse_args(argv=None):
     p.add_argument("--cache-fraction", type=float, default=0.1, help="cache rows / table rows")
     p.add_argument("--max-cardinality", type=int, default=20_000)
     p.add_argument("--alpha", type=float, default=1.1)
+    p.add_argument("--criteo-tsv", default=None, metavar="PATH",
+                   help="train on this Criteo-format TSV file instead of the synthetic workload")
+    p.add_argument("--max-rows", type=int, default=None,
+                   help="with --criteo-tsv: use only the first MAX_ROWS rows (batches wrap around)")
     p.add_argument("--dispatchers", default="hybrid", help="comma-separated: hybrid,optimal,heuristic,laia,random")
     p.add_argument("--staleness", type=int, default=0, help="ESD staleness bound s (0 = synchronous)")
     p.add_argument("--sparse-optimizer", default="rowwise_adagrad", choices=["sgd", "rowwise_adagrad"])
@@ -49,13 +62,18 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.max_rows is not None and args.criteo_tsv is None:
+        raise SystemExit("--max-rows needs --criteo-tsv")
+    if args.criteo_tsv is not None:  # checked before the rendezvous: a bad path fails every rank at once
+        workload = CriteoTsvConfig(args.criteo_tsv, max_rows=args.max_rows, max_cardinality=args.max_cardinality)
+    else:
+        workload = SyntheticWorkloadConfig(max_cardinality=args.max_cardinality, alpha=args.alpha, seed=0)
     dist.init_process_group(args.backend)
     world, rank = dist.get_world_size(), dist.get_rank()
     W = world - args.num_ps
     if W < 1:
         raise SystemExit(f"world of {world} ranks leaves no worker for {args.num_ps} parameter servers")
     bws = [float(b) for b in args.bandwidths.split(",")]
-    workload = SyntheticWorkloadConfig(max_cardinality=args.max_cardinality, alpha=args.alpha, seed=0)
     cache = {
         f"t_cat_{i}": max(1, int(args.cache_fraction * n)) for i, n in enumerate(workload.cardinalities)
     }
@@ -78,6 +96,9 @@ def main(argv=None) -> None:
         if rank == 0:
             results[f"esd_{name}"] = _summary(r, args)
     if rank == 0:
+        if args.criteo_tsv is not None:
+            print(f"\nworkload: Criteo TSV {args.criteo_tsv}"
+                  + (f" (first {args.max_rows} rows)" if args.max_rows is not None else ""))
         _print(results, esd)
         if args.out:
             with open(args.out, "w") as f:

@@ -366,7 +366,10 @@ def run(job: JobConfig) -> Dict:
     config's workers if one is given, else the whole world); other ranks
     (an ESD job's PS ranks) idle, so both methods can run in one torchrun world.
     """
-    workload = SyntheticWorkload(job.workload)
+    # a workload config with make_workload() (torchrec_esd.criteo.CriteoTsvConfig)
+    # builds its own workload; a SyntheticWorkloadConfig the synthetic one
+    make = getattr(job.workload, "make_workload", None)
+    workload = make() if make is not None else SyntheticWorkload(job.workload)
     if job.method == "vanilla":
         world = dist.get_world_size()
         W = job.esd.num_workers if job.esd is not None else world
