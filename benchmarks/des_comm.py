@@ -10,8 +10,9 @@ multi-hot, bag length 10-50) with
   pooled partial sums reduce-scattered back);
 * ``esd_row_pull``: trainer method ``esd``, dispatcher ``hybrid`` (W workers +
   1 PS, caches of ``--cache-frac`` of every table): rows pulled/pushed;
-* ``esd_des_misses``: ESD whose PS serves misses as pooled partial sums
-  (issue 9 item 3) -- NOT IMPLEMENTED, reported as such;
+* ``esd_des_misses``: the same ESD job with ``EsdConfig(des_misses=True)``:
+  where it is cheaper, the PS serves a bag's missing rows as one pooled
+  partial sum and takes one gradient vector back (torchrec_esd.des_misses);
 * ``des_rw`` / ``des_tw``: DES sharding (torchrec_esd.des), row-/table-wise.
 
 Bytes are *measured*.  TorchRec and DES: a counting wrapper replaces the
@@ -22,7 +23,8 @@ sends to *other* ranks (its own split excluded; for reduce-scatter and
 all-gather the input minus the rank's own chunk).  DDP's dense gradient
 all-reduce runs in C++ and is not embedding traffic; the loss all-reduce is
 outside the window.  ESD: the runtime's transmission meter (rows and optimizer
-state actually pulled from / pushed to the PS, from the tensors it sends);
+state pulled from / pushed to the PS, partial sums and bag gradients, plus the
+keys / ids / weights that address them, from the tensors it sends);
 ESD's sample dispatch (ids all-gather, dense/label all-to-all) is not in it.
 DES additionally reports its own per-kind counts (ids, partials fwd/bwd),
 which must agree with the wrapper.
@@ -244,18 +246,19 @@ def job_world(job: JobConfig) -> int:
     return _WORLD["W"]
 
 
-def run_esd(job: JobConfig, cache_frac: float) -> Dict:
+def run_esd(job: JobConfig, cache_frac: float, des_misses: bool = False) -> Dict:
     W = _WORLD["W"]
     cards = job.workload.cardinalities
     cache = {f"t_{f}": max(1, int(cache_frac * n)) for f, n in zip(job.workload.feature_names, cards)}
-    cfg = EsdConfig([WorkerSpec(cache, 1000.0) for _ in range(W)], num_ps=1)
+    cfg = EsdConfig([WorkerSpec(cache, 1000.0) for _ in range(W)], num_ps=1, des_misses=des_misses)
     esd_job = replace(job, method="esd", esd=cfg, dispatcher="hybrid", input_mode="local")
     res = run_local_world(run, W + 1, esd_job, timeout_s=600)
     e = res[0]
     m = e["metrics"]
     steps = job.steps
     return {
-        "bytes_per_iter": m["total_bytes"] / steps,
+        "bytes_per_iter": m["total_wire_bytes"] / steps,  # payloads + the keys / ids addressing them
+        "payload_bytes_per_iter": m["total_bytes"] / steps,
         "bytes_per_iter_by_kind": {k: sum(w["bytes"][k] for w in m["per_worker"]) / steps
                                    for k in m["per_worker"][0]["bytes"]},
         "rows_per_iter": {k: v / steps for k, v in m["rows"].items()},
@@ -298,17 +301,18 @@ def main(argv: List[str] = None) -> Dict:
         entry = {"name": name, "bag_size": list(bag), "bytes": {}, "iter_ms": {}, "details": {}}
         for m in methods:
             print(f"[{name}] {m} ...", flush=True)
-            if m == "esd_des_misses":
-                entry["bytes"][m] = None
-                entry["iter_ms"][m] = None
-                entry["details"][m] = {"status": "not implemented (issue 9 item 3: PS serving misses as pooled "
-                                                 "partial sums was not built)"}
-                continue
-            r = run_esd(job, args.cache_frac) if m == "esd_row_pull" else run_sharded(m, job)
+            if m in ("esd_row_pull", "esd_des_misses"):
+                r = run_esd(job, args.cache_frac, des_misses=m == "esd_des_misses")
+            else:
+                r = run_sharded(m, job)
             entry["bytes"][m] = r["bytes_per_iter"]
             entry["iter_ms"][m] = r["iter_ms"]
             entry["details"][m] = r
         b = entry["bytes"]
+        if b.get("esd_row_pull") and b.get("esd_des_misses") is not None:
+            entry["esd_des_misses_saving_vs_row_pull"] = 1 - b["esd_des_misses"] / b["esd_row_pull"]
+        if b.get("esd_row_pull") and b.get("des_tw") is not None:
+            entry["des_tw_saving_vs_row_pull"] = 1 - b["des_tw"] / b["esd_row_pull"]
         if b.get("esd_row_pull") and b.get("des_rw") is not None:
             entry["des_rw_saving_vs_row_pull"] = 1 - b["des_rw"] / b["esd_row_pull"]
         if b.get("torchrec_rw") and b.get("des_rw") is not None:
@@ -335,7 +339,8 @@ def _print_table(out: Dict, methods: List[str]) -> None:
             bs = "not implemented" if b is None else f"{b / 1024:.1f}"
             ts = "-" if t is None else f"{t:.1f}"
             print(f"| {w['name']} | {m} | {bs} | {ts} |")
-        for k in ("des_rw_saving_vs_row_pull", "des_rw_saving_vs_torchrec_rw"):
+        for k in ("esd_des_misses_saving_vs_row_pull", "des_tw_saving_vs_row_pull", "des_rw_saving_vs_row_pull",
+                  "des_rw_saving_vs_torchrec_rw"):
             if k in w:
                 print(f"| {w['name']} | {k} | {100 * w[k]:+.1f} % | |")
 

@@ -25,11 +25,13 @@ def _assert_close_rel(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float =
     assert err <= rtol * scale, f"{what}: max abs diff {err:.3g} > {rtol} x {scale:.3g}"
 
 
-def _compare(W, shares, dispatcher, optimizer, mode, bandwidths, num_ps=1, **esd_kwargs):
-    common = dict(steps=STEPS, global_batch=BATCH, workload=WORKLOAD, collect_tables=True,
+def _compare(W, shares, dispatcher, optimizer, mode, bandwidths, num_ps=1, workload=WORKLOAD, cache=CACHE,
+             des_misses=False, **esd_kwargs):
+    common = dict(steps=STEPS, global_batch=BATCH, workload=workload, collect_tables=True,
                   sparse_optimizer=optimizer, sparse_lr=0.1, dense_lr=0.1)
     vanilla = run_local_world(run, W, JobConfig(method="vanilla", **common))
-    cfg = EsdConfig([WorkerSpec(CACHE, bw, share=s) for bw, s in zip(bandwidths, shares)], num_ps=num_ps)
+    cfg = EsdConfig([WorkerSpec(cache, bw, share=s) for bw, s in zip(bandwidths, shares)], num_ps=num_ps,
+                    des_misses=des_misses)
     esd = run_local_world(
         run, W + num_ps, JobConfig(method="esd", esd=cfg, dispatcher=dispatcher, input_mode=mode, **esd_kwargs, **common)
     )
@@ -68,6 +70,33 @@ def test_equivalence_four_workers_rowwise_adagrad_uneven_shares_train_pipeline()
     )
     states = esd[0]["tables_state"]
     assert all(s.shape[1] == 1 and float(s.max()) > 0 for s in states.values())
+
+
+# ---------------------------------------------------------------- DES-served misses
+# multi-hot bags of 6-16 ids over small caches: most bags hold several cold rows,
+# which the PS serves as pooled partial sums (and hot rows are still pulled/cached)
+MULTI_HOT = SyntheticWorkloadConfig(num_sparse=4, cardinalities=[300, 800, 2000, 120], bag_size=(6, 16),
+                                    alpha=1.1, seed=5)
+MULTI_HOT_CACHE = {"t_cat_0": 30, "t_cat_1": 60, "t_cat_2": 80, "t_cat_3": 20}
+
+
+def _des_used(esd, W):
+    m = esd[0]["metrics"]
+    assert m["rows"]["des_pull"] > 0 and m["rows"]["des_push"] > 0, m["rows"]
+    assert m["rows"]["miss_pull"] > 0  # rows used by several bags are still pulled and cached
+    assert all(esd[r]["metrics"] == m for r in range(W))
+
+
+def test_equivalence_des_misses_two_workers_two_ps_sgd():
+    _, esd = _compare(2, [1, 1], "hybrid", "sgd", "local", [1.0, 8.0], num_ps=2, workload=MULTI_HOT,
+                      cache=MULTI_HOT_CACHE, des_misses=True)
+    _des_used(esd, 2)
+
+
+def test_equivalence_des_misses_four_workers_rowwise_adagrad_train_pipeline():
+    _, esd = _compare(4, [1, 2, 2, 3], "random", "rowwise_adagrad", "global", [1.0, 2.0, 4.0, 8.0],
+                      workload=MULTI_HOT, cache=MULTI_HOT_CACHE, des_misses=True, use_pipeline=True)
+    _des_used(esd, 4)
 
 
 # ---------------------------------------------------------------- bad input

@@ -43,6 +43,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_esd.config import EsdConfig, EsdConfigError
+from torchrec_esd.des_misses import choose_des_rows
 
 KINDS = ("miss_pull", "miss_push", "update_pull", "update_push")
 _EMPTY = torch.empty(0, dtype=torch.int64)
@@ -61,6 +62,9 @@ class WorkerPlan:
     grad_pos: torch.Tensor  # positions whose gradient is pushed to the PS
     rows: Dict[str, int] = field(default_factory=dict)  # rows per transmission kind
     num_samples: int = 0
+    # positions in used_keys the PS serves as pooled partial sums (EsdConfig.des_misses):
+    # never cached, never pulled, their gradient goes up per bag
+    des_pos: torch.Tensor = field(default_factory=lambda: _EMPTY)
 
     @property
     def pull_keys(self) -> torch.Tensor:
@@ -128,9 +132,14 @@ class CacheDirectory:
     """Replicated metadata of all worker caches; see the module docstring."""
 
     def __init__(
-        self, config: EsdConfig, tables: Sequence[EmbeddingBagConfig], track: Optional[Sequence[int]] = None
+        self,
+        config: EsdConfig,
+        tables: Sequence[EmbeddingBagConfig],
+        track: Optional[Sequence[int]] = None,
+        optimizer_state_dim: int = 0,
     ) -> None:
         self.config = config
+        self.optimizer_state_dim = optimizer_state_dim
         self.tables = list(tables)
         self.table_rows = {t.name: t.num_embeddings for t in self.tables}
         config.validate_tables(self.table_rows)
@@ -251,6 +260,7 @@ class CacheDirectory:
             raise EsdConfigError(f"assignment names a worker outside [0, {W})")
         keys, sample = self.batch_keys(kjt)
         owner_of_value = assignment[sample]
+        pairs = self._des_pairs(kjt, keys, owner_of_value) if self.config.des_misses else {}
         uk = torch.unique(owner_of_value * self.total_rows + keys)  # sorted by (worker, key)
         uw = uk // self.total_rows
         used = list(torch.split(uk - uw * self.total_rows, torch.bincount(uw, minlength=W).tolist()))
@@ -260,7 +270,7 @@ class CacheDirectory:
         pushes = self._push_shared_dirty(used, users)
         plans: List[Optional[WorkerPlan]] = [None] * W
         for w in self.tracked:
-            plans[w] = self._plan_worker(w, used[w], users, pushes[w], num_samples[w])
+            plans[w] = self._plan_worker(w, used[w], users, pushes[w], num_samples[w], pairs.get(w))
         # end of iteration: every used row has one new version
         all_used = torch.unique(torch.cat(used)) if used else _EMPTY
         self._latest[all_used] += 1
@@ -272,6 +282,18 @@ class CacheDirectory:
                 st.ver[slots] = self._latest[p.used_keys[p.local_pos]]
                 st.dirty[slots] = True
         return IterationPlan(self.iteration, plans)
+
+    def _des_pairs(self, kjt: KeyedJaggedTensor, keys: torch.Tensor, owner: torch.Tensor):
+        """Per tracked worker: distinct (row key, bag) pairs of its samples."""
+        b = kjt.stride()
+        nbags = max(len(kjt.keys()) * b, 1)
+        bag = torch.repeat_interleave(torch.arange(len(kjt.keys()) * b), kjt.lengths().to(torch.int64))
+        out = {}
+        for w in self.tracked:
+            m = owner == w
+            pair = torch.unique(keys[m] * nbags + bag[m])
+            out[w] = (pair // nbags, pair % nbags)
+        return out
 
     def _push_shared_dirty(self, used: List[torch.Tensor], users: torch.Tensor):
         """Step A: a dirty copy that another worker uses this iteration is pushed."""
@@ -289,7 +311,9 @@ class CacheDirectory:
             out[w] = (dkeys[needed], slots)
         return out
 
-    def _plan_worker(self, w: int, keys: torch.Tensor, users: torch.Tensor, pushed, num_samples: int) -> WorkerPlan:
+    def _plan_worker(
+        self, w: int, keys: torch.Tensor, users: torch.Tensor, pushed, num_samples: int, pairs=None
+    ) -> WorkerPlan:
         st, T = self._w[w], self.num_tables
         s = self.config.staleness
         slot = st.find(keys)
@@ -298,8 +322,15 @@ class CacheDirectory:
         lag = self._latest[keys] - cur_ver
         usable = present & (lag <= s)
         current = present & (lag == 0)
-        miss = ~present
-        update = present & ~usable
+        des = torch.zeros_like(present)
+        if pairs is not None and keys.numel():
+            dim = self.tables[0].embedding_dim
+            des = choose_des_rows(
+                torch.searchsorted(keys, pairs[0]), pairs[1], ~usable,
+                (dim + self.optimizer_state_dim) * 4, dim,
+            )
+        miss = ~present & ~des
+        update = present & ~usable & ~des
         # step B: misses go to free slots of their table, then to evicted ones
         miss_pos = miss.nonzero().view(-1)  # keys are sorted: table-major, ids ascending
         miss_t = self.table_of(keys[miss_pos])
@@ -352,7 +383,7 @@ class CacheDirectory:
         st.freq[slot[cached_now]] += 1
         # step C (after the backward): local update iff sole user with a current cached copy
         local = (users[keys] == 1) & cached_now & (current | pulled)
-        grad = ~local
+        grad = ~local & ~des
         n_value_push = int(pushed[0].numel())
         return WorkerPlan(
             used_keys=keys,
@@ -367,8 +398,10 @@ class CacheDirectory:
                 "update_pull": int(update.sum()),
                 "miss_push": miss_push,
                 "update_push": n_value_push + int(grad.sum()),
+                "des_rows": int(des.sum()),
             },
             num_samples=num_samples,
+            des_pos=des.nonzero().view(-1),
         )
 
     def flush_plan(self) -> List[WorkerPlan]:

@@ -114,6 +114,12 @@ class EsdConfig:
         cache_policy: ``"lru"`` or ``"lfu"`` eviction.
         collective_timeout_s: timeout of every collective, so that a rank that
             fails makes the others fail instead of hang.
+        des_misses: let the parameter servers serve cache misses DES-style
+            (arXiv 1909.04823): for a bag whose missing rows would cost more
+            to pull (and later write back) than one pooled partial sum down
+            and one bag gradient up, the PS returns the bag's partial sum of
+            those rows and applies the bag's gradient to them; such rows are
+            not cached.  SUM / MEAN pooling only.  Exact at staleness 0.
     """
 
     workers: Sequence[WorkerSpec]
@@ -122,6 +128,7 @@ class EsdConfig:
     objective: str = "total"
     cache_policy: str = "lru"
     collective_timeout_s: float = 120.0
+    des_misses: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -150,6 +157,10 @@ class EsdConfig:
         _require(
             self.cache_policy in CACHE_POLICIES,
             f"EsdConfig.cache_policy must be one of {CACHE_POLICIES}, got {self.cache_policy!r}",
+        )
+        _require(
+            isinstance(self.des_misses, bool),
+            f"EsdConfig.des_misses must be a bool, got {self.des_misses!r}",
         )
         _require(
             self.collective_timeout_s > 0,

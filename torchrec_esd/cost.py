@@ -56,6 +56,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_esd import ops
 from torchrec_esd.config import EsdConfig
+from torchrec_esd.des_misses import KEY_BYTES, des_bag_bytes
 
 KINDS = ("miss_pull", "miss_push", "update_pull", "update_push")
 
@@ -380,6 +381,9 @@ class CostModel:
             dtype=torch.float64,
         )
         bps = torch.tensor([w.bytes_per_second for w in config.workers], dtype=torch.float64)
+        self.bytes_per_second = bps
+        self.value_bytes = value_bytes
+        self.table_dims = torch.tensor([t.embedding_dim for t in self.tables], dtype=torch.int64)
         # rt[w, t]: seconds to move one row of table t over worker w's link
         self.row_time = self.row_bytes.view(1, -1) / bps.view(-1, 1)
         self.capacity = torch.tensor(
@@ -541,10 +545,50 @@ class CostModel:
 
     # --------------------------------------------------------------- matrix
     def matrix(self, kjt: KeyedJaggedTensor, views: Sequence[WorkerCacheView]) -> torch.Tensor:
-        """Expected transmission cost ``c[s, w]`` (float64 seconds, ``[B, W]``)."""
+        """Expected transmission cost ``c[s, w]`` (float64 seconds, ``[B, W]``).
+
+        With ``config.des_misses`` every bag (sample, feature) is priced as the
+        cheaper of pulling its rows to pull -- each with its key up and its
+        later write-back (gradient push or dirty eviction) -- and having the
+        PS serve them as one partial sum (:mod:`torchrec_esd.des_misses`),
+        plus in both cases the dirty-elsewhere pushes."""
         st = self._state(kjt, views)
+        if self.config.des_misses:
+            return self._des_matrix(kjt, st)
         weights = self.key_weights(st)
         return self._sum(st, [weights[w].contiguous() for w in range(self.num_workers)])
+
+    def _des_matrix(self, kjt: KeyedJaggedTensor, st: _BatchState) -> torch.Tensor:
+        W, b, nf = self.num_workers, st.offsets.numel() - 1, len(kjt.keys())
+        if st.keys.numel() == 0:
+            return torch.zeros(b, W, dtype=torch.float64)
+        bag_len = kjt.lengths().view(nf, b).to(torch.int64).t().reshape(-1)  # sample-major bags (s, f)
+        bag_offsets = torch.zeros(b * nf + 1, dtype=torch.int64)
+        bag_offsets[1:] = torch.cumsum(bag_len, 0)
+        bps = self.bytes_per_second.view(-1, 1)  # [W, 1]
+        rt = self.row_time[:, st.table_of]  # [W, U]
+        evict = (self._evict_fraction(st) * self.row_time)[:, st.table_of]
+        own = torch.where(st.cached, st.outdated.double() * rt, rt + evict)
+        cand = (~st.cached | st.outdated).double()
+        dims = self.table_dims[st.table_of].view(1, -1)
+        pull = own + cand * (KEY_BYTES + dims * self.value_bytes + KEY_BYTES) / bps
+        push_all = (st.dirty.double() * rt).sum(0, keepdim=True)
+        push_elsewhere = push_all - st.dirty.double() * rt
+        miss = torch.zeros(W, dtype=torch.float64)
+
+        def per_bag(weights: torch.Tensor) -> torch.Tensor:
+            return ops.sample_cost_matrix(
+                st.keys, bag_offsets, [st.slots] * W, [weights[w].contiguous() for w in range(W)], miss
+            )
+
+        n_cand = per_bag(cand)  # [B*F, W] rows of the bag this worker would pull
+        feat_dim = torch.tensor(
+            [self.tables[self.feature_table[f]].embedding_dim for f in kjt.keys()], dtype=torch.int64
+        )
+        bag_dim = feat_dim.repeat(b).view(-1, 1)
+        des = des_bag_bytes(n_cand, bag_dim, self.value_bytes) / bps.view(1, -1)
+        c_bag = torch.minimum(per_bag(pull), des) + per_bag(push_elsewhere)
+        return c_bag.view(b, nf, W).sum(1)
 
     def hit_matrix(self, kjt: KeyedJaggedTensor, views: Sequence[WorkerCacheView]) -> torch.Tensor:
         """``h[s, w]``: distinct ids of sample ``s`` cached on worker ``w``

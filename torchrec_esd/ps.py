@@ -7,9 +7,13 @@ all ranks; rank 0 announces each phase with a small header so that the PS
 loop (:meth:`ParameterServer.serve`) follows the workers' program:
 
 * ``PHASE_PUSH_PULL``: workers push values (+ optimizer state) of dirty rows,
-  the PS stores them, then answers the workers' pulls (value + state);
-* ``PHASE_GRADS``: workers push gradients; the PS sums all workers' gradients
-  per row and applies the optimizer once per row (synchronous semantics);
+  the PS stores them, then answers the workers' pulls (value + state) and,
+  with DES-served misses (``des=True``), their DES requests: per bag, the
+  pooled partial sum of the bag's rows it owns (see :mod:`torchrec_esd.des_misses`);
+* ``PHASE_GRADS``: workers push gradients (per row, and with DES per bag);
+  the PS scatters bag gradients to the bags' rows, sums all workers'
+  gradients per row and applies the optimizer once per row (synchronous
+  semantics);
 * ``GATHER``: the PS sends its tables (tests, checkpoints); ``STOP``; ``ABORT``.
 
 Every message is self-describing (counts first, then keys, then payloads), so
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -173,8 +177,13 @@ class ParameterServer:
         optimizer: SparseOptimizer,
         wire: _Wire,
         initial_weights: Dict[str, torch.Tensor],
+        des: bool = False,
     ) -> None:
         self.ps_index = ps_index
+        self.des = des
+        # DES requests of the last push/pull phase, until their bag gradients arrive:
+        # (storage rows, bag of each pair (global over senders), pair weights, bags per sender)
+        self._des_pending: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[int]]] = None
         self.routing = routing
         self.optimizer = optimizer
         self.wire = wire
@@ -214,42 +223,85 @@ class ParameterServer:
             else:
                 raise EsdRemoteError(f"parameter server got unknown command {cmd}")
 
-    def _recv_keys(self, k: int):
+    def _recv_keys(self, k: int, key_weights: Sequence[int]):
+        """Per-sender counts ``[world, k]``, then the keys: ``sum_j
+        key_weights[j] * counts[:, j]`` int64 values from each sender."""
         world = self.wire.world
         counts = self.wire.counts(torch.zeros(world, k, dtype=torch.int64))
-        recv = counts.sum(1).tolist()
+        recv = (counts * torch.tensor(key_weights, dtype=torch.int64)).sum(1).tolist()
         keys = self.wire.exchange(torch.empty(0, dtype=torch.int64), [0] * world, recv, ())
         return counts, keys
 
     def _push_pull(self) -> None:
-        world, row = self.wire.world, self.routing.dim + self.optimizer.state_dim
-        counts, keys = self._recv_keys(2)  # [world, (push, pull)]
+        world, row, dim = self.wire.world, self.routing.dim + self.optimizer.state_dim, self.routing.dim
+        if self._des_pending is not None and sum(self._des_pending[3]):
+            raise EsdRemoteError(
+                f"PS {self.ps_index}: a new push/pull phase began before the gradients of the "
+                "previous DES partial sums arrived (their updates would be lost)"
+            )
+        # [world, (push, pull)] or, with DES, [world, (push, pull, des pairs, des bags)]
+        # keys: pushes, pulls, and per DES pair its key and its bag
+        counts, keys = self._recv_keys(4, (1, 1, 2, 0)) if self.des else self._recv_keys(2, (1, 1))
         n_push = counts[:, 0].tolist()
         vals = self.wire.exchange(torch.empty(0, row), [0] * world, n_push, (row,))
-        # split keys of each sender into its pushes and pulls
-        push_keys, pull_keys, pos = [], [], 0
+        n_pair = counts[:, 2].tolist() if self.des else [0] * world
+        pair_w = self.wire.exchange(torch.empty(0), [0] * world, n_pair, ()) if self.des else None
+        # split keys of each sender into its pushes, pulls (and DES pair keys, pair bags)
+        push_keys, pull_keys, des_keys, des_bags, pos = [], [], [], [], 0
+        bag_base, bags_per_sender = 0, []
         for r in range(world):
             a, b = int(counts[r, 0]), int(counts[r, 1])
             push_keys.append(keys[pos : pos + a])
             pull_keys.append(keys[pos + a : pos + a + b])
             pos += a + b
+            if self.des:
+                c, nb = int(counts[r, 2]), int(counts[r, 3])
+                des_keys.append(keys[pos : pos + c])
+                bags = keys[pos + c : pos + 2 * c]
+                if c and (int(bags.min()) < 0 or int(bags.max()) >= nb):
+                    raise EsdRemoteError(f"PS {self.ps_index}: rank {r} sent a DES bag index outside [0, {nb})")
+                des_bags.append(bags + bag_base)
+                bag_base += nb
+                bags_per_sender.append(nb)
+                pos += 2 * c
         pk = torch.cat(push_keys)
         if pk.numel():
             local = self._local(pk)
-            self.weights[local] = vals[:, : self.routing.dim]
-            self.state[local] = vals[:, self.routing.dim :]
+            self.weights[local] = vals[:, :dim]
+            self.state[local] = vals[:, dim:]
         ql = torch.cat(pull_keys)
         local = self._local(ql)
         reply = torch.cat([self.weights[local], self.state[local]], dim=1)
         self.wire.exchange(reply, counts[:, 1].tolist(), [0] * world, (row,))
+        if self.des:
+            # pooled partial sums, after the pushes above are stored
+            dl = self._local(torch.cat(des_keys))
+            db = torch.cat(des_bags)
+            partial = torch.zeros(bag_base, dim).index_add_(0, db, self.weights[dl] * pair_w.view(-1, 1))
+            self.wire.exchange(partial, bags_per_sender, [0] * world, (dim,))
+            self._des_pending = (dl, db, pair_w, bags_per_sender)
 
     def _grads(self) -> None:
         world, dim = self.wire.world, self.routing.dim
-        counts, keys = self._recv_keys(1)
+        counts, keys = self._recv_keys(2, (1, 0)) if self.des else self._recv_keys(1, (1,))
         grads = self.wire.exchange(torch.empty(0, dim), [0] * world, counts[:, 0].tolist(), (dim,))
-        if keys.numel() == 0:
-            return
         local = self._local(keys)
+        if self.des:
+            n_bags = counts[:, 1].tolist()
+            dl, db, pair_w, expected = self._des_pending or (None, None, None, [0] * world)
+            if n_bags != expected:
+                raise EsdRemoteError(
+                    f"PS {self.ps_index}: DES bag gradients per rank {n_bags} do not match the bags "
+                    f"served in the forward {expected}"
+                )
+            bag_grads = self.wire.exchange(torch.empty(0, dim), [0] * world, n_bags, (dim,))
+            self._des_pending = None
+            if dl is not None and dl.numel():
+                # d(sum_i w_i row_i)/d row_i = w_i: each pair's row gets w_i x its bag's gradient
+                local = torch.cat([local, dl])
+                grads = torch.cat([grads, bag_grads[db] * pair_w.view(-1, 1)])
+        if local.numel() == 0:
+            return
         uniq, inv = torch.unique(local, return_inverse=True)
         total = torch.zeros(uniq.numel(), dim).index_add_(0, inv, grads)
         rows, state = self.weights[uniq], self.state[uniq]
@@ -273,15 +325,68 @@ class ParameterServer:
         return local
 
 
+# ---------------------------------------------------------------- DES requests
+@dataclass
+class DesRequest:
+    """A worker's DES-served rows for one forward: distinct ``(row key, bag)``
+    pairs with their pooling weights; bags are numbered ``0..num_bags-1``."""
+
+    keys: torch.Tensor  # [N] int64 global row keys
+    bags: torch.Tensor  # [N] int64 bag of each pair
+    weights: torch.Tensor  # [N] float32 pooling weight of each pair
+    num_bags: int
+
+    @staticmethod
+    def empty() -> "DesRequest":
+        e = torch.empty(0, dtype=torch.int64)
+        return DesRequest(e, e, torch.empty(0), 0)
+
+
+@dataclass
+class DesRoute:
+    """A :class:`DesRequest` split over the PS ranks: per PS, its pairs with
+    bag indices local to that PS (``local_bags``), and which request bag each
+    of that PS's bags is (``ps_bags``)."""
+
+    keys: List[torch.Tensor]
+    local_bags: List[torch.Tensor]
+    weights: List[torch.Tensor]
+    ps_bags: List[torch.Tensor]
+    pairs_per_ps: torch.Tensor
+    bags_per_ps: torch.Tensor
+    num_bags: int
+
+    @staticmethod
+    def build(routing: RowRouting, req: DesRequest) -> "DesRoute":
+        p, _ = routing.locate(req.keys)
+        keys, local, weights, ps_bags = [], [], [], []
+        for i in range(routing.num_ps):
+            m = p == i
+            bags, inv = torch.unique(req.bags[m], return_inverse=True)
+            keys.append(req.keys[m])
+            local.append(inv.view(-1))
+            weights.append(req.weights[m].to(torch.float32))
+            ps_bags.append(bags)
+        return DesRoute(
+            keys, local, weights, ps_bags,
+            torch.tensor([k.numel() for k in keys], dtype=torch.int64),
+            torch.tensor([b.numel() for b in ps_bags], dtype=torch.int64),
+            req.num_bags,
+        )
+
+
 # ---------------------------------------------------------------- client
 class PsClient:
     """Worker side of the protocol (every worker calls the same phases)."""
 
-    def __init__(self, routing: RowRouting, optimizer: SparseOptimizer, wire: _Wire, rank: int) -> None:
+    def __init__(
+        self, routing: RowRouting, optimizer: SparseOptimizer, wire: _Wire, rank: int, des: bool = False
+    ) -> None:
         self.routing = routing
         self.optimizer = optimizer
         self.wire = wire
         self.rank = rank
+        self.des = des
 
     def _by_ps(self, keys: torch.Tensor):
         p, _ = self.routing.locate(keys)
@@ -296,50 +401,90 @@ class PsClient:
         return out
 
     def push_pull(
-        self, push_keys: torch.Tensor, push_vals: torch.Tensor, pull_keys: torch.Tensor
-    ) -> torch.Tensor:
+        self,
+        push_keys: torch.Tensor,
+        push_vals: torch.Tensor,
+        pull_keys: torch.Tensor,
+        des: Optional["DesRequest"] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional["DesRoute"]]:
         """Store ``push_vals`` [n, D+S] at ``push_keys``, then return the rows
-        (value + state) of ``pull_keys`` in their order."""
-        row = self.routing.dim + self.optimizer.state_dim
+        (value + state) of ``pull_keys`` in their order, and (with DES) the
+        pooled partial sums ``[des.num_bags, D]`` of the DES request plus the
+        route that :meth:`push_grads` needs for the bags' gradients."""
+        row, dim, world = self.routing.dim + self.optimizer.state_dim, self.routing.dim, self.wire.world
+        if des is not None and not self.des:
+            raise EsdConfigError("a DES request on a PS client built without des_misses")
         if self.rank == 0:
             self.wire.header(PHASE_PUSH_PULL)
         else:
             self.wire.header()
         po, pper = self._by_ps(push_keys)
         qo, qper = self._by_ps(pull_keys)
-        counts = torch.zeros(self.wire.world, 2, dtype=torch.int64)
+        counts = torch.zeros(world, 4 if self.des else 2, dtype=torch.int64)
+        route: Optional[DesRoute] = None
+        if self.des:
+            route = DesRoute.build(self.routing, des if des is not None else DesRequest.empty())
         for i, r in enumerate(self.wire.ps_ranks):
             counts[r, 0], counts[r, 1] = pper[i], qper[i]
+            if route is not None:
+                counts[r, 2], counts[r, 3] = route.pairs_per_ps[i], route.bags_per_ps[i]
         self.wire.counts(counts)
-        # keys: for each PS, its pushes then its pulls
+        # keys: for each PS, its pushes, its pulls (then DES pair keys and pair bags)
         pk, qk = push_keys[po], pull_keys[qo]
         psplit, qsplit = pper.tolist(), qper.tolist()
         key_parts = []
-        for a, b in zip(torch.split(pk, psplit), torch.split(qk, qsplit)):
+        for i, (a, b) in enumerate(zip(torch.split(pk, psplit), torch.split(qk, qsplit))):
             key_parts += [a, b]
+            if route is not None:
+                key_parts += [route.keys[i], route.local_bags[i]]
         keys = torch.cat(key_parts) if key_parts else torch.empty(0, dtype=torch.int64)
-        self.wire.exchange(keys, self._to_world(pper + qper), [0] * self.wire.world, ())
-        self.wire.exchange(push_vals[po], self._to_world(pper), [0] * self.wire.world, (row,))
-        got = self.wire.exchange(
-            torch.empty(0, row), [0] * self.wire.world, self._to_world(qper), (row,)
-        )
+        sent = pper + qper + (2 * route.pairs_per_ps if route is not None else 0)
+        self.wire.exchange(keys, self._to_world(sent), [0] * world, ())
+        self.wire.exchange(push_vals[po], self._to_world(pper), [0] * world, (row,))
+        if route is not None:
+            self.wire.exchange(torch.cat(route.weights), self._to_world(route.pairs_per_ps), [0] * world, ())
+        got = self.wire.exchange(torch.empty(0, row), [0] * world, self._to_world(qper), (row,))
         out = torch.empty_like(got)
         out[qo] = got
-        return out
+        partial = torch.empty(0, dim)
+        if route is not None:
+            parts = self.wire.exchange(torch.empty(0, dim), [0] * world, self._to_world(route.bags_per_ps), (dim,))
+            # every PS summed the rows it owns; the bag's partial sum is the sum over PS
+            partial = torch.zeros(route.num_bags, dim).index_add_(0, torch.cat(route.ps_bags), parts)
+        return out, partial, route
 
-    def push_grads(self, keys: torch.Tensor, grads: torch.Tensor) -> None:
+    def push_grads(
+        self, keys: torch.Tensor, grads: torch.Tensor, des_route: Optional["DesRoute"] = None,
+        des_grads: Optional[torch.Tensor] = None,
+    ) -> None:
+        """Send row gradients ``grads`` [n, D] of ``keys`` and (with DES) the
+        gradients ``des_grads`` [num_bags, D] of the bags served in the forward."""
         if self.rank == 0:
             self.wire.header(PHASE_GRADS)
         else:
             self.wire.header()
+        world, dim = self.wire.world, self.routing.dim
         order, per = self._by_ps(keys)
-        counts = torch.zeros(self.wire.world, 1, dtype=torch.int64)
+        counts = torch.zeros(world, 2 if self.des else 1, dtype=torch.int64)
+        if self.des and des_route is None:
+            des_route = DesRoute.build(self.routing, DesRequest.empty())
         for i, r in enumerate(self.wire.ps_ranks):
             counts[r, 0] = per[i]
+            if self.des:
+                counts[r, 1] = des_route.bags_per_ps[i]
         self.wire.counts(counts)
         split = self._to_world(per)
-        self.wire.exchange(keys[order], split, [0] * self.wire.world, ())
-        self.wire.exchange(grads[order], split, [0] * self.wire.world, (self.routing.dim,))
+        self.wire.exchange(keys[order], split, [0] * world, ())
+        self.wire.exchange(grads[order], split, [0] * world, (dim,))
+        if self.des:
+            if des_grads is None:
+                des_grads = torch.zeros(des_route.num_bags, dim)
+            if tuple(des_grads.shape) != (des_route.num_bags, dim):
+                raise EsdConfigError(
+                    f"DES bag gradients of shape {tuple(des_grads.shape)}, expected ({des_route.num_bags}, {dim})"
+                )
+            send = des_grads[torch.cat(des_route.ps_bags)] if des_route.num_bags else torch.empty(0, dim)
+            self.wire.exchange(send, self._to_world(des_route.bags_per_ps), [0] * world, (dim,))
 
     def gather_tables(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
         """Full tables and optimizer states, assembled from all PS ranks."""

@@ -134,9 +134,10 @@ class EsdRuntime:
         if self.is_worker:
             # worker 0 dispatches (needs every cache); the others track their own
             self.directory = CacheDirectory(
-                config, self.tables, track=None if self.rank == 0 else [self.rank]
+                config, self.tables, track=None if self.rank == 0 else [self.rank],
+                optimizer_state_dim=optimizer.state_dim,
             )
-            self.client = PsClient(self.routing, optimizer, self.wire, self.rank)
+            self.client = PsClient(self.routing, optimizer, self.wire, self.rank, des=config.des_misses)
 
     # ------------------------------------------------------------ roles
     @property
@@ -210,7 +211,8 @@ class EsdRuntime:
             if name in self.routing.names
         }
         server = ParameterServer(
-            self.rank - self.config.num_workers, self.routing, self.optimizer, self.wire, weights
+            self.rank - self.config.num_workers, self.routing, self.optimizer, self.wire, weights,
+            des=self.config.des_misses,
         )
         server.serve()
         return server

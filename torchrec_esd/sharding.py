@@ -42,6 +42,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_esd.cache import IterationPlan, WorkerPlan
 from torchrec_esd.config import EsdConfigError
+from torchrec_esd.des_misses import DES_PAIR_BYTES
+from torchrec_esd.ps import DesRequest
 from torchrec_esd.runtime import EsdRuntime
 
 ESD_SHARDING_TYPE = "esd_ps_cache"
@@ -146,12 +148,13 @@ class ShardedEsdEmbeddingBagCollection(
         return EmbeddingBagCollection
 
     # ------------------------------------------------------------ phases
-    def _push_pull(self, wp: WorkerPlan) -> torch.Tensor:
-        """Phase 1: push dirty values, pull missing/outdated rows (value + state)."""
+    def _push_pull(self, wp: WorkerPlan, des: Optional[DesRequest] = None):
+        """Phase 1: push dirty values, pull missing/outdated rows (value + state)
+        and, with DES-served misses, get the bags' pooled partial sums."""
         rt, store = self._runtime, self._store
         values = torch.cat([store.rows[wp.push_slots], store.state[wp.push_slots]], 1)
         pull_keys = wp.pull_keys
-        got = rt.client.push_pull(wp.push_keys, values, pull_keys)  # type: ignore[union-attr]
+        got, partial, route = rt.client.push_pull(wp.push_keys, values, pull_keys, des)  # type: ignore[union-attr]
         m, link = rt.meter, rt.link
         row = (self._dim + rt.optimizer.state_dim) * 4
         for kind in ("miss_pull", "update_pull", "miss_push"):
@@ -161,7 +164,15 @@ class ShardedEsdEmbeddingBagCollection(
         m.add_message(link, wp.push_keys.numel() * (row + 8))
         m.add_message(link, pull_keys.numel() * 8)
         m.add_message(link, pull_keys.numel() * row)
-        return got
+        m.add_keys((wp.push_keys.numel() + pull_keys.numel()) * 8)
+        if des is not None and des.keys.numel():
+            up = des.keys.numel() * DES_PAIR_BYTES
+            down = int(route.bags_per_ps.sum()) * self._dim * 4  # one partial sum per (bag, PS)
+            m.add("des_pull", wp.rows.get("des_rows", 0), down)
+            m.add_keys(up)
+            m.add_message(link, up)
+            m.add_message(link, down)
+        return got, partial, route
 
     def _lookup(self, plan: IterationPlan, kjt: KeyedJaggedTensor) -> KeyedTensor:
         wp = plan.workers[self._runtime.worker_index]
@@ -170,25 +181,33 @@ class ShardedEsdEmbeddingBagCollection(
                 f"this worker got a batch of {kjt.stride()} samples but EsdInputDist dispatched "
                 f"{wp.num_samples} to it; keep batches in the order they were dispatched"
             )
-        got = self._push_pull(wp)
+        layout = self._layout(kjt, wp)
+        des = self._des_request(kjt, wp, layout) if self._runtime.config.des_misses else None
+        got, partial, route = self._push_pull(wp, des)
         store, slot = self._store, wp.used_slot
         dst = slot[wp.pull_pos]
         cached = dst >= 0
         store.rows[dst[cached]] = got[cached, : self._dim]
         store.state[dst[cached]] = got[cached, self._dim :]
-        # working set: the rows this batch uses, in used_keys order
-        working_set = torch.empty(wp.used_keys.numel(), self._dim)
+        # working set: the rows this batch uses, in used_keys order (DES-served rows
+        # stay zero: no value points at them, their bags read the partial sums)
+        working_set = torch.zeros(wp.used_keys.numel(), self._dim)
         inc = slot >= 0
         working_set[inc] = store.rows[slot[inc]]
         working_set[wp.pull_pos[~cached]] = got[~cached, : self._dim]
         n_esd = working_set.shape[0]
-        if self._replicas:
-            working_set = torch.cat([working_set] + list(self._replicas.values()))
+        parts = [working_set] + list(self._replicas.values())
+        des_base = sum(p.shape[0] for p in parts)
+        if partial.shape[0]:
+            parts.append(partial)  # rows des_base.. : one partial sum per DES bag
+        if len(parts) > 1:
+            working_set = torch.cat(parts)
         training = torch.is_grad_enabled()
         if training:
             working_set.requires_grad_(True)
-        pooled = self._pool(kjt, wp, working_set, n_esd)
-        pending = {"plan": wp, "rows": working_set.shape[0], "esd_rows": n_esd, "done": False}
+        pooled = self._pool(kjt, layout, working_set, des_base)
+        pending = {"plan": wp, "rows": working_set.shape[0], "esd_rows": n_esd, "done": False,
+                   "des_base": des_base, "des_route": route}
         self._pending = pending
         if training:
             working_set.register_hook(lambda g, p=pending: self._after_backward(p, g))
@@ -197,7 +216,9 @@ class ShardedEsdEmbeddingBagCollection(
         self._runtime.meter.iterations += 1
         return pooled
 
-    def _pool(self, kjt: KeyedJaggedTensor, wp: WorkerPlan, working_set: torch.Tensor, n_esd: int) -> KeyedTensor:
+    def _layout(self, kjt: KeyedJaggedTensor, wp: WorkerPlan) -> Dict:
+        """Where every KJT value reads its row: ``pos`` (all values) indexes the
+        working set ``[ESD rows (used_keys order) | replicated tables]``."""
         keys = kjt.keys()
         b = kjt.stride()
         missing = [f for f in self._embedding_names if f not in keys]
@@ -214,13 +235,14 @@ class ShardedEsdEmbeddingBagCollection(
                 "from the dispatch plan); keep batches in the order they were dispatched"
             )
         lengths = kjt.lengths().view(len(keys), b).to(torch.int64)
+        esd_val = None  # ESD values among all values (None: all of them)
         if self._replicas:
             # positions of every value (KJT order) in [ESD working set | replicas]
             per_key = lengths.sum(1)
             is_rep = torch.tensor([k in self._replica_of_feature for k in keys])
             seg = torch.repeat_interleave(torch.arange(len(keys)), per_key)
             rep_val = is_rep[seg]
-            base, bases = n_esd, {}
+            base, bases = wp.used_keys.numel(), {}
             for name, rows in self._replicas.items():
                 bases[name] = base
                 base += rows.shape[0]
@@ -228,14 +250,51 @@ class ShardedEsdEmbeddingBagCollection(
             pos = torch.empty(kjt.values().numel(), dtype=torch.int64)
             pos[~rep_val] = epos
             pos[rep_val] = feat_base[seg[rep_val]] + kjt.values()[rep_val].to(torch.int64)
+            esd_val = ~rep_val
         else:
             pos = epos
+        return {"lengths": lengths, "pos": pos, "epos": epos, "gkeys": gkeys, "esd_val": esd_val,
+                "des_val": None, "des_bags": None}
+
+    def _des_request(self, kjt: KeyedJaggedTensor, wp: WorkerPlan, layout: Dict) -> DesRequest:
+        """The DES-served rows of this batch as distinct (row, bag) pairs with
+        their pooling weights; marks their values in ``layout``."""
+        if wp.des_pos.numel() == 0:
+            return DesRequest.empty()
+        mark = torch.zeros(wp.used_keys.numel(), dtype=torch.bool)
+        mark[wp.des_pos] = True
+        occ = mark[layout["epos"]]  # over ESD values
+        lengths = layout["lengths"]
+        nbags = lengths.numel()
+        value_bag = torch.repeat_interleave(torch.arange(nbags), lengths.reshape(-1))
+        psw = kjt.weights_or_none() if self._is_weighted else None
+        w = psw.to(torch.float32) if psw is not None else torch.ones(value_bag.numel())
+        esd_val = layout["esd_val"]
+        if esd_val is not None:
+            value_bag, w = value_bag[esd_val], w[esd_val]
+            des_val = torch.zeros(esd_val.numel(), dtype=torch.bool)
+            des_val[esd_val.nonzero().view(-1)[occ]] = True
+        else:
+            des_val = occ
+        pair, inv = torch.unique(layout["gkeys"][occ] * nbags + value_bag[occ], return_inverse=True)
+        weights = torch.zeros(pair.numel()).index_add_(0, inv, w[occ])
+        bags, bag_idx = torch.unique(pair % nbags, return_inverse=True)
+        layout["des_val"], layout["des_bags"] = des_val, bags
+        return DesRequest(pair // nbags, bag_idx.view(-1), weights, bags.numel())
+
+    def _pool(self, kjt: KeyedJaggedTensor, layout: Dict, working_set: torch.Tensor, des_base: int) -> KeyedTensor:
+        keys = kjt.keys()
+        b = kjt.stride()
+        lengths, pos = layout["lengths"], layout["pos"]
         offs = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
         offs[1:] = torch.cumsum(lengths.reshape(-1), 0)
         psw = kjt.weights_or_none() if self._is_weighted else None
         if psw is not None:
             psw = psw.to(working_set.dtype)
-        if len(self._modes) == 1:
+        des_bags = layout["des_bags"]
+        if des_bags is not None and des_bags.numel():
+            per_key = self._pool_with_partials(keys, b, layout, working_set, des_base, psw)
+        elif len(self._modes) == 1:
             mode = self._modes[0]
             out = F.embedding_bag(pos, working_set, offs, mode=mode, per_sample_weights=psw, include_last_offset=True)
             per_key = out.view(len(keys), b, self._dim)
@@ -258,8 +317,33 @@ class ShardedEsdEmbeddingBagCollection(
             values=pooled,
         )
 
+    def _pool_with_partials(self, keys, b: int, layout: Dict, working_set: torch.Tensor, des_base: int, psw):
+        """Pooling when some rows are DES-served: each bag sums its other rows
+        (weighted) plus its partial sum from the PS; MEAN divides by the bag's length."""
+        lengths, pos, des_val, des_bags = layout["lengths"], layout["pos"], layout["des_val"], layout["des_bags"]
+        nbags = lengths.numel()
+        value_bag = torch.repeat_interleave(torch.arange(nbags), lengths.reshape(-1))
+        keep = ~des_val
+        w = psw if psw is not None else torch.ones(pos.numel(), dtype=working_set.dtype)
+        nb = des_bags.numel()
+        bag2 = torch.cat([value_bag[keep], des_bags])
+        pos2 = torch.cat([pos[keep], des_base + torch.arange(nb)])
+        w2 = torch.cat([w[keep], torch.ones(nb, dtype=working_set.dtype)])
+        order = torch.argsort(bag2, stable=True)
+        offs2 = torch.zeros(nbags + 1, dtype=torch.int64)
+        offs2[1:] = torch.cumsum(torch.bincount(bag2, minlength=nbags), 0)
+        out = F.embedding_bag(pos2[order], working_set, offs2, mode="sum", per_sample_weights=w2[order],
+                              include_last_offset=True)
+        mean_key = torch.tensor([self._feature_mode.get(k, "sum") == "mean" for k in keys])
+        if bool(mean_key.any()):
+            is_mean = mean_key.repeat_interleave(b)
+            denom = torch.where(is_mean, lengths.reshape(-1).clamp(min=1), torch.ones_like(lengths.reshape(-1)))
+            out = out / denom.to(out.dtype).view(-1, 1)
+        return out.view(len(keys), b, self._dim)
+
     def _after_backward(self, pending: Dict, grad: Optional[torch.Tensor]) -> None:
-        """Phase 2: local updates of sole-user cached rows, gradient push of the rest."""
+        """Phase 2: local updates of sole-user cached rows, gradient push of the
+        rest (and of the DES bags' partial sums)."""
         if pending["done"]:
             return
         pending["done"] = True
@@ -271,6 +355,8 @@ class ShardedEsdEmbeddingBagCollection(
             # TorchRec divides pooled-embedding gradients by the world size (to
             # match DDP's averaging of dense gradients); so does ESD, over workers
             grad = grad / rt.config.num_workers
+        des_grad = grad[pending["des_base"] :].detach()
+        grad = grad[: pending["des_base"]]
         if self._replicas:
             self._update_replicas(grad[pending["esd_rows"] :])
             grad = grad[: pending["esd_rows"]]
@@ -280,9 +366,15 @@ class ShardedEsdEmbeddingBagCollection(
             rt.optimizer.apply_(rows, state, grad[wp.local_pos])
             self._store.rows[slots], self._store.state[slots] = rows, state
         keys = wp.used_keys[wp.grad_pos]
-        rt.client.push_grads(keys, grad[wp.grad_pos].detach())  # type: ignore[union-attr]
+        route = pending["des_route"]
+        rt.client.push_grads(keys, grad[wp.grad_pos].detach(), route, des_grad)  # type: ignore[union-attr]
         rt.meter.add("update_push", keys.numel(), keys.numel() * self._dim * 4)
         rt.meter.add_message(rt.link, keys.numel() * (self._dim * 4 + 8))
+        rt.meter.add_keys(keys.numel() * 8)
+        if route is not None and route.num_bags:
+            vectors = int(route.bags_per_ps.sum())
+            rt.meter.add("des_push", vectors, vectors * self._dim * 4)
+            rt.meter.add_message(rt.link, vectors * self._dim * 4)
         self._pending = None
 
     def _update_replicas(self, grad: torch.Tensor) -> None:
@@ -317,7 +409,7 @@ class ShardedEsdEmbeddingBagCollection(
         self._finish_pending_backward()
         rt = self._runtime
         assert rt.directory is not None
-        self._push_pull(rt.directory.flush_plan()[rt.worker_index])
+        self._push_pull(rt.directory.flush_plan()[rt.worker_index])  # no DES request: pushes only
 
 
 class EsdEmbeddingBagCollectionSharder(ModuleSharder[EmbeddingBagCollection]):

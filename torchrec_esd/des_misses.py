@@ -1,0 +1,84 @@
+"""DES-served cache misses: the wire format's sizes and the per-worker choice.
+
+With ``EsdConfig(des_misses=True)`` a worker may have the parameter servers
+serve some of its missing rows DES-style (arXiv 1909.04823) instead of pulling
+them: it sends, per distinct ``(row, bag)`` pair, the row key, the bag's index
+and the pair's pooling weight (the sum of its per-sample weights, or its
+multiplicity); every PS answers one pooled partial sum per bag over the rows it
+owns; after the backward the worker sends one gradient vector per bag, which
+the PS scatters to the rows (times their weights) and adds to the other
+workers' gradients of those rows before it applies the optimizer once, so the
+update is exactly the synchronous one.
+
+A pulled row moves ``row_bytes`` (+ its key) down, and its update goes back up
+later, as a gradient push or as the write-back of a dirty copy (``dim`` values +
+key).  A DES bag moves its ``dim``-vector down and its gradient up, plus
+:data:`DES_PAIR_BYTES` per ``(row, bag)`` pair.  :func:`choose_des_rows` picks,
+per worker, the bags for which DES is cheaper, with each candidate row's pull
+cost shared among the bags that use it on that worker; a row is served by DES
+only if *every* bag of that worker using it is a DES bag (otherwise it is
+pulled anyway, and all its bags read the pulled copy).
+"""
+
+from __future__ import annotations
+
+import torch
+
+KEY_BYTES = 8  # int64 row key
+BAG_INDEX_BYTES = 8  # int64 bag index (sent with the keys)
+WEIGHT_BYTES = 4  # float32 pooling weight per pair
+DES_PAIR_BYTES = KEY_BYTES + BAG_INDEX_BYTES + WEIGHT_BYTES
+
+
+def des_bag_bytes(num_pairs: torch.Tensor, dim, value_bytes: int = 4) -> torch.Tensor:
+    """Bytes a DES bag costs: ``num_pairs`` request pairs up, the partial sum
+    down and the bag gradient up (nothing for a bag without pairs); ``dim``
+    may be a tensor broadcasting against ``num_pairs``."""
+    vec = 2 * dim * value_bytes
+    return (num_pairs > 0).to(torch.float64) * vec + num_pairs.to(torch.float64) * DES_PAIR_BYTES
+
+
+def row_round_trip_bytes(row_bytes: int, dim: int, value_bytes: int = 4) -> int:
+    """Bytes a pulled row costs: key up, row (+ optimizer state) down, and its
+    update back up later (gradient push or write-back of the dirty copy)."""
+    return KEY_BYTES + row_bytes + dim * value_bytes + KEY_BYTES
+
+
+def choose_des_rows(
+    pair_pos: torch.Tensor,
+    pair_bag: torch.Tensor,
+    candidate: torch.Tensor,
+    row_bytes: int,
+    dim: int,
+    value_bytes: int = 4,
+) -> torch.Tensor:
+    """Which of a worker's used rows the PS serves as partial sums.
+
+    Args:
+        pair_pos: ``[N]`` position (in the worker's used rows) of every
+            distinct ``(row, bag)`` pair of the worker's samples.
+        pair_bag: ``[N]`` the pair's bag (any integer id, one per bag).
+        candidate: ``[U]`` bool, rows the worker would have to pull (missing,
+            or cached but outdated beyond the staleness bound).
+        row_bytes: bytes of one pulled row (values + optimizer state).
+        dim: embedding dimension.
+
+    Returns ``[U]`` bool: rows served by DES (a subset of ``candidate``).
+    """
+    U = candidate.numel()
+    out = torch.zeros(U, dtype=torch.bool)
+    if pair_pos.numel() == 0 or not bool(candidate.any()):
+        return out
+    bags, bag_of_pair = torch.unique(pair_bag, return_inverse=True)
+    nb = bags.numel()
+    cand_pair = candidate[pair_pos]
+    n_bags_of_row = torch.bincount(pair_pos, minlength=U).clamp(min=1).to(torch.float64)
+    share = row_round_trip_bytes(row_bytes, dim, value_bytes) / n_bags_of_row[pair_pos]
+    pull = torch.zeros(nb, dtype=torch.float64).index_add_(
+        0, bag_of_pair, torch.where(cand_pair, share, torch.zeros_like(share))
+    )
+    pairs = torch.bincount(bag_of_pair, weights=cand_pair.to(torch.float64), minlength=nb)
+    des_bag = des_bag_bytes(pairs, dim, value_bytes) < pull
+    # a candidate row is DES-served iff none of its bags on this worker pulls it
+    pulled_somewhere = torch.bincount(pair_pos[~des_bag[bag_of_pair]], minlength=U) > 0
+    return candidate & ~pulled_somewhere
