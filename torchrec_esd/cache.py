@@ -292,7 +292,7 @@ class CacheDirectory:
         for w in self.tracked:
             m = owner == w
             pair = torch.unique(keys[m] * nbags + bag[m])
-            out[w] = (pair // nbags, pair % nbags)
+            out[w] = (pair // nbags, pair % nbags, kjt.weights_or_none() is not None)
         return out
 
     def _push_shared_dirty(self, used: List[torch.Tensor], users: torch.Tensor):
@@ -327,7 +327,7 @@ class CacheDirectory:
             dim = self.tables[0].embedding_dim
             des = choose_des_rows(
                 torch.searchsorted(keys, pairs[0]), pairs[1], ~usable,
-                (dim + self.optimizer_state_dim) * 4, dim,
+                (dim + self.optimizer_state_dim) * 4, dim, weighted=pairs[2],
             )
         miss = ~present & ~des
         update = present & ~usable & ~des

@@ -586,7 +586,8 @@ class CostModel:
             [self.tables[self.feature_table[f]].embedding_dim for f in kjt.keys()], dtype=torch.int64
         )
         bag_dim = feat_dim.repeat(b).view(-1, 1)
-        des = des_bag_bytes(n_cand, bag_dim, self.value_bytes) / bps.view(1, -1)
+        weighted = kjt.weights_or_none() is not None
+        des = des_bag_bytes(n_cand, bag_dim, self.value_bytes, weighted) / bps.view(1, -1)
         c_bag = torch.minimum(per_bag(pull), des) + per_bag(push_elsewhere)
         return c_bag.view(b, nf, W).sum(1)
 

@@ -2,22 +2,23 @@
 
 With ``EsdConfig(des_misses=True)`` a worker may have the parameter servers
 serve some of its missing rows DES-style (arXiv 1909.04823) instead of pulling
-them: it sends, per distinct ``(row, bag)`` pair, the row key, the bag's index
-and the pair's pooling weight (the sum of its per-sample weights, or its
-multiplicity); every PS answers one pooled partial sum per bag over the rows it
+them: it sends, per distinct ``(row, bag)`` pair, one int64 that packs the row
+key and the bag's index (``key * bags + bag``) and, only when some pair's
+pooling weight is not 1 (weighted features, an id twice in a bag), the pair
+weights; every PS answers one pooled partial sum per bag over the rows it
 owns; after the backward the worker sends one gradient vector per bag, which
 the PS scatters to the rows (times their weights) and adds to the other
 workers' gradients of those rows before it applies the optimizer once, so the
 update is exactly the synchronous one.
 
-A pulled row moves ``row_bytes`` (+ its key) down, and its update goes back up
-later, as a gradient push or as the write-back of a dirty copy (``dim`` values +
-key).  A DES bag moves its ``dim``-vector down and its gradient up, plus
-:data:`DES_PAIR_BYTES` per ``(row, bag)`` pair.  :func:`choose_des_rows` picks,
-per worker, the bags for which DES is cheaper, with each candidate row's pull
-cost shared among the bags that use it on that worker; a row is served by DES
-only if *every* bag of that worker using it is a DES bag (otherwise it is
-pulled anyway, and all its bags read the pulled copy).
+A pulled row moves its key up and ``row_bytes`` down, and its update goes back
+up later, as a gradient push or as the write-back of a dirty copy (``dim``
+values + key).  A DES bag moves its ``dim``-vector down and its gradient up,
+plus :func:`pair_bytes` per ``(row, bag)`` pair.  :func:`choose_des_rows`
+picks, per worker, the bags for which DES is cheaper, with each candidate
+row's pull cost shared among the bags that use it on that worker; a row is
+served by DES only if *every* bag of that worker using it is a DES bag
+(otherwise it is pulled anyway, and all its bags read the pulled copy).
 """
 
 from __future__ import annotations
@@ -25,17 +26,21 @@ from __future__ import annotations
 import torch
 
 KEY_BYTES = 8  # int64 row key
-BAG_INDEX_BYTES = 8  # int64 bag index (sent with the keys)
-WEIGHT_BYTES = 4  # float32 pooling weight per pair
-DES_PAIR_BYTES = KEY_BYTES + BAG_INDEX_BYTES + WEIGHT_BYTES
+PAIR_BYTES = 8  # int64 packing a row key and a bag index
+WEIGHT_BYTES = 4  # float32 pooling weight of a pair, sent only for weighted requests
 
 
-def des_bag_bytes(num_pairs: torch.Tensor, dim, value_bytes: int = 4) -> torch.Tensor:
+def pair_bytes(weighted: bool) -> int:
+    """Bytes per DES pair on the wire (weights only when they are not all 1)."""
+    return PAIR_BYTES + (WEIGHT_BYTES if weighted else 0)
+
+
+def des_bag_bytes(num_pairs: torch.Tensor, dim, value_bytes: int = 4, weighted: bool = False) -> torch.Tensor:
     """Bytes a DES bag costs: ``num_pairs`` request pairs up, the partial sum
     down and the bag gradient up (nothing for a bag without pairs); ``dim``
     may be a tensor broadcasting against ``num_pairs``."""
     vec = 2 * dim * value_bytes
-    return (num_pairs > 0).to(torch.float64) * vec + num_pairs.to(torch.float64) * DES_PAIR_BYTES
+    return (num_pairs > 0).to(torch.float64) * vec + num_pairs.to(torch.float64) * pair_bytes(weighted)
 
 
 def row_round_trip_bytes(row_bytes: int, dim: int, value_bytes: int = 4) -> int:
@@ -51,6 +56,7 @@ def choose_des_rows(
     row_bytes: int,
     dim: int,
     value_bytes: int = 4,
+    weighted: bool = False,
 ) -> torch.Tensor:
     """Which of a worker's used rows the PS serves as partial sums.
 
@@ -62,6 +68,7 @@ def choose_des_rows(
             or cached but outdated beyond the staleness bound).
         row_bytes: bytes of one pulled row (values + optimizer state).
         dim: embedding dimension.
+        weighted: the batch has per-sample weights (pairs carry weights).
 
     Returns ``[U]`` bool: rows served by DES (a subset of ``candidate``).
     """
@@ -78,7 +85,7 @@ def choose_des_rows(
         0, bag_of_pair, torch.where(cand_pair, share, torch.zeros_like(share))
     )
     pairs = torch.bincount(bag_of_pair, weights=cand_pair.to(torch.float64), minlength=nb)
-    des_bag = des_bag_bytes(pairs, dim, value_bytes) < pull
+    des_bag = des_bag_bytes(pairs, dim, value_bytes, weighted) < pull
     # a candidate row is DES-served iff none of its bags on this worker pulls it
     pulled_somewhere = torch.bincount(pair_pos[~des_bag[bag_of_pair]], minlength=U) > 0
     return candidate & ~pulled_somewhere

@@ -5,7 +5,7 @@ Kinds follow Herald/LAIA: ``miss_pull``, ``miss_push``, ``update_pull``,
 pairs up and the bags' partial sums down; rows = rows served) and ``des_push``
 (one gradient vector per bag and PS; rows = vectors).  ``bytes`` are payloads
 (row values + optimizer state, partial sums, gradients); the keys that
-address them (8 B per pulled / pushed row, :data:`~torchrec_esd.des_misses.DES_PAIR_BYTES`
+address them (8 B per pulled / pushed row, :func:`~torchrec_esd.des_misses.pair_bytes`
 per DES pair) are in ``key_bytes``; ``wire_bytes`` is both.  Link time of a worker is ``bytes / bandwidth + latency`` per
 message actually sent (a phase with nothing to send costs no latency).
 """

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_esd.config import EsdConfigError
+from torchrec_esd.des_misses import pair_bytes
 
 PHASE_PUSH_PULL = 1
 PHASE_GRADS = 2
@@ -240,14 +241,16 @@ class ParameterServer:
                 "previous DES partial sums arrived (their updates would be lost)"
             )
         # [world, (push, pull)] or, with DES, [world, (push, pull, des pairs, des bags)]
-        # keys: pushes, pulls, and per DES pair its key and its bag
-        counts, keys = self._recv_keys(4, (1, 1, 2, 0)) if self.des else self._recv_keys(2, (1, 1))
+        # counts per sender: (push, pull) or, with DES, (push, pull, DES pairs, DES bags,
+        # pair weights sent?); keys: pushes, pulls, then one packed int64 per DES pair
+        counts, keys = self._recv_keys(5, (1, 1, 1, 0, 0)) if self.des else self._recv_keys(2, (1, 1))
         n_push = counts[:, 0].tolist()
         vals = self.wire.exchange(torch.empty(0, row), [0] * world, n_push, (row,))
-        n_pair = counts[:, 2].tolist() if self.des else [0] * world
-        pair_w = self.wire.exchange(torch.empty(0), [0] * world, n_pair, ()) if self.des else None
-        # split keys of each sender into its pushes, pulls (and DES pair keys, pair bags)
-        push_keys, pull_keys, des_keys, des_bags, pos = [], [], [], [], 0
+        if self.des:
+            n_w = (counts[:, 2] * counts[:, 4]).tolist()
+            sent_w = torch.split(self.wire.exchange(torch.empty(0), [0] * world, n_w, ()), n_w)
+        # split keys of each sender into its pushes, pulls (and DES pairs)
+        push_keys, pull_keys, des_keys, des_bags, des_w, pos = [], [], [], [], [], 0
         bag_base, bags_per_sender = 0, []
         for r in range(world):
             a, b = int(counts[r, 0]), int(counts[r, 1])
@@ -256,14 +259,15 @@ class ParameterServer:
             pos += a + b
             if self.des:
                 c, nb = int(counts[r, 2]), int(counts[r, 3])
-                des_keys.append(keys[pos : pos + c])
-                bags = keys[pos + c : pos + 2 * c]
-                if c and (int(bags.min()) < 0 or int(bags.max()) >= nb):
-                    raise EsdRemoteError(f"PS {self.ps_index}: rank {r} sent a DES bag index outside [0, {nb})")
-                des_bags.append(bags + bag_base)
+                packed = keys[pos : pos + c]
+                pos += c
+                if c and (nb <= 0 or int(packed.min()) < 0):
+                    raise EsdRemoteError(f"PS {self.ps_index}: rank {r} sent a malformed DES request")
+                des_keys.append(packed // max(nb, 1))
+                des_bags.append(packed % max(nb, 1) + bag_base)
+                des_w.append(sent_w[r] if int(counts[r, 4]) else torch.ones(c))
                 bag_base += nb
                 bags_per_sender.append(nb)
-                pos += 2 * c
         pk = torch.cat(push_keys)
         if pk.numel():
             local = self._local(pk)
@@ -277,6 +281,7 @@ class ParameterServer:
             # pooled partial sums, after the pushes above are stored
             dl = self._local(torch.cat(des_keys))
             db = torch.cat(des_bags)
+            pair_w = torch.cat(des_w)
             partial = torch.zeros(bag_base, dim).index_add_(0, db, self.weights[dl] * pair_w.view(-1, 1))
             self.wire.exchange(partial, bags_per_sender, [0] * world, (dim,))
             self._des_pending = (dl, db, pair_w, bags_per_sender)
@@ -344,13 +349,14 @@ class DesRequest:
 
 @dataclass
 class DesRoute:
-    """A :class:`DesRequest` split over the PS ranks: per PS, its pairs with
-    bag indices local to that PS (``local_bags``), and which request bag each
-    of that PS's bags is (``ps_bags``)."""
+    """A :class:`DesRequest` split over the PS ranks: per PS, its pairs packed
+    as ``key * bags + bag`` with bag indices local to that PS, their weights
+    (sent only if some weight is not 1), and which request bag each of that
+    PS's bags is (``ps_bags``)."""
 
-    keys: List[torch.Tensor]
-    local_bags: List[torch.Tensor]
+    packed: List[torch.Tensor]
     weights: List[torch.Tensor]
+    weighted: List[bool]
     ps_bags: List[torch.Tensor]
     pairs_per_ps: torch.Tensor
     bags_per_ps: torch.Tensor
@@ -359,20 +365,32 @@ class DesRoute:
     @staticmethod
     def build(routing: RowRouting, req: DesRequest) -> "DesRoute":
         p, _ = routing.locate(req.keys)
-        keys, local, weights, ps_bags = [], [], [], []
+        total_rows = int(routing.offsets[-1])
+        packed, weights, weighted, ps_bags = [], [], [], []
         for i in range(routing.num_ps):
             m = p == i
             bags, inv = torch.unique(req.bags[m], return_inverse=True)
-            keys.append(req.keys[m])
-            local.append(inv.view(-1))
-            weights.append(req.weights[m].to(torch.float32))
+            nb = bags.numel()
+            if total_rows * max(nb, 1) >= 2**63:
+                raise EsdConfigError(
+                    f"DES request of {nb} bags over tables of {total_rows} rows does not fit the int64 "
+                    "(row key, bag) packing; use smaller batches or disable EsdConfig.des_misses"
+                )
+            packed.append(req.keys[m] * nb + inv.view(-1))
+            w = req.weights[m].to(torch.float32)
+            weights.append(w)
+            weighted.append(bool((w != 1).any()))
             ps_bags.append(bags)
         return DesRoute(
-            keys, local, weights, ps_bags,
-            torch.tensor([k.numel() for k in keys], dtype=torch.int64),
+            packed, weights, weighted, ps_bags,
+            torch.tensor([k.numel() for k in packed], dtype=torch.int64),
             torch.tensor([b.numel() for b in ps_bags], dtype=torch.int64),
             req.num_bags,
         )
+
+    def wire_bytes(self) -> int:
+        """Bytes of the request on the wire (packed pairs, weights where sent)."""
+        return sum(pair_bytes(wt) * k.numel() for k, wt in zip(self.packed, self.weighted))
 
 
 # ---------------------------------------------------------------- client
@@ -420,7 +438,7 @@ class PsClient:
             self.wire.header()
         po, pper = self._by_ps(push_keys)
         qo, qper = self._by_ps(pull_keys)
-        counts = torch.zeros(world, 4 if self.des else 2, dtype=torch.int64)
+        counts = torch.zeros(world, 5 if self.des else 2, dtype=torch.int64)
         route: Optional[DesRoute] = None
         if self.des:
             route = DesRoute.build(self.routing, des if des is not None else DesRequest.empty())
@@ -428,21 +446,25 @@ class PsClient:
             counts[r, 0], counts[r, 1] = pper[i], qper[i]
             if route is not None:
                 counts[r, 2], counts[r, 3] = route.pairs_per_ps[i], route.bags_per_ps[i]
+                counts[r, 4] = int(route.weighted[i])
         self.wire.counts(counts)
-        # keys: for each PS, its pushes, its pulls (then DES pair keys and pair bags)
+        # keys: for each PS, its pushes, its pulls (then its packed DES pairs)
         pk, qk = push_keys[po], pull_keys[qo]
         psplit, qsplit = pper.tolist(), qper.tolist()
         key_parts = []
         for i, (a, b) in enumerate(zip(torch.split(pk, psplit), torch.split(qk, qsplit))):
             key_parts += [a, b]
             if route is not None:
-                key_parts += [route.keys[i], route.local_bags[i]]
+                key_parts.append(route.packed[i])
         keys = torch.cat(key_parts) if key_parts else torch.empty(0, dtype=torch.int64)
-        sent = pper + qper + (2 * route.pairs_per_ps if route is not None else 0)
+        sent = pper + qper + (route.pairs_per_ps if route is not None else 0)
         self.wire.exchange(keys, self._to_world(sent), [0] * world, ())
         self.wire.exchange(push_vals[po], self._to_world(pper), [0] * world, (row,))
         if route is not None:
-            self.wire.exchange(torch.cat(route.weights), self._to_world(route.pairs_per_ps), [0] * world, ())
+            w_parts = [w for w, wt in zip(route.weights, route.weighted) if wt]
+            n_w = torch.tensor([w.numel() if wt else 0 for w, wt in zip(route.weights, route.weighted)])
+            send_w = torch.cat(w_parts) if w_parts else torch.empty(0)
+            self.wire.exchange(send_w, self._to_world(n_w), [0] * world, ())
         got = self.wire.exchange(torch.empty(0, row), [0] * world, self._to_world(qper), (row,))
         out = torch.empty_like(got)
         out[qo] = got

@@ -42,7 +42,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_esd.cache import IterationPlan, WorkerPlan
 from torchrec_esd.config import EsdConfigError
-from torchrec_esd.des_misses import DES_PAIR_BYTES
 from torchrec_esd.ps import DesRequest
 from torchrec_esd.runtime import EsdRuntime
 
@@ -166,7 +165,7 @@ class ShardedEsdEmbeddingBagCollection(
         m.add_message(link, pull_keys.numel() * row)
         m.add_keys((wp.push_keys.numel() + pull_keys.numel()) * 8)
         if des is not None and des.keys.numel():
-            up = des.keys.numel() * DES_PAIR_BYTES
+            up = route.wire_bytes()
             down = int(route.bags_per_ps.sum()) * self._dim * 4  # one partial sum per (bag, PS)
             m.add("des_pull", wp.rows.get("des_rows", 0), down)
             m.add_keys(up)
