@@ -9,6 +9,8 @@ One invocation trains the same DLRM on the same seeded global batches with
 * ``cache-only`` ESD runtime with the ``random`` dispatcher (HET-like LRU caches, no dispatch);
 * ``laia``      LAIA-style greedy by cache hits (bandwidth-blind);
 * ``heuristic``, ``optimal``, ``hybrid`` (HybridDis) ESD dispatchers,
+* ``hybrid+des`` (opt-in: ``--methods ...,hybrid+des``): HybridDis with
+  ``EsdConfig(des_misses=True)``, cold misses served as pooled partial sums,
 
 for every bandwidth mix (default: heterogeneous 1000/100/50/10 Mbit/s and
 homogeneous 4x1000 Mbit/s; W = 4 workers + 1 parameter server, staleness 0).
@@ -36,6 +38,7 @@ Also written: a PNG next to ``--out`` (or ``--png``) and a Markdown table
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -53,6 +56,7 @@ sys.path.insert(0, HERE)
 import netns  # noqa: E402
 
 METHODS = ["vanilla", "random", "laia", "heuristic", "optimal", "hybrid", "esd"]
+OPTIONAL_METHODS = ["hybrid+des"]  # "<dispatcher>+des": that dispatcher with DES-served misses
 LABEL = {
     "vanilla": "vanilla TorchRec",
     "random": "cache-only (random)",
@@ -61,6 +65,7 @@ LABEL = {
     "optimal": "ESD optimal",
     "hybrid": "HybridDis",
     "esd": "ESD de-dup local search",
+    "hybrid+des": "HybridDis + DES misses",
 }
 DEFAULT_MIXES = "hetero=1000,100,50,10;homo=1000,1000,1000,1000"
 
@@ -199,8 +204,13 @@ def rank_main(spec_path: str) -> None:
         order = [(rep, m) for rep in range(spec["repeats"])
                  for m in (spec["methods"] if rep % 2 == 0 else list(reversed(spec["methods"])))]
         for rep, method in order:
-            job = JobConfig(method="vanilla", **base) if method == "vanilla" else \
-                JobConfig(method="esd", dispatcher=method, **base)
+            if method == "vanilla":
+                job = JobConfig(method="vanilla", **base)
+            elif method.endswith("+des"):
+                job = JobConfig(method="esd", dispatcher=method[: -len("+des")],
+                                **{**base, "esd": dataclasses.replace(esd, des_misses=True)})
+            else:
+                job = JobConfig(method="esd", dispatcher=method, **base)
             dist.barrier()
             c0, t0, p0 = _iface_counters(), time.perf_counter(), time.process_time()
             stamps.clear()
@@ -610,7 +620,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     mixes = parse_mixes(args.mixes)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = set(methods) - set(METHODS)
+    unknown = set(methods) - set(METHODS) - set(OPTIONAL_METHODS)
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
     W = len(mixes[0]["bandwidths"])

@@ -11,33 +11,37 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_esd.cache import CacheDirectory
 from torchrec_esd.config import EsdConfig, EsdConfigError, WorkerSpec
 from torchrec_esd.cost import CostModel, TableCacheView
-from torchrec_esd.des_misses import choose_des_rows, des_bag_bytes, pair_bytes, row_round_trip_bytes
+from torchrec_esd.des_misses import choose_des_rows, des_bag_bytes, pair_bytes, row_pull_bytes
 from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig
 
 
 def test_byte_formulas():
     assert pair_bytes(False) == 8 and pair_bytes(True) == 12  # packed (key, bag) [+ float32 weight]
-    assert row_round_trip_bytes(16, 4) == 8 + 16 + 16 + 8
+    assert row_pull_bytes(16) == 8 + 16
     got = des_bag_bytes(torch.tensor([0, 1, 5]), 4)
     assert got.tolist() == [0.0, 32 + 8, 32 + 40]
     assert des_bag_bytes(torch.tensor([2]), 4, weighted=True).tolist() == [32 + 24]
 
 
 def test_choose_des_rows_by_hand():
-    # D = 4, row 16 B: a pulled row costs 48 B; a DES bag 32 B + 8 B per pair.
-    # rows 0-4: cold, only in bag A -> DES (A: 6 candidate pairs, 80 B < 5 x 48 + 24 B)
-    # row 5: cold, alone in bags B, D, E (40 B > 16 B, its third) -> pulled
-    # row 6: cold, in bag A and alone in bag C (40 B > 24 B, its half) -> pulled, A reads the pulled copy
+    # D = 4, row 16 B: a pulled row costs 24 B; a DES bag 32 B + 8 B per pair.
+    # rows 0-4: cold, only in bag A -> DES (A: 6 candidate pairs, 80 B < 5 x 24 + 12 B)
+    # row 5: cold, alone in bags B, D, E (40 B > 8 B, its third) -> pulled
+    # row 6: cold, in bag A and alone in bag C (40 B > 12 B, its half) -> pulled, A reads the pulled copy
     # row 7: cached fresh (not a candidate), in bag A -> never DES
     pair_pos = torch.tensor([0, 1, 2, 3, 4, 5, 5, 5, 6, 6, 7])
     pair_bag = torch.tensor([10, 10, 10, 10, 10, 11, 13, 14, 10, 12, 10])
     candidate = torch.tensor([True] * 7 + [False])
     des = choose_des_rows(pair_pos, pair_bag, candidate, row_bytes=16, dim=4)
     assert des.tolist() == [True] * 5 + [False, False, False]
-    # a lone cold row in a bag of its own: 40 B by DES against 48 B pulled
-    assert choose_des_rows(torch.tensor([0]), torch.tensor([3]), torch.tensor([True]), 16, 4).tolist() == [True]
-    # ... but with weights on the wire (44 B) and a 4 B-smaller row (44 B pulled) it is not cheaper
-    assert not choose_des_rows(torch.tensor([0]), torch.tensor([3]), torch.tensor([True]), 12, 4, weighted=True).any()
+    one_bag = lambda n: (torch.arange(n), torch.zeros(n, dtype=torch.int64), torch.ones(n, dtype=torch.bool))
+    # a lone missing row is pulled (and cached): 24 B against 40 B; two: 48 B against 48 B, still pulled
+    assert not choose_des_rows(*one_bag(1), 16, 4).any() and not choose_des_rows(*one_bag(2), 16, 4).any()
+    # three cold rows in one bag: 72 B pulled against 56 B by DES
+    assert choose_des_rows(*one_bag(3), 16, 4).all()
+    # with weights on the wire (12 B a pair): 68 B by DES, against 72 B (16 B rows) or 60 B (12 B rows)
+    assert choose_des_rows(*one_bag(3), 16, 4, weighted=True).all()
+    assert not choose_des_rows(*one_bag(3), 12, 4, weighted=True).any()
     # nothing to choose from
     assert not choose_des_rows(pair_pos, pair_bag, torch.zeros(8, dtype=torch.bool), 16, 4).any()
     assert choose_des_rows(pair_pos[:0], pair_bag[:0], candidate, 16, 4).sum() == 0
@@ -152,14 +156,14 @@ def test_cost_matrix_prices_des_per_bag_by_hand():
     plain = CostModel(EsdConfig(workers), tables).matrix(kjt, views)
     assert torch.allclose(plain[0], 6 * 16 / bps)
     c = CostModel(EsdConfig(workers, des_misses=True), tables).matrix(kjt, views)
-    # bag of sample 0: pull 6 x (8 + 16 + 16 + 8) = 288 B, DES 32 + 6 x 8 = 80 B -> DES
+    # bag of sample 0: pull 6 x (8 + 16) = 144 B, DES 32 + 6 x 8 = 80 B -> DES
     assert torch.allclose(c[0], 80 / bps)
-    # sample 1 on worker 0: DES 40 B < pull 48 B; on worker 1 a fresh hit costs nothing
-    assert torch.allclose(c[1], torch.tensor([40 / 1000.0, 0.0], dtype=torch.float64))
-    # with per-sample weights on the wire a pair costs 12 B: 32 + 72 = 104 B and 44 B
+    # sample 1 on worker 0: pull 24 B < DES 40 B; on worker 1 a fresh hit costs nothing
+    assert torch.allclose(c[1], torch.tensor([24 / 1000.0, 0.0], dtype=torch.float64))
+    # with per-sample weights on the wire a pair costs 12 B: 32 + 72 = 104 B
     wkjt = KeyedJaggedTensor(keys=["f"], values=kjt.values(), lengths=kjt.lengths(), weights=torch.ones(8))
     cw = CostModel(EsdConfig(workers, des_misses=True), tables).matrix(wkjt, views)
-    assert torch.allclose(cw[0], 104 / bps) and torch.allclose(cw[1, 0], torch.tensor(44 / 1000.0, dtype=torch.float64))
+    assert torch.allclose(cw[0], 104 / bps) and torch.allclose(cw[1], c[1])
 
 
 def test_des_misses_must_be_a_bool():

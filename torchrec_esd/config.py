@@ -116,7 +116,7 @@ class EsdConfig:
             fails makes the others fail instead of hang.
         des_misses: let the parameter servers serve cache misses DES-style
             (arXiv 1909.04823): for a bag whose missing rows would cost more
-            to pull (and later write back) than one pooled partial sum down
+            to pull than one pooled partial sum down
             and one bag gradient up, the PS returns the bag's partial sum of
             those rows and applies the bag's gradient to them; such rows are
             not cached.  SUM / MEAN pooling only.  Exact at staleness 0.

@@ -548,10 +548,10 @@ class CostModel:
         """Expected transmission cost ``c[s, w]`` (float64 seconds, ``[B, W]``).
 
         With ``config.des_misses`` every bag (sample, feature) is priced as the
-        cheaper of pulling its rows to pull -- each with its key up and its
-        later write-back (gradient push or dirty eviction) -- and having the
-        PS serve them as one partial sum (:mod:`torchrec_esd.des_misses`),
-        plus in both cases the dirty-elsewhere pushes."""
+        cheaper of pulling its rows to pull (each with its key up; see
+        :mod:`torchrec_esd.des_misses` for why their later write-back is not
+        charged) and having the PS serve them as one partial sum, plus in both
+        cases the dirty-elsewhere pushes."""
         st = self._state(kjt, views)
         if self.config.des_misses:
             return self._des_matrix(kjt, st)
@@ -570,8 +570,7 @@ class CostModel:
         evict = (self._evict_fraction(st) * self.row_time)[:, st.table_of]
         own = torch.where(st.cached, st.outdated.double() * rt, rt + evict)
         cand = (~st.cached | st.outdated).double()
-        dims = self.table_dims[st.table_of].view(1, -1)
-        pull = own + cand * (KEY_BYTES + dims * self.value_bytes + KEY_BYTES) / bps
+        pull = own + cand * KEY_BYTES / bps
         push_all = (st.dirty.double() * rt).sum(0, keepdim=True)
         push_elsewhere = push_all - st.dirty.double() * rt
         miss = torch.zeros(W, dtype=torch.float64)

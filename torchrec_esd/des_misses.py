@@ -11,10 +11,13 @@ the PS scatters to the rows (times their weights) and adds to the other
 workers' gradients of those rows before it applies the optimizer once, so the
 update is exactly the synchronous one.
 
-A pulled row moves its key up and ``row_bytes`` down, and its update goes back
-up later, as a gradient push or as the write-back of a dirty copy (``dim``
-values + key).  A DES bag moves its ``dim``-vector down and its gradient up,
-plus :func:`pair_bytes` per ``(row, bag)`` pair.  :func:`choose_des_rows`
+A pulled row is priced at its key up and ``row_bytes`` down.  Its update is
+not charged: a pulled row fills the cache, and a cached row's updates are
+applied locally and written back at most once per stay in the cache, shared by
+all its later hits -- the (unknown) value of the cache fill is credited this way,
+so a lone missing row is pulled and cached, and DES takes bags with several
+cold rows.  A DES bag moves its ``dim``-vector down and its gradient up, plus
+:func:`pair_bytes` per ``(row, bag)`` pair.  :func:`choose_des_rows`
 picks, per worker, the bags for which DES is cheaper, with each candidate
 row's pull cost shared among the bags that use it on that worker; a row is
 served by DES only if *every* bag of that worker using it is a DES bag
@@ -43,10 +46,9 @@ def des_bag_bytes(num_pairs: torch.Tensor, dim, value_bytes: int = 4, weighted: 
     return (num_pairs > 0).to(torch.float64) * vec + num_pairs.to(torch.float64) * pair_bytes(weighted)
 
 
-def row_round_trip_bytes(row_bytes: int, dim: int, value_bytes: int = 4) -> int:
-    """Bytes a pulled row costs: key up, row (+ optimizer state) down, and its
-    update back up later (gradient push or write-back of the dirty copy)."""
-    return KEY_BYTES + row_bytes + dim * value_bytes + KEY_BYTES
+def row_pull_bytes(row_bytes: int) -> int:
+    """Bytes a pulled row is priced at: its key up, the row (+ optimizer state) down."""
+    return KEY_BYTES + row_bytes
 
 
 def choose_des_rows(
@@ -80,7 +82,7 @@ def choose_des_rows(
     nb = bags.numel()
     cand_pair = candidate[pair_pos]
     n_bags_of_row = torch.bincount(pair_pos, minlength=U).clamp(min=1).to(torch.float64)
-    share = row_round_trip_bytes(row_bytes, dim, value_bytes) / n_bags_of_row[pair_pos]
+    share = row_pull_bytes(row_bytes) / n_bags_of_row[pair_pos]
     pull = torch.zeros(nb, dtype=torch.float64).index_add_(
         0, bag_of_pair, torch.where(cand_pair, share, torch.zeros_like(share))
     )
