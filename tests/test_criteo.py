@@ -227,3 +227,27 @@ def test_vanilla_and_esd_train_the_same_on_a_tsv_file(tmp_path):
     err = float((v - e).abs().max())
     assert err <= 1e-5 * float(v.abs().max()), f"ESD losses {e.tolist()} != vanilla {v.tolist()}"
     assert esd[0]["metrics"]["total_bytes"] > 0
+
+
+def test_bad_line_mid_training_fails_every_rank_including_the_ps(tmp_path):
+    from torchrec_esd.launch import RankFailed, run_local_world
+    from torchrec_esd.trainer import JobConfig, run
+
+    # line 4101 is bad: it sits in the second chunk the reader parses, which the
+    # third global batch of 2048 rows (rows 4096..6143, wrapping) reaches first
+    assert criteo.CHUNK_ROWS == 4096
+    p = tmp_path / "late.tsv"
+    p.write_text(_line() * 4100 + _line(cats=["zz"] + ["0a0b0c0d"] * 25) + _line() * 99)
+    wl = CriteoTsvConfig(str(p), max_cardinality=40)
+    cache = {f"t_{f}": 2 for f in wl.feature_names}
+    cfg = EsdConfig([WorkerSpec(cache, 1.0), WorkerSpec(cache, 4.0)], collective_timeout_s=60)
+    job = JobConfig(method="esd", esd=cfg, dispatcher="random", steps=3, global_batch=2048, workload=wl)
+    with pytest.raises(RankFailed) as info:
+        run_local_world(run, 3, job, timeout_s=120)
+    errors = info.value.errors
+    assert sorted(errors) == [0, 1, 2]
+    for r in (0, 1):
+        assert "late.tsv:4101: categorical feature C1 is 'zz'" in errors[r]["error"]
+    # the PS stops on the workers' ABORT carrying the message (not on a collective timeout)
+    assert "aborted by the workers" in errors[2]["error"] and "bad input batch at step 2" in errors[2]["error"]
+    assert "late.tsv:4101" in errors[2]["error"]

@@ -269,10 +269,17 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
 
     def batches():
         for step in range(job.steps):
-            if job.input_mode == "global":
-                yield workload.global_batch(step, job.global_batch)
-            else:
-                yield workload.local_batch(step, job.global_batch, me, W)
+            try:
+                if job.input_mode == "global":
+                    batch = workload.global_batch(step, job.global_batch)
+                else:
+                    batch = workload.local_batch(step, job.global_batch, me, W)
+            except EsdConfigError as e:
+                # every worker reads the same global batch (a local batch is a
+                # slice of it), so every worker fails here: stop the PS ranks too
+                runtime.abort(f"bad input batch at step {step}: {e}")
+                raise
+            yield batch
 
     def dispatched():
         nonlocal samples_seen
