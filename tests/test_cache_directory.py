@@ -19,7 +19,9 @@ def _tables(cards):
 
 
 class VersionSimulator:
-    """Executes plans with row values = versions; checks reads and updates."""
+    """Executes plans with row values = versions; checks reads and updates.
+    Rows the PS serves as partial sums (``des_pos``, EsdConfig.des_misses) are
+    read on the PS after the pushes, and their update is applied there."""
 
     def __init__(self, directory: CacheDirectory):
         self.d = directory
@@ -30,6 +32,7 @@ class VersionSimulator:
             for w in range(directory.num_workers)
         ]
         self.max_lag = 0
+        self.des_rows = 0
 
     def step(self, plan):
         # phase 1: value pushes of all workers, then pulls
@@ -43,6 +46,8 @@ class VersionSimulator:
             v[p.pull_pos] = pulled
             dst = p.used_slot[p.pull_pos]
             self.cache[w][dst[dst >= 0]] = pulled[dst >= 0]
+            v[p.des_pos] = self.ps[p.used_keys[p.des_pos]]  # the PS pools its current rows
+            self.des_rows += p.des_pos.numel()
             lag = self.truth[p.used_keys] - v
             assert (lag >= 0).all(), "read a version from the future"
             self.max_lag = max(self.max_lag, int(lag.max()) if lag.numel() else 0)
@@ -51,8 +56,9 @@ class VersionSimulator:
         self.truth[used] += 1
         for w, p in enumerate(plan.workers):
             self.cache[w][p.used_slot[p.local_pos]] = self.truth[p.used_keys[p.local_pos]]
-            gk = p.used_keys[p.grad_pos]
-            self.ps[gk] = self.truth[gk]
+            for pos in (p.grad_pos, p.des_pos):  # row gradients and DES bag gradients reach the PS
+                gk = p.used_keys[pos]
+                self.ps[gk] = self.truth[gk]
 
     def flush(self):
         for w, p in enumerate(self.d.flush_plan()):

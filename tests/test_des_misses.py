@@ -14,6 +14,8 @@ from torchrec_esd.cost import CostModel, TableCacheView
 from torchrec_esd.des_misses import choose_des_rows, des_bag_bytes, pair_bytes, row_pull_bytes
 from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig
 
+from test_cache_directory import VersionSimulator  # noqa: E402  (tests/ is on sys.path under pytest)
+
 
 def test_byte_formulas():
     assert pair_bytes(False) == 8 and pair_bytes(True) == 12  # packed (key, bag) [+ float32 weight]
@@ -47,44 +49,6 @@ def test_choose_des_rows_by_hand():
     assert choose_des_rows(pair_pos[:0], pair_bag[:0], candidate, 16, 4).sum() == 0
 
 
-class _DesSimulator:
-    """Executes plans with row values = versions (as in test_cache_directory);
-    DES-served rows are read on the PS after the pushes, and their update is
-    applied there."""
-
-    def __init__(self, d: CacheDirectory):
-        self.d = d
-        self.ps = torch.zeros(d.total_rows, dtype=torch.int64)
-        self.truth = torch.zeros(d.total_rows, dtype=torch.int64)
-        self.cache = [torch.full((int(d.capacity(w).sum()),), -99, dtype=torch.int64) for w in range(d.num_workers)]
-        self.max_lag = 0
-        self.des_rows = 0
-
-    def step(self, plan):
-        for w, p in enumerate(plan.workers):
-            self.ps[p.push_keys] = self.cache[w][p.push_slots]
-        for w, p in enumerate(plan.workers):
-            v = torch.full_like(p.used_keys, -1)
-            inc = p.used_slot >= 0
-            v[inc] = self.cache[w][p.used_slot[inc]]
-            pulled = self.ps[p.pull_keys]
-            v[p.pull_pos] = pulled
-            dst = p.used_slot[p.pull_pos]
-            self.cache[w][dst[dst >= 0]] = pulled[dst >= 0]
-            v[p.des_pos] = self.ps[p.used_keys[p.des_pos]]  # the PS pools its current rows
-            lag = self.truth[p.used_keys] - v
-            assert (lag >= 0).all()
-            self.max_lag = max(self.max_lag, int(lag.max()) if lag.numel() else 0)
-            self.des_rows += p.des_pos.numel()
-        used = torch.unique(torch.cat([p.used_keys for p in plan.workers]))
-        self.truth[used] += 1
-        for w, p in enumerate(plan.workers):
-            self.cache[w][p.used_slot[p.local_pos]] = self.truth[p.used_keys[p.local_pos]]
-            for pos in (p.grad_pos, p.des_pos):  # row gradients and bag gradients reach the PS
-                k = p.used_keys[pos]
-                self.ps[k] = self.truth[k]
-
-
 def _tables(cards, dim=8):
     return [
         EmbeddingBagConfig(name=f"t_cat_{i}", embedding_dim=dim, num_embeddings=n, feature_names=[f"cat_{i}"])
@@ -101,7 +65,7 @@ def test_directory_plans_with_des_read_latest_and_lose_nothing(staleness):
     cfg = EsdConfig([WorkerSpec(caches, 1.0), WorkerSpec(caches, 4.0), WorkerSpec(caches, 8.0)],
                     staleness=staleness, des_misses=True)
     d = CacheDirectory(cfg, tables)
-    sim = _DesSimulator(d)
+    sim = VersionSimulator(d)
     g = torch.Generator().manual_seed(0)
     B = 30
     for step in range(20):

@@ -52,7 +52,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_esd.config import EsdConfigError
-from torchrec_esd.workload import CRITEO_KAGGLE_CARDINALITIES, slice_batch
+from torchrec_esd.workload import CRITEO_KAGGLE_CARDINALITIES, feature_table_configs, slice_batch
 
 CHUNK_ROWS = 4096  # rows parsed at a time (and the granularity of the offset index)
 MISSING_ID = 0  # id of a missing categorical value in every table
@@ -182,18 +182,7 @@ class CriteoTsvWorkload:
         self, embedding_dim: int, pooling: PoolingType = PoolingType.SUM
     ) -> List[EmbeddingBagConfig]:
         """One table per sparse feature, named ``t_<feature>``."""
-        if embedding_dim <= 0:
-            raise EsdConfigError(f"embedding_dim must be > 0, got {embedding_dim}")
-        return [
-            EmbeddingBagConfig(
-                name=f"t_{f}",
-                embedding_dim=embedding_dim,
-                num_embeddings=n,
-                feature_names=[f],
-                pooling=pooling,
-            )
-            for f, n in zip(self.config.feature_names, self.config.cardinalities)
-        ]
+        return feature_table_configs(self.config.feature_names, self.config.cardinalities, embedding_dim, pooling)
 
     # ------------------------------------------------------------------ file
     @property

@@ -128,6 +128,21 @@ def _coprime_multiplier(n: int, gen: torch.Generator) -> int:
             return a
 
 
+def feature_table_configs(
+    feature_names: Sequence[str], cardinalities: Sequence[int], embedding_dim: int,
+    pooling: PoolingType = PoolingType.SUM,
+) -> List[EmbeddingBagConfig]:
+    """One table per sparse feature, named ``t_<feature>`` (every workload's layout)."""
+    if embedding_dim <= 0:
+        raise EsdConfigError(f"embedding_dim must be > 0, got {embedding_dim}")
+    return [
+        EmbeddingBagConfig(
+            name=f"t_{f}", embedding_dim=embedding_dim, num_embeddings=n, feature_names=[f], pooling=pooling
+        )
+        for f, n in zip(feature_names, cardinalities)
+    ]
+
+
 class SyntheticWorkload:
     """Generates global batches ``step -> Batch`` deterministically."""
 
@@ -152,18 +167,7 @@ class SyntheticWorkload:
         self, embedding_dim: int, pooling: PoolingType = PoolingType.SUM
     ) -> List[EmbeddingBagConfig]:
         """One table per sparse feature, named ``t_<feature>``."""
-        if embedding_dim <= 0:
-            raise EsdConfigError(f"embedding_dim must be > 0, got {embedding_dim}")
-        return [
-            EmbeddingBagConfig(
-                name=f"t_{f}",
-                embedding_dim=embedding_dim,
-                num_embeddings=n,
-                feature_names=[f],
-                pooling=pooling,
-            )
-            for f, n in zip(self.config.feature_names, self.config.cardinalities)
-        ]
+        return feature_table_configs(self.config.feature_names, self.config.cardinalities, embedding_dim, pooling)
 
     # ------------------------------------------------------------------ ids
     def sample_ids(self, feature: int, count: int, gen: torch.Generator) -> torch.Tensor:
