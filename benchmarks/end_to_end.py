@@ -9,8 +9,12 @@ One invocation trains the same DLRM on the same seeded global batches with
 * ``cache-only`` ESD runtime with the ``random`` dispatcher (HET-like LRU caches, no dispatch);
 * ``laia``      LAIA-style greedy by cache hits (bandwidth-blind);
 * ``heuristic``, ``optimal``, ``hybrid`` (HybridDis) ESD dispatchers,
-* ``hybrid+des`` (opt-in: ``--methods ...,hybrid+des``): HybridDis with
-  ``EsdConfig(des_misses=True)``, cold misses served as pooled partial sums,
+* opt-in variants ``<dispatcher>+des`` and ``<dispatcher>+plan`` (e.g.
+  ``--methods ...,hybrid+plan,laia+plan,hybrid+des``): ``+des`` sets
+  ``EsdConfig(des_misses=True)`` (misses served as pooled partial sums);
+  ``+plan`` gives the workers the shares ``B_w`` of ``EsdShardingPlanner.shares_for``
+  (compute ``--samples-per-s`` and each link's expected traffic, with the same
+  caches as every other method) instead of equal shares,
 
 for every bandwidth mix (default: heterogeneous 1000/100/50/10 Mbit/s and
 homogeneous 4x1000 Mbit/s; W = 4 workers + 1 parameter server, staleness 0).
@@ -56,7 +60,7 @@ sys.path.insert(0, HERE)
 import netns  # noqa: E402
 
 METHODS = ["vanilla", "random", "laia", "heuristic", "optimal", "hybrid", "esd"]
-OPTIONAL_METHODS = ["hybrid+des"]  # "<dispatcher>+des": that dispatcher with DES-served misses
+VARIANTS = ("des", "plan")  # "<dispatcher>+des": DES-served misses; "+plan": the planner's shares
 LABEL = {
     "vanilla": "vanilla TorchRec",
     "random": "cache-only (random)",
@@ -65,8 +69,13 @@ LABEL = {
     "optimal": "ESD optimal",
     "hybrid": "HybridDis",
     "esd": "ESD de-dup local search",
-    "hybrid+des": "HybridDis + DES misses",
 }
+
+
+def method_label(method: str) -> str:
+    base, *variants = method.split("+")
+    extra = {"des": "DES misses", "plan": "planned shares"}
+    return " + ".join([LABEL.get(base, base)] + [extra.get(v, v) for v in variants])
 DEFAULT_MIXES = "hetero=1000,100,50,10;homo=1000,1000,1000,1000"
 
 
@@ -94,6 +103,9 @@ def parse_args(argv=None):
                         "iteration time = median")
     p.add_argument("--warmup-steps", type=int, default=2,
                    help="first steps left out of the steady-state iteration time")
+    p.add_argument("--samples-per-s", type=float, default=5000.0,
+                   help="per-worker compute throughput the +plan shares assume (vanilla TorchRec measured "
+                        "about 24 ms CPU per 128-sample step per worker on the 2-core machine)")
     p.add_argument("--staleness", type=int, default=0)
     p.add_argument("--sparse-optimizer", default="rowwise_adagrad", choices=["sgd", "rowwise_adagrad"])
     p.add_argument("--input-mode", default="global", choices=["global", "local"],
@@ -143,6 +155,27 @@ def _wait_file(path: str, timeout_s: float) -> None:
         if time.monotonic() - t0 > timeout_s:
             raise TimeoutError(f"the launcher did not answer ({path})")
         time.sleep(0.05)
+
+
+def planned_workers(spec: Dict, mix: Dict, cache: Dict[str, int], latency_ms: float, workload):
+    """The mix's workers with EsdShardingPlanner's shares for these caches
+    (every rank computes the same, from batches outside the trained steps)."""
+    from torchrec_esd.config import heterogeneous_workers
+    from torchrec_esd.planner import EsdShardingPlanner, PsResources, WorkerResources
+    from torchrec_esd.workload import SyntheticWorkload
+
+    wl = SyntheticWorkload(workload)
+    big = 1 << 40  # memory is not what this plan is about: the caches are given
+    planner = EsdShardingPlanner(
+        [WorkerResources(big, bw, latency_ms, spec["samples_per_s"]) for bw in mix["bandwidths"]],
+        [PsResources(big)] * spec["num_ps"],
+        wl.table_configs(spec["embedding_dim"]),
+        sample=[wl.global_batch(10_000 + i, spec["batch"]).sparse_features for i in range(4)],
+        global_batch_size=spec["batch"],
+        optimizer_state_per_row=1 if spec["sparse_optimizer"] == "rowwise_adagrad" else 0,
+    )
+    shares = planner.shares_for([cache] * len(mix["bandwidths"]))
+    return heterogeneous_workers(mix["bandwidths"], cache, latency_ms=latency_ms, shares=shares)
 
 
 def rank_main(spec_path: str) -> None:
@@ -204,13 +237,16 @@ def rank_main(spec_path: str) -> None:
         order = [(rep, m) for rep in range(spec["repeats"])
                  for m in (spec["methods"] if rep % 2 == 0 else list(reversed(spec["methods"])))]
         for rep, method in order:
+            dispatcher, *variants = method.split("+")
             if method == "vanilla":
                 job = JobConfig(method="vanilla", **base)
-            elif method.endswith("+des"):
-                job = JobConfig(method="esd", dispatcher=method[: -len("+des")],
-                                **{**base, "esd": dataclasses.replace(esd, des_misses=True)})
             else:
-                job = JobConfig(method="esd", dispatcher=method, **base)
+                cfg = esd
+                if "des" in variants:
+                    cfg = dataclasses.replace(cfg, des_misses=True)
+                if "plan" in variants:
+                    cfg = dataclasses.replace(cfg, workers=planned_workers(spec, mix, cache, latency_ms, workload))
+                job = JobConfig(method="esd", dispatcher=dispatcher, **{**base, "esd": cfg})
             dist.barrier()
             c0, t0, p0 = _iface_counters(), time.perf_counter(), time.process_time()
             stamps.clear()
@@ -219,7 +255,9 @@ def rank_main(spec_path: str) -> None:
             dist.barrier()  # PS and idle ranks wait here, with the world's long timeout
             wall, c1 = time.perf_counter() - t0, _iface_counters()
             rec = {"mix": mix["name"], "method": method, "rep": rep, "rank": rank, "wall_s": wall, "cpu_s": cpu_s,
-                   "role": r.get("role", "worker")}
+                   "role": r.get("role", "worker"),
+                   "shares": job.esd.batch_shares(spec["batch"]) if job.esd is not None and method != "vanilla"
+                   else None}
             if c0 is not None:
                 rec["wire"] = {k2: c1[k2] - c0[k2] for k2 in c0}
             if "losses" in r:
@@ -280,7 +318,7 @@ def launch(args, mixes: List[Dict], methods: List[str]) -> Dict:
     spec = {
         "mixes": mixes, "methods": methods, "num_ps": args.num_ps, "steps": args.steps, "batch": args.batch,
         "embedding_dim": args.embedding_dim, "max_cardinality": args.max_cardinality, "alpha": args.alpha,
-        "cache_fraction": args.cache_fraction, "staleness": args.staleness,
+        "cache_fraction": args.cache_fraction, "staleness": args.staleness, "samples_per_s": args.samples_per_s,
         "sparse_optimizer": args.sparse_optimizer, "input_mode": args.input_mode, "repeats": args.repeats,
         "barrier_timeout_s": max(300.0, args.timeout_s / 2),
     }
@@ -396,6 +434,7 @@ def summarize(args, mixes, methods, raw) -> Dict:
                 "max_loss_diff_between_repeats": rep_loss_diff,
                 "iter_ms_all_steps": elapsed / args.steps * 1e3,
                 "samples_per_s": args.batch / steady,
+                "shares": w0.get("shares"),  # samples per worker and step (None: vanilla's equal slices)
                 "step_ms": [[1e3 * t for t in r["step_s"]] for r in workers],
                 "wall_s": max(r["wall_s"] for r in recs),
                 # CPU per steady-state step (all threads) of every worker; PS: whole job / steps
@@ -462,35 +501,37 @@ def targets(summary: Dict, links: str) -> List[Dict]:
     hom = next((n for n in names if len(set(summary[n]["bandwidths"])) == 1), None)
     if het:
         ms = summary[het]["methods"]
-        hy = ms.get("hybrid")
+        # the baselines keep equal shares, as HET-like caches and LAIA do
         bases = [b for b in ("random", "laia") if b in ms]
-        if hy and bases and "emb" in hy:
-            best = min(bases, key=lambda b: ms[b]["emb"]["total_link_s"])
-            red = 100 * (1 - hy["emb"]["total_link_s"] / ms[best]["emb"]["total_link_s"])
-            wire = ""
-            if "wire" in hy and "wire" in ms[best]:
-                wred = 100 * (1 - hy["wire"]["total_link_s"] / ms[best]["wire"]["total_link_s"])
-                wire = f"; all traffic on the wire, Σ bytes/bw: {wred:.1f} % less"
-            rows.append({"target": f"[{het}] HybridDis link-time-weighted embedding traffic >= 36.76 % below "
-                                   f"the better of cache-only/LAIA ({LABEL[best]})",
-                         "measured": f"{red:.1f} % less (modelled embedding link time){wire}", "met": red >= 36.76})
-            # over emulated links: measured wall clock; modelled: compute + modelled link time
-            key = "iter_ms" if links == "emulated-tc" else "modelled_iter_ms"
-            fastest = min(bases, key=lambda b: ms[b][key])
-            sp = ms[fastest][key] / hy[key]
-            rows.append({"target": f"[{het}] HybridDis >= 1.74x faster end to end than the faster of "
-                                   f"cache-only/LAIA ({LABEL[fastest]})",
-                         "measured": f"{sp:.2f}x ({links if links == 'emulated-tc' else 'modelled: compute + modelled link'})",
-                         "met": sp >= 1.74})
-        if hy and "vanilla" in ms:
-            if links == "emulated-tc":
-                sp = ms["vanilla"]["iter_ms"] / hy["iter_ms"]
-                rows.append({"target": f"[{het}] HybridDis faster than vanilla TorchRec",
-                             "measured": f"{sp:.2f}x ({links})", "met": sp > 1.0})
-            else:
-                rows.append({"target": f"[{het}] HybridDis faster than vanilla TorchRec",
-                             "measured": "not measurable: links modelled (vanilla's all-to-all traffic is not modelled)",
-                             "met": None})
+        for cand in ("hybrid", "hybrid+plan"):
+            hy, who = ms.get(cand), method_label(cand)
+            if hy and bases and "emb" in hy:
+                best = min(bases, key=lambda b: ms[b]["emb"]["total_link_s"])
+                red = 100 * (1 - hy["emb"]["total_link_s"] / ms[best]["emb"]["total_link_s"])
+                wire = ""
+                if "wire" in hy and "wire" in ms[best]:
+                    wred = 100 * (1 - hy["wire"]["total_link_s"] / ms[best]["wire"]["total_link_s"])
+                    wire = f"; all traffic on the wire, Σ bytes/bw: {wred:.1f} % less"
+                rows.append({"target": f"[{het}] {who} link-time-weighted embedding traffic >= 36.76 % below "
+                                       f"the better of cache-only/LAIA ({method_label(best)})",
+                             "measured": f"{red:.1f} % less (modelled embedding link time){wire}", "met": red >= 36.76})
+                # over emulated links: measured wall clock; modelled: compute + modelled link time
+                key = "iter_ms" if links == "emulated-tc" else "modelled_iter_ms"
+                fastest = min(bases, key=lambda b: ms[b][key])
+                sp = ms[fastest][key] / hy[key]
+                rows.append({"target": f"[{het}] {who} >= 1.74x faster end to end than the faster of "
+                                       f"cache-only/LAIA ({method_label(fastest)})",
+                             "measured": f"{sp:.2f}x ({links if links == 'emulated-tc' else 'modelled: compute + modelled link'})",
+                             "met": sp >= 1.74})
+            if hy and "vanilla" in ms:
+                if links == "emulated-tc":
+                    sp = ms["vanilla"]["iter_ms"] / hy["iter_ms"]
+                    rows.append({"target": f"[{het}] {who} faster than vanilla TorchRec",
+                                 "measured": f"{sp:.2f}x ({links})", "met": sp > 1.0})
+                else:
+                    rows.append({"target": f"[{het}] {who} faster than vanilla TorchRec",
+                                 "measured": "not measurable: links modelled (vanilla's all-to-all traffic is not "
+                                             "modelled)", "met": None})
     if hom:
         ms = summary[hom]["methods"]
         if "hybrid" in ms and "vanilla" in ms:
@@ -524,7 +565,7 @@ def markdown(args, summary: Dict, links: str, meta: Dict) -> str:
             r = s["ratios"]
             e, w = s.get("emb"), s.get("wire")
             cells = [
-                LABEL.get(m, m), f"{s['iter_ms']:.0f}",
+                method_label(m), f"{s['iter_ms']:.0f}",
             ] + ([f"{s['modelled_iter_ms']:.0f}" if "modelled_iter_ms" in s else "-"] if modelled else []) + [
                 f"{s['samples_per_s']:.0f}",
                 f"{r.get('speedup_vs_vanilla', float('nan')):.2f}x",
@@ -599,7 +640,7 @@ def plot(summary: Dict, path: str, links: str) -> None:
                 ax.annotate("n/a" if v is None else f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                             ha="center", va="bottom", fontsize=6)
         ax.set_xticks(xs)
-        ax.set_xticklabels([LABEL.get(m, m).replace(" (random)", "") for m in methods], rotation=30, ha="right",
+        ax.set_xticklabels([method_label(m).replace(" (random)", "") for m in methods], rotation=30, ha="right",
                            fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
@@ -620,9 +661,12 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     mixes = parse_mixes(args.mixes)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = set(methods) - set(METHODS) - set(OPTIONAL_METHODS)
+    unknown = {m for m in methods
+               if m.split("+")[0] not in METHODS or not set(m.split("+")[1:]) <= set(VARIANTS)
+               or (m.startswith("vanilla+"))}
     if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}, "
+                         f"ESD ones optionally with +{' / +'.join(VARIANTS)}")
     W = len(mixes[0]["bandwidths"])
     print(f"[e2e] {W} workers + {args.num_ps} PS, steps {args.steps}, batch {args.batch}, dim "
           f"{args.embedding_dim}, max cardinality {args.max_cardinality}, cache {args.cache_fraction:g}, "
@@ -654,15 +698,15 @@ def main(argv=None) -> None:
     for name, d in summary.items():
         for m, s in d["methods"].items():
             if "dispatch" in s:
-                print(f"  [{name}] {LABEL[m]}: dispatch {s['dispatch']['solvers']}, "
+                print(f"  [{name}] {method_label(m)}: dispatch {s['dispatch']['solvers']}, "
                       f"{s['dispatch']['mean_decision_ms']:.1f} ms/decision; rows {s['emb']['rows']}")
-            print(f"  [{name}] {LABEL[m]}: CPU ms/step workers "
+            print(f"  [{name}] {method_label(m)}: CPU ms/step workers "
                   f"{'/'.join(f'{x:.0f}' for x in s['cpu_ms_per_step_workers'])}, PS "
                   f"{'/'.join(f'{x:.0f}' for x in s['cpu_ms_per_step_ps'])}")
             if "wire" in s:
                 per = ", ".join(f"w{i} {(p['tx_bytes'] + p['rx_bytes']) / 1e6:.2f} MB" for i, p in
                                 enumerate(s["wire"]["per_worker"]))
-                print(f"  [{name}] {LABEL[m]}: wire {per}; PS {[round(b / 1e6, 2) for b in s['wire']['ps_bytes']]} MB")
+                print(f"  [{name}] {method_label(m)}: wire {per}; PS {[round(b / 1e6, 2) for b in s['wire']['ps_bytes']]} MB")
     print("\nTargets:")
     for t in tg:
         tag = "n/a " if t["met"] is None else ("MET " if t["met"] else "MISS")

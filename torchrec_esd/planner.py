@@ -301,19 +301,8 @@ class EsdShardingPlanner:
                 }
             )
         # 3) shares: equal expected time per sample (compute + expected miss traffic)
-        rows_per_sample = self._simulated_rows_per_sample(esd_tables, workers_out)
-        times = []
-        for w, wo, r in zip(self.workers, workers_out, rows_per_sample):
-            if r is None:
-                r = self._expected_miss_rows_per_sample(esd_tables, wo["cache_rows"]) * 2
-            times.append(
-                1.0 / w.samples_per_s
-                + r * self.row_bytes / (w.bandwidth_mbps * 1e6 / 8)
-                + w.latency_ms / 1e3 / self.global_batch_size
-            )
-        inv = [1.0 / t for t in times]
-        for wo, x in zip(workers_out, inv):
-            wo["share"] = round(x / sum(inv), 6)
+        for wo, share in zip(workers_out, self.shares_for([wo["cache_rows"] for wo in workers_out], esd_tables)):
+            wo["share"] = share
         if self._freq is None:
             notes.append("no workload sample: caches in proportion to table rows, miss rates assumed uniform")
         # 4) PS layout: every ESD table row-wise over all PS ranks
@@ -352,6 +341,31 @@ class EsdShardingPlanner:
             for t in self.tables
         ]
         return EsdPlan(tables=tables_out, workers=workers_out, ps=ps_out, num_ps=P, notes=notes)
+
+    def shares_for(
+        self, cache_rows: Sequence[Mapping[str, int]], esd_tables: Optional[Sequence[EmbeddingBagConfig]] = None
+    ) -> List[float]:
+        """Each worker's share ``B_w / B`` for the given caches (one ``{table:
+        rows}`` per worker; ``esd_tables`` default: all tables): shares inversely
+        proportional to the expected time per sample, compute (``1 /
+        samples_per_s``) plus the rows the worker transmits per sample (replayed
+        through the cache directory when a sample was given) over its link."""
+        esd_tables = list(self.tables) if esd_tables is None else list(esd_tables)
+        if len(cache_rows) != len(self.workers):
+            raise EsdConfigError(f"{len(cache_rows)} cache layouts for {len(self.workers)} workers")
+        workers_out = [{"cache_rows": dict(c), "bandwidth_mbps": w.bandwidth_mbps} for c, w in zip(cache_rows, self.workers)]
+        rows_per_sample = self._simulated_rows_per_sample(esd_tables, workers_out)
+        times = []
+        for w, wo, r in zip(self.workers, workers_out, rows_per_sample):
+            if r is None:
+                r = self._expected_miss_rows_per_sample(esd_tables, wo["cache_rows"]) * 2
+            times.append(
+                1.0 / w.samples_per_s
+                + r * self.row_bytes / (w.bandwidth_mbps * 1e6 / 8)
+                + w.latency_ms / 1e3 / self.global_batch_size
+            )
+        inv = [1.0 / t for t in times]
+        return [round(x / sum(inv), 6) for x in inv]
 
     def _allocate(self, esd_tables: Sequence[EmbeddingBagConfig], budget_rows: int) -> Dict[str, int]:
         """Rows per table: one each, then the most frequently accessed rows first
