@@ -58,6 +58,24 @@ def test_plan_respects_budgets_and_is_sane():
     assert cfg.num_ps == 2
 
 
+def test_shares_for_given_caches():
+    wl, tables, planner = _setup(workers=[WorkerResources(4 * MiB, bw) for bw in (1000, 100, 10)])
+    plan = planner.plan()
+    esd = [t for t in tables if t.name in plan.esd_tables]
+    caches = [w["cache_rows"] for w in plan.workers]
+    # plan() uses the same rule
+    assert planner.shares_for(caches, esd) == [w["share"] for w in plan.workers]
+    # same caches and compute everywhere: the slower the link, the smaller the share
+    same = [{t.name: max(1, t.num_embeddings // 10) for t in tables}] * 3
+    shares = planner.shares_for(same)
+    assert abs(sum(shares) - 1) < 1e-5 and shares[0] > shares[1] > shares[2] > 0
+    # compute-bound workers (slow compute, fast links) get nearly equal shares
+    _, _, cpu_bound = _setup(workers=[WorkerResources(4 * MiB, 1e6 / k, samples_per_s=10) for k in (1, 2, 4)])
+    assert max(cpu_bound.shares_for(same)) - min(cpu_bound.shares_for(same)) < 1e-3
+    with pytest.raises(EsdConfigError, match="2 cache layouts for 3 workers"):
+        planner.shares_for(same[:2])
+
+
 def test_caches_follow_access_frequency():
     wl, tables, planner = _setup()
     plan = planner.plan()
