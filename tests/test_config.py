@@ -62,3 +62,15 @@ def test_validate_tables():
     cfg2 = EsdConfig([WorkerSpec({"a": 5}, 1)])
     with pytest.raises(EsdConfigError, match="no entry for table 'b'"):
         cfg2.validate_tables({"a": 10, "b": 10})
+
+
+def test_job_pooling_must_be_sum_or_mean():
+    from torchrec.modules.embedding_configs import PoolingType
+
+    from torchrec_esd.trainer import JobConfig, job_tables
+    from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig
+
+    wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=2, cardinalities=[5, 6]))
+    assert {t.pooling for t in job_tables(JobConfig(pooling="mean"), wl)} == {PoolingType.MEAN}
+    with pytest.raises(EsdConfigError, match="pooling must be 'sum' or 'mean', got 'max'"):
+        job_tables(JobConfig(pooling="max"), wl)

@@ -26,9 +26,9 @@ def _assert_close_rel(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float =
 
 
 def _compare(W, shares, dispatcher, optimizer, mode, bandwidths, num_ps=1, workload=WORKLOAD, cache=CACHE,
-             des_misses=False, **esd_kwargs):
+             des_misses=False, pooling="sum", **esd_kwargs):
     common = dict(steps=STEPS, global_batch=BATCH, workload=workload, collect_tables=True,
-                  sparse_optimizer=optimizer, sparse_lr=0.1, dense_lr=0.1)
+                  sparse_optimizer=optimizer, sparse_lr=0.1, dense_lr=0.1, pooling=pooling)
     vanilla = run_local_world(run, W, JobConfig(method="vanilla", **common))
     cfg = EsdConfig([WorkerSpec(cache, bw, share=s) for bw, s in zip(bandwidths, shares)], num_ps=num_ps,
                     des_misses=des_misses)
@@ -97,6 +97,16 @@ def test_equivalence_des_misses_four_workers_rowwise_adagrad_train_pipeline():
     _, esd = _compare(4, [1, 2, 2, 3], "random", "rowwise_adagrad", "global", [1.0, 2.0, 4.0, 8.0],
                       workload=MULTI_HOT, cache=MULTI_HOT_CACHE, des_misses=True, use_pipeline=True)
     _des_used(esd, 4)
+
+
+@pytest.mark.parametrize("des_misses", [False, True], ids=["row-pull", "des-misses"])
+def test_equivalence_mean_pooling(des_misses):
+    # MEAN bags: TorchRec/FBGEMM divide by the bag length; with DES misses the
+    # worker adds the PS's partial sums first and then divides
+    _, esd = _compare(2, [1, 1], "hybrid", "sgd", "global", [1.0, 8.0], workload=MULTI_HOT,
+                      cache=MULTI_HOT_CACHE, des_misses=des_misses, pooling="mean")
+    if des_misses:
+        _des_used(esd, 2)
 
 
 # ---------------------------------------------------------------- bad input

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRM
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from torchrec_esd.config import EsdConfig, EsdConfigError
@@ -59,6 +60,15 @@ class JobConfig:
     auc_steps: int = 10  # AUC over the predictions of the last steps
     # DES only (method="des", see _des): "row_wise" | "table_wise"
     des_sharding: str = "row_wise"
+    pooling: str = "sum"  # every table's pooling: "sum" | "mean"
+
+
+def job_tables(job: JobConfig, workload) -> List[EmbeddingBagConfig]:
+    """The job's embedding tables (one per sparse feature of the workload)."""
+    modes = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+    if job.pooling not in modes:
+        raise EsdConfigError(f"JobConfig.pooling must be 'sum' or 'mean', got {job.pooling!r}")
+    return workload.table_configs(job.embedding_dim, modes[job.pooling])
 
 
 class DlrmTask(nn.Module):
@@ -120,7 +130,7 @@ class _Tracker:
 
 def build_model(job: JobConfig, workload: SyntheticWorkload) -> DLRM:
     torch.manual_seed(job.seed)
-    ebc = EmbeddingBagCollection(tables=workload.table_configs(job.embedding_dim), device=torch.device("cpu"))
+    ebc = EmbeddingBagCollection(tables=job_tables(job, workload), device=torch.device("cpu"))
     return DLRM(
         embedding_bag_collection=ebc,
         dense_in_features=workload.config.num_dense,
@@ -189,7 +199,7 @@ def _vanilla(job: JobConfig, workload: SyntheticWorkload, group=None) -> Dict:
     env = ShardingEnv.from_process_group(group)
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=world, compute_device="cpu", local_world_size=world),
-        constraints={t.name: ParameterConstraints(sharding_types=["table_wise"]) for t in workload.table_configs(job.embedding_dim)},
+        constraints={t.name: ParameterConstraints(sharding_types=["table_wise"]) for t in job_tables(job, workload)},
     )
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 
@@ -207,7 +217,7 @@ def _vanilla(job: JobConfig, workload: SyntheticWorkload, group=None) -> Dict:
 def _gather_vanilla_tables(dmp, workload, job, group) -> Dict[str, torch.Tensor]:
     sd = dmp.state_dict()
     tables = {}
-    for t in workload.table_configs(job.embedding_dim):
+    for t in job_tables(job, workload):
         key = [k for k in sd if k.endswith(f"embedding_bags.{t.name}.weight")][0]
         st = sd[key]
         full = torch.zeros(t.num_embeddings, t.embedding_dim)
@@ -234,7 +244,7 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
     if job.esd is None:
         raise EsdConfigError("method 'esd' needs JobConfig.esd or JobConfig.plan")
     cfg = job.esd
-    all_tables = workload.table_configs(job.embedding_dim)
+    all_tables = job_tables(job, workload)
     unknown = set(job.replicated) - {t.name for t in all_tables}
     if unknown:
         raise EsdConfigError(f"replicated tables {sorted(unknown)} are not tables of the model")
