@@ -534,13 +534,20 @@ class CostModel:
         frac = st.ndirty.double() / st.occupied.clamp(min=1).double()
         return torch.where(full, frac, torch.zeros_like(frac))
 
-    def key_weights(self, st: _BatchState) -> torch.Tensor:
-        """[W, U] expected cost of every distinct batch key on every worker."""
+    def _key_costs(self, st: _BatchState) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(own, push_elsewhere)``, each ``[W, U]``: the cost of every distinct
+        batch key on every worker's own link (0 fresh, update-pull, or miss-pull
+        + expected miss-push), and the dirty owner's push it causes elsewhere."""
         rt = self.row_time[:, st.table_of]  # [W, U]
         evict = (self._evict_fraction(st) * self.row_time)[:, st.table_of]
         push_all = (st.dirty.double() * rt).sum(0, keepdim=True)
         push_elsewhere = push_all - st.dirty.double() * rt
         own = torch.where(st.cached, st.outdated.double() * rt, rt + evict)
+        return own, push_elsewhere
+
+    def key_weights(self, st: _BatchState) -> torch.Tensor:
+        """[W, U] expected cost of every distinct batch key on every worker."""
+        own, push_elsewhere = self._key_costs(st)
         return own + push_elsewhere
 
     # --------------------------------------------------------------- matrix
@@ -566,13 +573,9 @@ class CostModel:
         bag_offsets = torch.zeros(b * nf + 1, dtype=torch.int64)
         bag_offsets[1:] = torch.cumsum(bag_len, 0)
         bps = self.bytes_per_second.view(-1, 1)  # [W, 1]
-        rt = self.row_time[:, st.table_of]  # [W, U]
-        evict = (self._evict_fraction(st) * self.row_time)[:, st.table_of]
-        own = torch.where(st.cached, st.outdated.double() * rt, rt + evict)
+        own, push_elsewhere = self._key_costs(st)
         cand = (~st.cached | st.outdated).double()
         pull = own + cand * KEY_BYTES / bps
-        push_all = (st.dirty.double() * rt).sum(0, keepdim=True)
-        push_elsewhere = push_all - st.dirty.double() * rt
         miss = torch.zeros(W, dtype=torch.float64)
 
         def per_bag(weights: torch.Tensor) -> torch.Tensor:
@@ -581,9 +584,7 @@ class CostModel:
             )
 
         n_cand = per_bag(cand)  # [B*F, W] rows of the bag this worker would pull
-        feat_dim = torch.tensor(
-            [self.tables[self.feature_table[f]].embedding_dim for f in kjt.keys()], dtype=torch.int64
-        )
+        feat_dim = self.table_dims[[self.feature_table[f] for f in kjt.keys()]]
         bag_dim = feat_dim.repeat(b).view(-1, 1)
         weighted = kjt.weights_or_none() is not None
         des = des_bag_bytes(n_cand, bag_dim, self.value_bytes, weighted) / bps.view(1, -1)
@@ -623,11 +624,8 @@ class CostModel:
         else:
             occ_s = occ_k = np.zeros(0, dtype=np.int64)
         rt = self.row_time[:, st.table_of].t().contiguous().numpy()  # [U, W]
-        evict = (self._evict_fraction(st) * self.row_time)[:, st.table_of].t().numpy()
-        cached = st.cached.t().numpy()
-        outdated = st.outdated.t().numpy()
         dirty = st.dirty.t().numpy()
-        pull = np.where(cached, outdated * rt, rt + evict)
+        pull = self._key_costs(st)[0].t().contiguous().numpy()  # own-link cost of using each row
         has_owner = dirty.any(1)
         owner = np.where(has_owner, dirty.argmax(1), -1)
         owner_push = np.where(has_owner, rt[np.arange(u), np.maximum(owner, 0)], 0.0)
