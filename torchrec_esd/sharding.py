@@ -253,7 +253,7 @@ class ShardedEsdEmbeddingBagCollection(
         else:
             pos = epos
         return {"lengths": lengths, "pos": pos, "epos": epos, "gkeys": gkeys, "esd_val": esd_val,
-                "des_val": None, "des_bags": None}
+                "value_bag": None, "des_val": None, "des_bags": None}
 
     def _des_request(self, kjt: KeyedJaggedTensor, wp: WorkerPlan, layout: Dict) -> DesRequest:
         """The DES-served rows of this batch as distinct (row, bag) pairs with
@@ -265,7 +265,8 @@ class ShardedEsdEmbeddingBagCollection(
         occ = mark[layout["epos"]]  # over ESD values
         lengths = layout["lengths"]
         nbags = lengths.numel()
-        value_bag = torch.repeat_interleave(torch.arange(nbags), lengths.reshape(-1))
+        value_bag = torch.repeat_interleave(torch.arange(nbags), lengths.reshape(-1))  # bag of every value
+        layout["value_bag"] = value_bag
         psw = kjt.weights_or_none() if self._is_weighted else None
         w = psw.to(torch.float32) if psw is not None else torch.ones(value_bag.numel())
         esd_val = layout["esd_val"]
@@ -320,8 +321,7 @@ class ShardedEsdEmbeddingBagCollection(
         """Pooling when some rows are DES-served: each bag sums its other rows
         (weighted) plus its partial sum from the PS; MEAN divides by the bag's length."""
         lengths, pos, des_val, des_bags = layout["lengths"], layout["pos"], layout["des_val"], layout["des_bags"]
-        nbags = lengths.numel()
-        value_bag = torch.repeat_interleave(torch.arange(nbags), lengths.reshape(-1))
+        nbags, value_bag = lengths.numel(), layout["value_bag"]
         keep = ~des_val
         w = psw if psw is not None else torch.ones(pos.numel(), dtype=working_set.dtype)
         nb = des_bags.numel()
