@@ -50,7 +50,7 @@ import torch.distributed as dist  # noqa: E402
 
 from torchrec_esd.config import EsdConfig, WorkerSpec  # noqa: E402
 from torchrec_esd.launch import run_local_world  # noqa: E402
-from torchrec_esd.trainer import JobConfig, run  # noqa: E402
+from torchrec_esd.trainer import JobConfig, run, torchrec_dmp  # noqa: E402
 from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig  # noqa: E402
 
 _COUNTED = ["all_to_all_single", "all_to_all", "reduce_scatter", "reduce_scatter_tensor", "all_gather",
@@ -119,43 +119,8 @@ class CollectiveCounter:
 
 
 def _torchrec_dmp(job: JobConfig, workload: SyntheticWorkload, sharding: str):
-    """TorchRec DMP like trainer._vanilla, with the sharding type as a parameter."""
-    from torchrec import optim as trec_optim
-    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-    from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-    from torchrec.distributed.planner.types import ParameterConstraints
-    from torchrec.distributed.types import ShardingEnv
-    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-
-    from torchrec_esd.trainer import DlrmTask, build_model
-
-    group = dist.group.WORLD
-    world = dist.get_world_size()
-    model = DlrmTask(build_model(job, workload))
-    initial = {k: v.clone() for k, v in model.state_dict().items() if "embedding_bags" in k}
-    opt_cls = torch.optim.SGD if job.sparse_optimizer == "sgd" else trec_optim.RowWiseAdagrad
-    kwargs = {"lr": job.sparse_lr}
-    if job.sparse_optimizer != "sgd":
-        kwargs["eps"] = job.sparse_eps
-    apply_optimizer_in_backward(opt_cls, model.model.sparse_arch.embedding_bag_collection.parameters(), kwargs)
-    planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=world, compute_device="cpu", local_world_size=world),
-        constraints={t.name: ParameterConstraints(sharding_types=[sharding])
-                     for t in workload.table_configs(job.embedding_dim)},
-    )
-    class _CpuRowWiseSharder(EmbeddingBagCollectionSharder):
-        # TorchRec 1.9.2 offers row_wise only on cuda/tpu; its CPU row-wise
-        # path (bucketize ids -> all-to-all, pooled reduce-scatter) works on gloo
-        def sharding_types(self, compute_device_type: str) -> List[str]:
-            return super().sharding_types(compute_device_type) + ["row_wise"]
-
-    sharders = [_CpuRowWiseSharder() if sharding == "row_wise" else EmbeddingBagCollectionSharder()]
-    plan = planner.collective_plan(model, sharders, group)
-    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(group), plan=plan,
-                                   sharders=sharders, device=torch.device("cpu"))
-    dmp.load_state_dict(initial, strict=False)
-    return dmp
+    """TorchRec DMP like the trainer's vanilla job, with the sharding type as a parameter."""
+    return torchrec_dmp(job, workload, dist.group.WORLD, sharding)
 
 
 def _des_dmp(job: JobConfig, workload: SyntheticWorkload, sharding: str):

@@ -179,16 +179,25 @@ def _train_local_batches(dmp, job: JobConfig, workload: SyntheticWorkload, group
     return track, time.perf_counter() - t0
 
 
-def _vanilla(job: JobConfig, workload: SyntheticWorkload, group=None) -> Dict:
+def torchrec_dmp(job: JobConfig, workload: SyntheticWorkload, group, sharding: str = "table_wise"):
+    """The job's DLRM under vanilla TorchRec ``DistributedModelParallel`` on
+    ``group``: every table ``sharding`` ("table_wise" or "row_wise") by
+    TorchRec's planner, the fused sparse optimizer applied in the backward."""
     from torchrec import optim as trec_optim
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
     from torchrec.distributed.planner.types import ParameterConstraints
     from torchrec.distributed.types import ShardingEnv
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-    group = group or dist.group.WORLD
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    class _CpuRowWiseSharder(EmbeddingBagCollectionSharder):
+        # TorchRec 1.9.2 offers row_wise only on cuda/tpu; its CPU row-wise
+        # path (bucketize ids -> all-to-all, pooled reduce-scatter) works on gloo
+        def sharding_types(self, compute_device_type: str) -> List[str]:
+            return super().sharding_types(compute_device_type) + ["row_wise"]
+
+    world = dist.get_world_size(group)
     model = DlrmTask(build_model(job, workload))
     initial = {k: v.clone() for k, v in model.state_dict().items() if "embedding_bags" in k}
     opt_cls = torch.optim.SGD if job.sparse_optimizer == "sgd" else trec_optim.RowWiseAdagrad
@@ -196,17 +205,22 @@ def _vanilla(job: JobConfig, workload: SyntheticWorkload, group=None) -> Dict:
     if job.sparse_optimizer != "sgd":
         kwargs["eps"] = job.sparse_eps
     apply_optimizer_in_backward(opt_cls, model.model.sparse_arch.embedding_bag_collection.parameters(), kwargs)
-    env = ShardingEnv.from_process_group(group)
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=world, compute_device="cpu", local_world_size=world),
-        constraints={t.name: ParameterConstraints(sharding_types=["table_wise"]) for t in job_tables(job, workload)},
+        constraints={t.name: ParameterConstraints(sharding_types=[sharding]) for t in job_tables(job, workload)},
     )
-    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-
-    sharders = [EmbeddingBagCollectionSharder()]
+    sharders = [_CpuRowWiseSharder() if sharding == "row_wise" else EmbeddingBagCollectionSharder()]
     plan = planner.collective_plan(model, sharders, group)
-    dmp = DistributedModelParallel(model, env=env, plan=plan, sharders=sharders, device=torch.device("cpu"))
+    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(group), plan=plan,
+                                   sharders=sharders, device=torch.device("cpu"))
     dmp.load_state_dict(initial, strict=False)
+    return dmp
+
+
+def _vanilla(job: JobConfig, workload: SyntheticWorkload, group=None) -> Dict:
+    group = group or dist.group.WORLD
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    dmp = torchrec_dmp(job, workload, group)
     track, elapsed = _train_local_batches(dmp, job, workload, group, rank, world, "vanilla TorchRec")
     out = {"losses": track.losses, "auc": track.auc(), "dense": _dense_state(dmp), "elapsed_s": elapsed}
     if job.collect_tables:
