@@ -18,16 +18,12 @@ from torchrec_esd.ps import SparseOptimizer
 from torchrec_esd.trainer import JobConfig, build_model, run
 from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig
 
+from equivalence import assert_close_rel, assert_same_model  # noqa: E402  (tests/ is on sys.path under pytest)
+
 STEPS = 20
 BATCH = 48
 # multi-hot: 2..10 ids per sample per feature
 WORKLOAD = SyntheticWorkloadConfig(num_sparse=4, cardinalities=[60, 150, 400, 25], bag_size=(2, 10), alpha=1.1, seed=3)
-
-
-def _assert_close_rel(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float = 1e-5) -> None:
-    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-12)
-    err = float((a - b).abs().max())
-    assert err <= rtol * scale, f"{what}: max abs diff {err:.3g} > {rtol} x {scale:.3g}"
 
 
 def _compare(W, optimizer, sharding):
@@ -36,14 +32,7 @@ def _compare(W, optimizer, sharding):
     vanilla = run_local_world(run, W, JobConfig(method="vanilla", **common))
     des = run_local_world(run, W, JobConfig(method="des", des_sharding=sharding, **common))
     v, d = vanilla[0], des[0]
-    _assert_close_rel(torch.tensor(v["losses"]), torch.tensor(d["losses"]), "losses")
-    for name in v["tables"]:
-        _assert_close_rel(v["tables"][name], d["tables"][name], f"table {name}")
-    for name in v["dense"]:
-        _assert_close_rel(v["dense"][name], d["dense"][name], f"dense {name}")
-    for r in range(1, W):
-        for name in d["dense"]:
-            assert torch.equal(des[r]["dense"][name], d["dense"][name])
+    assert_same_model(v, des, W)
     # training changed the tables, and partial results (not rows) moved
     ebc = build_model(JobConfig(**common), SyntheticWorkload(WORKLOAD)).sparse_arch.embedding_bag_collection
     assert all(not torch.equal(ebc.embedding_bags[n].weight.detach(), d["tables"][n]) for n in d["tables"])
@@ -167,11 +156,11 @@ def test_des_fm_first_and_second_order_sums_match_unsharded(sharding, W):
     steps, batch = 8, 32
     des = run_local_world(_fm_worker, W, sharding, "rowwise_adagrad", steps, batch)
     ref_losses, ref_tables = _fm_reference("rowwise_adagrad", steps, batch)
-    _assert_close_rel(torch.tensor(ref_losses), torch.tensor(des[0]["losses"]), "FM losses")
+    assert_close_rel(torch.tensor(ref_losses), torch.tensor(des[0]["losses"]), "FM losses")
     torch.manual_seed(0)
     init = EmbeddingBagCollection(tables=SyntheticWorkload(WORKLOAD).table_configs(4))
     for n, t in ref_tables.items():
         assert not torch.equal(t, init.embedding_bags[n].weight.detach())  # training moved the rows
-        _assert_close_rel(t, des[0]["tables"][n], f"FM table {n}")
+        assert_close_rel(t, des[0]["tables"][n], f"FM table {n}")
     # one (D + 1)-vector per sample per remote owner, each way
     assert sum(r["bytes"]["partials_fwd"] for r in des) > 0

@@ -13,16 +13,12 @@ from torchrec_esd.launch import RankFailed, run_local_world
 from torchrec_esd.trainer import JobConfig, run
 from torchrec_esd.workload import SyntheticWorkloadConfig
 
+from equivalence import assert_same_model  # noqa: E402  (tests/ is on sys.path under pytest)
+
 STEPS = 20
 BATCH = 48
 WORKLOAD = SyntheticWorkloadConfig(num_sparse=4, cardinalities=[60, 150, 400, 25], bag_size=(1, 4), alpha=1.1, seed=3)
 CACHE = {"t_cat_0": 12, "t_cat_1": 30, "t_cat_2": 40, "t_cat_3": 6}
-
-
-def _assert_close_rel(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float = 1e-5) -> None:
-    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-12)
-    err = float((a - b).abs().max())
-    assert err <= rtol * scale, f"{what}: max abs diff {err:.3g} > {rtol} x {scale:.3g}"
 
 
 def _compare(W, shares, dispatcher, optimizer, mode, bandwidths, num_ps=1, workload=WORKLOAD, cache=CACHE,
@@ -37,17 +33,9 @@ def _compare(W, shares, dispatcher, optimizer, mode, bandwidths, num_ps=1, workl
     )
     v, e = vanilla[0], esd[0]
     assert all(esd[W + p] == {"role": "ps"} for p in range(num_ps))
-    # same losses per step (the loss is the global-batch mean on both sides)
-    _assert_close_rel(torch.tensor(v["losses"]), torch.tensor(e["losses"]), "losses")
-    # same final embedding tables (after the flush, from the PS) and dense weights
-    for name in v["tables"]:
-        _assert_close_rel(v["tables"][name], e["tables"][name], f"table {name}")
-    for name in v["dense"]:
-        _assert_close_rel(v["dense"][name], e["dense"][name], f"dense {name}")
-    # every worker holds the same dense weights (DDP) and the same gathered tables
-    for r in range(1, W):
-        for name in e["dense"]:
-            assert torch.equal(esd[r]["dense"][name], e["dense"][name])
+    # same losses per step (the loss is the global-batch mean on both sides), same final
+    # tables (after the flush, from the PS) and dense weights; the same dense weights everywhere
+    assert_same_model(v, esd, W)
     # conservation: every sample of every step trained exactly once
     seen = sum(esd[r]["samples_seen"] for r in range(W))
     assert torch.equal(seen, torch.full((BATCH,), STEPS, dtype=torch.int64))
