@@ -234,6 +234,7 @@ def rank_main(spec_path: str) -> None:
         base = dict(steps=spec["steps"], global_batch=spec["batch"], embedding_dim=spec["embedding_dim"],
                     workload=workload, sparse_optimizer=spec["sparse_optimizer"], esd=esd,
                     input_mode=spec["input_mode"])
+        planned = None  # the planner's workers for this mix, computed once on first use
         order = [(rep, m) for rep in range(spec["repeats"])
                  for m in (spec["methods"] if rep % 2 == 0 else list(reversed(spec["methods"])))]
         for rep, method in order:
@@ -245,7 +246,8 @@ def rank_main(spec_path: str) -> None:
                 if "des" in variants:
                     cfg = dataclasses.replace(cfg, des_misses=True)
                 if "plan" in variants:
-                    cfg = dataclasses.replace(cfg, workers=planned_workers(spec, mix, cache, latency_ms, workload))
+                    planned = planned or planned_workers(spec, mix, cache, latency_ms, workload)
+                    cfg = dataclasses.replace(cfg, workers=planned)
                 job = JobConfig(method="esd", dispatcher=dispatcher, **{**base, "esd": cfg})
             dist.barrier()
             c0, t0, p0 = _iface_counters(), time.perf_counter(), time.process_time()
