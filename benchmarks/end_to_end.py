@@ -107,6 +107,8 @@ def parse_args(argv=None):
                    help="per-worker compute throughput the +plan shares assume (vanilla TorchRec measured "
                         "about 24 ms CPU per 128-sample step per worker on the 2-core machine)")
     p.add_argument("--staleness", type=int, default=0)
+    p.add_argument("--dispatch-ahead", type=int, default=1,
+                   help="ESD methods dispatch this many batches ahead in a background thread (0: inline)")
     p.add_argument("--sparse-optimizer", default="rowwise_adagrad", choices=["sgd", "rowwise_adagrad"])
     p.add_argument("--input-mode", default="global", choices=["global", "local"],
                    help="ESD input: every worker reads the global batch (global) or its slice, ids "
@@ -202,20 +204,6 @@ def rank_main(spec_path: str) -> None:
             with open(os.path.join(outdir, "progress.txt"), "a") as f:
                 f.write(msg + "\n")
 
-    # Step timestamps: the trainer reads global batch `step` once at the start
-    # of every step (vanilla via local_batch -> global_batch), so consecutive
-    # reads give per-step wall times without touching the trainer.
-    from torchrec_esd import workload as wl_mod
-
-    stamps: Dict[int, tuple] = {}  # step -> (wall clock, this process's CPU time)
-    orig_global_batch = wl_mod.SyntheticWorkload.global_batch
-
-    def stamped_global_batch(self, step, batch_size):
-        stamps.setdefault(int(step), (time.perf_counter(), time.process_time()))
-        return orig_global_batch(self, step, batch_size)
-
-    wl_mod.SyntheticWorkload.global_batch = stamped_global_batch
-
     records = []
     for k, mix in enumerate(spec["mixes"]):
         # the launcher (re)shapes the links between mixes
@@ -248,10 +236,10 @@ def rank_main(spec_path: str) -> None:
                 if "plan" in variants:
                     planned = planned or planned_workers(spec, mix, cache, latency_ms, workload)
                     cfg = dataclasses.replace(cfg, workers=planned)
-                job = JobConfig(method="esd", dispatcher=dispatcher, **{**base, "esd": cfg})
+                job = JobConfig(method="esd", dispatcher=dispatcher, dispatch_ahead=spec["dispatch_ahead"],
+                                **{**base, "esd": cfg})
             dist.barrier()
             c0, t0, p0 = _iface_counters(), time.perf_counter(), time.process_time()
-            stamps.clear()
             r = run(job)
             cpu_s = time.process_time() - p0  # this rank's CPU (all threads) for the whole job
             dist.barrier()  # PS and idle ranks wait here, with the world's long timeout
@@ -263,10 +251,12 @@ def rank_main(spec_path: str) -> None:
             if c0 is not None:
                 rec["wire"] = {k2: c1[k2] - c0[k2] for k2 in c0}
             if "losses" in r:
-                ts = [stamps[i] for i in sorted(stamps)]
+                # per-step wall and CPU times between consecutive step ends (the
+                # training thread's clock; CPU counts every thread of the process)
+                ts, cs = r["step_end_s"], r["step_end_cpu_s"]
                 rec.update(losses=r["losses"], auc=r["auc"], elapsed_s=r["elapsed_s"],
-                           step_s=[b[0] - a[0] for a, b in zip(ts, ts[1:])],
-                           step_cpu_s=[b[1] - a[1] for a, b in zip(ts, ts[1:])])
+                           step_s=[b - a for a, b in zip(ts, ts[1:])],
+                           step_cpu_s=[b - a for a, b in zip(cs, cs[1:])])
             if "metrics" in r and rank == 0:
                 rec["metrics"] = r["metrics"]
                 solvers: Dict[str, int] = {}
@@ -322,6 +312,7 @@ def launch(args, mixes: List[Dict], methods: List[str]) -> Dict:
         "embedding_dim": args.embedding_dim, "max_cardinality": args.max_cardinality, "alpha": args.alpha,
         "cache_fraction": args.cache_fraction, "staleness": args.staleness, "samples_per_s": args.samples_per_s,
         "sparse_optimizer": args.sparse_optimizer, "input_mode": args.input_mode, "repeats": args.repeats,
+        "dispatch_ahead": args.dispatch_ahead,
         "barrier_timeout_s": max(300.0, args.timeout_s / 2),
     }
     spec_path = os.path.join(tmp, "spec.json")

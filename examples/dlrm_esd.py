@@ -53,6 +53,8 @@ def parse_args(argv=None):
                    help="with --criteo-tsv: use only the first MAX_ROWS rows (batches wrap around)")
     p.add_argument("--dispatchers", default="hybrid", help="comma-separated: hybrid,optimal,heuristic,laia,random")
     p.add_argument("--staleness", type=int, default=0, help="ESD staleness bound s (0 = synchronous)")
+    p.add_argument("--dispatch-ahead", type=int, default=1,
+                   help="dispatch this many batches ahead in a background thread (0: inline, batch by batch)")
     p.add_argument("--sparse-optimizer", default="rowwise_adagrad", choices=["sgd", "rowwise_adagrad"])
     p.add_argument("--compare-vanilla", action="store_true")
     p.add_argument("--backend", default="gloo")
@@ -92,7 +94,7 @@ def main(argv=None) -> None:
         if rank == 0:
             results["vanilla"] = _summary(r, args)
     for name in args.dispatchers.split(","):
-        r = run(JobConfig(method="esd", dispatcher=name, **base))
+        r = run(JobConfig(method="esd", dispatcher=name, dispatch_ahead=args.dispatch_ahead, **base))
         if rank == 0:
             results[f"esd_{name}"] = _summary(r, args)
     if rank == 0:

@@ -229,7 +229,8 @@ def test_vanilla_and_esd_train_the_same_on_a_tsv_file(tmp_path):
     assert esd[0]["metrics"]["total_bytes"] > 0
 
 
-def test_bad_line_mid_training_fails_every_rank_including_the_ps(tmp_path):
+@pytest.mark.parametrize("dispatch_ahead", [0, 1], ids=["inline", "dispatch-ahead"])
+def test_bad_line_mid_training_fails_every_rank_including_the_ps(tmp_path, dispatch_ahead):
     from torchrec_esd.launch import RankFailed, run_local_world
     from torchrec_esd.trainer import JobConfig, run
 
@@ -241,7 +242,8 @@ def test_bad_line_mid_training_fails_every_rank_including_the_ps(tmp_path):
     wl = CriteoTsvConfig(str(p), max_cardinality=40)
     cache = {f"t_{f}": 2 for f in wl.feature_names}
     cfg = EsdConfig([WorkerSpec(cache, 1.0), WorkerSpec(cache, 4.0)], collective_timeout_s=60)
-    job = JobConfig(method="esd", esd=cfg, dispatcher="random", steps=3, global_batch=2048, workload=wl)
+    job = JobConfig(method="esd", esd=cfg, dispatcher="random", steps=3, global_batch=2048, workload=wl,
+                    dispatch_ahead=dispatch_ahead)
     with pytest.raises(RankFailed) as info:
         run_local_world(run, 3, job, timeout_s=120)
     errors = info.value.errors

@@ -60,6 +60,26 @@ def test_equivalence_four_workers_rowwise_adagrad_uneven_shares_train_pipeline()
     assert all(s.shape[1] == 1 and float(s.max()) > 0 for s in states.values())
 
 
+# ---------------------------------------------------------------- dispatch ahead
+def test_equivalence_dispatch_ahead_local_batches_two_ps():
+    # the dispatch thread all-gathers the ids and moves dense rows and labels
+    # on the dispatch group while the model trains on the worker group
+    _, esd = _compare(2, [1, 1], "hybrid", "sgd", "local", [1.0, 8.0], num_ps=2, dispatch_ahead=2)
+    assert len(esd[0]["step_end_s"]) == STEPS
+
+
+def test_equivalence_dispatch_ahead_train_pipeline_same_decisions():
+    # TorchRec's pipeline on top of a dispatch-ahead iterator: the same
+    # assignments as dispatching batch by batch (the decision depends only on
+    # the directory, not on when it runs), and the vanilla model
+    args = (4, [1, 2, 2, 3], "heuristic", "rowwise_adagrad", "global", [1.0, 2.0, 4.0, 8.0])
+    _, ahead = _compare(*args, use_pipeline=True, dispatch_ahead=1)
+    _, inline = _compare(*args)
+    for r in range(4):
+        assert torch.equal(ahead[r]["samples_seen"], inline[r]["samples_seen"])
+    assert ahead[0]["metrics"]["rows"] == inline[0]["metrics"]["rows"]
+
+
 # ---------------------------------------------------------------- DES-served misses
 # multi-hot bags of 6-16 ids over small caches: most bags hold several cold rows,
 # which the PS serves as pooled partial sums (and hot rows are still pulled/cached)
@@ -124,6 +144,73 @@ def test_out_of_range_id_fails_every_rank_without_hanging():
     for r in (0, 1):
         assert "id 10000 is outside table 't_cat_0'" in errors[r]["error"]
     assert "aborted by the workers" in errors[2]["error"] and "id 10000" in errors[2]["error"]
+
+
+def test_out_of_range_id_with_dispatch_ahead_fails_every_rank_without_hanging():
+    # the bad batch is found in the dispatch thread, two steps ahead of training;
+    # the training thread stops the PS ranks at that batch
+    cfg = EsdConfig([WorkerSpec(CACHE, 1.0), WorkerSpec(CACHE, 2.0)], collective_timeout_s=60)
+    job = JobConfig(method="esd", esd=cfg, steps=5, global_batch=8, workload=WORKLOAD, dispatcher="hybrid",
+                    dispatch_ahead=2)
+    with pytest.raises(RankFailed) as info:
+        run_local_world(_bad_id_job, 3, job, timeout_s=120)
+    errors = info.value.errors
+    assert sorted(errors) == [0, 1, 2]
+    for r in (0, 1):
+        assert "id 10000 is outside table 't_cat_0'" in errors[r]["error"]
+    assert "aborted by the workers" in errors[2]["error"] and "id 10000" in errors[2]["error"]
+
+
+def _stop_early_job(job):
+    """Train 2 batches of a dispatch-ahead iterator of 4, then flush."""
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.types import ShardingPlan
+
+    from torchrec_esd.config import EsdConfigError
+    from torchrec_esd.dispatch import make_dispatcher
+    from torchrec_esd.input_dist import EsdInputDist
+    from torchrec_esd.runtime import EsdRuntime
+    from torchrec_esd.sharding import EsdEmbeddingBagCollectionSharder, esd_module_plan
+    from torchrec_esd.trainer import EBC_PATH, DlrmTask, build_model, job_tables, sparse_optimizer
+    from torchrec_esd.workload import SyntheticWorkload
+
+    wl = SyntheticWorkload(job.workload)
+    rt = EsdRuntime(job.esd, job_tables(job, wl), sparse_optimizer(job))
+    dlrm = build_model(job, wl)
+    if rt.is_ps:
+        rt.serve(dlrm.sparse_arch.embedding_bag_collection)
+        return {"role": "ps"}
+    ebc = dlrm.sparse_arch.embedding_bag_collection
+    dmp = DistributedModelParallel(
+        DlrmTask(dlrm, loss_scale=2 / job.global_batch), env=rt.sharding_env(),
+        plan=ShardingPlan({EBC_PATH: esd_module_plan(ebc, rt)}),
+        sharders=[EsdEmbeddingBagCollectionSharder(rt)], device=torch.device("cpu"),
+    )
+    ahead = EsdInputDist(rt, make_dispatcher("random")).dispatch_ahead(
+        (wl.global_batch(step, job.global_batch) for step in range(4)), depth=2
+    )
+    for _ in range(2):
+        loss, _ = dmp(next(ahead))
+        loss.backward()
+    ahead.close()  # the thread had dispatched batch 2 (and maybe 3) already
+    try:
+        rt.flush()
+    except EsdConfigError as e:
+        rt.shutdown(flush=False)
+        return {"error": str(e)}
+    rt.shutdown(flush=False)
+    return {"error": None}
+
+
+def test_flush_refuses_batches_dispatched_but_never_trained():
+    # the directory already counts the updates of dispatched batches: a flush
+    # then would push rows the worker never computed (lost / wrong updates)
+    cfg = EsdConfig([WorkerSpec(CACHE, 1.0), WorkerSpec(CACHE, 2.0)], collective_timeout_s=60)
+    job = JobConfig(method="esd", esd=cfg, steps=4, global_batch=8, workload=WORKLOAD)
+    out = run_local_world(_stop_early_job, 3, job, timeout_s=120)
+    assert out[2] == {"role": "ps"}
+    for r in (0, 1):
+        assert out[r]["error"] is not None and "were never trained" in out[r]["error"], out[r]
 
 
 def _mismatched_config_job(job):

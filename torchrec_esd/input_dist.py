@@ -15,6 +15,14 @@ Two input modes:
   data-parallel loading; the sparse ids are all-gathered (the dispatcher needs
   them), dense features and labels move with one uneven all-to-all.
 
+Dispatching ahead: :meth:`EsdInputDist.dispatch_ahead` wraps a batch
+iterator and dispatches up to ``depth`` batches ahead in a background thread,
+over the runtime's own dispatch process group, so worker 0's decision and every
+worker's directory plan for batch ``t + 1`` run while batch ``t`` trains (they
+depend only on the directory state after batch ``t``'s plan, which is known
+before ``t`` trains).  The assignments, plans and trained model are the same as
+calling the module batch by batch.
+
 Losses: with uneven shares, use ``reduction="sum"`` times :attr:`loss_scale`
 (``W / B``) so that gradients equal vanilla synchronous training on the same
 global batch; with equal shares this equals each worker's mean loss.
@@ -22,7 +30,10 @@ global batch; with equal shares this equals each worker's mean loss.
 
 from __future__ import annotations
 
-from typing import List, Optional
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterable, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -36,6 +47,24 @@ from torchrec_esd.runtime import EsdRuntime
 from torchrec_esd.workload import select_kjt_samples, select_samples
 
 MODES = ("global", "local")
+
+
+@dataclass
+class _Dispatched:
+    """One dispatched batch: this worker's samples and what produced them."""
+
+    local: Batch
+    result: Optional[DispatchResult]
+    mine: torch.Tensor
+    loss_scale: float
+
+
+class _BadBatch(Exception):
+    """A batch failed the id checks (every worker sees the same global ids)."""
+
+    def __init__(self, error: EsdConfigError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class EsdInputDist(nn.Module):
@@ -72,24 +101,25 @@ class EsdInputDist(nn.Module):
             )
         return self._cost_model
 
-    def _decide(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+    def _decide(self, kjt: KeyedJaggedTensor, group, device: torch.device) -> tuple:
         rt = self.runtime
         b = kjt.stride()
         shares = rt.config.batch_shares(b)
         assignment = torch.empty(b, dtype=torch.int64)
+        result = None
         if rt.worker_index == 0:
             # what this dispatcher reads: the additive matrix, LAIA's hit
             # counts, esd's de-duplicated model (nothing for cost-blind ones)
             cost, aux = self.dispatcher.inputs(
                 self.cost_model, kjt, rt.directory.views  # type: ignore[union-attr]
             )
-            self.last_result = self.dispatcher.assign(cost, shares, aux=aux)
-            assignment.copy_(self.last_result.assignment)
-        a = assignment.to(self.device)
-        dist.broadcast(a, src=0, group=rt.worker_group)
-        return a.cpu()
+            result = self.dispatcher.assign(cost, shares, aux=aux)
+            assignment.copy_(result.assignment)
+        a = assignment.to(device)
+        dist.broadcast(a, src=0, group=group)
+        return a.cpu(), result
 
-    def _gather_ids(self, batch: Batch) -> tuple:
+    def _gather_ids(self, batch: Batch, group) -> tuple:
         """All-gather the local batches' sparse features (and sizes)."""
         rt = self.runtime
         kjt = batch.sparse_features
@@ -101,7 +131,7 @@ class EsdInputDist(nn.Module):
             "stride": kjt.stride(),
         }
         every: List[Optional[dict]] = [None] * rt.config.num_workers
-        dist.all_gather_object(every, mine, group=rt.worker_group)
+        dist.all_gather_object(every, mine, group=group)
         keys = every[0]["keys"]  # type: ignore[index]
         for r, e in enumerate(every):
             if e["keys"] != keys:  # type: ignore[index]
@@ -132,36 +162,112 @@ class EsdInputDist(nn.Module):
 
     # ------------------------------------------------------------ forward
     def forward(self, batch: Batch) -> Batch:
+        try:
+            d = self._dispatch(batch, self.runtime.worker_group, self.device)
+        except _BadBatch as e:
+            # every worker sees the same global ids, so every worker fails here
+            self.runtime.abort(f"bad batch: {e.error}")
+            raise e.error from None
+        return self._adopt(d)
+
+    def dispatch_ahead(self, batches: Iterable[Batch], depth: int = 1) -> Iterator[Batch]:
+        """This worker's batches of ``batches``, dispatched up to ``depth``
+        batches ahead of the consumer in a background thread.
+
+        Call it on every worker with the same sequence of batches (as
+        :meth:`forward`) and train every batch it yields, in order.  The
+        thread uses the runtime's dispatch group (gloo, CPU tensors), never
+        the worker group the model's collectives run on.  Errors of the
+        thread (a bad batch, a dispatcher failure) are raised here, at the
+        batch they belong to; a bad batch also stops the PS ranks, as in
+        :meth:`forward`.  After each yield, :attr:`last_result`,
+        :attr:`last_mine` and :attr:`loss_scale` describe the yielded batch.
+        """
+        if int(depth) < 1:
+            raise EsdConfigError(f"dispatch_ahead needs depth >= 1, got {depth}")
+        rt = self.runtime
+        cpu = torch.device("cpu")
+        q: "queue.Queue[tuple]" = queue.Queue(maxsize=int(depth))
+        stop = threading.Event()
+
+        def offer(item: tuple) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                for batch in batches:
+                    if stop.is_set():
+                        return
+                    d = self._dispatch(batch, rt.dispatch_group, cpu)
+                    if not offer(("batch", d)):
+                        return
+                offer(("end", None))
+            except BaseException as e:  # raised in the consumer, at its batch
+                offer(("error", e))
+
+        producer = threading.Thread(target=produce, name="esd-dispatch-ahead", daemon=True)
+        producer.start()
+        try:
+            while True:
+                kind, item = q.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    if isinstance(item, _BadBatch):
+                        rt.abort(f"bad batch: {item.error}")
+                        raise item.error from None
+                    raise item
+                yield self._adopt(item, self.device)
+        finally:
+            stop.set()
+            producer.join(timeout=1.0)
+
+    def _adopt(self, d: _Dispatched, device: Optional[torch.device] = None) -> Batch:
+        """Make ``d`` the current batch (the attributes describe it)."""
+        self.last_result, self.last_mine, self.loss_scale = d.result, d.mine, d.loss_scale
+        if device is not None and device.type != "cpu":
+            return d.local.to(device)
+        return d.local
+
+    def _dispatch(self, batch: Batch, group, device: torch.device) -> _Dispatched:
+        """Decide, plan (queues the plan) and select this worker's samples;
+        every collective runs on ``group``."""
         rt = self.runtime
         me = rt.worker_index
         if self.mode == "global":
             gkjt, strides = batch.sparse_features, None
         else:
-            gkjt, strides = self._gather_ids(batch)
+            gkjt, strides = self._gather_ids(batch, group)
         b = gkjt.stride()
         ekjt = rt.esd_view(gkjt)  # replicated tables' features are not dispatched on
         try:
             rt.directory.check_batch(ekjt)  # type: ignore[union-attr]
             rt.check_replicated_ids(gkjt)
         except EsdConfigError as e:
-            # every worker sees the same global ids, so every worker fails here
-            rt.abort(f"bad batch: {e}")
-            raise
-        assignment = self._decide(ekjt)
+            raise _BadBatch(e) from e
+        assignment, result = self._decide(ekjt, group, device)
         plan = rt.directory.plan(ekjt, assignment)  # type: ignore[union-attr]
         rt.enqueue(plan)
-        self.loss_scale = rt.config.num_workers / b
-        mine = (assignment == me).nonzero().view(-1)
-        self.last_mine = mine  # global indices of this worker's samples
+        mine = (assignment == me).nonzero().view(-1)  # global indices of this worker's samples
         if self.mode == "global":
-            return select_samples(batch, mine)
-        return Batch(
-            dense_features=self._move_rows(batch.dense_features, assignment, strides),
-            sparse_features=select_kjt_samples(gkjt, mine),
-            labels=self._move_rows(batch.labels, assignment, strides),
-        )
+            local = select_samples(batch, mine)
+        else:
+            local = Batch(
+                dense_features=self._move_rows(batch.dense_features, assignment, strides, group, device),
+                sparse_features=select_kjt_samples(gkjt, mine),
+                labels=self._move_rows(batch.labels, assignment, strides, group, device),
+            )
+        return _Dispatched(local, result, mine, rt.config.num_workers / b)
 
-    def _move_rows(self, local: torch.Tensor, assignment: torch.Tensor, strides: List[int]) -> torch.Tensor:
+    def _move_rows(
+        self, local: torch.Tensor, assignment: torch.Tensor, strides: List[int], group, device: torch.device
+    ) -> torch.Tensor:
         """Uneven all-to-all of this worker's rows to their assigned workers
         (received in global sample order)."""
         rt = self.runtime
@@ -173,7 +279,7 @@ class EsdInputDist(nn.Module):
         recv_counts = [
             int((assignment[sum(strides[:r]) : sum(strides[: r + 1])] == me).sum()) for r in range(W)
         ]
-        send = local[order].contiguous().to(self.device)
-        out = torch.empty((sum(recv_counts),) + tuple(local.shape[1:]), dtype=local.dtype, device=self.device)
-        dist.all_to_all_single(out, send, recv_counts, send_counts, group=rt.worker_group)
+        send = local[order].contiguous().to(device)
+        out = torch.empty((sum(recv_counts),) + tuple(local.shape[1:]), dtype=local.dtype, device=device)
+        dist.all_to_all_single(out, send, recv_counts, send_counts, group=group)
         return out.to(local.device)

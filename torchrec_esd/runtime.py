@@ -61,7 +61,11 @@ def select_kjt_keys(kjt: KeyedJaggedTensor, keep: Sequence[str]) -> KeyedJaggedT
 
 
 def esd_process_groups(config: EsdConfig):
-    """(all-ranks gloo group, workers-only group) of ``config``'s topology.
+    """(all-ranks gloo group, workers-only group, workers-only gloo dispatch
+    group) of ``config``'s topology.  The dispatch group carries only
+    :class:`~torchrec_esd.input_dist.EsdInputDist`'s collectives when it
+    dispatches ahead in a background thread (a group is never shared by two
+    threads, so collectives cannot interleave differently on two ranks).
 
     Created once per process and reused by every runtime of the same
     topology.  Group names come from a per-process counter, so call this on
@@ -79,7 +83,8 @@ def esd_process_groups(config: EsdConfig):
         timeout = timedelta(seconds=config.collective_timeout_s)
         all_group = dist.new_group(list(range(config.world_size)), timeout=timeout, backend="gloo")
         worker_group = dist.new_group(list(range(config.num_workers)), timeout=timeout)
-        _GROUPS[key] = (all_group, worker_group)
+        dispatch_group = dist.new_group(list(range(config.num_workers)), timeout=timeout, backend="gloo")
+        _GROUPS[key] = (all_group, worker_group, dispatch_group)
     return _GROUPS[key]
 
 
@@ -121,7 +126,7 @@ class EsdRuntime:
                 f"{config.num_workers} workers + {config.num_ps} parameter servers = "
                 f"{config.world_size} ranks"
             )
-        self.all_group, self.worker_group = esd_process_groups(config)
+        self.all_group, self.worker_group, self.dispatch_group = esd_process_groups(config)
         self._check_same_config_everywhere()
         self.routing = RowRouting(self.tables, config.num_ps)
         config.validate_tables({t.name: t.num_embeddings for t in self.tables})
@@ -238,6 +243,12 @@ class EsdRuntime:
         """Push every dirty cached row to the PS (checkpoint / end of training)."""
         if self._executor is None:
             raise EsdConfigError("flush() needs the sharded embedding module to be built")
+        if self._plans:
+            raise EsdConfigError(
+                f"{len(self._plans)} batch(es) went through EsdInputDist but were never trained; the "
+                "cache directory already counts their updates, so flushing now would push wrong rows "
+                "(train every dispatched batch, or stop a dispatch-ahead iterator only after its last batch)"
+            )
         self._executor.flush()
 
     def replica_tables(self) -> Dict[str, torch.Tensor]:

@@ -57,6 +57,7 @@ class JobConfig:
     collect_tables: bool = False  # return final tables (tests)
     progress: bool = False  # tqdm progress bar on rank 0
     use_pipeline: bool = False  # ESD: drive steps with TorchRec's TrainPipelineSparseDist
+    dispatch_ahead: int = 0  # ESD: dispatch this many batches ahead in a background thread (0: off)
     auc_steps: int = 10  # AUC over the predictions of the last steps
     # DES only (method="des", see _des): "row_wise" | "table_wise"
     des_sharding: str = "row_wise"
@@ -98,6 +99,8 @@ class _Tracker:
     def __init__(self, job: JobConfig, group, rank: int, label: str) -> None:
         self.group, self.rank = group, rank
         self.losses = []
+        self.step_end_s = []  # perf_counter() at the end of every step (the consumer's clock)
+        self.step_end_cpu_s = []  # this process's CPU time (all threads) at the same moments
         self.preds, self.labels = [], []
         self.keep = max(1, job.auc_steps)
         self.bar = None
@@ -108,6 +111,8 @@ class _Tracker:
 
     def step(self, mean_loss: float, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.losses.append(mean_loss)
+        self.step_end_s.append(time.perf_counter())
+        self.step_end_cpu_s.append(time.process_time())
         self.preds.append(logits.detach().float())
         self.labels.append(labels.detach().float())
         self.preds, self.labels = self.preds[-self.keep :], self.labels[-self.keep :]
@@ -222,7 +227,8 @@ def _vanilla(job: JobConfig, workload: SyntheticWorkload, group=None) -> Dict:
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     dmp = torchrec_dmp(job, workload, group)
     track, elapsed = _train_local_batches(dmp, job, workload, group, rank, world, "vanilla TorchRec")
-    out = {"losses": track.losses, "auc": track.auc(), "dense": _dense_state(dmp), "elapsed_s": elapsed}
+    out = {"losses": track.losses, "auc": track.auc(), "dense": _dense_state(dmp), "elapsed_s": elapsed,
+           "step_end_s": track.step_end_s, "step_end_cpu_s": track.step_end_cpu_s}
     if job.collect_tables:
         out["tables"] = _gather_vanilla_tables(dmp, workload, job, group)
     return out
@@ -291,6 +297,8 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
     decisions, t0 = [], time.perf_counter()
     samples_seen = torch.zeros(job.global_batch, dtype=torch.int64)
 
+    bad_input: List[str] = []
+
     def batches():
         for step in range(job.steps):
             try:
@@ -300,21 +308,36 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
                     batch = workload.local_batch(step, job.global_batch, me, W)
             except EsdConfigError as e:
                 # every worker reads the same global batch (a local batch is a
-                # slice of it), so every worker fails here: stop the PS ranks too
-                runtime.abort(f"bad input batch at step {step}: {e}")
+                # slice of it), so every worker fails here: stop the PS ranks
+                # too (from the training thread: dispatch-ahead reads batches
+                # in its own thread, which must not talk to the PS)
+                bad_input.append(f"bad input batch at step {step}: {e}")
+                if job.dispatch_ahead <= 0:
+                    runtime.abort(bad_input[0])
                 raise
             yield batch
 
     def dispatched():
         nonlocal samples_seen
-        for batch in batches():
-            local = dispatch(batch)
+        if job.dispatch_ahead > 0:
+            locals_ = _abort_on_bad_input(dispatch.dispatch_ahead(batches(), depth=job.dispatch_ahead))
+        else:
+            locals_ = (dispatch(batch) for batch in batches())
+        for local in locals_:
             samples_seen += torch.bincount(dispatch.last_mine, minlength=job.global_batch)
             if dispatch.last_result is not None:
                 decisions.append(
                     {"solver": dispatch.last_result.solver, "ms": dispatch.last_result.decision_s * 1e3}
                 )
             yield local
+
+    def _abort_on_bad_input(it):
+        try:
+            yield from it
+        except EsdConfigError:
+            if bad_input:
+                runtime.abort(bad_input[0])
+            raise
 
     def record(loss, logits, labels):
         g = loss.detach().clone() / dispatch.loss_scale
@@ -343,6 +366,8 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
     runtime.flush()
     out = {
         "losses": track.losses,
+        "step_end_s": track.step_end_s,
+        "step_end_cpu_s": track.step_end_cpu_s,
         "auc": track.auc(),
         "dense": _dense_state(dmp),
         "elapsed_s": elapsed,
