@@ -496,7 +496,7 @@ def targets(summary: Dict, links: str) -> List[Dict]:
         ms = summary[het]["methods"]
         # the baselines keep equal shares, as HET-like caches and LAIA do
         bases = [b for b in ("random", "laia") if b in ms]
-        for cand in ("hybrid", "hybrid+plan"):
+        for cand in ("hybrid", "esd", "hybrid+plan", "esd+plan"):
             hy, who = ms.get(cand), method_label(cand)
             if hy and bases and "emb" in hy:
                 best = min(bases, key=lambda b: ms[b]["emb"]["total_link_s"])
