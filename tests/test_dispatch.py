@@ -620,8 +620,18 @@ def test_inputs_give_each_dispatcher_what_it_reads():
     cost, aux = make_dispatcher("laia").inputs(cm, kjt, lambda: views)
     torch.testing.assert_close(aux["hits"], cm.hit_matrix(kjt, views))
     torch.testing.assert_close(cost, cm.matrix(kjt, views))
-    cost, aux = make_dispatcher("hybrid").inputs(cm, kjt, views)
-    assert aux is None
+    # cost-matrix dispatchers read the expected matrix (shared rows amortised
+    # over the config's shares of the batch) unless asked for the additive one
+    expected = torch.from_numpy(cm.dedup_cost(kjt, views).amortised_matrix(cfg.batch_shares(30)))
+    for name in ("hybrid", "optimal", "heuristic"):
+        cost, aux = make_dispatcher(name).inputs(cm, kjt, views)
+        assert aux is None
+        torch.testing.assert_close(cost, expected, rtol=1e-12, atol=1e-15)
+        cost, _ = make_dispatcher(name, cost_input="additive").inputs(cm, kjt, views)
+        torch.testing.assert_close(cost, cm.matrix(kjt, views))
+    assert not torch.allclose(expected, cm.matrix(kjt, views))
+    with pytest.raises(DispatchError, match="cost_input must be one of"):
+        make_dispatcher("hybrid", cost_input="amortized")
     cost, aux = make_dispatcher("esd").inputs(cm, kjt, views)
     torch.testing.assert_close(cost, cm.matrix(kjt, views), rtol=1e-12, atol=1e-15)
     assert isinstance(aux["dedup"], DedupCost) and aux["dedup"].num_samples == 30
@@ -648,6 +658,50 @@ def test_esd_beats_baselines_on_the_cache_directory_ground_truth():
                 total += rows * float(cm.row_bytes[0]) / spec.bytes_per_second
         link[name] = total
     assert link["esd"] < 0.95 * min(link["random"], link["laia"], link["hybrid"]), link
+
+
+def _directory_link_s(name, wl, tables, cfg, cm, steps=6, B=96, **kw):
+    """Link seconds the cache directory plans for ``steps`` batches dispatched by ``name``."""
+    from torchrec_esd.cache import KINDS, CacheDirectory
+
+    d = make_dispatcher(name, **kw)
+    cd = CacheDirectory(cfg, tables)
+    total = 0.0
+    for step in range(steps):
+        kjt = wl.global_batch(step, B).sparse_features
+        cost, aux = d.inputs(cm, kjt, cd.views)
+        plan = cd.plan(kjt, d.assign(cost, cfg.batch_shares(B), aux=aux).assignment)
+        for w, spec in enumerate(cfg.workers):
+            rows = sum(plan.workers[w].rows[k] for k in KINDS)
+            total += rows * float(cm.row_bytes[0]) / spec.bytes_per_second
+    return total
+
+
+def test_expected_matrix_moves_less_than_the_additive_one():
+    """HybridDis on the expected matrix (a hot row pulled once for many samples
+    is not charged in full to each) moves less, through the real cache
+    directory, than on the additive matrix, and less than LAIA."""
+    wl, tables, cfg, cm = _small_world()
+    expected = _directory_link_s("hybrid", wl, tables, cfg, cm)
+    additive = _directory_link_s("hybrid", wl, tables, cfg, cm, cost_input="additive")
+    laia = _directory_link_s("laia", wl, tables, cfg, cm)
+    assert expected < 0.97 * additive and expected < laia, (expected, additive, laia)
+
+
+def test_expected_matrix_with_des_misses_is_the_des_priced_matrix():
+    # the per-bag DES price exists only in the additive model: kept as is
+    import dataclasses
+
+    from torchrec_esd.cache import CacheDirectory
+    from torchrec_esd.cost import CostModel
+
+    wl, tables, cfg, _ = _small_world()
+    cfg = dataclasses.replace(cfg, des_misses=True)
+    cm = CostModel(cfg, tables, optimizer_state_bytes_per_row=4)
+
+    cd = CacheDirectory(cfg, tables)
+    kjt = wl.global_batch(0, 30).sparse_features
+    torch.testing.assert_close(cm.expected_matrix(kjt, cd.views()), cm.matrix(kjt, cd.views()))
 
 
 def test_esd_budget_fraction_of_the_predicted_link_makespan():

@@ -606,6 +606,24 @@ class CostModel:
             st.keys, st.offsets, [st.slots] * self.num_workers, weights, miss
         )
 
+    def expected_matrix(
+        self, kjt: KeyedJaggedTensor, views: Sequence[WorkerCacheView], shares: Optional[Sequence[int]] = None
+    ) -> torch.Tensor:
+        """``[B, W]`` expected cost of a sample on a worker with every row's
+        cost shared by the samples expected to use it there
+        (:meth:`DedupCost.amortised_matrix`, for ``shares``, by default the
+        config's shares of this batch).  Unlike :meth:`matrix`, a hot row
+        that the worker pulls once for many samples is not charged in full
+        to each of them, so the rows that decide are the rare ones.
+
+        With DES-served misses the per-bag DES price exists only in
+        :meth:`matrix`, which is returned unchanged."""
+        if self.config.des_misses:
+            return self.matrix(kjt, views)
+        if shares is None:
+            shares = self.config.batch_shares(kjt.stride())
+        return torch.from_numpy(self.dedup_cost(kjt, views).amortised_matrix(shares))
+
     # --------------------------------------------------------------- de-duplicated model
     def dedup_cost(self, kjt: KeyedJaggedTensor, views: Sequence[WorkerCacheView]) -> "DedupCost":
         """The batch's de-duplicated cost model (:class:`DedupCost`): the cost

@@ -154,7 +154,11 @@ class Dispatcher:
         raise NotImplementedError
 
     # what the dispatcher reads (see :meth:`inputs`)
-    needs_cost: bool = True  # the additive matrix (else zeros: only for reporting)
+    needs_cost: bool = True  # a cost matrix (else zeros: only for reporting)
+    # which cost matrix: "additive" (CostModel.matrix: every distinct row of a
+    # sample charged to it in full) or "expected" (CostModel.expected_matrix:
+    # shared rows amortised over their expected users on the worker)
+    cost_input: str = "additive"
     needs_hits: bool = False  # aux "hits": CostModel.hit_matrix
     needs_dedup: bool = False  # aux "dedup": CostModel.dedup_cost
 
@@ -168,7 +172,12 @@ class Dispatcher:
         if not (self.needs_cost or self.needs_hits or self.needs_dedup):
             return torch.zeros(b, w, dtype=torch.float64), None
         v = views() if callable(views) else views
-        cost = cost_model.matrix(kjt, v) if self.needs_cost else torch.zeros(b, w, dtype=torch.float64)
+        if not self.needs_cost:
+            cost = torch.zeros(b, w, dtype=torch.float64)
+        elif self.cost_input == "expected":
+            cost = cost_model.expected_matrix(kjt, v)
+        else:
+            cost = cost_model.matrix(kjt, v)
         aux = {}
         if self.needs_hits:
             aux["hits"] = cost_model.hit_matrix(kjt, v)
@@ -180,6 +189,15 @@ class Dispatcher:
 
     def objective_value(self, cost: torch.Tensor, assignment: torch.Tensor) -> float:
         return objective_value(cost, assignment, self.objective)
+
+
+COST_INPUTS = ("additive", "expected")
+
+
+def check_cost_input(cost_input: str) -> str:
+    if cost_input not in COST_INPUTS:
+        raise DispatchError(f"cost_input must be one of {COST_INPUTS}, got {cost_input!r}")
+    return cost_input
 
 
 def objective_value(cost: torch.Tensor, assignment: torch.Tensor, objective: str = "total") -> float:

@@ -42,7 +42,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from torchrec_esd.dispatch.base import Dispatcher, DispatchError
+from torchrec_esd.dispatch.base import Dispatcher, DispatchError, check_cost_input
 from torchrec_esd.dispatch.lower_bound import _best_two
 
 
@@ -303,7 +303,9 @@ class HeuristicDispatcher(Dispatcher):
     pairwise exchange, off by default: the prices already bring the greedy
     within ~0.1 % of the optimum on ESD matrices, and a sweep costs
     ``O(W^2)`` vectorised pair passes) for ``"total"``; multiplicative weights
-    + bottleneck swaps for ``"makespan"``."""
+    + bottleneck swaps for ``"makespan"``.  ``cost_input`` is the matrix
+    :meth:`inputs` builds: ``"expected"`` (shared rows amortised, the
+    default) or ``"additive"``."""
 
     name = "heuristic"
 
@@ -314,7 +316,9 @@ class HeuristicDispatcher(Dispatcher):
         price_sweeps: int = 3,
         makespan_rounds: int = 8,
         swap_iters: int = 400,
+        cost_input: str = "expected",
     ) -> None:
+        self.cost_input = check_cost_input(cost_input)
         if objective not in ("total", "makespan"):
             raise DispatchError(f"objective must be 'total' or 'makespan', got {objective!r}")
         self.objective = objective

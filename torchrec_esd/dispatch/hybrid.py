@@ -46,7 +46,7 @@ from typing import Dict, Sequence
 import numpy as np
 import torch
 
-from torchrec_esd.dispatch.base import Dispatcher, DispatchError
+from torchrec_esd.dispatch.base import Dispatcher, DispatchError, check_cost_input
 from torchrec_esd.dispatch.heuristic import _loads, makespan_heuristic, pairwise_exchange, price_greedy
 from torchrec_esd.dispatch.lower_bound import dual_value, makespan_lower_bound
 from torchrec_esd.dispatch.optimal import makespan_milp, mcf_total, preload_milp, solve_total
@@ -67,6 +67,8 @@ class HybridDis(Dispatcher):
         makespan_prior_s_per_cell: the same for the makespan MILP.
         improve_sweeps: pairwise-exchange sweeps of the total heuristic.
         burst: CPU credit cap, in batches' worth of ``cpu_budget * budget``.
+        cost_input: the matrix :meth:`inputs` builds: ``"expected"`` (shared
+            rows amortised, the default) or ``"additive"``.
     """
 
     name = "hybrid"
@@ -82,7 +84,9 @@ class HybridDis(Dispatcher):
         improve_sweeps: int = 0,
         burst: float = 4.0,
         ema: float = 0.3,
+        cost_input: str = "expected",
     ) -> None:
+        self.cost_input = check_cost_input(cost_input)
         if objective not in ("total", "makespan"):
             raise DispatchError(f"objective must be 'total' or 'makespan', got {objective!r}")
         if not time_budget_ms > 0:

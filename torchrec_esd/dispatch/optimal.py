@@ -75,7 +75,7 @@ import numpy as np
 import torch
 from ortools.graph.python import min_cost_flow  # imported eagerly: ~0.1-0.5 s on first use
 
-from torchrec_esd.dispatch.base import Dispatcher, DispatchError
+from torchrec_esd.dispatch.base import Dispatcher, DispatchError, check_cost_input
 
 _MAX_INT_COST = 2**31
 
@@ -520,6 +520,8 @@ class OptimalDispatcher(Dispatcher):
         method: total only: ``"auto"`` (cycle cancelling from the heuristic,
             min-cost flow if that does not certify optimality quickly),
             ``"cycles"`` or ``"mcf"`` (min-cost flow only).
+        cost_input: the matrix :meth:`inputs` builds: ``"expected"`` (shared
+            rows amortised, the default) or ``"additive"``.
     """
 
     name = "optimal"
@@ -531,7 +533,9 @@ class OptimalDispatcher(Dispatcher):
         time_limit_s: float = 10.0,
         mip_rel_gap: float = 1e-6,
         method: str = "auto",
+        cost_input: str = "expected",
     ) -> None:
+        self.cost_input = check_cost_input(cost_input)
         if objective not in ("total", "makespan"):
             raise DispatchError(f"objective must be 'total' or 'makespan', got {objective!r}")
         self.objective = objective
