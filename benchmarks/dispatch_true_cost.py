@@ -3,7 +3,8 @@
     python benchmarks/dispatch_true_cost.py --out results.json [--quick]
 
 For every dispatcher (``random`` = cache-only with random dispatch, ``laia``,
-``heuristic``, ``optimal``, ``hybrid``, ``esd``, and ``esd:0.1``: esd whose
+``heuristic``, ``optimal``, ``hybrid`` (all three on the expected cost
+matrix), ``hybrid:additive`` (HybridDis on the additive matrix), ``esd``, and ``esd:0.1``: esd whose
 budget is also at most 10 % of the predicted link makespan of its start), a fresh replicated cache
 directory (:class:`torchrec_esd.cache.CacheDirectory`, cold caches) is fed
 ``--iters`` global batches of the default Zipf workload, each dispatched by that
@@ -51,7 +52,7 @@ from torchrec_esd.cost import CostModel  # noqa: E402
 from torchrec_esd.dispatch import make_dispatcher  # noqa: E402
 from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig  # noqa: E402
 
-DISPATCHERS = ["random", "laia", "heuristic", "optimal", "hybrid", "esd", "esd:0.1"]
+DISPATCHERS = ["random", "laia", "heuristic", "optimal", "hybrid", "hybrid:additive", "esd", "esd:0.1"]
 TARGET_PCT = 36.76
 
 
@@ -106,11 +107,15 @@ def build(args, wl, bws: List[float]):
 
 def make(name: str, args, budget_ms=None):
     """``esd:F`` is esd with ``budget_fraction=F`` (its budget is also at
-    most F times the predicted link makespan of its start assignment)."""
+    most F times the predicted link makespan of its start assignment);
+    ``hybrid:additive`` (also ``optimal:`` / ``heuristic:``) decides on the
+    additive instead of the expected cost matrix."""
     kw = {"objective": args.objective}
     if name.startswith("esd:"):
         kw["budget_fraction"] = float(name.split(":", 1)[1])
         name = "esd"
+    elif ":" in name:
+        name, kw["cost_input"] = name.split(":", 1)
     if name in ("random", "laia"):
         kw["seed"] = args.seed
     if name == "hybrid":
