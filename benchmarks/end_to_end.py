@@ -164,9 +164,11 @@ def planned_workers(spec: Dict, mix: Dict, cache: Dict[str, int], latency_ms: fl
     (every rank computes the same, from batches outside the trained steps)."""
     from torchrec_esd.config import heterogeneous_workers
     from torchrec_esd.planner import EsdShardingPlanner, PsResources, WorkerResources
+    from torchrec_esd.trainer import JobConfig, dense_param_bytes
     from torchrec_esd.workload import SyntheticWorkload
 
     wl = SyntheticWorkload(workload)
+    dense = dense_param_bytes(JobConfig(embedding_dim=spec["embedding_dim"], workload=workload), wl)
     big = 1 << 40  # memory is not what this plan is about: the caches are given
     planner = EsdShardingPlanner(
         [WorkerResources(big, bw, latency_ms, spec["samples_per_s"]) for bw in mix["bandwidths"]],
@@ -175,6 +177,7 @@ def planned_workers(spec: Dict, mix: Dict, cache: Dict[str, int], latency_ms: fl
         sample=[wl.global_batch(10_000 + i, spec["batch"]).sparse_features for i in range(4)],
         global_batch_size=spec["batch"],
         optimizer_state_per_row=1 if spec["sparse_optimizer"] == "rowwise_adagrad" else 0,
+        dense_param_bytes=dense,
     )
     shares = planner.shares_for([cache] * len(mix["bandwidths"]))
     return heterogeneous_workers(mix["bandwidths"], cache, latency_ms=latency_ms, shares=shares)

@@ -76,6 +76,39 @@ def test_shares_for_given_caches():
         planner.shares_for(same[:2])
 
 
+def test_equal_time_shares_closed_form():
+    _, _, planner = _setup()
+    B = planner.global_batch_size
+    a, f = [1e-4, 4e-4, 2e-3], [0.0, 0.002, 0.01]
+    shares = planner._equal_time_shares(a, f)
+    n = [x * B for x in shares]
+    assert sum(n) == pytest.approx(B)
+    times = [ni * ai + fi for ni, ai, fi in zip(n, a, f)]
+    assert max(times) - min(times) < 1e-9
+    # a fixed time beyond the others' whole step: that worker keeps one sample
+    shares = planner._equal_time_shares(a, [0.0, 0.0, 10.0])
+    assert shares[2] == pytest.approx(1 / B) and sum(shares) == pytest.approx(1.0)
+
+
+def test_shares_count_the_dense_all_reduce_and_rebalance_on_the_replay():
+    workers = [WorkerResources(4 * MiB, bw) for bw in (1000, 100, 10)]
+    same = None
+    out = {}
+    for key, kw in {"base": {}, "dense": {"dense_param_bytes": 200_000}, "linear": {"share_rounds": 0}}.items():
+        _, tables, planner = _setup(workers=workers, **kw)
+        same = same or [{t.name: max(1, t.num_embeddings // 10) for t in tables}] * 3
+        out[key] = planner.shares_for(same)
+        assert abs(sum(out[key]) - 1) < 1e-5 and out[key][0] > out[key][1] > out[key][2] > 0
+    # the dense gradient crosses every link each step: the slow link gets fewer samples
+    assert out["dense"][2] < out["base"][2]
+    # replaying at the planned shares moves them (a worker pays hot rows once per step)
+    assert out["base"] != out["linear"]
+    with pytest.raises(EsdConfigError, match="dense_param_bytes"):
+        _setup(dense_param_bytes=-1)
+    with pytest.raises(EsdConfigError, match="share_rounds"):
+        _setup(share_rounds=-1)
+
+
 def test_caches_follow_access_frequency():
     wl, tables, planner = _setup()
     plan = planner.plan()

@@ -11,9 +11,11 @@ PS's memory, plus (optionally) a sample of the workload, and decides:
 * each worker's cache capacity per ESD table, filling its memory budget with
   the rows of highest access frequency per byte (measured on the sample; in
   proportion to table size without one);
-* each worker's share ``B_w`` of the global batch, so that the expected time
-  per iteration (compute + expected miss traffic over its own link) is equal
-  across workers;
+* each worker's share ``B_w`` of the global batch, so that the predicted time
+  per iteration is equal across workers: compute, plus the rows the worker
+  moves at that share (replayed through the cache directory on the sample, so
+  that rows every worker pays once per iteration are not scaled with the
+  share) and its part of the dense gradient all-reduce, over its own link;
 * the PS layout (every table row-wise over all PS ranks, contiguous blocks:
   bytes balanced to a row; expected traffic per PS measured on the sample).
 
@@ -171,6 +173,12 @@ class EsdShardingPlanner:
         optimizer_state_per_row: optimizer floats per row (row-wise Adagrad: 1).
         constraints: per table, ``ParameterConstraints(sharding_types=[...])``
             with ``"data_parallel"`` or ``"esd_ps_cache"`` forces the choice.
+        dense_param_bytes: bytes of the model's dense (data-parallel)
+            parameters; every worker's link carries ``2 (W - 1) / W`` times
+            that per iteration (ring all-reduce of their gradients).
+        share_rounds: rebalancing rounds of the shares (each replays the
+            sample at the current shares); 0 keeps the shares of the
+            per-sample model measured at equal shares.
     """
 
     def __init__(
@@ -183,7 +191,15 @@ class EsdShardingPlanner:
         optimizer_state_per_row: int = 1,
         constraints: Optional[Mapping[str, ParameterConstraints]] = None,
         value_bytes: int = 4,
+        dense_param_bytes: int = 0,
+        share_rounds: int = 3,
     ) -> None:
+        if dense_param_bytes < 0:
+            raise EsdConfigError(f"dense_param_bytes must be >= 0, got {dense_param_bytes}")
+        if share_rounds < 0:
+            raise EsdConfigError(f"share_rounds must be >= 0, got {share_rounds}")
+        self.dense_param_bytes = int(dense_param_bytes)
+        self.share_rounds = int(share_rounds)
         if not workers:
             raise EsdConfigError("EsdShardingPlanner needs at least one worker")
         if not ps:
@@ -346,26 +362,68 @@ class EsdShardingPlanner:
         self, cache_rows: Sequence[Mapping[str, int]], esd_tables: Optional[Sequence[EmbeddingBagConfig]] = None
     ) -> List[float]:
         """Each worker's share ``B_w / B`` for the given caches (one ``{table:
-        rows}`` per worker; ``esd_tables`` default: all tables): shares inversely
-        proportional to the expected time per sample, compute (``1 /
-        samples_per_s``) plus the rows the worker transmits per sample (replayed
-        through the cache directory when a sample was given) over its link."""
+        rows}`` per worker; ``esd_tables`` default: all tables).
+
+        A worker's predicted step time is ``n_w a_w + f_w``: per sample,
+        compute (``1 / samples_per_s``) plus the rows it transmits per sample
+        over its link (``a_w``); per step, its latency and its part of the
+        dense all-reduce (``f_w``).  The shares equalise the step times
+        (closed form; a worker whose fixed time alone exceeds the others'
+        step gets the minimum of one sample).  Rows per sample come from
+        replaying the sample through the real cache directory (random
+        dispatch), first at equal shares, then ``share_rounds`` times at the
+        current shares (damped), because a worker pays hot rows once per
+        iteration whatever its share; without a sample, twice the expected
+        misses per sample."""
         esd_tables = list(self.tables) if esd_tables is None else list(esd_tables)
         if len(cache_rows) != len(self.workers):
             raise EsdConfigError(f"{len(cache_rows)} cache layouts for {len(self.workers)} workers")
         workers_out = [{"cache_rows": dict(c), "bandwidth_mbps": w.bandwidth_mbps} for c, w in zip(cache_rows, self.workers)]
-        rows_per_sample = self._simulated_rows_per_sample(esd_tables, workers_out)
-        times = []
-        for w, wo, r in zip(self.workers, workers_out, rows_per_sample):
-            if r is None:
-                r = self._expected_miss_rows_per_sample(esd_tables, wo["cache_rows"]) * 2
-            times.append(
-                1.0 / w.samples_per_s
-                + r * self.row_bytes / (w.bandwidth_mbps * 1e6 / 8)
-                + w.latency_ms / 1e3 / self.global_batch_size
-            )
-        inv = [1.0 / t for t in times]
-        return [round(x / sum(inv), 6) for x in inv]
+        W, B = len(self.workers), self.global_batch_size
+        bps = [w.bandwidth_mbps * 1e6 / 8 for w in self.workers]
+        sync = 2 * (W - 1) / W * self.dense_param_bytes
+        fixed = [w.latency_ms / 1e3 + sync / b for w, b in zip(self.workers, bps)]
+
+        def per_sample(rows: List[Optional[float]], prev: Optional[List[float]]) -> List[float]:
+            out = []
+            for i, (w, wo, r) in enumerate(zip(self.workers, workers_out, rows)):
+                if r is None:
+                    if prev is not None:  # no sample reached this worker: keep its estimate
+                        out.append(prev[i])
+                        continue
+                    r = self._expected_miss_rows_per_sample(esd_tables, wo["cache_rows"]) * 2
+                out.append(1.0 / w.samples_per_s + r * self.row_bytes / bps[i])
+            return out
+
+        a = per_sample(self._simulated_rows_per_sample(esd_tables, workers_out), None)
+        shares = self._equal_time_shares(a, fixed)
+        if self._sample is not None and esd_tables:
+            for _ in range(self.share_rounds):
+                a = per_sample(self._simulated_rows_per_sample(esd_tables, workers_out, shares), a)
+                new = self._equal_time_shares(a, fixed)
+                shares = [0.5 * (x + y) for x, y in zip(shares, new)]
+        total = sum(shares)
+        return [round(x / total, 6) for x in shares]
+
+    def _equal_time_shares(self, a: Sequence[float], fixed: Sequence[float]) -> List[float]:
+        """Shares ``n_w / B`` with ``n_w a_w + f_w`` equal over the workers
+        (``sum n_w = B``); workers whose fixed time alone is too long get one
+        sample and the rest is solved again."""
+        B = self.global_batch_size
+        floor = 1.0 / B
+        active = list(range(len(a)))
+        shares = [floor] * len(a)
+        while active:
+            left = B * (1.0 - floor * (len(a) - len(active)))
+            t = (left + sum(fixed[i] / a[i] for i in active)) / sum(1.0 / a[i] for i in active)
+            n = {i: (t - fixed[i]) / a[i] for i in active}
+            low = [i for i in active if n[i] < 1.0]
+            if not low or len(low) == len(active):
+                for i in active:
+                    shares[i] = max(n[i], 1.0) / B
+                break
+            active = [i for i in active if i not in low]
+        return shares
 
     def _allocate(self, esd_tables: Sequence[EmbeddingBagConfig], budget_rows: int) -> Dict[str, int]:
         """Rows per table: one each, then the most frequently accessed rows first
@@ -392,17 +450,19 @@ class EsdShardingPlanner:
             caps[n] += e
         return caps
 
-    def _simulated_rows_per_sample(self, esd_tables, workers_out) -> List[Optional[float]]:
+    def _simulated_rows_per_sample(self, esd_tables, workers_out, shares=None) -> List[Optional[float]]:
         """Rows each worker transmits per sample (all four kinds), replaying the
         workload sample through the real cache directory with the planned
-        caches, equal shares and random dispatch; ``None`` without a sample."""
+        caches, ``shares`` (default equal) and random dispatch; ``None``
+        without a sample (or for a worker that got no sample)."""
         if self._sample is None or not esd_tables:
             return [None] * len(self.workers)
         from torchrec_esd.cache import CacheDirectory
         from torchrec_esd.runtime import select_kjt_keys
 
         cfg = EsdConfig(
-            [WorkerSpec(dict(wo["cache_rows"]), wo["bandwidth_mbps"]) for wo in workers_out],
+            [WorkerSpec(dict(wo["cache_rows"]), wo["bandwidth_mbps"], share=1.0 if shares is None else max(s, 1e-9))
+             for wo, s in zip(workers_out, shares or [None] * len(workers_out))],
             num_ps=len(self.ps),
         )
         directory = CacheDirectory(cfg, esd_tables)

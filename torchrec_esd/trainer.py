@@ -152,6 +152,12 @@ def _dense_params(model: nn.Module):
     return [p for n, p in model.named_parameters() if "embedding_bag_collection" not in n]
 
 
+def dense_param_bytes(job: JobConfig, workload) -> int:
+    """Bytes of ``job``'s DLRM dense parameters (what DDP all-reduces each
+    step; e.g. ``EsdShardingPlanner(dense_param_bytes=...)``)."""
+    return sum(p.numel() * p.element_size() for p in _dense_params(build_model(job, workload)))
+
+
 def _dense_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     out = {}
     for n, p in model.named_parameters():
