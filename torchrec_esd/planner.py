@@ -379,7 +379,7 @@ class EsdShardingPlanner:
         if len(cache_rows) != len(self.workers):
             raise EsdConfigError(f"{len(cache_rows)} cache layouts for {len(self.workers)} workers")
         workers_out = [{"cache_rows": dict(c), "bandwidth_mbps": w.bandwidth_mbps} for c, w in zip(cache_rows, self.workers)]
-        W, B = len(self.workers), self.global_batch_size
+        W = len(self.workers)
         bps = [w.bandwidth_mbps * 1e6 / 8 for w in self.workers]
         sync = 2 * (W - 1) / W * self.dense_param_bytes
         fixed = [w.latency_ms / 1e3 + sync / b for w, b in zip(self.workers, bps)]
