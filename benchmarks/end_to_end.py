@@ -107,6 +107,9 @@ def parse_args(argv=None):
                    help="per-worker compute throughput the +plan shares assume (vanilla TorchRec measured "
                         "about 24 ms CPU per 128-sample step per worker on the 2-core machine)")
     p.add_argument("--staleness", type=int, default=0)
+    p.add_argument("--dense-sync", default="star", choices=["ring", "star"],
+                   help="ESD methods' dense-gradient all-reduce: star through the fastest worker, or DDP's ring "
+                        "(vanilla TorchRec always uses DDP's ring)")
     p.add_argument("--dispatch-ahead", type=int, default=1,
                    help="ESD methods dispatch this many batches ahead in a background thread (0: inline)")
     p.add_argument("--sparse-optimizer", default="rowwise_adagrad", choices=["sgd", "rowwise_adagrad"])
@@ -178,6 +181,7 @@ def planned_workers(spec: Dict, mix: Dict, cache: Dict[str, int], latency_ms: fl
         global_batch_size=spec["batch"],
         optimizer_state_per_row=1 if spec["sparse_optimizer"] == "rowwise_adagrad" else 0,
         dense_param_bytes=dense,
+        dense_sync=spec["dense_sync"],
     )
     shares = planner.shares_for([cache] * len(mix["bandwidths"]))
     return heterogeneous_workers(mix["bandwidths"], cache, latency_ms=latency_ms, shares=shares)
@@ -240,7 +244,7 @@ def rank_main(spec_path: str) -> None:
                     planned = planned or planned_workers(spec, mix, cache, latency_ms, workload)
                     cfg = dataclasses.replace(cfg, workers=planned)
                 job = JobConfig(method="esd", dispatcher=dispatcher, dispatch_ahead=spec["dispatch_ahead"],
-                                **{**base, "esd": cfg})
+                                dense_sync=spec["dense_sync"], **{**base, "esd": cfg})
             dist.barrier()
             c0, t0, p0 = _iface_counters(), time.perf_counter(), time.process_time()
             r = run(job)
@@ -315,7 +319,7 @@ def launch(args, mixes: List[Dict], methods: List[str]) -> Dict:
         "embedding_dim": args.embedding_dim, "max_cardinality": args.max_cardinality, "alpha": args.alpha,
         "cache_fraction": args.cache_fraction, "staleness": args.staleness, "samples_per_s": args.samples_per_s,
         "sparse_optimizer": args.sparse_optimizer, "input_mode": args.input_mode, "repeats": args.repeats,
-        "dispatch_ahead": args.dispatch_ahead,
+        "dispatch_ahead": args.dispatch_ahead, "dense_sync": args.dense_sync,
         "barrier_timeout_s": max(300.0, args.timeout_s / 2),
     }
     spec_path = os.path.join(tmp, "spec.json")
@@ -581,7 +585,9 @@ def markdown(args, summary: Dict, links: str, meta: Dict) -> str:
         f"Setup: {meta['W']} workers + {args.num_ps} PS, {args.steps} steps, global batch {args.batch}, "
         f"26 Zipf(alpha {args.alpha:g}) sparse features, max cardinality {args.max_cardinality}, "
         f"embedding dim {args.embedding_dim}, caches {100 * args.cache_fraction:g} % of every table, "
-        f"{args.sparse_optimizer}, staleness {args.staleness}, ESD input mode {args.input_mode}; "
+        f"{args.sparse_optimizer}, staleness {args.staleness}, ESD input mode {args.input_mode}, ESD methods "
+        f"dispatch {args.dispatch_ahead} batch(es) ahead and all-reduce dense gradients by {args.dense_sync} "
+        f"(vanilla: DDP's ring); "
         f"{os.cpu_count()} CPU cores, the benchmark's ranks used {meta['cpu']['benchmark_cores']:.2f} cores on average"
         + (f", other processes {meta['cpu']['other_cores']:.2f}" if meta["cpu"].get("other_cores") is not None else "")
         + ". "

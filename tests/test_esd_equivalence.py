@@ -51,10 +51,12 @@ def test_equivalence_two_workers_two_ps_sgd_local_batches():
     _compare(2, [1, 1], "heuristic", "sgd", "local", [1.0, 8.0], num_ps=2)
 
 
-def test_equivalence_four_workers_rowwise_adagrad_uneven_shares_train_pipeline():
-    # driven by TorchRec's TrainPipelineSparseDist (input_dist run ahead)
+def test_equivalence_four_workers_rowwise_adagrad_uneven_shares_train_pipeline_star_dense_sync():
+    # driven by TorchRec's TrainPipelineSparseDist (input_dist run ahead); the
+    # dense gradients are all-reduced through the fastest worker (worker 3)
     _, esd = _compare(
-        4, [1, 2, 2, 3], "random", "rowwise_adagrad", "global", [1.0, 2.0, 4.0, 8.0], use_pipeline=True
+        4, [1, 2, 2, 3], "random", "rowwise_adagrad", "global", [1.0, 2.0, 4.0, 8.0], use_pipeline=True,
+        dense_sync="star",
     )
     states = esd[0]["tables_state"]
     assert all(s.shape[1] == 1 and float(s.max()) > 0 for s in states.values())
@@ -101,9 +103,10 @@ def test_equivalence_des_misses_two_workers_two_ps_sgd():
     _des_used(esd, 2)
 
 
-def test_equivalence_des_misses_four_workers_rowwise_adagrad_train_pipeline():
+def test_equivalence_des_misses_four_workers_rowwise_adagrad_train_pipeline_dispatch_ahead():
     _, esd = _compare(4, [1, 2, 2, 3], "random", "rowwise_adagrad", "global", [1.0, 2.0, 4.0, 8.0],
-                      workload=MULTI_HOT, cache=MULTI_HOT_CACHE, des_misses=True, use_pipeline=True)
+                      workload=MULTI_HOT, cache=MULTI_HOT_CACHE, des_misses=True, use_pipeline=True,
+                      dispatch_ahead=1)
     _des_used(esd, 4)
 
 

@@ -94,19 +94,25 @@ def test_shares_count_the_dense_all_reduce_and_rebalance_on_the_replay():
     workers = [WorkerResources(4 * MiB, bw) for bw in (1000, 100, 10)]
     same = None
     out = {}
-    for key, kw in {"base": {}, "dense": {"dense_param_bytes": 200_000}, "linear": {"share_rounds": 0}}.items():
+    cases = {"base": {}, "dense": {"dense_param_bytes": 20_000}, "linear": {"share_rounds": 0},
+             "star": {"dense_param_bytes": 20_000, "dense_sync": "star"}}
+    for key, kw in cases.items():
         _, tables, planner = _setup(workers=workers, **kw)
         same = same or [{t.name: max(1, t.num_embeddings // 10) for t in tables}] * 3
         out[key] = planner.shares_for(same)
         assert abs(sum(out[key]) - 1) < 1e-5 and out[key][0] > out[key][1] > out[key][2] > 0
     # the dense gradient crosses every link each step: the slow link gets fewer samples
     assert out["dense"][2] < out["base"][2]
+    # through the fastest worker the slow link carries the gradients once each way, not 2 (W-1)/W
+    assert out["base"][2] > out["star"][2] > out["dense"][2]
     # replaying at the planned shares moves them (a worker pays hot rows once per step)
     assert out["base"] != out["linear"]
     with pytest.raises(EsdConfigError, match="dense_param_bytes"):
         _setup(dense_param_bytes=-1)
     with pytest.raises(EsdConfigError, match="share_rounds"):
         _setup(share_rounds=-1)
+    with pytest.raises(EsdConfigError, match="dense_sync must be one of"):
+        _setup(dense_sync="tree")
 
 
 def test_caches_follow_access_frequency():

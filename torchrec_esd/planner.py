@@ -176,6 +176,10 @@ class EsdShardingPlanner:
         dense_param_bytes: bytes of the model's dense (data-parallel)
             parameters; every worker's link carries ``2 (W - 1) / W`` times
             that per iteration (ring all-reduce of their gradients).
+        dense_sync: how the dense gradients are all-reduced: ``"ring"``
+            (DDP's: ``2 (W - 1) / W`` of them over every link) or ``"star"``
+            (:mod:`torchrec_esd.dense_sync`: once over every link but the
+            fastest worker's, which carries ``W - 1`` times them).
         share_rounds: rebalancing rounds of the shares (each replays the
             sample at the current shares); 0 keeps the shares of the
             per-sample model measured at equal shares.
@@ -193,7 +197,13 @@ class EsdShardingPlanner:
         value_bytes: int = 4,
         dense_param_bytes: int = 0,
         share_rounds: int = 3,
+        dense_sync: str = "ring",
     ) -> None:
+        from torchrec_esd.dense_sync import DENSE_SYNCS
+
+        if dense_sync not in DENSE_SYNCS:
+            raise EsdConfigError(f"dense_sync must be one of {DENSE_SYNCS}, got {dense_sync!r}")
+        self.dense_sync = dense_sync
         if dense_param_bytes < 0:
             raise EsdConfigError(f"dense_param_bytes must be >= 0, got {dense_param_bytes}")
         if share_rounds < 0:
@@ -381,8 +391,14 @@ class EsdShardingPlanner:
         workers_out = [{"cache_rows": dict(c), "bandwidth_mbps": w.bandwidth_mbps} for c, w in zip(cache_rows, self.workers)]
         W = len(self.workers)
         bps = [w.bandwidth_mbps * 1e6 / 8 for w in self.workers]
-        sync = 2 * (W - 1) / W * self.dense_param_bytes
-        fixed = [w.latency_ms / 1e3 + sync / b for w, b in zip(self.workers, bps)]
+        if self.dense_sync == "star":
+            from torchrec_esd.dense_sync import fastest_worker
+
+            hub = fastest_worker([w.bandwidth_mbps for w in self.workers])
+            sync = [(W - 1 if i == hub else 1) * self.dense_param_bytes for i in range(W)]
+        else:
+            sync = [2 * (W - 1) / W * self.dense_param_bytes] * W
+        fixed = [w.latency_ms / 1e3 + y / b for w, y, b in zip(self.workers, sync, bps)]
 
         def per_sample(rows: List[Optional[float]], prev: Optional[List[float]]) -> List[float]:
             out = []

@@ -58,6 +58,7 @@ class JobConfig:
     progress: bool = False  # tqdm progress bar on rank 0
     use_pipeline: bool = False  # ESD: drive steps with TorchRec's TrainPipelineSparseDist
     dispatch_ahead: int = 0  # ESD: dispatch this many batches ahead in a background thread (0: off)
+    dense_sync: str = "ring"  # ESD: dense-gradient all-reduce, "ring" (DDP's) or "star" (torchrec_esd.dense_sync)
     auc_steps: int = 10  # AUC over the predictions of the last steps
     # DES only (method="des", see _des): "row_wise" | "table_wise"
     des_sharding: str = "row_wise"
@@ -296,6 +297,11 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
         sharders=[EsdEmbeddingBagCollectionSharder(runtime)],
         device=torch.device("cpu"),
     )
+    if job.dense_sync != "ring":
+        from torchrec_esd.dense_sync import register_dense_sync
+
+        if not register_dense_sync(dmp, job.dense_sync, [w.bandwidth_mbps for w in cfg.workers], runtime.worker_group):
+            raise EsdConfigError(f"dense_sync={job.dense_sync!r}: the model has no DistributedDataParallel part")
     dense_opt = torch.optim.SGD(_dense_params(dmp), lr=job.dense_lr)
     dispatch = EsdInputDist(runtime, make_dispatcher(job.dispatcher, **job.dispatcher_kwargs), mode=job.input_mode)
     me = runtime.worker_index

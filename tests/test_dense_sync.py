@@ -1,0 +1,67 @@
+"""The star all-reduce of the dense gradients (torchrec_esd.dense_sync)."""
+
+import pytest
+import torch
+
+from torchrec_esd.config import EsdConfigError
+from torchrec_esd.dense_sync import fastest_worker, register_dense_sync
+from torchrec_esd.launch import run_local_world
+
+
+def test_fastest_worker_is_the_hub():
+    assert fastest_worker([10.0, 1000.0, 50.0]) == 1
+    assert fastest_worker([100.0, 100.0]) == 0  # ties: the lowest index
+    with pytest.raises(EsdConfigError, match="no workers"):
+        fastest_worker([])
+
+
+def _ddp_grads(mode):
+    """Gradients of a DDP-wrapped model on this rank, with the ``mode`` sync,
+    after one backward on rank-specific data; also the bytes this rank sent."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    ddp = DistributedDataParallel(model)
+    n = register_dense_sync(ddp, mode, [10.0, 1000.0, 50.0][:world])
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(4 + rank, 7, generator=g)
+    ddp(x).pow(2).sum().backward()
+    # what the mean gradient must be: every rank's local gradient, averaged
+    local = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    local.load_state_dict(model.state_dict())
+    local(x).pow(2).sum().backward()
+    mine = torch.cat([p.grad.reshape(-1) for p in local.parameters()])
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    return {
+        "hooked": n,
+        "grad": torch.cat([p.grad.reshape(-1) for p in model.parameters()]),
+        "expected": torch.stack(every).mean(0),
+    }
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_star_allreduce_gives_the_mean_gradient_on_every_rank(world):
+    out = run_local_world(_ddp_grads, world, "star", timeout_s=120)
+    for r in range(world):
+        assert out[r]["hooked"] == 1
+        torch.testing.assert_close(out[r]["grad"], out[r]["expected"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out[r]["grad"], out[0]["grad"], rtol=0, atol=0)  # identical everywhere
+
+
+def _bad_mode(_):
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(torch.nn.Linear(2, 2))
+    with pytest.raises(EsdConfigError, match="dense_sync must be one of"):
+        register_dense_sync(ddp, "tree", [1.0, 2.0])
+    with pytest.raises(EsdConfigError, match="3 worker bandwidths for a group of 2"):
+        register_dense_sync(ddp, "star", [1.0, 2.0, 3.0])
+    return register_dense_sync(ddp, "ring", [1.0, 2.0])  # DDP's own: nothing installed
+
+
+def test_bad_dense_sync_settings_are_refused():
+    assert run_local_world(_bad_mode, 2, None, timeout_s=120) == [0, 0]

@@ -1,0 +1,93 @@
+"""Bandwidth-aware all-reduce of the dense (data-parallel) gradients.
+
+``DistributedModelParallel`` wraps the dense part of the model in
+``DistributedDataParallel``, whose default all-reduce on gloo is a ring: every
+worker's link carries ``2 (W - 1) / W`` times the gradient bucket in each
+direction, the slowest link included.  On heterogeneous links a *star* through
+the fastest worker (the hub) is cheaper for every other worker: it sends its
+bucket to the hub once and receives the sum once (``1x`` each way, the least
+any all-reduce can give it); the hub's own fast link carries ``W - 1`` times
+the bucket each way.
+
+:func:`star_allreduce_hook` is a DDP communication hook with that exchange.
+Like DDP's default hook it returns the mean over the workers (the sum divided
+by ``W``); the hub adds the buckets in worker order, so only the float
+summation order differs from the ring.  :func:`register_dense_sync` installs it
+on every DDP module of a DMP-wrapped model (before the first backward).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from torchrec_esd.config import EsdConfigError
+
+DENSE_SYNCS = ("ring", "star")
+
+
+def fastest_worker(bandwidths_mbps: Sequence[float]) -> int:
+    """The hub of the star: the worker with the highest bandwidth (lowest index on ties)."""
+    if not bandwidths_mbps:
+        raise EsdConfigError("no workers to choose a dense-sync hub from")
+    return max(range(len(bandwidths_mbps)), key=lambda w: (bandwidths_mbps[w], -w))
+
+
+def star_allreduce_hook(hub: int, group=None):
+    """DDP comm hook: mean of the gradient bucket over ``group`` through ``hub``
+    (a rank of ``group``), by point-to-point sends; see the module docstring."""
+    world = dist.get_world_size(group)
+    if not 0 <= hub < world:
+        raise EsdConfigError(f"dense-sync hub {hub} is not a rank of a group of {world}")
+
+    def hook(state, bucket):  # no annotations: DDP checks them literally
+        buf = bucket.buffer()
+        me = dist.get_rank(group)
+        if world > 1:
+            if me == hub:
+                parts: List[Optional[torch.Tensor]] = [None] * world
+                parts[hub] = buf.clone()
+                for r in range(world):
+                    if r != hub:
+                        parts[r] = torch.empty_like(buf)
+                        dist.recv(parts[r], group=group, group_src=r)
+                total = parts[0].clone()  # type: ignore[union-attr]
+                for r in range(1, world):
+                    total.add_(parts[r])  # type: ignore[arg-type]
+                buf.copy_(total)
+                sends = [dist.isend(buf, group=group, group_dst=r) for r in range(world) if r != hub]
+                for s in sends:
+                    s.wait()  # type: ignore[union-attr]
+            else:
+                dist.send(buf, group=group, group_dst=hub)
+                dist.recv(buf, group=group, group_src=hub)
+        buf.div_(world)
+        fut: torch.futures.Future = torch.futures.Future()
+        fut.set_result(buf)
+        return fut
+
+    return hook
+
+
+def register_dense_sync(model: nn.Module, mode: str, bandwidths_mbps: Sequence[float], group=None) -> int:
+    """Install the ``mode`` all-reduce (``"ring"``: DDP's own, nothing to do;
+    ``"star"``: :func:`star_allreduce_hook` through the fastest worker) on
+    every ``DistributedDataParallel`` inside ``model``; returns how many DDP
+    modules got the hook."""
+    if mode not in DENSE_SYNCS:
+        raise EsdConfigError(f"dense_sync must be one of {DENSE_SYNCS}, got {mode!r}")
+    if mode == "ring":
+        return 0
+    if dist.get_world_size(group) != len(bandwidths_mbps):
+        raise EsdConfigError(
+            f"dense sync: {len(bandwidths_mbps)} worker bandwidths for a group of {dist.get_world_size(group)}"
+        )
+    ddps = [m for m in model.modules() if isinstance(m, DistributedDataParallel)]
+    hook = star_allreduce_hook(fastest_worker(list(bandwidths_mbps)), group)
+    for m in ddps:
+        m.register_comm_hook(None, hook)
+    return len(ddps)
