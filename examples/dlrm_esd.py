@@ -53,6 +53,8 @@ def parse_args(argv=None):
                    help="with --criteo-tsv: use only the first MAX_ROWS rows (batches wrap around)")
     p.add_argument("--dispatchers", default="hybrid", help="comma-separated: hybrid,optimal,heuristic,laia,random")
     p.add_argument("--staleness", type=int, default=0, help="ESD staleness bound s (0 = synchronous)")
+    p.add_argument("--dense-sync", default="star", choices=["ring", "star"],
+                   help="ESD's dense-gradient all-reduce: through the fastest worker, or DDP's ring")
     p.add_argument("--dispatch-ahead", type=int, default=1,
                    help="dispatch this many batches ahead in a background thread (0: inline, batch by batch)")
     p.add_argument("--sparse-optimizer", default="rowwise_adagrad", choices=["sgd", "rowwise_adagrad"])
@@ -94,7 +96,8 @@ def main(argv=None) -> None:
         if rank == 0:
             results["vanilla"] = _summary(r, args)
     for name in args.dispatchers.split(","):
-        r = run(JobConfig(method="esd", dispatcher=name, dispatch_ahead=args.dispatch_ahead, **base))
+        r = run(JobConfig(method="esd", dispatcher=name, dispatch_ahead=args.dispatch_ahead,
+                          dense_sync=args.dense_sync, **base))
         if rank == 0:
             results[f"esd_{name}"] = _summary(r, args)
     if rank == 0:
