@@ -165,10 +165,15 @@ class EsdInputDist(nn.Module):
         try:
             d = self._dispatch(batch, self.runtime.worker_group, self.device)
         except _BadBatch as e:
-            # every worker sees the same global ids, so every worker fails here
-            self.runtime.abort(f"bad batch: {e.error}")
-            raise e.error from None
+            self._fail(e)
         return self._adopt(d)
+
+    def _fail(self, e: _BadBatch) -> None:
+        """Stop the PS ranks and raise the batch's error (every worker sees the
+        same global ids, so every worker gets here; called from the training
+        thread, the only one that talks to the PS)."""
+        self.runtime.abort(f"bad batch: {e.error}")
+        raise e.error from None
 
     def dispatch_ahead(self, batches: Iterable[Batch], depth: int = 1) -> Iterator[Batch]:
         """This worker's batches of ``batches``, dispatched up to ``depth``
@@ -220,19 +225,16 @@ class EsdInputDist(nn.Module):
                     return
                 if kind == "error":
                     if isinstance(item, _BadBatch):
-                        rt.abort(f"bad batch: {item.error}")
-                        raise item.error from None
+                        self._fail(item)
                     raise item
-                yield self._adopt(item, self.device)
+                yield self._adopt(item)
         finally:
             stop.set()
             producer.join(timeout=1.0)
 
-    def _adopt(self, d: _Dispatched, device: Optional[torch.device] = None) -> Batch:
+    def _adopt(self, d: _Dispatched) -> Batch:
         """Make ``d`` the current batch (the attributes describe it)."""
         self.last_result, self.last_mine, self.loss_scale = d.result, d.mine, d.loss_scale
-        if device is not None and device.type != "cpu":
-            return d.local.to(device)
         return d.local
 
     def _dispatch(self, batch: Batch, group, device: torch.device) -> _Dispatched:

@@ -320,22 +320,20 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
                     batch = workload.local_batch(step, job.global_batch, me, W)
             except EsdConfigError as e:
                 # every worker reads the same global batch (a local batch is a
-                # slice of it), so every worker fails here: stop the PS ranks
-                # too (from the training thread: dispatch-ahead reads batches
-                # in its own thread, which must not talk to the PS)
+                # slice of it), so every worker fails here; _abort_on_bad_input
+                # stops the PS ranks from the training thread (dispatch-ahead
+                # reads batches in its own thread, which must not talk to the PS)
                 bad_input.append(f"bad input batch at step {step}: {e}")
-                if job.dispatch_ahead <= 0:
-                    runtime.abort(bad_input[0])
                 raise
             yield batch
 
     def dispatched():
         nonlocal samples_seen
         if job.dispatch_ahead > 0:
-            locals_ = _abort_on_bad_input(dispatch.dispatch_ahead(batches(), depth=job.dispatch_ahead))
+            locals_ = dispatch.dispatch_ahead(batches(), depth=job.dispatch_ahead)
         else:
             locals_ = (dispatch(batch) for batch in batches())
-        for local in locals_:
+        for local in _abort_on_bad_input(locals_):
             samples_seen += torch.bincount(dispatch.last_mine, minlength=job.global_batch)
             if dispatch.last_result is not None:
                 decisions.append(
