@@ -37,6 +37,19 @@ def fastest_worker(bandwidths_mbps: Sequence[float]) -> int:
     return max(range(len(bandwidths_mbps)), key=lambda w: (bandwidths_mbps[w], -w))
 
 
+def link_bytes_per_step(mode: str, bandwidths_mbps: Sequence[float], dense_bytes: int) -> List[float]:
+    """Bytes of the dense all-reduce on every worker's link per step and
+    direction: ``"ring"`` ``2 (W - 1) / W`` of the gradients on every link,
+    ``"star"`` once on every link but the hub's, ``W - 1`` times on the hub's."""
+    if mode not in DENSE_SYNCS:
+        raise EsdConfigError(f"dense_sync must be one of {DENSE_SYNCS}, got {mode!r}")
+    W = len(bandwidths_mbps)
+    if mode == "star":
+        hub = fastest_worker(bandwidths_mbps)
+        return [float((W - 1 if w == hub else 1) * dense_bytes) for w in range(W)]
+    return [2 * (W - 1) / W * dense_bytes] * W
+
+
 def star_allreduce_hook(hub: int, group=None):
     """DDP comm hook: mean of the gradient bucket over ``group`` through ``hub``
     (a rank of ``group``), by point-to-point sends; see the module docstring."""
@@ -50,7 +63,7 @@ def star_allreduce_hook(hub: int, group=None):
         if world > 1:
             if me == hub:
                 parts: List[Optional[torch.Tensor]] = [None] * world
-                parts[hub] = buf.clone()
+                parts[hub] = buf  # not written before the sum is complete
                 for r in range(world):
                     if r != hub:
                         parts[r] = torch.empty_like(buf)

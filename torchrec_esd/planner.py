@@ -40,6 +40,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_esd.config import EsdConfig, EsdConfigError, WorkerSpec
+from torchrec_esd.dense_sync import DENSE_SYNCS, link_bytes_per_step
 
 ESD = "esd_ps_cache"
 REPLICATED = "data_parallel"
@@ -174,12 +175,12 @@ class EsdShardingPlanner:
         constraints: per table, ``ParameterConstraints(sharding_types=[...])``
             with ``"data_parallel"`` or ``"esd_ps_cache"`` forces the choice.
         dense_param_bytes: bytes of the model's dense (data-parallel)
-            parameters; every worker's link carries ``2 (W - 1) / W`` times
-            that per iteration (ring all-reduce of their gradients).
+            parameters, whose gradients cross every worker's link each step.
         dense_sync: how the dense gradients are all-reduced: ``"ring"``
             (DDP's: ``2 (W - 1) / W`` of them over every link) or ``"star"``
             (:mod:`torchrec_esd.dense_sync`: once over every link but the
-            fastest worker's, which carries ``W - 1`` times them).
+            fastest worker's, which carries ``W - 1`` times them); see
+            :func:`torchrec_esd.dense_sync.link_bytes_per_step`.
         share_rounds: rebalancing rounds of the shares (each replays the
             sample at the current shares); 0 keeps the shares of the
             per-sample model measured at equal shares.
@@ -199,8 +200,6 @@ class EsdShardingPlanner:
         share_rounds: int = 3,
         dense_sync: str = "ring",
     ) -> None:
-        from torchrec_esd.dense_sync import DENSE_SYNCS
-
         if dense_sync not in DENSE_SYNCS:
             raise EsdConfigError(f"dense_sync must be one of {DENSE_SYNCS}, got {dense_sync!r}")
         self.dense_sync = dense_sync
@@ -326,7 +325,7 @@ class EsdShardingPlanner:
                     "share": 0.0,
                 }
             )
-        # 3) shares: equal expected time per sample (compute + expected miss traffic)
+        # 3) shares: equal predicted step time (see shares_for)
         for wo, share in zip(workers_out, self.shares_for([wo["cache_rows"] for wo in workers_out], esd_tables)):
             wo["share"] = share
         if self._freq is None:
@@ -389,15 +388,8 @@ class EsdShardingPlanner:
         if len(cache_rows) != len(self.workers):
             raise EsdConfigError(f"{len(cache_rows)} cache layouts for {len(self.workers)} workers")
         workers_out = [{"cache_rows": dict(c), "bandwidth_mbps": w.bandwidth_mbps} for c, w in zip(cache_rows, self.workers)]
-        W = len(self.workers)
         bps = [w.bandwidth_mbps * 1e6 / 8 for w in self.workers]
-        if self.dense_sync == "star":
-            from torchrec_esd.dense_sync import fastest_worker
-
-            hub = fastest_worker([w.bandwidth_mbps for w in self.workers])
-            sync = [(W - 1 if i == hub else 1) * self.dense_param_bytes for i in range(W)]
-        else:
-            sync = [2 * (W - 1) / W * self.dense_param_bytes] * W
+        sync = link_bytes_per_step(self.dense_sync, [w.bandwidth_mbps for w in self.workers], self.dense_param_bytes)
         fixed = [w.latency_ms / 1e3 + y / b for w, y, b in zip(self.workers, sync, bps)]
 
         def per_sample(rows: List[Optional[float]], prev: Optional[List[float]]) -> List[float]:
