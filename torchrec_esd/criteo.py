@@ -52,7 +52,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_esd.config import EsdConfigError
-from torchrec_esd.workload import CRITEO_KAGGLE_CARDINALITIES, feature_table_configs, slice_batch
+from torchrec_esd.workload import feature_table_configs, resolve_cardinalities, slice_batch
 
 CHUNK_ROWS = 4096  # rows parsed at a time (and the granularity of the offset index)
 MISSING_ID = 0  # id of a missing categorical value in every table
@@ -118,22 +118,7 @@ class CriteoTsvConfig:
             isinstance(self.max_cardinality, int) and self.max_cardinality > 0,
             f"max_cardinality must be a positive int, got {self.max_cardinality!r}",
         )
-        if self.cardinalities is None:
-            base = CRITEO_KAGGLE_CARDINALITIES
-            self.cardinalities = tuple(
-                min(base[i % len(base)], self.max_cardinality) for i in range(self.num_sparse)
-            )
-        else:
-            self.cardinalities = tuple(self.cardinalities)
-            _require(
-                len(self.cardinalities) == self.num_sparse,
-                f"{len(self.cardinalities)} cardinalities given for {self.num_sparse} sparse features",
-            )
-            for i, c in enumerate(self.cardinalities):
-                _require(
-                    isinstance(c, int) and c > 0,
-                    f"cardinality of feature {i} must be a positive int, got {c!r}",
-                )
+        self.cardinalities = resolve_cardinalities(self.cardinalities, self.num_sparse, self.max_cardinality)
 
     @property
     def feature_names(self) -> List[str]:

@@ -34,6 +34,24 @@ CRITEO_KAGGLE_CARDINALITIES: Tuple[int, ...] = (
 )
 
 
+def resolve_cardinalities(
+    cardinalities: Optional[Sequence[int]], num_sparse: int, max_cardinality: int
+) -> Tuple[int, ...]:
+    """Rows of each sparse feature's table: ``cardinalities`` checked (one
+    positive int per feature), or by default Criteo Kaggle's capped at
+    ``max_cardinality``; raises :class:`EsdConfigError` otherwise."""
+    if cardinalities is None:
+        base = CRITEO_KAGGLE_CARDINALITIES
+        return tuple(min(base[i % len(base)], max_cardinality) for i in range(num_sparse))
+    cardinalities = tuple(cardinalities)
+    if len(cardinalities) != num_sparse:
+        raise EsdConfigError(f"{len(cardinalities)} cardinalities given for {num_sparse} sparse features")
+    for i, c in enumerate(cardinalities):
+        if not (isinstance(c, int) and c > 0):
+            raise EsdConfigError(f"cardinality of feature {i} must be a positive int, got {c!r}")
+    return cardinalities
+
+
 @dataclass
 class SyntheticWorkloadConfig:
     """Shape and skew of the synthetic workload.
@@ -88,24 +106,7 @@ class SyntheticWorkloadConfig:
             isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi and hi > 0,
             f"bag_size must be (min, max) with 0 <= min <= max and max > 0, got {self.bag_size!r}",
         )
-        if self.cardinalities is None:
-            base = CRITEO_KAGGLE_CARDINALITIES
-            self.cardinalities = tuple(
-                min(base[i % len(base)], self.max_cardinality)
-                for i in range(self.num_sparse)
-            )
-        else:
-            self.cardinalities = tuple(self.cardinalities)
-            req(
-                len(self.cardinalities) == self.num_sparse,
-                f"{len(self.cardinalities)} cardinalities given for"
-                f" {self.num_sparse} sparse features",
-            )
-            for i, c in enumerate(self.cardinalities):
-                req(
-                    isinstance(c, int) and c > 0,
-                    f"cardinality of feature {i} must be a positive int, got {c!r}",
-                )
+        self.cardinalities = resolve_cardinalities(self.cardinalities, self.num_sparse, self.max_cardinality)
 
     @property
     def feature_names(self) -> List[str]:
