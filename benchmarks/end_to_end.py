@@ -13,8 +13,9 @@ One invocation trains the same DLRM on the same seeded global batches with
   ``--methods ...,hybrid+plan,laia+plan,hybrid+des``): ``+des`` sets
   ``EsdConfig(des_misses=True)`` (misses served as pooled partial sums);
   ``+plan`` gives the workers the shares ``B_w`` of ``EsdShardingPlanner.shares_for``
-  (compute ``--samples-per-s`` and each link's expected traffic, with the same
-  caches as every other method) instead of equal shares,
+  (compute ``--samples-per-s``, each link's rows replayed at the planned shares
+  and the dense all-reduce of ``--dense-sync``, with the same caches as every
+  other method) instead of equal shares,
 
 for every bandwidth mix (default: heterogeneous 1000/100/50/10 Mbit/s and
 homogeneous 4x1000 Mbit/s; W = 4 workers + 1 parameter server, staleness 0).
@@ -76,6 +77,8 @@ def method_label(method: str) -> str:
     base, *variants = method.split("+")
     extra = {"des": "DES misses", "plan": "planned shares"}
     return " + ".join([LABEL.get(base, base)] + [extra.get(v, v) for v in variants])
+
+
 DEFAULT_MIXES = "hetero=1000,100,50,10;homo=1000,1000,1000,1000"
 
 
