@@ -2,9 +2,12 @@
 
 PS ranks hold every ESD table split row-wise into contiguous blocks (like
 TorchRec's row-wise sharding: block ``ceil(N / P)``), with the optimizer state.
-Workers talk to them in lock-step *phases* over one process group that spans
-all ranks; rank 0 announces each phase with a small header so that the PS
-loop (:meth:`ParameterServer.serve`) follows the workers' program:
+Workers talk to them in lock-step *phases* with point-to-point messages over
+one gloo group that spans all ranks: each phase, every worker sends every PS
+one request (a fixed frame naming the phase and the payload's counts, then
+the payload) and, for a push/pull, gets one reply, so that the PS loop
+(:meth:`ParameterServer.serve`) follows the workers' program and checks that
+they agree on it:
 
 * ``PHASE_PUSH_PULL``: workers push values (+ optimizer state) of dirty rows,
   the PS stores them, then answers the workers' pulls (value + state) and,
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -134,37 +138,113 @@ class RowRouting:
 
 
 # ---------------------------------------------------------------- wire
-class _Wire:
-    """Collectives of the ESD protocol on the all-ranks group (with timeout)."""
+FRAME = 8  # int64 words of a request frame: command, payload bytes, up to 6 counts
 
-    def __init__(self, group, world_size: int, ps_ranks: Sequence[int]) -> None:
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view(-1).view(torch.uint8)
+
+
+class _Reader:
+    """Typed slices of one received payload, in the order they were packed."""
+
+    def __init__(self, buf: torch.Tensor) -> None:
+        self.buf, self.pos = buf, 0
+
+    def take(self, n: int, dtype: torch.dtype, row=()) -> torch.Tensor:
+        width = math.prod(row) if row else 1
+        nbytes = n * width * torch.empty(0, dtype=dtype).element_size()
+        part = self.buf[self.pos : self.pos + nbytes]
+        if part.numel() != nbytes:
+            raise EsdRemoteError(f"a payload of {self.buf.numel()} bytes is shorter than its counts say")
+        self.pos += nbytes
+        # clone: a typed view needs an aligned start
+        return part.clone().view(dtype).view((n,) + tuple(row))
+
+    def done(self) -> None:
+        if self.pos != self.buf.numel():
+            raise EsdRemoteError(f"a payload of {self.buf.numel()} bytes is longer than its counts say")
+
+
+class _Wire:
+    """Point-to-point messages of the ESD protocol between workers and PS
+    ranks, on the all-ranks gloo group (every wait has the job's timeout).
+
+    A worker talks to a PS with a *request* (a fixed frame: command, payload
+    bytes, counts; then the payload, all tensors packed as bytes) and, where
+    the phase has one, gets a *reply* whose size both sides derive from the
+    counts.  Workers never exchange messages with each other here, and a PS
+    hears from every worker each phase (which checks that they agree on it).
+    """
+
+    def __init__(self, group, world_size: int, ps_ranks: Sequence[int], timeout_s: float = 120.0) -> None:
         self.group = group
         self.world = world_size
         self.ps_ranks = list(ps_ranks)
+        self.worker_ranks = [r for r in range(world_size) if r not in self.ps_ranks]
+        self.timeout = timedelta(seconds=timeout_s)
 
-    def header(self, cmd: int = 0, arg: int = 0) -> Tuple[int, int]:
-        h = torch.tensor([cmd, arg], dtype=torch.int64)
-        dist.broadcast(h, src=0, group=self.group)
-        return int(h[0]), int(h[1])
+    def _wait(self, works) -> None:
+        for w in works:
+            w.wait(self.timeout)
 
-    def exchange(self, send: torch.Tensor, send_counts: List[int], recv_counts: List[int], row_shape) -> torch.Tensor:
-        out = torch.empty((sum(recv_counts),) + tuple(row_shape), dtype=send.dtype)
-        dist.all_to_all_single(out, send.contiguous(), recv_counts, send_counts, group=self.group)
-        return out
+    # ---- worker side
+    def request(
+        self,
+        cmd: int,
+        counts: Sequence[Sequence[int]],
+        parts: Sequence[Sequence[torch.Tensor]],
+        reply_bytes: Optional[Sequence[int]] = None,
+    ) -> List[torch.Tensor]:
+        """Send every PS ``i`` the frame ``(cmd, counts[i])`` and the payload
+        ``parts[i]`` packed; returns the replies (``reply_bytes[i]`` bytes from
+        PS ``i``, nothing where 0)."""
+        works, replies = [], []
+        for i, dst in enumerate(self.ps_ranks):
+            payload = [_as_bytes(t) for t in parts[i] if t.numel()]
+            data = torch.cat(payload) if payload else torch.empty(0, dtype=torch.uint8)
+            frame = torch.zeros(FRAME, dtype=torch.int64)
+            frame[0], frame[1] = cmd, data.numel()
+            frame[2 : 2 + len(counts[i])] = torch.as_tensor(list(counts[i]), dtype=torch.int64)
+            works.append(dist.isend(frame, dst, group=self.group))
+            if data.numel():
+                works.append(dist.isend(data, dst, group=self.group))
+        for i, src in enumerate(self.ps_ranks):
+            n = int(reply_bytes[i]) if reply_bytes is not None else 0
+            buf = torch.empty(n, dtype=torch.uint8)
+            if n:
+                works.append(dist.irecv(buf, src, group=self.group))
+            replies.append(buf)
+        self._wait(works)
+        return replies
 
-    def counts(self, mine: torch.Tensor) -> torch.Tensor:
-        """mine: [world, k] counts this rank sends to each rank -> [world, k] received."""
-        out = torch.empty_like(mine)
-        dist.all_to_all_single(out, mine.contiguous(), group=self.group)
-        return out
+    # ---- PS side
+    def receive(self) -> Tuple[int, torch.Tensor, List[torch.Tensor]]:
+        """(command, counts ``[workers, 6]``, payload of each worker) of the
+        next request; raises if the workers are not in the same phase."""
+        frames = [torch.empty(FRAME, dtype=torch.int64) for _ in self.worker_ranks]
+        self._wait([dist.irecv(f, src, group=self.group) for f, src in zip(frames, self.worker_ranks)])
+        cmds = [int(f[0]) for f in frames]
+        payloads, works = [], []
+        for f, src in zip(frames, self.worker_ranks):
+            buf = torch.empty(int(f[1]), dtype=torch.uint8)
+            if buf.numel():
+                works.append(dist.irecv(buf, src, group=self.group))
+            payloads.append(buf)
+        self._wait(works)
+        if len(set(cmds)) != 1 and ABORT not in cmds:
+            raise EsdRemoteError(f"the workers are in different protocol phases (commands {cmds})")
+        cmd = ABORT if ABORT in cmds else cmds[0]
+        return cmd, torch.stack(frames)[:, 2:], payloads
 
-    def abort_message(self, msg: str = "") -> str:
-        """Broadcast rank 0's ``msg`` (fixed 4 KiB frame); returns it."""
-        data = torch.zeros(4096, dtype=torch.uint8)
-        raw = msg.encode()[:4096]
-        data[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
-        dist.broadcast(data, src=0, group=self.group)
-        return bytes(data.tolist()).rstrip(b"\0").decode(errors="replace")
+    def reply(self, parts: Sequence[Sequence[torch.Tensor]]) -> None:
+        """Send worker ``r`` the tensors ``parts[r]`` packed (nothing if empty)."""
+        works = []
+        for r, dst in enumerate(self.worker_ranks):
+            payload = [_as_bytes(t) for t in parts[r] if t.numel()]
+            if payload:
+                works.append(dist.isend(torch.cat(payload), dst, group=self.group))
+        self._wait(works)
 
 
 # ---------------------------------------------------------------- server
@@ -209,102 +289,105 @@ class ParameterServer:
     def serve(self) -> None:
         """Follow the workers' phases until STOP (or raise on ABORT)."""
         while True:
-            cmd, arg = self.wire.header()
+            cmd, counts, payloads = self.wire.receive()
             if cmd == PHASE_PUSH_PULL:
-                self._push_pull()
+                self._push_pull(counts, payloads)
             elif cmd == PHASE_GRADS:
-                self._grads()
+                self._grads(counts, payloads)
                 self.iterations += 1
             elif cmd == GATHER:
                 self._gather()
             elif cmd == STOP:
                 return
             elif cmd == ABORT:
-                raise EsdRemoteError(f"ESD job aborted by the workers: {self.wire.abort_message()}")
+                # every worker sends the message; the first non-empty one is raised
+                msg = next((bytes(p.tolist()).decode(errors="replace") for p in payloads if p.numel()), "")
+                raise EsdRemoteError(f"ESD job aborted by the workers: {msg}")
             else:
                 raise EsdRemoteError(f"parameter server got unknown command {cmd}")
 
-    def _recv_keys(self, k: int, key_weights: Sequence[int]):
-        """Per-sender counts ``[world, k]``, then the keys: ``sum_j
-        key_weights[j] * counts[:, j]`` int64 values from each sender."""
-        world = self.wire.world
-        counts = self.wire.counts(torch.zeros(world, k, dtype=torch.int64))
-        recv = (counts * torch.tensor(key_weights, dtype=torch.int64)).sum(1).tolist()
-        keys = self.wire.exchange(torch.empty(0, dtype=torch.int64), [0] * world, recv, ())
-        return counts, keys
-
-    def _push_pull(self) -> None:
-        world, row, dim = self.wire.world, self.routing.dim + self.optimizer.state_dim, self.routing.dim
+    def _push_pull(self, counts: torch.Tensor, payloads: List[torch.Tensor]) -> None:
+        """counts per worker: (pushes, pulls, DES pairs, DES bags, pair weights
+        sent?); payload: push keys, pull keys, packed DES pairs (int64), pushed
+        rows (value + state), pair weights.  Reply: pulled rows, then (DES) one
+        partial sum per bag."""
+        row, dim = self.routing.dim + self.optimizer.state_dim, self.routing.dim
         if self._des_pending is not None and sum(self._des_pending[3]):
             raise EsdRemoteError(
                 f"PS {self.ps_index}: a new push/pull phase began before the gradients of the "
                 "previous DES partial sums arrived (their updates would be lost)"
             )
-        # [world, (push, pull)] or, with DES, [world, (push, pull, des pairs, des bags)]
-        # counts per sender: (push, pull) or, with DES, (push, pull, DES pairs, DES bags,
-        # pair weights sent?); keys: pushes, pulls, then one packed int64 per DES pair
-        counts, keys = self._recv_keys(5, (1, 1, 1, 0, 0)) if self.des else self._recv_keys(2, (1, 1))
-        n_push = counts[:, 0].tolist()
-        vals = self.wire.exchange(torch.empty(0, row), [0] * world, n_push, (row,))
-        if self.des:
-            n_w = (counts[:, 2] * counts[:, 4]).tolist()
-            sent_w = torch.split(self.wire.exchange(torch.empty(0), [0] * world, n_w, ()), n_w)
-        # split keys of each sender into its pushes, pulls (and DES pairs)
-        push_keys, pull_keys, des_keys, des_bags, des_w, pos = [], [], [], [], [], 0
+        push_keys, push_vals, pull_keys, des_keys, des_bags, des_w = [], [], [], [], [], []
         bag_base, bags_per_sender = 0, []
-        for r in range(world):
-            a, b = int(counts[r, 0]), int(counts[r, 1])
-            push_keys.append(keys[pos : pos + a])
-            pull_keys.append(keys[pos + a : pos + a + b])
-            pos += a + b
+        for r, buf in enumerate(payloads):
+            a, b, c, nb, weighted = (int(x) for x in counts[r, :5])
+            if not self.des and (c or nb):
+                raise EsdRemoteError(f"PS {self.ps_index}: rank {r} sent a DES request to a PS without DES")
+            rd = _Reader(buf)
+            keys = rd.take(a + b + c, torch.int64)
+            push_keys.append(keys[:a])
+            pull_keys.append(keys[a : a + b])
+            push_vals.append(rd.take(a, torch.float32, (row,)))
             if self.des:
-                c, nb = int(counts[r, 2]), int(counts[r, 3])
-                packed = keys[pos : pos + c]
-                pos += c
+                packed = keys[a + b :]
                 if c and (nb <= 0 or int(packed.min()) < 0):
                     raise EsdRemoteError(f"PS {self.ps_index}: rank {r} sent a malformed DES request")
                 des_keys.append(packed // max(nb, 1))
                 des_bags.append(packed % max(nb, 1) + bag_base)
-                des_w.append(sent_w[r] if int(counts[r, 4]) else torch.ones(c))
+                des_w.append(rd.take(c, torch.float32) if weighted else torch.ones(c))
                 bag_base += nb
                 bags_per_sender.append(nb)
+            rd.done()
         pk = torch.cat(push_keys)
         if pk.numel():
             local = self._local(pk)
+            vals = torch.cat(push_vals)
             self.weights[local] = vals[:, :dim]
             self.state[local] = vals[:, dim:]
-        ql = torch.cat(pull_keys)
-        local = self._local(ql)
-        reply = torch.cat([self.weights[local], self.state[local]], dim=1)
-        self.wire.exchange(reply, counts[:, 1].tolist(), [0] * world, (row,))
+        replies = []
+        for ql in pull_keys:
+            local = self._local(ql)
+            replies.append([torch.cat([self.weights[local], self.state[local]], dim=1)])
         if self.des:
             # pooled partial sums, after the pushes above are stored
             dl = self._local(torch.cat(des_keys))
             db = torch.cat(des_bags)
             pair_w = torch.cat(des_w)
             partial = torch.zeros(bag_base, dim).index_add_(0, db, self.weights[dl] * pair_w.view(-1, 1))
-            self.wire.exchange(partial, bags_per_sender, [0] * world, (dim,))
+            for r, part in enumerate(torch.split(partial, bags_per_sender)):
+                replies[r].append(part)
             self._des_pending = (dl, db, pair_w, bags_per_sender)
+        self.wire.reply(replies)
 
-    def _grads(self) -> None:
-        world, dim = self.wire.world, self.routing.dim
-        counts, keys = self._recv_keys(2, (1, 0)) if self.des else self._recv_keys(1, (1,))
-        grads = self.wire.exchange(torch.empty(0, dim), [0] * world, counts[:, 0].tolist(), (dim,))
-        local = self._local(keys)
+    def _grads(self, counts: torch.Tensor, payloads: List[torch.Tensor]) -> None:
+        """counts per worker: (rows, DES bags); payload: row keys, row
+        gradients, bag gradients.  No reply."""
+        dim = self.routing.dim
+        keys, grads, bag_grads = [], [], []
+        for r, buf in enumerate(payloads):
+            n, nb = int(counts[r, 0]), int(counts[r, 1])
+            rd = _Reader(buf)
+            keys.append(rd.take(n, torch.int64))
+            grads.append(rd.take(n, torch.float32, (dim,)))
+            bag_grads.append(rd.take(nb, torch.float32, (dim,)))
+            rd.done()
+        local = self._local(torch.cat(keys))
+        grads = torch.cat(grads)
+        n_bags = counts[:, 1].tolist()
         if self.des:
-            n_bags = counts[:, 1].tolist()
-            dl, db, pair_w, expected = self._des_pending or (None, None, None, [0] * world)
+            dl, db, pair_w, expected = self._des_pending or (None, None, None, [0] * len(payloads))
             if n_bags != expected:
                 raise EsdRemoteError(
                     f"PS {self.ps_index}: DES bag gradients per rank {n_bags} do not match the bags "
                     f"served in the forward {expected}"
                 )
-            bag_grads = self.wire.exchange(torch.empty(0, dim), [0] * world, n_bags, (dim,))
             self._des_pending = None
             if dl is not None and dl.numel():
                 # d(sum_i w_i row_i)/d row_i = w_i: each pair's row gets w_i x its bag's gradient
                 local = torch.cat([local, dl])
-                grads = torch.cat([grads, bag_grads[db] * pair_w.view(-1, 1)])
+                grads = torch.cat([grads, torch.cat(bag_grads)[db] * pair_w.view(-1, 1)])
+        elif any(n_bags):
+            raise EsdRemoteError(f"PS {self.ps_index}: DES bag gradients sent to a PS without DES")
         if local.numel() == 0:
             return
         uniq, inv = torch.unique(local, return_inverse=True)
@@ -412,12 +495,6 @@ class PsClient:
         per = torch.bincount(p, minlength=self.routing.num_ps)
         return order, per
 
-    def _to_world(self, per_ps: torch.Tensor) -> List[int]:
-        out = [0] * self.wire.world
-        for i, r in enumerate(self.wire.ps_ranks):
-            out[r] = int(per_ps[i])
-        return out
-
     def push_pull(
         self,
         push_keys: torch.Tensor,
@@ -428,51 +505,47 @@ class PsClient:
         """Store ``push_vals`` [n, D+S] at ``push_keys``, then return the rows
         (value + state) of ``pull_keys`` in their order, and (with DES) the
         pooled partial sums ``[des.num_bags, D]`` of the DES request plus the
-        route that :meth:`push_grads` needs for the bags' gradients."""
-        row, dim, world = self.routing.dim + self.optimizer.state_dim, self.routing.dim, self.wire.world
+        route that :meth:`push_grads` needs for the bags' gradients.  One
+        request to and one reply from each PS."""
+        row, dim = self.routing.dim + self.optimizer.state_dim, self.routing.dim
         if des is not None and not self.des:
             raise EsdConfigError("a DES request on a PS client built without des_misses")
-        if self.rank == 0:
-            self.wire.header(PHASE_PUSH_PULL)
-        else:
-            self.wire.header()
         po, pper = self._by_ps(push_keys)
         qo, qper = self._by_ps(pull_keys)
-        counts = torch.zeros(world, 5 if self.des else 2, dtype=torch.int64)
         route: Optional[DesRoute] = None
         if self.des:
             route = DesRoute.build(self.routing, des if des is not None else DesRequest.empty())
-        for i, r in enumerate(self.wire.ps_ranks):
-            counts[r, 0], counts[r, 1] = pper[i], qper[i]
+        pk = torch.split(push_keys[po], pper.tolist())
+        pv = torch.split(push_vals[po].to(torch.float32), pper.tolist())
+        qk = torch.split(pull_keys[qo], qper.tolist())
+        counts, parts, reply = [], [], []
+        for i in range(self.routing.num_ps):
+            a, b = int(pper[i]), int(qper[i])
+            if route is None:
+                counts.append((a, b))
+                parts.append([pk[i], qk[i], pv[i]])
+                reply.append(b * row * 4)
+            else:
+                c, nb, wt = int(route.pairs_per_ps[i]), int(route.bags_per_ps[i]), route.weighted[i]
+                counts.append((a, b, c, nb, int(wt)))
+                parts.append([pk[i], qk[i], route.packed[i], pv[i]] + ([route.weights[i]] if wt else []))
+                reply.append((b * row + nb * dim) * 4)
+        got = self.wire.request(PHASE_PUSH_PULL, counts, parts, reply)
+        rows, partial_parts = [], []
+        for i, buf in enumerate(got):
+            rd = _Reader(buf)
+            rows.append(rd.take(int(qper[i]), torch.float32, (row,)))
             if route is not None:
-                counts[r, 2], counts[r, 3] = route.pairs_per_ps[i], route.bags_per_ps[i]
-                counts[r, 4] = int(route.weighted[i])
-        self.wire.counts(counts)
-        # keys: for each PS, its pushes, its pulls (then its packed DES pairs)
-        pk, qk = push_keys[po], pull_keys[qo]
-        psplit, qsplit = pper.tolist(), qper.tolist()
-        key_parts = []
-        for i, (a, b) in enumerate(zip(torch.split(pk, psplit), torch.split(qk, qsplit))):
-            key_parts += [a, b]
-            if route is not None:
-                key_parts.append(route.packed[i])
-        keys = torch.cat(key_parts) if key_parts else torch.empty(0, dtype=torch.int64)
-        sent = pper + qper + (route.pairs_per_ps if route is not None else 0)
-        self.wire.exchange(keys, self._to_world(sent), [0] * world, ())
-        self.wire.exchange(push_vals[po], self._to_world(pper), [0] * world, (row,))
-        if route is not None:
-            w_parts = [w for w, wt in zip(route.weights, route.weighted) if wt]
-            n_w = torch.tensor([w.numel() if wt else 0 for w, wt in zip(route.weights, route.weighted)])
-            send_w = torch.cat(w_parts) if w_parts else torch.empty(0)
-            self.wire.exchange(send_w, self._to_world(n_w), [0] * world, ())
-        got = self.wire.exchange(torch.empty(0, row), [0] * world, self._to_world(qper), (row,))
-        out = torch.empty_like(got)
-        out[qo] = got
+                partial_parts.append(rd.take(int(route.bags_per_ps[i]), torch.float32, (dim,)))
+            rd.done()
+        out = torch.empty(pull_keys.numel(), row)
+        out[qo] = torch.cat(rows)
         partial = torch.empty(0, dim)
         if route is not None:
-            parts = self.wire.exchange(torch.empty(0, dim), [0] * world, self._to_world(route.bags_per_ps), (dim,))
             # every PS summed the rows it owns; the bag's partial sum is the sum over PS
-            partial = torch.zeros(route.num_bags, dim).index_add_(0, torch.cat(route.ps_bags), parts)
+            partial = torch.zeros(route.num_bags, dim).index_add_(
+                0, torch.cat(route.ps_bags), torch.cat(partial_parts)
+            )
         return out, partial, route
 
     def push_grads(
@@ -480,24 +553,13 @@ class PsClient:
         des_grads: Optional[torch.Tensor] = None,
     ) -> None:
         """Send row gradients ``grads`` [n, D] of ``keys`` and (with DES) the
-        gradients ``des_grads`` [num_bags, D] of the bags served in the forward."""
-        if self.rank == 0:
-            self.wire.header(PHASE_GRADS)
-        else:
-            self.wire.header()
-        world, dim = self.wire.world, self.routing.dim
+        gradients ``des_grads`` [num_bags, D] of the bags served in the forward
+        (one request to each PS, no reply)."""
+        dim = self.routing.dim
         order, per = self._by_ps(keys)
-        counts = torch.zeros(world, 2 if self.des else 1, dtype=torch.int64)
         if self.des and des_route is None:
             des_route = DesRoute.build(self.routing, DesRequest.empty())
-        for i, r in enumerate(self.wire.ps_ranks):
-            counts[r, 0] = per[i]
-            if self.des:
-                counts[r, 1] = des_route.bags_per_ps[i]
-        self.wire.counts(counts)
-        split = self._to_world(per)
-        self.wire.exchange(keys[order], split, [0] * world, ())
-        self.wire.exchange(grads[order], split, [0] * world, (dim,))
+        send_bags: List[torch.Tensor] = [torch.empty(0, dim)] * self.routing.num_ps
         if self.des:
             if des_grads is None:
                 des_grads = torch.zeros(des_route.num_bags, dim)
@@ -505,15 +567,16 @@ class PsClient:
                 raise EsdConfigError(
                     f"DES bag gradients of shape {tuple(des_grads.shape)}, expected ({des_route.num_bags}, {dim})"
                 )
-            send = des_grads[torch.cat(des_route.ps_bags)] if des_route.num_bags else torch.empty(0, dim)
-            self.wire.exchange(send, self._to_world(des_route.bags_per_ps), [0] * world, (dim,))
+            send_bags = [des_grads[b] for b in des_route.ps_bags]
+        ks = torch.split(keys[order], per.tolist())
+        gs = torch.split(grads[order].to(torch.float32), per.tolist())
+        counts = [(int(per[i]), int(send_bags[i].shape[0])) for i in range(self.routing.num_ps)]
+        parts = [[ks[i], gs[i], send_bags[i]] for i in range(self.routing.num_ps)]
+        self.wire.request(PHASE_GRADS, counts, parts)
 
     def gather_tables(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
         """Full tables and optimizer states, assembled from all PS ranks."""
-        if self.rank == 0:
-            self.wire.header(GATHER)
-        else:
-            self.wire.header()
+        self._command(GATHER)
         r = self.routing
         parts_w, parts_s = [], []
         for i, src in enumerate(self.wire.ps_ranks):
@@ -535,15 +598,15 @@ class PsClient:
                 states[name][m] = parts_s[i][local[m]]
         return weights, states
 
+    def _command(self, cmd: int, payload: Optional[torch.Tensor] = None) -> None:
+        n = self.routing.num_ps
+        self.wire.request(cmd, [()] * n, [[payload] if payload is not None else []] * n)
+
     def stop(self) -> None:
-        if self.rank == 0:
-            self.wire.header(STOP)
-        else:
-            self.wire.header()
+        self._command(STOP)
 
     def abort(self, msg: str) -> None:
         """Make the PS ranks fail with ``msg``.  Every worker calls it (it is a
         collective); the message of worker 0 is the one the PS ranks raise."""
-        self.wire.header(ABORT if self.rank == 0 else 0)
-        self.wire.abort_message(msg)
+        self._command(ABORT, torch.tensor(list(msg.encode()[:4096]), dtype=torch.uint8))
 

@@ -130,7 +130,7 @@ class EsdRuntime:
         self._check_same_config_everywhere()
         self.routing = RowRouting(self.tables, config.num_ps)
         config.validate_tables({t.name: t.num_embeddings for t in self.tables})
-        self.wire = _Wire(self.all_group, self.world_size, config.ps_ranks())
+        self.wire = _Wire(self.all_group, self.world_size, config.ps_ranks(), config.collective_timeout_s)
         self.directory: Optional[CacheDirectory] = None
         self.client: Optional[PsClient] = None
         self.meter = TransmissionMeter()

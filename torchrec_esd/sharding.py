@@ -160,17 +160,18 @@ class ShardedEsdEmbeddingBagCollection(
             m.add(kind, wp.rows[kind], wp.rows[kind] * row)
         value_pushes = wp.push_keys.numel() - wp.rows["miss_push"]
         m.add("update_push", value_pushes, value_pushes * row)
-        m.add_message(link, wp.push_keys.numel() * (row + 8))
-        m.add_message(link, pull_keys.numel() * 8)
-        m.add_message(link, pull_keys.numel() * row)
         m.add_keys((wp.push_keys.numel() + pull_keys.numel()) * 8)
+        # one request (pushes, pull keys, DES pairs) and one reply (rows, partial sums)
+        request = wp.push_keys.numel() * (row + 8) + pull_keys.numel() * 8
+        reply = pull_keys.numel() * row
         if des is not None and des.keys.numel():
             up = route.wire_bytes()
             down = int(route.bags_per_ps.sum()) * self._dim * 4  # one partial sum per (bag, PS)
             m.add("des_pull", wp.rows.get("des_rows", 0), down)
             m.add_keys(up)
-            m.add_message(link, up)
-            m.add_message(link, down)
+            request, reply = request + up, reply + down
+        m.add_message(link, request)
+        m.add_message(link, reply)
         return got, partial, route
 
     def _lookup(self, plan: IterationPlan, kjt: KeyedJaggedTensor) -> KeyedTensor:
@@ -368,12 +369,13 @@ class ShardedEsdEmbeddingBagCollection(
         route = pending["des_route"]
         rt.client.push_grads(keys, grad[wp.grad_pos].detach(), route, des_grad)  # type: ignore[union-attr]
         rt.meter.add("update_push", keys.numel(), keys.numel() * self._dim * 4)
-        rt.meter.add_message(rt.link, keys.numel() * (self._dim * 4 + 8))
         rt.meter.add_keys(keys.numel() * 8)
+        request = keys.numel() * (self._dim * 4 + 8)  # one request: keys, row and bag gradients
         if route is not None and route.num_bags:
             vectors = int(route.bags_per_ps.sum())
             rt.meter.add("des_push", vectors, vectors * self._dim * 4)
-            rt.meter.add_message(rt.link, vectors * self._dim * 4)
+            request += vectors * self._dim * 4
+        rt.meter.add_message(rt.link, request)
         self._pending = None
 
     def _update_replicas(self, grad: torch.Tensor) -> None:
