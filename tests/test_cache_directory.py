@@ -203,3 +203,57 @@ def test_single_worker_tracking_gives_the_same_plans(policy):
         mine[0].views()
     with pytest.raises(EsdConfigError, match="not tracked"):
         mine[0].cached_keys(1)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_dense_slot_map_and_sorted_lookup_give_the_same_plans(policy, monkeypatch):
+    """Small tables keep a dense key -> slot map per worker; large ones look
+    keys up by sorting the cache: the plans must not depend on which."""
+    import torchrec_esd.cache as cache_mod
+
+    wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=3, cardinalities=[40, 200, 7], bag_size=(0, 4), alpha=1.1, seed=3))
+    tables = _tables(wl.config.cardinalities)
+    cfg = EsdConfig([WorkerSpec({"t_cat_0": 8, "t_cat_1": 30, "t_cat_2": 7}, 1.0), WorkerSpec(3, 1.0)], staleness=1, cache_policy=policy)
+    dense = CacheDirectory(cfg, tables)
+    monkeypatch.setattr(cache_mod, "DENSE_SLOT_MAP_ROWS", 0)
+    sorted_lookup = CacheDirectory(cfg, tables)
+    assert dense._w[0].slot_map is not None and sorted_lookup._w[0].slot_map is None
+    g = torch.Generator().manual_seed(5)
+    fields = ("used_keys", "used_slot", "push_keys", "push_slots", "pull_pos", "local_pos", "grad_pos")
+    for step in range(25):
+        kjt = wl.global_batch(step, 24).sparse_features
+        a = torch.randint(0, 2, (24,), generator=g)
+        pd, ps = dense.plan(kjt, a), sorted_lookup.plan(kjt, a)
+        for w in range(2):
+            for f in fields:
+                assert torch.equal(getattr(pd.workers[w], f), getattr(ps.workers[w], f)), (step, w, f)
+    every = torch.arange(dense.total_rows)
+    for w in range(2):
+        assert torch.equal(dense.slot_of(w, every), sorted_lookup.slot_of(w, every))
+        assert int((dense.slot_of(w, every) >= 0).sum()) == dense.cached_keys(w).numel()
+
+
+def test_flat_views_read_like_the_per_table_views():
+    """The cost model gives the same inputs from the flat snapshot as from the
+    per-table views, and refuses a snapshot of other tables."""
+    from torchrec_esd.cost import CostModel
+
+    wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=3, cardinalities=[40, 200, 7], bag_size=(0, 4), alpha=1.1, seed=4))
+    tables = _tables(wl.config.cardinalities)
+    cfg = EsdConfig([WorkerSpec(6, 1000.0), WorkerSpec(3, 10.0), WorkerSpec(4, 100.0)], staleness=1)
+    d = CacheDirectory(cfg, tables)
+    cm = CostModel(cfg, tables, optimizer_state_bytes_per_row=4)
+    g = torch.Generator().manual_seed(2)
+    for step in range(12):
+        kjt = wl.global_batch(step, 30).sparse_features
+        flat, views = d.flat_views(), d.views()
+        assert torch.equal(cm.matrix(kjt, flat), cm.matrix(kjt, views))
+        assert torch.equal(cm.expected_matrix(kjt, flat), cm.expected_matrix(kjt, views))
+        assert torch.equal(cm.hit_matrix(kjt, flat), cm.hit_matrix(kjt, views))
+        d.plan(kjt, torch.randint(0, 3, (30,), generator=g))
+    assert int(d.flat_views().dirty.sum()) == sum(d.dirty_keys(w).numel() for w in range(3)) > 0
+    other = CostModel(cfg, list(reversed(tables)), optimizer_state_bytes_per_row=4)
+    with pytest.raises(ValueError, match="do not match"):
+        other.matrix(kjt, d.flat_views())
+    with pytest.raises(EsdConfigError, match="tracks every worker"):
+        CacheDirectory(cfg, tables, track=[1]).flat_views()

@@ -74,3 +74,12 @@ def test_job_pooling_must_be_sum_or_mean():
     assert {t.pooling for t in job_tables(JobConfig(pooling="mean"), wl)} == {PoolingType.MEAN}
     with pytest.raises(EsdConfigError, match="pooling must be 'sum' or 'mean', got 'max'"):
         job_tables(JobConfig(pooling="max"), wl)
+
+
+def test_mixed_uniform_and_per_table_capacities():
+    """A uniform capacity on one worker and per-table ones on another is valid;
+    unknown tables are named whichever worker lists them."""
+    cfg = EsdConfig([WorkerSpec(3, 100.0), WorkerSpec({"a": 2, "b": 1}, 10.0)])
+    cfg.validate_tables({"a": 10, "b": 5})
+    with pytest.raises(EsdConfigError, match=r"worker 1: cache_rows names unknown tables \['c'\]"):
+        EsdConfig([WorkerSpec(3, 100.0), WorkerSpec({"a": 2, "b": 1, "c": 1}, 10.0)]).validate_tables({"a": 10, "b": 5})

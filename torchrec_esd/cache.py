@@ -102,10 +102,22 @@ def _group_rank(groups: torch.Tensor, num_groups: int) -> Tuple[torch.Tensor, to
     return torch.arange(groups.numel()) - starts[groups], starts
 
 
+def _sorted_member(sorted_keys: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``keys`` in ``sorted_keys`` (ascending), as a bool mask."""
+    if sorted_keys.numel() == 0:
+        return torch.zeros_like(keys, dtype=torch.bool)
+    pos = torch.searchsorted(sorted_keys, keys).clamp_(max=sorted_keys.numel() - 1)
+    return sorted_keys[pos] == keys
+
+
+# a worker's key -> slot map is a dense array below this many rows (all tables), else a sort per lookup
+DENSE_SLOT_MAP_ROWS = 1 << 23  # int32: at most 32 MiB per tracked worker
+
+
 class _WorkerState:
     """Metadata of one worker's cache slots (all tables, table-major blocks)."""
 
-    def __init__(self, capacities: List[int]) -> None:
+    def __init__(self, capacities: List[int], total_rows: int = 0) -> None:
         cap = torch.tensor(capacities, dtype=torch.int64)
         self.capacity = cap  # [T]
         n = int(cap.sum())
@@ -115,9 +127,23 @@ class _WorkerState:
         self.freq = torch.zeros(n, dtype=torch.int64)
         self.ver = torch.zeros(n, dtype=torch.int64)
         self.dirty = torch.zeros(n, dtype=torch.bool)
+        # slot of every row key (-1: not cached), kept in step with ``keys`` by :meth:`place`
+        dense = 0 < total_rows <= DENSE_SLOT_MAP_ROWS
+        self.slot_map = torch.full((total_rows,), -1, dtype=torch.int32) if dense else None
+
+    def place(self, slots: torch.Tensor, keys: torch.Tensor) -> None:
+        """Put ``keys`` into ``slots`` (``-1``: empty them)."""
+        if self.slot_map is not None:
+            old = self.keys[slots]
+            self.slot_map[old[old >= 0]] = -1
+            new = keys >= 0
+            self.slot_map[keys[new]] = slots[new].to(torch.int32)
+        self.keys[slots] = keys
 
     def find(self, keys: torch.Tensor) -> torch.Tensor:
         """Slot of each key, -1 where not cached."""
+        if self.slot_map is not None:
+            return self.slot_map[keys].to(torch.int64)
         occupied = (self.keys >= 0).nonzero().view(-1)
         if occupied.numel() == 0 or keys.numel() == 0:
             return torch.full_like(keys, -1)
@@ -158,7 +184,8 @@ class CacheDirectory:
         if any(w < 0 or w >= self.num_workers for w in self.tracked):
             raise EsdConfigError(f"tracked workers {self.tracked} outside [0, {self.num_workers})")
         self._w: Dict[int, _WorkerState] = {
-            w: _WorkerState([config.workers[w].cache_rows_for(t.name) for t in self.tables]) for w in self.tracked
+            w: _WorkerState([config.workers[w].cache_rows_for(t.name) for t in self.tables], self.total_rows)
+            for w in self.tracked
         }
         self._latest = torch.zeros(self.total_rows, dtype=torch.int64)
 
@@ -246,6 +273,34 @@ class CacheDirectory:
             )
         return out
 
+    def flat_views(self):
+        """The same snapshot as :meth:`views`, flat (a
+        :class:`~torchrec_esd.cost.FlatCacheViews`): what the cost model reads,
+        without building per-table views."""
+        from torchrec_esd.cost import FlatCacheViews
+
+        if len(self.tracked) != self.num_workers:
+            raise EsdConfigError("flat_views() needs a directory that tracks every worker (the dispatcher's)")
+        W, T = self.num_workers, self.num_tables
+        keys, worker, outdated, dirty = [], [], [], []
+        occupied = torch.zeros(W, T, dtype=torch.int64)
+        ndirty = torch.zeros(W, T, dtype=torch.int64)
+        for w, st in self._w.items():
+            occ = (st.keys >= 0).nonzero().view(-1)
+            k, d = st.keys[occ], st.dirty[occ]
+            keys.append(k)
+            dirty.append(d)
+            outdated.append((st.ver[occ] < self._latest[k]) & ~d)
+            worker.append(torch.full_like(k, w))
+            t = st.slot_table[occ]
+            occupied[w] = torch.bincount(t, minlength=T)
+            ndirty[w] = torch.bincount(t[d], minlength=T)
+        capacity = torch.stack([st.capacity for st in self._w.values()])
+        return FlatCacheViews(
+            [t.name for t in self.tables], torch.cat(keys), torch.cat(worker), torch.cat(outdated),
+            torch.cat(dirty), occupied, ndirty, capacity,
+        )
+
     # ------------------------------------------------------------ one iteration
     def plan(self, kjt: KeyedJaggedTensor, assignment: torch.Tensor) -> IterationPlan:
         """Plan one iteration for the global batch ``kjt`` dispatched by
@@ -304,7 +359,7 @@ class CacheDirectory:
                 out[w] = (_EMPTY, _EMPTY)
                 continue
             dkeys = st.keys[dslots]
-            mine = torch.isin(dkeys, used[w]).long()
+            mine = _sorted_member(used[w], dkeys).long()
             needed = (users[dkeys] - mine) > 0
             slots = dslots[needed]
             st.dirty[slots] = False
@@ -345,11 +400,12 @@ class CacheDirectory:
             pinned[slot[present]] = True
             cand = ((st.keys >= 0) & ~pinned).nonzero().view(-1)
             if self.config.cache_policy == "lru":
-                prio = st.last_use[cand]
+                # slots are table-major: one sort by (table, last use), ties in slot order
+                cand = cand[torch.argsort(st.slot_table[cand] * (1 << 40) + st.last_use[cand], stable=True)]
             else:
                 prio = st.freq[cand] * (1 << 32) + st.last_use[cand]
-            cand = cand[torch.argsort(prio, stable=True)]
-            cand = cand[torch.argsort(st.slot_table[cand], stable=True)]  # by table, then priority
+                cand = cand[torch.argsort(prio, stable=True)]
+                cand = cand[torch.argsort(st.slot_table[cand], stable=True)]  # by table, then priority
             ct = st.slot_table[cand]
             rank, _ = _group_rank(ct, T)
             victims = cand[rank < need[ct]]
@@ -358,13 +414,12 @@ class CacheDirectory:
                 push_keys.append(st.keys[vd].clone())
                 push_slots.append(vd)
                 miss_push = int(vd.numel())
-            st.keys[victims] = -1
+            st.place(victims, torch.full_like(victims, -1))
             st.dirty[victims] = False
             st.freq[victims] = 0
             free = torch.cat([free, victims])
         # pair the r-th miss of table t with the r-th free slot of table t
-        free = free.sort().values
-        free = free[torch.argsort(st.slot_table[free], stable=True)]
+        free = free.sort().values  # slots are table-major: this also groups them by table
         f_rank, f_start = _group_rank(st.slot_table[free], T)
         m_rank, _ = _group_rank(miss_t, T)
         n_free = torch.bincount(st.slot_table[free], minlength=T)
@@ -372,7 +427,7 @@ class CacheDirectory:
         dst = free[f_start[miss_t[keep]] + m_rank[keep]]
         kept = miss_pos[keep]
         slot[kept] = dst
-        st.keys[dst] = keys[kept]
+        st.place(dst, keys[kept])
         st.dirty[dst] = False
         st.freq[dst] = 0
         pulled = miss | update

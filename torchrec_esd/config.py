@@ -210,9 +210,9 @@ class EsdConfig:
                     f"worker {i}: cache capacity {c} rows for table {name!r} exceeds"
                     f" the table's {rows} rows",
                 )
-        if isinstance(self.workers[0].cache_rows, Mapping):
-            for i, w in enumerate(self.workers):
-                extra = set(w.cache_rows) - set(table_rows)  # type: ignore[arg-type]
+        for i, w in enumerate(self.workers):
+            if isinstance(w.cache_rows, Mapping):  # workers may mix per-table and uniform capacities
+                extra = set(w.cache_rows) - set(table_rows)
                 _require(
                     not extra,
                     f"worker {i}: cache_rows names unknown tables {sorted(extra)}",

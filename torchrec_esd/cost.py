@@ -93,6 +93,27 @@ class TableCacheView:
 WorkerCacheView = Dict[str, TableCacheView]
 
 
+@dataclass
+class FlatCacheViews:
+    """Every worker's cache at once, flat (what the cost model reads), as a
+    :class:`~torchrec_esd.cache.CacheDirectory` snapshots it without building
+    per-table views: one entry per cached row (global row key, worker,
+    outdated, dirty) plus per ``(worker, table)`` rows cached, dirty rows and
+    capacity.  Row keys follow ``tables`` (their order defines the offsets)."""
+
+    tables: List[str]
+    keys: torch.Tensor  # [M] int64 global row keys
+    worker: torch.Tensor  # [M] int64
+    outdated: torch.Tensor  # [M] bool
+    dirty: torch.Tensor  # [M] bool
+    occupied: torch.Tensor  # [W, T] int64
+    ndirty: torch.Tensor  # [W, T] int64
+    capacity: torch.Tensor  # [W, T] int64
+
+    def __len__(self) -> int:
+        return self.capacity.shape[0]
+
+
 def segment_sum(rows: np.ndarray, segment: np.ndarray, num_segments: int) -> np.ndarray:
     """``out[j] = sum of rows[i] with segment[i] == j`` (float64 ``[num_segments, W]``)."""
     out = torch.zeros(num_segments, rows.shape[1], dtype=torch.float64)
@@ -364,6 +385,7 @@ class CostModel:
             raise ValueError("CostModel needs at least one embedding table")
         self.num_workers = config.num_workers
         self.table_names = [t.name for t in self.tables]
+        self._last_state: Optional[tuple] = None  # (kjt, views, _BatchState) of the last _state call
         self.table_index = {t.name: i for i, t in enumerate(self.tables)}
         if len(self.table_index) != len(self.tables):
             raise ValueError("CostModel: two tables have the same name")
@@ -464,6 +486,16 @@ class CostModel:
         """All cached keys of all workers at once: ``(global keys, worker,
         outdated, dirty)`` per cached row, plus per ``(worker, table)``: rows
         cached, dirty rows, capacity."""
+        if isinstance(views, FlatCacheViews):
+            if list(views.tables) != list(self.table_names) or tuple(views.capacity.shape) != tuple(
+                self.capacity.shape
+            ):
+                raise ValueError(
+                    f"flat cache views of tables {views.tables} for {len(views)} workers do not match the "
+                    f"cost model's tables {self.table_names} and {self.num_workers} workers"
+                )
+            return (views.keys, views.worker, views.outdated, views.dirty, views.occupied,
+                    views.ndirty, views.capacity)
         self._check_views(views)
         W, T = self.num_workers, len(self.tables)
         ids, od, dt, seg_w, seg_t, seg_n = [], [], [], [], [], []
@@ -507,6 +539,16 @@ class CostModel:
         return flat_ids + self.row_offset[t_of], w_of, outdated, dirty, occupied, ndirty, cap
 
     def _state(self, kjt: KeyedJaggedTensor, views: Sequence[WorkerCacheView]) -> _BatchState:
+        # a dispatcher that reads several inputs (matrix, hits, de-duplicated model)
+        # of one batch asks with the same two objects: build the state once
+        memo = self._last_state
+        if memo is not None and memo[0] is kjt and memo[1] is views:
+            return memo[2]
+        st = self._build_state(kjt, views)
+        self._last_state = (kjt, views, st)
+        return st
+
+    def _build_state(self, kjt: KeyedJaggedTensor, views: Sequence[WorkerCacheView]) -> _BatchState:
         keys, offsets = self.row_keys(kjt)
         ck, cw, cod, cdt, occupied, ndirty, cap = self._flatten_views(views)
         uniq = torch.unique(keys)
