@@ -5,6 +5,9 @@ Workload: B samples x F one-hot sparse features with Zipf-distributed ids
 (torchrec_esd.workload), turned into global row keys (table row offset + id)
 laid out sample-major; W workers, each with a cache of ``--cache-keys``
 distinct keys drawn from the same distribution (other steps of the workload).
+A last case times the cache directory's iteration (``CacheDirectory.plan``,
+every worker's cache step) with the C++ cache-step kernel against its PyTorch
+code, on ``--dir-batch`` samples over W workers caching 10 % of every table.
 
     python benchmarks/kernels.py --out results.json
 
@@ -60,6 +63,51 @@ def batch_keys(wl: SyntheticWorkload, step: int, batch: int) -> torch.Tensor:
     return (ids + row_offset[:, None]).t().contiguous().reshape(-1)
 
 
+def directory_step(wl: SyntheticWorkload, args) -> dict:
+    """One iteration of the cache directory (every worker's cache step) with
+    the C++ kernel (ops.plan_worker_cache) against its PyTorch reference:
+    two directories fed the same batches and random assignments, plans
+    checked equal, every step timed (median and fastest)."""
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    from torchrec_esd import cache as cache_mod
+    from torchrec_esd.config import EsdConfig, WorkerSpec
+
+    B, F, W = args.dir_batch, args.features, args.workers
+    cards = wl.config.cardinalities
+    tables = [EmbeddingBagConfig(name=f"t_cat_{i}", embedding_dim=16, num_embeddings=n, feature_names=[f"cat_{i}"])
+              for i, n in enumerate(cards)]
+    cfg = EsdConfig([WorkerSpec({t.name: max(1, t.num_embeddings // 10) for t in tables}, 100.0)] * W)
+    dirs = {}
+    for use in (False, True):
+        cache_mod.USE_PLAN_KERNEL = use
+        dirs[use] = cache_mod.CacheDirectory(cfg, tables, optimizer_state_dim=1)
+    gen = torch.Generator().manual_seed(3)
+    times = {False: [], True: []}
+    for step in range(args.dir_steps):
+        kjt = wl.global_batch(step, B).sparse_features
+        a = torch.randint(0, W, (B,), generator=gen)
+        plans = {}
+        for use in (False, True):
+            cache_mod.USE_PLAN_KERNEL = use
+            t0 = time.perf_counter()
+            plans[use] = dirs[use].plan(kjt, a)
+            times[use].append((time.perf_counter() - t0) * 1e3)
+        for x, y in zip(plans[False].workers, plans[True].workers):
+            assert all(torch.equal(getattr(x, f), getattr(y, f)) for f in
+                       ("used_keys", "used_slot", "push_keys", "push_slots", "pull_pos", "local_pos", "grad_pos"))
+    cache_mod.USE_PLAN_KERNEL = True
+    warm = args.dir_steps // 3  # caches fill first; steady state after
+    ref, ext = statistics.median(times[False][warm:]), statistics.median(times[True][warm:])
+    ref_min, ext_min = min(times[False][warm:]), min(times[True][warm:])
+    print(f"{'directory plan (all workers)':30s} ref {ref:9.2f} ms   ext {ext:8.2f} ms   speedup {ref / ext:6.1f}x"
+          f"   (min: {ref_min:8.2f} / {ext_min:7.2f} ms = {ref_min / ext_min:6.1f}x)", flush=True)
+    return {"name": "directory_plan", "ref_ms": round(ref, 3), "ext_ms": round(ext, 3),
+            "speedup": round(ref / ext, 2), "ref_min_ms": round(ref_min, 3), "ext_min_ms": round(ext_min, 3),
+            "speedup_min": round(ref_min / ext_min, 2), "B": B, "W": W, "steps": args.dir_steps,
+            "cache_fraction": 0.1}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="write results as JSON here")
@@ -72,6 +120,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="int64", choices=["int32", "int64"])
+    p.add_argument("--dir-batch", type=int, default=4096, help="global batch of the directory-plan case")
+    p.add_argument("--dir-steps", type=int, default=15, help="iterations of the directory-plan case")
     args = p.parse_args()
 
     if not ops.EXTENSION_LOADED:
@@ -136,6 +186,9 @@ def main() -> None:
         print(f"{name:30s} ref {ref_ms:9.2f} ms   ext {ext_ms:8.2f} ms   speedup {ref_ms / ext_ms:6.1f}x"
               f"   (min: {ref_min:8.2f} / {ext_min:7.2f} ms = {ref_min / ext_min:6.1f}x)",
               flush=True)
+
+    if device.type == "cpu":
+        results.append(directory_step(wl, args))
 
     hits = ops.cache_hit_counts(keys, offsets, tables)
     hit_rate = float(hits.sum()) / float(B * F * W)

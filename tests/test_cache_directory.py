@@ -233,9 +233,10 @@ def test_dense_slot_map_and_sorted_lookup_give_the_same_plans(policy, monkeypatc
         assert int((dense.slot_of(w, every) >= 0).sum()) == dense.cached_keys(w).numel()
 
 
-def test_flat_views_read_like_the_per_table_views():
-    """The cost model gives the same inputs from the flat snapshot as from the
-    per-table views, and refuses a snapshot of other tables."""
+def test_cost_views_read_like_the_per_table_views():
+    """The cost model gives the same inputs from the directory's cost views as
+    from its per-table views, refuses views of other tables and views used
+    after the directory moved on."""
     from torchrec_esd.cost import CostModel
 
     wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=3, cardinalities=[40, 200, 7], bag_size=(0, 4), alpha=1.1, seed=4))
@@ -246,14 +247,77 @@ def test_flat_views_read_like_the_per_table_views():
     g = torch.Generator().manual_seed(2)
     for step in range(12):
         kjt = wl.global_batch(step, 30).sparse_features
-        flat, views = d.flat_views(), d.views()
-        assert torch.equal(cm.matrix(kjt, flat), cm.matrix(kjt, views))
-        assert torch.equal(cm.expected_matrix(kjt, flat), cm.expected_matrix(kjt, views))
-        assert torch.equal(cm.hit_matrix(kjt, flat), cm.hit_matrix(kjt, views))
+        direct, views = d.cost_views(), d.views()
+        assert torch.equal(cm.matrix(kjt, direct), cm.matrix(kjt, views))
+        assert torch.equal(cm.expected_matrix(kjt, direct), cm.expected_matrix(kjt, views))
+        assert torch.equal(cm.hit_matrix(kjt, direct), cm.hit_matrix(kjt, views))
         d.plan(kjt, torch.randint(0, 3, (30,), generator=g))
-    assert int(d.flat_views().dirty.sum()) == sum(d.dirty_keys(w).numel() for w in range(3)) > 0
+    assert int(d.cost_views().ndirty.sum()) == sum(d.dirty_keys(w).numel() for w in range(3)) > 0
     other = CostModel(cfg, list(reversed(tables)), optimizer_state_bytes_per_row=4)
     with pytest.raises(ValueError, match="do not match"):
-        other.matrix(kjt, d.flat_views())
+        other.matrix(kjt, d.cost_views())
+    stale = d.cost_views()
+    d.plan(kjt, torch.zeros(30, dtype=torch.int64))
+    with pytest.raises(EsdConfigError, match="after the directory planned"):
+        cm.matrix(kjt, stale)
     with pytest.raises(EsdConfigError, match="tracks every worker"):
-        CacheDirectory(cfg, tables, track=[1]).flat_views()
+        CacheDirectory(cfg, tables, track=[1]).cost_views()
+
+
+@pytest.mark.parametrize("policy,staleness", [("lru", 0), ("lfu", 0), ("lru", 2), ("lfu", 3)])
+def test_cache_step_kernel_matches_the_pytorch_reference(policy, staleness, monkeypatch):
+    """The C++ cache step (ops.plan_worker_cache) gives the plans and the end
+    state of CacheDirectory._plan_worker's PyTorch code, step after step,
+    through evictions of clean and dirty rows, full tables and uneven shares."""
+    import torchrec_esd.cache as cache_mod
+    from torchrec_esd import ops
+
+    assert ops.has_plan_kernel(), "the extension is built without plan_worker_cache"
+    wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=4, cardinalities=[40, 300, 7, 90], bag_size=(0, 5), alpha=1.05, seed=11))
+    tables = _tables(wl.config.cardinalities)
+    cfg = EsdConfig(
+        [WorkerSpec({"t_cat_0": 8, "t_cat_1": 30, "t_cat_2": 7, "t_cat_3": 2}, 1.0, share=3.0), WorkerSpec(3, 1.0), WorkerSpec(5, 1.0)],
+        staleness=staleness, cache_policy=policy,
+    )
+    kernel = CacheDirectory(cfg, tables)
+    monkeypatch.setattr(cache_mod, "USE_PLAN_KERNEL", False)
+    reference = CacheDirectory(cfg, tables)
+    g = torch.Generator().manual_seed(9)
+    fields = ("used_keys", "used_slot", "push_keys", "push_slots", "pull_pos", "local_pos", "grad_pos")
+    evicted_dirty = 0
+    for step in range(40):
+        kjt = wl.global_batch(step, 36).sparse_features
+        a = torch.randint(0, 3, (36,), generator=g)
+        monkeypatch.setattr(cache_mod, "USE_PLAN_KERNEL", True)
+        pk = kernel.plan(kjt, a)
+        monkeypatch.setattr(cache_mod, "USE_PLAN_KERNEL", False)
+        pr = reference.plan(kjt, a)
+        for w in range(3):
+            for f in fields:
+                assert torch.equal(getattr(pk.workers[w], f), getattr(pr.workers[w], f)), (step, w, f)
+            assert pk.workers[w].rows == pr.workers[w].rows, (step, w)
+            evicted_dirty += pk.workers[w].rows["miss_push"]
+    assert evicted_dirty > 0  # the dirty-eviction path ran
+    for w in range(3):
+        for f in ("keys", "last_use", "freq", "ver", "dirty", "slot_map"):
+            assert torch.equal(getattr(kernel._w[w], f), getattr(reference._w[w], f)), (w, f)
+
+
+def test_cache_step_kernel_refuses_bad_keys():
+    from torchrec_esd import ops
+
+    d = CacheDirectory(EsdConfig([WorkerSpec(2, 1.0)]), _tables([10, 5]))
+    st = d._w[0]
+    users = torch.zeros(d.total_rows, dtype=torch.int64)
+
+    def step(keys):
+        return ops.plan_worker_cache(st.keys, st.last_use, st.freq, st.ver, st.dirty, st.slot_map, st.table_start,
+                                     d._latest, users, torch.tensor(keys, dtype=torch.int64), d.row_offset, 1, 0, False)
+
+    with pytest.raises(RuntimeError, match="ascending"):
+        step([3, 1])
+    with pytest.raises(RuntimeError, match="outside"):
+        step([1, 15])
+    with pytest.raises(RuntimeError, match="must be"):
+        ops.plan_worker_cache(st.keys, st.last_use, st.freq, st.ver, st.dirty.long(), st.slot_map, st.table_start,
+                              d._latest, users, torch.tensor([1]), d.row_offset, 1, 0, False)

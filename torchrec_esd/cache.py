@@ -42,6 +42,7 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_esd import ops
 from torchrec_esd.config import EsdConfig, EsdConfigError
 from torchrec_esd.des_misses import choose_des_rows
 
@@ -112,6 +113,9 @@ def _sorted_member(sorted_keys: torch.Tensor, keys: torch.Tensor) -> torch.Tenso
 
 # a worker's key -> slot map is a dense array below this many rows (all tables), else a sort per lookup
 DENSE_SLOT_MAP_ROWS = 1 << 23  # int32: at most 32 MiB per tracked worker
+# the cache step of a worker runs in the C++ kernel (ops.plan_worker_cache) where it can:
+# extension built, dense slot map, no DES-served rows; else in _plan_worker's PyTorch code
+USE_PLAN_KERNEL = True
 
 
 class _WorkerState:
@@ -122,6 +126,7 @@ class _WorkerState:
         self.capacity = cap  # [T]
         n = int(cap.sum())
         self.slot_table = torch.repeat_interleave(torch.arange(len(capacities)), cap)
+        self.table_start = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(cap, 0)])
         self.keys = torch.full((n,), -1, dtype=torch.int64)
         self.last_use = torch.zeros(n, dtype=torch.int64)
         self.freq = torch.zeros(n, dtype=torch.int64)
@@ -188,6 +193,7 @@ class CacheDirectory:
             for w in self.tracked
         }
         self._latest = torch.zeros(self.total_rows, dtype=torch.int64)
+        self._last_batch: Optional[tuple] = None  # (kjt, batch_keys(kjt)) of the last batch
 
     # ------------------------------------------------------------ keys
     def table_of(self, keys: torch.Tensor) -> torch.Tensor:
@@ -196,6 +202,14 @@ class CacheDirectory:
     def batch_keys(self, kjt: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Global row key of every KJT value (KJT order) and its sample index;
         raises a clear error for unknown features, bad dtypes, ids out of range."""
+        last = self._last_batch  # check_batch then plan ask for the same KJT
+        if last is not None and last[0] is kjt:
+            return last[1]
+        out = self._batch_keys(kjt)
+        self._last_batch = (kjt, out)
+        return out
+
+    def _batch_keys(self, kjt: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if kjt.values().dtype not in (torch.int32, torch.int64):
             raise EsdConfigError(f"KJT values must be int32/int64 ids, got {kjt.values().dtype}")
         keys = kjt.keys()
@@ -273,33 +287,43 @@ class CacheDirectory:
             )
         return out
 
-    def flat_views(self):
-        """The same snapshot as :meth:`views`, flat (a
-        :class:`~torchrec_esd.cost.FlatCacheViews`): what the cost model reads,
-        without building per-table views."""
-        from torchrec_esd.cost import FlatCacheViews
+    def cost_views(self):
+        """The caches as the cost model reads them (a
+        :class:`~torchrec_esd.cost.DirectoryCacheViews`, the same content as
+        :meth:`views`): only the batch's keys are looked up, in the slot maps,
+        instead of snapshotting every cached row.  Valid until the next
+        :meth:`plan`."""
+        from torchrec_esd.cost import DirectoryCacheViews
 
         if len(self.tracked) != self.num_workers:
-            raise EsdConfigError("flat_views() needs a directory that tracks every worker (the dispatcher's)")
+            raise EsdConfigError("cost_views() needs a directory that tracks every worker (the dispatcher's)")
         W, T = self.num_workers, self.num_tables
-        keys, worker, outdated, dirty = [], [], [], []
         occupied = torch.zeros(W, T, dtype=torch.int64)
         ndirty = torch.zeros(W, T, dtype=torch.int64)
         for w, st in self._w.items():
-            occ = (st.keys >= 0).nonzero().view(-1)
-            k, d = st.keys[occ], st.dirty[occ]
-            keys.append(k)
-            dirty.append(d)
-            outdated.append((st.ver[occ] < self._latest[k]) & ~d)
-            worker.append(torch.full_like(k, w))
-            t = st.slot_table[occ]
-            occupied[w] = torch.bincount(t, minlength=T)
-            ndirty[w] = torch.bincount(t[d], minlength=T)
+            occupied[w] = torch.bincount(st.slot_table[st.keys >= 0], minlength=T)
+            ndirty[w] = torch.bincount(st.slot_table[st.dirty], minlength=T)
+        iteration = self.iteration
+
+        def lookup(keys: torch.Tensor):
+            if self.iteration != iteration:
+                raise EsdConfigError("cost views used after the directory planned another iteration")
+            u = keys.numel()
+            cached = torch.zeros(W, u, dtype=torch.bool)
+            outdated = torch.zeros(W, u, dtype=torch.bool)
+            dirty = torch.zeros(W, u, dtype=torch.bool)
+            latest = self._latest[keys]
+            for w, st in self._w.items():
+                s = st.find(keys)
+                c = s >= 0
+                sc = s.clamp(min=0)
+                d = c & st.dirty[sc]
+                cached[w], dirty[w] = c, d
+                outdated[w] = c & (st.ver[sc] < latest) & ~d
+            return cached, outdated, dirty
+
         capacity = torch.stack([st.capacity for st in self._w.values()])
-        return FlatCacheViews(
-            [t.name for t in self.tables], torch.cat(keys), torch.cat(worker), torch.cat(outdated),
-            torch.cat(dirty), occupied, ndirty, capacity,
-        )
+        return DirectoryCacheViews([t.name for t in self.tables], occupied, ndirty, capacity, lookup)
 
     # ------------------------------------------------------------ one iteration
     def plan(self, kjt: KeyedJaggedTensor, assignment: torch.Tensor) -> IterationPlan:
@@ -316,10 +340,9 @@ class CacheDirectory:
         keys, sample = self.batch_keys(kjt)
         owner_of_value = assignment[sample]
         pairs = self._des_pairs(kjt, keys, owner_of_value) if self.config.des_misses else {}
-        uk = torch.unique(owner_of_value * self.total_rows + keys)  # sorted by (worker, key)
-        uw = uk // self.total_rows
-        used = list(torch.split(uk - uw * self.total_rows, torch.bincount(uw, minlength=W).tolist()))
-        users = torch.bincount(uk - uw * self.total_rows, minlength=self.total_rows)
+        ukeys, uw, _ = ops.unique_keys_per_group(keys, owner_of_value, W)  # sorted by (worker, key)
+        used = list(torch.split(ukeys, torch.bincount(uw, minlength=W).tolist()))
+        users = torch.bincount(ukeys, minlength=self.total_rows)
         num_samples = torch.bincount(assignment, minlength=W).tolist()
         self.iteration += 1
         pushes = self._push_shared_dirty(used, users)
@@ -371,6 +394,8 @@ class CacheDirectory:
     ) -> WorkerPlan:
         st, T = self._w[w], self.num_tables
         s = self.config.staleness
+        if pairs is None and st.slot_map is not None and USE_PLAN_KERNEL and ops.has_plan_kernel():
+            return self._plan_worker_kernel(st, keys, users, pushed, num_samples)
         slot = st.find(keys)
         present = slot >= 0
         cur_ver = torch.where(present, st.ver[slot.clamp(min=0)], torch.zeros_like(keys))
@@ -457,6 +482,34 @@ class CacheDirectory:
             },
             num_samples=num_samples,
             des_pos=des.nonzero().view(-1),
+        )
+
+    def _plan_worker_kernel(
+        self, st: _WorkerState, keys: torch.Tensor, users: torch.Tensor, pushed, num_samples: int
+    ) -> WorkerPlan:
+        """:meth:`_plan_worker` in the C++ kernel (same plan, same end state)."""
+        used_slot, pull_pos, local_pos, grad_pos, vkeys, vslots, counts = ops.plan_worker_cache(
+            st.keys, st.last_use, st.freq, st.ver, st.dirty, st.slot_map, st.table_start,
+            self._latest, users, keys.contiguous(), self.row_offset, self.iteration,
+            self.config.staleness, self.config.cache_policy == "lfu",
+        )
+        n_miss, n_update = counts.tolist()
+        return WorkerPlan(
+            used_keys=keys,
+            used_slot=used_slot,
+            push_keys=torch.cat([pushed[0], vkeys]),
+            push_slots=torch.cat([pushed[1], vslots]),
+            pull_pos=pull_pos,
+            local_pos=local_pos,
+            grad_pos=grad_pos,
+            rows={
+                "miss_pull": n_miss,
+                "update_pull": n_update,
+                "miss_push": int(vkeys.numel()),
+                "update_push": int(pushed[0].numel()) + int(grad_pos.numel()),
+                "des_rows": 0,
+            },
+            num_samples=num_samples,
         )
 
     def flush_plan(self) -> List[WorkerPlan]:

@@ -47,7 +47,7 @@ exact when tables differ in row size or in the dirty fraction of their cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -94,21 +94,20 @@ WorkerCacheView = Dict[str, TableCacheView]
 
 
 @dataclass
-class FlatCacheViews:
-    """Every worker's cache at once, flat (what the cost model reads), as a
-    :class:`~torchrec_esd.cache.CacheDirectory` snapshots it without building
-    per-table views: one entry per cached row (global row key, worker,
-    outdated, dirty) plus per ``(worker, table)`` rows cached, dirty rows and
-    capacity.  Row keys follow ``tables`` (their order defines the offsets)."""
+class DirectoryCacheViews:
+    """Every worker's cache as the cost model reads it, straight from a
+    :class:`~torchrec_esd.cache.CacheDirectory` (its :meth:`cost_views`),
+    without per-table views: per ``(worker, table)`` rows cached, dirty rows
+    and capacity, and ``lookup(keys)``: for ascending distinct global row
+    keys, ``(cached, outdated, dirty)``, each bool ``[W, len(keys)]``.
+    ``lookup`` reads the directory's current state: use the views before the
+    directory plans the next iteration.  Row keys follow ``tables``."""
 
     tables: List[str]
-    keys: torch.Tensor  # [M] int64 global row keys
-    worker: torch.Tensor  # [M] int64
-    outdated: torch.Tensor  # [M] bool
-    dirty: torch.Tensor  # [M] bool
     occupied: torch.Tensor  # [W, T] int64
     ndirty: torch.Tensor  # [W, T] int64
     capacity: torch.Tensor  # [W, T] int64
+    lookup: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
     def __len__(self) -> int:
         return self.capacity.shape[0]
@@ -486,16 +485,6 @@ class CostModel:
         """All cached keys of all workers at once: ``(global keys, worker,
         outdated, dirty)`` per cached row, plus per ``(worker, table)``: rows
         cached, dirty rows, capacity."""
-        if isinstance(views, FlatCacheViews):
-            if list(views.tables) != list(self.table_names) or tuple(views.capacity.shape) != tuple(
-                self.capacity.shape
-            ):
-                raise ValueError(
-                    f"flat cache views of tables {views.tables} for {len(views)} workers do not match the "
-                    f"cost model's tables {self.table_names} and {self.num_workers} workers"
-                )
-            return (views.keys, views.worker, views.outdated, views.dirty, views.occupied,
-                    views.ndirty, views.capacity)
         self._check_views(views)
         W, T = self.num_workers, len(self.tables)
         ids, od, dt, seg_w, seg_t, seg_n = [], [], [], [], [], []
@@ -550,12 +539,24 @@ class CostModel:
 
     def _build_state(self, kjt: KeyedJaggedTensor, views: Sequence[WorkerCacheView]) -> _BatchState:
         keys, offsets = self.row_keys(kjt)
-        ck, cw, cod, cdt, occupied, ndirty, cap = self._flatten_views(views)
         uniq = torch.unique(keys)
         slots = ops.id_table_build(uniq)
+        table_of = torch.searchsorted(self.row_offset, uniq, right=True) - 1
+        if isinstance(views, DirectoryCacheViews):
+            if list(views.tables) != list(self.table_names) or tuple(views.capacity.shape) != tuple(
+                self.capacity.shape
+            ):
+                raise ValueError(
+                    f"directory cache views of tables {views.tables} for {len(views)} workers do not "
+                    f"match the cost model's tables {self.table_names} and {self.num_workers} workers"
+                )
+            cached, outdated, dirty = views.lookup(uniq)
+            st = _BatchState(keys, offsets, uniq, slots, table_of, cached, outdated, dirty)
+            st.occupied, st.ndirty, st.cap = views.occupied, views.ndirty, views.capacity
+            return st
+        ck, cw, cod, cdt, occupied, ndirty, cap = self._flatten_views(views)
         u = uniq.numel()
         W = self.num_workers
-        table_of = torch.searchsorted(self.row_offset, uniq, right=True) - 1
         cached = torch.zeros(W, u, dtype=torch.bool)
         outdated = torch.zeros(W, u, dtype=torch.bool)
         dirty = torch.zeros(W, u, dtype=torch.bool)

@@ -111,7 +111,7 @@ class EsdInputDist(nn.Module):
             # what this dispatcher reads: the additive matrix, LAIA's hit
             # counts, esd's de-duplicated model (nothing for cost-blind ones)
             cost, aux = self.dispatcher.inputs(
-                self.cost_model, kjt, rt.directory.flat_views  # type: ignore[union-attr]
+                self.cost_model, kjt, rt.directory.cost_views  # type: ignore[union-attr]
             )
             result = self.dispatcher.assign(cost, shares, aux=aux)
             assignment.copy_(result.assignment)

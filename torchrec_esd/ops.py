@@ -91,6 +91,23 @@ if EXTENSION_LOADED:
         )
 
 
+if EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "plan_worker_cache"):  # absent from older builds
+
+    @torch.library.register_fake("torchrec_esd::plan_worker_cache")
+    def _plan_worker_cache_fake(
+        slot_keys, last_use, freq, ver, dirty, slot_map, table_start, latest, users, keys,
+        row_offset, iteration: int, staleness: int, lfu: bool,
+    ):
+        torch._check(keys.dim() == 1, lambda: "plan_worker_cache: keys must be 1-D")
+        ctx = torch.library.get_ctx()
+        sizes = [ctx.new_dynamic_size() for _ in range(5)]
+        return (
+            keys.new_empty(keys.shape, dtype=torch.int64),
+            *(keys.new_empty((n,), dtype=torch.int64) for n in sizes),
+            keys.new_empty((2,), dtype=torch.int64),
+        )
+
+
 
 def hash_ids(ids: torch.Tensor, feature: int = 0, num_buckets: int = 0) -> torch.Tensor:
     """Stable 64-bit hash of every ``(feature, id)`` pair (int64 bit pattern), or
@@ -184,3 +201,24 @@ def unique_keys_per_group(
     if EXTENSION_LOADED:
         return torch.ops.torchrec_esd.unique_keys_per_group(keys, group, int(num_groups))
     return reference_ops.unique_keys_per_group_ref(keys, group, int(num_groups))
+
+
+def has_plan_kernel() -> bool:
+    """Whether the C++ cache-step kernel (:func:`plan_worker_cache`) is built."""
+    return EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "plan_worker_cache")
+
+
+def plan_worker_cache(
+    slot_keys: torch.Tensor, last_use: torch.Tensor, freq: torch.Tensor, ver: torch.Tensor,
+    dirty: torch.Tensor, slot_map: torch.Tensor, table_start: torch.Tensor, latest: torch.Tensor,
+    users: torch.Tensor, keys: torch.Tensor, row_offset: torch.Tensor, iteration: int,
+    staleness: int, lfu: bool,
+) -> Tuple[torch.Tensor, ...]:
+    """One worker's cache step of one iteration, in place (the C++ kernel of
+    ``CacheDirectory._plan_worker`` without DES-served rows; that Python method
+    is its reference).  Returns ``(used_slot, pull_pos, local_pos, grad_pos,
+    victim_keys, victim_slots, counts)``, ``counts`` = (miss pulls, update pulls)."""
+    return torch.ops.torchrec_esd.plan_worker_cache(
+        slot_keys, last_use, freq, ver, dirty, slot_map, table_start, latest, users, keys,
+        row_offset, int(iteration), int(staleness), bool(lfu),
+    )

@@ -1,0 +1,190 @@
+// CPU kernel of plan_worker_cache: one worker's cache step of one iteration
+// (semantics: CacheDirectory._plan_worker in torchrec_esd/cache.py, the
+// pure-PyTorch reference the tests compare this kernel to).
+//
+// The cache state is mutated in place: slot_keys / last_use / freq / ver /
+// dirty per slot, slot_map per row key.  Slots are table-major: table t owns
+// slots [table_start[t], table_start[t+1]).  `keys` are the distinct row keys
+// the worker's samples use, ascending (so table-major too).
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace torchrec_esd {
+
+namespace {
+
+constexpr const char* kOp = "plan_worker_cache";
+
+void check_vec(const char* name, const at::Tensor& t, at::ScalarType type, int64_t n = -1) {
+  TORCH_CHECK(t.device().is_cpu(), "torchrec_esd::", kOp, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == type, "torchrec_esd::", kOp, ": ", name, " must be ", type,
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), "torchrec_esd::", kOp, ": ", name,
+              " must be a contiguous 1-D tensor");
+  TORCH_CHECK(n < 0 || t.numel() == n, "torchrec_esd::", kOp, ": ", name, " must have ", n,
+              " entries, got ", t.numel());
+}
+
+at::Tensor to_tensor(const std::vector<int64_t>& v) {
+  auto out = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(at::kLong));
+  std::copy(v.begin(), v.end(), out.data_ptr<int64_t>());
+  return out;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+plan_worker_cache_cpu(at::Tensor slot_keys, at::Tensor last_use, at::Tensor freq, at::Tensor ver,
+                      at::Tensor dirty, at::Tensor slot_map, const at::Tensor& table_start,
+                      const at::Tensor& latest, const at::Tensor& users, const at::Tensor& keys,
+                      const at::Tensor& row_offset, int64_t iteration, int64_t staleness,
+                      bool lfu) {
+  const int64_t S = slot_keys.numel();
+  check_vec("slot_keys", slot_keys, at::kLong);
+  check_vec("last_use", last_use, at::kLong, S);
+  check_vec("freq", freq, at::kLong, S);
+  check_vec("ver", ver, at::kLong, S);
+  check_vec("dirty", dirty, at::kBool, S);
+  check_vec("row_offset", row_offset, at::kLong);
+  const int64_t T = row_offset.numel() - 1;
+  TORCH_CHECK(T >= 1, "torchrec_esd::", kOp, ": row_offset needs T+1 >= 2 entries");
+  check_vec("table_start", table_start, at::kLong, T + 1);
+  const int64_t* ro = row_offset.data_ptr<int64_t>();
+  const int64_t* ts = table_start.data_ptr<int64_t>();
+  const int64_t R = ro[T];
+  TORCH_CHECK(ts[0] == 0 && ts[T] == S, "torchrec_esd::", kOp,
+              ": table_start must run from 0 to the number of slots (", S, ")");
+  check_vec("slot_map", slot_map, at::kInt, R);
+  check_vec("latest", latest, at::kLong, R);
+  check_vec("users", users, at::kLong, R);
+  check_vec("keys", keys, at::kLong);
+  TORCH_CHECK(staleness >= 0, "torchrec_esd::", kOp, ": staleness must be >= 0");
+
+  int64_t* sk = slot_keys.data_ptr<int64_t>();
+  int64_t* lu = last_use.data_ptr<int64_t>();
+  int64_t* fq = freq.data_ptr<int64_t>();
+  int64_t* vr = ver.data_ptr<int64_t>();
+  bool* dt = dirty.data_ptr<bool>();
+  int32_t* sm = slot_map.data_ptr<int32_t>();
+  const int64_t* lt = latest.data_ptr<int64_t>();
+  const int64_t* us = users.data_ptr<int64_t>();
+  const int64_t* k = keys.data_ptr<int64_t>();
+  const int64_t U = keys.numel();
+
+  // lookups: present / usable / current, and the table of every key
+  std::vector<int64_t> slot(U), table(U);
+  std::vector<char> miss(U), update(U), current(U);
+  std::vector<int64_t> n_miss(T, 0);
+  int64_t t = 0;
+  for (int64_t i = 0; i < U; ++i) {
+    const int64_t key = k[i];
+    TORCH_CHECK(key >= 0 && key < R, "torchrec_esd::", kOp, ": key ", key, " outside [0, ", R,
+                ")");
+    TORCH_CHECK(i == 0 || key > k[i - 1], "torchrec_esd::", kOp,
+                ": keys must be distinct and ascending");
+    while (key >= ro[t + 1]) ++t;
+    table[i] = t;
+    const int64_t s = sm[key];
+    slot[i] = s;
+    const bool present = s >= 0;
+    const int64_t lag = lt[key] - (present ? vr[s] : 0);
+    current[i] = present && lag == 0;
+    miss[i] = !present;
+    update[i] = present && lag > staleness;
+    if (!present) ++n_miss[t];
+  }
+
+  // evict: per table, the `need` unpinned cached slots first by (priority, slot)
+  std::vector<int64_t> victim_keys, victim_slots;
+  std::vector<int64_t> need(T, 0);
+  bool any_need = false;
+  for (int64_t tb = 0; tb < T; ++tb) {
+    if (n_miss[tb] == 0) continue;
+    int64_t n_free = 0;
+    for (int64_t s = ts[tb]; s < ts[tb + 1]; ++s) n_free += sk[s] < 0;
+    need[tb] = std::max<int64_t>(n_miss[tb] - n_free, 0);
+    any_need = any_need || need[tb] > 0;
+  }
+  if (any_need) {
+    std::vector<char> pinned(S, 0);
+    for (int64_t i = 0; i < U; ++i)
+      if (slot[i] >= 0) pinned[slot[i]] = 1;
+    std::vector<std::pair<int64_t, int64_t>> cand;
+    for (int64_t tb = 0; tb < T; ++tb) {
+      if (need[tb] == 0) continue;
+      cand.clear();
+      for (int64_t s = ts[tb]; s < ts[tb + 1]; ++s) {
+        if (sk[s] < 0 || pinned[s]) continue;
+        cand.emplace_back(lfu ? fq[s] * (int64_t(1) << 32) + lu[s] : lu[s], s);
+      }
+      const auto m = static_cast<int64_t>(std::min<size_t>(need[tb], cand.size()));
+      std::partial_sort(cand.begin(), cand.begin() + m, cand.end());
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t v = cand[j].second;
+        if (dt[v]) {
+          victim_keys.push_back(sk[v]);
+          victim_slots.push_back(v);
+        }
+        sm[sk[v]] = -1;
+        sk[v] = -1;
+        dt[v] = false;
+        fq[v] = 0;
+      }
+    }
+  }
+
+  // the r-th miss of a table goes to the r-th free slot of the table (ascending)
+  int64_t i = 0;
+  while (i < U) {
+    const int64_t tb = table[i];
+    int64_t end = i;
+    while (end < U && table[end] == tb) ++end;
+    if (n_miss[tb] > 0) {
+      int64_t s = ts[tb];
+      for (int64_t j = i; j < end; ++j) {
+        if (!miss[j]) continue;
+        while (s < ts[tb + 1] && sk[s] >= 0) ++s;
+        if (s == ts[tb + 1]) break;  // table full: the remaining misses stay transient
+        slot[j] = s;
+        sk[s] = k[j];
+        sm[k[j]] = static_cast<int32_t>(s);
+        dt[s] = false;
+        fq[s] = 0;
+      }
+    }
+    i = end;
+  }
+
+  // refresh pulled copies, touch cached rows; local update iff sole user with a current copy
+  std::vector<int64_t> pull_pos, local_pos, grad_pos;
+  int64_t n_miss_all = 0, n_update = 0;
+  for (int64_t j = 0; j < U; ++j) {
+    const bool pulled = miss[j] || update[j];
+    const int64_t s = slot[j];
+    n_miss_all += miss[j];
+    n_update += update[j];
+    if (pulled) pull_pos.push_back(j);
+    if (s >= 0) {
+      if (pulled) vr[s] = lt[k[j]];
+      lu[s] = iteration;
+      fq[s] += 1;
+    }
+    const bool local = us[k[j]] == 1 && s >= 0 && (current[j] || pulled);
+    (local ? local_pos : grad_pos).push_back(j);
+  }
+  auto counts = to_tensor({n_miss_all, n_update});
+  return {to_tensor(slot),         to_tensor(pull_pos),     to_tensor(local_pos),
+          to_tensor(grad_pos),     to_tensor(victim_keys),  to_tensor(victim_slots),
+          counts};
+}
+
+TORCH_LIBRARY_IMPL(torchrec_esd, CPU, m) {
+  m.impl("plan_worker_cache", &plan_worker_cache_cpu);
+}
+
+}  // namespace torchrec_esd
