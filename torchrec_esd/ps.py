@@ -183,6 +183,9 @@ class _Wire:
         self.ps_ranks = list(ps_ranks)
         self.worker_ranks = [r for r in range(world_size) if r not in self.ps_ranks]
         self.timeout = timedelta(seconds=timeout_s)
+        # sends of a request that expects no reply (gradients): waited for at the
+        # next request, so that the worker goes on while the PS still collects
+        self._unsent: List = []
 
     def _wait(self, works) -> None:
         for w in works:
@@ -198,7 +201,11 @@ class _Wire:
     ) -> List[torch.Tensor]:
         """Send every PS ``i`` the frame ``(cmd, counts[i])`` and the payload
         ``parts[i]`` packed; returns the replies (``reply_bytes[i]`` bytes from
-        PS ``i``, nothing where 0)."""
+        PS ``i``, nothing where 0).  A request without reply returns before
+        its sends complete (they complete, in order, before the next
+        request's; an error surfaces there)."""
+        self._wait(self._unsent)
+        self._unsent = []
         works, replies = [], []
         for i, dst in enumerate(self.ps_ranks):
             payload = [_as_bytes(t) for t in parts[i] if t.numel()]
@@ -215,7 +222,10 @@ class _Wire:
             if n:
                 works.append(dist.irecv(buf, src, group=self.group))
             replies.append(buf)
-        self._wait(works)
+        if reply_bytes is None and cmd == PHASE_GRADS:
+            self._unsent = works
+        else:
+            self._wait(works)
         return replies
 
     # ---- PS side
@@ -223,15 +233,16 @@ class _Wire:
         """(command, counts ``[workers, 6]``, payload of each worker) of the
         next request; raises if the workers are not in the same phase."""
         frames = [torch.empty(FRAME, dtype=torch.int64) for _ in self.worker_ranks]
-        self._wait([dist.irecv(f, src, group=self.group) for f, src in zip(frames, self.worker_ranks)])
-        cmds = [int(f[0]) for f in frames]
+        pending = [dist.irecv(f, src, group=self.group) for f, src in zip(frames, self.worker_ranks)]
         payloads, works = [], []
-        for f, src in zip(frames, self.worker_ranks):
+        for f, src, work in zip(frames, self.worker_ranks, pending):
+            work.wait(self.timeout)  # each payload is taken as soon as its frame is in
             buf = torch.empty(int(f[1]), dtype=torch.uint8)
             if buf.numel():
                 works.append(dist.irecv(buf, src, group=self.group))
             payloads.append(buf)
         self._wait(works)
+        cmds = [int(f[0]) for f in frames]
         if len(set(cmds)) != 1 and ABORT not in cmds:
             raise EsdRemoteError(f"the workers are in different protocol phases (commands {cmds})")
         cmd = ABORT if ABORT in cmds else cmds[0]
