@@ -73,7 +73,7 @@ def directory_step(wl: SyntheticWorkload, args) -> dict:
     from torchrec_esd import cache as cache_mod
     from torchrec_esd.config import EsdConfig, WorkerSpec
 
-    B, F, W = args.dir_batch, args.features, args.workers
+    B, W = args.dir_batch, args.workers
     cards = wl.config.cardinalities
     tables = [EmbeddingBagConfig(name=f"t_cat_{i}", embedding_dim=16, num_embeddings=n, feature_names=[f"cat_{i}"])
               for i, n in enumerate(cards)]
