@@ -36,16 +36,18 @@ TORCH_LIBRARY(torchrec_esd, m) {
   m.def(
       "unique_keys_per_group(Tensor keys, Tensor group, int num_groups) -> "
       "(Tensor unique_keys, Tensor unique_group, Tensor counts)");
-  // One worker's cache step of one iteration (CacheDirectory._plan_worker
-  // without DES-served rows): looks up the ascending distinct `keys`, evicts
-  // (LRU, or LFU if `lfu`), places misses, refreshes and touches the cache
-  // state in place; returns the slot of every key (-1: transient), the
-  // positions pulled, updated locally and pushed as gradients, the evicted
-  // dirty rows (keys, slots) and (miss pulls, update pulls).
+  // One worker's cache step of one iteration (CacheDirectory._push_shared_dirty
+  // and _plan_worker without DES-served rows): pushes dirty rows other workers
+  // use, looks up the ascending distinct `keys`, evicts (LRU, or LFU if `lfu`),
+  // places misses, refreshes and touches the cache state in place; returns the
+  // slot of every key (-1: transient), the positions pulled, updated locally
+  // and pushed as gradients, the value pushes (keys, slots: shared dirty rows,
+  // then evicted dirty rows) and (miss pulls, update pulls, shared pushes,
+  // miss pushes).
   m.def(
       "plan_worker_cache(Tensor(a!) slot_keys, Tensor(b!) last_use, Tensor(c!) freq, "
       "Tensor(d!) ver, Tensor(e!) dirty, Tensor(f!) slot_map, Tensor table_start, Tensor latest, "
       "Tensor users, Tensor keys, Tensor row_offset, int iteration, int staleness, bool lfu) -> "
       "(Tensor used_slot, Tensor pull_pos, Tensor local_pos, Tensor grad_pos, "
-      "Tensor victim_keys, Tensor victim_slots, Tensor counts)");
+      "Tensor push_keys, Tensor push_slots, Tensor counts)");
 }

@@ -114,7 +114,8 @@ def _sorted_member(sorted_keys: torch.Tensor, keys: torch.Tensor) -> torch.Tenso
 # a worker's key -> slot map is a dense array below this many rows (all tables), else a sort per lookup
 DENSE_SLOT_MAP_ROWS = 1 << 23  # int32: at most 32 MiB per tracked worker
 # the cache step of a worker runs in the C++ kernel (ops.plan_worker_cache) where it can:
-# extension built, dense slot map, no DES-served rows; else in _plan_worker's PyTorch code
+# extension built, dense slot map, no DES-served rows; else in _push_shared_dirty's and
+# _plan_worker's PyTorch code (the kernel's reference)
 USE_PLAN_KERNEL = True
 
 
@@ -345,10 +346,14 @@ class CacheDirectory:
         users = torch.bincount(ukeys, minlength=self.total_rows)
         num_samples = torch.bincount(assignment, minlength=W).tolist()
         self.iteration += 1
-        pushes = self._push_shared_dirty(used, users)
         plans: List[Optional[WorkerPlan]] = [None] * W
+        kernel = [w for w in self.tracked if self._kernel_plans(w)]  # step A included
+        pushes = self._push_shared_dirty(used, users, [w for w in self.tracked if w not in kernel])
         for w in self.tracked:
-            plans[w] = self._plan_worker(w, used[w], users, pushes[w], num_samples[w], pairs.get(w))
+            if w in kernel:
+                plans[w] = self._plan_worker_kernel(self._w[w], used[w], users, num_samples[w])
+            else:
+                plans[w] = self._plan_worker(w, used[w], users, pushes[w], num_samples[w], pairs.get(w))
         # end of iteration: every used row has one new version
         all_used = torch.unique(torch.cat(used)) if used else _EMPTY
         self._latest[all_used] += 1
@@ -373,10 +378,16 @@ class CacheDirectory:
             out[w] = (pair // nbags, pair % nbags, kjt.weights_or_none() is not None)
         return out
 
-    def _push_shared_dirty(self, used: List[torch.Tensor], users: torch.Tensor):
+    def _kernel_plans(self, w: int) -> bool:
+        """Whether worker ``w``'s cache step runs in the C++ kernel."""
+        return (USE_PLAN_KERNEL and not self.config.des_misses and self._w[w].slot_map is not None
+                and ops.has_plan_kernel())
+
+    def _push_shared_dirty(self, used: List[torch.Tensor], users: torch.Tensor, workers: Sequence[int]):
         """Step A: a dirty copy that another worker uses this iteration is pushed."""
         out: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
-        for w, st in self._w.items():
+        for w in workers:
+            st = self._w[w]
             dslots = st.dirty.nonzero().view(-1)
             if dslots.numel() == 0:
                 out[w] = (_EMPTY, _EMPTY)
@@ -394,8 +405,6 @@ class CacheDirectory:
     ) -> WorkerPlan:
         st, T = self._w[w], self.num_tables
         s = self.config.staleness
-        if pairs is None and st.slot_map is not None and USE_PLAN_KERNEL and ops.has_plan_kernel():
-            return self._plan_worker_kernel(st, keys, users, pushed, num_samples)
         slot = st.find(keys)
         present = slot >= 0
         cur_ver = torch.where(present, st.ver[slot.clamp(min=0)], torch.zeros_like(keys))
@@ -485,28 +494,29 @@ class CacheDirectory:
         )
 
     def _plan_worker_kernel(
-        self, st: _WorkerState, keys: torch.Tensor, users: torch.Tensor, pushed, num_samples: int
+        self, st: _WorkerState, keys: torch.Tensor, users: torch.Tensor, num_samples: int
     ) -> WorkerPlan:
-        """:meth:`_plan_worker` in the C++ kernel (same plan, same end state)."""
-        used_slot, pull_pos, local_pos, grad_pos, vkeys, vslots, counts = ops.plan_worker_cache(
+        """Steps A-C of one worker (:meth:`_push_shared_dirty` and
+        :meth:`_plan_worker`) in the C++ kernel: same plan, same end state."""
+        used_slot, pull_pos, local_pos, grad_pos, push_keys, push_slots, counts = ops.plan_worker_cache(
             st.keys, st.last_use, st.freq, st.ver, st.dirty, st.slot_map, st.table_start,
             self._latest, users, keys.contiguous(), self.row_offset, self.iteration,
             self.config.staleness, self.config.cache_policy == "lfu",
         )
-        n_miss, n_update = counts.tolist()
+        n_miss, n_update, n_shared, n_miss_push = counts.tolist()
         return WorkerPlan(
             used_keys=keys,
             used_slot=used_slot,
-            push_keys=torch.cat([pushed[0], vkeys]),
-            push_slots=torch.cat([pushed[1], vslots]),
+            push_keys=push_keys,
+            push_slots=push_slots,
             pull_pos=pull_pos,
             local_pos=local_pos,
             grad_pos=grad_pos,
             rows={
                 "miss_pull": n_miss,
                 "update_pull": n_update,
-                "miss_push": int(vkeys.numel()),
-                "update_push": int(pushed[0].numel()) + int(grad_pos.numel()),
+                "miss_push": n_miss_push,
+                "update_push": n_shared + int(grad_pos.numel()),
                 "des_rows": 0,
             },
             num_samples=num_samples,

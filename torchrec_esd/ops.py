@@ -104,7 +104,7 @@ if EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "plan_worker_cache"):  #
         return (
             keys.new_empty(keys.shape, dtype=torch.int64),
             *(keys.new_empty((n,), dtype=torch.int64) for n in sizes),
-            keys.new_empty((2,), dtype=torch.int64),
+            keys.new_empty((4,), dtype=torch.int64),
         )
 
 
@@ -215,9 +215,11 @@ def plan_worker_cache(
     staleness: int, lfu: bool,
 ) -> Tuple[torch.Tensor, ...]:
     """One worker's cache step of one iteration, in place (the C++ kernel of
-    ``CacheDirectory._plan_worker`` without DES-served rows; that Python method
-    is its reference).  Returns ``(used_slot, pull_pos, local_pos, grad_pos,
-    victim_keys, victim_slots, counts)``, ``counts`` = (miss pulls, update pulls)."""
+    ``CacheDirectory._push_shared_dirty`` + ``_plan_worker`` without DES-served
+    rows; those Python methods are its reference).  Returns ``(used_slot,
+    pull_pos, local_pos, grad_pos, push_keys, push_slots, counts)``: the value
+    pushes are the dirty rows other workers use (slot order), then the evicted
+    dirty rows; ``counts`` = (miss pulls, update pulls, shared pushes, miss pushes)."""
     return torch.ops.torchrec_esd.plan_worker_cache(
         slot_keys, last_use, freq, ver, dirty, slot_map, table_start, latest, users, keys,
         row_offset, int(iteration), int(staleness), bool(lfu),

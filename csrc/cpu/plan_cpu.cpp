@@ -2,6 +2,9 @@
 // (semantics: CacheDirectory._plan_worker in torchrec_esd/cache.py, the
 // pure-PyTorch reference the tests compare this kernel to).
 //
+// Step A (a dirty copy another worker uses is pushed) is part of it: `users`
+// counts the workers using each row this iteration.
+//
 // The cache state is mutated in place: slot_keys / last_use / freq / ver /
 // dirty per slot, slot_map per row key.  Slots are table-major: table t owns
 // slots [table_start[t], table_start[t+1]).  `keys` are the distinct row keys
@@ -75,6 +78,26 @@ plan_worker_cache_cpu(at::Tensor slot_keys, at::Tensor last_use, at::Tensor freq
   const int64_t* us = users.data_ptr<int64_t>();
   const int64_t* k = keys.data_ptr<int64_t>();
   const int64_t U = keys.numel();
+  for (int64_t i = 0; i < U; ++i) {
+    TORCH_CHECK(k[i] >= 0 && k[i] < R, "torchrec_esd::", kOp, ": key ", k[i], " outside [0, ", R,
+                ")");
+    TORCH_CHECK(i == 0 || k[i] > k[i - 1], "torchrec_esd::", kOp,
+                ": keys must be distinct and ascending");
+  }
+
+  // step A: a dirty copy that another worker uses this iteration is pushed (slot order)
+  std::vector<int64_t> push_keys, push_slots;
+  for (int64_t s = 0; s < S; ++s) {
+    if (!dt[s]) continue;
+    const int64_t key = sk[s];
+    const bool mine = std::binary_search(k, k + U, key);
+    if (us[key] - (mine ? 1 : 0) > 0) {
+      push_keys.push_back(key);
+      push_slots.push_back(s);
+      dt[s] = false;
+    }
+  }
+  const auto n_shared = static_cast<int64_t>(push_keys.size());
 
   // lookups: present / usable / current, and the table of every key
   std::vector<int64_t> slot(U), table(U);
@@ -83,10 +106,6 @@ plan_worker_cache_cpu(at::Tensor slot_keys, at::Tensor last_use, at::Tensor freq
   int64_t t = 0;
   for (int64_t i = 0; i < U; ++i) {
     const int64_t key = k[i];
-    TORCH_CHECK(key >= 0 && key < R, "torchrec_esd::", kOp, ": key ", key, " outside [0, ", R,
-                ")");
-    TORCH_CHECK(i == 0 || key > k[i - 1], "torchrec_esd::", kOp,
-                ": keys must be distinct and ascending");
     while (key >= ro[t + 1]) ++t;
     table[i] = t;
     const int64_t s = sm[key];
@@ -100,7 +119,6 @@ plan_worker_cache_cpu(at::Tensor slot_keys, at::Tensor last_use, at::Tensor freq
   }
 
   // evict: per table, the `need` unpinned cached slots first by (priority, slot)
-  std::vector<int64_t> victim_keys, victim_slots;
   std::vector<int64_t> need(T, 0);
   bool any_need = false;
   for (int64_t tb = 0; tb < T; ++tb) {
@@ -126,9 +144,9 @@ plan_worker_cache_cpu(at::Tensor slot_keys, at::Tensor last_use, at::Tensor freq
       std::partial_sort(cand.begin(), cand.begin() + m, cand.end());
       for (int64_t j = 0; j < m; ++j) {
         const int64_t v = cand[j].second;
-        if (dt[v]) {
-          victim_keys.push_back(sk[v]);
-          victim_slots.push_back(v);
+        if (dt[v]) {  // miss-push of an evicted dirty row
+          push_keys.push_back(sk[v]);
+          push_slots.push_back(v);
         }
         sm[sk[v]] = -1;
         sk[v] = -1;
@@ -177,10 +195,10 @@ plan_worker_cache_cpu(at::Tensor slot_keys, at::Tensor last_use, at::Tensor freq
     const bool local = us[k[j]] == 1 && s >= 0 && (current[j] || pulled);
     (local ? local_pos : grad_pos).push_back(j);
   }
-  auto counts = to_tensor({n_miss_all, n_update});
-  return {to_tensor(slot),         to_tensor(pull_pos),     to_tensor(local_pos),
-          to_tensor(grad_pos),     to_tensor(victim_keys),  to_tensor(victim_slots),
-          counts};
+  const int64_t n_miss_push = static_cast<int64_t>(push_keys.size()) - n_shared;
+  auto counts = to_tensor({n_miss_all, n_update, n_shared, n_miss_push});
+  return {to_tensor(slot),      to_tensor(pull_pos),  to_tensor(local_pos), to_tensor(grad_pos),
+          to_tensor(push_keys), to_tensor(push_slots), counts};
 }
 
 TORCH_LIBRARY_IMPL(torchrec_esd, CPU, m) {
