@@ -153,7 +153,7 @@ class _Reader:
 
     def take(self, n: int, dtype: torch.dtype, row=()) -> torch.Tensor:
         width = math.prod(row) if row else 1
-        nbytes = n * width * torch.empty(0, dtype=dtype).element_size()
+        nbytes = n * width * dtype.itemsize
         part = self.buf[self.pos : self.pos + nbytes]
         if part.numel() != nbytes:
             raise EsdRemoteError(f"a payload of {self.buf.numel()} bytes is shorter than its counts say")
@@ -355,10 +355,9 @@ class ParameterServer:
             vals = torch.cat(push_vals)
             self.weights[local] = vals[:, :dim]
             self.state[local] = vals[:, dim:]
-        replies = []
-        for ql in pull_keys:
-            local = self._local(ql)
-            replies.append([torch.cat([self.weights[local], self.state[local]], dim=1)])
+        local = self._local(torch.cat(pull_keys))
+        pulled = torch.cat([self.weights[local], self.state[local]], dim=1)
+        replies = [[rows] for rows in torch.split(pulled, [q.numel() for q in pull_keys])]
         if self.des:
             # pooled partial sums, after the pushes above are stored
             dl = self._local(torch.cat(des_keys))
