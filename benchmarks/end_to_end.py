@@ -571,7 +571,7 @@ def markdown(args, summary: Dict, links: str, meta: Dict) -> str:
                 method_label(m), f"{s['iter_ms']:.0f}",
             ] + ([f"{s['modelled_iter_ms']:.0f}" if "modelled_iter_ms" in s else "-"] if modelled else []) + [
                 f"{s['samples_per_s']:.0f}",
-                f"{r.get('speedup_vs_vanilla', float('nan')):.2f}x",
+                f"{r['speedup_vs_vanilla']:.2f}x" if "speedup_vs_vanilla" in r else "-",
                 f"{r['speedup_vs_random']:.2f}x" if "speedup_vs_random" in r else "-",
                 f"{e['total_bytes'] / 1e6:.2f}" if e else "-",
                 f"{e['total_link_s']:.2f}" if e else "-",
