@@ -91,7 +91,10 @@ if EXTENSION_LOADED:
         )
 
 
-if EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "plan_worker_cache"):  # absent from older builds
+# the cache-step kernel is absent from builds older than it
+HAS_PLAN_KERNEL = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "plan_worker_cache")
+
+if HAS_PLAN_KERNEL:
 
     @torch.library.register_fake("torchrec_esd::plan_worker_cache")
     def _plan_worker_cache_fake(
@@ -106,7 +109,6 @@ if EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "plan_worker_cache"):  #
             *(keys.new_empty((n,), dtype=torch.int64) for n in sizes),
             keys.new_empty((4,), dtype=torch.int64),
         )
-
 
 
 def hash_ids(ids: torch.Tensor, feature: int = 0, num_buckets: int = 0) -> torch.Tensor:
@@ -205,7 +207,7 @@ def unique_keys_per_group(
 
 def has_plan_kernel() -> bool:
     """Whether the C++ cache-step kernel (:func:`plan_worker_cache`) is built."""
-    return EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "plan_worker_cache")
+    return HAS_PLAN_KERNEL
 
 
 def plan_worker_cache(

@@ -141,8 +141,10 @@ class RowRouting:
 FRAME = 8  # int64 words of a request frame: command, payload bytes, up to 6 counts
 
 
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().view(-1).view(torch.uint8)
+def _pack(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``parts`` as one byte buffer, in order (what :class:`_Reader` takes apart)."""
+    data = [t.detach().contiguous().view(-1).view(torch.uint8) for t in parts if t.numel()]
+    return torch.cat(data) if data else torch.empty(0, dtype=torch.uint8)
 
 
 class _Reader:
@@ -179,7 +181,6 @@ class _Wire:
 
     def __init__(self, group, world_size: int, ps_ranks: Sequence[int], timeout_s: float = 120.0) -> None:
         self.group = group
-        self.world = world_size
         self.ps_ranks = list(ps_ranks)
         self.worker_ranks = [r for r in range(world_size) if r not in self.ps_ranks]
         self.timeout = timedelta(seconds=timeout_s)
@@ -198,18 +199,18 @@ class _Wire:
         counts: Sequence[Sequence[int]],
         parts: Sequence[Sequence[torch.Tensor]],
         reply_bytes: Optional[Sequence[int]] = None,
+        wait: bool = True,
     ) -> List[torch.Tensor]:
         """Send every PS ``i`` the frame ``(cmd, counts[i])`` and the payload
         ``parts[i]`` packed; returns the replies (``reply_bytes[i]`` bytes from
-        PS ``i``, nothing where 0).  A request without reply returns before
-        its sends complete (they complete, in order, before the next
-        request's; an error surfaces there)."""
+        PS ``i``, nothing where 0).  With ``wait=False`` (a request without
+        reply) it returns before its sends complete; they complete, in order,
+        before the next request's, and an error surfaces there."""
         self._wait(self._unsent)
         self._unsent = []
         works, replies = [], []
         for i, dst in enumerate(self.ps_ranks):
-            payload = [_as_bytes(t) for t in parts[i] if t.numel()]
-            data = torch.cat(payload) if payload else torch.empty(0, dtype=torch.uint8)
+            data = _pack(parts[i])
             frame = torch.zeros(FRAME, dtype=torch.int64)
             frame[0], frame[1] = cmd, data.numel()
             frame[2 : 2 + len(counts[i])] = torch.as_tensor(list(counts[i]), dtype=torch.int64)
@@ -222,7 +223,7 @@ class _Wire:
             if n:
                 works.append(dist.irecv(buf, src, group=self.group))
             replies.append(buf)
-        if reply_bytes is None and cmd == PHASE_GRADS:
+        if not wait and reply_bytes is None:
             self._unsent = works
         else:
             self._wait(works)
@@ -252,9 +253,9 @@ class _Wire:
         """Send worker ``r`` the tensors ``parts[r]`` packed (nothing if empty)."""
         works = []
         for r, dst in enumerate(self.worker_ranks):
-            payload = [_as_bytes(t) for t in parts[r] if t.numel()]
-            if payload:
-                works.append(dist.isend(torch.cat(payload), dst, group=self.group))
+            data = _pack(parts[r])
+            if data.numel():
+                works.append(dist.isend(data, dst, group=self.group))
         self._wait(works)
 
 
@@ -491,12 +492,11 @@ class PsClient:
     """Worker side of the protocol (every worker calls the same phases)."""
 
     def __init__(
-        self, routing: RowRouting, optimizer: SparseOptimizer, wire: _Wire, rank: int, des: bool = False
+        self, routing: RowRouting, optimizer: SparseOptimizer, wire: _Wire, des: bool = False
     ) -> None:
         self.routing = routing
         self.optimizer = optimizer
         self.wire = wire
-        self.rank = rank
         self.des = des
 
     def _by_ps(self, keys: torch.Tensor):
@@ -582,7 +582,7 @@ class PsClient:
         gs = torch.split(grads[order].to(torch.float32), per.tolist())
         counts = [(int(per[i]), int(send_bags[i].shape[0])) for i in range(self.routing.num_ps)]
         parts = [[ks[i], gs[i], send_bags[i]] for i in range(self.routing.num_ps)]
-        self.wire.request(PHASE_GRADS, counts, parts)
+        self.wire.request(PHASE_GRADS, counts, parts, wait=False)  # the worker goes on meanwhile
 
     def gather_tables(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
         """Full tables and optimizer states, assembled from all PS ranks."""

@@ -142,7 +142,7 @@ class EsdRuntime:
                 config, self.tables, track=None if self.rank == 0 else [self.rank],
                 optimizer_state_dim=optimizer.state_dim,
             )
-            self.client = PsClient(self.routing, optimizer, self.wire, self.rank, des=config.des_misses)
+            self.client = PsClient(self.routing, optimizer, self.wire, des=config.des_misses)
 
     # ------------------------------------------------------------ roles
     @property
