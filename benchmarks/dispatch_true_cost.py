@@ -74,7 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--objective", default="total", choices=["total", "makespan"])
     p.add_argument("--dispatchers", default=",".join(DISPATCHERS))
     p.add_argument("--esd-budget-ms", type=float, default=None,
-                   help="esd decision budget (default: EsdDispatcher's own)")
+                   help="esd decision budget (default: DedupSearchDispatcher's own)")
     p.add_argument("--hybrid-budget-ms", type=float, default=50.0)
     p.add_argument("--timing", default=None,
                    help="BxW configurations to time ('' = none; default 512x4,4096x4,512x8,4096x8,"

@@ -1,17 +1,18 @@
 """Sample dispatchers: one interface (:class:`Dispatcher`), several solvers.
 
-========== ============================================================
-name       class
-========== ============================================================
-random     :class:`RandomDispatcher` (seeded)
-round_robin :class:`RoundRobinDispatcher` (vanilla TorchRec slices)
-laia       :class:`LaiaDispatcher` (greedy by cache hits, needs ``aux={"hits": ...}``)
-heuristic  :class:`HeuristicDispatcher` (regret greedy + local search)
-optimal    :class:`OptimalDispatcher` (exact: cycle cancelling / min-cost flow, MILP)
-hybrid     :class:`HybridDis` (heuristic, exact when it pays and fits a budget)
-esd        :class:`EsdDispatcher` (de-duplicated true cost: amortised start + exact
-           local search; needs ``aux={"dedup": CostModel.dedup_cost(...)}``)
-========== ============================================================
+============ ============================================================
+name         class
+============ ============================================================
+random       :class:`RandomDispatcher` (seeded)
+round_robin  :class:`RoundRobinDispatcher` (vanilla TorchRec slices)
+laia         :class:`LaiaDispatcher` (greedy by cache hits, needs ``aux={"hits": ...}``)
+heuristic    :class:`HeuristicDispatcher` (regret greedy + local search)
+optimal      :class:`OptimalDispatcher` (exact: cycle cancelling / min-cost flow, MILP)
+hybrid       :class:`HybridDis` (heuristic, exact when it pays and fits a budget)
+dedup_search :class:`DedupSearchDispatcher` (de-duplicated true cost: amortised start +
+             exact local search; needs ``aux={"dedup": CostModel.dedup_cost(...)}``);
+             also registered as ``esd``, the name benchmarks and saved configs use
+============ ============================================================
 """
 
 from torchrec_esd.dispatch.base import (
@@ -22,7 +23,7 @@ from torchrec_esd.dispatch.base import (
     check_problem,
     objective_value,
 )
-from torchrec_esd.dispatch.esd import EsdDispatcher, refine
+from torchrec_esd.dispatch.dedup_search import DedupSearchDispatcher, refine
 from torchrec_esd.dispatch.baselines import LaiaDispatcher, RandomDispatcher, RoundRobinDispatcher
 from torchrec_esd.dispatch.heuristic import HeuristicDispatcher
 from torchrec_esd.dispatch.hybrid import HybridDis
@@ -42,13 +43,14 @@ DISPATCHERS = {
     "heuristic": HeuristicDispatcher,
     "optimal": OptimalDispatcher,
     "hybrid": HybridDis,
-    "esd": EsdDispatcher,
+    "dedup_search": DedupSearchDispatcher,
+    "esd": DedupSearchDispatcher,  # the name of the paper's method in benchmarks and configs
 }
 
 
 def make_dispatcher(name: str, **kw) -> Dispatcher:
     """Build a dispatcher by name (``random``, ``round_robin``, ``laia``,
-    ``heuristic``, ``optimal``, ``hybrid``, ``esd``); keyword arguments go to its class
+    ``heuristic``, ``optimal``, ``hybrid``, ``dedup_search`` alias ``esd``); keyword arguments go to its class
     (e.g. ``objective="makespan"``, ``seed=1``, ``time_budget_ms=20``)."""
     if name not in DISPATCHERS:
         raise DispatchError(f"unknown dispatcher {name!r}; choose one of {sorted(DISPATCHERS)}")
@@ -80,7 +82,7 @@ __all__ = [
     "DispatchError",
     "DispatchResult",
     "Dispatcher",
-    "EsdDispatcher",
+    "DedupSearchDispatcher",
     "HeuristicDispatcher",
     "HybridDis",
     "LaiaDispatcher",

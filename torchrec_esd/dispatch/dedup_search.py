@@ -6,7 +6,7 @@ staleness 0 every row used by more than one worker in an iteration costs one
 gradient push per user (and an update-pull at its next use) while a row used
 by one worker only is updated in that worker's cache for free.  Optimising the
 additive matrix exactly therefore spends its effort on hot rows that every
-worker pays anyway and ignores co-location.  :class:`EsdDispatcher` decides on
+worker pays anyway and ignores co-location.  :class:`DedupSearchDispatcher` decides on
 :class:`~torchrec_esd.cost.DedupCost`, the batch's cost as a function of which
 workers use each distinct row (what :meth:`~torchrec_esd.cost.CostModel.measure`
 reports):
@@ -302,7 +302,7 @@ def refine(
                  "stopped_at_deadline": float(stop == "deadline")}
 
 
-class EsdDispatcher(Dispatcher):
+class DedupSearchDispatcher(Dispatcher):
     """Dispatch on the de-duplicated cost: amortised start + exact local search.
 
     Args:
