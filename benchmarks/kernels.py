@@ -70,7 +70,7 @@ def directory_step(wl: SyntheticWorkload, args) -> dict:
     checked equal, every step timed (median and fastest)."""
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-    from torchrec_esd import cache as cache_mod
+    from torchrec_esd.cache import directory as cache_mod
     from torchrec_esd.config import EsdConfig, WorkerSpec
 
     B, W = args.dir_batch, args.workers

@@ -38,7 +38,8 @@ TORCH_LIBRARY(torchrec_esd, m) {
       "(Tensor unique_keys, Tensor unique_group, Tensor counts)");
   // One worker's cache step of one iteration (CacheDirectory._push_shared_dirty
   // and _plan_worker without DES-served rows): pushes dirty rows other workers
-  // use, looks up the ascending distinct `keys`, evicts (LRU, or LFU if `lfu`),
+  // use, looks up the ascending distinct `keys`, evicts (in the order of the
+  // eviction `policy` code: 0 LRU, 1 LFU, torchrec_esd.cache.policy.KernelPolicy),
   // places misses, refreshes and touches the cache state in place; returns the
   // slot of every key (-1: transient), the positions pulled, updated locally
   // and pushed as gradients, the value pushes (keys, slots: shared dirty rows,
@@ -47,7 +48,7 @@ TORCH_LIBRARY(torchrec_esd, m) {
   m.def(
       "plan_worker_cache(Tensor(a!) slot_keys, Tensor(b!) last_use, Tensor(c!) freq, "
       "Tensor(d!) ver, Tensor(e!) dirty, Tensor(f!) slot_map, Tensor table_start, Tensor latest, "
-      "Tensor users, Tensor keys, Tensor row_offset, int iteration, int staleness, bool lfu) -> "
+      "Tensor users, Tensor keys, Tensor row_offset, int iteration, int staleness, int policy) -> "
       "(Tensor used_slot, Tensor pull_pos, Tensor local_pos, Tensor grad_pos, "
       "Tensor push_keys, Tensor push_slots, Tensor counts)");
 }

@@ -209,7 +209,7 @@ def test_single_worker_tracking_gives_the_same_plans(policy):
 def test_dense_slot_map_and_sorted_lookup_give_the_same_plans(policy, monkeypatch):
     """Small tables keep a dense key -> slot map per worker; large ones look
     keys up by sorting the cache: the plans must not depend on which."""
-    import torchrec_esd.cache as cache_mod
+    import torchrec_esd.cache.directory as cache_mod
 
     wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=3, cardinalities=[40, 200, 7], bag_size=(0, 4), alpha=1.1, seed=3))
     tables = _tables(wl.config.cardinalities)
@@ -269,7 +269,7 @@ def test_cache_step_kernel_matches_the_pytorch_reference(policy, staleness, monk
     """The C++ cache step (ops.plan_worker_cache) gives the plans and the end
     state of CacheDirectory._plan_worker's PyTorch code, step after step,
     through evictions of clean and dirty rows, full tables and uneven shares."""
-    import torchrec_esd.cache as cache_mod
+    import torchrec_esd.cache.directory as cache_mod
     from torchrec_esd import ops
 
     assert ops.has_plan_kernel(), "the extension is built without plan_worker_cache"

@@ -99,7 +99,7 @@ if HAS_PLAN_KERNEL:
     @torch.library.register_fake("torchrec_esd::plan_worker_cache")
     def _plan_worker_cache_fake(
         slot_keys, last_use, freq, ver, dirty, slot_map, table_start, latest, users, keys,
-        row_offset, iteration: int, staleness: int, lfu: bool,
+        row_offset, iteration: int, staleness: int, policy: int,
     ):
         torch._check(keys.dim() == 1, lambda: "plan_worker_cache: keys must be 1-D")
         ctx = torch.library.get_ctx()
@@ -214,15 +214,17 @@ def plan_worker_cache(
     slot_keys: torch.Tensor, last_use: torch.Tensor, freq: torch.Tensor, ver: torch.Tensor,
     dirty: torch.Tensor, slot_map: torch.Tensor, table_start: torch.Tensor, latest: torch.Tensor,
     users: torch.Tensor, keys: torch.Tensor, row_offset: torch.Tensor, iteration: int,
-    staleness: int, lfu: bool,
+    staleness: int, policy: int,
 ) -> Tuple[torch.Tensor, ...]:
     """One worker's cache step of one iteration, in place (the C++ kernel of
     ``CacheDirectory._push_shared_dirty`` + ``_plan_worker`` without DES-served
     rows; those Python methods are its reference).  Returns ``(used_slot,
     pull_pos, local_pos, grad_pos, push_keys, push_slots, counts)``: the value
     pushes are the dirty rows other workers use (slot order), then the evicted
-    dirty rows; ``counts`` = (miss pulls, update pulls, shared pushes, miss pushes)."""
+    dirty rows; ``counts`` = (miss pulls, update pulls, shared pushes, miss pushes).
+    ``policy`` is the eviction order's kernel code
+    (:class:`torchrec_esd.cache.policy.KernelPolicy`: 0 LRU, 1 LFU)."""
     return torch.ops.torchrec_esd.plan_worker_cache(
         slot_keys, last_use, freq, ver, dirty, slot_map, table_start, latest, users, keys,
-        row_offset, int(iteration), int(staleness), bool(lfu),
+        row_offset, int(iteration), int(staleness), int(policy),
     )

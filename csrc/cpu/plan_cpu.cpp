@@ -1,6 +1,10 @@
 // CPU kernel of plan_worker_cache: one worker's cache step of one iteration
-// (semantics: CacheDirectory._plan_worker in torchrec_esd/cache.py, the
-// pure-PyTorch reference the tests compare this kernel to).
+// (semantics: CacheDirectory._plan_worker in torchrec_esd/cache/directory.py,
+// the pure-PyTorch reference the tests compare this kernel to).
+//
+// `policy` is the eviction order, a torchrec_esd.cache.policy.KernelPolicy
+// value (mirrored by EvictionOrder below); a policy without a code runs on the
+// reference path only.
 //
 // Step A (a dirty copy another worker uses is pushed) is part of it: `users`
 // counts the workers using each row this iteration.
@@ -33,6 +37,20 @@ void check_vec(const char* name, const at::Tensor& t, at::ScalarType type, int64
               " entries, got ", t.numel());
 }
 
+// torchrec_esd.cache.policy.KernelPolicy
+enum class EvictionOrder : int64_t { kLru = 0, kLfu = 1 };
+
+// eviction priority of a slot: the lowest is evicted first (ties: lowest slot)
+int64_t eviction_priority(EvictionOrder order, int64_t last_use, int64_t freq) {
+  switch (order) {
+    case EvictionOrder::kLfu:
+      return freq * (int64_t(1) << 32) + last_use;
+    case EvictionOrder::kLru:
+    default:
+      return last_use;
+  }
+}
+
 at::Tensor to_tensor(const std::vector<int64_t>& v) {
   auto out = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(at::kLong));
   std::copy(v.begin(), v.end(), out.data_ptr<int64_t>());
@@ -46,7 +64,7 @@ plan_worker_cache_cpu(at::Tensor slot_keys, at::Tensor last_use, at::Tensor freq
                       at::Tensor dirty, at::Tensor slot_map, const at::Tensor& table_start,
                       const at::Tensor& latest, const at::Tensor& users, const at::Tensor& keys,
                       const at::Tensor& row_offset, int64_t iteration, int64_t staleness,
-                      bool lfu) {
+                      int64_t policy) {
   const int64_t S = slot_keys.numel();
   check_vec("slot_keys", slot_keys, at::kLong);
   check_vec("last_use", last_use, at::kLong, S);
@@ -67,6 +85,11 @@ plan_worker_cache_cpu(at::Tensor slot_keys, at::Tensor last_use, at::Tensor freq
   check_vec("users", users, at::kLong, R);
   check_vec("keys", keys, at::kLong);
   TORCH_CHECK(staleness >= 0, "torchrec_esd::", kOp, ": staleness must be >= 0");
+  TORCH_CHECK(policy == static_cast<int64_t>(EvictionOrder::kLru) ||
+                  policy == static_cast<int64_t>(EvictionOrder::kLfu),
+              "torchrec_esd::", kOp, ": unknown eviction policy code ", policy,
+              " (0: LRU, 1: LFU; other policies run on the reference path)");
+  const auto order = static_cast<EvictionOrder>(policy);
 
   int64_t* sk = slot_keys.data_ptr<int64_t>();
   int64_t* lu = last_use.data_ptr<int64_t>();
@@ -138,7 +161,7 @@ plan_worker_cache_cpu(at::Tensor slot_keys, at::Tensor last_use, at::Tensor freq
       cand.clear();
       for (int64_t s = ts[tb]; s < ts[tb + 1]; ++s) {
         if (sk[s] < 0 || pinned[s]) continue;
-        cand.emplace_back(lfu ? fq[s] * (int64_t(1) << 32) + lu[s] : lu[s], s);
+        cand.emplace_back(eviction_priority(order, lu[s], fq[s]), s);
       }
       const auto m = static_cast<int64_t>(std::min<size_t>(need[tb], cand.size()));
       std::partial_sort(cand.begin(), cand.begin() + m, cand.end());

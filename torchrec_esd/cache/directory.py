@@ -1,7 +1,8 @@
-"""Worker embedding caches: the replicated cache directory and its plans.
+"""The replicated cache directory: every worker's cache metadata, fed one
+iteration at a time, and the plans it returns.
 
 :class:`CacheDirectory` holds the metadata of *every* worker's cache (which row
-sits in which slot, LRU clock / LFU counts, dirty bits, copy versions) plus, per
+sits in which slot, use clock / counts, dirty bits, copy versions) plus, per
 row, the global version and which worker (if any) holds the only up-to-date
 copy.  It is a deterministic function of the sequence of ``(global batch ids,
 assignment)`` it is fed, so the dispatcher's mirror and the workers' real
@@ -9,18 +10,20 @@ caches are the *same* object replicated on every worker rank: no cache state
 is ever exchanged.
 
 Rows are named by *global row keys* ``row_offset[table] + id`` (tables in
-order, see :class:`~torchrec_esd.ps.RowRouting`); a worker's slots are the
-concatenation of its per-table cache blocks, so every step below is a few
-vectorised operations per worker whatever the number of tables.
+order); a worker's slots are the concatenation of its per-table cache blocks,
+so every step below is a few vectorised operations per worker whatever the
+number of tables.
 
 Feeding it one iteration (:meth:`CacheDirectory.plan`) returns, per worker, the
-:class:`WorkerPlan` that the worker's sharded embedding module executes:
+:class:`~torchrec_esd.cache.plans.WorkerPlan` that the worker's sharded
+embedding module executes:
 
 1. *value pushes* (before the forward): dirty rows that are evicted
    (**miss-push**) or that another worker uses this iteration (**update-push**);
 2. *pulls*: rows not cached (**miss-pull**) or cached but outdated beyond the
    staleness bound (**update-pull**); misses beyond the table's capacity (after
-   evicting unpinned rows, LRU or LFU) are used transiently, not cached;
+   evicting unpinned rows in the order of the eviction policy,
+   :mod:`torchrec_esd.cache.policy`) are used transiently, not cached;
 3. after the backward, per used row: a *local update* when this worker is its
    only user this iteration and holds a current cached copy (the row becomes
    dirty here, nothing is sent), otherwise a *gradient push* to the PS
@@ -35,7 +38,6 @@ the PS (never applies it to its stale copy), so no update is ever lost.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -43,57 +45,21 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_esd import ops
+from torchrec_esd.cache.plans import EMPTY, IterationPlan, WorkerPlan, row_counts
+from torchrec_esd.cache.policy import EvictionPolicy, make_policy
+from torchrec_esd.cache.slots import WorkerSlots
+from torchrec_esd.cache.state import CacheLookup
+from torchrec_esd.cache.views import TableCacheView, WorkerCacheView
 from torchrec_esd.config import EsdConfig, EsdConfigError
 from torchrec_esd.des_misses import choose_des_rows
+from torchrec_esd.layout import KeySpace
 
-KINDS = ("miss_pull", "miss_push", "update_pull", "update_push")
-_EMPTY = torch.empty(0, dtype=torch.int64)
-
-
-@dataclass
-class WorkerPlan:
-    """What one worker does in one iteration (rows by global key)."""
-
-    used_keys: torch.Tensor  # (U,) sorted distinct row keys this worker's samples use
-    used_slot: torch.Tensor  # (U,) cache slot of each used row, -1 = transient
-    push_keys: torch.Tensor  # rows whose value (+ optimizer state) is pushed first
-    push_slots: torch.Tensor  # their slots (read before any pull overwrites them)
-    pull_pos: torch.Tensor  # positions in used_keys pulled from the PS
-    local_pos: torch.Tensor  # positions whose update is applied locally
-    grad_pos: torch.Tensor  # positions whose gradient is pushed to the PS
-    rows: Dict[str, int] = field(default_factory=dict)  # rows per transmission kind
-    num_samples: int = 0
-    # positions in used_keys the PS serves as pooled partial sums (EsdConfig.des_misses):
-    # never cached, never pulled, their gradient goes up per bag
-    des_pos: torch.Tensor = field(default_factory=lambda: _EMPTY)
-
-    @property
-    def pull_keys(self) -> torch.Tensor:
-        return self.used_keys[self.pull_pos]
-
-
-@dataclass
-class IterationPlan:
-    """Plans of all workers for one iteration (every worker rank holds it)."""
-
-    iteration: int
-    workers: List[Optional[WorkerPlan]]  # None for workers the directory does not track
-
-    def rows(self, worker: int) -> Dict[str, int]:
-        p = self.workers[worker]
-        if p is None:
-            raise EsdConfigError(f"worker {worker} is not tracked by this directory")
-        return dict(p.rows)
-
-
-def _feature_tables(tables: Sequence[EmbeddingBagConfig]) -> Dict[str, int]:
-    feat_to_table: Dict[str, int] = {}
-    for ti, t in enumerate(tables):
-        for f in t.feature_names:
-            if f in feat_to_table:
-                raise EsdConfigError(f"feature {f!r} is mapped to two tables")
-            feat_to_table[f] = ti
-    return feat_to_table
+# a worker's key -> slot map is a dense array below this many rows (all tables), else a sort per lookup
+DENSE_SLOT_MAP_ROWS = 1 << 23  # int32: at most 32 MiB per tracked worker
+# the cache step of a worker runs in the C++ kernel (ops.plan_worker_cache) where it can:
+# extension built, a policy with a kernel code, dense slot map, no DES-served rows; else in
+# _push_shared_dirty's and _plan_worker's PyTorch code (the kernel's reference)
+USE_PLAN_KERNEL = True
 
 
 def _group_rank(groups: torch.Tensor, num_groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -111,57 +77,11 @@ def _sorted_member(sorted_keys: torch.Tensor, keys: torch.Tensor) -> torch.Tenso
     return sorted_keys[pos] == keys
 
 
-# a worker's key -> slot map is a dense array below this many rows (all tables), else a sort per lookup
-DENSE_SLOT_MAP_ROWS = 1 << 23  # int32: at most 32 MiB per tracked worker
-# the cache step of a worker runs in the C++ kernel (ops.plan_worker_cache) where it can:
-# extension built, dense slot map, no DES-served rows; else in _push_shared_dirty's and
-# _plan_worker's PyTorch code (the kernel's reference)
-USE_PLAN_KERNEL = True
-
-
-class _WorkerState:
-    """Metadata of one worker's cache slots (all tables, table-major blocks)."""
-
-    def __init__(self, capacities: List[int], total_rows: int = 0) -> None:
-        cap = torch.tensor(capacities, dtype=torch.int64)
-        self.capacity = cap  # [T]
-        n = int(cap.sum())
-        self.slot_table = torch.repeat_interleave(torch.arange(len(capacities)), cap)
-        self.table_start = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(cap, 0)])
-        self.keys = torch.full((n,), -1, dtype=torch.int64)
-        self.last_use = torch.zeros(n, dtype=torch.int64)
-        self.freq = torch.zeros(n, dtype=torch.int64)
-        self.ver = torch.zeros(n, dtype=torch.int64)
-        self.dirty = torch.zeros(n, dtype=torch.bool)
-        # slot of every row key (-1: not cached), kept in step with ``keys`` by :meth:`place`
-        dense = 0 < total_rows <= DENSE_SLOT_MAP_ROWS
-        self.slot_map = torch.full((total_rows,), -1, dtype=torch.int32) if dense else None
-
-    def place(self, slots: torch.Tensor, keys: torch.Tensor) -> None:
-        """Put ``keys`` into ``slots`` (``-1``: empty them)."""
-        if self.slot_map is not None:
-            old = self.keys[slots]
-            self.slot_map[old[old >= 0]] = -1
-            new = keys >= 0
-            self.slot_map[keys[new]] = slots[new].to(torch.int32)
-        self.keys[slots] = keys
-
-    def find(self, keys: torch.Tensor) -> torch.Tensor:
-        """Slot of each key, -1 where not cached."""
-        if self.slot_map is not None:
-            return self.slot_map[keys].to(torch.int64)
-        occupied = (self.keys >= 0).nonzero().view(-1)
-        if occupied.numel() == 0 or keys.numel() == 0:
-            return torch.full_like(keys, -1)
-        ok = self.keys[occupied]
-        order = torch.argsort(ok)
-        sk = ok[order]
-        pos = torch.searchsorted(sk, keys).clamp_(max=sk.numel() - 1)
-        return torch.where(sk[pos] == keys, occupied[order[pos]], torch.full_like(keys, -1))
-
-
 class CacheDirectory:
-    """Replicated metadata of all worker caches; see the module docstring."""
+    """Replicated metadata of all worker caches; see the module docstring.
+
+    ``config.cache_policy`` names the eviction policy (a registered
+    :class:`~torchrec_esd.cache.policy.EvictionPolicy`)."""
 
     def __init__(
         self,
@@ -169,17 +89,22 @@ class CacheDirectory:
         tables: Sequence[EmbeddingBagConfig],
         track: Optional[Sequence[int]] = None,
         optimizer_state_dim: int = 0,
+        keyspace: Optional[KeySpace] = None,
     ) -> None:
         self.config = config
+        self.policy: EvictionPolicy = make_policy(config.cache_policy)
         self.optimizer_state_dim = optimizer_state_dim
+        # the key space is shared with the cost model and the sharded module (one decode per batch)
+        self.keyspace = keyspace if keyspace is not None else KeySpace(tables, state_dim=optimizer_state_dim)
+        if [t.name for t in tables] != self.keyspace.names:
+            raise EsdConfigError(f"tables {[t.name for t in tables]} are not the key space's {self.keyspace.names}")
         self.tables = list(tables)
         self.table_rows = {t.name: t.num_embeddings for t in self.tables}
         config.validate_tables(self.table_rows)
-        self.feature_table = _feature_tables(self.tables)
-        self.rows = torch.tensor([t.num_embeddings for t in self.tables], dtype=torch.int64)
-        self.row_offset = torch.zeros(len(self.tables) + 1, dtype=torch.int64)
-        self.row_offset[1:] = torch.cumsum(self.rows, 0)
-        self.total_rows = int(self.row_offset[-1])
+        self.feature_table = self.keyspace.feature_table
+        self.rows = self.keyspace.rows
+        self.row_offset = self.keyspace.offsets
+        self.total_rows = self.keyspace.total_rows
         self.num_workers = config.num_workers
         self.num_tables = len(self.tables)
         self.iteration = 0
@@ -189,58 +114,31 @@ class CacheDirectory:
         self.tracked = sorted(set(track)) if track is not None else list(range(self.num_workers))
         if any(w < 0 or w >= self.num_workers for w in self.tracked):
             raise EsdConfigError(f"tracked workers {self.tracked} outside [0, {self.num_workers})")
-        self._w: Dict[int, _WorkerState] = {
-            w: _WorkerState([config.workers[w].cache_rows_for(t.name) for t in self.tables], self.total_rows)
-            for w in self.tracked
-        }
+        dense = 0 < self.total_rows <= DENSE_SLOT_MAP_ROWS
+        self._w: Dict[int, WorkerSlots] = {}
+        for w in self.tracked:
+            caps = [config.workers[w].cache_rows_for(t.name) for t in self.tables]
+            self._w[w] = WorkerSlots(caps, self.total_rows, dense, self.policy.slot_state(sum(caps)))
         self._latest = torch.zeros(self.total_rows, dtype=torch.int64)
-        self._last_batch: Optional[tuple] = None  # (kjt, batch_keys(kjt)) of the last batch
 
     # ------------------------------------------------------------ keys
     def table_of(self, keys: torch.Tensor) -> torch.Tensor:
-        return torch.searchsorted(self.row_offset, keys, right=True) - 1
+        return self.keyspace.table_of(keys)
 
     def batch_keys(self, kjt: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Global row key of every KJT value (KJT order) and its sample index;
-        raises a clear error for unknown features, bad dtypes, ids out of range."""
-        last = self._last_batch  # check_batch then plan ask for the same KJT
-        if last is not None and last[0] is kjt:
-            return last[1]
-        out = self._batch_keys(kjt)
-        self._last_batch = (kjt, out)
-        return out
-
-    def _batch_keys(self, kjt: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        if kjt.values().dtype not in (torch.int32, torch.int64):
-            raise EsdConfigError(f"KJT values must be int32/int64 ids, got {kjt.values().dtype}")
-        keys = kjt.keys()
-        b = kjt.stride()
-        lengths = kjt.lengths().view(len(keys), b).to(torch.int64)
-        values = kjt.values().to(torch.int64)
-        per_key = lengths.sum(1)
-        tix = []
-        for k in keys:
-            if k not in self.feature_table:
-                raise EsdConfigError(f"batch feature {k!r} has no embedding table")
-            tix.append(self.feature_table[k])
-        t_of = torch.repeat_interleave(torch.tensor(tix, dtype=torch.int64), per_key)
-        bad = (values < 0) | (values >= self.rows[t_of])
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            f = keys[int(torch.searchsorted(torch.cumsum(per_key, 0), torch.tensor(i), right=True))]
-            t = self.tables[int(t_of[i])]
-            raise EsdConfigError(
-                f"feature {f!r}: id {int(values[i])} is outside table {t.name!r} of {t.num_embeddings} rows"
-            )
-        sample = torch.arange(b).repeat(len(keys))
-        return values + self.row_offset[t_of], torch.repeat_interleave(sample, lengths.reshape(-1))
+        """Global row key of every KJT value (KJT order) and its sample index,
+        from the key space's one decode of ``kjt``; raises
+        :class:`~torchrec_esd.layout.EsdIdError` for unknown features, bad
+        dtypes, ids out of range."""
+        bk = self.keyspace.decode(kjt)
+        return bk.keys, bk.sample
 
     def check_batch(self, kjt: KeyedJaggedTensor) -> None:
         """Raise :class:`EsdConfigError` for ids outside their table etc."""
         self.batch_keys(kjt)
 
     # ------------------------------------------------------------ inspection
-    def _state(self, worker: int) -> _WorkerState:
+    def _state(self, worker: int) -> WorkerSlots:
         if worker not in self._w:
             raise EsdConfigError(f"worker {worker} is not tracked by this directory (tracks {self.tracked})")
         return self._w[worker]
@@ -262,12 +160,23 @@ class CacheDirectory:
     def slot_table(self, worker: int) -> torch.Tensor:
         return self._state(worker).slot_table
 
-    def views(self):
-        """Snapshots for the cost model: per worker, table -> TableCacheView."""
-        from torchrec_esd.cost import TableCacheView
-
+    def _require_all_tracked(self, what: str) -> None:
         if len(self.tracked) != self.num_workers:
-            raise EsdConfigError("views() needs a directory that tracks every worker (the dispatcher's)")
+            raise EsdConfigError(f"{what} needs a directory that tracks every worker (the dispatcher's)")
+
+    def cache_state(self) -> "DirectoryCacheState":
+        """The caches as the cost model reads them (a
+        :class:`~torchrec_esd.cache.state.CacheState`): only the batch's keys
+        are looked up, in the slot maps.  Valid until the next :meth:`plan`."""
+        self._require_all_tracked("cache_state()")
+        return DirectoryCacheState(self)
+
+    cost_views = cache_state  # the name the runtime's input dist calls
+
+    def views(self) -> List[WorkerCacheView]:
+        """Snapshots of every cached row: per worker, table -> TableCacheView
+        (the same state as :meth:`cache_state`, materialised)."""
+        self._require_all_tracked("views()")
         out = []
         for st in self._w.values():
             occ = (st.keys >= 0).nonzero().view(-1)  # slots are table-major
@@ -287,44 +196,6 @@ class CacheDirectory:
                 }
             )
         return out
-
-    def cost_views(self):
-        """The caches as the cost model reads them (a
-        :class:`~torchrec_esd.cost.DirectoryCacheViews`, the same content as
-        :meth:`views`): only the batch's keys are looked up, in the slot maps,
-        instead of snapshotting every cached row.  Valid until the next
-        :meth:`plan`."""
-        from torchrec_esd.cost import DirectoryCacheViews
-
-        if len(self.tracked) != self.num_workers:
-            raise EsdConfigError("cost_views() needs a directory that tracks every worker (the dispatcher's)")
-        W, T = self.num_workers, self.num_tables
-        occupied = torch.zeros(W, T, dtype=torch.int64)
-        ndirty = torch.zeros(W, T, dtype=torch.int64)
-        for w, st in self._w.items():
-            occupied[w] = torch.bincount(st.slot_table[st.keys >= 0], minlength=T)
-            ndirty[w] = torch.bincount(st.slot_table[st.dirty], minlength=T)
-        iteration = self.iteration
-
-        def lookup(keys: torch.Tensor):
-            if self.iteration != iteration:
-                raise EsdConfigError("cost views used after the directory planned another iteration")
-            u = keys.numel()
-            cached = torch.zeros(W, u, dtype=torch.bool)
-            outdated = torch.zeros(W, u, dtype=torch.bool)
-            dirty = torch.zeros(W, u, dtype=torch.bool)
-            latest = self._latest[keys]
-            for w, st in self._w.items():
-                s = st.find(keys)
-                c = s >= 0
-                sc = s.clamp(min=0)
-                d = c & st.dirty[sc]
-                cached[w], dirty[w] = c, d
-                outdated[w] = c & (st.ver[sc] < latest) & ~d
-            return cached, outdated, dirty
-
-        capacity = torch.stack([st.capacity for st in self._w.values()])
-        return DirectoryCacheViews([t.name for t in self.tables], occupied, ndirty, capacity, lookup)
 
     # ------------------------------------------------------------ one iteration
     def plan(self, kjt: KeyedJaggedTensor, assignment: torch.Tensor) -> IterationPlan:
@@ -355,7 +226,7 @@ class CacheDirectory:
             else:
                 plans[w] = self._plan_worker(w, used[w], users, pushes[w], num_samples[w], pairs.get(w))
         # end of iteration: every used row has one new version
-        all_used = torch.unique(torch.cat(used)) if used else _EMPTY
+        all_used = torch.unique(torch.cat(used)) if used else EMPTY
         self._latest[all_used] += 1
         for w in self.tracked:
             p = plans[w]
@@ -380,8 +251,8 @@ class CacheDirectory:
 
     def _kernel_plans(self, w: int) -> bool:
         """Whether worker ``w``'s cache step runs in the C++ kernel."""
-        return (USE_PLAN_KERNEL and not self.config.des_misses and self._w[w].slot_map is not None
-                and ops.has_plan_kernel())
+        return (USE_PLAN_KERNEL and self.policy.kernel_code is not None and not self.config.des_misses
+                and self._w[w].slot_map is not None and ops.has_plan_kernel())
 
     def _push_shared_dirty(self, used: List[torch.Tensor], users: torch.Tensor, workers: Sequence[int]):
         """Step A: a dirty copy that another worker uses this iteration is pushed."""
@@ -390,7 +261,7 @@ class CacheDirectory:
             st = self._w[w]
             dslots = st.dirty.nonzero().view(-1)
             if dslots.numel() == 0:
-                out[w] = (_EMPTY, _EMPTY)
+                out[w] = (EMPTY, EMPTY)
                 continue
             dkeys = st.keys[dslots]
             mine = _sorted_member(used[w], dkeys).long()
@@ -399,6 +270,16 @@ class CacheDirectory:
             st.dirty[slots] = False
             out[w] = (dkeys[needed], slots)
         return out
+
+    def _victims(self, st: WorkerSlots, pinned: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+        """Step B's evictions: per table, the ``need[t]`` unpinned cached slots
+        first in the policy's order (ties in slot order)."""
+        cand = ((st.keys >= 0) & ~pinned).nonzero().view(-1)
+        cand = cand[torch.argsort(self.policy.priority(st, cand), stable=True)]
+        cand = cand[torch.argsort(st.slot_table[cand], stable=True)]  # by table, then priority
+        ct = st.slot_table[cand]
+        rank, _ = _group_rank(ct, self.num_tables)
+        return cand[rank < need[ct]]
 
     def _plan_worker(
         self, w: int, keys: torch.Tensor, users: torch.Tensor, pushed, num_samples: int, pairs=None
@@ -432,17 +313,7 @@ class CacheDirectory:
         if bool((need > 0).any()):
             pinned = torch.zeros_like(st.dirty)
             pinned[slot[present]] = True
-            cand = ((st.keys >= 0) & ~pinned).nonzero().view(-1)
-            if self.config.cache_policy == "lru":
-                # slots are table-major: one sort by (table, last use), ties in slot order
-                cand = cand[torch.argsort(st.slot_table[cand] * (1 << 40) + st.last_use[cand], stable=True)]
-            else:
-                prio = st.freq[cand] * (1 << 32) + st.last_use[cand]
-                cand = cand[torch.argsort(prio, stable=True)]
-                cand = cand[torch.argsort(st.slot_table[cand], stable=True)]  # by table, then priority
-            ct = st.slot_table[cand]
-            rank, _ = _group_rank(ct, T)
-            victims = cand[rank < need[ct]]
+            victims = self._victims(st, pinned, need)
             vd = victims[st.dirty[victims]]
             if vd.numel():
                 push_keys.append(st.keys[vd].clone())
@@ -464,6 +335,7 @@ class CacheDirectory:
         st.place(dst, keys[kept])
         st.dirty[dst] = False
         st.freq[dst] = 0
+        self.policy.on_place(st, dst, self.iteration)
         pulled = miss | update
         cached_now = slot >= 0
         refreshed = pulled & cached_now
@@ -473,7 +345,6 @@ class CacheDirectory:
         # step C (after the backward): local update iff sole user with a current cached copy
         local = (users[keys] == 1) & cached_now & (current | pulled)
         grad = ~local & ~des
-        n_value_push = int(pushed[0].numel())
         return WorkerPlan(
             used_keys=keys,
             used_slot=slot,
@@ -482,26 +353,21 @@ class CacheDirectory:
             pull_pos=pulled.nonzero().view(-1),
             local_pos=local.nonzero().view(-1),
             grad_pos=grad.nonzero().view(-1),
-            rows={
-                "miss_pull": int(miss.sum()),
-                "update_pull": int(update.sum()),
-                "miss_push": miss_push,
-                "update_push": n_value_push + int(grad.sum()),
-                "des_rows": int(des.sum()),
-            },
+            rows=row_counts(miss_pull=int(miss.sum()), update_pull=int(update.sum()), miss_push=miss_push,
+                            update_push=int(pushed[0].numel()) + int(grad.sum()), des_rows=int(des.sum())),
             num_samples=num_samples,
             des_pos=des.nonzero().view(-1),
         )
 
     def _plan_worker_kernel(
-        self, st: _WorkerState, keys: torch.Tensor, users: torch.Tensor, num_samples: int
+        self, st: WorkerSlots, keys: torch.Tensor, users: torch.Tensor, num_samples: int
     ) -> WorkerPlan:
         """Steps A-C of one worker (:meth:`_push_shared_dirty` and
         :meth:`_plan_worker`) in the C++ kernel: same plan, same end state."""
         used_slot, pull_pos, local_pos, grad_pos, push_keys, push_slots, counts = ops.plan_worker_cache(
             st.keys, st.last_use, st.freq, st.ver, st.dirty, st.slot_map, st.table_start,
             self._latest, users, keys.contiguous(), self.row_offset, self.iteration,
-            self.config.staleness, self.config.cache_policy == "lfu",
+            self.config.staleness, int(self.policy.kernel_code),
         )
         n_miss, n_update, n_shared, n_miss_push = counts.tolist()
         return WorkerPlan(
@@ -512,13 +378,8 @@ class CacheDirectory:
             pull_pos=pull_pos,
             local_pos=local_pos,
             grad_pos=grad_pos,
-            rows={
-                "miss_pull": n_miss,
-                "update_pull": n_update,
-                "miss_push": n_miss_push,
-                "update_push": n_shared + int(grad_pos.numel()),
-                "des_rows": 0,
-            },
+            rows=row_counts(miss_pull=n_miss, update_pull=n_update, miss_push=n_miss_push,
+                            update_push=n_shared + int(grad_pos.numel())),
             num_samples=num_samples,
         )
 
@@ -531,8 +392,49 @@ class CacheDirectory:
             keys = st.keys[slots].clone()
             st.dirty[slots] = False
             out[w] = WorkerPlan(
-                used_keys=_EMPTY, used_slot=_EMPTY, push_keys=keys, push_slots=slots,
-                pull_pos=_EMPTY, local_pos=_EMPTY, grad_pos=_EMPTY,
-                rows={"miss_pull": 0, "update_pull": 0, "miss_push": 0, "update_push": int(keys.numel())},
+                used_keys=EMPTY, used_slot=EMPTY, push_keys=keys, push_slots=slots,
+                pull_pos=EMPTY, local_pos=EMPTY, grad_pos=EMPTY,
+                rows=row_counts(0, 0, 0, int(keys.numel())),
             )
         return out
+
+
+class DirectoryCacheState:
+    """A :class:`CacheDirectory` read as a
+    :class:`~torchrec_esd.cache.state.CacheState` at its current iteration:
+    occupancy is counted now, :meth:`lookup` reads the slot maps and refuses
+    once the directory has planned another iteration."""
+
+    def __init__(self, directory: CacheDirectory) -> None:
+        d = directory
+        W, T = d.num_workers, d.num_tables
+        self.tables = [t.name for t in d.tables]
+        self.occupied = torch.zeros(W, T, dtype=torch.int64)
+        self.ndirty = torch.zeros(W, T, dtype=torch.int64)
+        for w, st in d._w.items():
+            self.occupied[w] = st.per_table(st.keys >= 0, T)
+            self.ndirty[w] = st.per_table(st.dirty, T)
+        self.capacity = torch.stack([st.capacity for st in d._w.values()])
+        self._directory = d
+        self._iteration = d.iteration
+
+    def __len__(self) -> int:
+        return self.capacity.shape[0]
+
+    def lookup(self, keys: torch.Tensor) -> CacheLookup:
+        d = self._directory
+        if d.iteration != self._iteration:
+            raise EsdConfigError("cache state used after the directory planned another iteration")
+        W, u = d.num_workers, keys.numel()
+        cached = torch.zeros(W, u, dtype=torch.bool)
+        outdated = torch.zeros(W, u, dtype=torch.bool)
+        dirty = torch.zeros(W, u, dtype=torch.bool)
+        latest = d._latest[keys]
+        for w, st in d._w.items():
+            s = st.find(keys)
+            c = s >= 0
+            sc = s.clamp(min=0)
+            dw = c & st.dirty[sc]
+            cached[w], dirty[w] = c, dw
+            outdated[w] = c & (st.ver[sc] < latest) & ~dw
+        return CacheLookup(cached, outdated, dirty)

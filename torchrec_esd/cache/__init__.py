@@ -1,0 +1,52 @@
+"""Worker embedding caches: the replicated cache directory, its plans, the
+eviction policies and the cache state the cost model reads.
+
+* :mod:`~torchrec_esd.cache.directory`: :class:`CacheDirectory` (the plans of
+  one iteration from the batch and the assignment);
+* :mod:`~torchrec_esd.cache.plans`: :class:`WorkerPlan`, :class:`IterationPlan`,
+  :class:`TransmissionKind`;
+* :mod:`~torchrec_esd.cache.policy`: :class:`EvictionPolicy` (:class:`LruPolicy`,
+  :class:`LfuPolicy`) and the registry ``EsdConfig.cache_policy`` names;
+* :mod:`~torchrec_esd.cache.state`: the :class:`CacheState` protocol;
+* :mod:`~torchrec_esd.cache.views`: per-table snapshots (:class:`TableCacheView`).
+"""
+
+from torchrec_esd.cache.directory import CacheDirectory, DirectoryCacheState
+from torchrec_esd.cache.plans import DES_ROWS, KINDS, IterationPlan, TransmissionKind, WorkerPlan
+from torchrec_esd.cache.policy import (
+    EvictionPolicy,
+    KernelPolicy,
+    LfuPolicy,
+    LruPolicy,
+    make_policy,
+    policy_names,
+    register_policy,
+    unregister_policy,
+)
+from torchrec_esd.cache.slots import WorkerSlots
+from torchrec_esd.cache.state import CacheLookup, CacheState
+from torchrec_esd.cache.views import TableCacheView, TableViewsState, WorkerCacheView
+
+__all__ = [
+    "CacheDirectory",
+    "CacheLookup",
+    "CacheState",
+    "DES_ROWS",
+    "DirectoryCacheState",
+    "EvictionPolicy",
+    "IterationPlan",
+    "KINDS",
+    "KernelPolicy",
+    "LfuPolicy",
+    "LruPolicy",
+    "TableCacheView",
+    "TableViewsState",
+    "TransmissionKind",
+    "WorkerCacheView",
+    "WorkerPlan",
+    "WorkerSlots",
+    "make_policy",
+    "policy_names",
+    "register_policy",
+    "unregister_policy",
+]
