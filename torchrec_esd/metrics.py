@@ -3,20 +3,33 @@
 Kinds follow Herald/LAIA: ``miss_pull``, ``miss_push``, ``update_pull``,
 ``update_push``; with DES-served misses also ``des_pull`` (the (row, bag)
 pairs up and the bags' partial sums down; rows = rows served) and ``des_push``
-(one gradient vector per bag and PS; rows = vectors).  ``bytes`` are payloads
-(row values + optimizer state, partial sums, gradients); the keys that
-address them (8 B per pulled / pushed row, :func:`~torchrec_esd.des_misses.pair_bytes`
-per DES pair) are in ``key_bytes``; ``wire_bytes`` is both.  Link time of a worker is ``bytes / bandwidth + latency`` per
-message actually sent (a phase with nothing to send costs no latency).
+(one gradient vector per bag and PS; rows = vectors).
+
+Rows per kind come from the iteration plan; everything else is measured: a
+worker's :class:`~torchrec_esd.ps.PsClient` reports what each exchange with
+the PS really moved (:class:`~torchrec_esd.ps.Traffic`: bytes and messages
+from the transport's :class:`~torchrec_esd.ps.LinkMeter`, payload sections
+as packed), recorded with :meth:`TransmissionMeter.record_push_pull` /
+:meth:`~TransmissionMeter.record_grads`.  ``bytes`` are payloads (row values
++ optimizer state, partial sums, gradients), a section's bytes split over its
+kinds by their rows (a section's rows all have one width); ``key_bytes`` is
+the rest of the wire (keys, DES pairs and weights, frames); ``wire_bytes``
+(both) is what the transport sent and received.  ``messages`` are
+point-to-point transfers (a request's frame and payload are two).  Link time
+of a worker: per exchange ``bytes / bandwidth + latency`` for what it sent
+to all PS together and the same for what it received (one request and one
+reply on its link; a direction with nothing in it costs no latency).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Mapping
 
 from torchrec_esd.cache import KINDS as ROW_KINDS
 from torchrec_esd.config import WorkerSpec
+from torchrec_esd.ps.protocol import Section, SectionSize
+from torchrec_esd.ps.transport import Traffic
 
 KINDS = ROW_KINDS + ("des_pull", "des_push")
 
@@ -47,6 +60,39 @@ class TransmissionMeter:
         if num_bytes > 0:
             self.messages += 1
             self.link_s += link.link_time(num_bytes, 1)
+
+    def record_push_pull(self, plan_rows: Mapping[str, int], traffic: Traffic, link: WorkerSpec) -> None:
+        """A push/pull exchange: ``plan_rows`` (the plan's rows per kind) says
+        which pushed rows were evictions (``miss_push``) and which pulled rows
+        were misses / updates; ``des_rows`` rows were served as partial sums."""
+        pushed = traffic.section(Section.PUSH_ROWS)
+        miss_push = int(plan_rows.get("miss_push", 0))
+        self._add_split(pushed, {"miss_push": miss_push, "update_push": pushed.rows - miss_push})
+        pulled = traffic.section(Section.PULL_ROWS)
+        self._add_split(pulled, {k: int(plan_rows.get(k, 0)) for k in ("miss_pull", "update_pull")})
+        self.add("des_pull", int(plan_rows.get("des_rows", 0)), traffic.section(Section.DES_PARTIALS).bytes)
+        self._add_wire(traffic, link)
+
+    def record_grads(self, traffic: Traffic, link: WorkerSpec) -> None:
+        """A gradient exchange: row gradients (``update_push``), DES bag gradients (``des_push``)."""
+        for kind, section in (("update_push", Section.ROW_GRADS), ("des_push", Section.BAG_GRADS)):
+            s = traffic.section(section)
+            self.add(kind, s.rows, s.bytes)
+        self._add_wire(traffic, link)
+
+    def _add_split(self, section: SectionSize, rows: Mapping[str, int]) -> None:
+        if sum(rows.values()) != section.rows or any(r < 0 for r in rows.values()):
+            raise ValueError(f"rows per kind {dict(rows)} do not add up to the {section.rows} rows sent")
+        width = section.bytes // section.rows if section.rows else 0
+        for kind, r in rows.items():
+            self.add(kind, r, r * width)
+
+    def _add_wire(self, traffic: Traffic, link: WorkerSpec) -> None:
+        self.key_bytes += traffic.wire_bytes - traffic.payload_bytes
+        self.messages += traffic.messages
+        for n in (traffic.link.bytes_sent, traffic.link.bytes_received):
+            if n > 0:
+                self.link_s += link.link_time(n, 1)
 
     @property
     def total_bytes(self) -> int:

@@ -1,0 +1,298 @@
+"""The PS transport seam: the server and client driven through an in-process
+(non-gloo) Transport, the per-link meter, and the transmission meter fed by
+what the transport really moved."""
+
+import queue
+import threading
+from collections import defaultdict, deque
+
+import pytest
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+from torchrec_esd.config import WorkerSpec
+from torchrec_esd.metrics import TransmissionMeter
+from torchrec_esd.ps import (
+    DesRequest,
+    EsdProtocolError,
+    EsdRemoteError,
+    LinkStats,
+    ParameterServer,
+    PsClient,
+    RowRouting,
+    Section,
+    SectionSize,
+    SparseOptimizer,
+    Traffic,
+    Transport,
+)
+from torchrec_esd.ps.protocol import FRAME_BYTES, GradsFrame, PushPullFrame, encode_frame
+
+DIM = 4
+
+
+class _Hub:
+    """Message queues between in-process ranks, one per (source, destination)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._queues = {}
+
+    def q(self, src, dst) -> queue.Queue:
+        with self._lock:
+            return self._queues.setdefault((src, dst), queue.Queue())
+
+
+class _Recv:
+    def __init__(self, buf, peer):
+        self.buf, self.peer, self.done = buf, peer, False
+
+
+class QueueTransport(Transport):
+    """A Transport over in-process queues: sends complete at once; receives
+    posted for a peer are matched in posting order (the Transport contract)."""
+
+    def __init__(self, hub, rank, ps_ranks, worker_ranks, timeout_s=20.0):
+        super().__init__(ps_ranks, worker_ranks, timeout_s)
+        self.hub, self.rank = hub, rank
+        self._posted = defaultdict(deque)
+
+    def _isend(self, buf, peer):
+        self.hub.q(self.rank, peer).put(buf.clone())
+        return None
+
+    def _irecv(self, buf, peer):
+        r = _Recv(buf, peer)
+        self._posted[peer].append(r)
+        return r
+
+    def _wait(self, work, timeout_s):
+        if work is None:  # a send
+            return
+        while not work.done:
+            r = self._posted[work.peer].popleft()
+            data = self.hub.q(work.peer, self.rank).get(timeout=timeout_s)
+            dst = r.buf.view(-1).view(torch.uint8)
+            src = data.view(-1).view(torch.uint8)
+            if dst.numel() != src.numel():
+                raise RuntimeError(f"message of {src.numel()} bytes into a buffer of {dst.numel()}")
+            dst.copy_(src)
+            r.done = True
+
+
+TABLES = [
+    EmbeddingBagConfig(name="t0", embedding_dim=DIM, num_embeddings=10, feature_names=["f0"]),
+    EmbeddingBagConfig(name="t1", embedding_dim=DIM, num_embeddings=7, feature_names=["f1"]),
+]
+
+
+def _world(num_workers, num_ps, des, optimizer, weights, worker_fns):
+    """Run ``num_ps`` servers and one ``worker_fns[w](client)`` per worker in
+    threads over a QueueTransport; returns (results, servers, transports, errors)."""
+    hub = _Hub()
+    workers = list(range(num_workers))
+    ps = list(range(num_workers, num_workers + num_ps))
+    routing = RowRouting(TABLES, num_ps)
+    transports = {r: QueueTransport(hub, r, ps, workers) for r in workers + ps}
+    servers = [ParameterServer(i, routing, optimizer, transports[r], weights, des=des) for i, r in enumerate(ps)]
+    results, errors = {}, {}
+
+    def run(rank, fn):
+        try:
+            results[rank] = fn()
+        except Exception as e:  # noqa: BLE001  (reported to the test)
+            errors[rank] = e
+
+    threads = [threading.Thread(target=run, args=(r, s.serve)) for r, s in zip(ps, servers)]
+    clients = [PsClient(routing, optimizer, transports[w], des=des) for w in workers]
+    threads += [threading.Thread(target=run, args=(w, lambda w=w: worker_fns[w](clients[w]))) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a rank hung"
+    return results, servers, transports, errors
+
+
+def _weights(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {t.name: torch.randn(t.num_embeddings, DIM, generator=g) for t in TABLES}
+
+
+def test_push_pull_grads_gather_through_a_non_gloo_transport():
+    w0 = _weights()
+    glob = torch.cat([w0["t0"], w0["t1"]])  # global keys: t0 0..9, t1 10..16
+    lr = 0.5
+    pushed = {1: torch.full((DIM,), 7.0), 12: torch.full((DIM,), -3.0), 5: torch.full((DIM,), 2.0)}
+
+    def worker0(c):
+        keys = torch.tensor([1, 12])
+        rows, partial, route = c.push_pull(keys, torch.stack([pushed[1], pushed[12]]), torch.tensor([3, 15]))
+        out = {"rows": rows, "pp": c.last_traffic}
+        c.push_grads(torch.tensor([3]), torch.ones(1, DIM))
+        out["grads"] = c.last_traffic
+        c.push_pull(torch.empty(0, dtype=torch.int64), torch.empty(0, DIM), torch.empty(0, dtype=torch.int64))
+        out["tables"] = c.gather_tables()
+        c.stop()
+        return out
+
+    def worker1(c):
+        rows, _, _ = c.push_pull(torch.tensor([5]), pushed[5].view(1, DIM), torch.tensor([12, 1, 8]))
+        c.push_grads(torch.tensor([3, 8]), torch.tensor([[1.0] * DIM, [2.0] * DIM]))
+        out = {"rows": rows}
+        c.push_pull(torch.empty(0, dtype=torch.int64), torch.empty(0, DIM), torch.empty(0, dtype=torch.int64))
+        out["tables"] = c.gather_tables()
+        c.stop()
+        return out
+
+    res, servers, transports, errors = _world(2, 2, False, SparseOptimizer("sgd", lr), w0, [worker0, worker1])
+    assert errors == {}
+    # pulls see the pushes of every worker of the same phase; pulled rows come in the asked order
+    assert torch.equal(res[0]["rows"], glob[[3, 15]])
+    assert torch.equal(res[1]["rows"], torch.stack([pushed[12], pushed[1], glob[8]]))
+    # gradients of all workers are summed per row, the optimizer applied once
+    expect = glob.clone()
+    for k, v in pushed.items():
+        expect[k] = v
+    expect[3] -= lr * 2.0
+    expect[8] -= lr * 2.0
+    for r in (0, 1):
+        tables, states = res[r]["tables"]
+        assert torch.equal(tables["t0"], expect[:10]) and torch.equal(tables["t1"], expect[10:])
+        assert states["t0"].shape == (10, 0)
+    assert all(s.iterations == 1 for s in servers)
+    # the meter: what one side of a link sent the other side received, per link
+    for w in (0, 1):
+        for p in (2, 3):
+            a, b = transports[w].meter.link(p), transports[p].meter.link(w)
+            assert a.bytes_sent == b.bytes_received and a.bytes_received == b.bytes_sent
+            assert a.messages_sent == b.messages_received and a.messages_received == b.messages_sent
+    assert set(transports[0].meter.per_link()) == {2, 3}
+    # worker 0's first push/pull: a frame to each PS, keys (2 pushes + 2 pulls) and 2 pushed rows up,
+    # 2 pulled rows down
+    pp = res[0]["pp"]
+    assert pp.link.bytes_sent == 2 * FRAME_BYTES + 4 * 8 + 2 * DIM * 4
+    assert pp.link.bytes_received == 2 * DIM * 4
+    assert pp.section(Section.PUSH_ROWS) == SectionSize(2, 2 * DIM * 4)
+    assert pp.section(Section.PULL_ROWS) == SectionSize(2, 2 * DIM * 4)
+    assert pp.wire_bytes - pp.payload_bytes == 2 * FRAME_BYTES + 4 * 8
+    # frames to both PS + payloads to both (each PS owns one pushed and one pulled row) + 2 replies
+    assert pp.link.messages_sent == 4 and pp.link.messages_received == 2
+    # gradients: a frame to each PS (the one owning key 3 also gets its key and gradient), no reply
+    gr = res[0]["grads"]
+    assert gr.link == LinkStats(bytes_sent=2 * FRAME_BYTES + 8 + DIM * 4, messages_sent=3)
+    assert gr.section(Section.ROW_GRADS) == SectionSize(1, DIM * 4)
+
+
+def test_des_partial_sums_and_bag_gradients_through_a_non_gloo_transport():
+    w0 = _weights(1)
+    glob = torch.cat([w0["t0"], w0["t1"]])
+    lr = 0.25
+    # worker 0: one bag of rows 2 (weight 1) and 14 (weight 2), split over both PS
+    req = DesRequest(torch.tensor([2, 14]), torch.tensor([0, 0]), torch.tensor([1.0, 2.0]), 1)
+    bag_grad = torch.arange(DIM, dtype=torch.float32).view(1, DIM) + 1
+
+    def worker0(c):
+        _, partial, route = c.push_pull(torch.empty(0, dtype=torch.int64), torch.empty(0, DIM), torch.tensor([4]), req)
+        c.push_grads(torch.empty(0, dtype=torch.int64), torch.empty(0, DIM), route, bag_grad)
+        tables = c.gather_tables()
+        c.stop()
+        return {"partial": partial, "tables": tables}
+
+    def worker1(c):
+        c.push_pull(torch.empty(0, dtype=torch.int64), torch.empty(0, DIM), torch.empty(0, dtype=torch.int64))
+        c.push_grads(torch.tensor([2]), torch.ones(1, DIM))
+        c.gather_tables()
+        c.stop()
+        return None
+
+    res, _, _, errors = _world(2, 2, True, SparseOptimizer("sgd", lr), w0, [worker0, worker1])
+    assert errors == {}
+    assert torch.allclose(res[0]["partial"], (glob[2] + 2 * glob[14]).view(1, DIM))
+    expect = glob.clone()
+    expect[2] -= lr * (bag_grad[0] + 1.0)  # the bag's gradient x weight 1, plus worker 1's row gradient
+    expect[14] -= lr * 2 * bag_grad[0]
+    tables, _ = res[0]["tables"]
+    assert torch.allclose(torch.cat([tables["t0"], tables["t1"]]), expect)
+
+
+def test_abort_reaches_the_servers_through_the_transport():
+    def worker(c):
+        c.abort("bad input batch at step 2")
+
+    _, _, _, errors = _world(2, 1, False, SparseOptimizer(), _weights(), [worker, worker])
+    assert isinstance(errors[2], EsdRemoteError) and "aborted by the workers" in str(errors[2])
+    assert "bad input batch at step 2" in str(errors[2])
+
+
+class _Rogue:
+    """A worker that sends raw frame words instead of a client's request."""
+
+    def __init__(self, words, payload=None):
+        self.words, self.payload = words, payload
+
+    def __call__(self, c):
+        t = c.transport
+        sends = [t.send(t.ps_ranks[0], self.words)]
+        if self.payload is not None:
+            sends.append(t.send(t.ps_ranks[0], self.payload))
+        t.wait(sends)
+
+
+def test_server_rejects_a_huge_frame_before_allocating(monkeypatch):
+    words = encode_frame(PushPullFrame(0, 0), 0)
+    words[1], words[3] = 2**62, 2**40  # payload bytes, pulls
+    big = []
+    real_empty = torch.empty
+
+    def spy(*args, **kwargs):
+        size = args[0] if args and isinstance(args[0], int) else 0
+        if size > 1 << 20:
+            big.append(args)
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", spy)
+    _, _, _, errors = _world(1, 1, False, SparseOptimizer(), _weights(), [_Rogue(words)])
+    assert isinstance(errors[1], EsdProtocolError)
+    assert "'pulls' = 1099511627776" in str(errors[1]) and "bound 17" in str(errors[1])  # 1 PS owns all 17 rows
+    assert big == []
+
+
+def test_server_checks_bag_gradients_against_the_bags_it_served():
+    words = encode_frame(GradsFrame(0, 3), 3 * DIM * 4)
+    rogue = _Rogue(words, torch.zeros(3 * DIM * 4, dtype=torch.uint8))
+    _, _, _, errors = _world(1, 1, True, SparseOptimizer(), _weights(), [rogue])
+    assert isinstance(errors[1], EsdProtocolError)
+    assert "'bags' = 3 but this PS served 0 DES bags" in str(errors[1])
+
+
+def test_transmission_meter_takes_bytes_and_messages_from_the_traffic():
+    link = WorkerSpec(cache_rows=1, bandwidth_mbps=8.0, latency_ms=1.0)  # 1e6 B/s
+    row = 5 * 4
+    pp = Traffic(
+        LinkStats(bytes_sent=1000, bytes_received=600, messages_sent=4, messages_received=2),
+        {Section.KEYS: SectionSize(9, 72), Section.PUSH_ROWS: SectionSize(4, 4 * row),
+         Section.PULL_ROWS: SectionSize(5, 5 * row), Section.DES_PARTIALS: SectionSize(2, 32)},
+    )
+    m = TransmissionMeter()
+    m.record_push_pull({"miss_pull": 3, "update_pull": 2, "miss_push": 1, "des_rows": 6}, pp, link)
+    assert m.rows["miss_pull"] == 3 and m.bytes["miss_pull"] == 3 * row
+    assert m.rows["update_pull"] == 2 and m.bytes["update_pull"] == 2 * row
+    assert m.rows["miss_push"] == 1 and m.bytes["miss_push"] == row
+    assert m.rows["update_push"] == 3 and m.bytes["update_push"] == 3 * row
+    assert m.rows["des_pull"] == 6 and m.bytes["des_pull"] == 32
+    d = m.as_dict()
+    assert d["wire_bytes"] == 1600 and d["total_bytes"] == 9 * row + 32
+    assert d["messages"] == 6
+    assert d["link_s"] == pytest.approx(1000 / 1e6 + 0.001 + 600 / 1e6 + 0.001)
+    g = Traffic(LinkStats(bytes_sent=300, messages_sent=2),
+                {Section.KEYS: SectionSize(2, 16), Section.ROW_GRADS: SectionSize(2, 32),
+                 Section.BAG_GRADS: SectionSize(3, 48)})
+    m.record_grads(g, link)
+    assert m.rows["update_push"] == 5 and m.bytes["update_push"] == 3 * row + 32
+    assert m.rows["des_push"] == 3 and m.bytes["des_push"] == 48
+    d = m.as_dict()
+    assert d["wire_bytes"] == 1900 and d["messages"] == 8
+    assert d["link_s"] == pytest.approx(1900 / 1e6 + 0.003)  # nothing received: no reply latency
+    with pytest.raises(ValueError, match="do not add up"):
+        m.record_push_pull({"miss_pull": 1, "update_pull": 1}, pp, link)

@@ -1,0 +1,213 @@
+"""Worker side of the PS protocol: every worker calls the same phases.
+
+Each phase is one *exchange*: a request to every PS (frame + payload, see
+:mod:`torchrec_esd.ps.protocol`) and, where the phase has one, a reply from
+every PS.  The client records what each exchange really moved in
+:attr:`PsClient.last_traffic` (wire bytes and messages from the transport's
+meter, payload sections as packed), which the runtime's transmission meter
+reads.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from torchrec_esd.config import EsdConfigError
+from torchrec_esd.optim import SparseOptimizer
+from torchrec_esd.ps.des_route import DesRequest, DesRoute
+from torchrec_esd.ps.protocol import (
+    DEFAULT_MAX_DES_PAIRS,
+    Frame,
+    GatherFrame,
+    GatherReply,
+    GradsRequest,
+    Parts,
+    ProtocolLimits,
+    PushPullReply,
+    PushPullRequest,
+    RowFormat,
+    StopFrame,
+    abort_parts,
+    add_sections,
+    pack,
+)
+from torchrec_esd.ps.routing import RowRouting
+from torchrec_esd.ps.transport import Pending, Traffic, Transport
+
+_NO_KEYS = torch.empty(0, dtype=torch.int64)
+
+
+class PsClient:
+    """One worker's connection to every PS (``transport.ps_ranks``, in PS order)."""
+
+    def __init__(
+        self,
+        routing: RowRouting,
+        optimizer: SparseOptimizer,
+        transport: Transport,
+        des: bool = False,
+        max_des_pairs: int = DEFAULT_MAX_DES_PAIRS,
+    ) -> None:
+        if len(transport.ps_ranks) != routing.num_ps:
+            raise EsdConfigError(
+                f"the transport has {len(transport.ps_ranks)} PS ranks, the routing {routing.num_ps} PS"
+            )
+        self.routing = routing
+        self.optimizer = optimizer
+        self.transport = transport
+        self.des = des
+        self.fmt = RowFormat(routing.dim, optimizer.state_dim)
+        self.limits = [ProtocolLimits(int(n), max_des_pairs) for n in routing.ps_rows.tolist()]
+        # sends of a request that expects no reply (gradients): waited for at the
+        # next request, so that the worker goes on while the PS still collects
+        self._unsent: List[Pending] = []
+        self.last_traffic = Traffic()
+
+    # ------------------------------------------------------------ exchange
+    def _exchange(
+        self,
+        frames: Sequence[Frame],
+        parts: Sequence[Parts],
+        reply_bytes: Optional[Sequence[int]] = None,
+        wait: bool = True,
+    ) -> List[torch.Tensor]:
+        """Send every PS ``i`` the frame ``frames[i]`` and the payload
+        ``parts[i]``; returns the replies (``reply_bytes[i]`` bytes from PS
+        ``i``, nothing where 0).  With ``wait=False`` (no reply) it returns
+        before its sends complete; they complete, in order, before the next
+        exchange's, and an error surfaces there.  Sets :attr:`last_traffic`."""
+        t = self.transport
+        t.wait(self._unsent)
+        self._unsent = []
+        before = t.meter.total()
+        sections: Dict = {}
+        sends: List[Pending] = []
+        for i, dst in enumerate(t.ps_ranks):
+            frames[i].check(self.limits[i], f"worker request to PS {i}")  # what the PS would reject
+            add_sections(sections, parts[i])
+            sends += t.send_frame(dst, frames[i], pack(parts[i]))
+        recvs, replies = [], []
+        for i, src in enumerate(t.ps_ranks):
+            buf = torch.empty(int(reply_bytes[i]) if reply_bytes is not None else 0, dtype=torch.uint8)
+            if buf.numel():
+                recvs.append(t.recv(src, buf))
+            replies.append(buf)
+        if not wait and reply_bytes is None:
+            self._unsent = sends
+        else:
+            t.wait(sends + recvs)
+        self.last_traffic = Traffic(t.meter.total() - before, sections)
+        return replies
+
+    def _by_ps(self, keys: torch.Tensor):
+        p, _ = self.routing.locate(keys)
+        order = torch.argsort(p, stable=True)
+        per = torch.bincount(p, minlength=self.routing.num_ps)
+        return order, per
+
+    # ------------------------------------------------------------ phases
+    def push_pull(
+        self,
+        push_keys: torch.Tensor,
+        push_vals: torch.Tensor,
+        pull_keys: torch.Tensor,
+        des: Optional[DesRequest] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[DesRoute]]:
+        """Store ``push_vals`` [n, D+S] at ``push_keys``, then return the rows
+        (value + state) of ``pull_keys`` in their order, and (with DES) the
+        pooled partial sums ``[des.num_bags, D]`` of the DES request plus the
+        route that :meth:`push_grads` needs for the bags' gradients.  One
+        request to and one reply from each PS."""
+        row, dim = self.routing.dim + self.optimizer.state_dim, self.routing.dim
+        if des is not None and not self.des:
+            raise EsdConfigError("a DES request on a PS client built without des_misses")
+        po, pper = self._by_ps(push_keys)
+        qo, qper = self._by_ps(pull_keys)
+        route: Optional[DesRoute] = None
+        if self.des:
+            route = DesRoute.build(self.routing, des if des is not None else DesRequest.empty())
+        pk = torch.split(push_keys[po], pper.tolist())
+        pv = torch.split(push_vals[po].to(torch.float32), pper.tolist())
+        qk = torch.split(pull_keys[qo], qper.tolist())
+        reqs = []
+        for i in range(self.routing.num_ps):
+            if route is None:
+                reqs.append(PushPullRequest(pk[i], qk[i], pv[i], _NO_KEYS))
+            else:
+                w = route.weights[i] if route.weighted[i] else None
+                reqs.append(PushPullRequest(pk[i], qk[i], pv[i], route.packed[i], int(route.bags_per_ps[i]), w))
+        frames = [q.frame() for q in reqs]
+        got = self._exchange(frames, [q.parts() for q in reqs], [f.reply_bytes(self.fmt) for f in frames])
+        replies = [PushPullReply.decode(f, buf, self.fmt) for f, buf in zip(frames, got)]
+        for r in replies:
+            add_sections(self.last_traffic.sections, r.parts())
+        out = torch.empty(pull_keys.numel(), row)
+        out[qo] = torch.cat([r.rows for r in replies])
+        partial = torch.empty(0, dim)
+        if route is not None:
+            # every PS summed the rows it owns; the bag's partial sum is the sum over PS
+            partial = torch.zeros(route.num_bags, dim).index_add_(
+                0, torch.cat(route.ps_bags), torch.cat([r.partials for r in replies])
+            )
+        return out, partial, route
+
+    def push_grads(
+        self, keys: torch.Tensor, grads: torch.Tensor, des_route: Optional[DesRoute] = None,
+        des_grads: Optional[torch.Tensor] = None,
+    ) -> None:
+        """Send row gradients ``grads`` [n, D] of ``keys`` and (with DES) the
+        gradients ``des_grads`` [num_bags, D] of the bags served in the forward
+        (one request to each PS, no reply)."""
+        dim = self.routing.dim
+        order, per = self._by_ps(keys)
+        if self.des and des_route is None:
+            des_route = DesRoute.build(self.routing, DesRequest.empty())
+        send_bags: List[torch.Tensor] = [torch.empty(0, dim)] * self.routing.num_ps
+        if self.des:
+            assert des_route is not None
+            if des_grads is None:
+                des_grads = torch.zeros(des_route.num_bags, dim)
+            if tuple(des_grads.shape) != (des_route.num_bags, dim):
+                raise EsdConfigError(
+                    f"DES bag gradients of shape {tuple(des_grads.shape)}, expected ({des_route.num_bags}, {dim})"
+                )
+            send_bags = [des_grads[b] for b in des_route.ps_bags]
+        ks = torch.split(keys[order], per.tolist())
+        gs = torch.split(grads[order].to(torch.float32), per.tolist())
+        reqs = [GradsRequest(ks[i], gs[i], send_bags[i]) for i in range(self.routing.num_ps)]
+        self._exchange([q.frame() for q in reqs], [q.parts() for q in reqs], wait=False)  # the worker goes on
+
+    def gather_tables(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """Full tables and optimizer states, assembled from every PS's storage
+        (every worker calls it; each PS replies to each worker)."""
+        r = self.routing
+        n = r.num_ps
+        ps_rows = [int(x) for x in r.ps_rows.tolist()]
+        got = self._exchange([GatherFrame()] * n, [[] for _ in range(n)],
+                             [GatherReply.reply_bytes(ps_rows[i], self.fmt) for i in range(n)])
+        parts = [GatherReply.decode(ps_rows[i], got[i], self.fmt) for i in range(n)]
+        for g in parts:
+            add_sections(self.last_traffic.sections, g.parts())
+        weights, states = {}, {}
+        for t, name in enumerate(r.names):
+            keys = r.keys(t, torch.arange(int(r.rows[t])))
+            p, local = r.locate(keys)
+            weights[name] = torch.empty(int(r.rows[t]), r.dim)
+            states[name] = torch.empty(int(r.rows[t]), self.optimizer.state_dim)
+            for i in range(n):
+                m = p == i
+                weights[name][m] = parts[i].weights[local[m]]
+                states[name][m] = parts[i].state[local[m]]
+        return weights, states
+
+    def stop(self) -> None:
+        n = self.routing.num_ps
+        self._exchange([StopFrame()] * n, [[] for _ in range(n)])
+
+    def abort(self, msg: str) -> None:
+        """Make the PS ranks fail with ``msg``.  Every worker calls it (it is a
+        collective); the message of worker 0 is the one the PS ranks raise."""
+        frame, parts = abort_parts(msg, self.limits[0])
+        self._exchange([frame] * self.routing.num_ps, [parts] * self.routing.num_ps)

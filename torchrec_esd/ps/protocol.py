@@ -1,0 +1,393 @@
+"""The worker <-> parameter-server protocol: typed frames and payloads.
+
+A *request* is a frame of :data:`FRAME_WORDS` int64 words
+``(command, payload bytes, counts...)`` followed by its payload (tensors
+packed as bytes, in a fixed order); a *reply* (push/pull, gather) is a bare
+payload whose size both sides derive from the request's counts.
+
+Invariants a receiver relies on (checked by :func:`decode_frame` before any
+buffer is allocated, so that a malformed or hostile frame costs 64 bytes, not
+gigabytes):
+
+* the command is a :class:`Command`, every word is ``>= 0``, unused words are 0;
+* every count is bounded by :class:`ProtocolLimits` (rows a PS owns, a stated
+  maximum of DES pairs, the abort-message size) and consistent with the others
+  (a DES bag has at least one pair, pairs are distinct ``(row, bag)``);
+* the payload size is exactly what the counts imply.
+
+A violation raises :class:`EsdProtocolError` naming the field, its value and
+the bound.  Values are float32 (:class:`RowFormat`), keys int64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from enum import Enum, IntEnum
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+FRAME_WORDS = 8  # command, payload bytes, up to 6 counts
+FRAME_BYTES = FRAME_WORDS * 8
+KEY_BYTES = 8  # int64 row key / packed DES pair
+VALUE_BYTES = 4  # float32 value, optimizer state, gradient, DES weight
+MAX_ABORT_BYTES = 4096
+DEFAULT_MAX_DES_PAIRS = 1 << 25  # per request and PS: 32 Mi pairs (~400 MB with weights)
+
+
+class EsdRemoteError(RuntimeError):
+    """Another rank of the ESD job failed; this rank stops too."""
+
+
+class EsdProtocolError(EsdRemoteError):
+    """A frame or payload that breaks the protocol (bounds, sizes, commands)."""
+
+
+class Command(IntEnum):
+    """Request commands (the first frame word)."""
+
+    PUSH_PULL = 1  # push dirty rows, pull rows (+ DES partial sums); one reply
+    GRADS = 2  # row and DES bag gradients; no reply
+    GATHER = 3  # every PS replies its whole storage (tests, checkpoints)
+    STOP = 8
+    ABORT = 9  # payload: the reason, UTF-8
+
+
+class Section(Enum):
+    """What a part of a payload carries (for metering: ``is_payload`` parts are
+    row data, the others address or control it)."""
+
+    KEYS = "keys"
+    DES_PAIRS = "des_pairs"
+    DES_WEIGHTS = "des_weights"
+    MESSAGE = "message"
+    PUSH_ROWS = "push_rows"
+    PULL_ROWS = "pull_rows"
+    DES_PARTIALS = "des_partials"
+    ROW_GRADS = "row_grads"
+    BAG_GRADS = "bag_grads"
+    TABLE_ROWS = "table_rows"
+
+    @property
+    def is_payload(self) -> bool:
+        return self in _PAYLOAD_SECTIONS
+
+
+_PAYLOAD_SECTIONS = frozenset(
+    {Section.PUSH_ROWS, Section.PULL_ROWS, Section.DES_PARTIALS, Section.ROW_GRADS,
+     Section.BAG_GRADS, Section.TABLE_ROWS}
+)
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    """A row on the wire: ``dim`` float32 values, then ``state_dim`` optimizer state."""
+
+    dim: int
+    state_dim: int
+
+    @property
+    def row_bytes(self) -> int:
+        return (self.dim + self.state_dim) * VALUE_BYTES
+
+    @property
+    def vector_bytes(self) -> int:
+        return self.dim * VALUE_BYTES
+
+
+@dataclass(frozen=True)
+class ProtocolLimits:
+    """Bounds on one PS's request counts.
+
+    ``rows``: rows the PS owns; a request names each row at most once, so no
+    count of keys or gradient rows exceeds it (a request's allocation is then
+    at most about the PS's own storage).  ``max_des_pairs``: stated maximum of
+    DES ``(row, bag)`` pairs in one request (the batch's ids bound it; the PS
+    cannot know the batch size).  ``max_abort_bytes``: abort-message size.
+    """
+
+    rows: int
+    max_des_pairs: int = DEFAULT_MAX_DES_PAIRS
+    max_abort_bytes: int = MAX_ABORT_BYTES
+
+
+def _bound(where: str, frame: str, name: str, value: int, bound: int, why: str) -> None:
+    if value > bound:
+        raise EsdProtocolError(
+            f"{where}: {frame} frame field {name!r} = {value} exceeds its bound {bound} ({why})"
+        )
+
+
+# ---------------------------------------------------------------- frames
+@dataclass(frozen=True)
+class PushPullFrame:
+    COMMAND: ClassVar[Command] = Command.PUSH_PULL
+    pushes: int
+    pulls: int
+    des_pairs: int = 0
+    des_bags: int = 0
+    weighted: bool = False  # DES pair weights are sent (some weight is not 1)
+
+    def check(self, limits: ProtocolLimits, where: str) -> None:
+        rows = "rows the PS owns"
+        _bound(where, "PUSH_PULL", "pushes", self.pushes, limits.rows, rows)
+        _bound(where, "PUSH_PULL", "pulls", self.pulls, limits.rows, rows)
+        _bound(where, "PUSH_PULL", "des_pairs", self.des_pairs, limits.max_des_pairs,
+               "ProtocolLimits.max_des_pairs")
+        _bound(where, "PUSH_PULL", "des_bags", self.des_bags, self.des_pairs, "a DES bag has at least one pair")
+        _bound(where, "PUSH_PULL", "des_pairs", self.des_pairs, self.des_bags * limits.rows,
+               "distinct (row, bag) pairs: des_bags x rows the PS owns")
+
+    def payload_bytes(self, fmt: RowFormat) -> int:
+        keys = (self.pushes + self.pulls + self.des_pairs) * KEY_BYTES
+        return keys + self.pushes * fmt.row_bytes + (self.des_pairs * VALUE_BYTES if self.weighted else 0)
+
+    def reply_bytes(self, fmt: RowFormat) -> int:
+        return self.pulls * fmt.row_bytes + self.des_bags * fmt.vector_bytes
+
+
+@dataclass(frozen=True)
+class GradsFrame:
+    COMMAND: ClassVar[Command] = Command.GRADS
+    rows: int
+    bags: int = 0
+
+    def check(self, limits: ProtocolLimits, where: str) -> None:
+        _bound(where, "GRADS", "rows", self.rows, limits.rows, "rows the PS owns")
+        _bound(where, "GRADS", "bags", self.bags, limits.max_des_pairs, "ProtocolLimits.max_des_pairs")
+
+    def payload_bytes(self, fmt: RowFormat) -> int:
+        return self.rows * (KEY_BYTES + fmt.vector_bytes) + self.bags * fmt.vector_bytes
+
+
+@dataclass(frozen=True)
+class GatherFrame:
+    COMMAND: ClassVar[Command] = Command.GATHER
+
+    def check(self, limits: ProtocolLimits, where: str) -> None:
+        pass
+
+    def payload_bytes(self, fmt: RowFormat) -> int:
+        return 0
+
+
+@dataclass(frozen=True)
+class StopFrame:
+    COMMAND: ClassVar[Command] = Command.STOP
+
+    def check(self, limits: ProtocolLimits, where: str) -> None:
+        pass
+
+    def payload_bytes(self, fmt: RowFormat) -> int:
+        return 0
+
+
+@dataclass(frozen=True)
+class AbortFrame:
+    COMMAND: ClassVar[Command] = Command.ABORT
+    message_bytes: int
+
+    def check(self, limits: ProtocolLimits, where: str) -> None:
+        _bound(where, "ABORT", "message_bytes", self.message_bytes, limits.max_abort_bytes,
+               "ProtocolLimits.max_abort_bytes")
+
+    def payload_bytes(self, fmt: RowFormat) -> int:
+        return self.message_bytes
+
+
+Frame = Union[PushPullFrame, GradsFrame, GatherFrame, StopFrame, AbortFrame]
+FRAME_TYPES = {t.COMMAND: t for t in (PushPullFrame, GradsFrame, GatherFrame, StopFrame, AbortFrame)}
+
+
+def encode_frame(frame: Frame, payload_bytes: int) -> torch.Tensor:
+    """The frame's int64 words: command, payload bytes, counts (in field order)."""
+    counts = [int(getattr(frame, f.name)) for f in fields(frame)]
+    words = torch.zeros(FRAME_WORDS, dtype=torch.int64)
+    words[0], words[1] = int(frame.COMMAND), int(payload_bytes)
+    words[2 : 2 + len(counts)] = torch.tensor(counts, dtype=torch.int64)
+    return words
+
+
+def decode_frame(words: torch.Tensor, limits: ProtocolLimits, fmt: RowFormat, where: str) -> Frame:
+    """The typed frame of ``words``, every field bounded (see the module
+    docstring); ``where`` names the receiver and sender in errors."""
+    if words.dtype != torch.int64 or words.numel() != FRAME_WORDS:
+        raise EsdProtocolError(
+            f"{where}: a frame is {FRAME_WORDS} int64 words, got {words.numel()} {words.dtype}"
+        )
+    w = [int(x) for x in words.tolist()]
+    if w[0] not in FRAME_TYPES.keys():
+        raise EsdProtocolError(f"{where}: frame field 'command' = {w[0]} is not a command of {[c.name for c in Command]}")
+    typ = FRAME_TYPES[Command(w[0])]
+    names = [f.name for f in fields(typ)]
+    label = Command(w[0]).name
+    for i, v in enumerate(w[1:], start=1):
+        name = "payload_bytes" if i == 1 else (names[i - 2] if i - 2 < len(names) else f"word {i}")
+        if v < 0:
+            raise EsdProtocolError(f"{where}: {label} frame field {name!r} = {v} is negative")
+        if i - 2 >= len(names) and v != 0:
+            raise EsdProtocolError(f"{where}: {label} frame field {name!r} = {v} is unused and must be 0")
+    counts = w[2 : 2 + len(names)]
+    if "weighted" in names:
+        flag = counts[names.index("weighted")]
+        _bound(where, label, "weighted", flag, 1, "a flag: 0 or 1")
+        counts[names.index("weighted")] = bool(flag)
+    frame = typ(*counts)
+    frame.check(limits, where)
+    expected = frame.payload_bytes(fmt)
+    if w[1] != expected:
+        raise EsdProtocolError(
+            f"{where}: {label} frame field 'payload_bytes' = {w[1]} but its counts imply {expected} bytes"
+        )
+    return frame
+
+
+# ---------------------------------------------------------------- payloads
+@dataclass(frozen=True)
+class SectionSize:
+    """Rows (first dimension) and bytes of a payload section, as packed."""
+
+    rows: int = 0
+    bytes: int = 0
+
+    def __add__(self, other: "SectionSize") -> "SectionSize":
+        return SectionSize(self.rows + other.rows, self.bytes + other.bytes)
+
+
+Parts = List[Tuple[Section, torch.Tensor]]
+
+
+def add_sections(into: Dict[Section, SectionSize], parts: Parts) -> None:
+    for section, t in parts:
+        size = SectionSize(int(t.shape[0]) if t.dim() else 1, t.numel() * t.element_size())
+        into[section] = into.get(section, SectionSize()) + size
+
+
+def pack(parts: Parts) -> torch.Tensor:
+    """``parts`` as one byte buffer, in order (what :class:`PayloadReader` takes apart)."""
+    data = [t.detach().contiguous().view(-1).view(torch.uint8) for _, t in parts if t.numel()]
+    return torch.cat(data) if data else torch.empty(0, dtype=torch.uint8)
+
+
+class PayloadReader:
+    """Typed slices of one received payload, in the order they were packed."""
+
+    def __init__(self, buf: torch.Tensor) -> None:
+        self.buf, self.pos = buf, 0
+
+    def take(self, n: int, dtype: torch.dtype, row: Sequence[int] = ()) -> torch.Tensor:
+        width = math.prod(row) if row else 1
+        nbytes = n * width * dtype.itemsize
+        part = self.buf[self.pos : self.pos + nbytes]
+        if part.numel() != nbytes:
+            raise EsdProtocolError(f"a payload of {self.buf.numel()} bytes is shorter than its counts say")
+        self.pos += nbytes
+        # clone: a typed view needs an aligned start
+        return part.clone().view(dtype).view((n,) + tuple(row))
+
+    def done(self) -> None:
+        if self.pos != self.buf.numel():
+            raise EsdProtocolError(f"a payload of {self.buf.numel()} bytes is longer than its counts say")
+
+
+@dataclass
+class PushPullRequest:
+    """Wire order: keys (pushes, pulls, DES pairs), pushed rows, DES weights."""
+
+    push_keys: torch.Tensor  # [a] int64
+    pull_keys: torch.Tensor  # [b] int64
+    push_rows: torch.Tensor  # [a, D+S] float32: value + optimizer state
+    des_packed: torch.Tensor  # [c] int64: key * des_bags + bag
+    des_bags: int = 0
+    des_weights: Optional[torch.Tensor] = None  # [c] float32; None: all 1, not sent
+
+    def frame(self) -> PushPullFrame:
+        return PushPullFrame(self.push_keys.numel(), self.pull_keys.numel(), self.des_packed.numel(),
+                             self.des_bags, self.des_weights is not None)
+
+    def parts(self) -> Parts:
+        out = [(Section.KEYS, self.push_keys), (Section.KEYS, self.pull_keys),
+               (Section.DES_PAIRS, self.des_packed), (Section.PUSH_ROWS, self.push_rows.to(torch.float32))]
+        if self.des_weights is not None:
+            out.append((Section.DES_WEIGHTS, self.des_weights.to(torch.float32)))
+        return out
+
+    @staticmethod
+    def decode(frame: PushPullFrame, buf: torch.Tensor, fmt: RowFormat) -> "PushPullRequest":
+        rd = PayloadReader(buf)
+        a, b, c = frame.pushes, frame.pulls, frame.des_pairs
+        keys = rd.take(a + b + c, torch.int64)
+        rows = rd.take(a, torch.float32, (fmt.dim + fmt.state_dim,))
+        weights = rd.take(c, torch.float32) if frame.weighted else None
+        rd.done()
+        return PushPullRequest(keys[:a], keys[a : a + b], rows, keys[a + b :], frame.des_bags, weights)
+
+
+@dataclass
+class PushPullReply:
+    rows: torch.Tensor  # [pulls, D+S] float32
+    partials: torch.Tensor  # [des_bags, D] float32: pooled partial sum per bag
+
+    def parts(self) -> Parts:
+        return [(Section.PULL_ROWS, self.rows), (Section.DES_PARTIALS, self.partials)]
+
+    @staticmethod
+    def decode(frame: PushPullFrame, buf: torch.Tensor, fmt: RowFormat) -> "PushPullReply":
+        rd = PayloadReader(buf)
+        rows = rd.take(frame.pulls, torch.float32, (fmt.dim + fmt.state_dim,))
+        partials = rd.take(frame.des_bags, torch.float32, (fmt.dim,))
+        rd.done()
+        return PushPullReply(rows, partials)
+
+
+@dataclass
+class GradsRequest:
+    keys: torch.Tensor  # [n] int64
+    grads: torch.Tensor  # [n, D] float32
+    bag_grads: torch.Tensor  # [nb, D] float32: gradient of each DES bag this PS served
+
+    def frame(self) -> GradsFrame:
+        return GradsFrame(self.keys.numel(), int(self.bag_grads.shape[0]))
+
+    def parts(self) -> Parts:
+        return [(Section.KEYS, self.keys), (Section.ROW_GRADS, self.grads.to(torch.float32)),
+                (Section.BAG_GRADS, self.bag_grads.to(torch.float32))]
+
+    @staticmethod
+    def decode(frame: GradsFrame, buf: torch.Tensor, fmt: RowFormat) -> "GradsRequest":
+        rd = PayloadReader(buf)
+        req = GradsRequest(rd.take(frame.rows, torch.int64), rd.take(frame.rows, torch.float32, (fmt.dim,)),
+                           rd.take(frame.bags, torch.float32, (fmt.dim,)))
+        rd.done()
+        return req
+
+
+@dataclass
+class GatherReply:
+    weights: torch.Tensor  # [rows of the PS, D]
+    state: torch.Tensor  # [rows of the PS, S]
+
+    def parts(self) -> Parts:
+        return [(Section.TABLE_ROWS, self.weights), (Section.TABLE_ROWS, self.state)]
+
+    @staticmethod
+    def reply_bytes(rows: int, fmt: RowFormat) -> int:
+        return rows * fmt.row_bytes
+
+    @staticmethod
+    def decode(rows: int, buf: torch.Tensor, fmt: RowFormat) -> "GatherReply":
+        rd = PayloadReader(buf)
+        reply = GatherReply(rd.take(rows, torch.float32, (fmt.dim,)), rd.take(rows, torch.float32, (fmt.state_dim,)))
+        rd.done()
+        return reply
+
+
+def abort_parts(msg: str, limits: ProtocolLimits = ProtocolLimits(rows=0)) -> Tuple[AbortFrame, Parts]:
+    """An abort request carrying ``msg`` (UTF-8, cut to the abort-message bound)."""
+    data = torch.tensor(list(msg.encode()[: limits.max_abort_bytes]), dtype=torch.uint8)
+    return AbortFrame(data.numel()), [(Section.MESSAGE, data)]
+
+
+def abort_message(buf: torch.Tensor) -> str:
+    return bytes(buf.tolist()).decode(errors="replace")

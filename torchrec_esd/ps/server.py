@@ -1,0 +1,233 @@
+"""One parameter-server rank: its blocks of every table, optimizer state, serve loop.
+
+The PS follows the workers' program phase by phase: each phase every worker
+sends it one request (:mod:`torchrec_esd.ps.protocol`), the PS checks that
+they all sent the same command and answers where the phase has a reply:
+
+* ``PUSH_PULL``: store the pushed rows (value + state), then answer the pulls
+  and, with DES-served misses, one pooled partial sum per requested bag over
+  the rows this PS owns (see :mod:`torchrec_esd.des_misses`);
+* ``GRADS``: scatter DES bag gradients to the bags' rows, sum all workers'
+  gradients per row and apply the optimizer once per row (synchronous);
+* ``GATHER``: send every worker this PS's storage; ``STOP``; ``ABORT``.
+
+Every frame is bounded (:func:`~torchrec_esd.ps.protocol.decode_frame`) and
+checked against the PS's state before its payload buffer is allocated.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from torchrec_esd.config import EsdConfigError
+from torchrec_esd.optim import SparseOptimizer
+from torchrec_esd.ps.protocol import (
+    DEFAULT_MAX_DES_PAIRS,
+    AbortFrame,
+    Command,
+    EsdProtocolError,
+    EsdRemoteError,
+    Frame,
+    GatherReply,
+    GradsFrame,
+    GradsRequest,
+    ProtocolLimits,
+    PushPullFrame,
+    PushPullReply,
+    PushPullRequest,
+    RowFormat,
+    abort_message,
+    decode_frame,
+    pack,
+)
+from torchrec_esd.ps.routing import RowRouting
+from torchrec_esd.ps.transport import Transport
+
+
+class ParameterServer:
+    """One PS rank (``ps_index`` in ``0..P-1``) serving ``transport``'s workers."""
+
+    def __init__(
+        self,
+        ps_index: int,
+        routing: RowRouting,
+        optimizer: SparseOptimizer,
+        transport: Transport,
+        initial_weights: Dict[str, torch.Tensor],
+        des: bool = False,
+        max_des_pairs: int = DEFAULT_MAX_DES_PAIRS,
+    ) -> None:
+        self.ps_index = ps_index
+        self.des = des
+        # DES requests of the last push/pull phase, until their bag gradients arrive:
+        # (storage rows, bag of each pair (global over senders), pair weights, bags per sender)
+        self._des_pending: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[int]]] = None
+        self.routing = routing
+        self.optimizer = optimizer
+        self.transport = transport
+        self.fmt = RowFormat(routing.dim, optimizer.state_dim)
+        self.limits = ProtocolLimits(rows=int(routing.ps_rows[ps_index]), max_des_pairs=max_des_pairs)
+        n = int(routing.ps_rows[ps_index])
+        self.weights = torch.empty(n, routing.dim)
+        self.state = torch.zeros(n, optimizer.state_dim)
+        for t, name in enumerate(routing.names):
+            if name not in initial_weights:
+                raise EsdConfigError(f"parameter server got no initial weights for table {name!r}")
+            w = initial_weights[name]
+            if tuple(w.shape) != (int(routing.rows[t]), routing.dim):
+                raise EsdConfigError(
+                    f"table {name!r}: initial weights of shape {tuple(w.shape)}, expected "
+                    f"({int(routing.rows[t])}, {routing.dim})"
+                )
+            lo = ps_index * int(routing.block[t])
+            cnt = int(routing.owned[ps_index, t])
+            base = int(routing.ps_table_base[ps_index, t])
+            self.weights[base : base + cnt] = w[lo : lo + cnt].detach().float()
+        self.iterations = 0
+
+    def serve(self) -> None:
+        """Follow the workers' phases until STOP (or raise on ABORT)."""
+        while True:
+            cmd, frames, payloads = self._receive()
+            if cmd is Command.PUSH_PULL:
+                self._push_pull(frames, payloads)
+            elif cmd is Command.GRADS:
+                self._grads(frames, payloads)
+                self.iterations += 1
+            elif cmd is Command.GATHER:
+                self._gather()
+            elif cmd is Command.STOP:
+                return
+            else:  # ABORT: every worker sends the message; the first non-empty one is raised
+                msg = next((abort_message(p) for f, p in zip(frames, payloads)
+                            if isinstance(f, AbortFrame) and p.numel()), "")
+                raise EsdRemoteError(f"ESD job aborted by the workers: {msg}")
+
+    # ------------------------------------------------------------ receiving
+    def _receive(self) -> Tuple[Command, List[Frame], List[torch.Tensor]]:
+        """(command, frame and payload of each worker) of the next request;
+        raises if the workers are not in the same phase."""
+        t = self.transport
+        posted = [t.recv_frame(src) for src in t.worker_ranks]
+        frames: List[Frame] = []
+        payloads, pending = [], []
+        for r, (src, p) in enumerate(zip(t.worker_ranks, posted)):
+            t.wait([p])  # each payload is taken as soon as its frame is in
+            frame = decode_frame(p.buf, self.limits, self.fmt, f"PS {self.ps_index}: request from rank {src}")
+            self._check_state(r, frame)
+            # bounded by decode_frame and _check_state: safe to allocate
+            buf = torch.empty(frame.payload_bytes(self.fmt), dtype=torch.uint8)
+            if buf.numel():
+                pending.append(t.recv(src, buf))
+            frames.append(frame)
+            payloads.append(buf)
+        t.wait(pending)
+        cmds = [f.COMMAND for f in frames]
+        if Command.ABORT in cmds:
+            return Command.ABORT, frames, payloads
+        if len(set(cmds)) != 1:
+            raise EsdRemoteError(f"the workers are in different protocol phases (commands {[c.name for c in cmds]})")
+        return cmds[0], frames, payloads
+
+    def _check_state(self, worker: int, frame: Frame) -> None:
+        """Checks of a frame against this PS's state (DES or not, the bags it served)."""
+        where = f"PS {self.ps_index}: request from worker {worker}"
+        if isinstance(frame, PushPullFrame) and not self.des and (frame.des_pairs or frame.des_bags):
+            raise EsdProtocolError(f"{where}: a DES request (des_pairs = {frame.des_pairs}) to a PS without DES")
+        if isinstance(frame, GradsFrame):
+            if not self.des and frame.bags:
+                raise EsdProtocolError(f"{where}: DES bag gradients (bags = {frame.bags}) sent to a PS without DES")
+            served = self._des_pending[3][worker] if self._des_pending is not None else 0
+            if self.des and frame.bags != served:
+                raise EsdProtocolError(
+                    f"{where}: GRADS frame field 'bags' = {frame.bags} but this PS served {served} DES bags "
+                    "to that worker in the forward"
+                )
+
+    # ------------------------------------------------------------ phases
+    def _push_pull(self, frames: List[Frame], payloads: List[torch.Tensor]) -> None:
+        dim = self.routing.dim
+        if self._des_pending is not None and sum(self._des_pending[3]):
+            raise EsdRemoteError(
+                f"PS {self.ps_index}: a new push/pull phase began before the gradients of the "
+                "previous DES partial sums arrived (their updates would be lost)"
+            )
+        reqs = [PushPullRequest.decode(f, p, self.fmt) for f, p in zip(frames, payloads)]  # type: ignore[arg-type]
+        des_keys, des_bags, des_w, bags_per_sender = [], [], [], []
+        bag_base = 0
+        for r, q in enumerate(reqs):
+            if self.des:
+                nb, packed = q.des_bags, q.des_packed
+                if packed.numel() and int(packed.min()) < 0:
+                    raise EsdProtocolError(f"PS {self.ps_index}: worker {r} sent a negative DES pair")
+                des_keys.append(packed // max(nb, 1))
+                des_bags.append(packed % max(nb, 1) + bag_base)
+                des_w.append(q.des_weights if q.des_weights is not None else torch.ones(packed.numel()))
+                bag_base += nb
+                bags_per_sender.append(nb)
+        pk = torch.cat([q.push_keys for q in reqs])
+        if pk.numel():
+            local = self._local(pk)
+            vals = torch.cat([q.push_rows for q in reqs])
+            self.weights[local] = vals[:, :dim]
+            self.state[local] = vals[:, dim:]
+        local = self._local(torch.cat([q.pull_keys for q in reqs]))
+        pulled = torch.cat([self.weights[local], self.state[local]], dim=1)
+        rows = torch.split(pulled, [q.pull_keys.numel() for q in reqs])
+        partials = [torch.empty(0, dim)] * len(reqs)
+        if self.des:
+            # pooled partial sums, after the pushes above are stored
+            dl = self._local(torch.cat(des_keys))
+            db = torch.cat(des_bags)
+            pair_w = torch.cat(des_w)
+            partial = torch.zeros(bag_base, dim).index_add_(0, db, self.weights[dl] * pair_w.view(-1, 1))
+            partials = list(torch.split(partial, bags_per_sender))
+            self._des_pending = (dl, db, pair_w, bags_per_sender)
+        self._reply([PushPullReply(q, s).parts() for q, s in zip(rows, partials)])
+
+    def _grads(self, frames: List[Frame], payloads: List[torch.Tensor]) -> None:
+        reqs = [GradsRequest.decode(f, p, self.fmt) for f, p in zip(frames, payloads)]  # type: ignore[arg-type]
+        local = self._local(torch.cat([q.keys for q in reqs]))
+        grads = torch.cat([q.grads for q in reqs])
+        if self.des:
+            dl, db, pair_w, _ = self._des_pending or (None, None, None, None)
+            self._des_pending = None  # bag counts were checked per frame (_check_state)
+            if dl is not None and dl.numel():
+                # d(sum_i w_i row_i)/d row_i = w_i: each pair's row gets w_i x its bag's gradient
+                local = torch.cat([local, dl])
+                bag_grads = torch.cat([q.bag_grads for q in reqs])
+                grads = torch.cat([grads, bag_grads[db] * pair_w.view(-1, 1)])
+        if local.numel() == 0:
+            return
+        uniq, inv = torch.unique(local, return_inverse=True)
+        total = torch.zeros(uniq.numel(), self.routing.dim).index_add_(0, inv, grads)
+        rows, state = self.weights[uniq], self.state[uniq]
+        self.optimizer.apply_(rows, state, total)
+        self.weights[uniq], self.state[uniq] = rows, state
+
+    def _gather(self) -> None:
+        reply = GatherReply(self.weights, self.state).parts()
+        self._reply([reply] * len(self.transport.worker_ranks))
+
+    def _reply(self, parts_per_worker) -> None:
+        """Send worker ``r`` its reply ``parts_per_worker[r]`` (nothing if empty)."""
+        t = self.transport
+        sends = []
+        for dst, parts in zip(t.worker_ranks, parts_per_worker):
+            data = pack(parts)
+            if data.numel():
+                sends.append(t.send(dst, data))
+        t.wait(sends)
+
+    def _local(self, keys: torch.Tensor) -> torch.Tensor:
+        if keys.numel() and (int(keys.min()) < 0 or int(keys.max()) >= self.routing.total_rows):
+            raise EsdProtocolError(
+                f"PS {self.ps_index} received row keys outside [0, {self.routing.total_rows}) "
+                f"(min {int(keys.min())}, max {int(keys.max())})"
+            )
+        p, local = self.routing.locate(keys)
+        if keys.numel() and bool((p != self.ps_index).any()):
+            raise EsdRemoteError(f"PS {self.ps_index} received keys it does not own")
+        return local

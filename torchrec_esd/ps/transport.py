@@ -1,0 +1,211 @@
+"""The transport seam: point-to-point byte messages between the ranks of a job.
+
+:class:`Transport` is the public interface the PS client and server talk
+through.  An implementation provides three primitives (start a send, start a
+receive into a buffer of known size, wait with a timeout); the base class
+adds framing (a request is a frame then its payload) and meters every byte
+and message per peer rank in its :class:`LinkMeter`, so the numbers are what
+really went over the links.  :class:`GlooP2PTransport` is the first
+implementation: gloo ``isend`` / ``irecv`` on the group spanning all ranks.
+
+Ordering invariant every implementation keeps: messages between one pair of
+ranks arrive in the order they were sent, and receives posted for one peer
+are matched in the order they were posted.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, fields
+from datetime import timedelta
+from typing import Any, Dict, Iterable, List, Sequence
+
+import torch
+import torch.distributed as dist
+
+from torchrec_esd.ps.protocol import FRAME_WORDS, Frame, Section, SectionSize, encode_frame
+
+
+@dataclass
+class LinkStats:
+    """Traffic of one link (this rank <-> one peer), or a sum/difference of them.
+
+    A *message* is one point-to-point transfer: a request's frame and its
+    payload are two, a reply is one; an empty payload is not sent."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+
+    def __add__(self, o: "LinkStats") -> "LinkStats":
+        return LinkStats(*(getattr(self, f.name) + getattr(o, f.name) for f in fields(self)))
+
+    def __sub__(self, o: "LinkStats") -> "LinkStats":
+        return LinkStats(*(getattr(self, f.name) - getattr(o, f.name) for f in fields(self)))
+
+    def as_dict(self) -> Dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class LinkMeter:
+    """Bytes and messages this rank sent to / received from each peer rank.
+
+    Sends count when they are posted (the bytes are committed to the link),
+    receives when they complete."""
+
+    def __init__(self) -> None:
+        self._links: Dict[int, LinkStats] = {}
+
+    def _link(self, peer: int) -> LinkStats:
+        return self._links.setdefault(int(peer), LinkStats())
+
+    def on_send(self, peer: int, nbytes: int) -> None:
+        s = self._link(peer)
+        s.bytes_sent += int(nbytes)
+        s.messages_sent += 1
+
+    def on_receive(self, peer: int, nbytes: int) -> None:
+        s = self._link(peer)
+        s.bytes_received += int(nbytes)
+        s.messages_received += 1
+
+    def link(self, peer: int) -> LinkStats:
+        return LinkStats() + self._links.get(int(peer), LinkStats())
+
+    def per_link(self) -> Dict[int, LinkStats]:
+        return {p: LinkStats() + s for p, s in sorted(self._links.items())}
+
+    def total(self) -> LinkStats:
+        out = LinkStats()
+        for s in self._links.values():
+            out = out + s
+        return out
+
+    def as_dict(self) -> Dict[int, Dict[str, int]]:
+        return {p: s.as_dict() for p, s in self.per_link().items()}
+
+
+@dataclass
+class Traffic:
+    """What one exchange (a request to every PS and the replies) moved on this
+    rank's links: ``link`` from the transport's meter, ``sections`` the
+    payload parts as packed / unpacked (rows and bytes per :class:`Section`)."""
+
+    link: LinkStats = field(default_factory=LinkStats)
+    sections: Dict[Section, SectionSize] = field(default_factory=dict)
+
+    def section(self, s: Section) -> SectionSize:
+        return self.sections.get(s, SectionSize())
+
+    @property
+    def wire_bytes(self) -> int:
+        return self.link.bytes_sent + self.link.bytes_received
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of row data (values, state, partial sums, gradients)."""
+        return sum(v.bytes for k, v in self.sections.items() if k.is_payload)
+
+    @property
+    def messages(self) -> int:
+        return self.link.messages_sent + self.link.messages_received
+
+
+@dataclass
+class Pending:
+    """A posted send or receive; ``buf`` stays referenced until it completes."""
+
+    peer: int
+    buf: torch.Tensor
+    work: Any
+    receive: bool
+    done: bool = False
+
+
+class Transport(ABC):
+    """Point-to-point messages between this rank and the job's other ranks.
+
+    Args:
+        ps_ranks: ranks of the parameter servers, in PS order.
+        worker_ranks: ranks of the workers, in worker order.
+        timeout_s: every wait fails after this long (a failed rank makes
+            the others fail instead of hang).
+    """
+
+    def __init__(self, ps_ranks: Sequence[int], worker_ranks: Sequence[int], timeout_s: float) -> None:
+        self.ps_ranks = list(ps_ranks)
+        self.worker_ranks = list(worker_ranks)
+        self.timeout_s = float(timeout_s)
+        self.meter = LinkMeter()
+
+    # ---- what an implementation provides
+    @abstractmethod
+    def _isend(self, buf: torch.Tensor, peer: int) -> Any:
+        """Start sending the contiguous ``buf`` to ``peer``; a handle for :meth:`_wait`."""
+
+    @abstractmethod
+    def _irecv(self, buf: torch.Tensor, peer: int) -> Any:
+        """Start receiving the next message of ``peer`` (exactly ``buf``'s size) into ``buf``."""
+
+    @abstractmethod
+    def _wait(self, work: Any, timeout_s: float) -> None:
+        """Block until ``work`` completes; raise if that takes over ``timeout_s``."""
+
+    # ---- metered operations
+    def send(self, peer: int, buf: torch.Tensor) -> Pending:
+        """Post one message (``buf`` must not be empty)."""
+        if buf.numel() == 0:
+            raise ValueError("empty messages are not sent (the receiver could not tell them apart)")
+        buf = buf.contiguous()
+        work = self._isend(buf, peer)
+        self.meter.on_send(peer, buf.numel() * buf.element_size())
+        return Pending(peer, buf, work, receive=False)
+
+    def recv(self, peer: int, buf: torch.Tensor) -> Pending:
+        """Post the receive of ``peer``'s next message into ``buf`` (not empty)."""
+        if buf.numel() == 0 or not buf.is_contiguous():
+            raise ValueError("a receive needs a non-empty contiguous buffer")
+        return Pending(peer, buf, self._irecv(buf, peer), receive=True)
+
+    def wait(self, pending: Iterable[Pending]) -> None:
+        """Wait for each, in order (each wait has the transport's timeout)."""
+        for p in pending:
+            if p.done:
+                continue
+            self._wait(p.work, self.timeout_s)
+            p.done = True
+            if p.receive:
+                self.meter.on_receive(p.peer, p.buf.numel() * p.buf.element_size())
+
+    # ---- framed requests
+    def send_frame(self, peer: int, frame: Frame, payload: torch.Tensor) -> List[Pending]:
+        """Post a request: the frame, then the payload (if not empty)."""
+        out = [self.send(peer, encode_frame(frame, payload.numel()))]
+        if payload.numel():
+            out.append(self.send(peer, payload))
+        return out
+
+    def recv_frame(self, peer: int) -> Pending:
+        """Post the receive of ``peer``'s next frame (decode ``.buf`` once waited)."""
+        return self.recv(peer, torch.empty(FRAME_WORDS, dtype=torch.int64))
+
+
+class GlooP2PTransport(Transport):
+    """gloo point-to-point messages on ``group`` (spanning all ranks; peers are
+    global ranks): ranks ``ps_ranks`` are PS, every other rank of
+    ``range(world_size)`` a worker."""
+
+    def __init__(self, group, world_size: int, ps_ranks: Sequence[int], timeout_s: float = 120.0) -> None:
+        ps = list(ps_ranks)
+        super().__init__(ps, [r for r in range(world_size) if r not in ps], timeout_s)
+        self.group = group
+
+    def _isend(self, buf: torch.Tensor, peer: int) -> Any:
+        return dist.isend(buf, peer, group=self.group)
+
+    def _irecv(self, buf: torch.Tensor, peer: int) -> Any:
+        return dist.irecv(buf, peer, group=self.group)
+
+    def _wait(self, work: Any, timeout_s: float) -> None:
+        work.wait(timedelta(seconds=timeout_s))
