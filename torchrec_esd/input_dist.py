@@ -23,9 +23,12 @@ depend only on the directory state after batch ``t``'s plan, which is known
 before ``t`` trains).  The assignments, plans and trained model are the same as
 calling the module batch by batch.
 
-Losses: with uneven shares, use ``reduction="sum"`` times :attr:`loss_scale`
-(``W / B``) so that gradients equal vanilla synchronous training on the same
-global batch; with equal shares this equals each worker's mean loss.
+Losses: ``loss = esd_dist.loss(per_sample_losses)`` (``sum * W / B``, where
+:attr:`loss_scale` is ``W / B``) makes the gradients those of vanilla synchronous
+training on the same global batch.  With equal shares this equals each worker's
+mean loss; with uneven shares a mean trains another model, so a training batch
+whose loss did not go through :meth:`EsdInputDist.loss` is an error on every
+rank (:mod:`torchrec_esd.loss_scaling`).
 """
 
 from __future__ import annotations
@@ -161,7 +164,23 @@ class EsdInputDist(nn.Module):
         return gkjt, strides
 
     # ------------------------------------------------------------ forward
+    def loss(self, per_sample_losses: torch.Tensor) -> torch.Tensor:
+        """This worker's part of the global batch's mean loss, ``sum * W / B``,
+        from the per-sample losses (``reduction="none"``) of the batch the model
+        just computed: the loss whose gradients are vanilla TorchRec's on the same
+        global batch, at any shares.  Required under uneven shares (see
+        :mod:`torchrec_esd.loss_scaling`); a wrong number of losses fails every rank."""
+        if isinstance(per_sample_losses, torch.fx.Proxy):
+            # TorchRec's train pipelines trace the model (torch.fx) to find its sharded
+            # modules; nothing is computed, so there is no batch to check against
+            return per_sample_losses.sum() * self.loss_scale
+        try:
+            return self.runtime.loss_scaling.scale(per_sample_losses)
+        except EsdConfigError as e:
+            self.runtime.fail(str(e))
+
     def forward(self, batch: Batch) -> Batch:
+        self.runtime.require_sharded_module()
         try:
             d = self._dispatch(batch, self.runtime.worker_group, self.device)
         except _BadBatch as e:
@@ -191,6 +210,7 @@ class EsdInputDist(nn.Module):
         if int(depth) < 1:
             raise EsdConfigError(f"dispatch_ahead needs depth >= 1, got {depth}")
         rt = self.runtime
+        rt.require_sharded_module()
         cpu = torch.device("cpu")
         q: "queue.Queue[tuple]" = queue.Queue(maxsize=int(depth))
         stop = threading.Event()
@@ -255,6 +275,7 @@ class EsdInputDist(nn.Module):
             raise _BadBatch(e) from e
         assignment, result = self._decide(ekjt, group, device)
         plan = rt.directory.plan(ekjt, assignment)  # type: ignore[union-attr]
+        rt.loss_scaling.dispatched(plan.iteration, b)
         rt.enqueue(plan)
         mine = (assignment == me).nonzero().view(-1)  # global indices of this worker's samples
         if self.mode == "global":

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 from collections import deque
 from datetime import timedelta
-from typing import Deque, Dict, List, Optional, Sequence
+from typing import Deque, Dict, List, NoReturn, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torchrec.distributed.collective_utils import init_collective_validation
 from torchrec.distributed.types import ShardingEnv
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -23,6 +24,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_esd.cache import CacheDirectory, IterationPlan
 from torchrec_esd.config import EsdConfig, EsdConfigError
+from torchrec_esd.loss_scaling import LossScaling
 from torchrec_esd.metrics import TransmissionMeter
 from torchrec_esd.ps import ParameterServer, PsClient, RowRouting, SparseOptimizer, _Wire
 
@@ -35,6 +37,16 @@ def _tables_fingerprint(tables: Sequence[EmbeddingBagConfig]) -> List:
 
 
 _GROUPS: Dict[tuple, tuple] = {}
+
+
+def initial_weight(weight: torch.Tensor, table: EmbeddingBagConfig) -> torch.Tensor:
+    """A table's initial rows: its weight, or, for a table built on the meta
+    device, fresh rows drawn as TorchRec's sharded kernels draw them
+    (``uniform(weight_init_min, weight_init_max)``, ``-+sqrt(1 / rows)`` by default)."""
+    if not weight.is_meta:
+        return weight.detach()
+    out = torch.empty(tuple(weight.shape), dtype=torch.float32)
+    return out.uniform_(table.get_weight_init_min(), table.get_weight_init_max())
 
 
 def select_kjt_keys(kjt: KeyedJaggedTensor, keep: Sequence[str]) -> KeyedJaggedTensor:
@@ -117,6 +129,7 @@ class EsdRuntime:
         if len(set(both)) != len(both):
             raise EsdConfigError(f"a table is both ESD-managed and replicated: {both}")
         self.esd_features = [f for t in self.tables for f in t.feature_names]
+        self._esd_feature_set = frozenset(self.esd_features)
         self.replicated_features = [f for t in self.replicated_tables for f in t.feature_names]
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -128,6 +141,11 @@ class EsdRuntime:
             )
         self.all_group, self.worker_group, self.dispatch_group = esd_process_groups(config)
         self._check_same_config_everywhere()
+        # DMP's constructor broadcasts TorchRec's collective-validation flag over its
+        # env's group when that group spans the world; settled here on every rank, so
+        # that a DMP given the world (no env=runtime.sharding_env()) reaches the ESD
+        # sharder's check instead of waiting for the parameter servers forever
+        init_collective_validation(self.all_group)
         self.routing = RowRouting(self.tables, config.num_ps)
         config.validate_tables({t.name: t.num_embeddings for t in self.tables})
         self.wire = _Wire(self.all_group, self.world_size, config.ps_ranks(), config.collective_timeout_s)
@@ -136,6 +154,7 @@ class EsdRuntime:
         self.meter = TransmissionMeter()
         self._plans: Deque[IterationPlan] = deque()
         self._executor = None  # the sharded embedding module of this worker
+        self.loss_scaling = LossScaling(config)
         if self.is_worker:
             # worker 0 dispatches (needs every cache); the others track their own
             self.directory = CacheDirectory(
@@ -165,8 +184,9 @@ class EsdRuntime:
 
     def esd_view(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """``kjt`` restricted to the features of ESD-managed tables (replicated
-        tables' features never reach the directory, the cost model or the PS)."""
-        if not self.replicated_tables:
+        tables' features never reach the directory, the cost model or the PS, nor
+        do features no table reads, which TorchRec's EmbeddingBagCollection ignores)."""
+        if not self.replicated_tables and all(k in self._esd_feature_set for k in kjt.keys()):
             return kjt
         return select_kjt_keys(kjt, self.esd_features)
 
@@ -210,8 +230,9 @@ class EsdRuntime:
         from ``ebc`` (built with the same seed as on the workers)."""
         if not self.is_ps:
             raise EsdConfigError(f"rank {self.rank} is a worker; only PS ranks serve")
+        configs = {t.name: t for t in ebc.embedding_bag_configs()}
         weights = {
-            name: bag.weight.detach()
+            name: initial_weight(bag.weight, configs[name])
             for name, bag in ebc.embedding_bags.items()
             if name in self.routing.names
         }
@@ -243,6 +264,9 @@ class EsdRuntime:
         """Push every dirty cached row to the PS (checkpoint / end of training)."""
         if self._executor is None:
             raise EsdConfigError("flush() needs the sharded embedding module to be built")
+        problem = self.loss_scaling.unscaled()
+        if problem is not None:
+            self.fail(problem)
         if self._plans:
             raise EsdConfigError(
                 f"{len(self._plans)} batch(es) went through EsdInputDist but were never trained; the "
@@ -272,6 +296,26 @@ class EsdRuntime:
         """Make the PS ranks fail with ``msg``; call on every worker."""
         assert self.client is not None
         self.client.abort(msg)
+
+    def fail(self, msg: str) -> NoReturn:
+        """Abort the PS ranks with ``msg`` and raise it here: for a misuse that
+        every worker finds at the same point, so that no rank waits forever."""
+        self.abort(msg)
+        raise EsdConfigError(msg)
+
+    def require_sharded_module(self) -> None:
+        """Fail (every rank) when no ESD-sharded module is attached: DMP leaves a
+        module whose path matches no plan key unsharded (plain, data parallel),
+        which would train while the dispatch plans pile up unused."""
+        if self._executor is None:
+            self.fail(
+                "no EmbeddingBagCollection was sharded by ESD, so the model would train its tables "
+                "as plain replicated modules: build DistributedModelParallel with "
+                "sharders=[EsdEmbeddingBagCollectionSharder(runtime)] and a ShardingPlan whose key is "
+                "the collection's path in the model (e.g. 'sparse_arch.embedding_bag_collection' "
+                "for TorchRec's DLRM; DMP silently skips plan keys that name no module) before the "
+                "first batch goes through EsdInputDist"
+            )
 
     def metrics(self) -> Dict:
         return self.meter.as_dict()

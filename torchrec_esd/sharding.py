@@ -17,7 +17,7 @@ PS following the iteration plan queued by :class:`~torchrec_esd.input_dist.EsdIn
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Type
+from typing import Any, Dict, List, Mapping, Optional, Type
 
 import torch
 import torch.distributed as dist
@@ -42,8 +42,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_esd.cache import IterationPlan, WorkerPlan
 from torchrec_esd.config import EsdConfigError
+from torchrec_esd.fused_config import check_fused_optimizer
 from torchrec_esd.ps import DesRequest
-from torchrec_esd.runtime import EsdRuntime
+from torchrec_esd.runtime import EsdRuntime, initial_weight, select_kjt_keys
 
 ESD_SHARDING_TYPE = "esd_ps_cache"
 ESD_COMPUTE_KERNEL = "esd_cache"
@@ -97,6 +98,7 @@ class ShardedEsdEmbeddingBagCollection(
         self._is_weighted = module.is_weighted()
         self._dim = runtime.routing.dim
         self._embedding_names: List[str] = [f for t in self._configs for f in t.feature_names]
+        self._feature_set = frozenset(self._embedding_names)
         self._feature_mode = {
             f: ("sum" if t.pooling == PoolingType.SUM else "mean") for t in self._configs for f in t.feature_names
         }
@@ -107,10 +109,11 @@ class ShardedEsdEmbeddingBagCollection(
         self._replicas: Dict[str, torch.Tensor] = {}
         self._replica_state: Dict[str, torch.Tensor] = {}
         for t in runtime.replicated_tables:
-            w = module.embedding_bags[t.name].weight.detach()
-            if w.device.type == "meta":
-                raise EsdConfigError(f"replicated table {t.name!r} has no initial values (meta device)")
-            self._replicas[t.name] = w.to(torch.float32).clone()
+            weight = module.embedding_bags[t.name].weight
+            w = initial_weight(weight, t).to(torch.float32).clone()
+            if weight.is_meta:  # drawn here: the same rows on every worker, as DDP would sync them
+                dist.broadcast(w, src=0, group=runtime.worker_group)
+            self._replicas[t.name] = w
             self._replica_state[t.name] = torch.zeros(t.num_embeddings, runtime.optimizer.state_dim)
         self._replica_of_feature = {f: t.name for t in runtime.replicated_tables for f in t.feature_names}
         self._pending: Optional[Dict] = None
@@ -128,9 +131,15 @@ class ShardedEsdEmbeddingBagCollection(
 
     def compute(self, ctx: EsdContext, dist_input) -> KeyedTensor:
         kjt = dist_input[0] if isinstance(dist_input, KJTList) else dist_input
+        if not all(k in self._feature_set for k in kjt.keys()):
+            # features no table reads: TorchRec's EmbeddingBagCollection ignores them
+            kjt = select_kjt_keys(kjt, [k for k in kjt.keys() if k in self._feature_set])
         self._finish_pending_backward()
         plan = self._runtime.next_plan()
         ctx.plan = plan
+        problem = self._runtime.loss_scaling.forward(plan.iteration, kjt.stride(), torch.is_grad_enabled())
+        if problem is not None:
+            self._runtime.fail(problem)
         return self._lookup(plan, kjt)
 
     def output_dist(self, ctx: EsdContext, output: KeyedTensor) -> LazyAwaitable[KeyedTensor]:
@@ -154,24 +163,8 @@ class ShardedEsdEmbeddingBagCollection(
         values = torch.cat([store.rows[wp.push_slots], store.state[wp.push_slots]], 1)
         pull_keys = wp.pull_keys
         got, partial, route = rt.client.push_pull(wp.push_keys, values, pull_keys, des)  # type: ignore[union-attr]
-        m, link = rt.meter, rt.link
-        row = (self._dim + rt.optimizer.state_dim) * 4
-        for kind in ("miss_pull", "update_pull", "miss_push"):
-            m.add(kind, wp.rows[kind], wp.rows[kind] * row)
-        value_pushes = wp.push_keys.numel() - wp.rows["miss_push"]
-        m.add("update_push", value_pushes, value_pushes * row)
-        m.add_keys((wp.push_keys.numel() + pull_keys.numel()) * 8)
-        # one request (pushes, pull keys, DES pairs) and one reply (rows, partial sums)
-        request = wp.push_keys.numel() * (row + 8) + pull_keys.numel() * 8
-        reply = pull_keys.numel() * row
-        if des is not None and des.keys.numel():
-            up = route.wire_bytes()
-            down = int(route.bags_per_ps.sum()) * self._dim * 4  # one partial sum per (bag, PS)
-            m.add("des_pull", wp.rows.get("des_rows", 0), down)
-            m.add_keys(up)
-            request, reply = request + up, reply + down
-        m.add_message(link, request)
-        m.add_message(link, reply)
+        # metering: rows per kind from the plan, bytes / messages as the transport moved them
+        rt.meter.record_push_pull(wp.rows, rt.client.last_traffic, rt.link)  # type: ignore[union-attr]
         return got, partial, route
 
     def _lookup(self, plan: IterationPlan, kjt: KeyedJaggedTensor) -> KeyedTensor:
@@ -368,14 +361,7 @@ class ShardedEsdEmbeddingBagCollection(
         keys = wp.used_keys[wp.grad_pos]
         route = pending["des_route"]
         rt.client.push_grads(keys, grad[wp.grad_pos].detach(), route, des_grad)  # type: ignore[union-attr]
-        rt.meter.add("update_push", keys.numel(), keys.numel() * self._dim * 4)
-        rt.meter.add_keys(keys.numel() * 8)
-        request = keys.numel() * (self._dim * 4 + 8)  # one request: keys, row and bag gradients
-        if route is not None and route.num_bags:
-            vectors = int(route.bags_per_ps.sum())
-            rt.meter.add("des_push", vectors, vectors * self._dim * 4)
-            request += vectors * self._dim * 4
-        rt.meter.add_message(rt.link, request)
+        rt.meter.record_grads(rt.client.last_traffic, rt.link)  # type: ignore[union-attr]
         self._pending = None
 
     def _update_replicas(self, grad: torch.Tensor) -> None:
@@ -414,11 +400,22 @@ class ShardedEsdEmbeddingBagCollection(
 
 
 class EsdEmbeddingBagCollectionSharder(ModuleSharder[EmbeddingBagCollection]):
-    """Shards ``EmbeddingBagCollection`` s onto worker caches + parameter servers."""
+    """Shards ``EmbeddingBagCollection`` s onto worker caches + parameter servers.
 
-    def __init__(self, runtime: EsdRuntime) -> None:
+    ``fused_params`` is TorchRec's fused embedding-optimizer config (as for
+    TorchRec's sharders), like ``apply_optimizer_in_backward`` on the tables: it
+    must mean the EsdRuntime's optimizer, which the parameter servers apply
+    (:mod:`torchrec_esd.fused_config`); anything else fails every rank.
+    """
+
+    def __init__(self, runtime: EsdRuntime, fused_params: Optional[Mapping[str, Any]] = None) -> None:
         super().__init__()
         self._runtime = runtime
+        self._fused_params = dict(fused_params) if fused_params is not None else None
+
+    @property
+    def fused_params(self) -> Optional[Dict[str, Any]]:
+        return self._fused_params
 
     @property
     def module_type(self) -> Type[EmbeddingBagCollection]:
@@ -438,15 +435,35 @@ class EsdEmbeddingBagCollectionSharder(ModuleSharder[EmbeddingBagCollection]):
         device: Optional[torch.device] = None,
         module_fqn: Optional[str] = None,
     ) -> ShardedEsdEmbeddingBagCollection:
-        replicated = {t.name for t in self._runtime.replicated_tables}
+        rt = self._runtime
+        problem = self._env_problem(env) or check_fused_optimizer(module, self._fused_params, rt.optimizer)
+        if problem is not None:  # every worker builds the model alike: all of them fail here
+            rt.fail(problem)
+        replicated = {t.name for t in rt.replicated_tables}
         for name, ps in params.items():
             want = REPLICATED_SHARDING_TYPE if name in replicated else ESD_SHARDING_TYPE
             if ps.sharding_type != want:
-                raise EsdConfigError(
+                rt.fail(
                     f"table {name!r}: the plan says {ps.sharding_type!r} but the EsdRuntime treats it as "
                     f"{want!r} (build the runtime and the plan from the same EsdPlan / esd_module_plan)"
                 )
-        return ShardedEsdEmbeddingBagCollection(module, self._runtime)
+        return ShardedEsdEmbeddingBagCollection(module, rt)
+
+    def _env_problem(self, env: ShardingEnv) -> Optional[str]:
+        """The model of an ESD job runs on the workers only: DMP's env must be
+        the workers' (``runtime.sharding_env()``); with the default (the whole
+        world) DMP's collectives would wait for the parameter servers forever."""
+        rt = self._runtime
+        W = rt.config.num_workers
+        pg = env.process_group
+        if env.world_size == W and env.rank == rt.worker_index and pg is not None and dist.get_world_size(pg) == W:
+            return None
+        return (
+            f"DistributedModelParallel got a ShardingEnv of {env.world_size} ranks (rank {env.rank}), but "
+            f"the model of an ESD job runs on its {W} workers only, not on the parameter servers: pass "
+            "env=runtime.sharding_env() to DistributedModelParallel (without it DMP uses the whole "
+            "world, and its collectives would wait for the parameter servers forever)"
+        )
 
 
 def esd_module_plan(module: EmbeddingBagCollection, runtime: EsdRuntime) -> EmbeddingModuleShardingPlan:

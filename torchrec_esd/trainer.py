@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -74,17 +74,27 @@ def job_tables(job: JobConfig, workload) -> List[EmbeddingBagConfig]:
 
 
 class DlrmTask(nn.Module):
-    """DLRM + BCE loss; ``loss_scale`` turns the summed loss into vanilla's
-    gradient scale (see :class:`EsdInputDist`)."""
+    """DLRM + BCE loss; ``esd_loss`` (``EsdInputDist.loss``) or ``loss_scale``
+    turn the per-sample / summed loss into vanilla's gradient scale (see
+    :class:`EsdInputDist`); neither: the local mean."""
 
-    def __init__(self, model: DLRM, loss_scale: Optional[float] = None) -> None:
+    def __init__(
+        self,
+        model: DLRM,
+        loss_scale: Optional[float] = None,
+        esd_loss: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.loss_scale = loss_scale
+        self.esd_loss = esd_loss
 
     def forward(self, batch: Batch):
         logits = self.model(batch.dense_features, batch.sparse_features).squeeze(-1)
-        if self.loss_scale is None:
+        if self.esd_loss is not None:
+            per_sample = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
+            loss = self.esd_loss(per_sample)
+        elif self.loss_scale is None:
             loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
         else:
             loss = (
@@ -283,7 +293,8 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
         runtime.serve(dlrm.sparse_arch.embedding_bag_collection)
         return {"role": "ps"}
     W = cfg.num_workers
-    model = DlrmTask(dlrm, loss_scale=W / job.global_batch)
+    dispatch = EsdInputDist(runtime, make_dispatcher(job.dispatcher, **job.dispatcher_kwargs), mode=job.input_mode)
+    model = DlrmTask(dlrm, esd_loss=dispatch.loss)
     ebc = dlrm.sparse_arch.embedding_bag_collection
     plan = (
         job.plan.sharding_plan(EBC_PATH)
@@ -303,7 +314,6 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
         if not register_dense_sync(dmp, job.dense_sync, [w.bandwidth_mbps for w in cfg.workers], runtime.worker_group):
             raise EsdConfigError(f"dense_sync={job.dense_sync!r}: the model has no DistributedDataParallel part")
     dense_opt = torch.optim.SGD(_dense_params(dmp), lr=job.dense_lr)
-    dispatch = EsdInputDist(runtime, make_dispatcher(job.dispatcher, **job.dispatcher_kwargs), mode=job.input_mode)
     me = runtime.worker_index
     track = _Tracker(job, runtime.worker_group, me, f"ESD {job.dispatcher}")
     decisions, t0 = [], time.perf_counter()
