@@ -12,8 +12,8 @@ multi-hot, bag length 10-50) with
   1 PS, caches of ``--cache-frac`` of every table): rows pulled/pushed;
 * ``esd_des_misses``: the same ESD job with ``EsdConfig(des_misses=True)``:
   where it is cheaper, the PS serves a bag's missing rows as one pooled
-  partial sum and takes one gradient vector back (torchrec_esd.des_misses);
-* ``des_rw`` / ``des_tw``: DES sharding (torchrec_esd.des), row-/table-wise.
+  partial sum and takes one gradient vector back (torchrec_esd.des.served_misses);
+* ``des_rw`` / ``des_tw``: DES sharding (torchrec_esd.des.sharding), row-/table-wise.
 
 Bytes are *measured*.  TorchRec and DES: a counting wrapper replaces the
 ``torch.distributed`` collectives that carry embedding traffic
@@ -49,9 +49,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from torchrec_esd.config import EsdConfig, WorkerSpec  # noqa: E402
-from torchrec_esd.launch import run_local_world  # noqa: E402
-from torchrec_esd.trainer import JobConfig, run, torchrec_dmp  # noqa: E402
-from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig  # noqa: E402
+from torchrec_esd.apps.launch import run_local_world  # noqa: E402
+from torchrec_esd.apps.trainer import JobConfig, run, torchrec_dmp  # noqa: E402
+from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig  # noqa: E402
 
 _COUNTED = ["all_to_all_single", "all_to_all", "reduce_scatter", "reduce_scatter_tensor", "all_gather",
             "all_gather_into_tensor"]
@@ -127,8 +127,8 @@ def _des_dmp(job: JobConfig, workload: SyntheticWorkload, sharding: str):
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
-    from torchrec_esd.des import DesEmbeddingBagCollectionSharder, des_module_plan
-    from torchrec_esd.trainer import EBC_PATH, DlrmTask, build_model, sparse_optimizer
+    from torchrec_esd.des.sharding import DesEmbeddingBagCollectionSharder, des_module_plan
+    from torchrec_esd.apps.trainer import EBC_PATH, DlrmTask, build_model, sparse_optimizer
 
     model = DlrmTask(build_model(job, workload))
     ebc = model.model.sparse_arch.embedding_bag_collection
@@ -140,8 +140,8 @@ def _des_dmp(job: JobConfig, workload: SyntheticWorkload, sharding: str):
 
 def sharded_worker(method: str, job: JobConfig) -> Dict:
     """One rank of TorchRec TW/RW or DES: counted collectives during fwd/bwd."""
-    from torchrec_esd.des import find_des_modules
-    from torchrec_esd.trainer import _dense_params
+    from torchrec_esd.des.sharding import find_des_modules
+    from torchrec_esd.apps.trainer import _dense_params
 
     workload = SyntheticWorkload(job.workload)
     if method.startswith("torchrec_"):

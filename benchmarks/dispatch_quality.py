@@ -56,7 +56,7 @@ from torchrec_esd.cache import CacheDirectory  # noqa: E402
 from torchrec_esd.config import EsdConfig, heterogeneous_workers  # noqa: E402
 from torchrec_esd.cost import CostModel  # noqa: E402
 from torchrec_esd.dispatch import make_dispatcher, proven_lower_bound  # noqa: E402
-from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig  # noqa: E402
+from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig  # noqa: E402
 
 COMPARED = ["random", "round_robin", "laia", "heuristic", "optimal", "hybrid", "esd"]
 

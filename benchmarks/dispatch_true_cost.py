@@ -50,7 +50,7 @@ from torchrec_esd.cache import KINDS, CacheDirectory  # noqa: E402
 from torchrec_esd.config import EsdConfig, heterogeneous_workers  # noqa: E402
 from torchrec_esd.cost import CostModel  # noqa: E402
 from torchrec_esd.dispatch import make_dispatcher  # noqa: E402
-from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig  # noqa: E402
+from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig  # noqa: E402
 
 DISPATCHERS = ["random", "laia", "heuristic", "optimal", "hybrid", "hybrid:additive", "esd", "esd:0.1"]
 TARGET_PCT = 36.76

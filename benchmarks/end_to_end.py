@@ -169,9 +169,9 @@ def planned_workers(spec: Dict, mix: Dict, cache: Dict[str, int], latency_ms: fl
     """The mix's workers with EsdShardingPlanner's shares for these caches
     (every rank computes the same, from batches outside the trained steps)."""
     from torchrec_esd.config import heterogeneous_workers
-    from torchrec_esd.planner import EsdShardingPlanner, PsResources, WorkerResources
-    from torchrec_esd.trainer import JobConfig, dense_param_bytes
-    from torchrec_esd.workload import SyntheticWorkload
+    from torchrec_esd.distributed.planner import EsdShardingPlanner, PsResources, WorkerResources
+    from torchrec_esd.apps.trainer import JobConfig, dense_param_bytes
+    from torchrec_esd.apps.workload import SyntheticWorkload
 
     wl = SyntheticWorkload(workload)
     dense = dense_param_bytes(JobConfig(embedding_dim=spec["embedding_dim"], workload=workload), wl)
@@ -197,8 +197,8 @@ def rank_main(spec_path: str) -> None:
     import torch.distributed as dist
 
     from torchrec_esd.config import EsdConfig, heterogeneous_workers
-    from torchrec_esd.trainer import JobConfig, run
-    from torchrec_esd.workload import SyntheticWorkloadConfig
+    from torchrec_esd.apps.trainer import JobConfig, run
+    from torchrec_esd.apps.workload import SyntheticWorkloadConfig
 
     torch.set_num_threads(1)
     with open(spec_path) as f:

@@ -2,7 +2,7 @@
 references (torchrec_esd.reference_ops) on a Criteo-shaped batch.
 
 Workload: B samples x F one-hot sparse features with Zipf-distributed ids
-(torchrec_esd.workload), turned into global row keys (table row offset + id)
+(torchrec_esd.apps.workload), turned into global row keys (table row offset + id)
 laid out sample-major; W workers, each with a cache of ``--cache-keys``
 distinct keys drawn from the same distribution (other steps of the workload).
 A last case times the cache directory's iteration (``CacheDirectory.plan``,
@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from torchrec_esd import ops, reference_ops as R  # noqa: E402
-from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig  # noqa: E402
+from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

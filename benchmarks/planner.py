@@ -31,9 +31,9 @@ from torchrec_esd.cache import CacheDirectory  # noqa: E402
 from torchrec_esd.config import EsdConfig, WorkerSpec  # noqa: E402
 from torchrec_esd.cost import CostModel  # noqa: E402
 from torchrec_esd.dispatch import make_dispatcher  # noqa: E402
-from torchrec_esd.planner import DIRECTORY_BYTES_PER_ROW, EsdShardingPlanner, PsResources, WorkerResources  # noqa: E402
-from torchrec_esd.runtime import select_kjt_keys  # noqa: E402
-from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig  # noqa: E402
+from torchrec_esd.distributed.planner import DIRECTORY_BYTES_PER_ROW, EsdShardingPlanner, PsResources, WorkerResources  # noqa: E402
+from torchrec_esd.batch_select import select_kjt_keys  # noqa: E402
+from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig  # noqa: E402
 
 MiB = 2**20
 

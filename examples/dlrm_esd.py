@@ -8,7 +8,7 @@ ESD with each ``--dispatchers`` entry on 4 workers + 1 parameter server, and
 prints per method: final loss, AUC, throughput and transmission per worker.
 The data is the seeded synthetic Criteo-like workload, or, with
 ``--criteo-tsv PATH``, a Criteo-format TSV file (``label, I1..I13, C1..C26``
-per line, e.g. the Kaggle display-ads ``train.txt``; see torchrec_esd.criteo):
+per line, e.g. the Kaggle display-ads ``train.txt``; see torchrec_esd.apps.criteo):
 batch ``k`` is rows ``k*B..(k+1)*B-1``, wrapping around at the end of the file.
 
     torchrun --nproc_per_node 5 examples/dlrm_esd.py --num-ps 1 --compare-vanilla \
@@ -31,9 +31,9 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from torchrec_esd.config import EsdConfig, heterogeneous_workers  # noqa: E402
-from torchrec_esd.criteo import CriteoTsvConfig  # noqa: E402
-from torchrec_esd.trainer import JobConfig, run  # noqa: E402
-from torchrec_esd.workload import SyntheticWorkloadConfig  # noqa: E402
+from torchrec_esd.apps.criteo import CriteoTsvConfig  # noqa: E402
+from torchrec_esd.apps.trainer import JobConfig, run  # noqa: E402
+from torchrec_esd.apps.workload import SyntheticWorkloadConfig  # noqa: E402
 
 
 def parse_args(argv=None):

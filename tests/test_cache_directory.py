@@ -8,7 +8,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_esd.cache import CacheDirectory
 from torchrec_esd.config import EsdConfig, EsdConfigError, WorkerSpec
-from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig
+from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig
 
 
 def _tables(cards):

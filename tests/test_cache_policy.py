@@ -20,7 +20,7 @@ from torchrec_esd.cache import (
     unregister_policy,
 )
 from torchrec_esd.config import EsdConfig, EsdConfigError, WorkerSpec
-from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig
+from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig
 
 from test_cache_directory import VersionSimulator  # noqa: E402  (tests/ is on sys.path under pytest)
 

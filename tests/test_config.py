@@ -67,8 +67,8 @@ def test_validate_tables():
 def test_job_pooling_must_be_sum_or_mean():
     from torchrec.modules.embedding_configs import PoolingType
 
-    from torchrec_esd.trainer import JobConfig, job_tables
-    from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig
+    from torchrec_esd.apps.trainer import JobConfig, job_tables
+    from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig
 
     wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=2, cardinalities=[5, 6]))
     assert {t.pooling for t in job_tables(JobConfig(pooling="mean"), wl)} == {PoolingType.MEAN}

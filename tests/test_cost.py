@@ -284,7 +284,7 @@ def test_measure_matches_cache_directory_accounting():
     """measure() predicts exactly the rows the runtime's cache directory moves."""
     from torchrec_esd.cache import CacheDirectory
     from torchrec_esd.config import heterogeneous_workers
-    from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig
+    from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig
 
     wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=5, max_cardinality=300, bag_size=(1, 4)))
     tables = wl.table_configs(8)
@@ -438,7 +438,7 @@ def test_dedup_cost_tracks_the_cache_directory():
     are expected values, transient rows of full caches are not modelled)."""
     from torchrec_esd.cache import KINDS, CacheDirectory
     from torchrec_esd.config import heterogeneous_workers
-    from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig
+    from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig
 
     wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=6, max_cardinality=400))
     tables = wl.table_configs(8)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-import torchrec_esd.criteo as criteo
+import torchrec_esd.apps.criteo as criteo
 from torchrec_esd.config import EsdConfig, EsdConfigError, WorkerSpec
-from torchrec_esd.criteo import CriteoTsvConfig, CriteoTsvWorkload, write_criteo_tsv
-from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig
+from torchrec_esd.apps.criteo import CriteoTsvConfig, CriteoTsvWorkload, write_criteo_tsv
+from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig
 
 
 def _random_rows(n, seed=0, num_dense=13, num_sparse=26):
@@ -211,8 +211,8 @@ def test_config_and_batch_errors(tmp_path):
 
 # ---------------------------------------------------------------- training
 def test_vanilla_and_esd_train_the_same_on_a_tsv_file(tmp_path):
-    from torchrec_esd.launch import run_local_world
-    from torchrec_esd.trainer import JobConfig, run
+    from torchrec_esd.apps.launch import run_local_world
+    from torchrec_esd.apps.trainer import JobConfig, run
 
     path, _ = _write(tmp_path, 40)  # 3 steps of 16 rows wrap around
     wl = CriteoTsvConfig(path, max_cardinality=40)
@@ -231,8 +231,8 @@ def test_vanilla_and_esd_train_the_same_on_a_tsv_file(tmp_path):
 
 @pytest.mark.parametrize("dispatch_ahead", [0, 1], ids=["inline", "dispatch-ahead"])
 def test_bad_line_mid_training_fails_every_rank_including_the_ps(tmp_path, dispatch_ahead):
-    from torchrec_esd.launch import RankFailed, run_local_world
-    from torchrec_esd.trainer import JobConfig, run
+    from torchrec_esd.apps.launch import RankFailed, run_local_world
+    from torchrec_esd.apps.trainer import JobConfig, run
 
     # line 4101 is bad: it sits in the second chunk the reader parses, which the
     # third global batch of 2048 rows (rows 4096..6143, wrapping) reaches first

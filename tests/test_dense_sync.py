@@ -1,11 +1,11 @@
-"""The star all-reduce of the dense gradients (torchrec_esd.dense_sync)."""
+"""The star all-reduce of the dense gradients (torchrec_esd.distributed.dense_sync)."""
 
 import pytest
 import torch
 
 from torchrec_esd.config import EsdConfigError
-from torchrec_esd.dense_sync import fastest_worker, register_dense_sync
-from torchrec_esd.launch import run_local_world
+from torchrec_esd.distributed.dense_sync import fastest_worker, register_dense_sync
+from torchrec_esd.apps.launch import run_local_world
 
 
 def test_fastest_worker_is_the_hub():

@@ -12,11 +12,11 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from torchrec_esd.config import EsdConfigError
-from torchrec_esd.des import DesEmbeddingBagCollectionSharder, des_module_plan
-from torchrec_esd.launch import run_local_world
+from torchrec_esd.des.sharding import DesEmbeddingBagCollectionSharder, des_module_plan
+from torchrec_esd.apps.launch import run_local_world
 from torchrec_esd.ps import SparseOptimizer
-from torchrec_esd.trainer import JobConfig, build_model, run
-from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig
+from torchrec_esd.apps.trainer import JobConfig, build_model, run
+from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig
 
 from equivalence import assert_close_rel, assert_same_model  # noqa: E402  (tests/ is on sys.path under pytest)
 

@@ -11,8 +11,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_esd.cache import CacheDirectory
 from torchrec_esd.config import EsdConfig, EsdConfigError, WorkerSpec
 from torchrec_esd.cost import CostModel, TableCacheView
-from torchrec_esd.des_misses import choose_des_rows, des_bag_bytes, pair_bytes, row_pull_bytes
-from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig
+from torchrec_esd.des.served_misses import choose_des_rows, des_bag_bytes, pair_bytes, row_pull_bytes
+from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig
 
 from test_cache_directory import VersionSimulator  # noqa: E402  (tests/ is on sys.path under pytest)
 
@@ -141,8 +141,8 @@ def _build_with_unpooled_table(job):
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
     from torchrec_esd.ps import SparseOptimizer
-    from torchrec_esd.runtime import EsdRuntime
-    from torchrec_esd.sharding import ShardedEsdEmbeddingBagCollection
+    from torchrec_esd.distributed.runtime import EsdRuntime
+    from torchrec_esd.distributed.sharding import ShardedEsdEmbeddingBagCollection
 
     tables = [
         EmbeddingBagConfig(name="t_ok", embedding_dim=4, num_embeddings=10, feature_names=["f_ok"]),
@@ -161,7 +161,7 @@ def _build_with_unpooled_table(job):
 
 
 def test_des_misses_reject_unpooled_features_naming_the_feature():
-    from torchrec_esd.launch import run_local_world
+    from torchrec_esd.apps.launch import run_local_world
 
     cfg = EsdConfig([WorkerSpec(2, 1.0)], des_misses=True, collective_timeout_s=60)
     out = run_local_world(_build_with_unpooled_table, 2, cfg)

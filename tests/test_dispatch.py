@@ -593,7 +593,7 @@ def test_esd_makespan_objective():
 def _small_world(bws=(100.0, 10.0, 1.0)):
     from torchrec_esd.config import EsdConfig, heterogeneous_workers
     from torchrec_esd.cost import CostModel
-    from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig
+    from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig
 
     wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=8, max_cardinality=2000, alpha=1.1))
     tables = wl.table_configs(8)

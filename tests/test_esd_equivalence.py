@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from torchrec_esd.config import EsdConfig, WorkerSpec
-from torchrec_esd.launch import RankFailed, run_local_world
-from torchrec_esd.trainer import JobConfig, run
-from torchrec_esd.workload import SyntheticWorkloadConfig
+from torchrec_esd.apps.launch import RankFailed, run_local_world
+from torchrec_esd.apps.trainer import JobConfig, run
+from torchrec_esd.apps.workload import SyntheticWorkloadConfig
 
 from equivalence import assert_same_model  # noqa: E402  (tests/ is on sys.path under pytest)
 
@@ -123,7 +123,7 @@ def test_equivalence_mean_pooling(des_misses):
 # ---------------------------------------------------------------- bad input
 def _bad_id_job(job):
     """Training whose third global batch has an id outside its table."""
-    import torchrec_esd.workload as wlmod
+    import torchrec_esd.apps.workload as wlmod
 
     orig = wlmod.SyntheticWorkload.global_batch
 
@@ -160,11 +160,11 @@ def _stop_early_job(job):
 
     from torchrec_esd.config import EsdConfigError
     from torchrec_esd.dispatch import make_dispatcher
-    from torchrec_esd.input_dist import EsdInputDist
-    from torchrec_esd.runtime import EsdRuntime
-    from torchrec_esd.sharding import EsdEmbeddingBagCollectionSharder, esd_module_plan
-    from torchrec_esd.trainer import EBC_PATH, DlrmTask, build_model, job_tables, sparse_optimizer
-    from torchrec_esd.workload import SyntheticWorkload
+    from torchrec_esd.distributed.input_dist import EsdInputDist
+    from torchrec_esd.distributed.runtime import EsdRuntime
+    from torchrec_esd.distributed.sharding import EsdEmbeddingBagCollectionSharder, esd_module_plan
+    from torchrec_esd.apps.trainer import EBC_PATH, DlrmTask, build_model, job_tables, sparse_optimizer
+    from torchrec_esd.apps.workload import SyntheticWorkload
 
     wl = SyntheticWorkload(job.workload)
     rt = EsdRuntime(job.esd, job_tables(job, wl), sparse_optimizer(job))

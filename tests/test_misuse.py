@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from torchrec_esd.config import EsdConfig, WorkerSpec
-from torchrec_esd.launch import RankFailed, run_local_world
+from torchrec_esd.apps.launch import RankFailed, run_local_world
 
 TIMEOUT_S = 60
 DENSE = 3
@@ -65,10 +65,10 @@ def _user_program(case: str, steps: int = 3, batch: int = 8):
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
     from torchrec_esd.dispatch import make_dispatcher
-    from torchrec_esd.input_dist import EsdInputDist
+    from torchrec_esd.distributed.input_dist import EsdInputDist
     from torchrec_esd.ps import SparseOptimizer
-    from torchrec_esd.runtime import EsdRuntime
-    from torchrec_esd.sharding import EsdEmbeddingBagCollectionSharder, esd_module_plan
+    from torchrec_esd.distributed.runtime import EsdRuntime
+    from torchrec_esd.distributed.sharding import EsdEmbeddingBagCollectionSharder, esd_module_plan
 
     shares = (1, 3) if case == "mean_loss" else (1, 1)
     cfg = EsdConfig([WorkerSpec(10, 100.0, share=shares[0]), WorkerSpec(10, 10.0, share=shares[1])],
@@ -166,7 +166,7 @@ def test_unscaled_mean_loss_under_uneven_shares_fails_every_rank():
 
 def test_esd_loss_takes_per_sample_losses_of_the_computed_batch():
     from torchrec_esd.config import EsdConfigError
-    from torchrec_esd.loss_scaling import LossScaling
+    from torchrec_esd.distributed.loss_scaling import LossScaling
 
     scaling = LossScaling(EsdConfig([WorkerSpec(10, 1.0, share=1), WorkerSpec(10, 1.0, share=3)]))
     with pytest.raises(EsdConfigError, match="run the model's forward"):
@@ -211,7 +211,7 @@ def test_fused_config_is_read_like_torchrec():
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
     from torchrec_esd.config import EsdConfigError
-    from torchrec_esd.fused_config import check_fused_optimizer, fused_optimizer
+    from torchrec_esd.distributed.fused_config import check_fused_optimizer, fused_optimizer
     from torchrec_esd.optim import SparseOptimizer
 
     assert fused_optimizer(None) is None and fused_optimizer({}) is None
@@ -264,3 +264,43 @@ def test_kjt_feature_no_table_reads_is_ignored_like_torchrec(working):
     # ... and ESD trains the same model as without it
     for r in (0, 1):
         assert working[r]["extra_feature"]["losses"] == working[r]["ok"]["losses"]
+
+
+# ---------------------------------------------------------------- roles
+def _wrong_role_calls(_):
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from torchrec_esd.config import EsdConfigError
+    from torchrec_esd.distributed.runtime import EsdPsRuntime, EsdRuntime, EsdWorkerRuntime
+    from torchrec_esd.optim import SparseOptimizer
+
+    cfg = EsdConfig([WorkerSpec(10, 100.0), WorkerSpec(10, 10.0)], collective_timeout_s=TIMEOUT_S / 2)
+    rt = EsdRuntime(cfg, _tables(), SparseOptimizer("sgd", lr=0.1))
+    ebc = EmbeddingBagCollection(tables=_tables())
+    errors = []
+    if rt.is_ps:
+        assert isinstance(rt, EsdPsRuntime) and not isinstance(rt, EsdWorkerRuntime)
+        for call in (lambda: rt.sharding_env(), lambda: rt.directory, lambda: rt.flush()):
+            try:
+                call()
+            except EsdConfigError as e:
+                errors.append(str(e))
+        rt.serve(ebc)
+        return {"role": "ps", "errors": errors}
+    assert isinstance(rt, EsdWorkerRuntime) and rt.worker_index == rt.rank
+    try:
+        rt.serve(ebc)
+    except EsdConfigError as e:
+        errors.append(str(e))
+    rt.shutdown(flush=False)
+    return {"role": "worker", "errors": errors}
+
+
+def test_each_rank_gets_its_role_and_the_other_roles_api_is_a_clear_error():
+    out = run_local_world(_wrong_role_calls, 3, None, timeout_s=TIMEOUT_S)
+    ps = out[2]["errors"]
+    assert len(ps) == 3
+    for name, msg in zip(("sharding_env", "directory", "flush"), ps):
+        assert f"rank 2 is a parameter server: EsdRuntime.{name} belongs to worker ranks (ranks 0..1)" in msg
+    for r in (0, 1):
+        assert out[r]["errors"] == [f"rank {r} is a worker; only parameter-server ranks (2..2) serve"]

@@ -3,16 +3,16 @@ import torch
 from torchrec.distributed.planner.types import ParameterConstraints
 
 from torchrec_esd.config import EsdConfigError
-from torchrec_esd.launch import run_local_world
-from torchrec_esd.planner import (
+from torchrec_esd.apps.launch import run_local_world
+from torchrec_esd.distributed.planner import (
     DIRECTORY_BYTES_PER_ROW,
     EsdPlan,
     EsdShardingPlanner,
     PsResources,
     WorkerResources,
 )
-from torchrec_esd.trainer import JobConfig, run
-from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig
+from torchrec_esd.apps.trainer import JobConfig, run
+from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig
 
 MiB = 2**20
 

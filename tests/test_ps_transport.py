@@ -11,6 +11,7 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_esd.config import WorkerSpec
+from torchrec_esd.layout import KeySpace
 from torchrec_esd.metrics import TransmissionMeter
 from torchrec_esd.ps import (
     DesRequest,
@@ -19,7 +20,6 @@ from torchrec_esd.ps import (
     LinkStats,
     ParameterServer,
     PsClient,
-    RowRouting,
     Section,
     SectionSize,
     SparseOptimizer,
@@ -92,7 +92,7 @@ def _world(num_workers, num_ps, des, optimizer, weights, worker_fns):
     hub = _Hub()
     workers = list(range(num_workers))
     ps = list(range(num_workers, num_workers + num_ps))
-    routing = RowRouting(TABLES, num_ps)
+    routing = KeySpace(TABLES, num_ps)
     transports = {r: QueueTransport(hub, r, ps, workers) for r in workers + ps}
     servers = [ParameterServer(i, routing, optimizer, transports[r], weights, des=des) for i, r in enumerate(ps)]
     results, errors = {}, {}

@@ -3,7 +3,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_esd.config import EsdConfigError
-from torchrec_esd.workload import (
+from torchrec_esd.apps.workload import (
     SyntheticWorkload,
     SyntheticWorkloadConfig,
     access_share_of_top,

@@ -28,11 +28,11 @@ _EXPORTS: Dict[str, str] = {
     "EsdIdError": "torchrec_esd.layout",
     "EsdRemoteError": "torchrec_esd.ps",
     # per-rank runtime, input dist, sharder and plan (the DMP drop-in)
-    "EsdRuntime": "torchrec_esd.runtime",
-    "EsdInputDist": "torchrec_esd.input_dist",
-    "EsdEmbeddingBagCollectionSharder": "torchrec_esd.sharding",
-    "ShardedEsdEmbeddingBagCollection": "torchrec_esd.sharding",
-    "esd_module_plan": "torchrec_esd.sharding",
+    "EsdRuntime": "torchrec_esd.distributed.runtime",
+    "EsdInputDist": "torchrec_esd.distributed.input_dist",
+    "EsdEmbeddingBagCollectionSharder": "torchrec_esd.distributed.sharding",
+    "ShardedEsdEmbeddingBagCollection": "torchrec_esd.distributed.sharding",
+    "esd_module_plan": "torchrec_esd.distributed.sharding",
     "SparseOptimizer": "torchrec_esd.optim",
     # dispatchers
     "make_dispatcher": "torchrec_esd.dispatch",
@@ -40,18 +40,18 @@ _EXPORTS: Dict[str, str] = {
     "DispatchResult": "torchrec_esd.dispatch",
     "DispatchError": "torchrec_esd.dispatch",
     # planner
-    "EsdShardingPlanner": "torchrec_esd.planner",
-    "EsdPlan": "torchrec_esd.planner",
-    "WorkerResources": "torchrec_esd.planner",
-    "PsResources": "torchrec_esd.planner",
+    "EsdShardingPlanner": "torchrec_esd.distributed.planner",
+    "EsdPlan": "torchrec_esd.distributed.planner",
+    "WorkerResources": "torchrec_esd.distributed.planner",
+    "PsResources": "torchrec_esd.distributed.planner",
     # dense gradients through the fastest worker
-    "register_dense_sync": "torchrec_esd.dense_sync",
+    "register_dense_sync": "torchrec_esd.distributed.dense_sync",
     # DES sharding (partial sums next to the weight shards)
-    "DesEmbeddingBagCollectionSharder": "torchrec_esd.des",
-    "des_module_plan": "torchrec_esd.des",
+    "DesEmbeddingBagCollectionSharder": "torchrec_esd.des.sharding",
+    "des_module_plan": "torchrec_esd.des.sharding",
     # synthetic Criteo-like workload (examples, benchmarks, tests)
-    "SyntheticWorkload": "torchrec_esd.workload",
-    "SyntheticWorkloadConfig": "torchrec_esd.workload",
+    "SyntheticWorkload": "torchrec_esd.apps.workload",
+    "SyntheticWorkloadConfig": "torchrec_esd.apps.workload",
 }
 _SUBMODULES = ("ops",)  # C++ operators (loads the extension)
 
@@ -76,18 +76,18 @@ def __dir__() -> List[str]:
 if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from torchrec_esd import ops
     from torchrec_esd.config import EsdConfig, EsdConfigError, WorkerSpec, heterogeneous_workers
-    from torchrec_esd.dense_sync import register_dense_sync
-    from torchrec_esd.des import DesEmbeddingBagCollectionSharder, des_module_plan
+    from torchrec_esd.distributed.dense_sync import register_dense_sync
+    from torchrec_esd.des.sharding import DesEmbeddingBagCollectionSharder, des_module_plan
     from torchrec_esd.dispatch import DispatchError, Dispatcher, DispatchResult, make_dispatcher
-    from torchrec_esd.input_dist import EsdInputDist
+    from torchrec_esd.distributed.input_dist import EsdInputDist
     from torchrec_esd.layout import EsdIdError
     from torchrec_esd.optim import SparseOptimizer
-    from torchrec_esd.planner import EsdPlan, EsdShardingPlanner, PsResources, WorkerResources
+    from torchrec_esd.distributed.planner import EsdPlan, EsdShardingPlanner, PsResources, WorkerResources
     from torchrec_esd.ps import EsdRemoteError
-    from torchrec_esd.runtime import EsdRuntime
-    from torchrec_esd.sharding import (
+    from torchrec_esd.distributed.runtime import EsdRuntime
+    from torchrec_esd.distributed.sharding import (
         EsdEmbeddingBagCollectionSharder,
         ShardedEsdEmbeddingBagCollection,
         esd_module_plan,
     )
-    from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig
+    from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig

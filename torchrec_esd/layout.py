@@ -17,8 +17,12 @@ PS placement (TorchRec's row-wise rule): PS ``p`` owns ids
 stored contiguously table after table (:meth:`KeySpace.locate`).
 
 Row format: a row of table ``t`` is ``dim_t`` values of ``dtype`` (fp32) plus
-``state_dim`` optimizer-state values (fp32); :attr:`RowFormat.row_bytes` is
-what one pulled or pushed row moves.
+``state_dim`` optimizer-state values (fp32).  Tables of different dims share
+one key space: rows are stored and sent :attr:`KeySpace.wire_dim` (the widest
+table's dim) wide, a narrower table's row zero-padded, and the optimizer
+normalises by each row's own dim (:meth:`KeySpace.dim_of`), so padding never
+changes a value.  :meth:`KeySpace.wire_row_bytes` is what one pulled or pushed
+row really moves (the cost model prices rows with it).
 """
 
 from __future__ import annotations
@@ -202,6 +206,21 @@ class KeySpace:
     @property
     def max_dim(self) -> int:
         return max(f.dim for f in self.formats)
+
+    @property
+    def wire_dim(self) -> int:
+        """Values per row as stored on the PS and in worker caches and as sent
+        (the widest table's dim; narrower rows are zero-padded)."""
+        return self.max_dim
+
+    def wire_row_bytes(self) -> int:
+        """Bytes of one row with its optimizer state as it travels."""
+        return RowFormat(self.wire_dim, self.formats[0].dtype, self.state_dim).row_bytes
+
+    def row_dims(self, keys: torch.Tensor) -> Optional[torch.Tensor]:
+        """Each key's table dim, or ``None`` when every table has the wire
+        dim (the optimizer's per-row normaliser; ``None`` keeps the fast path)."""
+        return None if self.uniform_dim is not None else self.dim_of(keys)
 
     def table_index(self, name: str) -> int:
         try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from typing import Optional
+
 import torch
 
 from torchrec_esd.config import EsdConfigError
@@ -37,10 +39,19 @@ class SparseOptimizer:
     def state_dim(self) -> int:
         return 1 if self.name == "rowwise_adagrad" else 0
 
-    def apply_(self, rows: torch.Tensor, state: torch.Tensor, grad: torch.Tensor) -> None:
-        """Update ``rows`` [n, D] and ``state`` [n, S] in place with ``grad``."""
+    def apply_(self, rows: torch.Tensor, state: torch.Tensor, grad: torch.Tensor,
+               dims: Optional[torch.Tensor] = None) -> None:
+        """Update ``rows`` [n, D] and ``state`` [n, S] in place with ``grad``.
+
+        ``dims`` (n,): each row's own embedding dim when rows are zero-padded
+        to ``D`` (tables of different dims, :mod:`torchrec_esd.layout`); the
+        row-wise mean then runs over the row's own values (padding has zero
+        gradient, so the sum is the same)."""
         if self.name == "sgd":
             rows.add_(grad, alpha=-self.lr)
         else:
-            state[:, 0].add_(grad.pow(2).mean(dim=1))
+            if dims is None:
+                state[:, 0].add_(grad.pow(2).mean(dim=1))
+            else:
+                state[:, 0].add_(grad.pow(2).sum(dim=1) / dims.to(grad.dtype))
             rows.addcdiv_(grad, state[:, 0:1].sqrt() + self.eps, value=-self.lr)

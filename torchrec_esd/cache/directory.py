@@ -51,7 +51,7 @@ from torchrec_esd.cache.slots import WorkerSlots
 from torchrec_esd.cache.state import CacheLookup
 from torchrec_esd.cache.views import TableCacheView, WorkerCacheView
 from torchrec_esd.config import EsdConfig, EsdConfigError
-from torchrec_esd.des_misses import choose_des_rows
+from torchrec_esd.des.served_misses import choose_des_rows
 from torchrec_esd.layout import KeySpace
 
 # a worker's key -> slot map is a dense array below this many rows (all tables), else a sort per lookup

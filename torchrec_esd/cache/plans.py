@@ -51,6 +51,9 @@ class WorkerPlan:
     # positions in used_keys the PS serves as pooled partial sums (EsdConfig.des_misses):
     # never cached, never pulled, their gradient goes up per bag
     des_pos: torch.Tensor = field(default_factory=_empty)
+    # fingerprint of the row keys of the local batch this plan was made for
+    # (set by the input dist for its own worker; the sharded module checks it)
+    fingerprint: Optional[int] = None
 
     @property
     def pull_keys(self) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torchrec_esd.config import EsdConfig
 from torchrec_esd.cost.batch import BatchState, read_batch
 from torchrec_esd.cost.dedup import DedupCost
 from torchrec_esd.cost.measure import measured_rows, summarize
-from torchrec_esd.des_misses import KEY_BYTES, des_bag_bytes
+from torchrec_esd.des.served_misses import KEY_BYTES, des_bag_bytes
 from torchrec_esd.layout import KeySpace
 
 # what the cost model reads the caches from: a CacheState, or per-table views
@@ -75,14 +75,16 @@ class CostModel:
         self.table_rows = self.keyspace.rows
         self.row_offset = self.keyspace.offsets
         self.feature_table: Dict[str, int] = self.keyspace.feature_table
+        # values a row moves: its table's dim, or with a runtime's key space the
+        # wire width rows really travel at (tables of different dims are zero-padded)
+        moved_dims = [t.embedding_dim for t in self.tables] if keyspace is None else [keyspace.wire_dim] * len(self.tables)
         self.row_bytes = torch.tensor(
-            [t.embedding_dim * value_bytes + optimizer_state_bytes_per_row for t in self.tables],
-            dtype=torch.float64,
+            [d * value_bytes + optimizer_state_bytes_per_row for d in moved_dims], dtype=torch.float64,
         )
         bps = torch.tensor([w.bytes_per_second for w in config.workers], dtype=torch.float64)
         self.bytes_per_second = bps
         self.value_bytes = value_bytes
-        self.table_dims = torch.tensor([t.embedding_dim for t in self.tables], dtype=torch.int64)
+        self.table_dims = torch.tensor(moved_dims, dtype=torch.int64)
         # rt[w, t]: seconds to move one row of table t over worker w's link
         self.row_time = self.row_bytes.view(1, -1) / bps.view(-1, 1)
         self.capacity = torch.tensor(
@@ -150,7 +152,7 @@ class CostModel:
 
         With ``config.des_misses`` every bag (sample, feature) is priced as the
         cheaper of pulling its rows to pull (each with its key up; see
-        :mod:`torchrec_esd.des_misses` for why their later write-back is not
+        :mod:`torchrec_esd.des.served_misses` for why their later write-back is not
         charged) and having the PS serve them as one partial sum, plus in both
         cases the dirty-elsewhere pushes."""
         st = self._state(kjt, views)

@@ -1,7 +1,7 @@
 """Parameter servers: global embedding tables, sparse optimizer, pull/push.
 
 PS ranks hold every ESD table split row-wise into contiguous blocks (like
-TorchRec's row-wise sharding: block ``ceil(N / P)``, :class:`RowRouting`),
+TorchRec's row-wise sharding: block ``ceil(N / P)``, :meth:`~torchrec_esd.layout.KeySpace.locate`),
 with the optimizer state.  Workers talk to them in lock-step phases through a
 :class:`Transport` (the seam; :class:`GlooP2PTransport` is gloo point-to-point
 on the group spanning all ranks) with the typed frames of
@@ -29,13 +29,8 @@ from torchrec_esd.ps.protocol import (
     Section,
     SectionSize,
 )
-from torchrec_esd.ps.routing import RowRouting
 from torchrec_esd.ps.server import ParameterServer
 from torchrec_esd.ps.transport import GlooP2PTransport, LinkMeter, LinkStats, Traffic, Transport
-
-# The name of the gloo transport before the ``ps`` package (runtime.py builds it
-# under this name); new code uses GlooP2PTransport.
-_Wire = GlooP2PTransport
 
 __all__ = [
     "Command",
@@ -50,7 +45,6 @@ __all__ = [
     "ProtocolLimits",
     "PsClient",
     "RowFormat",
-    "RowRouting",
     "Section",
     "SectionSize",
     "SparseOptimizer",

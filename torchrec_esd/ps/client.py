@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from torchrec_esd.config import EsdConfigError
+from torchrec_esd.layout import KeySpace
 from torchrec_esd.optim import SparseOptimizer
 from torchrec_esd.ps.des_route import DesRequest, DesRoute
 from torchrec_esd.ps.protocol import (
@@ -33,7 +34,6 @@ from torchrec_esd.ps.protocol import (
     add_sections,
     pack,
 )
-from torchrec_esd.ps.routing import RowRouting
 from torchrec_esd.ps.transport import Pending, Traffic, Transport
 
 _NO_KEYS = torch.empty(0, dtype=torch.int64)
@@ -44,7 +44,7 @@ class PsClient:
 
     def __init__(
         self,
-        routing: RowRouting,
+        routing: KeySpace,
         optimizer: SparseOptimizer,
         transport: Transport,
         des: bool = False,
@@ -58,7 +58,7 @@ class PsClient:
         self.optimizer = optimizer
         self.transport = transport
         self.des = des
-        self.fmt = RowFormat(routing.dim, optimizer.state_dim)
+        self.fmt = RowFormat(routing.wire_dim, state_dim=optimizer.state_dim)
         self.limits = [ProtocolLimits(int(n), max_des_pairs) for n in routing.ps_rows.tolist()]
         # sends of a request that expects no reply (gradients): waited for at the
         # next request, so that the worker goes on while the PS still collects
@@ -120,7 +120,7 @@ class PsClient:
         pooled partial sums ``[des.num_bags, D]`` of the DES request plus the
         route that :meth:`push_grads` needs for the bags' gradients.  One
         request to and one reply from each PS."""
-        row, dim = self.routing.dim + self.optimizer.state_dim, self.routing.dim
+        row, dim = self.routing.wire_dim + self.optimizer.state_dim, self.routing.wire_dim
         if des is not None and not self.des:
             raise EsdConfigError("a DES request on a PS client built without des_misses")
         po, pper = self._by_ps(push_keys)
@@ -160,7 +160,7 @@ class PsClient:
         """Send row gradients ``grads`` [n, D] of ``keys`` and (with DES) the
         gradients ``des_grads`` [num_bags, D] of the bags served in the forward
         (one request to each PS, no reply)."""
-        dim = self.routing.dim
+        dim = self.routing.wire_dim
         order, per = self._by_ps(keys)
         if self.des and des_route is None:
             des_route = DesRoute.build(self.routing, DesRequest.empty())
@@ -194,11 +194,12 @@ class PsClient:
         for t, name in enumerate(r.names):
             keys = r.keys(t, torch.arange(int(r.rows[t])))
             p, local = r.locate(keys)
-            weights[name] = torch.empty(int(r.rows[t]), r.dim)
+            dim = r.formats[t].dim  # stored rows are wire_dim wide (zero-padded)
+            weights[name] = torch.empty(int(r.rows[t]), dim)
             states[name] = torch.empty(int(r.rows[t]), self.optimizer.state_dim)
             for i in range(n):
                 m = p == i
-                weights[name][m] = parts[i].weights[local[m]]
+                weights[name][m] = parts[i].weights[local[m], :dim]
                 states[name][m] = parts[i].state[local[m]]
         return weights, states
 

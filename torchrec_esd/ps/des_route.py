@@ -8,7 +8,7 @@ from typing import List
 import torch
 
 from torchrec_esd.config import EsdConfigError
-from torchrec_esd.ps.routing import RowRouting
+from torchrec_esd.layout import KeySpace
 
 
 @dataclass
@@ -46,7 +46,7 @@ class DesRoute:
     num_bags: int
 
     @staticmethod
-    def build(routing: RowRouting, req: DesRequest) -> "DesRoute":
+    def build(routing: KeySpace, req: DesRequest) -> "DesRoute":
         p, _ = routing.locate(req.keys)
         total_rows = routing.total_rows
         packed, weights, weighted, ps_bags = [], [], [], []

@@ -28,6 +28,8 @@ from typing import ClassVar, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from torchrec_esd.layout import RowFormat
+
 FRAME_WORDS = 8  # command, payload bytes, up to 6 counts
 FRAME_BYTES = FRAME_WORDS * 8
 KEY_BYTES = 8  # int64 row key / packed DES pair
@@ -81,22 +83,6 @@ _PAYLOAD_SECTIONS = frozenset(
 
 
 @dataclass(frozen=True)
-class RowFormat:
-    """A row on the wire: ``dim`` float32 values, then ``state_dim`` optimizer state."""
-
-    dim: int
-    state_dim: int
-
-    @property
-    def row_bytes(self) -> int:
-        return (self.dim + self.state_dim) * VALUE_BYTES
-
-    @property
-    def vector_bytes(self) -> int:
-        return self.dim * VALUE_BYTES
-
-
-@dataclass(frozen=True)
 class ProtocolLimits:
     """Bounds on one PS's request counts.
 
@@ -144,7 +130,7 @@ class PushPullFrame:
         return keys + self.pushes * fmt.row_bytes + (self.des_pairs * VALUE_BYTES if self.weighted else 0)
 
     def reply_bytes(self, fmt: RowFormat) -> int:
-        return self.pulls * fmt.row_bytes + self.des_bags * fmt.vector_bytes
+        return self.pulls * fmt.row_bytes + self.des_bags * fmt.value_bytes
 
 
 @dataclass(frozen=True)
@@ -158,7 +144,7 @@ class GradsFrame:
         _bound(where, "GRADS", "bags", self.bags, limits.max_des_pairs, "ProtocolLimits.max_des_pairs")
 
     def payload_bytes(self, fmt: RowFormat) -> int:
-        return self.rows * (KEY_BYTES + fmt.vector_bytes) + self.bags * fmt.vector_bytes
+        return self.rows * (KEY_BYTES + fmt.value_bytes) + self.bags * fmt.value_bytes
 
 
 @dataclass(frozen=True)

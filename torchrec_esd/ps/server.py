@@ -6,7 +6,7 @@ they all sent the same command and answers where the phase has a reply:
 
 * ``PUSH_PULL``: store the pushed rows (value + state), then answer the pulls
   and, with DES-served misses, one pooled partial sum per requested bag over
-  the rows this PS owns (see :mod:`torchrec_esd.des_misses`);
+  the rows this PS owns (see :mod:`torchrec_esd.des.served_misses`);
 * ``GRADS``: scatter DES bag gradients to the bags' rows, sum all workers'
   gradients per row and apply the optimizer once per row (synchronous);
 * ``GATHER``: send every worker this PS's storage; ``STOP``; ``ABORT``.
@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from torchrec_esd.config import EsdConfigError
+from torchrec_esd.layout import KeySpace
 from torchrec_esd.optim import SparseOptimizer
 from torchrec_esd.ps.protocol import (
     DEFAULT_MAX_DES_PAIRS,
@@ -42,7 +43,6 @@ from torchrec_esd.ps.protocol import (
     decode_frame,
     pack,
 )
-from torchrec_esd.ps.routing import RowRouting
 from torchrec_esd.ps.transport import Transport
 
 
@@ -52,7 +52,7 @@ class ParameterServer:
     def __init__(
         self,
         ps_index: int,
-        routing: RowRouting,
+        routing: KeySpace,
         optimizer: SparseOptimizer,
         transport: Transport,
         initial_weights: Dict[str, torch.Tensor],
@@ -67,24 +67,30 @@ class ParameterServer:
         self.routing = routing
         self.optimizer = optimizer
         self.transport = transport
-        self.fmt = RowFormat(routing.dim, optimizer.state_dim)
+        self.fmt = RowFormat(routing.wire_dim, state_dim=optimizer.state_dim)
         self.limits = ProtocolLimits(rows=int(routing.ps_rows[ps_index]), max_des_pairs=max_des_pairs)
         n = int(routing.ps_rows[ps_index])
-        self.weights = torch.empty(n, routing.dim)
+        # rows are wire_dim wide; a narrower table's columns past its dim stay zero
+        self.weights = torch.zeros(n, routing.wire_dim)
         self.state = torch.zeros(n, optimizer.state_dim)
+        # each stored row's own dim for the optimizer, only when the tables' dims differ
+        self.row_dim: Optional[torch.Tensor] = None if routing.uniform_dim is not None else torch.empty(n, dtype=torch.int64)
         for t, name in enumerate(routing.names):
             if name not in initial_weights:
                 raise EsdConfigError(f"parameter server got no initial weights for table {name!r}")
             w = initial_weights[name]
-            if tuple(w.shape) != (int(routing.rows[t]), routing.dim):
+            dim = routing.formats[t].dim
+            if tuple(w.shape) != (int(routing.rows[t]), dim):
                 raise EsdConfigError(
                     f"table {name!r}: initial weights of shape {tuple(w.shape)}, expected "
-                    f"({int(routing.rows[t])}, {routing.dim})"
+                    f"({int(routing.rows[t])}, {dim})"
                 )
             lo = ps_index * int(routing.block[t])
             cnt = int(routing.owned[ps_index, t])
             base = int(routing.ps_table_base[ps_index, t])
-            self.weights[base : base + cnt] = w[lo : lo + cnt].detach().float()
+            self.weights[base : base + cnt, :dim] = w[lo : lo + cnt].detach().float()
+            if self.row_dim is not None:
+                self.row_dim[base : base + cnt] = dim
         self.iterations = 0
 
     def serve(self) -> None:
@@ -148,7 +154,7 @@ class ParameterServer:
 
     # ------------------------------------------------------------ phases
     def _push_pull(self, frames: List[Frame], payloads: List[torch.Tensor]) -> None:
-        dim = self.routing.dim
+        dim = self.routing.wire_dim
         if self._des_pending is not None and sum(self._des_pending[3]):
             raise EsdRemoteError(
                 f"PS {self.ps_index}: a new push/pull phase began before the gradients of the "
@@ -202,9 +208,9 @@ class ParameterServer:
         if local.numel() == 0:
             return
         uniq, inv = torch.unique(local, return_inverse=True)
-        total = torch.zeros(uniq.numel(), self.routing.dim).index_add_(0, inv, grads)
+        total = torch.zeros(uniq.numel(), self.routing.wire_dim).index_add_(0, inv, grads)
         rows, state = self.weights[uniq], self.state[uniq]
-        self.optimizer.apply_(rows, state, total)
+        self.optimizer.apply_(rows, state, total, None if self.row_dim is None else self.row_dim[uniq])
         self.weights[uniq], self.state[uniq] = rows, state
 
     def _gather(self) -> None:

@@ -26,9 +26,9 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from torchrec_esd.config import EsdConfig, EsdConfigError
-from torchrec_esd.planner import EsdPlan
+from torchrec_esd.distributed.planner import EsdPlan
 from torchrec_esd.ps import SparseOptimizer
-from torchrec_esd.workload import SyntheticWorkload, SyntheticWorkloadConfig
+from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig
 
 EBC_PATH = "model.sparse_arch.embedding_bag_collection"
 
@@ -58,7 +58,7 @@ class JobConfig:
     progress: bool = False  # tqdm progress bar on rank 0
     use_pipeline: bool = False  # ESD: drive steps with TorchRec's TrainPipelineSparseDist
     dispatch_ahead: int = 0  # ESD: dispatch this many batches ahead in a background thread (0: off)
-    dense_sync: str = "ring"  # ESD: dense-gradient all-reduce, "ring" (DDP's) or "star" (torchrec_esd.dense_sync)
+    dense_sync: str = "ring"  # ESD: dense-gradient all-reduce, "ring" (DDP's) or "star" (torchrec_esd.distributed.dense_sync)
     auc_steps: int = 10  # AUC over the predictions of the last steps
     # DES only (method="des", see _des): "row_wise" | "table_wise"
     des_sharding: str = "row_wise"
@@ -272,9 +272,9 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
     from torchrec.distributed.types import ShardingPlan
 
     from torchrec_esd.dispatch import make_dispatcher
-    from torchrec_esd.input_dist import EsdInputDist
-    from torchrec_esd.runtime import EsdRuntime
-    from torchrec_esd.sharding import EsdEmbeddingBagCollectionSharder, esd_module_plan
+    from torchrec_esd.distributed.input_dist import EsdInputDist
+    from torchrec_esd.distributed.runtime import EsdRuntime
+    from torchrec_esd.distributed.sharding import EsdEmbeddingBagCollectionSharder, esd_module_plan
 
     if job.plan is not None:
         job = replace(job, esd=job.plan.esd_config(), replicated=tuple(job.plan.replicated))
@@ -309,7 +309,7 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
         device=torch.device("cpu"),
     )
     if job.dense_sync != "ring":
-        from torchrec_esd.dense_sync import register_dense_sync
+        from torchrec_esd.distributed.dense_sync import register_dense_sync
 
         if not register_dense_sync(dmp, job.dense_sync, [w.bandwidth_mbps for w in cfg.workers], runtime.worker_group):
             raise EsdConfigError(f"dense_sync={job.dense_sync!r}: the model has no DistributedDataParallel part")
@@ -404,13 +404,13 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
 
 # ---------------------------------------------------------------- DES (issue 9)
 def _des(job: JobConfig, workload: SyntheticWorkload, group=None) -> Dict:
-    """DES sharding (torchrec_esd.des): like ``_vanilla`` (same model, local
+    """DES sharding (torchrec_esd.des.sharding): like ``_vanilla`` (same model, local
     batches, DDP dense), but the EBC is sharded by the DES sharder: partial
     sums are pooled next to the weight shards and exchanged instead of rows."""
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
-    from torchrec_esd.des import DesEmbeddingBagCollectionSharder, des_module_plan, find_des_modules
+    from torchrec_esd.des.sharding import DesEmbeddingBagCollectionSharder, des_module_plan, find_des_modules
 
     group = group or dist.group.WORLD
     rank, world = dist.get_rank(group), dist.get_world_size(group)
@@ -442,7 +442,7 @@ def run(job: JobConfig) -> Dict:
     config's workers if one is given, else the whole world); other ranks
     (an ESD job's PS ranks) idle, so both methods can run in one torchrun world.
     """
-    # a workload config with make_workload() (torchrec_esd.criteo.CriteoTsvConfig)
+    # a workload config with make_workload() (torchrec_esd.apps.criteo.CriteoTsvConfig)
     # builds its own workload; a SyntheticWorkloadConfig the synthetic one
     make = getattr(job.workload, "make_workload", None)
     workload = make() if make is not None else SyntheticWorkload(job.workload)
@@ -458,7 +458,7 @@ def run(job: JobConfig) -> Dict:
         if W == world:
             group = dist.group.WORLD
         else:  # the workers of an ESD world (its PS ranks idle meanwhile)
-            from torchrec_esd.runtime import esd_process_groups
+            from torchrec_esd.distributed.runtime import esd_process_groups
 
             group = esd_process_groups(job.esd)[1]
         if dist.get_rank() >= W:

@@ -7,7 +7,7 @@ mean over its local batch.  ESD gives worker ``w`` a share of ``B_w`` samples.
 When the shares are uneven a local mean weights a sample by ``1 / B_w`` instead
 of ``1 / B``, and the model differs from vanilla's without any error.  The loss
 that trains the same model is ``sum(per-sample losses) * W / B``
-(:meth:`EsdInputDist.loss <torchrec_esd.input_dist.EsdInputDist.loss>`).
+(:meth:`EsdInputDist.loss <torchrec_esd.distributed.input_dist.EsdInputDist.loss>`).
 
 The scaling cannot be applied behind the user's back: the loss reduction is the
 user's code, a gradient cannot tell a local mean from the right loss, and the

@@ -15,7 +15,7 @@ Each line of the file is one sample, tab separated, no header::
   exactly one id per feature (one-hot bags, like the synthetic workload).
 
 :class:`CriteoTsvWorkload` has the interface of
-:class:`~torchrec_esd.workload.SyntheticWorkload` that the trainer, the
+:class:`~torchrec_esd.apps.workload.SyntheticWorkload` that the trainer, the
 example and the benchmarks use (``config.num_dense``, ``config.cardinalities``,
 ``config.feature_names``, ``table_configs``, ``global_batch``, ``local_batch``),
 with the same feature and table names (``cat_<i>`` / ``t_cat_<i>``), so any
@@ -52,7 +52,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_esd.config import EsdConfigError
-from torchrec_esd.workload import feature_table_configs, resolve_cardinalities, slice_batch
+from torchrec_esd.apps.workload import feature_table_configs, resolve_cardinalities, slice_batch
 
 CHUNK_ROWS = 4096  # rows parsed at a time (and the granularity of the offset index)
 MISSING_ID = 0  # id of a missing categorical value in every table
@@ -77,7 +77,7 @@ class CriteoTsvConfig:
         num_sparse: categorical columns after them (Criteo: 26).
         cardinalities: rows of each feature's table (ids are hashed into it);
             default Criteo Kaggle's, capped at ``max_cardinality`` (the same
-            tables as :class:`~torchrec_esd.workload.SyntheticWorkloadConfig`).
+            tables as :class:`~torchrec_esd.apps.workload.SyntheticWorkloadConfig`).
         max_cardinality: cap applied to the default cardinalities.
         wrap: read batches past the end of the file from its start again; with
             ``False`` such a batch raises.

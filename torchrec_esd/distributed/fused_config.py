@@ -8,7 +8,7 @@ wins over the sharder's config, as in TorchRec; ``lr`` means ``learning_rate``;
 a config that names no optimizer means FBGEMM's default, ``EXACT_SGD`` at 0.01).
 
 ESD's parameter servers apply the :class:`~torchrec_esd.optim.SparseOptimizer`
-of the :class:`~torchrec_esd.runtime.EsdRuntime`: every rank, the PS ranks
+of the :class:`~torchrec_esd.distributed.runtime.EsdRuntime`: every rank, the PS ranks
 included, agrees on it before any model exists.  :func:`fused_optimizer` turns
 a table's TorchRec config into the :class:`SparseOptimizer` it means and
 rejects, by name, the optimizers and options the PS does not run;

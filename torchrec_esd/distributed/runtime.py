@@ -1,18 +1,26 @@
-"""Per-rank ESD runtime: roles, process groups, replicated cache directory,
-PS client, and the queue of iteration plans between dispatch and compute.
+"""Per-rank ESD runtime: the worker role and the parameter-server role.
 
 A job of ``W`` workers and ``P`` parameter servers is one ``torchrun`` world of
 ``W + P`` ranks: ranks ``0..W-1`` are workers (they run the model under
 ``DistributedModelParallel`` on the workers-only process group), ranks
-``W..W+P-1`` are parameter servers (they call :meth:`EsdRuntime.serve`).
+``W..W+P-1`` are parameter servers.  ``EsdRuntime(config, tables, optimizer)``
+builds this rank's role, the same call on every rank:
+
+* :class:`EsdWorkerRuntime`: the replicated cache directory, the PS client,
+  the plan channel from :class:`~torchrec_esd.distributed.input_dist.EsdInputDist`
+  to the sharded module, the transmission meter;
+* :class:`EsdPsRuntime`: :meth:`~EsdPsRuntime.serve` runs the parameter server.
+
+Both share the topology checks (same config, tables and optimizer on every
+rank), the process groups, the key space and the PS transport.  Asking a role
+for the other role's API is an :class:`EsdConfigError` that says so.
 """
 
 from __future__ import annotations
 
 import json
-from collections import deque
 from datetime import timedelta
-from typing import Deque, Dict, List, NoReturn, Optional, Sequence
+from typing import Dict, List, NoReturn, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -22,18 +30,15 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_esd.batch_select import select_kjt_keys
 from torchrec_esd.cache import CacheDirectory, IterationPlan
 from torchrec_esd.config import EsdConfig, EsdConfigError
-from torchrec_esd.loss_scaling import LossScaling
+from torchrec_esd.distributed.loss_scaling import LossScaling
+from torchrec_esd.distributed.plan_channel import PlanChannel
+from torchrec_esd.layout import KeySpace
 from torchrec_esd.metrics import TransmissionMeter
-from torchrec_esd.ps import ParameterServer, PsClient, RowRouting, SparseOptimizer, _Wire
-
-
-def _tables_fingerprint(tables: Sequence[EmbeddingBagConfig]) -> List:
-    return [
-        [t.name, t.num_embeddings, t.embedding_dim, list(t.feature_names), str(t.pooling)]
-        for t in tables
-    ]
+from torchrec_esd.optim import SparseOptimizer
+from torchrec_esd.ps import GlooP2PTransport, ParameterServer, PsClient
 
 
 _GROUPS: Dict[tuple, tuple] = {}
@@ -49,33 +54,10 @@ def initial_weight(weight: torch.Tensor, table: EmbeddingBagConfig) -> torch.Ten
     return out.uniform_(table.get_weight_init_min(), table.get_weight_init_max())
 
 
-def select_kjt_keys(kjt: KeyedJaggedTensor, keep: Sequence[str]) -> KeyedJaggedTensor:
-    """The features ``keep`` of ``kjt`` (in ``kjt``'s order); all must exist."""
-    keys = kjt.keys()
-    missing = [k for k in keep if k not in keys]
-    if missing:
-        raise EsdConfigError(f"batch has no feature(s) {missing}")
-    wanted = set(keep)
-    b = kjt.stride()
-    lengths = kjt.lengths().view(len(keys), b)
-    per_key = lengths.sum(1).tolist()
-    vals = torch.split(kjt.values(), per_key)
-    w = kjt.weights_or_none()
-    wts = torch.split(w, per_key) if w is not None else None
-    idx = [i for i, k in enumerate(keys) if k in wanted]
-    return KeyedJaggedTensor(
-        keys=[keys[i] for i in idx],
-        values=torch.cat([vals[i] for i in idx]) if idx else kjt.values()[:0],
-        lengths=lengths[idx].reshape(-1),
-        weights=torch.cat([wts[i] for i in idx]) if wts is not None and idx else None,
-        stride=b,
-    )
-
-
 def esd_process_groups(config: EsdConfig):
     """(all-ranks gloo group, workers-only group, workers-only gloo dispatch
     group) of ``config``'s topology.  The dispatch group carries only
-    :class:`~torchrec_esd.input_dist.EsdInputDist`'s collectives when it
+    :class:`~torchrec_esd.distributed.input_dist.EsdInputDist`'s collectives when it
     dispatches ahead in a background thread (a group is never shared by two
     threads, so collectives cannot interleave differently on two ranks).
 
@@ -101,13 +83,32 @@ def esd_process_groups(config: EsdConfig):
 
 
 class EsdRuntime:
-    """Everything ESD keeps per rank.
+    """This rank's ESD role; every rank makes the same call.
+
+    ``EsdRuntime(config, tables, optimizer, replicated_tables)`` returns an
+    :class:`EsdWorkerRuntime` on ranks ``0..W-1`` and an :class:`EsdPsRuntime`
+    on the others (``runtime.is_worker`` / ``runtime.is_ps`` tell which).
 
     Args:
         config: the topology; every rank must pass an identical one.
-        tables: the ESD-managed tables (``EmbeddingBagCollection`` configs).
+        tables: the ESD-managed tables (``EmbeddingBagCollection`` configs), in
+            key order (:class:`~torchrec_esd.layout.KeySpace`).
         optimizer: sparse optimizer applied by the PS and by workers' local updates.
+        replicated_tables: tables kept whole on every worker (data parallel).
     """
+
+    is_worker = False
+    is_ps = False
+
+    def __new__(cls, config: EsdConfig, *args, **kwargs):
+        if cls is EsdRuntime:
+            if not dist.is_initialized():
+                raise EsdConfigError(
+                    "torch.distributed is not initialised: launch with torchrun and call "
+                    "dist.init_process_group() before creating the EsdRuntime"
+                )
+            cls = EsdWorkerRuntime if dist.get_rank() < config.num_workers else EsdPsRuntime
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -129,7 +130,6 @@ class EsdRuntime:
         if len(set(both)) != len(both):
             raise EsdConfigError(f"a table is both ESD-managed and replicated: {both}")
         self.esd_features = [f for t in self.tables for f in t.feature_names]
-        self._esd_feature_set = frozenset(self.esd_features)
         self.replicated_features = [f for t in self.replicated_tables for f in t.feature_names]
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -140,43 +140,116 @@ class EsdRuntime:
                 f"{config.world_size} ranks"
             )
         self.all_group, self.worker_group, self.dispatch_group = esd_process_groups(config)
+        # the one owner of row keys, PS blocks and row formats on this rank
+        self.keyspace = KeySpace(self.tables, config.num_ps, state_dim=optimizer.state_dim)
         self._check_same_config_everywhere()
         # DMP's constructor broadcasts TorchRec's collective-validation flag over its
         # env's group when that group spans the world; settled here on every rank, so
         # that a DMP given the world (no env=runtime.sharding_env()) reaches the ESD
         # sharder's check instead of waiting for the parameter servers forever
         init_collective_validation(self.all_group)
-        self.routing = RowRouting(self.tables, config.num_ps)
         config.validate_tables({t.name: t.num_embeddings for t in self.tables})
-        self.wire = _Wire(self.all_group, self.world_size, config.ps_ranks(), config.collective_timeout_s)
-        self.directory: Optional[CacheDirectory] = None
-        self.client: Optional[PsClient] = None
-        self.meter = TransmissionMeter()
-        self._plans: Deque[IterationPlan] = deque()
-        self._executor = None  # the sharded embedding module of this worker
-        self.loss_scaling = LossScaling(config)
-        if self.is_worker:
-            # worker 0 dispatches (needs every cache); the others track their own
-            self.directory = CacheDirectory(
-                config, self.tables, track=None if self.rank == 0 else [self.rank],
-                optimizer_state_dim=optimizer.state_dim,
+        self.transport = GlooP2PTransport(
+            self.all_group, self.world_size, config.ps_ranks(), config.collective_timeout_s
+        )
+
+    @property
+    def routing(self) -> KeySpace:
+        """Where every row lives on the PS (the key space)."""
+        return self.keyspace
+
+    def _check_same_config_everywhere(self) -> None:
+        mine = json.dumps(
+            {"config": self.config.to_dict(), "tables": self.keyspace.fingerprint(),
+             "replicated": [[t.name, t.num_embeddings, t.embedding_dim, list(t.feature_names), str(t.pooling)]
+                            for t in self.replicated_tables],
+             "optimizer": [self.optimizer.name, self.optimizer.lr, self.optimizer.eps]},
+            sort_keys=True,
+        )
+        everyone: List[Optional[str]] = [None] * self.world_size
+        dist.all_gather_object(everyone, mine, group=self.all_group)
+        bad = [r for r, s in enumerate(everyone) if s != everyone[0]]
+        if bad:
+            raise EsdConfigError(
+                f"ranks {bad} hold a different ESD config / table configs / optimizer than "
+                f"rank 0 (mismatched configs between ranks); rank 0 has {everyone[0]}, "
+                f"rank {bad[0]} has {everyone[bad[0]]}"
             )
-            self.client = PsClient(self.routing, optimizer, self.wire, des=config.des_misses)
 
-    # ------------------------------------------------------------ roles
-    @property
-    def is_worker(self) -> bool:
-        return self.rank < self.config.num_workers
+    def ps_optimizer(self) -> SparseOptimizer:
+        return self.optimizer
 
-    @property
-    def is_ps(self) -> bool:
-        return not self.is_worker
+
+# what a worker role holds beyond its methods (named in the PS role's errors)
+_WORKER_STATE = ("directory", "client", "meter", "plans", "loss_scaling")
+
+
+class EsdPsRuntime(EsdRuntime):
+    """A parameter-server rank: :meth:`serve` until the workers stop."""
+
+    is_ps = True
+
+    def serve(self, ebc: EmbeddingBagCollection) -> ParameterServer:
+        """Run this PS rank until the workers stop; initial table values come
+        from ``ebc`` (built with the same seed as on the workers; tables on the
+        meta device are drawn as TorchRec draws them)."""
+        configs = {t.name: t for t in ebc.embedding_bag_configs()}
+        weights = {
+            name: initial_weight(bag.weight, configs[name])
+            for name, bag in ebc.embedding_bags.items()
+            if name in self.keyspace.names
+        }
+        server = ParameterServer(
+            self.rank - self.config.num_workers, self.keyspace, self.optimizer, self.transport, weights,
+            des=self.config.des_misses,
+        )
+        server.serve()
+        return server
+
+    def __getattr__(self, name: str):
+        if not name.startswith("_") and (hasattr(EsdWorkerRuntime, name) or name in _WORKER_STATE):
+            raise EsdConfigError(
+                f"rank {self.rank} is a parameter server: EsdRuntime.{name} belongs to worker ranks "
+                f"(ranks 0..{self.config.num_workers - 1}); a PS rank only calls runtime.serve(ebc)"
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+class EsdWorkerRuntime(EsdRuntime):
+    """A worker rank: the replicated cache directory, the PS client, the plan
+    channel from the input dist to the sharded module, the meter."""
+
+    is_worker = True
+
+    def __init__(
+        self,
+        config: EsdConfig,
+        tables: Sequence[EmbeddingBagConfig],
+        optimizer: SparseOptimizer,
+        replicated_tables: Sequence[EmbeddingBagConfig] = (),
+    ) -> None:
+        super().__init__(config, tables, optimizer, replicated_tables)
+        self._esd_feature_set = frozenset(self.esd_features)
+        # worker 0 dispatches (needs every cache); the others track their own
+        self.directory = CacheDirectory(
+            config, self.tables, track=None if self.rank == 0 else [self.rank],
+            optimizer_state_dim=optimizer.state_dim, keyspace=self.keyspace,
+        )
+        self.client = PsClient(self.keyspace, optimizer, self.transport, des=config.des_misses)
+        self.meter = TransmissionMeter()
+        self.plans = PlanChannel()
+        self.loss_scaling = LossScaling(config)
+        self._executor = None  # the sharded embedding module of this worker
 
     @property
     def worker_index(self) -> int:
-        if not self.is_worker:
-            raise EsdConfigError(f"rank {self.rank} is a parameter server, not a worker")
         return self.rank
+
+    def serve(self, ebc: EmbeddingBagCollection) -> NoReturn:
+        raise EsdConfigError(
+            f"rank {self.rank} is a worker; only parameter-server ranks "
+            f"({self.config.num_workers}..{self.world_size - 1}) serve"
+        )
 
     @property
     def link(self):
@@ -207,58 +280,19 @@ class EsdRuntime:
         """The ``ShardingEnv`` to give ``DistributedModelParallel`` on workers."""
         return ShardingEnv(self.config.num_workers, self.worker_index, self.worker_group)
 
-    def _check_same_config_everywhere(self) -> None:
-        mine = json.dumps(
-            {"config": self.config.to_dict(), "tables": _tables_fingerprint(self.tables),
-             "replicated": _tables_fingerprint(self.replicated_tables),
-             "optimizer": [self.optimizer.name, self.optimizer.lr, self.optimizer.eps]},
-            sort_keys=True,
-        )
-        everyone: List[Optional[str]] = [None] * self.world_size
-        dist.all_gather_object(everyone, mine, group=self.all_group)
-        bad = [r for r, s in enumerate(everyone) if s != everyone[0]]
-        if bad:
-            raise EsdConfigError(
-                f"ranks {bad} hold a different ESD config / table configs / optimizer than "
-                f"rank 0 (mismatched configs between ranks); rank 0 has {everyone[0]}, "
-                f"rank {bad[0]} has {everyone[bad[0]]}"
-            )
-
-    # ------------------------------------------------------------ PS side
-    def serve(self, ebc: EmbeddingBagCollection) -> ParameterServer:
-        """Run this PS rank until the workers stop; initial table values come
-        from ``ebc`` (built with the same seed as on the workers)."""
-        if not self.is_ps:
-            raise EsdConfigError(f"rank {self.rank} is a worker; only PS ranks serve")
-        configs = {t.name: t for t in ebc.embedding_bag_configs()}
-        weights = {
-            name: initial_weight(bag.weight, configs[name])
-            for name, bag in ebc.embedding_bags.items()
-            if name in self.routing.names
-        }
-        server = ParameterServer(
-            self.rank - self.config.num_workers, self.routing, self.optimizer, self.wire, weights,
-            des=self.config.des_misses,
-        )
-        server.serve()
-        return server
-
-    # ------------------------------------------------------------ worker side
+    # ------------------------------------------------------------ the sharded module
     def attach(self, executor) -> None:
         if self._executor is not None:
             raise EsdConfigError("one EsdRuntime serves one sharded EmbeddingBagCollection")
         self._executor = executor
 
     def enqueue(self, plan: IterationPlan) -> None:
-        self._plans.append(plan)
+        """Hand ``plan`` to the sharded module (the plan channel checks the order)."""
+        self.plans.put(plan)
 
     def next_plan(self) -> IterationPlan:
-        if not self._plans:
-            raise EsdConfigError(
-                "the ESD embedding module got a batch that did not go through EsdInputDist "
-                "(no dispatch plan is queued); pass every training batch through EsdInputDist"
-            )
-        return self._plans.popleft()
+        """The plan of the next iteration the sharded module computes."""
+        return self.plans.take()
 
     def flush(self) -> None:
         """Push every dirty cached row to the PS (checkpoint / end of training)."""
@@ -267,9 +301,9 @@ class EsdRuntime:
         problem = self.loss_scaling.unscaled()
         if problem is not None:
             self.fail(problem)
-        if self._plans:
+        if self.plans.pending:
             raise EsdConfigError(
-                f"{len(self._plans)} batch(es) went through EsdInputDist but were never trained; the "
+                f"{self.plans.pending} batch(es) went through EsdInputDist but were never trained; the "
                 "cache directory already counts their updates, so flushing now would push wrong rows "
                 "(train every dispatched batch, or stop a dispatch-ahead iterator only after its last batch)"
             )
@@ -282,19 +316,17 @@ class EsdRuntime:
     def gather_tables(self):
         """(weights, optimizer states) of every table, from the PS ranks, on
         every worker.  Call :meth:`flush` first to include dirty cached rows."""
-        assert self.client is not None
         return self.client.gather_tables()
 
+    # ------------------------------------------------------------ ending the job
     def shutdown(self, flush: bool = True) -> None:
         """Flush (by default) and stop the PS ranks; call on every worker."""
         if flush and self._executor is not None:
             self.flush()
-        assert self.client is not None
         self.client.stop()
 
     def abort(self, msg: str) -> None:
         """Make the PS ranks fail with ``msg``; call on every worker."""
-        assert self.client is not None
         self.client.abort(msg)
 
     def fail(self, msg: str) -> NoReturn:
@@ -317,6 +349,7 @@ class EsdRuntime:
                 "first batch goes through EsdInputDist"
             )
 
+    # ------------------------------------------------------------ metrics
     def metrics(self) -> Dict:
         return self.meter.as_dict()
 
@@ -325,7 +358,3 @@ class EsdRuntime:
         out: List[Optional[Dict]] = [None] * self.config.num_workers
         dist.all_gather_object(out, self.metrics(), group=self.worker_group)
         return TransmissionMeter.summarize(out)  # type: ignore[arg-type]
-
-    def ps_optimizer(self) -> SparseOptimizer:
-        return self.optimizer
-

@@ -28,7 +28,7 @@ Losses: ``loss = esd_dist.loss(per_sample_losses)`` (``sum * W / B``, where
 training on the same global batch.  With equal shares this equals each worker's
 mean loss; with uneven shares a mean trains another model, so a training batch
 whose loss did not go through :meth:`EsdInputDist.loss` is an error on every
-rank (:mod:`torchrec_esd.loss_scaling`).
+rank (:mod:`torchrec_esd.distributed.loss_scaling`).
 """
 
 from __future__ import annotations
@@ -44,10 +44,12 @@ from torch import nn
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_esd.batch_select import select_kjt_samples, select_samples
 from torchrec_esd.config import EsdConfigError
+from torchrec_esd.cost import CostModel
 from torchrec_esd.dispatch.base import DispatchResult, Dispatcher
-from torchrec_esd.runtime import EsdRuntime
-from torchrec_esd.workload import select_kjt_samples, select_samples
+from torchrec_esd.distributed.plan_channel import batch_fingerprint
+from torchrec_esd.distributed.runtime import EsdRuntime
 
 MODES = ("global", "local")
 
@@ -94,13 +96,14 @@ class EsdInputDist(nn.Module):
 
     # ------------------------------------------------------------ helpers
     @property
-    def cost_model(self):
+    def cost_model(self) -> CostModel:
+        """The dispatcher's cost model, on the runtime's key space (one decode
+        of a batch serves the cost model and the cache directory)."""
         if self._cost_model is None:
-            from torchrec_esd.cost import CostModel
-
             rt = self.runtime
             self._cost_model = CostModel(
-                rt.config, rt.tables, optimizer_state_bytes_per_row=4 * rt.optimizer.state_dim
+                rt.config, rt.tables, optimizer_state_bytes_per_row=rt.keyspace.formats[0].state_bytes,
+                keyspace=rt.keyspace,
             )
         return self._cost_model
 
@@ -169,7 +172,7 @@ class EsdInputDist(nn.Module):
         from the per-sample losses (``reduction="none"``) of the batch the model
         just computed: the loss whose gradients are vanilla TorchRec's on the same
         global batch, at any shares.  Required under uneven shares (see
-        :mod:`torchrec_esd.loss_scaling`); a wrong number of losses fails every rank."""
+        :mod:`torchrec_esd.distributed.loss_scaling`); a wrong number of losses fails every rank."""
         if isinstance(per_sample_losses, torch.fx.Proxy):
             # TorchRec's train pipelines trace the model (torch.fx) to find its sharded
             # modules; nothing is computed, so there is no batch to check against
@@ -275,6 +278,8 @@ class EsdInputDist(nn.Module):
             raise _BadBatch(e) from e
         assignment, result = self._decide(ekjt, group, device)
         plan = rt.directory.plan(ekjt, assignment)  # type: ignore[union-attr]
+        bk = rt.keyspace.decode(ekjt)  # the directory's decode of this batch, not a second one
+        plan.workers[me].fingerprint = batch_fingerprint(bk.keys[assignment[bk.sample] == me])
         rt.loss_scaling.dispatched(plan.iteration, b)
         rt.enqueue(plan)
         mine = (assignment == me).nonzero().view(-1)  # global indices of this worker's samples

@@ -40,7 +40,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_esd.config import EsdConfig, EsdConfigError, WorkerSpec
-from torchrec_esd.dense_sync import DENSE_SYNCS, link_bytes_per_step
+from torchrec_esd.distributed.dense_sync import DENSE_SYNCS, link_bytes_per_step
 
 ESD = "esd_ps_cache"
 REPLICATED = "data_parallel"
@@ -108,7 +108,7 @@ class EsdPlan:
     def sharding_plan(self, module_path: str) -> ShardingPlan:
         """TorchRec plan for the EmbeddingBagCollection at ``module_path``."""
         ranks = list(range(len(self.workers)))
-        from torchrec_esd.sharding import ESD_COMPUTE_KERNEL
+        from torchrec_esd.distributed.sharding import ESD_COMPUTE_KERNEL
 
         return ShardingPlan(
             {
@@ -178,9 +178,9 @@ class EsdShardingPlanner:
             parameters, whose gradients cross every worker's link each step.
         dense_sync: how the dense gradients are all-reduced: ``"ring"``
             (DDP's: ``2 (W - 1) / W`` of them over every link) or ``"star"``
-            (:mod:`torchrec_esd.dense_sync`: once over every link but the
+            (:mod:`torchrec_esd.distributed.dense_sync`: once over every link but the
             fastest worker's, which carries ``W - 1`` times them); see
-            :func:`torchrec_esd.dense_sync.link_bytes_per_step`.
+            :func:`torchrec_esd.distributed.dense_sync.link_bytes_per_step`.
         share_rounds: rebalancing rounds of the shares (each replays the
             sample at the current shares); 0 keeps the shares of the
             per-sample model measured at equal shares.
@@ -466,7 +466,7 @@ class EsdShardingPlanner:
         if self._sample is None or not esd_tables:
             return [None] * len(self.workers)
         from torchrec_esd.cache import CacheDirectory
-        from torchrec_esd.runtime import select_kjt_keys
+        from torchrec_esd.batch_select import select_kjt_keys
 
         cfg = EsdConfig(
             [WorkerSpec(dict(wo["cache_rows"]), wo["bandwidth_mbps"], share=1.0 if shares is None else max(s, 1e-9))

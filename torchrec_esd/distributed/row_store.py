@@ -1,0 +1,46 @@
+"""A worker's cached embedding rows, on the sharded module's device.
+
+Slots are the cache directory's: the concatenation of the worker's per-table
+cache blocks (table-major).  A row is stored ``max_dim`` wide (narrower
+tables zero-padded, see :mod:`~torchrec_esd.distributed.lookup`) with its
+optimizer state beside it.  Nothing here is CPU-specific: the store lives on
+the ``device`` the sharder was given (TorchRec's ``shard(..., device)``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from torchrec_esd.layout import STATE_DTYPE, KeySpace
+
+
+class WorkerRowStore:
+    """``rows [C, max_dim]`` and ``state [C, state_dim]`` of one worker's cache."""
+
+    def __init__(self, keyspace: KeySpace, capacities: Sequence[int], device: torch.device) -> None:
+        if len(capacities) != keyspace.num_tables:
+            raise ValueError(f"{len(capacities)} capacities for {keyspace.num_tables} tables")
+        self.device = torch.device(device)
+        cap = int(sum(int(c) for c in capacities))
+        dtype = keyspace.formats[0].dtype
+        self.rows = torch.zeros(cap, keyspace.max_dim, dtype=dtype, device=self.device)
+        self.state = torch.zeros(cap, keyspace.state_dim, dtype=STATE_DTYPE, device=self.device)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.rows.shape[0])
+
+    def read(self, slots: torch.Tensor) -> torch.Tensor:
+        """``[n, max_dim + state_dim]``: value and state of ``slots``."""
+        slots = slots.to(self.device)
+        return torch.cat([self.rows[slots], self.state[slots]], 1)
+
+    def write(self, slots: torch.Tensor, values: torch.Tensor) -> None:
+        """Store ``values`` ``[n, max_dim + state_dim]`` (a PS reply) in ``slots``."""
+        slots = slots.to(self.device)
+        values = values.to(self.device)
+        d = self.rows.shape[1]
+        self.rows[slots] = values[:, :d].to(self.rows.dtype)
+        self.state[slots] = values[:, d:].to(self.state.dtype)
