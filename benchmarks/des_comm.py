@@ -141,7 +141,7 @@ def _des_dmp(job: JobConfig, workload: SyntheticWorkload, sharding: str):
 def sharded_worker(method: str, job: JobConfig) -> Dict:
     """One rank of TorchRec TW/RW or DES: counted collectives during fwd/bwd."""
     from torchrec_esd.des.sharding import find_des_modules
-    from torchrec_esd.apps.trainer import _dense_params
+    from torchrec_esd.apps.job import _dense_params
 
     workload = SyntheticWorkload(job.workload)
     if method.startswith("torchrec_"):

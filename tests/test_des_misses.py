@@ -136,7 +136,6 @@ def test_des_misses_must_be_a_bool():
 
 
 def _build_with_unpooled_table(job):
-    import torch.distributed as dist  # noqa: F401  (the world is initialised by run_local_world)
     from torchrec.modules.embedding_configs import PoolingType
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 

@@ -185,6 +185,8 @@ class KeySpace:
         self.offsets[1:] = torch.cumsum(self.rows, 0)
         self.total_rows = int(self.offsets[-1])
         self.dims = torch.tensor([f.dim for f in self.formats], dtype=torch.int64)
+        self._max_dim = max(f.dim for f in self.formats)
+        self._uniform_dim = self._max_dim if all(f.dim == self._max_dim for f in self.formats) else None
         self.row_bytes = torch.tensor([f.row_bytes for f in self.formats], dtype=torch.int64)
         # PS blocks: rows of table t on PS p, and where table t starts on PS p
         self.block = (self.rows + num_ps - 1) // num_ps
@@ -200,12 +202,11 @@ class KeySpace:
     @property
     def uniform_dim(self) -> Optional[int]:
         """The embedding dim shared by every table, None when they differ."""
-        d = {f.dim for f in self.formats}
-        return d.pop() if len(d) == 1 else None
+        return self._uniform_dim
 
     @property
     def max_dim(self) -> int:
-        return max(f.dim for f in self.formats)
+        return self._max_dim
 
     @property
     def wire_dim(self) -> int:

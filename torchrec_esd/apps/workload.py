@@ -26,6 +26,20 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_esd.batch_select import select_kjt_samples, select_samples
 from torchrec_esd.config import EsdConfigError
 
+# select_samples / select_kjt_samples live in torchrec_esd.batch_select and are
+# re-exported here, where callers have imported them from
+__all__ = [
+    "CRITEO_KAGGLE_CARDINALITIES",
+    "SyntheticWorkload",
+    "SyntheticWorkloadConfig",
+    "access_share_of_top",
+    "feature_table_configs",
+    "resolve_cardinalities",
+    "select_kjt_samples",
+    "select_samples",
+    "slice_batch",
+]
+
 # Cardinalities of the 26 categorical features of the Criteo Kaggle display-ads
 # data set; ``max_cardinality`` caps them to keep tables trainable on a laptop.
 CRITEO_KAGGLE_CARDINALITIES: Tuple[int, ...] = (

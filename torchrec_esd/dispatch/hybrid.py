@@ -10,7 +10,7 @@ Per batch:
    fits both what is left of ``time_budget_ms`` and the CPU credit, run the
    exact solver warm-started from the heuristic with a hard deadline at the end
    of the budget: for ``"total"`` the exact path of
-   :func:`~torchrec_esd.dispatch.optimal.solve_total` reusing the heuristic's
+   :func:`~torchrec_esd.dispatch.exact_total.solve_total` reusing the heuristic's
    prices and assignment (min-cost flow on the near-tight arcs, then
    negative-cycle cancelling -- anytime: every cancelled cycle lowers the cost
    -- which ends with an optimality certificate; the full min-cost flow if that
@@ -49,7 +49,8 @@ import torch
 from torchrec_esd.dispatch.base import Dispatcher, DispatchError, check_cost_input
 from torchrec_esd.dispatch.heuristic import _loads, makespan_heuristic, pairwise_exchange, price_greedy
 from torchrec_esd.dispatch.lower_bound import dual_value, makespan_lower_bound
-from torchrec_esd.dispatch.optimal import makespan_milp, mcf_total, preload_milp, solve_total
+from torchrec_esd.dispatch.exact_makespan import makespan_milp, preload_milp
+from torchrec_esd.dispatch.exact_total import mcf_total, solve_total
 
 
 class HybridDis(Dispatcher):

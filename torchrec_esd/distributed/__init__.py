@@ -8,5 +8,6 @@
 * :mod:`.sharding`: the sharder and the sharded ``EmbeddingBagCollection``,
   composed of a :mod:`.row_store` on the module's device, a :mod:`.lookup`
   backend chosen by ``compute_kernel``, and the PS sync (:mod:`.ps_sync`);
-* :mod:`.planner`, :mod:`.dense_sync`, :mod:`.fused_config`, :mod:`.loss_scaling`.
+* :mod:`.planner` (its plan and resources in :mod:`.plan_types`), :mod:`.dense_sync`,
+  :mod:`.fused_config`, :mod:`.loss_scaling`.
 """

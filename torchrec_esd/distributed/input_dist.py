@@ -36,7 +36,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -47,7 +47,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_esd.batch_select import select_kjt_samples, select_samples
 from torchrec_esd.config import EsdConfigError
 from torchrec_esd.cost import CostModel
-from torchrec_esd.dispatch.base import DispatchResult, Dispatcher
+from torchrec_esd.dispatch import DispatchError, DispatchResult, Dispatcher, make_dispatcher
 from torchrec_esd.distributed.plan_channel import batch_fingerprint
 from torchrec_esd.distributed.runtime import EsdRuntime
 
@@ -73,12 +73,26 @@ class _BadBatch(Exception):
 
 
 class EsdInputDist(nn.Module):
+    """Dispatches each global batch over the workers (see the module docstring).
+
+    Args:
+        runtime: this worker's ``EsdRuntime``.
+        dispatcher: a dispatcher name (``make_dispatcher``'s) or a
+            :class:`~torchrec_esd.dispatch.Dispatcher`.  The objective it
+            optimises is ``EsdConfig.objective``: a name is built with it, and
+            a dispatcher built with another objective is an error.
+        mode: ``"global"`` or ``"local"`` batches.
+        device: where this worker's dense features and labels go.
+        dispatcher_kwargs: options of a dispatcher given by name.
+    """
+
     def __init__(
         self,
         runtime: EsdRuntime,
-        dispatcher: Dispatcher,
+        dispatcher: Union[str, Dispatcher],
         mode: str = "global",
         device: Optional[torch.device] = None,
+        dispatcher_kwargs: Optional[Mapping] = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -86,7 +100,7 @@ class EsdInputDist(nn.Module):
         if not runtime.is_worker:
             raise EsdConfigError("EsdInputDist runs on worker ranks only")
         self.runtime = runtime
-        self.dispatcher = dispatcher
+        self.dispatcher = self._dispatcher(dispatcher, dict(dispatcher_kwargs or {}), runtime.config.objective)
         self.mode = mode
         self.device = device or torch.device("cpu")
         self.last_result: Optional[DispatchResult] = None
@@ -95,6 +109,31 @@ class EsdInputDist(nn.Module):
         self._cost_model = None
 
     # ------------------------------------------------------------ helpers
+    @staticmethod
+    def _dispatcher(dispatcher: Union[str, Dispatcher], kwargs: Dict, objective: str) -> Dispatcher:
+        """The dispatcher, optimising the config's objective (its one home)."""
+        if "objective" in kwargs:
+            raise EsdConfigError(
+                "the dispatch objective comes from EsdConfig.objective; do not pass it to the dispatcher"
+            )
+        if isinstance(dispatcher, str):
+            try:
+                return make_dispatcher(dispatcher, objective=objective, **kwargs)
+            except DispatchError as e:
+                raise EsdConfigError(str(e)) from None
+            except TypeError as e:  # an option the dispatcher does not have
+                raise EsdConfigError(f"dispatcher {dispatcher!r}: {e}") from None
+        if kwargs:
+            raise EsdConfigError("dispatcher_kwargs are for a dispatcher given by name")
+        theirs = getattr(dispatcher, "objective", objective)
+        if theirs != objective:
+            raise EsdConfigError(
+                f"the dispatcher optimises objective {theirs!r} but EsdConfig.objective is {objective!r}: "
+                "the objective has one home, the config; build the dispatcher with "
+                "make_dispatcher(name, objective=config.objective) or pass its name to EsdInputDist"
+            )
+        return dispatcher
+
     @property
     def cost_model(self) -> CostModel:
         """The dispatcher's cost model, on the runtime's key space (one decode

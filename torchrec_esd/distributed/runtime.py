@@ -35,7 +35,7 @@ from torchrec_esd.cache import CacheDirectory, IterationPlan
 from torchrec_esd.config import EsdConfig, EsdConfigError
 from torchrec_esd.distributed.loss_scaling import LossScaling
 from torchrec_esd.distributed.plan_channel import PlanChannel
-from torchrec_esd.layout import KeySpace
+from torchrec_esd.layout import EsdIdError, KeySpace
 from torchrec_esd.metrics import TransmissionMeter
 from torchrec_esd.optim import SparseOptimizer
 from torchrec_esd.ps import GlooP2PTransport, ParameterServer, PsClient
@@ -268,11 +268,11 @@ class EsdWorkerRuntime(EsdRuntime):
         for t in self.replicated_tables:
             for f in t.feature_names:
                 if f not in kjt.keys():
-                    raise EsdConfigError(f"batch has no feature {f!r} (replicated table {t.name!r})")
+                    raise EsdIdError(f"batch has no feature {f!r} (replicated table {t.name!r})")
                 v = kjt[f].values()
                 if v.numel() and (int(v.min()) < 0 or int(v.max()) >= t.num_embeddings):
                     bad = v[(v < 0) | (v >= t.num_embeddings)][0]
-                    raise EsdConfigError(
+                    raise EsdIdError(
                         f"feature {f!r}: id {int(bad)} is outside table {t.name!r} of {t.num_embeddings} rows"
                     )
 

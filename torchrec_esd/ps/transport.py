@@ -39,10 +39,12 @@ class LinkStats:
     messages_received: int = 0
 
     def __add__(self, o: "LinkStats") -> "LinkStats":
-        return LinkStats(*(getattr(self, f.name) + getattr(o, f.name) for f in fields(self)))
+        return LinkStats(self.bytes_sent + o.bytes_sent, self.bytes_received + o.bytes_received,
+                         self.messages_sent + o.messages_sent, self.messages_received + o.messages_received)
 
     def __sub__(self, o: "LinkStats") -> "LinkStats":
-        return LinkStats(*(getattr(self, f.name) - getattr(o, f.name) for f in fields(self)))
+        return LinkStats(self.bytes_sent - o.bytes_sent, self.bytes_received - o.bytes_received,
+                         self.messages_sent - o.messages_sent, self.messages_received - o.messages_received)
 
     def as_dict(self) -> Dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -56,19 +58,24 @@ class LinkMeter:
 
     def __init__(self) -> None:
         self._links: Dict[int, LinkStats] = {}
+        self._total = LinkStats()  # kept in step with _links (read once per exchange)
 
     def _link(self, peer: int) -> LinkStats:
         return self._links.setdefault(int(peer), LinkStats())
 
     def on_send(self, peer: int, nbytes: int) -> None:
-        s = self._link(peer)
-        s.bytes_sent += int(nbytes)
+        s, n = self._link(peer), int(nbytes)
+        s.bytes_sent += n
         s.messages_sent += 1
+        self._total.bytes_sent += n
+        self._total.messages_sent += 1
 
     def on_receive(self, peer: int, nbytes: int) -> None:
-        s = self._link(peer)
-        s.bytes_received += int(nbytes)
+        s, n = self._link(peer), int(nbytes)
+        s.bytes_received += n
         s.messages_received += 1
+        self._total.bytes_received += n
+        self._total.messages_received += 1
 
     def link(self, peer: int) -> LinkStats:
         return LinkStats() + self._links.get(int(peer), LinkStats())
@@ -77,10 +84,7 @@ class LinkMeter:
         return {p: LinkStats() + s for p, s in sorted(self._links.items())}
 
     def total(self) -> LinkStats:
-        out = LinkStats()
-        for s in self._links.values():
-            out = out + s
-        return out
+        return LinkStats() + self._total
 
     def as_dict(self) -> Dict[int, Dict[str, int]]:
         return {p: s.as_dict() for p, s in self.per_link().items()}

@@ -1,5 +1,6 @@
-"""The plan channel between EsdInputDist and the sharded module, and the
-lookup backend registry: misuse is an error that names the iterations."""
+"""Seams of the execution side: the plan channel between EsdInputDist and the
+sharded module, the lookup backend registry, the objective's one home;
+misuse is an error that names what is wrong."""
 
 import threading
 
@@ -78,3 +79,22 @@ def test_compute_kernel_names_a_lookup_backend():
     assert lookup_backend(ESD_COMPUTE_KERNEL, tables, ["f"]).dims == [4]
     with pytest.raises(EsdConfigError, match="compute_kernel 'fused_uvm' has no ESD lookup backend"):
         lookup_backend("fused_uvm", tables, ["f"])
+
+
+def test_the_objective_comes_from_the_config():
+    from torchrec_esd.dispatch import make_dispatcher
+    from torchrec_esd.distributed.input_dist import EsdInputDist
+
+    built = EsdInputDist._dispatcher("hybrid", {}, "makespan")
+    assert built.objective == "makespan"
+    assert EsdInputDist._dispatcher("random", {"seed": 1}, "total").objective == "total"
+    mine = make_dispatcher("heuristic", objective="makespan")
+    assert EsdInputDist._dispatcher(mine, {}, "makespan") is mine
+    with pytest.raises(EsdConfigError, match="optimises objective 'total' but EsdConfig.objective is 'makespan'"):
+        EsdInputDist._dispatcher(make_dispatcher("hybrid"), {}, "makespan")
+    with pytest.raises(EsdConfigError, match="comes from EsdConfig.objective"):
+        EsdInputDist._dispatcher("hybrid", {"objective": "total"}, "total")
+    with pytest.raises(EsdConfigError, match="unknown dispatcher 'hybird'"):
+        EsdInputDist._dispatcher("hybird", {}, "total")
+    with pytest.raises(EsdConfigError, match="dispatcher 'heuristic': .*unexpected keyword argument 'seed'"):
+        EsdInputDist._dispatcher("heuristic", {"seed": 1}, "total")

@@ -1,0 +1,161 @@
+"""The ESD job (``method="esd"``): ``W`` workers + ``P`` parameter servers.
+
+Every global batch goes through :class:`~torchrec_esd.distributed.input_dist.EsdInputDist`
+(dispatcher by name, optionally dispatching ahead in a background thread) and
+the ESD sharder under ``DistributedModelParallel``; steps are driven by a plain
+loop or by TorchRec's ``TrainPipelineSparseDist``.  The PS ranks serve the
+tables until the workers are done.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.types import ShardingPlan
+
+from torchrec_esd.apps.job import (
+    EBC_PATH,
+    DlrmTask,
+    JobConfig,
+    _dense_params,
+    _dense_state,
+    _Tracker,
+    build_model,
+    job_tables,
+    sparse_optimizer,
+)
+from torchrec_esd.apps.workload import SyntheticWorkload
+from torchrec_esd.config import EsdConfigError
+from torchrec_esd.distributed.dense_sync import register_dense_sync
+from torchrec_esd.distributed.input_dist import EsdInputDist
+from torchrec_esd.distributed.runtime import EsdRuntime
+from torchrec_esd.distributed.sharding import EsdEmbeddingBagCollectionSharder, esd_module_plan
+
+
+def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
+    if job.plan is not None:
+        job = replace(job, esd=job.plan.esd_config(), replicated=tuple(job.plan.replicated))
+    if job.esd is None:
+        raise EsdConfigError("method 'esd' needs JobConfig.esd or JobConfig.plan")
+    cfg = job.esd
+    all_tables = job_tables(job, workload)
+    unknown = set(job.replicated) - {t.name for t in all_tables}
+    if unknown:
+        raise EsdConfigError(f"replicated tables {sorted(unknown)} are not tables of the model")
+    tables = [t for t in all_tables if t.name not in job.replicated]
+    replicated = [t for t in all_tables if t.name in job.replicated]
+    runtime = EsdRuntime(cfg, tables, sparse_optimizer(job), replicated_tables=replicated)
+    dlrm = build_model(job, workload)
+    if runtime.is_ps:
+        runtime.serve(dlrm.sparse_arch.embedding_bag_collection)
+        return {"role": "ps"}
+    W = cfg.num_workers
+    dispatch = EsdInputDist(runtime, job.dispatcher, mode=job.input_mode, dispatcher_kwargs=job.dispatcher_kwargs)
+    model = DlrmTask(dlrm, esd_loss=dispatch.loss)
+    ebc = dlrm.sparse_arch.embedding_bag_collection
+    plan = (
+        job.plan.sharding_plan(EBC_PATH)
+        if job.plan is not None
+        else ShardingPlan({EBC_PATH: esd_module_plan(ebc, runtime)})
+    )
+    dmp = DistributedModelParallel(
+        model,
+        env=runtime.sharding_env(),
+        plan=plan,
+        sharders=[EsdEmbeddingBagCollectionSharder(runtime)],
+        device=torch.device("cpu"),
+    )
+    if job.dense_sync != "ring":
+        if not register_dense_sync(dmp, job.dense_sync, [w.bandwidth_mbps for w in cfg.workers], runtime.worker_group):
+            raise EsdConfigError(f"dense_sync={job.dense_sync!r}: the model has no DistributedDataParallel part")
+    dense_opt = torch.optim.SGD(_dense_params(dmp), lr=job.dense_lr)
+    me = runtime.worker_index
+    track = _Tracker(job, runtime.worker_group, me, f"ESD {job.dispatcher}")
+    decisions, t0 = [], time.perf_counter()
+    samples_seen = torch.zeros(job.global_batch, dtype=torch.int64)
+
+    bad_input: List[str] = []
+
+    def batches():
+        for step in range(job.steps):
+            try:
+                if job.input_mode == "global":
+                    batch = workload.global_batch(step, job.global_batch)
+                else:
+                    batch = workload.local_batch(step, job.global_batch, me, W)
+            except EsdConfigError as e:
+                # every worker reads the same global batch (a local batch is a
+                # slice of it), so every worker fails here; _abort_on_bad_input
+                # stops the PS ranks from the training thread (dispatch-ahead
+                # reads batches in its own thread, which must not talk to the PS)
+                bad_input.append(f"bad input batch at step {step}: {e}")
+                raise
+            yield batch
+
+    def dispatched():
+        nonlocal samples_seen
+        if job.dispatch_ahead > 0:
+            locals_ = dispatch.dispatch_ahead(batches(), depth=job.dispatch_ahead)
+        else:
+            locals_ = (dispatch(batch) for batch in batches())
+        for local in _abort_on_bad_input(locals_):
+            samples_seen += torch.bincount(dispatch.last_mine, minlength=job.global_batch)
+            if dispatch.last_result is not None:
+                decisions.append(
+                    {"solver": dispatch.last_result.solver, "ms": dispatch.last_result.decision_s * 1e3}
+                )
+            yield local
+
+    def _abort_on_bad_input(it):
+        try:
+            yield from it
+        except EsdConfigError:
+            if bad_input:
+                runtime.abort(bad_input[0])
+            raise
+
+    def record(loss, logits, labels):
+        g = loss.detach().clone() / dispatch.loss_scale
+        dist.all_reduce(g, group=runtime.worker_group)
+        track.step(float(g) / job.global_batch, logits, labels)
+
+    if job.use_pipeline:
+        # TorchRec's pipeline runs the ESD module's (local) input_dist of the
+        # next batch ahead; dispatch plans are queued in order, the PS phases
+        # run in compute and backward, so the pipelined result is the same.
+        pipe = TrainPipelineSparseDist(dmp, dense_opt, torch.device("cpu"), execute_all_batches=True)
+        it = dispatched()
+        for _ in range(job.steps):
+            loss, logits, labels = pipe.progress(it)  # the model output's second element
+            record(loss, logits, labels)
+    else:
+        for local in dispatched():
+            dense_opt.zero_grad()
+            loss, (_, logits, labels) = dmp(local)
+            loss.backward()
+            dense_opt.step()
+            record(loss, logits, labels)
+    elapsed = time.perf_counter() - t0
+    runtime.flush()
+    out = {
+        "losses": track.losses,
+        "step_end_s": track.step_end_s,
+        "step_end_cpu_s": track.step_end_cpu_s,
+        "auc": track.auc(),
+        "dense": _dense_state(dmp),
+        "elapsed_s": elapsed,
+        "metrics": runtime.all_metrics(),
+        "decisions": decisions,
+        "samples_seen": samples_seen,
+    }
+    if job.collect_tables:
+        out["tables"], out["tables_state"] = runtime.gather_tables()
+        out["tables"].update(runtime.replica_tables())
+    runtime.shutdown(flush=False)
+    return out

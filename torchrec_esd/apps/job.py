@@ -1,0 +1,177 @@
+"""What every method of a DLRM training job shares (vanilla TorchRec, ESD,
+DES; see :mod:`~torchrec_esd.apps.trainer`): the job's description
+(:class:`JobConfig`), its embedding tables, the DLRM model and its loss
+(:class:`DlrmTask`), the sparse optimizer, the dense-parameter helpers and the
+per-step tracker (losses, step times, AUC over the last steps).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.datasets.utils import Batch
+from torchrec.models.dlrm import DLRM
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from tqdm import tqdm
+
+from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig
+from torchrec_esd.config import EsdConfig, EsdConfigError
+from torchrec_esd.distributed.planner import EsdPlan
+from torchrec_esd.ps import SparseOptimizer
+
+EBC_PATH = "model.sparse_arch.embedding_bag_collection"
+
+
+@dataclass
+class JobConfig:
+    method: str = "esd"  # "vanilla" | "esd"
+    steps: int = 20
+    global_batch: int = 256
+    embedding_dim: int = 8
+    dense_arch: Tuple[int, ...] = (16,)  # the last layer (embedding_dim) is appended
+    over_arch: Tuple[int, ...] = (16, 1)
+    dense_lr: float = 0.05
+    sparse_optimizer: str = "sgd"
+    sparse_lr: float = 0.05
+    sparse_eps: float = 1e-8
+    seed: int = 0
+    workload: SyntheticWorkloadConfig = field(default_factory=SyntheticWorkloadConfig)
+    # ESD only
+    esd: Optional[EsdConfig] = None
+    replicated: Tuple[str, ...] = ()  # tables kept whole on every worker (data parallel)
+    plan: Optional[EsdPlan] = None  # an EsdShardingPlanner plan: sets esd + replicated
+    dispatcher: str = "heuristic"
+    dispatcher_kwargs: Dict = field(default_factory=dict)
+    input_mode: str = "global"
+    collect_tables: bool = False  # return final tables (tests)
+    progress: bool = False  # tqdm progress bar on rank 0
+    use_pipeline: bool = False  # ESD: drive steps with TorchRec's TrainPipelineSparseDist
+    dispatch_ahead: int = 0  # ESD: dispatch this many batches ahead in a background thread (0: off)
+    dense_sync: str = "ring"  # ESD: dense-gradient all-reduce, "ring" (DDP's) or "star" (torchrec_esd.distributed.dense_sync)
+    auc_steps: int = 10  # AUC over the predictions of the last steps
+    # DES only (method="des", see _des): "row_wise" | "table_wise"
+    des_sharding: str = "row_wise"
+    pooling: str = "sum"  # every table's pooling: "sum" | "mean"
+
+
+def job_tables(job: JobConfig, workload) -> List[EmbeddingBagConfig]:
+    """The job's embedding tables (one per sparse feature of the workload)."""
+    modes = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+    if job.pooling not in modes:
+        raise EsdConfigError(f"JobConfig.pooling must be 'sum' or 'mean', got {job.pooling!r}")
+    return workload.table_configs(job.embedding_dim, modes[job.pooling])
+
+
+class DlrmTask(nn.Module):
+    """DLRM + BCE loss; ``esd_loss`` (``EsdInputDist.loss``) or ``loss_scale``
+    turn the per-sample / summed loss into vanilla's gradient scale (see
+    :class:`EsdInputDist`); neither: the local mean."""
+
+    def __init__(
+        self,
+        model: DLRM,
+        loss_scale: Optional[float] = None,
+        esd_loss: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_scale = loss_scale
+        self.esd_loss = esd_loss
+
+    def forward(self, batch: Batch):
+        logits = self.model(batch.dense_features, batch.sparse_features).squeeze(-1)
+        if self.esd_loss is not None:
+            per_sample = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
+            loss = self.esd_loss(per_sample)
+        elif self.loss_scale is None:
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        else:
+            loss = (
+                nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="sum")
+                * self.loss_scale
+            )
+        return loss, (loss.detach(), logits.detach(), batch.labels.detach())
+
+
+class _Tracker:
+    """Per-step losses, predictions of the last steps (for AUC), progress bar."""
+
+    def __init__(self, job: JobConfig, group, rank: int, label: str) -> None:
+        self.group, self.rank = group, rank
+        self.losses = []
+        self.step_end_s = []  # perf_counter() at the end of every step (the consumer's clock)
+        self.step_end_cpu_s = []  # this process's CPU time (all threads) at the same moments
+        self.preds, self.labels = [], []
+        self.keep = max(1, job.auc_steps)
+        self.bar = None
+        if job.progress and rank == 0:
+            self.bar = tqdm(total=job.steps, desc=label, leave=False)
+
+    def step(self, mean_loss: float, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.losses.append(mean_loss)
+        self.step_end_s.append(time.perf_counter())
+        self.step_end_cpu_s.append(time.process_time())
+        self.preds.append(logits.detach().float())
+        self.labels.append(labels.detach().float())
+        self.preds, self.labels = self.preds[-self.keep :], self.labels[-self.keep :]
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{mean_loss:.4f}")
+
+    def auc(self) -> float:
+        # imported here: torchmetrics takes ~1.3 s to import, and only the end
+        # of a job needs it
+        from torchmetrics.functional.classification import binary_auroc
+
+        if self.bar is not None:
+            self.bar.close()
+        mine = (torch.cat(self.preds), torch.cat(self.labels))
+        everyone = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(everyone, mine, group=self.group)
+        p = torch.cat([e[0] for e in everyone])
+        y = torch.cat([e[1] for e in everyone]).long()
+        return float(binary_auroc(p, y))
+
+
+def build_model(job: JobConfig, workload: SyntheticWorkload) -> DLRM:
+    torch.manual_seed(job.seed)
+    ebc = EmbeddingBagCollection(tables=job_tables(job, workload), device=torch.device("cpu"))
+    return DLRM(
+        embedding_bag_collection=ebc,
+        dense_in_features=workload.config.num_dense,
+        dense_arch_layer_sizes=list(job.dense_arch) + [job.embedding_dim],
+        over_arch_layer_sizes=list(job.over_arch),
+    )
+
+
+def sparse_optimizer(job: JobConfig) -> SparseOptimizer:
+    return SparseOptimizer(job.sparse_optimizer, job.sparse_lr, job.sparse_eps)
+
+
+def _dense_params(model: nn.Module):
+    return [p for n, p in model.named_parameters() if "embedding_bag_collection" not in n]
+
+
+def dense_param_bytes(job: JobConfig, workload) -> int:
+    """Bytes of ``job``'s DLRM dense parameters (what DDP all-reduces each
+    step; e.g. ``EsdShardingPlanner(dense_param_bytes=...)``)."""
+    return sum(p.numel() * p.element_size() for p in _dense_params(build_model(job, workload)))
+
+
+def _dense_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    out = {}
+    for n, p in model.named_parameters():
+        if "embedding_bag_collection" in n:
+            continue
+        key = n
+        for prefix in ("_dmp_wrapped_module.", "module."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = p.detach().clone()
+    return out
