@@ -34,7 +34,7 @@ if [ ! -f "$VENV/.esd-stack-$stack_id" ]; then
 fi
 
 ext_id=$( (cat "$ROOT/setup.py"; find "$ROOT/csrc" -type f | sort | xargs cat) | sha1sum | cut -c1-16)
-if [ ! -f "$VENV/.esd-ext-$ext_id" ] || ! (cd "$ROOT" && python -c 'import torchrec_esd._C' 2>/dev/null); then
+if [ ! -f "$VENV/.esd-ext-$ext_id" ] || ! (cd "$ROOT" && python -c 'import torch, torchrec_esd._C' 2>/dev/null); then
   echo "[bootstrap] building the torchrec_esd C++ extension (about a minute on 2 cores)"
   (cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" $PIP install -q --no-deps --no-build-isolation -e .)
   # editable installs may leave the built library only in build/: put it next to the sources
@@ -42,4 +42,4 @@ if [ ! -f "$VENV/.esd-ext-$ext_id" ] || ! (cd "$ROOT" && python -c 'import torch
   rm -f "$VENV"/.esd-ext-*
   touch "$VENV/.esd-ext-$ext_id"
 fi
-python -c 'import torchrec_esd._C' || { echo "[bootstrap] the extension does not load" >&2; exit 1; }
+python -c 'import torch, torchrec_esd._C' || { echo "[bootstrap] the extension does not load" >&2; exit 1; }
