@@ -607,8 +607,13 @@ def markdown(args, summary: Dict, links: str, meta: Dict) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: Dict, path: str, links: str) -> None:
-    import matplotlib
+def plot(summary: Dict, path: str, links: str) -> bool:
+    """Write the PNG; without matplotlib, say so and skip it (False)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no plot ({path}); the JSON and the table are written")
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -656,6 +661,7 @@ def plot(summary: Dict, path: str, links: str) -> None:
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=72)
     plt.close(fig)
+    return True
 
 
 def main(argv=None) -> None:
@@ -694,12 +700,12 @@ def main(argv=None) -> None:
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    png = args.png or os.path.splitext(args.out)[0] + ".png"
-    plot(summary, png, raw["links"])
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(md + "\n")
     print("\n" + md + "\n")
+    png = args.png or os.path.splitext(args.out)[0] + ".png"
+    plot(summary, png, raw["links"])
     for name, d in summary.items():
         for m, s in d["methods"].items():
             if "dispatch" in s:

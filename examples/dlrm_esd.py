@@ -34,6 +34,19 @@ from torchrec_esd.config import EsdConfig, heterogeneous_workers  # noqa: E402
 from torchrec_esd.apps.criteo import CriteoTsvConfig  # noqa: E402
 from torchrec_esd.apps.trainer import JobConfig, run  # noqa: E402
 from torchrec_esd.apps.workload import SyntheticWorkloadConfig  # noqa: E402
+from torchrec_esd.dispatch import DISPATCHERS  # noqa: E402
+
+
+def dispatcher_list(text: str):
+    """``--dispatchers``: comma-separated names, each a known dispatcher
+    (checked while parsing, not when its run starts)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in DISPATCHERS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown dispatcher(s) {unknown or [text]}; choose from {', '.join(sorted(DISPATCHERS))}"
+        )
+    return names
 
 
 def parse_args(argv=None):
@@ -51,7 +64,8 @@ def parse_args(argv=None):
                    help="train on this Criteo-format TSV file instead of the synthetic workload")
     p.add_argument("--max-rows", type=int, default=None,
                    help="with --criteo-tsv: use only the first MAX_ROWS rows (batches wrap around)")
-    p.add_argument("--dispatchers", default="hybrid", help="comma-separated: hybrid,optimal,heuristic,laia,random")
+    p.add_argument("--dispatchers", default=["hybrid"], type=dispatcher_list,
+                   help=f"comma-separated, each one of: {', '.join(sorted(DISPATCHERS))}")
     p.add_argument("--staleness", type=int, default=0, help="ESD staleness bound s (0 = synchronous)")
     p.add_argument("--dense-sync", default="star", choices=["ring", "star"],
                    help="ESD's dense-gradient all-reduce: through the fastest worker, or DDP's ring")
@@ -95,7 +109,7 @@ def main(argv=None) -> None:
         r = run(JobConfig(method="vanilla", **base))
         if rank == 0:
             results["vanilla"] = _summary(r, args)
-    for name in args.dispatchers.split(","):
+    for name in args.dispatchers:
         r = run(JobConfig(method="esd", dispatcher=name, dispatch_ahead=args.dispatch_ahead,
                           dense_sync=args.dense_sync, **base))
         if rank == 0:
