@@ -21,8 +21,8 @@ Row format: a row of table ``t`` is ``dim_t`` values of ``dtype`` (fp32) plus
 one key space: rows are stored and sent :attr:`KeySpace.wire_dim` (the widest
 table's dim) wide, a narrower table's row zero-padded, and the optimizer
 normalises by each row's own dim (:meth:`KeySpace.dim_of`), so padding never
-changes a value.  :meth:`KeySpace.wire_row_bytes` is what one pulled or pushed
-row really moves (the cost model prices rows with it).
+changes a value.  A pulled or pushed row really moves ``wire_dim`` values plus
+its optimizer state (the cost model prices rows so).
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_esd.config import EsdConfigError
 
 KEY_DTYPE = torch.int64
-KEY_BYTES = 8  # one int64 row key on the wire
 STATE_DTYPE = torch.float32  # optimizer state is kept in fp32 whatever the row dtype
 
 
@@ -83,6 +82,11 @@ def table_feature_map(tables: Sequence[EmbeddingBagConfig]) -> Dict[str, int]:
     return out
 
 
+def table_fingerprint(table: EmbeddingBagConfig) -> List:
+    """What two ranks must agree on for one table (name, rows, dim, features, pooling)."""
+    return [table.name, table.num_embeddings, table.embedding_dim, list(table.feature_names), str(table.pooling)]
+
+
 @dataclass
 class BatchKeys:
     """One batch decoded into global row keys (see the module docstring)."""
@@ -91,7 +95,6 @@ class BatchKeys:
     lengths: torch.Tensor  # (F, B) int64 bag lengths
     keys: torch.Tensor  # (N,) global row key of every value, KJT order
     table: torch.Tensor  # (F,) table index of every feature
-    _space: "KeySpace" = field(repr=False)
     _sample: Optional[torch.Tensor] = field(default=None, repr=False)
     _sample_major: Optional[Tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
     _distinct: Optional[torch.Tensor] = field(default=None, repr=False)
@@ -121,9 +124,6 @@ class BatchKeys:
         if self._distinct is None:
             self._distinct = torch.unique(self.keys)
         return self._distinct
-
-    def table_of_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        return self._space.table_of(keys)
 
 
 def _to_sample_major(keys: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -187,7 +187,6 @@ class KeySpace:
         self.dims = torch.tensor([f.dim for f in self.formats], dtype=torch.int64)
         self._max_dim = max(f.dim for f in self.formats)
         self._uniform_dim = self._max_dim if all(f.dim == self._max_dim for f in self.formats) else None
-        self.row_bytes = torch.tensor([f.row_bytes for f in self.formats], dtype=torch.int64)
         # PS blocks: rows of table t on PS p, and where table t starts on PS p
         self.block = (self.rows + num_ps - 1) // num_ps
         self.owned = torch.stack(
@@ -213,10 +212,6 @@ class KeySpace:
         """Values per row as stored on the PS and in worker caches and as sent
         (the widest table's dim; narrower rows are zero-padded)."""
         return self.max_dim
-
-    def wire_row_bytes(self) -> int:
-        """Bytes of one row with its optimizer state as it travels."""
-        return RowFormat(self.wire_dim, self.formats[0].dtype, self.state_dim).row_bytes
 
     def row_dims(self, keys: torch.Tensor) -> Optional[torch.Tensor]:
         """Each key's table dim, or ``None`` when every table has the wire
@@ -246,11 +241,8 @@ class KeySpace:
         return self.dims[self.table_of(keys)]
 
     def fingerprint(self) -> List:
-        """What two ranks must agree on (names, rows, dims, features, poolings)."""
-        return [
-            [t.name, t.num_embeddings, t.embedding_dim, list(t.feature_names), str(t.pooling)]
-            for t in self.tables
-        ] + [["num_ps", self.num_ps], ["state_dim", self.state_dim]]
+        """What two ranks must agree on (tables, PS count, optimizer-state width)."""
+        return [table_fingerprint(t) for t in self.tables] + [["num_ps", self.num_ps], ["state_dim", self.state_dim]]
 
     # ------------------------------------------------------------ PS blocks
     def locate(self, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -292,7 +284,7 @@ class KeySpace:
         values = values.to(KEY_DTYPE)
         per_feat = lengths.sum(1)
         if values.numel() == 0:
-            return BatchKeys(feats, lengths, values, table, self)
+            return BatchKeys(feats, lengths, values, table)
         t_of = torch.repeat_interleave(table, per_feat)
         bad = (values < 0) | (values >= self.rows[t_of])
         if bool(bad.any()):
@@ -300,4 +292,4 @@ class KeySpace:
             f = feats[int(torch.searchsorted(torch.cumsum(per_feat, 0), torch.tensor(i), right=True))]
             t = self.tables[int(t_of[i])]
             raise EsdIdError(f"feature {f!r}: id {int(values[i])} is outside table {t.name!r} of {t.num_embeddings} rows")
-        return BatchKeys(feats, lengths, values + self.offsets[t_of], table, self)
+        return BatchKeys(feats, lengths, values + self.offsets[t_of], table)

@@ -84,6 +84,3 @@ class PlanChannel:
     @property
     def last_taken(self) -> int:
         return self._last_taken
-
-    def __len__(self) -> int:
-        return self.pending

@@ -35,7 +35,7 @@ from torchrec_esd.cache import CacheDirectory, IterationPlan
 from torchrec_esd.config import EsdConfig, EsdConfigError
 from torchrec_esd.distributed.loss_scaling import LossScaling
 from torchrec_esd.distributed.plan_channel import PlanChannel
-from torchrec_esd.layout import EsdIdError, KeySpace
+from torchrec_esd.layout import EsdIdError, KeySpace, table_fingerprint
 from torchrec_esd.metrics import TransmissionMeter
 from torchrec_esd.optim import SparseOptimizer
 from torchrec_esd.ps import GlooP2PTransport, ParameterServer, PsClient
@@ -82,6 +82,14 @@ def esd_process_groups(config: EsdConfig):
     return _GROUPS[key]
 
 
+def _require_initialised() -> None:
+    if not dist.is_initialized():
+        raise EsdConfigError(
+            "torch.distributed is not initialised: launch with torchrun and call "
+            "dist.init_process_group() before creating the EsdRuntime"
+        )
+
+
 class EsdRuntime:
     """This rank's ESD role; every rank makes the same call.
 
@@ -102,11 +110,7 @@ class EsdRuntime:
 
     def __new__(cls, config: EsdConfig, *args, **kwargs):
         if cls is EsdRuntime:
-            if not dist.is_initialized():
-                raise EsdConfigError(
-                    "torch.distributed is not initialised: launch with torchrun and call "
-                    "dist.init_process_group() before creating the EsdRuntime"
-                )
+            _require_initialised()
             cls = EsdWorkerRuntime if dist.get_rank() < config.num_workers else EsdPsRuntime
         return super().__new__(cls)
 
@@ -117,11 +121,7 @@ class EsdRuntime:
         optimizer: SparseOptimizer,
         replicated_tables: Sequence[EmbeddingBagConfig] = (),
     ) -> None:
-        if not dist.is_initialized():
-            raise EsdConfigError(
-                "torch.distributed is not initialised: launch with torchrun and call "
-                "dist.init_process_group() before creating the EsdRuntime"
-            )
+        _require_initialised()
         self.config = config
         self.tables = list(tables)
         self.replicated_tables = list(replicated_tables)
@@ -153,16 +153,10 @@ class EsdRuntime:
             self.all_group, self.world_size, config.ps_ranks(), config.collective_timeout_s
         )
 
-    @property
-    def routing(self) -> KeySpace:
-        """Where every row lives on the PS (the key space)."""
-        return self.keyspace
-
     def _check_same_config_everywhere(self) -> None:
         mine = json.dumps(
             {"config": self.config.to_dict(), "tables": self.keyspace.fingerprint(),
-             "replicated": [[t.name, t.num_embeddings, t.embedding_dim, list(t.feature_names), str(t.pooling)]
-                            for t in self.replicated_tables],
+             "replicated": [table_fingerprint(t) for t in self.replicated_tables],
              "optimizer": [self.optimizer.name, self.optimizer.lr, self.optimizer.eps]},
             sort_keys=True,
         )

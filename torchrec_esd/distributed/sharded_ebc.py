@@ -162,8 +162,8 @@ class ShardedEsdEmbeddingBagCollection(
                 f"{wp.num_samples} to it for iteration {plan.iteration}; keep batches in the order "
                 "they were dispatched"
             )
-        layout, gkeys = self._layout(kjt, wp, plan.iteration)
-        des = self._des_request(kjt, wp, layout, gkeys) if rt.config.des_misses else None
+        layout, gkeys, epos = self._layout(kjt, wp, plan.iteration)
+        des = self._des_request(wp, layout, gkeys, epos) if rt.config.des_misses else None
         store = self._store
         got, partial, route = self._ps.push_pull(wp, store.read(wp.push_slots), des)
         got = got.to(self._device)
@@ -204,7 +204,7 @@ class ShardedEsdEmbeddingBagCollection(
     def _layout(self, kjt: KeyedJaggedTensor, wp: WorkerPlan, iteration: int):
         """Where every KJT value reads its row: ``pos`` (all values) indexes the
         working set ``[ESD rows (used_keys order) | replicated tables]``; also
-        the ESD values' global keys (CPU)."""
+        the ESD values' global keys and their positions in ``wp.used_keys`` (CPU)."""
         keys = kjt.keys()
         b = kjt.stride()
         missing = [f for f in self._embedding_names if f not in keys]
@@ -249,17 +249,15 @@ class ShardedEsdEmbeddingBagCollection(
         psw = kjt.weights_or_none() if self._is_weighted else None
         layout = BatchLayout(list(keys), lengths.to(self._device), pos.to(self._device),
                              psw.to(self._device) if psw is not None else None, esd_val=esd_val)
-        return layout, gkeys
+        return layout, gkeys, epos
 
-    def _des_request(self, kjt: KeyedJaggedTensor, wp: WorkerPlan, layout: BatchLayout,
-                     gkeys: torch.Tensor) -> DesRequest:
+    def _des_request(self, wp: WorkerPlan, layout: BatchLayout, gkeys: torch.Tensor,
+                     epos: torch.Tensor) -> DesRequest:
         """The DES-served rows of this batch as distinct (row, bag) pairs with
         their pooling weights; marks their values in ``layout``."""
         if wp.des_pos.numel() == 0:
             return DesRequest.empty()
-        used = wp.used_keys
-        epos = torch.searchsorted(used, gkeys)
-        mark = torch.zeros(used.numel(), dtype=torch.bool)
+        mark = torch.zeros(wp.used_keys.numel(), dtype=torch.bool)
         mark[wp.des_pos] = True
         occ = mark[epos]  # over ESD values
         lengths = layout.lengths.cpu()
