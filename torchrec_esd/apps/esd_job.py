@@ -19,11 +19,11 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingPlan
 
+from torchrec_esd.apps.checkpointing import Preemption, checkpointer, dense_optimizer
 from torchrec_esd.apps.job import (
     EBC_PATH,
     DlrmTask,
     JobConfig,
-    _dense_params,
     _dense_state,
     _Tracker,
     build_model,
@@ -53,7 +53,12 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
     runtime = EsdRuntime(cfg, tables, sparse_optimizer(job), replicated_tables=replicated)
     dlrm = build_model(job, workload)
     if runtime.is_ps:
+        # a preemption (SIGTERM to every rank) is handled by the workers, which
+        # checkpoint through this PS and then stop it
+        preemption = Preemption().install() if job.checkpoint_dir else None
         runtime.serve(dlrm.sparse_arch.embedding_bag_collection)
+        if preemption is not None:
+            preemption.uninstall()
         return {"role": "ps"}
     W = cfg.num_workers
     dispatch = EsdInputDist(runtime, job.dispatcher, mode=job.input_mode, dispatcher_kwargs=job.dispatcher_kwargs)
@@ -74,16 +79,22 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
     if job.dense_sync != "ring":
         if not register_dense_sync(dmp, job.dense_sync, [w.bandwidth_mbps for w in cfg.workers], runtime.worker_group):
             raise EsdConfigError(f"dense_sync={job.dense_sync!r}: the model has no DistributedDataParallel part")
-    dense_opt = torch.optim.SGD(_dense_params(dmp), lr=job.dense_lr)
+    dense_opt = dense_optimizer(dmp, job.dense_lr)
+    ckpt = checkpointer(job, dmp, dense_opt, runtime.worker_group, tables + replicated, runtime.optimizer,
+                        fail=runtime.fail)
+    start = ckpt.resume() if ckpt is not None and job.resume else 0
+    preemption = Preemption().install() if ckpt is not None else None
     me = runtime.worker_index
     track = _Tracker(job, runtime.worker_group, me, f"ESD {job.dispatcher}")
     decisions, t0 = [], time.perf_counter()
     samples_seen = torch.zeros(job.global_batch, dtype=torch.int64)
-
+    # batches are read while step < limit[0]; a preemption lowers it (see below)
+    limit = [job.steps]
     bad_input: List[str] = []
 
-    def batches():
-        for step in range(job.steps):
+    def batches(lo: int, hi: int):
+        step = lo
+        while step < min(hi, limit[0]):
             try:
                 if job.input_mode == "global":
                     batch = workload.global_batch(step, job.global_batch)
@@ -97,13 +108,14 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
                 bad_input.append(f"bad input batch at step {step}: {e}")
                 raise
             yield batch
+            step += 1
 
-    def dispatched():
+    def dispatched(lo: int, hi: int):
         nonlocal samples_seen
         if job.dispatch_ahead > 0:
-            locals_ = dispatch.dispatch_ahead(batches(), depth=job.dispatch_ahead)
+            locals_ = dispatch.dispatch_ahead(batches(lo, hi), depth=job.dispatch_ahead)
         else:
-            locals_ = (dispatch(batch) for batch in batches())
+            locals_ = (dispatch(batch) for batch in batches(lo, hi))
         for local in _abort_on_bad_input(locals_):
             samples_seen += torch.bincount(dispatch.last_mine, minlength=job.global_batch)
             if dispatch.last_result is not None:
@@ -120,27 +132,57 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
                 runtime.abort(bad_input[0])
             raise
 
-    def record(loss, logits, labels):
-        g = loss.detach().clone() / dispatch.loss_scale
-        dist.all_reduce(g, group=runtime.worker_group)
-        track.step(float(g) / job.global_batch, logits, labels)
+    stop = {"at": None}
+    # batches a worker may have read ahead of the step it just finished
+    # (dispatch-ahead queue + the one in hand, the pipeline's in-flight batches)
+    read_ahead = job.dispatch_ahead + (4 if job.use_pipeline else 2)
 
-    if job.use_pipeline:
-        # TorchRec's pipeline runs the ESD module's (local) input_dist of the
-        # next batch ahead; dispatch plans are queued in order, the PS phases
-        # run in compute and backward, so the pipelined result is the same.
-        pipe = TrainPipelineSparseDist(dmp, dense_opt, torch.device("cpu"), execute_all_batches=True)
-        it = dispatched()
-        for _ in range(job.steps):
-            loss, logits, labels = pipe.progress(it)  # the model output's second element
-            record(loss, logits, labels)
-    else:
-        for local in dispatched():
-            dense_opt.zero_grad()
-            loss, (_, logits, labels) = dmp(local)
-            loss.backward()
-            dense_opt.step()
-            record(loss, logits, labels)
+    def record(loss, logits, labels):
+        # the preemption flag rides on the loss all-reduce every step already makes
+        flag = 1.0 if preemption is not None and preemption.requested else 0.0
+        g = torch.stack([loss.detach().reshape(()) / dispatch.loss_scale, torch.tensor(flag)])
+        dist.all_reduce(g, group=runtime.worker_group)
+        track.step(float(g[0]) / job.global_batch, logits, labels)
+        if float(g[1]) > 0 and stop["at"] is None:
+            # every worker agrees at this step; the batches already read ahead
+            # (and dispatched: the directory counts them) are still trained
+            stop["at"] = start + len(track.losses)
+            limit[0] = min(limit[0], stop["at"] + read_ahead)
+
+    def train(lo: int, hi: int) -> None:
+        if job.use_pipeline:
+            # TorchRec's pipeline runs the ESD module's (local) input_dist of the
+            # next batch ahead; dispatch plans are queued in order, the PS phases
+            # run in compute and backward, so the pipelined result is the same.
+            pipe = TrainPipelineSparseDist(dmp, dense_opt, torch.device("cpu"), execute_all_batches=True)
+            it = dispatched(lo, hi)
+            while True:
+                try:
+                    loss, logits, labels = pipe.progress(it)  # the model output's second element
+                except StopIteration:
+                    return
+                record(loss, logits, labels)
+        else:
+            for local in dispatched(lo, hi):
+                dense_opt.zero_grad()
+                loss, (_, logits, labels) = dmp(local)
+                loss.backward()
+                dense_opt.step()
+                record(loss, logits, labels)
+
+    step = start
+    while step < limit[0]:
+        # a segment ends at a checkpoint: nothing is dispatched ahead across it
+        hi = min(job.steps, (step // job.checkpoint_every + 1) * job.checkpoint_every) \
+            if ckpt is not None and job.checkpoint_every > 0 else job.steps
+        train(step, hi)
+        step = start + len(track.losses)
+        if stop["at"] is not None:
+            limit[0] = step  # everything read was trained: stop here
+        if ckpt is not None and (ckpt.due(step) or step >= limit[0]):
+            ckpt.save(step)
+    if preemption is not None:
+        preemption.uninstall()
     elapsed = time.perf_counter() - t0
     runtime.flush()
     out = {
@@ -153,6 +195,8 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
         "metrics": runtime.all_metrics(),
         "decisions": decisions,
         "samples_seen": samples_seen,
+        "start_step": start,
+        "preempted_at": step if stop["at"] is not None else None,
     }
     if job.collect_tables:
         out["tables"], out["tables_state"] = runtime.gather_tables()

@@ -58,6 +58,10 @@ class JobConfig:
     # DES only (method="des", see _des): "row_wise" | "table_wise"
     des_sharding: str = "row_wise"
     pooling: str = "sum"  # every table's pooling: "sum" | "mean"
+    # checkpoints (apps/checkpointing.py): DCP of TorchRec's state_dict every N steps, resume from the latest
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: int = 0  # 0: only at the end and on SIGTERM (with checkpoint_dir)
+    resume: bool = False  # start from checkpoint_dir's latest checkpoint (if there is one)
 
 
 def job_tables(job: JobConfig, workload) -> List[EmbeddingBagConfig]:

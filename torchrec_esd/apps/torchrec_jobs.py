@@ -22,11 +22,11 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
+from torchrec_esd.apps.checkpointing import Preemption, checkpointer, dense_optimizer
 from torchrec_esd.apps.job import (
     EBC_PATH,
     DlrmTask,
     JobConfig,
-    _dense_params,
     _dense_state,
     _Tracker,
     build_model,
@@ -40,21 +40,39 @@ from torchrec_esd.des.sharding import DesEmbeddingBagCollectionSharder, des_modu
 
 def _train_local_batches(dmp, job: JobConfig, workload: SyntheticWorkload, group, rank: int, world: int, label: str):
     """The data-parallel loop of vanilla TorchRec and DES: every rank trains its
-    contiguous slice of each global batch; returns (tracker, elapsed seconds)."""
-    dense_opt = torch.optim.SGD(_dense_params(dmp), lr=job.dense_lr)
+    contiguous slice of each global batch; returns (tracker, elapsed seconds,
+    first step, step of a preemption or None).  With ``job.checkpoint_dir``:
+    checkpoints (apps/checkpointing.py) every ``job.checkpoint_every`` steps,
+    at the end and on SIGTERM; ``job.resume`` starts from the latest."""
+    dense_opt = dense_optimizer(dmp, job.dense_lr)
+    ckpt = checkpointer(job, dmp, dense_opt, group, job_tables(job, workload), sparse_optimizer(job))
+    start = ckpt.resume() if ckpt is not None and job.resume else 0
+    preemption = Preemption().install() if ckpt is not None else None
     per = job.global_batch // world
     track = _Tracker(job, group, rank, label)
     t0 = time.perf_counter()
-    for step in range(job.steps):
+    step, stopped = start, None
+    while step < job.steps:
         batch = workload.local_batch(step, job.global_batch, rank, world)
         dense_opt.zero_grad()
         loss, (_, logits, labels) = dmp(batch)
         loss.backward()
         dense_opt.step()
-        g = loss.detach().clone() * per
+        # the preemption flag rides on the loss all-reduce of every step
+        flag = 1.0 if preemption is not None and preemption.requested else 0.0
+        g = torch.stack([loss.detach().reshape(()) * per, torch.tensor(flag)])
         dist.all_reduce(g, group=group)
-        track.step(float(g) / job.global_batch, logits, labels)
-    return track, time.perf_counter() - t0
+        track.step(float(g[0]) / job.global_batch, logits, labels)
+        step += 1
+        if float(g[1]) > 0:
+            stopped = step
+        if ckpt is not None and (ckpt.due(step) or step == job.steps or stopped is not None):
+            ckpt.save(step)
+        if stopped is not None:
+            break
+    if preemption is not None:
+        preemption.uninstall()
+    return track, time.perf_counter() - t0, start, stopped
 
 
 def torchrec_dmp(job: JobConfig, workload: SyntheticWorkload, group, sharding: str = "table_wise"):
@@ -92,28 +110,37 @@ def _vanilla(job: JobConfig, workload: SyntheticWorkload, group=None) -> Dict:
     group = group or dist.group.WORLD
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     dmp = torchrec_dmp(job, workload, group)
-    track, elapsed = _train_local_batches(dmp, job, workload, group, rank, world, "vanilla TorchRec")
+    track, elapsed, start, stopped = _train_local_batches(dmp, job, workload, group, rank, world, "vanilla TorchRec")
     out = {"losses": track.losses, "auc": track.auc(), "dense": _dense_state(dmp), "elapsed_s": elapsed,
-           "step_end_s": track.step_end_s, "step_end_cpu_s": track.step_end_cpu_s}
+           "step_end_s": track.step_end_s, "step_end_cpu_s": track.step_end_cpu_s,
+           "start_step": start, "preempted_at": stopped}
     if job.collect_tables:
-        out["tables"] = _gather_vanilla_tables(dmp, workload, job, group)
+        out["tables"], out["tables_state"] = _gather_vanilla_tables(dmp, workload, job, group)
     return out
 
 
-def _gather_vanilla_tables(dmp, workload, job, group) -> Dict[str, torch.Tensor]:
+def _full_rows(st, shape, group) -> torch.Tensor:
+    """A whole tensor from a ShardedTensor whose rows each rank owns once."""
+    full = torch.zeros(shape)
+    for shard in st.local_shards():
+        sl = tuple(slice(o, o + n) for o, n in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
+        full[sl] = shard.tensor
+    dist.all_reduce(full, group=group)
+    return full
+
+
+def _gather_vanilla_tables(dmp, workload, job, group):
+    """(tables, row-wise optimizer states) of a vanilla DMP, whole on every rank."""
     sd = dmp.state_dict()
-    tables = {}
+    osd = dmp.fused_optimizer.state_dict()["state"]
+    tables, states = {}, {}
     for t in job_tables(job, workload):
         key = [k for k in sd if k.endswith(f"embedding_bags.{t.name}.weight")][0]
-        st = sd[key]
-        full = torch.zeros(t.num_embeddings, t.embedding_dim)
-        for shard in st.local_shards():
-            off = shard.metadata.shard_offsets
-            sz = shard.metadata.shard_sizes
-            full[off[0] : off[0] + sz[0], off[1] : off[1] + sz[1]] = shard.tensor
-        dist.all_reduce(full, group=group)  # each row is owned by exactly one rank
-        tables[t.name] = full
-    return tables
+        tables[t.name] = _full_rows(sd[key], (t.num_embeddings, t.embedding_dim), group)
+        mom = osd.get(key, {}).get(f"{t.name}.momentum1")
+        if mom is not None:
+            states[t.name] = _full_rows(mom, (t.num_embeddings,), group).view(-1, 1)
+    return tables, states
 
 
 def _des(job: JobConfig, workload: SyntheticWorkload, group=None) -> Dict:
@@ -135,7 +162,7 @@ def _des(job: JobConfig, workload: SyntheticWorkload, group=None) -> Dict:
         device=torch.device("cpu"),
     )
     (des_ebc,) = find_des_modules(dmp)
-    track, elapsed = _train_local_batches(dmp, job, workload, group, rank, world, f"DES {job.des_sharding}")
+    track, elapsed, _, _ = _train_local_batches(dmp, job, workload, group, rank, world, f"DES {job.des_sharding}")
     out = {"losses": track.losses, "auc": track.auc(), "dense": _dense_state(dmp), "elapsed_s": elapsed,
            "comm_bytes": dict(des_ebc.comm_bytes), "iterations": des_ebc.iterations}
     if job.collect_tables:

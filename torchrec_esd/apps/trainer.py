@@ -61,6 +61,12 @@ def run(job: JobConfig) -> Dict:
     """
     # a workload config with make_workload() (torchrec_esd.apps.criteo.CriteoTsvConfig)
     # builds its own workload; a SyntheticWorkloadConfig the synthetic one
+    if (job.resume or job.checkpoint_every) and not job.checkpoint_dir:
+        raise EsdConfigError("JobConfig.resume and checkpoint_every need a checkpoint_dir")
+    if job.checkpoint_dir and job.method not in ("vanilla", "esd"):
+        raise EsdConfigError(f"checkpoints are written by the vanilla and esd methods, not {job.method!r}")
+    if job.checkpoint_every < 0:
+        raise EsdConfigError(f"JobConfig.checkpoint_every must be >= 0, got {job.checkpoint_every}")
     make = getattr(job.workload, "make_workload", None)
     workload = make() if make is not None else SyntheticWorkload(job.workload)
     if job.method == "vanilla":

@@ -114,12 +114,18 @@ class CacheDirectory:
         self.tracked = sorted(set(track)) if track is not None else list(range(self.num_workers))
         if any(w < 0 or w >= self.num_workers for w in self.tracked):
             raise EsdConfigError(f"tracked workers {self.tracked} outside [0, {self.num_workers})")
-        dense = 0 < self.total_rows <= DENSE_SLOT_MAP_ROWS
         self._w: Dict[int, WorkerSlots] = {}
-        for w in self.tracked:
-            caps = [config.workers[w].cache_rows_for(t.name) for t in self.tables]
-            self._w[w] = WorkerSlots(caps, self.total_rows, dense, self.policy.slot_state(sum(caps)))
+        self.reset_caches()
         self._latest = torch.zeros(self.total_rows, dtype=torch.int64)
+
+    def reset_caches(self) -> None:
+        """Empty every tracked worker's cache (cold start, e.g. after a checkpoint
+        load; the row versions are kept).  Call it on every worker at the same
+        iteration, so that the replicated copies stay equal."""
+        dense = 0 < self.total_rows <= DENSE_SLOT_MAP_ROWS
+        for w in self.tracked:
+            caps = [self.config.workers[w].cache_rows_for(t.name) for t in self.tables]
+            self._w[w] = WorkerSlots(caps, self.total_rows, dense, self.policy.slot_state(sum(caps)))
 
     # ------------------------------------------------------------ keys
     def table_of(self, keys: torch.Tensor) -> torch.Tensor:

@@ -44,3 +44,8 @@ class WorkerRowStore:
         d = self.rows.shape[1]
         self.rows[slots] = values[:, :d].to(self.rows.dtype)
         self.state[slots] = values[:, d:].to(self.state.dtype)
+
+    def clear(self) -> None:
+        """Zero every slot (the directory's caches were emptied)."""
+        self.rows.zero_()
+        self.state.zero_()

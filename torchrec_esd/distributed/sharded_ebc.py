@@ -38,11 +38,14 @@ from torchrec.distributed.embedding_sharding import KJTListSplitsAwaitable
 from torchrec.distributed.embedding_types import KJTList
 from torchrec.distributed.types import Awaitable, LazyAwaitable, LazyNoWait, NoWait, ShardedModule
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.fused import FusedOptimizerModule
+from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_esd.batch_select import select_kjt_keys
 from torchrec_esd.cache import IterationPlan, WorkerPlan
 from torchrec_esd.config import EsdConfigError
+from torchrec_esd.distributed.checkpoint import EsdCheckpointError, EsdFusedOptimizer, TableCheckpoint
 from torchrec_esd.distributed.lookup import ESD_COMPUTE_KERNEL, BatchLayout, lookup_backend
 from torchrec_esd.distributed.plan_channel import batch_fingerprint
 from torchrec_esd.distributed.ps_sync import PsSync
@@ -64,7 +67,7 @@ class EsdContext:
 
 
 class ShardedEsdEmbeddingBagCollection(
-    ShardedModule[KeyedJaggedTensor, KeyedTensor, KeyedTensor, EsdContext]
+    ShardedModule[KeyedJaggedTensor, KeyedTensor, KeyedTensor, EsdContext], FusedOptimizerModule
 ):
     def __init__(self, module: EmbeddingBagCollection, runtime, compute_kernel: str = ESD_COMPUTE_KERNEL,
                  device: Optional[torch.device] = None) -> None:
@@ -109,6 +112,9 @@ class ShardedEsdEmbeddingBagCollection(
             self._replica_dim[t.name] = t.embedding_dim
         self._replica_of_feature = {f: t.name for t in runtime.replicated_tables for f in t.feature_names}
         self._pending: Optional[Dict] = None
+        self._checkpoint = TableCheckpoint(self)
+        self._fused_optimizer = EsdFusedOptimizer(self._checkpoint, self._replicas, self._replica_state,
+                                                  runtime.optimizer)
         runtime.attach(self)
 
     # ------------------------------------------------------------ TorchRec API
@@ -127,6 +133,7 @@ class ShardedEsdEmbeddingBagCollection(
             # features no table reads: TorchRec's EmbeddingBagCollection ignores them
             kjt = select_kjt_keys(kjt, [k for k in kjt.keys() if k in self._feature_set])
         self._finish_pending_backward()
+        self._checkpoint.release()
         rt = self._runtime
         plan = rt.next_plan()
         ctx.plan = plan
@@ -151,6 +158,48 @@ class ShardedEsdEmbeddingBagCollection(
     @property
     def device(self) -> torch.device:
         return self._device
+
+    @property
+    def fused_optimizer(self) -> KeyedOptimizer:
+        return self._fused_optimizer
+
+    # ------------------------------------------------------------ checkpoints (distributed/checkpoint.py)
+    def _save_to_state_dict(self, destination, prefix: str, keep_vars: bool) -> None:
+        # collective over the workers: the ESD tables are row-wise ShardedTensors
+        for name, st in self._checkpoint.weights().items():
+            destination[f"{prefix}embedding_bags.{name}.weight"] = st
+        for name, rows in self._replicas.items():
+            destination[f"{prefix}embedding_bags.{name}.weight"] = rows[:, : self._replica_dim[name]].clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        keys = {name: f"{prefix}embedding_bags.{name}.weight" for name in self._checkpoint.names}
+        rep_keys = {name: f"{prefix}embedding_bags.{name}.weight" for name in self._replicas}
+        absent = [k for k in list(keys.values()) + list(rep_keys.values()) if k not in state_dict]
+        if absent:
+            if strict:
+                missing_keys.extend(absent)
+            if len(absent) < len(keys) + len(rep_keys):
+                # a partial load would leave tables of two checkpoints; all or none
+                raise EsdCheckpointError(f"the state dict has some ESD tables but not {absent}")
+            return
+        for name, key in rep_keys.items():
+            v = state_dict[key]
+            shape = (self._replicas[name].shape[0], self._replica_dim[name])
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != shape:
+                raise EsdCheckpointError(f"replicated table {name!r}: the checkpoint has "
+                                         f"{tuple(getattr(v, 'shape', ()))}, this model {shape}")
+        self._checkpoint.load(weights={name: state_dict[key] for name, key in keys.items()})
+        for name, key in rep_keys.items():
+            self._replicas[name][:, : self._replica_dim[name]] = state_dict[key].to(self._device)
+
+    def _restart_caches_cold(self) -> None:
+        """Empty the cache (this worker's rows and the replicated directory)."""
+        rt = self._runtime
+        if rt.plans.pending:
+            raise EsdCheckpointError(f"{rt.plans.pending} dispatched batch(es) not trained yet")
+        rt.directory.reset_caches()
+        self._store.clear()
 
     # ------------------------------------------------------------ forward
     def _lookup(self, plan: IterationPlan, kjt: KeyedJaggedTensor) -> KeyedTensor:
