@@ -75,7 +75,21 @@ def parse_args(argv=None):
     p.add_argument("--compare-vanilla", action="store_true")
     p.add_argument("--backend", default="gloo")
     p.add_argument("--out", default=None, help="write results as JSON here (rank 0)")
-    return p.parse_args(argv)
+    p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                   help="write DCP checkpoints of TorchRec's state_dict (tables, optimizer state, dense weights) "
+                        "under DIR/<method>: every --checkpoint-every steps, at the end, and on SIGTERM "
+                        "(then the job exits with code 143 after the checkpoint is complete)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="checkpoint every N steps (0: only at the end and on SIGTERM; needs --checkpoint-dir)")
+    p.add_argument("--resume", action="store_true",
+                   help="start from the latest complete checkpoint under --checkpoint-dir (if there is one); "
+                        "vanilla TorchRec and ESD checkpoints load into each other")
+    args = p.parse_args(argv)
+    if (args.resume or args.checkpoint_every) and not args.checkpoint_dir:
+        p.error("--resume and --checkpoint-every need --checkpoint-dir")
+    if args.checkpoint_every < 0:
+        p.error("--checkpoint-every must be >= 0")
+    return args
 
 
 def main(argv=None) -> None:
@@ -104,16 +118,32 @@ def main(argv=None) -> None:
         steps=args.steps, global_batch=args.batch, embedding_dim=args.embedding_dim, workload=workload,
         sparse_optimizer=args.sparse_optimizer, esd=esd, progress=True,
     )
-    results = {}
+    def ckpt(label):
+        if not args.checkpoint_dir:
+            return {}
+        return dict(checkpoint_dir=os.path.join(args.checkpoint_dir, label),
+                    checkpoint_every=args.checkpoint_every, resume=args.resume)
+
+    results, preempted = {}, None
     if args.compare_vanilla:
-        r = run(JobConfig(method="vanilla", **base))
+        r = run(JobConfig(method="vanilla", **ckpt("vanilla"), **base))
+        preempted = preempted or r.get("preempted_at")
         if rank == 0:
             results["vanilla"] = _summary(r, args)
     for name in args.dispatchers:
+        if preempted:
+            break
         r = run(JobConfig(method="esd", dispatcher=name, dispatch_ahead=args.dispatch_ahead,
-                          dense_sync=args.dense_sync, **base))
+                          dense_sync=args.dense_sync, **ckpt(f"esd_{name}"), **base))
+        preempted = preempted or r.get("preempted_at")
         if rank == 0:
             results[f"esd_{name}"] = _summary(r, args)
+    if preempted:
+        if rank == 0:
+            print(f"preempted (SIGTERM) at step {preempted}: checkpoint written under {args.checkpoint_dir}; "
+                  "run again with --resume to continue", file=sys.stderr, flush=True)
+        dist.destroy_process_group()
+        sys.exit(143)
     if rank == 0:
         if args.criteo_tsv is not None:
             print(f"\nworkload: Criteo TSV {args.criteo_tsv}"
@@ -127,10 +157,11 @@ def main(argv=None) -> None:
 
 def _summary(r, args):
     out = {
-        "final_loss": sum(r["losses"][-5:]) / len(r["losses"][-5:]),
+        "final_loss": sum(r["losses"][-5:]) / len(r["losses"][-5:]) if r["losses"] else None,
         "auc": r["auc"],
         "elapsed_s": r["elapsed_s"],
-        "samples_per_s": args.steps * args.batch / r["elapsed_s"],
+        "samples_per_s": len(r["losses"]) * args.batch / r["elapsed_s"] if r["losses"] else None,
+        "steps_trained": len(r["losses"]),
     }
     if "metrics" in r:
         m = r["metrics"]
@@ -158,6 +189,9 @@ def _print(results, esd):
         mb = f"{t['total_bytes'] / 1e6:.2f}" if t else "-"
         ls = f"{t['total_link_s']:.2f}" if t else "-"
         mk = f"{t['makespan_link_s']:.2f}" if t else "-"
+        if r["final_loss"] is None:
+            print(f"{name:<16} no step left to train")
+            continue
         print(f"{name:<16}{r['final_loss']:>8.4f}{r['auc']:>7.3f}{r['samples_per_s']:>11.0f}{mb:>9}{ls:>9}{mk:>12}")
     for name, r in results.items():
         if "transmission" in r:

@@ -27,6 +27,7 @@ _EXPORTS: Dict[str, str] = {
     "EsdConfigError": "torchrec_esd.config",
     "EsdIdError": "torchrec_esd.layout",
     "EsdRemoteError": "torchrec_esd.ps",
+    "EsdCheckpointError": "torchrec_esd.distributed.checkpoint",
     # per-rank runtime, input dist, sharder and plan (the DMP drop-in)
     "EsdRuntime": "torchrec_esd.distributed.runtime",
     "EsdInputDist": "torchrec_esd.distributed.input_dist",
@@ -76,6 +77,7 @@ def __dir__() -> List[str]:
 if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from torchrec_esd import ops
     from torchrec_esd.config import EsdConfig, EsdConfigError, WorkerSpec, heterogeneous_workers
+    from torchrec_esd.distributed.checkpoint import EsdCheckpointError
     from torchrec_esd.distributed.dense_sync import register_dense_sync
     from torchrec_esd.des.sharding import DesEmbeddingBagCollectionSharder, des_module_plan
     from torchrec_esd.dispatch import DispatchError, Dispatcher, DispatchResult, make_dispatcher

@@ -195,3 +195,39 @@ class Preemption:
     def uninstall(self) -> None:
         while self._previous:
             signal.signal(signal.SIGTERM, self._previous.pop())
+
+
+def checkpoint_tensors(path: str) -> Dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, whole, by flattened key (single process,
+    no process group; for inspection and comparisons, not for training)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "ckpt.pt")
+        dcp_to_torch_save(path, out)
+        state = torch.load(out, weights_only=False)
+    flat: Dict[str, torch.Tensor] = {}
+
+    def walk(prefix: str, v) -> None:
+        if isinstance(v, torch.Tensor):
+            flat[prefix] = v
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), x)
+
+    walk("", state)
+    return flat
+
+
+def max_differences(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Largest absolute difference per kind (``tables``, ``optimizer``,
+    ``dense``) between two checkpoints' tensors; their keys must match."""
+    if set(a) != set(b):
+        raise EsdCheckpointError(f"the checkpoints hold different tensors: {sorted(set(a) ^ set(b))[:5]}")
+    out = {"tables": 0.0, "optimizer": 0.0, "dense": 0.0}
+    for k in a:
+        kind = "optimizer" if k.startswith("optim.") else "tables" if "embedding_bags" in k else "dense"
+        if a[k].numel():
+            out[kind] = max(out[kind], float((a[k].double() - b[k].double()).abs().max()))
+    return out

@@ -135,11 +135,13 @@ class _Tracker:
 
         if self.bar is not None:
             self.bar.close()
-        mine = (torch.cat(self.preds), torch.cat(self.labels))
+        mine = (torch.cat(self.preds), torch.cat(self.labels)) if self.preds else (torch.empty(0), torch.empty(0))
         everyone = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(everyone, mine, group=self.group)
         p = torch.cat([e[0] for e in everyone])
         y = torch.cat([e[1] for e in everyone]).long()
+        if y.numel() == 0:  # no step trained (e.g. resumed at the last step)
+            return float("nan")
         return float(binary_auroc(p, y))
 
 

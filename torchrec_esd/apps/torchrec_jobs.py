@@ -122,7 +122,7 @@ def _vanilla(job: JobConfig, workload: SyntheticWorkload, group=None) -> Dict:
 def _full_rows(st, shape, group) -> torch.Tensor:
     """A whole tensor from a ShardedTensor whose rows each rank owns once."""
     full = torch.zeros(shape)
-    for shard in st.local_shards():
+    for shard in st.local_shards() if st is not None else []:
         sl = tuple(slice(o, o + n) for o, n in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
         full[sl] = shard.tensor
     dist.all_reduce(full, group=group)
@@ -137,9 +137,12 @@ def _gather_vanilla_tables(dmp, workload, job, group):
     for t in job_tables(job, workload):
         key = [k for k in sd if k.endswith(f"embedding_bags.{t.name}.weight")][0]
         tables[t.name] = _full_rows(sd[key], (t.num_embeddings, t.embedding_dim), group)
+        if job.sparse_optimizer == "sgd":
+            states[t.name] = torch.zeros(t.num_embeddings, 0)
+            continue
+        # a rank that owns no shard of the table has no state entry for it
         mom = osd.get(key, {}).get(f"{t.name}.momentum1")
-        if mom is not None:
-            states[t.name] = _full_rows(mom, (t.num_embeddings,), group).view(-1, 1)
+        states[t.name] = _full_rows(mom, (t.num_embeddings,), group).view(-1, 1)
     return tables, states
 
 
