@@ -168,8 +168,8 @@ def test_bad_checkpoint_fails_every_rank_before_any_state_changes(tmp_path):
 
 
 def test_sigterm_preemption_checkpoints_consistently_and_resumes_to_the_same_model(tmp_path):
-    """SIGTERM to torchrun (a preemption: it reaches every rank) at about step 7
-    of 12: the workers agree on a step, train what they already dispatched,
+    """SIGTERM to torchrun (a preemption: it reaches every rank) at about step 8
+    of 30: the workers agree on a step, train what they already dispatched,
     checkpoint and exit 143; --resume in a new world reaches the model of an
     uninterrupted run."""
     import signal
@@ -179,11 +179,11 @@ def test_sigterm_preemption_checkpoints_consistently_and_resumes_to_the_same_mod
     from checkpoint_demo import interrupted_job, job_command, run_job
     from torchrec_esd.apps.checkpointing import checkpoint_tensors, latest_checkpoint, max_differences
 
-    steps, every = 12, 4
+    steps, every = 30, 5
     ref, broken = str(tmp_path / "ref"), str(tmp_path / "broken")
     assert run_job(job_command(steps, ref, port=29641), str(tmp_path / "ref.log"), timeout_s=300) == 0
     out = interrupted_job(job_command(steps, broken, every, port=29642), str(tmp_path / "broken.log"),
-                          os.path.join(broken, "esd_hybrid"), kill_at=6, every=every, sig=signal.SIGTERM,
+                          os.path.join(broken, "esd_hybrid"), kill_at=8, every=every, sig=signal.SIGTERM,
                           rank=None, timeout_s=300)
     log = open(tmp_path / "broken.log").read()
     assert out["rc"] != 0 and "preempted (SIGTERM) at step" in log, log[-3000:]
