@@ -141,16 +141,21 @@ class TableCheckpoint:
         """Push every dirty cached row (the PS then holds the model's rows)."""
         self._rt.flush()
 
+    def _pull_into(self, out: torch.Tensor) -> torch.Tensor:
+        """Fill ``out`` ``[shard keys, wire_dim + state_dim]`` with this worker's
+        shard rows, one chunk per exchange (no other shard-sized buffer)."""
+        client = self._rt.client
+        empty = torch.empty(0, dtype=torch.int64)
+        for c in range(self.exchanges):
+            sl = slice(c * CHUNK_ROWS, (c + 1) * CHUNK_ROWS)
+            got, _, _ = client.push_pull(empty, torch.empty(0, out.shape[1]), self._keys[sl])
+            out[sl] = got
+        return out
+
     def _pull(self) -> torch.Tensor:
         """``[shard keys, wire_dim + state_dim]`` of this worker's shard rows."""
-        client = self._rt.client
-        out, empty = [], torch.empty(0, dtype=torch.int64)
         width = self._rt.keyspace.wire_dim + self.state_dim
-        for c in range(self.exchanges):
-            keys = self._keys[c * CHUNK_ROWS : (c + 1) * CHUNK_ROWS]
-            got, _, _ = client.push_pull(empty, torch.empty(0, width), keys)
-            out.append(got)
-        return torch.cat(out) if out else torch.empty(0, width)
+        return self._pull_into(torch.empty(self._keys.numel(), width))
 
     def _push(self, values: torch.Tensor) -> None:
         client = self._rt.client
@@ -159,22 +164,31 @@ class TableCheckpoint:
             sl = slice(c * CHUNK_ROWS, (c + 1) * CHUNK_ROWS)
             client.push_pull(self._keys[sl], values[sl], empty)
 
-    def _split(self, rows: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        d = self._rt.keyspace.wire_dim
-        weights, states, off = [], [], 0
-        for t, (_, n) in enumerate(self.shards):
-            weights.append(rows[off : off + n, : self.dims[t]].clone())
-            states.append(rows[off : off + n, d:].clone())
-            off += n
-        return weights, states
-
     def _snapshot(self) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """(weights, states) of this worker's shards, one snapshot per training
-        step: the model's and the optimizer's state_dict() share it."""
+        step: the model's and the optimizer's state_dict() share it.  Pulled
+        chunk by chunk into the per-table tensors (memory: the shard + a chunk)."""
         step = self._rt.meter.iterations
         if self._staged is None or self._staged[0] != step:
+            self._staged = None
             self._quiesce()
-            self._staged = (step, *self._split(self._pull()))
+            d = self._rt.keyspace.wire_dim
+            weights = [torch.empty(n, self.dims[t]) for t, (_, n) in enumerate(self.shards)]
+            states = [torch.empty(n, self.state_dim) for _, n in self.shards]
+            # chunk c covers shard keys [c * CHUNK_ROWS, (c + 1) * CHUNK_ROWS) across the tables
+            starts = [0]
+            for _, n in self.shards:
+                starts.append(starts[-1] + n)
+            client, empty = self._rt.client, torch.empty(0, dtype=torch.int64)
+            for c in range(self.exchanges):
+                lo, hi = c * CHUNK_ROWS, min((c + 1) * CHUNK_ROWS, self._keys.numel())
+                got, _, _ = client.push_pull(empty, torch.empty(0, d + self.state_dim), self._keys[lo:hi])
+                for t in range(len(self.shards)):
+                    a, b = max(lo, starts[t]), min(hi, starts[t + 1])
+                    if a < b:
+                        weights[t][a - starts[t] : b - starts[t]] = got[a - lo : b - lo, : self.dims[t]]
+                        states[t][a - starts[t] : b - starts[t]] = got[a - lo : b - lo, d:]
+            self._staged = (step, weights, states)
         return self._staged[1], self._staged[2]
 
     # ------------------------------------------------------------ model state
