@@ -30,7 +30,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from torchrec_esd.config import EsdConfig, heterogeneous_workers  # noqa: E402
+from torchrec_esd.config import EsdConfig, EsdConfigError, heterogeneous_workers  # noqa: E402
+from torchrec_esd.apps.step_metrics import require_tensorboard  # noqa: E402
+from torchrec_esd.log import configure_logging  # noqa: E402
 from torchrec_esd.apps.criteo import CriteoTsvConfig  # noqa: E402
 from torchrec_esd.apps.trainer import JobConfig, run  # noqa: E402
 from torchrec_esd.apps.workload import SyntheticWorkloadConfig  # noqa: E402
@@ -75,11 +77,27 @@ def parse_args(argv=None):
     p.add_argument("--compare-vanilla", action="store_true")
     p.add_argument("--backend", default="gloo")
     p.add_argument("--out", default=None, help="write results as JSON here (rank 0)")
-    return p.parse_args(argv)
+    p.add_argument("--metrics-jsonl", default=None, metavar="PATH",
+                   help="write per-step records (loss, iteration ms, bytes and link time per worker and kind, "
+                        "dispatch decision ms and solver) as JSON lines here, one line per step and method "
+                        "(rank 0; the file is replaced; plot with scripts/plot_metrics.py)")
+    p.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="also write the per-step numbers as TensorBoard scalars under DIR "
+                        "(needs the tensorboard package)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="level of the package's log records (stderr, prefixed [rank R role])")
+    args = p.parse_args(argv)
+    if args.tensorboard is not None:
+        try:
+            require_tensorboard()
+        except EsdConfigError as e:
+            p.error(f"--tensorboard: {e}")
+    return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    configure_logging(args.log_level)
     if args.max_rows is not None and args.criteo_tsv is None:
         raise SystemExit("--max-rows needs --criteo-tsv")
     if args.criteo_tsv is not None:  # checked before the rendezvous: a bad path fails every rank at once
@@ -103,7 +121,10 @@ def main(argv=None) -> None:
     base = dict(
         steps=args.steps, global_batch=args.batch, embedding_dim=args.embedding_dim, workload=workload,
         sparse_optimizer=args.sparse_optimizer, esd=esd, progress=True,
+        metrics_jsonl=args.metrics_jsonl, tensorboard_dir=args.tensorboard,
     )
+    if args.metrics_jsonl and rank == 0:  # every job appends its records
+        open(args.metrics_jsonl, "w").close()
     results = {}
     if args.compare_vanilla:
         r = run(JobConfig(method="vanilla", **base))

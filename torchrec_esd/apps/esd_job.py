@@ -9,6 +9,7 @@ tables until the workers are done.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 from typing import Dict, List
@@ -36,6 +37,8 @@ from torchrec_esd.distributed.dense_sync import register_dense_sync
 from torchrec_esd.distributed.input_dist import EsdInputDist
 from torchrec_esd.distributed.runtime import EsdRuntime
 from torchrec_esd.distributed.sharding import EsdEmbeddingBagCollectionSharder, esd_module_plan
+
+logger = logging.getLogger(__name__)
 
 
 def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
@@ -123,7 +126,10 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
     def record(loss, logits, labels):
         g = loss.detach().clone() / dispatch.loss_scale
         dist.all_reduce(g, group=runtime.worker_group)
-        track.step(float(g) / job.global_batch, logits, labels)
+        step = len(track.losses)
+        decision = decisions[step] if track.metrics is not None and step < len(decisions) else None
+        meter = runtime.meter.as_dict() if track.metrics is not None else None
+        track.step(float(g) / job.global_batch, logits, labels, meter=meter, decision=decision)
 
     if job.use_pipeline:
         # TorchRec's pipeline runs the ESD module's (local) input_dist of the
@@ -142,7 +148,9 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
             dense_opt.step()
             record(loss, logits, labels)
     elapsed = time.perf_counter() - t0
+    logger.info("ESD %s: %d steps in %.1f s", job.dispatcher, len(track.losses), elapsed)
     runtime.flush()
+    track.write_metrics()
     out = {
         "losses": track.losses,
         "step_end_s": track.step_end_s,

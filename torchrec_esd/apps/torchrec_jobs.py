@@ -9,6 +9,7 @@ sharder (``method="des"``, :func:`_des`, :mod:`torchrec_esd.des.sharding`).
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Dict, List
 
@@ -37,6 +38,8 @@ from torchrec_esd.apps.workload import SyntheticWorkload
 from torchrec_esd.config import EsdConfigError
 from torchrec_esd.des.sharding import DesEmbeddingBagCollectionSharder, des_module_plan, find_des_modules
 
+logger = logging.getLogger(__name__)
+
 
 def _train_local_batches(dmp, job: JobConfig, workload: SyntheticWorkload, group, rank: int, world: int, label: str):
     """The data-parallel loop of vanilla TorchRec and DES: every rank trains its
@@ -54,7 +57,10 @@ def _train_local_batches(dmp, job: JobConfig, workload: SyntheticWorkload, group
         g = loss.detach().clone() * per
         dist.all_reduce(g, group=group)
         track.step(float(g) / job.global_batch, logits, labels)
-    return track, time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    logger.info("%s: %d steps in %.1f s", label, job.steps, elapsed)
+    track.write_metrics()
+    return track, elapsed
 
 
 def torchrec_dmp(job: JobConfig, workload: SyntheticWorkload, group, sharding: str = "table_wise"):
