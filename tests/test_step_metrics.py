@@ -121,3 +121,31 @@ def test_package_code_does_not_print():
                         if line.lstrip().startswith("print("):
                             offenders.append(f"{name}:{i}")
     assert not offenders, f"print() in the package (use logging): {offenders}"
+
+
+def _plot_script():
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("plot_metrics", os.path.join(root, "scripts/plot_metrics.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_plot_script_summarises_and_skips_the_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
+    import sys
+
+    rec = {"job": "esd:hybrid", "step": 0, "loss": 0.7, "iter_ms": 12.0, "dispatch_ms": 1.5, "solver": "exact",
+           "link_s_max": 0.02, "workers": [{"worker": 0, "bytes": {"miss_pull": 1000}, "link_s": 0.01},
+                                           {"worker": 1, "bytes": {"miss_pull": 3000}, "link_s": 0.02}]}
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps(rec) + "\n" + json.dumps({**rec, "step": 1, "loss": 0.6}) + "\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert _plot_script().main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "esd:hybrid" in out and "final loss 0.6000" in out and "per worker MB 0.00/0.01" in out
+    assert "matplotlib is not installed: no plot" in out
+    path.write_text("{not json\n")
+    with pytest.raises(SystemExit, match="m.jsonl:1: not a metrics record"):
+        _plot_script().main([str(path)])
