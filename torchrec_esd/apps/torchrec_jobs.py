@@ -100,7 +100,9 @@ def _vanilla(job: JobConfig, workload: SyntheticWorkload, group=None) -> Dict:
     dmp = torchrec_dmp(job, workload, group)
     track, elapsed = _train_local_batches(dmp, job, workload, group, rank, world, "vanilla TorchRec")
     out = {"losses": track.losses, "auc": track.auc(), "dense": _dense_state(dmp), "elapsed_s": elapsed,
-           "step_end_s": track.step_end_s, "step_end_cpu_s": track.step_end_cpu_s}
+           "step_end_s": track.step_end_s, "step_end_cpu_s": track.step_end_cpu_s,
+           # which rank holds each table (TorchRec's table-wise plan): what a traffic model needs
+           "table_owner": {name: ps.ranks[0] for name, ps in dmp.plan.get_plan_for_module(EBC_PATH).items()}}
     if job.collect_tables:
         out["tables"] = _gather_vanilla_tables(dmp, workload, job, group)
     return out
