@@ -145,11 +145,11 @@ def rows_from(summary: Dict, raw: Dict, args, links: str, bandwidths: List[float
     return rows
 
 
-def print_table(rows: Dict, links: str, bandwidths: List[float], args) -> str:
+def print_table(rows: Dict, links: str, bandwidths: List[float], args, why: str = "") -> str:
     what = ("tc-shaped links (measured: wall-clock iterations, bytes from the interface counters)"
             if links == "emulated-tc" else
             "MODELLED links (measured compute time + modelled link time = bytes / bandwidth; "
-            "no network namespaces here)")
+            f"no tc-shaped links: {why or 'network namespaces unavailable'})")
     print(f"\nmain job: {len(bandwidths)} workers at {'/'.join(f'{b:g}' for b in bandwidths)} Mbit/s + 1 PS, "
           f"{args.steps} steps, global batch {args.batch}; {what}")
     head = (f"{'method':<34}{'compute ms':>11}{'link ms':>9}{'iter ms':>9}{'samples/s':>11}{'traffic MB':>12}"
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
                                     SyntheticWorkload(workload))
     args.embedding_dim = e2e.embedding_dim
     rows = rows_from(summary, raw, args, raw["links"], bandwidths, workload, dense_bytes)
-    line = print_table(rows, raw["links"], bandwidths, args)
+    line = print_table(rows, raw["links"], bandwidths, args, raw["links_reason"])
     with open(args.out, "w") as f:
         json.dump({"links": raw["links"], "links_reason": raw["links_reason"], "bandwidths": bandwidths,
                    "steps": args.steps, "batch": args.batch, "rows": rows, "summary_line": line,
