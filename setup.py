@@ -3,13 +3,18 @@
 CPU kernels (csrc/*.cpp, csrc/cpu/*.cpp) are always built; CUDA kernels
 (csrc/cuda/*.cu) only when torch sees CUDA and a toolkit is present, or when
 TORCHREC_ESD_CUDA=1 forces it (TORCHREC_ESD_CUDA=0 disables it).
+
+The extension is compiled against the torch installed in the build
+environment, so install without build isolation (pyproject.toml):
+
+    pip install --no-build-isolation .      # or: pip install --no-build-isolation -e .
 """
 
 import glob
 import os
 
 import torch
-from setuptools import find_packages, setup
+from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,12 +49,8 @@ def _extension():
     return CppExtension("torchrec_esd._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
+# name, version, dependencies and packages: pyproject.toml
 setup(
-    name="torchrec_esd",
-    version="0.1.0",
-    description="ESD: embedding samples dispatching for TorchRec on heterogeneous edge workers",
-    packages=find_packages(include=["torchrec_esd", "torchrec_esd.*"]),
-    python_requires=">=3.10",
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -267,6 +267,8 @@ def rank_main(spec_path: str) -> None:
                 rec.update(losses=r["losses"], auc=r["auc"], elapsed_s=r["elapsed_s"],
                            step_s=[b - a for a, b in zip(ts, ts[1:])],
                            step_cpu_s=[b - a for a, b in zip(cs, cs[1:])])
+            if "table_owner" in r and rank == 0:  # vanilla: TorchRec's table-wise plan (main_job.py's link model)
+                rec["table_owner"] = r["table_owner"]
             if "metrics" in r and rank == 0:
                 rec["metrics"] = r["metrics"]
                 solvers: Dict[str, int] = {}

@@ -3,7 +3,7 @@ namespaces + veth + bridge + ``tc``).
 
     python benchmarks/netns.py --check                  # can this machine do it? which qdiscs?
     python benchmarks/netns.py --selftest [--rates 1000,100,50,10]   # measure the shaped links
-    python benchmarks/netns.py --cleanup                # remove every leftover namespace of ours
+    python benchmarks/netns.py --cleanup [--run PID]    # remove leftovers of dead runs (and of run PID)
 
 Topology (nothing is added to the root namespace: no interface, address or route)::
 
@@ -27,8 +27,9 @@ like a star network around a switch.
 Everything is removed afterwards: :meth:`NetnsCluster.teardown` runs from
 ``try/finally`` (context manager), ``atexit`` and SIGTERM/SIGHUP; names carry a
 fixed prefix and the owner's pid, so leftovers of a crashed run (owner pid
-gone) are removed whenever a new cluster is set up, and ``--cleanup`` removes
-all of them.  Launched ranks run in their own process groups and are killed on
+gone) are removed whenever a new cluster is set up or by ``--cleanup``;
+namespaces of a live concurrent run are never removed (``--cleanup --run PID``
+removes that run's own too).  Launched ranks run in their own process groups and are killed on
 timeout or teardown.
 
 Without root or without ``ip``/``tc`` use :func:`netns_support` to find out and
@@ -96,20 +97,27 @@ def list_namespaces(prefix: str = PREFIX) -> List[str]:
     return [n for n in names if n.startswith(prefix + "-")]
 
 
-def cleanup(prefix: str = PREFIX, only_dead: bool = True) -> List[str]:
-    """Delete our namespaces (``<prefix>-<pid>-*``); with ``only_dead`` only
-    those whose owner pid is gone.  Deleting a namespace deletes its veth ends
-    (and the bridge with the bridge namespace).  Returns the removed names."""
+def namespace_owner(name: str, prefix: str = PREFIX) -> Optional[int]:
+    """The pid in ``<prefix>-<pid>-...`` (the process that created it), or None."""
+    if not name.startswith(prefix + "-"):
+        return None
+    head = name[len(prefix) + 1 :].split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def cleanup(prefix: str = PREFIX, run: Optional[int] = None) -> List[str]:
+    """Delete leftover namespaces of ours: those whose owner pid (in the name,
+    ``<prefix>-<pid>-*``) is gone, plus every namespace of run ``run`` (a pid;
+    e.g. a run of this process that is being torn down).  A namespace of
+    another live process is never touched, so concurrent runs on one machine
+    keep theirs.  Deleting a namespace deletes its veth ends (and the bridge
+    with the bridge namespace).  Returns the removed names."""
     removed = []
     for name in list_namespaces(prefix):
-        parts = name[len(prefix) + 1 :].split("-", 1)
-        try:
-            owner = int(parts[0])
-        except ValueError:
-            owner = -1
-        if only_dead and owner > 0 and owner != os.getpid() and _pid_alive(owner):
-            continue
-        if only_dead and owner == os.getpid():
+        owner = namespace_owner(name, prefix)
+        if owner is None:
+            continue  # not named by this module: not ours to judge
+        if owner != run and (owner == os.getpid() or _pid_alive(owner)):
             continue
         _kill_namespace_processes(name)
         if _run(["ip", "netns", "del", name], check=False).returncode == 0:
@@ -221,7 +229,7 @@ class NetnsCluster:
         ok, why = netns_support()
         if not ok:
             raise NetnsError(f"network namespaces unavailable: {why}")
-        self.removed_stale = cleanup(self.prefix, only_dead=True)
+        self.removed_stale = cleanup(self.prefix)
         # our own pid's leftovers (e.g. an earlier cluster in this process)
         for name in list_namespaces(self.prefix):
             if name.startswith(self.tag + "-"):
@@ -507,17 +515,26 @@ def main(argv=None) -> int:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--check", action="store_true", help="report whether netns/tc shaping works here")
     g.add_argument("--selftest", action="store_true", help="shape links and measure them with sockets")
-    g.add_argument("--cleanup", action="store_true", help=f"remove all '{PREFIX}-*' namespaces (leftovers)")
+    g.add_argument("--cleanup", action="store_true",
+                   help=f"remove leftover '{PREFIX}-<pid>-*' namespaces whose owner process is gone (and with "
+                        "--run PID that run's own); namespaces of live concurrent runs are kept")
     p.add_argument("--rates", default="1000,100,50,10", help="Mbit/s per shaped link (selftest)")
     p.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay per link (needs netem)")
     p.add_argument("--bytes", type=int, default=2_000_000)
+    p.add_argument("--run", type=int, default=None, metavar="PID",
+                   help="--cleanup: also remove the namespaces of this run (its launcher's pid), even if alive")
     a = p.parse_args(argv)
+    if a.run is not None and not a.cleanup:
+        p.error("--run goes with --cleanup")
     if a.cleanup:
         if os.geteuid() != 0 or shutil.which("ip") is None:
             print("nothing to clean: not root or no `ip`")
             return 0
-        removed = cleanup(PREFIX, only_dead=False)
+        removed = cleanup(PREFIX, run=a.run)
+        kept = [n for n in list_namespaces() if n not in removed]
         print(f"removed {len(removed)} namespaces: {' '.join(removed) or '-'}")
+        if kept:
+            print(f"kept {len(kept)} namespaces of live runs: {' '.join(kept)}")
         return 0
     ok, why = netns_support()
     if a.check:

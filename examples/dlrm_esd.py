@@ -30,7 +30,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from torchrec_esd.config import EsdConfig, heterogeneous_workers  # noqa: E402
+from torchrec_esd.config import EsdConfig, EsdConfigError, heterogeneous_workers  # noqa: E402
+from torchrec_esd.apps.step_metrics import require_tensorboard  # noqa: E402
+from torchrec_esd.log import configure_logging  # noqa: E402
 from torchrec_esd.apps.criteo import CriteoTsvConfig  # noqa: E402
 from torchrec_esd.apps.trainer import JobConfig, run  # noqa: E402
 from torchrec_esd.apps.workload import SyntheticWorkloadConfig  # noqa: E402
@@ -51,15 +53,22 @@ def dispatcher_list(text: str):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num-ps", type=int, default=1)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--num-ps", type=int, default=1,
+                   help="parameter-server ranks (the last NUM_PS ranks of the world; the others are workers)")
+    p.add_argument("--steps", type=int, default=30, help="training steps (global batches) per method")
     p.add_argument("--batch", type=int, default=512, help="global batch size")
-    p.add_argument("--embedding-dim", type=int, default=16)
-    p.add_argument("--bandwidths", default="1000,100,50,10", help="Mbit/s per worker (cycled)")
-    p.add_argument("--latency-ms", type=float, default=1.0)
-    p.add_argument("--cache-fraction", type=float, default=0.1, help="cache rows / table rows")
-    p.add_argument("--max-cardinality", type=int, default=20_000)
-    p.add_argument("--alpha", type=float, default=1.1)
+    p.add_argument("--embedding-dim", type=int, default=16, help="embedding dimension of every table")
+    p.add_argument("--bandwidths", default="1000,100,50,10",
+                   help="comma-separated link bandwidth of each worker in Mbit/s, cycled over the workers "
+                        "(what the ESD cost model and link-time accounting assume)")
+    p.add_argument("--latency-ms", type=float, default=1.0,
+                   help="one-way latency per message of every worker link, ms (cost model and link time)")
+    p.add_argument("--cache-fraction", type=float, default=0.1,
+                   help="rows each worker caches per table, as a fraction of the table's rows")
+    p.add_argument("--max-cardinality", type=int, default=20_000,
+                   help="rows of the largest table (synthetic workload; Criteo ids are hashed into this many)")
+    p.add_argument("--alpha", type=float, default=1.1,
+                   help="Zipf exponent of the synthetic workload's ids (higher: more skewed, more cache hits)")
     p.add_argument("--criteo-tsv", default=None, metavar="PATH",
                    help="train on this Criteo-format TSV file instead of the synthetic workload")
     p.add_argument("--max-rows", type=int, default=None,
@@ -71,9 +80,13 @@ def parse_args(argv=None):
                    help="ESD's dense-gradient all-reduce: through the fastest worker, or DDP's ring")
     p.add_argument("--dispatch-ahead", type=int, default=1,
                    help="dispatch this many batches ahead in a background thread (0: inline, batch by batch)")
-    p.add_argument("--sparse-optimizer", default="rowwise_adagrad", choices=["sgd", "rowwise_adagrad"])
-    p.add_argument("--compare-vanilla", action="store_true")
-    p.add_argument("--backend", default="gloo")
+    p.add_argument("--sparse-optimizer", default="rowwise_adagrad", choices=["sgd", "rowwise_adagrad"],
+                   help="embedding optimizer (FBGEMM semantics; the same for vanilla TorchRec and ESD)")
+    p.add_argument("--compare-vanilla", action="store_true",
+                   help="first train vanilla TorchRec (DMP, table-wise) on the worker ranks, for comparison")
+    p.add_argument("--backend", default="gloo",
+                   help="torch.distributed backend of the workers' collectives (gloo; nccl on GPUs); "
+                        "the PS protocol always runs on gloo")
     p.add_argument("--out", default=None, help="write results as JSON here (rank 0)")
     p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                    help="write DCP checkpoints of TorchRec's state_dict (tables, optimizer state, dense weights) "
@@ -84,16 +97,31 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="start from the latest complete checkpoint under --checkpoint-dir (if there is one); "
                         "vanilla TorchRec and ESD checkpoints load into each other")
+    p.add_argument("--metrics-jsonl", default=None, metavar="PATH",
+                   help="write per-step records (loss, iteration ms, bytes and link time per worker and kind, "
+                        "dispatch decision ms and solver) as JSON lines here, one line per step and method "
+                        "(rank 0; the file is replaced; plot with scripts/plot_metrics.py)")
+    p.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="also write the per-step numbers as TensorBoard scalars under DIR "
+                        "(needs the tensorboard package)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="level of the package's log records (stderr, prefixed [rank R role])")
     args = p.parse_args(argv)
     if (args.resume or args.checkpoint_every) and not args.checkpoint_dir:
         p.error("--resume and --checkpoint-every need --checkpoint-dir")
     if args.checkpoint_every < 0:
         p.error("--checkpoint-every must be >= 0")
+    if args.tensorboard is not None:
+        try:
+            require_tensorboard()
+        except EsdConfigError as e:
+            p.error(f"--tensorboard: {e}")
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    configure_logging(args.log_level)
     if args.max_rows is not None and args.criteo_tsv is None:
         raise SystemExit("--max-rows needs --criteo-tsv")
     if args.criteo_tsv is not None:  # checked before the rendezvous: a bad path fails every rank at once
@@ -117,7 +145,11 @@ def main(argv=None) -> None:
     base = dict(
         steps=args.steps, global_batch=args.batch, embedding_dim=args.embedding_dim, workload=workload,
         sparse_optimizer=args.sparse_optimizer, esd=esd, progress=True,
+        metrics_jsonl=args.metrics_jsonl, tensorboard_dir=args.tensorboard,
     )
+    if args.metrics_jsonl and rank == 0:  # every job appends its records
+        open(args.metrics_jsonl, "w").close()
+
     def ckpt(label):
         if not args.checkpoint_dir:
             return {}

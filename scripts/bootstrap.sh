@@ -33,7 +33,7 @@ if [ ! -f "$VENV/.esd-stack-$stack_id" ]; then
   touch "$VENV/.esd-stack-$stack_id"
 fi
 
-ext_id=$( (cat "$ROOT/setup.py"; find "$ROOT/csrc" -type f | sort | xargs cat) | sha1sum | cut -c1-16)
+ext_id=$( (cat "$ROOT/setup.py" "$ROOT/pyproject.toml"; find "$ROOT/csrc" -type f | sort | xargs cat) | sha1sum | cut -c1-16)
 if [ ! -f "$VENV/.esd-ext-$ext_id" ] || ! (cd "$ROOT" && python -c 'import torch, torchrec_esd._C' 2>/dev/null); then
   echo "[bootstrap] building the torchrec_esd C++ extension (about a minute on 2 cores)"
   (cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" $PIP install -q --no-deps --no-build-isolation -e .)

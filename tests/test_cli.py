@@ -34,3 +34,22 @@ def test_end_to_end_plot_is_skipped_without_matplotlib(monkeypatch, tmp_path, ca
     assert e2e.plot({}, str(png), "modelled") is False
     assert not png.exists()
     assert "matplotlib is not installed: no plot" in capsys.readouterr().out
+
+
+
+def test_every_example_option_is_explained(monkeypatch):
+    import argparse
+
+    example = _load("examples/dlrm_esd.py", "dlrm_esd_example_help")
+    seen = []
+    orig = argparse.ArgumentParser.parse_args
+
+    def spy(self, *a, **k):
+        seen.extend(self._actions)
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", spy)
+    example.parse_args([])
+    assert "--dispatchers" in [o for a in seen for o in a.option_strings] and len(seen) > 15
+    missing = [a.option_strings for a in seen if not (a.help and a.help.strip())]
+    assert not missing, f"options without help: {missing}"

@@ -48,7 +48,7 @@ def test_stale_namespaces_of_dead_owners_are_removed():
     name = f"{netns.PREFIX}-{dead}-r0"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
-        removed = netns.cleanup(only_dead=True)
+        removed = netns.cleanup()
         assert name in removed
         assert name not in netns.list_namespaces()
     finally:
@@ -61,3 +61,28 @@ def test_launch_world_kills_on_timeout(tmp_path):
                                    str(tmp_path), cluster=cl)
         assert all(c != 0 for c in codes)
         assert all(p.poll() is not None for p in cl.procs)
+
+
+def test_cleanup_keeps_the_namespaces_of_a_live_concurrent_run():
+    """``--cleanup`` removes a dead run's namespaces, never a live one's,
+    unless that run is named with ``--run``."""
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = 4_194_000
+    while netns._pid_alive(dead):
+        dead -= 1
+    mine_live, mine_dead = f"{netns.PREFIX}-{live.pid}-r0", f"{netns.PREFIX}-{dead}-r0"
+    try:
+        for name in (mine_live, mine_dead):
+            subprocess.run(["ip", "netns", "add", name], check=True)
+        assert netns.main(["--cleanup"]) == 0
+        left = netns.list_namespaces()
+        assert mine_live in left and mine_dead not in left
+        assert netns.main(["--cleanup", "--run", str(live.pid)]) == 0
+        assert mine_live not in netns.list_namespaces()
+        with pytest.raises(SystemExit):
+            netns.main(["--check", "--run", "1"])
+    finally:
+        live.kill()
+        live.wait()
+        for name in (mine_live, mine_dead):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)

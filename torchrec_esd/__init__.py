@@ -50,6 +50,8 @@ _EXPORTS: Dict[str, str] = {
     # DES sharding (partial sums next to the weight shards)
     "DesEmbeddingBagCollectionSharder": "torchrec_esd.des.sharding",
     "des_module_plan": "torchrec_esd.des.sharding",
+    # logging of the command-line programs: rank-prefixed records
+    "configure_logging": "torchrec_esd.log",
     # synthetic Criteo-like workload (examples, benchmarks, tests)
     "SyntheticWorkload": "torchrec_esd.apps.workload",
     "SyntheticWorkloadConfig": "torchrec_esd.apps.workload",

@@ -9,6 +9,7 @@ tables until the workers are done.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 from typing import Dict, List
@@ -36,6 +37,8 @@ from torchrec_esd.distributed.dense_sync import register_dense_sync
 from torchrec_esd.distributed.input_dist import EsdInputDist
 from torchrec_esd.distributed.runtime import EsdRuntime
 from torchrec_esd.distributed.sharding import EsdEmbeddingBagCollectionSharder, esd_module_plan
+
+logger = logging.getLogger(__name__)
 
 
 def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
@@ -142,7 +145,10 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
         flag = 1.0 if preemption is not None and preemption.requested else 0.0
         g = torch.stack([loss.detach().reshape(()) / dispatch.loss_scale, torch.tensor(flag)])
         dist.all_reduce(g, group=runtime.worker_group)
-        track.step(float(g[0]) / job.global_batch, logits, labels)
+        step = len(track.losses)
+        decision = decisions[step] if track.metrics is not None and step < len(decisions) else None
+        meter = runtime.meter.as_dict() if track.metrics is not None else None
+        track.step(float(g[0]) / job.global_batch, logits, labels, meter=meter, decision=decision)
         if float(g[1]) > 0 and stop["at"] is None:
             # every worker agrees at this step; the batches already read ahead
             # (and dispatched: the directory counts them) are still trained
@@ -184,7 +190,9 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
     if preemption is not None:
         preemption.uninstall()
     elapsed = time.perf_counter() - t0
+    logger.info("ESD %s: %d steps in %.1f s", job.dispatcher, len(track.losses), elapsed)
     runtime.flush()
+    track.write_metrics()
     out = {
         "losses": track.losses,
         "step_end_s": track.step_end_s,

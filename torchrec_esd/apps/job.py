@@ -20,6 +20,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from tqdm import tqdm
 
+from torchrec_esd.apps.step_metrics import StepMetrics
 from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig
 from torchrec_esd.config import EsdConfig, EsdConfigError
 from torchrec_esd.distributed.planner import EsdPlan
@@ -62,6 +63,10 @@ class JobConfig:
     checkpoint_dir: Optional[str] = None
     checkpoint_every: int = 0  # 0: only at the end and on SIGTERM (with checkpoint_dir)
     resume: bool = False  # start from checkpoint_dir's latest checkpoint (if there is one)
+    # per-step records (torchrec_esd.apps.step_metrics): JSON lines appended here by worker 0,
+    # and TensorBoard scalars under this directory (needs the tensorboard package)
+    metrics_jsonl: Optional[str] = None
+    tensorboard_dir: Optional[str] = None
 
 
 def job_tables(job: JobConfig, workload) -> List[EmbeddingBagConfig]:
@@ -103,8 +108,18 @@ class DlrmTask(nn.Module):
         return loss, (loss.detach(), logits.detach(), batch.labels.detach())
 
 
+def job_label(job: JobConfig) -> str:
+    """The job's name in metrics records: vanilla, esd:<dispatcher>, des:<sharding>."""
+    if job.method == "esd":
+        return f"esd:{job.dispatcher}"
+    if job.method == "des":
+        return f"des:{job.des_sharding}"
+    return job.method
+
+
 class _Tracker:
-    """Per-step losses, predictions of the last steps (for AUC), progress bar."""
+    """Per-step losses, predictions of the last steps (for AUC), progress bar,
+    and the per-step metrics records when the job asks for them."""
 
     def __init__(self, job: JobConfig, group, rank: int, label: str) -> None:
         self.group, self.rank = group, rank
@@ -116,8 +131,17 @@ class _Tracker:
         self.bar = None
         if job.progress and rank == 0:
             self.bar = tqdm(total=job.steps, desc=label, leave=False)
+        self.metrics = None
+        if job.metrics_jsonl is not None or job.tensorboard_dir is not None:
+            bws = [w.bandwidth_mbps for w in job.esd.workers] if job.method == "esd" and job.esd else None
+            self.metrics = StepMetrics(job_label(job), group, job.metrics_jsonl, job.tensorboard_dir, bws)
 
-    def step(self, mean_loss: float, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def step(self, mean_loss: float, logits: torch.Tensor, labels: torch.Tensor,
+             meter: Optional[Dict] = None, decision: Optional[Dict] = None) -> None:
+        """``meter`` / ``decision``: the ESD worker's transmission counters now
+        and the step's dispatch decision, for the per-step metrics."""
+        if self.metrics is not None:
+            self.metrics.step(mean_loss, meter, decision)
         self.losses.append(mean_loss)
         self.step_end_s.append(time.perf_counter())
         self.step_end_cpu_s.append(time.process_time())
@@ -127,6 +151,11 @@ class _Tracker:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{mean_loss:.4f}")
+
+    def write_metrics(self) -> None:
+        """Write the per-step records (collective on the job's group)."""
+        if self.metrics is not None:
+            self.metrics.close()
 
     def auc(self) -> float:
         # imported here: torchmetrics takes ~1.3 s to import, and only the end

@@ -9,6 +9,7 @@ sharder (``method="des"``, :func:`_des`, :mod:`torchrec_esd.des.sharding`).
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Dict, List
 
@@ -36,6 +37,8 @@ from torchrec_esd.apps.job import (
 from torchrec_esd.apps.workload import SyntheticWorkload
 from torchrec_esd.config import EsdConfigError
 from torchrec_esd.des.sharding import DesEmbeddingBagCollectionSharder, des_module_plan, find_des_modules
+
+logger = logging.getLogger(__name__)
 
 
 def _train_local_batches(dmp, job: JobConfig, workload: SyntheticWorkload, group, rank: int, world: int, label: str):
@@ -72,7 +75,10 @@ def _train_local_batches(dmp, job: JobConfig, workload: SyntheticWorkload, group
             break
     if preemption is not None:
         preemption.uninstall()
-    return track, time.perf_counter() - t0, start, stopped
+    elapsed = time.perf_counter() - t0
+    logger.info("%s: %d steps in %.1f s", label, len(track.losses), elapsed)
+    track.write_metrics()
+    return track, elapsed, start, stopped
 
 
 def torchrec_dmp(job: JobConfig, workload: SyntheticWorkload, group, sharding: str = "table_wise"):
@@ -113,7 +119,9 @@ def _vanilla(job: JobConfig, workload: SyntheticWorkload, group=None) -> Dict:
     track, elapsed, start, stopped = _train_local_batches(dmp, job, workload, group, rank, world, "vanilla TorchRec")
     out = {"losses": track.losses, "auc": track.auc(), "dense": _dense_state(dmp), "elapsed_s": elapsed,
            "step_end_s": track.step_end_s, "step_end_cpu_s": track.step_end_cpu_s,
-           "start_step": start, "preempted_at": stopped}
+           "start_step": start, "preempted_at": stopped,
+           # which rank holds each table (TorchRec's table-wise plan): what a traffic model needs
+           "table_owner": {name: ps.ranks[0] for name, ps in dmp.plan.get_plan_for_module(EBC_PATH).items()}}
     if job.collect_tables:
         out["tables"], out["tables_state"] = _gather_vanilla_tables(dmp, workload, job, group)
     return out

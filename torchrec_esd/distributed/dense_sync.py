@@ -18,6 +18,7 @@ on every DDP module of a DMP-wrapped model (before the first backward).
 
 from __future__ import annotations
 
+import logging
 from typing import List, Optional, Sequence
 
 import torch
@@ -26,6 +27,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from torchrec_esd.config import EsdConfigError
+
+logger = logging.getLogger(__name__)
 
 DENSE_SYNCS = ("ring", "star")
 
@@ -100,7 +103,9 @@ def register_dense_sync(model: nn.Module, mode: str, bandwidths_mbps: Sequence[f
             f"dense sync: {len(bandwidths_mbps)} worker bandwidths for a group of {dist.get_world_size(group)}"
         )
     ddps = [m for m in model.modules() if isinstance(m, DistributedDataParallel)]
-    hook = star_allreduce_hook(fastest_worker(list(bandwidths_mbps)), group)
+    hub = fastest_worker(list(bandwidths_mbps))
+    hook = star_allreduce_hook(hub, group)
     for m in ddps:
         m.register_comm_hook(None, hook)
+    logger.info("dense gradients: star all-reduce through worker %d on %d DDP module(s)", hub, len(ddps))
     return len(ddps)

@@ -32,6 +32,7 @@ re-exported here (``__all__``).
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
@@ -45,6 +46,8 @@ from torchrec_esd.cache import CacheDirectory
 from torchrec_esd.config import EsdConfig, EsdConfigError, WorkerSpec
 from torchrec_esd.distributed.dense_sync import DENSE_SYNCS, link_bytes_per_step
 from torchrec_esd.distributed.plan_types import ESD, REPLICATED, EsdPlan, PsResources, WorkerResources
+
+logger = logging.getLogger(__name__)
 
 DIRECTORY_BYTES_PER_ROW = 16  # the replicated cache directory: version + owner per ESD row
 
@@ -261,6 +264,10 @@ class EsdShardingPlanner:
             }
             for t in self.tables
         ]
+        logger.info("ESD plan: %d ESD tables, %d replicated, %d workers, %d parameter servers",
+                    len(tables_out) - len(replicated), len(replicated), W, P)
+        for note in notes:
+            logger.debug("plan note: %s", note)
         return EsdPlan(tables=tables_out, workers=workers_out, ps=ps_out, num_ps=P, notes=notes)
 
     def shares_for(

@@ -19,6 +19,7 @@ for the other role's API is an :class:`EsdConfigError` that says so.
 from __future__ import annotations
 
 import json
+import logging
 from datetime import timedelta
 from typing import Dict, List, NoReturn, Optional, Sequence
 
@@ -36,12 +37,15 @@ from torchrec_esd.config import EsdConfig, EsdConfigError
 from torchrec_esd.distributed.loss_scaling import LossScaling
 from torchrec_esd.distributed.plan_channel import PlanChannel
 from torchrec_esd.layout import EsdIdError, KeySpace, table_fingerprint
+from torchrec_esd.log import set_role
 from torchrec_esd.metrics import TransmissionMeter
 from torchrec_esd.optim import SparseOptimizer
 from torchrec_esd.ps import GlooP2PTransport, ParameterServer, PsClient
 
 
 _GROUPS: Dict[tuple, tuple] = {}
+
+logger = logging.getLogger(__name__)
 
 
 def initial_weight(weight: torch.Tensor, table: EmbeddingBagConfig) -> torch.Tensor:
@@ -152,6 +156,13 @@ class EsdRuntime:
         self.transport = GlooP2PTransport(
             self.all_group, self.world_size, config.ps_ranks(), config.collective_timeout_s
         )
+        set_role("worker" if self.is_worker else "ps")
+        logger.info(
+            "ESD runtime up: %d workers + %d parameter servers, %d ESD tables (%d replicated), "
+            "%s, staleness %d, objective %s",
+            config.num_workers, config.num_ps, len(self.tables), len(self.replicated_tables),
+            optimizer.name, config.staleness, config.objective,
+        )
 
     def _check_same_config_everywhere(self) -> None:
         mine = json.dumps(
@@ -197,7 +208,9 @@ class EsdPsRuntime(EsdRuntime):
             self.rank - self.config.num_workers, self.keyspace, self.optimizer, self.transport, weights,
             des=self.config.des_misses,
         )
+        logger.info("parameter server %d serving %d tables", self.rank - self.config.num_workers, len(weights))
         server.serve()
+        logger.info("parameter server %d stopped: the workers are done", self.rank - self.config.num_workers)
         return server
 
     def __getattr__(self, name: str):
@@ -302,6 +315,7 @@ class EsdWorkerRuntime(EsdRuntime):
                 "(train every dispatched batch, or stop a dispatch-ahead iterator only after its last batch)"
             )
         self._executor.flush()
+        logger.debug("flushed the dirty cached rows to the parameter servers")
 
     def replica_tables(self) -> Dict[str, torch.Tensor]:
         """This worker's copies of the replicated (data-parallel) tables."""
@@ -321,6 +335,7 @@ class EsdWorkerRuntime(EsdRuntime):
 
     def abort(self, msg: str) -> None:
         """Make the PS ranks fail with ``msg``; call on every worker."""
+        logger.error("aborting the parameter servers: %s", msg)
         self.client.abort(msg)
 
     def fail(self, msg: str) -> NoReturn:
