@@ -97,6 +97,8 @@ def parse_args(argv=None):
     p.add_argument("--embedding-dim", type=int, default=16)
     p.add_argument("--max-cardinality", type=int, default=None, help="default 20000 (--quick: 5000)")
     p.add_argument("--alpha", type=float, default=1.1, help="Zipf exponent of the ids")
+    p.add_argument("--workload", default="iid", choices=["iid", "sessions"],
+                   help="iid Zipf ids, or sessions of users with interest clusters (torchrec_esd.apps.sessions)")
     p.add_argument("--cache-fraction", type=float, default=0.1, help="cache rows per table / table rows")
     p.add_argument("--delay-ms", type=float, default=1.0,
                    help="one-way delay per worker link (netem; where the kernel lacks netem none is "
@@ -171,9 +173,9 @@ def planned_workers(spec: Dict, mix: Dict, cache: Dict[str, int], latency_ms: fl
     from torchrec_esd.config import heterogeneous_workers
     from torchrec_esd.distributed.planner import EsdShardingPlanner, PsResources, WorkerResources
     from torchrec_esd.apps.trainer import JobConfig, dense_param_bytes
-    from torchrec_esd.apps.workload import SyntheticWorkload
+    from torchrec_esd.apps.sessions import make_workload
 
-    wl = SyntheticWorkload(workload)
+    wl = make_workload(workload)
     dense = dense_param_bytes(JobConfig(embedding_dim=spec["embedding_dim"], workload=workload), wl)
     big = 1 << 40  # memory is not what this plan is about: the caches are given
     planner = EsdShardingPlanner(
@@ -198,7 +200,7 @@ def rank_main(spec_path: str) -> None:
 
     from torchrec_esd.config import EsdConfig, heterogeneous_workers
     from torchrec_esd.apps.trainer import JobConfig, run
-    from torchrec_esd.apps.workload import SyntheticWorkloadConfig
+    from torchrec_esd.apps.sessions import make_workload_config
 
     torch.set_num_threads(1)
     with open(spec_path) as f:
@@ -206,7 +208,8 @@ def rank_main(spec_path: str) -> None:
     outdir = os.path.dirname(spec_path)
     dist.init_process_group("gloo", timeout=timedelta(seconds=spec["barrier_timeout_s"]))
     rank = dist.get_rank()
-    workload = SyntheticWorkloadConfig(max_cardinality=spec["max_cardinality"], alpha=spec["alpha"], seed=0)
+    workload = make_workload_config(spec.get("workload", "iid"), max_cardinality=spec["max_cardinality"],
+                                    alpha=spec["alpha"], seed=0)
     cache = {f"t_cat_{i}": max(1, int(spec["cache_fraction"] * n)) for i, n in enumerate(workload.cardinalities)}
 
     def progress(msg: str) -> None:
@@ -320,6 +323,7 @@ def launch(args, mixes: List[Dict], methods: List[str]) -> Dict:
     spec = {
         "mixes": mixes, "methods": methods, "num_ps": args.num_ps, "steps": args.steps, "batch": args.batch,
         "embedding_dim": args.embedding_dim, "max_cardinality": args.max_cardinality, "alpha": args.alpha,
+        "workload": args.workload,
         "cache_fraction": args.cache_fraction, "staleness": args.staleness, "samples_per_s": args.samples_per_s,
         "sparse_optimizer": args.sparse_optimizer, "input_mode": args.input_mode, "repeats": args.repeats,
         "dispatch_ahead": args.dispatch_ahead, "dense_sync": args.dense_sync,
@@ -586,7 +590,7 @@ def markdown(args, summary: Dict, links: str, meta: Dict) -> str:
         lines.append("")
     lines.append(
         f"Setup: {meta['W']} workers + {args.num_ps} PS, {args.steps} steps, global batch {args.batch}, "
-        f"26 Zipf(alpha {args.alpha:g}) sparse features, max cardinality {args.max_cardinality}, "
+        f"workload {args.workload}: 26 Zipf(alpha {args.alpha:g}) sparse features, max cardinality {args.max_cardinality}, "
         f"embedding dim {args.embedding_dim}, caches {100 * args.cache_fraction:g} % of every table, "
         f"{args.sparse_optimizer}, staleness {args.staleness}, ESD input mode {args.input_mode}, ESD methods "
         f"dispatch {args.dispatch_ahead} batch(es) ahead and all-reduce dense gradients by {args.dense_sync} "

@@ -79,6 +79,7 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
     track = _Tracker(job, runtime.worker_group, me, f"ESD {job.dispatcher}")
     decisions, t0 = [], time.perf_counter()
     samples_seen = torch.zeros(job.global_batch, dtype=torch.int64)
+    local_sizes: List[int] = []  # this worker's samples per step (they vary with per-batch shares)
 
     bad_input: List[str] = []
 
@@ -106,6 +107,7 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
             locals_ = (dispatch(batch) for batch in batches())
         for local in _abort_on_bad_input(locals_):
             samples_seen += torch.bincount(dispatch.last_mine, minlength=job.global_batch)
+            local_sizes.append(int(dispatch.last_mine.numel()))
             if dispatch.last_result is not None:
                 decisions.append(
                     {"solver": dispatch.last_result.solver, "ms": dispatch.last_result.decision_s * 1e3}
@@ -153,6 +155,7 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
         "metrics": runtime.all_metrics(),
         "decisions": decisions,
         "samples_seen": samples_seen,
+        "local_sizes": local_sizes,
     }
     if job.collect_tables:
         out["tables"], out["tables_state"] = runtime.gather_tables()

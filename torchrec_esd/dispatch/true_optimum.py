@@ -313,7 +313,7 @@ def lp_lower_bound(dedup, shares: Sequence[int], objective: str = "total") -> Tr
     bounds[:, 1] = 1.0
     if objective == "makespan":
         bounds[-1, 1] = np.inf
-    res = linprog(obj, A_ub=A_ub, b_ub=b_ub, A_eq=A_eq, b_eq=b_eq, bounds=bounds, method="highs")
+    res = linprog(obj, A_ub=A_ub, b_ub=b_ub, A_eq=A_eq, b_eq=b_eq, bounds=bounds, method="highs-ipm")
     info = {"status": float(res.status), "variables": float(n), "constraints": float(A_ub.shape[0] + B + W)}
     if res.status != 0:
         raise DispatchError(f"LP relaxation failed: {res.message}")
