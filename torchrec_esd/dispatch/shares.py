@@ -107,7 +107,7 @@ class PerBatchShares(Dispatcher):
     varies_shares = True
 
     def __init__(self, inner: str = "esd", samples_per_s: Optional[Sequence[float]] = None, bound: float = 0.5,
-                 rounds: int = 3, time_budget_ms: float = 50.0, objective: str = "total",
+                 rounds: int = 2, time_budget_ms: float = 50.0, objective: str = "total",
                  inner_kwargs: Optional[Mapping] = None) -> None:
         from torchrec_esd.dispatch import make_dispatcher
 
