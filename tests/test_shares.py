@@ -48,3 +48,17 @@ def test_bad_options():
     d = make_dispatcher("shares", samples_per_s=[1.0, 2.0])
     with pytest.raises(DispatchError):
         d.assign(torch.zeros(4, 3, dtype=torch.float64), [2, 1, 1])
+
+
+def test_variable_shares_require_the_scaled_loss_even_at_equal_config_shares():
+    from torchrec_esd.config import EsdConfig, WorkerSpec
+    from torchrec_esd.distributed.loss_scaling import LossScaling
+
+    scaling = LossScaling(EsdConfig([WorkerSpec(10, 1.0), WorkerSpec(10, 1.0)]))
+    scaling.variable_shares = True  # what EsdInputDist sets for a dispatcher with varies_shares
+    scaling.dispatched(1, 8)
+    assert scaling.forward(1, 3, training=True) is None
+    scaling.dispatched(2, 8)
+    msg = scaling.forward(2, 5, training=True)
+    assert "iteration 1 was not scaled" in msg and "decided per batch" in msg
+    assert float(scaling.scale(torch.ones(5, requires_grad=True))) == pytest.approx(5 * 2 / 8)
