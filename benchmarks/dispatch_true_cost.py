@@ -1,6 +1,6 @@
 """Dispatch quality under the TRUE transmission: what the cache directory plans.
 
-    python benchmarks/dispatch_true_cost.py --out results.json [--quick]
+    python benchmarks/dispatch_true_cost.py --out results.json [--quick] [--workload {iid,sessions}]
 
 For every dispatcher (``random`` = cache-only with random dispatch, ``laia``,
 ``heuristic``, ``optimal``, ``hybrid`` (all three on the expected cost
@@ -25,6 +25,20 @@ A second part times the ``esd`` decision (and ``hybrid``'s) at
 the iteration's measured link makespan for scale, and the time esd needs to
 reach its local optimum (no budget) with the predicted cost it gives up at
 the default budget.
+
+Gap to the best possible dispatch (:mod:`dispatch_gap`, solvers in
+:mod:`torchrec_esd.dispatch.true_optimum`): on ``--gap-iters`` batches of each
+``--gap-small`` size (default 16 and 64 samples, 4 workers) every dispatcher's
+de-duplicated cost (total and slowest link) against the CP-SAT optimum (its
+best dispatch found within ``--gap-exact-limit-s`` where optimality is not
+proven, which the output says) and against the proven lower bound (the better
+of the LP relaxation and CP-SAT's bound); at ``--batch`` (default 512) on
+``--gap-default-iters`` batches against the LP-relaxation bound and the best
+dispatcher.
+
+``--workload sessions`` replaces the iid Zipf batches by the session workload
+(:mod:`torchrec_esd.apps.sessions`: users, interest clusters, sessions of
+consecutive samples; same tables and item popularity).
 
 Defaults: 4 workers at 1000/100/50/10 Mbit/s, equal shares, batch 512, the
 default Zipf workload (26 one-hot features, ``alpha`` 1.1, tables capped at
