@@ -141,7 +141,6 @@ class _Program:
             xs = (os_[:, None] * W + w_ar[None, :]).reshape(-1)
             ys = yidx[ok].reshape(-1)
             add(np.stack([xs, ys], 1), np.tile([1.0, -1.0], (xs.size, 1)), np.zeros(1))
-        self.link_pairs = (os_, ok)
         # a row used by more samples than worker w's share cannot be w's alone:
         # y[k, w] - p[k, w] <= 0 (valid cuts; they tighten the LP relaxation)
         n_k = uses[multi]
