@@ -51,7 +51,8 @@ import torch.distributed as dist  # noqa: E402
 from torchrec_esd.config import EsdConfig, WorkerSpec  # noqa: E402
 from torchrec_esd.apps.launch import run_local_world  # noqa: E402
 from torchrec_esd.apps.trainer import JobConfig, run, torchrec_dmp  # noqa: E402
-from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig  # noqa: E402
+from torchrec_esd.apps.sessions import WORKLOADS, make_workload, make_workload_config  # noqa: E402
+from torchrec_esd.apps.workload import SyntheticWorkload  # noqa: E402
 
 _COUNTED = ["all_to_all_single", "all_to_all", "reduce_scatter", "reduce_scatter_tensor", "all_gather",
             "all_gather_into_tensor"]
@@ -143,7 +144,7 @@ def sharded_worker(method: str, job: JobConfig) -> Dict:
     from torchrec_esd.des.sharding import find_des_modules
     from torchrec_esd.apps.job import _dense_params
 
-    workload = SyntheticWorkload(job.workload)
+    workload = make_workload(job.workload)
     if method.startswith("torchrec_"):
         dmp = _torchrec_dmp(job, workload, {"torchrec_tw": "table_wise", "torchrec_rw": "row_wise"}[method])
     else:
@@ -241,6 +242,7 @@ def main(argv: List[str] = None) -> Dict:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--features", type=int, default=8)
+    ap.add_argument("--workload", default="iid", choices=WORKLOADS, help="iid Zipf ids or sessions (apps.sessions)")
     ap.add_argument("--max-rows", type=int, default=20000)
     ap.add_argument("--dim", type=int, default=16)
     ap.add_argument("--cache-frac", type=float, default=0.1)
@@ -258,8 +260,8 @@ def main(argv: List[str] = None) -> Dict:
     out = {"config": vars(args), "host": {"cpus": os.cpu_count(), "load_avg_start": load0,
                                           "platform": platform.platform()}, "workloads": []}
     for name, bag in workloads:
-        wl = SyntheticWorkloadConfig(num_sparse=args.features, max_cardinality=args.max_rows, bag_size=bag,
-                                     alpha=1.1, seed=1)
+        wl = make_workload_config(args.workload, num_sparse=args.features, max_cardinality=args.max_rows,
+                                  bag_size=bag, alpha=1.1, seed=1)
         job = JobConfig(steps=args.steps, global_batch=args.batch, embedding_dim=args.dim, workload=wl,
                         sparse_optimizer=args.optimizer, sparse_lr=0.05, dense_lr=0.05,
                         dense_arch=(32,), over_arch=(32, 1))

@@ -56,7 +56,8 @@ from torchrec_esd.cache import CacheDirectory  # noqa: E402
 from torchrec_esd.config import EsdConfig, heterogeneous_workers  # noqa: E402
 from torchrec_esd.cost import CostModel  # noqa: E402
 from torchrec_esd.dispatch import make_dispatcher, proven_lower_bound  # noqa: E402
-from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig  # noqa: E402
+from torchrec_esd.apps.sessions import WORKLOADS, make_workload, make_workload_config  # noqa: E402
+from torchrec_esd.apps.workload import SyntheticWorkload  # noqa: E402
 
 COMPARED = ["random", "round_robin", "laia", "heuristic", "optimal", "hybrid", "esd"]
 
@@ -73,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--embedding-dim", type=int, default=16)
     p.add_argument("--optimizer-state-bytes", type=int, default=4, help="per row (row-wise Adagrad: 4)")
     p.add_argument("--alpha", type=float, default=1.05)
+    p.add_argument("--workload", default="iid", choices=WORKLOADS,
+                   help="iid Zipf ids, or sessions of users with interest clusters (torchrec_esd.apps.sessions)")
     p.add_argument("--max-cardinality", type=int, default=100_000)
     p.add_argument("--warmup", type=int, default=6, help="batches of history before measuring")
     p.add_argument("--warmup-dispatcher", default="heuristic", choices=["heuristic", "round_robin", "optimal"])
@@ -209,8 +212,8 @@ def main(argv=None) -> Dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    wl = SyntheticWorkload(SyntheticWorkloadConfig(alpha=args.alpha, max_cardinality=args.max_cardinality,
-                                                   seed=args.seed))
+    wl = make_workload(make_workload_config(args.workload, alpha=args.alpha, max_cardinality=args.max_cardinality,
+                                            seed=args.seed))
     Ws = [int(x) for x in args.workers.split(",")]
     Bs = [int(x) for x in args.batches.split(",")]
     t_all = time.perf_counter()

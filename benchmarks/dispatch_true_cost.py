@@ -1,6 +1,6 @@
 """Dispatch quality under the TRUE transmission: what the cache directory plans.
 
-    python benchmarks/dispatch_true_cost.py --out results.json [--quick]
+    python benchmarks/dispatch_true_cost.py --out results.json [--quick] [--workload {iid,sessions}]
 
 For every dispatcher (``random`` = cache-only with random dispatch, ``laia``,
 ``heuristic``, ``optimal``, ``hybrid`` (all three on the expected cost
@@ -26,6 +26,20 @@ the iteration's measured link makespan for scale, and the time esd needs to
 reach its local optimum (no budget) with the predicted cost it gives up at
 the default budget.
 
+Gap to the best possible dispatch (:mod:`dispatch_gap`, solvers in
+:mod:`torchrec_esd.dispatch.true_optimum`): on ``--gap-iters`` batches of each
+``--gap-small`` size (default 16 and 64 samples, 4 workers) every dispatcher's
+de-duplicated cost (total and slowest link) against the CP-SAT optimum (its
+best dispatch found within ``--gap-exact-limit-s`` where optimality is not
+proven, which the output says) and against the proven lower bound (the better
+of the LP relaxation and CP-SAT's bound); at ``--batch`` (default 512) on
+``--gap-default-iters`` batches against the LP-relaxation bound and the best
+dispatcher.
+
+``--workload sessions`` replaces the iid Zipf batches by the session workload
+(:mod:`torchrec_esd.apps.sessions`: users, interest clusters, sessions of
+consecutive samples; same tables and item popularity).
+
 Defaults: 4 workers at 1000/100/50/10 Mbit/s, equal shares, batch 512, the
 default Zipf workload (26 one-hot features, ``alpha`` 1.1, tables capped at
 20 000 rows), embedding dim 16 with row-wise Adagrad state (4 bytes per row),
@@ -45,12 +59,15 @@ from typing import Dict, List
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from torchrec_esd.cache import KINDS, CacheDirectory  # noqa: E402
 from torchrec_esd.config import EsdConfig, heterogeneous_workers  # noqa: E402
 from torchrec_esd.cost import CostModel  # noqa: E402
 from torchrec_esd.dispatch import make_dispatcher  # noqa: E402
-from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig  # noqa: E402
+from torchrec_esd.apps.sessions import WORKLOADS, make_workload, make_workload_config  # noqa: E402
+
+from dispatch_gap import format_gap, gap_study  # noqa: E402
 
 DISPATCHERS = ["random", "laia", "heuristic", "optimal", "hybrid", "hybrid:additive", "esd", "esd:0.1"]
 TARGET_PCT = 36.76
@@ -82,9 +99,24 @@ def parse_args(argv=None):
     p.add_argument("--timing-iters", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workload", default="iid", choices=WORKLOADS,
+                   help="iid Zipf ids, or sessions of users with interest clusters (torchrec_esd.apps.sessions)")
+    p.add_argument("--locality", type=float, default=None, help="sessions: locality strength (default: the config's)")
+    p.add_argument("--gap-small", default=None,
+                   help="batch sizes of the exact-optimum gap study (CP-SAT), default 16,64 (--quick: 16,64)")
+    p.add_argument("--gap-iters", type=int, default=None, help="batches per small gap study (default 4, --quick 2)")
+    p.add_argument("--gap-exact-limit-s", type=float, default=20.0, help="CP-SAT limit per batch and objective")
+    p.add_argument("--gap-default-iters", type=int, default=None,
+                   help="batches of the LP-bound gap study at --batch (default 2, --quick 1; 0: none)")
     args = p.parse_args(argv)
     if args.quick:
         args.iters, args.warmup_skip, args.timing_iters = 12, 4, 3
+    if args.gap_small is None:
+        args.gap_small = "16,64"
+    if args.gap_iters is None:
+        args.gap_iters = 2 if args.quick else 4
+    if args.gap_default_iters is None:
+        args.gap_default_iters = 1 if args.quick else 2
     if args.timing is None:
         args.timing = "512x4,4096x4" if args.quick else "512x4,4096x4,512x8,4096x8"
     return args
@@ -235,12 +267,15 @@ def main(argv=None) -> Dict:
     torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
     load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
-    wl = SyntheticWorkload(SyntheticWorkloadConfig(alpha=args.alpha, max_cardinality=args.max_cardinality,
-                                                   seed=args.seed))
+    wkw = dict(alpha=args.alpha, max_cardinality=args.max_cardinality, seed=args.seed)
+    if args.workload == "sessions" and args.locality is not None:
+        wkw["locality"] = args.locality
+    wl = make_workload(make_workload_config(args.workload, **wkw))
     bws = [float(x) for x in args.bandwidths.split(",")]
     names = [n for n in args.dispatchers.split(",") if n]
     res: Dict[str, Dict] = {}
-    print(f"{len(bws)} workers at {bws} Mbit/s, B={args.batch}, {args.iters} iterations from cold caches,"
+    print(f"workload {args.workload}; {len(bws)} workers at {bws} Mbit/s, B={args.batch}, {args.iters} iterations"
+          " from cold caches,"
           f" staleness {args.staleness}, objective {args.objective}; link seconds from the cache"
           " directory's plans (ground truth)")
     print(f"{'dispatcher':>10} | {'total_s':>8} {'makespan':>8} | {'steady':>8} {'st.mksp':>8} |"
@@ -274,6 +309,17 @@ def main(argv=None) -> Dict:
             best = summary["total_s"]["reduction_pct"]["esd"]
             print(f"target: >= {TARGET_PCT} % less total link time than the better baseline;"
                   f" esd: {best:.2f} % -> {'MET' if best >= TARGET_PCT else 'NOT met'}")
+    gaps = []
+    gap_names = [n for n in names if n != "random"] + (["random"] if "random" in names else [])
+    studies = [(int(b), args.gap_iters, True) for b in args.gap_small.split(",") if b]
+    if args.gap_default_iters > 0:
+        studies.append((args.batch, args.gap_default_iters, False))
+    for B, iters, exact in studies:
+        g = gap_study(gap_names, lambda n: make(n, args), lambda: build(args, wl, bws)[:3], wl, B, iters,
+                      warmup=4, exact=exact, exact_limit_s=args.gap_exact_limit_s)
+        gaps.append(g)
+        print("\n".join(format_gap(g)))
+        sys.stdout.flush()
     timing = []
     for cfgs in [c for c in args.timing.split(",") if c]:
         B, W = (int(x) for x in cfgs.split("x"))
@@ -297,6 +343,7 @@ def main(argv=None) -> Dict:
         "target_met": bool(summary and "esd" in res
                            and summary["total_s"]["reduction_pct"]["esd"] >= TARGET_PCT),
         "timing": timing,
+        "gap_studies": gaps,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                     "threads": args.threads, "loadavg_at_start": load0,
                     "loadavg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},

@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from torchrec_esd import ops, reference_ops as R  # noqa: E402
-from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig  # noqa: E402
+from torchrec_esd.apps.sessions import WORKLOADS, make_workload, make_workload_config  # noqa: E402
+from torchrec_esd.apps.workload import SyntheticWorkload  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -116,6 +117,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=16)
     p.add_argument("--cache-keys", type=int, default=20000)
     p.add_argument("--alpha", type=float, default=1.05)
+    p.add_argument("--workload", default="iid", choices=WORKLOADS, help="iid Zipf ids or sessions (apps.sessions)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -131,7 +133,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     B, F, W = args.batch, args.features, args.workers
 
-    wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=F, alpha=args.alpha, seed=0))
+    wl = make_workload(make_workload_config(args.workload, num_sparse=F, alpha=args.alpha, seed=0))
     keys = batch_keys(wl, 0, B)
     offsets = torch.arange(0, B * F + 1, F, dtype=torch.int64)
     gen = torch.Generator().manual_seed(1)

@@ -33,7 +33,7 @@ from torchrec_esd.cost import CostModel  # noqa: E402
 from torchrec_esd.dispatch import make_dispatcher  # noqa: E402
 from torchrec_esd.distributed.planner import DIRECTORY_BYTES_PER_ROW, EsdShardingPlanner, PsResources, WorkerResources  # noqa: E402
 from torchrec_esd.batch_select import select_kjt_keys  # noqa: E402
-from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig  # noqa: E402
+from torchrec_esd.apps.sessions import WORKLOADS, make_workload, make_workload_config  # noqa: E402
 
 MiB = 2**20
 
@@ -86,9 +86,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--dim", type=int, default=16)
+    p.add_argument("--workload", default="iid", choices=WORKLOADS, help="iid Zipf ids or sessions (apps.sessions)")
     args = p.parse_args(argv)
     t0 = time.time()
-    wl = SyntheticWorkload(SyntheticWorkloadConfig(max_cardinality=20000, alpha=1.1, seed=0))
+    wl = make_workload(make_workload_config(args.workload, max_cardinality=20000, alpha=1.1, seed=0))
     tables = wl.table_configs(args.dim)
     workers = [
         WorkerResources(6 * MiB, 1000, latency_ms=0.5, samples_per_s=4000),

@@ -35,7 +35,7 @@ from torchrec_esd.apps.step_metrics import require_tensorboard  # noqa: E402
 from torchrec_esd.log import configure_logging  # noqa: E402
 from torchrec_esd.apps.criteo import CriteoTsvConfig  # noqa: E402
 from torchrec_esd.apps.trainer import JobConfig, run  # noqa: E402
-from torchrec_esd.apps.workload import SyntheticWorkloadConfig  # noqa: E402
+from torchrec_esd.apps.sessions import WORKLOADS, make_workload_config  # noqa: E402
 from torchrec_esd.dispatch import DISPATCHERS  # noqa: E402
 
 
@@ -69,6 +69,8 @@ def parse_args(argv=None):
                    help="rows of the largest table (synthetic workload; Criteo ids are hashed into this many)")
     p.add_argument("--alpha", type=float, default=1.1,
                    help="Zipf exponent of the synthetic workload's ids (higher: more skewed, more cache hits)")
+    p.add_argument("--workload", default="iid", choices=WORKLOADS,
+                   help="synthetic ids: iid Zipf, or sessions of users with interest clusters")
     p.add_argument("--criteo-tsv", default=None, metavar="PATH",
                    help="train on this Criteo-format TSV file instead of the synthetic workload")
     p.add_argument("--max-rows", type=int, default=None,
@@ -127,7 +129,7 @@ def main(argv=None) -> None:
     if args.criteo_tsv is not None:  # checked before the rendezvous: a bad path fails every rank at once
         workload = CriteoTsvConfig(args.criteo_tsv, max_rows=args.max_rows, max_cardinality=args.max_cardinality)
     else:
-        workload = SyntheticWorkloadConfig(max_cardinality=args.max_cardinality, alpha=args.alpha, seed=0)
+        workload = make_workload_config(args.workload, max_cardinality=args.max_cardinality, alpha=args.alpha, seed=0)
     dist.init_process_group(args.backend)
     world, rank = dist.get_world_size(), dist.get_rank()
     W = world - args.num_ps

@@ -246,3 +246,16 @@ def test_cache_larger_than_table_fails_every_rank():
         "cache capacity 26 rows for table 't_cat_3' exceeds the table's 25 rows" in e["error"]
         for e in info.value.errors.values()
     )
+
+
+# ---------------------------------------------------------------- per-batch shares
+def test_equivalence_per_batch_shares():
+    # shares decided per batch from compute rates and predicted link times (dispatch.shares):
+    # local batches change size from step to step, the model must not
+    rates = [400.0, 4000.0, 20000.0]
+    _, esd = _compare(3, [1, 1, 1], "shares", "rowwise_adagrad", "global", [1.0, 4.0, 8.0],
+                      dispatcher_kwargs={"inner": "esd", "samples_per_s": rates})
+    sizes = [esd[r]["local_sizes"] for r in range(3)]
+    assert all(sum(s[t] for s in sizes) == BATCH for t in range(STEPS))
+    assert len({tuple(s[t] for s in sizes) for t in range(STEPS)}) > 1, "the shares never changed"
+    assert any(s[t] != BATCH // 3 for s in sizes for t in range(STEPS))

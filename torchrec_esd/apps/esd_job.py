@@ -93,6 +93,8 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
     samples_seen = torch.zeros(job.global_batch, dtype=torch.int64)
     # batches are read while step < limit[0]; a preemption lowers it (see below)
     limit = [job.steps]
+    local_sizes: List[int] = []  # this worker's samples per step (they vary with per-batch shares)
+
     bad_input: List[str] = []
 
     def batches(lo: int, hi: int):
@@ -121,6 +123,7 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
             locals_ = (dispatch(batch) for batch in batches(lo, hi))
         for local in _abort_on_bad_input(locals_):
             samples_seen += torch.bincount(dispatch.last_mine, minlength=job.global_batch)
+            local_sizes.append(int(dispatch.last_mine.numel()))
             if dispatch.last_result is not None:
                 decisions.append(
                     {"solver": dispatch.last_result.solver, "ms": dispatch.last_result.decision_s * 1e3}
@@ -205,6 +208,7 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
         "samples_seen": samples_seen,
         "start_step": start,
         "preempted_at": step if stop["at"] is not None else None,
+        "local_sizes": local_sizes,
     }
     if job.collect_tables:
         out["tables"], out["tables_state"] = runtime.gather_tables()

@@ -208,11 +208,20 @@ class SyntheticWorkload:
         lo, hi = c.bag_size
         dense = torch.randn(batch_size, c.num_dense, generator=gen)
         lengths = torch.randint(lo, hi + 1, (c.num_sparse, batch_size), generator=gen)
-        values = []
+        values = [self.sample_ids(f, int(lengths[f].sum()), gen) for f in range(c.num_sparse)]
+        return self.make_batch(dense, lengths, values, gen)
+
+    def make_batch(self, dense: torch.Tensor, lengths: torch.Tensor, values: List[torch.Tensor],
+                   gen: torch.Generator) -> Batch:
+        """The Batch of the given dense features, per-feature bag ``lengths``
+        ``[F, B]`` and per-feature ids, labelled by the hidden logistic model
+        (its last draw from ``gen``)."""
+        c = self.config
+        batch_size = dense.shape[0]
+        lo, hi = c.bag_size
         logit = dense.double() @ self._dense_w
         for f in range(c.num_sparse):
-            ids = self.sample_ids(f, int(lengths[f].sum()), gen)
-            values.append(ids)
+            ids = values[f]
             # per-id effect in [-0.5, 0.5) from a salted multiplicative hash
             eff = ((ids * 2654435761 + self._id_effect_salt[f]) % 1000).double() / 1000 - 0.5
             seg = torch.repeat_interleave(torch.arange(batch_size), lengths[f])

@@ -9,6 +9,8 @@ laia         :class:`LaiaDispatcher` (greedy by cache hits, needs ``aux={"hits":
 heuristic    :class:`HeuristicDispatcher` (regret greedy + local search)
 optimal      :class:`OptimalDispatcher` (exact: cycle cancelling / min-cost flow, MILP)
 hybrid       :class:`HybridDis` (heuristic, exact when it pays and fits a budget)
+shares       :class:`PerBatchShares` (shares decided per batch from compute rates
+             ``samples_per_s`` and predicted link times, around an inner dispatcher)
 dedup_search :class:`DedupSearchDispatcher` (de-duplicated true cost: amortised start +
              exact local search; needs ``aux={"dedup": CostModel.dedup_cost(...)}``);
              also registered as ``esd``, the name benchmarks and saved configs use
@@ -35,6 +37,7 @@ from torchrec_esd.dispatch.lower_bound import (
     transport_lower_bound,
 )
 from torchrec_esd.dispatch.optimal import OptimalDispatcher
+from torchrec_esd.dispatch.shares import PerBatchShares
 
 DISPATCHERS = {
     "random": RandomDispatcher,
@@ -45,6 +48,7 @@ DISPATCHERS = {
     "hybrid": HybridDis,
     "dedup_search": DedupSearchDispatcher,
     "esd": DedupSearchDispatcher,  # the name of the paper's method in benchmarks and configs
+    "shares": PerBatchShares,  # an inner dispatcher at shares decided per batch (needs samples_per_s)
 }
 
 
@@ -87,6 +91,7 @@ __all__ = [
     "HybridDis",
     "LaiaDispatcher",
     "OptimalDispatcher",
+    "PerBatchShares",
     "RandomDispatcher",
     "RoundRobinDispatcher",
     "check_assignment",

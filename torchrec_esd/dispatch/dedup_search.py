@@ -60,6 +60,14 @@ def _ranges(ptr: np.ndarray, idx: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return pos, rep
 
 
+def _distinct(idx: np.ndarray, size: int) -> np.ndarray:
+    """``np.unique(idx)`` for indices in ``[0, size)``: a mark per index,
+    ``O(len(idx) + size)`` without sorting (the search calls it every round)."""
+    mark = np.zeros(size, dtype=bool)
+    mark[idx] = True
+    return np.flatnonzero(mark)
+
+
 class _Search:
     """Assignment, per-row use counts and user-set state, and the single-move
     change matrix ``M`` of a :class:`~torchrec_esd.cost.DedupCost`, updated
@@ -87,7 +95,7 @@ class _Search:
         B = d.num_samples
         occ, rep = _ranges(self.sample_ptr, samples)
         k = d.occ_k[occ]
-        ks = np.unique(k)
+        ks = _distinct(k, d.num_keys)
         old = cnt[ks].copy()
         np.subtract.at(cnt, (k, self.a[samples][rep]), 1)
         self.a[samples] = dest
@@ -102,7 +110,7 @@ class _Search:
             for i in range(4):
                 self.state[i][uk] = st[i]
         kocc, _ = _ranges(self.key_ptr, changed)
-        aff = np.unique(np.concatenate([self.by_key[kocc], occ]))
+        aff = _distinct(np.concatenate([self.by_key[kocc], occ]), d.occ_k.size)
         if aff.size == 0:
             return
         nd = d.occurrence_deltas(aff, self.a, cnt, self.state)

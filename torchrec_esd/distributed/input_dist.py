@@ -101,6 +101,9 @@ class EsdInputDist(nn.Module):
             raise EsdConfigError("EsdInputDist runs on worker ranks only")
         self.runtime = runtime
         self.dispatcher = self._dispatcher(dispatcher, dict(dispatcher_kwargs or {}), runtime.config.objective)
+        if getattr(self.dispatcher, "varies_shares", False) and getattr(runtime, "loss_scaling", None) is not None:
+            # shares decided per batch (dispatch.shares): uneven whatever the config says
+            runtime.loss_scaling.variable_shares = True
         self.mode = mode
         self.device = device or torch.device("cpu")
         self.last_result: Optional[DispatchResult] = None

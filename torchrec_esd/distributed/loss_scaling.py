@@ -42,9 +42,10 @@ class LossScaling:
         self._global_batch: Dict[int, int] = {}  # iteration -> B, dispatched, not yet computed
         self._trained: Optional[Tuple[int, int, int]] = None  # (iteration, local samples, B)
         self._owed: Optional[int] = None  # iteration whose loss must still be scaled
+        self.variable_shares = False  # a dispatcher decides the shares per batch (uneven in general)
 
     def uneven(self, global_batch: int) -> bool:
-        return len(set(self._config.batch_shares(global_batch))) > 1
+        return self.variable_shares or len(set(self._config.batch_shares(global_batch))) > 1
 
     def dispatched(self, iteration: int, global_batch: int) -> None:
         with self._lock:
@@ -68,11 +69,15 @@ class LossScaling:
             return None
         iteration, b = self._owed, self._trained[2]
         self._owed = None
-        shares = self._config.batch_shares(b)
+        if self.variable_shares:
+            what, weights = "decided per batch by the dispatcher", "1/(local batch)"
+        else:
+            shares = self._config.batch_shares(b)
+            what, weights = str(shares), f"1/{min(shares)} .. 1/{max(shares)}"
         return (
             f"the loss of iteration {iteration} was not scaled by EsdInputDist.loss: the batch shares "
-            f"{shares} of the global batch of {b} are uneven, so a local mean weights samples by "
-            f"1/{min(shares)} .. 1/{max(shares)} instead of vanilla TorchRec's 1/{b} and trains another "
+            f"{what} of the global batch of {b} are uneven, so a local mean weights samples by "
+            f"{weights} instead of vanilla TorchRec's 1/{b} and trains another "
             "model; compute loss = esd_dist.loss(per_sample_losses) (e.g. "
             "binary_cross_entropy_with_logits(logits, labels, reduction='none'))"
         )

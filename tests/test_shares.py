@@ -1,0 +1,87 @@
+"""Per-batch shares (dispatch.shares): bounds, prediction never worse than the base shares."""
+
+import numpy as np
+import pytest
+import torch
+
+from torchrec_esd.dispatch import DispatchError, make_dispatcher
+from torchrec_esd.dispatch.shares import water_fill
+
+from test_true_optimum import _real_instance  # noqa: E402
+
+
+def test_water_fill_equalises_within_bounds():
+    n = water_fill(np.array([1.0, 2.0, 4.0]), 70, np.array([0, 0, 0]), np.array([70, 70, 70]))
+    assert n.sum() == 70 and n.tolist() == [40, 20, 10]
+    n = water_fill(np.array([1.0, 2.0, 4.0]), 70, np.array([10, 10, 15]), np.array([30, 70, 70]))
+    assert n.sum() == 70 and n[0] == 30 and n[2] >= 15 and (n >= [10, 10, 15]).all()
+    with pytest.raises(DispatchError):
+        water_fill(np.ones(2), 10, np.array([6, 6]), np.array([9, 9]))
+    # a fixed load on a worker: fewer samples there
+    n = water_fill(np.ones(2), 20, np.array([0, 0]), np.array([20, 20]), np.array([4.0, 0.0]))
+    assert n.tolist() == [8, 12]
+
+
+@pytest.mark.parametrize("inner", ["esd", "hybrid", "laia"])
+def test_per_batch_shares_lower_the_predicted_time(inner):
+    cm, kjt, views, shares = _real_instance(48)
+    d = make_dispatcher("shares", inner=inner, samples_per_s=[300.0, 3000.0, 30000.0], bound=0.5, online=False,
+                        dispatching_worker=None)
+    cost, aux = d.inputs(cm, kjt, views)
+    r = d.assign(cost, shares, aux=aux)
+    counts = np.bincount(r.assignment.numpy(), minlength=3)
+    assert counts.sum() == 48
+    assert all(np.floor(s * 0.5) <= c <= np.ceil(s * 1.5) for s, c in zip(shares, counts))
+    assert r.info["predicted_iter_s"] <= r.info["base_predicted_iter_s"]
+    assert r.info["predicted_iter_s"] == pytest.approx(float(d.predicted_s(cost, r.assignment, aux).max()))
+    # the slow-compute worker gets fewer samples than its base share
+    assert counts[0] < shares[0] and r.info["predicted_iter_s"] < r.info["base_predicted_iter_s"]
+    base = make_dispatcher(inner).assign(cost, shares, aux=aux).assignment
+    assert float(d.predicted_s(cost, base, aux).max()) == pytest.approx(r.info["base_predicted_iter_s"])
+
+
+def test_online_shares_follow_the_previous_batches():
+    cm, kjt, views, shares = _real_instance(48)
+    d = make_dispatcher("shares", inner="esd", samples_per_s=[300.0, 3000.0, 30000.0], dispatching_worker=None)
+    cost, aux = d.inputs(cm, kjt, views)
+    first = np.bincount(d.assign(cost, shares, aux=aux).assignment.numpy(), minlength=3)
+    assert first.tolist() == list(shares)  # no estimate yet: the base shares
+    r = d.assign(cost, shares, aux=aux)
+    second = np.bincount(r.assignment.numpy(), minlength=3)
+    assert r.info["decisions"] == 1 and second.sum() == 48 and second[0] < shares[0]
+    # the dispatching worker's decision load moves samples off it
+    w = make_dispatcher("shares", inner="esd", samples_per_s=[3000.0] * 3, dispatching_worker=2)
+    w._decision_s = 0.01  # 10 ms of decisions = 30 samples of compute on worker 2
+    w._link_per_sample = np.zeros(3)
+    third = np.bincount(w.assign(cost, shares, aux=aux).assignment.numpy(), minlength=3)
+    assert third[2] < shares[2]
+
+
+def test_bad_options():
+    with pytest.raises(DispatchError):
+        make_dispatcher("shares")
+    with pytest.raises(DispatchError):
+        make_dispatcher("shares", samples_per_s=[1.0, 0.0])
+    with pytest.raises(DispatchError):
+        make_dispatcher("shares", samples_per_s=[1.0], bound=1.0)
+    with pytest.raises(DispatchError):
+        make_dispatcher("shares", inner="shares", samples_per_s=[1.0])
+    with pytest.raises(DispatchError):
+        make_dispatcher("shares", samples_per_s=[1.0, 2.0], dispatching_worker=2)
+    d = make_dispatcher("shares", samples_per_s=[1.0, 2.0])
+    with pytest.raises(DispatchError):
+        d.assign(torch.zeros(4, 3, dtype=torch.float64), [2, 1, 1])
+
+
+def test_variable_shares_require_the_scaled_loss_even_at_equal_config_shares():
+    from torchrec_esd.config import EsdConfig, WorkerSpec
+    from torchrec_esd.distributed.loss_scaling import LossScaling
+
+    scaling = LossScaling(EsdConfig([WorkerSpec(10, 1.0), WorkerSpec(10, 1.0)]))
+    scaling.variable_shares = True  # what EsdInputDist sets for a dispatcher with varies_shares
+    scaling.dispatched(1, 8)
+    assert scaling.forward(1, 3, training=True) is None
+    scaling.dispatched(2, 8)
+    msg = scaling.forward(2, 5, training=True)
+    assert "iteration 1 was not scaled" in msg and "decided per batch" in msg
+    assert float(scaling.scale(torch.ones(5, requires_grad=True))) == pytest.approx(5 * 2 / 8)

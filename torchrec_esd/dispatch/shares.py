@@ -1,0 +1,258 @@
+"""Shares decided per batch: fewer samples to a worker whose link or compute
+is the bottleneck of this batch, more to the others.
+
+With known compute rates ``r_w`` (samples per second per worker: the
+planner's numbers or a measured figure, ``samples_per_s``), the predicted
+iteration time of an assignment is
+
+    ``T(a) = max_w ( n_w / r_w + link_w(a) )``
+
+(``n_w`` samples on worker ``w``; ``link_w``: the predicted link seconds of
+its rows, from the de-duplicated model when the inner dispatcher reads it,
+else the additive matrix's per-worker sums; the worker that runs the
+dispatcher also spends the decision time, ``dispatching_worker``).
+:class:`PerBatchShares` wraps a dispatcher (``esd`` by default) and decides
+the shares of every batch.  Online (the default): ONE inner decision per
+batch, at the shares water-filled (as in 2. below) from exponential averages
+of every worker's predicted link seconds per sample over the past batches
+(the first batch runs at the base shares), so the decision costs what the
+inner dispatcher costs.  Offline (``online=False``), per batch:
+
+1. the inner dispatcher decides at the base shares (the config's);
+2. from its answer, every worker's time per sample ``t_w = 1 / r_w +
+   link_w / n_w``; the shares that equalise ``n_w t_w`` (water filling:
+   ``n_w = clip(T / t_w, lo_w, hi_w)`` with ``sum n_w = B``, bisection on
+   ``T``, then largest-remainder rounding inside the bounds) are the next
+   candidate; the inner dispatcher decides at them;
+3. repeated while the shares change, for ``rounds`` rounds or until
+   ``time_budget_ms`` (the inner dispatcher's decisions included); the
+   assignment with the smallest predicted ``T`` is returned (never worse than
+   the base shares' answer, by its own prediction).
+
+Bounds: ``lo_w = floor(B_w (1 - bound))`` (at least 1 for a worker with a
+positive base share), ``hi_w = ceil(B_w (1 + bound))``; a worker with a base
+share of 0 stays at 0.  This is a heuristic: the joint problem (shares and
+assignment, makespan with compute) contains the makespan dispatch, which is
+NP-hard (:mod:`~torchrec_esd.dispatch.exact_makespan`); each round costs one
+inner decision, ``O(W log B)`` besides.
+
+The model does not change: every sample is still trained exactly once, and
+``EsdInputDist.loss`` scales the summed per-sample losses by ``W / B``
+whatever the shares (:mod:`~torchrec_esd.distributed.loss_scaling`), which is
+why the runtime requires that loss when a dispatcher varies the shares
+(``varies_shares``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from torchrec_esd.dispatch.base import Dispatcher, DispatchError, DispatchResult, check_problem
+
+
+def water_fill(per_sample_s: np.ndarray, total: int, lo: np.ndarray, hi: np.ndarray,
+               fixed_s: Optional[np.ndarray] = None) -> np.ndarray:
+    """Integer shares ``n`` with ``lo <= n <= hi``, ``sum n = total`` that
+    (nearly) equalise ``fixed_s[w] + n_w * per_sample_s[w]`` (``O(W log)``)."""
+    t = np.asarray(per_sample_s, dtype=np.float64)
+    c = np.zeros_like(t) if fixed_s is None else np.asarray(fixed_s, dtype=np.float64)
+    lo, hi = np.asarray(lo, dtype=np.int64), np.asarray(hi, dtype=np.int64)
+    if int(lo.sum()) > total or int(hi.sum()) < total:
+        raise DispatchError(f"share bounds {lo.tolist()}..{hi.tolist()} cannot hold {total} samples")
+
+    def fill(T: float) -> np.ndarray:
+        return np.clip((T - c) / np.maximum(t, 1e-300), lo, hi)
+
+    a, b = 0.0, float((hi * t + c).max()) + 1.0
+    for _ in range(100):
+        m = 0.5 * (a + b)
+        if fill(m).sum() < total:
+            a = m
+        else:
+            b = m
+    x = fill(b)
+    n = np.floor(x).astype(np.int64)
+    n = np.clip(n, lo, hi)
+    rest = total - int(n.sum())
+    order = np.argsort(-(x - np.floor(x)), kind="stable")
+    i = 0
+    while rest > 0:  # largest remainders first, then any worker with room
+        w = order[i % len(order)]
+        if n[w] < hi[w]:
+            n[w] += 1
+            rest -= 1
+        i += 1
+    i = 0
+    while rest < 0:  # smallest remainders first
+        w = order[::-1][i % len(order)]
+        if n[w] > lo[w]:
+            n[w] -= 1
+            rest += 1
+        i += 1
+    return n
+
+
+class PerBatchShares(Dispatcher):
+    """An inner dispatcher at shares decided per batch (see module docstring).
+
+    Args:
+        inner: the dispatcher deciding the assignment at given shares (name).
+        samples_per_s: compute rate of every worker (samples / s), required.
+        bound: shares stay within ``(1 -+ bound)`` of the base shares.
+        online: one inner decision per batch, at the shares water-filled from
+            the previous batches' per-sample link estimates (exponential
+            average, weight ``ema``); the first batch runs at the base
+            shares.  ``False``: every batch starts at the base shares and
+            runs up to ``rounds`` more inner decisions (more decision time).
+        rounds: water-filling rounds of the offline mode.
+        dispatching_worker: the worker that runs the dispatcher (the
+            runtime's worker 0) or ``None``; its predicted step includes the
+            decision time (averaged over past batches), which it spends while
+            it also trains (``decision_load`` of it: 1.0 when they share the
+            cores, 0.0 on a machine with cores to spare).
+        time_budget_ms: offline mode: no new round starts after it.
+        objective: passed to the inner dispatcher.
+        inner_kwargs: more options of the inner dispatcher.
+    """
+
+    name = "shares"
+    varies_shares = True
+
+    def __init__(self, inner: str = "esd", samples_per_s: Optional[Sequence[float]] = None, bound: float = 0.5,
+                 online: bool = True, rounds: int = 2, dispatching_worker: Optional[int] = 0,
+                 decision_load: float = 1.0, ema: float = 0.5, time_budget_ms: float = 50.0,
+                 objective: str = "total", inner_kwargs: Optional[Mapping] = None) -> None:
+        from torchrec_esd.dispatch import make_dispatcher
+
+        if samples_per_s is None:
+            raise DispatchError("per-batch shares need every worker's compute rate (samples_per_s)")
+        rates = [float(r) for r in samples_per_s]
+        if not rates or any(not (r > 0 and math.isfinite(r)) for r in rates):
+            raise DispatchError(f"samples_per_s must be positive and finite, got {list(samples_per_s)}")
+        if not 0 <= bound < 1:
+            raise DispatchError(f"bound must be in [0, 1), got {bound}")
+        if rounds < 0 or not time_budget_ms > 0:
+            raise DispatchError(f"need rounds >= 0 and time_budget_ms > 0, got {rounds}, {time_budget_ms}")
+        if not 0 < ema <= 1 or not 0 <= decision_load <= 1:
+            raise DispatchError(f"need 0 < ema <= 1 and 0 <= decision_load <= 1, got {ema}, {decision_load}")
+        if dispatching_worker is not None and not 0 <= int(dispatching_worker) < len(rates):
+            raise DispatchError(f"dispatching_worker {dispatching_worker} is not one of the {len(rates)} workers")
+        if inner == "shares":
+            raise DispatchError("per-batch shares cannot wrap itself")
+        self.inner = make_dispatcher(inner, objective=objective, **dict(inner_kwargs or {}))
+        self.inner_name = inner
+        self.rates = np.asarray(rates)
+        self.bound, self.online, self.rounds, self.budget_s = bound, bool(online), rounds, time_budget_ms / 1e3
+        self.dispatching_worker = None if dispatching_worker is None else int(dispatching_worker)
+        self.decision_load, self.ema = float(decision_load), float(ema)
+        self.objective = objective
+        self.needs_cost, self.needs_hits = self.inner.needs_cost, self.inner.needs_hits
+        self.needs_dedup, self.cost_input = self.inner.needs_dedup, self.inner.cost_input
+        self._link_per_sample: Optional[np.ndarray] = None  # online estimate, seconds per sample per worker
+        self._decision_s = 0.0  # average decision time (the dispatching worker's extra load)
+
+    def inputs(self, cost_model, kjt, views):
+        return self.inner.inputs(cost_model, kjt, views)
+
+    def _link(self, cost: torch.Tensor, a: torch.Tensor, aux) -> np.ndarray:
+        W = cost.shape[1]
+        if aux and "dedup" in aux:
+            return aux["dedup"].per_worker(a.numpy())
+        per = cost.detach().cpu().double().gather(1, a.view(-1, 1)).view(-1)
+        return torch.zeros(W, dtype=torch.float64).index_add_(0, a, per).numpy()
+
+    def _fixed(self, W: int) -> np.ndarray:
+        """``[W]`` seconds a worker spends whatever its share: the dispatching
+        worker's decision load."""
+        out = np.zeros(W)
+        if self.dispatching_worker is not None:
+            out[self.dispatching_worker] = self.decision_load * self._decision_s
+        return out
+
+    def predicted_s(self, cost, a: torch.Tensor, aux) -> np.ndarray:
+        """``[W]`` predicted seconds of every worker: compute + link (+ the
+        dispatching worker's decision load)."""
+        W = cost.shape[1]
+        n = np.bincount(a.numpy(), minlength=W)
+        return n / self.rates + self._link(cost, a, aux) + self._fixed(W)
+
+    def _bounds(self, base: np.ndarray, cost: torch.Tensor):
+        B = int(base.sum())
+        lo = np.where(base > 0, np.maximum(1, np.floor(base * (1 - self.bound))), 0).astype(np.int64)
+        hi = np.where(base > 0, np.minimum(B, np.ceil(base * (1 + self.bound))), 0).astype(np.int64)
+        finite = torch.isfinite(cost).all(0).numpy()
+        hi = np.where(finite, hi, np.minimum(hi, base))  # an unreachable worker never gets more
+        return np.minimum(lo, hi), hi
+
+    def _observe(self, cost, a: torch.Tensor, aux) -> None:
+        n = np.bincount(a.numpy(), minlength=cost.shape[1])
+        per = self._link(cost, a, aux) / np.maximum(n, 1)
+        if self._link_per_sample is None or self._link_per_sample.size != per.size:
+            self._link_per_sample = per
+        else:
+            keep = n == 0  # no sample there this batch: no news
+            new = (1 - self.ema) * self._link_per_sample + self.ema * per
+            self._link_per_sample = np.where(keep, self._link_per_sample, new)
+
+    def assign(self, cost: torch.Tensor, shares: Sequence[int], aux=None) -> DispatchResult:
+        check_problem(cost, shares)
+        W = cost.shape[1]
+        if self.rates.size != W:
+            raise DispatchError(f"{self.rates.size} compute rates for {W} workers")
+        t0 = time.perf_counter()
+        base = np.asarray([int(s) for s in shares], dtype=np.int64)
+        B = int(base.sum())
+        lo, hi = self._bounds(base, cost)
+        if self.online:
+            if self._link_per_sample is None or self._link_per_sample.size != W:
+                now = base
+            else:
+                now = water_fill(1.0 / self.rates + self._link_per_sample, B, lo, hi, self._fixed(W))
+            best_a = self.inner.assign(cost, now.tolist(), aux=aux).assignment
+            self._observe(cost, best_a, aux)
+            best_t, base_t, tried = float(self.predicted_s(cost, best_a, aux).max()), float("nan"), 1
+        else:
+            best_a, best_t, base_t, tried = self._rounds(cost, base, lo, hi, aux, t0)
+        dt = time.perf_counter() - t0
+        self._decision_s = dt if self._decision_s == 0.0 else (1 - self.ema) * self._decision_s + self.ema * dt
+        counts = np.bincount(best_a.numpy(), minlength=W)
+        info = {"predicted_iter_s": best_t, "decisions": float(tried),
+                **{f"share_{w}": float(c) for w, c in enumerate(counts)}}
+        if not self.online:
+            info["base_predicted_iter_s"] = base_t
+        return DispatchResult(
+            assignment=best_a,
+            objective=self.objective_value(cost.detach().cpu().double(), best_a),
+            solver=f"shares:{self.inner_name}",
+            decision_s=dt,
+            info=info,
+        )
+
+    def _rounds(self, cost, base, lo, hi, aux, t0):
+        """Offline mode: the base shares' decision, then water-filling rounds
+        from the current answer; the best predicted one."""
+        W, B = cost.shape[1], int(base.sum())
+        r = self.inner.assign(cost, base.tolist(), aux=aux)
+        best_a, best_t = r.assignment, float(self.predicted_s(cost, r.assignment, aux).max())
+        base_t, cur, tried = best_t, base, 1
+        a = r.assignment
+        for _ in range(self.rounds):
+            if time.perf_counter() - t0 > self.budget_s:
+                break
+            n = np.bincount(a.numpy(), minlength=W)
+            per_sample = 1.0 / self.rates + self._link(cost, a, aux) / np.maximum(n, 1)
+            nxt = water_fill(per_sample, B, lo, hi, self._fixed(W))
+            if np.array_equal(nxt, cur):
+                break
+            a = self.inner.assign(cost, nxt.tolist(), aux=aux).assignment
+            tried += 1
+            t = float(self.predicted_s(cost, a, aux).max())
+            if t < best_t:
+                best_a, best_t = a, t
+            cur = nxt
+        return best_a, best_t, base_t, tried
