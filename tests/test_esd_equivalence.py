@@ -22,12 +22,12 @@ CACHE = {"t_cat_0": 12, "t_cat_1": 30, "t_cat_2": 40, "t_cat_3": 6}
 
 
 def _compare(W, shares, dispatcher, optimizer, mode, bandwidths, num_ps=1, workload=WORKLOAD, cache=CACHE,
-             des_misses=False, pooling="sum", **esd_kwargs):
+             des_misses=False, pooling="sum", cache_policy="lru", cache_lookahead=4, **esd_kwargs):
     common = dict(steps=STEPS, global_batch=BATCH, workload=workload, collect_tables=True,
                   sparse_optimizer=optimizer, sparse_lr=0.1, dense_lr=0.1, pooling=pooling)
     vanilla = run_local_world(run, W, JobConfig(method="vanilla", **common))
     cfg = EsdConfig([WorkerSpec(cache, bw, share=s) for bw, s in zip(bandwidths, shares)], num_ps=num_ps,
-                    des_misses=des_misses)
+                    des_misses=des_misses, cache_policy=cache_policy, cache_lookahead=cache_lookahead)
     esd = run_local_world(
         run, W + num_ps, JobConfig(method="esd", esd=cfg, dispatcher=dispatcher, input_mode=mode, **esd_kwargs, **common)
     )
@@ -80,6 +80,13 @@ def test_equivalence_dispatch_ahead_train_pipeline_same_decisions():
     for r in range(4):
         assert torch.equal(ahead[r]["samples_seen"], inline[r]["samples_seen"])
     assert ahead[0]["metrics"]["rows"] == inline[0]["metrics"]["rows"]
+
+
+def test_equivalence_lookahead_eviction_dispatch_ahead_local_batches():
+    # the dispatch thread reads (all-gathers) 3 batches beyond the one it
+    # dispatches and the directory evicts by their next use: still vanilla's model
+    _compare(2, [1, 2], "heuristic", "rowwise_adagrad", "local", [1.0, 8.0], dispatch_ahead=2,
+             cache_policy="lookahead", cache_lookahead=3)
 
 
 # ---------------------------------------------------------------- DES-served misses

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 OBJECTIVES = ("total", "makespan")
-CACHE_POLICIES = ("lru", "lfu")
+CACHE_POLICIES = ("lru", "lfu", "lookahead")
 
 CacheRows = Union[int, Mapping[str, int]]
 
@@ -111,7 +111,11 @@ class EsdConfig:
             PS; ``0`` is strictly synchronous (same model as vanilla TorchRec).
         objective: ``"total"`` (sum of link times) or ``"makespan"`` (slowest
             link bounds the synchronous iteration).
-        cache_policy: ``"lru"`` or ``"lfu"`` eviction.
+        cache_policy: ``"lru"``, ``"lfu"`` or ``"lookahead"`` eviction (or a
+            registered :class:`~torchrec_esd.cache.EvictionPolicy`'s name).
+        cache_lookahead: upcoming global batches a policy that reads them
+            (``"lookahead"``) sees; ``EsdInputDist.dispatch_ahead`` reads this
+            many batches beyond the one it dispatches.
         collective_timeout_s: timeout of every collective, so that a rank that
             fails makes the others fail instead of hang.
         des_misses: let the parameter servers serve cache misses DES-style
@@ -127,6 +131,7 @@ class EsdConfig:
     staleness: int = 0
     objective: str = "total"
     cache_policy: str = "lru"
+    cache_lookahead: int = 4
     collective_timeout_s: float = 120.0
     des_misses: bool = False
 
@@ -157,6 +162,11 @@ class EsdConfig:
         _require(
             self.cache_policy in CACHE_POLICIES,
             f"EsdConfig.cache_policy must be one of {CACHE_POLICIES}, got {self.cache_policy!r}",
+        )
+        _require(
+            isinstance(self.cache_lookahead, int) and not isinstance(self.cache_lookahead, bool)
+            and self.cache_lookahead >= 0,
+            f"EsdConfig.cache_lookahead must be an int >= 0, got {self.cache_lookahead!r}",
         )
         _require(
             isinstance(self.des_misses, bool),
