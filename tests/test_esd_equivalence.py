@@ -22,12 +22,12 @@ CACHE = {"t_cat_0": 12, "t_cat_1": 30, "t_cat_2": 40, "t_cat_3": 6}
 
 
 def _compare(W, shares, dispatcher, optimizer, mode, bandwidths, num_ps=1, workload=WORKLOAD, cache=CACHE,
-             des_misses=False, pooling="sum", cache_policy="lru", cache_lookahead=4, **esd_kwargs):
+             des_misses=False, pooling="sum", esd_options=None, **esd_kwargs):
     common = dict(steps=STEPS, global_batch=BATCH, workload=workload, collect_tables=True,
                   sparse_optimizer=optimizer, sparse_lr=0.1, dense_lr=0.1, pooling=pooling)
     vanilla = run_local_world(run, W, JobConfig(method="vanilla", **common))
     cfg = EsdConfig([WorkerSpec(cache, bw, share=s) for bw, s in zip(bandwidths, shares)], num_ps=num_ps,
-                    des_misses=des_misses, cache_policy=cache_policy, cache_lookahead=cache_lookahead)
+                    des_misses=des_misses, **(esd_options or {}))
     esd = run_local_world(
         run, W + num_ps, JobConfig(method="esd", esd=cfg, dispatcher=dispatcher, input_mode=mode, **esd_kwargs, **common)
     )
@@ -86,7 +86,19 @@ def test_equivalence_lookahead_eviction_dispatch_ahead_local_batches():
     # the dispatch thread reads (all-gathers) 3 batches beyond the one it
     # dispatches and the directory evicts by their next use: still vanilla's model
     _compare(2, [1, 2], "heuristic", "rowwise_adagrad", "local", [1.0, 8.0], dispatch_ahead=2,
-             cache_policy="lookahead", cache_lookahead=3)
+             esd_options=dict(cache_policy="lookahead", cache_lookahead=3))
+
+
+def test_equivalence_online_links_shares_follow_the_measured_links():
+    # the shares come from the links measured on the PS exchanges, gathered on every
+    # worker (they change from step to step): the loss scaling keeps vanilla's model
+    _, esd = _compare(3, [1, 1, 1], "esd", "rowwise_adagrad", "global", [1.0, 8.0, 8.0], dispatch_ahead=1,
+                      esd_options=dict(online_links=True, compute_s_per_sample=1e-4))
+    est = [esd[r]["link_estimates_mbps"] for r in range(3)]
+    assert est[0] == est[1] == est[2] and len(est[0]) == STEPS
+    counts = [esd[r]["local_samples"] for r in range(3)]
+    assert all(sum(c[s] for c in counts) == BATCH for s in range(STEPS))
+    assert len({tuple(c[s] for c in counts) for s in range(STEPS)}) > 1  # the shares moved
 
 
 # ---------------------------------------------------------------- DES-served misses

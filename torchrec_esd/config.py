@@ -124,6 +124,13 @@ class EsdConfig:
             and one bag gradient up, the PS returns the bag's partial sum of
             those rows and applies the bag's gradient to them; such rows are
             not cached.  SUM / MEAN pooling only.  Exact at staleness 0.
+        online_links: the dispatcher's cost model uses every worker's link as
+            measured on its PS exchanges (bandwidth and latency,
+            :mod:`torchrec_esd.distributed.link_estimates`), the configured
+            numbers being the prior.
+        compute_s_per_sample: with ``online_links``, a worker's compute time
+            per sample at ``share`` 1: the shares then equalise the predicted
+            step time (compute + measured link) instead of following ``share``.
     """
 
     workers: Sequence[WorkerSpec]
@@ -134,6 +141,8 @@ class EsdConfig:
     cache_lookahead: int = 4
     collective_timeout_s: float = 120.0
     des_misses: bool = False
+    online_links: bool = False
+    compute_s_per_sample: Optional[float] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -171,6 +180,20 @@ class EsdConfig:
         _require(
             isinstance(self.des_misses, bool),
             f"EsdConfig.des_misses must be a bool, got {self.des_misses!r}",
+        )
+        _require(
+            isinstance(self.online_links, bool),
+            f"EsdConfig.online_links must be a bool, got {self.online_links!r}",
+        )
+        _require(
+            self.compute_s_per_sample is None
+            or (isinstance(self.compute_s_per_sample, (int, float)) and not isinstance(self.compute_s_per_sample, bool)
+                and math.isfinite(self.compute_s_per_sample) and self.compute_s_per_sample > 0),
+            f"EsdConfig.compute_s_per_sample must be None or a number > 0, got {self.compute_s_per_sample!r}",
+        )
+        _require(
+            self.compute_s_per_sample is None or self.online_links,
+            "EsdConfig.compute_s_per_sample sets the shares from the measured links: it needs online_links=True",
         )
         _require(
             self.collective_timeout_s > 0,

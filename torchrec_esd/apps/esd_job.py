@@ -79,6 +79,8 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
     track = _Tracker(job, runtime.worker_group, me, f"ESD {job.dispatcher}")
     decisions, t0 = [], time.perf_counter()
     samples_seen = torch.zeros(job.global_batch, dtype=torch.int64)
+    local_samples: List[int] = []  # this worker's samples per step
+    link_mbps: List[List[float]] = []  # every worker's estimated link after each dispatch (online_links)
 
     bad_input: List[str] = []
 
@@ -106,6 +108,9 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
             locals_ = (dispatch(batch) for batch in batches())
         for local in _abort_on_bad_input(locals_):
             samples_seen += torch.bincount(dispatch.last_mine, minlength=job.global_batch)
+            local_samples.append(int(dispatch.last_mine.numel()))
+            if dispatch.last_link_estimates is not None:
+                link_mbps.append([b * 8 / 1e6 for b in dispatch.last_link_estimates])
             if dispatch.last_result is not None:
                 decisions.append(
                     {"solver": dispatch.last_result.solver, "ms": dispatch.last_result.decision_s * 1e3}
@@ -153,6 +158,8 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
         "metrics": runtime.all_metrics(),
         "decisions": decisions,
         "samples_seen": samples_seen,
+        "local_samples": local_samples,
+        "link_estimates_mbps": link_mbps,
     }
     if job.collect_tables:
         out["tables"], out["tables_state"] = runtime.gather_tables()

@@ -67,6 +67,8 @@ class _Dispatched:
     result: Optional[DispatchResult]
     mine: torch.Tensor
     loss_scale: float
+    shares: Optional[List[int]] = None
+    link_bytes_per_s: Optional[List[float]] = None  # the estimates it was decided with (online_links)
 
 
 @dataclass
@@ -129,6 +131,9 @@ class EsdInputDist(nn.Module):
         self.last_result: Optional[DispatchResult] = None
         self.loss_scale: float = 1.0
         self.last_mine = torch.empty(0, dtype=torch.int64)
+        self.last_shares: Optional[List[int]] = None  # samples per worker of the current batch
+        # every worker's estimated link (bytes/s) the current batch was dispatched with (online_links)
+        self.last_link_estimates: Optional[List[float]] = None
         self._cost_model = None
 
     # ------------------------------------------------------------ helpers
@@ -172,10 +177,19 @@ class EsdInputDist(nn.Module):
     def _decide(self, kjt: KeyedJaggedTensor, group, device: torch.device) -> tuple:
         rt = self.runtime
         b = kjt.stride()
-        shares = rt.config.batch_shares(b)
+        est = rt.link_estimates
+        if est is None:
+            shares = rt.config.batch_shares(b)
+        else:
+            # every worker's measured links, gathered on this dispatch's group: the
+            # same estimates (and so the same shares) on every worker
+            est.share(group)
+            shares = est.shares(b, rt.config.compute_s_per_sample)
         assignment = torch.empty(b, dtype=torch.int64)
         result = None
         if rt.worker_index == 0:
+            if est is not None:
+                self.cost_model.set_links(est.bytes_per_second())
             # what this dispatcher reads: the additive matrix, LAIA's hit
             # counts, esd's de-duplicated model (nothing for cost-blind ones)
             cost, aux = self.dispatcher.inputs(
@@ -185,7 +199,7 @@ class EsdInputDist(nn.Module):
             assignment.copy_(result.assignment)
         a = assignment.to(device)
         dist.broadcast(a, src=0, group=group)
-        return a.cpu(), result
+        return a.cpu(), result, shares
 
     def _gather_ids(self, batch: Batch, group) -> tuple:
         """All-gather the local batches' sparse features (and sizes)."""
@@ -271,7 +285,8 @@ class EsdInputDist(nn.Module):
         thread (a bad batch, a dispatcher failure) are raised here, at the
         batch they belong to; a bad batch also stops the PS ranks, as in
         :meth:`forward`.  After each yield, :attr:`last_result`,
-        :attr:`last_mine` and :attr:`loss_scale` describe the yielded batch.
+        :attr:`last_mine`, :attr:`loss_scale`, :attr:`last_shares` and
+        :attr:`last_link_estimates` describe the yielded batch.
         """
         if int(depth) < 1:
             raise EsdConfigError(f"dispatch_ahead needs depth >= 1, got {depth}")
@@ -339,6 +354,7 @@ class EsdInputDist(nn.Module):
     def _adopt(self, d: _Dispatched) -> Batch:
         """Make ``d`` the current batch (the attributes describe it)."""
         self.last_result, self.last_mine, self.loss_scale = d.result, d.mine, d.loss_scale
+        self.last_shares, self.last_link_estimates = d.shares, d.link_bytes_per_s
         return d.local
 
     def _read(self, batch: Batch, group) -> _Read:
@@ -376,11 +392,11 @@ class EsdInputDist(nn.Module):
         me = rt.worker_index
         batch, gkjt, strides, ekjt = read.batch, read.global_kjt, read.strides, read.esd
         b = gkjt.stride()
-        assignment, result = self._decide(ekjt, group, device)
+        assignment, result, shares = self._decide(ekjt, group, device)
         plan = rt.directory.plan(ekjt, assignment, upcoming)  # type: ignore[union-attr]
         bk = rt.keyspace.decode(ekjt)  # the directory's decode of this batch, not a second one
         plan.workers[me].fingerprint = batch_fingerprint(bk.keys[assignment[bk.sample] == me])
-        rt.loss_scaling.dispatched(plan.iteration, b)
+        rt.loss_scaling.dispatched(plan.iteration, b, shares)
         rt.enqueue(plan)
         mine = (assignment == me).nonzero().view(-1)  # global indices of this worker's samples
         if self.mode == "global":
@@ -391,7 +407,9 @@ class EsdInputDist(nn.Module):
                 sparse_features=select_kjt_samples(gkjt, mine),
                 labels=self._move_rows(batch.labels, assignment, strides, group, device),
             )
-        return _Dispatched(local, result, mine, rt.config.num_workers / b)
+        est = rt.link_estimates
+        links = est.bytes_per_second() if est is not None else None  # this thread updated them last
+        return _Dispatched(local, result, mine, rt.config.num_workers / b, shares, links)
 
     def _move_rows(
         self, local: torch.Tensor, assignment: torch.Tensor, strides: List[int], group, device: torch.device
