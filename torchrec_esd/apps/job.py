@@ -58,6 +58,9 @@ class JobConfig:
     # DES only (method="des", see _des): "row_wise" | "table_wise"
     des_sharding: str = "row_wise"
     pooling: str = "sum"  # every table's pooling: "sum" | "mean"
+    # called on every worker after each training step with the step's index (from 0),
+    # e.g. by a benchmark that changes a link mid-run
+    on_step: Optional[Callable[[int], None]] = None
 
 
 def job_tables(job: JobConfig, workload) -> List[EmbeddingBagConfig]:
@@ -109,6 +112,7 @@ class _Tracker:
         self.step_end_cpu_s = []  # this process's CPU time (all threads) at the same moments
         self.preds, self.labels = [], []
         self.keep = max(1, job.auc_steps)
+        self.on_step = job.on_step
         self.bar = None
         if job.progress and rank == 0:
             self.bar = tqdm(total=job.steps, desc=label, leave=False)
@@ -123,6 +127,8 @@ class _Tracker:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{mean_loss:.4f}")
+        if self.on_step is not None:
+            self.on_step(len(self.losses) - 1)
 
     def auc(self) -> float:
         # imported here: torchmetrics takes ~1.3 s to import, and only the end
