@@ -278,7 +278,8 @@ def rank_main(spec_path: str) -> None:
                 rate_requests = hook.count
                 rec["rate_waits"] = hook.waits
             if "local_samples" in r:
-                rec.update(local_samples=r["local_samples"], link_estimates_mbps=r["link_estimates_mbps"])
+                rec.update(local_samples=r["local_samples"], link_estimates_mbps=r["link_estimates_mbps"],
+                           link_observations=r["link_observations"])
             if "losses" in r:
                 # per-step wall and CPU times between consecutive step ends (the
                 # training thread's clock; CPU counts every thread of the process)

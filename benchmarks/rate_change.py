@@ -159,7 +159,10 @@ def analyse(raw: Dict, methods: List[str], spec: Dict, W: int) -> Dict:
         slow = workers[spec["worker"]]
         out[m] = {"step_ms": [1e3 * x for x in t], "phases": ph,
                   "slow_worker_samples": slow.get("local_samples"),
-                  "slow_worker_estimate_mbps": [e[spec["worker"]] for e in slow.get("link_estimates_mbps") or []]}
+                  "slow_worker_estimate_mbps": [e[spec["worker"]] for e in slow.get("link_estimates_mbps") or []],
+                  # every worker's estimate per step, and the gathered (exchanges, bytes, seconds, samples)
+                  "estimates_mbps": slow.get("link_estimates_mbps") or [],
+                  "observations": slow.get("link_observations") or []}
     return out
 
 

@@ -160,6 +160,7 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
         "samples_seen": samples_seen,
         "local_samples": local_samples,
         "link_estimates_mbps": link_mbps,
+        "link_observations": list(runtime.link_estimates.history) if runtime.link_estimates is not None else [],
     }
     if job.collect_tables:
         out["tables"], out["tables_state"] = runtime.gather_tables()

@@ -151,6 +151,7 @@ class LinkEstimates:
         self.bytes_per_sample = [0.0] * config.num_workers  # last measured, per worker
         self._lock = threading.Lock()  # the training thread records, the dispatch thread shares
         self._pending = [0.0, 0.0, 0.0, 0.0]  # exchanges, bytes, seconds, samples
+        self.history: "deque[List[List[float]]]" = deque(maxlen=4096)  # every gathered [W, 4], oldest first
 
     def record(self, nbytes: int, seconds: float, samples: int) -> None:
         """One synchronous PS exchange of this worker (training thread)."""
@@ -177,6 +178,7 @@ class LinkEstimates:
 
     def update(self, gathered: torch.Tensor) -> None:
         """Feed ``[W, 4]`` observations (exchanges, bytes, seconds, samples)."""
+        self.history.append(gathered.tolist())
         for w, (n, nbytes, seconds, samples) in enumerate(gathered.tolist()):
             if n > 0:
                 self.links[w].observe(nbytes, seconds, int(n))
