@@ -61,3 +61,15 @@ def test_launch_world_kills_on_timeout(tmp_path):
                                    str(tmp_path), cluster=cl)
         assert all(c != 0 for c in codes)
         assert all(p.poll() is not None for p in cl.procs)
+
+
+def test_set_rate_changes_a_shaped_link_in_place():
+    with netns.NetnsCluster([netns.Link(100.0), netns.Link(None)]) as cl:
+        cl.set_rate(0, 10.0)
+        for ns, dev in ((cl.rank_ns[0], netns.IFACE), (cl.bridge_ns, cl.bridge_port(0))):
+            out = subprocess.run(["ip", "netns", "exec", ns, "tc", "class", "show", "dev", dev],
+                                 capture_output=True, text=True).stdout
+            assert "rate 10Mbit" in out, out
+        assert cl.links[0].rate_mbit == 10.0
+        with pytest.raises(netns.NetnsError, match="unshaped"):
+            cl.set_rate(1, 10.0)

@@ -183,7 +183,7 @@ class EsdInputDist(nn.Module):
         else:
             # every worker's measured links, gathered on this dispatch's group: the
             # same estimates (and so the same shares) on every worker
-            est.share(group)
+            est.share(group, device)
             shares = est.shares(b, rt.config.compute_s_per_sample)
         assignment = torch.empty(b, dtype=torch.int64)
         result = None

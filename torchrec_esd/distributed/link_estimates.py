@@ -162,17 +162,17 @@ class LinkEstimates:
             p[2] += float(seconds)
             p[3] += float(samples)
 
-    def share(self, group) -> torch.Tensor:
+    def share(self, group, device: Optional[torch.device] = None) -> torch.Tensor:
         """All-gather every worker's observations since its last share (a
-        collective on ``group``, every worker calls it at the same dispatch)
-        and update every estimator from them, in worker order; returns the
-        gathered ``[W, 4]``."""
+        collective on ``group``, with tensors on ``device``, the group's;
+        every worker calls it at the same dispatch) and update every estimator
+        from them, in worker order; returns the gathered ``[W, 4]``."""
         with self._lock:
-            mine = torch.tensor(self._pending, dtype=torch.float64)
+            mine = torch.tensor(self._pending, dtype=torch.float64, device=device)
             self._pending = [0.0, 0.0, 0.0, 0.0]
-        every = [torch.zeros(4, dtype=torch.float64) for _ in range(self.config.num_workers)]
+        every = [torch.zeros_like(mine) for _ in range(self.config.num_workers)]
         dist.all_gather(every, mine, group=group)
-        gathered = torch.stack(every)
+        gathered = torch.stack(every).cpu()
         self.update(gathered)
         return gathered
 
