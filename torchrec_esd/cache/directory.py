@@ -210,7 +210,7 @@ class CacheDirectory:
         ``config.cache_lookahead``), for a policy that reads them
         (:mod:`torchrec_esd.cache.lookahead`); every replica must get the same."""
         if self.policy.reads_upcoming:
-            self.policy.look_ahead(self._upcoming(upcoming))
+            self.policy.look_ahead(UpcomingUse.of_batches(self.keyspace, upcoming, self.config.cache_lookahead))
         W = self.num_workers
         assignment = assignment.to(torch.int64).view(-1)
         if assignment.numel() != kjt.stride():
@@ -246,13 +246,6 @@ class CacheDirectory:
                 st.ver[slots] = self._latest[p.used_keys[p.local_pos]]
                 st.dirty[slots] = True
         return IterationPlan(self.iteration, plans)
-
-    def _upcoming(self, upcoming: Sequence[KeyedJaggedTensor]):
-        if len(upcoming) > self.config.cache_lookahead:
-            raise EsdConfigError(
-                f"{len(upcoming)} upcoming batches given, EsdConfig.cache_lookahead is {self.config.cache_lookahead}"
-            )
-        return UpcomingUse.from_batches([self.keyspace.decode(k).keys for k in upcoming])
 
     def _des_pairs(self, kjt: KeyedJaggedTensor, keys: torch.Tensor, owner: torch.Tensor):
         """Per tracked worker: distinct (row key, bag) pairs of its samples."""

@@ -42,6 +42,7 @@ import torch
 
 from torchrec_esd.cache.policy import EvictionPolicy, register_policy
 from torchrec_esd.cache.slots import WorkerSlots
+from torchrec_esd.config import EsdConfigError
 
 # priority = (window + 1 - distance) << LAST_USE_BITS | last_use (last_use < 2**32 iterations)
 LAST_USE_BITS = 32
@@ -81,6 +82,14 @@ class UpcomingUse:
         first = torch.ones_like(keys, dtype=torch.bool)
         first[1:] = keys[1:] != keys[:-1]
         return cls(keys[first], dist[first], len(batch_keys))
+
+    @classmethod
+    def of_batches(cls, keyspace, batches: Sequence, window: int) -> "UpcomingUse":
+        """From upcoming KJTs (at most ``window``), decoded by ``keyspace``
+        (a :class:`~torchrec_esd.layout.KeySpace`; bad ids raise its ``EsdIdError``)."""
+        if len(batches) > window:
+            raise EsdConfigError(f"{len(batches)} upcoming batches given, EsdConfig.cache_lookahead is {window}")
+        return cls.from_batches([keyspace.decode(k).keys for k in batches])
 
     def next_use(self, keys: torch.Tensor) -> torch.Tensor:
         """Distance to the next use of each key, ``window + 1`` where not used."""
