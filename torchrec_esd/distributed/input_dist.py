@@ -77,7 +77,7 @@ class _Read:
     ``esd`` is its ESD-managed features (what the directory plans); ``bad``
     the failed id check, ``failure`` any other error, both raised at its turn."""
 
-    batch: Batch
+    batch: Optional[Batch]  # None: the loader failed before yielding it
     global_kjt: Optional[KeyedJaggedTensor] = None
     strides: Optional[List[int]] = None
     esd: Optional[KeyedJaggedTensor] = None
@@ -316,7 +316,11 @@ class EsdInputDist(nn.Module):
             try:
                 while True:
                     while len(ahead) <= window and (not ahead or _readable(ahead[-1])):
-                        batch = next(source, _END)
+                        try:
+                            batch = next(source, _END)
+                        except BaseException as e:  # the loader's error, raised at its batch's turn
+                            ahead.append(_Read(None, failure=e))
+                            break
                         if batch is _END:
                             break
                         ahead.append(self._read_safely(batch, rt.dispatch_group))
