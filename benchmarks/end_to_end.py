@@ -59,10 +59,12 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 import netns  # noqa: E402
+import rate_change  # noqa: E402
 
 METHODS = ["vanilla", "random", "laia", "heuristic", "optimal", "hybrid", "esd"]
-VARIANTS = ("des", "plan", "shares")  # "+des": DES-served misses; "+plan": the planner's shares;
-# "+shares": shares decided per batch around the (planned or equal) shares (torchrec_esd.dispatch.shares)
+VARIANTS = ("des", "plan", "shares", "online")  # "+des": DES-served misses; "+plan": the planner's shares;
+# "+shares": shares decided per batch around the (planned or equal) shares (torchrec_esd.dispatch.shares);
+# "+online": links measured on the PS exchanges (EsdConfig.online_links, shares from the estimates)
 LABEL = {
     "vanilla": "vanilla TorchRec",
     "random": "cache-only (random)",
@@ -76,7 +78,8 @@ LABEL = {
 
 def method_label(method: str) -> str:
     base, *variants = method.split("+")
-    extra = {"des": "DES misses", "plan": "planned shares", "shares": "per-batch shares"}
+    extra = {"des": "DES misses", "plan": "planned shares", "shares": "per-batch shares",
+             "online": "online link estimates"}
     return " + ".join([LABEL.get(base, base)] + [extra.get(v, v) for v in variants])
 
 
@@ -122,6 +125,9 @@ def parse_args(argv=None):
     p.add_argument("--input-mode", default="global", choices=["global", "local"],
                    help="ESD input: every worker reads the global batch (global) or its slice, ids "
                         "all-gathered over the links (local)")
+    p.add_argument("--rate-change", default=None,
+                   help="WORKER:STEP=MBIT[,STEP=MBIT...]: change that worker's tc rate mid-run, e.g. 3:20=10,40=100 "
+                        "(benchmarks/rate_change.py; also written: iteration time per step)")
     p.add_argument("--timeout-s", type=float, default=1500.0, help="kill the world after this long")
     p.add_argument("--keep-logs", action="store_true")
     p.add_argument("--_rank", default=None, help=argparse.SUPPRESS)
@@ -219,6 +225,7 @@ def rank_main(spec_path: str) -> None:
                 f.write(msg + "\n")
 
     records = []
+    rate_requests = 0  # numbered in the same order on every worker rank
     for k, mix in enumerate(spec["mixes"]):
         # the launcher (re)shapes the links between mixes
         dist.barrier()
@@ -255,8 +262,16 @@ def rank_main(spec_path: str) -> None:
                     kw = dict(dispatcher_kwargs={"inner": dispatcher,
                                                  "samples_per_s": [spec["samples_per_s"]] * len(mix["bandwidths"])})
                     dispatcher = "shares"
+                if "online" in variants:
+                    cfg = dataclasses.replace(cfg, online_links=True, compute_s_per_sample=1.0 / spec["samples_per_s"])
                 job = JobConfig(method="esd", dispatcher=dispatcher, dispatch_ahead=spec["dispatch_ahead"],
                                 dense_sync=spec["dense_sync"], **{**base, "esd": cfg}, **kw)
+            hook = None
+            if spec.get("rate_change") and rank < len(mix["bandwidths"]):
+                hook = rate_change.RateHook(outdir, rank, spec["rate_change"])
+                hook.count = rate_requests
+                hook.request(mix["bandwidths"][hook.worker])  # every method starts at the mix's rate
+                job = dataclasses.replace(job, on_step=hook)
             dist.barrier()
             c0, t0, p0 = _iface_counters(), time.perf_counter(), time.process_time()
             r = run(job)
@@ -269,6 +284,12 @@ def rank_main(spec_path: str) -> None:
                    else None}
             if c0 is not None:
                 rec["wire"] = {k2: c1[k2] - c0[k2] for k2 in c0}
+            if hook is not None:
+                rate_requests = hook.count
+                rec["rate_waits"] = hook.waits
+            if "local_samples" in r:
+                rec.update(local_samples=r["local_samples"], link_estimates_mbps=r["link_estimates_mbps"],
+                           link_observations=r["link_observations"])
             if "losses" in r:
                 # per-step wall and CPU times between consecutive step ends (the
                 # training thread's clock; CPU counts every thread of the process)
@@ -336,7 +357,9 @@ def launch(args, mixes: List[Dict], methods: List[str]) -> Dict:
         "sparse_optimizer": args.sparse_optimizer, "input_mode": args.input_mode, "repeats": args.repeats,
         "dispatch_ahead": args.dispatch_ahead, "dense_sync": args.dense_sync,
         "barrier_timeout_s": max(300.0, args.timeout_s / 2),
+        "rate_change": rate_change.parse(args.rate_change),
     }
+    rates = rate_change.RateServer(tmp, W)
     spec_path = os.path.join(tmp, "spec.json")
     with open(spec_path, "w") as f:
         json.dump(spec, f)
@@ -357,6 +380,7 @@ def launch(args, mixes: List[Dict], methods: List[str]) -> Dict:
                 state["progress_pos"] = f.tell()
             for line in new.splitlines():
                 print(f"[e2e {time.perf_counter() - t_start:6.1f} s] {line}", flush=True)
+        rates.poll(cluster, t_start)
         k = state["next_mix"]
         if k < len(mixes) and os.path.exists(os.path.join(tmp, f"mix{k}.request")):
             if cluster is not None:
@@ -411,7 +435,7 @@ def launch(args, mixes: List[Dict], methods: List[str]) -> Dict:
             shutil.rmtree(tmp, ignore_errors=True)
     return {"links": links_kind, "links_reason": why, "applied_links": applied, "per_rank": per_rank,
             "netem": bool(cluster.netem) if cluster is not None else None, "cpu": cpu,
-            "world_s": time.perf_counter() - t_start}
+            "world_s": time.perf_counter() - t_start, "rate_changes": rates.applied}
 
 
 # ====================================================================== analysis
@@ -745,6 +769,13 @@ def main(argv=None) -> None:
         "runtime_s": elapsed, "world_s": raw["world_s"], "cpu_during_world": raw["cpu"],
         "results": summary, "targets": tg, "markdown": md,
     }
+    rc = rate_change.parse(args.rate_change)
+    if rc is not None:
+        res = rate_change.analyse(raw, methods, rc, W)
+        rc_md = rate_change.markdown(res, rc, method_label, md.splitlines()[-1])
+        result["rate_change"] = {"spec": rc, "applied": raw["rate_changes"], "results": res, "markdown": rc_md}
+        md = md + "\n\n" + rc_md
+        rate_change.plot(res, rc, os.path.splitext(args.out)[0] + "_per_step.png", method_label)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     if args.markdown:

@@ -335,6 +335,20 @@ class NetnsCluster:
         self.applied = applied
         return applied
 
+    def set_rate(self, rank: int, rate_mbit: float) -> Dict:
+        """Change the HTB rate of a shaped rank's link in both directions in
+        place (``tc class change``: queued packets stay, no qdisc is rebuilt)."""
+        link = self.links[rank]
+        if link.rate_mbit is None:
+            raise NetnsError(f"rank {rank}'s link is unshaped: apply() a rate first")
+        burst = max(16_000, int(rate_mbit * 1e6 / 8 * 0.001))
+        for ns, dev in ((self.rank_ns[rank], IFACE), (self.bridge_ns, self.bridge_port(rank))):
+            _run(["ip", "netns", "exec", ns, "tc", "class", "change", "dev", dev, "parent", "1:", "classid", "1:1",
+                  "htb", "rate", f"{rate_mbit:g}mbit", "ceil", f"{rate_mbit:g}mbit",
+                  "burst", str(burst), "cburst", str(burst)])
+        self.links[rank] = Link(float(rate_mbit), link.delay_ms)
+        return {"rank": rank, "rate_mbit": float(rate_mbit)}
+
     def qdiscs(self, rank: int) -> str:
         a = _run(["ip", "netns", "exec", self.rank_ns[rank], "tc", "qdisc", "show", "dev", IFACE], check=False)
         b = _run(["ip", "netns", "exec", self.bridge_ns, "tc", "qdisc", "show", "dev", self.bridge_port(rank)],

@@ -229,8 +229,11 @@ def test_vanilla_and_esd_train_the_same_on_a_tsv_file(tmp_path):
     assert esd[0]["metrics"]["total_bytes"] > 0
 
 
-@pytest.mark.parametrize("dispatch_ahead", [0, 1], ids=["inline", "dispatch-ahead"])
-def test_bad_line_mid_training_fails_every_rank_including_the_ps(tmp_path, dispatch_ahead):
+@pytest.mark.parametrize("dispatch_ahead,policy", [(0, "lru"), (1, "lru"), (1, "lookahead")],
+                         ids=["inline", "dispatch-ahead", "dispatch-ahead-lookahead"])
+def test_bad_line_mid_training_fails_every_rank_including_the_ps(tmp_path, dispatch_ahead, policy):
+    # with the lookahead policy the loader fails while the dispatch thread reads
+    # ahead (2 batches beyond the one it dispatches); the error comes at its batch
     from torchrec_esd.apps.launch import RankFailed, run_local_world
     from torchrec_esd.apps.trainer import JobConfig, run
 
@@ -241,7 +244,8 @@ def test_bad_line_mid_training_fails_every_rank_including_the_ps(tmp_path, dispa
     p.write_text(_line() * 4100 + _line(cats=["zz"] + ["0a0b0c0d"] * 25) + _line() * 99)
     wl = CriteoTsvConfig(str(p), max_cardinality=40)
     cache = {f"t_{f}": 2 for f in wl.feature_names}
-    cfg = EsdConfig([WorkerSpec(cache, 1.0), WorkerSpec(cache, 4.0)], collective_timeout_s=60)
+    cfg = EsdConfig([WorkerSpec(cache, 1.0), WorkerSpec(cache, 4.0)], collective_timeout_s=60,
+                    cache_policy=policy, cache_lookahead=2)
     job = JobConfig(method="esd", esd=cfg, dispatcher="random", steps=3, global_batch=2048, workload=wl,
                     dispatch_ahead=dispatch_ahead)
     with pytest.raises(RankFailed) as info:

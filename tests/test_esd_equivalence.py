@@ -22,12 +22,12 @@ CACHE = {"t_cat_0": 12, "t_cat_1": 30, "t_cat_2": 40, "t_cat_3": 6}
 
 
 def _compare(W, shares, dispatcher, optimizer, mode, bandwidths, num_ps=1, workload=WORKLOAD, cache=CACHE,
-             des_misses=False, pooling="sum", **esd_kwargs):
+             des_misses=False, pooling="sum", esd_options=None, **esd_kwargs):
     common = dict(steps=STEPS, global_batch=BATCH, workload=workload, collect_tables=True,
                   sparse_optimizer=optimizer, sparse_lr=0.1, dense_lr=0.1, pooling=pooling)
     vanilla = run_local_world(run, W, JobConfig(method="vanilla", **common))
     cfg = EsdConfig([WorkerSpec(cache, bw, share=s) for bw, s in zip(bandwidths, shares)], num_ps=num_ps,
-                    des_misses=des_misses)
+                    des_misses=des_misses, **(esd_options or {}))
     esd = run_local_world(
         run, W + num_ps, JobConfig(method="esd", esd=cfg, dispatcher=dispatcher, input_mode=mode, **esd_kwargs, **common)
     )
@@ -80,6 +80,25 @@ def test_equivalence_dispatch_ahead_train_pipeline_same_decisions():
     for r in range(4):
         assert torch.equal(ahead[r]["samples_seen"], inline[r]["samples_seen"])
     assert ahead[0]["metrics"]["rows"] == inline[0]["metrics"]["rows"]
+
+
+def test_equivalence_lookahead_eviction_dispatch_ahead_local_batches():
+    # the dispatch thread reads (all-gathers) 3 batches beyond the one it
+    # dispatches and the directory evicts by their next use: still vanilla's model
+    _compare(2, [1, 2], "heuristic", "rowwise_adagrad", "local", [1.0, 8.0], dispatch_ahead=2,
+             esd_options=dict(cache_policy="lookahead", cache_lookahead=3))
+
+
+def test_equivalence_online_links_shares_follow_the_measured_links():
+    # the shares come from the links measured on the PS exchanges, gathered on every
+    # worker (they change from step to step): the loss scaling keeps vanilla's model
+    _, esd = _compare(3, [1, 1, 1], "esd", "rowwise_adagrad", "global", [1.0, 8.0, 8.0], dispatch_ahead=1,
+                      esd_options=dict(online_links=True, compute_s_per_sample=1e-4))
+    est = [esd[r]["link_estimates_mbps"] for r in range(3)]
+    assert est[0] == est[1] == est[2] and len(est[0]) == STEPS
+    counts = [esd[r]["local_samples"] for r in range(3)]
+    assert all(sum(c[s] for c in counts) == BATCH for s in range(STEPS))
+    assert len({tuple(c[s] for c in counts) for s in range(STEPS)}) > 1  # the shares moved
 
 
 # ---------------------------------------------------------------- DES-served misses
@@ -137,11 +156,15 @@ def _bad_id_job(job):
     return run(job)
 
 
-@pytest.mark.parametrize("dispatch_ahead", [0, 2], ids=["inline", "dispatch-ahead"])
-def test_out_of_range_id_fails_every_rank_without_hanging(dispatch_ahead):
+@pytest.mark.parametrize("dispatch_ahead,policy", [(0, "lru"), (2, "lru"), (2, "lookahead")],
+                         ids=["inline", "dispatch-ahead", "dispatch-ahead-lookahead"])
+def test_out_of_range_id_fails_every_rank_without_hanging(dispatch_ahead, policy):
     # with dispatch-ahead the bad batch is found in the dispatch thread, two steps
-    # ahead of training; the training thread stops the PS ranks at that batch
-    cfg = EsdConfig([WorkerSpec(CACHE, 1.0), WorkerSpec(CACHE, 2.0)], collective_timeout_s=60)
+    # ahead of training (with the lookahead policy, when it enters the window of
+    # upcoming batches, which ends before it); the training thread stops the PS
+    # ranks at that batch
+    cfg = EsdConfig([WorkerSpec(CACHE, 1.0), WorkerSpec(CACHE, 2.0)], collective_timeout_s=60,
+                    cache_policy=policy, cache_lookahead=3)
     job = JobConfig(method="esd", esd=cfg, steps=5, global_batch=8, workload=WORKLOAD,
                     dispatcher="hybrid" if dispatch_ahead else "random", dispatch_ahead=dispatch_ahead)
     with pytest.raises(RankFailed) as info:
@@ -255,7 +278,7 @@ def test_equivalence_per_batch_shares():
     rates = [400.0, 4000.0, 20000.0]
     _, esd = _compare(3, [1, 1, 1], "shares", "rowwise_adagrad", "global", [1.0, 4.0, 8.0],
                       dispatcher_kwargs={"inner": "esd", "samples_per_s": rates})
-    sizes = [esd[r]["local_sizes"] for r in range(3)]
+    sizes = [esd[r]["local_samples"] for r in range(3)]
     assert all(sum(s[t] for s in sizes) == BATCH for t in range(STEPS))
     assert len({tuple(s[t] for s in sizes) for t in range(STEPS)}) > 1, "the shares never changed"
     assert any(s[t] != BATCH // 3 for s in sizes for t in range(STEPS))

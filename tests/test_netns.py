@@ -86,3 +86,15 @@ def test_cleanup_keeps_the_namespaces_of_a_live_concurrent_run():
         live.wait()
         for name in (mine_live, mine_dead):
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def test_set_rate_changes_a_shaped_link_in_place():
+    with netns.NetnsCluster([netns.Link(100.0), netns.Link(None)]) as cl:
+        cl.set_rate(0, 10.0)
+        for ns, dev in ((cl.rank_ns[0], netns.IFACE), (cl.bridge_ns, cl.bridge_port(0))):
+            out = subprocess.run(["ip", "netns", "exec", ns, "tc", "class", "show", "dev", dev],
+                                 capture_output=True, text=True).stdout
+            assert "rate 10Mbit" in out, out
+        assert cl.links[0].rate_mbit == 10.0
+        with pytest.raises(netns.NetnsError, match="unshaped"):
+            cl.set_rate(1, 10.0)

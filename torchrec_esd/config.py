@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 OBJECTIVES = ("total", "makespan")
-CACHE_POLICIES = ("lru", "lfu")
+CACHE_POLICIES = ("lru", "lfu", "lookahead")
 
 CacheRows = Union[int, Mapping[str, int]]
 
@@ -111,7 +111,11 @@ class EsdConfig:
             PS; ``0`` is strictly synchronous (same model as vanilla TorchRec).
         objective: ``"total"`` (sum of link times) or ``"makespan"`` (slowest
             link bounds the synchronous iteration).
-        cache_policy: ``"lru"`` or ``"lfu"`` eviction.
+        cache_policy: ``"lru"``, ``"lfu"`` or ``"lookahead"`` eviction (or a
+            registered :class:`~torchrec_esd.cache.EvictionPolicy`'s name).
+        cache_lookahead: upcoming global batches a policy that reads them
+            (``"lookahead"``) sees; ``EsdInputDist.dispatch_ahead`` reads this
+            many batches beyond the one it dispatches.
         collective_timeout_s: timeout of every collective, so that a rank that
             fails makes the others fail instead of hang.
         des_misses: let the parameter servers serve cache misses DES-style
@@ -120,6 +124,13 @@ class EsdConfig:
             and one bag gradient up, the PS returns the bag's partial sum of
             those rows and applies the bag's gradient to them; such rows are
             not cached.  SUM / MEAN pooling only.  Exact at staleness 0.
+        online_links: the dispatcher's cost model uses every worker's link as
+            measured on its PS exchanges (bandwidth and latency,
+            :mod:`torchrec_esd.distributed.link_estimates`), the configured
+            numbers being the prior.
+        compute_s_per_sample: with ``online_links``, a worker's compute time
+            per sample at ``share`` 1: the shares then equalise the predicted
+            step time (compute + measured link) instead of following ``share``.
     """
 
     workers: Sequence[WorkerSpec]
@@ -127,8 +138,11 @@ class EsdConfig:
     staleness: int = 0
     objective: str = "total"
     cache_policy: str = "lru"
+    cache_lookahead: int = 4
     collective_timeout_s: float = 120.0
     des_misses: bool = False
+    online_links: bool = False
+    compute_s_per_sample: Optional[float] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -159,8 +173,27 @@ class EsdConfig:
             f"EsdConfig.cache_policy must be one of {CACHE_POLICIES}, got {self.cache_policy!r}",
         )
         _require(
+            isinstance(self.cache_lookahead, int) and not isinstance(self.cache_lookahead, bool)
+            and self.cache_lookahead >= 0,
+            f"EsdConfig.cache_lookahead must be an int >= 0, got {self.cache_lookahead!r}",
+        )
+        _require(
             isinstance(self.des_misses, bool),
             f"EsdConfig.des_misses must be a bool, got {self.des_misses!r}",
+        )
+        _require(
+            isinstance(self.online_links, bool),
+            f"EsdConfig.online_links must be a bool, got {self.online_links!r}",
+        )
+        _require(
+            self.compute_s_per_sample is None
+            or (isinstance(self.compute_s_per_sample, (int, float)) and not isinstance(self.compute_s_per_sample, bool)
+                and math.isfinite(self.compute_s_per_sample) and self.compute_s_per_sample > 0),
+            f"EsdConfig.compute_s_per_sample must be None or a number > 0, got {self.compute_s_per_sample!r}",
+        )
+        _require(
+            self.compute_s_per_sample is None or self.online_links,
+            "EsdConfig.compute_s_per_sample sets the shares from the measured links: it needs online_links=True",
         )
         _require(
             self.collective_timeout_s > 0,

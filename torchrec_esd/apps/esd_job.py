@@ -93,7 +93,8 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
     samples_seen = torch.zeros(job.global_batch, dtype=torch.int64)
     # batches are read while step < limit[0]; a preemption lowers it (see below)
     limit = [job.steps]
-    local_sizes: List[int] = []  # this worker's samples per step (they vary with per-batch shares)
+    local_samples: List[int] = []  # this worker's samples per step (they vary with per-batch shares)
+    link_mbps: List[List[float]] = []  # every worker's estimated link after each dispatch (online_links)
 
     bad_input: List[str] = []
 
@@ -123,7 +124,9 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
             locals_ = (dispatch(batch) for batch in batches(lo, hi))
         for local in _abort_on_bad_input(locals_):
             samples_seen += torch.bincount(dispatch.last_mine, minlength=job.global_batch)
-            local_sizes.append(int(dispatch.last_mine.numel()))
+            local_samples.append(int(dispatch.last_mine.numel()))
+            if dispatch.last_link_estimates is not None:
+                link_mbps.append([b * 8 / 1e6 for b in dispatch.last_link_estimates])
             if dispatch.last_result is not None:
                 decisions.append(
                     {"solver": dispatch.last_result.solver, "ms": dispatch.last_result.decision_s * 1e3}
@@ -208,7 +211,9 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
         "samples_seen": samples_seen,
         "start_step": start,
         "preempted_at": step if stop["at"] is not None else None,
-        "local_sizes": local_sizes,
+        "local_samples": local_samples,
+        "link_estimates_mbps": link_mbps,
+        "link_observations": list(runtime.link_estimates.history) if runtime.link_estimates is not None else [],
     }
     if job.collect_tables:
         out["tables"], out["tables_state"] = runtime.gather_tables()

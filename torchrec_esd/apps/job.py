@@ -67,6 +67,9 @@ class JobConfig:
     # and TensorBoard scalars under this directory (needs the tensorboard package)
     metrics_jsonl: Optional[str] = None
     tensorboard_dir: Optional[str] = None
+    # called on every worker after each training step with the step's index (from 0),
+    # e.g. by a benchmark that changes a link mid-run
+    on_step: Optional[Callable[[int], None]] = None
 
 
 def job_tables(job: JobConfig, workload) -> List[EmbeddingBagConfig]:
@@ -128,6 +131,7 @@ class _Tracker:
         self.step_end_cpu_s = []  # this process's CPU time (all threads) at the same moments
         self.preds, self.labels = [], []
         self.keep = max(1, job.auc_steps)
+        self.on_step = job.on_step
         self.bar = None
         if job.progress and rank == 0:
             self.bar = tqdm(total=job.steps, desc=label, leave=False)
@@ -151,6 +155,8 @@ class _Tracker:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{mean_loss:.4f}")
+        if self.on_step is not None:
+            self.on_step(len(self.losses) - 1)
 
     def write_metrics(self) -> None:
         """Write the per-step records (collective on the job's group)."""

@@ -7,11 +7,14 @@ eviction policies and the cache state the cost model reads.
   :class:`TransmissionKind`;
 * :mod:`~torchrec_esd.cache.policy`: :class:`EvictionPolicy` (:class:`LruPolicy`,
   :class:`LfuPolicy`) and the registry ``EsdConfig.cache_policy`` names;
+* :mod:`~torchrec_esd.cache.lookahead`: :class:`LookaheadPolicy` (Belady within
+  the upcoming batches) and :class:`UpcomingUse`;
 * :mod:`~torchrec_esd.cache.state`: the :class:`CacheState` protocol;
 * :mod:`~torchrec_esd.cache.views`: per-table snapshots (:class:`TableCacheView`).
 """
 
 from torchrec_esd.cache.directory import CacheDirectory, DirectoryCacheState
+from torchrec_esd.cache.lookahead import LookaheadPolicy, UpcomingUse
 from torchrec_esd.cache.plans import DES_ROWS, KINDS, IterationPlan, TransmissionKind, WorkerPlan
 from torchrec_esd.cache.policy import (
     EvictionPolicy,
@@ -38,10 +41,12 @@ __all__ = [
     "KINDS",
     "KernelPolicy",
     "LfuPolicy",
+    "LookaheadPolicy",
     "LruPolicy",
     "TableCacheView",
     "TableViewsState",
     "TransmissionKind",
+    "UpcomingUse",
     "WorkerCacheView",
     "WorkerPlan",
     "WorkerSlots",

@@ -45,6 +45,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_esd import ops
+from torchrec_esd.cache.lookahead import UpcomingUse
 from torchrec_esd.cache.plans import EMPTY, IterationPlan, WorkerPlan, row_counts
 from torchrec_esd.cache.policy import EvictionPolicy, make_policy
 from torchrec_esd.cache.slots import WorkerSlots
@@ -204,9 +205,18 @@ class CacheDirectory:
         return out
 
     # ------------------------------------------------------------ one iteration
-    def plan(self, kjt: KeyedJaggedTensor, assignment: torch.Tensor) -> IterationPlan:
+    def plan(
+        self, kjt: KeyedJaggedTensor, assignment: torch.Tensor,
+        upcoming: Sequence[KeyedJaggedTensor] = (),
+    ) -> IterationPlan:
         """Plan one iteration for the global batch ``kjt`` dispatched by
-        ``assignment`` and advance the directory to its end state."""
+        ``assignment`` and advance the directory to its end state.
+
+        ``upcoming``: the next global batches (nearest first, at most
+        ``config.cache_lookahead``), for a policy that reads them
+        (:mod:`torchrec_esd.cache.lookahead`); every replica must get the same."""
+        if self.policy.reads_upcoming:
+            self.policy.look_ahead(UpcomingUse.of_batches(self.keyspace, upcoming, self.config.cache_lookahead))
         W = self.num_workers
         assignment = assignment.to(torch.int64).view(-1)
         if assignment.numel() != kjt.stride():

@@ -55,6 +55,9 @@ class EvictionPolicy:
 
     name: ClassVar[str] = ""
     kernel_code: ClassVar[Optional[KernelPolicy]] = None
+    # True: the directory hands the policy the upcoming batches' rows before
+    # each iteration (:meth:`look_ahead`; :mod:`torchrec_esd.cache.lookahead`)
+    reads_upcoming: ClassVar[bool] = False
 
     def slot_state(self, num_slots: int) -> Dict[str, torch.Tensor]:
         """Per-slot tensors of this policy's own for a worker with ``num_slots``
@@ -64,6 +67,11 @@ class EvictionPolicy:
     def on_place(self, cache: WorkerSlots, slots: torch.Tensor, iteration: int) -> None:
         """Rows were placed into ``slots`` (in the ascending order of their
         row keys) during ``iteration``, before they are used."""
+
+    def look_ahead(self, upcoming) -> None:
+        """The rows the next batches use (an
+        :class:`~torchrec_esd.cache.lookahead.UpcomingUse`), before the
+        directory plans an iteration; only called where ``reads_upcoming``."""
 
     def priority(self, cache: WorkerSlots, slots: torch.Tensor) -> torch.Tensor:
         """Eviction priority (int64) of the cached, unpinned ``slots`` of one
@@ -96,7 +104,7 @@ class LfuPolicy(EvictionPolicy):
 
 
 _REGISTRY: Dict[str, Type[EvictionPolicy]] = {}
-_BUILTIN = ("lru", "lfu")
+_BUILTIN = ("lru", "lfu", "lookahead")  # lookahead: registered by cache/lookahead.py
 
 
 def _publish() -> None:

@@ -81,16 +81,24 @@ class CostModel:
         self.row_bytes = torch.tensor(
             [d * value_bytes + optimizer_state_bytes_per_row for d in moved_dims], dtype=torch.float64,
         )
-        bps = torch.tensor([w.bytes_per_second for w in config.workers], dtype=torch.float64)
-        self.bytes_per_second = bps
         self.value_bytes = value_bytes
         self.table_dims = torch.tensor(moved_dims, dtype=torch.int64)
-        # rt[w, t]: seconds to move one row of table t over worker w's link
-        self.row_time = self.row_bytes.view(1, -1) / bps.view(-1, 1)
+        self.set_links([w.bytes_per_second for w in config.workers])
         self.capacity = torch.tensor(
             [[w.cache_rows_for(n) for n in self.table_names] for w in config.workers],
             dtype=torch.int64,
         )
+
+    def set_links(self, bytes_per_second: Sequence[float]) -> None:
+        """Price rows at these per-worker bandwidths (the config's, or the
+        runtime's online estimates, :mod:`torchrec_esd.distributed.link_estimates`)."""
+        bps = torch.tensor([float(b) for b in bytes_per_second], dtype=torch.float64)
+        if bps.numel() != self.num_workers or not bool((bps > 0).all()) or not bool(torch.isfinite(bps).all()):
+            raise ValueError(f"set_links needs {self.num_workers} finite bandwidths > 0, got {bps.tolist()}")
+        self.bytes_per_second = bps
+        # rt[w, t]: seconds to move one row of table t over worker w's link
+        self.row_time = self.row_bytes.view(1, -1) / bps.view(-1, 1)
+        self._last_state = None
 
     # ------------------------------------------------------------------ keys
     def row_keys(self, kjt: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,10 @@ over the runtime's own dispatch process group, so worker 0's decision and every
 worker's directory plan for batch ``t + 1`` run while batch ``t`` trains (they
 depend only on the directory state after batch ``t``'s plan, which is known
 before ``t`` trains).  The assignments, plans and trained model are the same as
-calling the module batch by batch.
+calling the module batch by batch.  With an eviction policy that reads the
+upcoming batches (``"lookahead"``), the thread reads ``EsdConfig.cache_lookahead``
+batches beyond the one it dispatches and hands their ids to the directory's
+plan (:mod:`torchrec_esd.cache.lookahead`); batch by batch, the window is empty.
 
 Losses: ``loss = esd_dist.loss(per_sample_losses)`` (``sum * W / B``, where
 :attr:`loss_scale` is ``W / B``) makes the gradients those of vanilla synchronous
@@ -35,8 +38,9 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Union
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -52,6 +56,7 @@ from torchrec_esd.distributed.plan_channel import batch_fingerprint
 from torchrec_esd.distributed.runtime import EsdRuntime
 
 MODES = ("global", "local")
+_END = object()
 
 
 @dataclass
@@ -62,6 +67,26 @@ class _Dispatched:
     result: Optional[DispatchResult]
     mine: torch.Tensor
     loss_scale: float
+    shares: Optional[List[int]] = None
+    link_bytes_per_s: Optional[List[float]] = None  # the estimates it was decided with (online_links)
+
+
+@dataclass
+class _Read:
+    """One batch as read (the ids gathered in local mode) and checked:
+    ``esd`` is its ESD-managed features (what the directory plans); ``bad``
+    the failed id check, ``failure`` any other error, both raised at its turn."""
+
+    batch: Optional[Batch]  # None: the loader failed before yielding it
+    global_kjt: Optional[KeyedJaggedTensor] = None
+    strides: Optional[List[int]] = None
+    esd: Optional[KeyedJaggedTensor] = None
+    bad: Optional["_BadBatch"] = None
+    failure: Optional[BaseException] = None
+
+
+def _readable(r: _Read) -> bool:
+    return r.bad is None and r.failure is None
 
 
 class _BadBatch(Exception):
@@ -109,6 +134,9 @@ class EsdInputDist(nn.Module):
         self.last_result: Optional[DispatchResult] = None
         self.loss_scale: float = 1.0
         self.last_mine = torch.empty(0, dtype=torch.int64)
+        self.last_shares: Optional[List[int]] = None  # samples per worker of the current batch
+        # every worker's estimated link (bytes/s) the current batch was dispatched with (online_links)
+        self.last_link_estimates: Optional[List[float]] = None
         self._cost_model = None
 
     # ------------------------------------------------------------ helpers
@@ -152,10 +180,19 @@ class EsdInputDist(nn.Module):
     def _decide(self, kjt: KeyedJaggedTensor, group, device: torch.device) -> tuple:
         rt = self.runtime
         b = kjt.stride()
-        shares = rt.config.batch_shares(b)
+        est = rt.link_estimates
+        if est is None:
+            shares = rt.config.batch_shares(b)
+        else:
+            # every worker's measured links, gathered on this dispatch's group: the
+            # same estimates (and so the same shares) on every worker
+            est.share(group, device)
+            shares = est.shares(b, rt.config.compute_s_per_sample)
         assignment = torch.empty(b, dtype=torch.int64)
         result = None
         if rt.worker_index == 0:
+            if est is not None:
+                self.cost_model.set_links(est.bytes_per_second())
             # what this dispatcher reads: the additive matrix, LAIA's hit
             # counts, esd's de-duplicated model (nothing for cost-blind ones)
             cost, aux = self.dispatcher.inputs(
@@ -165,7 +202,7 @@ class EsdInputDist(nn.Module):
             assignment.copy_(result.assignment)
         a = assignment.to(device)
         dist.broadcast(a, src=0, group=group)
-        return a.cpu(), result
+        return a.cpu(), result, shares
 
     def _gather_ids(self, batch: Batch, group) -> tuple:
         """All-gather the local batches' sparse features (and sizes)."""
@@ -226,8 +263,9 @@ class EsdInputDist(nn.Module):
 
     def forward(self, batch: Batch) -> Batch:
         self.runtime.require_sharded_module()
+        group = self.runtime.worker_group
         try:
-            d = self._dispatch(batch, self.runtime.worker_group, self.device)
+            d = self._dispatch(self._read(batch, group), group, self.device)
         except _BadBatch as e:
             self._fail(e)
         return self._adopt(d)
@@ -250,7 +288,8 @@ class EsdInputDist(nn.Module):
         thread (a bad batch, a dispatcher failure) are raised here, at the
         batch they belong to; a bad batch also stops the PS ranks, as in
         :meth:`forward`.  After each yield, :attr:`last_result`,
-        :attr:`last_mine` and :attr:`loss_scale` describe the yielded batch.
+        :attr:`last_mine`, :attr:`loss_scale`, :attr:`last_shares` and
+        :attr:`last_link_estimates` describe the yielded batch.
         """
         if int(depth) < 1:
             raise EsdConfigError(f"dispatch_ahead needs depth >= 1, got {depth}")
@@ -269,12 +308,34 @@ class EsdInputDist(nn.Module):
                     continue
             return False
 
+        window = rt.config.cache_lookahead if rt.directory.policy.reads_upcoming else 0  # type: ignore[union-attr]
+
         def produce() -> None:
+            # batches are read (ids gathered, checked) ``window`` batches ahead of
+            # the one dispatched, so that a policy reading the upcoming batches
+            # sees them; a batch whose read failed ends the window before it
+            ahead: "deque[_Read]" = deque()
+            source = iter(batches)
             try:
-                for batch in batches:
+                while True:
+                    while len(ahead) <= window and (not ahead or _readable(ahead[-1])):
+                        try:
+                            batch = next(source, _END)
+                        except BaseException as e:  # the loader's error, raised at its batch's turn
+                            ahead.append(_Read(None, failure=e))
+                            break
+                        if batch is _END:
+                            break
+                        ahead.append(self._read_safely(batch, rt.dispatch_group))
                     if stop.is_set():
                         return
-                    d = self._dispatch(batch, rt.dispatch_group, cpu)
+                    if not ahead:
+                        break
+                    current = ahead.popleft()
+                    upcoming = [r.esd for r in ahead]
+                    if ahead and not _readable(ahead[-1]):
+                        upcoming.pop()
+                    d = self._dispatch(current, rt.dispatch_group, cpu, upcoming)
                     if not offer(("batch", d)):
                         return
                 offer(("end", None))
@@ -300,29 +361,49 @@ class EsdInputDist(nn.Module):
     def _adopt(self, d: _Dispatched) -> Batch:
         """Make ``d`` the current batch (the attributes describe it)."""
         self.last_result, self.last_mine, self.loss_scale = d.result, d.mine, d.loss_scale
+        self.last_shares, self.last_link_estimates = d.shares, d.link_bytes_per_s
         return d.local
 
-    def _dispatch(self, batch: Batch, group, device: torch.device) -> _Dispatched:
-        """Decide, plan (queues the plan) and select this worker's samples;
-        every collective runs on ``group``."""
+    def _read(self, batch: Batch, group) -> _Read:
+        """Gather the ids (local mode, a collective on ``group``) and check them."""
         rt = self.runtime
-        me = rt.worker_index
         if self.mode == "global":
             gkjt, strides = batch.sparse_features, None
         else:
             gkjt, strides = self._gather_ids(batch, group)
-        b = gkjt.stride()
         ekjt = rt.esd_view(gkjt)  # replicated tables' features are not dispatched on
         try:
             rt.directory.check_batch(ekjt)  # type: ignore[union-attr]
             rt.check_replicated_ids(gkjt)
         except EsdConfigError as e:
-            raise _BadBatch(e) from e
-        assignment, result = self._decide(ekjt, group, device)
-        plan = rt.directory.plan(ekjt, assignment)  # type: ignore[union-attr]
+            return _Read(batch, gkjt, strides, ekjt, bad=_BadBatch(e))
+        return _Read(batch, gkjt, strides, ekjt)
+
+    def _read_safely(self, batch: Batch, group) -> _Read:
+        try:
+            return self._read(batch, group)
+        except BaseException as e:  # raised when the batch's turn comes
+            return _Read(batch, failure=e)
+
+    def _dispatch(
+        self, read: _Read, group, device: torch.device, upcoming: Sequence[KeyedJaggedTensor] = ()
+    ) -> _Dispatched:
+        """Decide, plan (queues the plan) and select this worker's samples;
+        every collective runs on ``group``.  ``upcoming``: the next batches'
+        ESD features, for an eviction policy that reads them."""
+        if read.failure is not None:
+            raise read.failure
+        if read.bad is not None:
+            raise read.bad
+        rt = self.runtime
+        me = rt.worker_index
+        batch, gkjt, strides, ekjt = read.batch, read.global_kjt, read.strides, read.esd
+        b = gkjt.stride()
+        assignment, result, shares = self._decide(ekjt, group, device)
+        plan = rt.directory.plan(ekjt, assignment, upcoming)  # type: ignore[union-attr]
         bk = rt.keyspace.decode(ekjt)  # the directory's decode of this batch, not a second one
         plan.workers[me].fingerprint = batch_fingerprint(bk.keys[assignment[bk.sample] == me])
-        rt.loss_scaling.dispatched(plan.iteration, b)
+        rt.loss_scaling.dispatched(plan.iteration, b, shares)
         rt.enqueue(plan)
         mine = (assignment == me).nonzero().view(-1)  # global indices of this worker's samples
         if self.mode == "global":
@@ -333,7 +414,9 @@ class EsdInputDist(nn.Module):
                 sparse_features=select_kjt_samples(gkjt, mine),
                 labels=self._move_rows(batch.labels, assignment, strides, group, device),
             )
-        return _Dispatched(local, result, mine, rt.config.num_workers / b)
+        est = rt.link_estimates
+        links = est.bytes_per_second() if est is not None else None  # this thread updated them last
+        return _Dispatched(local, result, mine, rt.config.num_workers / b, shares, links)
 
     def _move_rows(
         self, local: torch.Tensor, assignment: torch.Tensor, strides: List[int], group, device: torch.device

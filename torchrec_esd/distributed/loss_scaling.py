@@ -25,7 +25,7 @@ allowed.
 from __future__ import annotations
 
 import threading
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,16 +40,22 @@ class LossScaling:
         self._config = config
         self._lock = threading.Lock()  # dispatch-ahead records from its own thread
         self._global_batch: Dict[int, int] = {}  # iteration -> B, dispatched, not yet computed
+        self._shares: Dict[int, List[int]] = {}  # iteration -> the shares it was dispatched at
         self._trained: Optional[Tuple[int, int, int]] = None  # (iteration, local samples, B)
+        self._trained_shares: Optional[List[int]] = None
         self._owed: Optional[int] = None  # iteration whose loss must still be scaled
         self.variable_shares = False  # a dispatcher decides the shares per batch (uneven in general)
 
-    def uneven(self, global_batch: int) -> bool:
-        return self.variable_shares or len(set(self._config.batch_shares(global_batch))) > 1
+    def uneven(self, global_batch: int, shares: Optional[Sequence[int]] = None) -> bool:
+        if self.variable_shares:
+            return True
+        return len(set(shares if shares is not None else self._config.batch_shares(global_batch))) > 1
 
-    def dispatched(self, iteration: int, global_batch: int) -> None:
+    def dispatched(self, iteration: int, global_batch: int, shares: Optional[Sequence[int]] = None) -> None:
+        """``iteration`` was dispatched with ``shares`` (default: the config's)."""
         with self._lock:
             self._global_batch[iteration] = int(global_batch)
+            self._shares[iteration] = list(shares) if shares is not None else self._config.batch_shares(global_batch)
 
     def forward(self, iteration: int, local_samples: int, training: bool) -> Optional[str]:
         """The ESD module computes ``iteration``'s batch; returns the error of
@@ -57,9 +63,11 @@ class LossScaling:
         problem = self.unscaled()
         with self._lock:
             b = self._global_batch.pop(iteration, None)
+            shares = self._shares.pop(iteration, None)
         if training and b is not None:
             self._trained = (iteration, int(local_samples), b)
-            self._owed = iteration if self.uneven(b) else None
+            self._trained_shares = shares
+            self._owed = iteration if self.uneven(b, shares) else None
         return problem
 
     def unscaled(self) -> Optional[str]:
@@ -72,7 +80,7 @@ class LossScaling:
         if self.variable_shares:
             what, weights = "decided per batch by the dispatcher", "1/(local batch)"
         else:
-            shares = self._config.batch_shares(b)
+            shares = self._trained_shares if self._trained_shares is not None else self._config.batch_shares(b)
             what, weights = str(shares), f"1/{min(shares)} .. 1/{max(shares)}"
         return (
             f"the loss of iteration {iteration} was not scaled by EsdInputDist.loss: the batch shares "

@@ -34,6 +34,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_esd.batch_select import select_kjt_keys
 from torchrec_esd.cache import CacheDirectory, IterationPlan
 from torchrec_esd.config import EsdConfig, EsdConfigError
+from torchrec_esd.distributed.link_estimates import LinkEstimates
 from torchrec_esd.distributed.loss_scaling import LossScaling
 from torchrec_esd.distributed.plan_channel import PlanChannel
 from torchrec_esd.layout import EsdIdError, KeySpace, table_fingerprint
@@ -186,7 +187,7 @@ class EsdRuntime:
 
 
 # what a worker role holds beyond its methods (named in the PS role's errors)
-_WORKER_STATE = ("directory", "client", "meter", "plans", "loss_scaling")
+_WORKER_STATE = ("directory", "client", "meter", "plans", "loss_scaling", "link_estimates")
 
 
 class EsdPsRuntime(EsdRuntime):
@@ -244,6 +245,8 @@ class EsdWorkerRuntime(EsdRuntime):
         )
         self.client = PsClient(self.keyspace, optimizer, self.transport, des=config.des_misses)
         self.meter = TransmissionMeter()
+        # every worker's link as measured (EsdConfig.online_links), the same on every worker
+        self.link_estimates = LinkEstimates(config, self.rank) if config.online_links else None
         self.plans = PlanChannel()
         self.loss_scaling = LossScaling(config)
         self._executor = None  # the sharded embedding module of this worker

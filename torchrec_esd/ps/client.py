@@ -10,6 +10,7 @@ reads.
 
 from __future__ import annotations
 
+import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -77,11 +78,13 @@ class PsClient:
         ``parts[i]``; returns the replies (``reply_bytes[i]`` bytes from PS
         ``i``, nothing where 0).  With ``wait=False`` (no reply) it returns
         before its sends complete; they complete, in order, before the next
-        exchange's, and an error surfaces there.  Sets :attr:`last_traffic`."""
+        exchange's, and an error surfaces there.  Sets :attr:`last_traffic` (with the
+        exchange's wall seconds where it waits for its sends and replies)."""
         t = self.transport
         t.wait(self._unsent)
         self._unsent = []
         before = t.meter.total()
+        start = time.perf_counter()
         sections: Dict = {}
         sends: List[Pending] = []
         for i, dst in enumerate(t.ps_ranks):
@@ -94,11 +97,13 @@ class PsClient:
             if buf.numel():
                 recvs.append(t.recv(src, buf))
             replies.append(buf)
+        seconds = 0.0
         if not wait and reply_bytes is None:
             self._unsent = sends
         else:
             t.wait(sends + recvs)
-        self.last_traffic = Traffic(t.meter.total() - before, sections)
+            seconds = time.perf_counter() - start
+        self.last_traffic = Traffic(t.meter.total() - before, sections, seconds)
         return replies
 
     def _by_ps(self, keys: torch.Tensor):

@@ -94,10 +94,14 @@ class LinkMeter:
 class Traffic:
     """What one exchange (a request to every PS and the replies) moved on this
     rank's links: ``link`` from the transport's meter, ``sections`` the
-    payload parts as packed / unpacked (rows and bytes per :class:`Section`)."""
+    payload parts as packed / unpacked (rows and bytes per :class:`Section`),
+    ``seconds`` how long it took."""
 
     link: LinkStats = field(default_factory=LinkStats)
     sections: Dict[Section, SectionSize] = field(default_factory=dict)
+    # wall seconds from posting the requests to the last reply (0.0 for an
+    # exchange that returns before its sends complete)
+    seconds: float = 0.0
 
     def section(self, s: Section) -> SectionSize:
         return self.sections.get(s, SectionSize())

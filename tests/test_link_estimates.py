@@ -1,0 +1,161 @@
+"""Online link estimates: the estimator fed known transfer times, the share
+rule following a link that slows down, and the estimates gathered identically
+on every worker."""
+
+import math
+import random
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from torchrec_esd.apps.launch import run_local_world
+from torchrec_esd.config import EsdConfig, EsdConfigError, WorkerSpec
+from torchrec_esd.cost import CostModel
+from torchrec_esd.distributed.link_estimates import LinkEstimates, LinkEstimator, equal_time_counts
+
+MBIT = 1e6 / 8
+
+
+def _transfer(nbytes, mbps, latency_s, noise, rng):
+    return (latency_s + nbytes / (mbps * MBIT)) * (1.0 + noise * (2 * rng.random() - 1))
+
+
+def test_estimator_converges_to_known_transfer_times():
+    rng = random.Random(0)
+    est = LinkEstimator(100 * MBIT, 0.001)  # the prior: 100 Mbit/s, 1 ms
+    for _ in range(12):
+        nbytes = rng.uniform(20e3, 400e3)
+        est.observe(nbytes, _transfer(nbytes, 20.0, 0.005, 0.03, rng))
+    assert est.bytes_per_second == pytest.approx(20 * MBIT, rel=0.06)
+    assert est.latency_s == pytest.approx(0.005, rel=0.3)
+    assert est.observations == 12
+
+
+def test_a_lone_outlier_moves_nothing_and_a_rate_change_is_followed_in_two_steps():
+    rng = random.Random(1)
+    est = LinkEstimator(100 * MBIT, 0.002)
+    for _ in range(6):
+        est.observe(200e3, _transfer(200e3, 100.0, 0.002, 0.02, rng))
+    before = est.bytes_per_second
+    est.observe(200e3, 10 * _transfer(200e3, 100.0, 0.002, 0.0, rng))  # one 10x slow exchange
+    assert est.bytes_per_second == before
+    est.observe(200e3, _transfer(200e3, 100.0, 0.002, 0.02, rng))
+    assert est.dropped == 1 and est.bytes_per_second == pytest.approx(100 * MBIT, rel=0.05)
+    # the link drops to 10 Mbit/s: two observations confirm it
+    seen = []
+    for _ in range(3):
+        est.observe(200e3, _transfer(200e3, 10.0, 0.002, 0.02, rng))
+        seen.append(est.bytes_per_second / MBIT)
+    assert seen[0] > 50 and seen[1] == pytest.approx(10.0, rel=0.1) and seen[2] == pytest.approx(10.0, rel=0.1)
+    for _ in range(2):  # and back
+        est.observe(200e3, _transfer(200e3, 100.0, 0.002, 0.02, rng))
+    assert est.bytes_per_second == pytest.approx(100 * MBIT, rel=0.1)
+
+
+def test_estimator_refuses_bad_settings_and_ignores_empty_exchanges():
+    with pytest.raises(EsdConfigError, match="bandwidth > 0"):
+        LinkEstimator(0.0, 0.001)
+    with pytest.raises(EsdConfigError, match="alpha"):
+        LinkEstimator(1e6, 0.0, alpha=0.0)
+    est = LinkEstimator(1e6, 0.0)
+    est.observe(0, 1.0)
+    est.observe(100, float("nan"))
+    assert est.observations == 0 and est.bytes_per_second == 1e6
+
+
+def test_equal_time_counts():
+    assert equal_time_counts(100, [1.0, 1.0], [0.0, 0.0]) == [50, 50]
+    c = equal_time_counts(100, [1.0, 3.0], [0.0, 0.0])
+    assert c == [75, 25]
+    c = equal_time_counts(10, [1.0, 1.0, 100.0], [0.0, 0.0, 5.0])  # the slow one gets the floor of one
+    assert c[2] == 1 and sum(c) == 10
+    assert equal_time_counts(7, [1.0, math.inf], [0.0, 0.0]) == [6, 1]
+    with pytest.raises(EsdConfigError, match="cannot give each of 3 workers one"):
+        equal_time_counts(2, [1.0] * 3, [0.0] * 3)
+
+
+def test_config_fields_are_checked():
+    w = [WorkerSpec(1, 10.0)]
+    with pytest.raises(EsdConfigError, match="needs online_links=True"):
+        EsdConfig(w, compute_s_per_sample=0.001)
+    with pytest.raises(EsdConfigError, match="compute_s_per_sample must be None or a number > 0"):
+        EsdConfig(w, online_links=True, compute_s_per_sample=-1.0)
+    with pytest.raises(EsdConfigError, match="online_links must be a bool"):
+        EsdConfig(w, online_links=1)
+
+
+def _simulate(steps, true_mbps, config, batch=512, bytes_per_sample=2000.0, compute_s=2e-4):
+    """Per step: shares from the estimates, every worker's exchange timed on
+    its true link (``true_mbps(step, w)``), the observations gathered."""
+    est = LinkEstimates(config, 0)
+    rng = random.Random(3)
+    counts = []
+    for step in range(steps):
+        c = est.shares(batch, compute_s)
+        counts.append(c)
+        obs = []
+        for w, n in enumerate(c):
+            nbytes = bytes_per_sample * n
+            obs.append([1.0, nbytes, _transfer(nbytes, true_mbps(step, w), 0.001, 0.03, rng), float(n)])
+        est.update(torch.tensor(obs, dtype=torch.float64))
+    return counts, est
+
+
+def test_a_link_that_slows_down_gets_fewer_samples_within_a_few_steps():
+    bws = [100.0, 100.0, 100.0, 100.0]
+    config = EsdConfig([WorkerSpec(1, b, latency_ms=1.0) for b in bws], online_links=True,
+                       compute_s_per_sample=2e-4)
+
+    def true_mbps(step, w):
+        return 10.0 if (w == 3 and 10 <= step < 20) else 100.0
+
+    counts, est = _simulate(30, true_mbps, config)
+    steady = counts[8][3]
+    assert max(abs(c - steady) for c in counts[5][:3]) <= 2  # equal links, about equal shares
+    # the decision of step 10 is made before its exchange: by step 12 the slow link has lost most of its share
+    assert counts[12][3] < 0.4 * steady and counts[19][3] < 0.4 * steady
+    assert all(c[3] >= 1 and sum(c) == 512 for c in counts)
+    # and it gets them back within a few steps after the link recovers
+    assert counts[23][3] == pytest.approx(steady, rel=0.1)
+    # with the static configured numbers it would have kept its share
+    static = EsdConfig(config.workers)
+    assert static.batch_shares(512)[3] == 128
+
+
+def test_cost_model_prices_rows_at_the_estimates():
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    tables = [EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10, feature_names=["f"])]
+    cm = CostModel(EsdConfig([WorkerSpec(2, 8.0), WorkerSpec(2, 8.0)]), tables)
+    rt = cm.row_time.clone()
+    cm.set_links([1e6, 0.5e6])
+    assert cm.row_time[0, 0] == pytest.approx(16 / 1e6) and cm.row_time[1, 0] == pytest.approx(32 / 1e6)
+    assert not torch.equal(rt, cm.row_time)
+    with pytest.raises(ValueError, match="2 finite bandwidths > 0"):
+        cm.set_links([1e6, 0.0])
+
+
+def _share_on_every_rank(rounds):
+    me = dist.get_rank()
+    config = EsdConfig([WorkerSpec(1, 50.0, latency_ms=1.0), WorkerSpec(1, 50.0, latency_ms=1.0)], online_links=True)
+    est = LinkEstimates(config, me)
+    gathered = []
+    for records in rounds:
+        for nbytes, seconds in records[me]:
+            est.record(nbytes, seconds, 10)
+        gathered.append(est.share(None))
+    return gathered, est.bytes_per_second(), est.latency_s(), est.bytes_per_sample
+
+
+def test_estimates_are_gathered_the_same_on_every_worker():
+    # each worker records only its own exchanges; worker 1's link is ~6x slower than its prior
+    rounds = [[[(1e5, 0.011), (2e5, 0.021)], [(1e5, 0.101)]],
+              [[(1e5, 0.011)], [(1e5, 0.101)]],
+              [[], []]]  # nothing new: nothing changes
+    out = run_local_world(_share_on_every_rank, 2, rounds, timeout_s=60)
+    assert out[0][1:] == out[1][1:]
+    assert all(torch.equal(a, b) for a, b in zip(out[0][0], out[1][0]))
+    assert [g[:, 0].tolist() for g in out[0][0]] == [[2.0, 1.0], [1.0, 1.0], [0.0, 0.0]]
+    bps = out[0][1]
+    assert bps[0] > 50 * MBIT and bps[1] == pytest.approx(1e5 / 0.1, rel=0.05)  # confirmed in the second round

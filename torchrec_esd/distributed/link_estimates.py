@@ -1,0 +1,240 @@
+"""Online estimates of every worker's link, measured on the PS exchanges.
+
+With ``EsdConfig.online_links`` each worker times its synchronous PS
+exchanges (the push/pull before each forward: the request to every PS and the
+replies; ``Traffic.seconds``) and counts the bytes the transport really moved
+in them (``Traffic.link``).  :class:`LinkEstimator` turns those ``(bytes,
+seconds)`` pairs into a bandwidth and a latency per link; the configured
+``WorkerSpec.bandwidth_mbps`` / ``latency_ms`` are the prior.
+
+The estimator (per link), stated:
+
+* model: ``seconds = latency + bytes * seconds_per_byte``;
+* ``seconds_per_byte``: an exponentially weighted mean (weight ``alpha`` on
+  the newest) of each observation's ``(seconds - n * latency) / bytes``;
+* outliers: an observation more than ``outlier_factor`` times off the
+  estimate (either way) is held back; the next observation that is off the
+  same way confirms it (the link changed: the estimate restarts at their
+  mean), one that is not drops it (a lone outlier: a scheduling hiccup);
+* latency: the least-squares fit of ``seconds = n a + bytes s`` over the last
+  ``window`` accepted observations when their bytes per exchange spread
+  enough (max / min >= 1.5 over >= 4 observations) and the fit is sane
+  (``0 <= a`` and ``s > 0``), else the prior.
+
+So a rate change is followed within two observations, and a single slow
+exchange moves nothing.
+
+Every worker must hold the *same* estimates where the dispatcher or the share
+rule reads them: worker 0 decides the assignment for everybody and every
+worker checks the loss scaling against the shares.  :class:`LinkEstimates`
+therefore never feeds a worker's own measurement straight into its
+estimators: each dispatch, every worker contributes the observations it made
+since the last dispatch to one all-gather on the dispatch group
+(:meth:`LinkEstimates.share`, ``[W, 4]`` float64: exchanges, bytes, seconds,
+samples), and every worker updates all ``W`` estimators from that gathered
+tensor in worker order: identical inputs in identical order, identical
+estimates on every worker.  Which exchanges a dispatch includes depends on
+timing (dispatching ahead), never on the rank.
+
+Share rule (``EsdConfig.compute_s_per_sample`` set): the shares equalise the
+predicted step time ``n_w (c / share_w + b_w s_w) + a_w`` (compute per sample
+``c`` scaled by the worker's compute weight ``WorkerSpec.share``, measured
+bytes per sample ``b_w`` over the estimated seconds per byte ``s_w``, latency
+``a_w``), rounded to integers summing to the batch; every worker trains at
+least one sample.  Without it, ``EsdConfig.batch_shares`` stands.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from torchrec_esd.config import EsdConfig, EsdConfigError
+
+
+class LinkEstimator:
+    """Bandwidth and latency of one link from ``(bytes, seconds)`` observations
+    (see the module docstring).  ``observe`` is O(1); the latency fit is
+    O(``window``)."""
+
+    def __init__(self, prior_bytes_per_s: float, prior_latency_s: float, alpha: float = 0.5,
+                 outlier_factor: float = 4.0, window: int = 8) -> None:
+        if not (prior_bytes_per_s > 0 and prior_latency_s >= 0):
+            raise EsdConfigError(f"link prior must have bandwidth > 0 and latency >= 0, got "
+                                 f"{prior_bytes_per_s!r} B/s, {prior_latency_s!r} s")
+        if not (0 < alpha <= 1 and outlier_factor > 1 and window >= 2):
+            raise EsdConfigError(f"LinkEstimator needs 0 < alpha <= 1, outlier_factor > 1, window >= 2; got "
+                                 f"{alpha}, {outlier_factor}, {window}")
+        self.prior_latency_s = float(prior_latency_s)
+        self.seconds_per_byte = 1.0 / float(prior_bytes_per_s)
+        self.latency_s = float(prior_latency_s)
+        self.alpha, self.outlier_factor = float(alpha), float(outlier_factor)
+        self._held: Optional[Tuple[float, int, float, float]] = None  # (per byte, n, bytes, seconds)
+        self._recent: "deque[Tuple[int, float, float]]" = deque(maxlen=int(window))
+        self.observations = 0
+        self.dropped = 0
+
+    @property
+    def bytes_per_second(self) -> float:
+        return 1.0 / self.seconds_per_byte
+
+    def observe(self, nbytes: float, seconds: float, exchanges: int = 1) -> None:
+        """``exchanges`` exchanges moved ``nbytes`` in ``seconds`` (summed)."""
+        n = int(exchanges)
+        if n <= 0 or nbytes <= 0 or not math.isfinite(seconds) or seconds < 0:
+            return
+        self.observations += 1
+        per_byte = max(seconds - n * self.latency_s, 0.05 * seconds) / nbytes
+        ratio = per_byte / self.seconds_per_byte
+        off = 1 if ratio > self.outlier_factor else (-1 if ratio < 1.0 / self.outlier_factor else 0)
+        if off:
+            held = self._held
+            if held is not None and (held[0] > self.seconds_per_byte) == (off > 0):
+                # two in a row, off the same way: the link changed
+                self._held = None
+                self._recent.clear()
+                self._recent.append(held[1:])
+                self._recent.append((n, float(nbytes), float(seconds)))
+                self.seconds_per_byte = 0.5 * (held[0] + per_byte)
+                return
+            if held is not None:
+                self.dropped += 1
+            self._held = (per_byte, n, float(nbytes), float(seconds))
+            return
+        if self._held is not None:  # the held one was a lone outlier
+            self.dropped += 1
+            self._held = None
+        self.seconds_per_byte += self.alpha * (per_byte - self.seconds_per_byte)
+        self._recent.append((n, float(nbytes), float(seconds)))
+        self._fit_latency()
+
+    def _fit_latency(self) -> None:
+        obs = list(self._recent)
+        if len(obs) < 4:
+            return
+        by = [b / n for n, b, _ in obs]
+        if max(by) < 1.5 * min(by):
+            return
+        # least squares of s_i = n_i a + b_i p over the window (2 unknowns)
+        snn = sum(n * n for n, _, _ in obs)
+        snb = sum(n * b for n, b, _ in obs)
+        sbb = sum(b * b for _, b, _ in obs)
+        sns = sum(n * s for n, _, s in obs)
+        sbs = sum(b * s for _, b, s in obs)
+        det = snn * sbb - snb * snb
+        if det <= 0:
+            return
+        a = (sns * sbb - snb * sbs) / det
+        p = (snn * sbs - snb * sns) / det
+        if a >= 0 and p > 0:
+            self.latency_s = a
+
+    def __repr__(self) -> str:
+        return (f"LinkEstimator({self.bytes_per_second * 8 / 1e6:.3f} Mbit/s, {self.latency_s * 1e3:.2f} ms, "
+                f"{self.observations} observations, {self.dropped} dropped)")
+
+
+class LinkEstimates:
+    """Every worker's :class:`LinkEstimator`, identical on every worker (see
+    the module docstring): this worker :meth:`record` s its exchanges, each
+    dispatch :meth:`share` s them."""
+
+    def __init__(self, config: EsdConfig, me: int, **estimator_kwargs) -> None:
+        self.config = config
+        self.me = int(me)
+        self.links = [LinkEstimator(w.bytes_per_second, w.latency_s, **estimator_kwargs) for w in config.workers]
+        self.bytes_per_sample = [0.0] * config.num_workers  # last measured, per worker
+        self._lock = threading.Lock()  # the training thread records, the dispatch thread shares
+        self._pending = [0.0, 0.0, 0.0, 0.0]  # exchanges, bytes, seconds, samples
+        self.history: "deque[List[List[float]]]" = deque(maxlen=4096)  # every gathered [W, 4], oldest first
+
+    def record(self, nbytes: int, seconds: float, samples: int) -> None:
+        """One synchronous PS exchange of this worker (training thread)."""
+        with self._lock:
+            p = self._pending
+            p[0] += 1
+            p[1] += float(nbytes)
+            p[2] += float(seconds)
+            p[3] += float(samples)
+
+    def share(self, group, device: Optional[torch.device] = None) -> torch.Tensor:
+        """All-gather every worker's observations since its last share (a
+        collective on ``group``, with tensors on ``device``, the group's;
+        every worker calls it at the same dispatch) and update every estimator
+        from them, in worker order; returns the gathered ``[W, 4]``."""
+        with self._lock:
+            mine = torch.tensor(self._pending, dtype=torch.float64, device=device)
+            self._pending = [0.0, 0.0, 0.0, 0.0]
+        every = [torch.zeros_like(mine) for _ in range(self.config.num_workers)]
+        dist.all_gather(every, mine, group=group)
+        gathered = torch.stack(every).cpu()
+        self.update(gathered)
+        return gathered
+
+    def update(self, gathered: torch.Tensor) -> None:
+        """Feed ``[W, 4]`` observations (exchanges, bytes, seconds, samples)."""
+        self.history.append(gathered.tolist())
+        for w, (n, nbytes, seconds, samples) in enumerate(gathered.tolist()):
+            if n > 0:
+                self.links[w].observe(nbytes, seconds, int(n))
+                if samples > 0:
+                    self.bytes_per_sample[w] = nbytes / samples
+
+    def bytes_per_second(self) -> List[float]:
+        return [e.bytes_per_second for e in self.links]
+
+    def latency_s(self) -> List[float]:
+        return [e.latency_s for e in self.links]
+
+    def shares(self, global_batch: int, compute_s_per_sample: Optional[float]) -> List[int]:
+        """Per-worker sample counts of a batch (the share rule of the module
+        docstring; ``config.batch_shares`` without a compute time)."""
+        if compute_s_per_sample is None or not any(self.bytes_per_sample):
+            return self.config.batch_shares(global_batch)
+        weights = [w.share for w in self.config.workers]
+        per_sample = [
+            (compute_s_per_sample / wt if wt > 0 else math.inf) + b * e.seconds_per_byte
+            for wt, b, e in zip(weights, self.bytes_per_sample, self.links)
+        ]
+        return equal_time_counts(global_batch, per_sample, self.latency_s())
+
+
+def equal_time_counts(batch: int, per_sample_s: Sequence[float], fixed_s: Sequence[float]) -> List[int]:
+    """Integer counts ``n_w >= 1`` summing to ``batch`` with ``n_w a_w + f_w``
+    as equal as rounding allows (a worker with ``a_w = inf`` gets one sample;
+    largest remainders, ties to the lower index).  O(W^2) worst case."""
+    W = len(per_sample_s)
+    if batch < W:
+        raise EsdConfigError(f"a batch of {batch} samples cannot give each of {W} workers one")
+    active = [w for w in range(W) if math.isfinite(per_sample_s[w])]
+    exact = [1.0] * W
+    while active:
+        left = batch - (W - len(active))
+        t = (left + sum(fixed_s[w] / per_sample_s[w] for w in active)) / sum(1.0 / per_sample_s[w] for w in active)
+        n = {w: (t - fixed_s[w]) / per_sample_s[w] for w in active}
+        low = [w for w in active if n[w] < 1.0]
+        if not low or len(low) == len(active):
+            for w in active:
+                exact[w] = max(n[w], 1.0)
+            break
+        active = [w for w in active if w not in low]
+    scale = batch / sum(exact)
+    exact = [x * scale for x in exact]
+    counts = [max(1, int(math.floor(x))) for x in exact]
+    rest = batch - sum(counts)
+    order = sorted(range(W), key=lambda i: (counts[i] - exact[i], i))
+    i = 0
+    while rest > 0:
+        counts[order[i % W]] += 1
+        rest -= 1
+        i += 1
+    while rest < 0:  # the floor of one pushed the sum over: take from the largest
+        j = max(range(W), key=lambda k: (counts[k], -k))
+        counts[j] -= 1
+        rest += 1
+    return counts
