@@ -142,6 +142,7 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
             dense_opt.step()
             record(loss, logits, labels)
     elapsed = time.perf_counter() - t0
+    runtime.end_of_batches()
     runtime.flush()
     out = {
         "losses": track.losses,

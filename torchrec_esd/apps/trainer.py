@@ -37,6 +37,7 @@ from torchrec_esd.apps.job import (
 from torchrec_esd.apps.torchrec_jobs import _des, _vanilla, torchrec_dmp
 from torchrec_esd.apps.workload import SyntheticWorkload
 from torchrec_esd.config import EsdConfigError
+from torchrec_esd.distributed.faults import fail_open_monitors
 from torchrec_esd.distributed.runtime import esd_process_groups
 
 __all__ = [
@@ -80,7 +81,13 @@ def run(job: JobConfig) -> Dict:
             return {"role": "idle"}
         return _vanilla(job, workload, group)
     if job.method == "esd":
-        return _esd(job, workload)
+        try:
+            return _esd(job, workload)
+        except BaseException as e:
+            # any exception (a reader's OverflowError, a dispatcher's error, ...):
+            # every other rank, the PS included, ends with this message
+            fail_open_monitors(e)
+            raise
     if job.method == "des":
         return _des(job, workload)
     raise EsdConfigError(f"unknown method {job.method!r}; use 'vanilla', 'esd' or 'des'")

@@ -304,6 +304,7 @@ class EsdInputDist(nn.Module):
         every collective runs on ``group``."""
         rt = self.runtime
         me = rt.worker_index
+        rt.dispatched_batches += 1  # before any collective: the fault monitor's run-out check
         if self.mode == "global":
             gkjt, strides = batch.sparse_features, None
         else:

@@ -42,6 +42,11 @@ class EsdRemoteError(RuntimeError):
     """Another rank of the ESD job failed; this rank stops too."""
 
 
+class EsdPeerLostError(EsdRemoteError):
+    """A message to or from a peer rank failed (it died, its link broke, or it
+    was silent past the timeout); the transport names the peer."""
+
+
 class EsdProtocolError(EsdRemoteError):
     """A frame or payload that breaks the protocol (bounds, sizes, commands)."""
 

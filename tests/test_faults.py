@@ -1,0 +1,251 @@
+"""Faults (issue 16): a rank that is killed, stopped or fails ends every rank
+within a bounded time, with a message naming it.
+
+The monitor's logic is tested in-process (three monitors on one real TCPStore,
+short timeouts, the fault action recorded instead of exiting); the kill tests
+run real jobs (2 workers + 1 PS of ``examples/dlrm_esd.py``, each rank its own
+process as on separate edge machines, the c10d store hosted by the test as
+torchrun's agent hosts it) and SIGKILL / SIGSTOP one rank mid-training.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import torch.distributed as dist
+
+from torchrec_esd.distributed.faults import FAULT_EXIT_CODE, FaultMonitor, rank_roles
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+W = 2  # worker ranks 0, 1; rank 2 is PS 0
+
+
+class World:
+    """Three monitors (ranks 0..2) on one TCPStore; faults are recorded."""
+
+    def __init__(self, timeout_s=0.6, interval_s=0.05, grace_s=0.2, progress=None):
+        self.master = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+        self.faults = {}
+        self.at = {}
+        self.t0 = time.monotonic()
+        self.progress = progress or {}
+        self.monitors = []
+        for r in range(3):
+            client = dist.TCPStore("127.0.0.1", self.master.port, 1, is_master=False,
+                                   timeout=timedelta(seconds=5))
+            self.monitors.append(FaultMonitor(
+                client, r, 3, rank_roles(W), timeout_s, "t/", workers=range(W),
+                progress=(lambda r=r: self.progress.get(r, 0)),
+                on_fault=(lambda line, r=r: self._record(r, line)), interval_s=interval_s, grace_s=grace_s,
+            ))
+        for m in self.monitors:
+            m.start()
+
+    def _record(self, r, line):
+        self.faults[r] = line
+        self.at[r] = time.monotonic()
+
+    def wait(self, ranks, limit_s):
+        end = time.monotonic() + limit_s
+        while time.monotonic() < end and not all(r in self.faults for r in ranks):
+            time.sleep(0.02)
+        return {r: self.faults.get(r) for r in ranks}
+
+    def freeze(self, r):
+        """Like SIGSTOP: the rank's beat stops, it publishes nothing more."""
+        self.monitors[r]._stop.set()
+
+    def close(self):
+        for m in self.monitors:
+            if not m.closed:
+                m.close()
+
+
+@pytest.fixture
+def world():
+    made = []
+
+    def make(**kw):
+        made.append(World(**kw))
+        return made[-1]
+
+    yield make
+    for w in made:
+        w.close()
+
+
+def test_running_and_finished_ranks_raise_no_alarm(world):
+    w = world()
+    time.sleep(1.0)  # > the timeout: beats keep every running rank alive
+    assert w.faults == {}
+    w.monitors[0].close()  # ranks finish at different times: done, no longer timed
+    time.sleep(1.0)
+    w.monitors[1].close()
+    w.monitors[2].close()
+    time.sleep(0.2)
+    assert w.faults == {}
+
+
+@pytest.mark.parametrize("silent", [1, 2])
+def test_a_silent_rank_ends_every_other_rank_within_the_timeout(world, silent):
+    w = world()
+    time.sleep(0.2)
+    t = time.monotonic()
+    w.freeze(silent)
+    others = [r for r in range(3) if r != silent]
+    got = w.wait(others, 3.0)
+    name = "rank 1 (worker 1)" if silent == 1 else "rank 2 (PS 0)"
+    for r in others:
+        assert got[r] is not None, (r, w.faults)
+        assert f"{name} is silent: no heartbeat for" in got[r], got[r]
+        assert w.at[r] - t <= 0.6 + 2 * 0.05 + 0.3, w.at[r] - t  # timeout + 2 ticks (+ scheduling)
+    assert silent not in w.faults
+
+
+def test_a_failure_record_ends_every_other_rank_with_its_message(world):
+    w = world()
+    time.sleep(0.1)
+    t = time.monotonic()
+    w.monitors[0].close(error="OverflowError: Python int too large to convert to C long")
+    got = w.wait([1, 2], 2.0)
+    for r in (1, 2):
+        assert "rank 0 (worker 0) failed: OverflowError: Python int too large" in got[r], got[r]
+        assert w.at[r] - t <= 0.05 + 0.2 + 0.3  # a tick + the grace (+ scheduling)
+    assert 0 not in w.faults
+
+
+def test_a_rank_that_ends_itself_within_the_grace_is_not_killed(world):
+    w = world(grace_s=1.0)
+    w.monitors[0].close(error="EsdConfigError: bad batch")  # then the others fail on their own
+    time.sleep(0.3)
+    w.monitors[1].close(error="EsdConfigError: bad batch")
+    w.monitors[2].close(error="EsdRemoteError: ESD job aborted by the workers: bad batch")
+    time.sleep(1.0)
+    assert w.faults == {}
+
+
+def test_a_worker_that_runs_out_of_batches_fails_every_rank(world):
+    progress = {0: 5, 1: 5}
+    w = world(progress=progress)
+    time.sleep(0.2)
+    w.monitors[1].end_of_batches()  # worker 1 is done after 5 batches ...
+    time.sleep(0.3)
+    assert w.faults == {}  # ... and so is everyone
+    progress[0] = 6  # worker 0 starts a 6th, which worker 1 never joins
+    got = w.wait([0, 2], 2.0)
+    for r in (0, 2):
+        assert ("rank 1 (worker 1) ran out of batches: it ended after 5 batches while rank 0 (worker 0) "
+                "started batch 6") in got[r], got[r]
+
+
+def test_losing_the_store_is_a_clear_error(world):
+    w = world()
+    time.sleep(0.1)
+    del w.master  # the store's host dies
+    got = w.wait([0, 1, 2], 3.0)
+    for r in range(3):
+        assert got[r] is not None and "lost the c10d store the fault monitor runs on" in got[r], got
+
+
+def test_fault_timeout_is_validated():
+    from torchrec_esd.config import EsdConfig, EsdConfigError, WorkerSpec
+
+    assert EsdConfig([WorkerSpec(1, 1.0)]).fault_timeout_s == 30.0
+    assert EsdConfig([WorkerSpec(1, 1.0)], fault_timeout_s=None).fault_timeout_s is None
+    for bad in (0, -1.0, float("nan"), "30", True):
+        with pytest.raises(EsdConfigError, match="fault_timeout_s must be > 0 seconds or None"):
+            EsdConfig([WorkerSpec(1, 1.0)], fault_timeout_s=bad)
+
+
+# ---------------------------------------------------------------- kill tests
+FAULT_TIMEOUT_S = 5.0
+# every survivor exits within: the fault timeout, two monitor ticks, the grace
+# for a failure record, and slack for a 2-core machine shared with other jobs
+EXIT_BOUND_S = FAULT_TIMEOUT_S + 2 * FAULT_TIMEOUT_S / 10 + min(5.0, FAULT_TIMEOUT_S / 4) + 5.0
+NAMES = {0: "worker 0", 1: "worker 1", 2: "PS 0"}
+
+
+def _progress(log_path):
+    """Training steps rank 0 reported so far (its progress bar)."""
+    import re
+
+    try:
+        with open(log_path, errors="replace") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return 0
+    steps = re.findall(r"\| *(\d+)/100000 ", text)
+    return int(steps[-1]) if steps else 0
+
+
+def _tail(log, n=12):
+    lines = [x for x in log.replace("\r", "\n").splitlines() if x.strip() and "/100000 [" not in x]
+    return "\n".join(lines[-n:])
+
+
+def _kill_job(tmp_path, victim, sig):
+    """Run 2 workers + 1 PS of the example (each rank its own process, the
+    store hosted here as torchrun's agent hosts it), send ``sig`` to rank
+    ``victim`` after a few training steps; (seconds each survivor took to exit
+    after the signal, its return code, every rank's log)."""
+    store = dist.TCPStore("127.0.0.1", 0, 3, is_master=True, wait_for_workers=False)
+    procs, logs = [], []
+    try:
+        for r in range(3):
+            env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), RANK=str(r),
+                       WORLD_SIZE="3", LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="3", TORCHELASTIC_USE_AGENT_STORE="True",
+                       OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+            logs.append(tmp_path / f"rank{r}.log")
+            with open(logs[-1], "w") as out:
+                procs.append(subprocess.Popen(
+                    [sys.executable, os.path.join(ROOT, "examples", "dlrm_esd.py"), "--num-ps", "1",
+                     "--steps", "100000", "--batch", "32", "--max-cardinality", "500", "--embedding-dim", "4",
+                     "--dispatchers", "random", "--fault-timeout", str(FAULT_TIMEOUT_S)],
+                    stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT))
+        deadline = time.monotonic() + 120
+        while _progress(logs[0]) < 3:
+            assert time.monotonic() < deadline, "the job did not start training"
+            assert all(p.poll() is None for p in procs), [open(p).read()[-2000:] for p in logs]
+            time.sleep(0.2)
+        os.kill(procs[victim].pid, sig)
+        t = time.monotonic()
+        exits = {}
+        survivors = [r for r in range(3) if r != victim]
+        while len(exits) < len(survivors) and time.monotonic() - t < EXIT_BOUND_S + 30:
+            for r in survivors:
+                if r not in exits and procs[r].poll() is not None:
+                    exits[r] = (time.monotonic() - t, procs[r].returncode)
+            time.sleep(0.05)
+        return exits, [p.read_text(errors="replace") for p in logs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()  # a stopped rank too (SIGKILL ends a stopped process)
+            p.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim,sig", [(2, signal.SIGSTOP), (1, signal.SIGSTOP), (2, signal.SIGKILL),
+                                        (1, signal.SIGKILL)],
+                         ids=["sigstop-ps", "sigstop-worker", "sigkill-ps", "sigkill-worker"])
+def test_killed_or_stopped_rank_ends_every_survivor_within_the_bound(tmp_path, victim, sig):
+    exits, logs = _kill_job(tmp_path, victim, sig)
+    survivors = [r for r in range(3) if r != victim]
+    lost = f"rank {victim} ({NAMES[victim]})"
+    lost_transport = f"{NAMES[victim]} (rank {victim})"
+    print({r: f"{s:.1f} s, rc {rc}" for r, (s, rc) in exits.items()})
+    for r in survivors:
+        assert r in exits, (r, _tail(logs[r]))
+        seconds, rc = exits[r]
+        assert rc != 0, (r, _tail(logs[r]))
+        assert seconds <= EXIT_BOUND_S, (r, seconds, _tail(logs[r]))
+        assert lost in logs[r] or lost_transport in logs[r], (r, _tail(logs[r]))
+    if sig == signal.SIGSTOP:  # nothing else notices a stopped rank: the monitor ends them
+        for r in survivors:
+            assert exits[r][1] == FAULT_EXIT_CODE
+            assert f"{lost} is silent: no heartbeat for" in logs[r], _tail(logs[r])
