@@ -249,3 +249,62 @@ def test_killed_or_stopped_rank_ends_every_survivor_within_the_bound(tmp_path, v
         for r in survivors:
             assert exits[r][1] == FAULT_EXIT_CODE
             assert f"{lost} is silent: no heartbeat for" in logs[r], _tail(logs[r])
+
+
+# ---------------------------------------------------------------- different global batches
+class _SkewedWorkload:
+    """The synthetic workload, except that rank ``rank`` is handed another
+    global batch (other labels) from step ``step`` on."""
+
+    def __init__(self, config, rank, step):
+        from torchrec_esd.apps.workload import SyntheticWorkload
+
+        self._w, self._rank, self._step = SyntheticWorkload(config), rank, step
+        self.config = config
+
+    def __getattr__(self, name):
+        return getattr(self._w, name)
+
+    def global_batch(self, step, size):
+        batch = self._w.global_batch(step, size)
+        if step >= self._step and dist.get_rank() == self._rank:
+            batch.labels = 1.0 - batch.labels
+        return batch
+
+
+class SkewedWorkloadConfig:
+    def __init__(self, config, rank, step):
+        self.config, self.rank, self.step = config, rank, step
+
+    def make_workload(self):
+        return _SkewedWorkload(self.config, self.rank, self.step)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["config"], name)
+
+
+def _skewed_job(dispatch_ahead):
+    from torchrec_esd.apps.trainer import JobConfig, run
+    from torchrec_esd.apps.workload import SyntheticWorkloadConfig
+    from torchrec_esd.config import EsdConfig, WorkerSpec
+
+    wl = SyntheticWorkloadConfig(num_sparse=2, max_cardinality=60, num_dense=3, seed=0)
+    esd = EsdConfig([WorkerSpec(10, 100.0), WorkerSpec(10, 10.0)], fault_timeout_s=8.0, collective_timeout_s=60)
+    job = JobConfig(method="esd", steps=6, global_batch=16, embedding_dim=4, esd=esd, dispatcher="random",
+                    dispatch_ahead=dispatch_ahead, workload=SkewedWorkloadConfig(wl, rank=1, step=2))
+    return run(job)
+
+
+def test_workers_handed_different_global_batches_fail_every_rank(capfd, dispatch_ahead=1):
+    from torchrec_esd.apps.launch import RankFailed, run_local_world
+
+    with pytest.raises(RankFailed) as info:
+        run_local_world(_skewed_job, 3, dispatch_ahead, timeout_s=90)
+    errors = info.value.errors
+    assert sorted(errors) == [0, 1, 2], errors
+    what = "PS 0: the workers were handed different global batches at iteration 3"
+    assert what in errors[2]["error"], errors[2]["error"]
+    err = capfd.readouterr().err
+    for r in (0, 1):  # ended by their fault monitor, with the PS's message
+        assert f"exit code {FAULT_EXIT_CODE}" in errors[r]["error"], errors[r]
+        assert f"ESD fault monitor on rank {r} (worker {r}): rank 2 (PS 0) failed: EsdRemoteError: {what}" in err, err[-3000:]

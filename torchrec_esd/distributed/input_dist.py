@@ -48,7 +48,7 @@ from torchrec_esd.batch_select import select_kjt_samples, select_samples
 from torchrec_esd.config import EsdConfigError
 from torchrec_esd.cost import CostModel
 from torchrec_esd.dispatch import DispatchError, DispatchResult, Dispatcher, make_dispatcher
-from torchrec_esd.distributed.plan_channel import batch_fingerprint
+from torchrec_esd.distributed.plan_channel import batch_fingerprint, global_batch_fingerprint
 from torchrec_esd.distributed.runtime import EsdRuntime
 
 MODES = ("global", "local")
@@ -320,6 +320,11 @@ class EsdInputDist(nn.Module):
         plan = rt.directory.plan(ekjt, assignment)  # type: ignore[union-attr]
         bk = rt.keyspace.decode(ekjt)  # the directory's decode of this batch, not a second one
         plan.workers[me].fingerprint = batch_fingerprint(bk.keys[assignment[bk.sample] == me])
+        if self.mode == "global":  # the PS checks that every worker was handed this batch
+            kjt = batch.sparse_features
+            plan.workers[me].global_fingerprint = global_batch_fingerprint(
+                bk.keys, bk.lengths, batch.dense_features, batch.labels, kjt.weights_or_none()
+            )
         rt.loss_scaling.dispatched(plan.iteration, b)
         rt.enqueue(plan)
         mine = (assignment == me).nonzero().view(-1)  # global indices of this worker's samples
