@@ -35,7 +35,9 @@ FRAME_BYTES = FRAME_WORDS * 8
 KEY_BYTES = 8  # int64 row key / packed DES pair
 VALUE_BYTES = 4  # float32 value, optimizer state, gradient, DES weight
 MAX_ABORT_BYTES = 4096
-DEFAULT_MAX_DES_PAIRS = 1 << 25  # per request and PS: 32 Mi pairs (~400 MB with weights)
+# per request and PS: 4 Mi DES (row, bag) pairs, 48 MB with their weights: what one
+# malformed or hostile frame can make a PS allocate beyond its own storage's size
+DEFAULT_MAX_DES_PAIRS = 1 << 22
 
 
 class EsdRemoteError(RuntimeError):

@@ -250,5 +250,5 @@ class ParameterServer:
             )
         p, local = self.routing.locate(keys)
         if keys.numel() and bool((p != self.ps_index).any()):
-            raise EsdRemoteError(f"PS {self.ps_index} received keys it does not own")
+            raise EsdProtocolError(f"PS {self.ps_index} received keys it does not own")
         return local
