@@ -308,3 +308,58 @@ def test_workers_handed_different_global_batches_fail_every_rank(capfd, dispatch
     for r in (0, 1):  # ended by their fault monitor, with the PS's message
         assert f"exit code {FAULT_EXIT_CODE}" in errors[r]["error"], errors[r]
         assert f"ESD fault monitor on rank {r} (worker {r}): rank 2 (PS 0) failed: EsdRemoteError: {what}" in err, err[-3000:]
+
+
+# ---------------------------------------------------------------- any exception on a worker
+class _RaisingWorkload(_SkewedWorkload):
+    """Every worker's reader raises a plain OverflowError at step ``step``."""
+
+    def global_batch(self, step, size):
+        if step == self._step:
+            raise OverflowError("int too large to convert to float (a reader's bug)")
+        return self._w.global_batch(step, size)
+
+
+class RaisingWorkloadConfig(SkewedWorkloadConfig):
+    def make_workload(self):
+        return _RaisingWorkload(self.config, None, self.step)
+
+
+def _raising_job():
+    from torchrec_esd.apps.trainer import JobConfig, run
+    from torchrec_esd.apps.workload import SyntheticWorkloadConfig
+    from torchrec_esd.config import EsdConfig, WorkerSpec
+
+    wl = SyntheticWorkloadConfig(num_sparse=2, max_cardinality=60, num_dense=3, seed=0)
+    esd = EsdConfig([WorkerSpec(10, 100.0), WorkerSpec(10, 10.0)], fault_timeout_s=8.0, collective_timeout_s=60)
+    job = JobConfig(method="esd", steps=6, global_batch=16, embedding_dim=4, esd=esd, dispatcher="random",
+                    workload=RaisingWorkloadConfig(wl, rank=None, step=2))
+    return run(job)
+
+
+def test_any_exception_on_the_workers_ends_the_ps_with_its_message(capfd):
+    from torchrec_esd.apps.launch import RankFailed, run_local_world
+
+    t = time.monotonic()
+    with pytest.raises(RankFailed) as info:
+        run_local_world(_raising_job, 3, timeout_s=90)
+    errors = info.value.errors
+    assert sorted(errors) == [0, 1, 2], errors
+    for r in (0, 1):
+        assert errors[r]["error"] == "OverflowError: int too large to convert to float (a reader's bug)"
+    # the PS was serving: its fault monitor ends it with a worker's message, not a raw "connection closed"
+    assert f"exit code {FAULT_EXIT_CODE}" in errors[2]["error"], errors[2]
+    err = capfd.readouterr().err
+    assert any(f"ESD fault monitor on rank 2 (PS 0): rank {r} (worker {r}) failed: OverflowError: int too large"
+               in err for r in (0, 1)), err[-3000:]
+    assert time.monotonic() - t < 90
+
+
+@pytest.mark.parametrize("steps,batch", [(0, 16), (3, 0)])
+def test_steps_and_batch_below_one_fail_every_rank_before_any_collective(steps, batch):
+    from torchrec_esd.apps.trainer import JobConfig, run
+    from torchrec_esd.config import EsdConfigError
+
+    # checked before the process group is touched: the same error on every rank, no rendezvous needed
+    with pytest.raises(EsdConfigError, match="must be an int >= 1, got 0"):
+        run(JobConfig(method="esd", steps=steps, global_batch=batch))

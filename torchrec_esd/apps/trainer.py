@@ -60,6 +60,10 @@ def run(job: JobConfig) -> Dict:
     config's workers if one is given, else the whole world); other ranks
     (an ESD job's PS ranks) idle, so both methods can run in one torchrun world.
     """
+    for name in ("steps", "global_batch"):  # every rank, before any collective
+        value = getattr(job, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise EsdConfigError(f"JobConfig.{name} must be an int >= 1, got {value!r}")
     # a workload config with make_workload() (torchrec_esd.apps.criteo.CriteoTsvConfig)
     # builds its own workload; a SyntheticWorkloadConfig the synthetic one
     make = getattr(job.workload, "make_workload", None)

@@ -230,13 +230,17 @@ class FaultMonitor:
                 self._publish()
                 records = self._read()
             except Exception as e:  # noqa: BLE001 - the store's host died or hangs
-                if any(rec.state in ("done", "finishing") for rec in self._seen.values()):
+                failed = [r for r, rec in sorted(self._seen.items()) if r != self.rank and rec.state == "failed"]
+                if not failed and any(rec.state in ("done", "finishing") for rec in self._seen.values()):
                     # the store's host may be a rank that finished normally (rank 0
                     # of a world without a launcher): nothing is left to watch with
                     return
                 self._stop.wait(self.grace_s)  # this rank may be ending on its own
-                cause = (f"lost the c10d store the fault monitor runs on (its host died or does not "
-                         f"answer within {self.timeout_s:g} s): {describe_exception(e).splitlines()[0]}")
+                if failed:  # the store's host may be the failed rank: its failure is the cause
+                    cause = f"{self.name(failed[0])} failed: {self._seen[failed[0]].message}"
+                else:
+                    cause = (f"lost the c10d store the fault monitor runs on (its host died or does not "
+                             f"answer within {self.timeout_s:g} s): {describe_exception(e).splitlines()[0]}")
             else:
                 cause = self.check(records, time.monotonic())
             if cause is not None and not self._stop.is_set():

@@ -50,6 +50,7 @@ from torchrec_esd.cost import CostModel
 from torchrec_esd.dispatch import DispatchError, DispatchResult, Dispatcher, make_dispatcher
 from torchrec_esd.distributed.plan_channel import batch_fingerprint, global_batch_fingerprint
 from torchrec_esd.distributed.runtime import EsdRuntime
+from torchrec_esd.layout import EsdIdError
 
 MODES = ("global", "local")
 
@@ -310,6 +311,14 @@ class EsdInputDist(nn.Module):
         else:
             gkjt, strides = self._gather_ids(batch, group)
         b = gkjt.stride()
+        try:
+            if b < 1:
+                raise EsdConfigError("empty batch: a global batch of 0 samples (every batch needs samples to dispatch)")
+            missing = [f for f in rt.esd_features if f not in gkjt.keys()]
+            if missing:
+                raise EsdIdError(f"batch has no feature(s) {missing} (read by the ESD tables); it has {gkjt.keys()}")
+        except EsdConfigError as e:
+            raise _BadBatch(e) from e
         ekjt = rt.esd_view(gkjt)  # replicated tables' features are not dispatched on
         try:
             rt.directory.check_batch(ekjt)  # type: ignore[union-attr]
