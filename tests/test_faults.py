@@ -17,6 +17,7 @@ import time
 from datetime import timedelta
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from torchrec_esd.distributed.faults import FAULT_EXIT_CODE, FaultMonitor, rank_roles
@@ -363,3 +364,78 @@ def test_steps_and_batch_below_one_fail_every_rank_before_any_collective(steps, 
     # checked before the process group is touched: the same error on every rank, no rendezvous needed
     with pytest.raises(EsdConfigError, match="must be an int >= 1, got 0"):
         run(JobConfig(method="esd", steps=steps, global_batch=batch))
+
+
+# ---------------------------------------------------------------- a user's own loop
+def _user_loop(case, steps=4):
+    """The README loop on 2 workers + 1 PS (tables and batches of test_misuse),
+    with one fault: "missing" (step 1's batch lacks feature f1), "run_out"
+    (worker 1 stops after 2 batches and shuts down)."""
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.types import ShardingPlan
+    from torchrec.models.dlrm import DLRM
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+    from torch.nn.functional import binary_cross_entropy_with_logits as bce
+
+    from test_misuse import DENSE, _batch, _tables
+    from torchrec_esd.config import EsdConfig, WorkerSpec
+    from torchrec_esd.distributed.input_dist import EsdInputDist
+    from torchrec_esd.distributed.runtime import EsdRuntime
+    from torchrec_esd.distributed.sharding import EsdEmbeddingBagCollectionSharder, esd_module_plan
+    from torchrec_esd.ps import SparseOptimizer
+
+    cfg = EsdConfig([WorkerSpec(10, 100.0), WorkerSpec(10, 10.0)], collective_timeout_s=60, fault_timeout_s=8.0)
+    tables = _tables()
+    runtime = EsdRuntime(cfg, tables, SparseOptimizer("sgd", lr=0.1))
+    ebc = EmbeddingBagCollection(tables=tables, device=torch.device("cpu"))
+    model = DLRM(embedding_bag_collection=ebc, dense_in_features=DENSE, dense_arch_layer_sizes=[8, 4],
+                 over_arch_layer_sizes=[8, 1])
+    if runtime.is_ps:
+        runtime.serve(ebc)
+        return "ps"
+    dmp = DistributedModelParallel(model, plan=ShardingPlan({"sparse_arch.embedding_bag_collection":
+                                                             esd_module_plan(ebc, runtime)}),
+                                   sharders=[EsdEmbeddingBagCollectionSharder(runtime)], env=runtime.sharding_env())
+    opt = torch.optim.SGD(dmp.parameters(), lr=0.1)
+    esd_dist = EsdInputDist(runtime, "random", mode="global")
+    for step in range(steps):
+        if case == "run_out" and runtime.worker_index == 1 and step == 2:
+            break
+        batch = _batch(step, 8)
+        if case == "missing" and step == 1:
+            kjt = batch.sparse_features
+            batch.sparse_features = KeyedJaggedTensor.from_lengths_sync(["f0"], kjt["f0"].values(), kjt["f0"].lengths())
+        local = esd_dist(batch)
+        opt.zero_grad()
+        logits = dmp(local.dense_features, local.sparse_features).squeeze(-1)
+        (bce(logits, local.labels, reduction="sum") * esd_dist.loss_scale).backward()
+        opt.step()
+    runtime.shutdown()
+    return "worker"
+
+
+def test_a_batch_missing_a_feature_fails_every_rank_with_its_name():
+    from torchrec_esd.apps.launch import RankFailed, run_local_world
+
+    with pytest.raises(RankFailed) as info:
+        run_local_world(_user_loop, 3, "missing", timeout_s=90)
+    errors = info.value.errors
+    assert sorted(errors) == [0, 1, 2], errors
+    for r in (0, 1, 2):
+        assert "batch has no feature(s) ['f1'] (read by the ESD tables)" in errors[r]["error"], errors[r]
+    assert "aborted by the workers" in errors[2]["error"]
+
+
+def test_a_worker_that_runs_out_of_batches_fails_every_rank_naming_it(capfd):
+    from torchrec_esd.apps.launch import RankFailed, run_local_world
+
+    with pytest.raises(RankFailed) as info:
+        run_local_world(_user_loop, 3, "run_out", timeout_s=90)
+    assert sorted(info.value.errors) == [0, 1, 2]
+    err = capfd.readouterr().err
+    what = "rank 1 (worker 1) ran out of batches: it ended after 2 batches while rank 0 (worker 0) started batch 3"
+    for r, role in ((0, "worker 0"), (1, "worker 1"), (2, "PS 0")):
+        assert f"exit code {FAULT_EXIT_CODE}" in info.value.errors[r]["error"]
+        lines = [x for x in err.splitlines() if x.startswith(f"ESD fault monitor on rank {r} ({role}): ")]
+        assert len(lines) == 1 and what in lines[0], (lines, err[-3000:])

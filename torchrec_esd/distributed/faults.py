@@ -26,7 +26,9 @@ thread may be blocked inside a gloo collective and is not waited for.
 Bounded time (``T = timeout_s``, default ``EsdConfig.fault_timeout_s = 30``):
 a killed or stopped rank ends every other rank within ``T + 2 * T / 10`` (the
 last beat may be one tick old, the check runs once a tick); a failure record
-within ``T / 10 + grace_s`` (``grace_s = min(5, T / 4)``).  A rank that ends
+within ``T / 10 + grace_s`` (``grace_s = min(5, T / 4)``).  A rank whose
+process hosts the store (rank 0 without a launcher) ends two ticks later, so
+that the others read its record first.  A rank that ends
 normally publishes ``done`` and is no longer timed, so ranks that finish at
 different times raise no false alarm.
 
@@ -114,6 +116,9 @@ class FaultMonitor:
         workers: ranks whose ``progress`` counts batches (run-out check).
         progress: this rank's dispatched batches (workers), read each tick.
         on_fault: called with the line instead of printing it and exiting (tests).
+        hosts_store: this rank's process hosts the store (rank 0 of a world
+            without a launcher): it lingers two ticks before ending, so that the
+            others read its failure record before the store goes down with it.
     """
 
     def __init__(
@@ -129,6 +134,7 @@ class FaultMonitor:
         on_fault: Optional[Callable[[str], None]] = None,
         interval_s: Optional[float] = None,
         grace_s: Optional[float] = None,
+        hosts_store: bool = False,
     ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"fault timeout must be > 0 s, got {timeout_s!r}")
@@ -140,6 +146,7 @@ class FaultMonitor:
         self.progress = progress or (lambda: 0)
         self.on_fault = on_fault or _default_fault
         self.prefix = prefix
+        self.hosts_store = hosts_store
         try:
             self.store = store.clone()  # own connection: the main thread may block in the shared one
         except (AttributeError, RuntimeError):  # a store without clone (e.g. HashStore in tests)
@@ -190,8 +197,14 @@ class FaultMonitor:
         then the monitor first waits (at most the time it needs to see a rank
         go silent) for the cause, so that this rank ends naming the lost rank
         rather than with a bare "connection reset"."""
+        if self.fault is not None:  # the monitor thread is ending this rank: let it
+            time.sleep(2 * self.interval_s + 1.0)
+            return
         if isinstance(error, BaseException) and lost_connection(error) and not self.closed:
             self._stop.wait(self.timeout_s + 2 * self.interval_s + self.grace_s)
+            if self.fault is not None:
+                time.sleep(2 * self.interval_s + 1.0)
+                return
         self.close(error=error if isinstance(error, str) else describe_exception(error))
 
     def close(self, error: Optional[str] = None) -> None:
@@ -258,10 +271,12 @@ class FaultMonitor:
         line = (f"ESD fault monitor on {self.name(self.rank)}: {cause}; ending this rank "
                 f"(exit code {FAULT_EXIT_CODE}, fault timeout {self.timeout_s:g} s)")
         self._stop.set()
-        with _OPEN_LOCK:
+        if self.hosts_store:
+            time.sleep(2 * self.interval_s)
+        self.on_fault(line)
+        with _OPEN_LOCK:  # on_fault returned (tests): this monitor is done
             if self in _OPEN:
                 _OPEN.remove(self)
-        self.on_fault(line)
 
     # ------------------------------------------------------------ the checks
     def check(self, records: Dict[int, RankRecord], now: float) -> Optional[str]:

@@ -22,6 +22,7 @@ for the other role's API is an :class:`EsdConfigError` that says so.
 from __future__ import annotations
 
 import json
+import os
 from datetime import timedelta
 from typing import Dict, List, NoReturn, Optional, Sequence
 
@@ -164,6 +165,7 @@ class EsdRuntime:
                 dist.distributed_c10d._get_default_store(), self.rank, self.world_size,
                 rank_roles(config.num_workers), config.fault_timeout_s, prefix,
                 workers=range(config.num_workers), progress=lambda: self.dispatched_batches,
+                hosts_store=self.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True",
             ).start()
 
     def report_failure(self, error: BaseException | str) -> None:
