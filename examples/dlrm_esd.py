@@ -89,6 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--fault-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="a rank silent this long (killed, stopped, host gone) ends every rank with a message "
                         "naming it; a rank's failure ends the others within a few seconds (0: no fault monitor)")
+    p.add_argument("--check-finite", action="store_true",
+                   help="a non-finite loss or embedding gradient stops the job (naming the step) before the "
+                        "parameter servers' tables are poisoned")
     p.add_argument("--out", default=None, help="write results as JSON here (rank 0)")
     return p.parse_args(argv)
 
@@ -115,6 +118,7 @@ def main(argv=None) -> None:
         num_ps=args.num_ps,
         staleness=args.staleness,
         fault_timeout_s=args.fault_timeout if args.fault_timeout != 0 else None,
+        check_finite=args.check_finite,
     )
     base = dict(
         steps=args.steps, global_batch=args.batch, embedding_dim=args.embedding_dim, workload=workload,

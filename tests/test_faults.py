@@ -439,3 +439,46 @@ def test_a_worker_that_runs_out_of_batches_fails_every_rank_naming_it(capfd):
         assert f"exit code {FAULT_EXIT_CODE}" in info.value.errors[r]["error"]
         lines = [x for x in err.splitlines() if x.startswith(f"ESD fault monitor on rank {r} ({role}): ")]
         assert len(lines) == 1 and what in lines[0], (lines, err[-3000:])
+
+
+# ---------------------------------------------------------------- check_finite
+class _NanWorkload(_SkewedWorkload):
+    """Every worker's global batch ``step`` has NaN dense features."""
+
+    def global_batch(self, step, size):
+        batch = self._w.global_batch(step, size)
+        if step == self._step:
+            batch.dense_features = torch.full_like(batch.dense_features, float("nan"))
+        return batch
+
+
+class NanWorkloadConfig(SkewedWorkloadConfig):
+    def make_workload(self):
+        return _NanWorkload(self.config, None, self.step)
+
+
+def _nan_job():
+    from torchrec_esd.apps.trainer import JobConfig, run
+    from torchrec_esd.apps.workload import SyntheticWorkloadConfig
+    from torchrec_esd.config import EsdConfig, WorkerSpec
+
+    wl = SyntheticWorkloadConfig(num_sparse=2, max_cardinality=60, num_dense=3, seed=0)
+    esd = EsdConfig([WorkerSpec(10, 100.0), WorkerSpec(10, 10.0)], fault_timeout_s=8.0, collective_timeout_s=60,
+                    check_finite=True)
+    job = JobConfig(method="esd", steps=6, global_batch=16, embedding_dim=4, esd=esd, dispatcher="random",
+                    workload=NanWorkloadConfig(wl, rank=None, step=2))
+    return run(job)
+
+
+def test_check_finite_stops_every_rank_at_a_non_finite_loss_naming_the_step(capfd):
+    from torchrec_esd.apps.launch import RankFailed, run_local_world
+
+    with pytest.raises(RankFailed) as info:
+        run_local_world(_nan_job, 3, timeout_s=90)
+    errors = info.value.errors
+    assert sorted(errors) == [0, 1, 2], errors
+    for r in (0, 1):
+        assert errors[r]["error"].startswith(f"EsdConfigError: check_finite: non-finite loss nan at step 3 on worker {r}")
+    assert f"exit code {FAULT_EXIT_CODE}" in errors[2]["error"], errors[2]
+    err = capfd.readouterr().err
+    assert "ESD fault monitor on rank 2 (PS 0): rank" in err and "check_finite: non-finite loss nan at step 3" in err

@@ -119,6 +119,11 @@ class EsdConfig:
             rank's failure ends the others within about a tenth of it plus
             ``min(5, fault_timeout_s / 4)`` s (:mod:`torchrec_esd.distributed.faults`).
             ``None``: no fault monitor (only the collective timeouts).
+        check_finite: a non-finite loss (the trainer) or embedding gradient
+            (the ESD sharded module, before it is pushed) stops the job on
+            every rank, naming the step, before the parameter servers' tables
+            (the only copy of the model) are poisoned.  Costs one pass over
+            the gradients per step.
         des_misses: let the parameter servers serve cache misses DES-style
             (arXiv 1909.04823): for a bag whose missing rows would cost more
             to pull than one pooled partial sum down
@@ -135,6 +140,7 @@ class EsdConfig:
     collective_timeout_s: float = 120.0
     des_misses: bool = False
     fault_timeout_s: Optional[float] = 30.0
+    check_finite: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -177,6 +183,10 @@ class EsdConfig:
             or (isinstance(self.fault_timeout_s, (int, float)) and not isinstance(self.fault_timeout_s, bool)
                 and math.isfinite(self.fault_timeout_s) and self.fault_timeout_s > 0),
             f"EsdConfig.fault_timeout_s must be > 0 seconds or None (no fault monitor), got {self.fault_timeout_s!r}",
+        )
+        _require(
+            isinstance(self.check_finite, bool),
+            f"EsdConfig.check_finite must be a bool, got {self.check_finite!r}",
         )
 
     @property

@@ -138,6 +138,11 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
         for local in dispatched():
             dense_opt.zero_grad()
             loss, (_, logits, labels) = dmp(local)
+            if cfg.check_finite and not bool(torch.isfinite(loss.detach()).all()):
+                raise EsdConfigError(
+                    f"check_finite: non-finite loss {float(loss.detach())} at step {len(track.losses) + 1} on "
+                    f"worker {me}; the job stops before its gradients reach the parameter servers"
+                )
             loss.backward()
             dense_opt.step()
             record(loss, logits, labels)
