@@ -149,7 +149,7 @@ class FaultMonitor:
         self.hosts_store = hosts_store
         try:
             self.store = store.clone()  # own connection: the main thread may block in the shared one
-        except (AttributeError, RuntimeError):  # a store without clone (e.g. HashStore in tests)
+        except Exception:  # noqa: BLE001 - a store without a clone (e.g. HashStore): share it
             self.store = store
         try:
             self.store.set_timeout(timedelta(seconds=self.timeout_s))
@@ -268,7 +268,8 @@ class FaultMonitor:
             self._publish()  # tells ranks that started later, without waiting for their own timeout
         except Exception:  # noqa: BLE001
             pass
-        line = (f"ESD fault monitor on {self.name(self.rank)}: {cause}; ending this rank "
+        one_line = " ".join(cause.split())  # a multi-line message (a traceback) on one line
+        line = (f"ESD fault monitor on {self.name(self.rank)}: {one_line}; ending this rank "
                 f"(exit code {FAULT_EXIT_CODE}, fault timeout {self.timeout_s:g} s)")
         self._stop.set()
         if self.hosts_store:
