@@ -51,12 +51,24 @@ def dispatcher_list(text: str):
     return names
 
 
+def positive_int(text: str) -> int:
+    """``--steps`` / ``--batch``: checked while parsing, so a 0 fails every rank
+    at once with the argument's name instead of deep inside a run."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-ps", type=int, default=1,
                    help="parameter-server ranks (the last NUM_PS ranks of the world; the others are workers)")
-    p.add_argument("--steps", type=int, default=30, help="training steps (global batches) per method")
-    p.add_argument("--batch", type=int, default=512, help="global batch size")
+    p.add_argument("--steps", type=positive_int, default=30, help="training steps (global batches) per method")
+    p.add_argument("--batch", type=positive_int, default=512, help="global batch size")
     p.add_argument("--embedding-dim", type=int, default=16, help="embedding dimension of every table")
     p.add_argument("--bandwidths", default="1000,100,50,10",
                    help="comma-separated link bandwidth of each worker in Mbit/s, cycled over the workers "
@@ -89,6 +101,12 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="gloo",
                    help="torch.distributed backend of the workers' collectives (gloo; nccl on GPUs); "
                         "the PS protocol always runs on gloo")
+    p.add_argument("--fault-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a rank silent this long (killed, stopped, host gone) ends every rank with a message "
+                        "naming it; a rank's failure ends the others within a few seconds (0: no fault monitor)")
+    p.add_argument("--check-finite", action="store_true",
+                   help="a non-finite loss or embedding gradient stops the job (naming the step) before the "
+                        "parameter servers' tables are poisoned")
     p.add_argument("--out", default=None, help="write results as JSON here (rank 0)")
     p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                    help="write DCP checkpoints of TorchRec's state_dict (tables, optimizer state, dense weights) "
@@ -143,6 +161,8 @@ def main(argv=None) -> None:
         heterogeneous_workers([bws[i % len(bws)] for i in range(W)], cache, latency_ms=args.latency_ms),
         num_ps=args.num_ps,
         staleness=args.staleness,
+        fault_timeout_s=args.fault_timeout if args.fault_timeout != 0 else None,
+        check_finite=args.check_finite,
     )
     base = dict(
         steps=args.steps, global_batch=args.batch, embedding_dim=args.embedding_dim, workload=workload,

@@ -150,12 +150,13 @@ def _line(label="0", dense=None, cats=None):
         ("\t".join(["1"] * 39) + "\n", r"bad.tsv:3: expected 40 .* found 39"),
         (_line(dense=["1.5"] + ["1"] * 12), r"bad.tsv:3: dense feature I1 is '1.5', not an integer"),
         (_line(dense=["1"] * 12 + ["abc"]), r"bad.tsv:3: dense feature I13 is 'abc'"),
+        (_line(dense=["1", "9" * 400] + ["1"] * 11), r"bad.tsv:3: dense feature I2 is an integer of 400 digits"),
         (_line(cats=["0a0b0c0d"] * 25 + ["zz12"]), r"bad.tsv:3: categorical feature C26 is 'zz12', not a hex"),
         (_line(cats=["0x1f"] + ["0a0b0c0d"] * 25), r"bad.tsv:3: categorical feature C1 is '0x1f'"),
         (_line(label="2"), r"bad.tsv:3: label is '2'"),
         (_line(label=""), r"bad.tsv:3: label is ''"),
     ],
-    ids=["41-columns", "39-columns", "float-dense", "text-dense", "non-hex", "0x-hex", "label-2", "no-label"],
+    ids=["41-columns", "39-columns", "float-dense", "text-dense", "huge-int-dense", "non-hex", "0x-hex", "label-2", "no-label"],
 )
 def test_malformed_line_names_the_line(tmp_path, bad, match):
     p = tmp_path / "bad.tsv"

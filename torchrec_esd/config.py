@@ -118,6 +118,16 @@ class EsdConfig:
             many batches beyond the one it dispatches.
         collective_timeout_s: timeout of every collective, so that a rank that
             fails makes the others fail instead of hang.
+        fault_timeout_s: a rank whose heartbeat is silent this long (killed,
+            stopped, host gone) ends every rank with a message naming it; a
+            rank's failure ends the others within about a tenth of it plus
+            ``min(5, fault_timeout_s / 4)`` s (:mod:`torchrec_esd.distributed.faults`).
+            ``None``: no fault monitor (only the collective timeouts).
+        check_finite: a non-finite loss (the trainer) or embedding gradient
+            (the ESD sharded module, before it is pushed) stops the job on
+            every rank, naming the step, before the parameter servers' tables
+            (the only copy of the model) are poisoned.  Costs one pass over
+            the gradients per step.
         des_misses: let the parameter servers serve cache misses DES-style
             (arXiv 1909.04823): for a bag whose missing rows would cost more
             to pull than one pooled partial sum down
@@ -143,6 +153,8 @@ class EsdConfig:
     des_misses: bool = False
     online_links: bool = False
     compute_s_per_sample: Optional[float] = None
+    fault_timeout_s: Optional[float] = 30.0
+    check_finite: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -198,6 +210,16 @@ class EsdConfig:
         _require(
             self.collective_timeout_s > 0,
             f"EsdConfig.collective_timeout_s must be > 0, got {self.collective_timeout_s!r}",
+        )
+        _require(
+            self.fault_timeout_s is None
+            or (isinstance(self.fault_timeout_s, (int, float)) and not isinstance(self.fault_timeout_s, bool)
+                and math.isfinite(self.fault_timeout_s) and self.fault_timeout_s > 0),
+            f"EsdConfig.fault_timeout_s must be > 0 seconds or None (no fault monitor), got {self.fault_timeout_s!r}",
+        )
+        _require(
+            isinstance(self.check_finite, bool),
+            f"EsdConfig.check_finite must be a bool, got {self.check_finite!r}",
         )
 
     @property

@@ -59,6 +59,7 @@ MISSING_ID = 0  # id of a missing categorical value in every table
 
 _INT_RE = re.compile(r"-?[0-9]+")
 _HEX_RE = re.compile(r"[0-9a-fA-F]{1,16}")
+_MAX_INT_DIGITS = 38  # float32 holds integers up to ~3.4e38
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -268,8 +269,13 @@ class CriteoTsvWorkload:
                 s = parts[1 + j]
                 if s == "":
                     dense.append(0.0)
-                elif _INT_RE.fullmatch(s):
+                elif _INT_RE.fullmatch(s) and len(s) <= _MAX_INT_DIGITS:
                     dense.append(float(int(s)))
+                elif _INT_RE.fullmatch(s):  # float(int(s)) would raise a bare OverflowError
+                    raise EsdConfigError(
+                        f"{cfg.path}:{this_line}: dense feature I{j + 1} is an integer of {len(s)} digits "
+                        f"({s[:12]}...), more than a float32 feature holds"
+                    )
                 else:
                     raise EsdConfigError(
                         f"{cfg.path}:{this_line}: dense feature I{j + 1} is {s!r}, not an integer"

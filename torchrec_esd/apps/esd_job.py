@@ -178,6 +178,11 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
             for local in dispatched(lo, hi):
                 dense_opt.zero_grad()
                 loss, (_, logits, labels) = dmp(local)
+                if cfg.check_finite and not bool(torch.isfinite(loss.detach()).all()):
+                    raise EsdConfigError(
+                        f"check_finite: non-finite loss {float(loss.detach())} at step {start + len(track.losses) + 1} "
+                        f"on worker {me}; the job stops before its gradients reach the parameter servers"
+                    )
                 loss.backward()
                 dense_opt.step()
                 record(loss, logits, labels)
@@ -196,6 +201,7 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
     if preemption is not None:
         preemption.uninstall()
     elapsed = time.perf_counter() - t0
+    runtime.end_of_batches()
     logger.info("ESD %s: %d steps in %.1f s", job.dispatcher, len(track.losses), elapsed)
     runtime.flush()
     track.write_metrics()

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from torchrec_esd.distributed.faults import close_open_monitors, fail_open_monitors
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -36,8 +38,10 @@ def _entry(rank: int, world: int, port: int, outdir: str, fn, args, timeout_s: f
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
         result = fn(*args)
+        close_open_monitors()  # a runtime fn left open: done, not silent
         torch.save({"ok": True, "result": result}, path)
     except BaseException as e:  # noqa: BLE001 - reported to the parent
+        fail_open_monitors(e)  # every other rank ends with this message
         torch.save({"ok": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()}, path)
     finally:
         if dist.is_initialized():

@@ -37,6 +37,7 @@ from torchrec_esd.apps.job import (
 from torchrec_esd.apps.torchrec_jobs import _des, _vanilla, torchrec_dmp
 from torchrec_esd.apps.workload import SyntheticWorkload
 from torchrec_esd.config import EsdConfigError
+from torchrec_esd.distributed.faults import fail_open_monitors
 from torchrec_esd.distributed.runtime import esd_process_groups
 
 __all__ = [
@@ -59,6 +60,10 @@ def run(job: JobConfig) -> Dict:
     config's workers if one is given, else the whole world); other ranks
     (an ESD job's PS ranks) idle, so both methods can run in one torchrun world.
     """
+    for name in ("steps", "global_batch"):  # every rank, before any collective
+        value = getattr(job, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise EsdConfigError(f"JobConfig.{name} must be an int >= 1, got {value!r}")
     # a workload config with make_workload() (torchrec_esd.apps.criteo.CriteoTsvConfig)
     # builds its own workload; a SyntheticWorkloadConfig the synthetic one
     if (job.resume or job.checkpoint_every) and not job.checkpoint_dir:
@@ -86,7 +91,13 @@ def run(job: JobConfig) -> Dict:
             return {"role": "idle"}
         return _vanilla(job, workload, group)
     if job.method == "esd":
-        return _esd(job, workload)
+        try:
+            return _esd(job, workload)
+        except BaseException as e:
+            # any exception (a reader's OverflowError, a dispatcher's error, ...):
+            # every other rank, the PS included, ends with this message
+            fail_open_monitors(e)
+            raise
     if job.method == "des":
         return _des(job, workload)
     raise EsdConfigError(f"unknown method {job.method!r}; use 'vanilla', 'esd' or 'des'")

@@ -54,6 +54,9 @@ class WorkerPlan:
     # fingerprint of the row keys of the local batch this plan was made for
     # (set by the input dist for its own worker; the sharded module checks it)
     fingerprint: Optional[int] = None
+    # fingerprint of the whole global batch (EsdInputDist mode "global", else 0):
+    # sent with this worker's PS requests, the PS checks that all workers agree
+    global_fingerprint: int = 0
 
     @property
     def pull_keys(self) -> torch.Tensor:

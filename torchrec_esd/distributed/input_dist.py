@@ -52,8 +52,9 @@ from torchrec_esd.batch_select import select_kjt_samples, select_samples
 from torchrec_esd.config import EsdConfigError
 from torchrec_esd.cost import CostModel
 from torchrec_esd.dispatch import DispatchError, DispatchResult, Dispatcher, make_dispatcher
-from torchrec_esd.distributed.plan_channel import batch_fingerprint
+from torchrec_esd.distributed.plan_channel import batch_fingerprint, global_batch_fingerprint
 from torchrec_esd.distributed.runtime import EsdRuntime
+from torchrec_esd.layout import EsdIdError
 
 MODES = ("global", "local")
 _END = object()
@@ -367,10 +368,21 @@ class EsdInputDist(nn.Module):
     def _read(self, batch: Batch, group) -> _Read:
         """Gather the ids (local mode, a collective on ``group``) and check them."""
         rt = self.runtime
+        me = rt.worker_index
+        rt.dispatched_batches += 1  # before any collective: the fault monitor's run-out check
         if self.mode == "global":
             gkjt, strides = batch.sparse_features, None
         else:
             gkjt, strides = self._gather_ids(batch, group)
+        b = gkjt.stride()
+        try:
+            if b < 1:
+                raise EsdConfigError("empty batch: a global batch of 0 samples (every batch needs samples to dispatch)")
+            missing = [f for f in rt.esd_features if f not in gkjt.keys()]
+            if missing:
+                raise EsdIdError(f"batch has no feature(s) {missing} (read by the ESD tables); it has {gkjt.keys()}")
+        except EsdConfigError as e:
+            raise _BadBatch(e) from e
         ekjt = rt.esd_view(gkjt)  # replicated tables' features are not dispatched on
         try:
             rt.directory.check_batch(ekjt)  # type: ignore[union-attr]
@@ -403,6 +415,11 @@ class EsdInputDist(nn.Module):
         plan = rt.directory.plan(ekjt, assignment, upcoming)  # type: ignore[union-attr]
         bk = rt.keyspace.decode(ekjt)  # the directory's decode of this batch, not a second one
         plan.workers[me].fingerprint = batch_fingerprint(bk.keys[assignment[bk.sample] == me])
+        if self.mode == "global":  # the PS checks that every worker was handed this batch
+            kjt = batch.sparse_features
+            plan.workers[me].global_fingerprint = global_batch_fingerprint(
+                bk.keys, bk.lengths, batch.dense_features, batch.labels, kjt.weights_or_none()
+            )
         rt.loss_scaling.dispatched(plan.iteration, b, shares)
         rt.enqueue(plan)
         mine = (assignment == me).nonzero().view(-1)  # global indices of this worker's samples

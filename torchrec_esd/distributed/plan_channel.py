@@ -37,6 +37,28 @@ def batch_fingerprint(keys: torch.Tensor) -> int:
     return (int(mixed.sum()) * 1000003 + keys.numel()) & 0x7FFFFFFFFFFFFFFF
 
 
+def _positioned(values: torch.Tensor, salt: int) -> torch.Tensor:
+    """int64 ``values`` tied to their positions (and a salt per part), so that
+    the order-free :func:`batch_fingerprint` of them sees the order too."""
+    v = values.reshape(-1).to(torch.int64)
+    pos = torch.arange(v.numel(), device=v.device, dtype=torch.int64)
+    return v * -0x4B47D5B1A37C3C43 + pos * 0x2545F4914F6CDD1D + salt
+
+
+def global_batch_fingerprint(keys: torch.Tensor, lengths: torch.Tensor, *tensors: torch.Tensor) -> int:
+    """A fingerprint of a whole global batch: its row keys (KJT order) and
+    bag lengths, and the bytes of ``tensors`` (dense features, labels, KJT
+    weights), each tied to its position.  Every worker of
+    ``EsdInputDist(mode="global")`` computes it and sends it with its PS
+    requests; the PS fails every rank when the workers' values differ (they
+    were handed different global batches).  O(values + dense bytes) per batch."""
+    parts = [_positioned(keys, 1), _positioned(lengths, 2)]
+    for i, t in enumerate(tensors):
+        if t is not None and t.numel():
+            parts.append(_positioned(t.detach().contiguous().reshape(-1).view(torch.uint8), 3 + i))
+    return batch_fingerprint(torch.cat([p.to(parts[0].device) for p in parts]))
+
+
 class PlanChannel:
     """Ordered, iteration-keyed hand-over of :class:`IterationPlan` s."""
 

@@ -37,7 +37,8 @@ class PsSync:
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[DesRoute]]:
         """Push ``push_values`` ``[len(wp.push_keys), wire_dim + state_dim]``,
         pull ``wp.pull_keys``: (pulled rows, DES partial sums, DES route)."""
-        got, partial, route = self._client.push_pull(wp.push_keys, push_values.cpu(), wp.pull_keys, des)
+        got, partial, route = self._client.push_pull(wp.push_keys, push_values.cpu(), wp.pull_keys, des,
+                                                      batch_fingerprint=wp.global_fingerprint)
         traffic = self._client.last_traffic
         self._meter.record_push_pull(wp.rows, traffic, self._link)
         if self._estimates is not None:  # the one synchronous exchange: its time is the link's

@@ -12,7 +12,10 @@ builds this rank's role, the same call on every rank:
 * :class:`EsdPsRuntime`: :meth:`~EsdPsRuntime.serve` runs the parameter server.
 
 Both share the topology checks (same config, tables and optimizer on every
-rank), the process groups, the key space and the PS transport.  Asking a role
+rank), the process groups, the key space, the PS transport and the fault
+monitor (:mod:`~torchrec_esd.distributed.faults`, unless
+``EsdConfig.fault_timeout_s`` is ``None``): a rank that is killed, stopped or
+fails ends every rank within a bounded time with a message naming it.  Asking a role
 for the other role's API is an :class:`EsdConfigError` that says so.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from datetime import timedelta
 from typing import Dict, List, NoReturn, Optional, Sequence
 
@@ -35,6 +39,7 @@ from torchrec_esd.batch_select import select_kjt_keys
 from torchrec_esd.cache import CacheDirectory, IterationPlan
 from torchrec_esd.config import EsdConfig, EsdConfigError
 from torchrec_esd.distributed.link_estimates import LinkEstimates
+from torchrec_esd.distributed.faults import FaultMonitor, job_prefix, rank_roles
 from torchrec_esd.distributed.loss_scaling import LossScaling
 from torchrec_esd.distributed.plan_channel import PlanChannel
 from torchrec_esd.layout import EsdIdError, KeySpace, table_fingerprint
@@ -164,6 +169,27 @@ class EsdRuntime:
             config.num_workers, config.num_ps, len(self.tables), len(self.replicated_tables),
             optimizer.name, config.staleness, config.objective,
         )
+        self.dispatched_batches = 0  # batches that entered EsdInputDist (workers; the run-out check)
+        prefix = job_prefix()  # on every rank, monitored or not, so that prefixes agree
+        self.faults: Optional[FaultMonitor] = None
+        if config.fault_timeout_s is not None:
+            self.faults = FaultMonitor(
+                dist.distributed_c10d._get_default_store(), self.rank, self.world_size,
+                rank_roles(config.num_workers), config.fault_timeout_s, prefix,
+                workers=range(config.num_workers), progress=lambda: self.dispatched_batches,
+                hosts_store=self.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True",
+            ).start()
+
+    def report_failure(self, error: BaseException | str) -> None:
+        """Publish this rank's failure (every other rank ends with its message)
+        and stop the fault monitor."""
+        if self.faults is not None:
+            self.faults.fail(error)
+
+    def close_monitor(self) -> None:
+        """Publish ``done``: other ranks stop timing this one."""
+        if self.faults is not None:
+            self.faults.close()
 
     def _check_same_config_everywhere(self) -> None:
         mine = json.dumps(
@@ -205,13 +231,18 @@ class EsdPsRuntime(EsdRuntime):
             for name, bag in ebc.embedding_bags.items()
             if name in self.keyspace.names
         }
-        server = ParameterServer(
-            self.rank - self.config.num_workers, self.keyspace, self.optimizer, self.transport, weights,
-            des=self.config.des_misses,
-        )
-        logger.info("parameter server %d serving %d tables", self.rank - self.config.num_workers, len(weights))
-        server.serve()
+        try:
+            server = ParameterServer(
+                self.rank - self.config.num_workers, self.keyspace, self.optimizer, self.transport, weights,
+                des=self.config.des_misses,
+            )
+            logger.info("parameter server %d serving %d tables", self.rank - self.config.num_workers, len(weights))
+            server.serve()
+        except BaseException as e:
+            self.report_failure(e)
+            raise
         logger.info("parameter server %d stopped: the workers are done", self.rank - self.config.num_workers)
+        self.close_monitor()
         return server
 
     def __getattr__(self, name: str):
@@ -330,16 +361,26 @@ class EsdWorkerRuntime(EsdRuntime):
         return self.client.gather_tables()
 
     # ------------------------------------------------------------ ending the job
+    def end_of_batches(self) -> None:
+        """This worker has trained its last batch: a worker that still
+        dispatches another one fails every rank (it would wait forever) with a
+        message naming both.  :meth:`shutdown` calls it."""
+        if self.faults is not None:
+            self.faults.end_of_batches()
+
     def shutdown(self, flush: bool = True) -> None:
         """Flush (by default) and stop the PS ranks; call on every worker."""
+        self.end_of_batches()
         if flush and self._executor is not None:
             self.flush()
         self.client.stop()
+        self.close_monitor()
 
     def abort(self, msg: str) -> None:
         """Make the PS ranks fail with ``msg``; call on every worker."""
         logger.error("aborting the parameter servers: %s", msg)
         self.client.abort(msg)
+        self.report_failure(msg)
 
     def fail(self, msg: str) -> NoReturn:
         """Abort the PS ranks with ``msg`` and raise it here: for a misuse that

@@ -241,7 +241,7 @@ class ShardedEsdEmbeddingBagCollection(
             working_set.requires_grad_(True)
         pooled = self._lookup_backend(layout, working_set)
         pending = {"plan": wp, "rows": working_set.shape[0], "esd_rows": n_esd, "done": False,
-                   "des_base": des_base, "des_route": route}
+                   "des_base": des_base, "des_route": route, "iteration": plan.iteration}
         self._pending = pending
         if training:
             working_set.register_hook(lambda g, p=pending: self._after_backward(p, g))
@@ -345,6 +345,12 @@ class ShardedEsdEmbeddingBagCollection(
             # TorchRec divides pooled-embedding gradients by the world size (to
             # match DDP's averaging of dense gradients); so does ESD, over workers
             grad = grad / rt.config.num_workers
+        if rt.config.check_finite and not bool(torch.isfinite(grad).all()):
+            raise EsdConfigError(
+                f"check_finite: a non-finite embedding gradient at iteration {pending['iteration']} on worker "
+                f"{rt.worker_index}; the job stops before it reaches the parameter servers (the only copy "
+                "of the tables)"
+            )
         d = self._wire_dim
         des_grad = grad[pending["des_base"] :, :d].detach()
         grad = grad[: pending["des_base"]]

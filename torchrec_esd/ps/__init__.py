@@ -22,6 +22,7 @@ from torchrec_esd.ps.client import PsClient
 from torchrec_esd.ps.des_route import DesRequest, DesRoute
 from torchrec_esd.ps.protocol import (
     Command,
+    EsdPeerLostError,
     EsdProtocolError,
     EsdRemoteError,
     ProtocolLimits,
@@ -36,6 +37,7 @@ __all__ = [
     "Command",
     "DesRequest",
     "DesRoute",
+    "EsdPeerLostError",
     "EsdProtocolError",
     "EsdRemoteError",
     "GlooP2PTransport",

@@ -119,12 +119,14 @@ class PsClient:
         push_vals: torch.Tensor,
         pull_keys: torch.Tensor,
         des: Optional[DesRequest] = None,
+        batch_fingerprint: int = 0,
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[DesRoute]]:
         """Store ``push_vals`` [n, D+S] at ``push_keys``, then return the rows
         (value + state) of ``pull_keys`` in their order, and (with DES) the
         pooled partial sums ``[des.num_bags, D]`` of the DES request plus the
         route that :meth:`push_grads` needs for the bags' gradients.  One
-        request to and one reply from each PS."""
+        request to and one reply from each PS; ``batch_fingerprint`` (of the
+        global batch, or 0) goes in its frame and must match every worker's."""
         row, dim = self.routing.wire_dim + self.optimizer.state_dim, self.routing.wire_dim
         if des is not None and not self.des:
             raise EsdConfigError("a DES request on a PS client built without des_misses")
@@ -139,10 +141,11 @@ class PsClient:
         reqs = []
         for i in range(self.routing.num_ps):
             if route is None:
-                reqs.append(PushPullRequest(pk[i], qk[i], pv[i], _NO_KEYS))
+                reqs.append(PushPullRequest(pk[i], qk[i], pv[i], _NO_KEYS, fingerprint=batch_fingerprint))
             else:
                 w = route.weights[i] if route.weighted[i] else None
-                reqs.append(PushPullRequest(pk[i], qk[i], pv[i], route.packed[i], int(route.bags_per_ps[i]), w))
+                reqs.append(PushPullRequest(pk[i], qk[i], pv[i], route.packed[i], int(route.bags_per_ps[i]), w,
+                                            batch_fingerprint))
         frames = [q.frame() for q in reqs]
         got = self._exchange(frames, [q.parts() for q in reqs], [f.reply_bytes(self.fmt) for f in frames])
         replies = [PushPullReply.decode(f, buf, self.fmt) for f, buf in zip(frames, got)]

@@ -35,11 +35,18 @@ FRAME_BYTES = FRAME_WORDS * 8
 KEY_BYTES = 8  # int64 row key / packed DES pair
 VALUE_BYTES = 4  # float32 value, optimizer state, gradient, DES weight
 MAX_ABORT_BYTES = 4096
-DEFAULT_MAX_DES_PAIRS = 1 << 25  # per request and PS: 32 Mi pairs (~400 MB with weights)
+# per request and PS: 4 Mi DES (row, bag) pairs, 48 MB with their weights: what one
+# malformed or hostile frame can make a PS allocate beyond its own storage's size
+DEFAULT_MAX_DES_PAIRS = 1 << 22
 
 
 class EsdRemoteError(RuntimeError):
     """Another rank of the ESD job failed; this rank stops too."""
+
+
+class EsdPeerLostError(EsdRemoteError):
+    """A message to or from a peer rank failed (it died, its link broke, or it
+    was silent past the timeout); the transport names the peer."""
 
 
 class EsdProtocolError(EsdRemoteError):
@@ -114,6 +121,8 @@ class PushPullFrame:
     des_pairs: int = 0
     des_bags: int = 0
     weighted: bool = False  # DES pair weights are sent (some weight is not 1)
+    # of the global batch (EsdInputDist mode "global"; 0: none): equal on every worker
+    fingerprint: int = 0
 
     def check(self, limits: ProtocolLimits, where: str) -> None:
         rows = "rows the PS owns"
@@ -287,10 +296,11 @@ class PushPullRequest:
     des_packed: torch.Tensor  # [c] int64: key * des_bags + bag
     des_bags: int = 0
     des_weights: Optional[torch.Tensor] = None  # [c] float32; None: all 1, not sent
+    fingerprint: int = 0  # of the global batch (frame only)
 
     def frame(self) -> PushPullFrame:
         return PushPullFrame(self.push_keys.numel(), self.pull_keys.numel(), self.des_packed.numel(),
-                             self.des_bags, self.des_weights is not None)
+                             self.des_bags, self.des_weights is not None, self.fingerprint)
 
     def parts(self) -> Parts:
         out = [(Section.KEYS, self.push_keys), (Section.KEYS, self.pull_keys),
@@ -307,7 +317,8 @@ class PushPullRequest:
         rows = rd.take(a, torch.float32, (fmt.dim + fmt.state_dim,))
         weights = rd.take(c, torch.float32) if frame.weighted else None
         rd.done()
-        return PushPullRequest(keys[:a], keys[a : a + b], rows, keys[a + b :], frame.des_bags, weights)
+        return PushPullRequest(keys[:a], keys[a : a + b], rows, keys[a + b :], frame.des_bags, weights,
+                               frame.fingerprint)
 
 
 @dataclass

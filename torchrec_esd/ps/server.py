@@ -135,7 +135,22 @@ class ParameterServer:
             return Command.ABORT, frames, payloads
         if len(set(cmds)) != 1:
             raise EsdRemoteError(f"the workers are in different protocol phases (commands {[c.name for c in cmds]})")
+        if cmds[0] is Command.PUSH_PULL:
+            self._check_same_batch(frames)  # type: ignore[arg-type]
         return cmds[0], frames, payloads
+
+    def _check_same_batch(self, frames: List[PushPullFrame]) -> None:
+        """Workers of ``EsdInputDist(mode="global")`` must all be handed the same
+        global batch (their replicated cache directories drift apart otherwise)."""
+        prints = [f.fingerprint for f in frames]
+        if len(set(prints)) != 1:
+            odd = [r for r, p in enumerate(prints) if p != prints[0]]
+            raise EsdRemoteError(
+                f"PS {self.ps_index}: the workers were handed different global batches at iteration "
+                f"{self.iterations + 1} (batch fingerprints {prints}; workers {odd} differ from worker 0): "
+                "with EsdInputDist(mode='global') every worker must pass the same global batch, in the "
+                "same order (use mode='local' for per-worker batches)"
+            )
 
     def _check_state(self, worker: int, frame: Frame) -> None:
         """Checks of a frame against this PS's state (DES or not, the bags it served)."""
@@ -235,5 +250,5 @@ class ParameterServer:
             )
         p, local = self.routing.locate(keys)
         if keys.numel() and bool((p != self.ps_index).any()):
-            raise EsdRemoteError(f"PS {self.ps_index} received keys it does not own")
+            raise EsdProtocolError(f"PS {self.ps_index} received keys it does not own")
         return local

@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Sequence
 import torch
 import torch.distributed as dist
 
-from torchrec_esd.ps.protocol import FRAME_WORDS, Frame, Section, SectionSize, encode_frame
+from torchrec_esd.ps.protocol import FRAME_WORDS, EsdPeerLostError, Frame, Section, SectionSize, encode_frame
 
 
 @dataclass
@@ -181,10 +181,23 @@ class Transport(ABC):
         for p in pending:
             if p.done:
                 continue
-            self._wait(p.work, self.timeout_s)
+            try:
+                self._wait(p.work, self.timeout_s)
+            except RuntimeError as e:  # the peer died, or went silent past the timeout
+                what = "receiving from" if p.receive else "sending to"
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise EsdPeerLostError(f"{what} {self.peer_name(p.peer)} failed: {first}") from e
             p.done = True
             if p.receive:
                 self.meter.on_receive(p.peer, p.buf.numel() * p.buf.element_size())
+
+    def peer_name(self, rank: int) -> str:
+        """``"PS j (rank r)"`` or ``"worker i (rank r)"``."""
+        if rank in self.ps_ranks:
+            return f"PS {self.ps_ranks.index(rank)} (rank {rank})"
+        if rank in self.worker_ranks:
+            return f"worker {self.worker_ranks.index(rank)} (rank {rank})"
+        return f"rank {rank}"
 
     # ---- framed requests
     def send_frame(self, peer: int, frame: Frame, payload: torch.Tensor) -> List[Pending]:
