@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
+import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable, List
@@ -34,6 +36,13 @@ def _entry(rank: int, world: int, port: int, outdir: str, fn, args, timeout_s: f
         LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
     )
     torch.set_num_threads(1)
+    # stdout / stderr into files the parent relays to its own (a fork server's
+    # children would otherwise write wherever the fork server's fds pointed)
+    for fd, name in ((1, "out"), (2, "err")):
+        sys.stdout.flush() if fd == 1 else sys.stderr.flush()
+        f = os.open(os.path.join(outdir, f"rank{rank}.{name}"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(f, fd)
+        os.close(f)
     path = os.path.join(outdir, f"rank{rank}.pt")
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
@@ -49,6 +58,28 @@ def _entry(rank: int, world: int, port: int, outdir: str, fn, args, timeout_s: f
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001
                 pass
+
+
+class _Relay:
+    """Copies what the ranks wrote to their ``rank<r>.out`` / ``.err`` files to
+    this process's stdout / stderr, as it arrives."""
+
+    def __init__(self, outdir: str, world_size: int) -> None:
+        self._files = [(os.path.join(outdir, f"rank{r}.{name}"), fd)
+                       for r in range(world_size) for name, fd in (("out", 1), ("err", 2))]
+        self._offsets = [0] * len(self._files)
+
+    def __call__(self) -> None:
+        for i, (path, fd) in enumerate(self._files):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(self._offsets[i])
+                    data = f.read()
+            except FileNotFoundError:
+                continue
+            if data:
+                self._offsets[i] += len(data)
+                os.write(fd, data)
 
 
 class RankFailed(RuntimeError):
@@ -91,12 +122,16 @@ def run_local_world(fn: Callable[..., Any], world_size: int, *args, timeout_s: f
         ]
         for p in procs:
             p.start()
-        for p in procs:
-            p.join(timeout_s + 60)
+        relay = _Relay(outdir, world_size)
+        deadline = time.monotonic() + timeout_s + 60
+        while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+            relay()
+            time.sleep(0.1)
         for p in procs:
             if p.is_alive():
                 p.kill()
-                p.join()
+            p.join()
+        relay()
         results, errors = [], {}
         for r in range(world_size):
             path = os.path.join(outdir, f"rank{r}.pt")

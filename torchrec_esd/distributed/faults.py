@@ -218,6 +218,10 @@ class FaultMonitor:
             self._publish()
         except Exception:  # noqa: BLE001 - the store may be gone; the beat stops either way
             pass
+        else:
+            if error is not None and self.hosts_store:
+                # the store dies with this process: let the others read the failure first
+                time.sleep(2 * self.interval_s)
         with _OPEN_LOCK:
             if self in _OPEN:
                 _OPEN.remove(self)
