@@ -121,6 +121,8 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=10, help="checkpoint every N steps")
     p.add_argument("--kill-at", type=int, default=25, help="kill worker rank 1 at about this step")
     p.add_argument("--signal", default="KILL", choices=["KILL", "TERM"])
+    p.add_argument("--fault-timeout", type=float, default=10.0,
+                   help="the jobs' --fault-timeout: a lost rank ends the others within about this long")
     p.add_argument("--workdir", default=None, help="keep checkpoints and logs here (default: a temporary dir)")
     args = p.parse_args(argv)
     if not 0 < args.every <= args.kill_at < args.steps:
@@ -129,19 +131,25 @@ def main(argv=None) -> int:
     ref, broken = os.path.join(work, "reference"), os.path.join(work, "broken")
     print(f"work dir: {work}")
     t = time.time()
-    rc = run_job(job_command(args.steps, ref), os.path.join(work, "reference.log"))
+    extra = ["--fault-timeout", str(args.fault_timeout)]
+    rc = run_job(job_command(args.steps, ref, extra=extra), os.path.join(work, "reference.log"))
     print(f"1. reference: {args.steps} steps, rc {rc} ({time.time() - t:.0f} s)")
     if rc != 0:
         return 1
     sig = getattr(signal, f"SIG{args.signal}")
     sub = os.path.join(broken, "esd_hybrid")  # dlrm_esd.py writes under <dir>/<method>
-    out = interrupted_job(job_command(args.steps, broken, args.every), os.path.join(work, "broken.log"), sub,
+    out = interrupted_job(job_command(args.steps, broken, args.every, extra=extra), os.path.join(work, "broken.log"), sub,
                           args.kill_at, args.every, sig)
     last = latest_checkpoint(sub)
     print(f"2. SIG{args.signal} to worker rank 1 (pid {out['killed_pid']}) at about step {args.kill_at}: the job "
           f"ended {out['ended_s']:.1f} s later with rc {out['rc']}; last complete checkpoint: {os.path.basename(last)}")
+    with open(os.path.join(work, "broken.log")) as f:
+        lines = [ln.strip() for ln in f if "ESD fault monitor" in ln]
+    if lines:
+        print(f"   e.g. {lines[0][:200]}")
     t = time.time()
-    rc = run_job(job_command(args.steps, broken, args.every, resume=True), os.path.join(work, "resumed.log"))
+    rc = run_job(job_command(args.steps, broken, args.every, resume=True, extra=extra),
+                 os.path.join(work, "resumed.log"))
     print(f"3. --resume from {os.path.basename(last)} to step {args.steps}: rc {rc} ({time.time() - t:.0f} s)")
     if rc != 0:
         return 1
