@@ -73,6 +73,7 @@ from torchrec_esd.cache.lookahead import UpcomingUse
 from torchrec_esd.cache.plans import EMPTY, IterationPlan, WorkerPlan, row_counts
 from torchrec_esd.cache.policy import EvictionPolicy, make_policy
 from torchrec_esd.cache.slots import WorkerSlots
+from torchrec_esd.cache.sorted_keys import count_of, group_rank, sorted_member
 from torchrec_esd.cache.summary import StepSummary
 from torchrec_esd.cache.views import WorkerCacheView, slots_view
 from torchrec_esd.config import EsdConfig, EsdConfigError
@@ -83,21 +84,6 @@ from torchrec_esd.layout import KeySpace
 # extension built, a policy with a kernel code, no DES-served rows; else in
 # _push_shared_dirty's and _plan_worker's PyTorch code (the kernel's reference)
 USE_PLAN_KERNEL = True
-
-
-def _group_rank(groups: torch.Tensor, num_groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """For values sorted by group: rank of each inside its group, and group starts."""
-    counts = torch.bincount(groups, minlength=num_groups)
-    starts = torch.cumsum(counts, 0) - counts
-    return torch.arange(groups.numel()) - starts[groups], starts
-
-
-def _sorted_member(sorted_keys: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """``keys`` in ``sorted_keys`` (ascending), as a bool mask."""
-    if sorted_keys.numel() == 0:
-        return torch.zeros_like(keys, dtype=torch.bool)
-    pos = torch.searchsorted(sorted_keys, keys).clamp_(max=sorted_keys.numel() - 1)
-    return sorted_keys[pos] == keys
 
 
 class CacheDirectory:
@@ -263,7 +249,7 @@ class CacheDirectory:
         num_samples = torch.bincount(assignment, minlength=W).tolist()
         out = []
         for w in range(W):
-            mine = _sorted_member(used[w], user_keys) | (self._w[w].find(user_keys) >= 0)
+            mine = sorted_member(used[w], user_keys) | (self._w[w].find(user_keys) >= 0)
             out.append(StepSummary(w, used[w], user_keys[mine], user_counts[mine], num_samples[w]))
         return out
 
@@ -319,14 +305,6 @@ class CacheDirectory:
         return (USE_PLAN_KERNEL and self.policy.kernel_code is not None and not self.config.des_misses
                 and ops.has_plan_kernel())
 
-    @staticmethod
-    def _users_of(keys: torch.Tensor, user_keys: torch.Tensor, user_counts: torch.Tensor) -> torch.Tensor:
-        """Number of user workers of each key (0 for a key absent from ``user_keys``)."""
-        if user_keys.numel() == 0:
-            return torch.zeros_like(keys)
-        pos = torch.searchsorted(user_keys, keys).clamp_(max=user_keys.numel() - 1)
-        return torch.where(user_keys[pos] == keys, user_counts[pos], torch.zeros_like(keys))
-
     def _push_shared_dirty(self, st: WorkerSlots, used: torch.Tensor, user_keys: torch.Tensor,
                            user_counts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Step A: a dirty copy that another worker uses this iteration is pushed."""
@@ -334,8 +312,8 @@ class CacheDirectory:
         if dslots.numel() == 0:
             return EMPTY, EMPTY
         dkeys = st.keys[dslots]
-        mine = _sorted_member(used, dkeys).long()
-        needed = (self._users_of(dkeys, user_keys, user_counts) - mine) > 0
+        mine = sorted_member(used, dkeys).long()
+        needed = (count_of(dkeys, user_keys, user_counts) - mine) > 0
         slots = dslots[needed]
         st.dirty[slots] = False
         return dkeys[needed], slots
@@ -347,7 +325,7 @@ class CacheDirectory:
         cand = cand[torch.argsort(self.policy.priority(st, cand), stable=True)]
         cand = cand[torch.argsort(st.slot_table[cand], stable=True)]  # by table, then priority
         ct = st.slot_table[cand]
-        rank, _ = _group_rank(ct, self.num_tables)
+        rank, _ = group_rank(ct, self.num_tables)
         return cand[rank < need[ct]]
 
     def _plan_worker(
@@ -394,8 +372,8 @@ class CacheDirectory:
             free = torch.cat([free, victims])
         # pair the r-th miss of table t with the r-th free slot of table t
         free = free.sort().values  # slots are table-major: this also groups them by table
-        f_rank, f_start = _group_rank(st.slot_table[free], T)
-        m_rank, _ = _group_rank(miss_t, T)
+        f_rank, f_start = group_rank(st.slot_table[free], T)
+        m_rank, _ = group_rank(miss_t, T)
         n_free = torch.bincount(st.slot_table[free], minlength=T)
         keep = m_rank < n_free[miss_t]
         dst = free[f_start[miss_t[keep]] + m_rank[keep]]
@@ -412,7 +390,7 @@ class CacheDirectory:
         st.last_use[slot[cached_now]] = self.iteration
         st.freq[slot[cached_now]] += 1
         # step C (after the backward): local update iff sole user with a current cached copy
-        local = (self._users_of(keys, user_keys, user_counts) == 1) & cached_now & (current | pulled)
+        local = (count_of(keys, user_keys, user_counts) == 1) & cached_now & (current | pulled)
         grad = ~local & ~des
         return WorkerPlan(
             used_keys=keys,
