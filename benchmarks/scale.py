@@ -28,7 +28,8 @@ Per-worker planning: ``--sample-workers`` workers also run a directory that
 tracks themselves alone, fed (a) their :class:`StepSummary` (``plan ms``,
 :meth:`CacheDirectory.plan_from_summary`: what a worker does per step in the
 summary design) and (b) the global batch (``self ms``: the same worker
-deriving everything from the global batch, today's runtime path).  Directory
+deriving everything from the global batch, the runtime's path before
+``EsdInputDist`` shipped summaries).  Directory
 bytes per worker are measured on the tensors (:meth:`CacheDirectory.nbytes`).
 
 Headline memory figure: one worker's directory at ``--big-table-rows`` rows
