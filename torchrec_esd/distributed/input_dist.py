@@ -50,12 +50,12 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_esd.batch_select import select_kjt_samples, select_samples
-from torchrec_esd.cache import IterationPlan, StepSummary
 from torchrec_esd.config import EsdConfigError
 from torchrec_esd.cost import CostModel
 from torchrec_esd.dispatch import DispatchError, DispatchResult, Dispatcher, make_dispatcher
 from torchrec_esd.distributed.plan_channel import batch_fingerprint, global_batch_fingerprint
 from torchrec_esd.distributed.runtime import EsdRuntime
+from torchrec_esd.distributed.worker_plans import plan_iteration
 from torchrec_esd.layout import EsdIdError
 
 MODES = ("global", "local")
@@ -206,37 +206,6 @@ class EsdInputDist(nn.Module):
         a = assignment.to(device)
         dist.broadcast(a, src=0, group=group)
         return a.cpu(), result, shares
-
-    def _plan(self, kjt: KeyedJaggedTensor, assignment: torch.Tensor, group,
-              upcoming: Sequence[KeyedJaggedTensor] = ()) -> IterationPlan:
-        """This iteration's plan.  Worker 0 (the dispatcher: its directory
-        tracks every cache) plans every cache and sends each other worker its
-        :class:`~torchrec_esd.cache.StepSummary`; a worker then plans its own
-        cache from that summary alone, in O(its keys + its cached rows that
-        others use) instead of O(global batch) (the same plan: see
-        ``CacheDirectory.plan_from_summary``).  With DES-served misses every
-        worker plans from the global batch (they need its bags), and so does
-        every worker under a policy that reads the upcoming batches."""
-        rt = self.runtime
-        directory = rt.directory
-        assert directory is not None
-        W = rt.config.num_workers
-        if rt.config.des_misses or W == 1 or directory.policy.reads_upcoming:
-            return directory.plan(kjt, assignment, upcoming)
-        me = rt.worker_index
-        got: List[Optional[StepSummary]] = [None]
-        if me == 0:
-            summaries: List[Optional[StepSummary]] = list(directory.step_summaries(kjt, assignment))
-            plan = directory.plan(kjt, assignment)
-            summaries[0] = None  # worker 0 keeps its own plan
-            dist.scatter_object_list(got, summaries, src=0, group=group)
-            return plan
-        dist.scatter_object_list(got, None, src=0, group=group)
-        summary = got[0]
-        if not isinstance(summary, StepSummary) or summary.worker != me:
-            raise EsdConfigError(f"worker {me} received no step summary of its own from worker 0")
-        mine = directory.plan_from_summary(summary)
-        return IterationPlan(directory.iteration, [mine if w == me else None for w in range(W)])
 
     def _gather_ids(self, batch: Batch, group) -> tuple:
         """All-gather the local batches' sparse features (and sizes)."""
@@ -445,7 +414,7 @@ class EsdInputDist(nn.Module):
         batch, gkjt, strides, ekjt = read.batch, read.global_kjt, read.strides, read.esd
         b = gkjt.stride()
         assignment, result, shares = self._decide(ekjt, group, device)
-        plan = self._plan(ekjt, assignment, group, upcoming)
+        plan = plan_iteration(rt, ekjt, assignment, group, upcoming)
         bk = rt.keyspace.decode(ekjt)  # the directory's decode of this batch, not a second one
         plan.workers[me].fingerprint = batch_fingerprint(bk.keys[assignment[bk.sample] == me])
         if self.mode == "global":  # the PS checks that every worker was handed this batch
