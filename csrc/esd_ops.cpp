@@ -45,10 +45,18 @@ TORCH_LIBRARY(torchrec_esd, m) {
   // and pushed as gradients, the value pushes (keys, slots: shared dirty rows,
   // then evicted dirty rows) and (miss pulls, update pulls, shared pushes,
   // miss pushes).
+  // The slot map is dense (int32 [rows]) or an id table (int64 [cap, 2], row = (key, slot));
+  // `lag` is how many versions each cached copy is behind; `user_keys` / `user_counts` the
+  // rows used this iteration (ascending) and how many workers use each.
   m.def(
       "plan_worker_cache(Tensor(a!) slot_keys, Tensor(b!) last_use, Tensor(c!) freq, "
-      "Tensor(d!) ver, Tensor(e!) dirty, Tensor(f!) slot_map, Tensor table_start, Tensor latest, "
-      "Tensor users, Tensor keys, Tensor row_offset, int iteration, int staleness, int policy) -> "
+      "Tensor(d!) lag, Tensor(e!) dirty, Tensor(f!) slot_map, Tensor table_start, "
+      "Tensor user_keys, Tensor user_counts, Tensor keys, Tensor row_offset, int iteration, "
+      "int staleness, int policy) -> "
       "(Tensor used_slot, Tensor pull_pos, Tensor local_pos, Tensor grad_pos, "
       "Tensor push_keys, Tensor push_slots, Tensor counts)");
+  // In place on an id table (int64 [cap, 2], linear probing, see id_table_build): erase
+  // `erase_keys` (absent ones ignored, backward-shift deletion), then map keys[i] -> values[i]
+  // (a full table is an error).  CPU only (cache directories live on the host).
+  m.def("id_table_assign(Tensor(a!) table, Tensor erase_keys, Tensor keys, Tensor values) -> ()");
 }

@@ -29,6 +29,49 @@ ESD_HOST_DEVICE int64_t table_probe(const int64_t* slots, uint64_t mask, int64_t
   return -1;
 }
 
+// Puts (key, value) into the table (overwriting the value of a present key);
+// false (nothing written) when the table is full.
+ESD_HOST_DEVICE bool table_insert(int64_t* slots, uint64_t mask, int64_t key, int64_t value) {
+  uint64_t s = table_hash(static_cast<uint64_t>(key)) & mask;
+  for (uint64_t step = 0; step <= mask; ++step) {
+    if (slots[2 * s] == kEmptyKey || slots[2 * s] == key) {
+      slots[2 * s] = key;
+      slots[2 * s + 1] = value;
+      return true;
+    }
+    s = (s + 1) & mask;
+  }
+  return false;
+}
+
+// Removes `key` (absent: no-op) by backward-shift deletion: every later row of
+// its cluster whose home is not cyclically in (hole, row] moves into the hole,
+// so the "no empty row between home and key" invariant holds without tombstones.
+ESD_HOST_DEVICE void table_erase(int64_t* slots, uint64_t mask, int64_t key) {
+  uint64_t i = table_hash(static_cast<uint64_t>(key)) & mask;
+  for (uint64_t step = 0;; ++step) {
+    if (step > mask || slots[2 * i] == kEmptyKey) return;
+    if (slots[2 * i] == key) break;
+    i = (i + 1) & mask;
+  }
+  uint64_t j = i;
+  for (;;) {
+    j = (j + 1) & mask;
+    const int64_t k = slots[2 * j];
+    if (k == kEmptyKey) break;
+    const uint64_t home = table_hash(static_cast<uint64_t>(k)) & mask;
+    // the row at j may move to i iff its home is not in the cyclic range (i, j]
+    const bool stays = (i < j) ? (home > i && home <= j) : (home > i || home <= j);
+    if (!stays) {
+      slots[2 * i] = k;
+      slots[2 * i + 1] = slots[2 * j + 1];
+      i = j;
+    }
+  }
+  slots[2 * i] = kEmptyKey;
+  slots[2 * i + 1] = kEmptyKey;
+}
+
 // Number of rows of the table built for n keys: next power of two >= max(2, 2n).
 inline int64_t table_capacity(int64_t n) {
   int64_t cap = 2;

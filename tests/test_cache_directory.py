@@ -207,17 +207,19 @@ def test_single_worker_tracking_gives_the_same_plans(policy):
 
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 def test_dense_slot_map_and_sorted_lookup_give_the_same_plans(policy, monkeypatch):
-    """Small tables keep a dense key -> slot map per worker; large ones look
-    keys up by sorting the cache: the plans must not depend on which."""
-    import torchrec_esd.cache.directory as cache_mod
+    """Small tables keep a dense key -> slot map per worker; large ones a
+    hashed one (O(slots)): the plans must not depend on which."""
+    import torchrec_esd.cache.slots as slots_mod
 
     wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=3, cardinalities=[40, 200, 7], bag_size=(0, 4), alpha=1.1, seed=3))
     tables = _tables(wl.config.cardinalities)
     cfg = EsdConfig([WorkerSpec({"t_cat_0": 8, "t_cat_1": 30, "t_cat_2": 7}, 1.0), WorkerSpec(3, 1.0)], staleness=1, cache_policy=policy)
     dense = CacheDirectory(cfg, tables)
-    monkeypatch.setattr(cache_mod, "DENSE_SLOT_MAP_ROWS", 0)
+    monkeypatch.setattr(slots_mod, "DENSE_SLOT_MAP_ROWS", 0)
+    monkeypatch.setattr(slots_mod, "DENSE_ROWS_PER_SLOT", 0)
     sorted_lookup = CacheDirectory(cfg, tables)
-    assert dense._w[0].slot_map is not None and sorted_lookup._w[0].slot_map is None
+    assert dense._w[0].dense and not sorted_lookup._w[0].dense
+    assert sorted_lookup._w[0].slot_map.shape == (128, 2)  # 45 slots: a 128-row id table
     g = torch.Generator().manual_seed(5)
     fields = ("used_keys", "used_slot", "push_keys", "push_slots", "pull_pos", "local_pos", "grad_pos")
     for step in range(25):
@@ -264,13 +266,20 @@ def test_cost_views_read_like_the_per_table_views():
         CacheDirectory(cfg, tables, track=[1]).cost_views()
 
 
-@pytest.mark.parametrize("policy,staleness", [("lru", 0), ("lfu", 0), ("lru", 2), ("lfu", 3)])
-def test_cache_step_kernel_matches_the_pytorch_reference(policy, staleness, monkeypatch):
+@pytest.mark.parametrize("policy,staleness,hashed", [("lru", 0, False), ("lfu", 0, False), ("lru", 2, False),
+                                                      ("lfu", 3, False), ("lru", 1, True), ("lfu", 0, True)])
+def test_cache_step_kernel_matches_the_pytorch_reference(policy, staleness, hashed, monkeypatch):
     """The C++ cache step (ops.plan_worker_cache) gives the plans and the end
     state of CacheDirectory._plan_worker's PyTorch code, step after step,
-    through evictions of clean and dirty rows, full tables and uneven shares."""
+    through evictions of clean and dirty rows, full tables and uneven shares,
+    with dense and with hashed slot maps."""
     import torchrec_esd.cache.directory as cache_mod
+    import torchrec_esd.cache.slots as slots_mod
     from torchrec_esd import ops
+
+    if hashed:
+        monkeypatch.setattr(slots_mod, "DENSE_SLOT_MAP_ROWS", 0)
+        monkeypatch.setattr(slots_mod, "DENSE_ROWS_PER_SLOT", 0)
 
     assert ops.has_plan_kernel(), "the extension is built without plan_worker_cache"
     wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=4, cardinalities=[40, 300, 7, 90], bag_size=(0, 5), alpha=1.05, seed=11))
@@ -298,9 +307,13 @@ def test_cache_step_kernel_matches_the_pytorch_reference(policy, staleness, monk
             assert pk.workers[w].rows == pr.workers[w].rows, (step, w)
             evicted_dirty += pk.workers[w].rows["miss_push"]
     assert evicted_dirty > 0  # the dirty-eviction path ran
+    every = torch.arange(kernel.total_rows)
     for w in range(3):
-        for f in ("keys", "last_use", "freq", "ver", "dirty", "slot_map"):
+        assert kernel._w[w].dense == (not hashed)
+        # a hashed map's layout depends on the order of its inserts: compare what it maps
+        for f in ("keys", "last_use", "freq", "lag", "dirty") + (() if hashed else ("slot_map",)):
             assert torch.equal(getattr(kernel._w[w], f), getattr(reference._w[w], f)), (w, f)
+        assert torch.equal(kernel.slot_of(w, every), reference.slot_of(w, every))
 
 
 def test_cache_step_kernel_refuses_bad_keys():
@@ -308,16 +321,19 @@ def test_cache_step_kernel_refuses_bad_keys():
 
     d = CacheDirectory(EsdConfig([WorkerSpec(2, 1.0)]), _tables([10, 5]))
     st = d._w[0]
-    users = torch.zeros(d.total_rows, dtype=torch.int64)
+    e = torch.zeros(0, dtype=torch.int64)
 
     def step(keys):
-        return ops.plan_worker_cache(st.keys, st.last_use, st.freq, st.ver, st.dirty, st.slot_map, st.table_start,
-                                     d._latest, users, torch.tensor(keys, dtype=torch.int64), d.row_offset, 1, 0, False)
+        return ops.plan_worker_cache(st.keys, st.last_use, st.freq, st.lag, st.dirty, st.slot_map, st.table_start,
+                                     e, e, torch.tensor(keys, dtype=torch.int64), d.row_offset, 1, 0, False)
 
     with pytest.raises(RuntimeError, match="ascending"):
         step([3, 1])
     with pytest.raises(RuntimeError, match="outside"):
         step([1, 15])
     with pytest.raises(RuntimeError, match="must be"):
-        ops.plan_worker_cache(st.keys, st.last_use, st.freq, st.ver, st.dirty.long(), st.slot_map, st.table_start,
-                              d._latest, users, torch.tensor([1]), d.row_offset, 1, 0, False)
+        ops.plan_worker_cache(st.keys, st.last_use, st.freq, st.lag, st.dirty.long(), st.slot_map, st.table_start,
+                              e, e, torch.tensor([1]), d.row_offset, 1, 0, False)
+    with pytest.raises(RuntimeError, match="user_keys must be distinct and ascending"):
+        ops.plan_worker_cache(st.keys, st.last_use, st.freq, st.lag, st.dirty, st.slot_map, st.table_start,
+                              torch.tensor([3, 1]), torch.tensor([1, 1]), torch.tensor([1]), d.row_offset, 1, 0, False)

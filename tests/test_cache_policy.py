@@ -142,10 +142,10 @@ def test_kernel_refuses_an_unknown_policy_code():
     assert ops.has_plan_kernel(), "the extension is built without plan_worker_cache"
     d = CacheDirectory(EsdConfig([WorkerSpec(2, 1.0)]), _tables([10]))
     st = d._w[0]
-    users = torch.zeros(d.total_rows, dtype=torch.int64)
+    e = torch.zeros(0, dtype=torch.int64)
     with pytest.raises(RuntimeError, match="unknown eviction policy code 5"):
-        ops.plan_worker_cache(st.keys, st.last_use, st.freq, st.ver, st.dirty, st.slot_map, st.table_start,
-                              d._latest, users, torch.tensor([1]), d.row_offset, 1, 0, 5)
+        ops.plan_worker_cache(st.keys, st.last_use, st.freq, st.lag, st.dirty, st.slot_map, st.table_start,
+                              e, e, torch.tensor([1]), d.row_offset, 1, 0, 5)
 
 
 # --------------------------------------------------------------------------- brute force
@@ -327,7 +327,7 @@ def test_a_kernel_policy_and_its_reference_twin_give_the_same_plans(registered):
                 assert torch.equal(getattr(pf.workers[w], f), getattr(pr.workers[w], f)), (step, w, f)
             assert pf.workers[w].rows == pr.workers[w].rows
     for w in range(3):
-        for f in ("keys", "last_use", "freq", "ver", "dirty", "slot_map"):
+        for f in ("keys", "last_use", "freq", "lag", "dirty", "slot_map"):
             assert torch.equal(getattr(fast._w[w], f), getattr(ref._w[w], f)), (w, f)
 
 

@@ -98,7 +98,7 @@ if HAS_PLAN_KERNEL:
 
     @torch.library.register_fake("torchrec_esd::plan_worker_cache")
     def _plan_worker_cache_fake(
-        slot_keys, last_use, freq, ver, dirty, slot_map, table_start, latest, users, keys,
+        slot_keys, last_use, freq, lag, dirty, slot_map, table_start, user_keys, user_counts, keys,
         row_offset, iteration: int, staleness: int, policy: int,
     ):
         torch._check(keys.dim() == 1, lambda: "plan_worker_cache: keys must be 1-D")
@@ -211,20 +211,41 @@ def has_plan_kernel() -> bool:
 
 
 def plan_worker_cache(
-    slot_keys: torch.Tensor, last_use: torch.Tensor, freq: torch.Tensor, ver: torch.Tensor,
-    dirty: torch.Tensor, slot_map: torch.Tensor, table_start: torch.Tensor, latest: torch.Tensor,
-    users: torch.Tensor, keys: torch.Tensor, row_offset: torch.Tensor, iteration: int,
+    slot_keys: torch.Tensor, last_use: torch.Tensor, freq: torch.Tensor, lag: torch.Tensor,
+    dirty: torch.Tensor, slot_map: torch.Tensor, table_start: torch.Tensor, user_keys: torch.Tensor,
+    user_counts: torch.Tensor, keys: torch.Tensor, row_offset: torch.Tensor, iteration: int,
     staleness: int, policy: int,
 ) -> Tuple[torch.Tensor, ...]:
     """One worker's cache step of one iteration, in place (the C++ kernel of
     ``CacheDirectory._push_shared_dirty`` + ``_plan_worker`` without DES-served
-    rows; those Python methods are its reference).  Returns ``(used_slot,
+    rows; those Python methods are its reference).  ``slot_map`` is dense
+    (int32 ``[rows]``) or an id table (int64 ``[cap, 2]``, :func:`id_table_assign`);
+    ``lag`` is how many versions each cached copy is behind; ``user_keys``
+    (ascending) / ``user_counts`` the rows used this iteration and their number
+    of user workers (at least this worker's keys and its cached rows others use).
+    O(U log N + S) for U keys, N user keys, S slots.  Returns ``(used_slot,
     pull_pos, local_pos, grad_pos, push_keys, push_slots, counts)``: the value
     pushes are the dirty rows other workers use (slot order), then the evicted
     dirty rows; ``counts`` = (miss pulls, update pulls, shared pushes, miss pushes).
     ``policy`` is the eviction order's kernel code
     (:class:`torchrec_esd.cache.policy.KernelPolicy`: 0 LRU, 1 LFU)."""
     return torch.ops.torchrec_esd.plan_worker_cache(
-        slot_keys, last_use, freq, ver, dirty, slot_map, table_start, latest, users, keys,
+        slot_keys, last_use, freq, lag, dirty, slot_map, table_start, user_keys, user_counts, keys,
         row_offset, int(iteration), int(staleness), int(policy),
     )
+
+
+HAS_TABLE_ASSIGN = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "id_table_assign")
+
+
+def id_table_assign(table: torch.Tensor, erase_keys: torch.Tensor, keys: torch.Tensor,
+                    values: torch.Tensor) -> None:
+    """In place on an id table (:func:`id_table_build`'s layout, linear
+    probing): erase ``erase_keys`` (absent ones ignored), then map
+    ``keys[i] -> values[i]``.  O(len) expected at load <= 1/2; a full table
+    raises.  CPU tensors (a cache directory's slot map)."""
+    erase_keys, keys, values = (t.to(torch.int64).contiguous() for t in (erase_keys, keys, values))
+    if HAS_TABLE_ASSIGN:
+        torch.ops.torchrec_esd.id_table_assign(table, erase_keys, keys, values)
+    else:
+        reference_ops.id_table_assign_ref(table, erase_keys, keys, values)

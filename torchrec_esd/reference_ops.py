@@ -367,3 +367,59 @@ def unique_keys_per_group_ref(
     starts = torch.nonzero(new).flatten()
     ends = torch.cat([starts[1:], torch.tensor([n], device=dev)])
     return sk[starts].to(keys.dtype), sg[starts], ends - starts
+
+
+def id_table_assign_ref(table: torch.Tensor, erase_keys: torch.Tensor, keys: torch.Tensor,
+                        values: torch.Tensor) -> None:
+    """In place: erase ``erase_keys`` from the linear-probing id table (absent
+    keys ignored; backward-shift deletion keeps every key reachable from its
+    home without an empty row in between), then map ``keys[i] -> values[i]``
+    (overwriting a present key's value).  A key-by-key loop: the reference of
+    the C++ ``id_table_assign``."""
+    op = "id_table_assign"
+    cap = table.size(0)
+    if table.dtype != torch.int64 or table.dim() != 2 or table.size(1) != 2 or cap < 2 or cap & (cap - 1):
+        raise RuntimeError(f"torchrec_esd::{op}: table must be int64 [cap, 2], cap a power of two")
+    if keys.numel() != values.numel():
+        raise RuntimeError(f"torchrec_esd::{op}: {keys.numel()} keys for {values.numel()} values")
+    mask = cap - 1
+    tk = table[:, 0].tolist()
+    tv = table[:, 1].tolist()
+    ek, kk, vv = erase_keys.tolist(), keys.tolist(), values.tolist()
+    homes = _home_hash(torch.tensor(sorted(set(ek + kk + [x for x in tk if x >= 0]) or [0]), dtype=torch.int64)) & mask
+    home_of = dict(zip(sorted(set(ek + kk + [x for x in tk if x >= 0]) or [0]), homes.tolist()))
+    for key in ek:
+        if key < 0:
+            raise RuntimeError(f"torchrec_esd::{op}: negative key {key}")
+        i = home_of[key]
+        for _ in range(cap):
+            if tk[i] == -1 or tk[i] == key:
+                break
+            i = (i + 1) & mask
+        if tk[i] != key:
+            continue
+        j = i
+        while True:
+            j = (j + 1) & mask
+            if tk[j] == -1:
+                break
+            h = home_of[tk[j]]
+            stays = (i < h <= j) if i < j else (h > i or h <= j)
+            if not stays:
+                tk[i], tv[i], i = tk[j], tv[j], j
+        tk[i], tv[i] = -1, -1
+    for key, val in zip(kk, vv):
+        if key < 0:
+            raise RuntimeError(f"torchrec_esd::{op}: negative key {key}")
+        i = home_of[key]
+        for _ in range(cap):
+            if tk[i] == -1 or tk[i] == key:
+                break
+            i = (i + 1) & mask
+        else:
+            raise RuntimeError(f"torchrec_esd::{op}: the table is full ({cap} rows)")
+        if tk[i] not in (-1, key):
+            raise RuntimeError(f"torchrec_esd::{op}: the table is full ({cap} rows)")
+        tk[i], tv[i] = key, val
+    table[:, 0] = torch.tensor(tk, dtype=torch.int64)
+    table[:, 1] = torch.tensor(tv, dtype=torch.int64)

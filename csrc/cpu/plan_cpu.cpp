@@ -6,11 +6,17 @@
 // value (mirrored by EvictionOrder below); a policy without a code runs on the
 // reference path only.
 //
-// Step A (a dirty copy another worker uses is pushed) is part of it: `users`
-// counts the workers using each row this iteration.
+// Step A (a dirty copy another worker uses is pushed) is part of it:
+// `user_keys` (ascending, distinct) are the rows used this iteration and
+// `user_counts` how many workers use each; a row absent from them has no user.
+// They must cover at least this worker's keys and the rows of its cache that
+// other workers use.
 //
-// The cache state is mutated in place: slot_keys / last_use / freq / ver /
-// dirty per slot, slot_map per row key.  Slots are table-major: table t owns
+// The cache state is mutated in place: slot_keys / last_use / freq / lag /
+// dirty per slot (lag: versions the cached copy is behind the latest), and
+// slot_map, either dense (int32 [rows], the slot of every row key, -1 absent)
+// or hashed (int64 [cap, 2] open-addressing table of table_common.h, row =
+// (key, slot); memory O(slots) instead of O(rows)).  Slots are table-major: table t owns
 // slots [table_start[t], table_start[t+1]).  `keys` are the distinct row keys
 // the worker's samples use, ascending (so table-major too).
 #include <torch/library.h>
@@ -20,6 +26,8 @@
 #include <tuple>
 #include <utility>
 #include <vector>
+
+#include "../table_common.h"
 
 namespace torchrec_esd {
 
@@ -60,16 +68,16 @@ at::Tensor to_tensor(const std::vector<int64_t>& v) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-plan_worker_cache_cpu(at::Tensor slot_keys, at::Tensor last_use, at::Tensor freq, at::Tensor ver,
+plan_worker_cache_cpu(at::Tensor slot_keys, at::Tensor last_use, at::Tensor freq, at::Tensor lag,
                       at::Tensor dirty, at::Tensor slot_map, const at::Tensor& table_start,
-                      const at::Tensor& latest, const at::Tensor& users, const at::Tensor& keys,
-                      const at::Tensor& row_offset, int64_t iteration, int64_t staleness,
-                      int64_t policy) {
+                      const at::Tensor& user_keys, const at::Tensor& user_counts,
+                      const at::Tensor& keys, const at::Tensor& row_offset, int64_t iteration,
+                      int64_t staleness, int64_t policy) {
   const int64_t S = slot_keys.numel();
   check_vec("slot_keys", slot_keys, at::kLong);
   check_vec("last_use", last_use, at::kLong, S);
   check_vec("freq", freq, at::kLong, S);
-  check_vec("ver", ver, at::kLong, S);
+  check_vec("lag", lag, at::kLong, S);
   check_vec("dirty", dirty, at::kBool, S);
   check_vec("row_offset", row_offset, at::kLong);
   const int64_t T = row_offset.numel() - 1;
@@ -80,9 +88,19 @@ plan_worker_cache_cpu(at::Tensor slot_keys, at::Tensor last_use, at::Tensor freq
   const int64_t R = ro[T];
   TORCH_CHECK(ts[0] == 0 && ts[T] == S, "torchrec_esd::", kOp,
               ": table_start must run from 0 to the number of slots (", S, ")");
-  check_vec("slot_map", slot_map, at::kInt, R);
-  check_vec("latest", latest, at::kLong, R);
-  check_vec("users", users, at::kLong, R);
+  const bool dense = slot_map.dim() == 1;
+  if (dense) {
+    check_vec("slot_map", slot_map, at::kInt, R);
+  } else {
+    const int64_t cap = slot_map.dim() == 2 ? slot_map.size(0) : 0;
+    TORCH_CHECK(slot_map.device().is_cpu() && slot_map.scalar_type() == at::kLong &&
+                    slot_map.dim() == 2 && slot_map.size(1) == 2 && slot_map.is_contiguous() &&
+                    cap >= 2 && (cap & (cap - 1)) == 0 && cap >= 2 * S,
+                "torchrec_esd::", kOp, ": slot_map must be dense (int32 [rows]) or a contiguous "
+                "int64 [cap, 2] hash table, cap a power of two >= 2 * slots");
+  }
+  check_vec("user_keys", user_keys, at::kLong);
+  check_vec("user_counts", user_counts, at::kLong, user_keys.numel());
   check_vec("keys", keys, at::kLong);
   TORCH_CHECK(staleness >= 0, "torchrec_esd::", kOp, ": staleness must be >= 0");
   TORCH_CHECK(policy == static_cast<int64_t>(EvictionOrder::kLru) ||
@@ -94,11 +112,33 @@ plan_worker_cache_cpu(at::Tensor slot_keys, at::Tensor last_use, at::Tensor freq
   int64_t* sk = slot_keys.data_ptr<int64_t>();
   int64_t* lu = last_use.data_ptr<int64_t>();
   int64_t* fq = freq.data_ptr<int64_t>();
-  int64_t* vr = ver.data_ptr<int64_t>();
+  int64_t* lg = lag.data_ptr<int64_t>();
   bool* dt = dirty.data_ptr<bool>();
-  int32_t* sm = slot_map.data_ptr<int32_t>();
-  const int64_t* lt = latest.data_ptr<int64_t>();
-  const int64_t* us = users.data_ptr<int64_t>();
+  int32_t* sm = dense ? slot_map.data_ptr<int32_t>() : nullptr;
+  int64_t* hm = dense ? nullptr : slot_map.data_ptr<int64_t>();
+  const uint64_t hmask = dense ? 0 : static_cast<uint64_t>(slot_map.size(0) - 1);
+  auto find_slot = [&](int64_t key) -> int64_t {
+    return dense ? sm[key] : table_probe(hm, hmask, key, table_hash(static_cast<uint64_t>(key)));
+  };
+  auto map_erase = [&](int64_t key) {
+    if (dense) sm[key] = -1; else table_erase(hm, hmask, key);
+  };
+  auto map_set = [&](int64_t key, int64_t s) {
+    if (dense) {
+      sm[key] = static_cast<int32_t>(s);
+    } else {
+      TORCH_CHECK(table_insert(hm, hmask, key, s), "torchrec_esd::", kOp, ": the slot map is full");
+    }
+  };
+  const int64_t NU = user_keys.numel();
+  const int64_t* uk = user_keys.data_ptr<int64_t>();
+  const int64_t* uc = user_counts.data_ptr<int64_t>();
+  for (int64_t i = 1; i < NU; ++i)
+    TORCH_CHECK(uk[i] > uk[i - 1], "torchrec_esd::", kOp, ": user_keys must be distinct and ascending");
+  auto users_of = [&](int64_t key) -> int64_t {
+    const int64_t* p = std::lower_bound(uk, uk + NU, key);
+    return (p != uk + NU && *p == key) ? uc[p - uk] : 0;
+  };
   const int64_t* k = keys.data_ptr<int64_t>();
   const int64_t U = keys.numel();
   for (int64_t i = 0; i < U; ++i) {
@@ -114,7 +154,7 @@ plan_worker_cache_cpu(at::Tensor slot_keys, at::Tensor last_use, at::Tensor freq
     if (!dt[s]) continue;
     const int64_t key = sk[s];
     const bool mine = std::binary_search(k, k + U, key);
-    if (us[key] - (mine ? 1 : 0) > 0) {
+    if (users_of(key) - (mine ? 1 : 0) > 0) {
       push_keys.push_back(key);
       push_slots.push_back(s);
       dt[s] = false;
@@ -131,13 +171,13 @@ plan_worker_cache_cpu(at::Tensor slot_keys, at::Tensor last_use, at::Tensor freq
     const int64_t key = k[i];
     while (key >= ro[t + 1]) ++t;
     table[i] = t;
-    const int64_t s = sm[key];
+    const int64_t s = find_slot(key);
     slot[i] = s;
     const bool present = s >= 0;
-    const int64_t lag = lt[key] - (present ? vr[s] : 0);
-    current[i] = present && lag == 0;
+    const int64_t behind = present ? lg[s] : 0;
+    current[i] = present && behind == 0;
     miss[i] = !present;
-    update[i] = present && lag > staleness;
+    update[i] = present && behind > staleness;
     if (!present) ++n_miss[t];
   }
 
@@ -171,7 +211,7 @@ plan_worker_cache_cpu(at::Tensor slot_keys, at::Tensor last_use, at::Tensor freq
           push_keys.push_back(sk[v]);
           push_slots.push_back(v);
         }
-        sm[sk[v]] = -1;
+        map_erase(sk[v]);
         sk[v] = -1;
         dt[v] = false;
         fq[v] = 0;
@@ -193,7 +233,7 @@ plan_worker_cache_cpu(at::Tensor slot_keys, at::Tensor last_use, at::Tensor freq
         if (s == ts[tb + 1]) break;  // table full: the remaining misses stay transient
         slot[j] = s;
         sk[s] = k[j];
-        sm[k[j]] = static_cast<int32_t>(s);
+        map_set(k[j], s);
         dt[s] = false;
         fq[s] = 0;
       }
@@ -211,11 +251,11 @@ plan_worker_cache_cpu(at::Tensor slot_keys, at::Tensor last_use, at::Tensor freq
     n_update += update[j];
     if (pulled) pull_pos.push_back(j);
     if (s >= 0) {
-      if (pulled) vr[s] = lt[k[j]];
+      if (pulled) lg[s] = 0;
       lu[s] = iteration;
       fq[s] += 1;
     }
-    const bool local = us[k[j]] == 1 && s >= 0 && (current[j] || pulled);
+    const bool local = users_of(k[j]) == 1 && s >= 0 && (current[j] || pulled);
     (local ? local_pos : grad_pos).push_back(j);
   }
   const int64_t n_miss_push = static_cast<int64_t>(push_keys.size()) - n_shared;
@@ -224,8 +264,41 @@ plan_worker_cache_cpu(at::Tensor slot_keys, at::Tensor last_use, at::Tensor freq
           to_tensor(push_keys), to_tensor(push_slots), counts};
 }
 
+// id_table_assign: erase `erase_keys`, then map keys[i] -> values[i] (in place)
+void id_table_assign_cpu(at::Tensor table, const at::Tensor& erase_keys, const at::Tensor& keys,
+                         const at::Tensor& values) {
+  const char* op = "id_table_assign";
+  TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kLong && table.dim() == 2 &&
+                  table.size(1) == 2 && table.is_contiguous() && table.size(0) >= 2 &&
+                  (table.size(0) & (table.size(0) - 1)) == 0,
+              "torchrec_esd::", op, ": table must be a contiguous CPU int64 [cap, 2], cap a power of two");
+  for (const auto* t : {&erase_keys, &keys, &values})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kLong && t->dim() == 1,
+                "torchrec_esd::", op, ": keys and values must be 1-D CPU int64 tensors");
+  TORCH_CHECK(keys.numel() == values.numel(), "torchrec_esd::", op, ": ", keys.numel(),
+              " keys for ", values.numel(), " values");
+  int64_t* tab = table.data_ptr<int64_t>();
+  const uint64_t mask = static_cast<uint64_t>(table.size(0) - 1);
+  const auto ek = erase_keys.contiguous();
+  const auto kk = keys.contiguous();
+  const auto vv = values.contiguous();
+  const int64_t* e = ek.data_ptr<int64_t>();
+  for (int64_t i = 0; i < ek.numel(); ++i) {
+    TORCH_CHECK(e[i] >= 0, "torchrec_esd::", op, ": negative key ", e[i]);
+    table_erase(tab, mask, e[i]);
+  }
+  const int64_t* k = kk.data_ptr<int64_t>();
+  const int64_t* v = vv.data_ptr<int64_t>();
+  for (int64_t i = 0; i < kk.numel(); ++i) {
+    TORCH_CHECK(k[i] >= 0, "torchrec_esd::", op, ": negative key ", k[i]);
+    TORCH_CHECK(table_insert(tab, mask, k[i], v[i]), "torchrec_esd::", op, ": the table is full (",
+                table.size(0), " rows)");
+  }
+}
+
 TORCH_LIBRARY_IMPL(torchrec_esd, CPU, m) {
   m.impl("plan_worker_cache", &plan_worker_cache_cpu);
+  m.impl("id_table_assign", &id_table_assign_cpu);
 }
 
 }  // namespace torchrec_esd

@@ -30,6 +30,7 @@ from torchrec_esd.apps.job import (
     build_model,
     job_tables,
     sparse_optimizer,
+    table_init,
 )
 from torchrec_esd.apps.workload import SyntheticWorkload
 from torchrec_esd.config import EsdConfigError
@@ -59,7 +60,8 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
         # a preemption (SIGTERM to every rank) is handled by the workers, which
         # checkpoint through this PS and then stop it
         preemption = Preemption().install() if job.checkpoint_dir else None
-        runtime.serve(dlrm.sparse_arch.embedding_bag_collection)
+        runtime.serve(dlrm.sparse_arch.embedding_bag_collection,
+                      init=table_init(job, workload) if job.lazy_tables else None)
         if preemption is not None:
             preemption.uninstall()
         return {"role": "ps"}

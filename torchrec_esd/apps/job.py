@@ -25,6 +25,7 @@ from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfi
 from torchrec_esd.config import EsdConfig, EsdConfigError
 from torchrec_esd.distributed.planner import EsdPlan
 from torchrec_esd.ps import SparseOptimizer
+from torchrec_esd.ps.row_storage import HashedUniformInit
 
 EBC_PATH = "model.sparse_arch.embedding_bag_collection"
 
@@ -70,6 +71,9 @@ class JobConfig:
     # called on every worker after each training step with the step's index (from 0),
     # e.g. by a benchmark that changes a link mid-run
     on_step: Optional[Callable[[int], None]] = None
+    # tables initialised per (table, row) from a hash of (seed, table, id) (ps.row_storage.HashedUniformInit),
+    # on every method alike; ESD's PS then creates rows on first touch (LazyRowStorage)
+    lazy_tables: bool = False
 
 
 def job_tables(job: JobConfig, workload) -> List[EmbeddingBagConfig]:
@@ -183,12 +187,19 @@ class _Tracker:
 def build_model(job: JobConfig, workload: SyntheticWorkload) -> DLRM:
     torch.manual_seed(job.seed)
     ebc = EmbeddingBagCollection(tables=job_tables(job, workload), device=torch.device("cpu"))
+    if job.lazy_tables:
+        table_init(job, workload).init_collection(ebc)
     return DLRM(
         embedding_bag_collection=ebc,
         dense_in_features=workload.config.num_dense,
         dense_arch_layer_sizes=list(job.dense_arch) + [job.embedding_dim],
         over_arch_layer_sizes=list(job.over_arch),
     )
+
+
+def table_init(job: JobConfig, workload) -> HashedUniformInit:
+    """The per-(table, row) initialiser of a ``lazy_tables`` job."""
+    return HashedUniformInit(job_tables(job, workload), seed=job.seed)
 
 
 def sparse_optimizer(job: JobConfig) -> SparseOptimizer:

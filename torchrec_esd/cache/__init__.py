@@ -9,6 +9,10 @@ eviction policies and the cache state the cost model reads.
   :class:`LfuPolicy`) and the registry ``EsdConfig.cache_policy`` names;
 * :mod:`~torchrec_esd.cache.lookahead`: :class:`LookaheadPolicy` (Belady within
   the upcoming batches) and :class:`UpcomingUse`;
+* :mod:`~torchrec_esd.cache.slots`: one worker's slots and key -> slot map
+  (dense or hashed, :func:`use_dense_slot_map`);
+* :mod:`~torchrec_esd.cache.summary`: :class:`StepSummary`, what a worker
+  needs to plan its own cache;
 * :mod:`~torchrec_esd.cache.state`: the :class:`CacheState` protocol;
 * :mod:`~torchrec_esd.cache.views`: per-table snapshots (:class:`TableCacheView`).
 """
@@ -26,7 +30,8 @@ from torchrec_esd.cache.policy import (
     register_policy,
     unregister_policy,
 )
-from torchrec_esd.cache.slots import WorkerSlots
+from torchrec_esd.cache.slots import WorkerSlots, use_dense_slot_map
+from torchrec_esd.cache.summary import StepSummary
 from torchrec_esd.cache.state import CacheLookup, CacheState
 from torchrec_esd.cache.views import TableCacheView, TableViewsState, WorkerCacheView
 
@@ -43,6 +48,7 @@ __all__ = [
     "LfuPolicy",
     "LookaheadPolicy",
     "LruPolicy",
+    "StepSummary",
     "TableCacheView",
     "TableViewsState",
     "TransmissionKind",
@@ -54,4 +60,5 @@ __all__ = [
     "policy_names",
     "register_policy",
     "unregister_policy",
+    "use_dense_slot_map",
 ]

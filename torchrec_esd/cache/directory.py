@@ -34,6 +34,29 @@ Staleness ``s``: a cached copy at most ``s`` versions behind the latest may be
 used without a pull; a worker that used such a stale copy sends its gradient to
 the PS (never applies it to its stale copy), so no update is ever lost.
 ``s = 0`` is strictly synchronous.
+
+Versions are kept per cached copy, as its *lag* (versions it is behind the
+row's latest value: every iteration that uses a row adds one to every cached
+copy of it, a local update sets the updater's copy to 0, a pull sets it to
+0), so nothing is kept per table row.
+
+Memory per tracked worker: O(S) for its S cache slots
+(:class:`~torchrec_esd.cache.slots.WorkerSlots`: about 41 B per slot plus the
+key -> slot map, 32-64 B per slot hashed, or 4 B per *table row* where the
+dense map is chosen by its stated rule), plus O(N) transient per iteration for
+the N keys of the batch.  Nothing is O(table rows) unless the dense map's rule
+picks it (small tables).
+
+Time of one iteration (N batch values, U distinct keys, U_w of them on worker
+w, S_w slots): the decode and per-worker grouping, O(N log N) once; then per
+tracked worker, the cache step in O(U_w log U + S_w) (step A scans the dirty
+slots; evictions scan the table's slots) and the end-of-iteration lag update,
+O(U) probes of the slot map.  A worker that plans from a
+:class:`StepSummary` (:meth:`CacheDirectory.plan_from_summary`) replaces U by
+the size of its summary, O(U_w + |rows of its cache others use|), which does
+not grow with the number of workers at a fixed per-worker batch; building the
+summaries (:meth:`CacheDirectory.step_summaries`) is the dispatcher's O(N log N
++ W U) work.
 """
 
 from __future__ import annotations
@@ -45,37 +68,22 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_esd import ops
+from torchrec_esd.cache.directory_state import DirectoryCacheState
 from torchrec_esd.cache.lookahead import UpcomingUse
 from torchrec_esd.cache.plans import EMPTY, IterationPlan, WorkerPlan, row_counts
 from torchrec_esd.cache.policy import EvictionPolicy, make_policy
 from torchrec_esd.cache.slots import WorkerSlots
-from torchrec_esd.cache.state import CacheLookup
-from torchrec_esd.cache.views import TableCacheView, WorkerCacheView
+from torchrec_esd.cache.sorted_keys import count_of, group_rank, sorted_member
+from torchrec_esd.cache.summary import StepSummary
+from torchrec_esd.cache.views import WorkerCacheView, slots_view
 from torchrec_esd.config import EsdConfig, EsdConfigError
 from torchrec_esd.des.served_misses import choose_des_rows
 from torchrec_esd.layout import KeySpace
 
-# a worker's key -> slot map is a dense array below this many rows (all tables), else a sort per lookup
-DENSE_SLOT_MAP_ROWS = 1 << 23  # int32: at most 32 MiB per tracked worker
 # the cache step of a worker runs in the C++ kernel (ops.plan_worker_cache) where it can:
-# extension built, a policy with a kernel code, dense slot map, no DES-served rows; else in
+# extension built, a policy with a kernel code, no DES-served rows; else in
 # _push_shared_dirty's and _plan_worker's PyTorch code (the kernel's reference)
 USE_PLAN_KERNEL = True
-
-
-def _group_rank(groups: torch.Tensor, num_groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """For values sorted by group: rank of each inside its group, and group starts."""
-    counts = torch.bincount(groups, minlength=num_groups)
-    starts = torch.cumsum(counts, 0) - counts
-    return torch.arange(groups.numel()) - starts[groups], starts
-
-
-def _sorted_member(sorted_keys: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """``keys`` in ``sorted_keys`` (ascending), as a bool mask."""
-    if sorted_keys.numel() == 0:
-        return torch.zeros_like(keys, dtype=torch.bool)
-    pos = torch.searchsorted(sorted_keys, keys).clamp_(max=sorted_keys.numel() - 1)
-    return sorted_keys[pos] == keys
 
 
 class CacheDirectory:
@@ -117,16 +125,22 @@ class CacheDirectory:
             raise EsdConfigError(f"tracked workers {self.tracked} outside [0, {self.num_workers})")
         self._w: Dict[int, WorkerSlots] = {}
         self.reset_caches()
-        self._latest = torch.zeros(self.total_rows, dtype=torch.int64)
+
+    def nbytes(self, worker: Optional[int] = None) -> int:
+        """Bytes of the directory's state: of ``worker``'s slots, or of all
+        tracked workers (O(slots), see the module docstring)."""
+        if worker is not None:
+            return self._state(worker).nbytes()
+        return sum(st.nbytes() for st in self._w.values())
 
     def reset_caches(self) -> None:
         """Empty every tracked worker's cache (cold start, e.g. after a checkpoint
-        load; the row versions are kept).  Call it on every worker at the same
-        iteration, so that the replicated copies stay equal."""
-        dense = 0 < self.total_rows <= DENSE_SLOT_MAP_ROWS
+        load; versions live with the cached copies, so none is left to keep).
+        Call it on every worker at the same iteration, so that the replicated
+        copies stay equal."""
         for w in self.tracked:
             caps = [self.config.workers[w].cache_rows_for(t.name) for t in self.tables]
-            self._w[w] = WorkerSlots(caps, self.total_rows, dense, self.policy.slot_state(sum(caps)))
+            self._w[w] = WorkerSlots(caps, self.total_rows, None, self.policy.slot_state(sum(caps)))
 
     # ------------------------------------------------------------ keys
     def table_of(self, keys: torch.Tensor) -> torch.Tensor:
@@ -184,25 +198,7 @@ class CacheDirectory:
         """Snapshots of every cached row: per worker, table -> TableCacheView
         (the same state as :meth:`cache_state`, materialised)."""
         self._require_all_tracked("views()")
-        out = []
-        for st in self._w.values():
-            occ = (st.keys >= 0).nonzero().view(-1)  # slots are table-major
-            keys = st.keys[occ]
-            outdated = (st.ver[occ] < self._latest[keys]) & ~st.dirty[occ]
-            dirty = st.dirty[occ]
-            counts = torch.bincount(st.slot_table[occ], minlength=self.num_tables).tolist()
-            parts = zip(
-                torch.split(keys, counts), torch.split(outdated, counts), torch.split(dirty, counts)
-            )
-            out.append(
-                {
-                    t.name: TableCacheView(
-                        ids=k - self.row_offset[ti], outdated=o, dirty=d, capacity=int(st.capacity[ti])
-                    )
-                    for ti, (t, (k, o, d)) in enumerate(zip(self.tables, parts))
-                }
-            )
-        return out
+        return [slots_view(st, self.tables, self.row_offset) for st in self._w.values()]
 
     # ------------------------------------------------------------ one iteration
     def plan(
@@ -230,28 +226,67 @@ class CacheDirectory:
         pairs = self._des_pairs(kjt, keys, owner_of_value) if self.config.des_misses else {}
         ukeys, uw, _ = ops.unique_keys_per_group(keys, owner_of_value, W)  # sorted by (worker, key)
         used = list(torch.split(ukeys, torch.bincount(uw, minlength=W).tolist()))
-        users = torch.bincount(ukeys, minlength=self.total_rows)
+        user_keys, user_counts = torch.unique(ukeys, return_counts=True)  # each row's user workers
         num_samples = torch.bincount(assignment, minlength=W).tolist()
         self.iteration += 1
         plans: List[Optional[WorkerPlan]] = [None] * W
-        kernel = [w for w in self.tracked if self._kernel_plans(w)]  # step A included
-        pushes = self._push_shared_dirty(used, users, [w for w in self.tracked if w not in kernel])
         for w in self.tracked:
-            if w in kernel:
-                plans[w] = self._plan_worker_kernel(self._w[w], used[w], users, num_samples[w])
-            else:
-                plans[w] = self._plan_worker(w, used[w], users, pushes[w], num_samples[w], pairs.get(w))
-        # end of iteration: every used row has one new version
-        all_used = torch.unique(torch.cat(used)) if used else EMPTY
-        self._latest[all_used] += 1
-        for w in self.tracked:
-            p = plans[w]
-            slots = p.used_slot[p.local_pos]
-            if slots.numel():
-                st = self._w[w]
-                st.ver[slots] = self._latest[p.used_keys[p.local_pos]]
-                st.dirty[slots] = True
+            plans[w] = self._step(w, used[w], user_keys, user_counts, num_samples[w], pairs.get(w))
         return IterationPlan(self.iteration, plans)
+
+    def step_summaries(self, kjt: KeyedJaggedTensor, assignment: torch.Tensor) -> List[StepSummary]:
+        """Per worker, the :class:`StepSummary` of this batch and assignment
+        against the caches as they are now (call before :meth:`plan` of the
+        same batch).  Needs every worker tracked (the dispatcher's directory);
+        O(N log N + W U) for N values and U distinct keys."""
+        self._require_all_tracked("step_summaries()")
+        W = self.num_workers
+        assignment = assignment.to(torch.int64).view(-1)
+        keys, sample = self.batch_keys(kjt)
+        ukeys, uw, _ = ops.unique_keys_per_group(keys, assignment[sample], W)
+        used = list(torch.split(ukeys, torch.bincount(uw, minlength=W).tolist()))
+        user_keys, user_counts = torch.unique(ukeys, return_counts=True)
+        num_samples = torch.bincount(assignment, minlength=W).tolist()
+        out = []
+        for w in range(W):
+            mine = sorted_member(used[w], user_keys) | (self._w[w].find(user_keys) >= 0)
+            out.append(StepSummary(w, used[w], user_keys[mine], user_counts[mine], num_samples[w]))
+        return out
+
+    def plan_from_summary(self, summary: StepSummary, upcoming: Sequence[KeyedJaggedTensor] = ()) -> WorkerPlan:
+        """Plan one iteration of the one worker this directory tracks from its
+        :class:`StepSummary` alone (no global batch): the same plan and end
+        state as :meth:`plan`, in O(U_w log U_s + S_w + U_s) for a summary of
+        U_s keys (module docstring).  Not with DES-served misses (they need
+        the worker's bags); ``upcoming`` as in :meth:`plan`."""
+        if self.tracked != [summary.worker]:
+            raise EsdConfigError(
+                f"plan_from_summary needs a directory that tracks worker {summary.worker} alone (tracks {self.tracked})"
+            )
+        if self.config.des_misses:
+            raise EsdConfigError("plan_from_summary does not plan DES-served misses (EsdConfig.des_misses)")
+        if self.policy.reads_upcoming:
+            self.policy.look_ahead(UpcomingUse.of_batches(self.keyspace, upcoming, self.config.cache_lookahead))
+        self.iteration += 1
+        return self._step(summary.worker, summary.keys, summary.user_keys, summary.user_counts,
+                          summary.num_samples, None)
+
+    def _step(self, w: int, keys: torch.Tensor, user_keys: torch.Tensor, user_counts: torch.Tensor,
+              num_samples: int, pairs) -> WorkerPlan:
+        """Worker ``w``'s cache step and its end-of-iteration lag update."""
+        st = self._w[w]
+        if self._kernel_plans(w):  # step A included
+            p = self._plan_worker_kernel(st, keys, user_keys, user_counts, num_samples)
+        else:
+            pushed = self._push_shared_dirty(st, keys, user_keys, user_counts)
+            p = self._plan_worker(w, keys, user_keys, user_counts, pushed, num_samples, pairs)
+        # end of iteration: every used row has one new version; a local update is it
+        held = st.find(user_keys)
+        st.lag[held[held >= 0]] += 1
+        slots = p.used_slot[p.local_pos]
+        st.lag[slots] = 0
+        st.dirty[slots] = True
+        return p
 
     def _des_pairs(self, kjt: KeyedJaggedTensor, keys: torch.Tensor, owner: torch.Tensor):
         """Per tracked worker: distinct (row key, bag) pairs of its samples."""
@@ -268,24 +303,20 @@ class CacheDirectory:
     def _kernel_plans(self, w: int) -> bool:
         """Whether worker ``w``'s cache step runs in the C++ kernel."""
         return (USE_PLAN_KERNEL and self.policy.kernel_code is not None and not self.config.des_misses
-                and self._w[w].slot_map is not None and ops.has_plan_kernel())
+                and ops.has_plan_kernel())
 
-    def _push_shared_dirty(self, used: List[torch.Tensor], users: torch.Tensor, workers: Sequence[int]):
+    def _push_shared_dirty(self, st: WorkerSlots, used: torch.Tensor, user_keys: torch.Tensor,
+                           user_counts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Step A: a dirty copy that another worker uses this iteration is pushed."""
-        out: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
-        for w in workers:
-            st = self._w[w]
-            dslots = st.dirty.nonzero().view(-1)
-            if dslots.numel() == 0:
-                out[w] = (EMPTY, EMPTY)
-                continue
-            dkeys = st.keys[dslots]
-            mine = _sorted_member(used[w], dkeys).long()
-            needed = (users[dkeys] - mine) > 0
-            slots = dslots[needed]
-            st.dirty[slots] = False
-            out[w] = (dkeys[needed], slots)
-        return out
+        dslots = st.dirty.nonzero().view(-1)
+        if dslots.numel() == 0:
+            return EMPTY, EMPTY
+        dkeys = st.keys[dslots]
+        mine = sorted_member(used, dkeys).long()
+        needed = (count_of(dkeys, user_keys, user_counts) - mine) > 0
+        slots = dslots[needed]
+        st.dirty[slots] = False
+        return dkeys[needed], slots
 
     def _victims(self, st: WorkerSlots, pinned: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
         """Step B's evictions: per table, the ``need[t]`` unpinned cached slots
@@ -294,18 +325,18 @@ class CacheDirectory:
         cand = cand[torch.argsort(self.policy.priority(st, cand), stable=True)]
         cand = cand[torch.argsort(st.slot_table[cand], stable=True)]  # by table, then priority
         ct = st.slot_table[cand]
-        rank, _ = _group_rank(ct, self.num_tables)
+        rank, _ = group_rank(ct, self.num_tables)
         return cand[rank < need[ct]]
 
     def _plan_worker(
-        self, w: int, keys: torch.Tensor, users: torch.Tensor, pushed, num_samples: int, pairs=None
+        self, w: int, keys: torch.Tensor, user_keys: torch.Tensor, user_counts: torch.Tensor, pushed,
+        num_samples: int, pairs=None
     ) -> WorkerPlan:
         st, T = self._w[w], self.num_tables
         s = self.config.staleness
         slot = st.find(keys)
         present = slot >= 0
-        cur_ver = torch.where(present, st.ver[slot.clamp(min=0)], torch.zeros_like(keys))
-        lag = self._latest[keys] - cur_ver
+        lag = torch.where(present, st.lag[slot.clamp(min=0)], torch.zeros_like(keys))
         usable = present & (lag <= s)
         current = present & (lag == 0)
         des = torch.zeros_like(present)
@@ -341,8 +372,8 @@ class CacheDirectory:
             free = torch.cat([free, victims])
         # pair the r-th miss of table t with the r-th free slot of table t
         free = free.sort().values  # slots are table-major: this also groups them by table
-        f_rank, f_start = _group_rank(st.slot_table[free], T)
-        m_rank, _ = _group_rank(miss_t, T)
+        f_rank, f_start = group_rank(st.slot_table[free], T)
+        m_rank, _ = group_rank(miss_t, T)
         n_free = torch.bincount(st.slot_table[free], minlength=T)
         keep = m_rank < n_free[miss_t]
         dst = free[f_start[miss_t[keep]] + m_rank[keep]]
@@ -355,11 +386,11 @@ class CacheDirectory:
         pulled = miss | update
         cached_now = slot >= 0
         refreshed = pulled & cached_now
-        st.ver[slot[refreshed]] = self._latest[keys[refreshed]]
+        st.lag[slot[refreshed]] = 0
         st.last_use[slot[cached_now]] = self.iteration
         st.freq[slot[cached_now]] += 1
         # step C (after the backward): local update iff sole user with a current cached copy
-        local = (users[keys] == 1) & cached_now & (current | pulled)
+        local = (count_of(keys, user_keys, user_counts) == 1) & cached_now & (current | pulled)
         grad = ~local & ~des
         return WorkerPlan(
             used_keys=keys,
@@ -376,13 +407,14 @@ class CacheDirectory:
         )
 
     def _plan_worker_kernel(
-        self, st: WorkerSlots, keys: torch.Tensor, users: torch.Tensor, num_samples: int
+        self, st: WorkerSlots, keys: torch.Tensor, user_keys: torch.Tensor, user_counts: torch.Tensor,
+        num_samples: int,
     ) -> WorkerPlan:
         """Steps A-C of one worker (:meth:`_push_shared_dirty` and
         :meth:`_plan_worker`) in the C++ kernel: same plan, same end state."""
         used_slot, pull_pos, local_pos, grad_pos, push_keys, push_slots, counts = ops.plan_worker_cache(
-            st.keys, st.last_use, st.freq, st.ver, st.dirty, st.slot_map, st.table_start,
-            self._latest, users, keys.contiguous(), self.row_offset, self.iteration,
+            st.keys, st.last_use, st.freq, st.lag, st.dirty, st.slot_map, st.table_start,
+            user_keys.contiguous(), user_counts.contiguous(), keys.contiguous(), self.row_offset, self.iteration,
             self.config.staleness, int(self.policy.kernel_code),
         )
         n_miss, n_update, n_shared, n_miss_push = counts.tolist()
@@ -414,43 +446,3 @@ class CacheDirectory:
             )
         return out
 
-
-class DirectoryCacheState:
-    """A :class:`CacheDirectory` read as a
-    :class:`~torchrec_esd.cache.state.CacheState` at its current iteration:
-    occupancy is counted now, :meth:`lookup` reads the slot maps and refuses
-    once the directory has planned another iteration."""
-
-    def __init__(self, directory: CacheDirectory) -> None:
-        d = directory
-        W, T = d.num_workers, d.num_tables
-        self.tables = [t.name for t in d.tables]
-        self.occupied = torch.zeros(W, T, dtype=torch.int64)
-        self.ndirty = torch.zeros(W, T, dtype=torch.int64)
-        for w, st in d._w.items():
-            self.occupied[w] = st.per_table(st.keys >= 0, T)
-            self.ndirty[w] = st.per_table(st.dirty, T)
-        self.capacity = torch.stack([st.capacity for st in d._w.values()])
-        self._directory = d
-        self._iteration = d.iteration
-
-    def __len__(self) -> int:
-        return self.capacity.shape[0]
-
-    def lookup(self, keys: torch.Tensor) -> CacheLookup:
-        d = self._directory
-        if d.iteration != self._iteration:
-            raise EsdConfigError("cache state used after the directory planned another iteration")
-        W, u = d.num_workers, keys.numel()
-        cached = torch.zeros(W, u, dtype=torch.bool)
-        outdated = torch.zeros(W, u, dtype=torch.bool)
-        dirty = torch.zeros(W, u, dtype=torch.bool)
-        latest = d._latest[keys]
-        for w, st in d._w.items():
-            s = st.find(keys)
-            c = s >= 0
-            sc = s.clamp(min=0)
-            dw = c & st.dirty[sc]
-            cached[w], dirty[w] = c, dw
-            outdated[w] = c & (st.ver[sc] < latest) & ~dw
-        return CacheLookup(cached, outdated, dirty)

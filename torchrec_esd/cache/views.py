@@ -44,6 +44,21 @@ class TableCacheView:
 WorkerCacheView = Dict[str, TableCacheView]
 
 
+def slots_view(st: "WorkerSlots", tables: Sequence, row_offset: torch.Tensor) -> WorkerCacheView:  # noqa: F821
+    """One worker's :class:`~torchrec_esd.cache.slots.WorkerSlots` as per-table
+    views (a copy is outdated when it lags and is not dirty).  O(slots)."""
+    occ = (st.keys >= 0).nonzero().view(-1)  # slots are table-major
+    keys = st.keys[occ]
+    outdated = (st.lag[occ] > 0) & ~st.dirty[occ]
+    dirty = st.dirty[occ]
+    counts = torch.bincount(st.slot_table[occ], minlength=len(tables)).tolist()
+    parts = zip(torch.split(keys, counts), torch.split(outdated, counts), torch.split(dirty, counts))
+    return {
+        t.name: TableCacheView(ids=k - row_offset[ti], outdated=o, dirty=d, capacity=int(st.capacity[ti]))
+        for ti, (t, (k, o, d)) in enumerate(zip(tables, parts))
+    }
+
+
 class TableViewsState:
     """Per-worker, per-table views read as a :class:`CacheState`.
 

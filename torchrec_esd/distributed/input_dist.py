@@ -3,9 +3,10 @@
 Drop-in in front of a TorchRec model: it takes a :class:`torchrec.datasets.utils.Batch`
 and returns the Batch of the samples this worker trains this iteration.  Each
 iteration, worker 0 builds the cost matrix from the replicated cache directory,
-runs the dispatcher and broadcasts the assignment; every worker then advances
-its copy of the directory (which queues the iteration plan for the ESD
-embedding module) and keeps its samples.
+runs the dispatcher and broadcasts the assignment; worker 0 then plans every
+cache and sends each other worker its step summary, from which that worker
+plans its own cache (the plan is queued for the ESD embedding module), and
+every worker keeps its samples.
 
 Two input modes:
 
@@ -54,6 +55,7 @@ from torchrec_esd.cost import CostModel
 from torchrec_esd.dispatch import DispatchError, DispatchResult, Dispatcher, make_dispatcher
 from torchrec_esd.distributed.plan_channel import batch_fingerprint, global_batch_fingerprint
 from torchrec_esd.distributed.runtime import EsdRuntime
+from torchrec_esd.distributed.worker_plans import plan_iteration
 from torchrec_esd.layout import EsdIdError
 
 MODES = ("global", "local")
@@ -412,7 +414,7 @@ class EsdInputDist(nn.Module):
         batch, gkjt, strides, ekjt = read.batch, read.global_kjt, read.strides, read.esd
         b = gkjt.stride()
         assignment, result, shares = self._decide(ekjt, group, device)
-        plan = rt.directory.plan(ekjt, assignment, upcoming)  # type: ignore[union-attr]
+        plan = plan_iteration(rt, ekjt, assignment, group, upcoming)
         bk = rt.keyspace.decode(ekjt)  # the directory's decode of this batch, not a second one
         plan.workers[me].fingerprint = batch_fingerprint(bk.keys[assignment[bk.sample] == me])
         if self.mode == "global":  # the PS checks that every worker was handed this batch

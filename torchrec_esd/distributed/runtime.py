@@ -47,6 +47,7 @@ from torchrec_esd.log import set_role
 from torchrec_esd.metrics import TransmissionMeter
 from torchrec_esd.optim import SparseOptimizer
 from torchrec_esd.ps import GlooP2PTransport, ParameterServer, PsClient
+from torchrec_esd.ps.row_storage import HashedUniformInit, LazyRowStorage
 
 
 _GROUPS: Dict[tuple, tuple] = {}
@@ -221,27 +222,34 @@ class EsdPsRuntime(EsdRuntime):
 
     is_ps = True
 
-    def serve(self, ebc: EmbeddingBagCollection) -> ParameterServer:
+    def serve(self, ebc: EmbeddingBagCollection, init: Optional[HashedUniformInit] = None) -> ParameterServer:
         """Run this PS rank until the workers stop; initial table values come
         from ``ebc`` (built with the same seed as on the workers; tables on the
-        meta device are drawn as TorchRec draws them)."""
-        configs = {t.name: t for t in ebc.embedding_bag_configs()}
-        weights = {
-            name: initial_weight(bag.weight, configs[name])
-            for name, bag in ebc.embedding_bags.items()
-            if name in self.keyspace.names
-        }
+        meta device are drawn as TorchRec draws them), or, with ``init``, rows
+        are created on first touch from it (:class:`~torchrec_esd.ps.row_storage.LazyRowStorage`:
+        memory O(rows touched); ``ebc``'s weights are not read)."""
+        p = self.rank - self.config.num_workers
         try:
+            storage, weights = None, None
+            if init is not None:
+                storage = LazyRowStorage(self.keyspace, p, self.optimizer.state_dim, init)
+            else:
+                configs = {t.name: t for t in ebc.embedding_bag_configs()}
+                weights = {
+                    name: initial_weight(bag.weight, configs[name])
+                    for name, bag in ebc.embedding_bags.items()
+                    if name in self.keyspace.names
+                }
             server = ParameterServer(
-                self.rank - self.config.num_workers, self.keyspace, self.optimizer, self.transport, weights,
-                des=self.config.des_misses,
+                p, self.keyspace, self.optimizer, self.transport, weights, des=self.config.des_misses, storage=storage,
             )
-            logger.info("parameter server %d serving %d tables", self.rank - self.config.num_workers, len(weights))
+            logger.info("parameter server %d serving %d tables%s", p, self.keyspace.num_tables,
+                        " (rows created on first touch)" if init is not None else "")
             server.serve()
         except BaseException as e:
             self.report_failure(e)
             raise
-        logger.info("parameter server %d stopped: the workers are done", self.rank - self.config.num_workers)
+        logger.info("parameter server %d stopped: the workers are done", p)
         self.close_monitor()
         return server
 

@@ -43,6 +43,7 @@ from torchrec_esd.ps.protocol import (
     decode_frame,
     pack,
 )
+from torchrec_esd.ps.row_storage import DenseRowStorage, PsRowStorage
 from torchrec_esd.ps.transport import Transport
 
 
@@ -55,10 +56,14 @@ class ParameterServer:
         routing: KeySpace,
         optimizer: SparseOptimizer,
         transport: Transport,
-        initial_weights: Dict[str, torch.Tensor],
+        initial_weights: Optional[Dict[str, torch.Tensor]] = None,
         des: bool = False,
         max_des_pairs: int = DEFAULT_MAX_DES_PAIRS,
+        storage: Optional[PsRowStorage] = None,
     ) -> None:
+        """Rows live in ``storage`` (:mod:`torchrec_esd.ps.row_storage`, e.g.
+        a :class:`~torchrec_esd.ps.row_storage.LazyRowStorage`), or, without
+        one, in a dense storage filled from ``initial_weights``."""
         self.ps_index = ps_index
         self.des = des
         # DES requests of the last push/pull phase, until their bag gradients arrive:
@@ -69,28 +74,14 @@ class ParameterServer:
         self.transport = transport
         self.fmt = RowFormat(routing.wire_dim, state_dim=optimizer.state_dim)
         self.limits = ProtocolLimits(rows=int(routing.ps_rows[ps_index]), max_des_pairs=max_des_pairs)
-        n = int(routing.ps_rows[ps_index])
-        # rows are wire_dim wide; a narrower table's columns past its dim stay zero
-        self.weights = torch.zeros(n, routing.wire_dim)
-        self.state = torch.zeros(n, optimizer.state_dim)
-        # each stored row's own dim for the optimizer, only when the tables' dims differ
-        self.row_dim: Optional[torch.Tensor] = None if routing.uniform_dim is not None else torch.empty(n, dtype=torch.int64)
-        for t, name in enumerate(routing.names):
-            if name not in initial_weights:
-                raise EsdConfigError(f"parameter server got no initial weights for table {name!r}")
-            w = initial_weights[name]
-            dim = routing.formats[t].dim
-            if tuple(w.shape) != (int(routing.rows[t]), dim):
-                raise EsdConfigError(
-                    f"table {name!r}: initial weights of shape {tuple(w.shape)}, expected "
-                    f"({int(routing.rows[t])}, {dim})"
-                )
-            lo = ps_index * int(routing.block[t])
-            cnt = int(routing.owned[ps_index, t])
-            base = int(routing.ps_table_base[ps_index, t])
-            self.weights[base : base + cnt, :dim] = w[lo : lo + cnt].detach().float()
-            if self.row_dim is not None:
-                self.row_dim[base : base + cnt] = dim
+        if storage is None:
+            if initial_weights is None:
+                raise EsdConfigError("ParameterServer needs initial_weights or a row storage")
+            storage = DenseRowStorage(routing, ps_index, optimizer.state_dim, initial_weights)
+        elif storage.ps_index != ps_index or storage.state_dim != optimizer.state_dim:
+            raise EsdConfigError(f"PS {ps_index}: a row storage of PS {storage.ps_index} with"
+                                 f" {storage.state_dim} state values (the optimizer keeps {optimizer.state_dim})")
+        self.storage = storage
         self.iterations = 0
 
     def serve(self) -> None:
@@ -192,10 +183,9 @@ class ParameterServer:
         if pk.numel():
             local = self._local(pk)
             vals = torch.cat([q.push_rows for q in reqs])
-            self.weights[local] = vals[:, :dim]
-            self.state[local] = vals[:, dim:]
+            self.storage.write(local, vals[:, :dim], vals[:, dim:])
         local = self._local(torch.cat([q.pull_keys for q in reqs]))
-        pulled = torch.cat([self.weights[local], self.state[local]], dim=1)
+        pulled = torch.cat([self.storage.rows(local), self.storage.state(local)], dim=1)
         rows = torch.split(pulled, [q.pull_keys.numel() for q in reqs])
         partials = [torch.empty(0, dim)] * len(reqs)
         if self.des:
@@ -203,7 +193,7 @@ class ParameterServer:
             dl = self._local(torch.cat(des_keys))
             db = torch.cat(des_bags)
             pair_w = torch.cat(des_w)
-            partial = torch.zeros(bag_base, dim).index_add_(0, db, self.weights[dl] * pair_w.view(-1, 1))
+            partial = torch.zeros(bag_base, dim).index_add_(0, db, self.storage.rows(dl) * pair_w.view(-1, 1))
             partials = list(torch.split(partial, bags_per_sender))
             self._des_pending = (dl, db, pair_w, bags_per_sender)
         self._reply([PushPullReply(q, s).parts() for q, s in zip(rows, partials)])
@@ -224,12 +214,22 @@ class ParameterServer:
             return
         uniq, inv = torch.unique(local, return_inverse=True)
         total = torch.zeros(uniq.numel(), self.routing.wire_dim).index_add_(0, inv, grads)
-        rows, state = self.weights[uniq], self.state[uniq]
-        self.optimizer.apply_(rows, state, total, None if self.row_dim is None else self.row_dim[uniq])
-        self.weights[uniq], self.state[uniq] = rows, state
+        rows, state = self.storage.rows(uniq), self.storage.state(uniq)
+        self.optimizer.apply_(rows, state, total, self.storage.row_dims(uniq))
+        self.storage.write(uniq, rows, state)
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """Every owned row's values ``[rows, wire_dim]`` (materialised: O(rows))."""
+        return self.storage.full()[0]
+
+    @property
+    def state(self) -> torch.Tensor:
+        """Every owned row's optimizer state ``[rows, state_dim]`` (O(rows))."""
+        return self.storage.full()[1]
 
     def _gather(self) -> None:
-        reply = GatherReply(self.weights, self.state).parts()
+        reply = GatherReply(*self.storage.full()).parts()
         self._reply([reply] * len(self.transport.worker_ranks))
 
     def _reply(self, parts_per_worker) -> None:

@@ -1,0 +1,58 @@
+"""Who plans which cache, each iteration (called by
+:class:`~torchrec_esd.distributed.input_dist.EsdInputDist` once the
+assignment is known).
+
+Worker 0 is the dispatcher: its directory tracks every worker's cache, so it
+plans them all and builds each worker's
+:class:`~torchrec_esd.cache.StepSummary`, in O(N log N + W U) for a global
+batch of N values and U distinct keys.  It scatters the summaries over the
+dispatch group; every other worker plans its own cache from its summary
+alone, in O(U_w log U_s + S_w + U_s) (its U_w keys, S_w slots, a summary of
+U_s keys), which does not grow with the number of workers at a fixed
+per-worker batch.  With DES-served misses (they need the batch's bags) or an
+eviction policy that reads the upcoming batches, every worker plans from the
+global batch instead.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_esd.cache import IterationPlan, StepSummary
+from torchrec_esd.config import EsdConfigError
+from torchrec_esd.distributed.runtime import EsdRuntime
+
+
+def plan_iteration(rt: EsdRuntime, kjt: KeyedJaggedTensor, assignment: torch.Tensor, group,
+               upcoming: Sequence[KeyedJaggedTensor] = ()) -> IterationPlan:
+    """This iteration's plan.  Worker 0 (the dispatcher: its directory
+    tracks every cache) plans every cache and sends each other worker its
+    :class:`~torchrec_esd.cache.StepSummary`; a worker then plans its own
+    cache from that summary alone, in O(its keys + its cached rows that
+    others use) instead of O(global batch) (the same plan: see
+    ``CacheDirectory.plan_from_summary``).  With DES-served misses every
+    worker plans from the global batch (they need its bags), and so does
+    every worker under a policy that reads the upcoming batches."""
+    directory = rt.directory
+    assert directory is not None
+    W = rt.config.num_workers
+    if rt.config.des_misses or W == 1 or directory.policy.reads_upcoming:
+        return directory.plan(kjt, assignment, upcoming)
+    me = rt.worker_index
+    got: List[Optional[StepSummary]] = [None]
+    if me == 0:
+        summaries: List[Optional[StepSummary]] = list(directory.step_summaries(kjt, assignment))
+        plan = directory.plan(kjt, assignment)
+        summaries[0] = None  # worker 0 keeps its own plan
+        dist.scatter_object_list(got, summaries, src=0, group=group)
+        return plan
+    dist.scatter_object_list(got, None, src=0, group=group)
+    summary = got[0]
+    if not isinstance(summary, StepSummary) or summary.worker != me:
+        raise EsdConfigError(f"worker {me} received no step summary of its own from worker 0")
+    mine = directory.plan_from_summary(summary)
+    return IterationPlan(directory.iteration, [mine if w == me else None for w in range(W)])
