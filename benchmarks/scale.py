@@ -92,6 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--hybrid-budget-ms", type=float, default=50.0)
     p.add_argument("--group-size", type=int, default=16, help="workers per group of 'grouped'")
     p.add_argument("--grouped-inner", default="heuristic", help="dispatcher inside each group of 'grouped'")
+    p.add_argument("--grouped-cost-input", default=None, choices=["additive", "expected"],
+                   help="cost matrix 'grouped' reads (default: its inner dispatcher's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -137,6 +139,7 @@ def make(name: str, args):
         kw["time_budget_ms"] = args.hybrid_budget_ms
     if name == "grouped":
         kw["group_size"], kw["inner"] = args.group_size, args.grouped_inner
+        kw["cost_input"] = args.grouped_cost_input
     return make_dispatcher(name, **kw)
 
 

@@ -43,7 +43,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from torchrec_esd.dispatch.base import Dispatcher, DispatchError
+from torchrec_esd.dispatch.base import Dispatcher, DispatchError, check_cost_input
 from torchrec_esd.dispatch.heuristic import HeuristicDispatcher
 
 
@@ -61,12 +61,15 @@ class GroupedDispatcher(Dispatcher):
 
     ``inner``: name of the dispatcher run inside each group (keyword arguments
     in ``inner_kw``); ``group_size``: workers per group (>= 1); ``objective``
-    goes to stage 1 and to the inner dispatcher."""
+    goes to stage 1 and to the inner dispatcher; ``cost_input`` (``"additive"``
+    or ``"expected"``, default: the inner dispatcher's own) is the cost matrix
+    :meth:`inputs` builds (the expected one costs several times more to build
+    at large ``W``)."""
 
     name = "grouped"
 
     def __init__(self, inner: str = "heuristic", group_size: int = 16, objective: str = "total",
-                 inner_kw: Optional[dict] = None) -> None:
+                 inner_kw: Optional[dict] = None, cost_input: Optional[str] = None) -> None:
         from torchrec_esd.dispatch import make_dispatcher
 
         if not isinstance(group_size, int) or group_size < 1:
@@ -75,6 +78,8 @@ class GroupedDispatcher(Dispatcher):
             raise DispatchError("inner dispatcher of 'grouped' cannot be 'grouped'")
         kw = dict(inner_kw or {})
         kw.setdefault("objective", objective)
+        if cost_input is not None:
+            kw["cost_input"] = check_cost_input(cost_input)
         self.inner = make_dispatcher(inner, **kw)
         if getattr(self.inner, "needs_dedup", False) or getattr(self.inner, "varies_shares", False):
             raise DispatchError(
