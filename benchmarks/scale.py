@@ -73,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="scale.json")
     p.add_argument("--quick", action="store_true", help="W in {4, 16}, 4 iterations")
     p.add_argument("--workers", default="4,16,64,256")
-    p.add_argument("--dispatchers", default="random,laia,heuristic,hybrid,esd")
+    p.add_argument("--dispatchers", default="random,laia,heuristic,hybrid,esd,grouped")
     p.add_argument("--optimal-max-w", type=int, default=16, help="run 'optimal' only up to this W")
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
@@ -90,6 +90,10 @@ def parse_args(argv=None):
     p.add_argument("--big-table-rows", type=float, default=1e9)
     p.add_argument("--big-cache-rows", type=int, default=1_000_000)
     p.add_argument("--hybrid-budget-ms", type=float, default=50.0)
+    p.add_argument("--group-size", type=int, default=16, help="workers per group of 'grouped'")
+    p.add_argument("--grouped-inner", default="heuristic", help="dispatcher inside each group of 'grouped'")
+    p.add_argument("--grouped-cost-input", default=None, choices=["additive", "expected"],
+                   help="cost matrix 'grouped' reads (default: its inner dispatcher's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -133,6 +137,9 @@ def make(name: str, args):
         kw["seed"] = args.seed
     if name == "hybrid":
         kw["time_budget_ms"] = args.hybrid_budget_ms
+    if name == "grouped":
+        kw["group_size"], kw["inner"] = args.group_size, args.grouped_inner
+        kw["cost_input"] = args.grouped_cost_input
     return make_dispatcher(name, **kw)
 
 

@@ -717,3 +717,53 @@ def test_esd_budget_fraction_of_the_predicted_link_makespan():
     assert r.info["budget_ms"] == pytest.approx(5.0)
     with pytest.raises(DispatchError, match="budget_fraction"):
         make_dispatcher("esd", budget_fraction=0.0)
+
+
+@pytest.mark.parametrize("inner", ["heuristic", "hybrid", "laia"])
+@pytest.mark.parametrize("objective", ["total", "makespan"])
+def test_grouped_respects_shares_with_many_groups(inner, objective):
+    rng = np.random.default_rng(17)
+    for b, w in [(1, 3), (9, 5), (200, 11), (301, 23)]:
+        c = torch.from_numpy(rng.random((b, w)) * rng.random(w) * 10)
+        shares = _random_shares(rng, b, w, allow_zero=True)
+        aux = {"hits": torch.from_numpy(rng.integers(0, 4, (b, w))).double()} if inner == "laia" else None
+        d = make_dispatcher("grouped", inner=inner, group_size=3, objective=objective)
+        r = d.assign(c, shares, aux=aux)
+        _check_valid(r, shares, b)
+        assert math.isfinite(r.objective)
+        if sum(s > 0 for s in shares) > 3:
+            assert r.info["groups"] == math.ceil(sum(s > 0 for s in shares) / 3)
+
+
+@pytest.mark.parametrize("inner", ["heuristic", "hybrid", "optimal"])
+def test_grouped_with_one_group_is_the_inner_dispatcher(inner):
+    rng = np.random.default_rng(5)
+    c = torch.from_numpy(rng.random((120, 6)) * rng.random(6))
+    shares = [30, 10, 20, 25, 15, 20]
+    g = make_dispatcher("grouped", inner=inner, group_size=6).assign(c, shares)
+    ref = make_dispatcher(inner).assign(c, shares)
+    assert torch.equal(g.assignment, ref.assignment)
+    assert g.objective == ref.objective
+
+
+def test_grouped_bad_options_and_groups_mix_links():
+    with pytest.raises(DispatchError, match="group_size"):
+        make_dispatcher("grouped", group_size=0)
+    with pytest.raises(DispatchError, match="per-batch model"):
+        make_dispatcher("grouped", inner="esd")
+    with pytest.raises(DispatchError, match="unknown dispatcher"):
+        make_dispatcher("grouped", inner="fastest")
+    from torchrec_esd.dispatch.grouped import worker_groups
+
+    c = torch.tensor([5.0, 1, 7, 0, 3, 2, 6, 4], dtype=torch.float64).view(1, 8).repeat(4, 1)
+    assert worker_groups(c, 4) == [[1, 3, 4, 5], [0, 2, 6, 7]]  # the 4 cheapest columns, then the rest
+    assert worker_groups(c, 3) == [[1, 3, 5], [0, 4, 7], [2, 6]]
+    # grouped cannot beat the exact optimum and is not far from the flat heuristic here
+    rng = np.random.default_rng(3)
+    c = torch.from_numpy(rng.random((240, 12)) * rng.uniform(0.1, 10, 12))
+    shares = [20] * 12
+    opt = make_dispatcher("optimal").assign(c, shares).objective
+    g = make_dispatcher("grouped", group_size=4).assign(c, shares).objective
+    assert opt <= g + 1e-9
+    rnd = make_dispatcher("random").assign(c, shares).objective
+    assert g < rnd

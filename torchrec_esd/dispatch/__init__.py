@@ -14,6 +14,8 @@ shares       :class:`PerBatchShares` (shares decided per batch from compute rate
 dedup_search :class:`DedupSearchDispatcher` (de-duplicated true cost: amortised start +
              exact local search; needs ``aux={"dedup": CostModel.dedup_cost(...)}``);
              also registered as ``esd``, the name benchmarks and saved configs use
+grouped      :class:`GroupedDispatcher` (samples to worker groups, then ``inner=`` per group
+             of ``group_size=`` workers: decision time ~linear in B and W)
 ============ ============================================================
 """
 
@@ -27,6 +29,7 @@ from torchrec_esd.dispatch.base import (
 )
 from torchrec_esd.dispatch.dedup_search import DedupSearchDispatcher, refine
 from torchrec_esd.dispatch.baselines import LaiaDispatcher, RandomDispatcher, RoundRobinDispatcher
+from torchrec_esd.dispatch.grouped import GroupedDispatcher
 from torchrec_esd.dispatch.heuristic import HeuristicDispatcher
 from torchrec_esd.dispatch.hybrid import HybridDis
 from torchrec_esd.dispatch.lower_bound import (
@@ -48,6 +51,7 @@ DISPATCHERS = {
     "hybrid": HybridDis,
     "dedup_search": DedupSearchDispatcher,
     "esd": DedupSearchDispatcher,  # the name of the paper's method in benchmarks and configs
+    "grouped": GroupedDispatcher,  # inner= dispatcher per group of group_size= workers
     "shares": PerBatchShares,  # an inner dispatcher at shares decided per batch (needs samples_per_s)
 }
 
@@ -87,6 +91,7 @@ __all__ = [
     "DispatchResult",
     "Dispatcher",
     "DedupSearchDispatcher",
+    "GroupedDispatcher",
     "HeuristicDispatcher",
     "HybridDis",
     "LaiaDispatcher",
