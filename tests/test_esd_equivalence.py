@@ -62,6 +62,12 @@ def test_equivalence_four_workers_rowwise_adagrad_uneven_shares_train_pipeline_s
     assert all(s.shape[1] == 1 and float(s.max()) > 0 for s in states.values())
 
 
+def test_equivalence_workers_plan_from_worker_0s_summaries():
+    # the summary path (the default from 16 workers on), forced at 3 workers
+    _compare(3, [1, 1, 2], "hybrid", "rowwise_adagrad", "local", [1.0, 4.0, 8.0], dispatch_ahead=1,
+             esd_options=dict(plan_from_summaries=True))
+
+
 # ---------------------------------------------------------------- dispatch ahead
 def test_equivalence_dispatch_ahead_local_batches_two_ps():
     # the dispatch thread all-gathers the ids and moves dense rows and labels

@@ -128,6 +128,15 @@ class EsdConfig:
             every rank, naming the step, before the parameter servers' tables
             (the only copy of the model) are poisoned.  Costs one pass over
             the gradients per step.
+        plan_from_summaries: worker 0 plans every cache and sends each
+            other worker a compact summary it plans its own cache from
+            (:mod:`torchrec_esd.distributed.worker_plans`), instead of every
+            worker planning from the global batch.  ``None`` (default): only
+            from :data:`~torchrec_esd.distributed.worker_plans.SUMMARY_MIN_WORKERS`
+            workers on, where a worker's planning from the global batch
+            grows with W; below, waiting for worker 0's summaries costs more
+            than planning in parallel (4 equal 1000 Mbit/s workers: +25 % per
+            iteration).
         des_misses: let the parameter servers serve cache misses DES-style
             (arXiv 1909.04823): for a bag whose missing rows would cost more
             to pull than one pooled partial sum down
@@ -155,6 +164,7 @@ class EsdConfig:
     compute_s_per_sample: Optional[float] = None
     fault_timeout_s: Optional[float] = 30.0
     check_finite: bool = False
+    plan_from_summaries: Optional[bool] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -220,6 +230,10 @@ class EsdConfig:
         _require(
             isinstance(self.check_finite, bool),
             f"EsdConfig.check_finite must be a bool, got {self.check_finite!r}",
+        )
+        _require(
+            self.plan_from_summaries is None or isinstance(self.plan_from_summaries, bool),
+            f"EsdConfig.plan_from_summaries must be True, False or None (auto), got {self.plan_from_summaries!r}",
         )
 
     @property
