@@ -133,7 +133,7 @@ class TableCheckpoint:
         self.exchanges = -(-max(counts) // CHUNK_ROWS) if counts else 0
         self._keys = torch.cat([ks.keys(t, torch.arange(lo, lo + n)) for t, (lo, n) in enumerate(self.shards)]) \
             if self.names else torch.empty(0, dtype=torch.int64)
-        self._staged: Optional[Tuple[int, List[torch.Tensor], List[torch.Tensor]]] = None
+        self._staged: Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]] = None
         self._pending_state: Dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------ exchanges
@@ -141,21 +141,23 @@ class TableCheckpoint:
         """Push every dirty cached row (the PS then holds the model's rows)."""
         self._rt.flush()
 
-    def _pull_into(self, out: torch.Tensor) -> torch.Tensor:
-        """Fill ``out`` ``[shard keys, wire_dim + state_dim]`` with this worker's
-        shard rows, one chunk per exchange (no other shard-sized buffer)."""
+    def _pulled_chunks(self):
+        """``(first, last, rows)`` per exchange: this worker's shard keys
+        ``[first, last)`` with their ``[n, wire_dim + state_dim]`` rows."""
         client = self._rt.client
         empty = torch.empty(0, dtype=torch.int64)
+        no_values = torch.empty(0, self._rt.keyspace.wire_dim + self.state_dim)
         for c in range(self.exchanges):
-            sl = slice(c * CHUNK_ROWS, (c + 1) * CHUNK_ROWS)
-            got, _, _ = client.push_pull(empty, torch.empty(0, out.shape[1]), self._keys[sl])
-            out[sl] = got
-        return out
+            lo, hi = c * CHUNK_ROWS, min((c + 1) * CHUNK_ROWS, self._keys.numel())
+            got, _, _ = client.push_pull(empty, no_values, self._keys[lo:hi])
+            yield lo, hi, got
 
     def _pull(self) -> torch.Tensor:
         """``[shard keys, wire_dim + state_dim]`` of this worker's shard rows."""
-        width = self._rt.keyspace.wire_dim + self.state_dim
-        return self._pull_into(torch.empty(self._keys.numel(), width))
+        out = torch.empty(self._keys.numel(), self._rt.keyspace.wire_dim + self.state_dim)
+        for lo, hi, got in self._pulled_chunks():
+            out[lo:hi] = got
+        return out
 
     def _push(self, values: torch.Tensor) -> None:
         client = self._rt.client
@@ -165,31 +167,26 @@ class TableCheckpoint:
             client.push_pull(self._keys[sl], values[sl], empty)
 
     def _snapshot(self) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """(weights, states) of this worker's shards, one snapshot per training
-        step: the model's and the optimizer's state_dict() share it.  Pulled
-        chunk by chunk into the per-table tensors (memory: the shard + a chunk)."""
-        step = self._rt.meter.iterations
-        if self._staged is None or self._staged[0] != step:
-            self._staged = None
+        """(weights, states) of this worker's shards.  Kept until the next
+        forward (:meth:`release`) or load, so that the model's and the
+        optimizer's state_dict() of one step share it.  Pulled chunk by chunk
+        into the per-table tensors (memory: the shard + a chunk)."""
+        if self._staged is None:
             self._quiesce()
             d = self._rt.keyspace.wire_dim
             weights = [torch.empty(n, self.dims[t]) for t, (_, n) in enumerate(self.shards)]
             states = [torch.empty(n, self.state_dim) for _, n in self.shards]
-            # chunk c covers shard keys [c * CHUNK_ROWS, (c + 1) * CHUNK_ROWS) across the tables
-            starts = [0]
+            starts = [0]  # table t's rows are shard keys [starts[t], starts[t + 1])
             for _, n in self.shards:
                 starts.append(starts[-1] + n)
-            client, empty = self._rt.client, torch.empty(0, dtype=torch.int64)
-            for c in range(self.exchanges):
-                lo, hi = c * CHUNK_ROWS, min((c + 1) * CHUNK_ROWS, self._keys.numel())
-                got, _, _ = client.push_pull(empty, torch.empty(0, d + self.state_dim), self._keys[lo:hi])
+            for lo, hi, got in self._pulled_chunks():
                 for t in range(len(self.shards)):
                     a, b = max(lo, starts[t]), min(hi, starts[t + 1])
                     if a < b:
                         weights[t][a - starts[t] : b - starts[t]] = got[a - lo : b - lo, : self.dims[t]]
                         states[t][a - starts[t] : b - starts[t]] = got[a - lo : b - lo, d:]
-            self._staged = (step, weights, states)
-        return self._staged[1], self._staged[2]
+            self._staged = (weights, states)
+        return self._staged
 
     # ------------------------------------------------------------ model state
     def weights(self) -> Dict[str, ShardedTensor]:
@@ -236,7 +233,7 @@ class TableCheckpoint:
         self._staged = None
 
     def release(self) -> None:
-        """Drop the last snapshot (training moved on)."""
+        """Drop the last snapshot (the module computes a new batch)."""
         self._staged = None
 
     def stage_state(self, name: str, value: torch.Tensor) -> None:
