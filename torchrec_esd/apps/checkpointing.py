@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import signal
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -177,9 +177,19 @@ def checkpointer(job, dmp, dense: KeyedOptimizerWrapper, group, tables, sparse_o
                         job_meta(tables, sparse_optimizer), fail=fail)
 
 
+def sum_and_preempted(value: torch.Tensor, preemption: Optional["Preemption"], group) -> Tuple[float, bool]:
+    """All-reduce a step's scalar ``value`` over ``group`` with the
+    preemption flag riding along (no extra collective): (the sum, whether any
+    rank was asked to stop), the same on every rank."""
+    flag = 1.0 if preemption is not None and preemption.requested else 0.0
+    g = torch.stack([value.detach().reshape(()).to(torch.float32), torch.tensor(flag)])
+    dist.all_reduce(g, group=group)
+    return float(g[0]), float(g[1]) > 0
+
+
 class Preemption:
     """SIGTERM -> a flag the training loop reads at step boundaries (the loop
-    makes every worker agree before acting on it)."""
+    makes every worker agree before acting on it, :func:`sum_and_preempted`)."""
 
     def __init__(self) -> None:
         self.requested = False

@@ -15,12 +15,11 @@ from dataclasses import replace
 from typing import Dict, List
 
 import torch
-import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingPlan
 
-from torchrec_esd.apps.checkpointing import Preemption, checkpointer, dense_optimizer
+from torchrec_esd.apps.checkpointing import Preemption, checkpointer, dense_optimizer, sum_and_preempted
 from torchrec_esd.apps.job import (
     EBC_PATH,
     DlrmTask,
@@ -149,15 +148,12 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
     read_ahead = job.dispatch_ahead + (4 if job.use_pipeline else 2)
 
     def record(loss, logits, labels):
-        # the preemption flag rides on the loss all-reduce every step already makes
-        flag = 1.0 if preemption is not None and preemption.requested else 0.0
-        g = torch.stack([loss.detach().reshape(()) / dispatch.loss_scale, torch.tensor(flag)])
-        dist.all_reduce(g, group=runtime.worker_group)
+        total, preempted = sum_and_preempted(loss / dispatch.loss_scale, preemption, runtime.worker_group)
         step = len(track.losses)
         decision = decisions[step] if track.metrics is not None and step < len(decisions) else None
         meter = runtime.meter.as_dict() if track.metrics is not None else None
-        track.step(float(g[0]) / job.global_batch, logits, labels, meter=meter, decision=decision)
-        if float(g[1]) > 0 and stop["at"] is None:
+        track.step(total / job.global_batch, logits, labels, meter=meter, decision=decision)
+        if preempted and stop["at"] is None:
             # every worker agrees at this step; the batches already read ahead
             # (and dispatched: the directory counts them) are still trained
             stop["at"] = start + len(track.losses)

@@ -23,7 +23,7 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from torchrec_esd.apps.checkpointing import Preemption, checkpointer, dense_optimizer
+from torchrec_esd.apps.checkpointing import Preemption, checkpointer, dense_optimizer, sum_and_preempted
 from torchrec_esd.apps.job import (
     EBC_PATH,
     DlrmTask,
@@ -61,13 +61,10 @@ def _train_local_batches(dmp, job: JobConfig, workload: SyntheticWorkload, group
         loss, (_, logits, labels) = dmp(batch)
         loss.backward()
         dense_opt.step()
-        # the preemption flag rides on the loss all-reduce of every step
-        flag = 1.0 if preemption is not None and preemption.requested else 0.0
-        g = torch.stack([loss.detach().reshape(()) * per, torch.tensor(flag)])
-        dist.all_reduce(g, group=group)
-        track.step(float(g[0]) / job.global_batch, logits, labels)
+        total, preempted = sum_and_preempted(loss * per, preemption, group)
+        track.step(total / job.global_batch, logits, labels)
         step += 1
-        if float(g[1]) > 0:
+        if preempted:
             stopped = step
         if ckpt is not None and (ckpt.due(step) or step == job.steps or stopped is not None):
             ckpt.save(step)
