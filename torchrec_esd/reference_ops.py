@@ -7,7 +7,7 @@ loudly, when the extension is not built.
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -386,17 +386,24 @@ def id_table_assign_ref(table: torch.Tensor, erase_keys: torch.Tensor, keys: tor
     tk = table[:, 0].tolist()
     tv = table[:, 1].tolist()
     ek, kk, vv = erase_keys.tolist(), keys.tolist(), values.tolist()
-    homes = _home_hash(torch.tensor(sorted(set(ek + kk + [x for x in tk if x >= 0]) or [0]), dtype=torch.int64)) & mask
-    home_of = dict(zip(sorted(set(ek + kk + [x for x in tk if x >= 0]) or [0]), homes.tolist()))
-    for key in ek:
-        if key < 0:
-            raise RuntimeError(f"torchrec_esd::{op}: negative key {key}")
+    every = sorted(set(ek + kk + [x for x in tk if x >= 0]) or [0])
+    home_of = dict(zip(every, (_home_hash(torch.tensor(every, dtype=torch.int64)) & mask).tolist()))
+
+    def probe(key: int) -> Optional[int]:
+        """The slot holding ``key``, else the first empty slot of its probe
+        path; ``None`` when the table is full without either."""
         i = home_of[key]
         for _ in range(cap):
             if tk[i] == -1 or tk[i] == key:
-                break
+                return i
             i = (i + 1) & mask
-        if tk[i] != key:
+        return None
+
+    for key in ek:
+        if key < 0:
+            raise RuntimeError(f"torchrec_esd::{op}: negative key {key}")
+        i = probe(key)
+        if i is None or tk[i] != key:
             continue
         j = i
         while True:
@@ -411,14 +418,8 @@ def id_table_assign_ref(table: torch.Tensor, erase_keys: torch.Tensor, keys: tor
     for key, val in zip(kk, vv):
         if key < 0:
             raise RuntimeError(f"torchrec_esd::{op}: negative key {key}")
-        i = home_of[key]
-        for _ in range(cap):
-            if tk[i] == -1 or tk[i] == key:
-                break
-            i = (i + 1) & mask
-        else:
-            raise RuntimeError(f"torchrec_esd::{op}: the table is full ({cap} rows)")
-        if tk[i] not in (-1, key):
+        i = probe(key)
+        if i is None:
             raise RuntimeError(f"torchrec_esd::{op}: the table is full ({cap} rows)")
         tk[i], tv[i] = key, val
     table[:, 0] = torch.tensor(tk, dtype=torch.int64)
