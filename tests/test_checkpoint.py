@@ -169,9 +169,10 @@ def test_bad_checkpoint_fails_every_rank_before_any_state_changes(tmp_path):
 
 def test_sigterm_preemption_checkpoints_consistently_and_resumes_to_the_same_model(tmp_path):
     """SIGTERM to torchrun (a preemption: it reaches every rank) at about step 8
-    of 30: the workers agree on a step, train what they already dispatched,
+    of 150: the workers agree on a step, train what they already dispatched,
     checkpoint and exit 143; --resume in a new world reaches the model of an
-    uninterrupted run."""
+    uninterrupted run.  (150 steps, not 30: a whole 30-step run takes about
+    1 s, so on a fast machine the signal could arrive after the last step.)"""
     import signal
     import sys
 
@@ -179,7 +180,7 @@ def test_sigterm_preemption_checkpoints_consistently_and_resumes_to_the_same_mod
     from checkpoint_demo import interrupted_job, job_command, run_job
     from torchrec_esd.apps.checkpointing import checkpoint_tensors, latest_checkpoint, max_differences
 
-    steps, every = 30, 5
+    steps, every = 150, 5
     ref, broken = str(tmp_path / "ref"), str(tmp_path / "broken")
     assert run_job(job_command(steps, ref, port=29641), str(tmp_path / "ref.log"), timeout_s=300) == 0
     out = interrupted_job(job_command(steps, broken, every, port=29642), str(tmp_path / "broken.log"),
@@ -210,7 +211,8 @@ def test_killed_worker_resume_reaches_the_uninterrupted_model(capsys):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
     import checkpoint_demo
 
-    rc = checkpoint_demo.main(["--steps", "20", "--every", "5", "--kill-at", "12", "--fault-timeout", "5"])
+    # 40 steps, killed at 12: the job must still be running when the kill comes (20 steps take < 1 s)
+    rc = checkpoint_demo.main(["--steps", "40", "--every", "5", "--kill-at", "12", "--fault-timeout", "5"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "rank 1 (worker 1) is silent" in out or "rank 1 (worker 1) failed" in out, out
