@@ -137,7 +137,8 @@ class GroupInputs:
         keys = st.keys[pos]
         ku = torch.unique(self.kidx[pos])  # the group's distinct keys (indices into uniq), ascending
         slots = ops.id_table_build(st.uniq[ku])
-        cached = st.cached.index_select(0, gw)[:, ku]
+        rows, cols = gw.view(-1, 1), ku.view(1, -1)  # read [|g|, U_g] only
+        cached = st.cached[rows, cols]
         tab = st.table_of[ku]
         miss = torch.zeros(nw, dtype=torch.float64)
 
@@ -149,10 +150,10 @@ class GroupInputs:
             return zeros, hit
         rt = self.row_time[gw][:, tab]  # [|g|, U_g]
         ev = self.evict_time[gw][:, tab]
-        outdated = st.outdated.index_select(0, gw)[:, ku]
+        outdated = st.outdated[rows, cols]
         own = torch.where(cached, outdated.double() * rt, rt + ev)
         if kind == "additive":
-            dirty = st.dirty.index_select(0, gw)[:, ku]
+            dirty = st.dirty[rows, cols]
             push_elsewhere = self.owner_push[ku].view(1, -1) - dirty.double() * rt
             return summed(own + push_elsewhere), hit
         if kind != "expected":
