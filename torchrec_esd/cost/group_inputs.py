@@ -12,8 +12,8 @@ Per batch (``N`` row keys, ``U`` distinct, ``B`` samples, ``W`` workers in
   bool ``[W, U]``), the dirty owner of every key and the distinct (sample,
   key) pairs: ``O(N log N + W U)`` bool/int work, no ``[U, W]`` or ``[B, W]``
   float array;
-* :meth:`GroupInputs.group_matrix`: ``O(W U)`` bool reductions plus ``O(U G
-  + N G)`` float work;
+* :meth:`GroupInputs.group_matrix`: one ``O(W U)`` scan of the cached bits, then
+  ``O(hits + U G + N G)`` (``hits``: cached (worker, key) pairs of the batch);
 * :meth:`GroupInputs.sub_matrix` for a group: ``O(N_g log N_g + U_g |g|)``
   (``N_g``/``U_g`` the keys of the group's samples), so all groups together
   ``O(N log N + U group_size)``.
@@ -83,9 +83,13 @@ class GroupInputs:
         self.num_samples = st.num_samples
         u = st.uniq.numel()
         self.kidx = ops.id_table_lookup(st.slots, st.keys) if st.keys.numel() else st.keys.clone()
-        # the dirty owner of every key (the only up-to-date copy: at most one)
-        self.has_owner = st.dirty.any(0)
-        self.owner = torch.where(self.has_owner, st.dirty.to(torch.int8).argmax(0), torch.full((u,), -1))
+        # the dirty owner of every key (the only up-to-date copy: at most one; the
+        # lowest worker if ever several), from the dirty (worker, key) pairs
+        dw, du = st.dirty.nonzero(as_tuple=True)
+        W = st.dirty.shape[0]
+        first = torch.full((u,), W, dtype=torch.int64).scatter_reduce_(0, du, dw, "amin")
+        self.has_owner = first < W
+        self.owner = torch.where(self.has_owner, first, torch.full_like(first, -1))
         self.row_time = cm.row_time  # [W, T]
         self.evict_time = cm._evict_fraction(st) * cm.row_time  # [W, T]
         rt_owner = self.row_time[self.owner.clamp(min=0), st.table_of]
@@ -105,19 +109,30 @@ class GroupInputs:
         st, b = self.st, self.num_samples
         if st.keys.numel() == 0:
             return torch.zeros(b, len(groups), dtype=torch.float64)
-        weights = []
-        for g in groups:
+        G, u = len(groups), st.uniq.numel()
+        group_of = torch.full((st.cached.shape[0],), -1, dtype=torch.int64)
+        for gi, g in enumerate(groups):
+            group_of[torch.tensor(g, dtype=torch.int64)] = gi
+        # which groups hold each key, and hold it fresh: from the (worker, key) hits, O(W U) scan + O(hits)
+        hw, hu = st.cached.nonzero(as_tuple=True)
+        hg = group_of[hw]
+        ok = hg >= 0
+        hw, hu, hg = hw[ok], hu[ok], hg[ok]
+        held = torch.zeros(G, u, dtype=torch.bool)
+        held[hg, hu] = True
+        fresh_hit = ~st.outdated[hw, hu]
+        fresh = torch.zeros(G, u, dtype=torch.bool)
+        fresh[hg[fresh_hit], hu[fresh_hit]] = True
+        cost = torch.empty(u, G, dtype=torch.float64)
+        for gi, g in enumerate(groups):
             gw = torch.tensor(g, dtype=torch.int64)
-            cached = st.cached.index_select(0, gw)
-            fresh = (cached & ~st.outdated.index_select(0, gw)).any(0)
             rt = self.row_time[gw].min(0).values[st.table_of]
             ev = self.evict_time[gw].min(0).values[st.table_of]
-            cost = torch.where(fresh, torch.zeros_like(rt), torch.where(cached.any(0), rt, rt + ev))
+            c = torch.where(fresh[gi], torch.zeros_like(rt), torch.where(held[gi], rt, rt + ev))
             per = sum(int(shares[w]) for w in g) / len(g)
-            m = 1.0 + (self.uses - 1.0) * max(per - 1.0, 0.0) / max(1, b - 1)
-            weights.append((cost / m).contiguous())
-        miss = torch.zeros(len(groups), dtype=torch.float64)
-        return ops.sample_cost_matrix(st.keys, st.offsets, [st.slots] * len(groups), weights, miss)
+            cost[:, gi] = c / (1.0 + (self.uses - 1.0) * max(per - 1.0, 0.0) / max(1, b - 1))
+        # a sample's price on a group: the sum over its distinct keys
+        return torch.zeros(b, G, dtype=torch.float64).index_add_(0, self.occ_s, cost[self.occ_k])
 
     # ------------------------------------------------------------- stage 2
     def sub_matrix(self, samples: torch.Tensor, workers: Sequence[int], kind: str,
