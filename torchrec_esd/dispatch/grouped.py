@@ -35,9 +35,10 @@ Two entry points:
   (:meth:`GroupInputs.group_matrix`), then per group the exact slice of the
   inner dispatcher's matrix for the group's samples and workers only
   (:meth:`GroupInputs.sub_matrix`).  Cost: the batch read (``O(N log N)``
-  and one bool probe per distinct key and worker, ``O(W U)``), ``O(N G)`` for
-  stage 1's input, ``O(N log N + U group_size)`` for all groups' inputs, and
-  the solves as above: no float work grows with ``B W``.  With DES-served
+  and one bool probe per distinct key and worker, ``O(W U)``), ``O(W U +
+  hits + N G)`` for stage 1's input, ``O(N log N + U group_size)`` for all
+  groups' inputs, and the solves as above: no float work grows with ``B W``.
+  No lower bound is reported (stage 1's is not one of the full problem).  With DES-served
   misses, or a single group, it is :meth:`Dispatcher.decide` (full inputs).
 
 Limits (not hidden): inner dispatchers that need a per-batch model in ``aux``
