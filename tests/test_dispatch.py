@@ -767,3 +767,84 @@ def test_grouped_bad_options_and_groups_mix_links():
     assert opt <= g + 1e-9
     rnd = make_dispatcher("random").assign(c, shares).objective
     assert g < rnd
+
+
+def _grouped_world(num_workers, steps=4, batch=90, staleness=0):
+    """A directory with cached, outdated and dirty rows on ``num_workers``
+    heterogeneous workers, and the next batch."""
+    import dataclasses
+
+    from torchrec_esd.cache import CacheDirectory
+
+    rng = np.random.default_rng(num_workers)
+    wl, tables, cfg, _ = _small_world(tuple(rng.uniform(1, 1000, num_workers).tolist()))
+    cfg = dataclasses.replace(cfg, staleness=staleness)
+    from torchrec_esd.cost import CostModel
+
+    cm = CostModel(cfg, tables, optimizer_state_bytes_per_row=4)
+    cd = CacheDirectory(cfg, tables)
+    for step in range(steps):
+        kjt = wl.global_batch(step, batch).sparse_features
+        cd.plan(kjt, torch.from_numpy(rng.integers(0, num_workers, batch)))
+    return cm, cd, wl.global_batch(steps, batch).sparse_features
+
+
+@pytest.mark.parametrize("staleness", [0, 2])
+def test_group_inputs_are_the_slices_of_the_full_matrices(staleness):
+    # the reference twin: per-group inputs built without the [B, W] matrix equal
+    # its slices exactly, for every kind the inner dispatchers read
+    from torchrec_esd.cost.group_inputs import GroupInputs
+
+    cm, cd, kjt = _grouped_world(7, staleness=staleness)
+    state = cd.cache_state()
+    st = cm._state(kjt, state)
+    assert bool(st.dirty.any()) and bool((st.cached & st.outdated).any()) and bool(st.cached.any())
+    full = {"additive": cm.matrix(kjt, state), "expected": cm.expected_matrix(kjt, state)}
+    hits = cm.hit_matrix(kjt, state)
+    gi = GroupInputs(cm, kjt, state)
+    rng = np.random.default_rng(0)
+    for workers in ([0, 1, 2, 3, 4, 5, 6], [2, 5], [6], [0, 3, 4]):
+        samples = torch.from_numpy(np.sort(rng.choice(kjt.stride(), 37, replace=False)))
+        for kind, m in full.items():
+            sub, h = gi.sub_matrix(samples, workers, kind, hits=True)
+            assert torch.equal(sub, m[samples][:, workers]), (kind, workers)
+            assert torch.equal(h, hits[samples][:, workers])
+        zero, none = gi.sub_matrix(samples, workers, "none")
+        assert none is None and torch.equal(zero, torch.zeros(37, len(workers), dtype=torch.float64))
+    with pytest.raises(ValueError, match="kind"):
+        gi.sub_matrix(samples, [0], "fastest")
+
+
+@pytest.mark.parametrize("inner", ["heuristic", "hybrid", "laia", "random"])
+@pytest.mark.parametrize("objective", ["total", "makespan"])
+def test_grouped_decide_is_valid_at_many_groups(inner, objective):
+    from torchrec_esd.cost.group_inputs import link_groups
+
+    cm, cd, kjt = _grouped_world(23, batch=230)
+    b = kjt.stride()
+    rng = np.random.default_rng(1)
+    for shares in (cm.config.batch_shares(b), _random_shares(rng, b, 23, allow_zero=True)):
+        d = make_dispatcher("grouped", inner=inner, group_size=3, objective=objective)
+        r = d.decide(cm, kjt, cd.cache_state, shares)
+        _check_valid(r, shares, b)
+        active = [w for w, s in enumerate(shares) if s > 0]
+        assert r.solver == "grouped" and r.info["groups"] == math.ceil(len(active) / 3)
+        assert r.info["inputs_s"] >= 0 and r.decision_s >= r.info["stage1_s"] >= 0
+        # the reported objective is the full matrix's for this assignment
+        full = cm.matrix(kjt, cd.cache_state()) if d.cost_input == "additive" else cm.expected_matrix(kjt, cd.cache_state())
+        if d.needs_cost:
+            assert r.objective == pytest.approx(objective_value(full, r.assignment, objective), rel=1e-12)
+        # each group's workers get the samples of that group: groups are cut by link speed
+        groups = link_groups(cm.bytes_per_second, active, 3)
+        assert sorted(w for g in groups for w in g) == active
+        bps = cm.bytes_per_second
+        for g0, g1 in zip(groups, groups[1:]):
+            assert float(bps[g0].min()) >= float(bps[g1].max())
+    # one group, or DES misses: the full-input path (the inner dispatcher's answer)
+    d = make_dispatcher("grouped", inner="heuristic", group_size=64)
+    shares = cm.config.batch_shares(b)
+    ref = make_dispatcher("heuristic")
+    assert torch.equal(d.decide(cm, kjt, cd.cache_state, shares).assignment,
+                       ref.decide(cm, kjt, cd.cache_state, shares).assignment)
+    with pytest.raises(DispatchError, match="do not split"):
+        d.decide(cm, kjt, cd.cache_state, shares[:-1])

@@ -288,3 +288,11 @@ def test_equivalence_per_batch_shares():
     assert all(sum(s[t] for s in sizes) == BATCH for t in range(STEPS))
     assert len({tuple(s[t] for s in sizes) for t in range(STEPS)}) > 1, "the shares never changed"
     assert any(s[t] != BATCH // 3 for s in sizes for t in range(STEPS))
+
+
+def test_equivalence_grouped_dispatch_from_per_group_inputs():
+    # worker 0 decides through GroupedDispatcher.decide (a [B, G] stage 1, then inputs
+    # built per group: one worker per group here), inside the real runtime
+    _, esd = _compare(3, [1, 1, 2], "grouped", "sgd", "global", [1.0, 4.0, 8.0],
+                      dispatcher_kwargs={"group_size": 1})
+    assert {d["solver"] for d in esd[0]["decisions"]} == {"grouped"}

@@ -37,7 +37,8 @@ def test_two_node_torchrun_world_matches_the_single_node_run(tmp_path):
             raise
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
     multi = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)]
-    assert multi[2] == {"role": "ps"} and multi[3] == {"role": "ps"}
+    # the PS ranks report their lazy storage (rows touched); no other result
+    assert all(multi[r]["role"] == "ps" and multi[r]["touched_rows"] > 0 for r in (2, 3))
     single = run_local_world(run, 4, job())
     assert_same_model(single[0], multi, 2)
     for name in single[0]["tables"]:  # the same decisions: the very same tables

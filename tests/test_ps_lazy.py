@@ -157,3 +157,86 @@ def test_equivalence_lazy_ps_rows_against_vanilla_torchrec():
     # the vanilla tables did start from the hashed initialiser (rows never trained keep it)
     start = init.rows_of(0, torch.arange(60))
     assert int((vanilla[0]["tables"]["t_cat_0"] == start).all(1).sum()) > 0
+
+
+def _hashed_jobs(steps=5, batch=32):
+    from torchrec_esd.apps.hashed_workload import HashedWorkloadConfig
+    from torchrec_esd.apps.trainer import JobConfig
+    from torchrec_esd.apps.workload import SyntheticWorkloadConfig
+
+    base = SyntheticWorkloadConfig(num_sparse=2, cardinalities=[400, 30], bag_size=(1, 3), alpha=1.1, seed=5)
+    rows = (1 << 31, 1000)
+    common = dict(steps=steps, global_batch=batch, sparse_optimizer="sgd", sparse_lr=0.1, dense_lr=0.1,
+                  lazy_tables=True)
+    cfg = EsdConfig([WorkerSpec(16, 1.0), WorkerSpec(16, 4.0)], num_ps=2)
+    esd = JobConfig(method="esd", esd=cfg, dispatcher="heuristic", workload=HashedWorkloadConfig(base, rows),
+                    collect_rows=True, **common)
+    twin = JobConfig(method="vanilla", workload=HashedWorkloadConfig(base, rows, renumber=(steps, batch)),
+                     collect_tables=True, **common)
+    return esd, twin
+
+
+def test_esd_job_trains_a_2_31_row_table_through_dmp_with_memory_bounded_by_touched_rows():
+    """A DLRM with a 2^31-row table (hashed ids, built on the meta device)
+    trained by the ESD job through DistributedModelParallel + the ESD sharder,
+    lazy PS: the same model as vanilla TorchRec on the renumbered twin (small
+    tables holding exactly the touched rows, same hashed initial values), and
+    every rank's memory grows with the rows touched, not with the table."""
+    from torchrec_esd.apps.hashed_workload import HashedWorkload
+    from torchrec_esd.apps.launch import run_local_world
+    from torchrec_esd.apps.trainer import run
+
+    from equivalence import assert_close_rel
+
+    esd_job, twin_job = _hashed_jobs()
+    esd = run_local_world(run, 4, esd_job)
+    vanilla = run_local_world(run, 2, twin_job)[0]
+    twin = HashedWorkload(twin_job.workload)
+    # the same model: losses, dense weights, and every touched row of both tables
+    assert_close_rel(torch.tensor(vanilla["losses"]), torch.tensor(esd[0]["losses"]), "losses")
+    for name, p in vanilla["dense"].items():
+        assert_close_rel(p, esd[0]["dense"][name], f"dense {name}")
+    for r in (0, 1):
+        touched = esd[r]["touched_tables"]
+        assert sorted(touched) == ["t_cat_0", "t_cat_1"]
+        for name, (ids, rows) in touched.items():
+            assert torch.equal(ids, twin.ids[name])  # the rows the twin's tables hold, in its order
+            assert_close_rel(vanilla["tables"][name], rows, f"table {name}")
+    big_ids = twin.ids["t_cat_0"]
+    assert int(big_ids.max()) > 1 << 30 and big_ids.numel() < 400  # spread over the table, few touched
+    # memory: the PS stores the touched rows only; no rank allocated anything table-sized
+    table_bytes = (1 << 31) * 8 * 4
+    ps = esd[2:]
+    touched_rows = sum(r["touched_rows"] for r in ps)
+    assert touched_rows == sum(i.numel() for i in twin.ids.values())
+    for r in ps:
+        # a 32 B row + its index, amortised: bytes follow the rows touched
+        assert 32 * r["touched_rows"] <= r["storage_bytes"] <= 256 * max(r["touched_rows"], 64)
+    for r in esd:
+        assert r["max_rss_growth"] < 512 << 20, r["max_rss_growth"]  # vs table_bytes = 64 GiB
+        assert r["max_rss_growth"] < table_bytes / 64
+    for r in esd[:2]:
+        assert r["directory_bytes"] < 256 * 1024  # O(cache rows + batch keys), whatever the table
+
+
+def test_lazy_tables_refuse_checkpoints_clearly():
+    """A checkpoint of a lazy table would pull and store every row: refused
+    before anything is allocated, by the job and by the module's state."""
+    from types import SimpleNamespace
+
+    from torchrec_esd.apps.esd_job import _esd
+    from torchrec_esd.distributed.checkpoint import EsdCheckpointError, TableCheckpoint
+    from torchrec_esd.ps import SparseOptimizer as Opt
+
+    esd_job, _ = _hashed_jobs()
+    from dataclasses import replace
+
+    with pytest.raises(EsdConfigError, match="lazy_tables with checkpoint_dir"):
+        _esd(replace(esd_job, checkpoint_dir="/nonexistent"), None)
+    tables = _tables([1 << 31], [8])
+    rt = SimpleNamespace(keyspace=KeySpace(tables, 2), optimizer=Opt("sgd", 0.1), lazy_tables=True,
+                         config=EsdConfig([WorkerSpec(4, 1.0), WorkerSpec(4, 1.0)], num_ps=2), worker_index=0)
+    ck = TableCheckpoint(SimpleNamespace(_runtime=rt))  # O(1): no shard keys built
+    for call in (ck.weights, ck.momentum, lambda: ck.load(weights={"t0": torch.zeros(1)})):
+        with pytest.raises(EsdCheckpointError, match="lazy"):
+            call()

@@ -28,6 +28,8 @@ from torchrec_esd.apps.job import (
     _Tracker,
     build_model,
     job_tables,
+    materialize,
+    max_rss_bytes,
     sparse_optimizer,
     table_init,
 )
@@ -42,6 +44,11 @@ logger = logging.getLogger(__name__)
 
 
 def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
+    if job.lazy_tables and job.checkpoint_dir:
+        raise EsdConfigError(
+            "JobConfig.lazy_tables with checkpoint_dir: a checkpoint of lazy tables would materialise every "
+            "row (not supported; see docs/checkpoints.md)"
+        )
     if job.plan is not None:
         job = replace(job, esd=job.plan.esd_config(), replicated=tuple(job.plan.replicated))
     if job.esd is None:
@@ -53,17 +60,27 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
         raise EsdConfigError(f"replicated tables {sorted(unknown)} are not tables of the model")
     tables = [t for t in all_tables if t.name not in job.replicated]
     replicated = [t for t in all_tables if t.name in job.replicated]
+    rss0 = max_rss_bytes()
     runtime = EsdRuntime(cfg, tables, sparse_optimizer(job), replicated_tables=replicated)
-    dlrm = build_model(job, workload)
+    runtime.lazy_tables = job.lazy_tables
+    # lazy tables: the collection stays on the meta device (nothing table-sized on any
+    # rank); replicated tables are whole on every worker, so they are allocated
+    dlrm = build_model(job, workload, materialize_tables=False)
+    if job.lazy_tables and replicated:
+        materialize(dlrm.sparse_arch.embedding_bag_collection, table_init(job, workload), [t.name for t in replicated])
     if runtime.is_ps:
         # a preemption (SIGTERM to every rank) is handled by the workers, which
         # checkpoint through this PS and then stop it
         preemption = Preemption().install() if job.checkpoint_dir else None
-        runtime.serve(dlrm.sparse_arch.embedding_bag_collection,
-                      init=table_init(job, workload) if job.lazy_tables else None)
+        server = runtime.serve(dlrm.sparse_arch.embedding_bag_collection,
+                               init=table_init(job, workload) if job.lazy_tables else None)
         if preemption is not None:
             preemption.uninstall()
-        return {"role": "ps"}
+        if not job.lazy_tables:
+            return {"role": "ps"}
+        # what the lazy storage holds: memory O(rows touched)
+        return {"role": "ps", "storage_bytes": server.storage.nbytes(),
+                "touched_rows": int(server.storage.touched().numel()), "max_rss_growth": max_rss_bytes() - rss0}
     W = cfg.num_workers
     dispatch = EsdInputDist(runtime, job.dispatcher, mode=job.input_mode, dispatcher_kwargs=job.dispatcher_kwargs)
     model = DlrmTask(dlrm, esd_loss=dispatch.loss)
@@ -219,8 +236,16 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
         "link_estimates_mbps": link_mbps,
         "link_observations": list(runtime.link_estimates.history) if runtime.link_estimates is not None else [],
     }
+    out["directory_bytes"] = runtime.directory.nbytes()
+    if job.collect_rows:
+        # the rows of the ids the job's batches used (nothing else is read: lazy tables)
+        used = [workload.global_batch(s, job.global_batch).sparse_features for s in range(start, step)]
+        ids = {t.name: torch.unique(torch.cat([kjt[f].values() for kjt in used for f in t.feature_names]))
+               for t in tables}
+        out["touched_tables"] = {name: (i, runtime.pull_rows(name, i)) for name, i in ids.items()}
     if job.collect_tables:
         out["tables"], out["tables_state"] = runtime.gather_tables()
         out["tables"].update(runtime.replica_tables())
+    out["max_rss_growth"] = max_rss_bytes() - rss0
     runtime.shutdown(flush=False)
     return out

@@ -52,6 +52,9 @@ class JobConfig:
     dispatcher_kwargs: Dict = field(default_factory=dict)
     input_mode: str = "global"
     collect_tables: bool = False  # return final tables (tests)
+    # ESD: return the final rows of the ids the batches used, {table: (ids, rows)} as
+    # "touched_tables" (pulled from the PS: lazy tables stay unmaterialised, unlike collect_tables)
+    collect_rows: bool = False
     progress: bool = False  # tqdm progress bar on rank 0
     use_pipeline: bool = False  # ESD: drive steps with TorchRec's TrainPipelineSparseDist
     dispatch_ahead: int = 0  # ESD: dispatch this many batches ahead in a background thread (0: off)
@@ -184,11 +187,19 @@ class _Tracker:
         return float(binary_auroc(p, y))
 
 
-def build_model(job: JobConfig, workload: SyntheticWorkload) -> DLRM:
+def build_model(job: JobConfig, workload: SyntheticWorkload, materialize_tables: bool = True) -> DLRM:
+    """The job's DLRM.  With ``lazy_tables`` the collection is built on the
+    meta device (no table-sized tensor, no draw from the RNG, so the dense
+    layers start alike whatever the tables' sizes) and, with
+    ``materialize_tables`` (vanilla TorchRec), then allocated on the CPU and
+    filled from :func:`table_init`; an ESD job keeps it on the meta device
+    (its PS creates rows on first touch, its sharded module never reads
+    the collection's ESD tables)."""
     torch.manual_seed(job.seed)
-    ebc = EmbeddingBagCollection(tables=job_tables(job, workload), device=torch.device("cpu"))
-    if job.lazy_tables:
-        table_init(job, workload).init_collection(ebc)
+    device = torch.device("meta" if job.lazy_tables else "cpu")
+    ebc = EmbeddingBagCollection(tables=job_tables(job, workload), device=device)
+    if job.lazy_tables and materialize_tables:
+        materialize(ebc, table_init(job, workload), [t.name for t in ebc.embedding_bag_configs()])
     return DLRM(
         embedding_bag_collection=ebc,
         dense_in_features=workload.config.num_dense,
@@ -197,8 +208,32 @@ def build_model(job: JobConfig, workload: SyntheticWorkload) -> DLRM:
     )
 
 
+def materialize(ebc: EmbeddingBagCollection, init, names) -> None:
+    """Allocate the tables ``names`` of a meta-device collection on the CPU
+    and fill them from ``init`` (``init.rows_of(table index, ids)``, e.g. a
+    :class:`HashedUniformInit`): O(rows x dim) each."""
+    with torch.no_grad():
+        for name in names:
+            bag = ebc.embedding_bags[name]
+            bag.to_empty(device=torch.device("cpu"))
+            rows = bag.weight.shape[0]
+            bag.weight.copy_(init.rows_of(init.names.index(name), torch.arange(rows)).to(bag.weight.dtype))
+
+
+def max_rss_bytes() -> int:
+    """This process's peak resident set size so far (bytes; Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def table_init(job: JobConfig, workload) -> HashedUniformInit:
-    """The per-(table, row) initialiser of a ``lazy_tables`` job."""
+    """The per-(table, row) initialiser of a ``lazy_tables`` job (the
+    workload's own, e.g. :class:`~torchrec_esd.apps.hashed_workload.HashedWorkload`'s,
+    where it has one)."""
+    own = getattr(workload, "table_init", None)
+    if own is not None:
+        return own(job_tables(job, workload), job.seed)
     return HashedUniformInit(job_tables(job, workload), seed=job.seed)
 
 
@@ -213,7 +248,7 @@ def _dense_params(model: nn.Module):
 def dense_param_bytes(job: JobConfig, workload) -> int:
     """Bytes of ``job``'s DLRM dense parameters (what DDP all-reduces each
     step; e.g. ``EsdShardingPlanner(dense_param_bytes=...)``)."""
-    return sum(p.numel() * p.element_size() for p in _dense_params(build_model(job, workload)))
+    return sum(p.numel() * p.element_size() for p in _dense_params(build_model(job, workload, materialize_tables=False)))
 
 
 def _dense_state(model: nn.Module) -> Dict[str, torch.Tensor]:

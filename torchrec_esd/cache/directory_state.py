@@ -36,14 +36,25 @@ class DirectoryCacheState:
         if d.iteration != self._iteration:
             raise EsdConfigError("cache state used after the directory planned another iteration")
         W, u = d.num_workers, keys.numel()
+        # one C++ probe per (worker, key); the slot metadata is read at the hits
+        # only (a batch hits few of a worker's slots): O(W u) probes, O(hits) gathers
         cached = torch.zeros(W, u, dtype=torch.bool)
-        outdated = torch.zeros(W, u, dtype=torch.bool)
         dirty = torch.zeros(W, u, dtype=torch.bool)
-        for w, st in d._w.items():
+        outdated = torch.zeros(W, u, dtype=torch.bool)
+        tracked = list(d._w.items())
+        hw, hu, flat, base = [], [], [], 0
+        for w, st in tracked:
             s = st.find(keys)
             c = s >= 0
-            sc = s.clamp(min=0)
-            dw = c & st.dirty[sc]
-            cached[w], dirty[w] = c, dw
-            outdated[w] = c & (st.lag[sc] > 0) & ~dw
+            cached[w] = c
+            idx = c.nonzero().view(-1)
+            hw.append(torch.full_like(idx, w))
+            hu.append(idx)
+            flat.append(s[idx] + base)
+            base += st.num_slots
+        if tracked:
+            hw, hu, flat = torch.cat(hw), torch.cat(hu), torch.cat(flat)
+            dw = torch.cat([st.dirty for _, st in tracked])[flat]
+            dirty[hw, hu] = dw
+            outdated[hw, hu] = (torch.cat([st.lag for _, st in tracked])[flat] > 0) & ~dw
         return CacheLookup(cached, outdated, dirty)

@@ -47,7 +47,8 @@ Modules, by reader: :mod:`~torchrec_esd.cost.model` (:class:`CostModel`, the
 dispatchers' inputs), :mod:`~torchrec_esd.cost.dedup` (:class:`DedupCost`, the
 ``dedup_search`` dispatcher and the true-cost benchmark), :mod:`~torchrec_esd.cost.measure`
 (``CostModel.measure``'s accounting, the benchmarks), :mod:`~torchrec_esd.cost.batch`
-(a batch read against the cache state).  Batches are decoded into row keys by the
+(a batch read against the cache state), :mod:`~torchrec_esd.cost.group_inputs` (the
+``grouped`` dispatcher's ``[B, G]`` and per-group inputs, without the ``[B, W]`` matrix).  Batches are decoded into row keys by the
 key space (:mod:`torchrec_esd.layout`), shared with the cache directory.
 """
 

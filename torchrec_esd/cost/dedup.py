@@ -20,6 +20,33 @@ def segment_sum(rows: np.ndarray, segment: np.ndarray, num_segments: int) -> np.
     return out.numpy()
 
 
+def amortised_key_costs(pull: np.ndarray, push: np.ndarray, uses: np.ndarray, has_owner: np.ndarray,
+                        owner_col: np.ndarray, owner_push: np.ndarray, shares: Sequence[float],
+                        num_samples: int) -> np.ndarray:
+    """``[U, W]`` per-row terms of :meth:`DedupCost.amortised_matrix` (see
+    there) for the rows and worker columns given: ``pull``/``push`` ``[U, W]``,
+    ``uses`` ``[U]`` samples of the whole batch (``num_samples``) using each
+    row, ``has_owner`` ``[U]`` whether some worker holds the row dirty,
+    ``owner_col`` ``[U]`` the owner's column among these workers (``-1``: none
+    or outside them), ``owner_push`` ``[U]``, ``shares`` the columns' shares.
+    Elementwise per ``(row, column)``: a column subset of the rows' full
+    ``[U, W]`` gives exactly that subset of the full result (what the grouped
+    dispatcher's per-group inputs rely on).  O(U W)."""
+    W, B = pull.shape[1], num_samples
+    sh = np.asarray(shares, dtype=np.float64).reshape(1, -1)
+    n = uses[:, None]
+    m = 1.0 + (n - 1.0) * np.maximum(sh - 1.0, 0.0) / max(1, B - 1)
+    p_shared = 1.0 - (sh / max(1, B)) ** np.maximum(n - 1.0, 0.0)
+    h = (pull + p_shared * push) / m
+    if has_owner.any():
+        share = owner_push / np.maximum(uses, 1.0)
+        extra = np.repeat(share[:, None], W, axis=1)
+        rows = np.flatnonzero(owner_col >= 0)
+        extra[rows, owner_col[rows]] *= p_shared[rows, owner_col[rows]]
+        h = h + np.where(has_owner[:, None], extra, 0.0)
+    return h
+
+
 class DedupCost:
     """De-duplicated transmission cost of one batch as a function of an assignment.
 
@@ -219,18 +246,8 @@ class DedupCost:
         plus the dirty owner's push shared by the ``n_x`` users (only with
         probability ``p`` on the owner itself).  Hot rows, paid once per
         worker whatever the dispatch, stop dominating; rare rows decide."""
-        W, B = self.num_workers, self.num_samples
-        sh = np.asarray(shares, dtype=np.float64).reshape(1, -1)
-        n = self.uses[:, None]
-        m = 1.0 + (n - 1.0) * np.maximum(sh - 1.0, 0.0) / max(1, B - 1)
-        p_shared = 1.0 - (sh / max(1, B)) ** np.maximum(n - 1.0, 0.0)
-        h = (self.pull + p_shared * self.push) / m
         has = self.owner >= 0
-        if has.any():
-            o = np.maximum(self.owner, 0)
-            share = self.owner_push / np.maximum(self.uses, 1.0)
-            extra = np.repeat(share[:, None], W, axis=1)
-            rows = np.flatnonzero(has)
-            extra[rows, o[rows]] *= p_shared[rows, o[rows]]
-            h = h + np.where(has[:, None], extra, 0.0)
+        h = amortised_key_costs(self.pull, self.push, self.uses, has, np.where(has, self.owner, -1),
+                                self.owner_push, shares, self.num_samples)
+        B = self.num_samples
         return segment_sum(h[self.occ_k], self.occ_s, B)

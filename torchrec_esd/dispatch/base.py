@@ -185,6 +185,14 @@ class Dispatcher:
             aux["dedup"] = cost_model.dedup_cost(kjt, v)
         return cost, (aux or None)
 
+    def decide(self, cost_model, kjt, views, shares: Sequence[int]) -> DispatchResult:
+        """Read this dispatcher's inputs for the batch ``kjt`` and decide
+        (:meth:`inputs` then :meth:`assign`; ``decision_s`` is the solve
+        alone).  Dispatchers that can decide without the full ``[B, W]``
+        inputs override it (:class:`~torchrec_esd.dispatch.grouped.GroupedDispatcher`)."""
+        cost, aux = self.inputs(cost_model, kjt, views)
+        return self.assign(cost, shares, aux=aux)
+
     objective: str = "total"
 
     def objective_value(self, cost: torch.Tensor, assignment: torch.Tensor) -> float:

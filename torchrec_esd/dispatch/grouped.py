@@ -21,29 +21,44 @@ pricing on a random 2368 x 64 instance.)
 
 With one group (``W <= group_size``) the answer is the inner dispatcher's.
 
-Complexity of the solve: ``O(B W)`` to form ``C`` (one pass over the cost
-matrix), plus the heuristic on ``[B, G]``, plus ``G`` inner solves on
-``[B/G, group_size]`` problems.  For the regret heuristic (about
-``O(B W log W)`` plus its bounded local search on one ``[B, W]`` problem) the
-inner part is ``O(B group_size log group_size)`` in all, i.e. linear in ``B``
-and, with ``group_size`` fixed, linear in ``W`` apart from the ``O(B W)`` read
-of the cost matrix.
+Two entry points:
 
-Limits (not hidden): the cost-model inputs (:meth:`Dispatcher.inputs`) are
-still the full ``[B, W]`` matrix built by the inner dispatcher's rule; building
-them per group needs a cost model restricted to a worker subset, which does not
-exist yet.  Inner dispatchers that need a per-batch model in ``aux``
+* :meth:`GroupedDispatcher.assign` on a full ``[B, W]`` matrix (the
+  :class:`Dispatcher` contract): workers ordered by their mean cost column,
+  stage 1 on ``C[s, g] = min_{w in g} c[s, w]``.  ``O(B W)`` to form ``C``,
+  plus the heuristic on ``[B, G]``, plus ``G`` inner solves on ``[B/G,
+  group_size]`` problems (for the regret heuristic ``O(B group_size log
+  group_size)`` in all).
+* :meth:`GroupedDispatcher.decide` from the cost model, without any ``[B,
+  W]`` matrix (:class:`~torchrec_esd.cost.group_inputs.GroupInputs`):
+  workers ordered by link speed, stage 1 on the ``[B, G]`` group price
+  (:meth:`GroupInputs.group_matrix`), then per group the exact slice of the
+  inner dispatcher's matrix for the group's samples and workers only
+  (:meth:`GroupInputs.sub_matrix`).  Cost: the batch read (``O(N log N)``
+  and one bool probe per distinct key and worker, ``O(W U)``), ``O(W U +
+  hits + N G)`` for stage 1's input, ``O(N log N + U group_size)`` for all
+  groups' inputs, and the solves as above: no float work grows with ``B W``.
+  No lower bound is reported (stage 1's is not one of the full problem).  With DES-served
+  misses, or a single group, it is :meth:`Dispatcher.decide` (full inputs).
+
+Limits (not hidden): inner dispatchers that need a per-batch model in ``aux``
 (``esd`` / ``dedup_search``) are refused.  Stage 1 prices a group by its best
-worker, which ignores how many samples that worker can take.
+worker (or, in :meth:`decide`, by its best cached copy and fastest link),
+which ignores how many samples that worker can take.  ``decide``'s groups are
+cut by link speed, ``assign``'s by mean cost, so the two may differ.
 """
 
 from __future__ import annotations
 
+import time
 from typing import List, Optional, Sequence
 
 import torch
 
-from torchrec_esd.dispatch.base import Dispatcher, DispatchError, check_cost_input
+from torchrec_esd.cost.group_inputs import GroupInputs, link_groups
+from torchrec_esd.dispatch.base import (
+    Dispatcher, DispatchError, DispatchResult, check_assignment, check_cost_input, objective_value,
+)
 from torchrec_esd.dispatch.heuristic import HeuristicDispatcher
 
 
@@ -114,3 +129,47 @@ class GroupedDispatcher(Dispatcher):
             a, _ = self.inner._solve(sub, [shares[w] for w in g], **sub_aux)
             out[rows] = cols[torch.as_tensor(a, dtype=torch.int64).view(-1)]
         return out, {"groups": float(len(groups))}
+
+    def decide(self, cost_model, kjt, views, shares: Sequence[int]) -> DispatchResult:
+        """Decide from the cost model without a ``[B, W]`` matrix (module
+        docstring).  ``decision_s`` is the solves' time (stage 1 and the
+        inner ones); ``info`` has ``inputs_s`` (the batch read and every
+        input built), ``groups`` and ``stage1_s``.  ``objective`` is the
+        objective of the inner dispatcher's matrix (summed over groups for
+        ``"total"``, the largest group's for ``"makespan"``), equal to
+        :meth:`objective_value` of the full matrix for the same assignment."""
+        shares = [int(s) for s in shares]
+        b = kjt.stride()
+        if len(shares) != cost_model.num_workers or any(s < 0 for s in shares) or sum(shares) != b:
+            raise DispatchError(f"shares {shares} do not split a batch of {b} samples over"
+                                f" {cost_model.num_workers} workers")
+        active = [w for w, s in enumerate(shares) if s > 0]
+        if cost_model.config.des_misses or len(active) <= self.group_size:
+            return super().decide(cost_model, kjt, views, shares)
+        t_all = time.perf_counter()
+        gi = GroupInputs(cost_model, kjt, views() if callable(views) else views)
+        groups = link_groups(cost_model.bytes_per_second, active, self.group_size)
+        gcost = gi.group_matrix(groups, shares)
+        t_in = time.perf_counter() - t_all
+        t0 = time.perf_counter()
+        to_group, _ = self.stage1._solve(gcost, [sum(shares[w] for w in g) for g in groups])
+        to_group = torch.as_tensor(to_group, dtype=torch.int64).view(-1)
+        t_solve = stage1_s = time.perf_counter() - t0
+        kind = self.cost_input if self.needs_cost else "none"
+        out = torch.empty(b, dtype=torch.int64)
+        values = []
+        for gi_, g in enumerate(groups):
+            rows = (to_group == gi_).nonzero().view(-1)
+            t0 = time.perf_counter()
+            sub, hits = gi.sub_matrix(rows, g, kind, hits=self.needs_hits)
+            t1 = time.perf_counter()
+            r = self.inner.assign(sub, [shares[w] for w in g], aux={"hits": hits} if hits is not None else None)
+            t_in += t1 - t0
+            t_solve += time.perf_counter() - t1
+            cols = torch.tensor(g, dtype=torch.int64)
+            out[rows] = cols[r.assignment]
+            values.append(objective_value(sub, r.assignment, self.objective))
+        check_assignment(out, shares)
+        obj = sum(values) if self.objective == "total" else max(values)
+        return DispatchResult(assignment=out, objective=float(obj), solver=self.name, decision_s=t_solve,
+                              info={"groups": float(len(groups)), "inputs_s": t_in, "stage1_s": stage1_s})

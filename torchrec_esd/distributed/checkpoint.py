@@ -131,10 +131,31 @@ class TableCheckpoint:
         # every worker's key count, so that all agree on the number of exchanges
         counts = [sum(row_shard(n, self.W, w)[1] for n in self.rows) for w in range(self.W)]
         self.exchanges = -(-max(counts) // CHUNK_ROWS) if counts else 0
-        self._keys = torch.cat([ks.keys(t, torch.arange(lo, lo + n)) for t, (lo, n) in enumerate(self.shards)]) \
-            if self.names else torch.empty(0, dtype=torch.int64)
+        self._shard_keys: Optional[torch.Tensor] = None  # built at the first snapshot or load (O(shard rows))
         self._staged: Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]] = None
         self._pending_state: Dict[str, torch.Tensor] = {}
+
+    def _require_materialisable(self) -> None:
+        """Refuse (clearly, before allocating anything) to snapshot or load lazy tables."""
+        if self._rt.lazy_tables:
+            total = sum(self.rows)
+            raise EsdCheckpointError(
+                f"the ESD tables {self.names} are lazy (JobConfig.lazy_tables: the PS creates rows on "
+                f"first touch): a state_dict / checkpoint / load of them would pull or write all {total} "
+                "rows through the PS and materialise them; checkpoints of lazy tables are not supported"
+            )
+
+    @property
+    def _keys(self) -> torch.Tensor:
+        """This worker's shard keys, every row of its shards (O(shard rows):
+        built on first use, refused for lazy tables)."""
+        self._require_materialisable()
+        if self._shard_keys is None:
+            ks = self._rt.keyspace
+            self._shard_keys = torch.cat([ks.keys(t, torch.arange(lo, lo + n))
+                                          for t, (lo, n) in enumerate(self.shards)]) \
+                if self.names else torch.empty(0, dtype=torch.int64)
+        return self._shard_keys
 
     # ------------------------------------------------------------ exchanges
     def _quiesce(self) -> None:
@@ -172,6 +193,7 @@ class TableCheckpoint:
         optimizer's state_dict() of one step share it.  Pulled chunk by chunk
         into the per-table tensors (memory: the shard + a chunk)."""
         if self._staged is None:
+            self._require_materialisable()
             self._quiesce()
             d = self._rt.keyspace.wire_dim
             weights = [torch.empty(n, self.dims[t]) for t, (_, n) in enumerate(self.shards)]
@@ -208,6 +230,7 @@ class TableCheckpoint:
         """Write this worker's shard of ``weights`` (``[rows, dim]`` per table)
         and/or ``states`` (``[rows]``) to the PS ranks, keeping the other half;
         the worker caches restart cold.  Every value is checked first."""
+        self._require_materialisable()
         mine: List[Tuple[int, Optional[torch.Tensor], Optional[torch.Tensor]]] = []
         for t, name in enumerate(self.names):
             lo, n = self.shards[t]

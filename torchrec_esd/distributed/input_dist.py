@@ -198,10 +198,9 @@ class EsdInputDist(nn.Module):
                 self.cost_model.set_links(est.bytes_per_second())
             # what this dispatcher reads: the additive matrix, LAIA's hit
             # counts, esd's de-duplicated model (nothing for cost-blind ones)
-            cost, aux = self.dispatcher.inputs(
-                self.cost_model, kjt, rt.directory.cost_views  # type: ignore[union-attr]
+            result = self.dispatcher.decide(
+                self.cost_model, kjt, rt.directory.cost_views, shares  # type: ignore[union-attr]
             )
-            result = self.dispatcher.assign(cost, shares, aux=aux)
             assignment.copy_(result.assignment)
         a = assignment.to(device)
         dist.broadcast(a, src=0, group=group)

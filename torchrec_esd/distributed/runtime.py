@@ -118,6 +118,9 @@ class EsdRuntime:
 
     is_worker = False
     is_ps = False
+    # the job's ESD tables are lazy (PS rows created on first touch; the job sets
+    # it on every rank): snapshots and loads of them are refused (distributed/checkpoint.py)
+    lazy_tables = False
 
     def __new__(cls, config: EsdConfig, *args, **kwargs):
         if cls is EsdRuntime:
@@ -362,6 +365,21 @@ class EsdWorkerRuntime(EsdRuntime):
     def replica_tables(self) -> Dict[str, torch.Tensor]:
         """This worker's copies of the replicated (data-parallel) tables."""
         return self._executor.replica_tables() if self._executor is not None else {}
+
+    def pull_rows(self, table: str, ids: torch.Tensor) -> torch.Tensor:
+        """``[n, dim]`` current values of rows ``ids`` of ESD table ``table``
+        from the PS ranks (call :meth:`flush` first; every worker calls it,
+        with the same ids): O(n), it touches nothing else (lazy tables)."""
+        if table not in self.keyspace.names:
+            raise EsdConfigError(f"pull_rows: {table!r} is not an ESD table ({self.keyspace.names})")
+        t = self.keyspace.names.index(table)
+        ids = torch.as_tensor(ids, dtype=torch.int64).view(-1)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= int(self.keyspace.rows[t])):
+            raise EsdConfigError(f"pull_rows: ids of table {table!r} outside [0, {int(self.keyspace.rows[t])})")
+        empty = torch.empty(0, dtype=torch.int64)
+        got, _, _ = self.client.push_pull(empty, torch.empty(0, self.keyspace.wire_dim + self.optimizer.state_dim),
+                                          self.keyspace.keys(t, ids))
+        return got[:, : self.keyspace.formats[t].dim].clone()
 
     def gather_tables(self):
         """(weights, optimizer states) of every table, from the PS ranks, on

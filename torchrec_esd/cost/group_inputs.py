@@ -1,0 +1,188 @@
+"""Cost-model inputs for two-level (grouped) dispatch without the ``[B, W]``
+matrix: a cheap ``[B, G]`` matrix for assigning samples to worker groups,
+then, per group, the ``[B_g, |g|]`` matrix of only the group's samples on
+only the group's workers (:class:`GroupInputs`; read by
+:class:`~torchrec_esd.dispatch.grouped.GroupedDispatcher.decide`).
+
+Per batch (``N`` row keys, ``U`` distinct, ``B`` samples, ``W`` workers in
+``G`` groups):
+
+* construction: the batch read against the caches (:func:`read_batch`: one
+  sort, one C++ probe of every worker's slot map per distinct key, kept as
+  bool ``[W, U]``), the dirty owner of every key and the distinct (sample,
+  key) pairs: ``O(N log N + W U)`` bool/int work, no ``[U, W]`` or ``[B, W]``
+  float array;
+* :meth:`GroupInputs.group_matrix`: one ``O(W U)`` scan of the cached bits, then
+  ``O(hits + U G + N G)`` (``hits``: cached (worker, key) pairs of the batch);
+* :meth:`GroupInputs.sub_matrix` for a group: ``O(N_g log N_g + U_g |g|)``
+  (``N_g``/``U_g`` the keys of the group's samples), so all groups together
+  ``O(N log N + U group_size)``.
+
+**Exactness.** ``sub_matrix(samples, workers, kind)`` is, entry for entry,
+the slice ``[samples][:, workers]`` of the full matrix the flat dispatchers
+read (``CostModel.matrix`` for ``"additive"``, ``CostModel.expected_matrix``
+for ``"expected"``, ``CostModel.hit_matrix`` for the hits): it is built from
+the same per-key terms (:func:`~torchrec_esd.cost.dedup.amortised_key_costs`
+is elementwise per (row, worker)) summed in the same order, which
+``tests/test_dispatch.py`` checks against the full matrices.  It needs the
+whole batch's key counts and every key's dirty owner, which construction
+computes once.
+
+The group matrix (stage 1, a heuristic price, not a slice of anything): key
+``x`` on group ``g`` costs ``0`` if some worker of ``g`` holds it fresh,
+``rt_g`` (the group's fastest link's row time) if some holds it outdated,
+else ``rt_g + e_g`` (miss-pull plus the group's lowest expected eviction
+push), divided by the expected number of samples of the batch sharing it on
+one worker of the group (``1 + (n_x - 1)(B_g / |g| - 1)/(B - 1)``, as in the
+expected matrix); a sample's group cost sums its distinct keys.
+DES-served misses are not modelled here (the grouped dispatcher falls back
+to the full matrix with them).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_esd import ops
+from torchrec_esd.cost.dedup import amortised_key_costs, segment_sum
+
+
+def link_groups(bytes_per_second: torch.Tensor, workers: Sequence[int], group_size: int) -> List[List[int]]:
+    """``workers`` ordered by link speed (fastest first, ties by index) and cut
+    into ``ceil(len(workers) / group_size)`` contiguous groups (each sorted)."""
+    bps = bytes_per_second.tolist()
+    order = sorted(workers, key=lambda w: (-bps[w], w))
+    return [sorted(order[i:i + group_size]) for i in range(0, len(order), group_size)]
+
+
+def _segments(offsets: torch.Tensor, samples: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the keys of ``samples`` (ascending) in a sample-major key
+    array with ``offsets``, and the offsets of the selection."""
+    lens = offsets[1:] - offsets[:-1]
+    sel = lens[samples]
+    sub_off = torch.zeros(samples.numel() + 1, dtype=torch.int64)
+    sub_off[1:] = torch.cumsum(sel, 0)
+    n = int(sub_off[-1])
+    pos = torch.repeat_interleave(offsets[samples] - sub_off[:-1], sel, output_size=n) + torch.arange(n)
+    return pos, sub_off
+
+
+class GroupInputs:
+    """One batch read against the caches for grouped dispatch; see the module
+    docstring.  ``caches``: what :class:`~torchrec_esd.cost.CostModel` reads."""
+
+    def __init__(self, cost_model, kjt: KeyedJaggedTensor, caches) -> None:
+        cm = cost_model
+        self.cm = cm
+        st = cm._state(kjt, caches)
+        self.st = st
+        self.num_samples = st.num_samples
+        u = st.uniq.numel()
+        self.kidx = ops.id_table_lookup(st.slots, st.keys) if st.keys.numel() else st.keys.clone()
+        # the dirty owner of every key (the only up-to-date copy: at most one; the
+        # lowest worker if ever several), from the dirty (worker, key) pairs
+        dw, du = st.dirty.nonzero(as_tuple=True)
+        W = st.dirty.shape[0]
+        first = torch.full((u,), W, dtype=torch.int64).scatter_reduce_(0, du, dw, "amin")
+        self.has_owner = first < W
+        self.owner = torch.where(self.has_owner, first, torch.full_like(first, -1))
+        self.row_time = cm.row_time  # [W, T]
+        self.evict_time = cm._evict_fraction(st) * cm.row_time  # [W, T]
+        rt_owner = self.row_time[self.owner.clamp(min=0), st.table_of]
+        self.owner_push = torch.where(self.has_owner, rt_owner, torch.zeros_like(rt_owner))
+        # distinct (sample, key) pairs, by sample: the batch's use count of every key
+        b = self.num_samples
+        sample = torch.repeat_interleave(torch.arange(b), st.offsets[1:] - st.offsets[:-1])
+        pair = torch.unique(sample * max(u, 1) + self.kidx)
+        self.occ_s, self.occ_k = pair // max(u, 1), pair % max(u, 1)
+        self.uses = torch.bincount(self.occ_k, minlength=u).double()
+        self.pair_ptr = torch.searchsorted(self.occ_s, torch.arange(b + 1))
+
+    # ------------------------------------------------------------- stage 1
+    def group_matrix(self, groups: Sequence[Sequence[int]], shares: Sequence[int]) -> torch.Tensor:
+        """float64 ``[B, G]`` stage-1 price of every sample on every group
+        (module docstring); ``shares`` per worker."""
+        st, b = self.st, self.num_samples
+        if st.keys.numel() == 0:
+            return torch.zeros(b, len(groups), dtype=torch.float64)
+        G, u = len(groups), st.uniq.numel()
+        group_of = torch.full((st.cached.shape[0],), -1, dtype=torch.int64)
+        for gi, g in enumerate(groups):
+            group_of[torch.tensor(g, dtype=torch.int64)] = gi
+        # which groups hold each key, and hold it fresh: from the (worker, key) hits, O(W U) scan + O(hits)
+        hw, hu = st.cached.nonzero(as_tuple=True)
+        hg = group_of[hw]
+        ok = hg >= 0
+        hw, hu, hg = hw[ok], hu[ok], hg[ok]
+        held = torch.zeros(G, u, dtype=torch.bool)
+        held[hg, hu] = True
+        fresh_hit = ~st.outdated[hw, hu]
+        fresh = torch.zeros(G, u, dtype=torch.bool)
+        fresh[hg[fresh_hit], hu[fresh_hit]] = True
+        cost = torch.empty(u, G, dtype=torch.float64)
+        for gi, g in enumerate(groups):
+            gw = torch.tensor(g, dtype=torch.int64)
+            rt = self.row_time[gw].min(0).values[st.table_of]
+            ev = self.evict_time[gw].min(0).values[st.table_of]
+            c = torch.where(fresh[gi], torch.zeros_like(rt), torch.where(held[gi], rt, rt + ev))
+            per = sum(int(shares[w]) for w in g) / len(g)
+            cost[:, gi] = c / (1.0 + (self.uses - 1.0) * max(per - 1.0, 0.0) / max(1, b - 1))
+        # a sample's price on a group: the sum over its distinct keys
+        return torch.zeros(b, G, dtype=torch.float64).index_add_(0, self.occ_s, cost[self.occ_k])
+
+    # ------------------------------------------------------------- stage 2
+    def sub_matrix(self, samples: torch.Tensor, workers: Sequence[int], kind: str,
+                   hits: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(cost, hits)`` of the ascending ``samples`` on ``workers``: the
+        slices of the full cost matrix of ``kind`` (``"additive"``,
+        ``"expected"``, or ``"none"`` for zeros) and, with ``hits``, of the
+        hit matrix.  ``O(N_g log N_g + U_g |g|)``."""
+        st, cm = self.st, self.cm
+        samples = samples.to(torch.int64)
+        bg, nw = samples.numel(), len(workers)
+        zeros = torch.zeros(bg, nw, dtype=torch.float64)
+        if st.keys.numel() == 0 or bg == 0:
+            return zeros, (zeros.clone() if hits else None)
+        gw = torch.tensor(list(workers), dtype=torch.int64)
+        pos, sub_off = _segments(st.offsets, samples)
+        keys = st.keys[pos]
+        ku = torch.unique(self.kidx[pos])  # the group's distinct keys (indices into uniq), ascending
+        slots = ops.id_table_build(st.uniq[ku])
+        rows, cols = gw.view(-1, 1), ku.view(1, -1)  # read [|g|, U_g] only
+        cached = st.cached[rows, cols]
+        tab = st.table_of[ku]
+        miss = torch.zeros(nw, dtype=torch.float64)
+
+        def summed(w: torch.Tensor) -> torch.Tensor:
+            return ops.sample_cost_matrix(keys, sub_off, [slots] * nw, [w[j].contiguous() for j in range(nw)], miss)
+
+        hit = summed(cached.double()) if hits else None
+        if kind == "none":
+            return zeros, hit
+        rt = self.row_time[gw][:, tab]  # [|g|, U_g]
+        ev = self.evict_time[gw][:, tab]
+        outdated = st.outdated[rows, cols]
+        own = torch.where(cached, outdated.double() * rt, rt + ev)
+        if kind == "additive":
+            dirty = st.dirty[rows, cols]
+            push_elsewhere = self.owner_push[ku].view(1, -1) - dirty.double() * rt
+            return summed(own + push_elsewhere), hit
+        if kind != "expected":
+            raise ValueError(f"sub_matrix kind must be 'additive', 'expected' or 'none', got {kind!r}")
+        col = torch.full((cm.num_workers,), -1, dtype=torch.int64)
+        col[gw] = torch.arange(nw)
+        owner = self.owner[ku]
+        owner_col = torch.where(owner >= 0, col[owner.clamp(min=0)], torch.full_like(owner, -1))
+        shares = np.asarray(cm.config.batch_shares(self.num_samples), dtype=np.float64)[gw.numpy()]
+        h = amortised_key_costs(own.t().contiguous().numpy(), rt.t().contiguous().numpy(), self.uses[ku].numpy(),
+                                self.has_owner[ku].numpy(), owner_col.numpy(), self.owner_push[ku].numpy(),
+                                shares, self.num_samples)
+        # the group's distinct (sample, key) pairs, in the full model's order
+        ppos, poff = _segments(self.pair_ptr, samples)
+        ls = torch.repeat_interleave(torch.arange(bg), poff[1:] - poff[:-1], output_size=ppos.numel())
+        lk = torch.searchsorted(ku, self.occ_k[ppos])
+        return torch.from_numpy(segment_sum(h[lk.numpy()], ls.numpy(), bg)), hit
