@@ -19,6 +19,18 @@ def test_estimator_converges_from_a_wrong_prior():
     assert est.samples_per_second == pytest.approx(1 / 0.3e-3, rel=1e-3)
 
 
+def test_estimator_separates_the_fixed_part_of_a_step_once_the_samples_spread():
+    est = ComputeEstimator(1e-4)
+    for n in [8, 16, 24, 12, 20, 8, 24, 16] * 3:  # 2 ms per step + 0.1 ms per sample
+        est.observe(0.002 + 1e-4 * n, n)
+    assert est.fixed_s == pytest.approx(0.002, rel=0.05)
+    assert est.seconds_per_sample == pytest.approx(1e-4, rel=0.1)
+    same = ComputeEstimator(1e-4)
+    for _ in range(8):  # always 16 samples: the fixed part cannot be told apart
+        same.observe(0.002 + 1e-4 * 16, 16)
+    assert same.fixed_s == 0.0 and same.seconds_per_sample == pytest.approx(0.002 / 16 + 1e-4, rel=1e-2)
+
+
 def test_estimator_drops_a_lone_outlier_and_follows_a_change():
     est = ComputeEstimator(1e-4)
     for _ in range(6):

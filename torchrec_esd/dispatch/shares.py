@@ -6,7 +6,8 @@ iteration time of an assignment is
 
     ``T(a) = max_w ( n_w / r_w + link_w(a) )``
 
-(``n_w`` samples on worker ``w``; ``link_w``: the predicted link seconds of
+(``n_w`` samples on worker ``w``, plus its measured compute seconds per
+step whatever its samples where known; ``link_w``: the predicted link seconds of
 its rows, from the de-duplicated model when the inner dispatcher reads it,
 else the additive matrix's per-worker sums; the worker that runs the
 dispatcher also spends the decision time, ``dispatching_worker``).
@@ -166,6 +167,7 @@ class PerBatchShares(Dispatcher):
         self.inner_name = inner
         self.rates = np.asarray(rates)
         self.prior_samples_per_s = tuple(rates)
+        self._compute_fixed = np.zeros(len(rates))  # seconds per step whatever the share (measured)
         self.reads_compute_rates = bool(measured_compute)
         self.bound, self.online, self.rounds, self.budget_s = bound, bool(online), rounds, time_budget_ms / 1e3
         self.dispatching_worker = None if dispatching_worker is None else int(dispatching_worker)
@@ -176,13 +178,17 @@ class PerBatchShares(Dispatcher):
         self._link_per_sample: Optional[np.ndarray] = None  # online estimate, seconds per sample per worker
         self._decision_s = 0.0  # average decision time (the dispatching worker's extra load)
 
-    def set_rates(self, samples_per_s: Sequence[float]) -> None:
-        """Every worker's compute rate (samples / s) from now on (the measured
-        ones, :mod:`~torchrec_esd.distributed.compute_estimates`)."""
+    def set_rates(self, samples_per_s: Sequence[float], fixed_s: Optional[Sequence[float]] = None) -> None:
+        """Every worker's compute rate (samples / s) and compute seconds per
+        step whatever its samples (``fixed_s``, default 0) from now on: the
+        measured ones (:mod:`~torchrec_esd.distributed.compute_estimates`)."""
         rates = _rates(samples_per_s)
-        if len(rates) != self.rates.size:
-            raise DispatchError(f"{len(rates)} compute rates for {self.rates.size} workers")
-        self.rates = np.asarray(rates)
+        fixed = np.zeros(len(rates)) if fixed_s is None else np.asarray([float(f) for f in fixed_s])
+        if len(rates) != self.rates.size or fixed.size != self.rates.size:
+            raise DispatchError(f"{len(rates)} compute rates and {fixed.size} fixed times for {self.rates.size} workers")
+        if not (np.isfinite(fixed).all() and (fixed >= 0).all()):
+            raise DispatchError(f"fixed compute times must be finite and >= 0, got {fixed.tolist()}")
+        self.rates, self._compute_fixed = np.asarray(rates), fixed
 
     def inputs(self, cost_model, kjt, views):
         return self.inner.inputs(cost_model, kjt, views)
@@ -195,9 +201,10 @@ class PerBatchShares(Dispatcher):
         return torch.zeros(W, dtype=torch.float64).index_add_(0, a, per).numpy()
 
     def _fixed(self, W: int) -> np.ndarray:
-        """``[W]`` seconds a worker spends whatever its share: the dispatching
-        worker's decision load."""
-        out = np.zeros(W)
+        """``[W]`` seconds a worker spends whatever its share: its fixed
+        compute per step (:meth:`set_rates`) and the dispatching worker's
+        decision load."""
+        out = self._compute_fixed.copy() if self._compute_fixed.size == W else np.zeros(W)
         if self.dispatching_worker is not None:
             out[self.dispatching_worker] = self.decision_load * self._decision_s
         return out

@@ -21,13 +21,19 @@ clock part, called by the ESD sharded module and the dense-sync hook):
   optimizer step after the backward (one pass over the small dense weights;
   the sparse optimizer runs on the parameter servers).
 
-The estimator (per worker, :class:`ComputeEstimator`): an exponentially
-weighted mean (weight ``alpha`` on the newest) of the observations' seconds
-per sample, starting at the prior; an observation more than
-``outlier_factor`` times off the estimate is held back, and the next one off
-the same way confirms it (the worker's speed changed: the estimate restarts at
-their mean), one that is not drops it (a lone hiccup, e.g. a first step's lazy
-initialisation).  O(1) per observation.
+The estimator (per worker, :class:`ComputeEstimator`) is the links' one
+(:class:`~torchrec_esd.distributed.link_estimates.LinkEstimator`) with samples
+for bytes and steps for exchanges: ``seconds = steps * fixed + samples *
+per_sample``.  ``per_sample``: an exponentially weighted mean (weight
+``alpha`` on the newest) starting at the prior; an observation more than
+``outlier_factor`` times off is held back and the next one off the same way
+confirms it (the worker's speed changed), one that is not drops it (a lone
+hiccup, e.g. a first step's lazy initialisation).  ``fixed`` (per-step work
+whatever the samples, which would otherwise be charged to the samples of a
+worker that trains few): the least-squares fit over the last ``window``
+observations once their samples per step spread (max / min >= 1.5 over >= 4
+observations; the per-batch shares make them spread), else 0.  O(1) per
+observation, O(``window``) per fit.
 
 Every worker must hold the same estimates (worker 0 decides with them, and the
 share rule must not depend on who computes it): as in
@@ -49,54 +55,44 @@ import torch
 import torch.distributed as dist
 
 from torchrec_esd.config import EsdConfigError
+from torchrec_esd.distributed.link_estimates import LinkEstimator
 
 
-class ComputeEstimator:
-    """Seconds per sample of one worker from ``(seconds, samples)``
-    observations (see the module docstring)."""
+class ComputeEstimator(LinkEstimator):
+    """Compute time of one worker, ``seconds = steps * fixed_s + samples *
+    seconds_per_sample``, from ``(seconds, samples, steps)`` observations:
+    the link estimator's model and rules with samples for bytes and steps for
+    exchanges (see the module docstring).  ``observe`` is O(1), the fit of
+    the fixed part O(``window``)."""
 
-    def __init__(self, prior_s_per_sample: float, alpha: float = 0.5, outlier_factor: float = 4.0) -> None:
+    def __init__(self, prior_s_per_sample: float, alpha: float = 0.5, outlier_factor: float = 4.0,
+                 window: int = 8) -> None:
         if not (math.isfinite(prior_s_per_sample) and prior_s_per_sample > 0):
             raise EsdConfigError(f"compute prior must be a finite time per sample > 0, got {prior_s_per_sample!r}")
-        if not (0 < alpha <= 1 and outlier_factor > 1):
-            raise EsdConfigError(f"ComputeEstimator needs 0 < alpha <= 1 and outlier_factor > 1, got "
-                                 f"{alpha}, {outlier_factor}")
-        self.seconds_per_sample = float(prior_s_per_sample)
-        self.alpha, self.outlier_factor = float(alpha), float(outlier_factor)
-        self._held: Optional[float] = None
-        self.observations = 0
-        self.dropped = 0
+        super().__init__(1.0 / prior_s_per_sample, 0.0, alpha=alpha, outlier_factor=outlier_factor, window=window)
 
-    def observe(self, seconds: float, samples: float) -> None:
-        """One or more steps took ``seconds`` of compute on ``samples`` samples."""
+    def observe(self, seconds: float, samples: float, steps: int = 1) -> None:  # type: ignore[override]
+        """``steps`` steps took ``seconds`` of compute on ``samples`` samples (summed)."""
         if not (samples > 0 and math.isfinite(seconds) and seconds > 0):
             return
-        self.observations += 1
-        per = seconds / samples
-        ratio = per / self.seconds_per_sample
-        off = 1 if ratio > self.outlier_factor else (-1 if ratio < 1.0 / self.outlier_factor else 0)
-        if off:
-            held = self._held
-            if held is not None and (held > self.seconds_per_sample) == (off > 0):
-                self._held = None  # two in a row, off the same way: the worker's speed changed
-                self.seconds_per_sample = 0.5 * (held + per)
-                return
-            if held is not None:
-                self.dropped += 1
-            self._held = per
-            return
-        if self._held is not None:  # the held one was a lone outlier
-            self.dropped += 1
-            self._held = None
-        self.seconds_per_sample += self.alpha * (per - self.seconds_per_sample)
+        super().observe(samples, seconds, steps)
+
+    @property
+    def seconds_per_sample(self) -> float:
+        return self.seconds_per_byte
 
     @property
     def samples_per_second(self) -> float:
-        return 1.0 / self.seconds_per_sample
+        return 1.0 / self.seconds_per_byte
+
+    @property
+    def fixed_s(self) -> float:
+        """Seconds per step whatever the samples (0 until the fit has spread)."""
+        return self.latency_s
 
     def __repr__(self) -> str:
-        return (f"ComputeEstimator({self.seconds_per_sample * 1e3:.4f} ms/sample, {self.observations} observations,"
-                f" {self.dropped} dropped)")
+        return (f"ComputeEstimator({self.seconds_per_sample * 1e3:.4f} ms/sample + {self.fixed_s * 1e3:.2f} ms/step, "
+                f"{self.observations} observations, {self.dropped} dropped)")
 
 
 class ComputeEstimates:
@@ -173,7 +169,7 @@ class ComputeEstimates:
         self.history.append(rows)
         for est, (steps, seconds, samples) in zip(self.workers, rows):
             if steps > 0:
-                est.observe(seconds, samples)
+                est.observe(seconds, samples, int(steps))
 
     def samples_per_s(self) -> List[float]:
         """Every worker's estimated compute rate (samples / s)."""
@@ -181,3 +177,7 @@ class ComputeEstimates:
 
     def seconds_per_sample(self) -> Tuple[float, ...]:
         return tuple(e.seconds_per_sample for e in self.workers)
+
+    def fixed_s(self) -> List[float]:
+        """Every worker's estimated compute seconds per step whatever its samples."""
+        return [e.fixed_s for e in self.workers]

@@ -212,7 +212,7 @@ class EsdInputDist(nn.Module):
             if est is not None:
                 self.cost_model.set_links(est.bytes_per_second())
             if compute is not None:
-                self.dispatcher.set_rates(compute.samples_per_s())
+                self.dispatcher.set_rates(compute.samples_per_s(), compute.fixed_s())
             # what this dispatcher reads: the additive matrix, LAIA's hit
             # counts, esd's de-duplicated model (nothing for cost-blind ones)
             cost, aux = self.dispatcher.inputs(
