@@ -19,13 +19,17 @@ def test_estimator_converges_from_a_wrong_prior():
     assert est.samples_per_second == pytest.approx(1 / 0.3e-3, rel=1e-3)
 
 
-def test_estimator_separates_the_fixed_part_of_a_step_once_the_samples_spread():
-    est = ComputeEstimator(1e-4)
+def test_estimator_separates_the_fixed_part_of_a_step_once_the_samples_spread_when_asked():
+    est = ComputeEstimator(1e-4, fit_fixed=True)
     for n in [8, 16, 24, 12, 20, 8, 24, 16] * 3:  # 2 ms per step + 0.1 ms per sample
         est.observe(0.002 + 1e-4 * n, n)
     assert est.fixed_s == pytest.approx(0.002, rel=0.05)
     assert est.seconds_per_sample == pytest.approx(1e-4, rel=0.1)
-    same = ComputeEstimator(1e-4)
+    plain = ComputeEstimator(1e-4)  # the default: no fit, the fixed part is charged to the samples
+    for n in [8, 16, 24, 12, 20, 8, 24, 16] * 3:
+        plain.observe(0.002 + 1e-4 * n, n)
+    assert plain.fixed_s == 0.0 and plain.seconds_per_sample > 1.5e-4
+    same = ComputeEstimator(1e-4, fit_fixed=True)
     for _ in range(8):  # always 16 samples: the fixed part cannot be told apart
         same.observe(0.002 + 1e-4 * 16, 16)
     assert same.fixed_s == 0.0 and same.seconds_per_sample == pytest.approx(0.002 / 16 + 1e-4, rel=1e-2)

@@ -29,11 +29,15 @@ per_sample``.  ``per_sample``: an exponentially weighted mean (weight
 ``outlier_factor`` times off is held back and the next one off the same way
 confirms it (the worker's speed changed), one that is not drops it (a lone
 hiccup, e.g. a first step's lazy initialisation).  ``fixed`` (per-step work
-whatever the samples, which would otherwise be charged to the samples of a
-worker that trains few): the least-squares fit over the last ``window``
-observations once their samples per step spread (max / min >= 1.5 over >= 4
-observations; the per-batch shares make them spread), else 0.  O(1) per
-observation, O(``window``) per fit.
+whatever the samples, which is otherwise charged to the samples of a worker
+that trains few): 0 by default; with ``fit_fixed=True`` the least-squares fit
+over the last ``window`` observations once their samples per step spread
+(max / min >= 1.5 over >= 4 observations).  The fit is off by default: on the
+shared 2-core machine, wall-clock windows of a few milliseconds were too noisy
+for it (in one benchmark run it put the rates of the workers between 4e4 and
+8.5e5 samples / s, so the per-batch shares followed noise), while the plain
+per-sample mean stayed within about 2x across workers.  O(1) per observation,
+O(``window``) per fit.
 
 Every worker must hold the same estimates (worker 0 decides with them, and the
 share rule must not depend on who computes it): as in
@@ -66,10 +70,15 @@ class ComputeEstimator(LinkEstimator):
     the fixed part O(``window``)."""
 
     def __init__(self, prior_s_per_sample: float, alpha: float = 0.5, outlier_factor: float = 4.0,
-                 window: int = 8) -> None:
+                 window: int = 8, fit_fixed: bool = False) -> None:
         if not (math.isfinite(prior_s_per_sample) and prior_s_per_sample > 0):
             raise EsdConfigError(f"compute prior must be a finite time per sample > 0, got {prior_s_per_sample!r}")
         super().__init__(1.0 / prior_s_per_sample, 0.0, alpha=alpha, outlier_factor=outlier_factor, window=window)
+        self.fit_fixed = bool(fit_fixed)
+
+    def _fit_latency(self) -> None:
+        if self.fit_fixed:
+            super()._fit_latency()
 
     def observe(self, seconds: float, samples: float, steps: int = 1) -> None:  # type: ignore[override]
         """``steps`` steps took ``seconds`` of compute on ``samples`` samples (summed)."""
