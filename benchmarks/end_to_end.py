@@ -114,7 +114,8 @@ def parse_args(argv=None):
                    help="first steps left out of the steady-state iteration time")
     p.add_argument("--samples-per-s", type=float, default=5000.0,
                    help="per-worker compute throughput the +plan shares assume (vanilla TorchRec measured "
-                        "about 24 ms CPU per 128-sample step per worker on the 2-core machine)")
+                        "about 24 ms CPU per 128-sample step per worker on the 2-core machine); +shares: the "
+                        "prior of the compute rates the workers measure online")
     p.add_argument("--staleness", type=int, default=0)
     p.add_argument("--dense-sync", default="star", choices=["ring", "star"],
                    help="ESD methods' dense-gradient all-reduce: star through the fastest worker, or DDP's ring "
@@ -258,7 +259,7 @@ def rank_main(spec_path: str) -> None:
                     planned = planned or planned_workers(spec, mix, cache, latency_ms, workload)
                     cfg = dataclasses.replace(cfg, workers=planned)
                 kw = {}
-                if "shares" in variants:  # the compute rate the planner assumes, on every worker
+                if "shares" in variants:  # the planner's compute rate: the prior of the measured rates
                     kw = dict(dispatcher_kwargs={"inner": dispatcher,
                                                  "samples_per_s": [spec["samples_per_s"]] * len(mix["bandwidths"])})
                     dispatcher = "shares"
@@ -289,7 +290,8 @@ def rank_main(spec_path: str) -> None:
                 rec["rate_waits"] = hook.waits
             if "local_samples" in r:
                 rec.update(local_samples=r["local_samples"], link_estimates_mbps=r["link_estimates_mbps"],
-                           link_observations=r["link_observations"])
+                           link_observations=r["link_observations"],
+                           compute_estimates_sps=r.get("compute_estimates_sps") or [])
             if "losses" in r:
                 # per-step wall and CPU times between consecutive step ends (the
                 # training thread's clock; CPU counts every thread of the process)
@@ -492,6 +494,9 @@ def summarize(args, mixes, methods, raw) -> Dict:
                     "makespan_link_s": max(p["link_s"] for p in per),
                     "ps_bytes": [r["wire"]["tx_bytes"] + r["wire"]["rx_bytes"] for r in recs if r["rank"] >= W],
                 }
+            if w0.get("compute_estimates_sps"):  # per-batch shares: every worker's measured compute rate
+                s["compute_samples_per_s_last"] = w0["compute_estimates_sps"][-1]
+                s["local_samples_mean"] = [sum(r["local_samples"]) / len(r["local_samples"]) for r in workers]
             if "metrics" in w0:
                 mt = w0["metrics"]
                 s["emb"] = {
@@ -789,6 +794,10 @@ def main(argv=None) -> None:
             if "dispatch" in s:
                 print(f"  [{name}] {method_label(m)}: dispatch {s['dispatch']['solvers']}, "
                       f"{s['dispatch']['mean_decision_ms']:.1f} ms/decision; rows {s['emb']['rows']}")
+            if "compute_samples_per_s_last" in s:
+                print(f"  [{name}] {method_label(m)}: measured compute samples/s per worker (last dispatch) "
+                      f"{'/'.join(f'{x:.0f}' for x in s['compute_samples_per_s_last'])}; mean samples per step "
+                      f"{'/'.join(f'{x:.0f}' for x in s['local_samples_mean'])}")
             print(f"  [{name}] {method_label(m)}: CPU ms/step workers "
                   f"{'/'.join(f'{x:.0f}' for x in s['cpu_ms_per_step_workers'])}, PS "
                   f"{'/'.join(f'{x:.0f}' for x in s['cpu_ms_per_step_ps'])}")

@@ -57,6 +57,25 @@ def test_online_shares_follow_the_previous_batches():
     assert third[2] < shares[2]
 
 
+def test_measured_rates_and_fixed_compute_move_samples():
+    cm, kjt, views, shares = _real_instance(48)
+    d = make_dispatcher("shares", inner="laia", samples_per_s=[3000.0] * 3, dispatching_worker=None)
+    assert d.reads_compute_rates and d.prior_samples_per_s == (3000.0, 3000.0, 3000.0)
+    cost, aux = d.inputs(cm, kjt, views)
+    d.assign(cost, shares, aux=aux)  # the first batch: base shares, link estimates from it
+    d.set_rates([3000.0, 300.0, 3000.0])  # worker 1 measured 10x slower
+    slow = np.bincount(d.assign(cost, shares, aux=aux).assignment.numpy(), minlength=3)
+    assert slow[1] < shares[1]
+    d.set_rates([3000.0] * 3, fixed_s=[0.0, 0.0, 0.01])  # worker 2 spends 10 ms per step whatever its share
+    fixed = np.bincount(d.assign(cost, shares, aux=aux).assignment.numpy(), minlength=3)
+    assert fixed[2] < shares[2] and fixed.sum() == 48
+    with pytest.raises(DispatchError):
+        d.set_rates([1.0, 2.0])
+    with pytest.raises(DispatchError):
+        d.set_rates([1.0, 2.0, 3.0], fixed_s=[0.0, -1.0, 0.0])
+    assert not make_dispatcher("shares", samples_per_s=[1.0], measured_compute=False).reads_compute_rates
+
+
 def test_bad_options():
     with pytest.raises(DispatchError):
         make_dispatcher("shares")

@@ -148,16 +148,27 @@ plan_worker_cache_cpu(at::Tensor slot_keys, at::Tensor last_use, at::Tensor freq
                 ": keys must be distinct and ascending");
   }
 
-  // step A: a dirty copy that another worker uses this iteration is pushed (slot order)
+  // step A: a dirty copy that another worker uses this iteration is pushed (slot order).
+  // Only the batch's rows (user_keys) can be used elsewhere: look those up
+  // (O(NU log U)) instead of scanning every slot, then sort the few found by slot.
   std::vector<int64_t> push_keys, push_slots;
-  for (int64_t s = 0; s < S; ++s) {
-    if (!dt[s]) continue;
-    const int64_t key = sk[s];
-    const bool mine = std::binary_search(k, k + U, key);
-    if (users_of(key) - (mine ? 1 : 0) > 0) {
-      push_keys.push_back(key);
-      push_slots.push_back(s);
-      dt[s] = false;
+  {
+    std::vector<std::pair<int64_t, int64_t>> shared;  // (slot, key)
+    for (int64_t i = 0; i < NU; ++i) {
+      const int64_t key = uk[i];
+      if (key < 0 || key >= R) continue;  // not a row: never cached
+      const bool mine = std::binary_search(k, k + U, key);
+      if (uc[i] - (mine ? 1 : 0) <= 0) continue;
+      const int64_t s = find_slot(key);
+      if (s >= 0 && dt[s]) shared.emplace_back(s, key);
+    }
+    std::sort(shared.begin(), shared.end());
+    push_keys.reserve(shared.size());
+    push_slots.reserve(shared.size());
+    for (const auto& p : shared) {
+      push_keys.push_back(p.second);
+      push_slots.push_back(p.first);
+      dt[p.first] = false;
     }
   }
   const auto n_shared = static_cast<int64_t>(push_keys.size());

@@ -98,7 +98,12 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
         device=torch.device("cpu"),
     )
     if job.dense_sync != "ring":
-        if not register_dense_sync(dmp, job.dense_sync, [w.bandwidth_mbps for w in cfg.workers], runtime.worker_group):
+        def blocked(seconds: float) -> None:  # waiting for the others is not this worker's compute
+            if runtime.compute_estimates is not None:
+                runtime.compute_estimates.exclude(seconds)
+
+        if not register_dense_sync(dmp, job.dense_sync, [w.bandwidth_mbps for w in cfg.workers], runtime.worker_group,
+                                   on_blocked=blocked):
             raise EsdConfigError(f"dense_sync={job.dense_sync!r}: the model has no DistributedDataParallel part")
     dense_opt = dense_optimizer(dmp, job.dense_lr)
     ckpt = checkpointer(job, dmp, dense_opt, runtime.worker_group, tables + replicated, runtime.optimizer,
@@ -113,6 +118,7 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
     limit = [job.steps]
     local_samples: List[int] = []  # this worker's samples per step (they vary with per-batch shares)
     link_mbps: List[List[float]] = []  # every worker's estimated link after each dispatch (online_links)
+    compute_sps: List[List[float]] = []  # every worker's estimated compute rate per dispatch (measured shares)
 
     bad_input: List[str] = []
 
@@ -145,6 +151,8 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
             local_samples.append(int(dispatch.last_mine.numel()))
             if dispatch.last_link_estimates is not None:
                 link_mbps.append([b * 8 / 1e6 for b in dispatch.last_link_estimates])
+            if dispatch.last_compute_estimates is not None:
+                compute_sps.append(list(dispatch.last_compute_estimates))
             if dispatch.last_result is not None:
                 decisions.append(
                     {"solver": dispatch.last_result.solver, "ms": dispatch.last_result.decision_s * 1e3}
@@ -234,6 +242,7 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
         "preempted_at": step if stop["at"] is not None else None,
         "local_samples": local_samples,
         "link_estimates_mbps": link_mbps,
+        "compute_estimates_sps": compute_sps,
         "link_observations": list(runtime.link_estimates.history) if runtime.link_estimates is not None else [],
     }
     out["directory_bytes"] = runtime.directory.nbytes()

@@ -96,5 +96,11 @@ class WorkerSlots:
         return ops.id_table_lookup(self.slot_map, keys)
 
     def per_table(self, mask: torch.Tensor, num_tables: int) -> torch.Tensor:
-        """``[T]`` slots of each table where ``mask`` holds."""
-        return torch.bincount(self.slot_table[mask], minlength=num_tables)
+        """``[T]`` slots of each table where ``mask`` holds: differences of
+        ``mask``'s running count at the tables' contiguous slot ranges
+        (O(S), no gather of the masked slots' tables)."""
+        if num_tables != self.table_start.numel() - 1:
+            raise ValueError(f"{num_tables} tables asked of the slots of {self.table_start.numel() - 1}")
+        run = torch.zeros(mask.numel() + 1, dtype=torch.int64)
+        torch.cumsum(mask.view(-1), 0, out=run[1:])
+        return run[self.table_start[1:]] - run[self.table_start[:-1]]

@@ -1,13 +1,13 @@
 """Shares decided per batch: fewer samples to a worker whose link or compute
 is the bottleneck of this batch, more to the others.
 
-With known compute rates ``r_w`` (samples per second per worker: the
-planner's numbers or a measured figure, ``samples_per_s``), the predicted
+With compute rates ``r_w`` (samples per second per worker), the predicted
 iteration time of an assignment is
 
     ``T(a) = max_w ( n_w / r_w + link_w(a) )``
 
-(``n_w`` samples on worker ``w``; ``link_w``: the predicted link seconds of
+(``n_w`` samples on worker ``w``, plus its measured compute seconds per
+step whatever its samples where known; ``link_w``: the predicted link seconds of
 its rows, from the de-duplicated model when the inner dispatcher reads it,
 else the additive matrix's per-worker sums; the worker that runs the
 dispatcher also spends the decision time, ``dispatching_worker``).
@@ -28,6 +28,15 @@ inner dispatcher costs.  Offline (``online=False``), per batch:
    ``time_budget_ms`` (the inner dispatcher's decisions included); the
    assignment with the smallest predicted ``T`` is returned (never worse than
    the base shares' answer, by its own prediction).
+
+Compute rates: measured by default (``measured_compute``): in a training
+job every worker times its own compute per sample and the runtime gathers the
+estimates at every dispatch, the same on every worker
+(:mod:`~torchrec_esd.distributed.compute_estimates`; ``EsdInputDist`` sets
+them with :meth:`PerBatchShares.set_rates` before each decision);
+``samples_per_s`` (the planner's numbers or a guess) is the prior, used until
+the first measurements arrive.  ``measured_compute=False`` keeps the
+configured rates.
 
 Bounds: ``lo_w = floor(B_w (1 - bound))`` (at least 1 for a worker with a
 positive base share), ``hi_w = ceil(B_w (1 + bound))``; a worker with a base
@@ -97,12 +106,23 @@ def water_fill(per_sample_s: np.ndarray, total: int, lo: np.ndarray, hi: np.ndar
     return n
 
 
+def _rates(samples_per_s: Sequence[float]) -> list:
+    rates = [float(r) for r in samples_per_s]
+    if not rates or any(not (r > 0 and math.isfinite(r)) for r in rates):
+        raise DispatchError(f"samples_per_s must be positive and finite, got {list(samples_per_s)}")
+    return rates
+
+
 class PerBatchShares(Dispatcher):
     """An inner dispatcher at shares decided per batch (see module docstring).
 
     Args:
         inner: the dispatcher deciding the assignment at given shares (name).
-        samples_per_s: compute rate of every worker (samples / s), required.
+        samples_per_s: compute rate of every worker (samples / s), required:
+            the prior of the measured rates, or the rates themselves with
+            ``measured_compute=False``.
+        measured_compute: price compute with the rates the runtime measures
+            online (:meth:`set_rates`; see the module docstring).
         bound: shares stay within ``(1 -+ bound)`` of the base shares.
         online: one inner decision per batch, at the shares water-filled from
             the previous batches' per-sample link estimates (exponential
@@ -126,14 +146,13 @@ class PerBatchShares(Dispatcher):
     def __init__(self, inner: str = "esd", samples_per_s: Optional[Sequence[float]] = None, bound: float = 0.5,
                  online: bool = True, rounds: int = 2, dispatching_worker: Optional[int] = 0,
                  decision_load: float = 1.0, ema: float = 0.5, time_budget_ms: float = 50.0,
-                 objective: str = "total", inner_kwargs: Optional[Mapping] = None) -> None:
+                 objective: str = "total", inner_kwargs: Optional[Mapping] = None,
+                 measured_compute: bool = True) -> None:
         from torchrec_esd.dispatch import make_dispatcher
 
         if samples_per_s is None:
             raise DispatchError("per-batch shares need every worker's compute rate (samples_per_s)")
-        rates = [float(r) for r in samples_per_s]
-        if not rates or any(not (r > 0 and math.isfinite(r)) for r in rates):
-            raise DispatchError(f"samples_per_s must be positive and finite, got {list(samples_per_s)}")
+        rates = _rates(samples_per_s)
         if not 0 <= bound < 1:
             raise DispatchError(f"bound must be in [0, 1), got {bound}")
         if rounds < 0 or not time_budget_ms > 0:
@@ -147,6 +166,9 @@ class PerBatchShares(Dispatcher):
         self.inner = make_dispatcher(inner, objective=objective, **dict(inner_kwargs or {}))
         self.inner_name = inner
         self.rates = np.asarray(rates)
+        self.prior_samples_per_s = tuple(rates)
+        self._compute_fixed = np.zeros(len(rates))  # seconds per step whatever the share (measured)
+        self.reads_compute_rates = bool(measured_compute)
         self.bound, self.online, self.rounds, self.budget_s = bound, bool(online), rounds, time_budget_ms / 1e3
         self.dispatching_worker = None if dispatching_worker is None else int(dispatching_worker)
         self.decision_load, self.ema = float(decision_load), float(ema)
@@ -155,6 +177,18 @@ class PerBatchShares(Dispatcher):
         self.needs_dedup, self.cost_input = self.inner.needs_dedup, self.inner.cost_input
         self._link_per_sample: Optional[np.ndarray] = None  # online estimate, seconds per sample per worker
         self._decision_s = 0.0  # average decision time (the dispatching worker's extra load)
+
+    def set_rates(self, samples_per_s: Sequence[float], fixed_s: Optional[Sequence[float]] = None) -> None:
+        """Every worker's compute rate (samples / s) and compute seconds per
+        step whatever its samples (``fixed_s``, default 0) from now on: the
+        measured ones (:mod:`~torchrec_esd.distributed.compute_estimates`)."""
+        rates = _rates(samples_per_s)
+        fixed = np.zeros(len(rates)) if fixed_s is None else np.asarray([float(f) for f in fixed_s])
+        if len(rates) != self.rates.size or fixed.size != self.rates.size:
+            raise DispatchError(f"{len(rates)} compute rates and {fixed.size} fixed times for {self.rates.size} workers")
+        if not (np.isfinite(fixed).all() and (fixed >= 0).all()):
+            raise DispatchError(f"fixed compute times must be finite and >= 0, got {fixed.tolist()}")
+        self.rates, self._compute_fixed = np.asarray(rates), fixed
 
     def inputs(self, cost_model, kjt, views):
         return self.inner.inputs(cost_model, kjt, views)
@@ -167,9 +201,10 @@ class PerBatchShares(Dispatcher):
         return torch.zeros(W, dtype=torch.float64).index_add_(0, a, per).numpy()
 
     def _fixed(self, W: int) -> np.ndarray:
-        """``[W]`` seconds a worker spends whatever its share: the dispatching
-        worker's decision load."""
-        out = np.zeros(W)
+        """``[W]`` seconds a worker spends whatever its share: its fixed
+        compute per step (:meth:`set_rates`) and the dispatching worker's
+        decision load."""
+        out = self._compute_fixed.copy() if self._compute_fixed.size == W else np.zeros(W)
         if self.dispatching_worker is not None:
             out[self.dispatching_worker] = self.decision_load * self._decision_s
         return out

@@ -19,7 +19,8 @@ on every DDP module of a DMP-wrapped model (before the first backward).
 from __future__ import annotations
 
 import logging
-from typing import List, Optional, Sequence
+import time
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -53,14 +54,18 @@ def link_bytes_per_step(mode: str, bandwidths_mbps: Sequence[float], dense_bytes
     return [2 * (W - 1) / W * dense_bytes] * W
 
 
-def star_allreduce_hook(hub: int, group=None):
+def star_allreduce_hook(hub: int, group=None, on_blocked: Optional[Callable[[float], None]] = None):
     """DDP comm hook: mean of the gradient bucket over ``group`` through ``hub``
-    (a rank of ``group``), by point-to-point sends; see the module docstring."""
+    (a rank of ``group``), by point-to-point sends; see the module docstring.
+    ``on_blocked(seconds)``: told how long each call blocked (waiting for the
+    other workers; :mod:`~torchrec_esd.distributed.compute_estimates` takes it
+    out of the worker's compute time)."""
     world = dist.get_world_size(group)
     if not 0 <= hub < world:
         raise EsdConfigError(f"dense-sync hub {hub} is not a rank of a group of {world}")
 
     def hook(state, bucket):  # no annotations: DDP checks them literally
+        t0 = time.perf_counter()
         buf = bucket.buffer()
         me = dist.get_rank(group)
         if world > 1:
@@ -82,6 +87,8 @@ def star_allreduce_hook(hub: int, group=None):
                 dist.send(buf, group=group, group_dst=hub)
                 dist.recv(buf, group=group, group_src=hub)
         buf.div_(world)
+        if on_blocked is not None:
+            on_blocked(time.perf_counter() - t0)
         fut: torch.futures.Future = torch.futures.Future()
         fut.set_result(buf)
         return fut
@@ -89,11 +96,12 @@ def star_allreduce_hook(hub: int, group=None):
     return hook
 
 
-def register_dense_sync(model: nn.Module, mode: str, bandwidths_mbps: Sequence[float], group=None) -> int:
+def register_dense_sync(model: nn.Module, mode: str, bandwidths_mbps: Sequence[float], group=None,
+                        on_blocked: Optional[Callable[[float], None]] = None) -> int:
     """Install the ``mode`` all-reduce (``"ring"``: DDP's own, nothing to do;
-    ``"star"``: :func:`star_allreduce_hook` through the fastest worker) on
-    every ``DistributedDataParallel`` inside ``model``; returns how many DDP
-    modules got the hook."""
+    ``"star"``: :func:`star_allreduce_hook` through the fastest worker, with
+    its ``on_blocked``) on every ``DistributedDataParallel`` inside ``model``;
+    returns how many DDP modules got the hook."""
     if mode not in DENSE_SYNCS:
         raise EsdConfigError(f"dense_sync must be one of {DENSE_SYNCS}, got {mode!r}")
     if mode == "ring":
@@ -104,7 +112,7 @@ def register_dense_sync(model: nn.Module, mode: str, bandwidths_mbps: Sequence[f
         )
     ddps = [m for m in model.modules() if isinstance(m, DistributedDataParallel)]
     hub = fastest_worker(list(bandwidths_mbps))
-    hook = star_allreduce_hook(hub, group)
+    hook = star_allreduce_hook(hub, group, on_blocked)
     for m in ddps:
         m.register_comm_hook(None, hook)
     logger.info("dense gradients: star all-reduce through worker %d on %d DDP module(s)", hub, len(ddps))

@@ -53,6 +53,7 @@ from torchrec_esd.batch_select import select_kjt_samples, select_samples
 from torchrec_esd.config import EsdConfigError
 from torchrec_esd.cost import CostModel
 from torchrec_esd.dispatch import DispatchError, DispatchResult, Dispatcher, make_dispatcher
+from torchrec_esd.distributed.compute_estimates import ComputeEstimates
 from torchrec_esd.distributed.plan_channel import batch_fingerprint, global_batch_fingerprint
 from torchrec_esd.distributed.runtime import EsdRuntime
 from torchrec_esd.distributed.worker_plans import plan_iteration
@@ -72,6 +73,7 @@ class _Dispatched:
     loss_scale: float
     shares: Optional[List[int]] = None
     link_bytes_per_s: Optional[List[float]] = None  # the estimates it was decided with (online_links)
+    compute_samples_per_s: Optional[List[float]] = None  # the compute rates it was decided with (measured)
 
 
 @dataclass
@@ -132,6 +134,14 @@ class EsdInputDist(nn.Module):
         if getattr(self.dispatcher, "varies_shares", False) and getattr(runtime, "loss_scaling", None) is not None:
             # shares decided per batch (dispatch.shares): uneven whatever the config says
             runtime.loss_scaling.variable_shares = True
+        if getattr(self.dispatcher, "reads_compute_rates", False):
+            # the dispatcher prices compute with every worker's measured time per sample,
+            # its configured rates the prior (torchrec_esd.distributed.compute_estimates)
+            prior = list(self.dispatcher.prior_samples_per_s)
+            if len(prior) != runtime.config.num_workers:
+                raise EsdConfigError(f"the dispatcher has {len(prior)} compute rates for "
+                                     f"{runtime.config.num_workers} workers")
+            runtime.compute_estimates = ComputeEstimates(prior, runtime.worker_index)
         self.mode = mode
         self.device = device or torch.device("cpu")
         self.last_result: Optional[DispatchResult] = None
@@ -140,6 +150,8 @@ class EsdInputDist(nn.Module):
         self.last_shares: Optional[List[int]] = None  # samples per worker of the current batch
         # every worker's estimated link (bytes/s) the current batch was dispatched with (online_links)
         self.last_link_estimates: Optional[List[float]] = None
+        # every worker's measured compute rate (samples/s) it was dispatched with (a dispatcher reading them)
+        self.last_compute_estimates: Optional[List[float]] = None
         self._cost_model = None
 
     # ------------------------------------------------------------ helpers
@@ -191,11 +203,16 @@ class EsdInputDist(nn.Module):
             # same estimates (and so the same shares) on every worker
             est.share(group, device)
             shares = est.shares(b, rt.config.compute_s_per_sample)
+        compute = rt.compute_estimates
+        if compute is not None:  # every worker's measured compute, gathered like the links
+            compute.share(group, device)
         assignment = torch.empty(b, dtype=torch.int64)
         result = None
         if rt.worker_index == 0:
             if est is not None:
                 self.cost_model.set_links(est.bytes_per_second())
+            if compute is not None:
+                self.dispatcher.set_rates(compute.samples_per_s(), compute.fixed_s())
             # what this dispatcher reads: the additive matrix, LAIA's hit
             # counts, esd's de-duplicated model (nothing for cost-blind ones)
             result = self.dispatcher.decide(
@@ -364,6 +381,7 @@ class EsdInputDist(nn.Module):
         """Make ``d`` the current batch (the attributes describe it)."""
         self.last_result, self.last_mine, self.loss_scale = d.result, d.mine, d.loss_scale
         self.last_shares, self.last_link_estimates = d.shares, d.link_bytes_per_s
+        self.last_compute_estimates = d.compute_samples_per_s
         return d.local
 
     def _read(self, batch: Batch, group) -> _Read:
@@ -434,7 +452,8 @@ class EsdInputDist(nn.Module):
             )
         est = rt.link_estimates
         links = est.bytes_per_second() if est is not None else None  # this thread updated them last
-        return _Dispatched(local, result, mine, rt.config.num_workers / b, shares, links)
+        compute = rt.compute_estimates.samples_per_s() if rt.compute_estimates is not None else None
+        return _Dispatched(local, result, mine, rt.config.num_workers / b, shares, links, compute)
 
     def _move_rows(
         self, local: torch.Tensor, assignment: torch.Tensor, strides: List[int], group, device: torch.device

@@ -55,8 +55,19 @@ def global_batch_fingerprint(keys: torch.Tensor, lengths: torch.Tensor, *tensors
     parts = [_positioned(keys, 1), _positioned(lengths, 2)]
     for i, t in enumerate(tensors):
         if t is not None and t.numel():
-            parts.append(_positioned(t.detach().contiguous().reshape(-1).view(torch.uint8), 3 + i))
+            parts.append(_positioned(_words(t), 3 + i))
     return batch_fingerprint(torch.cat([p.to(parts[0].device) for p in parts]))
+
+
+_WORD = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``t`` as integers of its element size (a float32 tensor
+    as int32 words: the same bits, a quarter of the values that a per-byte
+    view would mix; dtype and shape are not part of the bits)."""
+    flat = t.detach().contiguous().reshape(-1)
+    return flat.view(_WORD.get(flat.element_size(), torch.uint8))
 
 
 class PlanChannel:

@@ -217,7 +217,7 @@ class EsdRuntime:
 
 
 # what a worker role holds beyond its methods (named in the PS role's errors)
-_WORKER_STATE = ("directory", "client", "meter", "plans", "loss_scaling", "link_estimates")
+_WORKER_STATE = ("directory", "client", "meter", "plans", "loss_scaling", "link_estimates", "compute_estimates")
 
 
 class EsdPsRuntime(EsdRuntime):
@@ -289,6 +289,9 @@ class EsdWorkerRuntime(EsdRuntime):
         self.meter = TransmissionMeter()
         # every worker's link as measured (EsdConfig.online_links), the same on every worker
         self.link_estimates = LinkEstimates(config, self.rank) if config.online_links else None
+        # every worker's compute time per sample as measured (torchrec_esd.distributed.compute_estimates),
+        # set by EsdInputDist when its dispatcher prices compute with it
+        self.compute_estimates = None
         self.plans = PlanChannel()
         self.loss_scaling = LossScaling(config)
         self._executor = None  # the sharded embedding module of this worker

@@ -215,6 +215,9 @@ class ShardedEsdEmbeddingBagCollection(
         des = self._des_request(wp, layout, gkeys, epos) if rt.config.des_misses else None
         store = self._store
         got, partial, route = self._ps.push_pull(wp, store.read(wp.push_slots), des)
+        clock = rt.compute_estimates
+        if clock is not None and torch.is_grad_enabled():
+            clock.start()  # this worker's compute, up to the embedding gradients (compute_estimates)
         got = got.to(self._device)
         slot = wp.used_slot.to(self._device)
         pull_pos = wp.pull_pos.to(self._device)
@@ -339,6 +342,8 @@ class ShardedEsdEmbeddingBagCollection(
         pending["done"] = True
         wp: WorkerPlan = pending["plan"]
         rt = self._runtime
+        if grad is not None and rt.compute_estimates is not None:
+            rt.compute_estimates.stop(wp.num_samples)
         if grad is None:
             grad = torch.zeros(pending["rows"], self._width, device=self._device)
         elif get_gradient_division():
