@@ -107,6 +107,21 @@ def test_equivalence_online_links_shares_follow_the_measured_links():
     assert len({tuple(c[s] for c in counts) for s in range(STEPS)}) > 1  # the shares moved
 
 
+# ---------------------------------------------------------------- prefetch
+@pytest.mark.parametrize("depth,optimizer,dispatcher,mode,num_ps", [
+    (1, "sgd", "hybrid", "global", 2),
+    (2, "rowwise_adagrad", "heuristic", "local", 1),
+])
+def test_equivalence_prefetch(depth, optimizer, dispatcher, mode, num_ps):
+    # the rows of the next `depth` batches that nothing changes first are pulled while
+    # the current batch computes (a PREFETCH phase between its push/pull and gradients)
+    _, esd = _compare(3, [1, 1, 2], dispatcher, optimizer, mode, [1.0, 4.0, 8.0], num_ps=num_ps,
+                      dispatch_ahead=depth, esd_options=dict(prefetch_depth=depth))
+    m = esd[0]["metrics"]
+    pulled = m["rows"]["miss_pull"] + m["rows"]["update_pull"]
+    assert 0 < m["prefetched_rows"] < pulled, (m["prefetched_rows"], pulled)
+
+
 # ---------------------------------------------------------------- DES-served misses
 # multi-hot bags of 6-16 ids over small caches: most bags hold several cold rows,
 # which the PS serves as pooled partial sums (and hot rows are still pulled/cached)

@@ -266,6 +266,13 @@ class EsdInputDist(nn.Module):
 
     def forward(self, batch: Batch) -> Batch:
         self.runtime.require_sharded_module()
+        if self.runtime.config.prefetch_depth:
+            # batch by batch, no later plan is known while a batch trains
+            self.runtime.fail(
+                f"EsdConfig.prefetch_depth={self.runtime.config.prefetch_depth} prefetches the rows of "
+                "batches dispatched ahead: iterate EsdInputDist.dispatch_ahead(batches, depth >= "
+                "prefetch_depth) instead of calling the input dist batch by batch"
+            )
         group = self.runtime.worker_group
         try:
             d = self._dispatch(self._read(batch, group), group, self.device)
@@ -298,6 +305,11 @@ class EsdInputDist(nn.Module):
             raise EsdConfigError(f"dispatch_ahead needs depth >= 1, got {depth}")
         rt = self.runtime
         rt.require_sharded_module()
+        if int(depth) < rt.config.prefetch_depth:
+            rt.fail(
+                f"EsdConfig.prefetch_depth={rt.config.prefetch_depth} prefetches that many batches ahead, "
+                f"but dispatch_ahead(depth={depth}) plans only {depth} ahead: use depth >= prefetch_depth"
+            )
         cpu = torch.device("cpu")
         q: "queue.Queue[tuple]" = queue.Queue(maxsize=int(depth))
         stop = threading.Event()

@@ -97,6 +97,12 @@ class PlanChannel:
             self._last_taken = want
             return plan
 
+    def peek(self, iteration: int) -> Optional[IterationPlan]:
+        """The plan of ``iteration`` if it was put and not taken yet (else
+        None), without taking it (the prefetch reads the plans ahead)."""
+        with self._lock:
+            return self._plans.get(int(iteration))
+
     @property
     def pending(self) -> int:
         """Plans put but not taken (batches dispatched but not trained yet)."""
