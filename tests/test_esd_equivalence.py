@@ -122,6 +122,17 @@ def test_equivalence_prefetch(depth, optimizer, dispatcher, mode, num_ps):
     assert 0 < m["prefetched_rows"] < pulled, (m["prefetched_rows"], pulled)
 
 
+@pytest.mark.parametrize("dispatch_ahead", [0, 1])
+def test_prefetch_without_dispatch_ahead_deep_enough_fails_every_rank(dispatch_ahead):
+    # batch by batch (or one ahead for depth 2), no later plan is known while a batch trains
+    cfg = EsdConfig([WorkerSpec(CACHE, 1.0), WorkerSpec(CACHE, 2.0)], prefetch_depth=2, collective_timeout_s=60)
+    job = JobConfig(method="esd", esd=cfg, steps=2, global_batch=8, workload=WORKLOAD, dispatch_ahead=dispatch_ahead)
+    with pytest.raises(RankFailed) as info:
+        run_local_world(run, 3, job, timeout_s=120)
+    assert sorted(info.value.errors) == [0, 1, 2]
+    assert all("prefetch_depth=2" in e["error"] for e in info.value.errors.values()), info.value.errors
+
+
 # ---------------------------------------------------------------- DES-served misses
 # multi-hot bags of 6-16 ids over small caches: most bags hold several cold rows,
 # which the PS serves as pooled partial sums (and hot rows are still pulled/cached)
