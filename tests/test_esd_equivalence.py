@@ -188,15 +188,16 @@ def _bad_id_job(job):
     return run(job)
 
 
-@pytest.mark.parametrize("dispatch_ahead,policy", [(0, "lru"), (2, "lru"), (2, "lookahead")],
-                         ids=["inline", "dispatch-ahead", "dispatch-ahead-lookahead"])
-def test_out_of_range_id_fails_every_rank_without_hanging(dispatch_ahead, policy):
+@pytest.mark.parametrize("dispatch_ahead,policy,prefetch", [(0, "lru", 0), (2, "lru", 0), (2, "lookahead", 0),
+                                                             (2, "lru", 2)],
+                         ids=["inline", "dispatch-ahead", "dispatch-ahead-lookahead", "dispatch-ahead-prefetch"])
+def test_out_of_range_id_fails_every_rank_without_hanging(dispatch_ahead, policy, prefetch):
     # with dispatch-ahead the bad batch is found in the dispatch thread, two steps
     # ahead of training (with the lookahead policy, when it enters the window of
     # upcoming batches, which ends before it); the training thread stops the PS
-    # ranks at that batch
+    # ranks at that batch (with prefetch, while a prefetch of the batches before it is posted)
     cfg = EsdConfig([WorkerSpec(CACHE, 1.0), WorkerSpec(CACHE, 2.0)], collective_timeout_s=60,
-                    cache_policy=policy, cache_lookahead=3)
+                    cache_policy=policy, cache_lookahead=3, prefetch_depth=prefetch)
     job = JobConfig(method="esd", esd=cfg, steps=5, global_batch=8, workload=WORKLOAD,
                     dispatcher="hybrid" if dispatch_ahead else "random", dispatch_ahead=dispatch_ahead)
     with pytest.raises(RankFailed) as info:
