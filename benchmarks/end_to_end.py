@@ -502,8 +502,10 @@ def summarize(args, mixes, methods, raw) -> Dict:
                 # the slowest worker (largest CPU + shaped-link time per step): its compute and
                 # link time per steady step, and the iteration time over the larger of the two
                 # (1.0: one fully hides the other; 2.0: they run one after the other)
-                per_w = [{"worker": w, "compute_ms": c, "link_ms": 1e3 * p["link_s"] / args.steps}
-                         for w, (c, p) in enumerate(zip(s["cpu_ms_per_step_workers"], s["wire"]["per_worker"]))]
+                # HTB shapes each direction on its own: a direction's bytes / rate (whole job / steps)
+                per_w = [{"worker": w, "compute_ms": c,
+                          "link_ms": 1e3 * max(p["tx_bytes"], p["rx_bytes"]) * 8 / (bw * 1e6) / args.steps}
+                         for w, (c, p, bw) in enumerate(zip(s["cpu_ms_per_step_workers"], s["wire"]["per_worker"], bws))]
                 slow = max(per_w, key=lambda x: x["compute_ms"] + x["link_ms"])
                 slow["iter_over_max"] = s["iter_ms"] / max(slow["compute_ms"], slow["link_ms"])
                 s["slowest_worker"] = slow

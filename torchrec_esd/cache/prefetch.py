@@ -16,9 +16,12 @@ and ``j``'s pull (served after ``j``'s pushes) the PS changes:
 Nothing else writes the PS during training (a checkpoint's flush or load
 needs every dispatched batch trained, so no prefetch is outstanding then).
 So the rule is: ``pull_keys(w, j)`` minus those keys (and minus rows already
-prefetched for ``j``).  It needs every worker's plan of ``i .. j``: the
-directory must track every worker (the runtime arranges it when prefetch is
-on).  It holds at any staleness (a prefetched row is bit-for-bit the row the
+prefetched for ``j``).  It needs every worker's used and pushed keys of
+``i .. j``: a directory that tracks every worker has them; a worker that
+tracks only its own cache gets the global batch's keys from its own plan
+(:attr:`IterationPlan.batch_keys`) and every worker's pushes gathered over
+the dispatch group (:attr:`IterationPlan.all_push_keys`,
+:func:`torchrec_esd.distributed.worker_plans.plan_iteration`).  It holds at any staleness (a prefetched row is bit-for-bit the row the
 pull at ``j`` would have read).
 
 Time: O(K log K) for the K used and pushed keys of the window's plans.
@@ -35,10 +38,16 @@ from torchrec_esd.config import EsdConfigError
 
 
 def _all(plan: IterationPlan, field: str) -> torch.Tensor:
+    """Every worker's ``field`` in ``plan``: ``used_keys`` (the global batch's
+    keys) or ``push_keys``, from the plan's job-wide fields where set."""
+    whole = plan.batch_keys if field == "used_keys" else plan.all_push_keys
+    if whole is not None:
+        return whole
     if any(p is None for p in plan.workers):
         raise EsdConfigError(
-            f"prefetch needs every worker's plan of iteration {plan.iteration}: a directory that tracks "
-            "every worker (EsdConfig.prefetch_depth plans every cache on every worker)"
+            f"prefetch needs every worker's {field} of iteration {plan.iteration}: a directory that tracks "
+            "every worker, or the plan's batch_keys / all_push_keys (EsdInputDist gathers them when "
+            "EsdConfig.prefetch_depth is set)"
         )
     return torch.cat([getattr(p, field) for p in plan.workers])  # type: ignore[union-attr]
 

@@ -277,11 +277,9 @@ class EsdWorkerRuntime(EsdRuntime):
     ) -> None:
         super().__init__(config, tables, optimizer, replicated_tables)
         self._esd_feature_set = frozenset(self.esd_features)
-        # worker 0 dispatches (needs every cache); the others track their own, or
-        # every cache with prefetch (its rule reads every worker's plan)
-        track_all = self.rank == 0 or config.prefetch_depth > 0
+        # worker 0 dispatches (needs every cache); the others track their own
         self.directory = CacheDirectory(
-            config, self.tables, track=None if track_all else [self.rank],
+            config, self.tables, track=None if self.rank == 0 else [self.rank],
             optimizer_state_dim=optimizer.state_dim, keyspace=self.keyspace,
         )
         self.client = PsClient(self.keyspace, optimizer, self.transport, des=config.des_misses)

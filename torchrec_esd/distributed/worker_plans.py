@@ -11,8 +11,8 @@ alone, in O(U_w log U_s + S_w + U_s) (its U_w keys, S_w slots, a summary of
 U_s keys), which does not grow with the number of workers at a fixed
 per-worker batch.  With DES-served misses (they need the batch's bags) or an
 eviction policy that reads the upcoming batches, or with prefetch (whose
-rule reads every worker's plan), every worker plans from the global batch
-instead, and so does every worker below
+rule reads the global batch's keys and, gathered after planning, every
+worker's pushes), every worker plans from the global batch instead, and so does every worker below
 :data:`SUMMARY_MIN_WORKERS` workers unless ``EsdConfig.plan_from_summaries``
 says otherwise: there, planning in parallel from the global batch is cheaper
 than waiting for worker 0's summaries (measured on 4 equal 1000 Mbit/s
@@ -59,7 +59,10 @@ def plan_iteration(rt: EsdRuntime, kjt: KeyedJaggedTensor, assignment: torch.Ten
     W = rt.config.num_workers
     if (rt.config.des_misses or W == 1 or directory.policy.reads_upcoming or rt.config.prefetch_depth
             or not uses_summaries(rt.config)):
-        return directory.plan(kjt, assignment, upcoming)
+        plan = directory.plan(kjt, assignment, upcoming)
+        if rt.config.prefetch_depth and W > 1:
+            _gather_push_keys(plan, rt.worker_index, W, group)
+        return plan
     me = rt.worker_index
     got: List[Optional[StepSummary]] = [None]
     if me == 0:
@@ -74,3 +77,15 @@ def plan_iteration(rt: EsdRuntime, kjt: KeyedJaggedTensor, assignment: torch.Ten
         raise EsdConfigError(f"worker {me} received no step summary of its own from worker 0")
     mine = directory.plan_from_summary(summary)
     return IterationPlan(directory.iteration, [mine if w == me else None for w in range(W)])
+
+
+def _gather_push_keys(plan: IterationPlan, me: int, W: int, group) -> None:
+    """Every worker's pushes of ``plan`` (the prefetch rule needs them,
+    :mod:`torchrec_esd.cache.prefetch`): a worker tracks only its own cache,
+    so the workers all-gather their push keys on ``group`` (the dispatch
+    group: in the dispatch thread, off the training path).  O(pushes) bytes."""
+    mine = plan.workers[me]
+    assert mine is not None
+    every: List[Optional[torch.Tensor]] = [None] * W
+    dist.all_gather_object(every, mine.push_keys, group=group)
+    plan.all_push_keys = torch.cat([k for k in every if k is not None])
