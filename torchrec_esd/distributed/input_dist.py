@@ -357,7 +357,14 @@ class EsdInputDist(nn.Module):
             except BaseException as e:  # raised in the consumer, at its batch
                 offer(("error", e))
 
-        producer = threading.Thread(target=produce, name="esd-dispatch-ahead", daemon=True)
+        def produce_plans() -> None:
+            try:
+                produce()
+            finally:  # a prefetch waiting for the next plan stops waiting
+                rt.plans.producing(False)
+
+        producer = threading.Thread(target=produce_plans, name="esd-dispatch-ahead", daemon=True)
+        rt.plans.producing(True)
         producer.start()
         try:
             while True:

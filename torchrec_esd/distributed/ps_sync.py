@@ -51,6 +51,8 @@ class PsSync:
         self._posted: List[Tuple[PendingPrefetch, List[Tuple[int, int]]]] = []
         # prefetched rows by iteration: (keys, rows, traffic to meter with that iteration)
         self._ready: Dict[int, List[Tuple[torch.Tensor, torch.Tensor, Traffic]]] = {}
+        self._deferred: Optional[IterationPlan] = None  # a prefetch to post before the gradients
+        self._wait_s = runtime.config.collective_timeout_s  # bound on waiting for the next plan there
 
     def push_pull(
         self, wp: WorkerPlan, push_values: torch.Tensor, des: Optional[DesRequest] = None,
@@ -83,11 +85,22 @@ class PsSync:
     def prefetch(self, current: IterationPlan) -> None:
         """After the push/pull of ``current``: post the pull of what the next
         ``prefetch_depth`` iterations' plans (those dispatched already) pull
-        and may pull now; returns at once.  Every worker calls it at the same
-        point (a lockstep PS phase), with or without rows to ask for."""
+        and may pull now; returns at once.  Every worker calls it once per
+        push/pull (a lockstep PS phase, between the push/pull and the
+        gradients), with or without rows to ask for.  When the dispatch thread
+        has not planned the next batch yet, the post waits for the gradient
+        push (:meth:`push_grads` posts it first, waiting for that plan while
+        the dispatch thread runs: the next batch needs it anyway)."""
+        if self._plans.peek(current.iteration + 1) is None:
+            self._deferred = current
+            return
+        self._post(current)
+
+    def _post(self, current: IterationPlan, wait_s: float = 0.0) -> None:
+        self._deferred = None
         ahead = []
         for j in range(current.iteration + 1, current.iteration + self._depth + 1):
-            plan = self._plans.peek(j)
+            plan = self._plans.peek(j, wait_s if j == current.iteration + 1 else 0.0)
             if plan is None:
                 break
             ahead.append(plan)
@@ -135,7 +148,11 @@ class PsSync:
     def push_grads(self, keys: torch.Tensor, grads: torch.Tensor, route: Optional[DesRoute],
                    bag_grads: torch.Tensor) -> None:
         """Gradients of ``keys`` (and of the DES bags of ``route``) to the PS;
-        returns before the sends complete (the next exchange waits for them)."""
+        returns before the sends complete (the next exchange waits for them).
+        A prefetch deferred by :meth:`prefetch` is posted first (its phase
+        comes before the gradients')."""
+        if self._deferred is not None:
+            self._post(self._deferred, self._wait_s)
         self._client.push_grads(keys, grads.detach().cpu(), route, bag_grads.detach().cpu())
         self._meter.record_grads(self._client.last_traffic, self._link)
 
