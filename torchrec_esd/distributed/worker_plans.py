@@ -83,9 +83,20 @@ def _gather_push_keys(plan: IterationPlan, me: int, W: int, group) -> None:
     """Every worker's pushes of ``plan`` (the prefetch rule needs them,
     :mod:`torchrec_esd.cache.prefetch`): a worker tracks only its own cache,
     so the workers all-gather their push keys on ``group`` (the dispatch
-    group: in the dispatch thread, off the training path).  O(pushes) bytes."""
+    group: in the dispatch thread, off the training path): two all-gathers,
+    of the counts and of the keys padded to the largest count (8 B a key).
+    The group's tensors are CPU tensors (gloo, as the dispatch group is)."""
     mine = plan.workers[me]
     assert mine is not None
-    every: List[Optional[torch.Tensor]] = [None] * W
-    dist.all_gather_object(every, mine.push_keys, group=group)
-    plan.all_push_keys = torch.cat([k for k in every if k is not None])
+    keys = mine.push_keys.to(torch.int64)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(W)]
+    dist.all_gather(sizes, torch.tensor([keys.numel()], dtype=torch.int64), group=group)
+    n = [int(x) for x in sizes]
+    if max(n) == 0:
+        plan.all_push_keys = keys
+        return
+    every = [torch.empty(max(n), dtype=torch.int64) for _ in range(W)]
+    padded = torch.full((max(n),), -1, dtype=torch.int64)
+    padded[: keys.numel()] = keys
+    dist.all_gather(every, padded, group=group)  # raw keys (8 B each), padded to the largest
+    plan.all_push_keys = torch.cat([k[:c] for k, c in zip(every, n)])
