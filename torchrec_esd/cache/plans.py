@@ -83,9 +83,6 @@ class IterationPlan:
     # sorted distinct row keys of the whole global batch (every worker's used_keys;
     # None where the plan was made from a summary): what its gradient phase may change
     batch_keys: Optional[torch.Tensor] = None
-    # every worker's push_keys, also of untracked workers (set where prefetch needs
-    # them: EsdConfig.prefetch_depth; None: only the tracked workers' plans say)
-    all_push_keys: Optional[torch.Tensor] = None
 
     def rows(self, worker: int) -> Dict[str, int]:
         p = self.workers[worker]

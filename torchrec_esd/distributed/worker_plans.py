@@ -11,8 +11,9 @@ alone, in O(U_w log U_s + S_w + U_s) (its U_w keys, S_w slots, a summary of
 U_s keys), which does not grow with the number of workers at a fixed
 per-worker batch.  With DES-served misses (they need the batch's bags) or an
 eviction policy that reads the upcoming batches, or with prefetch (whose
-rule reads the global batch's keys and, gathered after planning, every
-worker's pushes), every worker plans from the global batch instead, and so does every worker below
+rule reads every worker's pushes: every worker's directory then tracks every
+cache, see ``EsdWorkerRuntime``), every worker plans from the global batch
+instead, and so does every worker below
 :data:`SUMMARY_MIN_WORKERS` workers unless ``EsdConfig.plan_from_summaries``
 says otherwise: there, planning in parallel from the global batch is cheaper
 than waiting for worker 0's summaries (measured on 4 equal 1000 Mbit/s
@@ -59,10 +60,7 @@ def plan_iteration(rt: EsdRuntime, kjt: KeyedJaggedTensor, assignment: torch.Ten
     W = rt.config.num_workers
     if (rt.config.des_misses or W == 1 or directory.policy.reads_upcoming or rt.config.prefetch_depth
             or not uses_summaries(rt.config)):
-        plan = directory.plan(kjt, assignment, upcoming)
-        if rt.config.prefetch_depth and W > 1:
-            _gather_push_keys(plan, rt.worker_index, W, group)
-        return plan
+        return directory.plan(kjt, assignment, upcoming)
     me = rt.worker_index
     got: List[Optional[StepSummary]] = [None]
     if me == 0:
@@ -78,25 +76,3 @@ def plan_iteration(rt: EsdRuntime, kjt: KeyedJaggedTensor, assignment: torch.Ten
     mine = directory.plan_from_summary(summary)
     return IterationPlan(directory.iteration, [mine if w == me else None for w in range(W)])
 
-
-def _gather_push_keys(plan: IterationPlan, me: int, W: int, group) -> None:
-    """Every worker's pushes of ``plan`` (the prefetch rule needs them,
-    :mod:`torchrec_esd.cache.prefetch`): a worker tracks only its own cache,
-    so the workers all-gather their push keys on ``group`` (the dispatch
-    group: in the dispatch thread, off the training path): two all-gathers,
-    of the counts and of the keys padded to the largest count (8 B a key).
-    The group's tensors are CPU tensors (gloo, as the dispatch group is)."""
-    mine = plan.workers[me]
-    assert mine is not None
-    keys = mine.push_keys.to(torch.int64)
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(W)]
-    dist.all_gather(sizes, torch.tensor([keys.numel()], dtype=torch.int64), group=group)
-    n = [int(x) for x in sizes]
-    if max(n) == 0:
-        plan.all_push_keys = keys
-        return
-    every = [torch.empty(max(n), dtype=torch.int64) for _ in range(W)]
-    padded = torch.full((max(n),), -1, dtype=torch.int64)
-    padded[: keys.numel()] = keys
-    dist.all_gather(every, padded, group=group)  # raw keys (8 B each), padded to the largest
-    plan.all_push_keys = torch.cat([k[:c] for k, c in zip(every, n)])
