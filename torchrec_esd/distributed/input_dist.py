@@ -54,6 +54,7 @@ from torchrec_esd.config import EsdConfigError
 from torchrec_esd.cost import CostModel
 from torchrec_esd.dispatch import DispatchError, DispatchResult, Dispatcher, make_dispatcher
 from torchrec_esd.distributed.plan_channel import batch_fingerprint, global_batch_fingerprint
+from torchrec_esd.distributed.ps_sync import require_dispatch_ahead
 from torchrec_esd.distributed.runtime import EsdRuntime
 from torchrec_esd.distributed.worker_plans import plan_iteration
 from torchrec_esd.layout import EsdIdError
@@ -266,13 +267,7 @@ class EsdInputDist(nn.Module):
 
     def forward(self, batch: Batch) -> Batch:
         self.runtime.require_sharded_module()
-        if self.runtime.config.prefetch_depth:
-            # batch by batch, no later plan is known while a batch trains
-            self.runtime.fail(
-                f"EsdConfig.prefetch_depth={self.runtime.config.prefetch_depth} prefetches the rows of "
-                "batches dispatched ahead: iterate EsdInputDist.dispatch_ahead(batches, depth >= "
-                "prefetch_depth) instead of calling the input dist batch by batch"
-            )
+        require_dispatch_ahead(self.runtime, 0)
         group = self.runtime.worker_group
         try:
             d = self._dispatch(self._read(batch, group), group, self.device)
@@ -305,11 +300,7 @@ class EsdInputDist(nn.Module):
             raise EsdConfigError(f"dispatch_ahead needs depth >= 1, got {depth}")
         rt = self.runtime
         rt.require_sharded_module()
-        if int(depth) < rt.config.prefetch_depth:
-            rt.fail(
-                f"EsdConfig.prefetch_depth={rt.config.prefetch_depth} prefetches that many batches ahead, "
-                f"but dispatch_ahead(depth={depth}) plans only {depth} ahead: use depth >= prefetch_depth"
-            )
+        require_dispatch_ahead(rt, int(depth))
         cpu = torch.device("cpu")
         q: "queue.Queue[tuple]" = queue.Queue(maxsize=int(depth))
         stop = threading.Event()

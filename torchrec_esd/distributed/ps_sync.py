@@ -163,3 +163,21 @@ def _merged(a: Traffic, b: Traffic) -> Traffic:
     for k, v in b.sections.items():
         sections[k] = sections.get(k, SectionSize()) + v
     return Traffic(a.link + b.link, sections, a.seconds)
+
+
+def require_dispatch_ahead(runtime, depth: int) -> None:
+    """Fail every rank (``runtime.fail``) when batches are dispatched ``depth``
+    ahead (0: batch by batch) but ``EsdConfig.prefetch_depth`` is deeper: the
+    plans it prefetches for would never be known in time."""
+    want = runtime.config.prefetch_depth
+    if want and depth == 0:
+        runtime.fail(
+            f"EsdConfig.prefetch_depth={want} prefetches the rows of batches dispatched ahead: iterate "
+            "EsdInputDist.dispatch_ahead(batches, depth >= prefetch_depth) instead of calling the input "
+            "dist batch by batch"
+        )
+    if depth < want:
+        runtime.fail(
+            f"EsdConfig.prefetch_depth={want} prefetches that many batches ahead, but "
+            f"dispatch_ahead(depth={depth}) plans only {depth} ahead: use depth >= prefetch_depth"
+        )
