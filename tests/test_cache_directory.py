@@ -51,10 +51,10 @@ class VersionSimulator:
             pulled[pos] = ahead[1]  # what the worker uses: the value read ahead
         return pulled
 
-    def _prefetch(self, plan, ahead, after_gradients=False):
+    def _prefetch(self, plan, ahead):
         for w in range(len(plan.workers)):
             done = {j: k for (v, j), (k, _) in self.prefetched.items() if v == w}
-            for j, keys in self.rule(w, plan, ahead[: self.depth], done, after_gradients).items():
+            for j, keys in self.rule(w, plan, ahead[: self.depth], done).items():
                 old = self.prefetched.get((w, j), (keys[:0], keys[:0]))
                 merged = torch.cat([old[0], keys])
                 order = torch.argsort(merged)
@@ -88,8 +88,6 @@ class VersionSimulator:
             for pos in (p.grad_pos, p.des_pos):  # row gradients and DES bag gradients reach the PS
                 gk = p.used_keys[pos]
                 self.ps[gk] = self.truth[gk]
-        if self.depth:  # the second prefetch, once every gradient is applied
-            self._prefetch(plan, ahead, after_gradients=True)
 
     def flush(self):
         for w, p in enumerate(self.d.flush_plan()):
@@ -168,17 +166,9 @@ def test_prefetch_reads_what_the_pull_would_read(depth, staleness):
     assert torch.equal(sim.ps, sim.truth), "lost updates"
 
 
-def test_prefetch_after_the_gradients_takes_the_updated_rows_too():
-    _, before_only = _run_prefetch(1, 0, rule=lambda w, c, a, d, after: {} if after else prefetch_keys(w, c, a, d))
-    _, both = _run_prefetch(1, 0)
-    assert both.stale_prefetches == 0 and both.prefetched_rows > 2 * before_only.prefetched_rows
-
-
 def test_prefetch_simulator_catches_an_unsafe_rule():
     # prefetching every pull of the next batch (rows batch i updates included) reads stale rows
-    def every_pull(w, current, ahead, done, after_gradients):
-        if after_gradients:
-            return {}
+    def every_pull(w, current, ahead, done):
         return {p.iteration: p.workers[w].pull_keys for p in ahead[:1]}
 
     _, sim = _run_prefetch(1, 0, rule=every_pull)

@@ -13,13 +13,6 @@ and ``j``'s pull (served after ``j``'s pushes) the PS changes:
 * the rows pushed at ``i+1 .. j`` (every worker's ``push_keys``: dirty rows
   evicted or used by another worker).
 
-A second prefetch may follow ``i``'s gradient phase: then the rows ``i``
-uses are final on the PS (a row one worker updated locally is pushed at
-``i+1`` first, so the push rule excludes it), and only the pushes of
-``i+1 .. j`` and the gradient phases ``i+1 .. j-1`` are excluded; this is
-what lets the rows batch ``i`` updates (most update-pulls) move before ``j``'s
-push/pull.
-
 Nothing else writes the PS during training (a checkpoint's flush or load
 needs every dispatched batch trained, so no prefetch is outstanding then).
 So the rule is: ``pull_keys(w, j)`` minus those keys (and minus rows already
@@ -61,17 +54,13 @@ def prefetch_keys(
     current: IterationPlan,
     ahead: Sequence[IterationPlan],
     done: Optional[Mapping[int, torch.Tensor]] = None,
-    after_gradients: bool = False,
 ) -> Dict[int, torch.Tensor]:
     """Per iteration ``j`` of ``ahead`` (the plans of ``current.iteration + 1,
     + 2, ...``, consecutive), the rows ``worker`` may pull now, after the
-    push/pull phase of ``current`` and before its gradient phase (or, with
-    ``after_gradients``, after that phase: the rows it updated are final
-    then), that it would pull at ``j`` (sorted keys; ``done[j]``: already
-    asked for)."""
+    push/pull phase of ``current`` and before its gradient phase, that it
+    would pull at ``j`` (sorted keys; ``done[j]``: already prefetched)."""
     done = done or {}
-    # the gradient phase of `current` is still to come, or it is over
-    changed = [] if after_gradients else [_all(current, "used_keys")]
+    changed = [_all(current, "used_keys")]  # the gradient phase of `current`
     out: Dict[int, torch.Tensor] = {}
     expect = current.iteration + 1
     for plan in ahead:

@@ -12,14 +12,12 @@ the runtime's link estimates (:mod:`torchrec_esd.distributed.link_estimates`).
 Everything crossing here is on the CPU (the transport's side); the module
 moves rows to and from its device.
 
-With ``EsdConfig.prefetch_depth`` two more exchanges come with every
-push/pull (:meth:`PsSync.prefetch`): pull-only requests for the rows the next
+With ``EsdConfig.prefetch_depth`` a third exchange follows every push/pull
+(:meth:`PsSync.prefetch`): a pull-only request for the rows the next
 iterations' plans pull that nothing changes before they read them
-(:func:`~torchrec_esd.cache.prefetch_keys`), one before the gradient phase
-(rows the batch does not update: they move while it computes) and one after
-it (the rows it updated, final then: they move while the worker finishes
-its step), both posted without waiting; the push/pull of those iterations
-pulls only the rest.  Its bytes are metered with the push/pull of the iteration they
+(:func:`~torchrec_esd.cache.prefetch_keys`), posted without waiting, so it
+moves while the batch computes; the push/pull of those iterations pulls only
+the rest.  Its bytes are metered with the push/pull of the iteration they
 serve (the rows per kind still add up to the plan's).
 """
 
@@ -54,8 +52,6 @@ class PsSync:
         # prefetched rows by iteration: (keys, rows, traffic to meter with that iteration)
         self._ready: Dict[int, List[Tuple[torch.Tensor, torch.Tensor, Traffic]]] = {}
         self._deferred: Optional[IterationPlan] = None  # a prefetch to post before the gradients
-        self._after_grads: Optional[IterationPlan] = None  # a prefetch to post after the gradients
-        self._requested: Dict[int, List[torch.Tensor]] = {}  # keys asked for, by iteration
         self._wait_s = runtime.config.collective_timeout_s  # bound on waiting for the next plan there
 
     def push_pull(
@@ -95,28 +91,26 @@ class PsSync:
         has not planned the next batch yet, the post waits for the gradient
         push (:meth:`push_grads` posts it first, waiting for that plan while
         the dispatch thread runs: the next batch needs it anyway)."""
-        self._after_grads = current  # a second post follows the gradients (see push_grads)
         if self._plans.peek(current.iteration + 1) is None:
             self._deferred = current
             return
         self._post(current)
 
-    def _post(self, current: IterationPlan, wait_s: float = 0.0, after_gradients: bool = False) -> None:
-        if not after_gradients:
-            self._deferred = None
+    def _post(self, current: IterationPlan, wait_s: float = 0.0) -> None:
+        self._deferred = None
         ahead = []
         for j in range(current.iteration + 1, current.iteration + self._depth + 1):
             plan = self._plans.peek(j, wait_s if j == current.iteration + 1 else 0.0)
             if plan is None:
                 break
             ahead.append(plan)
-        done = {j: torch.cat(ks) for j, ks in self._requested.items()}
-        want = prefetch_keys(self._worker, current, ahead, done, after_gradients) if ahead else {}
+        if self._posted:  # (the push/pull before this call finished them already)
+            self._finish_posted()
+        done = {j: torch.cat([k for k, _, _ in got]) for j, got in self._ready.items()}
+        want = prefetch_keys(self._worker, current, ahead, done) if ahead else {}
         keys = torch.cat(list(want.values())) if want else _NO_KEYS
         handle = self._client.post_prefetch(keys)
         self._posted.append((handle, [(j, int(k.numel())) for j, k in want.items()]))
-        for j, k in want.items():
-            self._requested.setdefault(j, []).append(k)
         self._meter.prefetched_rows += int(keys.numel())
 
     def _finish_posted(self) -> None:
@@ -147,7 +141,6 @@ class PsSync:
         if self._posted:
             self._finish_posted()
         got = self._ready.pop(iteration, []) if iteration is not None else []
-        self._requested.pop(iteration, None)
         if not got:
             return _NO_KEYS, None, []
         return torch.cat([k for k, _, _ in got]), torch.cat([r for _, r, _ in got]), [t for _, _, t in got]
@@ -157,16 +150,11 @@ class PsSync:
         """Gradients of ``keys`` (and of the DES bags of ``route``) to the PS;
         returns before the sends complete (the next exchange waits for them).
         A prefetch deferred by :meth:`prefetch` is posted first (its phase
-        comes before the gradients'), and with prefetch a second one follows:
-        the rows the gradients make final, served once every worker's
-        gradients are applied, while this worker finishes its step."""
+        comes before the gradients')."""
         if self._deferred is not None:
             self._post(self._deferred, self._wait_s)
         self._client.push_grads(keys, grads.detach().cpu(), route, bag_grads.detach().cpu())
         self._meter.record_grads(self._client.last_traffic, self._link)
-        if self._after_grads is not None:  # served once every worker's gradients are applied
-            current, self._after_grads = self._after_grads, None
-            self._post(current, after_gradients=True)
 
 
 def _merged(a: Traffic, b: Traffic) -> Traffic:
