@@ -2,13 +2,11 @@
 version numbers: every read must see the latest version (s = 0) or one at most
 ``s`` versions old, and no update may be lost."""
 
-import dataclasses
-
 import pytest
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from torchrec_esd.cache import CacheDirectory, prefetch_keys, pushed_pull_keys
+from torchrec_esd.cache import CacheDirectory, prefetch_keys
 from torchrec_esd.config import EsdConfig, EsdConfigError, WorkerSpec
 from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig
 
@@ -166,40 +164,6 @@ def test_prefetch_reads_what_the_pull_would_read(depth, staleness):
     assert 0 <= sim.max_lag <= staleness
     sim.flush()
     assert torch.equal(sim.ps, sim.truth), "lost updates"
-
-
-@pytest.mark.parametrize("depth", [1, 2])
-def test_prefetch_from_worker_0s_exclusions_equals_the_full_rule(depth):
-    # a worker tracking only its own cache gets from worker 0 its pulls that some worker
-    # pushes in the last `depth` plans: the same prefetch as from every worker's plans
-    # (depth 1), or a subset of it (depth 2: safe, as the full rule's rows are)
-    d, _ = _run_prefetch(depth, 0, steps=2)
-    wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=3, cardinalities=[40, 200, 7], bag_size=(0, 4),
-                                                   alpha=1.1, seed=9))
-    g = torch.Generator().manual_seed(9)
-    plans = [d.plan(wl.global_batch(step, 24).sparse_features, torch.randint(0, 3, (24,), generator=g))
-             for step in range(12)]
-    compared = 0
-    for i in range(len(plans) - depth):
-        ahead = plans[i + 1 : i + 1 + depth]
-        for w in range(3):
-            full = prefetch_keys(w, plans[i], ahead)
-            sent = []
-            for p in ahead:
-                window = plans[max(0, p.iteration - plans[0].iteration - depth + 1) : p.iteration - plans[0].iteration + 1]
-                mine = dataclasses.replace(p, pull_keys_pushed=pushed_pull_keys(window, w))
-                mine.workers = [q if v == w else None for v, q in enumerate(p.workers)]
-                sent.append(mine)
-            cur = dataclasses.replace(plans[i], workers=[q if v == w else None for v, q in enumerate(plans[i].workers)])
-            got = prefetch_keys(w, cur, sent)
-            assert full.keys() == got.keys()
-            for j in full:
-                if depth == 1:
-                    assert torch.equal(full[j], got[j]), (i, w, j)
-                else:  # the window of j-1..j also holds pushes at i, applied already: a subset
-                    assert bool(torch.isin(got[j], full[j]).all()), (i, w, j)
-                compared += got[j].numel()
-    assert compared > 0
 
 
 def test_prefetch_simulator_catches_an_unsafe_rule():

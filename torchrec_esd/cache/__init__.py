@@ -32,7 +32,7 @@ from torchrec_esd.cache.policy import (
     register_policy,
     unregister_policy,
 )
-from torchrec_esd.cache.prefetch import prefetch_keys, pushed_pull_keys
+from torchrec_esd.cache.prefetch import prefetch_keys
 from torchrec_esd.cache.slots import WorkerSlots, use_dense_slot_map
 from torchrec_esd.cache.summary import StepSummary
 from torchrec_esd.cache.state import CacheLookup, CacheState
@@ -62,7 +62,6 @@ __all__ = [
     "make_policy",
     "policy_names",
     "prefetch_keys",
-    "pushed_pull_keys",
     "register_policy",
     "unregister_policy",
     "use_dense_slot_map",

@@ -83,10 +83,6 @@ class IterationPlan:
     # sorted distinct row keys of the whole global batch (every worker's used_keys;
     # None where the plan was made from a summary): what its gradient phase may change
     batch_keys: Optional[torch.Tensor] = None
-    # (EsdConfig.prefetch_depth) the pull keys of this plan's own worker that some
-    # worker pushes at this iteration or the prefetch_depth - 1 before it, from
-    # worker 0's directory (a worker's own tracks only its cache); None: not set
-    pull_keys_pushed: Optional[torch.Tensor] = None
 
     def rows(self, worker: int) -> Dict[str, int]:
         p = self.workers[worker]

@@ -10,9 +10,10 @@ dispatch group; every other worker plans its own cache from its summary
 alone, in O(U_w log U_s + S_w + U_s) (its U_w keys, S_w slots, a summary of
 U_s keys), which does not grow with the number of workers at a fixed
 per-worker batch.  With DES-served misses (they need the batch's bags) or an
-eviction policy that reads the upcoming batches, or with prefetch (worker 0
-then also sends each worker which of its pulls some worker pushes first),
-every worker plans from the global batch instead, and so does every worker below
+eviction policy that reads the upcoming batches, or with prefetch (whose
+rule reads every worker's pushes: every worker's directory then tracks every
+cache, see ``EsdWorkerRuntime``), every worker plans from the global batch
+instead, and so does every worker below
 :data:`SUMMARY_MIN_WORKERS` workers unless ``EsdConfig.plan_from_summaries``
 says otherwise: there, planning in parallel from the global batch is cheaper
 than waiting for worker 0's summaries (measured on 4 equal 1000 Mbit/s
@@ -28,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_esd.cache import IterationPlan, StepSummary, pushed_pull_keys
+from torchrec_esd.cache import IterationPlan, StepSummary
 from torchrec_esd.config import EsdConfigError
 from torchrec_esd.distributed.runtime import EsdRuntime
 
@@ -59,10 +60,7 @@ def plan_iteration(rt: EsdRuntime, kjt: KeyedJaggedTensor, assignment: torch.Ten
     W = rt.config.num_workers
     if (rt.config.des_misses or W == 1 or directory.policy.reads_upcoming or rt.config.prefetch_depth
             or not uses_summaries(rt.config)):
-        plan = directory.plan(kjt, assignment, upcoming)
-        if rt.config.prefetch_depth and W > 1:
-            _send_pushed_pulls(rt, plan, group)
-        return plan
+        return directory.plan(kjt, assignment, upcoming)
     me = rt.worker_index
     got: List[Optional[StepSummary]] = [None]
     if me == 0:
@@ -78,24 +76,3 @@ def plan_iteration(rt: EsdRuntime, kjt: KeyedJaggedTensor, assignment: torch.Ten
     mine = directory.plan_from_summary(summary)
     return IterationPlan(directory.iteration, [mine if w == me else None for w in range(W)])
 
-
-def _send_pushed_pulls(rt: EsdRuntime, plan: IterationPlan, group) -> None:
-    """Prefetch (``EsdConfig.prefetch_depth = d``) excludes the rows some worker
-    pushes before they are read (:mod:`torchrec_esd.cache.prefetch`); only
-    worker 0's directory knows every cache, so it sends each worker its pull
-    keys of ``plan`` that any worker pushes in it or the ``d - 1`` plans before
-    (one scatter on ``group``, the dispatch group: a few keys per worker,
-    where gathering every worker's pushes cost the 10 Mbit/s worker 17 ms of
-    link per step).  Sets :attr:`IterationPlan.pull_keys_pushed`."""
-    me, W = rt.worker_index, rt.config.num_workers
-    got: List[Optional[torch.Tensor]] = [None]
-    if me == 0:
-        window = rt.prefetch_window
-        window.append(plan)
-        mine = [pushed_pull_keys(list(window), w) for w in range(W)]
-        dist.scatter_object_list(got, list(mine), src=0, group=group)
-    else:
-        dist.scatter_object_list(got, None, src=0, group=group)
-    if not isinstance(got[0], torch.Tensor):
-        raise EsdConfigError(f"worker {me} received no prefetch exclusions of its own from worker 0")
-    plan.pull_keys_pushed = got[0]
