@@ -62,9 +62,11 @@ import netns  # noqa: E402
 import rate_change  # noqa: E402
 
 METHODS = ["vanilla", "random", "laia", "heuristic", "optimal", "hybrid", "esd"]
-VARIANTS = ("des", "plan", "shares", "online")  # "+des": DES-served misses; "+plan": the planner's shares;
-# "+shares": shares decided per batch around the (planned or equal) shares (torchrec_esd.dispatch.shares);
-# "+online": links measured on the PS exchanges (EsdConfig.online_links, shares from the estimates)
+VARIANTS = ("des", "plan", "shares", "online", "prefetch")  # "+des": DES-served misses; "+plan": the planner's
+# shares; "+shares": shares decided per batch around the (planned or equal) shares (torchrec_esd.dispatch.shares);
+# "+online": links measured on the PS exchanges (EsdConfig.online_links, shares from the estimates);
+# "+prefetch": EsdConfig.prefetch_depth = --dispatch-ahead (at least 1): the next batches' safe rows are
+# pulled while a batch computes
 LABEL = {
     "vanilla": "vanilla TorchRec",
     "random": "cache-only (random)",
@@ -79,7 +81,7 @@ LABEL = {
 def method_label(method: str) -> str:
     base, *variants = method.split("+")
     extra = {"des": "DES misses", "plan": "planned shares", "shares": "per-batch shares",
-             "online": "online link estimates"}
+             "online": "online link estimates", "prefetch": "prefetch"}
     return " + ".join([LABEL.get(base, base)] + [extra.get(v, v) for v in variants])
 
 
@@ -265,7 +267,11 @@ def rank_main(spec_path: str) -> None:
                     dispatcher = "shares"
                 if "online" in variants:
                     cfg = dataclasses.replace(cfg, online_links=True, compute_s_per_sample=1.0 / spec["samples_per_s"])
-                job = JobConfig(method="esd", dispatcher=dispatcher, dispatch_ahead=spec["dispatch_ahead"],
+                ahead = spec["dispatch_ahead"]
+                if "prefetch" in variants:
+                    ahead = max(1, ahead)
+                    cfg = dataclasses.replace(cfg, prefetch_depth=ahead)
+                job = JobConfig(method="esd", dispatcher=dispatcher, dispatch_ahead=ahead,
                                 dense_sync=spec["dense_sync"], **{**base, "esd": cfg}, **kw)
             hook = None
             if spec.get("rate_change") and rank < len(mix["bandwidths"]):
@@ -497,9 +503,21 @@ def summarize(args, mixes, methods, raw) -> Dict:
             if w0.get("compute_estimates_sps"):  # per-batch shares: every worker's measured compute rate
                 s["compute_samples_per_s_last"] = w0["compute_estimates_sps"][-1]
                 s["local_samples_mean"] = [sum(r["local_samples"]) / len(r["local_samples"]) for r in workers]
+            if "wire" in s:
+                # the slowest worker (largest CPU + shaped-link time per step): its compute and
+                # link time per steady step, and the iteration time over the larger of the two
+                # (1.0: one fully hides the other; 2.0: they run one after the other)
+                # HTB shapes each direction on its own: a direction's bytes / rate (whole job / steps)
+                per_w = [{"worker": w, "compute_ms": c,
+                          "link_ms": 1e3 * max(p["tx_bytes"], p["rx_bytes"]) * 8 / (bw * 1e6) / args.steps}
+                         for w, (c, p, bw) in enumerate(zip(s["cpu_ms_per_step_workers"], s["wire"]["per_worker"], bws))]
+                slow = max(per_w, key=lambda x: x["compute_ms"] + x["link_ms"])
+                slow["iter_over_max"] = s["iter_ms"] / max(slow["compute_ms"], slow["link_ms"])
+                s["slowest_worker"] = slow
             if "metrics" in w0:
                 mt = w0["metrics"]
                 s["emb"] = {
+                    "prefetched_rows": mt.get("prefetched_rows", 0),
                     "total_bytes": mt["total_bytes"], "total_link_s": mt["total_link_s"],
                     "makespan_link_s": mt["makespan_link_s"], "rows": mt["rows"],
                     "per_worker": [{"bytes": p["total_bytes"], "link_s": p["link_s"], "rows": p["rows"]}
@@ -570,6 +588,34 @@ def issue18_targets(het: str, ms: Dict, links: str, workload: str) -> List[Dict]
     return rows
 
 
+def prefetch_targets(het: str, ms: Dict, links: str) -> List[Dict]:
+    """Issue 19's prefetch: iteration time at most 1.15x the larger of the slowest
+    worker's compute and link time, and 1.25x faster than the same method without."""
+    rows = []
+    for cand, s in ms.items():
+        variants = cand.split("+")
+        base = "+".join(v for v in variants if v != "prefetch")
+        if "prefetch" not in variants[1:] or base not in ms:
+            continue
+        slow = s.get("slowest_worker")
+        if slow is not None and links == "emulated-tc":
+            rows.append({"target": f"[{het}] {method_label(cand)} iteration <= 1.15x max(compute, link) of the "
+                                   "slowest worker",
+                         "measured": f"{s['iter_ms']:.0f} ms = {slow['iter_over_max']:.2f}x max(compute "
+                                     f"{slow['compute_ms']:.0f} ms CPU, link {slow['link_ms']:.0f} ms) of worker "
+                                     f"{slow['worker']}", "met": slow["iter_over_max"] <= 1.15})
+        else:
+            rows.append({"target": f"[{het}] {method_label(cand)} iteration <= 1.15x max(compute, link) of the "
+                                   "slowest worker", "measured": "not measurable: links modelled", "met": None})
+        key = "iter_ms" if links == "emulated-tc" else "modelled_iter_ms"
+        sp = ms[base][key] / s[key]
+        rows.append({"target": f"[{het}] {method_label(cand)} >= 1.25x faster than {method_label(base)}",
+                     "measured": f"{sp:.2f}x ({ms[base][key]:.0f} -> {s[key]:.0f} ms {key}; "
+                                 f"{s.get('emb', {}).get('prefetched_rows', 0)} rows prefetched)",
+                     "met": sp >= 1.25})
+    return rows
+
+
 def targets(summary: Dict, links: str, workload: str = "iid") -> List[Dict]:
     """The project's targets, checked on what was measured."""
     rows = []
@@ -611,6 +657,8 @@ def targets(summary: Dict, links: str, workload: str = "iid") -> List[Dict]:
                                              "modelled)", "met": None})
     if het and "laia+plan" in summary[het]["methods"]:
         rows.extend(issue18_targets(het, summary[het]["methods"], links, workload))
+    if het:
+        rows.extend(prefetch_targets(het, summary[het]["methods"], links))
     if hom:
         ms = summary[hom]["methods"]
         if "hybrid" in ms and "vanilla" in ms:
@@ -801,6 +849,11 @@ def main(argv=None) -> None:
             print(f"  [{name}] {method_label(m)}: CPU ms/step workers "
                   f"{'/'.join(f'{x:.0f}' for x in s['cpu_ms_per_step_workers'])}, PS "
                   f"{'/'.join(f'{x:.0f}' for x in s['cpu_ms_per_step_ps'])}")
+            if "slowest_worker" in s:
+                sw = s["slowest_worker"]
+                print(f"  [{name}] {method_label(m)}: slowest worker {sw['worker']}: iteration {s['iter_ms']:.0f} ms, "
+                      f"compute {sw['compute_ms']:.0f} ms CPU, link {sw['link_ms']:.0f} ms (wire bytes / rate) per "
+                      f"step: {sw['iter_over_max']:.2f}x the larger")
             if "wire" in s:
                 per = ", ".join(f"w{i} {(p['tx_bytes'] + p['rx_bytes']) / 1e6:.2f} MB" for i, p in
                                 enumerate(s["wire"]["per_worker"]))

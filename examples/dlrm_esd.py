@@ -94,6 +94,9 @@ def parse_args(argv=None):
                    help="ESD's dense-gradient all-reduce: through the fastest worker, or DDP's ring")
     p.add_argument("--dispatch-ahead", type=int, default=1,
                    help="dispatch this many batches ahead in a background thread (0: inline, batch by batch)")
+    p.add_argument("--prefetch-depth", type=int, default=0, metavar="K",
+                   help="pull the safe rows of the next K batches while a batch computes (EsdConfig.prefetch_depth; "
+                        "needs --dispatch-ahead >= K; 0: off)")
     p.add_argument("--sparse-optimizer", default="rowwise_adagrad", choices=["sgd", "rowwise_adagrad"],
                    help="embedding optimizer (FBGEMM semantics; the same for vanilla TorchRec and ESD)")
     p.add_argument("--compare-vanilla", action="store_true",
@@ -136,6 +139,9 @@ def parse_args(argv=None):
             require_tensorboard()
         except EsdConfigError as e:
             p.error(f"--tensorboard: {e}")
+    if args.prefetch_depth < 0 or args.prefetch_depth > args.dispatch_ahead:
+        p.error(f"--prefetch-depth {args.prefetch_depth}: must be >= 0 and <= --dispatch-ahead "
+                f"({args.dispatch_ahead}): rows are prefetched for batches already dispatched")
     return args
 
 
@@ -163,6 +169,7 @@ def main(argv=None) -> None:
         staleness=args.staleness,
         fault_timeout_s=args.fault_timeout if args.fault_timeout != 0 else None,
         check_finite=args.check_finite,
+        prefetch_depth=args.prefetch_depth,
     )
     base = dict(
         steps=args.steps, global_batch=args.batch, embedding_dim=args.embedding_dim, workload=workload,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from torchrec_esd.cache import CacheDirectory
+from torchrec_esd.cache import CacheDirectory, prefetch_keys
 from torchrec_esd.config import EsdConfig, EsdConfigError, WorkerSpec
 from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig
 
@@ -23,8 +23,15 @@ class VersionSimulator:
     Rows the PS serves as partial sums (``des_pos``, EsdConfig.des_misses) are
     read on the PS after the pushes, and their update is applied there."""
 
-    def __init__(self, directory: CacheDirectory):
+    def __init__(self, directory: CacheDirectory, prefetch_depth: int = 0, rule=None):
         self.d = directory
+        # prefetch (EsdConfig.prefetch_depth): after the pulls of iteration i, rows of
+        # i+1..i+depth chosen by `rule` are read from the PS; their pull at j must read
+        # the same value the PS holds then (else the prefetch was a stale read)
+        self.depth, self.rule = prefetch_depth, rule or prefetch_keys
+        self.prefetched = {}  # (worker, iteration) -> (keys, values read ahead)
+        self.prefetched_rows = 0
+        self.stale_prefetches = 0
         self.ps = torch.zeros(directory.total_rows, dtype=torch.int64)
         self.truth = torch.zeros(directory.total_rows, dtype=torch.int64)
         self.cache = [
@@ -34,7 +41,27 @@ class VersionSimulator:
         self.max_lag = 0
         self.des_rows = 0
 
-    def step(self, plan):
+    def _pull(self, w, iteration, keys):
+        pulled = self.ps[keys]
+        ahead = self.prefetched.pop((w, iteration), None)
+        if ahead is not None and ahead[0].numel():
+            pos = torch.searchsorted(keys, ahead[0])
+            assert torch.equal(keys[pos], ahead[0]), "prefetched a row the pull does not need"
+            self.stale_prefetches += int((pulled[pos] != ahead[1]).sum())
+            pulled[pos] = ahead[1]  # what the worker uses: the value read ahead
+        return pulled
+
+    def _prefetch(self, plan, ahead):
+        for w in range(len(plan.workers)):
+            done = {j: k for (v, j), (k, _) in self.prefetched.items() if v == w}
+            for j, keys in self.rule(w, plan, ahead[: self.depth], done).items():
+                old = self.prefetched.get((w, j), (keys[:0], keys[:0]))
+                merged = torch.cat([old[0], keys])
+                order = torch.argsort(merged)
+                self.prefetched[(w, j)] = (merged[order], torch.cat([old[1], self.ps[keys]])[order])
+                self.prefetched_rows += keys.numel()
+
+    def step(self, plan, ahead=()):
         # phase 1: value pushes of all workers, then pulls
         for w, p in enumerate(plan.workers):
             self.ps[p.push_keys] = self.cache[w][p.push_slots]
@@ -42,7 +69,7 @@ class VersionSimulator:
             v = torch.full_like(p.used_keys, -1)
             inc = p.used_slot >= 0
             v[inc] = self.cache[w][p.used_slot[inc]]
-            pulled = self.ps[p.pull_keys]
+            pulled = self._pull(w, plan.iteration, p.pull_keys)
             v[p.pull_pos] = pulled
             dst = p.used_slot[p.pull_pos]
             self.cache[w][dst[dst >= 0]] = pulled[dst >= 0]
@@ -51,6 +78,8 @@ class VersionSimulator:
             lag = self.truth[p.used_keys] - v
             assert (lag >= 0).all(), "read a version from the future"
             self.max_lag = max(self.max_lag, int(lag.max()) if lag.numel() else 0)
+        if self.depth:  # between the push/pull and the gradient phase
+            self._prefetch(plan, ahead)
         # phase 2: local updates and gradient pushes; each used row gains one version
         used = torch.unique(torch.cat([p.used_keys for p in plan.workers]))
         self.truth[used] += 1
@@ -105,6 +134,45 @@ def _check_plan_invariants(d, plan):
         assert torch.equal(d.slot_table(w)[p.used_slot[inc]], d.table_of(p.used_keys[inc]))
         owners[d.dirty_keys(w)] += 1
     assert int(owners.max()) <= 1, "a row is dirty in two caches"
+
+
+def _run_prefetch(depth, staleness, rule=None, steps=30, seed=4):
+    """Plans made `depth` batches ahead (as dispatch_ahead does), executed with prefetch."""
+    wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=3, cardinalities=[40, 200, 7], bag_size=(0, 4),
+                                                   alpha=1.1, seed=seed))
+    cfg = EsdConfig(
+        [WorkerSpec({"t_cat_0": 8, "t_cat_1": 30, "t_cat_2": 7}, 1.0)] * 2
+        + [WorkerSpec({"t_cat_0": 3, "t_cat_1": 5, "t_cat_2": 1}, 1.0)],
+        staleness=staleness,
+    )
+    d = CacheDirectory(cfg, _tables(wl.config.cardinalities))
+    g = torch.Generator().manual_seed(seed)
+    plans = [d.plan(wl.global_batch(step, 24).sparse_features, torch.randint(0, 3, (24,), generator=g))
+             for step in range(steps)]
+    sim = VersionSimulator(d, prefetch_depth=depth, rule=rule)
+    for i, plan in enumerate(plans):
+        sim.step(plan, plans[i + 1 :])
+    return d, sim
+
+
+@pytest.mark.parametrize("depth,staleness", [(1, 0), (2, 0), (2, 2)])
+def test_prefetch_reads_what_the_pull_would_read(depth, staleness):
+    d, sim = _run_prefetch(depth, staleness)
+    assert sim.prefetched_rows > 0 and sim.stale_prefetches == 0
+    if staleness == 0:
+        assert sim.max_lag == 0
+    assert 0 <= sim.max_lag <= staleness
+    sim.flush()
+    assert torch.equal(sim.ps, sim.truth), "lost updates"
+
+
+def test_prefetch_simulator_catches_an_unsafe_rule():
+    # prefetching every pull of the next batch (rows batch i updates included) reads stale rows
+    def every_pull(w, current, ahead, done):
+        return {p.iteration: p.workers[w].pull_keys for p in ahead[:1]}
+
+    _, sim = _run_prefetch(1, 0, rule=every_pull)
+    assert sim.stale_prefetches > 0
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu"])

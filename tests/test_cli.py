@@ -27,6 +27,14 @@ def test_example_rejects_an_unknown_dispatcher_while_parsing(capsys):
     assert "unknown dispatcher(s) ['hybird']" in err and "heuristic" in err
 
 
+def test_example_prefetch_depth_needs_dispatch_ahead(capsys):
+    example = _load("examples/dlrm_esd.py", "dlrm_esd_example")
+    assert example.parse_args(["--dispatch-ahead", "2", "--prefetch-depth", "2"]).prefetch_depth == 2
+    with pytest.raises(SystemExit) as info:
+        example.parse_args(["--dispatch-ahead", "1", "--prefetch-depth", "2"])
+    assert info.value.code == 2 and "<= --dispatch-ahead" in capsys.readouterr().err
+
+
 def test_end_to_end_plot_is_skipped_without_matplotlib(monkeypatch, tmp_path, capsys):
     e2e = _load("benchmarks/end_to_end.py", "end_to_end_benchmark")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError

@@ -47,6 +47,9 @@ def test_roundtrip_and_fingerprint():
         (lambda: EsdConfig([WorkerSpec(1, 1)], objective="fast"), "objective"),
         (lambda: EsdConfig([WorkerSpec(1, 1)], cache_policy="fifo"), "cache_policy"),
         (lambda: EsdConfig([WorkerSpec(1, 1)]).batch_shares(0), "batch size"),
+        (lambda: EsdConfig([WorkerSpec(1, 1)], prefetch_depth=-1), "prefetch_depth"),
+        (lambda: EsdConfig([WorkerSpec(1, 1)], prefetch_depth=True), "prefetch_depth"),
+        (lambda: EsdConfig([WorkerSpec(1, 1)], prefetch_depth=1, plan_from_summaries=True), "plan_from_summaries"),
     ],
 )
 def test_bad_config(make, match):

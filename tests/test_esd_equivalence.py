@@ -107,6 +107,32 @@ def test_equivalence_online_links_shares_follow_the_measured_links():
     assert len({tuple(c[s] for c in counts) for s in range(STEPS)}) > 1  # the shares moved
 
 
+# ---------------------------------------------------------------- prefetch
+@pytest.mark.parametrize("depth,optimizer,dispatcher,mode,num_ps", [
+    (1, "sgd", "hybrid", "global", 2),
+    (2, "rowwise_adagrad", "heuristic", "local", 1),
+])
+def test_equivalence_prefetch(depth, optimizer, dispatcher, mode, num_ps):
+    # the rows of the next `depth` batches that nothing changes first are pulled while
+    # the current batch computes (a PREFETCH phase between its push/pull and gradients)
+    _, esd = _compare(3, [1, 1, 2], dispatcher, optimizer, mode, [1.0, 4.0, 8.0], num_ps=num_ps,
+                      dispatch_ahead=depth, esd_options=dict(prefetch_depth=depth))
+    m = esd[0]["metrics"]
+    pulled = m["rows"]["miss_pull"] + m["rows"]["update_pull"]
+    assert 0 < m["prefetched_rows"] < pulled, (m["prefetched_rows"], pulled)
+
+
+@pytest.mark.parametrize("dispatch_ahead", [0, 1])
+def test_prefetch_without_dispatch_ahead_deep_enough_fails_every_rank(dispatch_ahead):
+    # batch by batch (or one ahead for depth 2), no later plan is known while a batch trains
+    cfg = EsdConfig([WorkerSpec(CACHE, 1.0), WorkerSpec(CACHE, 2.0)], prefetch_depth=2, collective_timeout_s=60)
+    job = JobConfig(method="esd", esd=cfg, steps=2, global_batch=8, workload=WORKLOAD, dispatch_ahead=dispatch_ahead)
+    with pytest.raises(RankFailed) as info:
+        run_local_world(run, 3, job, timeout_s=120)
+    assert sorted(info.value.errors) == [0, 1, 2]
+    assert all("prefetch_depth=2" in e["error"] for e in info.value.errors.values()), info.value.errors
+
+
 # ---------------------------------------------------------------- DES-served misses
 # multi-hot bags of 6-16 ids over small caches: most bags hold several cold rows,
 # which the PS serves as pooled partial sums (and hot rows are still pulled/cached)
@@ -162,15 +188,16 @@ def _bad_id_job(job):
     return run(job)
 
 
-@pytest.mark.parametrize("dispatch_ahead,policy", [(0, "lru"), (2, "lru"), (2, "lookahead")],
-                         ids=["inline", "dispatch-ahead", "dispatch-ahead-lookahead"])
-def test_out_of_range_id_fails_every_rank_without_hanging(dispatch_ahead, policy):
+@pytest.mark.parametrize("dispatch_ahead,policy,prefetch", [(0, "lru", 0), (2, "lru", 0), (2, "lookahead", 0),
+                                                             (2, "lru", 2)],
+                         ids=["inline", "dispatch-ahead", "dispatch-ahead-lookahead", "dispatch-ahead-prefetch"])
+def test_out_of_range_id_fails_every_rank_without_hanging(dispatch_ahead, policy, prefetch):
     # with dispatch-ahead the bad batch is found in the dispatch thread, two steps
     # ahead of training (with the lookahead policy, when it enters the window of
     # upcoming batches, which ends before it); the training thread stops the PS
-    # ranks at that batch
+    # ranks at that batch (with prefetch, while a prefetch of the batches before it is posted)
     cfg = EsdConfig([WorkerSpec(CACHE, 1.0), WorkerSpec(CACHE, 2.0)], collective_timeout_s=60,
-                    cache_policy=policy, cache_lookahead=3)
+                    cache_policy=policy, cache_lookahead=3, prefetch_depth=prefetch)
     job = JobConfig(method="esd", esd=cfg, steps=5, global_batch=8, workload=WORKLOAD,
                     dispatcher="hybrid" if dispatch_ahead else "random", dispatch_ahead=dispatch_ahead)
     with pytest.raises(RankFailed) as info:

@@ -21,7 +21,7 @@ import torch
 from test_ps_transport import TABLES, QueueTransport, _Hub, _weights  # noqa: E402  (tests/ is on sys.path)
 from torchrec_esd.layout import KeySpace
 from torchrec_esd.ps import EsdProtocolError, EsdRemoteError, ParameterServer, SparseOptimizer
-from torchrec_esd.ps.protocol import FRAME_WORDS, Command, PushPullFrame, RowFormat, encode_frame
+from torchrec_esd.ps.protocol import FRAME_WORDS, Command, PrefetchFrame, PushPullFrame, RowFormat, encode_frame
 
 BOUND_BYTES = 64 << 20
 WORKERS, PS_RANK = [0, 1], 2
@@ -94,6 +94,9 @@ HUGE = [
     (encode_frame_words(Command.PUSH_PULL, 0, 0, 0, 2**22, 2**22 + 1), "'des_bags'"),
     (encode_frame_words(Command.PUSH_PULL, 0, 0, 0, 1, 1, 5), "'weighted'"),
     (encode_frame_words(Command.GRADS, 0, 1, 2**40), "'bags'"),
+    (encode_frame_words(Command.PREFETCH, 0, 2**40), "'pulls'"),
+    (encode_frame_words(Command.PREFETCH, 8, 1, 1), "unused"),
+    (encode_frame_words(Command.PREFETCH, 9, 1), "'payload_bytes' = 9"),
     (encode_frame_words(Command.ABORT, 2**33, 2**33), "'message_bytes'"),
     (encode_frame_words(Command.PUSH_PULL, -1, 0, 0), "is negative"),
     (encode_frame_words(99, 0), "'command' = 99"),
@@ -136,13 +139,17 @@ def _bad_payload_cases():
         ("negative DES pair", [encode_frame(des, 16), neg_pair], "negative DES pair"),
         ("DES key out of range", [encode_frame(des, 16), far_pair], "outside"),
         ("GRADS bags not served", [encode_frame_words(Command.GRADS, 16, 0, 1)], "served 0 DES bags"),
+        ("PREFETCH key out of range", [encode_frame(PrefetchFrame(1), 8), out_of_range[:8]], "outside"),
+        ("PREFETCH negative key", [encode_frame(PrefetchFrame(1), 8), negative[8:16]], "outside"),
     ]
 
 
 @pytest.mark.parametrize("case", _bad_payload_cases(), ids=lambda c: c[0])
 def test_malformed_payloads_are_protocol_errors(case):
     _, msgs, named = case
-    outcome, _ = _serve_one({0: msgs, 1: [_valid_empty_push_pull()]})
+    # worker 1 sends an empty request of the same phase
+    other = encode_frame(PrefetchFrame(0), 0) if int(msgs[0][0]) == Command.PREFETCH else _valid_empty_push_pull()
+    outcome, _ = _serve_one({0: msgs, 1: [other]})
     assert isinstance(outcome, EsdProtocolError) and named in str(outcome), outcome
 
 
@@ -156,7 +163,8 @@ def test_random_frames_and_payloads():
         if kind < 0.3:  # random bytes
             words = torch.randint(-2**63, 2**63 - 1, (FRAME_WORDS,), dtype=torch.int64, generator=gen)
         else:  # a real command with random counts (small, huge or at a bound)
-            cmd = rng.choice([Command.PUSH_PULL, Command.GRADS, Command.GATHER, Command.STOP, Command.ABORT])
+            cmd = rng.choice([Command.PUSH_PULL, Command.GRADS, Command.PREFETCH, Command.GATHER, Command.STOP,
+                              Command.ABORT])
             counts = [rng.choice([0, 1, 2, rng.randrange(30), 2**rng.randrange(64) - 1]) for _ in range(6)]
             if cmd is Command.PUSH_PULL:
                 counts[4] = rng.choice([0, 1, counts[4]])  # weighted flag

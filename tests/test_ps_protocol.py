@@ -14,6 +14,7 @@ from torchrec_esd.ps.protocol import (
     GradsFrame,
     GradsRequest,
     PayloadReader,
+    PrefetchFrame,
     ProtocolLimits,
     PushPullFrame,
     PushPullReply,
@@ -56,6 +57,7 @@ def test_protocol_error_is_a_remote_error():
         PushPullFrame(0, 7, des_pairs=9, des_bags=4, weighted=True),
         PushPullFrame(2, 0, des_pairs=1, des_bags=1, weighted=False),
         GradsFrame(6, 2),
+        PrefetchFrame(9),
         GatherFrame(),
         StopFrame(),
         AbortFrame(17),
@@ -74,6 +76,7 @@ def test_payload_bytes_follow_the_counts():
     assert PushPullFrame(2, 3, 4, 2, True).payload_bytes(FMT) == (2 + 3 + 4) * 8 + 2 * 20 + 4 * 4
     assert PushPullFrame(2, 3, 4, 2, True).reply_bytes(FMT) == 3 * 20 + 2 * 16
     assert GradsFrame(3, 2).payload_bytes(FMT) == 3 * (8 + 16) + 2 * 16
+    assert PrefetchFrame(3).payload_bytes(FMT) == 3 * 8 and PrefetchFrame(3).reply_bytes(FMT) == 3 * 20
 
 
 @pytest.mark.parametrize(
@@ -87,6 +90,7 @@ def test_payload_bytes_follow_the_counts():
         (_words(Command.PUSH_PULL, 0, 0, 0, 1, 1, 2), "weighted", 2, 1),
         (_words(Command.GRADS, 0, 2**62, 0), "rows", 2**62, 100),
         (_words(Command.GRADS, 0, 1, 10**9), "bags", 10**9, 1000),
+        (_words(Command.PREFETCH, 0, 101), "pulls", 101, 100),
         (_words(Command.ABORT, 2**40, 2**40), "message_bytes", 2**40, 4096),
     ],
 )

@@ -150,6 +150,14 @@ class EsdConfig:
         compute_s_per_sample: with ``online_links``, a worker's compute time
             per sample at ``share`` 1: the shares then equalise the predicted
             step time (compute + measured link) instead of following ``share``.
+        prefetch_depth: while batch ``i`` trains, pull the rows batches
+            ``i+1 .. i+depth`` need that nothing changes before they read them
+            (:mod:`torchrec_esd.cache.prefetch`), so the transfer overlaps the
+            compute; the push/pull of ``i+1`` carries only the rest.  Exact at
+            any staleness.  Needs ``EsdInputDist.dispatch_ahead(depth >=
+            prefetch_depth)`` and every worker planning every cache from the
+            global batch (not ``plan_from_summaries=True``; the default then
+            plans from the global batch at any W).  ``0``: off.
     """
 
     workers: Sequence[WorkerSpec]
@@ -165,6 +173,7 @@ class EsdConfig:
     fault_timeout_s: Optional[float] = 30.0
     check_finite: bool = False
     plan_from_summaries: Optional[bool] = None
+    prefetch_depth: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -234,6 +243,17 @@ class EsdConfig:
         _require(
             self.plan_from_summaries is None or isinstance(self.plan_from_summaries, bool),
             f"EsdConfig.plan_from_summaries must be True, False or None (auto), got {self.plan_from_summaries!r}",
+        )
+        _require(
+            isinstance(self.prefetch_depth, int) and not isinstance(self.prefetch_depth, bool)
+            and self.prefetch_depth >= 0,
+            f"EsdConfig.prefetch_depth must be an int >= 0, got {self.prefetch_depth!r}",
+        )
+        _require(
+            not (self.prefetch_depth and self.plan_from_summaries),
+            "EsdConfig.prefetch_depth needs every worker's plan (which rows others push and update), so "
+            "every worker plans every cache from the global batch: it cannot be combined with "
+            "plan_from_summaries=True (leave it None or False)",
         )
 
     @property

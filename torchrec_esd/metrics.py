@@ -44,6 +44,9 @@ class TransmissionMeter:
     key_bytes: int = 0
     link_s: float = 0.0
     iterations: int = 0
+    # pulled rows (counted in miss_pull / update_pull) that were prefetched while an
+    # earlier batch computed (EsdConfig.prefetch_depth)
+    prefetched_rows: int = 0
 
     def add(self, kind: str, rows: int, num_bytes: int) -> None:
         if kind not in self.rows:
@@ -112,6 +115,7 @@ class TransmissionMeter:
             "messages": self.messages,
             "link_s": self.link_s,
             "iterations": self.iterations,
+            "prefetched_rows": self.prefetched_rows,
         }
 
     @staticmethod
@@ -124,4 +128,5 @@ class TransmissionMeter:
             "total_link_s": sum(w["link_s"] for w in per_worker),
             "makespan_link_s": max((w["link_s"] for w in per_worker), default=0.0),
             "rows": {k: sum(w["rows"][k] for w in per_worker) for k in KINDS},
+            "prefetched_rows": sum(w.get("prefetched_rows", 0) for w in per_worker),
         }

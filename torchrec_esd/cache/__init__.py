@@ -9,6 +9,8 @@ eviction policies and the cache state the cost model reads.
   :class:`LfuPolicy`) and the registry ``EsdConfig.cache_policy`` names;
 * :mod:`~torchrec_esd.cache.lookahead`: :class:`LookaheadPolicy` (Belady within
   the upcoming batches) and :class:`UpcomingUse`;
+* :mod:`~torchrec_esd.cache.prefetch`: :func:`prefetch_keys`, the rows a
+  worker may pull iterations ahead (``EsdConfig.prefetch_depth``);
 * :mod:`~torchrec_esd.cache.slots`: one worker's slots and key -> slot map
   (dense or hashed, :func:`use_dense_slot_map`);
 * :mod:`~torchrec_esd.cache.summary`: :class:`StepSummary`, what a worker
@@ -30,6 +32,7 @@ from torchrec_esd.cache.policy import (
     register_policy,
     unregister_policy,
 )
+from torchrec_esd.cache.prefetch import prefetch_keys
 from torchrec_esd.cache.slots import WorkerSlots, use_dense_slot_map
 from torchrec_esd.cache.summary import StepSummary
 from torchrec_esd.cache.state import CacheLookup, CacheState
@@ -58,6 +61,7 @@ __all__ = [
     "WorkerSlots",
     "make_policy",
     "policy_names",
+    "prefetch_keys",
     "register_policy",
     "unregister_policy",
     "use_dense_slot_map",

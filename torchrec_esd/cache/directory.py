@@ -232,7 +232,7 @@ class CacheDirectory:
         plans: List[Optional[WorkerPlan]] = [None] * W
         for w in self.tracked:
             plans[w] = self._step(w, used[w], user_keys, user_counts, num_samples[w], pairs.get(w))
-        return IterationPlan(self.iteration, plans)
+        return IterationPlan(self.iteration, plans, batch_keys=user_keys)
 
     def step_summaries(self, kjt: KeyedJaggedTensor, assignment: torch.Tensor) -> List[StepSummary]:
         """Per worker, the :class:`StepSummary` of this batch and assignment

@@ -80,6 +80,9 @@ class IterationPlan:
 
     iteration: int
     workers: List[Optional[WorkerPlan]]  # None for workers the directory does not track
+    # sorted distinct row keys of the whole global batch (every worker's used_keys;
+    # None where the plan was made from a summary): what its gradient phase may change
+    batch_keys: Optional[torch.Tensor] = None
 
     def rows(self, worker: int) -> Dict[str, int]:
         p = self.workers[worker]

@@ -55,6 +55,7 @@ from torchrec_esd.cost import CostModel
 from torchrec_esd.dispatch import DispatchError, DispatchResult, Dispatcher, make_dispatcher
 from torchrec_esd.distributed.compute_estimates import ComputeEstimates
 from torchrec_esd.distributed.plan_channel import batch_fingerprint, global_batch_fingerprint
+from torchrec_esd.distributed.ps_sync import require_dispatch_ahead
 from torchrec_esd.distributed.runtime import EsdRuntime
 from torchrec_esd.distributed.worker_plans import plan_iteration
 from torchrec_esd.layout import EsdIdError
@@ -282,6 +283,7 @@ class EsdInputDist(nn.Module):
 
     def forward(self, batch: Batch) -> Batch:
         self.runtime.require_sharded_module()
+        require_dispatch_ahead(self.runtime, 0)
         group = self.runtime.worker_group
         try:
             d = self._dispatch(self._read(batch, group), group, self.device)
@@ -314,6 +316,7 @@ class EsdInputDist(nn.Module):
             raise EsdConfigError(f"dispatch_ahead needs depth >= 1, got {depth}")
         rt = self.runtime
         rt.require_sharded_module()
+        require_dispatch_ahead(rt, int(depth))
         cpu = torch.device("cpu")
         q: "queue.Queue[tuple]" = queue.Queue(maxsize=int(depth))
         stop = threading.Event()
@@ -361,7 +364,14 @@ class EsdInputDist(nn.Module):
             except BaseException as e:  # raised in the consumer, at its batch
                 offer(("error", e))
 
-        producer = threading.Thread(target=produce, name="esd-dispatch-ahead", daemon=True)
+        def produce_plans() -> None:
+            try:
+                produce()
+            finally:  # a prefetch waiting for the next plan stops waiting
+                rt.plans.producing(False)
+
+        producer = threading.Thread(target=produce_plans, name="esd-dispatch-ahead", daemon=True)
+        rt.plans.producing(True)
         producer.start()
         try:
             while True:

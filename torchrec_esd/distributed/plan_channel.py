@@ -76,6 +76,8 @@ class PlanChannel:
     def __init__(self) -> None:
         self._plans: "OrderedDict[int, IterationPlan]" = OrderedDict()
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._producing = 0  # dispatch-ahead threads that may still put plans
         self._last_put = 0  # iteration of the last plan put
         self._last_taken = 0  # iteration of the last plan taken
 
@@ -88,6 +90,14 @@ class PlanChannel:
                 )
             self._plans[plan.iteration] = plan
             self._last_put = plan.iteration
+            self._changed.notify_all()
+
+    def producing(self, on: bool) -> None:
+        """A dispatch-ahead thread starts (``True``) or stops putting plans
+        (end of its batches, an error, or its consumer stopped)."""
+        with self._lock:
+            self._producing += 1 if on else -1
+            self._changed.notify_all()
 
     def take(self, iteration: Optional[int] = None) -> IterationPlan:
         """The plan of ``iteration`` (default: the one after the last taken)."""
@@ -107,6 +117,19 @@ class PlanChannel:
                 )
             self._last_taken = want
             return plan
+
+    def peek(self, iteration: int, wait_s: float = 0.0) -> Optional[IterationPlan]:
+        """The plan of ``iteration`` if it was put and not taken yet, without
+        taking it (the prefetch reads the plans ahead).  With ``wait_s``, waits
+        up to that long for it while a dispatch-ahead thread runs (None at
+        once when none does: no plan is coming)."""
+        iteration = int(iteration)
+        with self._lock:
+            self._changed.wait_for(
+                lambda: iteration in self._plans or self._producing <= 0 or self._last_put >= iteration,
+                timeout=wait_s if wait_s > 0 else 0.0,
+            )
+            return self._plans.get(iteration)
 
     @property
     def pending(self) -> int:

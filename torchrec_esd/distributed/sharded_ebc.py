@@ -15,8 +15,10 @@ channel (:mod:`~torchrec_esd.distributed.plan_channel`):
   train pipelines may run it ahead without touching the PS;
 * ``compute`` takes the plan of the next iteration, checks that the batch is
   the one that plan was made for, pushes dirty rows and pulls missing/outdated
-  rows (one PS round trip), then pools from a working set of the rows the
-  batch uses;
+  rows (one PS round trip; with ``EsdConfig.prefetch_depth`` the rows
+  prefetched while the previous batches computed are not pulled again, and
+  the next batches' prefetch is posted right after), then pools from a
+  working set of the rows the batch uses;
 * the backward hook of the working set applies local updates to cached rows
   and pushes the other rows' gradients to the PS (the fused-optimizer style
   of TorchRec: embeddings are updated during the backward).
@@ -214,7 +216,9 @@ class ShardedEsdEmbeddingBagCollection(
         layout, gkeys, epos = self._layout(kjt, wp, plan.iteration)
         des = self._des_request(wp, layout, gkeys, epos) if rt.config.des_misses else None
         store = self._store
-        got, partial, route = self._ps.push_pull(wp, store.read(wp.push_slots), des)
+        got, partial, route = self._ps.push_pull(wp, store.read(wp.push_slots), des, plan.iteration)
+        if rt.config.prefetch_depth:  # the next batches' safe pulls move while this one computes
+            self._ps.prefetch(plan)
         clock = rt.compute_estimates
         if clock is not None and torch.is_grad_enabled():
             clock.start()  # this worker's compute, up to the embedding gradients (compute_estimates)

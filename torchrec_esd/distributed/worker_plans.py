@@ -10,8 +10,10 @@ dispatch group; every other worker plans its own cache from its summary
 alone, in O(U_w log U_s + S_w + U_s) (its U_w keys, S_w slots, a summary of
 U_s keys), which does not grow with the number of workers at a fixed
 per-worker batch.  With DES-served misses (they need the batch's bags) or an
-eviction policy that reads the upcoming batches, every worker plans from the
-global batch instead, and so does every worker below
+eviction policy that reads the upcoming batches, or with prefetch (whose
+rule reads every worker's pushes: every worker's directory then tracks every
+cache, see ``EsdWorkerRuntime``), every worker plans from the global batch
+instead, and so does every worker below
 :data:`SUMMARY_MIN_WORKERS` workers unless ``EsdConfig.plan_from_summaries``
 says otherwise: there, planning in parallel from the global batch is cheaper
 than waiting for worker 0's summaries (measured on 4 equal 1000 Mbit/s
@@ -56,7 +58,8 @@ def plan_iteration(rt: EsdRuntime, kjt: KeyedJaggedTensor, assignment: torch.Ten
     directory = rt.directory
     assert directory is not None
     W = rt.config.num_workers
-    if rt.config.des_misses or W == 1 or directory.policy.reads_upcoming or not uses_summaries(rt.config):
+    if (rt.config.des_misses or W == 1 or directory.policy.reads_upcoming or rt.config.prefetch_depth
+            or not uses_summaries(rt.config)):
         return directory.plan(kjt, assignment, upcoming)
     me = rt.worker_index
     got: List[Optional[StepSummary]] = [None]
@@ -72,3 +75,4 @@ def plan_iteration(rt: EsdRuntime, kjt: KeyedJaggedTensor, assignment: torch.Ten
         raise EsdConfigError(f"worker {me} received no step summary of its own from worker 0")
     mine = directory.plan_from_summary(summary)
     return IterationPlan(directory.iteration, [mine if w == me else None for w in range(W)])
+

@@ -11,6 +11,7 @@ reads.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -26,18 +27,34 @@ from torchrec_esd.ps.protocol import (
     GatherReply,
     GradsRequest,
     Parts,
+    PrefetchRequest,
     ProtocolLimits,
     PushPullReply,
     PushPullRequest,
     RowFormat,
+    Section,
     StopFrame,
     abort_parts,
     add_sections,
     pack,
 )
-from torchrec_esd.ps.transport import Pending, Traffic, Transport
+from torchrec_esd.ps.transport import LinkStats, Pending, Traffic, Transport
 
 _NO_KEYS = torch.empty(0, dtype=torch.int64)
+
+
+@dataclass
+class PendingPrefetch:
+    """A posted :meth:`PsClient.post_prefetch`: its requests and replies in
+    flight (completed by :meth:`PsClient.finish_prefetch`)."""
+
+    keys: torch.Tensor  # [n] the keys, in the order the rows come back
+    order: torch.Tensor  # keys[order] are grouped by PS
+    frames: list
+    sends: List[Pending]
+    recvs: List[Pending]
+    replies: List[torch.Tensor]
+    sections: Dict
 
 
 class PsClient:
@@ -160,6 +177,48 @@ class PsClient:
                 0, torch.cat(route.ps_bags), torch.cat([r.partials for r in replies])
             )
         return out, partial, route
+
+    def post_prefetch(self, keys: torch.Tensor) -> PendingPrefetch:
+        """Ask every PS for the rows (value + state) of ``keys`` as they are
+        now, without waiting: the requests and the replies move while the
+        worker computes (gloo progresses them in its own thread).  Every
+        worker posts one at the same point of its phases (a lockstep phase;
+        ``keys`` may be empty).  Replies to one PS are matched in the order
+        their receives were posted, so later exchanges may run before
+        :meth:`finish_prefetch`."""
+        t = self.transport
+        order, per = self._by_ps(keys)
+        ks = torch.split(keys[order], per.tolist())
+        reqs = [PrefetchRequest(ks[i]) for i in range(self.routing.num_ps)]
+        frames = [q.frame() for q in reqs]
+        sections: Dict = {}
+        sends: List[Pending] = []
+        recvs, replies = [], []
+        for i, dst in enumerate(t.ps_ranks):
+            frames[i].check(self.limits[i], f"worker request to PS {i}")
+            add_sections(sections, reqs[i].parts())
+            sends += t.send_frame(dst, frames[i], pack(reqs[i].parts()))
+        for i, src in enumerate(t.ps_ranks):
+            buf = torch.empty(frames[i].reply_bytes(self.fmt), dtype=torch.uint8)
+            if buf.numel():
+                recvs.append(t.recv(src, buf))
+            replies.append(buf)
+        return PendingPrefetch(keys, order, frames, sends, recvs, replies, sections)
+
+    def finish_prefetch(self, p: PendingPrefetch) -> Tuple[torch.Tensor, Traffic]:
+        """Wait for ``p``'s replies: the rows ``[len(p.keys), D+S]`` in the
+        order of ``p.keys``, and what it moved (its own messages: other
+        exchanges may run between its posting and this call)."""
+        t = self.transport
+        t.wait(p.sends + p.recvs)
+        rows = [PrefetchRequest.decode_reply(f, buf, self.fmt) for f, buf in zip(p.frames, p.replies)]
+        sections = dict(p.sections)
+        out = torch.empty(p.keys.numel(), self.routing.wire_dim + self.optimizer.state_dim)
+        out[p.order] = torch.cat(rows)
+        add_sections(sections, [(Section.PULL_ROWS, r) for r in rows])
+        nbytes = [m.buf.numel() * m.buf.element_size() for m in p.sends + p.recvs]
+        link = LinkStats(sum(nbytes[: len(p.sends)]), sum(nbytes[len(p.sends):]), len(p.sends), len(p.recvs))
+        return out, Traffic(link, sections, 0.0)
 
     def push_grads(
         self, keys: torch.Tensor, grads: torch.Tensor, des_route: Optional[DesRoute] = None,

@@ -59,6 +59,7 @@ class Command(IntEnum):
     PUSH_PULL = 1  # push dirty rows, pull rows (+ DES partial sums); one reply
     GRADS = 2  # row and DES bag gradients; no reply
     GATHER = 3  # every PS replies its whole storage (tests, checkpoints)
+    PREFETCH = 4  # pull rows of a later iteration early (EsdConfig.prefetch_depth); one reply
     STOP = 8
     ABORT = 9  # payload: the reason, UTF-8
 
@@ -157,6 +158,24 @@ class GradsFrame:
 
 
 @dataclass(frozen=True)
+class PrefetchFrame:
+    """Pull-only request: the rows (value + state) of ``pulls`` keys, answered
+    from the PS's current storage (no push, no DES, no state change)."""
+
+    COMMAND: ClassVar[Command] = Command.PREFETCH
+    pulls: int
+
+    def check(self, limits: ProtocolLimits, where: str) -> None:
+        _bound(where, "PREFETCH", "pulls", self.pulls, limits.rows, "rows the PS owns")
+
+    def payload_bytes(self, fmt: RowFormat) -> int:
+        return self.pulls * KEY_BYTES
+
+    def reply_bytes(self, fmt: RowFormat) -> int:
+        return self.pulls * fmt.row_bytes
+
+
+@dataclass(frozen=True)
 class GatherFrame:
     COMMAND: ClassVar[Command] = Command.GATHER
 
@@ -191,8 +210,8 @@ class AbortFrame:
         return self.message_bytes
 
 
-Frame = Union[PushPullFrame, GradsFrame, GatherFrame, StopFrame, AbortFrame]
-FRAME_TYPES = {t.COMMAND: t for t in (PushPullFrame, GradsFrame, GatherFrame, StopFrame, AbortFrame)}
+Frame = Union[PushPullFrame, GradsFrame, PrefetchFrame, GatherFrame, StopFrame, AbortFrame]
+FRAME_TYPES = {t.COMMAND: t for t in (PushPullFrame, GradsFrame, PrefetchFrame, GatherFrame, StopFrame, AbortFrame)}
 
 
 def encode_frame(frame: Frame, payload_bytes: int) -> torch.Tensor:
@@ -336,6 +355,33 @@ class PushPullReply:
         partials = rd.take(frame.des_bags, torch.float32, (fmt.dim,))
         rd.done()
         return PushPullReply(rows, partials)
+
+
+@dataclass
+class PrefetchRequest:
+    """Wire order: the keys; the reply is their rows ``[pulls, D+S]`` in order."""
+
+    keys: torch.Tensor  # [n] int64
+
+    def frame(self) -> PrefetchFrame:
+        return PrefetchFrame(self.keys.numel())
+
+    def parts(self) -> Parts:
+        return [(Section.KEYS, self.keys)]
+
+    @staticmethod
+    def decode(frame: PrefetchFrame, buf: torch.Tensor, fmt: RowFormat) -> "PrefetchRequest":
+        rd = PayloadReader(buf)
+        req = PrefetchRequest(rd.take(frame.pulls, torch.int64))
+        rd.done()
+        return req
+
+    @staticmethod
+    def decode_reply(frame: PrefetchFrame, buf: torch.Tensor, fmt: RowFormat) -> torch.Tensor:
+        rd = PayloadReader(buf)
+        rows = rd.take(frame.pulls, torch.float32, (fmt.dim + fmt.state_dim,))
+        rd.done()
+        return rows
 
 
 @dataclass

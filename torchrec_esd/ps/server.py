@@ -9,6 +9,10 @@ they all sent the same command and answers where the phase has a reply:
   the rows this PS owns (see :mod:`torchrec_esd.des.served_misses`);
 * ``GRADS``: scatter DES bag gradients to the bags' rows, sum all workers'
   gradients per row and apply the optimizer once per row (synchronous);
+* ``PREFETCH`` (``EsdConfig.prefetch_depth``): answer the pulls of a later
+  iteration from the storage as it is now (the workers ask only for rows
+  that nothing changes before that iteration reads them,
+  :mod:`torchrec_esd.cache.prefetch`); no state changes;
 * ``GATHER``: send every worker this PS's storage; ``STOP``; ``ABORT``.
 
 Every frame is bounded (:func:`~torchrec_esd.ps.protocol.decode_frame`) and
@@ -34,11 +38,13 @@ from torchrec_esd.ps.protocol import (
     GatherReply,
     GradsFrame,
     GradsRequest,
+    PrefetchRequest,
     ProtocolLimits,
     PushPullFrame,
     PushPullReply,
     PushPullRequest,
     RowFormat,
+    Section,
     abort_message,
     decode_frame,
     pack,
@@ -93,6 +99,8 @@ class ParameterServer:
             elif cmd is Command.GRADS:
                 self._grads(frames, payloads)
                 self.iterations += 1
+            elif cmd is Command.PREFETCH:
+                self._prefetch(frames, payloads)
             elif cmd is Command.GATHER:
                 self._gather()
             elif cmd is Command.STOP:
@@ -217,6 +225,12 @@ class ParameterServer:
         rows, state = self.storage.rows(uniq), self.storage.state(uniq)
         self.optimizer.apply_(rows, state, total, self.storage.row_dims(uniq))
         self.storage.write(uniq, rows, state)
+
+    def _prefetch(self, frames: List[Frame], payloads: List[torch.Tensor]) -> None:
+        reqs = [PrefetchRequest.decode(f, p, self.fmt) for f, p in zip(frames, payloads)]  # type: ignore[arg-type]
+        local = self._local(torch.cat([q.keys for q in reqs]))
+        rows = torch.cat([self.storage.rows(local), self.storage.state(local)], dim=1)
+        self._reply([[(Section.PULL_ROWS, r)] for r in torch.split(rows, [q.keys.numel() for q in reqs])])
 
     @property
     def weights(self) -> torch.Tensor:
