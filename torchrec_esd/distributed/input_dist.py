@@ -40,7 +40,6 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -54,6 +53,7 @@ from torchrec_esd.config import EsdConfigError
 from torchrec_esd.cost import CostModel
 from torchrec_esd.dispatch import DispatchError, DispatchResult, Dispatcher, make_dispatcher
 from torchrec_esd.distributed.compute_estimates import ComputeEstimates
+from torchrec_esd.distributed.dispatched_batch import BadBatch, DispatchedBatch, ReadBatch, readable
 from torchrec_esd.distributed.plan_channel import batch_fingerprint, global_batch_fingerprint
 from torchrec_esd.distributed.ps_sync import require_dispatch_ahead
 from torchrec_esd.distributed.runtime import EsdRuntime
@@ -62,45 +62,6 @@ from torchrec_esd.layout import EsdIdError
 
 MODES = ("global", "local")
 _END = object()
-
-
-@dataclass
-class _Dispatched:
-    """One dispatched batch: this worker's samples and what produced them."""
-
-    local: Batch
-    result: Optional[DispatchResult]
-    mine: torch.Tensor
-    loss_scale: float
-    shares: Optional[List[int]] = None
-    link_bytes_per_s: Optional[List[float]] = None  # the estimates it was decided with (online_links)
-    compute_samples_per_s: Optional[List[float]] = None  # the compute rates it was decided with (measured)
-
-
-@dataclass
-class _Read:
-    """One batch as read (the ids gathered in local mode) and checked:
-    ``esd`` is its ESD-managed features (what the directory plans); ``bad``
-    the failed id check, ``failure`` any other error, both raised at its turn."""
-
-    batch: Optional[Batch]  # None: the loader failed before yielding it
-    global_kjt: Optional[KeyedJaggedTensor] = None
-    strides: Optional[List[int]] = None
-    esd: Optional[KeyedJaggedTensor] = None
-    bad: Optional["_BadBatch"] = None
-    failure: Optional[BaseException] = None
-
-
-def _readable(r: _Read) -> bool:
-    return r.bad is None and r.failure is None
-
-
-class _BadBatch(Exception):
-    """A batch failed the id checks (every worker sees the same global ids)."""
-
-    def __init__(self, error: EsdConfigError) -> None:
-        super().__init__(str(error))
-        self.error = error
 
 
 class EsdInputDist(nn.Module):
@@ -287,11 +248,11 @@ class EsdInputDist(nn.Module):
         group = self.runtime.worker_group
         try:
             d = self._dispatch(self._read(batch, group), group, self.device)
-        except _BadBatch as e:
+        except BadBatch as e:
             self._fail(e)
         return self._adopt(d)
 
-    def _fail(self, e: _BadBatch) -> None:
+    def _fail(self, e: BadBatch) -> None:
         """Stop the PS ranks and raise the batch's error (every worker sees the
         same global ids, so every worker gets here; called from the training
         thread, the only one that talks to the PS)."""
@@ -336,15 +297,15 @@ class EsdInputDist(nn.Module):
             # batches are read (ids gathered, checked) ``window`` batches ahead of
             # the one dispatched, so that a policy reading the upcoming batches
             # sees them; a batch whose read failed ends the window before it
-            ahead: "deque[_Read]" = deque()
+            ahead: "deque[ReadBatch]" = deque()
             source = iter(batches)
             try:
                 while True:
-                    while len(ahead) <= window and (not ahead or _readable(ahead[-1])):
+                    while len(ahead) <= window and (not ahead or readable(ahead[-1])):
                         try:
                             batch = next(source, _END)
                         except BaseException as e:  # the loader's error, raised at its batch's turn
-                            ahead.append(_Read(None, failure=e))
+                            ahead.append(ReadBatch(None, failure=e))
                             break
                         if batch is _END:
                             break
@@ -355,7 +316,7 @@ class EsdInputDist(nn.Module):
                         break
                     current = ahead.popleft()
                     upcoming = [r.esd for r in ahead]
-                    if ahead and not _readable(ahead[-1]):
+                    if ahead and not readable(ahead[-1]):
                         upcoming.pop()
                     d = self._dispatch(current, rt.dispatch_group, cpu, upcoming)
                     if not offer(("batch", d)):
@@ -379,7 +340,7 @@ class EsdInputDist(nn.Module):
                 if kind == "end":
                     return
                 if kind == "error":
-                    if isinstance(item, _BadBatch):
+                    if isinstance(item, BadBatch):
                         self._fail(item)
                     raise item
                 yield self._adopt(item)
@@ -387,17 +348,16 @@ class EsdInputDist(nn.Module):
             stop.set()
             producer.join(timeout=1.0)
 
-    def _adopt(self, d: _Dispatched) -> Batch:
+    def _adopt(self, d: DispatchedBatch) -> Batch:
         """Make ``d`` the current batch (the attributes describe it)."""
         self.last_result, self.last_mine, self.loss_scale = d.result, d.mine, d.loss_scale
         self.last_shares, self.last_link_estimates = d.shares, d.link_bytes_per_s
         self.last_compute_estimates = d.compute_samples_per_s
         return d.local
 
-    def _read(self, batch: Batch, group) -> _Read:
+    def _read(self, batch: Batch, group) -> ReadBatch:
         """Gather the ids (local mode, a collective on ``group``) and check them."""
         rt = self.runtime
-        me = rt.worker_index
         rt.dispatched_batches += 1  # before any collective: the fault monitor's run-out check
         if self.mode == "global":
             gkjt, strides = batch.sparse_features, None
@@ -411,24 +371,24 @@ class EsdInputDist(nn.Module):
             if missing:
                 raise EsdIdError(f"batch has no feature(s) {missing} (read by the ESD tables); it has {gkjt.keys()}")
         except EsdConfigError as e:
-            raise _BadBatch(e) from e
+            raise BadBatch(e) from e
         ekjt = rt.esd_view(gkjt)  # replicated tables' features are not dispatched on
         try:
             rt.directory.check_batch(ekjt)  # type: ignore[union-attr]
             rt.check_replicated_ids(gkjt)
         except EsdConfigError as e:
-            return _Read(batch, gkjt, strides, ekjt, bad=_BadBatch(e))
-        return _Read(batch, gkjt, strides, ekjt)
+            return ReadBatch(batch, gkjt, strides, ekjt, bad=BadBatch(e))
+        return ReadBatch(batch, gkjt, strides, ekjt)
 
-    def _read_safely(self, batch: Batch, group) -> _Read:
+    def _read_safely(self, batch: Batch, group) -> ReadBatch:
         try:
             return self._read(batch, group)
         except BaseException as e:  # raised when the batch's turn comes
-            return _Read(batch, failure=e)
+            return ReadBatch(batch, failure=e)
 
     def _dispatch(
-        self, read: _Read, group, device: torch.device, upcoming: Sequence[KeyedJaggedTensor] = ()
-    ) -> _Dispatched:
+        self, read: ReadBatch, group, device: torch.device, upcoming: Sequence[KeyedJaggedTensor] = ()
+    ) -> DispatchedBatch:
         """Decide, plan (queues the plan) and select this worker's samples;
         every collective runs on ``group``.  ``upcoming``: the next batches'
         ESD features, for an eviction policy that reads them."""
@@ -463,7 +423,7 @@ class EsdInputDist(nn.Module):
         est = rt.link_estimates
         links = est.bytes_per_second() if est is not None else None  # this thread updated them last
         compute = rt.compute_estimates.samples_per_s() if rt.compute_estimates is not None else None
-        return _Dispatched(local, result, mine, rt.config.num_workers / b, shares, links, compute)
+        return DispatchedBatch(local, result, mine, rt.config.num_workers / b, shares, links, compute)
 
     def _move_rows(
         self, local: torch.Tensor, assignment: torch.Tensor, strides: List[int], group, device: torch.device
