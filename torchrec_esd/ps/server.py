@@ -237,7 +237,10 @@ class ParameterServer:
         t = self.transport
         sends = []
         for dst, parts in zip(t.worker_ranks, parts_per_worker):
-            data = pack(parts)
+            full = [x for _, x in parts if x.numel()]
+            # one part (pulled rows without DES partial sums): sent as it is, not
+            # copied by pack; it is a fresh tensor, and the sends are waited below
+            data = full[0].contiguous().view(-1).view(torch.uint8) if len(full) == 1 else pack(parts)
             if data.numel():
                 sends.append(t.send(dst, data))
         t.wait(sends)
@@ -249,6 +252,6 @@ class ParameterServer:
                 f"(min {int(keys.min())}, max {int(keys.max())})"
             )
         p, local = self.routing.locate(keys)
-        if keys.numel() and bool((p != self.ps_index).any()):
+        if self.routing.num_ps > 1 and keys.numel() and bool((p != self.ps_index).any()):
             raise EsdProtocolError(f"PS {self.ps_index} received keys it does not own")
         return local
