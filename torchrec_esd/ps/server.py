@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from torchrec_esd import ops
 from torchrec_esd.config import EsdConfigError
 from torchrec_esd.layout import KeySpace
 from torchrec_esd.optim import SparseOptimizer
@@ -212,7 +213,7 @@ class ParameterServer:
                 grads = torch.cat([grads, bag_grads[db] * pair_w.view(-1, 1)])
         if local.numel() == 0:
             return
-        uniq, inv = torch.unique(local, return_inverse=True)
+        uniq, inv = ops.sorted_distinct_inverse(local)
         total = torch.zeros(uniq.numel(), self.routing.wire_dim).index_add_(0, inv, grads)
         rows, state = self.storage.rows(uniq), self.storage.state(uniq)
         self.optimizer.apply_(rows, state, total, self.storage.row_dims(uniq))
