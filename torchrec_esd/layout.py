@@ -56,11 +56,11 @@ class RowFormat:
 
     @property
     def value_bytes(self) -> int:
-        return self.dim * torch.empty(0, dtype=self.dtype).element_size()
+        return self.dim * self.dtype.itemsize
 
     @property
     def state_bytes(self) -> int:
-        return self.state_dim * torch.empty(0, dtype=STATE_DTYPE).element_size()
+        return self.state_dim * STATE_DTYPE.itemsize
 
     @property
     def row_bytes(self) -> int:
