@@ -78,9 +78,22 @@ def _rank(args):
                 main.disable()
 
         job = dataclasses.replace(job, on_step=on_step)
+    # a PS rank has no step callback: mark its steps at the end of each GRADS phase
+    # (process CPU, so gloo's threads count too)
+    from torchrec_esd.ps.server import ParameterServer
+
+    plain_grads = ParameterServer._grads
+    ps_marks = []
+
+    def marked_grads(self, frames, payloads):
+        plain_grads(self, frames, payloads)
+        ps_marks.append((time.perf_counter(), time.process_time()))
+
+    ParameterServer._grads = marked_grads
     dist.barrier()
     c0, t0 = time.process_time(), time.perf_counter()
     r = run(job)
+    ParameterServer._grads = plain_grads
     out = {"cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - t0, "role": r.get("role", "worker")}
     main.disable()
     threading.Thread.run = plain_run
@@ -89,7 +102,11 @@ def _rank(args):
         out["step_ms"] = 1e3 * (ts[-1] - ts[0]) / (len(ts) - 1)
         out["step_cpu_ms"] = 1e3 * (cs[-1] - cs[0]) / (len(cs) - 1)
     else:
-        out["cpu_ms_per_step"] = 1e3 * out["cpu_s"] / args.steps
+        out["cpu_ms_per_step"] = 1e3 * out["cpu_s"] / args.steps  # with the job's setup
+        if len(ps_marks) > 3:  # steady state, as the workers' step_cpu_ms
+            ts, cs = [m[0] for m in ps_marks[2:]], [m[1] for m in ps_marks[2:]]
+            out["step_ms"] = 1e3 * (ts[-1] - ts[0]) / (len(ts) - 1)
+            out["step_cpu_ms"] = 1e3 * (cs[-1] - cs[0]) / (len(cs) - 1)
     if args.profile:
         text = []
         for name, p in profiles:
@@ -97,6 +114,10 @@ def _rank(args):
                 s = io.StringIO()
                 pstats.Stats(p, stream=s).sort_stats(key).print_stats(args.top)
                 text.append(f"==== thread {name}, by {key}\n{s.getvalue()}")
+            for fn in args.callers:
+                s = io.StringIO()
+                pstats.Stats(p, stream=s).print_callers(fn)
+                text.append(f"==== thread {name}, callers of {fn}\n{s.getvalue()}")
         out["profile"] = "\n".join(text)
     dist.barrier()
     return out
@@ -115,6 +136,8 @@ def main(argv=None):
     p.add_argument("--dispatch-ahead", type=int, default=1)
     p.add_argument("--profile", default=None, help="write rank<r>.txt cProfiles of every thread here")
     p.add_argument("--top", type=int, default=40, help="functions per profile listing")
+    p.add_argument("--callers", action="append", default=[],
+                   help="also list the callers of functions matching this pstats pattern (repeatable)")
     args = p.parse_args(argv)
 
     from torchrec_esd.apps.launch import run_local_world

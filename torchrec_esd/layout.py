@@ -56,11 +56,11 @@ class RowFormat:
 
     @property
     def value_bytes(self) -> int:
-        return self.dim * torch.empty(0, dtype=self.dtype).element_size()
+        return self.dim * self.dtype.itemsize
 
     @property
     def state_bytes(self) -> int:
-        return self.state_dim * torch.empty(0, dtype=STATE_DTYPE).element_size()
+        return self.state_dim * STATE_DTYPE.itemsize
 
     @property
     def row_bytes(self) -> int:
@@ -246,7 +246,11 @@ class KeySpace:
 
     # ------------------------------------------------------------ PS blocks
     def locate(self, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(PS index, row index inside that PS's storage) of each key."""
+        """(PS index, row index inside that PS's storage) of each key (keys
+        in ``[0, total_rows)``).  With one PS its storage is the key space
+        itself: the local rows are ``keys`` (the same tensor, not a copy)."""
+        if self.num_ps == 1:
+            return torch.zeros_like(keys), keys
         t = self.table_of(keys)
         ids = keys - self.offsets[t]
         p = ids // self.block[t]

@@ -226,7 +226,7 @@ class CacheDirectory:
         pairs = self._des_pairs(kjt, keys, owner_of_value) if self.config.des_misses else {}
         ukeys, uw, _ = ops.unique_keys_per_group(keys, owner_of_value, W)  # sorted by (worker, key)
         used = list(torch.split(ukeys, torch.bincount(uw, minlength=W).tolist()))
-        user_keys, user_counts = torch.unique(ukeys, return_counts=True)  # each row's user workers
+        user_keys, user_counts = ops.sorted_distinct(ukeys)  # each row's user workers
         num_samples = torch.bincount(assignment, minlength=W).tolist()
         self.iteration += 1
         plans: List[Optional[WorkerPlan]] = [None] * W
@@ -245,7 +245,7 @@ class CacheDirectory:
         keys, sample = self.batch_keys(kjt)
         ukeys, uw, _ = ops.unique_keys_per_group(keys, assignment[sample], W)
         used = list(torch.split(ukeys, torch.bincount(uw, minlength=W).tolist()))
-        user_keys, user_counts = torch.unique(ukeys, return_counts=True)
+        user_keys, user_counts = ops.sorted_distinct(ukeys)
         num_samples = torch.bincount(assignment, minlength=W).tolist()
         out = []
         for w in range(W):

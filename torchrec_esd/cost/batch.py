@@ -33,7 +33,7 @@ class BatchState:
 def read_batch(keys: torch.Tensor, offsets: torch.Tensor, state: CacheState, row_offset: torch.Tensor) -> BatchState:
     """The cache state of the batch's distinct keys (sample-major ``keys``,
     per-sample ``offsets``; ``row_offset`` of the tables)."""
-    uniq = torch.unique(keys)
+    uniq, _ = ops.sorted_distinct(keys)  # keys are >= 0 (KeySpace.decode checks the ids)
     slots = ops.id_table_build(uniq)
     table_of = torch.searchsorted(row_offset, uniq, right=True) - 1
     look = state.lookup(uniq)

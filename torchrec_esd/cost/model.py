@@ -240,8 +240,9 @@ class CostModel:
         if st.keys.numel():
             sample = torch.repeat_interleave(torch.arange(b), st.offsets[1:] - st.offsets[:-1])
             kidx = ops.id_table_lookup(st.slots, st.keys)
-            pair = torch.unique(sample * u + kidx)  # distinct (sample, key), sorted by sample
-            occ_s, occ_k = (pair // u).numpy(), (pair % u).numpy()
+            # distinct (sample, key) pairs, sorted by (sample, key)
+            occ_k, occ_s, _ = ops.unique_keys_per_group(kidx, sample, b)
+            occ_s, occ_k = occ_s.numpy(), occ_k.numpy()
         else:
             occ_s = occ_k = np.zeros(0, dtype=np.int64)
         rt = self.row_time[:, st.table_of].t().contiguous().numpy()  # [U, W]

@@ -34,16 +34,18 @@ class WorkerRowStore:
 
     def read(self, slots: torch.Tensor) -> torch.Tensor:
         """``[n, max_dim + state_dim]``: value and state of ``slots``."""
-        slots = slots.to(self.device)
-        return torch.cat([self.rows[slots], self.state[slots]], 1)
+        slots = slots.to(self.device, torch.int64)
+        return torch.cat([self.rows.index_select(0, slots), self.state.index_select(0, slots)], 1)
 
     def write(self, slots: torch.Tensor, values: torch.Tensor) -> None:
         """Store ``values`` ``[n, max_dim + state_dim]`` (a PS reply) in ``slots``."""
-        slots = slots.to(self.device)
+        slots = slots.to(self.device, torch.int64)
         values = values.to(self.device)
         d = self.rows.shape[1]
-        self.rows[slots] = values[:, :d].to(self.rows.dtype)
-        self.state[slots] = values[:, d:].to(self.state.dtype)
+        # index_copy_: advanced indexing's assignment without its index preparation
+        # (slots are distinct: one per pulled row)
+        self.rows.index_copy_(0, slots, values[:, :d].to(self.rows.dtype))
+        self.state.index_copy_(0, slots, values[:, d:].to(self.state.dtype))
 
     def clear(self) -> None:
         """Zero every slot (the directory's caches were emptied)."""

@@ -368,12 +368,15 @@ class ShardedEsdEmbeddingBagCollection(
             grad = grad[: pending["esd_rows"]]
         grad = grad[:, :d]
         if wp.local_pos.numel():
-            local_pos = wp.local_pos.to(self._device)
-            slots = wp.used_slot[wp.local_pos].to(self._device)
-            rows, state = self._store.rows[slots], self._store.state[slots]
+            local_pos = wp.local_pos.to(self._device, torch.int64)
+            slots = wp.used_slot[wp.local_pos].to(self._device, torch.int64)
+            # index_select / index_copy_ (slots are distinct): the same rows as
+            # advanced indexing, less CPU per step
+            rows, state = self._store.rows.index_select(0, slots), self._store.state.index_select(0, slots)
             dims = rt.keyspace.row_dims(wp.used_keys[wp.local_pos])
-            rt.optimizer.apply_(rows, state, grad[local_pos], None if dims is None else dims.to(self._device))
-            self._store.rows[slots], self._store.state[slots] = rows, state
+            rt.optimizer.apply_(rows, state, grad.index_select(0, local_pos), None if dims is None else dims.to(self._device))
+            self._store.rows.index_copy_(0, slots, rows)
+            self._store.state.index_copy_(0, slots, state)
         keys = wp.used_keys[wp.grad_pos]
         self._ps.push_grads(keys, grad[wp.grad_pos.to(self._device)], pending["des_route"], des_grad)
         self._pending = None

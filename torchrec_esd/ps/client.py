@@ -147,14 +147,19 @@ class PsClient:
         row, dim = self.routing.wire_dim + self.optimizer.state_dim, self.routing.wire_dim
         if des is not None and not self.des:
             raise EsdConfigError("a DES request on a PS client built without des_misses")
-        po, pper = self._by_ps(push_keys)
-        qo, qper = self._by_ps(pull_keys)
         route: Optional[DesRoute] = None
         if self.des:
             route = DesRoute.build(self.routing, des if des is not None else DesRequest.empty())
-        pk = torch.split(push_keys[po], pper.tolist())
-        pv = torch.split(push_vals[po].to(torch.float32), pper.tolist())
-        qk = torch.split(pull_keys[qo], qper.tolist())
+        single = self.routing.num_ps == 1  # one PS: no grouping, no reordering
+        if single:
+            qo = None
+            pk, pv, qk = (push_keys,), (push_vals.to(torch.float32),), (pull_keys,)
+        else:
+            po, pper = self._by_ps(push_keys)
+            qo, qper = self._by_ps(pull_keys)
+            pk = torch.split(push_keys[po], pper.tolist())
+            pv = torch.split(push_vals[po].to(torch.float32), pper.tolist())
+            qk = torch.split(pull_keys[qo], qper.tolist())
         reqs = []
         for i in range(self.routing.num_ps):
             if route is None:
@@ -168,8 +173,11 @@ class PsClient:
         replies = [PushPullReply.decode(f, buf, self.fmt) for f, buf in zip(frames, got)]
         for r in replies:
             add_sections(self.last_traffic.sections, r.parts())
-        out = torch.empty(pull_keys.numel(), row)
-        out[qo] = torch.cat([r.rows for r in replies])
+        if qo is None:
+            out = replies[0].rows  # a view of the fresh reply buffer
+        else:
+            out = torch.empty(pull_keys.numel(), row)
+            out[qo] = torch.cat([r.rows for r in replies])
         partial = torch.empty(0, dim)
         if route is not None:
             # every PS summed the rows it owns; the bag's partial sum is the sum over PS
@@ -228,7 +236,6 @@ class PsClient:
         gradients ``des_grads`` [num_bags, D] of the bags served in the forward
         (one request to each PS, no reply)."""
         dim = self.routing.wire_dim
-        order, per = self._by_ps(keys)
         if self.des and des_route is None:
             des_route = DesRoute.build(self.routing, DesRequest.empty())
         send_bags: List[torch.Tensor] = [torch.empty(0, dim)] * self.routing.num_ps
@@ -241,8 +248,12 @@ class PsClient:
                     f"DES bag gradients of shape {tuple(des_grads.shape)}, expected ({des_route.num_bags}, {dim})"
                 )
             send_bags = [des_grads[b] for b in des_route.ps_bags]
-        ks = torch.split(keys[order], per.tolist())
-        gs = torch.split(grads[order].to(torch.float32), per.tolist())
+        if self.routing.num_ps == 1:  # the request's pack copies keys and grads before the send
+            ks, gs = (keys,), (grads.to(torch.float32),)
+        else:
+            order, per = self._by_ps(keys)
+            ks = torch.split(keys[order], per.tolist())
+            gs = torch.split(grads[order].to(torch.float32), per.tolist())
         reqs = [GradsRequest(ks[i], gs[i], send_bags[i]) for i in range(self.routing.num_ps)]
         self._exchange([q.frame() for q in reqs], [q.parts() for q in reqs], wait=False)  # the worker goes on
 

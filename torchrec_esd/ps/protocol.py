@@ -223,30 +223,43 @@ def encode_frame(frame: Frame, payload_bytes: int) -> torch.Tensor:
     return words
 
 
+# per command: its frame type, the type's field names, and the index of its flag field (or -1)
+_FRAME_FIELDS = {
+    int(c): (t, tuple(f.name for f in fields(t)), [f.name for f in fields(t)].index("weighted")
+             if "weighted" in [f.name for f in fields(t)] else -1)
+    for c, t in FRAME_TYPES.items()
+}
+
+
 def decode_frame(words: torch.Tensor, limits: ProtocolLimits, fmt: RowFormat, where: str) -> Frame:
     """The typed frame of ``words``, every field bounded (see the module
-    docstring); ``where`` names the receiver and sender in errors."""
+    docstring); ``where`` names the receiver and sender in errors.  O(1):
+    one pass over the 8 words (the field names are looked up once per
+    command type, at import)."""
     if words.dtype != torch.int64 or words.numel() != FRAME_WORDS:
         raise EsdProtocolError(
             f"{where}: a frame is {FRAME_WORDS} int64 words, got {words.numel()} {words.dtype}"
         )
-    w = [int(x) for x in words.tolist()]
-    if w[0] not in FRAME_TYPES.keys():
+    w = words.tolist()
+    known = _FRAME_FIELDS.get(w[0])
+    if known is None:
         raise EsdProtocolError(f"{where}: frame field 'command' = {w[0]} is not a command of {[c.name for c in Command]}")
-    typ = FRAME_TYPES[Command(w[0])]
-    names = [f.name for f in fields(typ)]
-    label = Command(w[0]).name
-    for i, v in enumerate(w[1:], start=1):
-        name = "payload_bytes" if i == 1 else (names[i - 2] if i - 2 < len(names) else f"word {i}")
-        if v < 0:
-            raise EsdProtocolError(f"{where}: {label} frame field {name!r} = {v} is negative")
-        if i - 2 >= len(names) and v != 0:
-            raise EsdProtocolError(f"{where}: {label} frame field {name!r} = {v} is unused and must be 0")
-    counts = w[2 : 2 + len(names)]
-    if "weighted" in names:
-        flag = counts[names.index("weighted")]
+    typ, names, flag_at = known
+    n = len(names)
+    if min(w) < 0 or any(w[2 + n :]):  # name the first bad word
+        label = Command(w[0]).name
+        for i, v in enumerate(w[1:], start=1):
+            name = "payload_bytes" if i == 1 else (names[i - 2] if i - 2 < n else f"word {i}")
+            if v < 0:
+                raise EsdProtocolError(f"{where}: {label} frame field {name!r} = {v} is negative")
+            if i - 2 >= n and v != 0:
+                raise EsdProtocolError(f"{where}: {label} frame field {name!r} = {v} is unused and must be 0")
+    label = typ.COMMAND.name
+    counts = w[2 : 2 + n]
+    if flag_at >= 0:
+        flag = counts[flag_at]
         _bound(where, label, "weighted", flag, 1, "a flag: 0 or 1")
-        counts[names.index("weighted")] = bool(flag)
+        counts[flag_at] = bool(flag)
     frame = typ(*counts)
     frame.check(limits, where)
     expected = frame.payload_bytes(fmt)
@@ -297,8 +310,11 @@ class PayloadReader:
         if part.numel() != nbytes:
             raise EsdProtocolError(f"a payload of {self.buf.numel()} bytes is shorter than its counts say")
         self.pos += nbytes
-        # clone: a typed view needs an aligned start
-        return part.clone().view(dtype).view((n,) + tuple(row))
+        # a typed view needs an aligned start: copy only a misaligned part (the
+        # sections are packed widest-first, so in a fresh buffer none is)
+        if part.data_ptr() % dtype.itemsize:
+            part = part.clone()
+        return part.view(dtype).view((n,) + tuple(row))
 
     def done(self) -> None:
         if self.pos != self.buf.numel():

@@ -146,15 +146,17 @@ class DenseRowStorage(PsRowStorage):
             lo, cnt, base = int(self._first_id[t]), int(routing.owned[ps_index, t]), int(self._base[t])
             self.weights[base: base + cnt, :dim] = w[lo: lo + cnt].detach().float()
 
+    # index_select / index_copy_: the same rows as advanced indexing, without its
+    # per-call index preparation (a PS reads and writes every step)
     def rows(self, local):
-        return self.weights[local]
+        return self.weights.index_select(0, local)
 
     def state(self, local):
-        return self._state[local]
+        return self._state.index_select(0, local)
 
     def write(self, local, weights, state):
-        self.weights[local] = weights
-        self._state[local] = state
+        self.weights.index_copy_(0, local, weights)
+        self._state.index_copy_(0, local, state)
 
     def touched(self):
         return torch.arange(self.num_rows)

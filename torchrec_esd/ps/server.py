@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from torchrec_esd import ops
 from torchrec_esd.config import EsdConfigError
 from torchrec_esd.layout import KeySpace
 from torchrec_esd.optim import SparseOptimizer
@@ -220,7 +221,7 @@ class ParameterServer:
                 grads = torch.cat([grads, bag_grads[db] * pair_w.view(-1, 1)])
         if local.numel() == 0:
             return
-        uniq, inv = torch.unique(local, return_inverse=True)
+        uniq, inv = ops.sorted_distinct_inverse(local)
         total = torch.zeros(uniq.numel(), self.routing.wire_dim).index_add_(0, inv, grads)
         rows, state = self.storage.rows(uniq), self.storage.state(uniq)
         self.optimizer.apply_(rows, state, total, self.storage.row_dims(uniq))
@@ -251,7 +252,10 @@ class ParameterServer:
         t = self.transport
         sends = []
         for dst, parts in zip(t.worker_ranks, parts_per_worker):
-            data = pack(parts)
+            full = [x for _, x in parts if x.numel()]
+            # one part (pulled rows without DES partial sums): sent as it is, not
+            # copied by pack; it is a fresh tensor, and the sends are waited below
+            data = full[0].contiguous().view(-1).view(torch.uint8) if len(full) == 1 else pack(parts)
             if data.numel():
                 sends.append(t.send(dst, data))
         t.wait(sends)
@@ -263,6 +267,6 @@ class ParameterServer:
                 f"(min {int(keys.min())}, max {int(keys.max())})"
             )
         p, local = self.routing.locate(keys)
-        if keys.numel() and bool((p != self.ps_index).any()):
+        if self.routing.num_ps > 1 and keys.numel() and bool((p != self.ps_index).any()):
             raise EsdProtocolError(f"PS {self.ps_index} received keys it does not own")
         return local

@@ -221,12 +221,17 @@ class GlooP2PTransport(Transport):
         ps = list(ps_ranks)
         super().__init__(ps, [r for r in range(world_size) if r not in ps], timeout_s)
         self.group = group
+        # what dist.isend / dist.irecv resolve on every call, resolved once: the
+        # process group and each peer's rank in it (the group spans all ranks);
+        # messages then go straight to the group's send / recv (same tag 0)
+        self._pg = group if group is not None else dist.distributed_c10d._get_default_group()
+        self._group_rank = {r: dist.get_group_rank(self._pg, r) for r in range(world_size)}
 
     def _isend(self, buf: torch.Tensor, peer: int) -> Any:
-        return dist.isend(buf, peer, group=self.group)
+        return self._pg.send([buf], self._group_rank[peer], 0)
 
     def _irecv(self, buf: torch.Tensor, peer: int) -> Any:
-        return dist.irecv(buf, peer, group=self.group)
+        return self._pg.recv([buf], self._group_rank[peer], 0)
 
     def _wait(self, work: Any, timeout_s: float) -> None:
         work.wait(timedelta(seconds=timeout_s))
