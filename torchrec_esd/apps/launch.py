@@ -52,12 +52,28 @@ def _entry(rank: int, world: int, port: int, outdir: str, fn, args, timeout_s: f
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         fail_open_monitors(e)  # every other rank ends with this message
         torch.save({"ok": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()}, path)
+        _linger(outdir, world)
     finally:
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001
                 pass
+
+
+LINGER_S = 3.0
+
+
+def _linger(outdir: str, world: int) -> None:
+    """A failed rank stays up (at most :data:`LINGER_S`) until every rank has
+    a result: a rank that fails while others are still connecting (rank 0
+    hosts the rendezvous store, every rank is a peer of gloo's mesh) would
+    otherwise hand them a 'connection closed' instead of their own error."""
+    end = time.monotonic() + LINGER_S
+    while time.monotonic() < end:
+        if all(os.path.exists(os.path.join(outdir, f"rank{r}.pt")) for r in range(world)):
+            return
+        time.sleep(0.02)
 
 
 class _Relay:
