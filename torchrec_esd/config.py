@@ -30,6 +30,16 @@ def _require(cond: bool, msg: str) -> None:
         raise EsdConfigError(msg)
 
 
+def _is_count(v) -> bool:
+    """An int >= 0 (a bool is not a count)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_positive_number(v) -> bool:
+    """A finite int or float > 0 (a bool is not a number here)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
 @dataclass(frozen=True)
 class WorkerSpec:
     """One edge worker.
@@ -204,8 +214,7 @@ class EsdConfig:
             f"EsdConfig.cache_policy must be one of {CACHE_POLICIES}, got {self.cache_policy!r}",
         )
         _require(
-            isinstance(self.cache_lookahead, int) and not isinstance(self.cache_lookahead, bool)
-            and self.cache_lookahead >= 0,
+            _is_count(self.cache_lookahead),
             f"EsdConfig.cache_lookahead must be an int >= 0, got {self.cache_lookahead!r}",
         )
         _require(
@@ -217,9 +226,7 @@ class EsdConfig:
             f"EsdConfig.online_links must be a bool, got {self.online_links!r}",
         )
         _require(
-            self.compute_s_per_sample is None
-            or (isinstance(self.compute_s_per_sample, (int, float)) and not isinstance(self.compute_s_per_sample, bool)
-                and math.isfinite(self.compute_s_per_sample) and self.compute_s_per_sample > 0),
+            self.compute_s_per_sample is None or _is_positive_number(self.compute_s_per_sample),
             f"EsdConfig.compute_s_per_sample must be None or a number > 0, got {self.compute_s_per_sample!r}",
         )
         _require(
@@ -231,9 +238,7 @@ class EsdConfig:
             f"EsdConfig.collective_timeout_s must be > 0, got {self.collective_timeout_s!r}",
         )
         _require(
-            self.fault_timeout_s is None
-            or (isinstance(self.fault_timeout_s, (int, float)) and not isinstance(self.fault_timeout_s, bool)
-                and math.isfinite(self.fault_timeout_s) and self.fault_timeout_s > 0),
+            self.fault_timeout_s is None or _is_positive_number(self.fault_timeout_s),
             f"EsdConfig.fault_timeout_s must be > 0 seconds or None (no fault monitor), got {self.fault_timeout_s!r}",
         )
         _require(
@@ -245,8 +250,7 @@ class EsdConfig:
             f"EsdConfig.plan_from_summaries must be True, False or None (auto), got {self.plan_from_summaries!r}",
         )
         _require(
-            isinstance(self.prefetch_depth, int) and not isinstance(self.prefetch_depth, bool)
-            and self.prefetch_depth >= 0,
+            _is_count(self.prefetch_depth),
             f"EsdConfig.prefetch_depth must be an int >= 0, got {self.prefetch_depth!r}",
         )
         _require(
