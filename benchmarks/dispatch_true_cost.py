@@ -168,6 +168,26 @@ def link_seconds(config, rows_wk: torch.Tensor, row_bytes: float) -> torch.Tenso
     return out
 
 
+def plan_rows(plan) -> torch.Tensor:
+    """[W, kinds] rows one iteration's plan moves per worker and transmission kind."""
+    return torch.tensor([[float(p.rows[kind]) for kind in KINDS] for p in plan.workers], dtype=torch.float64)
+
+
+def link_summary(secs: torch.Tensor, rows: torch.Tensor, warmup_skip: int) -> Dict:
+    """Link seconds of a run from its per-iteration [iters, W] seconds and
+    [iters, W, kinds] rows: totals, slowest-link sums, steady state (from
+    iteration ``warmup_skip``), per worker and per kind."""
+    ss = slice(min(warmup_skip, secs.shape[0] - 1), secs.shape[0])
+    return {
+        "total_s": float(secs.sum()),
+        "makespan_s": float(secs.max(1).values.sum()),
+        "steady_total_s": float(secs[ss].sum()),
+        "steady_makespan_s": float(secs[ss].max(1).values.sum()),
+        "per_worker_s": secs.sum(0).tolist(),
+        "rows_per_kind": {k: float(rows[:, :, i].sum()) for i, k in enumerate(KINDS)},
+    }
+
+
 def run_dispatcher(name: str, args, wl, bws) -> Dict:
     tables, config, cm, rb = build(args, wl, bws)
     W, B = config.num_workers, args.batch
@@ -189,19 +209,10 @@ def run_dispatcher(name: str, args, wl, bws) -> Dict:
         measured.append(cm.measure(kjt, r.assignment, views)["total_s"])
         if aux and "dedup" in aux:
             predicted.append(aux["dedup"].total(r.assignment.numpy()))
-        plan = directory.plan(kjt, r.assignment)
-        for w in range(W):
-            for k, kind in enumerate(KINDS):
-                rows[step, w, k] = plan.workers[w].rows[kind]
+        rows[step] = plan_rows(directory.plan(kjt, r.assignment))
         secs[step] = link_seconds(config, rows[step], rb)
-    ss = slice(min(args.warmup_skip, args.iters - 1), args.iters)
     out = {
-        "total_s": float(secs.sum()),
-        "makespan_s": float(secs.max(1).values.sum()),
-        "steady_total_s": float(secs[ss].sum()),
-        "steady_makespan_s": float(secs[ss].max(1).values.sum()),
-        "per_worker_s": secs.sum(0).tolist(),
-        "rows_per_kind": {k: float(rows[:, :, i].sum()) for i, k in enumerate(KINDS)},
+        **link_summary(secs, rows, args.warmup_skip),
         "rows_per_worker_kind": {k: rows[:, :, i].sum(0).tolist() for i, k in enumerate(KINDS)},
         "per_iteration_total_s": secs.sum(1).tolist(),
         "measure_total_s": float(sum(measured)),

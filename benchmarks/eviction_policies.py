@@ -90,20 +90,9 @@ def run(dispatcher: str, policy: str, args, wl, bws) -> Dict:
         t0 = time.perf_counter()
         plan = directory.plan(kjt, r.assignment, upcoming)
         plan_ms.append((time.perf_counter() - t0) * 1e3)
-        for w in range(W):
-            for k, kind in enumerate(KINDS):
-                rows[step, w, k] = plan.workers[w].rows[kind]
+        rows[step] = dtc.plan_rows(plan)
         secs[step] = dtc.link_seconds(config, rows[step], rb)
-    ss = slice(min(args.warmup_skip, args.iters - 1), args.iters)
-    return {
-        "total_s": float(secs.sum()),
-        "makespan_s": float(secs.max(1).values.sum()),
-        "steady_total_s": float(secs[ss].sum()),
-        "steady_makespan_s": float(secs[ss].max(1).values.sum()),
-        "per_worker_s": secs.sum(0).tolist(),
-        "rows_per_kind": {k: float(rows[:, :, i].sum()) for i, k in enumerate(KINDS)},
-        "plan_ms_mean": sum(plan_ms) / len(plan_ms),
-    }
+    return {**dtc.link_summary(secs, rows, args.warmup_skip), "plan_ms_mean": sum(plan_ms) / len(plan_ms)}
 
 
 def main(argv=None) -> Dict:
