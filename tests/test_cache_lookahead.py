@@ -10,7 +10,7 @@ from torchrec_esd.cache import CacheDirectory, LookaheadPolicy, UpcomingUse, mak
 from torchrec_esd.config import EsdConfig, EsdConfigError, WorkerSpec
 
 from test_cache_directory import VersionSimulator  # noqa: E402  (tests/ is on sys.path under pytest)
-from test_cache_policy import BruteForceDirectory, _config, _tables, _trace  # noqa: E402
+from test_cache_policy import BruteForceDirectory, _config, _tables, _trace, assert_plan_is_brute_force  # noqa: E402
 
 
 def _batch(ids):
@@ -84,20 +84,8 @@ def test_plans_match_a_brute_force_simulation(staleness, window):
                 state["next"].setdefault(key, dist)
         plan = d.plan(kjt, a, upcoming)
         lru.plan(kjt, a)
-        used = [set(p.used_keys.tolist()) for p in plan.workers]
-        expect = brute.plan(used)
-        for w, (p, e) in enumerate(zip(plan.workers, expect)):
-            where = (step, w)
-            assert p.used_slot.tolist() == e["used_slot"], where
-            assert p.pull_keys.tolist() == e["pull_keys"], where
-            assert p.used_keys[p.local_pos].tolist() == e["local_keys"], where
-            assert p.used_keys[p.grad_pos].tolist() == e["grad_keys"], where
-            assert list(zip(p.push_keys.tolist(), p.push_slots.tolist())) == e["push"], where
-            assert {k: p.rows[k] for k in e["rows"]} == e["rows"], where
-            evicted += p.rows["miss_push"]
+        evicted += assert_plan_is_brute_force(d, plan, brute, step)
         for w in range(3):
-            keys = [-1 if sl["key"] is None else sl["key"] for sl in brute.workers[w]]
-            assert d._w[w].keys.tolist() == keys
             differs_from_lru += int(not torch.equal(d._w[w].keys, lru._w[w].keys))
         sim.step(plan)
     assert evicted > 0 and differs_from_lru > 0  # dirty rows were evicted, and not as LRU would

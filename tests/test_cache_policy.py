@@ -250,6 +250,27 @@ class BruteForceDirectory:
         return out
 
 
+def assert_plan_is_brute_force(d, plan, brute, step) -> int:
+    """Every worker's plan of ``step`` and the directory's slots after it are
+    what ``brute`` computes from the same used keys; returns the dirty rows
+    the plan evicts (its ``miss_push`` rows)."""
+    used = [set(p.used_keys.tolist()) for p in plan.workers]
+    expect = brute.plan(used)
+    evicted = 0
+    for w, (p, e) in enumerate(zip(plan.workers, expect)):
+        where = (step, w)
+        assert p.used_slot.tolist() == e["used_slot"], where
+        assert p.pull_keys.tolist() == e["pull_keys"], where
+        assert p.used_keys[p.local_pos].tolist() == e["local_keys"], where
+        assert p.used_keys[p.grad_pos].tolist() == e["grad_keys"], where
+        assert list(zip(p.push_keys.tolist(), p.push_slots.tolist())) == e["push"], where
+        assert {k: p.rows[k] for k in e["rows"]} == e["rows"], where
+        evicted += p.rows["miss_push"]
+    for w in range(len(plan.workers)):
+        assert d._w[w].keys.tolist() == [-1 if sl["key"] is None else sl["key"] for sl in brute.workers[w]]
+    return evicted
+
+
 def _brute_force_priority(name):
     return {
         "lru": lambda sl: sl["last_use"],
@@ -276,19 +297,7 @@ def test_plans_match_a_brute_force_simulation(policy, staleness, registered):
     evicted = 0
     for step, (kjt, a) in enumerate(trace):
         plan = d.plan(kjt, a)
-        used = [set(p.used_keys.tolist()) for p in plan.workers]
-        expect = brute.plan(used)
-        for w, (p, e) in enumerate(zip(plan.workers, expect)):
-            where = (step, w)
-            assert p.used_slot.tolist() == e["used_slot"], where
-            assert p.pull_keys.tolist() == e["pull_keys"], where
-            assert p.used_keys[p.local_pos].tolist() == e["local_keys"], where
-            assert p.used_keys[p.grad_pos].tolist() == e["grad_keys"], where
-            assert list(zip(p.push_keys.tolist(), p.push_slots.tolist())) == e["push"], where
-            assert {k: p.rows[k] for k in e["rows"]} == e["rows"], where
-            evicted += p.rows["miss_push"]
-        for w in range(3):
-            assert d._w[w].keys.tolist() == [-1 if sl["key"] is None else sl["key"] for sl in brute.workers[w]]
+        evicted += assert_plan_is_brute_force(d, plan, brute, step)
         sim.step(plan)
     assert evicted > 0  # dirty rows were evicted: the eviction order mattered
     assert sim.max_lag <= staleness
