@@ -72,6 +72,21 @@ def _hashed_ids_batch(step, b, table_rows, nf, bag, seed):
                              lengths=torch.full((nf * b,), bag, dtype=torch.int32))
 
 
+def _plans_from_summaries_match(full, mine, kjt, a, step):
+    """Plan ``step`` with the full directory and with each worker's own one
+    from its summary; every plan field must be equal.  Returns (summaries,
+    the full plan, the workers' own plans)."""
+    summaries = full.step_summaries(kjt, a)
+    pf = full.plan(kjt, a)
+    own = []
+    for w in range(len(mine)):
+        pw = mine[w].plan_from_summary(summaries[w])
+        for f in FIELDS:
+            assert torch.equal(getattr(pf.workers[w], f), getattr(pw, f)), (step, w, f)
+        own.append(pw)
+    return summaries, pf, own
+
+
 @pytest.mark.parametrize("policy,staleness", [("lru", 0), ("lfu", 1)])
 def test_a_billion_row_directory_stays_bounded_by_its_caches(policy, staleness):
     """Two tables of 2^30 rows: the directory's state is O(cache slots) (no
@@ -91,12 +106,8 @@ def test_a_billion_row_directory_stays_bounded_by_its_caches(policy, staleness):
     for step in range(15):
         kjt = _hashed_ids_batch(step, 30, rows, 2, 3, seed=1)
         a = torch.randint(0, 3, (30,), generator=g)
-        summaries = full.step_summaries(kjt, a)
-        pf = full.plan(kjt, a)
-        for w in range(3):
-            pw = mine[w].plan_from_summary(summaries[w])
-            for f in FIELDS:
-                assert torch.equal(getattr(pf.workers[w], f), getattr(pw, f)), (step, w, f)
+        summaries, pf, own = _plans_from_summaries_match(full, mine, kjt, a, step)
+        for w, pw in enumerate(own):
             assert pf.workers[w].rows == pw.rows
             assert summaries[w].user_keys.numel() <= pf.workers[w].used_keys.numel() + full.cached_keys(w).numel()
     for w in range(3):
@@ -119,12 +130,8 @@ def test_summary_planning_matches_on_a_skewed_workload_with_evictions():
     for step in range(30):
         kjt = wl.global_batch(step, 24).sparse_features
         a = torch.randint(0, 3, (24,), generator=g)
-        sums = full.step_summaries(kjt, a)
-        pf = full.plan(kjt, a)
-        for w in range(3):
-            pw = mine[w].plan_from_summary(sums[w])
-            for f in FIELDS:
-                assert torch.equal(getattr(pf.workers[w], f), getattr(pw, f)), (step, w, f)
+        sums, _, own = _plans_from_summaries_match(full, mine, kjt, a, step)
+        for pw in own:
             pushes += pw.rows["miss_push"] + pw.push_keys.numel()
     assert pushes > 0
     with pytest.raises(EsdConfigError, match="alone"):
