@@ -49,7 +49,7 @@ class PendingPrefetch:
     flight (completed by :meth:`PsClient.finish_prefetch`)."""
 
     keys: torch.Tensor  # [n] the keys, in the order the rows come back
-    order: torch.Tensor  # keys[order] are grouped by PS
+    order: Optional[torch.Tensor]  # keys[order] are grouped by PS (None: one PS, as given)
     frames: list
     sends: List[Pending]
     recvs: List[Pending]
@@ -123,11 +123,26 @@ class PsClient:
         self.last_traffic = Traffic(t.meter.total() - before, sections, seconds)
         return replies
 
-    def _by_ps(self, keys: torch.Tensor):
+    def _split_by_ps(self, keys: torch.Tensor, *rows: torch.Tensor):
+        """``keys`` (and the matching ``rows``) grouped by the PS that owns
+        them: ``(order, [keys per PS], [rows per PS]...)``, where
+        ``keys[order]`` is the grouped sequence.  With one PS the tensors go
+        as given (``order`` None: no grouping, no copy)."""
+        if self.routing.num_ps == 1:
+            return (None, (keys,), *((r,) for r in rows))
         p, _ = self.routing.locate(keys)
         order = torch.argsort(p, stable=True)
-        per = torch.bincount(p, minlength=self.routing.num_ps)
-        return order, per
+        per = torch.bincount(p, minlength=self.routing.num_ps).tolist()
+        return (order, *(torch.split(t[order], per) for t in (keys, *rows)))
+
+    def _in_key_order(self, order: Optional[torch.Tensor], parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The rows of ``parts`` (one per PS, grouped as :meth:`_split_by_ps`
+        grouped their keys) back in the keys' order."""
+        if order is None:
+            return parts[0]  # a view of the fresh reply buffer
+        out = torch.empty(order.numel(), self.routing.wire_dim + self.optimizer.state_dim)
+        out[order] = torch.cat(list(parts))
+        return out
 
     # ------------------------------------------------------------ phases
     def push_pull(
@@ -144,22 +159,14 @@ class PsClient:
         route that :meth:`push_grads` needs for the bags' gradients.  One
         request to and one reply from each PS; ``batch_fingerprint`` (of the
         global batch, or 0) goes in its frame and must match every worker's."""
-        row, dim = self.routing.wire_dim + self.optimizer.state_dim, self.routing.wire_dim
+        dim = self.routing.wire_dim
         if des is not None and not self.des:
             raise EsdConfigError("a DES request on a PS client built without des_misses")
         route: Optional[DesRoute] = None
         if self.des:
             route = DesRoute.build(self.routing, des if des is not None else DesRequest.empty())
-        single = self.routing.num_ps == 1  # one PS: no grouping, no reordering
-        if single:
-            qo = None
-            pk, pv, qk = (push_keys,), (push_vals.to(torch.float32),), (pull_keys,)
-        else:
-            po, pper = self._by_ps(push_keys)
-            qo, qper = self._by_ps(pull_keys)
-            pk = torch.split(push_keys[po], pper.tolist())
-            pv = torch.split(push_vals[po].to(torch.float32), pper.tolist())
-            qk = torch.split(pull_keys[qo], qper.tolist())
+        _, pk, pv = self._split_by_ps(push_keys, push_vals.to(torch.float32))
+        qo, qk = self._split_by_ps(pull_keys)
         reqs = []
         for i in range(self.routing.num_ps):
             if route is None:
@@ -173,11 +180,7 @@ class PsClient:
         replies = [PushPullReply.decode(f, buf, self.fmt) for f, buf in zip(frames, got)]
         for r in replies:
             add_sections(self.last_traffic.sections, r.parts())
-        if qo is None:
-            out = replies[0].rows  # a view of the fresh reply buffer
-        else:
-            out = torch.empty(pull_keys.numel(), row)
-            out[qo] = torch.cat([r.rows for r in replies])
+        out = self._in_key_order(qo, [r.rows for r in replies])
         partial = torch.empty(0, dim)
         if route is not None:
             # every PS summed the rows it owns; the bag's partial sum is the sum over PS
@@ -195,8 +198,7 @@ class PsClient:
         their receives were posted, so later exchanges may run before
         :meth:`finish_prefetch`."""
         t = self.transport
-        order, per = self._by_ps(keys)
-        ks = torch.split(keys[order], per.tolist())
+        order, ks = self._split_by_ps(keys)
         reqs = [PrefetchRequest(ks[i]) for i in range(self.routing.num_ps)]
         frames = [q.frame() for q in reqs]
         sections: Dict = {}
@@ -221,8 +223,7 @@ class PsClient:
         t.wait(p.sends + p.recvs)
         rows = [PrefetchRequest.decode_reply(f, buf, self.fmt) for f, buf in zip(p.frames, p.replies)]
         sections = dict(p.sections)
-        out = torch.empty(p.keys.numel(), self.routing.wire_dim + self.optimizer.state_dim)
-        out[p.order] = torch.cat(rows)
+        out = self._in_key_order(p.order, rows)
         add_sections(sections, [(Section.PULL_ROWS, r) for r in rows])
         nbytes = [m.buf.numel() * m.buf.element_size() for m in p.sends + p.recvs]
         link = LinkStats(sum(nbytes[: len(p.sends)]), sum(nbytes[len(p.sends):]), len(p.sends), len(p.recvs))
@@ -248,12 +249,7 @@ class PsClient:
                     f"DES bag gradients of shape {tuple(des_grads.shape)}, expected ({des_route.num_bags}, {dim})"
                 )
             send_bags = [des_grads[b] for b in des_route.ps_bags]
-        if self.routing.num_ps == 1:  # the request's pack copies keys and grads before the send
-            ks, gs = (keys,), (grads.to(torch.float32),)
-        else:
-            order, per = self._by_ps(keys)
-            ks = torch.split(keys[order], per.tolist())
-            gs = torch.split(grads[order].to(torch.float32), per.tolist())
+        _, ks, gs = self._split_by_ps(keys, grads.to(torch.float32))  # the request's pack copies them
         reqs = [GradsRequest(ks[i], gs[i], send_bags[i]) for i in range(self.routing.num_ps)]
         self._exchange([q.frame() for q in reqs], [q.parts() for q in reqs], wait=False)  # the worker goes on
 
