@@ -77,7 +77,7 @@ class PsSync:
         if self._estimates is not None:  # the one synchronous exchange: its time is the link's
             self._estimates.record(traffic.wire_bytes, traffic.seconds, wp.num_samples)
         for t in extra:
-            traffic = _merged(traffic, t)
+            traffic = traffic.merged(t)
         self._meter.record_push_pull(wp.rows, traffic, self._link)
         return got, partial, route
 
@@ -155,14 +155,6 @@ class PsSync:
             self._post(self._deferred, self._wait_s)
         self._client.push_grads(keys, grads.detach().cpu(), route, bag_grads.detach().cpu())
         self._meter.record_grads(self._client.last_traffic, self._link)
-
-
-def _merged(a: Traffic, b: Traffic) -> Traffic:
-    """``a`` and ``b`` as one exchange (``a``'s seconds)."""
-    sections = dict(a.sections)
-    for k, v in b.sections.items():
-        sections[k] = sections.get(k, SectionSize()) + v
-    return Traffic(a.link + b.link, sections, a.seconds)
 
 
 def require_dispatch_ahead(runtime, depth: int) -> None:

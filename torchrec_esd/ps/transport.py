@@ -106,6 +106,13 @@ class Traffic:
     def section(self, s: Section) -> SectionSize:
         return self.sections.get(s, SectionSize())
 
+    def merged(self, other: "Traffic") -> "Traffic":
+        """This exchange and ``other`` counted as one (this one's seconds)."""
+        sections = dict(self.sections)
+        for k, v in other.sections.items():
+            sections[k] = sections.get(k, SectionSize()) + v
+        return Traffic(self.link + other.link, sections, self.seconds)
+
     @property
     def wire_bytes(self) -> int:
         return self.link.bytes_sent + self.link.bytes_received
