@@ -56,10 +56,9 @@ from collections import deque
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 
 from torchrec_esd.config import EsdConfigError
-from torchrec_esd.distributed.link_estimates import LinkEstimator
+from torchrec_esd.distributed.link_estimates import LinkEstimator, gather_pending
 
 
 class ComputeEstimator(LinkEstimator):
@@ -161,12 +160,7 @@ class ComputeEstimates:
         """All-gather every worker's observations since its last share (a
         collective on ``group``, every worker at the same dispatch) and feed
         every estimator from them in worker order; returns the ``[W, 3]``."""
-        with self._lock:
-            mine = torch.tensor(self._pending, dtype=torch.float64, device=device)
-            self._pending = [0.0, 0.0, 0.0]
-        every = [torch.zeros_like(mine) for _ in self.workers]
-        dist.all_gather(every, mine, group=group)
-        gathered = torch.stack(every).cpu()
+        gathered = gather_pending(self._lock, self._pending, len(self.workers), group, device)
         self.update(gathered)
         return gathered
 

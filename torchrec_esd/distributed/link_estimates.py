@@ -167,12 +167,7 @@ class LinkEstimates:
         collective on ``group``, with tensors on ``device``, the group's;
         every worker calls it at the same dispatch) and update every estimator
         from them, in worker order; returns the gathered ``[W, 4]``."""
-        with self._lock:
-            mine = torch.tensor(self._pending, dtype=torch.float64, device=device)
-            self._pending = [0.0, 0.0, 0.0, 0.0]
-        every = [torch.zeros_like(mine) for _ in range(self.config.num_workers)]
-        dist.all_gather(every, mine, group=group)
-        gathered = torch.stack(every).cpu()
+        gathered = gather_pending(self._lock, self._pending, self.config.num_workers, group, device)
         self.update(gathered)
         return gathered
 
@@ -202,6 +197,20 @@ class LinkEstimates:
             for wt, b, e in zip(weights, self.bytes_per_sample, self.links)
         ]
         return equal_time_counts(global_batch, per_sample, self.latency_s())
+
+
+def gather_pending(lock: threading.Lock, pending: List[float], num_workers: int, group,
+                   device: Optional[torch.device] = None) -> torch.Tensor:
+    """All-gather every worker's ``pending`` sums (a collective on ``group``;
+    this worker's are read and zeroed in place under ``lock``, which guards
+    them against the recording thread): ``[num_workers, len(pending)]``
+    float64 on the CPU, in worker order."""
+    with lock:
+        mine = torch.tensor(pending, dtype=torch.float64, device=device)
+        pending[:] = [0.0] * len(pending)
+    every = [torch.zeros_like(mine) for _ in range(num_workers)]
+    dist.all_gather(every, mine, group=group)
+    return torch.stack(every).cpu()
 
 
 def equal_time_counts(batch: int, per_sample_s: Sequence[float], fixed_s: Sequence[float]) -> List[int]:
