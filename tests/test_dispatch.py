@@ -848,3 +848,58 @@ def test_grouped_decide_is_valid_at_many_groups(inner, objective):
                        ref.decide(cm, kjt, cd.cache_state, shares).assignment)
     with pytest.raises(DispatchError, match="do not split"):
         d.decide(cm, kjt, cd.cache_state, shares[:-1])
+
+
+def _hybrid_solvers(bws, steps=7, **kw):
+    """HybridDis.decide on ``steps`` batches through a real cache directory:
+    the results, and the shares of every batch."""
+    from torchrec_esd.cache import CacheDirectory
+
+    wl, tables, cfg, cm = _small_world(bws)
+    cd = CacheDirectory(cfg, tables)
+    d = HybridDis(**kw)
+    out, B = [], 60
+    shares = cfg.batch_shares(B)
+    for step in range(steps):
+        kjt = wl.global_batch(step, B).sparse_features
+        r = d.decide(cm, kjt, cd.cache_state, shares)
+        _check_valid(r, shares, B)
+        cd.plan(kjt, r.assignment)
+        out.append(r)
+    return out, shares
+
+
+def test_hybrid_takes_the_plain_split_when_the_link_at_stake_is_below_its_decision_time():
+    from torchrec_esd.dispatch.hybrid import plain_split
+
+    # links so fast that the slowest link of any split takes far less than a
+    # decision (picoseconds): after each full decision, probe_every - 1 splits
+    fast, shares = _hybrid_solvers((1e9, 1e9, 1e9), probe_every=3)
+    kinds = ["split" if r.solver == "hybrid:split" else "full" for r in fast]
+    assert kinds == ["full", "split", "split", "full", "split", "split", "full"]
+    for r in fast:
+        if r.solver == "hybrid:split":
+            assert torch.equal(r.assignment, plain_split(shares)) and math.isnan(r.objective)
+        else:
+            assert 0 <= r.info["stake_s"] < r.info["full_decision_s"]
+    # links so slow that a split's slowest link takes seconds: always decide
+    slow, _ = _hybrid_solvers((1e-3, 1e-3, 1e-4), probe_every=3)
+    assert all(r.solver != "hybrid:split" for r in slow)
+    assert all(r.info["stake_s"] > r.info["full_decision_s"] for r in slow)
+    # stake_ratio=0: the rule is off
+    off, _ = _hybrid_solvers((1e9, 1e9, 1e9), probe_every=3, stake_ratio=0.0)
+    assert all(r.solver != "hybrid:split" for r in off)
+    assert torch.equal(plain_split([2, 0, 3]), torch.tensor([0, 0, 2, 2, 2]))
+    with pytest.raises(DispatchError, match="stake_ratio"):
+        HybridDis(stake_ratio=-1.0)
+    with pytest.raises(DispatchError, match="probe_every"):
+        HybridDis(probe_every=0)
+
+
+def test_split_makespan_is_the_slowest_worker_of_the_plain_split():
+    from torchrec_esd.dispatch.hybrid import split_makespan
+
+    inf = float("inf")
+    c = torch.tensor([[1.0, inf, 0.0], [2.0, inf, 0.0], [0.0, inf, 0.5], [9.0, inf, 0.5], [0.0, inf, 1.0]])
+    assert split_makespan(c, [2, 0, 3]) == 3.0  # worker 0: 1 + 2; worker 2: 0.5 + 0.5 + 1
+    assert split_makespan(torch.zeros(0, 3, dtype=torch.float64), [0, 0, 0]) == 0.0
