@@ -870,7 +870,7 @@ def _hybrid_solvers(bws, steps=7, **kw):
 
 
 def test_hybrid_takes_the_plain_split_when_the_link_at_stake_is_below_its_decision_time():
-    from torchrec_esd.dispatch.hybrid import plain_split
+    from torchrec_esd.dispatch.baselines import contiguous_slices as plain_split
 
     # links so fast that the slowest link of any split takes far less than a
     # decision (picoseconds): after each full decision, probe_every - 1 splits
@@ -897,7 +897,7 @@ def test_hybrid_takes_the_plain_split_when_the_link_at_stake_is_below_its_decisi
 
 
 def test_split_makespan_is_the_slowest_worker_of_the_plain_split():
-    from torchrec_esd.dispatch.hybrid import split_makespan
+    from torchrec_esd.dispatch.stake import split_makespan
 
     inf = float("inf")
     c = torch.tensor([[1.0, inf, 0.0], [2.0, inf, 0.0], [0.0, inf, 0.5], [9.0, inf, 0.5], [0.0, inf, 1.0]])

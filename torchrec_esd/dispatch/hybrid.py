@@ -31,21 +31,11 @@ the per-batch budget; ``0.2`` lets the exact solver run on roughly a fifth of
 the batches where it would fit, leaving the CPU to training on 2-core edge
 machines.
 
-*Stake.*  A decision cannot save more link time than the iteration's slowest
-link would take without it.  :meth:`HybridDis.decide` (what
-:class:`~torchrec_esd.distributed.EsdInputDist` calls) measures every full
-decision (reading the cost matrix + solving) and the *stake*: the predicted
-slowest link of the plain split (the first ``shares[0]`` samples to worker 0,
-the next ``shares[1]`` to worker 1, ...: vanilla's data-parallel slices) on
-the cost matrix it read.  When the stake is below ``stake_ratio`` times the
-decision's own time (equal fast links: ~1.5 ms of link per step against
-3-4 ms of deciding on a 2-core worker), the next ``probe_every - 1`` batches
-take the plain split without reading the caches (``solver
-"hybrid:split"``, a few microseconds), and every ``probe_every``-th batch
-decides in full and re-measures, so a link that slows down is priced again
-within ``probe_every`` batches.  Any assignment trains the same model at
-staleness 0; only the traffic changes.  ``stake_ratio=0`` always decides in
-full (:meth:`assign` never skips: the rule lives in :meth:`decide`).
+*Stake* (:mod:`~torchrec_esd.dispatch.stake`): through :meth:`decide` (what
+:class:`~torchrec_esd.distributed.EsdInputDist` calls) HybridDis takes
+vanilla's plain split, without reading the caches, while its last full
+decision took longer than the predicted slowest link of that split (equal
+fast links), and decides in full every ``probe_every``-th batch.
 
 ``DispatchResult.solver`` is ``"hybrid:heuristic"``, ``"hybrid:optimal"``
 (exact and certified), ``"hybrid:partial"`` (exact solver cut by the
@@ -64,14 +54,15 @@ from typing import Dict, Sequence
 import numpy as np
 import torch
 
-from torchrec_esd.dispatch.base import Dispatcher, DispatchError, DispatchResult, check_cost_input
+from torchrec_esd.dispatch.base import Dispatcher, DispatchError, check_cost_input
 from torchrec_esd.dispatch.heuristic import _loads, makespan_heuristic, pairwise_exchange, price_greedy
 from torchrec_esd.dispatch.lower_bound import dual_value, makespan_lower_bound
 from torchrec_esd.dispatch.exact_makespan import makespan_milp, preload_milp
 from torchrec_esd.dispatch.exact_total import mcf_total, solve_total
+from torchrec_esd.dispatch.stake import StakeRule
 
 
-class HybridDis(Dispatcher):
+class HybridDis(StakeRule, Dispatcher):
     """Heuristic + exact solver under a decision-time and CPU budget.
 
     Args:
@@ -114,13 +105,7 @@ class HybridDis(Dispatcher):
         probe_every: int = 8,
     ) -> None:
         self.cost_input = check_cost_input(cost_input)
-        if not stake_ratio >= 0:
-            raise DispatchError(f"stake_ratio must be >= 0, got {stake_ratio}")
-        if int(probe_every) != probe_every or probe_every < 1:
-            raise DispatchError(f"probe_every must be an int >= 1, got {probe_every}")
-        self.stake_ratio = float(stake_ratio)
-        self.probe_every = int(probe_every)
-        self._split_left = 0  # batches still to take the plain split before the next full decision
+        self.init_stake(stake_ratio, probe_every)
         if objective not in ("total", "makespan"):
             raise DispatchError(f"objective must be 'total' or 'makespan', got {objective!r}")
         if not time_budget_ms > 0:
@@ -158,28 +143,6 @@ class HybridDis(Dispatcher):
             k = max(k, rate)
         self.s_per_cell[self.objective] = k
         self.history.append((cells, seconds, finished))
-
-    # -------------------------------------------------------------- stake
-    def decide(self, cost_model, kjt, views, shares: Sequence[int]) -> DispatchResult:
-        """Decide in full (:meth:`inputs` + :meth:`assign`), or take the plain
-        split while the last full decision cost more than the link time at
-        stake (module docstring, *Stake*).  O(B) when it skips."""
-        if self.stake_ratio > 0 and self._split_left > 0:
-            self._split_left -= 1
-            t0 = time.perf_counter()
-            split = plain_split(shares)
-            return DispatchResult(split, objective=float("nan"), solver="hybrid:split",
-                                  decision_s=time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        cost, aux = self.inputs(cost_model, kjt, views)
-        result = self.assign(cost, shares, aux=aux)
-        spent = time.perf_counter() - t0
-        stake = split_makespan(cost, shares)
-        result.info["stake_s"] = stake
-        result.info["full_decision_s"] = spent
-        if stake < self.stake_ratio * spent:
-            self._split_left = self.probe_every - 1
-        return result
 
     # -------------------------------------------------------------- solve
     def _solve(self, cost: torch.Tensor, shares: Sequence[int]):
@@ -261,20 +224,3 @@ class HybridDis(Dispatcher):
         )
         return torch.from_numpy(a), info
 
-
-def plain_split(shares: Sequence[int]) -> torch.Tensor:
-    """The first ``shares[0]`` samples to worker 0, the next ``shares[1]`` to
-    worker 1, ... (vanilla TorchRec's data-parallel slices of a global batch)."""
-    return torch.repeat_interleave(torch.arange(len(shares)), torch.tensor([int(s) for s in shares], dtype=torch.int64))
-
-
-def split_makespan(cost: torch.Tensor, shares: Sequence[int]) -> float:
-    """Predicted slowest link (largest per-worker sum of ``cost[s, w]``) of
-    :func:`plain_split`; 0 for an empty batch.  Non-finite entries (a worker
-    with a share of 0) are never read."""
-    if cost.numel() == 0:
-        return 0.0
-    split = plain_split(shares)
-    per_sample = cost.detach().cpu().double().gather(1, split.view(-1, 1)).view(-1)
-    loads = torch.zeros(cost.shape[1], dtype=torch.float64).index_add_(0, split, per_sample)
-    return float(loads.max())
