@@ -68,6 +68,16 @@ def test_equivalence_workers_plan_from_worker_0s_summaries():
              esd_options=dict(plan_from_summaries=True))
 
 
+def test_equivalence_hybrid_plain_split_on_links_too_fast_to_be_worth_a_decision():
+    # links so fast that HybridDis's stake rule takes vanilla's plain split on most
+    # batches (and decides in full on every 4th): the same model either way
+    _, esd = _compare(2, [1, 1], "hybrid", "rowwise_adagrad", "global", [1e9, 1e9], dispatch_ahead=1,
+                      dispatcher_kwargs=dict(probe_every=4))
+    solvers = [d["solver"] for d in esd[0]["decisions"]]
+    assert len(solvers) == STEPS and solvers.count("hybrid:split") == STEPS - STEPS // 4, solvers
+    assert all(s != "hybrid:split" for s in solvers[::4]), solvers
+
+
 # ---------------------------------------------------------------- dispatch ahead
 def test_equivalence_dispatch_ahead_local_batches_two_ps():
     # the dispatch thread all-gathers the ids and moves dense rows and labels
