@@ -18,8 +18,13 @@ The estimator (per link), stated:
   mean), one that is not drops it (a lone outlier: a scheduling hiccup);
 * latency: the least-squares fit of ``seconds = n a + bytes s`` over the last
   ``window`` accepted observations when their bytes per exchange spread
-  enough (max / min >= 1.5 over >= 4 observations) and the fit is sane
-  (``0 <= a`` and ``s > 0``), else the prior.
+  enough (max / min >= 1.5 over >= 6 observations, or ``window``) and the fit is sane
+  (``s > 0``, ``a >= 0``) and precise (the standard error of ``a`` within
+  10 % of the mean exchange's time: with
+  timing noise a fit over a narrow spread of sizes can put most of the time
+  into ``a``, and the bandwidth would then follow the noise), else the last one;
+  a confirmed change (below) resets it to the prior (the old fit described
+  the old link) and prices both confirming observations with it.
 
 So a rate change is followed within two observations, and a single slow
 exchange moves nothing.
@@ -89,7 +94,7 @@ class LinkEstimator:
         if n <= 0 or nbytes <= 0 or not math.isfinite(seconds) or seconds < 0:
             return
         self.observations += 1
-        per_byte = max(seconds - n * self.latency_s, 0.05 * seconds) / nbytes
+        per_byte = self._per_byte(n, nbytes, seconds)
         ratio = per_byte / self.seconds_per_byte
         off = 1 if ratio > self.outlier_factor else (-1 if ratio < 1.0 / self.outlier_factor else 0)
         if off:
@@ -100,7 +105,10 @@ class LinkEstimator:
                 self._recent.clear()
                 self._recent.append(held[1:])
                 self._recent.append((n, float(nbytes), float(seconds)))
-                self.seconds_per_byte = 0.5 * (held[0] + per_byte)
+                # the old latency fit described the old link: back to the prior, and both
+                # observations priced with it
+                self.latency_s = self.prior_latency_s
+                self.seconds_per_byte = 0.5 * sum(self._per_byte(*o) for o in self._recent)
                 return
             if held is not None:
                 self.dropped += 1
@@ -113,9 +121,12 @@ class LinkEstimator:
         self._recent.append((n, float(nbytes), float(seconds)))
         self._fit_latency()
 
+    def _per_byte(self, n: int, nbytes: float, seconds: float) -> float:
+        return max(seconds - n * self.latency_s, 0.05 * seconds) / nbytes
+
     def _fit_latency(self) -> None:
         obs = list(self._recent)
-        if len(obs) < 4:
+        if len(obs) < min(6, self._recent.maxlen):
             return
         by = [b / n for n, b, _ in obs]
         if max(by) < 1.5 * min(by):
@@ -131,8 +142,15 @@ class LinkEstimator:
             return
         a = (sns * sbb - snb * sbs) / det
         p = (snn * sbs - snb * sns) / det
-        if a >= 0 and p > 0:
-            self.latency_s = a
+        if not (p > 0 and a >= 0):
+            return
+        # and precise: its standard error within 10 % of the mean exchange's time
+        k = len(obs)
+        if k > 2:
+            rss = sum((s - n * a - b * p) ** 2 for n, b, s in obs)
+            if math.sqrt(rss / (k - 2) * sbb / det) > 0.1 * sum(s / n for n, _, s in obs) / k:
+                return
+        self.latency_s = a
 
     def __repr__(self) -> str:
         return (f"LinkEstimator({self.bytes_per_second * 8 / 1e6:.3f} Mbit/s, {self.latency_s * 1e3:.2f} ms, "
