@@ -53,6 +53,28 @@ def test_a_lone_outlier_moves_nothing_and_a_rate_change_is_followed_in_two_steps
     assert est.bytes_per_second == pytest.approx(100 * MBIT, rel=0.1)
 
 
+def test_with_provisional_slowdowns_a_drop_is_followed_at_once_and_a_lone_slow_exchange_forgotten():
+    rng = random.Random(2)
+    est = LinkEstimator(100 * MBIT, 0.002, provisional_slowdowns=True)
+    for _ in range(6):
+        est.observe(200e3, _transfer(200e3, 100.0, 0.002, 0.02, rng))
+    before = est.bytes_per_second
+    est.observe(200e3, _transfer(200e3, 10.0, 0.002, 0.0, rng))  # one slow exchange: believed for now
+    assert est.bytes_per_second == pytest.approx(10 * MBIT, rel=0.05)
+    est.observe(200e3, _transfer(200e3, 100.0, 0.002, 0.0, rng))  # ... and forgotten: as before, then this one
+    assert est.dropped == 1
+    assert est.bytes_per_second == pytest.approx(before, rel=0.05) and est.bytes_per_second != before
+    fast = LinkEstimator(100 * MBIT, 0.002, provisional_slowdowns=True)
+    fast.observe(200e3, _transfer(200e3, 1000.0, 0.002, 0.0, rng))  # a faster outlier is still held back
+    assert fast.bytes_per_second == 100 * MBIT
+    seen = []
+    for _ in range(3):  # the link drops to 10 Mbit/s: followed from the first exchange
+        est.observe(200e3, _transfer(200e3, 10.0, 0.002, 0.02, rng))
+        seen.append(est.bytes_per_second / MBIT)
+    assert all(x == pytest.approx(10.0, rel=0.1) for x in seen)
+    assert LinkEstimates(EsdConfig([WorkerSpec(1, 10.0)]), 0).links[0].provisional_slowdowns
+
+
 def _shaped(nbytes, mbps, free_bytes, latency_s, noise, rng):
     """A token-bucket link: the first ``free_bytes`` of an exchange leave at
     line rate (the bucket refilled while the link was idle), the rest at the rate."""
