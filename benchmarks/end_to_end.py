@@ -502,6 +502,10 @@ def summarize(args, mixes, methods, raw) -> Dict:
                     "makespan_link_s": max(p["link_s"] for p in per),
                     "ps_bytes": [r["wire"]["tx_bytes"] + r["wire"]["rx_bytes"] for r in recs if r["rank"] >= W],
                 }
+            if w0.get("link_estimates_mbps"):  # online links: the shares and estimates they came from
+                s["local_samples_mean"] = [sum(r["local_samples"]) / len(r["local_samples"]) for r in workers]
+                s["link_estimates_mbps_median"] = [sorted(col)[len(col) // 2] for col in
+                                                   zip(*w0["link_estimates_mbps"][skip:])]
             if w0.get("compute_estimates_sps"):  # per-batch shares: every worker's measured compute rate
                 s["compute_samples_per_s_last"] = w0["compute_estimates_sps"][-1]
                 s["local_samples_mean"] = [sum(r["local_samples"]) / len(r["local_samples"]) for r in workers]
