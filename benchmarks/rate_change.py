@@ -318,7 +318,7 @@ def plot(res: Dict, spec: Dict, path: str, label) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4.2))
+    fig, ax = plt.subplots(figsize=(11, 4.2))
     for m, d in res.items():
         ax.plot(range(1, len(d["step_ms"]) + 1), d["step_ms"], label=label(m), lw=1.2)
     refs = [q for q in next(iter(res.values()))["phases"] if "reference_ms" in q]
@@ -330,9 +330,10 @@ def plot(res: Dict, spec: Dict, path: str, label) -> bool:
         ax.axvline(s, color="k", lw=0.6, ls="--")
         ax.annotate(f"w{spec['worker']}: {r:g} Mbit/s", (s, ax.get_ylim()[1]), fontsize=7, va="top")
     ax.set_xlabel("step")
-    ax.set_ylabel("iteration time, ms (log; slowest worker, per-step median)")
+    ax.set_ylabel("iteration ms (log)")
+    ax.set_title("slowest worker's step, per-step median of the repeats", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=72)
     plt.close(fig)
