@@ -24,13 +24,13 @@ The estimator (per link), stated:
   slower link and is then forgotten;
 * latency: the least-squares fit of ``seconds = n a + bytes s`` over the last
   ``window`` accepted observations when their bytes per exchange spread
-  enough (max / min >= 1.5 over >= 6 observations, or ``window``) and the fit is sane
-  (``s > 0``, ``a >= 0``) and precise (the standard error of ``a`` within
-  10 % of the mean exchange's time: with
-  timing noise a fit over a narrow spread of sizes can put most of the time
-  into ``a``, and the bandwidth would then follow the noise), else the last one;
-  a confirmed change (below) resets it to the prior (the old fit described
-  the old link) and prices both confirming observations with it.
+  enough (max / min >= 1.5 over >= 6 observations, or ``window``), the fit
+  is sane (``s > 0``, ``a >= 0``) and precise (the standard error of ``a``
+  within 10 % of the mean exchange's time: with timing noise a fit over a
+  narrow spread of sizes can put most of the time into ``a``, and the
+  bandwidth would then follow the noise), else the last one; a confirmed
+  change resets it to the prior (the old fit described the old link) and
+  prices both confirming observations with it.
 
 So a rate change is followed within two observations (a slowdown within one
 with ``provisional_slowdowns``), and a single outlier moves the estimate for
