@@ -456,9 +456,10 @@ def summarize(args, mixes, methods, raw) -> Dict:
         for m in methods:
             every = [rec for rank in raw["per_rank"] for rec in rank if rec["mix"] == mix["name"] and rec["method"] == m]
             skip = min(args.warmup_steps, args.steps - 2)
-            steady_reps, elapsed_reps = [], []
+            steady_reps, elapsed_reps, slowest_reps = [], [], []
             for rep in range(args.repeats):
                 ws = [r for r in every if r["rep"] == rep and r["rank"] < W]
+                slowest_reps.append([1e3 * max(col) for col in zip(*(r["step_s"] for r in ws))])
                 steady_reps.append(max(sum(r["step_s"][skip:]) / len(r["step_s"][skip:]) for r in ws))
                 elapsed_reps.append(max(r["elapsed_s"] for r in ws))
             # transmission and wire bytes: first repeat (the same batches and dispatch every time)
@@ -483,6 +484,7 @@ def summarize(args, mixes, methods, raw) -> Dict:
                 "samples_per_s": args.batch / steady,
                 "shares": w0.get("shares"),  # samples per worker and step (None: vanilla's equal slices)
                 "step_ms": [[1e3 * t for t in r["step_s"]] for r in workers],
+                "step_ms_slowest_repeats": slowest_reps,  # per repeat: the slowest worker's step, per step
                 "wall_s": max(r["wall_s"] for r in recs),
                 # CPU per steady-state step (all threads) of every worker; PS: whole job / steps
                 "cpu_ms_per_step_workers": [1e3 * sum(r["step_cpu_s"][skip:]) / len(r["step_cpu_s"][skip:])
@@ -500,6 +502,10 @@ def summarize(args, mixes, methods, raw) -> Dict:
                     "makespan_link_s": max(p["link_s"] for p in per),
                     "ps_bytes": [r["wire"]["tx_bytes"] + r["wire"]["rx_bytes"] for r in recs if r["rank"] >= W],
                 }
+            if w0.get("link_estimates_mbps"):  # online links: the shares and estimates they came from
+                s["local_samples_mean"] = [sum(r["local_samples"]) / len(r["local_samples"]) for r in workers]
+                s["link_estimates_mbps_median"] = [sorted(col)[len(col) // 2] for col in
+                                                   zip(*w0["link_estimates_mbps"][skip:])]
             if w0.get("compute_estimates_sps"):  # per-batch shares: every worker's measured compute rate
                 s["compute_samples_per_s_last"] = w0["compute_estimates_sps"][-1]
                 s["local_samples_mean"] = [sum(r["local_samples"]) / len(r["local_samples"]) for r in workers]

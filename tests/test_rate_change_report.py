@@ -28,3 +28,44 @@ def test_step_times_take_out_the_waits_and_phases_settle():
     assert [p["from_step"] for p in ph] == [1, 11]
     assert ph[0]["level_ms"] == pytest.approx(100) and ph[0]["steps_to_settle"] == 0
     assert ph[1]["level_ms"] == pytest.approx(200) and ph[1]["steps_to_settle"] == 3
+
+
+def _rank(rank, method, rep, step_s):
+    return {"rank": rank, "method": method, "rep": rep, "step_s": step_s, "local_samples": [1] * len(step_s)}
+
+
+def test_analyse_takes_the_per_step_median_of_the_repeats_and_leaves_out_the_drained_steps():
+    spec = {"worker": 1, "changes": [[5, 10.0]]}
+    # 2 workers, 3 repeats, steps 1..12 timed (step_s[k]: step k + 1): 100 ms, 200 ms from step 5 on;
+    # one repeat has a spike at step 8, all are faster in the last two (drained) steps
+    base = [0.1] * 4 + [0.2] * 8
+    reps = [list(base) for _ in range(3)]
+    reps[1][7] = 0.9
+    for r in reps:
+        r[-1] = r[-2] = 0.05  # drained steps: faster, left out
+    raw = {"per_rank": [[_rank(0, "m", r, reps[r]) for r in range(3)],
+                        [_rank(1, "m", r, [0.0] * 12) for r in range(3)]]}
+    res = rate_change.analyse(raw, ["m"], spec, 2)["m"]
+    assert res["step_ms"][7] == pytest.approx(200)  # the spike is the odd one out of 3
+    assert len(res["step_ms_repeats"]) == 3
+    ph = res["phases"]
+    assert [(p["from_step"], p["to_step"]) for p in ph] == [(1, 4), (5, 12 - rate_change.DRAIN_STEPS)]
+    assert ph[1]["level_ms"] == pytest.approx(200) and ph[1]["steps_to_settle"] == 0
+
+
+def test_settle_against_a_reference_is_one_sided_and_the_reference_uses_the_same_steps():
+    # 300 ms for 2 steps after the change, then 190 ms: 5 % below a 200 ms reference counts as recovered
+    xs = [0.3, 0.3] + [0.19] * 8
+    assert rate_change.settle(xs, 0.2, above_only=True) == 2
+    assert rate_change.settle([0.3, 0.3] + [0.17] * 8, 0.2, above_only=True) == 2
+    assert rate_change.settle([0.3, 0.3] + [0.17] * 8, 0.2) == 10  # two-sided: 15 % below never settles
+    ph = rate_change.phases(xs, [], {0: 200.0})
+    assert ph[0]["steps_to_reference"] == 2 and ph[0]["level_vs_reference"] == pytest.approx(0.95)
+    # a reference run whose level drifts with the step: the phase's own steps are taken
+    ref = {"results": {"mix": {"methods": {
+        "esd": {"step_ms_slowest_repeats": [[100.0] * 10 + [300.0] * 12] * 3},
+        "esd+online": {"step_ms_slowest_repeats": [[90.0] * 10 + [200.0] * 12] * 3}}}}}
+    assert rate_change.reference_level_ms(ref, 11, 20) == (200.0, "esd+online")
+    assert rate_change.reference_level_ms(ref, 1, 10) == (90.0, "esd+online")
+    with pytest.raises(SystemExit, match="no steps"):
+        rate_change.reference_level_ms(ref, 30, 40)

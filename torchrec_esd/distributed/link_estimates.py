@@ -15,14 +15,26 @@ The estimator (per link), stated:
 * outliers: an observation more than ``outlier_factor`` times off the
   estimate (either way) is held back; the next observation that is off the
   same way confirms it (the link changed: the estimate restarts at their
-  mean), one that is not drops it (a lone outlier: a scheduling hiccup);
+  mean), one that is not drops it (a lone outlier: a scheduling hiccup) and
+  the estimate is what it was before; with ``provisional_slowdowns`` (what
+  :class:`LinkEstimates` uses) a held *slower* observation is the estimate
+  until the next one confirms or drops it: a slow link holds up every
+  worker's step, so reacting one exchange earlier saves a slow step per
+  change, while a lone slow exchange costs one dispatch at shares set for a
+  slower link and is then forgotten;
 * latency: the least-squares fit of ``seconds = n a + bytes s`` over the last
   ``window`` accepted observations when their bytes per exchange spread
-  enough (max / min >= 1.5 over >= 4 observations) and the fit is sane
-  (``0 <= a`` and ``s > 0``), else the prior.
+  enough (max / min >= 1.5 over >= 6 observations, or ``window``), the fit
+  is sane (``s > 0``, ``a >= 0``) and precise (the standard error of ``a``
+  within 10 % of the mean exchange's time: with timing noise a fit over a
+  narrow spread of sizes can put most of the time into ``a``, and the
+  bandwidth would then follow the noise), else the last one; a confirmed
+  change resets it to the prior (the old fit described the old link) and
+  prices both confirming observations with it.
 
-So a rate change is followed within two observations, and a single slow
-exchange moves nothing.
+So a rate change is followed within two observations (a slowdown within one
+with ``provisional_slowdowns``), and a single outlier moves the estimate for
+at most one observation.
 
 Every worker must hold the *same* estimates where the dispatcher or the share
 rule reads them: worker 0 decides the assignment for everybody and every
@@ -63,7 +75,7 @@ class LinkEstimator:
     O(``window``)."""
 
     def __init__(self, prior_bytes_per_s: float, prior_latency_s: float, alpha: float = 0.5,
-                 outlier_factor: float = 4.0, window: int = 8) -> None:
+                 outlier_factor: float = 4.0, window: int = 8, provisional_slowdowns: bool = False) -> None:
         if not (prior_bytes_per_s > 0 and prior_latency_s >= 0):
             raise EsdConfigError(f"link prior must have bandwidth > 0 and latency >= 0, got "
                                  f"{prior_bytes_per_s!r} B/s, {prior_latency_s!r} s")
@@ -71,10 +83,12 @@ class LinkEstimator:
             raise EsdConfigError(f"LinkEstimator needs 0 < alpha <= 1, outlier_factor > 1, window >= 2; got "
                                  f"{alpha}, {outlier_factor}, {window}")
         self.prior_latency_s = float(prior_latency_s)
+        self.provisional_slowdowns = bool(provisional_slowdowns)
         self.seconds_per_byte = 1.0 / float(prior_bytes_per_s)
         self.latency_s = float(prior_latency_s)
         self.alpha, self.outlier_factor = float(alpha), float(outlier_factor)
-        self._held: Optional[Tuple[float, int, float, float]] = None  # (per byte, n, bytes, seconds)
+        # (per byte, n, bytes, seconds, the estimate before it)
+        self._held: Optional[Tuple[float, int, float, float, float]] = None
         self._recent: "deque[Tuple[int, float, float]]" = deque(maxlen=int(window))
         self.observations = 0
         self.dropped = 0
@@ -89,33 +103,44 @@ class LinkEstimator:
         if n <= 0 or nbytes <= 0 or not math.isfinite(seconds) or seconds < 0:
             return
         self.observations += 1
-        per_byte = max(seconds - n * self.latency_s, 0.05 * seconds) / nbytes
-        ratio = per_byte / self.seconds_per_byte
+        per_byte = self._per_byte(n, nbytes, seconds)
+        held = self._held
+        base = self.seconds_per_byte if held is None else held[4]  # the estimate before a held one
+        ratio = per_byte / base
         off = 1 if ratio > self.outlier_factor else (-1 if ratio < 1.0 / self.outlier_factor else 0)
         if off:
-            held = self._held
-            if held is not None and (held[0] > self.seconds_per_byte) == (off > 0):
+            if held is not None and (held[0] > base) == (off > 0):
                 # two in a row, off the same way: the link changed
                 self._held = None
                 self._recent.clear()
-                self._recent.append(held[1:])
+                self._recent.append(held[1:4])
                 self._recent.append((n, float(nbytes), float(seconds)))
-                self.seconds_per_byte = 0.5 * (held[0] + per_byte)
+                # the old latency fit described the old link: back to the prior, and both
+                # observations priced with it
+                self.latency_s = self.prior_latency_s
+                self.seconds_per_byte = 0.5 * sum(self._per_byte(*o) for o in self._recent)
                 return
-            if held is not None:
+            if held is not None:  # the held one was a lone outlier, the other way
                 self.dropped += 1
-            self._held = (per_byte, n, float(nbytes), float(seconds))
+                self.seconds_per_byte = base
+            self._held = (per_byte, n, float(nbytes), float(seconds), self.seconds_per_byte)
+            if off > 0 and self.provisional_slowdowns:
+                self.seconds_per_byte = per_byte  # believed until the next observation says otherwise
             return
-        if self._held is not None:  # the held one was a lone outlier
+        if held is not None:  # the held one was a lone outlier
             self.dropped += 1
+            self.seconds_per_byte = base
             self._held = None
         self.seconds_per_byte += self.alpha * (per_byte - self.seconds_per_byte)
         self._recent.append((n, float(nbytes), float(seconds)))
         self._fit_latency()
 
+    def _per_byte(self, n: int, nbytes: float, seconds: float) -> float:
+        return max(seconds - n * self.latency_s, 0.05 * seconds) / nbytes
+
     def _fit_latency(self) -> None:
         obs = list(self._recent)
-        if len(obs) < 4:
+        if len(obs) < min(6, self._recent.maxlen):
             return
         by = [b / n for n, b, _ in obs]
         if max(by) < 1.5 * min(by):
@@ -131,8 +156,15 @@ class LinkEstimator:
             return
         a = (sns * sbb - snb * sbs) / det
         p = (snn * sbs - snb * sns) / det
-        if a >= 0 and p > 0:
-            self.latency_s = a
+        if not (p > 0 and a >= 0):
+            return
+        # and precise: its standard error within 10 % of the mean exchange's time
+        k = len(obs)
+        if k > 2:
+            rss = sum((s - n * a - b * p) ** 2 for n, b, s in obs)
+            if math.sqrt(rss / (k - 2) * sbb / det) > 0.1 * sum(s / n for n, _, s in obs) / k:
+                return
+        self.latency_s = a
 
     def __repr__(self) -> str:
         return (f"LinkEstimator({self.bytes_per_second * 8 / 1e6:.3f} Mbit/s, {self.latency_s * 1e3:.2f} ms, "
@@ -147,7 +179,8 @@ class LinkEstimates:
     def __init__(self, config: EsdConfig, me: int, **estimator_kwargs) -> None:
         self.config = config
         self.me = int(me)
-        self.links = [LinkEstimator(w.bytes_per_second, w.latency_s, **estimator_kwargs) for w in config.workers]
+        kw = {"provisional_slowdowns": True, **estimator_kwargs}
+        self.links = [LinkEstimator(w.bytes_per_second, w.latency_s, **kw) for w in config.workers]
         self.bytes_per_sample = [0.0] * config.num_workers  # last measured, per worker
         self._lock = threading.Lock()  # the training thread records, the dispatch thread shares
         self._pending = [0.0, 0.0, 0.0, 0.0]  # exchanges, bytes, seconds, samples
