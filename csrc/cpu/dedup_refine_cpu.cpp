@@ -251,13 +251,24 @@ class SwapSearch {
   // of the samples) is below -tol; kept when the exact change of the whole
   // move is below -tol, else undone.  Returns the moves kept, -1 at the deadline.
   int64_t group_pass(double tol, int64_t group_size) {
-    constexpr int64_t kPartners = 8;
-    // per ordered pair (x, y): x's samples by M[s, y] (stale after a move)
+    constexpr int64_t kPartners = 8, kKept = 32;
+    // per ordered pair (x, y): x's kKept best samples by M[s, y], sorted,
+    // and the best M[s, y] (stale after a move)
     std::vector<std::vector<std::pair<double, int64_t>>> order(W_ * W_);
+    std::fill(pmin_.begin(), pmin_.end(), INFINITY);
     for (int64_t s = 0; s < B_; ++s)
       for (int64_t v = 0; v < W_; ++v)
-        if (v != a_[s]) order[a_[s] * W_ + v].emplace_back(M_[s * W_ + v], s);
-    for (auto& l : order) std::sort(l.begin(), l.end());
+        if (v != a_[s]) {
+          order[a_[s] * W_ + v].emplace_back(M_[s * W_ + v], s);
+          pmin_[a_[s] * W_ + v] = std::min(pmin_[a_[s] * W_ + v], M_[s * W_ + v]);
+        }
+    for (auto& l : order) {
+      if (static_cast<int64_t>(l.size()) > kKept) {
+        std::nth_element(l.begin(), l.begin() + kKept, l.end());
+        l.resize(kKept);
+      }
+      std::sort(l.begin(), l.end());
+    }
     std::vector<int64_t> ts, ss;
     int64_t kept = 0;
     for (int64_t k = 0; k < U_; ++k) {
@@ -280,6 +291,8 @@ class SwapSearch {
           ts.push_back(os_[o]);
           est += M_[os_[o] * W_ + x] - D_[o * W_ + x];
         }
+        // (no partner does better than the best single mover)
+        if (!(est + static_cast<double>(ts.size()) * pmin_[x * W_ + y] < -tol)) continue;
         // the |ts| best single movers x -> y that do not use k
         ss.clear();
         for (const auto& e : order[x * W_ + y]) {
