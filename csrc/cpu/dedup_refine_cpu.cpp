@@ -40,7 +40,8 @@
 // for the row, which no single swap achieves.  A group move is tried where
 // the row's saving plus the single-move changes of the samples is below
 // -tol (interactions among the moved samples are not in the estimate), kept
-// when its exact change is below -tol and undone otherwise; after a kept one
+// when its exact change is below -tol and undone otherwise (the row is not
+// tried again); after a kept one
 // the swap passes resume.  Stops at a swap local optimum where no group move
 // is kept, after max_rounds passes or at the deadline (checked before every
 // sample and every 64 rows).
@@ -271,8 +272,9 @@ class SwapSearch {
     }
     std::vector<int64_t> ts, ss;
     int64_t kept = 0;
+    if (group_failed_.empty()) group_failed_.assign(U_, 0);
     for (int64_t k = 0; k < U_; ++k) {
-      if (nusers_[k] < 2) continue;
+      if (nusers_[k] < 2 || group_failed_[k]) continue;
       if ((k & 63) == 0 && past()) return -1;
       const int32_t* c = &cnt_[k * W_];
       int64_t y = -1;
@@ -335,6 +337,7 @@ class SwapSearch {
           apply_swap(s, t, y, x);
         }
         swaps_.resize(first);
+        group_failed_[k] = 1;  // not tried again in later passes
       }
     }
     return kept;
@@ -493,6 +496,7 @@ class SwapSearch {
   std::vector<std::pair<int64_t, int64_t>> changed_;
   std::vector<double> row_;
   std::vector<int64_t> swaps_;  // (s, t, move) per applied swap
+  std::vector<uint8_t> group_failed_;  // rows whose group move was undone
   std::vector<double> pmin_;
   std::vector<std::vector<std::pair<double, int64_t>>> lists_;
   std::vector<std::pair<double, int64_t>> drivers_;
