@@ -15,7 +15,7 @@ from torchrec_esd.dispatch.dedup_refine_reference import refine_reference
 from torchrec_esd.dispatch.dedup_search import refine
 from torchrec_esd.dispatch.heuristic import price_greedy
 
-pytestmark = pytest.mark.skipif(not ops.has_dedup_refine(), reason="extension without dedup_refine")
+needs_op = pytest.mark.skipif(not ops.has_dedup_refine(), reason="extension without dedup_refine")
 
 
 def _instance(rng, B, W, K, max_rows=4, session=0):
@@ -59,6 +59,7 @@ def _swap_gains(d, a):
     return out
 
 
+@needs_op
 @pytest.mark.parametrize("group_size", [0, 4])
 def test_every_move_lowers_the_exact_total_and_shares_stay(group_size):
     rng = np.random.default_rng(11)
@@ -86,6 +87,7 @@ def test_every_move_lowers_the_exact_total_and_shares_stay(group_size):
     assert checked > 50
 
 
+@needs_op
 @pytest.mark.parametrize("group_size", [0, 4])
 def test_result_is_a_local_optimum_of_all_swaps(group_size):
     rng = np.random.default_rng(12)
@@ -99,6 +101,7 @@ def test_result_is_a_local_optimum_of_all_swaps(group_size):
         assert worst >= -tol, worst
 
 
+@needs_op
 def test_group_moves_join_a_split_session():
     """Samples 0-3 share row S (a session), samples 4-7 only private rows; S
     is split 2/2 over the two workers, so no single swap takes S off a
@@ -120,6 +123,7 @@ def test_group_moves_join_a_split_session():
     np.testing.assert_array_equal(np.bincount(a), [4, 4])
 
 
+@needs_op
 def test_comparable_to_the_numpy_search():
     """Both end in swap local optima from the same start, in other visiting
     orders (either may win on one instance); on these random instances the
@@ -142,6 +146,7 @@ def test_comparable_to_the_numpy_search():
     assert len(ratios) >= 8 and np.mean(ratios) <= 1.01, ratios
 
 
+@needs_op
 def test_deadline_max_rounds_and_makespan_weights():
     rng = np.random.default_rng(14)
     d = _instance(rng, 80, 3, 60)
@@ -161,6 +166,7 @@ def test_deadline_max_rounds_and_makespan_weights():
     assert r.info["predicted_makespan_s"] == pytest.approx(d.per_worker(r.assignment.numpy()).max())
 
 
+@needs_op
 def test_bad_inputs_raise():
     rng = np.random.default_rng(15)
     d = _instance(rng, 10, 2, 8)
@@ -179,3 +185,14 @@ def test_bad_inputs_raise():
         run(T[0], T[1], T[2].float(), *T[3:], a, 10, 1.0, 4)
     with pytest.raises(RuntimeError, match="max_rounds"):
         run(*T, a, -1, 1.0, 4)
+
+
+def test_without_the_operator_refine_is_the_numpy_search(monkeypatch):
+    rng = np.random.default_rng(16)
+    d = _instance(rng, 40, 3, 30, session=3)
+    a0 = rng.integers(0, 3, 40)
+    monkeypatch.setattr(ops, "HAS_DEDUP_REFINE", False)
+    a, info = refine(d, a0, 64, None)
+    b, ref = refine_reference(d, a0, 64, None)
+    np.testing.assert_array_equal(a, b)
+    assert info == ref and "moves" not in info
