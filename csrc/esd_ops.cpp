@@ -59,4 +59,19 @@ TORCH_LIBRARY(torchrec_esd, m) {
   // `erase_keys` (absent ones ignored, backward-shift deletion), then map keys[i] -> values[i]
   // (a full table is an error).  CPU only (cache directories live on the host).
   m.def("id_table_assign(Tensor(a!) table, Tensor erase_keys, Tensor keys, Tensor values) -> ()");
+  // Local search on a batch's de-duplicated cost (torchrec_esd.cost.DedupCost: distinct
+  // (sample, row) occurrences occ_s (sorted) / occ_k, float64 [U, W] pull and push, owner [U]
+  // (-1: none), owner_push [U]) from `assignment` ([B], worker per sample), by swaps of two
+  // samples' workers and group moves (the <= group_size users of a row on one worker move to
+  // another user worker, as many samples back; 0: none), each applied move lowering the cost;
+  // stops at a local optimum of the swap neighbourhood where no group move improves, after
+  // max_rounds passes or after time_budget_s seconds (inf: none).  Returns the refined
+  // assignment, the applied swaps in order (int64 [n, 3]: sample moving x -> y, sample moving
+  // y -> x, index of the move it belongs to) and float64 [7] info: (passes, moves, swaps,
+  // start cost, cost, stop code 0 local optimum / 1 max_rounds / 2 deadline, pairs evaluated).
+  // CPU only (the dispatch decision runs on the host).
+  m.def(
+      "dedup_refine(Tensor occ_s, Tensor occ_k, Tensor pull, Tensor push, Tensor owner, "
+      "Tensor owner_push, Tensor assignment, int max_rounds, float time_budget_s, "
+      "int group_size) -> (Tensor refined, Tensor swaps, Tensor info)");
 }

@@ -429,7 +429,8 @@ def test_objective_value_helper():
 
 # ---------------------------------------------------------------- esd (de-duplicated cost)
 from torchrec_esd.cost import DedupCost  # noqa: E402
-from torchrec_esd.dispatch.dedup_search import _Search, _select_swaps, _swap_candidates, refine  # noqa: E402
+from torchrec_esd.dispatch.dedup_refine_reference import _Search, _select_swaps, _swap_candidates  # noqa: E402
+from torchrec_esd.dispatch.dedup_search import refine  # noqa: E402
 from torchrec_esd.dispatch.heuristic import price_greedy  # noqa: E402
 
 

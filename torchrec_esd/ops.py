@@ -267,3 +267,49 @@ def id_table_assign(table: torch.Tensor, erase_keys: torch.Tensor, keys: torch.T
         torch.ops.torchrec_esd.id_table_assign(table, erase_keys, keys, values)
     else:
         reference_ops.id_table_assign_ref(table, erase_keys, keys, values)
+
+
+HAS_DEDUP_REFINE = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "dedup_refine")
+
+if HAS_DEDUP_REFINE:
+
+    @torch.library.register_fake("torchrec_esd::dedup_refine")
+    def _dedup_refine_fake(occ_s, occ_k, pull, push, owner, owner_push, assignment, max_rounds: int,
+                           time_budget_s: float, group_size: int):
+        torch._check(assignment.dim() == 1, lambda: "dedup_refine: assignment must be 1-D")
+        n = torch.library.get_ctx().new_dynamic_size()
+        return (assignment.new_empty(assignment.shape), assignment.new_empty((n, 3)),
+                pull.new_empty((7,)))
+
+
+def has_dedup_refine() -> bool:
+    """Whether the C++ local search of the de-duplicated cost (:func:`dedup_refine`) is built."""
+    return HAS_DEDUP_REFINE
+
+
+def dedup_refine(occ_s: torch.Tensor, occ_k: torch.Tensor, pull: torch.Tensor, push: torch.Tensor,
+                 owner: torch.Tensor, owner_push: torch.Tensor, assignment: torch.Tensor,
+                 max_rounds: int, time_budget_s: float, group_size: int = 4,
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Local search on a batch's de-duplicated cost (the arrays of
+    :class:`~torchrec_esd.cost.DedupCost`; CPU tensors: int64 ``occ_s``
+    (sorted) / ``occ_k`` distinct (sample, row) pairs, float64 ``[U, W]``
+    ``pull`` / ``push`` >= 0, int64 ``owner`` ``[U]`` (``-1``: none), float64
+    ``owner_push`` ``[U]`` >= 0, int64 ``assignment`` ``[B]``).  Moves are swaps
+    of two samples' workers and group moves (the at most ``group_size``
+    users of a row on one worker move to another worker using the row, as
+    many samples come back; 0: swaps only), so the samples per worker never
+    change; every applied move lowers the cost.  It stops at a local optimum
+    of the swap neighbourhood where no group move it tries improves, after
+    ``max_rounds`` passes or after ``time_budget_s`` seconds (``inf``: none;
+    ``<= 0``: no pass).  Returns ``(assignment, swaps, info)``: the applied
+    swaps in order (int64 ``[n, 3]``: the sample moving ``x -> y``, the one
+    moving ``y -> x``, the index of the move it belongs to), float64
+    ``info`` = (passes, moves, swaps, start cost, cost, stop code: 0 local
+    optimum, 1 max_rounds, 2 deadline; pairs evaluated).  The numpy search
+    :func:`torchrec_esd.dispatch.dedup_refine_reference.refine_reference` is
+    its reference (swaps only, another visiting order).  Per pass
+    O(N W + W^2 B log B + evaluated pairs x occurrences per sample) for N
+    occurrences (``csrc/cpu/dedup_refine_cpu.cpp``)."""
+    return torch.ops.torchrec_esd.dedup_refine(occ_s, occ_k, pull, push, owner, owner_push, assignment,
+                                               int(max_rounds), float(time_budget_s), int(group_size))

@@ -41,20 +41,13 @@ class DirectoryCacheState:
         cached = torch.zeros(W, u, dtype=torch.bool)
         dirty = torch.zeros(W, u, dtype=torch.bool)
         outdated = torch.zeros(W, u, dtype=torch.bool)
-        tracked = list(d._w.items())
-        hw, hu, flat, base = [], [], [], 0
-        for w, st in tracked:
+        for w, st in d._w.items():
             s = st.find(keys)
             c = s >= 0
             cached[w] = c
             idx = c.nonzero().view(-1)
-            hw.append(torch.full_like(idx, w))
-            hu.append(idx)
-            flat.append(s[idx] + base)
-            base += st.num_slots
-        if tracked:
-            hw, hu, flat = torch.cat(hw), torch.cat(hu), torch.cat(flat)
-            dw = torch.cat([st.dirty for _, st in tracked])[flat]
-            dirty[hw, hu] = dw
-            outdated[hw, hu] = (torch.cat([st.lag for _, st in tracked])[flat] > 0) & ~dw
+            hit = s[idx]
+            dw = st.dirty[hit]
+            dirty[w, idx] = dw
+            outdated[w, idx] = (st.lag[hit] > 0) & ~dw
         return CacheLookup(cached, outdated, dirty)

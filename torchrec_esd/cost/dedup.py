@@ -20,6 +20,19 @@ def segment_sum(rows: np.ndarray, segment: np.ndarray, num_segments: int) -> np.
     return out.numpy()
 
 
+def per_sample_sum(rows: np.ndarray, sample_ptr: np.ndarray) -> np.ndarray:
+    """``out[s] = rows[sample_ptr[s]:sample_ptr[s + 1]].sum(0)`` (float64
+    ``[B, W]``) for rows sorted by sample: one ``np.add.reduceat`` over the
+    non-empty segments, O(len(rows) W), about 4x faster than
+    :func:`segment_sum`'s scatter on a batch's occurrences."""
+    B = sample_ptr.size - 1
+    out = np.zeros((B, rows.shape[1]), dtype=np.float64)
+    nonempty = np.flatnonzero(sample_ptr[1:] > sample_ptr[:-1])
+    if nonempty.size:
+        out[nonempty] = np.add.reduceat(rows, sample_ptr[nonempty], axis=0)
+    return out
+
+
 def amortised_key_costs(pull: np.ndarray, push: np.ndarray, uses: np.ndarray, has_owner: np.ndarray,
                         owner_col: np.ndarray, owner_push: np.ndarray, shares: Sequence[float],
                         num_samples: int) -> np.ndarray:
@@ -94,6 +107,14 @@ class DedupCost:
         # samples using each row (the batch frequency used by amortised costs)
         self.uses = np.bincount(self.occ_k, minlength=self.num_keys).astype(np.float64)
         self._index = None
+        self._sample_ptr = None
+
+    def sample_ptr(self) -> np.ndarray:
+        """``[B + 1]``: the occurrences of sample ``s`` are
+        ``sample_ptr[s]:sample_ptr[s + 1]`` (computed once)."""
+        if self._sample_ptr is None:
+            self._sample_ptr = np.searchsorted(self.occ_s, np.arange(self.num_samples + 1))
+        return self._sample_ptr
 
     def occurrence_index(self):
         """``(sample_ptr, by_key, key_ptr)``: the occurrences of sample ``s``
@@ -102,7 +123,7 @@ class DedupCost:
         if self._index is None:
             by_key = np.argsort(self.occ_k, kind="stable")
             self._index = (
-                np.searchsorted(self.occ_s, np.arange(self.num_samples + 1)),
+                self.sample_ptr(),
                 by_key,
                 np.searchsorted(self.occ_k[by_key], np.arange(self.num_keys + 1)),
             )
@@ -128,7 +149,7 @@ class DedupCost:
         op = self.owner_push * np.where(self.owner >= 0, lam[0, np.maximum(self.owner, 0)], 0.0)
         out = DedupCost(self.num_samples, self.num_workers, self.occ_s, self.occ_k,
                         self.pull * lam, self.push * lam, self.owner, op)
-        out._index = self._index  # same occurrences
+        out._index, out._sample_ptr = self._index, self._sample_ptr  # same occurrences
         return out
 
     # ----------------------------------------------------------- evaluation
@@ -227,12 +248,11 @@ class DedupCost:
     def additive_matrix(self) -> np.ndarray:
         """``[B, W]`` the additive matrix of :meth:`CostModel.matrix` (every
         distinct row of a sample charged to it: pull + the dirty owner's push)."""
-        B = self.num_samples
         h = self.pull.copy()
         has = np.flatnonzero(self.owner >= 0)
         h[has] += self.owner_push[has, None]
         h[has, self.owner[has]] -= self.owner_push[has]
-        return segment_sum(h[self.occ_k], self.occ_s, B)
+        return per_sample_sum(h[self.occ_k], self.sample_ptr())
 
     def amortised_matrix(self, shares: Sequence[int]) -> np.ndarray:
         """``[B, W]`` additive costs with every row's cost spread over the
@@ -249,5 +269,5 @@ class DedupCost:
         has = self.owner >= 0
         h = amortised_key_costs(self.pull, self.push, self.uses, has, np.where(has, self.owner, -1),
                                 self.owner_push, shares, self.num_samples)
-        B = self.num_samples
-        return segment_sum(h[self.occ_k], self.occ_s, B)
+        # the scatter, not per_sample_sum: GroupInputs' sums of sample subsets equal these bit for bit
+        return segment_sum(h[self.occ_k], self.occ_s, self.num_samples)
