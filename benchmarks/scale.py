@@ -138,7 +138,9 @@ def make(name: str, args):
         kw["seed"] = args.seed
     if name == "hybrid":
         kw["time_budget_ms"] = args.hybrid_budget_ms
-        kw["stake_ratio"] = 0.0  # time every decision: no plain-split batches (HybridDis "stake")
+        kw["stake_ratio"] = 0.0  # time every decision: no plain-split batches (dispatch/stake.py)
+    if name == "esd":
+        kw["stake_ratio"] = 0.0
     if name == "grouped":
         kw["group_size"], kw["inner"] = args.group_size, args.grouped_inner
         kw["cost_input"] = args.grouped_cost_input

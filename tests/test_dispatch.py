@@ -851,14 +851,14 @@ def test_grouped_decide_is_valid_at_many_groups(inner, objective):
         d.decide(cm, kjt, cd.cache_state, shares[:-1])
 
 
-def _hybrid_solvers(bws, steps=7, **kw):
-    """HybridDis.decide on ``steps`` batches through a real cache directory:
+def _hybrid_solvers(bws, steps=7, name="hybrid", **kw):
+    """HybridDis.decide (or another StakeRule dispatcher's) on ``steps`` batches through a real cache directory:
     the results, and the shares of every batch."""
     from torchrec_esd.cache import CacheDirectory
 
     wl, tables, cfg, cm = _small_world(bws)
     cd = CacheDirectory(cfg, tables)
-    d = HybridDis(**kw)
+    d = make_dispatcher(name, **kw)
     out, B = [], 60
     shares = cfg.batch_shares(B)
     for step in range(steps):
@@ -870,26 +870,27 @@ def _hybrid_solvers(bws, steps=7, **kw):
     return out, shares
 
 
-def test_hybrid_takes_the_plain_split_when_the_link_at_stake_is_below_its_decision_time():
+@pytest.mark.parametrize("name", ["hybrid", "esd"])
+def test_hybrid_takes_the_plain_split_when_the_link_at_stake_is_below_its_decision_time(name):
     from torchrec_esd.dispatch.baselines import contiguous_slices as plain_split
 
     # links so fast that the slowest link of any split takes far less than a
     # decision (picoseconds): after each full decision, probe_every - 1 splits
-    fast, shares = _hybrid_solvers((1e9, 1e9, 1e9), probe_every=3)
-    kinds = ["split" if r.solver == "hybrid:split" else "full" for r in fast]
+    fast, shares = _hybrid_solvers((1e9, 1e9, 1e9), name=name, probe_every=3)
+    kinds = ["split" if r.solver == f"{name}:split" else "full" for r in fast]
     assert kinds == ["full", "split", "split", "full", "split", "split", "full"]
     for r in fast:
-        if r.solver == "hybrid:split":
+        if r.solver == f"{name}:split":
             assert torch.equal(r.assignment, plain_split(shares)) and math.isnan(r.objective)
         else:
             assert 0 <= r.info["stake_s"] < r.info["full_decision_s"]
     # links so slow that a split's slowest link takes seconds: always decide
-    slow, _ = _hybrid_solvers((1e-3, 1e-3, 1e-4), probe_every=3)
-    assert all(r.solver != "hybrid:split" for r in slow)
+    slow, _ = _hybrid_solvers((1e-3, 1e-3, 1e-4), name=name, probe_every=3)
+    assert all(r.solver != f"{name}:split" for r in slow)
     assert all(r.info["stake_s"] > r.info["full_decision_s"] for r in slow)
     # stake_ratio=0: the rule is off
-    off, _ = _hybrid_solvers((1e9, 1e9, 1e9), probe_every=3, stake_ratio=0.0)
-    assert all(r.solver != "hybrid:split" for r in off)
+    off, _ = _hybrid_solvers((1e9, 1e9, 1e9), name=name, probe_every=3, stake_ratio=0.0)
+    assert all(r.solver != f"{name}:split" for r in off)
     assert torch.equal(plain_split([2, 0, 3]), torch.tensor([0, 0, 2, 2, 2]))
     with pytest.raises(DispatchError, match="stake_ratio"):
         HybridDis(stake_ratio=-1.0)

@@ -55,6 +55,7 @@ from torchrec_esd import ops
 from torchrec_esd.dispatch.base import Dispatcher, DispatchError
 from torchrec_esd.dispatch.dedup_refine_reference import refine_reference
 from torchrec_esd.dispatch.heuristic import price_greedy
+from torchrec_esd.dispatch.stake import StakeRule, plain_split
 
 
 def refine(
@@ -86,7 +87,7 @@ def refine(
                        "stopped_at_deadline": float(stop == 2), "local_optimum": float(stop == 0)}
 
 
-class DedupSearchDispatcher(Dispatcher):
+class DedupSearchDispatcher(StakeRule, Dispatcher):
     """Dispatch on the de-duplicated cost: amortised start + exact local search.
 
     Args:
@@ -100,6 +101,9 @@ class DedupSearchDispatcher(Dispatcher):
             iteration whatever the batch and the links.
         max_rounds: local-search rounds at most.
         makespan_rounds: multiplicative-weight rounds for ``"makespan"``.
+        stake_ratio, probe_every: the stake rule of :meth:`decide`
+            (:mod:`~torchrec_esd.dispatch.stake`: vanilla's plain split while
+            the link at stake is below the last full decision's time).
 
     Needs ``aux={"dedup": CostModel.dedup_cost(kjt, views)}``
     (:meth:`Dispatcher.inputs` builds it); without it, it is the additive
@@ -116,6 +120,8 @@ class DedupSearchDispatcher(Dispatcher):
         budget_fraction: Optional[float] = None,
         max_rounds: int = 64,
         makespan_rounds: int = 4,
+        stake_ratio: float = 1.0,
+        probe_every: int = 8,
     ) -> None:
         if objective not in ("total", "makespan"):
             raise DispatchError(f"objective must be 'total' or 'makespan', got {objective!r}")
@@ -128,6 +134,7 @@ class DedupSearchDispatcher(Dispatcher):
         self.budget_fraction = budget_fraction
         self.max_rounds = int(max_rounds)
         self.makespan_rounds = int(makespan_rounds)
+        self.init_stake(stake_ratio, probe_every)
 
     def inputs(self, cost_model, kjt, views):
         """The de-duplicated model of the batch, and the additive matrix from
@@ -135,6 +142,14 @@ class DedupSearchDispatcher(Dispatcher):
         v = views() if callable(views) else views
         dedup = cost_model.dedup_cost(kjt, v)
         return torch.from_numpy(dedup.additive_matrix()), {"dedup": dedup}
+
+    def stake_s(self, cost, aux, shares) -> float:
+        """The plain split's slowest link on the de-duplicated model (what the
+        directory would move), not on the additive matrix."""
+        dedup = (aux or {}).get("dedup")
+        if dedup is None or dedup.num_samples == 0:
+            return super().stake_s(cost, aux, shares)
+        return float(dedup.per_worker(plain_split(shares).numpy()).max())
 
     def _start(self, dedup, shares) -> np.ndarray:
         return price_greedy(dedup.amortised_matrix(shares), shares)[0]

@@ -61,6 +61,11 @@ class StakeRule:
         self.probe_every = int(probe_every)
         self._split_left = 0  # batches still to take the plain split before the next full decision
 
+    def stake_s(self, cost: torch.Tensor, aux, shares: Sequence[int]) -> float:
+        """The link time at stake: the plain split's predicted slowest link on
+        the inputs the dispatcher read (by default its cost matrix)."""
+        return split_makespan(cost, shares)
+
     def decide(self, cost_model, kjt, views, shares: Sequence[int]) -> DispatchResult:
         """Decide in full (``inputs`` + ``assign``; its ``info`` gains
         ``stake_s`` and ``full_decision_s``), or take the plain split while
@@ -75,7 +80,7 @@ class StakeRule:
         cost, aux = self.inputs(cost_model, kjt, views)
         result = self.assign(cost, shares, aux=aux)
         spent = time.perf_counter() - t0
-        stake = split_makespan(cost, shares)
+        stake = self.stake_s(cost, aux, shares)
         result.info["stake_s"] = stake
         result.info["full_decision_s"] = spent
         if stake < self.stake_ratio * spent:
