@@ -59,4 +59,13 @@ TORCH_LIBRARY(torchrec_esd, m) {
   // `erase_keys` (absent ones ignored, backward-shift deletion), then map keys[i] -> values[i]
   // (a full table is an error).  CPU only (cache directories live on the host).
   m.def("id_table_assign(Tensor(a!) table, Tensor erase_keys, Tensor keys, Tensor values) -> ()");
+  // Holder index (torchrec_esd/cache/holders.py, csrc/cpu/holders_cpu.cpp): row key -> every
+  // global cache slot holding it, as a doubly linked list per key (next/prev over the global
+  // slots, the list heads in an id table, gkey the key recorded at every global slot).  Sync
+  // makes slots [base, base + len(slot_keys)) record slot_keys (in place); lookup returns,
+  // per query key, every holder (query position, global slot), queries in order.  CPU only.
+  m.def(
+      "holder_index_sync(Tensor(a!) head, Tensor(b!) next, Tensor(c!) prev, Tensor(d!) gkey, "
+      "int base, Tensor slot_keys) -> ()");
+  m.def("holder_index_lookup(Tensor head, Tensor next, Tensor queries) -> (Tensor pos, Tensor slots)");
 }

@@ -45,7 +45,8 @@ Memory per tracked worker: O(S) for its S cache slots
 key -> slot map, 32-64 B per slot hashed, or 4 B per *table row* where the
 dense map is chosen by its stated rule), plus O(N) transient per iteration for
 the N keys of the batch.  Nothing is O(table rows) unless the dense map's rule
-picks it (small tables).
+picks it (small tables).  A directory that dispatches (:meth:`CacheDirectory.cache_state`)
+also keeps a holder index, row -> caching workers (:mod:`~torchrec_esd.cache.holders`).
 
 Time of one iteration (N batch values, U distinct keys, U_w of them on worker
 w, S_w slots): the decode and per-worker grouping, O(N log N) once; then per
@@ -69,6 +70,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_esd import ops
 from torchrec_esd.cache.directory_state import DirectoryCacheState
+from torchrec_esd.cache.holders import HolderIndex
 from torchrec_esd.cache.lookahead import UpcomingUse
 from torchrec_esd.cache.plans import EMPTY, IterationPlan, WorkerPlan, row_counts
 from torchrec_esd.cache.policy import EvictionPolicy, make_policy
@@ -77,7 +79,7 @@ from torchrec_esd.cache.sorted_keys import count_of, group_rank, sorted_member
 from torchrec_esd.cache.summary import StepSummary
 from torchrec_esd.cache.views import WorkerCacheView, slots_view
 from torchrec_esd.config import EsdConfig, EsdConfigError
-from torchrec_esd.des.served_misses import choose_des_rows
+from torchrec_esd.des.served_misses import choose_des_rows, des_pairs
 from torchrec_esd.layout import KeySpace
 
 # the cache step of a worker runs in the C++ kernel (ops.plan_worker_cache) where it can:
@@ -131,7 +133,7 @@ class CacheDirectory:
         tracked workers (O(slots), see the module docstring)."""
         if worker is not None:
             return self._state(worker).nbytes()
-        return sum(st.nbytes() for st in self._w.values())
+        return sum(st.nbytes() for st in self._w.values()) + (self._holders.nbytes() if self._holders else 0)
 
     def reset_caches(self) -> None:
         """Empty every tracked worker's cache (cold start, e.g. after a checkpoint
@@ -141,6 +143,7 @@ class CacheDirectory:
         for w in self.tracked:
             caps = [self.config.workers[w].cache_rows_for(t.name) for t in self.tables]
             self._w[w] = WorkerSlots(caps, self.total_rows, None, self.policy.slot_state(sum(caps)))
+        self._holders: Optional[HolderIndex] = None  # built by the first holder_index() call
 
     # ------------------------------------------------------------ keys
     def table_of(self, keys: torch.Tensor) -> torch.Tensor:
@@ -186,11 +189,17 @@ class CacheDirectory:
             raise EsdConfigError(f"{what} needs a directory that tracks every worker (the dispatcher's)")
 
     def cache_state(self) -> "DirectoryCacheState":
-        """The caches as the cost model reads them (a
-        :class:`~torchrec_esd.cache.state.CacheState`): only the batch's keys
-        are looked up, in the slot maps.  Valid until the next :meth:`plan`."""
+        """The caches as the cost model reads them (a :class:`~torchrec_esd.cache.state.CacheState`):
+        the batch's keys are looked up in :meth:`holder_index`.  Valid until the next :meth:`plan`."""
         self._require_all_tracked("cache_state()")
         return DirectoryCacheState(self)
+
+    def holder_index(self) -> HolderIndex:
+        """Row key -> the workers caching it (:mod:`~torchrec_esd.cache.holders`), built
+        on first use (``O(slots)``), then kept exact by every cache step (``O(S_w)``)."""
+        self._require_all_tracked("holder_index()")
+        self._holders = self._holders or HolderIndex([self._w[w] for w in self.tracked])
+        return self._holders
 
     cost_views = cache_state  # the name the runtime's input dist calls
 
@@ -216,14 +225,12 @@ class CacheDirectory:
         W = self.num_workers
         assignment = assignment.to(torch.int64).view(-1)
         if assignment.numel() != kjt.stride():
-            raise EsdConfigError(
-                f"assignment has {assignment.numel()} entries for a batch of {kjt.stride()} samples"
-            )
+            raise EsdConfigError(f"assignment has {assignment.numel()} entries for a batch of {kjt.stride()} samples")
         if assignment.numel() and (int(assignment.min()) < 0 or int(assignment.max()) >= W):
             raise EsdConfigError(f"assignment names a worker outside [0, {W})")
         keys, sample = self.batch_keys(kjt)
         owner_of_value = assignment[sample]
-        pairs = self._des_pairs(kjt, keys, owner_of_value) if self.config.des_misses else {}
+        pairs = des_pairs(kjt, keys, owner_of_value, self.tracked) if self.config.des_misses else {}
         ukeys, uw, _ = ops.unique_keys_per_group(keys, owner_of_value, W)  # sorted by (worker, key)
         used = list(torch.split(ukeys, torch.bincount(uw, minlength=W).tolist()))
         user_keys, user_counts = ops.sorted_distinct(ukeys)  # each row's user workers
@@ -286,19 +293,9 @@ class CacheDirectory:
         slots = p.used_slot[p.local_pos]
         st.lag[slots] = 0
         st.dirty[slots] = True
+        if self._holders is not None:
+            self._holders.sync(w, st)
         return p
-
-    def _des_pairs(self, kjt: KeyedJaggedTensor, keys: torch.Tensor, owner: torch.Tensor):
-        """Per tracked worker: distinct (row key, bag) pairs of its samples."""
-        b = kjt.stride()
-        nbags = max(len(kjt.keys()) * b, 1)
-        bag = torch.repeat_interleave(torch.arange(len(kjt.keys()) * b), kjt.lengths().to(torch.int64))
-        out = {}
-        for w in self.tracked:
-            m = owner == w
-            pair = torch.unique(keys[m] * nbags + bag[m])
-            out[w] = (pair // nbags, pair % nbags, kjt.weights_or_none() is not None)
-        return out
 
     def _kernel_plans(self, w: int) -> bool:
         """Whether worker ``w``'s cache step runs in the C++ kernel."""

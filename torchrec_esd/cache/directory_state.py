@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from torchrec_esd.cache.state import CacheLookup
+from torchrec_esd.cache.state import CacheHits, CacheLookup
 from torchrec_esd.config import EsdConfigError
 
 
 class DirectoryCacheState:
     """A :class:`CacheDirectory` read as a
     :class:`~torchrec_esd.cache.state.CacheState` at its current iteration:
-    occupancy is counted now, :meth:`lookup` reads the slot maps and refuses
+    occupancy is counted now (``O(W S)``), :meth:`lookup` reads the directory's
+    holder index (``O(U + hits)``, :mod:`~torchrec_esd.cache.holders`) and refuses
     once the directory has planned another iteration."""
 
     def __init__(self, directory: "CacheDirectory") -> None:  # noqa: F821
@@ -35,26 +36,9 @@ class DirectoryCacheState:
         d = self._directory
         if d.iteration != self._iteration:
             raise EsdConfigError("cache state used after the directory planned another iteration")
-        W, u = d.num_workers, keys.numel()
-        # one C++ probe per (worker, key); the slot metadata is read at the hits
-        # only (a batch hits few of a worker's slots): O(W u) probes, O(hits) gathers
-        cached = torch.zeros(W, u, dtype=torch.bool)
-        dirty = torch.zeros(W, u, dtype=torch.bool)
-        outdated = torch.zeros(W, u, dtype=torch.bool)
-        tracked = list(d._w.items())
-        hw, hu, flat, base = [], [], [], 0
-        for w, st in tracked:
-            s = st.find(keys)
-            c = s >= 0
-            cached[w] = c
-            idx = c.nonzero().view(-1)
-            hw.append(torch.full_like(idx, w))
-            hu.append(idx)
-            flat.append(s[idx] + base)
-            base += st.num_slots
-        if tracked:
-            hw, hu, flat = torch.cat(hw), torch.cat(hu), torch.cat(flat)
-            dw = torch.cat([st.dirty for _, st in tracked])[flat]
-            dirty[hw, hu] = dw
-            outdated[hw, hu] = (torch.cat([st.lag for _, st in tracked])[flat] > 0) & ~dw
-        return CacheLookup(cached, outdated, dirty)
+        # the holder index (cache/holders.py): O(u + hits), the slot state read at the hits only
+        index = d.holder_index()
+        pos, worker, g = index.lookup(keys)
+        dirty = index.dirty[g]
+        outdated = (index.lag[g] > 0) & ~dirty
+        return CacheLookup.from_hits(CacheHits(worker, pos, outdated, dirty), d.num_workers, keys.numel())

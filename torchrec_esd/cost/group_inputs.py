@@ -85,9 +85,9 @@ class GroupInputs:
         self.kidx = ops.id_table_lookup(st.slots, st.keys) if st.keys.numel() else st.keys.clone()
         # the dirty owner of every key (the only up-to-date copy: at most one; the
         # lowest worker if ever several), from the dirty (worker, key) pairs
-        dw, du = st.dirty.nonzero(as_tuple=True)
-        W = st.dirty.shape[0]
-        first = torch.full((u,), W, dtype=torch.int64).scatter_reduce_(0, du, dw, "amin")
+        self.hits = h = st.look.hits
+        W = st.look.shape[0]
+        first = torch.full((u,), W, dtype=torch.int64).scatter_reduce_(0, h.key[h.dirty], h.worker[h.dirty], "amin")
         self.has_owner = first < W
         self.owner = torch.where(self.has_owner, first, torch.full_like(first, -1))
         self.row_time = cm.row_time  # [W, T]
@@ -101,6 +101,7 @@ class GroupInputs:
         self.occ_s, self.occ_k = pair // max(u, 1), pair % max(u, 1)
         self.uses = torch.bincount(self.occ_k, minlength=u).double()
         self.pair_ptr = torch.searchsorted(self.occ_s, torch.arange(b + 1))
+        self._by_worker = None  # the hits in worker order, built by the first _group_state
 
     # ------------------------------------------------------------- stage 1
     def group_matrix(self, groups: Sequence[Sequence[int]], shares: Sequence[int]) -> torch.Tensor:
@@ -110,17 +111,16 @@ class GroupInputs:
         if st.keys.numel() == 0:
             return torch.zeros(b, len(groups), dtype=torch.float64)
         G, u = len(groups), st.uniq.numel()
-        group_of = torch.full((st.cached.shape[0],), -1, dtype=torch.int64)
+        group_of = torch.full((st.look.shape[0],), -1, dtype=torch.int64)
         for gi, g in enumerate(groups):
             group_of[torch.tensor(g, dtype=torch.int64)] = gi
-        # which groups hold each key, and hold it fresh: from the (worker, key) hits, O(W U) scan + O(hits)
-        hw, hu = st.cached.nonzero(as_tuple=True)
-        hg = group_of[hw]
+        # which groups hold each key, and hold it fresh: from the (worker, key) hits, O(hits)
+        h = self.hits
+        hg = group_of[h.worker]
         ok = hg >= 0
-        hw, hu, hg = hw[ok], hu[ok], hg[ok]
+        hu, hg, fresh_hit = h.key[ok], hg[ok], ~h.outdated[ok]
         held = torch.zeros(G, u, dtype=torch.bool)
         held[hg, hu] = True
-        fresh_hit = ~st.outdated[hw, hu]
         fresh = torch.zeros(G, u, dtype=torch.bool)
         fresh[hg[fresh_hit], hu[fresh_hit]] = True
         cost = torch.empty(u, G, dtype=torch.float64)
@@ -135,6 +135,29 @@ class GroupInputs:
         return torch.zeros(b, G, dtype=torch.float64).index_add_(0, self.occ_s, cost[self.occ_k])
 
     # ------------------------------------------------------------- stage 2
+    def _group_state(self, gw: torch.Tensor, ku: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Bool ``[|g|, U_g]`` cached / outdated / dirty of the ascending keys
+        ``ku`` on the workers ``gw``, from the hits of those workers
+        (``O(H_g log U_g)``: the hits are put in worker order once, ``O(H log H)``)."""
+        if self._by_worker is None:
+            h = self.hits
+            order = torch.argsort(h.worker, stable=True)
+            ptr = torch.zeros(self.st.look.shape[0] + 1, dtype=torch.int64)
+            torch.cumsum(torch.bincount(h.worker, minlength=self.st.look.shape[0]), 0, out=ptr[1:])
+            self._by_worker = (ptr, h.worker[order], h.key[order], h.outdated[order], h.dirty[order])
+        ptr, hw, hk, hod, hdt = self._by_worker
+        order = torch.argsort(gw)
+        pos, off = _segments(ptr, gw[order])
+        row = order[torch.repeat_interleave(torch.arange(gw.numel()), off[1:] - off[:-1], output_size=pos.numel())]
+        col = torch.searchsorted(ku, hk[pos]).clamp_(max=max(ku.numel() - 1, 0))
+        ok = ku[col] == hk[pos] if ku.numel() else torch.zeros_like(col, dtype=torch.bool)
+        row, col, pos = row[ok], col[ok], pos[ok]
+        out = [torch.zeros(gw.numel(), ku.numel(), dtype=torch.bool) for _ in range(3)]
+        out[0][row, col] = True
+        out[1][row, col] = hod[pos]
+        out[2][row, col] = hdt[pos]
+        return tuple(out)
+
     def sub_matrix(self, samples: torch.Tensor, workers: Sequence[int], kind: str,
                    hits: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(cost, hits)`` of the ascending ``samples`` on ``workers``: the
@@ -152,8 +175,7 @@ class GroupInputs:
         keys = st.keys[pos]
         ku = torch.unique(self.kidx[pos])  # the group's distinct keys (indices into uniq), ascending
         slots = ops.id_table_build(st.uniq[ku])
-        rows, cols = gw.view(-1, 1), ku.view(1, -1)  # read [|g|, U_g] only
-        cached = st.cached[rows, cols]
+        cached, outdated, dirty = self._group_state(gw, ku)  # [|g|, U_g] each
         tab = st.table_of[ku]
         miss = torch.zeros(nw, dtype=torch.float64)
 
@@ -165,10 +187,8 @@ class GroupInputs:
             return zeros, hit
         rt = self.row_time[gw][:, tab]  # [|g|, U_g]
         ev = self.evict_time[gw][:, tab]
-        outdated = st.outdated[rows, cols]
         own = torch.where(cached, outdated.double() * rt, rt + ev)
         if kind == "additive":
-            dirty = st.dirty[rows, cols]
             push_elsewhere = self.owner_push[ku].view(1, -1) - dirty.double() * rt
             return summed(own + push_elsewhere), hit
         if kind != "expected":

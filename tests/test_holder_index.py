@@ -1,0 +1,118 @@
+"""The holder index (row key -> the workers caching it, cache/holders.py): the
+dispatcher's cache-state lookup reads it instead of probing every worker's
+slot map, so it must equal those probes exactly, step after step, whatever
+path changed the caches (C++ cache step or the PyTorch one, evictions,
+dirty rows, staleness, a cold reset)."""
+
+import random
+
+import pytest
+import torch
+
+from torchrec_esd import ops
+from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig
+from torchrec_esd.cache import CacheDirectory, directory as directory_mod
+from torchrec_esd.cache.holders import HolderIndex
+from torchrec_esd.cache.slots import WorkerSlots
+from torchrec_esd.config import EsdConfig, WorkerSpec
+from torchrec_esd.reference_holder_ops import holder_index_lookup_ref, holder_index_sync_ref
+from tests.test_cache_scale import _hashed_ids_batch, _tables
+
+
+def _probed(d: CacheDirectory, keys: torch.Tensor):
+    """Every worker's state of ``keys`` by one slot-map probe per (worker, key)."""
+    W = d.num_workers
+    cached, outdated, dirty = (torch.zeros(W, keys.numel(), dtype=torch.bool) for _ in range(3))
+    for w in range(W):
+        st = d._w[w]
+        s = st.find(keys)
+        c = s >= 0
+        cached[w] = c
+        dirty[w, c] = st.dirty[s[c]]
+        outdated[w, c] = (st.lag[s[c]] > 0) & ~st.dirty[s[c]]
+    return cached, outdated, dirty
+
+
+def _check(d: CacheDirectory, kjt) -> int:
+    keys, _ = d.batch_keys(kjt)
+    u = torch.unique(keys)
+    look = d.cache_state().lookup(u)
+    want = _probed(d, u)
+    for got, exp, f in zip((look.cached, look.outdated, look.dirty), want, ("cached", "outdated", "dirty")):
+        assert torch.equal(got, exp), f
+    h = look.hits
+    assert h.worker.numel() == int(want[0].sum())
+    return int(want[2].sum())
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("policy,staleness", [("lru", 0), ("lfu", 1)])
+def test_index_equals_slot_map_probes_on_evicting_steps(monkeypatch, kernel, policy, staleness):
+    monkeypatch.setattr(directory_mod, "USE_PLAN_KERNEL", kernel)
+    wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=3, cardinalities=[40, 200, 7], bag_size=(0, 4),
+                                                   alpha=1.1, seed=2))
+    tables = _tables(wl.config.cardinalities)
+    cfg = EsdConfig([WorkerSpec({"t_cat_0": 8, "t_cat_1": 30, "t_cat_2": 7}, 1.0), WorkerSpec(3, 1.0),
+                     WorkerSpec(5, 1.0), WorkerSpec(4, 1.0)], staleness=staleness, cache_policy=policy)
+    d = CacheDirectory(cfg, tables)
+    g = torch.Generator().manual_seed(4)
+    dirty_seen = evicted = 0
+    for step in range(25):
+        kjt = wl.global_batch(step, 24).sparse_features
+        if step == 3:  # the index is built lazily: from then on every step keeps it exact
+            assert d._holders is None
+        dirty_seen += _check(d, kjt) if step >= 3 else 0
+        a = torch.randint(0, 4, (24,), generator=g)
+        p = d.plan(kjt, a)
+        evicted += sum(wp.rows["miss_push"] for wp in p.workers)
+        if step == 12:
+            d.reset_caches()  # a cold start drops the index; the next lookup rebuilds it
+            assert d._holders is None
+    assert dirty_seen > 0 and evicted > 0
+    assert d.nbytes() == sum(d.nbytes(w) for w in range(4)) + d.holder_index().nbytes()
+
+
+def test_index_on_hashed_maps_of_a_big_table():
+    rows = 1 << 30
+    tables = _tables([rows, rows])
+    cfg = EsdConfig([WorkerSpec(60, 1.0), WorkerSpec(30, 1.0), WorkerSpec(10, 1.0)], staleness=1)
+    d = CacheDirectory(cfg, tables)
+    d.holder_index()  # built on empty caches
+    g = torch.Generator().manual_seed(0)
+    for step in range(12):
+        kjt = _hashed_ids_batch(step, 30, rows, 2, 3, seed=1)
+        _check(d, kjt)
+        d.plan(kjt, torch.randint(0, 3, (30,), generator=g))
+    assert not d._w[0].dense
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_sync_and_lookup_kernels_equal_a_dict(impl):
+    """Random slot rewrites on 3 workers x 6 slots with few distinct keys (long
+    holder lists, heads moving): lookups always list exactly the holders, and
+    the kernel and the reference leave the same tensors."""
+    if impl == "kernel":
+        assert ops.HAS_HOLDER_INDEX, "the extension is built without the holder index"
+    rng = random.Random(5)
+    slots = [WorkerSlots([3, 3], 100, dense=True) for _ in range(3)]
+    idx, ref = HolderIndex(slots), HolderIndex([WorkerSlots([3, 3], 100, dense=True) for _ in range(3)])
+    for _ in range(200):
+        w = rng.randrange(3)
+        new = torch.tensor([rng.choice([-1, 1, 2, 3, 4, 5]) for _ in range(6)], dtype=torch.int64)
+        slots[w].keys = new
+        if impl == "kernel":
+            idx.sync(w, slots[w])
+        else:
+            holder_index_sync_ref(idx.head, idx.next, idx.prev, idx.gkey, int(idx.base[w]), new)
+        holder_index_sync_ref(ref.head, ref.next, ref.prev, ref.gkey, int(ref.base[w]), new)
+        for f in ("head", "next", "prev", "gkey"):
+            assert torch.equal(getattr(idx, f), getattr(ref, f)), f
+        q = torch.tensor([0, 1, 2, 3, 4, 5, 6], dtype=torch.int64)
+        pos, g = ops.holder_index_lookup(idx.head, idx.next, q)
+        rpos, rg = holder_index_lookup_ref(idx.head, idx.next, q)
+        assert torch.equal(pos, rpos) and torch.equal(g, rg)
+        truth = sorted((i, 6 * w_ + s) for w_ in range(3) for s, k in enumerate(slots[w_].keys.tolist())
+                       for i, x in enumerate(q.tolist()) if k == x)
+        assert sorted(zip(pos.tolist(), g.tolist())) == truth
+    with pytest.raises(RuntimeError, match="outside"):
+        ops.holder_index_sync(idx.head, idx.next, idx.prev, idx.gkey, 16, torch.zeros(6, dtype=torch.int64))
