@@ -36,7 +36,11 @@ def _probed(d: CacheDirectory, keys: torch.Tensor):
 def _check(d: CacheDirectory, kjt) -> int:
     keys, _ = d.batch_keys(kjt)
     u = torch.unique(keys)
-    look = d.cache_state().lookup(u)
+    state = d.cache_state()
+    T = d.num_tables
+    assert torch.equal(state.occupied, torch.stack([d._w[w].per_table(d._w[w].keys >= 0, T) for w in range(d.num_workers)]))
+    assert torch.equal(state.ndirty, torch.stack([d._w[w].per_table(d._w[w].dirty, T) for w in range(d.num_workers)]))
+    look = state.lookup(u)
     want = _probed(d, u)
     for got, exp, f in zip((look.cached, look.outdated, look.dirty), want, ("cached", "outdated", "dirty")):
         assert torch.equal(got, exp), f
@@ -65,6 +69,9 @@ def test_index_equals_slot_map_probes_on_evicting_steps(monkeypatch, kernel, pol
         a = torch.randint(0, 4, (24,), generator=g)
         p = d.plan(kjt, a)
         evicted += sum(wp.rows["miss_push"] for wp in p.workers)
+        if step == 8:
+            d.flush_plan()  # every dirty row pushed: the next check sees no dirty slot
+            assert _check(d, kjt) == 0 and int(d.cache_state().ndirty.sum()) == 0
         if step == 12:
             d.reset_caches()  # a cold start drops the index; the next lookup rebuilds it
             assert d._holders is None

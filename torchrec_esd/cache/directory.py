@@ -436,6 +436,8 @@ class CacheDirectory:
             slots = st.dirty.nonzero().view(-1)
             keys = st.keys[slots].clone()
             st.dirty[slots] = False
+            if self._holders is not None:
+                self._holders.sync(w, st)
             out[w] = WorkerPlan(
                 used_keys=EMPTY, used_slot=EMPTY, push_keys=keys, push_slots=slots,
                 pull_pos=EMPTY, local_pos=EMPTY, grad_pos=EMPTY,

@@ -12,19 +12,15 @@ from torchrec_esd.config import EsdConfigError
 class DirectoryCacheState:
     """A :class:`CacheDirectory` read as a
     :class:`~torchrec_esd.cache.state.CacheState` at its current iteration:
-    occupancy is counted now (``O(W S)``), :meth:`lookup` reads the directory's
+    occupancy is read from the holder index's per-step counts (``O(W T)``), :meth:`lookup` reads the directory's
     holder index (``O(U + hits)``, :mod:`~torchrec_esd.cache.holders`) and refuses
     once the directory has planned another iteration."""
 
     def __init__(self, directory: "CacheDirectory") -> None:  # noqa: F821
         d = directory
-        W, T = d.num_workers, d.num_tables
         self.tables = [t.name for t in d.tables]
-        self.occupied = torch.zeros(W, T, dtype=torch.int64)
-        self.ndirty = torch.zeros(W, T, dtype=torch.int64)
-        for w, st in d._w.items():
-            self.occupied[w] = st.per_table(st.keys >= 0, T)
-            self.ndirty[w] = st.per_table(st.dirty, T)
+        # counted by the holder index at every cache step (O(W T) here)
+        self.occupied, self.ndirty = d.holder_index().occupancy()
         self.capacity = torch.stack([st.capacity for st in d._w.values()])
         self._directory = d
         self._iteration = d.iteration

@@ -53,6 +53,9 @@ class HolderIndex:
         self.gkey = torch.full((n,), -1, dtype=torch.int64)
         self.lag = torch.cat([st.lag for st in slots]) if slots else torch.zeros(0, dtype=torch.int64)
         self.dirty = torch.cat([st.dirty for st in slots]) if slots else torch.zeros(0, dtype=torch.bool)
+        T = slots[0].table_start.numel() - 1 if slots else 0
+        self.occupied = torch.zeros(len(slots), T, dtype=torch.int64)
+        self.ndirty = torch.zeros(len(slots), T, dtype=torch.int64)
         for w, st in enumerate(slots):
             b, e = int(self.base[w]), int(self.base[w + 1])
             st.lag, st.dirty = self.lag[b:e], self.dirty[b:e]
@@ -61,11 +64,20 @@ class HolderIndex:
     def nbytes(self) -> int:
         """Bytes of the index's own tensors (the flat lag / dirty are counted
         with the workers' slots)."""
-        return sum(t.numel() * t.element_size() for t in (self.base, self.head, self.next, self.prev, self.gkey))
+        return sum(t.numel() * t.element_size()
+                   for t in (self.base, self.occupied, self.ndirty, self.head, self.next, self.prev, self.gkey))
+
+    def occupancy(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(occupied, ndirty)`` int64 ``[W, T]``, counted at each worker's last sync."""
+        return self.occupied.clone(), self.ndirty.clone()
 
     def sync(self, worker: int, st: WorkerSlots) -> None:
-        """Record ``worker``'s slots as they are now (after its cache step)."""
+        """Record ``worker``'s slots as they are now (after its cache step or a
+        flush), and count its occupied and dirty slots per table (``O(S_w)``)."""
         ops.holder_index_sync(self.head, self.next, self.prev, self.gkey, int(self.base[worker]), st.keys)
+        T = self.occupied.shape[1]
+        self.occupied[worker] = st.per_table(st.keys >= 0, T)
+        self.ndirty[worker] = st.per_table(st.dirty, T)
 
     def lookup(self, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(pos, worker, g)`` of every cached copy of ``keys``: the key's

@@ -119,26 +119,27 @@ class GroupInputs:
         hg = group_of[h.worker]
         ok = hg >= 0
         hu, hg, fresh_hit = h.key[ok], hg[ok], ~h.outdated[ok]
-        held = torch.zeros(G, u, dtype=torch.bool)
-        held[hg, hu] = True
-        fresh = torch.zeros(G, u, dtype=torch.bool)
-        fresh[hg[fresh_hit], hu[fresh_hit]] = True
-        cost = torch.empty(u, G, dtype=torch.float64)
-        for gi, g in enumerate(groups):
-            gw = torch.tensor(g, dtype=torch.int64)
-            rt = self.row_time[gw].min(0).values[st.table_of]
-            ev = self.evict_time[gw].min(0).values[st.table_of]
-            c = torch.where(fresh[gi], torch.zeros_like(rt), torch.where(held[gi], rt, rt + ev))
-            per = sum(int(shares[w]) for w in g) / len(g)
-            cost[:, gi] = c / (1.0 + (self.uses - 1.0) * max(per - 1.0, 0.0) / max(1, b - 1))
+        held = torch.zeros(G * u, dtype=torch.bool)
+        held[hg * u + hu] = True
+        fresh = torch.zeros(G * u, dtype=torch.bool)
+        fresh[(hg * u + hu)[fresh_hit]] = True
+        # per group, its fastest link's row time and lowest eviction push per table: [G, T] -> [G, U]
+        rt = torch.stack([self.row_time[g].min(0).values for g in groups])[:, st.table_of]
+        ev = torch.stack([self.evict_time[g].min(0).values for g in groups])[:, st.table_of]
+        held, fresh = held.view(G, u), fresh.view(G, u)
+        c = torch.where(fresh, torch.zeros_like(rt), torch.where(held, rt, rt + ev))
+        per = torch.tensor([max(sum(int(shares[w]) for w in g) / len(g) - 1.0, 0.0) for g in groups],
+                           dtype=torch.float64)
+        cost = (c / (1.0 + (self.uses - 1.0).view(1, -1) * per.view(-1, 1) / max(1, b - 1))).t().contiguous()
         # a sample's price on a group: the sum over its distinct keys
         return torch.zeros(b, G, dtype=torch.float64).index_add_(0, self.occ_s, cost[self.occ_k])
 
     # ------------------------------------------------------------- stage 2
-    def _group_state(self, gw: torch.Tensor, ku: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    def _group_state(self, gw: torch.Tensor, ku: torch.Tensor, slots: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """Bool ``[|g|, U_g]`` cached / outdated / dirty of the ascending keys
-        ``ku`` on the workers ``gw``, from the hits of those workers
-        (``O(H_g log U_g)``: the hits are put in worker order once, ``O(H log H)``)."""
+        ``ku`` (id table ``slots`` of their row keys) on the workers ``gw``, from
+        the hits of those workers (``O(H_g)``; the hits are put in worker order
+        once, ``O(H log H)``)."""
         if self._by_worker is None:
             h = self.hits
             order = torch.argsort(h.worker, stable=True)
@@ -149,8 +150,8 @@ class GroupInputs:
         order = torch.argsort(gw)
         pos, off = _segments(ptr, gw[order])
         row = order[torch.repeat_interleave(torch.arange(gw.numel()), off[1:] - off[:-1], output_size=pos.numel())]
-        col = torch.searchsorted(ku, hk[pos]).clamp_(max=max(ku.numel() - 1, 0))
-        ok = ku[col] == hk[pos] if ku.numel() else torch.zeros_like(col, dtype=torch.bool)
+        col = ops.id_table_lookup(slots, self.st.uniq[hk[pos]])
+        ok = col >= 0
         row, col, pos = row[ok], col[ok], pos[ok]
         out = [torch.zeros(gw.numel(), ku.numel(), dtype=torch.bool) for _ in range(3)]
         out[0][row, col] = True
@@ -175,7 +176,7 @@ class GroupInputs:
         keys = st.keys[pos]
         ku = torch.unique(self.kidx[pos])  # the group's distinct keys (indices into uniq), ascending
         slots = ops.id_table_build(st.uniq[ku])
-        cached, outdated, dirty = self._group_state(gw, ku)  # [|g|, U_g] each
+        cached, outdated, dirty = self._group_state(gw, ku, slots)  # [|g|, U_g] each
         tab = st.table_of[ku]
         miss = torch.zeros(nw, dtype=torch.float64)
 
@@ -204,5 +205,5 @@ class GroupInputs:
         # the group's distinct (sample, key) pairs, in the full model's order
         ppos, poff = _segments(self.pair_ptr, samples)
         ls = torch.repeat_interleave(torch.arange(bg), poff[1:] - poff[:-1], output_size=ppos.numel())
-        lk = torch.searchsorted(ku, self.occ_k[ppos])
+        lk = ops.id_table_lookup(slots, st.uniq[self.occ_k[ppos]])
         return torch.from_numpy(segment_sum(h[lk.numpy()], ls.numpy(), bg)), hit

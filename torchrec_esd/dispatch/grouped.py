@@ -134,7 +134,9 @@ class GroupedDispatcher(Dispatcher):
         """Decide from the cost model without a ``[B, W]`` matrix (module
         docstring).  ``decision_s`` is the solves' time (stage 1 and the
         inner ones); ``info`` has ``inputs_s`` (the batch read and every
-        input built), ``groups`` and ``stage1_s``.  ``objective`` is the
+        input built), ``groups``, ``stage1_s`` and ``group_s_sum`` /
+        ``group_s_max`` (one group's slice and inner solve: independent of the
+        other groups', so ranks of their own could run them in parallel).  ``objective`` is the
         objective of the inner dispatcher's matrix (summed over groups for
         ``"total"``, the largest group's for ``"makespan"``), equal to
         :meth:`objective_value` of the full matrix for the same assignment."""
@@ -157,19 +159,21 @@ class GroupedDispatcher(Dispatcher):
         t_solve = stage1_s = time.perf_counter() - t0
         kind = self.cost_input if self.needs_cost else "none"
         out = torch.empty(b, dtype=torch.int64)
-        values = []
+        values, group_s = [], []
         for gi_, g in enumerate(groups):
-            rows = (to_group == gi_).nonzero().view(-1)
             t0 = time.perf_counter()
+            rows = (to_group == gi_).nonzero().view(-1)
             sub, hits = gi.sub_matrix(rows, g, kind, hits=self.needs_hits)
             t1 = time.perf_counter()
             r = self.inner.assign(sub, [shares[w] for w in g], aux={"hits": hits} if hits is not None else None)
             t_in += t1 - t0
             t_solve += time.perf_counter() - t1
+            group_s.append(time.perf_counter() - t0)
             cols = torch.tensor(g, dtype=torch.int64)
             out[rows] = cols[r.assignment]
             values.append(objective_value(sub, r.assignment, self.objective))
         check_assignment(out, shares)
         obj = sum(values) if self.objective == "total" else max(values)
         return DispatchResult(assignment=out, objective=float(obj), solver=self.name, decision_s=t_solve,
-                              info={"groups": float(len(groups)), "inputs_s": t_in, "stage1_s": stage1_s})
+                              info={"groups": float(len(groups)), "inputs_s": t_in, "stage1_s": stage1_s,
+                                    "group_s_sum": sum(group_s), "group_s_max": max(group_s)})
