@@ -8,15 +8,15 @@ Per batch (``N`` row keys, ``U`` distinct, ``B`` samples, ``W`` workers in
 ``G`` groups):
 
 * construction: the batch read against the caches (:func:`read_batch`: one
-  sort, one C++ probe of every worker's slot map per distinct key, kept as
-  bool ``[W, U]``), the dirty owner of every key and the distinct (sample,
-  key) pairs: ``O(N log N + W U)`` bool/int work, no ``[U, W]`` or ``[B, W]``
-  float array;
-* :meth:`GroupInputs.group_matrix`: one ``O(W U)`` scan of the cached bits, then
-  ``O(hits + U G + N G)`` (``hits``: cached (worker, key) pairs of the batch);
-* :meth:`GroupInputs.sub_matrix` for a group: ``O(N_g log N_g + U_g |g|)``
-  (``N_g``/``U_g`` the keys of the group's samples), so all groups together
-  ``O(N log N + U group_size)``.
+  sort, then the directory's holder index, :mod:`~torchrec_esd.cache.holders`,
+  lists the ``H`` cached (worker, key) pairs in ``O(U + H)``), the dirty
+  owner of every key and the distinct (sample, key) pairs: ``O(N log N + U +
+  H)``, no ``[W, U]`` or ``[B, W]`` array;
+* :meth:`GroupInputs.group_matrix`: ``O(H + U G + N G)``;
+* :meth:`GroupInputs.sub_matrix` for a group: ``O(N_g log N_g + H_g + U_g
+  |g|)`` (``N_g``/``U_g`` the keys of the group's samples, ``H_g`` the hits
+  of its workers; the hits are put in worker order once, ``O(H log H)``), so
+  all groups together ``O(N log N + H log H + U group_size)``.
 
 **Exactness.** ``sub_matrix(samples, workers, kind)`` is, entry for entry,
 the slice ``[samples][:, workers]`` of the full matrix the flat dispatchers

@@ -34,10 +34,16 @@ Two entry points:
   workers ordered by link speed, stage 1 on the ``[B, G]`` group price
   (:meth:`GroupInputs.group_matrix`), then per group the exact slice of the
   inner dispatcher's matrix for the group's samples and workers only
-  (:meth:`GroupInputs.sub_matrix`).  Cost: the batch read (``O(N log N)``
-  and one bool probe per distinct key and worker, ``O(W U)``), ``O(W U +
-  hits + N G)`` for stage 1's input, ``O(N log N + U group_size)`` for all
-  groups' inputs, and the solves as above: no float work grows with ``B W``.
+  (:meth:`GroupInputs.sub_matrix`).  Cost (``N`` batch values, ``U``
+  distinct keys, ``H`` cached (worker, key) pairs of them): the batch read,
+  ``O(N log N)`` plus ``O(U + H)`` in the directory's holder index
+  (:mod:`~torchrec_esd.cache.holders`: nothing per (key, worker) pair that is
+  not cached); ``O(H + U G + N G)`` for stage 1's input; per group ``g``
+  ``O(N_g log N_g + H_g + U_g |g|)`` for its slice, all groups ``O(N log N +
+  H log H + U group_size)``; and the solves as above: no term in ``B W`` or
+  ``U W``, only ``U G`` and ``N G`` with ``G = W / group_size``.  The groups' slices and inner solves are independent of each
+  other (``info["group_s_max"]`` is the slowest: the decision's critical path
+  if each ran on a rank of its own).
   No lower bound is reported (stage 1's is not one of the full problem).  With DES-served
   misses, or a single group, it is :meth:`Dispatcher.decide` (full inputs).
 
