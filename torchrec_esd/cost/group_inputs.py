@@ -119,18 +119,20 @@ class GroupInputs:
         hg = group_of[h.worker]
         ok = hg >= 0
         hu, hg, fresh_hit = h.key[ok], hg[ok], ~h.outdated[ok]
-        held = torch.zeros(G * u, dtype=torch.bool)
-        held[hg * u + hu] = True
-        fresh = torch.zeros(G * u, dtype=torch.bool)
-        fresh[(hg * u + hu)[fresh_hit]] = True
-        # per group, its fastest link's row time and lowest eviction push per table: [G, T] -> [G, U]
-        rt = torch.stack([self.row_time[g].min(0).values for g in groups])[:, st.table_of]
-        ev = torch.stack([self.evict_time[g].min(0).values for g in groups])[:, st.table_of]
-        held, fresh = held.view(G, u), fresh.view(G, u)
-        c = torch.where(fresh, torch.zeros_like(rt), torch.where(held, rt, rt + ev))
+        # [U, G] layout (key-major: the per-pair gather below reads whole rows)
+        flat = hu * G + hg
+        held = torch.zeros(u * G, dtype=torch.bool)
+        held[flat] = True
+        fresh = torch.zeros(u * G, dtype=torch.bool)
+        fresh[flat[fresh_hit]] = True
+        held, fresh = held.view(u, G), fresh.view(u, G)
+        # per group, its fastest link's row time and lowest eviction push per table: [T, G] -> [U, G]
+        rt = torch.stack([self.row_time[g].min(0).values for g in groups], 1)[st.table_of]
+        ev = torch.stack([self.evict_time[g].min(0).values for g in groups], 1)[st.table_of]
+        c = (rt + ev.masked_fill_(held, 0.0)).masked_fill_(fresh, 0.0)  # 0 fresh, rt held outdated, rt + ev
         per = torch.tensor([max(sum(int(shares[w]) for w in g) / len(g) - 1.0, 0.0) for g in groups],
                            dtype=torch.float64)
-        cost = (c / (1.0 + (self.uses - 1.0).view(1, -1) * per.view(-1, 1) / max(1, b - 1))).t().contiguous()
+        cost = c / (1.0 + (self.uses - 1.0).view(-1, 1) * per.view(1, -1) / max(1, b - 1))
         # a sample's price on a group: the sum over its distinct keys
         return torch.zeros(b, G, dtype=torch.float64).index_add_(0, self.occ_s, cost[self.occ_k])
 
