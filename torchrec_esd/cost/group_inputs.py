@@ -102,6 +102,7 @@ class GroupInputs:
         self.uses = torch.bincount(self.occ_k, minlength=u).double()
         self.pair_ptr = torch.searchsorted(self.occ_s, torch.arange(b + 1))
         self._by_worker = None  # the hits in worker order, built by the first _group_state
+        self.shares = np.asarray(cm.config.batch_shares(b), dtype=np.float64)  # the expected matrix's shares
 
     # ------------------------------------------------------------- stage 1
     def group_matrix(self, groups: Sequence[Sequence[int]], shares: Sequence[int]) -> torch.Tensor:
@@ -127,18 +128,18 @@ class GroupInputs:
         fresh[flat[fresh_hit]] = True
         held, fresh = held.view(u, G), fresh.view(u, G)
         # per group, its fastest link's row time and lowest eviction push per table: [T, G] -> [U, G]
-        rt = torch.stack([self.row_time[g].min(0).values for g in groups], 1)[st.table_of]
-        ev = torch.stack([self.evict_time[g].min(0).values for g in groups], 1)[st.table_of]
-        c = (rt + ev.masked_fill_(held, 0.0)).masked_fill_(fresh, 0.0)  # 0 fresh, rt held outdated, rt + ev
+        rt = torch.stack([self.row_time[g].min(0).values for g in groups], 1).index_select(0, st.table_of)
+        ev = torch.stack([self.evict_time[g].min(0).values for g in groups], 1).index_select(0, st.table_of)
+        c = torch.where(fresh, 0.0, torch.where(held, rt, rt + ev))  # 0 fresh, rt held outdated, rt + ev
         per = torch.tensor([max(sum(int(shares[w]) for w in g) / len(g) - 1.0, 0.0) for g in groups],
                            dtype=torch.float64)
         cost = c / (1.0 + (self.uses - 1.0).view(-1, 1) * per.view(1, -1) / max(1, b - 1))
         # a sample's price on a group: the sum over its distinct keys
-        return torch.zeros(b, G, dtype=torch.float64).index_add_(0, self.occ_s, cost[self.occ_k])
+        return torch.zeros(b, G, dtype=torch.float64).index_add_(0, self.occ_s, cost.index_select(0, self.occ_k))
 
     # ------------------------------------------------------------- stage 2
     def _group_state(self, gw: torch.Tensor, ku: torch.Tensor, slots: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """Bool ``[|g|, U_g]`` cached / outdated / dirty of the ascending keys
+        """Bool ``[U_g, |g|]`` cached / outdated / dirty of the ascending keys
         ``ku`` (id table ``slots`` of their row keys) on the workers ``gw``, from
         the hits of those workers (``O(H_g)``; the hits are put in worker order
         once, ``O(H log H)``)."""
@@ -155,11 +156,11 @@ class GroupInputs:
         col = ops.id_table_lookup(slots, self.st.uniq[hk[pos]])
         ok = col >= 0
         row, col, pos = row[ok], col[ok], pos[ok]
-        out = [torch.zeros(gw.numel(), ku.numel(), dtype=torch.bool) for _ in range(3)]
-        out[0][row, col] = True
-        out[1][row, col] = hod[pos]
-        out[2][row, col] = hdt[pos]
-        return tuple(out)
+        # one scatter of a 3-bit code (cached | outdated << 1 | dirty << 2), then three compares
+        code = torch.zeros(ku.numel() * gw.numel(), dtype=torch.uint8)
+        code[col * gw.numel() + row] = (1 + 2 * hod[pos].to(torch.uint8) + 4 * hdt[pos].to(torch.uint8))
+        code = code.view(ku.numel(), gw.numel())
+        return code != 0, (code & 2) != 0, (code & 4) != 0
 
     def sub_matrix(self, samples: torch.Tensor, workers: Sequence[int], kind: str,
                    hits: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -178,21 +179,21 @@ class GroupInputs:
         keys = st.keys[pos]
         ku = torch.unique(self.kidx[pos])  # the group's distinct keys (indices into uniq), ascending
         slots = ops.id_table_build(st.uniq[ku])
-        cached, outdated, dirty = self._group_state(gw, ku, slots)  # [|g|, U_g] each
+        cached, outdated, dirty = self._group_state(gw, ku, slots)  # [U_g, |g|] each (key-major)
         tab = st.table_of[ku]
         miss = torch.zeros(nw, dtype=torch.float64)
 
         def summed(w: torch.Tensor) -> torch.Tensor:
-            return ops.sample_cost_matrix(keys, sub_off, [slots] * nw, [w[j].contiguous() for j in range(nw)], miss)
+            return ops.sample_cost_matrix(keys, sub_off, [slots] * nw, [w[:, j].contiguous() for j in range(nw)], miss)
 
         hit = summed(cached.double()) if hits else None
         if kind == "none":
             return zeros, hit
-        rt = self.row_time[gw][:, tab]  # [|g|, U_g]
-        ev = self.evict_time[gw][:, tab]
+        rt = self.row_time[gw].t().contiguous().index_select(0, tab)  # [U_g, |g|]
+        ev = self.evict_time[gw].t().contiguous().index_select(0, tab)
         own = torch.where(cached, outdated.double() * rt, rt + ev)
         if kind == "additive":
-            push_elsewhere = self.owner_push[ku].view(1, -1) - dirty.double() * rt
+            push_elsewhere = self.owner_push[ku].view(-1, 1) - dirty.double() * rt
             return summed(own + push_elsewhere), hit
         if kind != "expected":
             raise ValueError(f"sub_matrix kind must be 'additive', 'expected' or 'none', got {kind!r}")
@@ -200,8 +201,8 @@ class GroupInputs:
         col[gw] = torch.arange(nw)
         owner = self.owner[ku]
         owner_col = torch.where(owner >= 0, col[owner.clamp(min=0)], torch.full_like(owner, -1))
-        shares = np.asarray(cm.config.batch_shares(self.num_samples), dtype=np.float64)[gw.numpy()]
-        h = amortised_key_costs(own.t().contiguous().numpy(), rt.t().contiguous().numpy(), self.uses[ku].numpy(),
+        shares = self.shares[gw.numpy()]
+        h = amortised_key_costs(own.numpy(), rt.numpy(), self.uses[ku].numpy(),
                                 self.has_owner[ku].numpy(), owner_col.numpy(), self.owner_push[ku].numpy(),
                                 shares, self.num_samples)
         # the group's distinct (sample, key) pairs, in the full model's order
