@@ -56,8 +56,8 @@ O(U) probes of the slot map.  A worker that plans from a
 :class:`StepSummary` (:meth:`CacheDirectory.plan_from_summary`) replaces U by
 the size of its summary, O(U_w + |rows of its cache others use|), which does
 not grow with the number of workers at a fixed per-worker batch; building the
-summaries (:meth:`CacheDirectory.step_summaries`) is the dispatcher's O(N log N
-+ W U) work.
+summaries (:meth:`CacheDirectory.step_summaries`) is the dispatcher's O((N +
+H) log N) work (H cached (worker, row) pairs of the batch's rows).
 """
 
 from __future__ import annotations
@@ -245,7 +245,8 @@ class CacheDirectory:
         """Per worker, the :class:`StepSummary` of this batch and assignment
         against the caches as they are now (call before :meth:`plan` of the
         same batch).  Needs every worker tracked (the dispatcher's directory);
-        O(N log N + W U) for N values and U distinct keys."""
+        O((N + H) log N) for N values and the H cached (worker, row) pairs of
+        the rows used (:meth:`holder_index`), nothing per (worker, row) pair that is not cached."""
         self._require_all_tracked("step_summaries()")
         W = self.num_workers
         assignment = assignment.to(torch.int64).view(-1)
@@ -254,11 +255,12 @@ class CacheDirectory:
         used = list(torch.split(ukeys, torch.bincount(uw, minlength=W).tolist()))
         user_keys, user_counts = ops.sorted_distinct(ukeys)
         num_samples = torch.bincount(assignment, minlength=W).tolist()
-        out = []
-        for w in range(W):
-            mine = sorted_member(used[w], user_keys) | (self._w[w].find(user_keys) >= 0)
-            out.append(StepSummary(w, used[w], user_keys[mine], user_counts[mine], num_samples[w]))
-        return out
+        # per worker, the positions in user_keys of its own rows and of the rows its cache holds
+        hp, hw, _ = self.holder_index().lookup(user_keys)
+        u = max(user_keys.numel(), 1)
+        pair = torch.unique(torch.cat([uw * u + torch.searchsorted(user_keys, ukeys), hw * u + hp]))
+        mine = torch.split(pair % u, torch.bincount(pair // u, minlength=W).tolist())
+        return [StepSummary(w, used[w], user_keys[mine[w]], user_counts[mine[w]], num_samples[w]) for w in range(W)]
 
     def plan_from_summary(self, summary: StepSummary, upcoming: Sequence[KeyedJaggedTensor] = ()) -> WorkerPlan:
         """Plan one iteration of the one worker this directory tracks from its
