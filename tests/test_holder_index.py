@@ -38,8 +38,9 @@ def _check(d: CacheDirectory, kjt) -> int:
     u = torch.unique(keys)
     state = d.cache_state()
     T = d.num_tables
-    assert torch.equal(state.occupied, torch.stack([d._w[w].per_table(d._w[w].keys >= 0, T) for w in range(d.num_workers)]))
-    assert torch.equal(state.ndirty, torch.stack([d._w[w].per_table(d._w[w].dirty, T) for w in range(d.num_workers)]))
+    slots = [d._w[w] for w in range(d.num_workers)]
+    assert torch.equal(state.occupied, torch.stack([st.per_table(st.keys >= 0, T) for st in slots]))
+    assert torch.equal(state.ndirty, torch.stack([st.per_table(st.dirty, T) for st in slots]))
     look = state.lookup(u)
     want = _probed(d, u)
     for got, exp, f in zip((look.cached, look.outdated, look.dirty), want, ("cached", "outdated", "dirty")):

@@ -41,9 +41,10 @@ Two entry points:
   not cached); ``O(H + U G + N G)`` for stage 1's input; per group ``g``
   ``O(N_g log N_g + H_g + U_g |g|)`` for its slice, all groups ``O(N log N +
   H log H + U group_size)``; and the solves as above: no term in ``B W`` or
-  ``U W``, only ``U G`` and ``N G`` with ``G = W / group_size``.  The groups' slices and inner solves are independent of each
-  other (``info["group_s_max"]`` is the slowest: the decision's critical path
-  if each ran on a rank of its own).
+  ``U W``, only ``U G`` and ``N G`` with ``G = W / group_size``.  The
+  groups' slices and inner solves are independent of each other
+  (``info["group_s_max"]`` is the slowest: the decision's critical path if
+  each ran on a rank of its own).
   No lower bound is reported (stage 1's is not one of the full problem).  With DES-served
   misses, or a single group, it is :meth:`Dispatcher.decide` (full inputs).
 
