@@ -124,3 +124,27 @@ def test_sync_and_lookup_kernels_equal_a_dict(impl):
         assert sorted(zip(pos.tolist(), g.tolist())) == truth
     with pytest.raises(RuntimeError, match="outside"):
         ops.holder_index_sync(idx.head, idx.next, idx.prev, idx.gkey, 16, torch.zeros(6, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_plans_and_state_equal_without_the_index(monkeypatch, kernel):
+    """With the index, plan() adds the end-of-step version to every worker's
+    copies at once; the plans and every slot field equal a directory without it."""
+    monkeypatch.setattr(directory_mod, "USE_PLAN_KERNEL", kernel)
+    wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=3, cardinalities=[40, 200, 7], bag_size=(0, 4),
+                                                   alpha=1.1, seed=3))
+    tables = _tables(wl.config.cardinalities)
+    cfg = EsdConfig([WorkerSpec(6, 1.0), WorkerSpec(3, 1.0), WorkerSpec(5, 1.0)], staleness=1)
+    with_index, plain = CacheDirectory(cfg, tables), CacheDirectory(cfg, tables)
+    with_index.holder_index()
+    g = torch.Generator().manual_seed(1)
+    for step in range(20):
+        kjt = wl.global_batch(step, 18).sparse_features
+        a = torch.randint(0, 3, (18,), generator=g)
+        p1, p2 = with_index.plan(kjt, a), plain.plan(kjt, a)
+        for w in range(3):
+            for f in ("used_slot", "push_keys", "pull_pos", "local_pos", "grad_pos"):
+                assert torch.equal(getattr(p1.workers[w], f), getattr(p2.workers[w], f)), (step, w, f)
+            for f in ("keys", "lag", "dirty", "last_use", "freq"):
+                assert torch.equal(getattr(with_index._w[w], f), getattr(plain._w[w], f)), (step, w, f)
+    assert plain._holders is None

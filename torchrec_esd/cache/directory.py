@@ -9,10 +9,8 @@ assignment)`` it is fed, so the dispatcher's mirror and the workers' real
 caches are the *same* object replicated on every worker rank: no cache state
 is ever exchanged.
 
-Rows are named by *global row keys* ``row_offset[table] + id`` (tables in
-order); a worker's slots are the concatenation of its per-table cache blocks,
-so every step below is a few vectorised operations per worker whatever the
-number of tables.
+Rows are named by *global row keys* ``row_offset[table] + id``; a worker's slots
+are its per-table cache blocks end to end (a few vectorised operations per step).
 
 Feeding it one iteration (:meth:`CacheDirectory.plan`) returns, per worker, the
 :class:`~torchrec_esd.cache.plans.WorkerPlan` that the worker's sharded
@@ -45,19 +43,19 @@ Memory per tracked worker: O(S) for its S cache slots
 key -> slot map, 32-64 B per slot hashed, or 4 B per *table row* where the
 dense map is chosen by its stated rule), plus O(N) transient per iteration for
 the N keys of the batch.  Nothing is O(table rows) unless the dense map's rule
-picks it (small tables).  A directory that dispatches (:meth:`CacheDirectory.cache_state`)
-also keeps a holder index, row -> caching workers (:mod:`~torchrec_esd.cache.holders`).
+picks it (small tables).  A directory that dispatches keeps a holder index too,
+row -> caching workers (:meth:`CacheDirectory.holder_index`, built on first use).
 
 Time of one iteration (N batch values, U distinct keys, U_w of them on worker
-w, S_w slots): the decode and per-worker grouping, O(N log N) once; then per
-tracked worker, the cache step in O(U_w log U + S_w) (step A scans the dirty
-slots; evictions scan the table's slots) and the end-of-iteration lag update,
-O(U) probes of the slot map.  A worker that plans from a
-:class:`StepSummary` (:meth:`CacheDirectory.plan_from_summary`) replaces U by
-the size of its summary, O(U_w + |rows of its cache others use|), which does
-not grow with the number of workers at a fixed per-worker batch; building the
-summaries (:meth:`CacheDirectory.step_summaries`) is the dispatcher's O((N +
-H) log N) work (H cached (worker, row) pairs of the batch's rows).
+w, S_w slots, H cached (worker, row) pairs of the batch's rows): the decode
+and per-worker grouping, O(N log N) once; per tracked worker, the cache step in
+O(U_w log U + S_w) (step A scans the dirty slots; evictions scan the table's
+slots); the end-of-iteration lag update, O(U) slot-map probes per worker, or
+O(U + H) for all at once with the holder index (plus its O(S_w) sync).  A
+worker planning from a :class:`StepSummary` (:meth:`CacheDirectory.plan_from_summary`)
+replaces U by its summary's size, O(U_w + |rows of its cache others use|): it
+does not grow with W at a fixed per-worker batch; building the summaries
+(:meth:`CacheDirectory.step_summaries`) is the dispatcher's O((N + H) log N).
 """
 
 from __future__ import annotations
@@ -94,14 +92,8 @@ class CacheDirectory:
     ``config.cache_policy`` names the eviction policy (a registered
     :class:`~torchrec_esd.cache.policy.EvictionPolicy`)."""
 
-    def __init__(
-        self,
-        config: EsdConfig,
-        tables: Sequence[EmbeddingBagConfig],
-        track: Optional[Sequence[int]] = None,
-        optimizer_state_dim: int = 0,
-        keyspace: Optional[KeySpace] = None,
-    ) -> None:
+    def __init__(self, config: EsdConfig, tables: Sequence[EmbeddingBagConfig], track: Optional[Sequence[int]] = None,
+                 optimizer_state_dim: int = 0, keyspace: Optional[KeySpace] = None) -> None:
         self.config = config
         self.policy: EvictionPolicy = make_policy(config.cache_policy)
         self.optimizer_state_dim = optimizer_state_dim
@@ -119,9 +111,8 @@ class CacheDirectory:
         self.num_workers = config.num_workers
         self.num_tables = len(self.tables)
         self.iteration = 0
-        # A worker's plan needs only its own cache, the global row versions and
-        # the batch, so a worker may track itself alone; the dispatcher (which
-        # needs every worker's cache) tracks all.
+        # a worker's plan needs only its own cache and the batch: a worker may track
+        # itself alone; the dispatcher (which needs every worker's cache) tracks all
         self.tracked = sorted(set(track)) if track is not None else list(range(self.num_workers))
         if any(w < 0 or w >= self.num_workers for w in self.tracked):
             raise EsdConfigError(f"tracked workers {self.tracked} outside [0, {self.num_workers})")
@@ -239,6 +230,10 @@ class CacheDirectory:
         plans: List[Optional[WorkerPlan]] = [None] * W
         for w in self.tracked:
             plans[w] = self._step(w, used[w], user_keys, user_counts, num_samples[w], pairs.get(w))
+        if self._holders is not None:  # _step's lag update for all workers at once
+            self._holders.lag[self._holders.lookup(user_keys)[2]] += 1
+            for w in self.tracked:
+                self._local_updates(w, plans[w])
         return IterationPlan(self.iteration, plans, batch_keys=user_keys)
 
     def step_summaries(self, kjt: KeyedJaggedTensor, assignment: torch.Tensor) -> List[StepSummary]:
@@ -269,9 +264,8 @@ class CacheDirectory:
         U_s keys (module docstring).  Not with DES-served misses (they need
         the worker's bags); ``upcoming`` as in :meth:`plan`."""
         if self.tracked != [summary.worker]:
-            raise EsdConfigError(
-                f"plan_from_summary needs a directory that tracks worker {summary.worker} alone (tracks {self.tracked})"
-            )
+            raise EsdConfigError(f"plan_from_summary needs a directory that tracks worker {summary.worker} alone"
+                                 f" (tracks {self.tracked})")
         if self.config.des_misses:
             raise EsdConfigError("plan_from_summary does not plan DES-served misses (EsdConfig.des_misses)")
         if self.policy.reads_upcoming:
@@ -282,22 +276,30 @@ class CacheDirectory:
 
     def _step(self, w: int, keys: torch.Tensor, user_keys: torch.Tensor, user_counts: torch.Tensor,
               num_samples: int, pairs) -> WorkerPlan:
-        """Worker ``w``'s cache step and its end-of-iteration lag update."""
+        """Worker ``w``'s cache step and (without a holder index) its end-of-iteration lag update."""
         st = self._w[w]
         if self._kernel_plans(w):  # step A included
             p = self._plan_worker_kernel(st, keys, user_keys, user_counts, num_samples)
         else:
             pushed = self._push_shared_dirty(st, keys, user_keys, user_counts)
             p = self._plan_worker(w, keys, user_keys, user_counts, pushed, num_samples, pairs)
-        # end of iteration: every used row has one new version; a local update is it
-        held = st.find(user_keys)
-        st.lag[held[held >= 0]] += 1
+        # end of iteration: every used row has one new version (plan() adds it to every
+        # worker's copies at once from the holder index, O(U + hits)); a local update is it
+        if self._holders is None:
+            held = st.find(user_keys)
+            st.lag[held[held >= 0]] += 1
+            self._local_updates(w, p)
+        else:
+            self._holders.sync(w, st)
+        return p
+
+    def _local_updates(self, w: int, p: WorkerPlan) -> None:
+        st = self._w[w]
         slots = p.used_slot[p.local_pos]
         st.lag[slots] = 0
         st.dirty[slots] = True
         if self._holders is not None:
-            self._holders.sync(w, st)
-        return p
+            self._holders.sync(w, st)  # its dirty count per table
 
     def _kernel_plans(self, w: int) -> bool:
         """Whether worker ``w``'s cache step runs in the C++ kernel."""
