@@ -23,7 +23,14 @@ solve: what the dispatcher rank spends; ``grouped`` builds a ``[B, G]`` input
 and per-group slices instead of the ``[B, W]`` matrix), the directory plans, and the plans' rows per kind times the row
 bytes over each worker's link give its link seconds (ground truth, as in
 ``dispatch_true_cost.py``).  The modelled iteration is the link makespan (the
-slowest link; compute left out, which makes the decision's share larger).
+slowest link; compute left out, which makes the decision's share larger); a
+second figure adds a stated compute time per sample
+(``--compute-us-per-sample``) to every worker's link seconds, without overlap
+(``iteration_compute_s``, the largest worker's sum).  ``critical ms``: for
+``grouped``, the decision with its groups' slices and inner solves on ranks
+of their own (everything else plus the slowest group; what moving the
+samples and results between ranks would cost is not counted); for the other
+dispatchers it equals the decision.
 
 Per-worker planning: ``--sample-workers`` workers also run a directory that
 tracks themselves alone, fed (a) their :class:`StepSummary` (``plan ms``,
@@ -95,6 +102,10 @@ def parse_args(argv=None):
     p.add_argument("--grouped-inner", default="heuristic", help="dispatcher inside each group of 'grouped'")
     p.add_argument("--grouped-cost-input", default=None, choices=["additive", "expected"],
                    help="cost matrix 'grouped' reads (default: its inner dispatcher's)")
+    p.add_argument("--compute-us-per-sample", type=float, default=100.0,
+                   help="stated per-sample compute for the 'with compute' iteration (default 100 us = 1e4 samples/s:"
+                        " the DLRM end-to-end workers measured 5e3-2e4 samples/s on this CPU,"
+                        " benchmarks/results/issue18_overhead_and_measured_shares.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -167,7 +178,8 @@ def run(args, tables, W: int, name: str) -> Dict:
     sample = sorted({int(round(i * (W - 1) / max(1, args.sample_workers - 1))) for i in range(args.sample_workers)})
     alone = {w: CacheDirectory(config, tables, track=[w]) for w in sample}  # plans from summaries
     selfd = {w: CacheDirectory(config, tables, track=[w]) for w in sample}  # plans from the global batch
-    rec: Dict[str, List] = {k: [] for k in ("decision_ms", "inputs_ms", "solve_ms", "directory_plan_ms",
+    rec: Dict[str, List] = {k: [] for k in ("decision_ms", "inputs_ms", "solve_ms", "critical_ms",
+                                            "iteration_compute_s", "directory_plan_ms",
                                             "summaries_ms", "plan_ms", "self_ms", "summary_bytes",
                                             "makespan_s", "total_s", "per_worker_s")}
     for step in range(args.iters):
@@ -178,6 +190,10 @@ def run(args, tables, W: int, name: str) -> Dict:
         rec["inputs_ms"].append(t_dec - r.decision_s * 1e3)
         rec["solve_ms"].append(r.decision_s * 1e3)
         rec["decision_ms"].append(t_dec)
+        # grouped: the groups' slices and inner solves are independent; on ranks of their own the
+        # decision would take everything else plus the slowest group (transfers not counted)
+        info = r.info or {}
+        rec["critical_ms"].append(t_dec - 1e3 * (info.get("group_s_sum", 0.0) - info.get("group_s_max", 0.0)))
         t0 = time.perf_counter()
         sums = directory.step_summaries(kjt, r.assignment)
         rec["summaries_ms"].append(_ms(t0))
@@ -201,6 +217,8 @@ def run(args, tables, W: int, name: str) -> Dict:
         rows = torch.tensor([[p.rows[k] for k in KINDS] for p in plan.workers], dtype=torch.float64)
         secs = link_seconds(config, rows, row_bytes)
         rec["makespan_s"].append(float(secs.max()))
+        n_w = torch.bincount(r.assignment, minlength=W).double()
+        rec["iteration_compute_s"].append(float((secs + n_w * args.compute_us_per_sample * 1e-6).max()))
         rec["total_s"].append(float(secs.sum()))
         rec["per_worker_s"].append(secs.tolist())
     ss = slice(min(args.warmup, args.iters - 1), None)
@@ -208,6 +226,9 @@ def run(args, tables, W: int, name: str) -> Dict:
     out["decision_ms_max"] = float(np.max(rec["decision_ms"][ss]))
     out["per_worker_s"] = np.mean(np.array(rec["per_worker_s"][ss]), 0).tolist()
     out["decision_pct_of_iteration"] = 100.0 * out["decision_ms"] / 1e3 / max(out["makespan_s"], 1e-12)
+    out["critical_pct_of_iteration"] = 100.0 * out["critical_ms"] / 1e3 / max(out["makespan_s"], 1e-12)
+    out["decision_pct_of_iteration_compute"] = 100.0 * out["decision_ms"] / 1e3 / max(out["iteration_compute_s"], 1e-12)
+    out["critical_pct_of_iteration_compute"] = 100.0 * out["critical_ms"] / 1e3 / max(out["iteration_compute_s"], 1e-12)
     out["directory_bytes_per_worker"] = directory.nbytes(0)
     out["dispatcher_directory_bytes"] = directory.nbytes()
     out["old_design_bytes_per_worker"] = OLD_BYTES_PER_ROW * directory.total_rows
@@ -277,6 +298,7 @@ def main(argv=None) -> Dict:
           f" {tables[0].num_embeddings:.3g}), links log-uniform {args.bw_min}-{args.bw_max} Mbit/s,"
           f" {args.per_worker_batch} samples per worker, {args.cache_rows} cache rows per worker")
     print(f"{'W':>4} {'dispatcher':>10} | {'B':>6} {'mksp s':>7} {'total s':>8} | {'dec ms':>8} {'% iter':>7}"
+          f" | {'crit ms':>8} {'% iter':>7} | {'+cmp s':>7} {'% dec':>6} {'% crit':>6}"
           f" | {'dir MB/w':>8} {'old MB/w':>9} | {'plan ms':>7} {'self ms':>7} {'sum KB':>6} | {'disp plan ms':>12}")
     res: Dict[str, Dict] = {}
     for W in [int(x) for x in args.workers.split(",")]:
@@ -287,7 +309,9 @@ def main(argv=None) -> Dict:
             r = run(args, tables, W, n)
             res[str(W)][n] = r
             print(f"{W:>4} {n:>10} | {r['B']:>6} {r['makespan_s']:7.3f} {r['total_s']:8.2f} | {r['decision_ms']:8.1f}"
-                  f" {r['decision_pct_of_iteration']:7.2f} | {r['directory_bytes_per_worker'] / 2**20:8.2f}"
+                  f" {r['decision_pct_of_iteration']:7.2f} | {r['critical_ms']:8.1f} {r['critical_pct_of_iteration']:7.2f}"
+                  f" | {r['iteration_compute_s']:7.3f} {r['decision_pct_of_iteration_compute']:6.1f}"
+                  f" {r['critical_pct_of_iteration_compute']:6.1f} | {r['directory_bytes_per_worker'] / 2**20:8.2f}"
                   f" {r['old_design_bytes_per_worker'] / 2**20:9.0f} | {r['plan_ms']:7.2f} {r['self_ms']:7.2f}"
                   f" {r['summary_bytes'] / 1024:6.1f} | {r['directory_plan_ms']:12.1f}")
             sys.stdout.flush()

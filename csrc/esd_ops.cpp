@@ -74,4 +74,13 @@ TORCH_LIBRARY(torchrec_esd, m) {
       "dedup_refine(Tensor occ_s, Tensor occ_k, Tensor pull, Tensor push, Tensor owner, "
       "Tensor owner_push, Tensor assignment, int max_rounds, float time_budget_s, "
       "int group_size) -> (Tensor refined, Tensor swaps, Tensor info)");
+  // Holder index (torchrec_esd/cache/holders.py, csrc/cpu/holders_cpu.cpp): row key -> every
+  // global cache slot holding it, as a doubly linked list per key (next/prev over the global
+  // slots, the list heads in an id table, gkey the key recorded at every global slot).  Sync
+  // makes slots [base, base + len(slot_keys)) record slot_keys (in place); lookup returns,
+  // per query key, every holder (query position, global slot), queries in order.  CPU only.
+  m.def(
+      "holder_index_sync(Tensor(a!) head, Tensor(b!) next, Tensor(c!) prev, Tensor(d!) gkey, "
+      "int base, Tensor slot_keys) -> ()");
+  m.def("holder_index_lookup(Tensor head, Tensor next, Tensor queries) -> (Tensor pos, Tensor slots)");
 }

@@ -313,3 +313,32 @@ def dedup_refine(occ_s: torch.Tensor, occ_k: torch.Tensor, pull: torch.Tensor, p
     occurrences (``csrc/cpu/dedup_refine_cpu.cpp``)."""
     return torch.ops.torchrec_esd.dedup_refine(occ_s, occ_k, pull, push, owner, owner_push, assignment,
                                                int(max_rounds), float(time_budget_s), int(group_size))
+HAS_HOLDER_INDEX = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "holder_index_lookup")
+
+
+def holder_index_sync(head: torch.Tensor, next_: torch.Tensor, prev: torch.Tensor, gkey: torch.Tensor,
+                      base: int, slot_keys: torch.Tensor) -> None:
+    """In place on a holder index (:class:`torchrec_esd.cache.holders.HolderIndex`):
+    global slots ``[base, base + len(slot_keys))`` record ``slot_keys``
+    (negative: empty).  O(len(slot_keys)) compares plus O(1) expected per
+    changed slot.  CPU tensors."""
+    slot_keys = slot_keys.to(torch.int64).contiguous()
+    if HAS_HOLDER_INDEX:
+        torch.ops.torchrec_esd.holder_index_sync(head, next_, prev, gkey, int(base), slot_keys)
+    else:
+        from torchrec_esd.reference_holder_ops import holder_index_sync_ref
+
+        holder_index_sync_ref(head, next_, prev, gkey, int(base), slot_keys)
+
+
+def holder_index_lookup(head: torch.Tensor, next_: torch.Tensor,
+                        queries: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every holder of every query key: ``(pos, slots)``, ``pos`` the query's
+    position (ascending) and ``slots`` the global slot.  O(len(queries) +
+    holders found)."""
+    queries = queries.to(torch.int64).contiguous()
+    if HAS_HOLDER_INDEX:
+        return torch.ops.torchrec_esd.holder_index_lookup(head, next_, queries)
+    from torchrec_esd.reference_holder_ops import holder_index_lookup_ref
+
+    return holder_index_lookup_ref(head, next_, queries)

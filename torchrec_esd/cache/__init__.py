@@ -35,11 +35,12 @@ from torchrec_esd.cache.policy import (
 from torchrec_esd.cache.prefetch import prefetch_keys
 from torchrec_esd.cache.slots import WorkerSlots, use_dense_slot_map
 from torchrec_esd.cache.summary import StepSummary
-from torchrec_esd.cache.state import CacheLookup, CacheState
+from torchrec_esd.cache.state import CacheHits, CacheLookup, CacheState
 from torchrec_esd.cache.views import TableCacheView, TableViewsState, WorkerCacheView
 
 __all__ = [
     "CacheDirectory",
+    "CacheHits",
     "CacheLookup",
     "CacheState",
     "DES_ROWS",

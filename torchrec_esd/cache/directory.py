@@ -9,10 +9,8 @@ assignment)`` it is fed, so the dispatcher's mirror and the workers' real
 caches are the *same* object replicated on every worker rank: no cache state
 is ever exchanged.
 
-Rows are named by *global row keys* ``row_offset[table] + id`` (tables in
-order); a worker's slots are the concatenation of its per-table cache blocks,
-so every step below is a few vectorised operations per worker whatever the
-number of tables.
+Rows are named by *global row keys* ``row_offset[table] + id``; a worker's slots
+are its per-table cache blocks end to end (a few vectorised operations per step).
 
 Feeding it one iteration (:meth:`CacheDirectory.plan`) returns, per worker, the
 :class:`~torchrec_esd.cache.plans.WorkerPlan` that the worker's sharded
@@ -45,18 +43,19 @@ Memory per tracked worker: O(S) for its S cache slots
 key -> slot map, 32-64 B per slot hashed, or 4 B per *table row* where the
 dense map is chosen by its stated rule), plus O(N) transient per iteration for
 the N keys of the batch.  Nothing is O(table rows) unless the dense map's rule
-picks it (small tables).
+picks it (small tables).  A directory that dispatches keeps a holder index too,
+row -> caching workers (:meth:`CacheDirectory.holder_index`, built on first use).
 
 Time of one iteration (N batch values, U distinct keys, U_w of them on worker
-w, S_w slots): the decode and per-worker grouping, O(N log N) once; then per
-tracked worker, the cache step in O(U_w log U + S_w) (step A scans the dirty
-slots; evictions scan the table's slots) and the end-of-iteration lag update,
-O(U) probes of the slot map.  A worker that plans from a
-:class:`StepSummary` (:meth:`CacheDirectory.plan_from_summary`) replaces U by
-the size of its summary, O(U_w + |rows of its cache others use|), which does
-not grow with the number of workers at a fixed per-worker batch; building the
-summaries (:meth:`CacheDirectory.step_summaries`) is the dispatcher's O(N log N
-+ W U) work.
+w, S_w slots, H cached (worker, row) pairs of the batch's rows): the decode
+and per-worker grouping, O(N log N) once; per tracked worker, the cache step in
+O(U_w log U + S_w) (step A scans the dirty slots; evictions scan the table's
+slots); the end-of-iteration lag update, O(U) slot-map probes per worker, or
+O(U + H) for all at once with the holder index (plus its O(S_w) sync).  A
+worker planning from a :class:`StepSummary` (:meth:`CacheDirectory.plan_from_summary`)
+replaces U by its summary's size, O(U_w + |rows of its cache others use|): it
+does not grow with W at a fixed per-worker batch; building the summaries
+(:meth:`CacheDirectory.step_summaries`) is the dispatcher's O((N + H) log N).
 """
 
 from __future__ import annotations
@@ -69,6 +68,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_esd import ops
 from torchrec_esd.cache.directory_state import DirectoryCacheState
+from torchrec_esd.cache.holders import HolderIndex
 from torchrec_esd.cache.lookahead import UpcomingUse
 from torchrec_esd.cache.plans import EMPTY, IterationPlan, WorkerPlan, row_counts
 from torchrec_esd.cache.policy import EvictionPolicy, make_policy
@@ -77,7 +77,7 @@ from torchrec_esd.cache.sorted_keys import count_of, group_rank, sorted_member
 from torchrec_esd.cache.summary import StepSummary
 from torchrec_esd.cache.views import WorkerCacheView, slots_view
 from torchrec_esd.config import EsdConfig, EsdConfigError
-from torchrec_esd.des.served_misses import choose_des_rows
+from torchrec_esd.des.served_misses import choose_des_rows, des_pairs
 from torchrec_esd.layout import KeySpace
 
 # the cache step of a worker runs in the C++ kernel (ops.plan_worker_cache) where it can:
@@ -92,14 +92,8 @@ class CacheDirectory:
     ``config.cache_policy`` names the eviction policy (a registered
     :class:`~torchrec_esd.cache.policy.EvictionPolicy`)."""
 
-    def __init__(
-        self,
-        config: EsdConfig,
-        tables: Sequence[EmbeddingBagConfig],
-        track: Optional[Sequence[int]] = None,
-        optimizer_state_dim: int = 0,
-        keyspace: Optional[KeySpace] = None,
-    ) -> None:
+    def __init__(self, config: EsdConfig, tables: Sequence[EmbeddingBagConfig], track: Optional[Sequence[int]] = None,
+                 optimizer_state_dim: int = 0, keyspace: Optional[KeySpace] = None) -> None:
         self.config = config
         self.policy: EvictionPolicy = make_policy(config.cache_policy)
         self.optimizer_state_dim = optimizer_state_dim
@@ -117,9 +111,8 @@ class CacheDirectory:
         self.num_workers = config.num_workers
         self.num_tables = len(self.tables)
         self.iteration = 0
-        # A worker's plan needs only its own cache, the global row versions and
-        # the batch, so a worker may track itself alone; the dispatcher (which
-        # needs every worker's cache) tracks all.
+        # a worker's plan needs only its own cache and the batch: a worker may track
+        # itself alone; the dispatcher (which needs every worker's cache) tracks all
         self.tracked = sorted(set(track)) if track is not None else list(range(self.num_workers))
         if any(w < 0 or w >= self.num_workers for w in self.tracked):
             raise EsdConfigError(f"tracked workers {self.tracked} outside [0, {self.num_workers})")
@@ -131,7 +124,7 @@ class CacheDirectory:
         tracked workers (O(slots), see the module docstring)."""
         if worker is not None:
             return self._state(worker).nbytes()
-        return sum(st.nbytes() for st in self._w.values())
+        return sum(st.nbytes() for st in self._w.values()) + (self._holders.nbytes() if self._holders else 0)
 
     def reset_caches(self) -> None:
         """Empty every tracked worker's cache (cold start, e.g. after a checkpoint
@@ -141,6 +134,7 @@ class CacheDirectory:
         for w in self.tracked:
             caps = [self.config.workers[w].cache_rows_for(t.name) for t in self.tables]
             self._w[w] = WorkerSlots(caps, self.total_rows, None, self.policy.slot_state(sum(caps)))
+        self._holders: Optional[HolderIndex] = None  # built by the first holder_index() call
 
     # ------------------------------------------------------------ keys
     def table_of(self, keys: torch.Tensor) -> torch.Tensor:
@@ -186,11 +180,17 @@ class CacheDirectory:
             raise EsdConfigError(f"{what} needs a directory that tracks every worker (the dispatcher's)")
 
     def cache_state(self) -> "DirectoryCacheState":
-        """The caches as the cost model reads them (a
-        :class:`~torchrec_esd.cache.state.CacheState`): only the batch's keys
-        are looked up, in the slot maps.  Valid until the next :meth:`plan`."""
+        """The caches as the cost model reads them (a :class:`~torchrec_esd.cache.state.CacheState`):
+        the batch's keys are looked up in :meth:`holder_index`.  Valid until the next :meth:`plan`."""
         self._require_all_tracked("cache_state()")
         return DirectoryCacheState(self)
+
+    def holder_index(self) -> HolderIndex:
+        """Row key -> the workers caching it (:mod:`~torchrec_esd.cache.holders`), built
+        on first use (``O(slots)``), then kept exact by every cache step (``O(S_w)``)."""
+        self._require_all_tracked("holder_index()")
+        self._holders = self._holders or HolderIndex([self._w[w] for w in self.tracked])
+        return self._holders
 
     cost_views = cache_state  # the name the runtime's input dist calls
 
@@ -216,14 +216,12 @@ class CacheDirectory:
         W = self.num_workers
         assignment = assignment.to(torch.int64).view(-1)
         if assignment.numel() != kjt.stride():
-            raise EsdConfigError(
-                f"assignment has {assignment.numel()} entries for a batch of {kjt.stride()} samples"
-            )
+            raise EsdConfigError(f"assignment has {assignment.numel()} entries for a batch of {kjt.stride()} samples")
         if assignment.numel() and (int(assignment.min()) < 0 or int(assignment.max()) >= W):
             raise EsdConfigError(f"assignment names a worker outside [0, {W})")
         keys, sample = self.batch_keys(kjt)
         owner_of_value = assignment[sample]
-        pairs = self._des_pairs(kjt, keys, owner_of_value) if self.config.des_misses else {}
+        pairs = des_pairs(kjt, keys, owner_of_value, self.tracked) if self.config.des_misses else {}
         ukeys, uw, _ = ops.unique_keys_per_group(keys, owner_of_value, W)  # sorted by (worker, key)
         used = list(torch.split(ukeys, torch.bincount(uw, minlength=W).tolist()))
         user_keys, user_counts = ops.sorted_distinct(ukeys)  # each row's user workers
@@ -232,13 +230,18 @@ class CacheDirectory:
         plans: List[Optional[WorkerPlan]] = [None] * W
         for w in self.tracked:
             plans[w] = self._step(w, used[w], user_keys, user_counts, num_samples[w], pairs.get(w))
+        if self._holders is not None:  # _step's lag update for all workers at once
+            self._holders.lag[self._holders.lookup(user_keys)[2]] += 1
+            for w in self.tracked:
+                self._local_updates(w, plans[w])
         return IterationPlan(self.iteration, plans, batch_keys=user_keys)
 
     def step_summaries(self, kjt: KeyedJaggedTensor, assignment: torch.Tensor) -> List[StepSummary]:
         """Per worker, the :class:`StepSummary` of this batch and assignment
         against the caches as they are now (call before :meth:`plan` of the
         same batch).  Needs every worker tracked (the dispatcher's directory);
-        O(N log N + W U) for N values and U distinct keys."""
+        O((N + H) log N) for N values and the H cached (worker, row) pairs of
+        the rows used (:meth:`holder_index`), nothing per (worker, row) pair that is not cached."""
         self._require_all_tracked("step_summaries()")
         W = self.num_workers
         assignment = assignment.to(torch.int64).view(-1)
@@ -247,11 +250,12 @@ class CacheDirectory:
         used = list(torch.split(ukeys, torch.bincount(uw, minlength=W).tolist()))
         user_keys, user_counts = ops.sorted_distinct(ukeys)
         num_samples = torch.bincount(assignment, minlength=W).tolist()
-        out = []
-        for w in range(W):
-            mine = sorted_member(used[w], user_keys) | (self._w[w].find(user_keys) >= 0)
-            out.append(StepSummary(w, used[w], user_keys[mine], user_counts[mine], num_samples[w]))
-        return out
+        # per worker, the positions in user_keys of its own rows and of the rows its cache holds
+        hp, hw, _ = self.holder_index().lookup(user_keys)
+        u = max(user_keys.numel(), 1)
+        pair = torch.unique(torch.cat([uw * u + torch.searchsorted(user_keys, ukeys), hw * u + hp]))
+        mine = torch.split(pair % u, torch.bincount(pair // u, minlength=W).tolist())
+        return [StepSummary(w, used[w], user_keys[mine[w]], user_counts[mine[w]], num_samples[w]) for w in range(W)]
 
     def plan_from_summary(self, summary: StepSummary, upcoming: Sequence[KeyedJaggedTensor] = ()) -> WorkerPlan:
         """Plan one iteration of the one worker this directory tracks from its
@@ -260,9 +264,8 @@ class CacheDirectory:
         U_s keys (module docstring).  Not with DES-served misses (they need
         the worker's bags); ``upcoming`` as in :meth:`plan`."""
         if self.tracked != [summary.worker]:
-            raise EsdConfigError(
-                f"plan_from_summary needs a directory that tracks worker {summary.worker} alone (tracks {self.tracked})"
-            )
+            raise EsdConfigError(f"plan_from_summary needs a directory that tracks worker {summary.worker} alone"
+                                 f" (tracks {self.tracked})")
         if self.config.des_misses:
             raise EsdConfigError("plan_from_summary does not plan DES-served misses (EsdConfig.des_misses)")
         if self.policy.reads_upcoming:
@@ -273,32 +276,30 @@ class CacheDirectory:
 
     def _step(self, w: int, keys: torch.Tensor, user_keys: torch.Tensor, user_counts: torch.Tensor,
               num_samples: int, pairs) -> WorkerPlan:
-        """Worker ``w``'s cache step and its end-of-iteration lag update."""
+        """Worker ``w``'s cache step and (without a holder index) its end-of-iteration lag update."""
         st = self._w[w]
         if self._kernel_plans(w):  # step A included
             p = self._plan_worker_kernel(st, keys, user_keys, user_counts, num_samples)
         else:
             pushed = self._push_shared_dirty(st, keys, user_keys, user_counts)
             p = self._plan_worker(w, keys, user_keys, user_counts, pushed, num_samples, pairs)
-        # end of iteration: every used row has one new version; a local update is it
-        held = st.find(user_keys)
-        st.lag[held[held >= 0]] += 1
+        # end of iteration: every used row has one new version (plan() adds it to every
+        # worker's copies at once from the holder index, O(U + hits)); a local update is it
+        if self._holders is None:
+            held = st.find(user_keys)
+            st.lag[held[held >= 0]] += 1
+            self._local_updates(w, p)
+        else:
+            self._holders.sync(w, st)
+        return p
+
+    def _local_updates(self, w: int, p: WorkerPlan) -> None:
+        st = self._w[w]
         slots = p.used_slot[p.local_pos]
         st.lag[slots] = 0
         st.dirty[slots] = True
-        return p
-
-    def _des_pairs(self, kjt: KeyedJaggedTensor, keys: torch.Tensor, owner: torch.Tensor):
-        """Per tracked worker: distinct (row key, bag) pairs of its samples."""
-        b = kjt.stride()
-        nbags = max(len(kjt.keys()) * b, 1)
-        bag = torch.repeat_interleave(torch.arange(len(kjt.keys()) * b), kjt.lengths().to(torch.int64))
-        out = {}
-        for w in self.tracked:
-            m = owner == w
-            pair = torch.unique(keys[m] * nbags + bag[m])
-            out[w] = (pair // nbags, pair % nbags, kjt.weights_or_none() is not None)
-        return out
+        if self._holders is not None:
+            self._holders.sync(w, st)  # its dirty count per table
 
     def _kernel_plans(self, w: int) -> bool:
         """Whether worker ``w``'s cache step runs in the C++ kernel."""
@@ -439,6 +440,8 @@ class CacheDirectory:
             slots = st.dirty.nonzero().view(-1)
             keys = st.keys[slots].clone()
             st.dirty[slots] = False
+            if self._holders is not None:
+                self._holders.sync(w, st)
             out[w] = WorkerPlan(
                 used_keys=EMPTY, used_slot=EMPTY, push_keys=keys, push_slots=slots,
                 pull_pos=EMPTY, local_pos=EMPTY, grad_pos=EMPTY,

@@ -5,25 +5,22 @@ from __future__ import annotations
 
 import torch
 
-from torchrec_esd.cache.state import CacheLookup
+from torchrec_esd.cache.state import CacheHits, CacheLookup
 from torchrec_esd.config import EsdConfigError
 
 
 class DirectoryCacheState:
     """A :class:`CacheDirectory` read as a
     :class:`~torchrec_esd.cache.state.CacheState` at its current iteration:
-    occupancy is counted now, :meth:`lookup` reads the slot maps and refuses
+    occupancy is read from the holder index's per-step counts (``O(W T)``), :meth:`lookup` reads the directory's
+    holder index (``O(U + hits)``, :mod:`~torchrec_esd.cache.holders`) and refuses
     once the directory has planned another iteration."""
 
     def __init__(self, directory: "CacheDirectory") -> None:  # noqa: F821
         d = directory
-        W, T = d.num_workers, d.num_tables
         self.tables = [t.name for t in d.tables]
-        self.occupied = torch.zeros(W, T, dtype=torch.int64)
-        self.ndirty = torch.zeros(W, T, dtype=torch.int64)
-        for w, st in d._w.items():
-            self.occupied[w] = st.per_table(st.keys >= 0, T)
-            self.ndirty[w] = st.per_table(st.dirty, T)
+        # counted by the holder index at every cache step (O(W T) here)
+        self.occupied, self.ndirty = d.holder_index().occupancy()
         self.capacity = torch.stack([st.capacity for st in d._w.values()])
         self._directory = d
         self._iteration = d.iteration
@@ -35,19 +32,9 @@ class DirectoryCacheState:
         d = self._directory
         if d.iteration != self._iteration:
             raise EsdConfigError("cache state used after the directory planned another iteration")
-        W, u = d.num_workers, keys.numel()
-        # one C++ probe per (worker, key); the slot metadata is read at the hits
-        # only (a batch hits few of a worker's slots): O(W u) probes, O(hits) gathers
-        cached = torch.zeros(W, u, dtype=torch.bool)
-        dirty = torch.zeros(W, u, dtype=torch.bool)
-        outdated = torch.zeros(W, u, dtype=torch.bool)
-        for w, st in d._w.items():
-            s = st.find(keys)
-            c = s >= 0
-            cached[w] = c
-            idx = c.nonzero().view(-1)
-            hit = s[idx]
-            dw = st.dirty[hit]
-            dirty[w, idx] = dw
-            outdated[w, idx] = (st.lag[hit] > 0) & ~dw
-        return CacheLookup(cached, outdated, dirty)
+        # the holder index (cache/holders.py): O(u + hits), the slot state read at the hits only
+        index = d.holder_index()
+        pos, worker, g = index.lookup(keys)
+        dirty = index.dirty[g]
+        outdated = (index.lag[g] > 0) & ~dirty
+        return CacheLookup.from_hits(CacheHits(worker, pos, outdated, dirty), d.num_workers, keys.numel())

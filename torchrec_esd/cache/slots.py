@@ -40,7 +40,9 @@ class WorkerSlots:
     of the last use), ``freq`` (uses since placed), ``lag`` (versions the
     cached copy is behind the row's latest value: 0 current), ``dirty`` (the
     only up-to-date copy), ``slot_table``, and the eviction policy's own
-    tensors in ``policy_state``.  ``slot_map`` is the key -> slot map kept in
+    tensors in ``policy_state``.  ``lag`` and ``dirty`` may be views of the
+    directory's holder-index buffers (:mod:`~torchrec_esd.cache.holders`): update
+    them in place, never rebind them.  ``slot_map`` is the key -> slot map kept in
     step with ``keys``: dense int32 ``[total_rows]`` (``-1``: not cached) or
     hashed, an int64 ``[cap, 2]`` id table (:func:`torchrec_esd.ops.id_table_build`'s
     layout, rows ``(key, slot)``); ``dense`` says which (:func:`use_dense_slot_map`

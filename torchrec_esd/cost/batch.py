@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from torchrec_esd import ops
-from torchrec_esd.cache.state import CacheState
+from torchrec_esd.cache.state import CacheLookup, CacheState
 
 
 @dataclass
@@ -18,12 +18,22 @@ class BatchState:
     uniq: torch.Tensor  # [U] distinct keys of the batch (sorted)
     slots: torch.Tensor  # id table of uniq
     table_of: torch.Tensor  # [U] table index of every distinct key
-    cached: torch.Tensor  # [W, U] bool
-    outdated: torch.Tensor  # [W, U] bool (only meaningful where cached)
-    dirty: torch.Tensor  # [W, U] bool
+    look: CacheLookup  # every worker's state of uniq: dense [W, U] and/or the cached pairs
     occupied: torch.Tensor  # [W, T] cached rows
     ndirty: torch.Tensor  # [W, T] dirty cached rows
     cap: torch.Tensor  # [W, T] capacity
+
+    @property
+    def cached(self) -> torch.Tensor:  # [W, U] bool
+        return self.look.cached
+
+    @property
+    def outdated(self) -> torch.Tensor:  # [W, U] bool (only meaningful where cached)
+        return self.look.outdated
+
+    @property
+    def dirty(self) -> torch.Tensor:  # [W, U] bool
+        return self.look.dirty
 
     @property
     def num_samples(self) -> int:
@@ -37,5 +47,5 @@ def read_batch(keys: torch.Tensor, offsets: torch.Tensor, state: CacheState, row
     slots = ops.id_table_build(uniq)
     table_of = torch.searchsorted(row_offset, uniq, right=True) - 1
     look = state.lookup(uniq)
-    return BatchState(keys, offsets, uniq, slots, table_of, look.cached, look.outdated, look.dirty,
+    return BatchState(keys, offsets, uniq, slots, table_of, look,
                       state.occupied, state.ndirty, state.capacity)

@@ -8,15 +8,15 @@ Per batch (``N`` row keys, ``U`` distinct, ``B`` samples, ``W`` workers in
 ``G`` groups):
 
 * construction: the batch read against the caches (:func:`read_batch`: one
-  sort, one C++ probe of every worker's slot map per distinct key, kept as
-  bool ``[W, U]``), the dirty owner of every key and the distinct (sample,
-  key) pairs: ``O(N log N + W U)`` bool/int work, no ``[U, W]`` or ``[B, W]``
-  float array;
-* :meth:`GroupInputs.group_matrix`: one ``O(W U)`` scan of the cached bits, then
-  ``O(hits + U G + N G)`` (``hits``: cached (worker, key) pairs of the batch);
-* :meth:`GroupInputs.sub_matrix` for a group: ``O(N_g log N_g + U_g |g|)``
-  (``N_g``/``U_g`` the keys of the group's samples), so all groups together
-  ``O(N log N + U group_size)``.
+  sort, then the directory's holder index, :mod:`~torchrec_esd.cache.holders`,
+  lists the ``H`` cached (worker, key) pairs in ``O(U + H)``), the dirty
+  owner of every key and the distinct (sample, key) pairs: ``O(N log N + U +
+  H)``, no ``[W, U]`` or ``[B, W]`` array;
+* :meth:`GroupInputs.group_matrix`: ``O(H + U G + N G)``;
+* :meth:`GroupInputs.sub_matrix` for a group: ``O(N_g log N_g + H_g + U_g
+  |g|)`` (``N_g``/``U_g`` the keys of the group's samples, ``H_g`` the hits
+  of its workers; the hits are put in worker order once, ``O(H log H)``), so
+  all groups together ``O(N log N + H log H + U group_size)``.
 
 **Exactness.** ``sub_matrix(samples, workers, kind)`` is, entry for entry,
 the slice ``[samples][:, workers]`` of the full matrix the flat dispatchers
@@ -85,9 +85,9 @@ class GroupInputs:
         self.kidx = ops.id_table_lookup(st.slots, st.keys) if st.keys.numel() else st.keys.clone()
         # the dirty owner of every key (the only up-to-date copy: at most one; the
         # lowest worker if ever several), from the dirty (worker, key) pairs
-        dw, du = st.dirty.nonzero(as_tuple=True)
-        W = st.dirty.shape[0]
-        first = torch.full((u,), W, dtype=torch.int64).scatter_reduce_(0, du, dw, "amin")
+        self.hits = h = st.look.hits
+        W = st.look.shape[0]
+        first = torch.full((u,), W, dtype=torch.int64).scatter_reduce_(0, h.key[h.dirty], h.worker[h.dirty], "amin")
         self.has_owner = first < W
         self.owner = torch.where(self.has_owner, first, torch.full_like(first, -1))
         self.row_time = cm.row_time  # [W, T]
@@ -101,6 +101,8 @@ class GroupInputs:
         self.occ_s, self.occ_k = pair // max(u, 1), pair % max(u, 1)
         self.uses = torch.bincount(self.occ_k, minlength=u).double()
         self.pair_ptr = torch.searchsorted(self.occ_s, torch.arange(b + 1))
+        self._by_worker = None  # the hits in worker order, built by the first _group_state
+        self.shares = np.asarray(cm.config.batch_shares(b), dtype=np.float64)  # the expected matrix's shares
 
     # ------------------------------------------------------------- stage 1
     def group_matrix(self, groups: Sequence[Sequence[int]], shares: Sequence[int]) -> torch.Tensor:
@@ -110,31 +112,56 @@ class GroupInputs:
         if st.keys.numel() == 0:
             return torch.zeros(b, len(groups), dtype=torch.float64)
         G, u = len(groups), st.uniq.numel()
-        group_of = torch.full((st.cached.shape[0],), -1, dtype=torch.int64)
+        group_of = torch.full((st.look.shape[0],), -1, dtype=torch.int64)
         for gi, g in enumerate(groups):
             group_of[torch.tensor(g, dtype=torch.int64)] = gi
-        # which groups hold each key, and hold it fresh: from the (worker, key) hits, O(W U) scan + O(hits)
-        hw, hu = st.cached.nonzero(as_tuple=True)
-        hg = group_of[hw]
+        # which groups hold each key, and hold it fresh: from the (worker, key) hits, O(hits)
+        h = self.hits
+        hg = group_of[h.worker]
         ok = hg >= 0
-        hw, hu, hg = hw[ok], hu[ok], hg[ok]
-        held = torch.zeros(G, u, dtype=torch.bool)
-        held[hg, hu] = True
-        fresh_hit = ~st.outdated[hw, hu]
-        fresh = torch.zeros(G, u, dtype=torch.bool)
-        fresh[hg[fresh_hit], hu[fresh_hit]] = True
-        cost = torch.empty(u, G, dtype=torch.float64)
-        for gi, g in enumerate(groups):
-            gw = torch.tensor(g, dtype=torch.int64)
-            rt = self.row_time[gw].min(0).values[st.table_of]
-            ev = self.evict_time[gw].min(0).values[st.table_of]
-            c = torch.where(fresh[gi], torch.zeros_like(rt), torch.where(held[gi], rt, rt + ev))
-            per = sum(int(shares[w]) for w in g) / len(g)
-            cost[:, gi] = c / (1.0 + (self.uses - 1.0) * max(per - 1.0, 0.0) / max(1, b - 1))
+        hu, hg, fresh_hit = h.key[ok], hg[ok], ~h.outdated[ok]
+        # [U, G] layout (key-major: the per-pair gather below reads whole rows)
+        flat = hu * G + hg
+        held = torch.zeros(u * G, dtype=torch.bool)
+        held[flat] = True
+        fresh = torch.zeros(u * G, dtype=torch.bool)
+        fresh[flat[fresh_hit]] = True
+        held, fresh = held.view(u, G), fresh.view(u, G)
+        # per group, its fastest link's row time and lowest eviction push per table: [T, G] -> [U, G]
+        rt = torch.stack([self.row_time[g].min(0).values for g in groups], 1).index_select(0, st.table_of)
+        ev = torch.stack([self.evict_time[g].min(0).values for g in groups], 1).index_select(0, st.table_of)
+        c = torch.where(fresh, 0.0, torch.where(held, rt, rt + ev))  # 0 fresh, rt held outdated, rt + ev
+        per = torch.tensor([max(sum(int(shares[w]) for w in g) / len(g) - 1.0, 0.0) for g in groups],
+                           dtype=torch.float64)
+        cost = c / (1.0 + (self.uses - 1.0).view(-1, 1) * per.view(1, -1) / max(1, b - 1))
         # a sample's price on a group: the sum over its distinct keys
-        return torch.zeros(b, G, dtype=torch.float64).index_add_(0, self.occ_s, cost[self.occ_k])
+        return torch.zeros(b, G, dtype=torch.float64).index_add_(0, self.occ_s, cost.index_select(0, self.occ_k))
 
     # ------------------------------------------------------------- stage 2
+    def _group_state(self, gw: torch.Tensor, ku: torch.Tensor, slots: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Bool ``[U_g, |g|]`` cached / outdated / dirty of the ascending keys
+        ``ku`` (id table ``slots`` of their row keys) on the workers ``gw``, from
+        the hits of those workers (``O(H_g)``; the hits are put in worker order
+        once, ``O(H log H)``)."""
+        if self._by_worker is None:
+            h = self.hits
+            order = torch.argsort(h.worker, stable=True)
+            ptr = torch.zeros(self.st.look.shape[0] + 1, dtype=torch.int64)
+            torch.cumsum(torch.bincount(h.worker, minlength=self.st.look.shape[0]), 0, out=ptr[1:])
+            self._by_worker = (ptr, h.worker[order], h.key[order], h.outdated[order], h.dirty[order])
+        ptr, hw, hk, hod, hdt = self._by_worker
+        order = torch.argsort(gw)
+        pos, off = _segments(ptr, gw[order])
+        row = order[torch.repeat_interleave(torch.arange(gw.numel()), off[1:] - off[:-1], output_size=pos.numel())]
+        col = ops.id_table_lookup(slots, self.st.uniq[hk[pos]])
+        ok = col >= 0
+        row, col, pos = row[ok], col[ok], pos[ok]
+        # one scatter of a 3-bit code (cached | outdated << 1 | dirty << 2), then three compares
+        code = torch.zeros(ku.numel() * gw.numel(), dtype=torch.uint8)
+        code[col * gw.numel() + row] = (1 + 2 * hod[pos].to(torch.uint8) + 4 * hdt[pos].to(torch.uint8))
+        code = code.view(ku.numel(), gw.numel())
+        return code != 0, (code & 2) != 0, (code & 4) != 0
+
     def sub_matrix(self, samples: torch.Tensor, workers: Sequence[int], kind: str,
                    hits: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(cost, hits)`` of the ascending ``samples`` on ``workers``: the
@@ -152,24 +179,21 @@ class GroupInputs:
         keys = st.keys[pos]
         ku = torch.unique(self.kidx[pos])  # the group's distinct keys (indices into uniq), ascending
         slots = ops.id_table_build(st.uniq[ku])
-        rows, cols = gw.view(-1, 1), ku.view(1, -1)  # read [|g|, U_g] only
-        cached = st.cached[rows, cols]
+        cached, outdated, dirty = self._group_state(gw, ku, slots)  # [U_g, |g|] each (key-major)
         tab = st.table_of[ku]
         miss = torch.zeros(nw, dtype=torch.float64)
 
         def summed(w: torch.Tensor) -> torch.Tensor:
-            return ops.sample_cost_matrix(keys, sub_off, [slots] * nw, [w[j].contiguous() for j in range(nw)], miss)
+            return ops.sample_cost_matrix(keys, sub_off, [slots] * nw, [w[:, j].contiguous() for j in range(nw)], miss)
 
         hit = summed(cached.double()) if hits else None
         if kind == "none":
             return zeros, hit
-        rt = self.row_time[gw][:, tab]  # [|g|, U_g]
-        ev = self.evict_time[gw][:, tab]
-        outdated = st.outdated[rows, cols]
+        rt = self.row_time[gw].t().contiguous().index_select(0, tab)  # [U_g, |g|]
+        ev = self.evict_time[gw].t().contiguous().index_select(0, tab)
         own = torch.where(cached, outdated.double() * rt, rt + ev)
         if kind == "additive":
-            dirty = st.dirty[rows, cols]
-            push_elsewhere = self.owner_push[ku].view(1, -1) - dirty.double() * rt
+            push_elsewhere = self.owner_push[ku].view(-1, 1) - dirty.double() * rt
             return summed(own + push_elsewhere), hit
         if kind != "expected":
             raise ValueError(f"sub_matrix kind must be 'additive', 'expected' or 'none', got {kind!r}")
@@ -177,12 +201,12 @@ class GroupInputs:
         col[gw] = torch.arange(nw)
         owner = self.owner[ku]
         owner_col = torch.where(owner >= 0, col[owner.clamp(min=0)], torch.full_like(owner, -1))
-        shares = np.asarray(cm.config.batch_shares(self.num_samples), dtype=np.float64)[gw.numpy()]
-        h = amortised_key_costs(own.t().contiguous().numpy(), rt.t().contiguous().numpy(), self.uses[ku].numpy(),
+        shares = self.shares[gw.numpy()]
+        h = amortised_key_costs(own.numpy(), rt.numpy(), self.uses[ku].numpy(),
                                 self.has_owner[ku].numpy(), owner_col.numpy(), self.owner_push[ku].numpy(),
                                 shares, self.num_samples)
         # the group's distinct (sample, key) pairs, in the full model's order
         ppos, poff = _segments(self.pair_ptr, samples)
         ls = torch.repeat_interleave(torch.arange(bg), poff[1:] - poff[:-1], output_size=ppos.numel())
-        lk = torch.searchsorted(ku, self.occ_k[ppos])
+        lk = ops.id_table_lookup(slots, st.uniq[self.occ_k[ppos]])
         return torch.from_numpy(segment_sum(h[lk.numpy()], ls.numpy(), bg)), hit

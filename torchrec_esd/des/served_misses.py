@@ -91,3 +91,18 @@ def choose_des_rows(
     # a candidate row is DES-served iff none of its bags on this worker pulls it
     pulled_somewhere = torch.bincount(pair_pos[~des_bag[bag_of_pair]], minlength=U) > 0
     return candidate & ~pulled_somewhere
+
+
+def des_pairs(kjt, keys: torch.Tensor, owner: torch.Tensor, workers) -> dict:
+    """Per worker of ``workers``: the distinct (row key, bag) pairs of its
+    samples (``keys`` every KJT value's global row key, ``owner`` its worker),
+    as ``(row keys, bags, weighted)``."""
+    b = kjt.stride()
+    nbags = max(len(kjt.keys()) * b, 1)
+    bag = torch.repeat_interleave(torch.arange(len(kjt.keys()) * b), kjt.lengths().to(torch.int64))
+    out = {}
+    for w in workers:
+        m = owner == w
+        pair = torch.unique(keys[m] * nbags + bag[m])
+        out[w] = (pair // nbags, pair % nbags, kjt.weights_or_none() is not None)
+    return out

@@ -34,10 +34,17 @@ Two entry points:
   workers ordered by link speed, stage 1 on the ``[B, G]`` group price
   (:meth:`GroupInputs.group_matrix`), then per group the exact slice of the
   inner dispatcher's matrix for the group's samples and workers only
-  (:meth:`GroupInputs.sub_matrix`).  Cost: the batch read (``O(N log N)``
-  and one bool probe per distinct key and worker, ``O(W U)``), ``O(W U +
-  hits + N G)`` for stage 1's input, ``O(N log N + U group_size)`` for all
-  groups' inputs, and the solves as above: no float work grows with ``B W``.
+  (:meth:`GroupInputs.sub_matrix`).  Cost (``N`` batch values, ``U``
+  distinct keys, ``H`` cached (worker, key) pairs of them): the batch read,
+  ``O(N log N)`` plus ``O(U + H)`` in the directory's holder index
+  (:mod:`~torchrec_esd.cache.holders`: nothing per (key, worker) pair that is
+  not cached); ``O(H + U G + N G)`` for stage 1's input; per group ``g``
+  ``O(N_g log N_g + H_g + U_g |g|)`` for its slice, all groups ``O(N log N +
+  H log H + U group_size)``; and the solves as above: no term in ``B W`` or
+  ``U W``, only ``U G`` and ``N G`` with ``G = W / group_size``.  The
+  groups' slices and inner solves are independent of each other
+  (``info["group_s_max"]`` is the slowest: the decision's critical path if
+  each ran on a rank of its own).
   No lower bound is reported (stage 1's is not one of the full problem).  With DES-served
   misses, or a single group, it is :meth:`Dispatcher.decide` (full inputs).
 
@@ -134,7 +141,9 @@ class GroupedDispatcher(Dispatcher):
         """Decide from the cost model without a ``[B, W]`` matrix (module
         docstring).  ``decision_s`` is the solves' time (stage 1 and the
         inner ones); ``info`` has ``inputs_s`` (the batch read and every
-        input built), ``groups`` and ``stage1_s``.  ``objective`` is the
+        input built), ``groups``, ``stage1_s`` and ``group_s_sum`` /
+        ``group_s_max`` (one group's slice and inner solve: independent of the
+        other groups', so ranks of their own could run them in parallel).  ``objective`` is the
         objective of the inner dispatcher's matrix (summed over groups for
         ``"total"``, the largest group's for ``"makespan"``), equal to
         :meth:`objective_value` of the full matrix for the same assignment."""
@@ -157,19 +166,21 @@ class GroupedDispatcher(Dispatcher):
         t_solve = stage1_s = time.perf_counter() - t0
         kind = self.cost_input if self.needs_cost else "none"
         out = torch.empty(b, dtype=torch.int64)
-        values = []
+        values, group_s = [], []
         for gi_, g in enumerate(groups):
-            rows = (to_group == gi_).nonzero().view(-1)
             t0 = time.perf_counter()
+            rows = (to_group == gi_).nonzero().view(-1)
             sub, hits = gi.sub_matrix(rows, g, kind, hits=self.needs_hits)
             t1 = time.perf_counter()
             r = self.inner.assign(sub, [shares[w] for w in g], aux={"hits": hits} if hits is not None else None)
             t_in += t1 - t0
             t_solve += time.perf_counter() - t1
+            group_s.append(time.perf_counter() - t0)
             cols = torch.tensor(g, dtype=torch.int64)
             out[rows] = cols[r.assignment]
             values.append(objective_value(sub, r.assignment, self.objective))
         check_assignment(out, shares)
         obj = sum(values) if self.objective == "total" else max(values)
         return DispatchResult(assignment=out, objective=float(obj), solver=self.name, decision_s=t_solve,
-                              info={"groups": float(len(groups)), "inputs_s": t_in, "stage1_s": stage1_s})
+                              info={"groups": float(len(groups)), "inputs_s": t_in, "stage1_s": stage1_s,
+                                    "group_s_sum": sum(group_s), "group_s_max": max(group_s)})

@@ -1,0 +1,150 @@
+"""The holder index (row key -> the workers caching it, cache/holders.py): the
+dispatcher's cache-state lookup reads it instead of probing every worker's
+slot map, so it must equal those probes exactly, step after step, whatever
+path changed the caches (C++ cache step or the PyTorch one, evictions,
+dirty rows, staleness, a cold reset)."""
+
+import random
+
+import pytest
+import torch
+
+from torchrec_esd import ops
+from torchrec_esd.apps.workload import SyntheticWorkload, SyntheticWorkloadConfig
+from torchrec_esd.cache import CacheDirectory, directory as directory_mod
+from torchrec_esd.cache.holders import HolderIndex
+from torchrec_esd.cache.slots import WorkerSlots
+from torchrec_esd.config import EsdConfig, WorkerSpec
+from torchrec_esd.reference_holder_ops import holder_index_lookup_ref, holder_index_sync_ref
+from tests.test_cache_scale import _hashed_ids_batch, _tables
+
+
+def _probed(d: CacheDirectory, keys: torch.Tensor):
+    """Every worker's state of ``keys`` by one slot-map probe per (worker, key)."""
+    W = d.num_workers
+    cached, outdated, dirty = (torch.zeros(W, keys.numel(), dtype=torch.bool) for _ in range(3))
+    for w in range(W):
+        st = d._w[w]
+        s = st.find(keys)
+        c = s >= 0
+        cached[w] = c
+        dirty[w, c] = st.dirty[s[c]]
+        outdated[w, c] = (st.lag[s[c]] > 0) & ~st.dirty[s[c]]
+    return cached, outdated, dirty
+
+
+def _check(d: CacheDirectory, kjt) -> int:
+    keys, _ = d.batch_keys(kjt)
+    u = torch.unique(keys)
+    state = d.cache_state()
+    T = d.num_tables
+    slots = [d._w[w] for w in range(d.num_workers)]
+    assert torch.equal(state.occupied, torch.stack([st.per_table(st.keys >= 0, T) for st in slots]))
+    assert torch.equal(state.ndirty, torch.stack([st.per_table(st.dirty, T) for st in slots]))
+    look = state.lookup(u)
+    want = _probed(d, u)
+    for got, exp, f in zip((look.cached, look.outdated, look.dirty), want, ("cached", "outdated", "dirty")):
+        assert torch.equal(got, exp), f
+    h = look.hits
+    assert h.worker.numel() == int(want[0].sum())
+    return int(want[2].sum())
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("policy,staleness", [("lru", 0), ("lfu", 1)])
+def test_index_equals_slot_map_probes_on_evicting_steps(monkeypatch, kernel, policy, staleness):
+    monkeypatch.setattr(directory_mod, "USE_PLAN_KERNEL", kernel)
+    wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=3, cardinalities=[40, 200, 7], bag_size=(0, 4),
+                                                   alpha=1.1, seed=2))
+    tables = _tables(wl.config.cardinalities)
+    cfg = EsdConfig([WorkerSpec({"t_cat_0": 8, "t_cat_1": 30, "t_cat_2": 7}, 1.0), WorkerSpec(3, 1.0),
+                     WorkerSpec(5, 1.0), WorkerSpec(4, 1.0)], staleness=staleness, cache_policy=policy)
+    d = CacheDirectory(cfg, tables)
+    g = torch.Generator().manual_seed(4)
+    dirty_seen = evicted = 0
+    for step in range(25):
+        kjt = wl.global_batch(step, 24).sparse_features
+        if step == 3:  # the index is built lazily: from then on every step keeps it exact
+            assert d._holders is None
+        dirty_seen += _check(d, kjt) if step >= 3 else 0
+        a = torch.randint(0, 4, (24,), generator=g)
+        p = d.plan(kjt, a)
+        evicted += sum(wp.rows["miss_push"] for wp in p.workers)
+        if step == 8:
+            d.flush_plan()  # every dirty row pushed: the next check sees no dirty slot
+            assert _check(d, kjt) == 0 and int(d.cache_state().ndirty.sum()) == 0
+        if step == 12:
+            d.reset_caches()  # a cold start drops the index; the next lookup rebuilds it
+            assert d._holders is None
+    assert dirty_seen > 0 and evicted > 0
+    assert d.nbytes() == sum(d.nbytes(w) for w in range(4)) + d.holder_index().nbytes()
+
+
+def test_index_on_hashed_maps_of_a_big_table():
+    rows = 1 << 30
+    tables = _tables([rows, rows])
+    cfg = EsdConfig([WorkerSpec(60, 1.0), WorkerSpec(30, 1.0), WorkerSpec(10, 1.0)], staleness=1)
+    d = CacheDirectory(cfg, tables)
+    d.holder_index()  # built on empty caches
+    g = torch.Generator().manual_seed(0)
+    for step in range(12):
+        kjt = _hashed_ids_batch(step, 30, rows, 2, 3, seed=1)
+        _check(d, kjt)
+        d.plan(kjt, torch.randint(0, 3, (30,), generator=g))
+    assert not d._w[0].dense
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_sync_and_lookup_kernels_equal_a_dict(impl):
+    """Random slot rewrites on 3 workers x 6 slots with few distinct keys (long
+    holder lists, heads moving): lookups always list exactly the holders, and
+    the kernel and the reference leave the same tensors."""
+    if impl == "kernel":
+        assert ops.HAS_HOLDER_INDEX, "the extension is built without the holder index"
+    rng = random.Random(5)
+    slots = [WorkerSlots([3, 3], 100, dense=True) for _ in range(3)]
+    idx, ref = HolderIndex(slots), HolderIndex([WorkerSlots([3, 3], 100, dense=True) for _ in range(3)])
+    for _ in range(200):
+        w = rng.randrange(3)
+        new = torch.tensor([rng.choice([-1, 1, 2, 3, 4, 5]) for _ in range(6)], dtype=torch.int64)
+        slots[w].keys = new
+        if impl == "kernel":
+            idx.sync(w, slots[w])
+        else:
+            holder_index_sync_ref(idx.head, idx.next, idx.prev, idx.gkey, int(idx.base[w]), new)
+        holder_index_sync_ref(ref.head, ref.next, ref.prev, ref.gkey, int(ref.base[w]), new)
+        for f in ("head", "next", "prev", "gkey"):
+            assert torch.equal(getattr(idx, f), getattr(ref, f)), f
+        q = torch.tensor([0, 1, 2, 3, 4, 5, 6], dtype=torch.int64)
+        pos, g = ops.holder_index_lookup(idx.head, idx.next, q)
+        rpos, rg = holder_index_lookup_ref(idx.head, idx.next, q)
+        assert torch.equal(pos, rpos) and torch.equal(g, rg)
+        truth = sorted((i, 6 * w_ + s) for w_ in range(3) for s, k in enumerate(slots[w_].keys.tolist())
+                       for i, x in enumerate(q.tolist()) if k == x)
+        assert sorted(zip(pos.tolist(), g.tolist())) == truth
+    with pytest.raises(RuntimeError, match="outside"):
+        ops.holder_index_sync(idx.head, idx.next, idx.prev, idx.gkey, 16, torch.zeros(6, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_plans_and_state_equal_without_the_index(monkeypatch, kernel):
+    """With the index, plan() adds the end-of-step version to every worker's
+    copies at once; the plans and every slot field equal a directory without it."""
+    monkeypatch.setattr(directory_mod, "USE_PLAN_KERNEL", kernel)
+    wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=3, cardinalities=[40, 200, 7], bag_size=(0, 4),
+                                                   alpha=1.1, seed=3))
+    tables = _tables(wl.config.cardinalities)
+    cfg = EsdConfig([WorkerSpec(6, 1.0), WorkerSpec(3, 1.0), WorkerSpec(5, 1.0)], staleness=1)
+    with_index, plain = CacheDirectory(cfg, tables), CacheDirectory(cfg, tables)
+    with_index.holder_index()
+    g = torch.Generator().manual_seed(1)
+    for step in range(20):
+        kjt = wl.global_batch(step, 18).sparse_features
+        a = torch.randint(0, 3, (18,), generator=g)
+        p1, p2 = with_index.plan(kjt, a), plain.plan(kjt, a)
+        for w in range(3):
+            for f in ("used_slot", "push_keys", "pull_pos", "local_pos", "grad_pos"):
+                assert torch.equal(getattr(p1.workers[w], f), getattr(p2.workers[w], f)), (step, w, f)
+            for f in ("keys", "lag", "dirty", "last_use", "freq"):
+                assert torch.equal(getattr(with_index._w[w], f), getattr(plain._w[w], f)), (step, w, f)
+    assert plain._holders is None
