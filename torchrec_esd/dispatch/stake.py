@@ -4,12 +4,16 @@ A dispatch decision cannot save more link time than the iteration's slowest
 link takes without it.  A dispatcher with :class:`StakeRule` measures every
 full decision it makes through :meth:`~StakeRule.decide` (reading its inputs
 from the caches + solving, what :class:`~torchrec_esd.distributed.EsdInputDist`
-runs on the dispatching worker) and the *stake*: the predicted slowest link
+runs on the dispatching worker), in CPU seconds of the deciding thread (the
+CPU the decision takes from training; its wall time in a background thread
+grows with the machine's load, its CPU time does not), and the *stake*: the predicted slowest link
 (largest per-worker sum of its own cost matrix) of the plain split, the first
 ``shares[0]`` samples to worker 0, the next ``shares[1]`` to worker 1, ...
 (vanilla TorchRec's data-parallel slices of the global batch).  When the stake
-is below ``stake_ratio`` times the decision's own time (equal fast links:
-about 1.5 ms of link per step against 3-4 ms of deciding on a 2-core worker),
+is below ``stake_ratio`` times the decision's CPU time (measured at batch 512,
+4 workers, idle machine: on 4 x 1000 Mbit/s a stake of 0.7-1.5 ms against
+3-7 ms of deciding; on 1000/100/50/10 Mbit/s with the planner's shares
+13-30 ms against 4-7 ms),
 the next ``probe_every - 1`` batches take the plain split without reading the
 caches (solver ``"<name>:split"``, O(B)), and the next batch decides in full
 and measures again, so a link that slows down is priced again within
@@ -68,21 +72,23 @@ class StakeRule:
 
     def decide(self, cost_model, kjt, views, shares: Sequence[int]) -> DispatchResult:
         """Decide in full (``inputs`` + ``assign``; its ``info`` gains
-        ``stake_s`` and ``full_decision_s``), or take the plain split while
-        the last full decision cost more than the link time at stake."""
+        ``stake_s``, ``full_decision_s`` (wall) and ``full_decision_cpu_s``),
+        or take the plain split while the last full decision took more CPU
+        time than the link time at stake."""
         if self.stake_ratio > 0 and self._split_left > 0:
             self._split_left -= 1
             t0 = time.perf_counter()
             split = plain_split(shares)
             return DispatchResult(split, objective=float("nan"), solver=f"{self.name}:split",
                                   decision_s=time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         cost, aux = self.inputs(cost_model, kjt, views)
         result = self.assign(cost, shares, aux=aux)
-        spent = time.perf_counter() - t0
+        cpu = time.thread_time() - c0
         stake = self.stake_s(cost, aux, shares)
         result.info["stake_s"] = stake
-        result.info["full_decision_s"] = spent
-        if stake < self.stake_ratio * spent:
+        result.info["full_decision_s"] = time.perf_counter() - t0
+        result.info["full_decision_cpu_s"] = cpu
+        if stake < self.stake_ratio * cpu:
             self._split_left = self.probe_every - 1
         return result
