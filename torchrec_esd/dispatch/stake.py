@@ -10,10 +10,10 @@ grows with the machine's load, its CPU time does not), and the *stake*: the pred
 (largest per-worker sum of its own cost matrix) of the plain split, the first
 ``shares[0]`` samples to worker 0, the next ``shares[1]`` to worker 1, ...
 (vanilla TorchRec's data-parallel slices of the global batch).  When the stake
-is below ``stake_ratio`` times the decision's CPU time (measured at batch 512,
-4 workers, idle machine: on 4 x 1000 Mbit/s a stake of 0.7-1.5 ms against
-3-7 ms of deciding; on 1000/100/50/10 Mbit/s with the planner's shares
-13-30 ms against 4-7 ms),
+is below ``stake_ratio`` times the decision's CPU time (``benchmarks/stake.py``,
+batch 512, 4 workers, idle machine: on 4 x 1000 Mbit/s a stake of 0.7-1.5 ms
+against 2.9-6.2 ms of deciding, stake / CPU 0.13-0.33; on 1000/100/50/10
+Mbit/s with the planner's shares 13.6-30.1 ms against 4.1-6.3 ms, 3.2-4.8),
 the next ``probe_every - 1`` batches take the plain split without reading the
 caches (solver ``"<name>:split"``, O(B)), and the next batch decides in full
 and measures again, so a link that slows down is priced again within
