@@ -103,7 +103,7 @@ class DedupSearchDispatcher(StakeRule, Dispatcher):
         makespan_rounds: multiplicative-weight rounds for ``"makespan"``.
         stake_ratio, probe_every: the stake rule of :meth:`decide`
             (:mod:`~torchrec_esd.dispatch.stake`: vanilla's plain split while
-            the link at stake is below the last full decision's time).
+            the link at stake is below the last full decision's CPU time).
 
     Needs ``aux={"dedup": CostModel.dedup_cost(kjt, views)}``
     (:meth:`Dispatcher.inputs` builds it); without it, it is the additive

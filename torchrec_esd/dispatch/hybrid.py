@@ -34,16 +34,16 @@ machines.
 *Stake* (:mod:`~torchrec_esd.dispatch.stake`): through :meth:`decide` (what
 :class:`~torchrec_esd.distributed.EsdInputDist` calls) HybridDis takes
 vanilla's plain split, without reading the caches, while its last full
-decision took longer than the predicted slowest link of that split (equal
-fast links), and decides in full every ``probe_every``-th batch.
+decision took more CPU time than the predicted slowest link of that split
+(equal fast links), and decides in full every ``probe_every``-th batch.
 
 ``DispatchResult.solver`` is ``"hybrid:heuristic"``, ``"hybrid:optimal"``
 (exact and certified), ``"hybrid:partial"`` (exact solver cut by the
 deadline, improved over the heuristic but not certified) or
 ``"hybrid:split"`` (skipped, see *Stake*); ``info`` records the
 heuristic's cost and time, the lower bound and gap, the prediction, and the
-exact solver's time and cost when it ran, and ``stake_s`` / ``full_decision_s``
-after a full decision through :meth:`decide`.
+exact solver's time and cost when it ran, and ``stake_s``, ``full_decision_s``
+and ``full_decision_cpu_s`` after a full decision through :meth:`decide`.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class HybridDis(StakeRule, Dispatcher):
             rows amortised, the default) or ``"additive"``.
         stake_ratio: :meth:`decide` takes the plain split while the predicted
             slowest link of that split is below this times the last full
-            decision's time (see *Stake* in the module docstring); ``0``
+            decision's CPU time (see *Stake* in the module docstring); ``0``
             always decides in full.
         probe_every: while skipping, every ``probe_every``-th batch decides
             in full (>= 1).
@@ -223,4 +223,3 @@ class HybridDis(StakeRule, Dispatcher):
             solver="hybrid:optimal" if finished else "hybrid:partial",
         )
         return torch.from_numpy(a), info
-

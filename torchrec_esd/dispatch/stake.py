@@ -6,8 +6,9 @@ full decision it makes through :meth:`~StakeRule.decide` (reading its inputs
 from the caches + solving, what :class:`~torchrec_esd.distributed.EsdInputDist`
 runs on the dispatching worker), in CPU seconds of the deciding thread (the
 CPU the decision takes from training; its wall time in a background thread
-grows with the machine's load, its CPU time does not), and the *stake*: the predicted slowest link
-(largest per-worker sum of its own cost matrix) of the plain split, the first
+grows with the machine's load, its CPU time does not), and the *stake*: the
+predicted slowest link (largest per-worker sum of its own cost matrix) of
+the plain split, the first
 ``shares[0]`` samples to worker 0, the next ``shares[1]`` to worker 1, ...
 (vanilla TorchRec's data-parallel slices of the global batch).  When the stake
 is below ``stake_ratio`` times the decision's CPU time (``benchmarks/stake.py``,
@@ -31,20 +32,16 @@ from typing import Sequence
 
 import torch
 
-from torchrec_esd.dispatch.base import DispatchError, DispatchResult
+from torchrec_esd.dispatch.base import DispatchError, DispatchResult, objective_value
 from torchrec_esd.dispatch.baselines import contiguous_slices as plain_split  # vanilla's slices
 
 
 def split_makespan(cost: torch.Tensor, shares: Sequence[int]) -> float:
-    """Predicted slowest link (largest per-worker sum of ``cost[s, w]``) of
-    the plain split (:func:`~torchrec_esd.dispatch.baselines.contiguous_slices`); 0 for an empty batch.  Non-finite entries (a worker
-    with a share of 0) are never read."""
-    if cost.numel() == 0:
-        return 0.0
-    split = plain_split(shares)
-    per_sample = cost.detach().cpu().double().gather(1, split.view(-1, 1)).view(-1)
-    loads = torch.zeros(cost.shape[1], dtype=torch.float64).index_add_(0, split, per_sample)
-    return float(loads.max())
+    """Predicted slowest link of the plain split on ``cost``: its
+    :func:`~torchrec_esd.dispatch.base.objective_value` for ``"makespan"``
+    (0 for an empty batch; only the split's own entries are read, so a worker
+    with a share of 0 may have non-finite costs)."""
+    return objective_value(cost.detach().to(device="cpu", dtype=torch.float64), plain_split(shares), "makespan")
 
 
 class StakeRule:
