@@ -230,10 +230,7 @@ class CacheDirectory:
         plans: List[Optional[WorkerPlan]] = [None] * W
         for w in self.tracked:
             plans[w] = self._step(w, used[w], user_keys, user_counts, num_samples[w], pairs.get(w))
-        if self._holders is not None:  # _step's lag update for all workers at once
-            self._holders.lag[self._holders.lookup(user_keys)[2]] += 1
-            for w in self.tracked:
-                self._local_updates(w, plans[w])
+        self._end_iteration(user_keys, plans)
         return IterationPlan(self.iteration, plans, batch_keys=user_keys)
 
     def step_summaries(self, kjt: KeyedJaggedTensor, assignment: torch.Tensor) -> List[StepSummary]:
@@ -271,35 +268,43 @@ class CacheDirectory:
         if self.policy.reads_upcoming:
             self.policy.look_ahead(UpcomingUse.of_batches(self.keyspace, upcoming, self.config.cache_lookahead))
         self.iteration += 1
-        return self._step(summary.worker, summary.keys, summary.user_keys, summary.user_counts,
-                          summary.num_samples, None)
+        w = summary.worker
+        plans = {w: self._step(w, summary.keys, summary.user_keys, summary.user_counts, summary.num_samples, None)}
+        self._end_iteration(summary.user_keys, plans)
+        return plans[w]
 
     def _step(self, w: int, keys: torch.Tensor, user_keys: torch.Tensor, user_counts: torch.Tensor,
               num_samples: int, pairs) -> WorkerPlan:
-        """Worker ``w``'s cache step and (without a holder index) its end-of-iteration lag update."""
+        """Worker ``w``'s cache step (and the holder index told its placements)."""
         st = self._w[w]
         if self._kernel_plans(w):  # step A included
             p = self._plan_worker_kernel(st, keys, user_keys, user_counts, num_samples)
         else:
             pushed = self._push_shared_dirty(st, keys, user_keys, user_counts)
             p = self._plan_worker(w, keys, user_keys, user_counts, pushed, num_samples, pairs)
-        # end of iteration: every used row has one new version (plan() adds it to every
-        # worker's copies at once from the holder index, O(U + hits)); a local update is it
-        if self._holders is None:
-            held = st.find(user_keys)
-            st.lag[held[held >= 0]] += 1
-            self._local_updates(w, p)
-        else:
+        if self._holders is not None:
             self._holders.sync(w, st)
         return p
 
-    def _local_updates(self, w: int, p: WorkerPlan) -> None:
-        st = self._w[w]
-        slots = p.used_slot[p.local_pos]
-        st.lag[slots] = 0
-        st.dirty[slots] = True
-        if self._holders is not None:
-            self._holders.sync(w, st)  # its dirty count per table
+    def _end_iteration(self, user_keys: torch.Tensor, plans) -> None:
+        """After every tracked worker's cache step (``plans[w]``): every row used
+        this iteration has one new version, and a worker's local update is it.
+        The lag update is one holder-index lookup for all workers' copies
+        (``O(U + hits)``) where the index exists, else one slot-map probe per
+        key and worker."""
+        holders = self._holders
+        if holders is not None:
+            holders.lag[holders.lookup(user_keys)[2]] += 1
+        for w in self.tracked:
+            st, p = self._w[w], plans[w]
+            if holders is None:
+                held = st.find(user_keys)
+                st.lag[held[held >= 0]] += 1
+            slots = p.used_slot[p.local_pos]
+            st.lag[slots] = 0
+            st.dirty[slots] = True
+            if holders is not None:
+                holders.count(w, st)  # its dirty slots per table
 
     def _kernel_plans(self, w: int) -> bool:
         """Whether worker ``w``'s cache step runs in the C++ kernel."""
@@ -441,7 +446,7 @@ class CacheDirectory:
             keys = st.keys[slots].clone()
             st.dirty[slots] = False
             if self._holders is not None:
-                self._holders.sync(w, st)
+                self._holders.count(w, st)  # no key moved, dirty flags did
             out[w] = WorkerPlan(
                 used_keys=EMPTY, used_slot=EMPTY, push_keys=keys, push_slots=slots,
                 pull_pos=EMPTY, local_pos=EMPTY, grad_pos=EMPTY,

@@ -60,6 +60,7 @@ class HolderIndex:
             b, e = int(self.base[w]), int(self.base[w + 1])
             st.lag, st.dirty = self.lag[b:e], self.dirty[b:e]
             self.sync(w, st)
+            self.count(w, st)
 
     def nbytes(self) -> int:
         """Bytes of the index's own tensors (the flat lag / dirty are counted
@@ -68,13 +69,18 @@ class HolderIndex:
                    for t in (self.base, self.occupied, self.ndirty, self.head, self.next, self.prev, self.gkey))
 
     def occupancy(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(occupied, ndirty)`` int64 ``[W, T]``, counted at each worker's last sync."""
+        """``(occupied, ndirty)`` int64 ``[W, T]``, as each worker's last :meth:`count` found them."""
         return self.occupied.clone(), self.ndirty.clone()
 
     def sync(self, worker: int, st: WorkerSlots) -> None:
-        """Record ``worker``'s slots as they are now (after its cache step or a
-        flush), and count its occupied and dirty slots per table (``O(S_w)``)."""
+        """Record which keys ``worker``'s slots hold now (after its cache step):
+        ``O(S_w)`` compares in C++, a relink per changed slot."""
         ops.holder_index_sync(self.head, self.next, self.prev, self.gkey, int(self.base[worker]), st.keys)
+
+    def count(self, worker: int, st: WorkerSlots) -> None:
+        """Count ``worker``'s occupied and dirty slots per table (after its
+        iteration's local updates or a flush, which change dirty flags but
+        no keys), for :meth:`occupancy`: ``O(S_w)``."""
         T = self.occupied.shape[1]
         self.occupied[worker] = st.per_table(st.keys >= 0, T)
         self.ndirty[worker] = st.per_table(st.dirty, T)
