@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -155,12 +156,6 @@ def _level(xs: List[float]) -> float:
     return tail[len(tail) // 2]
 
 
-def _median(xs: List[float]) -> float:
-    ys = sorted(xs)
-    n = len(ys)
-    return ys[n // 2] if n % 2 else 0.5 * (ys[n // 2 - 1] + ys[n // 2])
-
-
 def settle(xs: List[float], level: float, above_only: bool = False) -> int:
     """Steps from the start of ``xs`` until every later one is within
     ``TOLERANCE`` of ``level`` (``above_only``: at most ``TOLERANCE`` above
@@ -208,7 +203,7 @@ def analyse(raw: Dict, methods: List[str], spec: Dict, W: int) -> Dict:
             workers = sorted([r for r in recs if r["rank"] < W], key=lambda r: r["rank"])
             series.append(step_times(workers))
             slow.append(workers[spec["worker"]])
-        med = [_median(list(col)) for col in zip(*series)]
+        med = [statistics.median(list(col)) for col in zip(*series)]
         out[m] = {"step_ms": [1e3 * x for x in med], "step_ms_repeats": [[1e3 * x for x in t] for t in series],
                   # per repeat: worker W's samples per step, its estimate, every worker's estimate per step,
                   # and the gathered (exchanges, bytes, seconds, samples)
@@ -239,11 +234,11 @@ def reference_level_ms(result: Dict, from_step: int, to_step: int, warmup: int =
     (mix,) = result["results"].values()
     levels = {}
     for m, d in mix["methods"].items():
-        med = [_median(list(col)) for col in zip(*d["step_ms_slowest_repeats"])]  # med[k]: step k + 1
+        med = [statistics.median(list(col)) for col in zip(*d["step_ms_slowest_repeats"])]  # med[k]: step k + 1
         lo, hi = max(from_step, warmup + 1), min(to_step, len(med) - DRAIN_STEPS)
         if hi < lo:
             raise SystemExit(f"the reference run has no steps {from_step}..{to_step} (it ran {len(med) + 1})")
-        levels[m] = _median(med[lo - 1 : hi])
+        levels[m] = statistics.median(med[lo - 1 : hi])
     best = min(levels, key=levels.get)
     return levels[best], best
 
@@ -271,8 +266,8 @@ def markdown(res: Dict, spec: Dict, label, meta: str) -> str:
         p = d["phases"]
         cells = [label(m), f"{p[0]['level_ms']:.0f}"]
         for q in p[1:]:
-            cells += [f"{q['level_ms']:.0f}", _settled(q["steps_to_settle"], q), "-" if q["in_band_after_5"] is None else f"{100 * q['in_band_after_5']:.0f} %",
-                      f"{q['level_vs_before']:.2f}x"]
+            band = "-" if q["in_band_after_5"] is None else f"{100 * q['in_band_after_5']:.0f} %"
+            cells += [f"{q['level_ms']:.0f}", _settled(q["steps_to_settle"], q), band, f"{q['level_vs_before']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     refd = next(iter(res.values()))["phases"]
     if any("reference_ms" in q for q in refd):
