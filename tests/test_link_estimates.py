@@ -213,3 +213,35 @@ def test_estimates_are_gathered_the_same_on_every_worker():
     assert [g[:, 0].tolist() for g in out[0][0]] == [[2.0, 1.0], [1.0, 1.0], [0.0, 0.0]]
     bps = out[0][1]
     assert bps[0] > 50 * MBIT and bps[1] == pytest.approx(1e5 / 0.1, rel=0.05)  # confirmed in the second round
+
+
+def test_timed_transfers_set_the_bandwidth_without_latency_and_leave_the_latency_fit_alone():
+    rng = random.Random(5)
+    est = LinkEstimator(100 * MBIT, 0.004)
+    for _ in range(10):  # a download timed from its first byte: bytes / rate, no latency in it
+        nbytes = rng.uniform(20e3, 400e3)
+        est.observe(nbytes, nbytes / (20 * MBIT) * (1 + 0.02 * (2 * rng.random() - 1)), 0)
+    assert est.bytes_per_second == pytest.approx(20 * MBIT, rel=0.03)
+    assert est.latency_s == 0.004  # the prior: transfers say nothing of it
+    assert est.observations == 10
+
+
+def test_estimates_take_timed_transfers_over_the_exchanges_wall_time():
+    # 2 workers at 100 Mbit/s; worker 0's exchanges took 10x their bytes' time (it waited at the PS
+    # for worker 1), its timed reply transfers took the link's time
+    config = EsdConfig([WorkerSpec(1, 100.0, latency_ms=1.0)] * 2, online_links=True)
+    est = LinkEstimates(config, 0)
+    for _ in range(4):
+        down = 1e5
+        est.update(torch.tensor([[1.0, 2e5, 10 * 2e5 / (100 * MBIT), 64.0, down, down / (100 * MBIT)],
+                                 [1.0, 2e5, 0.001 + 2e5 / (100 * MBIT), 64.0, down, down / (100 * MBIT)]],
+                                dtype=torch.float64))
+    assert est.bytes_per_second() == pytest.approx([100 * MBIT] * 2, rel=1e-6)
+    assert est.bytes_per_sample == [2e5 / 64] * 2  # from the exchanges' wire bytes
+    # without timed transfers ([W, 4], or transfer bytes 0) the wall time is what there is
+    est4 = LinkEstimates(config, 0)
+    for _ in range(4):
+        est4.update(torch.tensor([[1.0, 2e5, 10 * 2e5 / (100 * MBIT), 64.0]] * 2, dtype=torch.float64))
+    assert est4.bytes_per_second()[0] < 15 * MBIT
+    with pytest.raises(EsdConfigError, match=r"link observations must be \[2, 4 or 6\]"):
+        est.update(torch.zeros(2, 5, dtype=torch.float64))

@@ -21,7 +21,7 @@ import torch
 from test_ps_transport import TABLES, QueueTransport, _Hub, _weights  # noqa: E402  (tests/ is on sys.path)
 from torchrec_esd.layout import KeySpace
 from torchrec_esd.ps import EsdProtocolError, EsdRemoteError, ParameterServer, SparseOptimizer
-from torchrec_esd.ps.protocol import FRAME_WORDS, Command, PrefetchFrame, PushPullFrame, RowFormat, encode_frame
+from torchrec_esd.ps.protocol import FRAME_BYTES, FRAME_WORDS, Command, PrefetchFrame, PushPullFrame, RowFormat, encode_frame
 
 BOUND_BYTES = 64 << 20
 WORKERS, PS_RANK = [0, 1], 2
@@ -108,11 +108,11 @@ HUGE = [
 def test_huge_and_malformed_frames_are_protocol_errors_before_any_allocation(words, named):
     outcome, largest = _serve_one({0: [words], 1: [_valid_empty_push_pull()]})
     assert isinstance(outcome, EsdProtocolError) and named in str(outcome), outcome
-    assert largest <= 64  # only frames were posted
+    assert largest <= FRAME_BYTES  # only frames were posted
 
 
 def test_a_frame_at_the_des_bound_whose_payload_never_comes_stays_within_the_bound():
-    # the largest request a PS accepts from a 64-byte frame: 4 Mi weighted DES pairs
+    # the largest request a PS accepts from one frame: 4 Mi weighted DES pairs
     n = 1 << 22
     frame = PushPullFrame(0, 0, n, n, True)
     words = encode_frame(frame, frame.payload_bytes(FMT))

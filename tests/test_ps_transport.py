@@ -296,3 +296,80 @@ def test_transmission_meter_takes_bytes_and_messages_from_the_traffic():
     assert d["link_s"] == pytest.approx(1900 / 1e6 + 0.003)  # nothing received: no reply latency
     with pytest.raises(ValueError, match="do not add up"):
         m.record_push_pull({"miss_pull": 1, "update_pull": 1}, pp, link)
+
+
+def _timed_world(delay_s):
+    """Two workers with timed replies; worker 1 sends its push/pull
+    ``delay_s`` late, so the PS holds worker 0's reply that long."""
+    import time
+
+    w0 = _weights(3)
+    glob = torch.cat([w0["t0"], w0["t1"]])
+    hub = _Hub()
+    routing = KeySpace(TABLES, 1)
+    transports = {r: QueueTransport(hub, r, [2], [0, 1]) for r in (0, 1, 2)}
+    server = ParameterServer(0, routing, SparseOptimizer(), transports[2], w0)
+    clients = [PsClient(routing, SparseOptimizer(), transports[w], timed_replies=True) for w in (0, 1)]
+    res, errors = {}, {}
+
+    def worker(w):
+        try:
+            if w == 1:
+                time.sleep(delay_s)
+            rows, _, _ = clients[w].push_pull(torch.empty(0, dtype=torch.int64), torch.empty(0, DIM + 0),
+                                              torch.tensor([3, 15, 4]) if w == 0 else torch.tensor([1]))
+            res[w] = (rows, clients[w].last_traffic)
+            clients[w].stop()
+        except Exception as e:  # noqa: BLE001
+            errors[w] = e
+
+    threads = [threading.Thread(target=server.serve)] + [threading.Thread(target=worker, args=(w,)) for w in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == {} and not any(t.is_alive() for t in threads)
+    return res, glob
+
+
+def test_timed_replies_time_the_transfer_without_the_wait_for_other_workers():
+    res, glob = _timed_world(0.3)
+    rows, tr = res[0]
+    assert torch.equal(rows, glob[[3, 15, 4]])  # the marker does not change the reply
+    assert torch.equal(res[1][0], glob[[1]])
+    # the reply's bytes are timed, the 8-byte marker is on the wire but not in them
+    assert tr.transfer_bytes == 3 * DIM * 4
+    assert tr.link.bytes_received == 3 * DIM * 4 + 8 and tr.link.messages_received == 2
+    # worker 0 waited at the PS for worker 1 (>= 0.3 s), its reply's transfer took a fraction of that
+    assert tr.seconds >= 0.29
+    assert 0.0 <= tr.transfer_seconds < 0.1 and tr.transfer_seconds <= tr.seconds
+
+
+def test_a_reply_marker_that_disagrees_with_the_request_is_a_protocol_error():
+    hub = _Hub()
+    routing = KeySpace(TABLES, 1)
+    worker, ps = QueueTransport(hub, 0, [1], [0]), QueueTransport(hub, 1, [1], [0])
+    client = PsClient(routing, SparseOptimizer(), worker, timed_replies=True)
+    out = {}
+
+    def rogue_ps():  # answers a timed pull of 2 rows with a marker announcing 3
+        f = ps.recv_frame(0)
+        ps.wait([f])
+        payload = ps.recv(0, torch.empty(int(f.buf[1]), dtype=torch.uint8))
+        ps.wait([payload])
+        ps.wait([ps.send(0, torch.tensor([3 * DIM * 4], dtype=torch.int64)),
+                 ps.send(0, torch.zeros(2 * DIM * 4, dtype=torch.uint8))])
+
+    def run():
+        try:
+            client.push_pull(torch.empty(0, dtype=torch.int64), torch.empty(0, DIM), torch.tensor([1, 2]))
+        except Exception as e:  # noqa: BLE001
+            out["error"] = e
+
+    threads = [threading.Thread(target=rogue_ps), threading.Thread(target=run)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert isinstance(out.get("error"), EsdProtocolError)
+    assert "marker announces 48 bytes, the request implies 32" in str(out["error"])

@@ -1,11 +1,25 @@
 """Online estimates of every worker's link, measured on the PS exchanges.
 
 With ``EsdConfig.online_links`` each worker times its synchronous PS
-exchanges (the push/pull before each forward: the request to every PS and the
-replies; ``Traffic.seconds``) and counts the bytes the transport really moved
-in them (``Traffic.link``).  :class:`LinkEstimator` turns those ``(bytes,
-seconds)`` pairs into a bandwidth and a latency per link; the configured
-``WorkerSpec.bandwidth_mbps`` / ``latency_ms`` are the prior.
+exchange (the push/pull before each forward) and counts the bytes the
+transport really moved in it (``Traffic.link``).  :class:`LinkEstimator`
+turns ``(bytes, seconds)`` pairs into a bandwidth and a latency per link; the
+configured ``WorkerSpec.bandwidth_mbps`` / ``latency_ms`` are the prior.
+
+What is timed: the PS answers a push/pull only when every worker's request
+is in (synchronous training), so the exchange's wall time (``Traffic.seconds``)
+of a fast worker includes waiting for the slowest worker's gradients and
+request: with one link at 10 Mbit/s, three 100 Mbit/s links measured 40-50
+Mbit/s that way (``benchmarks/results/rate_change_v2.md``), and the dispatcher
+then kept too many samples on the slow link.  The runtime therefore asks for
+*timed replies* (``PushPullFrame.timed``): the PS sends a small marker before
+each non-empty reply, and the worker times the reply from the marker's
+arrival to its last byte (``Traffic.transfer_seconds`` over
+``transfer_bytes``): the link's own rate, with no latency and no waiting in
+it.  Those observations (``exchanges = 0``) set the bandwidth; the latency
+stays at its prior (they carry none; whole-exchange observations, ``n >=
+1``, still fit it).  The rate is measured on the download and applied to
+both directions (the cost model has one bandwidth per link).
 
 The estimator (per link), stated:
 
@@ -42,9 +56,9 @@ worker checks the loss scaling against the shares.  :class:`LinkEstimates`
 therefore never feeds a worker's own measurement straight into its
 estimators: each dispatch, every worker contributes the observations it made
 since the last dispatch to one all-gather on the dispatch group
-(:meth:`LinkEstimates.share`, ``[W, 4]`` float64: exchanges, bytes, seconds,
-samples), and every worker updates all ``W`` estimators from that gathered
-tensor in worker order: identical inputs in identical order, identical
+(:meth:`LinkEstimates.share`, ``[W, 6]`` float64: exchanges, wire bytes,
+seconds, samples, timed transfer bytes and seconds), and every worker updates
+all ``W`` estimators from that gathered tensor in worker order: identical inputs in identical order, identical
 estimates on every worker.  Which exchanges a dispatch includes depends on
 timing (dispatching ahead), never on the rank.
 
@@ -98,9 +112,11 @@ class LinkEstimator:
         return 1.0 / self.seconds_per_byte
 
     def observe(self, nbytes: float, seconds: float, exchanges: int = 1) -> None:
-        """``exchanges`` exchanges moved ``nbytes`` in ``seconds`` (summed)."""
+        """``exchanges`` exchanges moved ``nbytes`` in ``seconds`` (summed);
+        ``exchanges=0``: a transfer timed from its first byte (a timed reply),
+        which has no latency in it and does not enter the latency fit."""
         n = int(exchanges)
-        if n <= 0 or nbytes <= 0 or not math.isfinite(seconds) or seconds < 0:
+        if n < 0 or nbytes <= 0 or not math.isfinite(seconds) or seconds < 0:
             return
         self.observations += 1
         per_byte = self._per_byte(n, nbytes, seconds)
@@ -139,7 +155,7 @@ class LinkEstimator:
         return max(seconds - n * self.latency_s, 0.05 * seconds) / nbytes
 
     def _fit_latency(self) -> None:
-        obs = list(self._recent)
+        obs = [o for o in self._recent if o[0] > 0]  # transfers (n = 0) say nothing of the latency
         if len(obs) < min(6, self._recent.maxlen):
             return
         by = [b / n for n, b, _ in obs]
@@ -183,33 +199,50 @@ class LinkEstimates:
         self.links = [LinkEstimator(w.bytes_per_second, w.latency_s, **kw) for w in config.workers]
         self.bytes_per_sample = [0.0] * config.num_workers  # last measured, per worker
         self._lock = threading.Lock()  # the training thread records, the dispatch thread shares
-        self._pending = [0.0, 0.0, 0.0, 0.0]  # exchanges, bytes, seconds, samples
-        self.history: "deque[List[List[float]]]" = deque(maxlen=4096)  # every gathered [W, 4], oldest first
+        # exchanges, wire bytes, seconds, samples, timed transfer bytes, transfer seconds
+        self._pending = [0.0] * 6
+        self.history: "deque[List[List[float]]]" = deque(maxlen=4096)  # every gathered [W, 6], oldest first
 
-    def record(self, nbytes: int, seconds: float, samples: int) -> None:
-        """One synchronous PS exchange of this worker (training thread)."""
+    def record(self, nbytes: int, seconds: float, samples: int, transfer_bytes: int = 0,
+               transfer_seconds: float = 0.0) -> None:
+        """One synchronous PS exchange of this worker (training thread):
+        ``nbytes`` on the wire in ``seconds``, for ``samples`` samples; of it,
+        a timed reply of ``transfer_bytes`` that took ``transfer_seconds``
+        (``Traffic.transfer_*``; 0: not timed, the exchange's own time is used)."""
         with self._lock:
             p = self._pending
             p[0] += 1
             p[1] += float(nbytes)
             p[2] += float(seconds)
             p[3] += float(samples)
+            p[4] += float(transfer_bytes)
+            p[5] += float(transfer_seconds)
 
     def share(self, group, device: Optional[torch.device] = None) -> torch.Tensor:
         """All-gather every worker's observations since its last share (a
         collective on ``group``, with tensors on ``device``, the group's;
         every worker calls it at the same dispatch) and update every estimator
-        from them, in worker order; returns the gathered ``[W, 4]``."""
+        from them, in worker order; returns the gathered ``[W, 6]``."""
         gathered = gather_pending(self._lock, self._pending, self.config.num_workers, group, device)
         self.update(gathered)
         return gathered
 
     def update(self, gathered: torch.Tensor) -> None:
-        """Feed ``[W, 4]`` observations (exchanges, bytes, seconds, samples)."""
+        """Feed ``[W, 6]`` observations (exchanges, wire bytes, seconds,
+        samples, timed transfer bytes and seconds; ``[W, 4]``: no timed
+        transfers).  A worker's timed transfers, where it has any, set its
+        bandwidth; otherwise its whole exchanges do."""
+        if gathered.dim() != 2 or gathered.shape[0] != len(self.links) or gathered.shape[1] not in (4, 6):
+            raise EsdConfigError(f"link observations must be [{len(self.links)}, 4 or 6], got {list(gathered.shape)}")
         self.history.append(gathered.tolist())
-        for w, (n, nbytes, seconds, samples) in enumerate(gathered.tolist()):
+        for w, row in enumerate(gathered.tolist()):
+            n, nbytes, seconds, samples = row[:4]
+            tb, ts = row[4:] if len(row) == 6 else (0.0, 0.0)
             if n > 0:
-                self.links[w].observe(nbytes, seconds, int(n))
+                if tb > 0:
+                    self.links[w].observe(tb, ts, 0)
+                else:
+                    self.links[w].observe(nbytes, seconds, int(n))
                 if samples > 0:
                     self.bytes_per_sample[w] = nbytes / samples
 

@@ -74,8 +74,9 @@ class PsSync:
             pos = torch.searchsorted(pull_keys, have)  # pull_keys are sorted (used_keys order)
             rows[pos] = have_rows
             got = rows
-        if self._estimates is not None:  # the one synchronous exchange: its time is the link's
-            self._estimates.record(traffic.wire_bytes, traffic.seconds, wp.num_samples)
+        if self._estimates is not None:  # the one synchronous exchange, its reply timed
+            self._estimates.record(traffic.wire_bytes, traffic.seconds, wp.num_samples,
+                                   traffic.transfer_bytes, traffic.transfer_seconds)
         for t in extra:
             traffic = traffic.merged(t)
         self._meter.record_push_pull(wp.rows, traffic, self._link)

@@ -289,7 +289,8 @@ class EsdWorkerRuntime(EsdRuntime):
             config, self.tables, track=None if track_all else [self.rank],
             optimizer_state_dim=optimizer.state_dim, keyspace=self.keyspace,
         )
-        self.client = PsClient(self.keyspace, optimizer, self.transport, des=config.des_misses)
+        self.client = PsClient(self.keyspace, optimizer, self.transport, des=config.des_misses,
+                               timed_replies=config.online_links)
         self.meter = TransmissionMeter()
         # every worker's link as measured (EsdConfig.online_links), the same on every worker
         self.link_estimates = LinkEstimates(config, self.rank) if config.online_links else None

@@ -22,6 +22,8 @@ from torchrec_esd.optim import SparseOptimizer
 from torchrec_esd.ps.des_route import DesRequest, DesRoute
 from torchrec_esd.ps.protocol import (
     DEFAULT_MAX_DES_PAIRS,
+    REPLY_MARKER_BYTES,
+    EsdProtocolError,
     Frame,
     GatherFrame,
     GatherReply,
@@ -67,7 +69,11 @@ class PsClient:
         transport: Transport,
         des: bool = False,
         max_des_pairs: int = DEFAULT_MAX_DES_PAIRS,
+        timed_replies: bool = False,
     ) -> None:
+        """``timed_replies``: push/pull replies come after a marker and
+        :attr:`last_traffic` times their transfer (``Traffic.transfer_seconds``;
+        what the online link estimates need, ``EsdConfig.online_links``)."""
         if len(transport.ps_ranks) != routing.num_ps:
             raise EsdConfigError(
                 f"the transport has {len(transport.ps_ranks)} PS ranks, the routing {routing.num_ps} PS"
@@ -76,6 +82,7 @@ class PsClient:
         self.optimizer = optimizer
         self.transport = transport
         self.des = des
+        self.timed_replies = bool(timed_replies)
         self.fmt = RowFormat(routing.wire_dim, state_dim=optimizer.state_dim)
         self.limits = [ProtocolLimits(int(n), max_des_pairs) for n in routing.ps_rows.tolist()]
         # sends of a request that expects no reply (gradients): waited for at the
@@ -90,13 +97,17 @@ class PsClient:
         parts: Sequence[Parts],
         reply_bytes: Optional[Sequence[int]] = None,
         wait: bool = True,
+        timed: bool = False,
     ) -> List[torch.Tensor]:
         """Send every PS ``i`` the frame ``frames[i]`` and the payload
         ``parts[i]``; returns the replies (``reply_bytes[i]`` bytes from PS
         ``i``, nothing where 0).  With ``wait=False`` (no reply) it returns
         before its sends complete; they complete, in order, before the next
         exchange's, and an error surfaces there.  Sets :attr:`last_traffic` (with the
-        exchange's wall seconds where it waits for its sends and replies)."""
+        exchange's wall seconds where it waits for its sends and replies).
+        ``timed``: each non-empty reply comes after a marker holding its size
+        (checked); the seconds from the markers' arrival to the last reply byte
+        are the replies' transfer (``Traffic.transfer_seconds``)."""
         t = self.transport
         t.wait(self._unsent)
         self._unsent = []
@@ -108,19 +119,32 @@ class PsClient:
             frames[i].check(self.limits[i], f"worker request to PS {i}")  # what the PS would reject
             add_sections(sections, parts[i])
             sends += t.send_frame(dst, frames[i], pack(parts[i]))
-        recvs, replies = [], []
+        recvs, replies, markers = [], [], []
         for i, src in enumerate(t.ps_ranks):
             buf = torch.empty(int(reply_bytes[i]) if reply_bytes is not None else 0, dtype=torch.uint8)
             if buf.numel():
+                if timed:
+                    markers.append((i, t.recv(src, torch.empty(REPLY_MARKER_BYTES // 8, dtype=torch.int64))))
                 recvs.append(t.recv(src, buf))
             replies.append(buf)
-        seconds = 0.0
+        seconds, transfer_s, transfer_b = 0.0, 0.0, 0
         if not wait and reply_bytes is None:
             self._unsent = sends
         else:
-            t.wait(sends + recvs)
+            t.wait(sends + [m for _, m in markers])
+            first = time.perf_counter()
+            t.wait(recvs)
             seconds = time.perf_counter() - start
-        self.last_traffic = Traffic(t.meter.total() - before, sections, seconds)
+            for i, m in markers:
+                if int(m.buf[0]) != replies[i].numel():
+                    raise EsdProtocolError(
+                        f"PS {i}'s reply marker announces {int(m.buf[0])} bytes, the request implies "
+                        f"{replies[i].numel()}"
+                    )
+            if markers:
+                transfer_s = seconds - (first - start)
+                transfer_b = sum(replies[i].numel() for i, _ in markers)
+        self.last_traffic = Traffic(t.meter.total() - before, sections, seconds, transfer_b, transfer_s)
         return replies
 
     def _split_by_ps(self, keys: torch.Tensor, *rows: torch.Tensor):
@@ -170,13 +194,15 @@ class PsClient:
         reqs = []
         for i in range(self.routing.num_ps):
             if route is None:
-                reqs.append(PushPullRequest(pk[i], qk[i], pv[i], _NO_KEYS, fingerprint=batch_fingerprint))
+                reqs.append(PushPullRequest(pk[i], qk[i], pv[i], _NO_KEYS, fingerprint=batch_fingerprint,
+                                            timed=self.timed_replies))
             else:
                 w = route.weights[i] if route.weighted[i] else None
                 reqs.append(PushPullRequest(pk[i], qk[i], pv[i], route.packed[i], int(route.bags_per_ps[i]), w,
-                                            batch_fingerprint))
+                                            batch_fingerprint, self.timed_replies))
         frames = [q.frame() for q in reqs]
-        got = self._exchange(frames, [q.parts() for q in reqs], [f.reply_bytes(self.fmt) for f in frames])
+        got = self._exchange(frames, [q.parts() for q in reqs], [f.reply_bytes(self.fmt) for f in frames],
+                             timed=self.timed_replies)
         replies = [PushPullReply.decode(f, buf, self.fmt) for f, buf in zip(frames, got)]
         for r in replies:
             add_sections(self.last_traffic.sections, r.parts())

@@ -3,10 +3,14 @@
 A *request* is a frame of :data:`FRAME_WORDS` int64 words
 ``(command, payload bytes, counts...)`` followed by its payload (tensors
 packed as bytes, in a fixed order); a *reply* (push/pull, gather) is a bare
-payload whose size both sides derive from the request's counts.
+payload whose size both sides derive from the request's counts.  A *timed*
+push/pull (``PushPullFrame.timed``) gets its non-empty reply after a marker of
+:data:`REPLY_MARKER_BYTES` holding the reply's size: the worker times the
+reply's transfer from the marker's arrival, without the time its request
+waited at the PS for the other workers' (:mod:`torchrec_esd.distributed.link_estimates`).
 
 Invariants a receiver relies on (checked by :func:`decode_frame` before any
-buffer is allocated, so that a malformed or hostile frame costs 64 bytes, not
+buffer is allocated, so that a malformed or hostile frame costs 72 bytes, not
 gigabytes):
 
 * the command is a :class:`Command`, every word is ``>= 0``, unused words are 0;
@@ -30,11 +34,13 @@ import torch
 
 from torchrec_esd.layout import RowFormat
 
-FRAME_WORDS = 8  # command, payload bytes, up to 6 counts
+FRAME_WORDS = 9  # command, payload bytes, up to 7 counts
 FRAME_BYTES = FRAME_WORDS * 8
 KEY_BYTES = 8  # int64 row key / packed DES pair
 VALUE_BYTES = 4  # float32 value, optimizer state, gradient, DES weight
 MAX_ABORT_BYTES = 4096
+REPLY_MARKER_BYTES = 8  # before a timed reply: its byte count (int64)
+FLAG_FIELDS = ("weighted", "timed")  # frame fields that are 0 or 1
 # per request and PS: 4 Mi DES (row, bag) pairs, 48 MB with their weights: what one
 # malformed or hostile frame can make a PS allocate beyond its own storage's size
 DEFAULT_MAX_DES_PAIRS = 1 << 22
@@ -124,6 +130,9 @@ class PushPullFrame:
     weighted: bool = False  # DES pair weights are sent (some weight is not 1)
     # of the global batch (EsdInputDist mode "global"; 0: none): equal on every worker
     fingerprint: int = 0
+    # a timed reply: a non-empty reply is preceded by REPLY_MARKER_BYTES (its byte count, int64), so
+    # that the worker can time the reply's transfer alone (EsdConfig.online_links)
+    timed: bool = False
 
     def check(self, limits: ProtocolLimits, where: str) -> None:
         rows = "rows the PS owns"
@@ -223,10 +232,10 @@ def encode_frame(frame: Frame, payload_bytes: int) -> torch.Tensor:
     return words
 
 
-# per command: its frame type, the type's field names, and the index of its flag field (or -1)
+# per command: its frame type, the type's field names, and the indices of its flag fields
 _FRAME_FIELDS = {
-    int(c): (t, tuple(f.name for f in fields(t)), [f.name for f in fields(t)].index("weighted")
-             if "weighted" in [f.name for f in fields(t)] else -1)
+    int(c): (t, tuple(f.name for f in fields(t)),
+             tuple(i for i, f in enumerate(fields(t)) if f.name in FLAG_FIELDS))
     for c, t in FRAME_TYPES.items()
 }
 
@@ -244,7 +253,7 @@ def decode_frame(words: torch.Tensor, limits: ProtocolLimits, fmt: RowFormat, wh
     known = _FRAME_FIELDS.get(w[0])
     if known is None:
         raise EsdProtocolError(f"{where}: frame field 'command' = {w[0]} is not a command of {[c.name for c in Command]}")
-    typ, names, flag_at = known
+    typ, names, flags = known
     n = len(names)
     if min(w) < 0 or any(w[2 + n :]):  # name the first bad word
         label = Command(w[0]).name
@@ -256,10 +265,9 @@ def decode_frame(words: torch.Tensor, limits: ProtocolLimits, fmt: RowFormat, wh
                 raise EsdProtocolError(f"{where}: {label} frame field {name!r} = {v} is unused and must be 0")
     label = typ.COMMAND.name
     counts = w[2 : 2 + n]
-    if flag_at >= 0:
-        flag = counts[flag_at]
-        _bound(where, label, "weighted", flag, 1, "a flag: 0 or 1")
-        counts[flag_at] = bool(flag)
+    for i in flags:
+        _bound(where, label, names[i], counts[i], 1, "a flag: 0 or 1")
+        counts[i] = bool(counts[i])
     frame = typ(*counts)
     frame.check(limits, where)
     expected = frame.payload_bytes(fmt)
@@ -332,10 +340,11 @@ class PushPullRequest:
     des_bags: int = 0
     des_weights: Optional[torch.Tensor] = None  # [c] float32; None: all 1, not sent
     fingerprint: int = 0  # of the global batch (frame only)
+    timed: bool = False  # the reply comes after a marker (frame only; PushPullFrame.timed)
 
     def frame(self) -> PushPullFrame:
         return PushPullFrame(self.push_keys.numel(), self.pull_keys.numel(), self.des_packed.numel(),
-                             self.des_bags, self.des_weights is not None, self.fingerprint)
+                             self.des_bags, self.des_weights is not None, self.fingerprint, self.timed)
 
     def parts(self) -> Parts:
         out = [(Section.KEYS, self.push_keys), (Section.KEYS, self.pull_keys),
@@ -353,7 +362,7 @@ class PushPullRequest:
         weights = rd.take(c, torch.float32) if frame.weighted else None
         rd.done()
         return PushPullRequest(keys[:a], keys[a : a + b], rows, keys[a + b :], frame.des_bags, weights,
-                               frame.fingerprint)
+                               frame.fingerprint, frame.timed)
 
 
 @dataclass

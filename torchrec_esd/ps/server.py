@@ -6,7 +6,8 @@ they all sent the same command and answers where the phase has a reply:
 
 * ``PUSH_PULL``: store the pushed rows (value + state), then answer the pulls
   and, with DES-served misses, one pooled partial sum per requested bag over
-  the rows this PS owns (see :mod:`torchrec_esd.des.served_misses`);
+  the rows this PS owns (see :mod:`torchrec_esd.des.served_misses`); a timed
+  request's reply comes after a marker (``PushPullFrame.timed``);
 * ``GRADS``: scatter DES bag gradients to the bags' rows, sum all workers'
   gradients per row and apply the optimizer once per row (synchronous);
 * ``PREFETCH`` (``EsdConfig.prefetch_depth``): answer the pulls of a later
@@ -205,7 +206,7 @@ class ParameterServer:
             partial = torch.zeros(bag_base, dim).index_add_(0, db, self.storage.rows(dl) * pair_w.view(-1, 1))
             partials = list(torch.split(partial, bags_per_sender))
             self._des_pending = (dl, db, pair_w, bags_per_sender)
-        self._reply([PushPullReply(q, s).parts() for q, s in zip(rows, partials)])
+        self._reply([PushPullReply(q, s).parts() for q, s in zip(rows, partials)], [f.timed for f in frames])
 
     def _grads(self, frames: List[Frame], payloads: List[torch.Tensor]) -> None:
         reqs = [GradsRequest.decode(f, p, self.fmt) for f, p in zip(frames, payloads)]  # type: ignore[arg-type]
@@ -247,16 +248,19 @@ class ParameterServer:
         reply = GatherReply(*self.storage.full()).parts()
         self._reply([reply] * len(self.transport.worker_ranks))
 
-    def _reply(self, parts_per_worker) -> None:
-        """Send worker ``r`` its reply ``parts_per_worker[r]`` (nothing if empty)."""
+    def _reply(self, parts_per_worker, timed: Optional[List[bool]] = None) -> None:
+        """Send worker ``r`` its reply ``parts_per_worker[r]`` (nothing if
+        empty), after a marker with its byte count where ``timed[r]``."""
         t = self.transport
         sends = []
-        for dst, parts in zip(t.worker_ranks, parts_per_worker):
+        for r, (dst, parts) in enumerate(zip(t.worker_ranks, parts_per_worker)):
             full = [x for _, x in parts if x.numel()]
             # one part (pulled rows without DES partial sums): sent as it is, not
             # copied by pack; it is a fresh tensor, and the sends are waited below
             data = full[0].contiguous().view(-1).view(torch.uint8) if len(full) == 1 else pack(parts)
             if data.numel():
+                if timed is not None and timed[r]:
+                    sends.append(t.send(dst, torch.tensor([data.numel()], dtype=torch.int64)))
                 sends.append(t.send(dst, data))
         t.wait(sends)
 

@@ -102,16 +102,21 @@ class Traffic:
     # wall seconds from posting the requests to the last reply (0.0 for an
     # exchange that returns before its sends complete)
     seconds: float = 0.0
+    # a timed reply (PushPullFrame.timed): its bytes and the seconds from the
+    # arrival of its marker (with several PS: the last marker) to its last
+    # byte, i.e. the download alone, without waiting at the PS (0: not timed)
+    transfer_bytes: int = 0
+    transfer_seconds: float = 0.0
 
     def section(self, s: Section) -> SectionSize:
         return self.sections.get(s, SectionSize())
 
     def merged(self, other: "Traffic") -> "Traffic":
-        """This exchange and ``other`` counted as one (this one's seconds)."""
+        """This exchange and ``other`` counted as one (this one's seconds and transfer)."""
         sections = dict(self.sections)
         for k, v in other.sections.items():
             sections[k] = sections.get(k, SectionSize()) + v
-        return Traffic(self.link + other.link, sections, self.seconds)
+        return Traffic(self.link + other.link, sections, self.seconds, self.transfer_bytes, self.transfer_seconds)
 
     @property
     def wire_bytes(self) -> int:
