@@ -131,9 +131,10 @@ class PsClient:
         if not wait and reply_bytes is None:
             self._unsent = sends
         else:
-            t.wait(sends + [m for _, m in markers])
+            # the markers first: a send may be reported complete only after the reply is in
+            t.wait([m for _, m in markers])
             first = time.perf_counter()
-            t.wait(recvs)
+            t.wait(sends + recvs)
             seconds = time.perf_counter() - start
             for i, m in markers:
                 if int(m.buf[0]) != replies[i].numel():
