@@ -20,9 +20,8 @@ it.  Those observations (``exchanges = 0``) set the bandwidth; the latency
 stays at its prior (they carry none; whole-exchange observations, ``n >=
 1``, still fit it).  The rate is measured on the download and applied to
 both directions (the cost model has one bandwidth per link).  A reply below
-``full_weight_bytes`` (256 KiB) counts less the smaller it is (faster
-readings still less) and cannot move the estimate more than ``outlier_factor``
-in one step: on a token-bucket
+``full_weight_bytes`` (256 KiB) counts in proportion to its size and cannot
+move the estimate more than ``outlier_factor`` in one step: on a token-bucket
 link the first tens of kB pass at line rate (measured on the tc links of the
 benchmarks: 60 kB replies at "10 Mbit/s" arrived in 0.03 ms, 300 kB ones
 at 12 Mbit/s), so a slow worker given few samples would otherwise look
@@ -169,20 +168,13 @@ class LinkEstimator:
         """A timed transfer below ``full_weight_bytes``: a token bucket's
         burst (tc HTB: tens of kB) or the path's buffers may carry all of it
         at line rate, so it may read arbitrarily fast; it moves the estimate
-        towards at most ``outlier_factor`` times off, with weight ``alpha *
-        r`` where slower (a burst cannot make it slower) and ``alpha * r^2``
-        where faster (``r = nbytes / full_weight_bytes``: the smaller, the
-        more of it the burst may be), and never holds or confirms a change.
-        (In the rate-change benchmark a linear weight both ways let 30-90 kB
-        replies drift a 10 Mbit/s link's estimate to 20 Mbit/s in 15 steps.)"""
+        with weight ``alpha * nbytes / full_weight_bytes``, towards at most
+        ``outlier_factor`` times off, and never holds or confirms a change."""
         if self._held is not None:  # a held large one is neither confirmed nor dropped by it
             return
         f = self.outlier_factor
         target = min(max(per_byte, self.seconds_per_byte / f), self.seconds_per_byte * f)
-        weight = nbytes / self.full_weight_bytes
-        if target < self.seconds_per_byte:  # faster: the burst's share of it is larger the smaller it is
-            weight *= weight
-        self.seconds_per_byte += self.alpha * weight * (target - self.seconds_per_byte)
+        self.seconds_per_byte += self.alpha * (nbytes / self.full_weight_bytes) * (target - self.seconds_per_byte)
 
     def _per_byte(self, n: int, nbytes: float, seconds: float) -> float:
         return max(seconds - n * self.latency_s, 0.05 * seconds) / nbytes
