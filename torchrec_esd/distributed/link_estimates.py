@@ -169,7 +169,11 @@ class LinkEstimator:
         burst (tc HTB: tens of kB) or the path's buffers may carry all of it
         at line rate, so it may read arbitrarily fast; it moves the estimate
         with weight ``alpha * nbytes / full_weight_bytes``, towards at most
-        ``outlier_factor`` times off, and never holds or confirms a change."""
+        ``outlier_factor`` times off, and never holds or confirms a change.
+        (Weighting faster readings by the square of that share kept a 10
+        Mbit/s link's estimate at 11-14 Mbit/s instead of drifting to ~20, but
+        brought it back from 10 to 100 Mbit/s so slowly that the recovered
+        phase stayed 1.09-1.25x slower: ``benchmarks/results/rate_change_v3.md``.)"""
         if self._held is not None:  # a held large one is neither confirmed nor dropped by it
             return
         f = self.outlier_factor
