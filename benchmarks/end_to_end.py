@@ -169,14 +169,6 @@ def _iface_counters() -> Optional[Dict[str, int]]:
     return out
 
 
-def _wait_file(path: str, timeout_s: float) -> None:
-    t0 = time.monotonic()
-    while not os.path.exists(path):
-        if time.monotonic() - t0 > timeout_s:
-            raise TimeoutError(f"the launcher did not answer ({path})")
-        time.sleep(0.05)
-
-
 def planned_workers(spec: Dict, mix: Dict, cache: Dict[str, int], latency_ms: float, workload):
     """The mix's workers with EsdShardingPlanner's shares for these caches
     (every rank computes the same, from batches outside the trained steps)."""
@@ -234,7 +226,7 @@ def rank_main(spec_path: str) -> None:
         dist.barrier()
         if rank == 0:
             open(os.path.join(outdir, f"mix{k}.request"), "w").close()
-            _wait_file(os.path.join(outdir, f"mix{k}.ready"), 120)
+            rate_change.wait_for_file(os.path.join(outdir, f"mix{k}.ready"), 120, "answer", poll_s=0.05)
         dist.barrier()
         with open(os.path.join(outdir, f"mix{k}.ready")) as f:
             latency_ms = json.load(f)["latency_ms_model"]

@@ -82,12 +82,13 @@ def parse(text: Optional[str]) -> Optional[Dict]:
     return out
 
 
-def _wait(path: str, timeout_s: float) -> None:
+def wait_for_file(path: str, timeout_s: float, what: str, poll_s: float = 0.005) -> None:
+    """Wait until the launcher writes ``path`` (``what`` it did names it in the timeout)."""
     t0 = time.monotonic()
     while not os.path.exists(path):
         if time.monotonic() - t0 > timeout_s:
-            raise TimeoutError(f"the launcher did not change the link ({path})")
-        time.sleep(0.005)
+            raise TimeoutError(f"the launcher did not {what} ({path})")
+        time.sleep(poll_s)
 
 
 class RateHook:
@@ -110,7 +111,7 @@ class RateHook:
             with open(tmp, "w") as f:
                 json.dump({"worker": self.worker, "mbit": mbit}, f)
             os.replace(tmp, os.path.join(self.outdir, f"rate{n}.request"))
-        _wait(os.path.join(self.outdir, f"rate{n}.ready"), 120)
+        wait_for_file(os.path.join(self.outdir, f"rate{n}.ready"), 120, "change the link")
         return time.perf_counter() - t0
 
     def __call__(self, step: int) -> None:
