@@ -280,6 +280,14 @@ class EsdInputDist(nn.Module):
         require_dispatch_ahead(rt, int(depth))
         cpu = torch.device("cpu")
         q: "queue.Queue[tuple]" = queue.Queue(maxsize=int(depth))
+        # a batch is dispatched only once a slot is free: without prefetch ``depth``
+        # slots, so when the consumer takes batch s, batch s + depth is decided and
+        # a decision reads the link and compute estimates of the exchanges up to
+        # step s - 1 (deciding first and then waiting for room, as with prefetch,
+        # holds one batch more, and the estimates reach the decisions a step later);
+        # with prefetch ``depth + 1``: the plans it pulls for must be known by the
+        # push/pull of step s, not be in the making then
+        slots = threading.Semaphore(int(depth) + (1 if rt.config.prefetch_depth else 0))
         stop = threading.Event()
 
         def offer(item: tuple) -> bool:
@@ -314,6 +322,9 @@ class EsdInputDist(nn.Module):
                         return
                     if not ahead:
                         break
+                    while not slots.acquire(timeout=0.05):
+                        if stop.is_set():
+                            return
                     current = ahead.popleft()
                     upcoming = [r.esd for r in ahead]
                     if ahead and not readable(ahead[-1]):
@@ -343,6 +354,7 @@ class EsdInputDist(nn.Module):
                     if isinstance(item, BadBatch):
                         self._fail(item)
                     raise item
+                slots.release()
                 yield self._adopt(item)
         finally:
             stop.set()
