@@ -21,8 +21,11 @@ iterator and dispatches up to ``depth`` batches ahead in a background thread,
 over the runtime's own dispatch process group, so worker 0's decision and every
 worker's directory plan for batch ``t + 1`` run while batch ``t`` trains (they
 depend only on the directory state after batch ``t``'s plan, which is known
-before ``t`` trains).  The assignments, plans and trained model are the same as
-calling the module batch by batch.  With an eviction policy that reads the
+before ``t`` trains).  Batch ``t + depth`` is decided when batch ``t`` is
+taken (with prefetch one batch earlier, so that the plans it pulls for are
+known at the push/pull), so the decision reads the online link and compute
+estimates of every exchange up to step ``t - 1``.  The assignments, plans
+and trained model are the same as calling the module batch by batch.  With an eviction policy that reads the
 upcoming batches (``"lookahead"``), the thread reads ``EsdConfig.cache_lookahead``
 batches beyond the one it dispatches and hands their ids to the directory's
 plan (:mod:`torchrec_esd.cache.lookahead`); batch by batch, the window is empty.
