@@ -21,14 +21,15 @@ iterator and dispatches up to ``depth`` batches ahead in a background thread,
 over the runtime's own dispatch process group, so worker 0's decision and every
 worker's directory plan for batch ``t + 1`` run while batch ``t`` trains (they
 depend only on the directory state after batch ``t``'s plan, which is known
-before ``t`` trains).  Batch ``t + depth`` is decided when batch ``t`` is
-taken (with prefetch one batch earlier, so that the plans it pulls for are
-known at the push/pull), so the decision reads the online link and compute
-estimates of every exchange up to step ``t - 1``.  The assignments, plans
-and trained model are the same as calling the module batch by batch.  With an eviction policy that reads the
-upcoming batches (``"lookahead"``), the thread reads ``EsdConfig.cache_lookahead``
-batches beyond the one it dispatches and hands their ids to the directory's
-plan (:mod:`torchrec_esd.cache.lookahead`); batch by batch, the window is empty.
+before ``t`` trains).  With online link or compute estimates (and no
+prefetch), batch ``t + depth`` is decided when batch ``t`` is taken, and
+reads the estimates of every exchange up to step ``t - 1``; otherwise one
+batch earlier (prefetch needs the plans by the push/pull).  The
+assignments, plans and trained model are the same as calling the module
+batch by batch.  With an eviction policy that reads the upcoming batches
+(``"lookahead"``), the thread reads ``EsdConfig.cache_lookahead`` batches
+beyond the one it dispatches and hands their ids to the directory's plan
+(:mod:`torchrec_esd.cache.lookahead`); batch by batch, the window is empty.
 
 Losses: ``loss = esd_dist.loss(per_sample_losses)`` (``sum * W / B``, where
 :attr:`loss_scale` is ``W / B``) makes the gradients those of vanilla synchronous
@@ -283,14 +284,17 @@ class EsdInputDist(nn.Module):
         require_dispatch_ahead(rt, int(depth))
         cpu = torch.device("cpu")
         q: "queue.Queue[tuple]" = queue.Queue(maxsize=int(depth))
-        # a batch is dispatched only once a slot is free: without prefetch ``depth``
-        # slots, so when the consumer takes batch s, batch s + depth is decided and
-        # a decision reads the link and compute estimates of the exchanges up to
-        # step s - 1 (deciding first and then waiting for room, as with prefetch,
-        # holds one batch more, and the estimates reach the decisions a step later);
-        # with prefetch ``depth + 1``: the plans it pulls for must be known by the
-        # push/pull of step s, not be in the making then
-        slots = threading.Semaphore(int(depth) + (1 if rt.config.prefetch_depth else 0))
+        # a batch is dispatched only once a slot is free.  With online estimates
+        # (links or compute) and no prefetch, ``depth`` slots: when the consumer
+        # takes batch s, batch s + depth is decided, and its decision reads the
+        # estimates of the exchanges up to step s - 1.  Otherwise ``depth + 1``
+        # (decide, then wait for room): one more batch of slack against a slow
+        # decision, and the plans prefetch pulls for are known by the push/pull
+        # of step s instead of being in the making then; the estimates would
+        # reach the decisions a step later, but there are none or prefetch needs
+        # the plans first.
+        fresh = (rt.link_estimates is not None or rt.compute_estimates is not None) and not rt.config.prefetch_depth
+        slots = threading.Semaphore(int(depth) + (0 if fresh else 1))
         stop = threading.Event()
 
         def offer(item: tuple) -> bool:
