@@ -143,11 +143,16 @@ class CostModel:
         batch key on every worker's own link (0 fresh, update-pull, or miss-pull
         + expected miss-push), and the dirty owner's push it causes elsewhere."""
         rt = self.row_time[:, st.table_of]  # [W, U]
-        evict = (self._evict_fraction(st) * self.row_time)[:, st.table_of]
+        own = self._own_key_costs(st, rt)
         push_all = (st.dirty.double() * rt).sum(0, keepdim=True)
         push_elsewhere = push_all - st.dirty.double() * rt
-        own = torch.where(st.cached, st.outdated.double() * rt, rt + evict)
         return own, push_elsewhere
+
+    def _own_key_costs(self, st: BatchState, rt: torch.Tensor) -> torch.Tensor:
+        """``[W, U]`` the first term of :meth:`_key_costs` alone (what
+        :meth:`dedup_cost` reads); ``rt`` is ``row_time[:, st.table_of]``."""
+        evict = (self._evict_fraction(st) * self.row_time)[:, st.table_of]
+        return torch.where(st.cached, st.outdated.double() * rt, rt + evict)
 
     def key_weights(self, st: BatchState) -> torch.Tensor:
         """[W, U] expected cost of every distinct batch key on every worker."""
@@ -245,9 +250,10 @@ class CostModel:
             occ_s, occ_k = occ_s.numpy(), occ_k.numpy()
         else:
             occ_s = occ_k = np.zeros(0, dtype=np.int64)
-        rt = self.row_time[:, st.table_of].t().contiguous().numpy()  # [U, W]
+        rt_wu = self.row_time[:, st.table_of]  # [W, U]
+        rt = rt_wu.t().contiguous().numpy()  # [U, W]
         dirty = st.dirty.t().numpy()
-        pull = self._key_costs(st)[0].t().contiguous().numpy()  # own-link cost of using each row
+        pull = self._own_key_costs(st, rt_wu).t().contiguous().numpy()  # own-link cost of using each row
         has_owner = dirty.any(1)
         owner = np.where(has_owner, dirty.argmax(1), -1)
         owner_push = np.where(has_owner, rt[np.arange(u), np.maximum(owner, 0)], 0.0)
