@@ -905,3 +905,33 @@ def test_split_makespan_is_the_slowest_worker_of_the_plain_split():
     c = torch.tensor([[1.0, inf, 0.0], [2.0, inf, 0.0], [0.0, inf, 0.5], [9.0, inf, 0.5], [0.0, inf, 1.0]])
     assert split_makespan(c, [2, 0, 3]) == 3.0  # worker 0: 1 + 2; worker 2: 0.5 + 0.5 + 1
     assert split_makespan(torch.zeros(0, 3, dtype=torch.float64), [0, 0, 0]) == 0.0
+
+
+@pytest.mark.parametrize("slow_calls", [1, 100])
+def test_a_split_verdict_on_the_first_decision_is_timed_again(monkeypatch, slow_calls):
+    """The first decision pays one-time costs: its split verdict is confirmed by
+    timing the same decision again; a dispatcher slow on every call still splits."""
+    import time as _time
+
+    calls = {"n": 0}
+    real_inputs = HybridDis.inputs
+
+    def inputs(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] <= slow_calls:  # burn 60 ms of this thread's CPU
+            c0 = _time.thread_time()
+            while _time.thread_time() - c0 < 0.06:
+                pass
+        return real_inputs(self, *a, **k)
+
+    monkeypatch.setattr(HybridDis, "inputs", inputs)
+    monkeypatch.setattr(HybridDis, "stake_s", lambda self, cost, aux, shares: 0.03)  # 30 ms at stake
+    res, _ = _hybrid_solvers((100.0, 50.0, 10.0), steps=3, name="hybrid", probe_every=3)
+    first = res[0].info
+    assert first["first_decision_cpu_s"] >= 0.06 and calls["n"] >= 2
+    if slow_calls == 1:
+        assert first["full_decision_cpu_s"] < 0.03  # the second timing: no one-time cost
+        assert [r.solver.endswith(":split") for r in res] == [False, False, False]
+    else:
+        assert first["full_decision_cpu_s"] >= 0.06
+        assert [r.solver.endswith(":split") for r in res] == [False, True, True]
