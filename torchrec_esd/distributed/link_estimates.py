@@ -64,8 +64,8 @@ estimators: each dispatch, every worker contributes the observations it made
 since the last dispatch to one all-gather on the dispatch group
 (:meth:`LinkEstimates.share`, ``[W, 6]`` float64: exchanges, wire bytes,
 seconds, samples, timed transfer bytes and seconds), and every worker updates
-all ``W`` estimators from that gathered tensor in worker order: identical inputs in identical order, identical
-estimates on every worker.  Which exchanges a dispatch includes depends on
+all ``W`` estimators from that gathered tensor in worker order: identical
+inputs in identical order, identical estimates on every worker.  Which exchanges a dispatch includes depends on
 timing (dispatching ahead), never on the rank.
 
 Share rule (``EsdConfig.compute_s_per_sample`` set): the shares equalise the

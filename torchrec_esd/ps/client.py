@@ -23,7 +23,6 @@ from torchrec_esd.ps.des_route import DesRequest, DesRoute
 from torchrec_esd.ps.protocol import (
     DEFAULT_MAX_DES_PAIRS,
     REPLY_MARKER_BYTES,
-    EsdProtocolError,
     Frame,
     GatherFrame,
     GatherReply,
@@ -38,6 +37,7 @@ from torchrec_esd.ps.protocol import (
     StopFrame,
     abort_parts,
     add_sections,
+    check_reply_marker,
     pack,
 )
 from torchrec_esd.ps.transport import LinkStats, Pending, Traffic, Transport
@@ -97,7 +97,6 @@ class PsClient:
         parts: Sequence[Parts],
         reply_bytes: Optional[Sequence[int]] = None,
         wait: bool = True,
-        timed: bool = False,
     ) -> List[torch.Tensor]:
         """Send every PS ``i`` the frame ``frames[i]`` and the payload
         ``parts[i]``; returns the replies (``reply_bytes[i]`` bytes from PS
@@ -105,9 +104,10 @@ class PsClient:
         before its sends complete; they complete, in order, before the next
         exchange's, and an error surfaces there.  Sets :attr:`last_traffic` (with the
         exchange's wall seconds where it waits for its sends and replies).
-        ``timed``: each non-empty reply comes after a marker holding its size
-        (checked); the seconds from the markers' arrival to the last reply byte
-        are the replies' transfer (``Traffic.transfer_seconds``)."""
+        A timed request's non-empty reply (``PushPullFrame.timed``) comes after
+        a marker holding its size (checked); the seconds from the markers'
+        arrival to the last reply byte are the replies' transfer
+        (``Traffic.transfer_seconds``)."""
         t = self.transport
         t.wait(self._unsent)
         self._unsent = []
@@ -123,7 +123,7 @@ class PsClient:
         for i, src in enumerate(t.ps_ranks):
             buf = torch.empty(int(reply_bytes[i]) if reply_bytes is not None else 0, dtype=torch.uint8)
             if buf.numel():
-                if timed:
+                if getattr(frames[i], "timed", False):  # what the PS sends a marker for
                     markers.append((i, t.recv(src, torch.empty(REPLY_MARKER_BYTES // 8, dtype=torch.int64))))
                 recvs.append(t.recv(src, buf))
             replies.append(buf)
@@ -137,11 +137,7 @@ class PsClient:
             t.wait(sends + recvs)
             seconds = time.perf_counter() - start
             for i, m in markers:
-                if int(m.buf[0]) != replies[i].numel():
-                    raise EsdProtocolError(
-                        f"PS {i}'s reply marker announces {int(m.buf[0])} bytes, the request implies "
-                        f"{replies[i].numel()}"
-                    )
+                check_reply_marker(m.buf, replies[i].numel(), f"PS {i}")
             if markers:
                 transfer_s = seconds - (first - start)
                 transfer_b = sum(replies[i].numel() for i, _ in markers)
@@ -202,8 +198,7 @@ class PsClient:
                 reqs.append(PushPullRequest(pk[i], qk[i], pv[i], route.packed[i], int(route.bags_per_ps[i]), w,
                                             batch_fingerprint, self.timed_replies))
         frames = [q.frame() for q in reqs]
-        got = self._exchange(frames, [q.parts() for q in reqs], [f.reply_bytes(self.fmt) for f in frames],
-                             timed=self.timed_replies)
+        got = self._exchange(frames, [q.parts() for q in reqs], [f.reply_bytes(self.fmt) for f in frames])
         replies = [PushPullReply.decode(f, buf, self.fmt) for f, buf in zip(frames, got)]
         for r in replies:
             add_sections(self.last_traffic.sections, r.parts())

@@ -451,6 +451,17 @@ class GatherReply:
         return reply
 
 
+def reply_marker(nbytes: int) -> torch.Tensor:
+    """The :data:`REPLY_MARKER_BYTES` sent before a timed reply of ``nbytes`` bytes."""
+    return torch.tensor([int(nbytes)], dtype=torch.int64)
+
+
+def check_reply_marker(marker: torch.Tensor, nbytes: int, where: str) -> None:
+    """Raise unless a received marker announces the ``nbytes`` its request implies."""
+    if int(marker[0]) != nbytes:
+        raise EsdProtocolError(f"{where}'s reply marker announces {int(marker[0])} bytes, the request implies {nbytes}")
+
+
 def abort_parts(msg: str, limits: ProtocolLimits = ProtocolLimits(rows=0)) -> Tuple[AbortFrame, Parts]:
     """An abort request carrying ``msg`` (UTF-8, cut to the abort-message bound)."""
     data = torch.tensor(list(msg.encode()[: limits.max_abort_bytes]), dtype=torch.uint8)

@@ -50,6 +50,7 @@ from torchrec_esd.ps.protocol import (
     abort_message,
     decode_frame,
     pack,
+    reply_marker,
 )
 from torchrec_esd.ps.row_storage import DenseRowStorage, PsRowStorage
 from torchrec_esd.ps.transport import Transport
@@ -260,7 +261,7 @@ class ParameterServer:
             data = full[0].contiguous().view(-1).view(torch.uint8) if len(full) == 1 else pack(parts)
             if data.numel():
                 if timed is not None and timed[r]:
-                    sends.append(t.send(dst, torch.tensor([data.numel()], dtype=torch.int64)))
+                    sends.append(t.send(dst, reply_marker(data.numel())))
                 sends.append(t.send(dst, data))
         t.wait(sends)
 
