@@ -22,7 +22,7 @@ homogeneous 4x1000 Mbit/s; W = 4 workers + 1 parameter server, staleness 0).
 
 Links.  As root with iproute2 every rank runs in its own network namespace
 behind a veth pair to a bridge (``benchmarks/netns.py``); each worker's link is
-rate-limited with ``tc`` HTB in both directions (and delayed with netem when
+rate-limited with ``tc`` TBF in both directions (and delayed with netem when
 the kernel has it); the PS link is unshaped.  All ranks of one torch.distributed
 world (gloo over the namespaces' own 10.231.0.0/24 addresses) run all mixes and
 methods in sequence; between mixes the parent re-shapes the links.  Reported
@@ -505,7 +505,7 @@ def summarize(args, mixes, methods, raw) -> Dict:
                 # the slowest worker (largest CPU + shaped-link time per step): its compute and
                 # link time per steady step, and the iteration time over the larger of the two
                 # (1.0: one fully hides the other; 2.0: they run one after the other)
-                # HTB shapes each direction on its own: a direction's bytes / rate (whole job / steps)
+                # tc shapes each direction on its own: a direction's bytes / rate (whole job / steps)
                 per_w = [{"worker": w, "compute_ms": c,
                           "link_ms": 1e3 * max(p["tx_bytes"], p["rx_bytes"]) * 8 / (bw * 1e6) / args.steps}
                          for w, (c, p, bw) in enumerate(zip(s["cpu_ms_per_step_workers"], s["wire"]["per_worker"], bws))]
@@ -725,7 +725,7 @@ def markdown(args, summary: Dict, links: str, meta: Dict) -> str:
         "wire link s = Σ_w bytes_w / bandwidth_w."
         + (" Links MODELLED (no root/ip or --no-netns): iter ms contains no link time; 'iter ms + modelled "
            "link' adds the slowest worker's modelled embedding link time per step (ESD only)." if links != "emulated-tc"
-           else f" Links emulated with tc (HTB rate limits both directions{'' if meta.get('netem') else '; no delay: this kernel has no netem, so the model uses 0 ms latency'}); the PS link is unshaped."))
+           else f" Links emulated with tc (TBF rate limits both directions{'' if meta.get('netem') else '; no delay: this kernel has no netem, so the model uses 0 ms latency'}); the PS link is unshaped."))
     return "\n".join(lines)
 
 

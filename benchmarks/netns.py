@@ -17,9 +17,9 @@ private /24 (default ``10.231.0.0/24``) that exists only inside these
 namespaces, so ranks can reach only each other (and their own loopback).
 
 A rank's link is shaped in both directions: egress of the rank-side veth
-(upload) and egress of the bridge-side veth (download) each get an HTB class
-with ``rate = ceil = rate_mbit``; a one-way delay is added with ``netem`` under
-that class when the kernel has ``sch_netem`` (some kernels do not:
+(upload) and egress of the bridge-side veth (download) each get a TBF qdisc
+(:func:`tbf_params`) at ``rate_mbit``; a one-way delay is added with ``netem``
+as its child when the kernel has ``sch_netem`` (some kernels do not:
 ``delay_applied_ms`` then says 0 and the caller must model latency instead).
 Rank-to-rank traffic crosses the sender's upload and the receiver's download,
 like a star network around a switch.
@@ -143,6 +143,26 @@ def _kill_namespace_processes(name: str) -> None:
 _QDISC_CACHE: Dict[str, bool] = {}
 
 
+def tbf_params(rate_mbit: float) -> List[str]:
+    """``tc ... tbf`` arguments of a link at ``rate_mbit``: burst ~1 ms of
+    traffic and at least 4000 B (two full frames), queue 15 MB (no drops, as
+    with the former 10000-packet fifo).
+
+    Why TBF and not HTB: the ranks' TCP hands their devices 64 kB GSO
+    packets.  HTB charges such a packet when it dequeues it and lets it go
+    at line rate while the class has any tokens, so a reply of up to ~60 kB
+    crossed a "10 Mbit/s" link in under a millisecond and the next one paid
+    for it (measured in the rate-change benchmark: 40-64 kB replies in 0-0.6
+    ms, 70-94 kB ones in a flat ~51 ms; the online link estimates, issue 19,
+    drifted from 10 to 15-20 Mbit/s on them).  TBF cuts a GSO packet larger
+    than its burst into frames before it queues them: between two namespaces,
+    sender GSO on, 60 kB to 600 kB transfers after an idle gap then measured
+    9.7-10.2 Mbit/s of payload on a 10 Mbit/s link (HTB with its former 16 kB
+    burst: 60 kB at 17-26 Mbit/s, 150 kB at 12.5)."""
+    burst = max(4_000, int(float(rate_mbit) * 1e6 / 8 * 0.001))
+    return ["rate", f"{float(rate_mbit):g}mbit", "burst", str(burst), "limit", "15000000"]
+
+
 def qdisc_available(kind: str) -> bool:
     """Whether the running kernel accepts qdisc ``kind`` (probed on a
     throw-away veth in a scratch namespace)."""
@@ -170,7 +190,7 @@ def qdisc_available(kind: str) -> bool:
 
 def netns_support() -> Tuple[bool, str]:
     """(usable, reason): root, ``ip`` and ``tc`` present, namespaces, veth
-    and an HTB or TBF qdisc work."""
+    and the TBF qdisc work."""
     if os.name != "posix" or not sys.platform.startswith("linux"):
         return False, "not Linux"
     if os.geteuid() != 0:
@@ -186,8 +206,8 @@ def netns_support() -> Tuple[bool, str]:
         return False, f"network namespaces / veth do not work here: {e}"
     finally:
         _run(["ip", "netns", "del", ns], check=False)
-    if not (qdisc_available("htb") or qdisc_available("tbf")):
-        return False, "neither the htb nor the tbf qdisc is available in this kernel"
+    if not qdisc_available("tbf"):
+        return False, "the tbf qdisc (sch_tbf) is not available in this kernel"
     return True, "ok"
 
 
@@ -295,27 +315,23 @@ class NetnsCluster:
         self.teardown()
 
     # -- shaping
+    @staticmethod
+    def _tbf(exec_tc: List[str], verb: str, dev: str, rate_mbit: float) -> None:
+        _run(exec_tc + ["qdisc", verb, "dev", dev, "root", "handle", "1:", "tbf"] + tbf_params(rate_mbit))
+
     def _shape(self, ns: str, dev: str, link: Link) -> Dict:
         exec_tc = ["ip", "netns", "exec", ns, "tc"]
         _run(exec_tc + ["qdisc", "del", "dev", dev, "root"], check=False)
         if link.rate_mbit is None and not (link.delay_ms > 0 and self.netem):
             return {"rate_mbit": None, "delay_ms": 0.0}
-        # unshaped but delayed: HTB at a rate the veth never reaches
+        # unshaped but delayed: a rate the veth never reaches
         rate = float(link.rate_mbit) if link.rate_mbit is not None else 100_000.0
-        bytes_per_s = rate * 1e6 / 8
-        burst = max(16_000, int(bytes_per_s * 0.001))  # ~1 ms of traffic, at least 16 kB
-        _run(exec_tc + ["qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "1"])
-        _run(exec_tc + ["class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb",
-                        "rate", f"{rate:g}mbit", "ceil", f"{rate:g}mbit",
-                        "burst", str(burst), "cburst", str(burst)])
+        self._tbf(exec_tc, "add", dev, rate)  # its own byte fifo unless netem below replaces it
         delay = 0.0
         if link.delay_ms > 0 and self.netem:
             _run(exec_tc + ["qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:", "netem",
                             "delay", f"{link.delay_ms:g}ms", "limit", "100000"])
             delay = link.delay_ms
-        else:
-            _run(exec_tc + ["qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:", "pfifo",
-                            "limit", "10000"])
         return {"rate_mbit": link.rate_mbit, "delay_ms": delay}
 
     def apply(self, links: Sequence[Link]) -> List[Dict]:
@@ -336,16 +352,14 @@ class NetnsCluster:
         return applied
 
     def set_rate(self, rank: int, rate_mbit: float) -> Dict:
-        """Change the HTB rate of a shaped rank's link in both directions in
-        place (``tc class change``: queued packets stay, no qdisc is rebuilt)."""
+        """Change the rate of a shaped rank's link in both directions in
+        place (``tc qdisc change`` of its TBF: queued packets and the netem
+        child stay)."""
         link = self.links[rank]
         if link.rate_mbit is None:
             raise NetnsError(f"rank {rank}'s link is unshaped: apply() a rate first")
-        burst = max(16_000, int(rate_mbit * 1e6 / 8 * 0.001))
         for ns, dev in ((self.rank_ns[rank], IFACE), (self.bridge_ns, self.bridge_port(rank))):
-            _run(["ip", "netns", "exec", ns, "tc", "class", "change", "dev", dev, "parent", "1:", "classid", "1:1",
-                  "htb", "rate", f"{rate_mbit:g}mbit", "ceil", f"{rate_mbit:g}mbit",
-                  "burst", str(burst), "cburst", str(burst)])
+            self._tbf(["ip", "netns", "exec", ns, "tc"], "change", dev, float(rate_mbit))
         self.links[rank] = Link(float(rate_mbit), link.delay_ms)
         return {"rank": rank, "rate_mbit": float(rate_mbit)}
 

@@ -7,8 +7,8 @@ One worker's tc rate changes mid-run: ``W:S1=R1,S2=R2`` sets worker ``W``'s
 link to ``R1`` Mbit/s from step ``S1`` on, to ``R2`` from ``S2`` on (steps from
 0).  The change happens between two steps, synchronously: after step
 ``S1 - 1`` every worker rank asks the launcher (rank 0 writes the request, all
-wait for the answer) and the launcher changes the HTB class of that worker's
-link in both directions in place (``NetnsCluster.set_rate``: ``tc class
+wait for the answer) and the launcher changes the TBF rate of that worker's
+link in both directions in place (``NetnsCluster.set_rate``: ``tc qdisc
 change``).  The time the ranks wait for it is taken out of the next step's
 time.  Before every method the link is set back to the mix's rate.
 
