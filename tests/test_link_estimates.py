@@ -12,7 +12,9 @@ import torch.distributed as dist
 from torchrec_esd.apps.launch import run_local_world
 from torchrec_esd.config import EsdConfig, EsdConfigError, WorkerSpec
 from torchrec_esd.cost import CostModel
-from torchrec_esd.distributed.link_estimates import LinkEstimates, LinkEstimator, equal_time_counts
+from torchrec_esd.distributed.link_estimates import (
+    BytesModel, LinkEstimates, LinkEstimator, equal_time_counts, equal_time_counts_concave,
+)
 
 MBIT = 1e6 / 8
 
@@ -129,6 +131,64 @@ def test_equal_time_counts():
         equal_time_counts(2, [1.0] * 3, [0.0] * 3)
 
 
+def test_bytes_model_fits_the_exponent_and_is_cautious_without_a_spread():
+    m = BytesModel()
+    for n in (128, 127, 129):
+        m.observe(n, 20000.0 * n ** 0.7)
+    assert m.beta() is None and m.exponents() == (0.5, 1.0)  # no spread of sample counts
+    assert m(129) == pytest.approx(20000.0 * 129 ** 0.7)  # through the last observation
+    assert m(129 / 4) == pytest.approx(20000.0 * 129 ** 0.7 / 2)  # below it: exponent 0.5
+    for n in (27, 12):
+        m.observe(n, 20000.0 * n ** 0.7)
+    assert m.beta() == pytest.approx(0.7) and m.exponents() == (pytest.approx(0.7), pytest.approx(0.7))
+    assert m(60) == pytest.approx(20000.0 * 60 ** 0.7)
+    m2 = BytesModel()
+    for n in (10, 100):
+        m2.observe(n, 5.0 * n ** 1.3)  # more than linear: held at 1
+    assert m2.beta() == 1.0
+    for bad in ((0, 5.0), (5, 0.0), (math.nan, 1.0)):
+        m2.observe(*bad)
+    assert m2.last == (100.0, pytest.approx(5.0 * 100 ** 1.3))
+
+
+def test_equal_time_counts_concave():
+    rng = random.Random(5)
+    for _ in range(20):  # exponents 1: the linear rule, up to one sample of rounding
+        w = rng.randint(2, 6)
+        per = [rng.uniform(0.1, 5.0) for _ in range(w)]
+        fixed = [rng.uniform(0.0, 3.0) for _ in range(w)]
+        b = rng.randint(w, 500)
+        lin = equal_time_counts(b, per, fixed)
+        con = equal_time_counts_concave(b, [0.0] * w, [(1.0, p, 1.0, 1.0) for p in per], fixed)
+        assert sum(con) == b and min(con) >= 1
+        assert max(abs(x - y) for x, y in zip(lin, con)) <= 1
+    # concave link time: the counts equalise c n + L (n / m)^e
+    curves = [(128.0, 0.01, 1.0, 1.0), (128.0, 0.01, 1.0, 1.0), (128.0, 0.01, 1.0, 1.0), (128.0, 0.4, 0.5, 0.5)]
+    c = equal_time_counts_concave(512, [2e-4] * 4, curves, [0.0] * 4)
+    t = [n * 2e-4 + cv[1] * (n / cv[0]) ** cv[2] for n, cv in zip(c, curves)]
+    assert sum(c) == 512 and max(t[:3]) - min(t[:3]) < 0.001
+    assert abs(t[3] - t[0]) <= 2e-4 + 0.4 * ((c[3] + 1) ** 0.5 - c[3] ** 0.5) / 128 ** 0.5
+    assert equal_time_counts_concave(7, [1.0, math.inf], [(1.0, 0.0, 1.0, 1.0)] * 2, [0.0, 0.0]) == [6, 1]
+    with pytest.raises(EsdConfigError, match="cannot give each of 3 workers one"):
+        equal_time_counts_concave(2, [1.0] * 3, [(1.0, 0.0, 1.0, 1.0)] * 3, [0.0] * 3)
+
+
+def test_a_cut_share_lands_at_once_when_bytes_grow_less_than_linearly():
+    # bytes = 20 kB x n^0.55 (v5's slow worker: ~420 kB at 125 samples, ~100 kB at 9): the
+    # first shares after a 100 -> 10 Mbit/s drop are already the steady ones; with bytes per
+    # sample taken as constant they were 31, 17, 13, 12, 11 (one correction per dispatch)
+    bws = [100.0] * 4
+    config = EsdConfig([WorkerSpec(1, b, latency_ms=1.0) for b in bws], online_links=True,
+                       compute_s_per_sample=2e-4)
+    counts, _ = _simulate(26, lambda step, w: 10.0 if (w == 3 and 10 <= step < 20) else 100.0, config,
+                          bytes_fn=lambda n: 20000.0 * n ** 0.55)
+    slow = [c[3] for c in counts]
+    steady = slow[19]
+    assert steady < 0.15 * slow[9]
+    assert all(abs(x - steady) <= 2 for x in slow[11:20])  # the first decision that sees the drop
+    assert abs(slow[23] - slow[9]) <= 0.1 * slow[9]  # and back within three decisions
+
+
 def test_config_fields_are_checked():
     w = [WorkerSpec(1, 10.0)]
     with pytest.raises(EsdConfigError, match="needs online_links=True"):
@@ -139,7 +199,7 @@ def test_config_fields_are_checked():
         EsdConfig(w, online_links=1)
 
 
-def _simulate(steps, true_mbps, config, batch=512, bytes_per_sample=2000.0, compute_s=2e-4):
+def _simulate(steps, true_mbps, config, batch=512, bytes_per_sample=2000.0, compute_s=2e-4, bytes_fn=None):
     """Per step: shares from the estimates, every worker's exchange timed on
     its true link (``true_mbps(step, w)``), the observations gathered."""
     est = LinkEstimates(config, 0)
@@ -150,7 +210,7 @@ def _simulate(steps, true_mbps, config, batch=512, bytes_per_sample=2000.0, comp
         counts.append(c)
         obs = []
         for w, n in enumerate(c):
-            nbytes = bytes_per_sample * n
+            nbytes = bytes_per_sample * n if bytes_fn is None else bytes_fn(n)
             obs.append([1.0, nbytes, _transfer(nbytes, true_mbps(step, w), 0.001, 0.03, rng), float(n)])
         est.update(torch.tensor(obs, dtype=torch.float64))
     return counts, est

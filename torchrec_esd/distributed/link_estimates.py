@@ -69,11 +69,28 @@ inputs in identical order, identical estimates on every worker.  Which exchanges
 timing (dispatching ahead), never on the rank.
 
 Share rule (``EsdConfig.compute_s_per_sample`` set): the shares equalise the
-predicted step time ``n_w (c / share_w + b_w s_w) + a_w`` (compute per sample
-``c`` scaled by the worker's compute weight ``WorkerSpec.share``, measured
-bytes per sample ``b_w`` over the estimated seconds per byte ``s_w``, latency
-``a_w``), rounded to integers summing to the batch; every worker trains at
-least one sample.  Without it, ``EsdConfig.batch_shares`` stands.
+predicted step time ``n_w c / share_w + B_w(n_w) s_w + a_w`` (compute per
+sample ``c`` scaled by the worker's compute weight ``WorkerSpec.share``, the
+bytes ``B_w(n)`` a worker moves for ``n`` samples over the estimated seconds
+per byte ``s_w``, latency ``a_w``), rounded to integers summing to the batch;
+every worker trains at least one sample.  Without it,
+``EsdConfig.batch_shares`` stands.
+
+``B_w(n)`` (:class:`BytesModel`): a worker's bytes grow less than linearly
+with its samples (rows shared by its samples are moved once; its cache holds
+what its recent samples used), so the last measured bytes per sample, taken
+as a constant, over-prices a worker whose share is cut: after a 100 -> 10
+Mbit/s drop, shares set from the bytes per sample measured at ~125 samples
+gave 27, then 12, then 8 samples, one correction per dispatch
+(``benchmarks/results/rate_change_v5.md``).  So ``B_w(n) = B_last (n /
+n_last)^beta_w``: through the last measurement, with ``beta_w`` the slope of
+a least-squares line through ``(log n, log bytes)`` of the worker's last
+``window`` exchanges where their sample counts spread (max/min >= 1.5), held
+within ``[0.5, 1]``.  Without that spread (a steady share) the exponent is
+the cautious one on each side: 0.5 below ``n_last`` (a cut share still moves
+many bytes) and 1 above it (a grown share moves proportionally more); the
+bytes can grow at most linearly with the samples, and v5's slow worker moved
+~420 kB at 125 samples and ~100 kB at 9 (exponent ~0.55).
 """
 
 from __future__ import annotations
@@ -227,6 +244,7 @@ class LinkEstimates:
         kw = {"provisional_slowdowns": True, **estimator_kwargs}
         self.links = [LinkEstimator(w.bytes_per_second, w.latency_s, **kw) for w in config.workers]
         self.bytes_per_sample = [0.0] * config.num_workers  # last measured, per worker
+        self.bytes_models = [BytesModel() for _ in config.workers]
         self._lock = threading.Lock()  # the training thread records, the dispatch thread shares
         # exchanges, wire bytes, seconds, samples, timed transfer bytes, transfer seconds
         self._pending = [0.0] * 6
@@ -274,6 +292,7 @@ class LinkEstimates:
                     self.links[w].observe(nbytes, seconds, int(n))
                 if samples > 0:
                     self.bytes_per_sample[w] = nbytes / samples
+                    self.bytes_models[w].observe(samples / n, nbytes / n)
 
     def bytes_per_second(self) -> List[float]:
         return [e.bytes_per_second for e in self.links]
@@ -287,11 +306,10 @@ class LinkEstimates:
         if compute_s_per_sample is None or not any(self.bytes_per_sample):
             return self.config.batch_shares(global_batch)
         weights = [w.share for w in self.config.workers]
-        per_sample = [
-            (compute_s_per_sample / wt if wt > 0 else math.inf) + b * e.seconds_per_byte
-            for wt, b, e in zip(weights, self.bytes_per_sample, self.links)
-        ]
-        return equal_time_counts(global_batch, per_sample, self.latency_s())
+        compute = [compute_s_per_sample / wt if wt > 0 else math.inf for wt in weights]
+        curves = [(m.last[0], m.last[1] * e.seconds_per_byte, *m.exponents()) if m.last is not None
+                  else (1.0, 0.0, 1.0, 1.0) for m, e in zip(self.bytes_models, self.links)]
+        return equal_time_counts_concave(global_batch, compute, curves, self.latency_s())
 
 
 def gather_pending(lock: threading.Lock, pending: List[float], num_workers: int, group,
@@ -306,6 +324,97 @@ def gather_pending(lock: threading.Lock, pending: List[float], num_workers: int,
     every = [torch.zeros_like(mine) for _ in range(num_workers)]
     dist.all_gather(every, mine, group=group)
     return torch.stack(every).cpu()
+
+
+class BytesModel:
+    """Bytes a worker moves per exchange as a function of its samples,
+    ``bytes(n) = bytes_last (n / n_last)^beta`` (module docstring); O(window)
+    per observation and per :meth:`exponents`."""
+
+    def __init__(self, window: int = 8, min_beta: float = 0.5) -> None:
+        self._recent: "deque[Tuple[float, float]]" = deque(maxlen=int(window))
+        self.min_beta = float(min_beta)
+        self.last: Optional[Tuple[float, float]] = None  # (samples, bytes) of the last exchange
+
+    def observe(self, samples: float, nbytes: float) -> None:
+        if samples > 0 and nbytes > 0 and math.isfinite(samples) and math.isfinite(nbytes):
+            self.last = (float(samples), float(nbytes))
+            self._recent.append(self.last)
+
+    def exponents(self) -> Tuple[float, float]:
+        """``(below, above)``: the exponent for fewer and for more samples
+        than the last exchange's: the fitted one on both sides, or without a
+        spread of sample counts in the window ``(min_beta, 1)``."""
+        fit = self.beta()
+        return (self.min_beta, 1.0) if fit is None else (fit, fit)
+
+    def beta(self) -> Optional[float]:
+        """The fitted exponent in ``[min_beta, 1]``; None without a spread of
+        sample counts in the window."""
+        obs = list(self._recent)
+        if len(obs) < 2 or max(n for n, _ in obs) < 1.5 * min(n for n, _ in obs):
+            return None
+        xs = [math.log(n) for n, _ in obs]
+        ys = [math.log(b) for _, b in obs]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+        return min(1.0, max(self.min_beta, slope))
+
+    def __call__(self, n: float) -> float:
+        n_last, b_last = self.last  # type: ignore[misc]
+        below, above = self.exponents()
+        return b_last * (float(n) / n_last) ** (below if n < n_last else above)
+
+
+def equal_time_counts_concave(batch: int, compute_s: Sequence[float],
+                              curves: Sequence[Tuple[float, float, float, float]],
+                              fixed_s: Sequence[float]) -> List[int]:
+    """Integer counts ``n_w >= 1`` summing to ``batch`` with ``n_w c_w +
+    L_w (n_w / m_w)^e_w + f_w`` as equal as rounding allows, where
+    ``curves[w] = (m_w, L_w, below_w, above_w)``: the link time ``L_w`` at
+    ``m_w`` samples and the exponent ``e_w`` below and above ``m_w`` (``0 <
+    e <= 1``; ``c_w = inf``: one sample).  Every term grows with ``n``, so
+    the common time ``T`` is found by bisection on ``T`` and each ``n_w(T)``
+    by bisection on ``n`` (vectorised over workers: O(W) per step, 60 x 60
+    steps).  With exponents 1 it is :func:`equal_time_counts` with ``L_w /
+    m_w`` per sample."""
+    W = len(compute_s)
+    if batch < W:
+        raise EsdConfigError(f"a batch of {batch} samples cannot give each of {W} workers one")
+    c = torch.tensor([x if math.isfinite(x) else 0.0 for x in compute_s], dtype=torch.float64)
+    finite = torch.tensor([math.isfinite(x) for x in compute_s])
+    m = torch.tensor([cv[0] for cv in curves], dtype=torch.float64)
+    lk = torch.tensor([cv[1] for cv in curves], dtype=torch.float64)
+    below = torch.tensor([cv[2] for cv in curves], dtype=torch.float64)
+    above = torch.tensor([cv[3] for cv in curves], dtype=torch.float64)
+    f = torch.tensor(list(fixed_s), dtype=torch.float64)
+    left = batch - int((~finite).sum())
+    if not bool(finite.any()):
+        return equal_time_counts(batch, list(compute_s), list(fixed_s))
+
+    def time_at(n: torch.Tensor) -> torch.Tensor:
+        return n * c + lk * (n / m).pow(torch.where(n < m, below, above)) + f
+
+    def counts_at(t: float) -> torch.Tensor:
+        lo = torch.zeros(W, dtype=torch.float64)
+        hi = torch.full((W,), float(left), dtype=torch.float64)
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            below = time_at(mid) <= t
+            lo = torch.where(below, mid, lo)
+            hi = torch.where(below, hi, mid)
+        return torch.where(finite, lo.clamp(min=1.0), torch.ones(W, dtype=torch.float64))
+
+    t_lo, t_hi = 0.0, float(time_at(torch.full((W,), float(left), dtype=torch.float64))[finite].max())
+    for _ in range(60):
+        t = 0.5 * (t_lo + t_hi)
+        if float(counts_at(t)[finite].sum()) < left:
+            t_lo = t
+        else:
+            t_hi = t
+    exact = counts_at(t_hi).tolist()
+    return _round_counts(batch, exact)
 
 
 def equal_time_counts(batch: int, per_sample_s: Sequence[float], fixed_s: Sequence[float]) -> List[int]:
@@ -327,6 +436,13 @@ def equal_time_counts(batch: int, per_sample_s: Sequence[float], fixed_s: Sequen
                 exact[w] = max(n[w], 1.0)
             break
         active = [w for w in active if w not in low]
+    return _round_counts(batch, exact)
+
+
+def _round_counts(batch: int, exact: List[float]) -> List[int]:
+    """``exact`` (>= 1 each) scaled to sum to ``batch`` and rounded: counts
+    >= 1 summing to ``batch``, largest remainders, ties to the lower index."""
+    W = len(exact)
     scale = batch / sum(exact)
     exact = [x * scale for x in exact]
     counts = [max(1, int(math.floor(x))) for x in exact]
