@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from torchrec_esd.config import EsdConfigError
-from torchrec_esd.distributed.dense_sync import fastest_worker, register_dense_sync
+from torchrec_esd.distributed.dense_sync import (
+    dense_gradient_bytes, fastest_worker, link_bytes_per_step, register_dense_sync, sync_seconds,
+)
 from torchrec_esd.apps.launch import run_local_world
 
 
@@ -13,6 +15,18 @@ def test_fastest_worker_is_the_hub():
     assert fastest_worker([100.0, 100.0]) == 0  # ties: the lowest index
     with pytest.raises(EsdConfigError, match="no workers"):
         fastest_worker([])
+
+
+def test_dense_sync_seconds_on_each_link():
+    # star through worker 1 (the fastest): once each way on the others' links, twice on the hub's
+    link = link_bytes_per_step("star", [10.0, 1000.0, 50.0], 25_600)
+    assert link == [25_600.0, 51_200.0, 25_600.0]
+    s = sync_seconds(link, [1.25e6, 1.25e8, 6.25e6])
+    assert s == pytest.approx([2 * 25_600 / 1.25e6, 2 * 51_200 / 1.25e8, 2 * 25_600 / 6.25e6])
+    assert s[0] > 0.04  # 40 ms of a step on a 10 Mbit/s link, whatever the worker's samples
+    assert dense_gradient_bytes(torch.nn.Linear(3, 3)) == 0  # no DDP part: nothing synchronised
+    with pytest.raises(EsdConfigError, match="positive link rates"):
+        sync_seconds(link, [1.0, 0.0, 1.0])
 
 
 def _ddp_grads(mode):
@@ -38,6 +52,7 @@ def _ddp_grads(mode):
     dist.all_gather(every, mine)
     return {
         "hooked": n,
+        "dense_bytes": dense_gradient_bytes(ddp),
         "grad": torch.cat([p.grad.reshape(-1) for p in model.parameters()]),
         "expected": torch.stack(every).mean(0),
     }
@@ -48,6 +63,7 @@ def test_star_allreduce_gives_the_mean_gradient_on_every_rank(world):
     out = run_local_world(_ddp_grads, world, "star", timeout_s=120)
     for r in range(world):
         assert out[r]["hooked"] == 1
+        assert out[r]["dense_bytes"] == (7 * 5 + 5 + 5 * 3 + 3) * 4
         torch.testing.assert_close(out[r]["grad"], out[r]["expected"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out[r]["grad"], out[0]["grad"], rtol=0, atol=0)  # identical everywhere
 

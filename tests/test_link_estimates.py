@@ -189,6 +189,18 @@ def test_a_cut_share_lands_at_once_when_bytes_grow_less_than_linearly():
     assert abs(slow[23] - slow[9]) <= 0.1 * slow[9]  # and back within three decisions
 
 
+def test_a_fixed_time_on_a_link_takes_samples_off_it():
+    config = EsdConfig([WorkerSpec(1, b, latency_ms=1.0) for b in (100.0, 100.0, 100.0, 10.0)], online_links=True,
+                       compute_s_per_sample=2e-4)
+    est = LinkEstimates(config, 0)
+    est.update(torch.tensor([[1.0, 2000.0 * 128, 0.02, 128.0]] * 4, dtype=torch.float64))
+    plain = est.shares(512, 2e-4)
+    dense = est.shares(512, 2e-4, extra_fixed_s=[0.004, 0.004, 0.004, 0.04])  # the dense all-reduce
+    assert sum(plain) == sum(dense) == 512 and dense[3] < plain[3]
+    with pytest.raises(EsdConfigError, match="3 fixed times for 4 workers"):
+        est.shares(512, 2e-4, extra_fixed_s=[0.0] * 3)
+
+
 def test_config_fields_are_checked():
     w = [WorkerSpec(1, 10.0)]
     with pytest.raises(EsdConfigError, match="needs online_links=True"):

@@ -35,7 +35,7 @@ from torchrec_esd.apps.job import (
 )
 from torchrec_esd.apps.workload import SyntheticWorkload
 from torchrec_esd.config import EsdConfigError
-from torchrec_esd.distributed.dense_sync import register_dense_sync
+from torchrec_esd.distributed.dense_sync import dense_gradient_bytes, register_dense_sync
 from torchrec_esd.distributed.input_dist import EsdInputDist
 from torchrec_esd.distributed.runtime import EsdRuntime
 from torchrec_esd.distributed.sharding import EsdEmbeddingBagCollectionSharder, esd_module_plan
@@ -105,6 +105,7 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
         if not register_dense_sync(dmp, job.dense_sync, [w.bandwidth_mbps for w in cfg.workers], runtime.worker_group,
                                    on_blocked=blocked):
             raise EsdConfigError(f"dense_sync={job.dense_sync!r}: the model has no DistributedDataParallel part")
+    runtime.set_dense_sync(job.dense_sync, dense_gradient_bytes(dmp))
     dense_opt = dense_optimizer(dmp, job.dense_lr)
     ckpt = checkpointer(job, dmp, dense_opt, runtime.worker_group, tables + replicated, runtime.optimizer,
                         fail=runtime.fail)

@@ -54,6 +54,25 @@ def link_bytes_per_step(mode: str, bandwidths_mbps: Sequence[float], dense_bytes
     return [2 * (W - 1) / W * dense_bytes] * W
 
 
+def sync_seconds(link_bytes: Sequence[float], bytes_per_s: Sequence[float]) -> List[float]:
+    """Seconds of every worker's step in the dense all-reduce: its
+    ``link_bytes`` (:func:`link_bytes_per_step`) one way and then the other at
+    its link's ``bytes_per_s`` (the sum comes back only once every part is
+    in, so the two directions do not overlap)."""
+    if len(link_bytes) != len(bytes_per_s) or any(not r > 0 for r in bytes_per_s):
+        raise EsdConfigError(f"{len(link_bytes)} dense-sync byte counts need as many positive link rates,"
+                             f" got {list(bytes_per_s)}")
+    return [2.0 * float(b) / float(r) for b, r in zip(link_bytes, bytes_per_s)]
+
+
+def dense_gradient_bytes(model: nn.Module) -> int:
+    """Bytes of the gradients the dense all-reduce moves per step: every
+    parameter that needs a gradient in the ``DistributedDataParallel`` parts
+    of ``model`` (0 without any)."""
+    ddps = [m for m in model.modules() if isinstance(m, DistributedDataParallel)]
+    return sum(p.numel() * p.element_size() for m in ddps for p in m.parameters() if p.requires_grad)
+
+
 def star_allreduce_hook(hub: int, group=None, on_blocked: Optional[Callable[[float], None]] = None):
     """DDP comm hook: mean of the gradient bucket over ``group`` through ``hub``
     (a rank of ``group``), by point-to-point sends; see the module docstring.

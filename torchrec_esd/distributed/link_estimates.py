@@ -300,16 +300,24 @@ class LinkEstimates:
     def latency_s(self) -> List[float]:
         return [e.latency_s for e in self.links]
 
-    def shares(self, global_batch: int, compute_s_per_sample: Optional[float]) -> List[int]:
+    def shares(self, global_batch: int, compute_s_per_sample: Optional[float],
+               extra_fixed_s: Optional[Sequence[float]] = None) -> List[int]:
         """Per-worker sample counts of a batch (the share rule of the module
-        docstring; ``config.batch_shares`` without a compute time)."""
+        docstring; ``config.batch_shares`` without a compute time);
+        ``extra_fixed_s``: seconds of every worker's step whatever its samples
+        besides its latency (the dense all-reduce on its link)."""
         if compute_s_per_sample is None or not any(self.bytes_per_sample):
             return self.config.batch_shares(global_batch)
         weights = [w.share for w in self.config.workers]
         compute = [compute_s_per_sample / wt if wt > 0 else math.inf for wt in weights]
         curves = [(m.last[0], m.last[1] * e.seconds_per_byte, *m.exponents()) if m.last is not None
                   else (1.0, 0.0, 1.0, 1.0) for m, e in zip(self.bytes_models, self.links)]
-        return equal_time_counts_concave(global_batch, compute, curves, self.latency_s())
+        fixed = self.latency_s()
+        if extra_fixed_s is not None:
+            if len(extra_fixed_s) != len(fixed):
+                raise EsdConfigError(f"{len(extra_fixed_s)} fixed times for {len(fixed)} workers")
+            fixed = [a + float(x) for a, x in zip(fixed, extra_fixed_s)]
+        return equal_time_counts_concave(global_batch, compute, curves, fixed)
 
 
 def gather_pending(lock: threading.Lock, pending: List[float], num_workers: int, group,

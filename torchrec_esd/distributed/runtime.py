@@ -297,9 +297,37 @@ class EsdWorkerRuntime(EsdRuntime):
         # every worker's compute time per sample as measured (torchrec_esd.distributed.compute_estimates),
         # set by EsdInputDist when its dispatcher prices compute with it
         self.compute_estimates = None
+        # bytes the dense all-reduce moves on every worker's link per step and direction
+        # (set_dense_sync; None: not known, priced at 0)
+        self.dense_link_bytes: Optional[List[float]] = None
         self.plans = PlanChannel()
         self.loss_scaling = LossScaling(config)
         self._executor = None  # the sharded embedding module of this worker
+
+    def set_dense_sync(self, mode: str, dense_bytes: int) -> None:
+        """The dense all-reduce the job runs (``"ring"`` or ``"star"``, see
+        :mod:`~torchrec_esd.distributed.dense_sync`) over ``dense_bytes`` of
+        gradients per step: the share rules price its time on every link
+        (:meth:`dense_sync_seconds`), a fixed cost of every step whatever the
+        worker's samples."""
+        from torchrec_esd.distributed.dense_sync import link_bytes_per_step
+
+        if not (isinstance(dense_bytes, int) and dense_bytes >= 0):
+            raise EsdConfigError(f"dense_bytes must be an integer >= 0, got {dense_bytes!r}")
+        self.dense_link_bytes = link_bytes_per_step(mode, [w.bandwidth_mbps for w in self.config.workers],
+                                                    dense_bytes)
+
+    def dense_sync_seconds(self, bytes_per_s: Optional[Sequence[float]] = None) -> List[float]:
+        """Seconds of every worker's step in the dense all-reduce at
+        ``bytes_per_s`` (default: the configured links;
+        :func:`~torchrec_esd.distributed.dense_sync.sync_seconds`), 0 where
+        :meth:`set_dense_sync` was not called."""
+        from torchrec_esd.distributed.dense_sync import sync_seconds
+
+        bps = [w.bytes_per_second for w in self.config.workers] if bytes_per_s is None else list(bytes_per_s)
+        if self.dense_link_bytes is None:
+            return [0.0] * len(bps)
+        return sync_seconds(self.dense_link_bytes, bps)
 
     @property
     def worker_index(self) -> int:
