@@ -83,4 +83,18 @@ TORCH_LIBRARY(torchrec_esd, m) {
       "holder_index_sync(Tensor(a!) head, Tensor(b!) next, Tensor(c!) prev, Tensor(d!) gkey, "
       "int base, Tensor slot_keys) -> ()");
   m.def("holder_index_lookup(Tensor head, Tensor next, Tensor queries) -> (Tensor pos, Tensor slots)");
+  // Grouped dispatch (csrc/cpu/heuristic_cpu.cpp), each equal bit for bit to its Python
+  // reference.  The regret heuristic of HeuristicDispatcher(objective="total", improve_sweeps=0)
+  // on a float64 [B, W] cost (torchrec_esd.dispatch.heuristic.price_greedy + dual_value):
+  // (assignment int64 [B], prices float64 [W], lower bound float64 []).  CPU only.
+  m.def("heuristic_total_solve(Tensor cost, Tensor shares, int price_sweeps) -> "
+        "(Tensor assignment, Tensor prices, Tensor lower_bound)");
+  // The [B, G] stage-1 price of GroupInputs.group_matrix from the cached (key, group, outdated)
+  // hits (group -1: no group), each key's table, the per-group [T, G] fastest row time and
+  // lowest eviction push, each key's use count, the per-group share term `per`, and the
+  // distinct (sample, key) pairs (occ_s sorted).  CPU only.
+  m.def(
+      "group_price(Tensor hit_key, Tensor hit_group, Tensor hit_outdated, Tensor table_of, "
+      "Tensor row_time, Tensor evict_time, Tensor uses, Tensor per, int num_samples, Tensor occ_s, "
+      "Tensor occ_k) -> Tensor");
 }

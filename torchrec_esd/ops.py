@@ -342,3 +342,67 @@ def holder_index_lookup(head: torch.Tensor, next_: torch.Tensor,
     from torchrec_esd.reference_holder_ops import holder_index_lookup_ref
 
     return holder_index_lookup_ref(head, next_, queries)
+
+
+HAS_GROUPED_KERNELS = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "heuristic_total_solve")
+
+if HAS_GROUPED_KERNELS:
+
+    @torch.library.register_fake("torchrec_esd::heuristic_total_solve")
+    def _heuristic_total_solve_fake(cost: torch.Tensor, shares: torch.Tensor, price_sweeps: int):
+        torch._check(cost.dim() == 2, lambda: "heuristic_total_solve: cost must be [B, W]")
+        return (cost.new_empty((cost.shape[0],), dtype=torch.int64), cost.new_empty((cost.shape[1],)),
+                cost.new_empty(()))
+
+    @torch.library.register_fake("torchrec_esd::group_price")
+    def _group_price_fake(hit_key, hit_group, hit_outdated, table_of, row_time, evict_time, uses, per,
+                          num_samples: int, occ_s, occ_k):
+        torch._check(per.dim() == 1, lambda: "group_price: per must be 1-D")
+        return row_time.new_empty((num_samples, per.shape[0]))
+
+
+def has_grouped_kernels() -> bool:
+    """Whether the C++ kernels of the grouped dispatcher (:func:`heuristic_total_solve`,
+    :func:`group_price`) are built."""
+    return HAS_GROUPED_KERNELS
+
+
+def heuristic_total_solve(cost: torch.Tensor, shares, price_sweeps: int = 3
+                          ) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """The regret heuristic for the total objective on a float64 ``[B, W]``
+    cost (:func:`torchrec_esd.dispatch.heuristic.price_greedy` with
+    ``price_sweeps`` dual sweeps, then :func:`~torchrec_esd.dispatch.lower_bound.dual_value`
+    of the prices): ``(assignment, prices, lower_bound)``, equal bit for bit to
+    the numpy reference (``csrc/cpu/heuristic_cpu.cpp``).
+    O((price_sweeps + W) B W).  Without the extension: the reference."""
+    if not HAS_GROUPED_KERNELS:
+        import numpy as np
+
+        from torchrec_esd.dispatch.heuristic import price_greedy
+        from torchrec_esd.dispatch.lower_bound import dual_value
+
+        c = np.ascontiguousarray(cost.detach().cpu().numpy())
+        a, u = price_greedy(c, [int(s) for s in shares], price_sweeps)
+        return torch.from_numpy(a), torch.from_numpy(u), dual_value(c, [int(s) for s in shares], u)
+    sh = torch.as_tensor([int(s) for s in shares], dtype=torch.int64)
+    a, u, lb = torch.ops.torchrec_esd.heuristic_total_solve(cost.to(torch.float64), sh, int(price_sweeps))
+    return a, u, float(lb)
+
+
+def group_price(hit_key: torch.Tensor, hit_group: torch.Tensor, hit_outdated: torch.Tensor,
+                table_of: torch.Tensor, row_time: torch.Tensor, evict_time: torch.Tensor,
+                uses: torch.Tensor, per: torch.Tensor, num_samples: int, occ_s: torch.Tensor,
+                occ_k: torch.Tensor) -> torch.Tensor:
+    """float64 ``[num_samples, G]`` stage-1 price of grouped dispatch
+    (:meth:`torchrec_esd.cost.group_inputs.GroupInputs.group_matrix`, its
+    reference): key ``k`` costs ``0`` on a group holding it fresh (a hit with
+    ``hit_group`` = the group, not outdated), ``row_time[t, g]`` if held
+    outdated, else ``row_time + evict_time``, divided by ``1 + (uses[k] - 1)
+    per[g] / max(1, num_samples - 1)``; a sample sums its distinct keys
+    (pairs ``occ_s`` / ``occ_k``) in pair order.  O(H + U G + P G)."""
+    return torch.ops.torchrec_esd.group_price(
+        hit_key.to(torch.int64).contiguous(), hit_group.to(torch.int64).contiguous(),
+        hit_outdated.to(torch.bool).contiguous(), table_of.to(torch.int64).contiguous(),
+        row_time.to(torch.float64).contiguous(), evict_time.to(torch.float64).contiguous(),
+        uses.to(torch.float64).contiguous(), per.to(torch.float64).contiguous(), int(num_samples),
+        occ_s.to(torch.int64).contiguous(), occ_k.to(torch.int64).contiguous())

@@ -107,7 +107,30 @@ class GroupInputs:
     # ------------------------------------------------------------- stage 1
     def group_matrix(self, groups: Sequence[Sequence[int]], shares: Sequence[int]) -> torch.Tensor:
         """float64 ``[B, G]`` stage-1 price of every sample on every group
-        (module docstring); ``shares`` per worker."""
+        (module docstring); ``shares`` per worker.  The C++ kernel
+        :func:`~torchrec_esd.ops.group_price` when built (equal bit for bit to
+        :meth:`group_matrix_reference`), ``O(H + U G + N G)``."""
+        st, b = self.st, self.num_samples
+        if not ops.has_grouped_kernels() or st.keys.numel() == 0:
+            return self.group_matrix_reference(groups, shares)
+        G = len(groups)
+        group_of = torch.full((st.look.shape[0],), -1, dtype=torch.int64)
+        for gi, g in enumerate(groups):
+            group_of[torch.tensor(g, dtype=torch.int64)] = gi
+        member = group_of >= 0
+        idx = group_of[member].view(-1, 1).expand(-1, self.row_time.shape[1])
+        inf = torch.full((G, self.row_time.shape[1]), float("inf"), dtype=torch.float64)
+        # per group, its fastest link's row time and lowest eviction push per table: [T, G]
+        rt = inf.scatter_reduce(0, idx, self.row_time[member], "amin").t().contiguous()
+        ev = inf.scatter_reduce(0, idx, self.evict_time[member], "amin").t().contiguous()
+        per = torch.tensor([max(sum(int(shares[w]) for w in g) / len(g) - 1.0, 0.0) for g in groups],
+                           dtype=torch.float64)
+        h = self.hits
+        return ops.group_price(h.key, group_of[h.worker], h.outdated, st.table_of, rt, ev, self.uses, per, b,
+                               self.occ_s, self.occ_k)
+
+    def group_matrix_reference(self, groups: Sequence[Sequence[int]], shares: Sequence[int]) -> torch.Tensor:
+        """:meth:`group_matrix` in PyTorch (the kernel's reference)."""
         st, b = self.st, self.num_samples
         if st.keys.numel() == 0:
             return torch.zeros(b, len(groups), dtype=torch.float64)

@@ -1,0 +1,311 @@
+// CPU kernels of the grouped dispatcher's hot paths (torchrec_esd/dispatch/heuristic.py,
+// torchrec_esd/cost/group_inputs.py), each equal, bit for bit, to its numpy / PyTorch
+// reference (tests/test_dispatch_kernels.py):
+//
+// heuristic_total_solve: the regret heuristic of HeuristicDispatcher(objective="total",
+//   improve_sweeps=0): price_greedy (dual_prices' Jacobi sweeps, then greedy_rounds on the
+//   price-adjusted costs) and the lower bound dual_value of the prices.  The sums that pick
+//   the best prices are numpy's (0.0 + pairwise sum, numpy_sum below), so the same prices
+//   win.  O(sweeps B W + rounds B W) with at most W rounds, plus an O(B) selection per
+//   worker and sweep.
+// group_price: GroupInputs.group_matrix, the [B, G] stage-1 price: O(H + U G + P G) for H
+//   cached (worker, key) pairs, U distinct keys and P distinct (sample, key) pairs.
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace torchrec_esd {
+
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// numpy's pairwise summation of a contiguous float64 run (loops_utils.h.src,
+// PW_BLOCKSIZE 128, 8 accumulators).
+double pairwise_sum(const double* a, int64_t n) {
+  if (n < 8) {
+    double res = -0.0;
+    for (int64_t i = 0; i < n; ++i) res += a[i];
+    return res;
+  }
+  if (n <= 128) {
+    double r[8];
+    for (int j = 0; j < 8; ++j) r[j] = a[j];
+    int64_t i = 8;
+    for (; i < n - (n % 8); i += 8)
+      for (int j = 0; j < 8; ++j) r[j] += a[i + j];
+    double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+    for (; i < n; ++i) res += a[i];
+    return res;
+  }
+  int64_t n2 = n / 2;
+  n2 -= n2 % 8;
+  return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
+}
+
+// np.sum of a 1-D float64 array: the identity 0.0 plus the pairwise sum.
+double numpy_sum(const std::vector<double>& a) { return 0.0 + pairwise_sum(a.data(), (int64_t)a.size()); }
+
+// sum_w shares[w] * u[w] as numpy computes (shf * u).sum().
+double shares_dot(const std::vector<double>& shf, const std::vector<double>& u) {
+  std::vector<double> p(u.size());
+  for (size_t w = 0; w < u.size(); ++w) p[w] = shf[w] * u[w];
+  return numpy_sum(p);
+}
+
+// lower_bound._best_two on the rows of r = cost - u (row-major [B, W]): first index of the
+// minimum, the minimum, the minimum over the other columns (inf with one column).
+void best_two(const double* cost, const std::vector<double>& u, int64_t B, int64_t W, std::vector<int64_t>& bi,
+              std::vector<double>& bv, std::vector<double>& sv) {
+  for (int64_t s = 0; s < B; ++s) {
+    const double* row = cost + s * W;
+    int64_t ib = 0;
+    double v1 = row[0] - u[0], v2 = kInf;
+    for (int64_t w = 1; w < W; ++w) {
+      const double v = row[w] - u[w];
+      if (v < v1) {
+        v2 = v1;
+        v1 = v;
+        ib = w;
+      } else if (v < v2) {
+        v2 = v;
+      }
+    }
+    bi[s] = ib;
+    bv[s] = v1;
+    sv[s] = v2;
+  }
+}
+
+// lower_bound.dual_prices (u0 = 0): the best prices over sweeps + 1 evaluations of LB(u).
+std::vector<double> dual_prices(const double* cost, const std::vector<int64_t>& sh, int64_t B, int64_t W,
+                                int64_t sweeps) {
+  std::vector<double> shf(W), u(W, 0.0), best_u(W, 0.0), col(B);
+  for (int64_t w = 0; w < W; ++w) shf[w] = static_cast<double>(sh[w]);
+  double best_v = -kInf;
+  std::vector<int64_t> bi(B);
+  std::vector<double> bv(B), sv(B);
+  sweeps = std::max<int64_t>(0, sweeps);
+  for (int64_t it = 0; it <= sweeps; ++it) {
+    best_two(cost, u, B, W, bi, bv, sv);
+    const double v = numpy_sum(bv) + shares_dot(shf, u);
+    if (v > best_v) {
+      best_u = u;
+      best_v = v;
+    }
+    if (it == sweeps) break;
+    // d[s, w] = c[s, w] - min_{w' != w} (c[s, w'] - u_w'); the k-th smallest per column
+    std::vector<double> nu(W);
+    for (int64_t w = 0; w < W; ++w) {
+      for (int64_t s = 0; s < B; ++s)
+        col[s] = bi[s] == w ? cost[s * W + w] - sv[s] : cost[s * W + w] - bv[s];
+      const int64_t k = sh[w];
+      double x;
+      if (k <= 0) {
+        x = *std::min_element(col.begin(), col.end());
+      } else if (k >= B) {
+        x = *std::max_element(col.begin(), col.end());
+      } else {
+        std::nth_element(col.begin(), col.begin() + (k - 1), col.end());
+        x = col[k - 1];
+      }
+      nu[w] = std::isfinite(x) ? x : 0.0;
+    }
+    u = nu;
+  }
+  return best_u;
+}
+
+// heuristic.greedy_rounds(score, shares) with the regret priority; score row-major [B, W].
+void greedy_rounds(const double* score, std::vector<int64_t> rem, int64_t B, int64_t W, int64_t* out) {
+  std::vector<int64_t> un(B), open_w, best(B), acc_flag(B);
+  std::vector<double> prio(B);
+  for (int64_t s = 0; s < B; ++s) un[s] = s;
+  std::vector<std::vector<int64_t>> want(W);  // per worker, positions in un proposing it
+  while (!un.empty()) {
+    open_w.clear();
+    for (int64_t w = 0; w < W; ++w)
+      if (rem[w] > 0) open_w.push_back(w);
+    TORCH_CHECK(!open_w.empty(), "torchrec_esd::heuristic_total_solve: no worker has room left");
+    const int64_t n = static_cast<int64_t>(un.size());
+    if (open_w.size() == 1) {
+      for (int64_t i = 0; i < n; ++i) out[un[i]] = open_w[0];
+      break;
+    }
+    for (auto& v : want) v.clear();
+    for (int64_t i = 0; i < n; ++i) {
+      const double* row = score + un[i] * W;
+      int64_t ib = open_w[0];
+      double v1 = row[ib], v2 = kInf;
+      for (size_t j = 1; j < open_w.size(); ++j) {
+        const double v = row[open_w[j]];
+        if (v < v1) {
+          v2 = v1;
+          v1 = v;
+          ib = open_w[j];
+        } else if (v < v2) {
+          v2 = v;
+        }
+      }
+      best[i] = ib;
+      prio[i] = v2 - v1;
+      acc_flag[i] = 0;
+      want[ib].push_back(i);
+    }
+    // each worker keeps its rem highest-regret proposals (ties: lower sample index)
+    auto before = [&](int64_t a, int64_t b) {
+      const double pa = -prio[a], pb = -prio[b];
+      if (pa < pb) return true;
+      if (pb < pa) return false;
+      return un[a] < un[b];
+    };
+    for (int64_t w : open_w) {
+      auto& v = want[w];
+      const int64_t take = std::min<int64_t>(rem[w], static_cast<int64_t>(v.size()));
+      if (take < static_cast<int64_t>(v.size()) && take > 0)
+        std::nth_element(v.begin(), v.begin() + (take - 1), v.end(), before);
+      for (int64_t j = 0; j < take; ++j) {
+        acc_flag[v[j]] = 1;
+        out[un[v[j]]] = w;
+      }
+      rem[w] -= take;
+    }
+    std::vector<int64_t> left;
+    left.reserve(n);
+    for (int64_t i = 0; i < n; ++i)
+      if (!acc_flag[i]) left.push_back(un[i]);
+    un.swap(left);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> heuristic_total_solve_cpu(const at::Tensor& cost,
+                                                                       const at::Tensor& shares,
+                                                                       int64_t price_sweeps) {
+  const char* op = "torchrec_esd::heuristic_total_solve: ";
+  TORCH_CHECK(cost.device().is_cpu() && cost.scalar_type() == at::kDouble && cost.dim() == 2, op,
+              "cost must be a float64 CPU [B, W] matrix");
+  TORCH_CHECK(shares.device().is_cpu() && shares.scalar_type() == at::kLong && shares.dim() == 1 &&
+                  shares.numel() == cost.size(1),
+              op, "shares must be an int64 CPU vector with one entry per cost column");
+  const at::Tensor c = cost.contiguous();
+  const int64_t B = c.size(0), W = c.size(1);
+  TORCH_CHECK(W >= 1 || B == 0, op, "a batch needs at least one worker");
+  const at::Tensor shc = shares.contiguous();
+  std::vector<int64_t> sh(shc.data_ptr<int64_t>(), shc.data_ptr<int64_t>() + W);
+  int64_t total = 0;
+  for (int64_t w = 0; w < W; ++w) {
+    TORCH_CHECK(sh[w] >= 0, op, "shares must be >= 0, got ", sh[w], " for worker ", w);
+    total += sh[w];
+  }
+  TORCH_CHECK(total == B, op, "shares add up to ", total, ", batch has ", B, " samples");
+  const double* cp = c.data_ptr<double>();
+  std::vector<double> u(W, 0.0);
+  // (an empty batch keeps u = 0: numpy's reference cannot reduce an empty column)
+  if (price_sweeps > 0 && W > 1 && B > 0) u = dual_prices(cp, sh, B, W, price_sweeps);
+  auto assignment = at::empty({B}, c.options().dtype(at::kLong));
+  if (B > 0) {
+    std::vector<double> score(static_cast<size_t>(B * W));
+    for (int64_t s = 0; s < B; ++s)
+      for (int64_t w = 0; w < W; ++w) score[s * W + w] = cp[s * W + w] - u[w];
+    greedy_rounds(score.data(), sh, B, W, assignment.data_ptr<int64_t>());
+  }
+  // dual_value(cost, shares, u): the row minima of cost - u summed, plus shares . u
+  std::vector<double> mins(B), shf(W);
+  for (int64_t s = 0; s < B; ++s) {
+    double m = cp[s * W] - u[0];
+    for (int64_t w = 1; w < W; ++w) m = std::min(m, cp[s * W + w] - u[w]);
+    mins[s] = m;
+  }
+  for (int64_t w = 0; w < W; ++w) shf[w] = static_cast<double>(sh[w]);
+  auto prices = at::empty({W}, c.options());
+  std::copy(u.begin(), u.end(), prices.data_ptr<double>());
+  auto lb = at::full({}, W > 0 ? numpy_sum(mins) + shares_dot(shf, u) : 0.0, c.options());
+  return {assignment, prices, lb};
+}
+
+at::Tensor group_price_cpu(const at::Tensor& hit_key, const at::Tensor& hit_group, const at::Tensor& hit_outdated,
+                           const at::Tensor& table_of, const at::Tensor& row_time, const at::Tensor& evict_time,
+                           const at::Tensor& uses, const at::Tensor& per, int64_t num_samples,
+                           const at::Tensor& occ_s, const at::Tensor& occ_k) {
+  const char* op = "torchrec_esd::group_price: ";
+  auto vec = [&](const at::Tensor& t, at::ScalarType dt, const char* name) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dt && t.dim() == 1 && t.is_contiguous(), op, name,
+                " must be a contiguous 1-D CPU ", c10::toString(dt), " tensor");
+  };
+  vec(hit_key, at::kLong, "hit_key");
+  vec(hit_group, at::kLong, "hit_group");
+  vec(hit_outdated, at::kBool, "hit_outdated");
+  vec(table_of, at::kLong, "table_of");
+  vec(uses, at::kDouble, "uses");
+  vec(per, at::kDouble, "per");
+  vec(occ_s, at::kLong, "occ_s");
+  vec(occ_k, at::kLong, "occ_k");
+  const int64_t H = hit_key.numel(), U = table_of.numel(), G = per.numel(), P = occ_s.numel();
+  TORCH_CHECK(hit_group.numel() == H && hit_outdated.numel() == H, op, "hit_key, hit_group and hit_outdated",
+              " must have the same length");
+  TORCH_CHECK(uses.numel() == U, op, "uses must have one entry per key (", U, "), got ", uses.numel());
+  TORCH_CHECK(occ_k.numel() == P, op, "occ_s and occ_k must have the same length");
+  TORCH_CHECK(num_samples >= 0, op, "num_samples must be >= 0");
+  for (const at::Tensor* t : {&row_time, &evict_time})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kDouble && t->dim() == 2 && t->size(1) == G &&
+                    t->is_contiguous(),
+                op, "row_time and evict_time must be contiguous float64 CPU [T, G] matrices, G = ", G);
+  TORCH_CHECK(evict_time.size(0) == row_time.size(0), op, "row_time and evict_time must have the same tables");
+  const int64_t T = row_time.size(0);
+  const int64_t* hk = hit_key.data_ptr<int64_t>();
+  const int64_t* hg = hit_group.data_ptr<int64_t>();
+  const bool* hod = hit_outdated.data_ptr<bool>();
+  // 1: held (outdated), 2: held fresh
+  std::vector<uint8_t> state(static_cast<size_t>(U * G), 0);
+  for (int64_t i = 0; i < H; ++i) {
+    const int64_t g = hg[i];
+    if (g < 0) continue;
+    TORCH_CHECK(g < G && hk[i] >= 0 && hk[i] < U, op, "hit ", i, " names key ", hk[i], " / group ", g,
+                " outside [0, ", U, ") x [0, ", G, ")");
+    uint8_t& s = state[hk[i] * G + g];
+    s = std::max<uint8_t>(s, hod[i] ? 1 : 2);
+  }
+  const int64_t* tab = table_of.data_ptr<int64_t>();
+  const double* rt = row_time.data_ptr<double>();
+  const double* ev = evict_time.data_ptr<double>();
+  const double* us = uses.data_ptr<double>();
+  const double* pg = per.data_ptr<double>();
+  const double den = static_cast<double>(std::max<int64_t>(1, num_samples - 1));
+  std::vector<double> cost(static_cast<size_t>(U * G));
+  for (int64_t k = 0; k < U; ++k) {
+    const int64_t t = tab[k];
+    TORCH_CHECK(t >= 0 && t < T, op, "key ", k, " has table ", t, " outside [0, ", T, ")");
+    for (int64_t g = 0; g < G; ++g) {
+      const uint8_t s = state[k * G + g];
+      const double r = rt[t * G + g];
+      const double c = s == 2 ? 0.0 : (s == 1 ? r : r + ev[t * G + g]);
+      const double m = (us[k] - 1.0) * pg[g];
+      cost[k * G + g] = c / (1.0 + m / den);
+    }
+  }
+  auto out = at::zeros({num_samples, G}, row_time.options());
+  double* o = out.data_ptr<double>();
+  const int64_t* os = occ_s.data_ptr<int64_t>();
+  const int64_t* ok = occ_k.data_ptr<int64_t>();
+  for (int64_t i = 0; i < P; ++i) {
+    TORCH_CHECK(os[i] >= 0 && os[i] < num_samples && ok[i] >= 0 && ok[i] < U, op, "pair ", i, " (", os[i], ", ",
+                ok[i], ") outside [0, ", num_samples, ") x [0, ", U, ")");
+    double* dst = o + os[i] * G;
+    const double* src = cost.data() + ok[i] * G;
+    for (int64_t g = 0; g < G; ++g) dst[g] += src[g];
+  }
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(torchrec_esd, CPU, m) {
+  m.impl("heuristic_total_solve", &heuristic_total_solve_cpu);
+  m.impl("group_price", &group_price_cpu);
+}
+
+}  // namespace torchrec_esd

@@ -1,0 +1,82 @@
+"""The grouped dispatcher's C++ kernels (csrc/cpu/heuristic_cpu.cpp) equal their
+numpy / PyTorch references bit for bit: the total-objective regret heuristic
+(prices, assignment, lower bound) and the stage-1 group price."""
+
+import numpy as np
+import pytest
+import torch
+
+from torchrec_esd import ops
+from torchrec_esd.dispatch import make_dispatcher
+from torchrec_esd.dispatch.heuristic import price_greedy, total_heuristic
+from torchrec_esd.dispatch.lower_bound import dual_value
+from test_dispatch import _grouped_world  # noqa: E402  (tests/ is on sys.path under pytest)
+
+pytestmark = pytest.mark.skipif(not ops.has_grouped_kernels(), reason="C++ grouped-dispatch kernels not built")
+
+
+def _instances(rng, n):
+    for t in range(n):
+        b, w = int(rng.integers(1, 200)), int(rng.integers(1, 18))
+        c = rng.random((b, w)) * np.exp(rng.standard_normal(w))
+        if t % 3 == 0:
+            c = np.round(c, 1)  # many ties: regret ties, equal minima, equal prices
+        if t % 7 == 0:
+            c[:] = 1.0
+        counts = np.bincount(rng.integers(0, w, b), minlength=w)
+        yield c, counts.tolist()
+
+
+def test_heuristic_total_solve_equals_price_greedy():
+    rng = np.random.default_rng(0)
+    for c, shares in _instances(rng, 300):
+        for sweeps in (0, 1, 3):
+            a_ref, u_ref = price_greedy(c, shares, sweeps)
+            a, u, lb = ops.heuristic_total_solve(torch.from_numpy(c), shares, sweeps)
+            assert np.array_equal(a.numpy(), a_ref), (c.shape, shares, sweeps)
+            assert np.array_equal(u.numpy(), u_ref)
+            assert lb == dual_value(c, shares, u_ref)
+        a, info = total_heuristic(c, shares, improve_sweeps=1)
+        a_ref, info_ref = total_heuristic(c, shares, improve_sweeps=1, kernel=False)
+        assert np.array_equal(a, a_ref) and info == info_ref
+
+
+def test_heuristic_total_solve_rejects_bad_shares():
+    a, u, lb = ops.heuristic_total_solve(torch.zeros(0, 3, dtype=torch.float64), [0, 0, 0])
+    assert a.numel() == 0 and torch.equal(u, torch.zeros(3, dtype=torch.float64)) and lb == 0.0
+    c = torch.ones(4, 2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="add up to"):
+        ops.heuristic_total_solve(c, [1, 2])
+    with pytest.raises(RuntimeError, match=">= 0"):
+        ops.heuristic_total_solve(c, [5, -1])
+    with pytest.raises(RuntimeError, match="one entry per cost column"):
+        ops.heuristic_total_solve(c, [4])
+
+
+@pytest.mark.parametrize("staleness", [0, 2])
+def test_group_price_equals_reference(staleness):
+    from torchrec_esd.cost.group_inputs import GroupInputs, link_groups
+
+    cm, cd, kjt = _grouped_world(11, staleness=staleness, batch=120)
+    gi = GroupInputs(cm, kjt, cd.cache_state())
+    assert bool(gi.hits.outdated.any()) and bool((~gi.hits.outdated).any())
+    b = kjt.stride()
+    rng = np.random.default_rng(2)
+    for size in (1, 3, 4, 11):
+        for shares in (cm.config.batch_shares(b), np.bincount(rng.integers(0, 11, b), minlength=11).tolist()):
+            active = [w for w, s in enumerate(shares) if s > 0]
+            groups = link_groups(cm.bytes_per_second, active, size)
+            got = gi.group_matrix(groups, shares)
+            ref = gi.group_matrix_reference(groups, shares)
+            assert torch.equal(got, ref), (size, shares)
+
+
+def test_grouped_decide_same_with_and_without_kernels(monkeypatch):
+    cm, cd, kjt = _grouped_world(23, batch=230)
+    shares = cm.config.batch_shares(kjt.stride())
+    d = make_dispatcher("grouped", group_size=4)
+    fast = d.decide(cm, kjt, cd.cache_state, shares)
+    monkeypatch.setattr(ops, "HAS_GROUPED_KERNELS", False)
+    assert not ops.has_grouped_kernels()
+    ref = d.decide(cm, kjt, cd.cache_state, shares)
+    assert torch.equal(fast.assignment, ref.assignment) and fast.objective == ref.objective
