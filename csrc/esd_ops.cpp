@@ -97,4 +97,15 @@ TORCH_LIBRARY(torchrec_esd, m) {
       "group_price(Tensor hit_key, Tensor hit_group, Tensor hit_outdated, Tensor table_of, "
       "Tensor row_time, Tensor evict_time, Tensor uses, Tensor per, int num_samples, Tensor occ_s, "
       "Tensor occ_k) -> Tensor");
+  // One group's [B_g, |g|] slice of the expected cost matrix (GroupInputs.sub_matrix(samples,
+  // workers, "expected"), csrc/cpu/group_slice_cpu.cpp): the ascending samples' distinct (sample,
+  // key) pairs (pair_ptr / occ_k), the hits in worker order (hit_ptr [W + 1], key, outdated), per
+  // key its table, use count, dirty owner (-1: none) and owner push, per worker [W, T] row time and
+  // eviction push and its expected-matrix share, and p_shared [distinct uses, |g|] (numpy's pow)
+  // with uses_index [U] its row per key.  CPU only.
+  m.def(
+      "group_slice_expected(Tensor samples, Tensor workers, Tensor pair_ptr, Tensor occ_k, Tensor hit_ptr, "
+      "Tensor hit_key, Tensor hit_outdated, Tensor table_of, Tensor row_time, Tensor evict_time, Tensor uses, "
+      "Tensor owner, Tensor owner_push, Tensor shares, Tensor p_shared, Tensor uses_index, int num_samples) "
+      "-> Tensor");
 }

@@ -71,6 +71,28 @@ def test_group_price_equals_reference(staleness):
             assert torch.equal(got, ref), (size, shares)
 
 
+@pytest.mark.parametrize("staleness", [0, 2])
+def test_group_slice_equals_reference(staleness):
+    from torchrec_esd.cost.group_inputs import GroupInputs
+
+    cm, cd, kjt = _grouped_world(11, staleness=staleness, batch=120)
+    state = cd.cache_state()
+    gi = GroupInputs(cm, kjt, state)
+    assert bool(gi.has_owner.any()) and float(gi.uses.max()) > 1
+    full = cm.expected_matrix(kjt, state)
+    rng = np.random.default_rng(3)
+    for workers in (list(range(11)), [2, 5], [6], [0, 3, 4, 9], [10, 1]):
+        for n in (1, 17, 120):
+            samples = torch.from_numpy(np.sort(rng.choice(kjt.stride(), n, replace=False)))
+            got, none = gi.sub_matrix(samples, workers, "expected")
+            ref, _ = gi.sub_matrix_reference(samples, workers, "expected")
+            assert none is None and torch.equal(got, ref), (workers, n)
+            assert torch.equal(got, full[samples][:, sorted(workers)] if workers == sorted(workers)
+                               else full[samples][:, workers])
+    with pytest.raises(RuntimeError, match="ascending"):
+        gi.sub_matrix(torch.tensor([5, 3]), [0, 1], "expected")
+
+
 def test_grouped_decide_same_with_and_without_kernels(monkeypatch):
     cm, cd, kjt = _grouped_world(23, batch=230)
     shares = cm.config.batch_shares(kjt.stride())

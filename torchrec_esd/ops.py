@@ -361,9 +361,16 @@ if HAS_GROUPED_KERNELS:
         return row_time.new_empty((num_samples, per.shape[0]))
 
 
+    @torch.library.register_fake("torchrec_esd::group_slice_expected")
+    def _group_slice_expected_fake(samples, workers, pair_ptr, occ_k, hit_ptr, hit_key, hit_outdated, table_of,
+                                   row_time, evict_time, uses, owner, owner_push, shares, p_shared, uses_index,
+                                   num_samples: int):
+        return row_time.new_empty((samples.shape[0], workers.shape[0]))
+
+
 def has_grouped_kernels() -> bool:
     """Whether the C++ kernels of the grouped dispatcher (:func:`heuristic_total_solve`,
-    :func:`group_price`) are built."""
+    :func:`group_price`, :func:`group_slice_expected`) are built."""
     return HAS_GROUPED_KERNELS
 
 
@@ -406,3 +413,24 @@ def group_price(hit_key: torch.Tensor, hit_group: torch.Tensor, hit_outdated: to
         row_time.to(torch.float64).contiguous(), evict_time.to(torch.float64).contiguous(),
         uses.to(torch.float64).contiguous(), per.to(torch.float64).contiguous(), int(num_samples),
         occ_s.to(torch.int64).contiguous(), occ_k.to(torch.int64).contiguous())
+
+
+def group_slice_expected(samples: torch.Tensor, workers: torch.Tensor, pair_ptr: torch.Tensor,
+                         occ_k: torch.Tensor, hit_ptr: torch.Tensor, hit_key: torch.Tensor,
+                         hit_outdated: torch.Tensor, table_of: torch.Tensor, row_time: torch.Tensor,
+                         evict_time: torch.Tensor, uses: torch.Tensor, owner: torch.Tensor,
+                         owner_push: torch.Tensor, shares: torch.Tensor, p_shared: torch.Tensor,
+                         uses_index: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """float64 ``[len(samples), len(workers)]``: one group's slice of the
+    expected cost matrix (:meth:`torchrec_esd.cost.group_inputs.GroupInputs.sub_matrix`
+    with ``"expected"``, its reference; the argument layout is in
+    ``csrc/esd_ops.cpp``).  ``p_shared[uses_index[x], j]`` is the probability
+    term ``1 - (share / B)^(uses_x - 1)`` of worker ``j``, computed by the
+    caller with numpy so that the kernel equals the reference bit for bit.
+    O(N_g + H_g + U_g |g|)."""
+    i64 = lambda t: t.to(torch.int64).contiguous()  # noqa: E731
+    f64 = lambda t: t.to(torch.float64).contiguous()  # noqa: E731
+    return torch.ops.torchrec_esd.group_slice_expected(
+        i64(samples), i64(workers), i64(pair_ptr), i64(occ_k), i64(hit_ptr), i64(hit_key),
+        hit_outdated.to(torch.bool).contiguous(), i64(table_of), f64(row_time), f64(evict_time), f64(uses),
+        i64(owner), f64(owner_push), f64(shares), f64(p_shared), i64(uses_index), int(num_samples))

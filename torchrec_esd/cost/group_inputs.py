@@ -103,6 +103,8 @@ class GroupInputs:
         self.pair_ptr = torch.searchsorted(self.occ_s, torch.arange(b + 1))
         self._by_worker = None  # the hits in worker order, built by the first _group_state
         self.shares = np.asarray(cm.config.batch_shares(b), dtype=np.float64)  # the expected matrix's shares
+        self._shares_t = torch.from_numpy(self.shares)
+        self._uses_table = None  # (distinct use counts, each key's index in them), built by sub_matrix
 
     # ------------------------------------------------------------- stage 1
     def group_matrix(self, groups: Sequence[Sequence[int]], shares: Sequence[int]) -> torch.Tensor:
@@ -161,18 +163,23 @@ class GroupInputs:
         return torch.zeros(b, G, dtype=torch.float64).index_add_(0, self.occ_s, cost.index_select(0, self.occ_k))
 
     # ------------------------------------------------------------- stage 2
-    def _group_state(self, gw: torch.Tensor, ku: torch.Tensor, slots: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """Bool ``[U_g, |g|]`` cached / outdated / dirty of the ascending keys
-        ``ku`` (id table ``slots`` of their row keys) on the workers ``gw``, from
-        the hits of those workers (``O(H_g)``; the hits are put in worker order
-        once, ``O(H log H)``)."""
+    def _hits_by_worker(self) -> Tuple[torch.Tensor, ...]:
+        """``(ptr [W + 1], worker, key, outdated, dirty)``: the hits in worker
+        order (stable), built once, ``O(H log H)``."""
         if self._by_worker is None:
             h = self.hits
             order = torch.argsort(h.worker, stable=True)
             ptr = torch.zeros(self.st.look.shape[0] + 1, dtype=torch.int64)
             torch.cumsum(torch.bincount(h.worker, minlength=self.st.look.shape[0]), 0, out=ptr[1:])
             self._by_worker = (ptr, h.worker[order], h.key[order], h.outdated[order], h.dirty[order])
-        ptr, hw, hk, hod, hdt = self._by_worker
+        return self._by_worker
+
+    def _group_state(self, gw: torch.Tensor, ku: torch.Tensor, slots: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Bool ``[U_g, |g|]`` cached / outdated / dirty of the ascending keys
+        ``ku`` (id table ``slots`` of their row keys) on the workers ``gw``, from
+        the hits of those workers (``O(H_g)``; the hits are put in worker order
+        once, ``O(H log H)``)."""
+        ptr, hw, hk, hod, hdt = self._hits_by_worker()
         order = torch.argsort(gw)
         pos, off = _segments(ptr, gw[order])
         row = order[torch.repeat_interleave(torch.arange(gw.numel()), off[1:] - off[:-1], output_size=pos.numel())]
@@ -190,7 +197,33 @@ class GroupInputs:
         """``(cost, hits)`` of the ascending ``samples`` on ``workers``: the
         slices of the full cost matrix of ``kind`` (``"additive"``,
         ``"expected"``, or ``"none"`` for zeros) and, with ``hits``, of the
-        hit matrix.  ``O(N_g log N_g + U_g |g|)``."""
+        hit matrix.  ``O(N_g log N_g + U_g |g|)``.  The expected slice without
+        hits (what the regret heuristic reads) comes from the C++ kernel
+        :func:`~torchrec_esd.ops.group_slice_expected` when built, ``O(N_g +
+        H_g + U_g |g|)``, equal bit for bit to :meth:`sub_matrix_reference`."""
+        samples = samples.to(torch.int64)
+        if (kind != "expected" or hits or not ops.has_grouped_kernels() or self.st.keys.numel() == 0
+                or samples.numel() == 0):
+            return self.sub_matrix_reference(samples, workers, kind, hits)
+        gw = torch.tensor(list(workers), dtype=torch.int64)
+        if self._uses_table is None:  # the batch's distinct use counts, and each key's
+            nd, inv = torch.unique(self.uses, return_inverse=True)
+            self._uses_table = (nd.numpy(), inv)
+        nd, inv = self._uses_table
+        # numpy's pow, in the reference's layout (amortised_key_costs): rows = distinct use counts
+        sh = np.asarray(self.shares[gw.numpy()], dtype=np.float64).reshape(1, -1)
+        n = nd[:, None]
+        p_shared = 1.0 - (sh / max(1, self.num_samples)) ** np.maximum(n - 1.0, 0.0)
+        ptr, _, hk, hod, _ = self._hits_by_worker()
+        cost = ops.group_slice_expected(
+            samples, gw, self.pair_ptr, self.occ_k, ptr, hk, hod, self.st.table_of, self.row_time,
+            self.evict_time, self.uses, self.owner, self.owner_push, self._shares_t,
+            torch.from_numpy(np.ascontiguousarray(p_shared)), inv, self.num_samples)
+        return cost, None
+
+    def sub_matrix_reference(self, samples: torch.Tensor, workers: Sequence[int], kind: str,
+                             hits: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """:meth:`sub_matrix` in PyTorch / numpy (the kernel's reference)."""
         st, cm = self.st, self.cm
         samples = samples.to(torch.int64)
         bg, nw = samples.numel(), len(workers)
