@@ -108,4 +108,9 @@ TORCH_LIBRARY(torchrec_esd, m) {
       "Tensor hit_key, Tensor hit_outdated, Tensor table_of, Tensor row_time, Tensor evict_time, Tensor uses, "
       "Tensor owner, Tensor owner_push, Tensor shares, Tensor p_shared, Tensor uses_index, int num_samples) "
       "-> Tensor");
+  // The distinct (sample, key index) pairs of a batch's sample-major key indices `kidx` (per-sample
+  // `offsets`), sorted by (sample, key), with their per-sample offsets [B + 1] and every key's
+  // use count (float64 [num_keys]).  CPU only.
+  m.def("sample_key_pairs(Tensor offsets, Tensor kidx, int num_keys) -> "
+        "(Tensor occ_s, Tensor occ_k, Tensor pair_ptr, Tensor uses)");
 }

@@ -93,6 +93,23 @@ def test_group_slice_equals_reference(staleness):
         gi.sub_matrix(torch.tensor([5, 3]), [0, 1], "expected")
 
 
+def test_sample_key_pairs_equal_reference():
+    from torchrec_esd.cost.group_inputs import sample_key_pairs_reference
+
+    rng = np.random.default_rng(4)
+    for b, u in ((0, 0), (1, 1), (5, 3), (200, 40), (300, 1000)):
+        lens = torch.from_numpy(rng.integers(0, 6, b))
+        offsets = torch.zeros(b + 1, dtype=torch.int64)
+        offsets[1:] = torch.cumsum(lens, 0)
+        kidx = torch.from_numpy(rng.integers(0, max(u, 1), int(offsets[-1]))) if u else torch.zeros(0, dtype=torch.int64)
+        got = ops.sample_key_pairs(offsets, kidx, u)
+        ref = sample_key_pairs_reference(offsets, kidx, u)
+        for x, y in zip(got, ref):
+            assert x.dtype == y.dtype and torch.equal(x, y), (b, u)
+    with pytest.raises(RuntimeError, match="outside"):
+        ops.sample_key_pairs(torch.tensor([0, 2]), torch.tensor([0, 7]), 3)
+
+
 def test_grouped_decide_same_with_and_without_kernels(monkeypatch):
     cm, cd, kjt = _grouped_world(23, batch=230)
     shares = cm.config.batch_shares(kjt.stride())

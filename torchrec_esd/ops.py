@@ -368,9 +368,16 @@ if HAS_GROUPED_KERNELS:
         return row_time.new_empty((samples.shape[0], workers.shape[0]))
 
 
+    @torch.library.register_fake("torchrec_esd::sample_key_pairs")
+    def _sample_key_pairs_fake(offsets, kidx, num_keys: int):
+        n = torch.library.get_ctx().new_dynamic_size()
+        return (kidx.new_empty((n,)), kidx.new_empty((n,)), offsets.new_empty(offsets.shape),
+                kidx.new_empty((num_keys,), dtype=torch.float64))
+
+
 def has_grouped_kernels() -> bool:
     """Whether the C++ kernels of the grouped dispatcher (:func:`heuristic_total_solve`,
-    :func:`group_price`, :func:`group_slice_expected`) are built."""
+    :func:`group_price`, :func:`group_slice_expected`, :func:`sample_key_pairs`) are built."""
     return HAS_GROUPED_KERNELS
 
 
@@ -434,3 +441,15 @@ def group_slice_expected(samples: torch.Tensor, workers: torch.Tensor, pair_ptr:
         i64(samples), i64(workers), i64(pair_ptr), i64(occ_k), i64(hit_ptr), i64(hit_key),
         hit_outdated.to(torch.bool).contiguous(), i64(table_of), f64(row_time), f64(evict_time), f64(uses),
         i64(owner), f64(owner_push), f64(shares), f64(p_shared), i64(uses_index), int(num_samples))
+
+
+def sample_key_pairs(offsets: torch.Tensor, kidx: torch.Tensor,
+                     num_keys: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(occ_s, occ_k, pair_ptr, uses)``: the distinct (sample, key index)
+    pairs of sample-major key indices ``kidx`` with per-sample ``offsets``,
+    sorted by (sample, key), their per-sample offsets and every key's use
+    count (float64 ``[num_keys]``); what :class:`~torchrec_esd.cost.group_inputs.GroupInputs`
+    builds with ``torch.unique`` (its reference).  O(N log L), ``L`` the
+    longest sample."""
+    return torch.ops.torchrec_esd.sample_key_pairs(offsets.to(torch.int64).contiguous(),
+                                                   kidx.to(torch.int64).contiguous(), int(num_keys))

@@ -1,6 +1,5 @@
-// CPU kernels of the grouped dispatcher's hot paths (torchrec_esd/dispatch/heuristic.py,
-// torchrec_esd/cost/group_inputs.py), each equal, bit for bit, to its numpy / PyTorch
-// reference (tests/test_dispatch_kernels.py):
+// CPU kernel of the regret heuristic (torchrec_esd/dispatch/heuristic.py), equal bit for bit
+// to its numpy reference (tests/test_dispatch_kernels.py):
 //
 // heuristic_total_solve: the regret heuristic of HeuristicDispatcher(objective="total",
 //   improve_sweeps=0): price_greedy (dual_prices' Jacobi sweeps, then greedy_rounds on the
@@ -8,8 +7,6 @@
 //   the best prices are numpy's (0.0 + pairwise sum, numpy_sum below), so the same prices
 //   win.  O(sweeps B W + rounds B W) with at most W rounds, plus an O(B) selection per
 //   worker and sweep.
-// group_price: GroupInputs.group_matrix, the [B, G] stage-1 price: O(H + U G + P G) for H
-//   cached (worker, key) pairs, U distinct keys and P distinct (sample, key) pairs.
 #include <torch/library.h>
 #include <torch/types.h>
 
@@ -229,83 +226,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> heuristic_total_solve_cpu(const a
   return {assignment, prices, lb};
 }
 
-at::Tensor group_price_cpu(const at::Tensor& hit_key, const at::Tensor& hit_group, const at::Tensor& hit_outdated,
-                           const at::Tensor& table_of, const at::Tensor& row_time, const at::Tensor& evict_time,
-                           const at::Tensor& uses, const at::Tensor& per, int64_t num_samples,
-                           const at::Tensor& occ_s, const at::Tensor& occ_k) {
-  const char* op = "torchrec_esd::group_price: ";
-  auto vec = [&](const at::Tensor& t, at::ScalarType dt, const char* name) {
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dt && t.dim() == 1 && t.is_contiguous(), op, name,
-                " must be a contiguous 1-D CPU ", c10::toString(dt), " tensor");
-  };
-  vec(hit_key, at::kLong, "hit_key");
-  vec(hit_group, at::kLong, "hit_group");
-  vec(hit_outdated, at::kBool, "hit_outdated");
-  vec(table_of, at::kLong, "table_of");
-  vec(uses, at::kDouble, "uses");
-  vec(per, at::kDouble, "per");
-  vec(occ_s, at::kLong, "occ_s");
-  vec(occ_k, at::kLong, "occ_k");
-  const int64_t H = hit_key.numel(), U = table_of.numel(), G = per.numel(), P = occ_s.numel();
-  TORCH_CHECK(hit_group.numel() == H && hit_outdated.numel() == H, op, "hit_key, hit_group and hit_outdated",
-              " must have the same length");
-  TORCH_CHECK(uses.numel() == U, op, "uses must have one entry per key (", U, "), got ", uses.numel());
-  TORCH_CHECK(occ_k.numel() == P, op, "occ_s and occ_k must have the same length");
-  TORCH_CHECK(num_samples >= 0, op, "num_samples must be >= 0");
-  for (const at::Tensor* t : {&row_time, &evict_time})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kDouble && t->dim() == 2 && t->size(1) == G &&
-                    t->is_contiguous(),
-                op, "row_time and evict_time must be contiguous float64 CPU [T, G] matrices, G = ", G);
-  TORCH_CHECK(evict_time.size(0) == row_time.size(0), op, "row_time and evict_time must have the same tables");
-  const int64_t T = row_time.size(0);
-  const int64_t* hk = hit_key.data_ptr<int64_t>();
-  const int64_t* hg = hit_group.data_ptr<int64_t>();
-  const bool* hod = hit_outdated.data_ptr<bool>();
-  // 1: held (outdated), 2: held fresh
-  std::vector<uint8_t> state(static_cast<size_t>(U * G), 0);
-  for (int64_t i = 0; i < H; ++i) {
-    const int64_t g = hg[i];
-    if (g < 0) continue;
-    TORCH_CHECK(g < G && hk[i] >= 0 && hk[i] < U, op, "hit ", i, " names key ", hk[i], " / group ", g,
-                " outside [0, ", U, ") x [0, ", G, ")");
-    uint8_t& s = state[hk[i] * G + g];
-    s = std::max<uint8_t>(s, hod[i] ? 1 : 2);
-  }
-  const int64_t* tab = table_of.data_ptr<int64_t>();
-  const double* rt = row_time.data_ptr<double>();
-  const double* ev = evict_time.data_ptr<double>();
-  const double* us = uses.data_ptr<double>();
-  const double* pg = per.data_ptr<double>();
-  const double den = static_cast<double>(std::max<int64_t>(1, num_samples - 1));
-  std::vector<double> cost(static_cast<size_t>(U * G));
-  for (int64_t k = 0; k < U; ++k) {
-    const int64_t t = tab[k];
-    TORCH_CHECK(t >= 0 && t < T, op, "key ", k, " has table ", t, " outside [0, ", T, ")");
-    for (int64_t g = 0; g < G; ++g) {
-      const uint8_t s = state[k * G + g];
-      const double r = rt[t * G + g];
-      const double c = s == 2 ? 0.0 : (s == 1 ? r : r + ev[t * G + g]);
-      const double m = (us[k] - 1.0) * pg[g];
-      cost[k * G + g] = c / (1.0 + m / den);
-    }
-  }
-  auto out = at::zeros({num_samples, G}, row_time.options());
-  double* o = out.data_ptr<double>();
-  const int64_t* os = occ_s.data_ptr<int64_t>();
-  const int64_t* ok = occ_k.data_ptr<int64_t>();
-  for (int64_t i = 0; i < P; ++i) {
-    TORCH_CHECK(os[i] >= 0 && os[i] < num_samples && ok[i] >= 0 && ok[i] < U, op, "pair ", i, " (", os[i], ", ",
-                ok[i], ") outside [0, ", num_samples, ") x [0, ", U, ")");
-    double* dst = o + os[i] * G;
-    const double* src = cost.data() + ok[i] * G;
-    for (int64_t g = 0; g < G; ++g) dst[g] += src[g];
-  }
-  return out;
-}
-
 TORCH_LIBRARY_IMPL(torchrec_esd, CPU, m) {
   m.impl("heuristic_total_solve", &heuristic_total_solve_cpu);
-  m.impl("group_price", &group_price_cpu);
 }
 
 }  // namespace torchrec_esd

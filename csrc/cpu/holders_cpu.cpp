@@ -101,7 +101,12 @@ std::tuple<at::Tensor, at::Tensor> holder_index_lookup_cpu(const at::Tensor& hea
   std::vector<int64_t> pos, slot;
   pos.reserve(queries.numel());
   slot.reserve(queries.numel());
-  for (int64_t i = 0; i < queries.numel(); ++i) {
+  // the head table is large (2 n rows): fetch the home row of the query kPrefetch ahead
+  constexpr int64_t kPrefetch = 16;
+  const int64_t nq = queries.numel();
+  for (int64_t i = 0; i < nq; ++i) {
+    if (i + kPrefetch < nq && q[i + kPrefetch] >= 0)
+      __builtin_prefetch(tab + 2 * (table_hash(static_cast<uint64_t>(q[i + kPrefetch])) & mask));
     TORCH_CHECK(q[i] >= 0, "torchrec_esd::", op, ": queries must be non-negative, got ", q[i]);
     int64_t g = table_probe(tab, mask, q[i], table_hash(static_cast<uint64_t>(q[i])));
     for (int64_t steps = 0; g >= 0; ++steps) {

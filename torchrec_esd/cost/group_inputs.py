@@ -71,6 +71,19 @@ def _segments(offsets: torch.Tensor, samples: torch.Tensor) -> Tuple[torch.Tenso
     return pos, sub_off
 
 
+def sample_key_pairs_reference(offsets: torch.Tensor, kidx: torch.Tensor,
+                               u: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(occ_s, occ_k, pair_ptr, uses)``: the distinct (sample, key) pairs of
+    sample-major key indices ``kidx`` (``u`` keys), sorted, their per-sample
+    offsets and each key's use count (:func:`torchrec_esd.ops.sample_key_pairs`'
+    reference).  ``O(N log N)``."""
+    b = offsets.numel() - 1
+    sample = torch.repeat_interleave(torch.arange(b), offsets[1:] - offsets[:-1])
+    pair = torch.unique(sample * max(u, 1) + kidx)
+    occ_s, occ_k = pair // max(u, 1), pair % max(u, 1)
+    return occ_s, occ_k, torch.searchsorted(occ_s, torch.arange(b + 1)), torch.bincount(occ_k, minlength=u).double()
+
+
 class GroupInputs:
     """One batch read against the caches for grouped dispatch; see the module
     docstring.  ``caches``: what :class:`~torchrec_esd.cost.CostModel` reads."""
@@ -96,11 +109,10 @@ class GroupInputs:
         self.owner_push = torch.where(self.has_owner, rt_owner, torch.zeros_like(rt_owner))
         # distinct (sample, key) pairs, by sample: the batch's use count of every key
         b = self.num_samples
-        sample = torch.repeat_interleave(torch.arange(b), st.offsets[1:] - st.offsets[:-1])
-        pair = torch.unique(sample * max(u, 1) + self.kidx)
-        self.occ_s, self.occ_k = pair // max(u, 1), pair % max(u, 1)
-        self.uses = torch.bincount(self.occ_k, minlength=u).double()
-        self.pair_ptr = torch.searchsorted(self.occ_s, torch.arange(b + 1))
+        if ops.has_grouped_kernels():
+            self.occ_s, self.occ_k, self.pair_ptr, self.uses = ops.sample_key_pairs(st.offsets, self.kidx, u)
+        else:
+            self.occ_s, self.occ_k, self.pair_ptr, self.uses = sample_key_pairs_reference(st.offsets, self.kidx, u)
         self._by_worker = None  # the hits in worker order, built by the first _group_state
         self.shares = np.asarray(cm.config.batch_shares(b), dtype=np.float64)  # the expected matrix's shares
         self._shares_t = torch.from_numpy(self.shares)
