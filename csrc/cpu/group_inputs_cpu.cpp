@@ -82,8 +82,7 @@ at::Tensor group_price_cpu(const at::Tensor& hit_key, const at::Tensor& hit_grou
   const double* us = uses.data_ptr<double>();
   const double* pg = per.data_ptr<double>();
   const double den = static_cast<double>(std::max<int64_t>(1, num_samples - 1));
-  std::vector<double> cost(static_cast<size_t>(U * G));
-  for (int64_t k = 0; k < U; ++k) {
+  auto key_cost = [&](int64_t k, double* dst) {
     const int64_t t = tab[k];
     TORCH_CHECK(t >= 0 && t < T, op, "key ", k, " has table ", t, " outside [0, ", T, ")");
     for (int64_t g = 0; g < G; ++g) {
@@ -91,16 +90,42 @@ at::Tensor group_price_cpu(const at::Tensor& hit_key, const at::Tensor& hit_grou
       const double r = rt[t * G + g];
       const double c = s == 2 ? 0.0 : (s == 1 ? r : r + ev[t * G + g]);
       // a key used once: (0 * per) / den = 0, and c / 1.0 == c: no division
-      cost[k * G + g] = us[k] == 1.0 ? c : c / (1.0 + ((us[k] - 1.0) * pg[g]) / den);
+      dst[g] = us[k] == 1.0 ? c : c / (1.0 + ((us[k] - 1.0) * pg[g]) / den);
     }
-  }
+  };
   auto out = at::zeros({num_samples, G}, row_time.options());
   double* o = out.data_ptr<double>();
   const int64_t* os = occ_s.data_ptr<int64_t>();
   const int64_t* ok = occ_k.data_ptr<int64_t>();
+  // every sample sums its keys' rows in pair order; when the pairs are sorted by (sample, key)
+  // (GroupInputs' are) that is ascending key order, so the keys can be visited in ascending
+  // order, each row computed once and added to its users (no [U, G] array, no random row reads)
+  bool key_major = true;
+  std::vector<int64_t> cnt(static_cast<size_t>(U) + 1, 0);
   for (int64_t i = 0; i < P; ++i) {
     TORCH_CHECK(os[i] >= 0 && os[i] < num_samples && ok[i] >= 0 && ok[i] < U, op, "pair ", i, " (", os[i], ", ",
                 ok[i], ") outside [0, ", num_samples, ") x [0, ", U, ")");
+    if (i > 0 && (os[i] < os[i - 1] || (os[i] == os[i - 1] && ok[i] <= ok[i - 1]))) key_major = false;
+    ++cnt[ok[i] + 1];
+  }
+  if (key_major) {
+    for (int64_t k = 0; k < U; ++k) cnt[k + 1] += cnt[k];
+    std::vector<int64_t> users(static_cast<size_t>(P)), fill(cnt.begin(), cnt.end() - 1);
+    for (int64_t i = 0; i < P; ++i) users[fill[ok[i]]++] = os[i];
+    std::vector<double> row(static_cast<size_t>(G));
+    for (int64_t k = 0; k < U; ++k) {
+      if (cnt[k] == cnt[k + 1]) continue;
+      key_cost(k, row.data());
+      for (int64_t q = cnt[k]; q < cnt[k + 1]; ++q) {
+        double* dst = o + users[q] * G;
+        for (int64_t g = 0; g < G; ++g) dst[g] += row[g];
+      }
+    }
+    return out;
+  }
+  std::vector<double> cost(static_cast<size_t>(U * G));
+  for (int64_t k = 0; k < U; ++k) key_cost(k, cost.data() + k * G);
+  for (int64_t i = 0; i < P; ++i) {
     double* dst = o + os[i] * G;
     const double* src = cost.data() + ok[i] * G;
     for (int64_t g = 0; g < G; ++g) dst[g] += src[g];

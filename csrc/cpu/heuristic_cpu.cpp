@@ -81,7 +81,7 @@ void best_two(const double* cost, const std::vector<double>& u, int64_t B, int64
 // lower_bound.dual_prices (u0 = 0): the best prices over sweeps + 1 evaluations of LB(u).
 std::vector<double> dual_prices(const double* cost, const std::vector<int64_t>& sh, int64_t B, int64_t W,
                                 int64_t sweeps) {
-  std::vector<double> shf(W), u(W, 0.0), best_u(W, 0.0), col(B);
+  std::vector<double> shf(W), u(W, 0.0), best_u(W, 0.0), col(B), dt(static_cast<size_t>(B * W));
   for (int64_t w = 0; w < W; ++w) shf[w] = static_cast<double>(sh[w]);
   double best_v = -kInf;
   std::vector<int64_t> bi(B);
@@ -95,11 +95,20 @@ std::vector<double> dual_prices(const double* cost, const std::vector<int64_t>& 
       best_v = v;
     }
     if (it == sweeps) break;
-    // d[s, w] = c[s, w] - min_{w' != w} (c[s, w'] - u_w'); the k-th smallest per column
+    // d[s, w] = c[s, w] - min_{w' != w} (c[s, w'] - u_w'), column-major; the k-th smallest per column
+    // (in blocks of rows, so that the writes run along the columns)
+    constexpr int64_t kBlock = 256;
+    for (int64_t s0 = 0; s0 < B; s0 += kBlock) {
+      const int64_t s1 = std::min(B, s0 + kBlock);
+      for (int64_t w = 0; w < W; ++w) {
+        double* dcol = dt.data() + w * B;
+        for (int64_t s = s0; s < s1; ++s) dcol[s] = cost[s * W + w] - bv[s];
+      }
+      for (int64_t s = s0; s < s1; ++s) dt[bi[s] * B + s] = cost[s * W + bi[s]] - sv[s];
+    }
     std::vector<double> nu(W);
     for (int64_t w = 0; w < W; ++w) {
-      for (int64_t s = 0; s < B; ++s)
-        col[s] = bi[s] == w ? cost[s * W + w] - sv[s] : cost[s * W + w] - bv[s];
+      std::copy(dt.begin() + w * B, dt.begin() + (w + 1) * B, col.begin());
       const int64_t k = sh[w];
       double x;
       if (k <= 0) {
