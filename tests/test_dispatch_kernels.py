@@ -93,6 +93,40 @@ def test_group_slice_equals_reference(staleness):
         gi.sub_matrix(torch.tensor([5, 3]), [0, 1], "expected")
 
 
+def test_group_price_in_any_pair_order():
+    # unsorted pairs take the pair-order loop: equal to index_add_ of the keys' rows in pair order
+    from torchrec_esd.cost.group_inputs import GroupInputs, link_groups
+
+    cm, cd, kjt = _grouped_world(11, batch=120)
+    gi = GroupInputs(cm, kjt, cd.cache_state())
+    b, u = kjt.stride(), gi.st.uniq.numel()
+    groups = link_groups(cm.bytes_per_second, list(range(11)), 4)
+    shares = cm.config.batch_shares(b)
+    ref = gi.group_matrix(groups, shares)
+    args = _price_args(gi, groups, shares)
+    # each key's row alone: chunks of b keys, one per sample
+    rows = torch.cat([ops.group_price(*args[:8], b, torch.arange(min(b, u - c)), torch.arange(c, min(u, c + b)))
+                      [:min(b, u - c)] for c in range(0, u, b)])
+    perm = torch.from_numpy(np.random.default_rng(5).permutation(gi.occ_s.numel()))
+    got = ops.group_price(*args[:8], b, gi.occ_s[perm], gi.occ_k[perm])
+    want = torch.zeros(b, len(groups), dtype=torch.float64).index_add_(0, gi.occ_s[perm], rows[gi.occ_k[perm]])
+    assert torch.equal(got, want)
+    assert torch.allclose(got, ref, rtol=1e-12, atol=0)
+
+
+def _price_args(gi, groups, shares):
+    W = gi.row_time.shape[0]
+    group_of = torch.full((W,), -1, dtype=torch.int64)
+    for k, g in enumerate(groups):
+        group_of[torch.tensor(g)] = k
+    rt = torch.stack([gi.row_time[g].min(0).values for g in groups], 1).contiguous()
+    ev = torch.stack([gi.evict_time[g].min(0).values for g in groups], 1).contiguous()
+    per = torch.tensor([max(sum(shares[w] for w in g) / len(g) - 1.0, 0.0) for g in groups], dtype=torch.float64)
+    h = gi.hits
+    return (h.key, group_of[h.worker], h.outdated, gi.st.table_of, rt, ev, gi.uses, per, gi.num_samples,
+            gi.occ_s, gi.occ_k)
+
+
 def test_sample_key_pairs_equal_reference():
     from torchrec_esd.cost.group_inputs import sample_key_pairs_reference
 
