@@ -113,4 +113,7 @@ TORCH_LIBRARY(torchrec_esd, m) {
   // use count (float64 [num_keys]).  CPU only.
   m.def("sample_key_pairs(Tensor offsets, Tensor kidx, int num_keys) -> "
         "(Tensor occ_s, Tensor occ_k, Tensor pair_ptr, Tensor uses)");
+  // Stable order of `bins` (values in [0, num_bins)) by value and the bins' offsets [num_bins + 1]
+  // (a counting sort; torch.argsort(stable=True) + bincount is its reference).  CPU only.
+  m.def("bucket_order(Tensor bins, int num_bins) -> (Tensor order, Tensor ptr)");
 }

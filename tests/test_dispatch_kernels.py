@@ -144,6 +144,17 @@ def test_sample_key_pairs_equal_reference():
         ops.sample_key_pairs(torch.tensor([0, 2]), torch.tensor([0, 7]), 3)
 
 
+def test_bucket_order_is_the_stable_argsort():
+    g = torch.Generator().manual_seed(6)
+    for n, k in ((0, 0), (0, 3), (10, 1), (1000, 7), (5000, 256)):
+        bins = torch.randint(0, max(k, 1), (n,), generator=g)
+        order, ptr = ops.bucket_order(bins, k)
+        assert torch.equal(order, torch.argsort(bins, stable=True))
+        assert ptr[0] == 0 and torch.equal(ptr[1:] - ptr[:-1], torch.bincount(bins, minlength=k))
+    with pytest.raises(RuntimeError, match="outside"):
+        ops.bucket_order(torch.tensor([0, 3]), 3)
+
+
 def test_grouped_decide_same_with_and_without_kernels(monkeypatch):
     cm, cd, kjt = _grouped_world(23, batch=230)
     shares = cm.config.batch_shares(kjt.stride())

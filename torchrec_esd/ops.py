@@ -375,9 +375,14 @@ if HAS_GROUPED_KERNELS:
                 kidx.new_empty((num_keys,), dtype=torch.float64))
 
 
+    @torch.library.register_fake("torchrec_esd::bucket_order")
+    def _bucket_order_fake(bins, num_bins: int):
+        return bins.new_empty(bins.shape), bins.new_empty((num_bins + 1,))
+
+
 def has_grouped_kernels() -> bool:
     """Whether the C++ kernels of the grouped dispatcher (:func:`heuristic_total_solve`,
-    :func:`group_price`, :func:`group_slice_expected`, :func:`sample_key_pairs`) are built."""
+    :func:`group_price`, :func:`group_slice_expected`, :func:`sample_key_pairs`, :func:`bucket_order`) are built."""
     return HAS_GROUPED_KERNELS
 
 
@@ -453,3 +458,16 @@ def sample_key_pairs(offsets: torch.Tensor, kidx: torch.Tensor,
     longest sample."""
     return torch.ops.torchrec_esd.sample_key_pairs(offsets.to(torch.int64).contiguous(),
                                                    kidx.to(torch.int64).contiguous(), int(num_keys))
+
+
+def bucket_order(bins: torch.Tensor, num_bins: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(order, ptr)``: the stable order of ``bins`` (int values in ``[0,
+    num_bins)``) by value, and every bin's offsets in it (``[num_bins + 1]``).
+    A counting sort, O(n + num_bins); without the extension
+    ``torch.argsort(stable=True)`` and a bincount (the reference)."""
+    bins = bins.to(torch.int64).contiguous()
+    if HAS_GROUPED_KERNELS:
+        return torch.ops.torchrec_esd.bucket_order(bins, int(num_bins))
+    ptr = torch.zeros(int(num_bins) + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(bins, minlength=int(num_bins)), 0, out=ptr[1:])
+    return torch.argsort(bins, stable=True), ptr

@@ -7,6 +7,9 @@
 // sample_key_pairs: GroupInputs' distinct (sample, key) pairs, sorted by (sample, key), their
 //   per-sample offsets and every key's use count: O(N log L) for N keys, L the longest sample.
 //
+// bucket_order: the stable order of values in [0, num_bins) by value (a counting sort, O(n +
+//   num_bins)) and the bins' offsets: the hits in worker order.
+//
 // group_slice_expected: GroupInputs.sub_matrix(samples, workers, "expected"), one group's
 // [B_g, |g|] slice of the expected cost matrix.  Per key x of the group's samples and worker w of the group (column j):
 //   own  = cached ? outdated * rt : rt + ev      (rt, ev: w's row time / eviction push of x's table)
@@ -303,10 +306,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_key_pairs_cpu(
   return {os, ok, ptr, uses};
 }
 
+std::tuple<at::Tensor, at::Tensor> bucket_order_cpu(const at::Tensor& bins, int64_t num_bins) {
+  const char* op = "torchrec_esd::bucket_order: ";
+  check_vec(bins, at::kLong, "bins");
+  TORCH_CHECK(num_bins >= 0, op, "num_bins must be >= 0");
+  const int64_t n = bins.numel();
+  const int64_t* b = bins.data_ptr<int64_t>();
+  auto ptr = at::zeros({num_bins + 1}, bins.options());
+  auto order = at::empty({n}, bins.options());
+  int64_t* pp = ptr.data_ptr<int64_t>();
+  int64_t* o = order.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(b[i] >= 0 && b[i] < num_bins, op, "bin ", b[i], " outside [0, ", num_bins, ")");
+    ++pp[b[i] + 1];
+  }
+  for (int64_t k = 0; k < num_bins; ++k) pp[k + 1] += pp[k];
+  std::vector<int64_t> fill(pp, pp + num_bins);
+  for (int64_t i = 0; i < n; ++i) o[fill[b[i]]++] = i;
+  return {order, ptr};
+}
+
 TORCH_LIBRARY_IMPL(torchrec_esd, CPU, m) {
   m.impl("group_price", &group_price_cpu);
   m.impl("group_slice_expected", &group_slice_expected_cpu);
   m.impl("sample_key_pairs", &sample_key_pairs_cpu);
+  m.impl("bucket_order", &bucket_order_cpu);
 }
 
 }  // namespace torchrec_esd

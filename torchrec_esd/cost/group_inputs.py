@@ -15,8 +15,9 @@ Per batch (``N`` row keys, ``U`` distinct, ``B`` samples, ``W`` workers in
 * :meth:`GroupInputs.group_matrix`: ``O(H + U G + N G)``;
 * :meth:`GroupInputs.sub_matrix` for a group: ``O(N_g log N_g + H_g + U_g
   |g|)`` (``N_g``/``U_g`` the keys of the group's samples, ``H_g`` the hits
-  of its workers; the hits are put in worker order once, ``O(H log H)``), so
-  all groups together ``O(N log N + H log H + U group_size)``.
+  of its workers; the hits are put in worker order once, ``O(H + W)``,
+  :meth:`GroupInputs.prepare_groups`), so all groups together ``O(N log N + H
+  + U group_size)`` (the expected slice in C++: ``O(N + H + U group_size)``).
 
 **Exactness.** ``sub_matrix(samples, workers, kind)`` is, entry for entry,
 the slice ``[samples][:, workers]`` of the full matrix the flat dispatchers
@@ -177,20 +178,27 @@ class GroupInputs:
     # ------------------------------------------------------------- stage 2
     def _hits_by_worker(self) -> Tuple[torch.Tensor, ...]:
         """``(ptr [W + 1], worker, key, outdated, dirty)``: the hits in worker
-        order (stable), built once, ``O(H log H)``."""
+        order (stable), built once (a counting sort, ``O(H + W)``)."""
         if self._by_worker is None:
             h = self.hits
-            order = torch.argsort(h.worker, stable=True)
-            ptr = torch.zeros(self.st.look.shape[0] + 1, dtype=torch.int64)
-            torch.cumsum(torch.bincount(h.worker, minlength=self.st.look.shape[0]), 0, out=ptr[1:])
+            order, ptr = ops.bucket_order(h.worker, self.st.look.shape[0])
             self._by_worker = (ptr, h.worker[order], h.key[order], h.outdated[order], h.dirty[order])
         return self._by_worker
+
+    def prepare_groups(self) -> None:
+        """Build what every group's :meth:`sub_matrix` shares, once: the hits
+        in worker order and the batch's distinct use counts (``O(H + W + U
+        log U)``; otherwise the first group's slice builds them)."""
+        self._hits_by_worker()
+        if self._uses_table is None:
+            nd, inv = torch.unique(self.uses, return_inverse=True)
+            self._uses_table = (nd.numpy(), inv)
 
     def _group_state(self, gw: torch.Tensor, ku: torch.Tensor, slots: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """Bool ``[U_g, |g|]`` cached / outdated / dirty of the ascending keys
         ``ku`` (id table ``slots`` of their row keys) on the workers ``gw``, from
         the hits of those workers (``O(H_g)``; the hits are put in worker order
-        once, ``O(H log H)``)."""
+        once, ``O(H + W)``)."""
         ptr, hw, hk, hod, hdt = self._hits_by_worker()
         order = torch.argsort(gw)
         pos, off = _segments(ptr, gw[order])
@@ -218,9 +226,7 @@ class GroupInputs:
                 or samples.numel() == 0):
             return self.sub_matrix_reference(samples, workers, kind, hits)
         gw = torch.tensor(list(workers), dtype=torch.int64)
-        if self._uses_table is None:  # the batch's distinct use counts, and each key's
-            nd, inv = torch.unique(self.uses, return_inverse=True)
-            self._uses_table = (nd.numpy(), inv)
+        self.prepare_groups()
         nd, inv = self._uses_table
         # numpy's pow, in the reference's layout (amortised_key_costs): rows = distinct use counts
         sh = np.asarray(self.shares[gw.numpy()], dtype=np.float64).reshape(1, -1)
