@@ -116,4 +116,11 @@ TORCH_LIBRARY(torchrec_esd, m) {
   // Stable order of `bins` (values in [0, num_bins)) by value and the bins' offsets [num_bins + 1]
   // (a counting sort; torch.argsort(stable=True) + bincount is its reference).  CPU only.
   m.def("bucket_order(Tensor bins, int num_bins) -> (Tensor order, Tensor ptr)");
+  // holder_index_lookup plus, per hit, its worker (base [W + 1] the workers' first global slots;
+  // bucket_worker[g >> shift] the worker of a bucket's first slot, every worker holding at least
+  // 2^shift slots, or empty: a binary search over base) and its slot's flags: outdated = lag > 0
+  // and not dirty, dirty.  Returns (pos, worker, outdated, dirty).  CPU only.
+  m.def(
+      "holder_index_read(Tensor head, Tensor next, Tensor base, Tensor bucket_worker, int shift, Tensor lag, "
+      "Tensor dirty, Tensor queries) -> (Tensor pos, Tensor worker, Tensor outdated, Tensor dirty_out)");
 }

@@ -47,6 +47,13 @@ def _check(d: CacheDirectory, kjt) -> int:
         assert torch.equal(got, exp), f
     h = look.hits
     assert h.worker.numel() == int(want[0].sum())
+    # the one-pass C++ read (holder_index_read) equals the lookup and gathers, in order
+    index = d.holder_index()
+    ref = index.read(u, kernel=False)
+    nobuckets = ops.holder_index_read(index.head, index.next, index.base, torch.zeros(0, dtype=torch.int64), 0,
+                                      index.lag, index.dirty, u)  # the workers by binary search
+    for got, got_bs, exp in zip(index.read(u), nobuckets, ref):
+        assert torch.equal(got, exp) and torch.equal(got_bs, exp)
     return int(want[2].sum())
 
 

@@ -471,3 +471,20 @@ def bucket_order(bins: torch.Tensor, num_bins: int) -> Tuple[torch.Tensor, torch
     ptr = torch.zeros(int(num_bins) + 1, dtype=torch.int64)
     torch.cumsum(torch.bincount(bins, minlength=int(num_bins)), 0, out=ptr[1:])
     return torch.argsort(bins, stable=True), ptr
+
+
+HAS_HOLDER_READ = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "holder_index_read")
+
+
+def holder_index_read(head: torch.Tensor, next_: torch.Tensor, base: torch.Tensor, bucket_worker: torch.Tensor,
+                      shift: int, lag: torch.Tensor, dirty: torch.Tensor, queries: torch.Tensor
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`holder_index_lookup` plus, per holder, its worker (``base`` the
+    workers' first global slots; ``bucket_worker[g >> shift]`` the worker of
+    each bucket's first slot, or empty for a binary search) and its slot's
+    flags: ``(pos, worker, outdated, dirty)`` with ``outdated = (lag > 0) &
+    ~dirty``.  One C++ pass that prefetches the per-slot state: O(len(queries)
+    + holders).  CPU tensors; :meth:`torchrec_esd.cache.holders.HolderIndex.read`
+    falls back to the lookup and PyTorch gathers (its reference) without it."""
+    return torch.ops.torchrec_esd.holder_index_read(head, next_, base, bucket_worker, int(shift), lag, dirty,
+                                                    queries.to(torch.int64).contiguous())

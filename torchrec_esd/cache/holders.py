@@ -99,6 +99,20 @@ class HolderIndex:
         pos, g = ops.holder_index_lookup(self.head, self.next, keys)
         return pos, self.slot_workers(g), g
 
+    def read(self, keys: torch.Tensor, kernel: bool = True
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(pos, worker, outdated, dirty)`` of every cached copy of ``keys``:
+        :meth:`lookup` and the copies' slot flags (``outdated``: lag > 0 and
+        not dirty).  With ``kernel`` (and the extension built) one C++ pass
+        (:func:`~torchrec_esd.ops.holder_index_read`), else the lookup and
+        PyTorch gathers (the reference).  ``O(U + H)``."""
+        if kernel and ops.HAS_HOLDER_READ:
+            bw = self._bucket_worker if self._bucket_worker is not None else torch.zeros(0, dtype=torch.int64)
+            return ops.holder_index_read(self.head, self.next, self.base, bw, self._shift, self.lag, self.dirty, keys)
+        pos, worker, g = self.lookup(keys)
+        dirty = self.dirty[g]
+        return pos, worker, (self.lag[g] > 0) & ~dirty, dirty
+
     def slot_workers(self, g: torch.Tensor) -> torch.Tensor:
         """The worker of every global slot ``g`` (``searchsorted(base, g,
         right=True) - 1``): ``O(len(g))`` by buckets of slots, a binary search
