@@ -110,6 +110,12 @@ std::tuple<at::Tensor, at::Tensor> holder_index_lookup_cpu(const at::Tensor& hea
   for (int64_t i = 0; i < nq; ++i) {
     if (i + kPrefetch < nq && q[i + kPrefetch] >= 0)
       __builtin_prefetch(tab + 2 * (table_hash(static_cast<uint64_t>(q[i + kPrefetch])) & mask));
+    // and, half way, the second holder of that query (its head row is in cache by now)
+    if (i + kPrefetch / 2 < nq && q[i + kPrefetch / 2] >= 0) {
+      const int64_t h = table_probe(tab, mask, q[i + kPrefetch / 2],
+                                    table_hash(static_cast<uint64_t>(q[i + kPrefetch / 2])));
+      if (h >= 0 && h < n) __builtin_prefetch(nx + h);
+    }
     TORCH_CHECK(q[i] >= 0, "torchrec_esd::", op, ": queries must be non-negative, got ", q[i]);
     int64_t g = table_probe(tab, mask, q[i], table_hash(static_cast<uint64_t>(q[i])));
     for (int64_t steps = 0; g >= 0; ++steps) {
