@@ -106,7 +106,8 @@ class GroupInputs:
         self.owner = torch.where(self.has_owner, first, torch.full_like(first, -1))
         self.row_time = cm.row_time  # [W, T]
         self.evict_time = cm._evict_fraction(st) * cm.row_time  # [W, T]
-        rt_owner = self.row_time[self.owner.clamp(min=0), st.table_of]
+        T = self.row_time.shape[1]
+        rt_owner = self.row_time.reshape(-1).index_select(0, self.owner.clamp(min=0) * T + st.table_of)
         self.owner_push = torch.where(self.has_owner, rt_owner, torch.zeros_like(rt_owner))
         # distinct (sample, key) pairs, by sample: the batch's use count of every key
         b = self.num_samples
@@ -182,7 +183,7 @@ class GroupInputs:
         if self._by_worker is None:
             h = self.hits
             order, ptr = ops.bucket_order(h.worker, self.st.look.shape[0])
-            self._by_worker = (ptr, h.worker[order], h.key[order], h.outdated[order], h.dirty[order])
+            self._by_worker = (ptr,) + tuple(t.index_select(0, order) for t in (h.worker, h.key, h.outdated, h.dirty))
         return self._by_worker
 
     def prepare_groups(self) -> None:
@@ -191,7 +192,12 @@ class GroupInputs:
         log U)``; otherwise the first group's slice builds them)."""
         self._hits_by_worker()
         if self._uses_table is None:
-            nd, inv = torch.unique(self.uses, return_inverse=True)
+            # the use counts are integers <= B: torch.unique(uses, return_inverse=True) by a
+            # bincount, O(U + B) instead of a sort
+            n = self.uses.to(torch.int64)
+            present = torch.bincount(n, minlength=1) > 0
+            nd = present.nonzero().view(-1).to(torch.float64)
+            inv = (torch.cumsum(present.to(torch.int64), 0) - 1)[n]
             self._uses_table = (nd.numpy(), inv)
 
     def _group_state(self, gw: torch.Tensor, ku: torch.Tensor, slots: torch.Tensor) -> Tuple[torch.Tensor, ...]:
