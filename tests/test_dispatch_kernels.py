@@ -41,6 +41,20 @@ def test_heuristic_total_solve_equals_price_greedy():
         assert np.array_equal(a, a_ref) and info == info_ref
 
 
+def test_heuristic_total_solve_equals_price_greedy_on_large_batches():
+    # columns longer than the kernel's sampled selection threshold (2048), with and without ties
+    rng = np.random.default_rng(7)
+    for b, w, digits in ((3000, 3, None), (5000, 6, 2), (4100, 2, 1)):
+        c = rng.random((b, w)) * rng.uniform(0.1, 10, w)
+        if digits is not None:
+            c = np.round(c, digits)
+        shares = np.bincount(rng.integers(0, w, b), minlength=w).tolist()
+        a_ref, u_ref = price_greedy(c, shares, 3)
+        a, u, lb = ops.heuristic_total_solve(torch.from_numpy(c), shares, 3)
+        assert np.array_equal(a.numpy(), a_ref) and np.array_equal(u.numpy(), u_ref)
+        assert lb == dual_value(c, shares, u_ref)
+
+
 def test_heuristic_total_solve_rejects_bad_shares():
     a, u, lb = ops.heuristic_total_solve(torch.zeros(0, 3, dtype=torch.float64), [0, 0, 0])
     assert a.numel() == 0 and torch.equal(u, torch.zeros(3, dtype=torch.float64)) and lb == 0.0

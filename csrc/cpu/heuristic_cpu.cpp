@@ -78,6 +78,41 @@ void best_two(const double* cost, const std::vector<double>& u, int64_t B, int64
   }
 }
 
+// The k-th smallest (0-based) of a[0..n) (finite values), what np.partition(a, k)[k] gives:
+// the value is unique whatever the method.  A strided sample of the column brackets the rank
+// k; one pass counts the values below the bracket and keeps those inside; a selection among
+// those finishes (a full std::nth_element on a copy when the bracket misses).  O(n).
+double kth_smallest(const double* a, int64_t n, int64_t k, std::vector<double>& buf) {
+  constexpr int64_t kSample = 256, kMargin = 16;
+  if (n <= 8 * kSample) {
+    buf.assign(a, a + n);
+    std::nth_element(buf.begin(), buf.begin() + k, buf.end());
+    return buf[k];
+  }
+  double smp[kSample];
+  const int64_t step = n / kSample;
+  for (int64_t i = 0; i < kSample; ++i) smp[i] = a[i * step];
+  std::sort(smp, smp + kSample);
+  const int64_t q = static_cast<int64_t>(static_cast<double>(k) / static_cast<double>(n) * kSample);
+  const double lo = smp[std::max<int64_t>(0, q - kMargin)];
+  const double hi = smp[std::min<int64_t>(kSample - 1, q + kMargin)];
+  int64_t below = 0;
+  buf.clear();
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = a[i];
+    if (x < lo) ++below;
+    else if (x <= hi) buf.push_back(x);
+  }
+  const int64_t inside = static_cast<int64_t>(buf.size());
+  if (below <= k && k < below + inside) {
+    std::nth_element(buf.begin(), buf.begin() + (k - below), buf.end());
+    return buf[k - below];
+  }
+  buf.assign(a, a + n);
+  std::nth_element(buf.begin(), buf.begin() + k, buf.end());
+  return buf[k];
+}
+
 // lower_bound.dual_prices (u0 = 0): the best prices over sweeps + 1 evaluations of LB(u).
 std::vector<double> dual_prices(const double* cost, const std::vector<int64_t>& sh, int64_t B, int64_t W,
                                 int64_t sweeps) {
@@ -108,16 +143,15 @@ std::vector<double> dual_prices(const double* cost, const std::vector<int64_t>& 
     }
     std::vector<double> nu(W);
     for (int64_t w = 0; w < W; ++w) {
-      std::copy(dt.begin() + w * B, dt.begin() + (w + 1) * B, col.begin());
       const int64_t k = sh[w];
       double x;
+      const double* dcol = dt.data() + w * B;
       if (k <= 0) {
-        x = *std::min_element(col.begin(), col.end());
+        x = *std::min_element(dcol, dcol + B);
       } else if (k >= B) {
-        x = *std::max_element(col.begin(), col.end());
+        x = *std::max_element(dcol, dcol + B);
       } else {
-        std::nth_element(col.begin(), col.begin() + (k - 1), col.end());
-        x = col[k - 1];
+        x = kth_smallest(dt.data() + w * B, B, k - 1, col);
       }
       nu[w] = std::isfinite(x) ? x : 0.0;
     }
