@@ -149,7 +149,8 @@ def test_sample_key_pairs_equal_reference():
         lens = torch.from_numpy(rng.integers(0, 6, b))
         offsets = torch.zeros(b + 1, dtype=torch.int64)
         offsets[1:] = torch.cumsum(lens, 0)
-        kidx = torch.from_numpy(rng.integers(0, max(u, 1), int(offsets[-1]))) if u else torch.zeros(0, dtype=torch.int64)
+        n = int(offsets[-1])
+        kidx = torch.from_numpy(rng.integers(0, u, n)) if u else torch.zeros(0, dtype=torch.int64)
         got = ops.sample_key_pairs(offsets, kidx, u)
         ref = sample_key_pairs_reference(offsets, kidx, u)
         for x, y in zip(got, ref):

@@ -120,6 +120,10 @@ at::Tensor group_price_cpu(const at::Tensor& hit_key, const at::Tensor& hit_grou
       if (cnt[k] == cnt[k + 1]) continue;
       key_cost(k, row.data());
       for (int64_t q = cnt[k]; q < cnt[k + 1]; ++q) {
+        if (q + 8 < P) {  // the output rows are read at random: fetch a few users ahead
+          __builtin_prefetch(o + users[q + 8] * G, 1);
+          __builtin_prefetch(o + users[q + 8] * G + G - 1, 1);
+        }
         double* dst = o + users[q] * G;
         for (int64_t g = 0; g < G; ++g) dst[g] += row[g];
       }

@@ -142,8 +142,8 @@ class GroupInputs:
         per = torch.tensor([max(sum(int(shares[w]) for w in g) / len(g) - 1.0, 0.0) for g in groups],
                            dtype=torch.float64)
         h = self.hits
-        return ops.group_price(h.key, group_of[h.worker], h.outdated, st.table_of, rt, ev, self.uses, per, b,
-                               self.occ_s, self.occ_k)
+        return ops.group_price(h.key, group_of.index_select(0, h.worker), h.outdated, st.table_of, rt, ev,
+                               self.uses, per, b, self.occ_s, self.occ_k)
 
     def group_matrix_reference(self, groups: Sequence[Sequence[int]], shares: Sequence[int]) -> torch.Tensor:
         """:meth:`group_matrix` in PyTorch (the kernel's reference)."""
