@@ -36,7 +36,10 @@ def _extension():
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     # at::parallel_for is OpenMP-based in torch's CPU builds: without -fopenmp
     # the kernels would run on one thread (torch's own libgomp is reused)
-    cxx = ["-O3", "-fopenmp"]
+    # -ffp-contract=off: no fused multiply-adds, so that the kernels that equal a numpy /
+    # PyTorch reference bit for bit (csrc/cpu/heuristic_cpu.cpp, group_slice_cpu.cpp) stay equal
+    # whatever -march a build adds
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
     link = ["-fopenmp"]
     if _want_cuda():
         return CUDAExtension(

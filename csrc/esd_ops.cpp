@@ -83,4 +83,44 @@ TORCH_LIBRARY(torchrec_esd, m) {
       "holder_index_sync(Tensor(a!) head, Tensor(b!) next, Tensor(c!) prev, Tensor(d!) gkey, "
       "int base, Tensor slot_keys) -> ()");
   m.def("holder_index_lookup(Tensor head, Tensor next, Tensor queries) -> (Tensor pos, Tensor slots)");
+  // Grouped dispatch (csrc/cpu/heuristic_cpu.cpp), each equal bit for bit to its Python
+  // reference.  The regret heuristic of HeuristicDispatcher(objective="total", improve_sweeps=0)
+  // on a float64 [B, W] cost (torchrec_esd.dispatch.heuristic.price_greedy + dual_value):
+  // (assignment int64 [B], prices float64 [W], lower bound float64 []).  CPU only.
+  m.def("heuristic_total_solve(Tensor cost, Tensor shares, int price_sweeps) -> "
+        "(Tensor assignment, Tensor prices, Tensor lower_bound)");
+  // The [B, G] stage-1 price of GroupInputs.group_matrix from the cached (key, group, outdated)
+  // hits (group -1: no group), each key's table, the per-group [T, G] fastest row time and
+  // lowest eviction push, each key's use count, the per-group share term `per`, and the
+  // distinct (sample, key) pairs (occ_s sorted).  CPU only.
+  m.def(
+      "group_price(Tensor hit_key, Tensor hit_group, Tensor hit_outdated, Tensor table_of, "
+      "Tensor row_time, Tensor evict_time, Tensor uses, Tensor per, int num_samples, Tensor occ_s, "
+      "Tensor occ_k) -> Tensor");
+  // One group's [B_g, |g|] slice of the expected cost matrix (GroupInputs.sub_matrix(samples,
+  // workers, "expected"), csrc/cpu/group_slice_cpu.cpp): the ascending samples' distinct (sample,
+  // key) pairs (pair_ptr / occ_k), the hits in worker order (hit_ptr [W + 1], key, outdated), per
+  // key its table, use count, dirty owner (-1: none) and owner push, per worker [W, T] row time and
+  // eviction push and its expected-matrix share, and p_shared [distinct uses, |g|] (numpy's pow)
+  // with uses_index [U] its row per key.  CPU only.
+  m.def(
+      "group_slice_expected(Tensor samples, Tensor workers, Tensor pair_ptr, Tensor occ_k, Tensor hit_ptr, "
+      "Tensor hit_key, Tensor hit_outdated, Tensor table_of, Tensor row_time, Tensor evict_time, Tensor uses, "
+      "Tensor owner, Tensor owner_push, Tensor shares, Tensor p_shared, Tensor uses_index, int num_samples) "
+      "-> Tensor");
+  // The distinct (sample, key index) pairs of a batch's sample-major key indices `kidx` (per-sample
+  // `offsets`), sorted by (sample, key), with their per-sample offsets [B + 1] and every key's
+  // use count (float64 [num_keys]).  CPU only.
+  m.def("sample_key_pairs(Tensor offsets, Tensor kidx, int num_keys) -> "
+        "(Tensor occ_s, Tensor occ_k, Tensor pair_ptr, Tensor uses)");
+  // Stable order of `bins` (values in [0, num_bins)) by value and the bins' offsets [num_bins + 1]
+  // (a counting sort; torch.argsort(stable=True) + bincount is its reference).  CPU only.
+  m.def("bucket_order(Tensor bins, int num_bins) -> (Tensor order, Tensor ptr)");
+  // holder_index_lookup plus, per hit, its worker (base [W + 1] the workers' first global slots;
+  // bucket_worker[g >> shift] the worker of a bucket's first slot, every worker holding at least
+  // 2^shift slots, or empty: a binary search over base) and its slot's flags: outdated = lag > 0
+  // and not dirty, dirty.  Returns (pos, worker, outdated, dirty).  CPU only.
+  m.def(
+      "holder_index_read(Tensor head, Tensor next, Tensor base, Tensor bucket_worker, int shift, Tensor lag, "
+      "Tensor dirty, Tensor queries) -> (Tensor pos, Tensor worker, Tensor outdated, Tensor dirty_out)");
 }

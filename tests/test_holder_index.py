@@ -47,6 +47,13 @@ def _check(d: CacheDirectory, kjt) -> int:
         assert torch.equal(got, exp), f
     h = look.hits
     assert h.worker.numel() == int(want[0].sum())
+    # the one-pass C++ read (holder_index_read) equals the lookup and gathers, in order
+    index = d.holder_index()
+    ref = index.read(u, kernel=False)
+    nobuckets = ops.holder_index_read(index.head, index.next, index.base, torch.zeros(0, dtype=torch.int64), 0,
+                                      index.lag, index.dirty, u)  # the workers by binary search
+    for got, got_bs, exp in zip(index.read(u), nobuckets, ref):
+        assert torch.equal(got, exp) and torch.equal(got_bs, exp)
     return int(want[2].sum())
 
 
@@ -148,3 +155,22 @@ def test_plans_and_state_equal_without_the_index(monkeypatch, kernel):
             for f in ("keys", "lag", "dirty", "last_use", "freq"):
                 assert torch.equal(getattr(with_index._w[w], f), getattr(plain._w[w], f)), (step, w, f)
     assert plain._holders is None
+
+
+def test_slot_workers_equal_the_binary_search():
+    # the O(1) bucket lookup of a global slot's worker, against searchsorted over the bases,
+    # with equal, unequal and (binary-search fallback) empty slot ranges
+    class _Slots:  # the fields HolderIndex reads of a worker's slots, all empty
+        def __init__(self, n):
+            self.num_slots, self.keys = n, torch.full((n,), -1, dtype=torch.int64)
+            self.lag, self.dirty = torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.bool)
+            self.table_start = torch.tensor([0, n])
+
+        def per_table(self, mask, T):
+            return torch.zeros(T, dtype=torch.int64)
+
+    rng = torch.Generator().manual_seed(0)
+    for sizes in ([8] * 5, [1, 7, 3], [16, 17, 31, 9], [5, 0, 4], torch.randint(1, 60, (40,), generator=rng).tolist()):
+        index = HolderIndex([_Slots(int(n)) for n in sizes])
+        g = torch.arange(int(index.base[-1]))
+        assert torch.equal(index.slot_workers(g), torch.searchsorted(index.base, g, right=True) - 1), sizes

@@ -342,3 +342,149 @@ def holder_index_lookup(head: torch.Tensor, next_: torch.Tensor,
     from torchrec_esd.reference_holder_ops import holder_index_lookup_ref
 
     return holder_index_lookup_ref(head, next_, queries)
+
+
+HAS_GROUPED_KERNELS = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "heuristic_total_solve")
+
+if HAS_GROUPED_KERNELS:
+
+    @torch.library.register_fake("torchrec_esd::heuristic_total_solve")
+    def _heuristic_total_solve_fake(cost: torch.Tensor, shares: torch.Tensor, price_sweeps: int):
+        torch._check(cost.dim() == 2, lambda: "heuristic_total_solve: cost must be [B, W]")
+        return (cost.new_empty((cost.shape[0],), dtype=torch.int64), cost.new_empty((cost.shape[1],)),
+                cost.new_empty(()))
+
+    @torch.library.register_fake("torchrec_esd::group_price")
+    def _group_price_fake(hit_key, hit_group, hit_outdated, table_of, row_time, evict_time, uses, per,
+                          num_samples: int, occ_s, occ_k):
+        torch._check(per.dim() == 1, lambda: "group_price: per must be 1-D")
+        return row_time.new_empty((num_samples, per.shape[0]))
+
+
+    @torch.library.register_fake("torchrec_esd::group_slice_expected")
+    def _group_slice_expected_fake(samples, workers, pair_ptr, occ_k, hit_ptr, hit_key, hit_outdated, table_of,
+                                   row_time, evict_time, uses, owner, owner_push, shares, p_shared, uses_index,
+                                   num_samples: int):
+        return row_time.new_empty((samples.shape[0], workers.shape[0]))
+
+
+    @torch.library.register_fake("torchrec_esd::sample_key_pairs")
+    def _sample_key_pairs_fake(offsets, kidx, num_keys: int):
+        n = torch.library.get_ctx().new_dynamic_size()
+        return (kidx.new_empty((n,)), kidx.new_empty((n,)), offsets.new_empty(offsets.shape),
+                kidx.new_empty((num_keys,), dtype=torch.float64))
+
+
+    @torch.library.register_fake("torchrec_esd::bucket_order")
+    def _bucket_order_fake(bins, num_bins: int):
+        return bins.new_empty(bins.shape), bins.new_empty((num_bins + 1,))
+
+
+def has_grouped_kernels() -> bool:
+    """Whether the C++ kernels of the grouped dispatcher (:func:`heuristic_total_solve`,
+    :func:`group_price`, :func:`group_slice_expected`, :func:`sample_key_pairs`, :func:`bucket_order`) are built."""
+    return HAS_GROUPED_KERNELS
+
+
+def heuristic_total_solve(cost: torch.Tensor, shares, price_sweeps: int = 3
+                          ) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """The regret heuristic for the total objective on a float64 ``[B, W]``
+    cost (:func:`torchrec_esd.dispatch.heuristic.price_greedy` with
+    ``price_sweeps`` dual sweeps, then :func:`~torchrec_esd.dispatch.lower_bound.dual_value`
+    of the prices): ``(assignment, prices, lower_bound)``, equal bit for bit to
+    the numpy reference (``csrc/cpu/heuristic_cpu.cpp``).
+    O((price_sweeps + W) B W).  Without the extension: the reference."""
+    if not HAS_GROUPED_KERNELS:
+        import numpy as np
+
+        from torchrec_esd.dispatch.heuristic import price_greedy
+        from torchrec_esd.dispatch.lower_bound import dual_value
+
+        c = np.ascontiguousarray(cost.detach().cpu().numpy())
+        a, u = price_greedy(c, [int(s) for s in shares], price_sweeps)
+        return torch.from_numpy(a), torch.from_numpy(u), dual_value(c, [int(s) for s in shares], u)
+    sh = torch.as_tensor([int(s) for s in shares], dtype=torch.int64)
+    a, u, lb = torch.ops.torchrec_esd.heuristic_total_solve(cost.to(torch.float64), sh, int(price_sweeps))
+    return a, u, float(lb)
+
+
+def group_price(hit_key: torch.Tensor, hit_group: torch.Tensor, hit_outdated: torch.Tensor,
+                table_of: torch.Tensor, row_time: torch.Tensor, evict_time: torch.Tensor,
+                uses: torch.Tensor, per: torch.Tensor, num_samples: int, occ_s: torch.Tensor,
+                occ_k: torch.Tensor) -> torch.Tensor:
+    """float64 ``[num_samples, G]`` stage-1 price of grouped dispatch
+    (:meth:`torchrec_esd.cost.group_inputs.GroupInputs.group_matrix`, its
+    reference): key ``k`` costs ``0`` on a group holding it fresh (a hit with
+    ``hit_group`` = the group, not outdated), ``row_time[t, g]`` if held
+    outdated, else ``row_time + evict_time``, divided by ``1 + (uses[k] - 1)
+    per[g] / max(1, num_samples - 1)``; a sample sums its distinct keys
+    (pairs ``occ_s`` / ``occ_k``) in pair order.  O(H + U G + P G)."""
+    return torch.ops.torchrec_esd.group_price(
+        hit_key.to(torch.int64).contiguous(), hit_group.to(torch.int64).contiguous(),
+        hit_outdated.to(torch.bool).contiguous(), table_of.to(torch.int64).contiguous(),
+        row_time.to(torch.float64).contiguous(), evict_time.to(torch.float64).contiguous(),
+        uses.to(torch.float64).contiguous(), per.to(torch.float64).contiguous(), int(num_samples),
+        occ_s.to(torch.int64).contiguous(), occ_k.to(torch.int64).contiguous())
+
+
+def group_slice_expected(samples: torch.Tensor, workers: torch.Tensor, pair_ptr: torch.Tensor,
+                         occ_k: torch.Tensor, hit_ptr: torch.Tensor, hit_key: torch.Tensor,
+                         hit_outdated: torch.Tensor, table_of: torch.Tensor, row_time: torch.Tensor,
+                         evict_time: torch.Tensor, uses: torch.Tensor, owner: torch.Tensor,
+                         owner_push: torch.Tensor, shares: torch.Tensor, p_shared: torch.Tensor,
+                         uses_index: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """float64 ``[len(samples), len(workers)]``: one group's slice of the
+    expected cost matrix (:meth:`torchrec_esd.cost.group_inputs.GroupInputs.sub_matrix`
+    with ``"expected"``, its reference; the argument layout is in
+    ``csrc/esd_ops.cpp``).  ``p_shared[uses_index[x], j]`` is the probability
+    term ``1 - (share / B)^(uses_x - 1)`` of worker ``j``, computed by the
+    caller with numpy so that the kernel equals the reference bit for bit.
+    O(N_g + H_g + U_g |g|)."""
+    i64 = lambda t: t.to(torch.int64).contiguous()  # noqa: E731
+    f64 = lambda t: t.to(torch.float64).contiguous()  # noqa: E731
+    return torch.ops.torchrec_esd.group_slice_expected(
+        i64(samples), i64(workers), i64(pair_ptr), i64(occ_k), i64(hit_ptr), i64(hit_key),
+        hit_outdated.to(torch.bool).contiguous(), i64(table_of), f64(row_time), f64(evict_time), f64(uses),
+        i64(owner), f64(owner_push), f64(shares), f64(p_shared), i64(uses_index), int(num_samples))
+
+
+def sample_key_pairs(offsets: torch.Tensor, kidx: torch.Tensor,
+                     num_keys: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(occ_s, occ_k, pair_ptr, uses)``: the distinct (sample, key index)
+    pairs of sample-major key indices ``kidx`` with per-sample ``offsets``,
+    sorted by (sample, key), their per-sample offsets and every key's use
+    count (float64 ``[num_keys]``); what :class:`~torchrec_esd.cost.group_inputs.GroupInputs`
+    builds with ``torch.unique`` (its reference).  O(N log L), ``L`` the
+    longest sample."""
+    return torch.ops.torchrec_esd.sample_key_pairs(offsets.to(torch.int64).contiguous(),
+                                                   kidx.to(torch.int64).contiguous(), int(num_keys))
+
+
+def bucket_order(bins: torch.Tensor, num_bins: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(order, ptr)``: the stable order of ``bins`` (int values in ``[0,
+    num_bins)``) by value, and every bin's offsets in it (``[num_bins + 1]``).
+    A counting sort, O(n + num_bins); without the extension
+    ``torch.argsort(stable=True)`` and a bincount (the reference)."""
+    bins = bins.to(torch.int64).contiguous()
+    if HAS_GROUPED_KERNELS:
+        return torch.ops.torchrec_esd.bucket_order(bins, int(num_bins))
+    ptr = torch.zeros(int(num_bins) + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(bins, minlength=int(num_bins)), 0, out=ptr[1:])
+    return torch.argsort(bins, stable=True), ptr
+
+
+HAS_HOLDER_READ = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "holder_index_read")
+
+
+def holder_index_read(head: torch.Tensor, next_: torch.Tensor, base: torch.Tensor, bucket_worker: torch.Tensor,
+                      shift: int, lag: torch.Tensor, dirty: torch.Tensor, queries: torch.Tensor
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`holder_index_lookup` plus, per holder, its worker (``base`` the
+    workers' first global slots; ``bucket_worker[g >> shift]`` the worker of
+    each bucket's first slot, or empty for a binary search) and its slot's
+    flags: ``(pos, worker, outdated, dirty)`` with ``outdated = (lag > 0) &
+    ~dirty``.  One C++ pass that prefetches the per-slot state: O(len(queries)
+    + holders).  CPU tensors; :meth:`torchrec_esd.cache.holders.HolderIndex.read`
+    falls back to the lookup and PyTorch gathers (its reference) without it."""
+    return torch.ops.torchrec_esd.holder_index_read(head, next_, base, bucket_worker, int(shift), lag, dirty,
+                                                    queries.to(torch.int64).contiguous())

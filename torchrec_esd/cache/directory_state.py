@@ -33,8 +33,5 @@ class DirectoryCacheState:
         if d.iteration != self._iteration:
             raise EsdConfigError("cache state used after the directory planned another iteration")
         # the holder index (cache/holders.py): O(u + hits), the slot state read at the hits only
-        index = d.holder_index()
-        pos, worker, g = index.lookup(keys)
-        dirty = index.dirty[g]
-        outdated = (index.lag[g] > 0) & ~dirty
+        pos, worker, outdated, dirty = d.holder_index().read(keys)
         return CacheLookup.from_hits(CacheHits(worker, pos, outdated, dirty), d.num_workers, keys.numel())

@@ -23,7 +23,7 @@ Cost: memory ``n`` x (24 B lists and keys + 32-64 B id table) for ``n``
 slots of all workers, nothing per table row; :meth:`sync` ``O(S_w)`` compares
 in C++ plus ``O(1)`` expected per changed slot (the cache step itself is
 ``O(U_w log U + S_w)``); :meth:`lookup` ``O(U + H)`` for ``U`` keys with
-``H`` holders in all, plus ``O(H log W)`` to name the workers.
+``H`` holders in all (the workers named by buckets of slots, ``O(H)``).
 """
 
 from __future__ import annotations
@@ -47,6 +47,13 @@ class HolderIndex:
         self.base = torch.zeros(len(slots) + 1, dtype=torch.int64)
         torch.cumsum(sizes, 0, out=self.base[1:])
         n = int(self.base[-1])
+        # global slot -> worker in O(1): buckets of 2^shift slots, each within at most two
+        # workers when every worker has >= 2^shift slots (else None: a binary search)
+        self._bucket_worker, self._shift = None, 0
+        if len(slots) and int(sizes.min()) > 0:
+            self._shift = int(sizes.min()).bit_length() - 1
+            starts = torch.arange(0, n, 1 << self._shift, dtype=torch.int64)
+            self._bucket_worker = torch.searchsorted(self.base, starts, right=True) - 1
         self.head = torch.full((ops.id_table_capacity(n), 2), -1, dtype=torch.int64)
         self.next = torch.full((n,), -1, dtype=torch.int64)
         self.prev = torch.full((n,), -1, dtype=torch.int64)
@@ -88,7 +95,29 @@ class HolderIndex:
     def lookup(self, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(pos, worker, g)`` of every cached copy of ``keys``: the key's
         position in ``keys``, the worker and the global slot (index of
-        :attr:`lag` / :attr:`dirty`).  ``O(U + H + H log W)``."""
+        :attr:`lag` / :attr:`dirty`).  ``O(U + H)``."""
         pos, g = ops.holder_index_lookup(self.head, self.next, keys)
-        worker = torch.searchsorted(self.base, g, right=True) - 1
-        return pos, worker, g
+        return pos, self.slot_workers(g), g
+
+    def read(self, keys: torch.Tensor, kernel: bool = True
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(pos, worker, outdated, dirty)`` of every cached copy of ``keys``:
+        :meth:`lookup` and the copies' slot flags (``outdated``: lag > 0 and
+        not dirty).  With ``kernel`` (and the extension built) one C++ pass
+        (:func:`~torchrec_esd.ops.holder_index_read`), else the lookup and
+        PyTorch gathers (the reference).  ``O(U + H)``."""
+        if kernel and ops.HAS_HOLDER_READ:
+            bw = self._bucket_worker if self._bucket_worker is not None else torch.zeros(0, dtype=torch.int64)
+            return ops.holder_index_read(self.head, self.next, self.base, bw, self._shift, self.lag, self.dirty, keys)
+        pos, worker, g = self.lookup(keys)
+        dirty = self.dirty[g]
+        return pos, worker, (self.lag[g] > 0) & ~dirty, dirty
+
+    def slot_workers(self, g: torch.Tensor) -> torch.Tensor:
+        """The worker of every global slot ``g`` (``searchsorted(base, g,
+        right=True) - 1``): ``O(len(g))`` by buckets of slots, a binary search
+        when some worker has no slots."""
+        if self._bucket_worker is None:
+            return torch.searchsorted(self.base, g, right=True) - 1
+        worker = self._bucket_worker[g >> self._shift]
+        return worker + (g >= self.base[worker + 1]).to(torch.int64)

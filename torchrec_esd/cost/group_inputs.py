@@ -15,8 +15,9 @@ Per batch (``N`` row keys, ``U`` distinct, ``B`` samples, ``W`` workers in
 * :meth:`GroupInputs.group_matrix`: ``O(H + U G + N G)``;
 * :meth:`GroupInputs.sub_matrix` for a group: ``O(N_g log N_g + H_g + U_g
   |g|)`` (``N_g``/``U_g`` the keys of the group's samples, ``H_g`` the hits
-  of its workers; the hits are put in worker order once, ``O(H log H)``), so
-  all groups together ``O(N log N + H log H + U group_size)``.
+  of its workers; the hits are put in worker order once, ``O(H + W)``,
+  :meth:`GroupInputs.prepare_groups`), so all groups together ``O(N log N + H
+  + U group_size)`` (the expected slice in C++: ``O(N + H + U group_size)``).
 
 **Exactness.** ``sub_matrix(samples, workers, kind)`` is, entry for entry,
 the slice ``[samples][:, workers]`` of the full matrix the flat dispatchers
@@ -71,6 +72,19 @@ def _segments(offsets: torch.Tensor, samples: torch.Tensor) -> Tuple[torch.Tenso
     return pos, sub_off
 
 
+def sample_key_pairs_reference(offsets: torch.Tensor, kidx: torch.Tensor,
+                               u: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(occ_s, occ_k, pair_ptr, uses)``: the distinct (sample, key) pairs of
+    sample-major key indices ``kidx`` (``u`` keys), sorted, their per-sample
+    offsets and each key's use count (:func:`torchrec_esd.ops.sample_key_pairs`'
+    reference).  ``O(N log N)``."""
+    b = offsets.numel() - 1
+    sample = torch.repeat_interleave(torch.arange(b), offsets[1:] - offsets[:-1])
+    pair = torch.unique(sample * max(u, 1) + kidx)
+    occ_s, occ_k = pair // max(u, 1), pair % max(u, 1)
+    return occ_s, occ_k, torch.searchsorted(occ_s, torch.arange(b + 1)), torch.bincount(occ_k, minlength=u).double()
+
+
 class GroupInputs:
     """One batch read against the caches for grouped dispatch; see the module
     docstring.  ``caches``: what :class:`~torchrec_esd.cost.CostModel` reads."""
@@ -92,22 +106,47 @@ class GroupInputs:
         self.owner = torch.where(self.has_owner, first, torch.full_like(first, -1))
         self.row_time = cm.row_time  # [W, T]
         self.evict_time = cm._evict_fraction(st) * cm.row_time  # [W, T]
-        rt_owner = self.row_time[self.owner.clamp(min=0), st.table_of]
+        T = self.row_time.shape[1]
+        rt_owner = self.row_time.reshape(-1).index_select(0, self.owner.clamp(min=0) * T + st.table_of)
         self.owner_push = torch.where(self.has_owner, rt_owner, torch.zeros_like(rt_owner))
         # distinct (sample, key) pairs, by sample: the batch's use count of every key
         b = self.num_samples
-        sample = torch.repeat_interleave(torch.arange(b), st.offsets[1:] - st.offsets[:-1])
-        pair = torch.unique(sample * max(u, 1) + self.kidx)
-        self.occ_s, self.occ_k = pair // max(u, 1), pair % max(u, 1)
-        self.uses = torch.bincount(self.occ_k, minlength=u).double()
-        self.pair_ptr = torch.searchsorted(self.occ_s, torch.arange(b + 1))
+        if ops.has_grouped_kernels():
+            self.occ_s, self.occ_k, self.pair_ptr, self.uses = ops.sample_key_pairs(st.offsets, self.kidx, u)
+        else:
+            self.occ_s, self.occ_k, self.pair_ptr, self.uses = sample_key_pairs_reference(st.offsets, self.kidx, u)
         self._by_worker = None  # the hits in worker order, built by the first _group_state
         self.shares = np.asarray(cm.config.batch_shares(b), dtype=np.float64)  # the expected matrix's shares
+        self._shares_t = torch.from_numpy(self.shares)
+        self._uses_table = None  # (distinct use counts, each key's index in them), built by sub_matrix
 
     # ------------------------------------------------------------- stage 1
     def group_matrix(self, groups: Sequence[Sequence[int]], shares: Sequence[int]) -> torch.Tensor:
         """float64 ``[B, G]`` stage-1 price of every sample on every group
-        (module docstring); ``shares`` per worker."""
+        (module docstring); ``shares`` per worker.  The C++ kernel
+        :func:`~torchrec_esd.ops.group_price` when built (equal bit for bit to
+        :meth:`group_matrix_reference`), ``O(H + U G + N G)``."""
+        st, b = self.st, self.num_samples
+        if not ops.has_grouped_kernels() or st.keys.numel() == 0:
+            return self.group_matrix_reference(groups, shares)
+        G = len(groups)
+        group_of = torch.full((st.look.shape[0],), -1, dtype=torch.int64)
+        for gi, g in enumerate(groups):
+            group_of[torch.tensor(g, dtype=torch.int64)] = gi
+        member = group_of >= 0
+        idx = group_of[member].view(-1, 1).expand(-1, self.row_time.shape[1])
+        inf = torch.full((G, self.row_time.shape[1]), float("inf"), dtype=torch.float64)
+        # per group, its fastest link's row time and lowest eviction push per table: [T, G]
+        rt = inf.scatter_reduce(0, idx, self.row_time[member], "amin").t().contiguous()
+        ev = inf.scatter_reduce(0, idx, self.evict_time[member], "amin").t().contiguous()
+        per = torch.tensor([max(sum(int(shares[w]) for w in g) / len(g) - 1.0, 0.0) for g in groups],
+                           dtype=torch.float64)
+        h = self.hits
+        return ops.group_price(h.key, group_of.index_select(0, h.worker), h.outdated, st.table_of, rt, ev,
+                               self.uses, per, b, self.occ_s, self.occ_k)
+
+    def group_matrix_reference(self, groups: Sequence[Sequence[int]], shares: Sequence[int]) -> torch.Tensor:
+        """:meth:`group_matrix` in PyTorch (the kernel's reference)."""
         st, b = self.st, self.num_samples
         if st.keys.numel() == 0:
             return torch.zeros(b, len(groups), dtype=torch.float64)
@@ -138,18 +177,35 @@ class GroupInputs:
         return torch.zeros(b, G, dtype=torch.float64).index_add_(0, self.occ_s, cost.index_select(0, self.occ_k))
 
     # ------------------------------------------------------------- stage 2
+    def _hits_by_worker(self) -> Tuple[torch.Tensor, ...]:
+        """``(ptr [W + 1], worker, key, outdated, dirty)``: the hits in worker
+        order (stable), built once (a counting sort, ``O(H + W)``)."""
+        if self._by_worker is None:
+            h = self.hits
+            order, ptr = ops.bucket_order(h.worker, self.st.look.shape[0])
+            self._by_worker = (ptr,) + tuple(t.index_select(0, order) for t in (h.worker, h.key, h.outdated, h.dirty))
+        return self._by_worker
+
+    def prepare_groups(self) -> None:
+        """Build what every group's :meth:`sub_matrix` shares, once: the hits
+        in worker order and the batch's distinct use counts (``O(H + W + U
+        log U)``; otherwise the first group's slice builds them)."""
+        self._hits_by_worker()
+        if self._uses_table is None:
+            # the use counts are integers <= B: torch.unique(uses, return_inverse=True) by a
+            # bincount, O(U + B) instead of a sort
+            n = self.uses.to(torch.int64)
+            present = torch.bincount(n, minlength=1) > 0
+            nd = present.nonzero().view(-1).to(torch.float64)
+            inv = (torch.cumsum(present.to(torch.int64), 0) - 1)[n]
+            self._uses_table = (nd.numpy(), inv)
+
     def _group_state(self, gw: torch.Tensor, ku: torch.Tensor, slots: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """Bool ``[U_g, |g|]`` cached / outdated / dirty of the ascending keys
         ``ku`` (id table ``slots`` of their row keys) on the workers ``gw``, from
         the hits of those workers (``O(H_g)``; the hits are put in worker order
-        once, ``O(H log H)``)."""
-        if self._by_worker is None:
-            h = self.hits
-            order = torch.argsort(h.worker, stable=True)
-            ptr = torch.zeros(self.st.look.shape[0] + 1, dtype=torch.int64)
-            torch.cumsum(torch.bincount(h.worker, minlength=self.st.look.shape[0]), 0, out=ptr[1:])
-            self._by_worker = (ptr, h.worker[order], h.key[order], h.outdated[order], h.dirty[order])
-        ptr, hw, hk, hod, hdt = self._by_worker
+        once, ``O(H + W)``)."""
+        ptr, hw, hk, hod, hdt = self._hits_by_worker()
         order = torch.argsort(gw)
         pos, off = _segments(ptr, gw[order])
         row = order[torch.repeat_interleave(torch.arange(gw.numel()), off[1:] - off[:-1], output_size=pos.numel())]
@@ -167,7 +223,31 @@ class GroupInputs:
         """``(cost, hits)`` of the ascending ``samples`` on ``workers``: the
         slices of the full cost matrix of ``kind`` (``"additive"``,
         ``"expected"``, or ``"none"`` for zeros) and, with ``hits``, of the
-        hit matrix.  ``O(N_g log N_g + U_g |g|)``."""
+        hit matrix.  ``O(N_g log N_g + U_g |g|)``.  The expected slice without
+        hits (what the regret heuristic reads) comes from the C++ kernel
+        :func:`~torchrec_esd.ops.group_slice_expected` when built, ``O(N_g +
+        H_g + U_g |g|)``, equal bit for bit to :meth:`sub_matrix_reference`."""
+        samples = samples.to(torch.int64)
+        if (kind != "expected" or hits or not ops.has_grouped_kernels() or self.st.keys.numel() == 0
+                or samples.numel() == 0):
+            return self.sub_matrix_reference(samples, workers, kind, hits)
+        gw = torch.tensor(list(workers), dtype=torch.int64)
+        self.prepare_groups()
+        nd, inv = self._uses_table
+        # numpy's pow, in the reference's layout (amortised_key_costs): rows = distinct use counts
+        sh = np.asarray(self.shares[gw.numpy()], dtype=np.float64).reshape(1, -1)
+        n = nd[:, None]
+        p_shared = 1.0 - (sh / max(1, self.num_samples)) ** np.maximum(n - 1.0, 0.0)
+        ptr, _, hk, hod, _ = self._hits_by_worker()
+        cost = ops.group_slice_expected(
+            samples, gw, self.pair_ptr, self.occ_k, ptr, hk, hod, self.st.table_of, self.row_time,
+            self.evict_time, self.uses, self.owner, self.owner_push, self._shares_t,
+            torch.from_numpy(np.ascontiguousarray(p_shared)), inv, self.num_samples)
+        return cost, None
+
+    def sub_matrix_reference(self, samples: torch.Tensor, workers: Sequence[int], kind: str,
+                             hits: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """:meth:`sub_matrix` in PyTorch / numpy (the kernel's reference)."""
         st, cm = self.st, self.cm
         samples = samples.to(torch.int64)
         bg, nw = samples.numel(), len(workers)

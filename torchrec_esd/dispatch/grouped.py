@@ -40,7 +40,7 @@ Two entry points:
   (:mod:`~torchrec_esd.cache.holders`: nothing per (key, worker) pair that is
   not cached); ``O(H + U G + N G)`` for stage 1's input; per group ``g``
   ``O(N_g log N_g + H_g + U_g |g|)`` for its slice, all groups ``O(N log N +
-  H log H + U group_size)``; and the solves as above: no term in ``B W`` or
+  H + U group_size)``; and the solves as above: no term in ``B W`` or
   ``U W``, only ``U G`` and ``N G`` with ``G = W / group_size``.  The
   groups' slices and inner solves are independent of each other
   (``info["group_s_max"]`` is the slowest: the decision's critical path if
@@ -159,6 +159,7 @@ class GroupedDispatcher(Dispatcher):
         gi = GroupInputs(cost_model, kjt, views() if callable(views) else views)
         groups = link_groups(cost_model.bytes_per_second, active, self.group_size)
         gcost = gi.group_matrix(groups, shares)
+        gi.prepare_groups()  # what every group's slice shares (the hits by worker), built once
         t_in = time.perf_counter() - t_all
         t0 = time.perf_counter()
         to_group, _ = self.stage1._solve(gcost, [sum(shares[w] for w in g) for g in groups])

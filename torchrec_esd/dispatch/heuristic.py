@@ -42,6 +42,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from torchrec_esd import ops
 from torchrec_esd.dispatch.base import Dispatcher, DispatchError, check_cost_input
 from torchrec_esd.dispatch.lower_bound import _best_two
 
@@ -153,19 +154,29 @@ def price_greedy(
 
 
 def total_heuristic(
-    cost: np.ndarray, shares: Sequence[int], improve_sweeps: int = 1, price_sweeps: int = 3
+    cost: np.ndarray, shares: Sequence[int], improve_sweeps: int = 1, price_sweeps: int = 3,
+    kernel: bool = True,
 ) -> Tuple[np.ndarray, Dict[str, float]]:
     """Price-adjusted regret greedy + ``improve_sweeps`` pairwise-exchange sweeps.
 
-    ``info["lower_bound"]`` is the dual bound ``LB(u)`` of the prices used."""
+    ``info["lower_bound"]`` is the dual bound ``LB(u)`` of the prices used.
+    With ``kernel`` (and the extension built) the greedy, its prices and the
+    bound come from the C++ :func:`~torchrec_esd.ops.heuristic_total_solve`,
+    equal bit for bit to :func:`price_greedy` + ``dual_value`` (``kernel=False``:
+    the numpy reference)."""
     from torchrec_esd.dispatch.lower_bound import dual_value
 
-    a, u = price_greedy(cost, shares, price_sweeps)
+    if kernel and ops.has_grouped_kernels() and cost.dtype == np.float64:
+        at, ut, lb = ops.heuristic_total_solve(torch.from_numpy(np.ascontiguousarray(cost)), shares, price_sweeps)
+        a, u = at.numpy(), ut.numpy()
+    else:
+        a, u = price_greedy(cost, shares, price_sweeps)
+        lb = None
     swaps = 0
     if improve_sweeps > 0 and cost.shape[1] > 1:
         scale = float(np.abs(cost).max()) if cost.size else 0.0
         a, swaps = pairwise_exchange(cost, a, improve_sweeps, tol=1e-12 * scale)
-    return a, {"swaps": float(swaps), "lower_bound": dual_value(cost, shares, u)}
+    return a, {"swaps": float(swaps), "lower_bound": dual_value(cost, shares, u) if lb is None else lb}
 
 
 def _loads(cost: np.ndarray, a: np.ndarray) -> np.ndarray:
