@@ -313,6 +313,41 @@ def dedup_refine(occ_s: torch.Tensor, occ_k: torch.Tensor, pull: torch.Tensor, p
     occurrences (``csrc/cpu/dedup_refine_cpu.cpp``)."""
     return torch.ops.torchrec_esd.dedup_refine(occ_s, occ_k, pull, push, owner, owner_push, assignment,
                                                int(max_rounds), float(time_budget_s), int(group_size))
+HAS_DEDUP_START = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "dedup_start")
+
+if HAS_DEDUP_START:
+
+    @torch.library.register_fake("torchrec_esd::dedup_start")
+    def _dedup_start_fake(occ_s, occ_k, pull, push, owner, owner_push, divisor, p_shared, shares,
+                          price_sweeps: int):
+        torch._check(pull.dim() == 2, lambda: "dedup_start: pull must be [U, W]")
+        torch._check(len(shares) == pull.shape[1], lambda: "dedup_start: one share per worker")
+        return occ_s.new_empty((sum(shares),)), pull.new_empty((pull.shape[1],))
+
+
+def has_dedup_start() -> bool:
+    """Whether the C++ start of the ``esd`` dispatcher (:func:`dedup_start`) is built."""
+    return HAS_DEDUP_START
+
+
+def dedup_start(occ_s: torch.Tensor, occ_k: torch.Tensor, pull: torch.Tensor, push: torch.Tensor,
+                owner: torch.Tensor, owner_push: torch.Tensor, divisor: torch.Tensor,
+                p_shared: torch.Tensor, shares: List[int], price_sweeps: int = 3,
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``esd`` dispatcher's start in one call: the amortised matrix
+    (:meth:`~torchrec_esd.cost.DedupCost.amortised_matrix`, with ``divisor`` /
+    ``p_shared`` the tables of :func:`torchrec_esd.cost.dedup.amortise_table`),
+    ``price_sweeps`` sweeps of dual prices and the price-adjusted regret greedy
+    (:func:`~torchrec_esd.dispatch.heuristic.price_greedy`) with ``shares``.
+    The arrays are :func:`dedup_refine`'s.  Returns ``(assignment, prices)``,
+    equal bit for bit to the numpy path
+    :func:`torchrec_esd.dispatch.dedup_search.start_reference`.  O(N + U W +
+    sweeps B W + W (B W + B log B)) for N occurrences, U rows
+    (``csrc/cpu/dedup_start_cpu.cpp``)."""
+    return torch.ops.torchrec_esd.dedup_start(occ_s, occ_k, pull, push, owner, owner_push, divisor,
+                                              p_shared, [int(x) for x in shares], int(price_sweeps))
+
+
 HAS_HOLDER_INDEX = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "holder_index_lookup")
 
 

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from torchrec_esd import ops
+from torchrec_esd.cost.dedup import amortise_table
 from torchrec_esd.dispatch.base import Dispatcher, DispatchError
 from torchrec_esd.dispatch.dedup_refine_reference import refine_reference
 from torchrec_esd.dispatch.heuristic import price_greedy
@@ -85,6 +86,26 @@ def refine(
     rounds, moves, swaps, start, cost, stop, _ = info.tolist()
     return a.numpy(), {"rounds": rounds, "moves": moves, "swaps": swaps, "start_cost": start, "cost": cost,
                        "stopped_at_deadline": float(stop == 2), "local_optimum": float(stop == 0)}
+
+
+def start_reference(dedup, shares: Sequence[int]) -> np.ndarray:
+    """The start assignment in numpy: :func:`price_greedy` on
+    :meth:`DedupCost.amortised_matrix` (the reference of :func:`start`)."""
+    return price_greedy(dedup.amortised_matrix(shares), shares)[0]
+
+
+def start(dedup, shares: Sequence[int]) -> np.ndarray:
+    """The start assignment (price-adjusted regret greedy on the amortised
+    matrix): the C++ operator :func:`torchrec_esd.ops.dedup_start` in one
+    call, equal to :func:`start_reference` (its fallback without the
+    extension)."""
+    if not ops.has_dedup_start():
+        return start_reference(dedup, shares)
+    shares = tuple(int(s) for s in shares)
+    divisor, p_shared = amortise_table(shares, dedup.num_samples)
+    arrays = (dedup.occ_s, dedup.occ_k, dedup.pull, dedup.push, dedup.owner, dedup.owner_push)
+    a, _ = ops.dedup_start(*(torch.from_numpy(v) for v in arrays), divisor, p_shared, list(shares))
+    return a.numpy()
 
 
 class DedupSearchDispatcher(StakeRule, Dispatcher):
@@ -152,7 +173,7 @@ class DedupSearchDispatcher(StakeRule, Dispatcher):
         return float(dedup.per_worker(plain_split(shares).numpy()).max())
 
     def _start(self, dedup, shares) -> np.ndarray:
-        return price_greedy(dedup.amortised_matrix(shares), shares)[0]
+        return start(dedup, shares)
 
     def _deadline(self, t0: float, dedup, start: np.ndarray) -> float:
         budget = self.time_budget_s
