@@ -84,6 +84,13 @@ TORCH_LIBRARY(torchrec_esd, m) {
       "dedup_start(Tensor occ_s, Tensor occ_k, Tensor pull, Tensor push, Tensor owner, "
       "Tensor owner_push, Tensor divisor, Tensor p_shared, int[] shares, int price_sweeps) -> "
       "(Tensor assignment, Tensor prices)");
+  // dedup_start then dedup_refine from its assignment in one call (the time the start takes
+  // counts in time_budget_s): returns dedup_refine's (refined, swaps, info) and the start.
+  m.def(
+      "dedup_decide(Tensor occ_s, Tensor occ_k, Tensor pull, Tensor push, Tensor owner, "
+      "Tensor owner_push, Tensor divisor, Tensor p_shared, int[] shares, int price_sweeps, "
+      "int max_rounds, float time_budget_s, int group_size) -> "
+      "(Tensor refined, Tensor swaps, Tensor info, Tensor start)");
   // Holder index (torchrec_esd/cache/holders.py, csrc/cpu/holders_cpu.cpp): row key -> every
   // global cache slot holding it, as a doubly linked list per key (next/prev over the global
   // slots, the list heads in an id table, gkey the key recorded at every global slot).  Sync

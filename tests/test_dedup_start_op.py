@@ -17,7 +17,7 @@ from torchrec_esd.cache import CacheDirectory
 from torchrec_esd.cost import DedupCost
 from torchrec_esd.cost.dedup import amortise_factors, amortise_table
 from torchrec_esd.dispatch import make_dispatcher
-from torchrec_esd.dispatch.dedup_search import start, start_reference
+from torchrec_esd.dispatch.dedup_search import refine, start, start_and_refine, start_reference
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 import dispatch_true_cost as dtc  # noqa: E402
@@ -68,6 +68,11 @@ def test_equals_the_reference_on_workload_batches(workload, bandwidths, stalenes
         dedup = cm.dedup_cost(kjt, state)
         for d in (dedup, dedup.scaled(weights)):
             np.testing.assert_array_equal(start(d, shares), start_reference(d, shares))
+        # the one-call decision (dedup_decide) is the start then the local search
+        a, info = start_and_refine(dedup, shares)
+        ref, ref_info = refine(dedup, start_reference(dedup, shares))
+        np.testing.assert_array_equal(a, ref)
+        assert info == ref_info
         directory.plan(kjt, esd.decide(cm, kjt, state, shares).assignment)
 
 
@@ -106,4 +111,23 @@ def test_without_the_operator_start_is_the_reference(monkeypatch):
     rng = np.random.default_rng(9)
     d = _instance(rng, 40, 3, 30)
     monkeypatch.setattr(ops, "HAS_DEDUP_START", False)
+    monkeypatch.setattr(ops, "HAS_DEDUP_DECIDE", False)
     np.testing.assert_array_equal(start(d, [20, 10, 10]), start_reference(d, [20, 10, 10]))
+    a, info = start_and_refine(d, [20, 10, 10])
+    ref, ref_info = refine(d, start_reference(d, [20, 10, 10]))
+    np.testing.assert_array_equal(a, ref)
+    assert info == ref_info
+
+
+@needs_op
+def test_decide_counts_the_start_in_the_budget():
+    rng = np.random.default_rng(8)
+    d = _instance(rng, 60, 3, 40)
+    m, p = amortise_table((20, 20, 20), 60)
+    arrays = [torch.from_numpy(v) for v in (d.occ_s, d.occ_k, d.pull, d.push, d.owner, d.owner_push)]
+    a, swaps, info, first = ops.dedup_decide(*arrays, m, p, [20, 20, 20], 3, 64, 0.0, 4)
+    np.testing.assert_array_equal(first.numpy(), start_reference(d, [20, 20, 20]))
+    np.testing.assert_array_equal(a, first)  # no budget left: no pass
+    assert info[5] == 2 and swaps.shape == (0, 3)
+    with pytest.raises(RuntimeError, match="NaN"):
+        ops.dedup_decide(*arrays, m, p, [20, 20, 20], 3, 64, float("nan"), 4)

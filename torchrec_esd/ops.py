@@ -348,6 +348,37 @@ def dedup_start(occ_s: torch.Tensor, occ_k: torch.Tensor, pull: torch.Tensor, pu
                                               p_shared, [int(x) for x in shares], int(price_sweeps))
 
 
+HAS_DEDUP_DECIDE = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "dedup_decide")
+
+if HAS_DEDUP_DECIDE:
+
+    @torch.library.register_fake("torchrec_esd::dedup_decide")
+    def _dedup_decide_fake(occ_s, occ_k, pull, push, owner, owner_push, divisor, p_shared, shares,
+                           price_sweeps: int, max_rounds: int, time_budget_s: float, group_size: int):
+        n = torch.library.get_ctx().new_dynamic_size()
+        b = sum(shares)
+        return (occ_s.new_empty((b,)), occ_s.new_empty((n, 3)), pull.new_empty((7,)), occ_s.new_empty((b,)))
+
+
+def has_dedup_decide() -> bool:
+    """Whether the one-call ``esd`` decision (:func:`dedup_decide`) is built."""
+    return HAS_DEDUP_DECIDE
+
+
+def dedup_decide(occ_s: torch.Tensor, occ_k: torch.Tensor, pull: torch.Tensor, push: torch.Tensor,
+                 owner: torch.Tensor, owner_push: torch.Tensor, divisor: torch.Tensor,
+                 p_shared: torch.Tensor, shares: List[int], price_sweeps: int, max_rounds: int,
+                 time_budget_s: float, group_size: int = 4,
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`dedup_start` then :func:`dedup_refine` from its assignment in
+    one call (one release of the GIL instead of two; the start's time counts
+    in ``time_budget_s``).  Returns ``(refined, swaps, info, start)``: the
+    outputs of :func:`dedup_refine` and the start assignment."""
+    return torch.ops.torchrec_esd.dedup_decide(occ_s, occ_k, pull, push, owner, owner_push, divisor,
+                                               p_shared, [int(x) for x in shares], int(price_sweeps),
+                                               int(max_rounds), float(time_budget_s), int(group_size))
+
+
 HAS_HOLDER_INDEX = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "holder_index_lookup")
 
 

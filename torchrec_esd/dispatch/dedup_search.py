@@ -83,9 +83,7 @@ def refine(
     a, _, info = ops.dedup_refine(*(torch.from_numpy(v) for v in arrays),
                                   torch.from_numpy(np.ascontiguousarray(assignment, dtype=np.int64)),
                                   max_rounds, max(budget, 0.0), group_size)
-    rounds, moves, swaps, start, cost, stop, _ = info.tolist()
-    return a.numpy(), {"rounds": rounds, "moves": moves, "swaps": swaps, "start_cost": start, "cost": cost,
-                       "stopped_at_deadline": float(stop == 2), "local_optimum": float(stop == 0)}
+    return a.numpy(), _info(info)
 
 
 def start_reference(dedup, shares: Sequence[int]) -> np.ndarray:
@@ -106,6 +104,30 @@ def start(dedup, shares: Sequence[int]) -> np.ndarray:
     arrays = (dedup.occ_s, dedup.occ_k, dedup.pull, dedup.push, dedup.owner, dedup.owner_push)
     a, _ = ops.dedup_start(*(torch.from_numpy(v) for v in arrays), divisor, p_shared, list(shares))
     return a.numpy()
+
+
+def _info(info: torch.Tensor) -> Dict[str, float]:
+    rounds, moves, swaps, start_cost, cost, stop, _ = info.tolist()
+    return {"rounds": rounds, "moves": moves, "swaps": swaps, "start_cost": start_cost, "cost": cost,
+            "stopped_at_deadline": float(stop == 2), "local_optimum": float(stop == 0)}
+
+
+def start_and_refine(dedup, shares: Sequence[int], max_rounds: int = 64, deadline: Optional[float] = None,
+                     group_size: int = 4) -> Tuple[np.ndarray, Dict[str, float]]:
+    """:func:`start` then :func:`refine` until ``deadline``: in one call of
+    :func:`torchrec_esd.ops.dedup_decide` where it is built (the same
+    assignment and ``info``; a custom operator releases the GIL, and a
+    decision in a background thread waits for it again after every call
+    while the training thread runs Python), else the two calls."""
+    if not ops.has_dedup_decide():
+        return refine(dedup, start(dedup, shares), max_rounds, deadline, group_size)
+    budget = float("inf") if deadline is None else max(deadline - time.perf_counter(), 0.0)
+    shares = tuple(int(s) for s in shares)
+    divisor, p_shared = amortise_table(shares, dedup.num_samples)
+    arrays = (dedup.occ_s, dedup.occ_k, dedup.pull, dedup.push, dedup.owner, dedup.owner_push)
+    a, _, info, _ = ops.dedup_decide(*(torch.from_numpy(v) for v in arrays), divisor, p_shared, list(shares),
+                                     3, max_rounds, budget, group_size)
+    return a.numpy(), _info(info)
 
 
 class DedupSearchDispatcher(StakeRule, Dispatcher):
@@ -195,6 +217,13 @@ class DedupSearchDispatcher(StakeRule, Dispatcher):
             )
         if w == 1:
             return torch.zeros(b, dtype=torch.int64), {"solver": "esd"}
+        if self.objective == "total" and self.budget_fraction is None:
+            # the budget does not depend on the start: start and local search in one call
+            deadline = t0 + self.time_budget_s
+            a, info = start_and_refine(dedup, shares, self.max_rounds, deadline)
+            info["predicted_total_s"] = info["cost"]
+            info["budget_ms"] = (deadline - t0) * 1e3
+            return torch.from_numpy(a), info
         start = self._start(dedup, shares)
         deadline = self._deadline(t0, dedup, start)
         if self.objective == "total":
