@@ -112,7 +112,15 @@ class SwapSearch {
       pos_key_[o] = i;
     }
     for (int64_t k = 0; k < U; ++k) key_state(k);
-    for (int64_t o = 0; o < N_; ++o) delta_row(o, &D_[o * W]);
+    // one delta row per (row, worker): its occurrences share it
+    for (int64_t k = 0; k < U; ++k)
+      for (int64_t w = 0; w < W; ++w) {
+        const int64_t i0 = bptr_[k * (W + 1) + w], i1 = bptr_[k * (W + 1) + w + 1];
+        if (i0 == i1) continue;
+        const double* first = &D_[by_key_[i0] * W];
+        delta_row(by_key_[i0], &D_[by_key_[i0] * W]);
+        for (int64_t i = i0 + 1; i < i1; ++i) std::copy(first, first + W, &D_[by_key_[i] * W]);
+      }
   }
 
   double total() const {

@@ -15,7 +15,9 @@ reports):
    (:meth:`DedupCost.amortised_matrix`: a row's cost divided by the number of
    samples expected to share it on that worker, plus the expected
    synchronisation push of rows likely to be shared elsewhere): hot rows stop
-   dominating, rare rows decide.
+   dominating, rare rows decide (:func:`start`: the C++ operator
+   :func:`torchrec_esd.ops.dedup_start` in one call, equal bit for bit to the
+   numpy :func:`start_reference`).
 2. *Local search on the exact de-duplicated objective* (:func:`refine`,
    the C++ operator :func:`torchrec_esd.ops.dedup_refine`, see
    ``csrc/cpu/dedup_refine_cpu.cpp``).  The exact change of moving one
@@ -32,6 +34,13 @@ reports):
    About 1-3 ms at B=512, W=4 (the numpy search
    :func:`~torchrec_esd.dispatch.dedup_refine_reference.refine_reference`,
    its reference and fallback without the extension, takes 20-45 ms).
+
+For ``"total"`` without ``budget_fraction`` both steps run in ONE operator
+call (:func:`start_and_refine`, :func:`torchrec_esd.ops.dedup_decide`): a
+custom operator releases the GIL, and a decision in a background dispatch
+thread waits up to a switch interval (5 ms) to get it back whenever the
+training thread runs Python, so every call between C++ and Python counts
+end to end.
 
 ``objective="makespan"`` weights every link's costs by multiplicative-weight
 multipliers (a few rounds, overloaded links get heavier) and keeps the
