@@ -30,6 +30,8 @@ def _instance(rng, B, W, K, max_rows=4):
     for s in range(B):
         for k in rng.choice(K, int(rng.integers(1, min(K, max_rows) + 1)), replace=False):
             pairs.add((s, int(k)))
+    used = {k for _, k in pairs}
+    pairs.update((int(rng.integers(0, B)), k) for k in range(K) if k not in used)  # every row is used
     occ = np.array(sorted(pairs))
     rt = rng.choice([1.0, 2.0, 10.0], size=W)[None, :] * np.ones((K, 1))
     pull = rt * rng.choice([0.0, 1.0, 1.25], size=(K, W))
