@@ -5,10 +5,12 @@
 For every workload and batch size (W = 4 workers at 1000/100/50/10 Mbit/s, the
 defaults of ``dispatch_true_cost.py``), a cache directory is fed ``--steps``
 global batches from cold caches, each dispatched by ``esd`` (default budget)
-with the C++ local search (:func:`torchrec_esd.ops.dedup_refine`).  On every
-batch after ``--warmup`` the same inputs are also decided with the numpy
-search (:func:`~torchrec_esd.dispatch.dedup_refine_reference.refine_reference`,
-the path without the operator) and, for both, the script records the decision
+with the C++ operators (:func:`torchrec_esd.ops.dedup_decide`: the start
+and the local search in one call).  On every
+batch after ``--warmup`` the same inputs are also decided in numpy (start
+:func:`~torchrec_esd.dispatch.dedup_search.start_reference`, search
+:func:`~torchrec_esd.dispatch.dedup_refine_reference.refine_reference`,
+the path without the operators) and, for both, the script records the decision
 time (inputs built from ``CacheDirectory.cache_state()``, what the runtime
 passes, plus ``assign``), the predicted de-duplicated cost
 (:meth:`DedupCost.total`) and the true link seconds of the assignment
@@ -39,9 +41,13 @@ from torchrec_esd.dispatch import make_dispatcher  # noqa: E402
 import dispatch_true_cost as dtc  # noqa: E402
 
 
+FLAGS = ("HAS_DEDUP_REFINE", "HAS_DEDUP_START", "HAS_DEDUP_DECIDE")  # the esd operators
+
+
 def decide(esd, cm, kjt, state, shares, native: bool):
-    saved = ops.HAS_DEDUP_REFINE
-    ops.HAS_DEDUP_REFINE = saved and native
+    saved = {f: getattr(ops, f) for f in FLAGS}
+    for f in FLAGS:
+        setattr(ops, f, saved[f] and native)
     try:
         cm._last_state = None  # build the inputs afresh (no memo of an earlier call)
         t0 = time.perf_counter()
@@ -50,7 +56,8 @@ def decide(esd, cm, kjt, state, shares, native: bool):
         r = esd.assign(cost, shares, aux=aux)
         t2 = time.perf_counter()
     finally:
-        ops.HAS_DEDUP_REFINE = saved
+        for f in FLAGS:
+            setattr(ops, f, saved[f])
     dedup = aux["dedup"]
     return {"inputs_ms": (t1 - t0) * 1e3, "assign_ms": (t2 - t1) * 1e3, "decision_ms": (t2 - t0) * 1e3,
             "predicted_s": dedup.total(r.assignment.numpy()),

@@ -74,6 +74,23 @@ TORCH_LIBRARY(torchrec_esd, m) {
       "dedup_refine(Tensor occ_s, Tensor occ_k, Tensor pull, Tensor push, Tensor owner, "
       "Tensor owner_push, Tensor assignment, int max_rounds, float time_budget_s, "
       "int group_size) -> (Tensor refined, Tensor swaps, Tensor info)");
+  // The esd dispatcher's start assignment on a batch's de-duplicated cost (the arrays of
+  // dedup_refine; `divisor` / `p_shared` float64 [T, W] the amortisation tables indexed by a
+  // row's number of using samples, torchrec_esd.cost.dedup.amortise_table): the amortised
+  // [B, W] matrix, `price_sweeps` sweeps of dual prices and the price-adjusted regret greedy
+  // with the given shares (B = their sum).  Returns the assignment (int64 [B]) and the
+  // prices (float64 [W]).  CPU only.
+  m.def(
+      "dedup_start(Tensor occ_s, Tensor occ_k, Tensor pull, Tensor push, Tensor owner, "
+      "Tensor owner_push, Tensor divisor, Tensor p_shared, int[] shares, int price_sweeps) -> "
+      "(Tensor assignment, Tensor prices)");
+  // dedup_start then dedup_refine from its assignment in one call (the time the start takes
+  // counts in time_budget_s): returns dedup_refine's (refined, swaps, info) and the start.
+  m.def(
+      "dedup_decide(Tensor occ_s, Tensor occ_k, Tensor pull, Tensor push, Tensor owner, "
+      "Tensor owner_push, Tensor divisor, Tensor p_shared, int[] shares, int price_sweeps, "
+      "int max_rounds, float time_budget_s, int group_size) -> "
+      "(Tensor refined, Tensor swaps, Tensor info, Tensor start)");
   // Holder index (torchrec_esd/cache/holders.py, csrc/cpu/holders_cpu.cpp): row key -> every
   // global cache slot holding it, as a doubly linked list per key (next/prev over the global
   // slots, the list heads in an id table, gkey the key recorded at every global slot).  Sync

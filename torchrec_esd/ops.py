@@ -313,6 +313,72 @@ def dedup_refine(occ_s: torch.Tensor, occ_k: torch.Tensor, pull: torch.Tensor, p
     occurrences (``csrc/cpu/dedup_refine_cpu.cpp``)."""
     return torch.ops.torchrec_esd.dedup_refine(occ_s, occ_k, pull, push, owner, owner_push, assignment,
                                                int(max_rounds), float(time_budget_s), int(group_size))
+HAS_DEDUP_START = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "dedup_start")
+
+if HAS_DEDUP_START:
+
+    @torch.library.register_fake("torchrec_esd::dedup_start")
+    def _dedup_start_fake(occ_s, occ_k, pull, push, owner, owner_push, divisor, p_shared, shares,
+                          price_sweeps: int):
+        torch._check(pull.dim() == 2, lambda: "dedup_start: pull must be [U, W]")
+        torch._check(len(shares) == pull.shape[1], lambda: "dedup_start: one share per worker")
+        return occ_s.new_empty((sum(shares),)), pull.new_empty((pull.shape[1],))
+
+
+def has_dedup_start() -> bool:
+    """Whether the C++ start of the ``esd`` dispatcher (:func:`dedup_start`) is built."""
+    return HAS_DEDUP_START
+
+
+def dedup_start(occ_s: torch.Tensor, occ_k: torch.Tensor, pull: torch.Tensor, push: torch.Tensor,
+                owner: torch.Tensor, owner_push: torch.Tensor, divisor: torch.Tensor,
+                p_shared: torch.Tensor, shares: List[int], price_sweeps: int = 3,
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``esd`` dispatcher's start in one call: the amortised matrix
+    (:meth:`~torchrec_esd.cost.DedupCost.amortised_matrix`, with ``divisor`` /
+    ``p_shared`` the tables of :func:`torchrec_esd.cost.dedup.amortise_table`),
+    ``price_sweeps`` sweeps of dual prices and the price-adjusted regret greedy
+    (:func:`~torchrec_esd.dispatch.heuristic.price_greedy`) with ``shares``.
+    The arrays are :func:`dedup_refine`'s.  Returns ``(assignment, prices)``,
+    equal bit for bit to the numpy path
+    :func:`torchrec_esd.dispatch.dedup_search.start_reference`.  O(N + U W +
+    sweeps B W + W (B W + B log B)) for N occurrences, U rows
+    (``csrc/cpu/dedup_start_cpu.cpp``)."""
+    return torch.ops.torchrec_esd.dedup_start(occ_s, occ_k, pull, push, owner, owner_push, divisor,
+                                              p_shared, [int(x) for x in shares], int(price_sweeps))
+
+
+HAS_DEDUP_DECIDE = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "dedup_decide")
+
+if HAS_DEDUP_DECIDE:
+
+    @torch.library.register_fake("torchrec_esd::dedup_decide")
+    def _dedup_decide_fake(occ_s, occ_k, pull, push, owner, owner_push, divisor, p_shared, shares,
+                           price_sweeps: int, max_rounds: int, time_budget_s: float, group_size: int):
+        n = torch.library.get_ctx().new_dynamic_size()
+        b = sum(shares)
+        return (occ_s.new_empty((b,)), occ_s.new_empty((n, 3)), pull.new_empty((7,)), occ_s.new_empty((b,)))
+
+
+def has_dedup_decide() -> bool:
+    """Whether the one-call ``esd`` decision (:func:`dedup_decide`) is built."""
+    return HAS_DEDUP_DECIDE
+
+
+def dedup_decide(occ_s: torch.Tensor, occ_k: torch.Tensor, pull: torch.Tensor, push: torch.Tensor,
+                 owner: torch.Tensor, owner_push: torch.Tensor, divisor: torch.Tensor,
+                 p_shared: torch.Tensor, shares: List[int], price_sweeps: int, max_rounds: int,
+                 time_budget_s: float, group_size: int = 4,
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`dedup_start` then :func:`dedup_refine` from its assignment in
+    one call (one release of the GIL instead of two; the start's time counts
+    in ``time_budget_s``).  Returns ``(refined, swaps, info, start)``: the
+    outputs of :func:`dedup_refine` and the start assignment."""
+    return torch.ops.torchrec_esd.dedup_decide(occ_s, occ_k, pull, push, owner, owner_push, divisor,
+                                               p_shared, [int(x) for x in shares], int(price_sweeps),
+                                               int(max_rounds), float(time_budget_s), int(group_size))
+
+
 HAS_HOLDER_INDEX = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "holder_index_lookup")
 
 

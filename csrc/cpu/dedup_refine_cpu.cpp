@@ -83,7 +83,8 @@ class SwapSearch {
              const int64_t* start)
       : B_(B), W_(W), U_(U), N_(occ_s.numel()), os_(occ_s.data_ptr<int64_t>()),
         ok_(occ_k.data_ptr<int64_t>()), pull_(pull), push_(push), owner_(owner), opush_(opush),
-        a_(start, start + B), sptr_(B + 1, 0), kptr_(U + 1, 0), by_key_(N_), cnt_(U * W, 0),
+        a_(start, start + B), sptr_(B + 1, 0), kptr_(U + 1, 0), by_key_(N_), pos_key_(N_),
+        bptr_(U * (W + 1)), cnt_(U * W, 0),
         nusers_(U, 0), psum_(U, 0.0), qsum_(U, 0.0), f_(U, 0.0), D_(N_ * W, 0.0), M_(B * W, 0.0),
         mark_s_(U, -1), mark_t_(U, -1), pos_s_(U, -1), occ_epoch_(N_, -1), row_(W), pmin_(W * W), lists_(W * W) {
     // sample_ptr (occ_s is sorted), rows' occurrences (counting sort by row)
@@ -93,11 +94,33 @@ class SwapSearch {
     }
     for (int64_t s = 0; s < B; ++s) sptr_[s + 1] += sptr_[s];
     for (int64_t k = 0; k < U; ++k) kptr_[k + 1] += kptr_[k];
-    std::vector<int64_t> fill(kptr_.begin(), kptr_.end() - 1);
-    for (int64_t o = 0; o < N_; ++o) by_key_[fill[ok_[o]]++] = o;
     for (int64_t o = 0; o < N_; ++o) ++cnt_[ok_[o] * W + a_[os_[o]]];
+    // a row's occurrences grouped by their sample's worker (buckets), each in
+    // occurrence order at first
+    std::vector<int64_t> fill(U * W);
+    for (int64_t k = 0; k < U; ++k) {
+      int64_t* b = &bptr_[k * (W + 1)];
+      b[0] = kptr_[k];
+      for (int64_t w = 0; w < W; ++w) {
+        fill[k * W + w] = b[w];
+        b[w + 1] = b[w] + cnt_[k * W + w];
+      }
+    }
+    for (int64_t o = 0; o < N_; ++o) {
+      const int64_t i = fill[ok_[o] * W + a_[os_[o]]]++;
+      by_key_[i] = o;
+      pos_key_[o] = i;
+    }
     for (int64_t k = 0; k < U; ++k) key_state(k);
-    for (int64_t o = 0; o < N_; ++o) delta_row(o, &D_[o * W]);
+    // one delta row per (row, worker): its occurrences share it
+    for (int64_t k = 0; k < U; ++k)
+      for (int64_t w = 0; w < W; ++w) {
+        const int64_t i0 = bptr_[k * (W + 1) + w], i1 = bptr_[k * (W + 1) + w + 1];
+        if (i0 == i1) continue;
+        const double* first = &D_[by_key_[i0] * W];
+        delta_row(by_key_[i0], &D_[by_key_[i0] * W]);
+        for (int64_t i = i0 + 1; i < i1; ++i) std::copy(first, first + W, &D_[by_key_[i] * W]);
+      }
   }
 
   double total() const {
@@ -287,9 +310,11 @@ class SwapSearch {
         if (x == y || c[x] == 0) continue;
         ts.clear();
         double est = -saving;
-        for (int64_t i = kptr_[k]; i < kptr_[k + 1]; ++i) {
-          const int64_t o = by_key_[i];
-          if (a_[os_[o]] != y) continue;
+        // k's occurrences on y (its bucket), in occurrence order
+        const int64_t* b = &bptr_[k * (W_ + 1)];
+        on_y_.assign(by_key_.begin() + b[y], by_key_.begin() + b[y + 1]);
+        std::sort(on_y_.begin(), on_y_.end());
+        for (const int64_t o : on_y_) {
           ts.push_back(os_[o]);
           est += M_[os_[o] * W_ + x] - D_[o * W_ + x];
         }
@@ -427,6 +452,47 @@ class SwapSearch {
     return g;
   }
 
+  // moves occurrence o of row k from worker x's bucket to y's (O(|x - y|) swaps)
+  void move_occurrence(int64_t o, int64_t k, int64_t x, int64_t y) {
+    int64_t* b = &bptr_[k * (W_ + 1)];
+    int64_t p = pos_key_[o];
+    auto put = [&](int64_t i, int64_t j) {  // swap positions i and j
+      std::swap(by_key_[i], by_key_[j]);
+      pos_key_[by_key_[i]] = i;
+      pos_key_[by_key_[j]] = j;
+    };
+    for (int64_t j = x; j < y; ++j) {  // to the end of bucket j, then into j + 1
+      put(p, b[j + 1] - 1);
+      p = --b[j + 1];
+    }
+    for (int64_t j = x; j > y; --j) {  // to the front of bucket j, then into j - 1
+      put(p, b[j]);
+      p = b[j]++;
+    }
+  }
+
+  // refreshes the occurrences of row k on worker w not refreshed yet: they
+  // share one delta row (delta_row depends on the row and the worker only)
+  void refresh_bucket(int64_t k, int64_t w) {
+    const int64_t* b = &bptr_[k * (W_ + 1)];
+    bool computed = false;
+    for (int64_t i = b[w]; i < b[w + 1]; ++i) {
+      const int64_t o = by_key_[i];
+      if (occ_epoch_[o] == epoch_occ_) continue;
+      occ_epoch_[o] = epoch_occ_;
+      if (!computed) {
+        delta_row(o, row_.data());
+        computed = true;
+      }
+      double* d = &D_[o * W_];
+      double* m = &M_[os_[o] * W_];
+      for (int64_t v = 0; v < W_; ++v) {
+        m[v] += row_[v] - d[v];
+        d[v] = row_[v];
+      }
+    }
+  }
+
   void refresh(int64_t o) {
     if (occ_epoch_[o] == epoch_occ_) return;
     occ_epoch_[o] = epoch_occ_;
@@ -467,16 +533,21 @@ class SwapSearch {
     changed_.clear();
     move_rows(s, x, y, mark_t_, epoch_t_);
     move_rows(t, y, x, mark_s_, epoch_s_);
+    for (int64_t o = sptr_[s]; o < sptr_[s + 1]; ++o) move_occurrence(o, ok_[o], x, y);
+    for (int64_t o = sptr_[t]; o < sptr_[t + 1]; ++o) move_occurrence(o, ok_[o], y, x);
     a_[s] = y;
     a_[t] = x;
     ++epoch_occ_;
     for (int64_t o = sptr_[s]; o < sptr_[s + 1]; ++o) refresh(o);
     for (int64_t o = sptr_[t]; o < sptr_[t + 1]; ++o) refresh(o);
+    // only the occurrences whose delta row can change: all of a row whose
+    // user set changed, those on w of a row whose only-user flag on w changed
     for (const auto& kw : changed_) {
       const int64_t k = kw.first, w = kw.second;
-      for (int64_t i = kptr_[k]; i < kptr_[k + 1]; ++i) {
-        const int64_t o = by_key_[i];
-        if (w < 0 || a_[os_[o]] == w) refresh(o);
+      if (w >= 0) {
+        refresh_bucket(k, w);
+      } else {
+        for (int64_t v = 0; v < W_; ++v) refresh_bucket(k, v);
       }
     }
   }
@@ -488,7 +559,9 @@ class SwapSearch {
   const double* push_;
   const int64_t* owner_;
   const double* opush_;
-  std::vector<int64_t> a_, sptr_, kptr_, by_key_;
+  // by_key_[bptr_[k (W + 1) + w] ..< bptr_[k (W + 1) + w + 1]]: the occurrences of
+  // row k whose sample is on w; pos_key_[o]: o's position in by_key_
+  std::vector<int64_t> a_, sptr_, kptr_, by_key_, pos_key_, bptr_, on_y_;
   std::vector<int32_t> cnt_, nusers_;
   std::vector<double> psum_, qsum_, f_, D_, M_;
   std::vector<int64_t> mark_s_, mark_t_, pos_s_, occ_epoch_;

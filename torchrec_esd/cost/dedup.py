@@ -5,7 +5,8 @@ true-cost benchmark evaluates; built by
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import functools
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,6 +34,31 @@ def per_sample_sum(rows: np.ndarray, sample_ptr: np.ndarray) -> np.ndarray:
     return out
 
 
+def amortise_factors(uses: np.ndarray, shares: Sequence[float], num_samples: int):
+    """``(m, p)`` float64 ``[len(uses), W]`` of :meth:`DedupCost.amortised_matrix`
+    for rows used by ``uses`` samples of the batch (``num_samples``): ``m``
+    the expected samples sharing the row on each worker, ``p`` the probability
+    that some other sample uses it elsewhere.  Elementwise per (row, worker),
+    so a table over ``uses = 0..B`` (:func:`amortise_table`) gives, bit for
+    bit, the rows' values (numpy's ``**`` is not the C library's pow: the C++
+    start reads these tables).  O(len(uses) W)."""
+    B = num_samples
+    sh = np.asarray(shares, dtype=np.float64).reshape(1, -1)
+    n = np.asarray(uses, dtype=np.float64)[:, None]
+    m = 1.0 + (n - 1.0) * np.maximum(sh - 1.0, 0.0) / max(1, B - 1)
+    p_shared = 1.0 - (sh / max(1, B)) ** np.maximum(n - 1.0, 0.0)
+    return m, p_shared
+
+
+@functools.lru_cache(maxsize=32)
+def amortise_table(shares: Tuple[int, ...], num_samples: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`amortise_factors` for ``uses = 0..num_samples`` as float64
+    ``[B + 1, W]`` tensors (what :func:`torchrec_esd.ops.dedup_start` reads;
+    cached: the shares rarely change between batches, do not modify)."""
+    m, p = amortise_factors(np.arange(num_samples + 1, dtype=np.float64), shares, num_samples)
+    return torch.from_numpy(np.ascontiguousarray(m)), torch.from_numpy(np.ascontiguousarray(p))
+
+
 def amortised_key_costs(pull: np.ndarray, push: np.ndarray, uses: np.ndarray, has_owner: np.ndarray,
                         owner_col: np.ndarray, owner_push: np.ndarray, shares: Sequence[float],
                         num_samples: int) -> np.ndarray:
@@ -45,11 +71,8 @@ def amortised_key_costs(pull: np.ndarray, push: np.ndarray, uses: np.ndarray, ha
     Elementwise per ``(row, column)``: a column subset of the rows' full
     ``[U, W]`` gives exactly that subset of the full result (what the grouped
     dispatcher's per-group inputs rely on).  O(U W)."""
-    W, B = pull.shape[1], num_samples
-    sh = np.asarray(shares, dtype=np.float64).reshape(1, -1)
-    n = uses[:, None]
-    m = 1.0 + (n - 1.0) * np.maximum(sh - 1.0, 0.0) / max(1, B - 1)
-    p_shared = 1.0 - (sh / max(1, B)) ** np.maximum(n - 1.0, 0.0)
+    W = pull.shape[1]
+    m, p_shared = amortise_factors(uses, shares, num_samples)
     h = (pull + p_shared * push) / m
     if has_owner.any():
         share = owner_push / np.maximum(uses, 1.0)

@@ -15,7 +15,9 @@ reports):
    (:meth:`DedupCost.amortised_matrix`: a row's cost divided by the number of
    samples expected to share it on that worker, plus the expected
    synchronisation push of rows likely to be shared elsewhere): hot rows stop
-   dominating, rare rows decide.
+   dominating, rare rows decide (:func:`start`: the C++ operator
+   :func:`torchrec_esd.ops.dedup_start` in one call, equal bit for bit to the
+   numpy :func:`start_reference`).
 2. *Local search on the exact de-duplicated objective* (:func:`refine`,
    the C++ operator :func:`torchrec_esd.ops.dedup_refine`, see
    ``csrc/cpu/dedup_refine_cpu.cpp``).  The exact change of moving one
@@ -32,6 +34,13 @@ reports):
    About 1-3 ms at B=512, W=4 (the numpy search
    :func:`~torchrec_esd.dispatch.dedup_refine_reference.refine_reference`,
    its reference and fallback without the extension, takes 20-45 ms).
+
+For ``"total"`` without ``budget_fraction`` both steps run in ONE operator
+call (:func:`start_and_refine`, :func:`torchrec_esd.ops.dedup_decide`): a
+custom operator releases the GIL, and a decision in a background dispatch
+thread waits up to a switch interval (5 ms) to get it back whenever the
+training thread runs Python, so every call between C++ and Python counts
+end to end.
 
 ``objective="makespan"`` weights every link's costs by multiplicative-weight
 multipliers (a few rounds, overloaded links get heavier) and keeps the
@@ -52,6 +61,7 @@ import numpy as np
 import torch
 
 from torchrec_esd import ops
+from torchrec_esd.cost.dedup import amortise_table
 from torchrec_esd.dispatch.base import Dispatcher, DispatchError
 from torchrec_esd.dispatch.dedup_refine_reference import refine_reference
 from torchrec_esd.dispatch.heuristic import price_greedy
@@ -82,9 +92,51 @@ def refine(
     a, _, info = ops.dedup_refine(*(torch.from_numpy(v) for v in arrays),
                                   torch.from_numpy(np.ascontiguousarray(assignment, dtype=np.int64)),
                                   max_rounds, max(budget, 0.0), group_size)
-    rounds, moves, swaps, start, cost, stop, _ = info.tolist()
-    return a.numpy(), {"rounds": rounds, "moves": moves, "swaps": swaps, "start_cost": start, "cost": cost,
-                       "stopped_at_deadline": float(stop == 2), "local_optimum": float(stop == 0)}
+    return a.numpy(), _info(info)
+
+
+def start_reference(dedup, shares: Sequence[int]) -> np.ndarray:
+    """The start assignment in numpy: :func:`price_greedy` on
+    :meth:`DedupCost.amortised_matrix` (the reference of :func:`start`)."""
+    return price_greedy(dedup.amortised_matrix(shares), shares)[0]
+
+
+def start(dedup, shares: Sequence[int]) -> np.ndarray:
+    """The start assignment (price-adjusted regret greedy on the amortised
+    matrix): the C++ operator :func:`torchrec_esd.ops.dedup_start` in one
+    call, equal to :func:`start_reference` (its fallback without the
+    extension)."""
+    if not ops.has_dedup_start():
+        return start_reference(dedup, shares)
+    shares = tuple(int(s) for s in shares)
+    divisor, p_shared = amortise_table(shares, dedup.num_samples)
+    arrays = (dedup.occ_s, dedup.occ_k, dedup.pull, dedup.push, dedup.owner, dedup.owner_push)
+    a, _ = ops.dedup_start(*(torch.from_numpy(v) for v in arrays), divisor, p_shared, list(shares))
+    return a.numpy()
+
+
+def _info(info: torch.Tensor) -> Dict[str, float]:
+    rounds, moves, swaps, start_cost, cost, stop, _ = info.tolist()
+    return {"rounds": rounds, "moves": moves, "swaps": swaps, "start_cost": start_cost, "cost": cost,
+            "stopped_at_deadline": float(stop == 2), "local_optimum": float(stop == 0)}
+
+
+def start_and_refine(dedup, shares: Sequence[int], max_rounds: int = 64, deadline: Optional[float] = None,
+                     group_size: int = 4) -> Tuple[np.ndarray, Dict[str, float]]:
+    """:func:`start` then :func:`refine` until ``deadline``: in one call of
+    :func:`torchrec_esd.ops.dedup_decide` where it is built (the same
+    assignment and ``info``; a custom operator releases the GIL, and a
+    decision in a background thread waits for it again after every call
+    while the training thread runs Python), else the two calls."""
+    if not ops.has_dedup_decide():
+        return refine(dedup, start(dedup, shares), max_rounds, deadline, group_size)
+    budget = float("inf") if deadline is None else max(deadline - time.perf_counter(), 0.0)
+    shares = tuple(int(s) for s in shares)
+    divisor, p_shared = amortise_table(shares, dedup.num_samples)
+    arrays = (dedup.occ_s, dedup.occ_k, dedup.pull, dedup.push, dedup.owner, dedup.owner_push)
+    a, _, info, _ = ops.dedup_decide(*(torch.from_numpy(v) for v in arrays), divisor, p_shared, list(shares),
+                                     3, max_rounds, budget, group_size)
+    return a.numpy(), _info(info)
 
 
 class DedupSearchDispatcher(StakeRule, Dispatcher):
@@ -152,7 +204,7 @@ class DedupSearchDispatcher(StakeRule, Dispatcher):
         return float(dedup.per_worker(plain_split(shares).numpy()).max())
 
     def _start(self, dedup, shares) -> np.ndarray:
-        return price_greedy(dedup.amortised_matrix(shares), shares)[0]
+        return start(dedup, shares)
 
     def _deadline(self, t0: float, dedup, start: np.ndarray) -> float:
         budget = self.time_budget_s
@@ -174,6 +226,13 @@ class DedupSearchDispatcher(StakeRule, Dispatcher):
             )
         if w == 1:
             return torch.zeros(b, dtype=torch.int64), {"solver": "esd"}
+        if self.objective == "total" and self.budget_fraction is None:
+            # the budget does not depend on the start: start and local search in one call
+            deadline = t0 + self.time_budget_s
+            a, info = start_and_refine(dedup, shares, self.max_rounds, deadline)
+            info["predicted_total_s"] = info["cost"]
+            info["budget_ms"] = (deadline - t0) * 1e3
+            return torch.from_numpy(a), info
         start = self._start(dedup, shares)
         deadline = self._deadline(t0, dedup, start)
         if self.objective == "total":
