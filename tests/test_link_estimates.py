@@ -201,6 +201,26 @@ def test_a_fixed_time_on_a_link_takes_samples_off_it():
         est.shares(512, 2e-4, extra_fixed_s=[0.0] * 3)
 
 
+def test_a_worker_cut_to_small_replies_is_seen_again_when_its_link_recovers():
+    # one sample per step: ~30 kB replies; the link goes 10 -> 100 Mbit/s
+    config = EsdConfig([WorkerSpec(1, 100.0), WorkerSpec(1, 10.0)], online_links=True)
+    est = LinkEstimates(config, 0)
+    reply = 30e3
+
+    def gathered(mbps):  # a timed reply read 15 % fast (what a token bucket's burst does)
+        return torch.tensor([[1.0, 4e5, 0.05, 128.0, 3e5, 3e5 / (100 * MBIT)],
+                             [1.0, 4e4, 0.05, 1.0, reply, reply / (mbps * MBIT) / 1.15]], dtype=torch.float64)
+
+    for _ in range(10):
+        est.update(gathered(10.0))
+    assert 10 * MBIT < est.links[1].bytes_per_second < 12 * MBIT  # small replies do not drift it far
+    seen = []
+    for _ in range(6):
+        est.update(gathered(100.0))
+        seen.append(est.links[1].bytes_per_second / MBIT)
+    assert seen[4] > 50.0 and all(b > a for a, b in zip(seen, seen[1:]))  # ~1.5x per step, up to 4x each
+
+
 def test_config_fields_are_checked():
     w = [WorkerSpec(1, 10.0)]
     with pytest.raises(EsdConfigError, match="needs online_links=True"):

@@ -20,12 +20,20 @@ it.  Those observations (``exchanges = 0``) set the bandwidth; the latency
 stays at its prior (they carry none; whole-exchange observations, ``n >=
 1``, still fit it).  The rate is measured on the download and applied to
 both directions (the cost model has one bandwidth per link).  A reply below
-``full_weight_bytes`` (256 KiB) counts in proportion to its size and cannot
-move the estimate more than ``outlier_factor`` in one step: on a token-bucket
-link the first tens of kB pass at line rate (measured on the tc links of the
-benchmarks: 60 kB replies at "10 Mbit/s" arrived in 0.03 ms, 300 kB ones
-at 12 Mbit/s), so a slow worker given few samples would otherwise look
-hundreds of times faster than it is.
+``full_weight_bytes`` counts in proportion to its size and cannot move the
+estimate more than ``outlier_factor`` in one step: a token bucket's burst
+carries the first bytes of a transfer at line rate, so a slow worker given
+few samples could otherwise look hundreds of times faster than it is.
+:class:`LinkEstimates` uses 32 KiB (:class:`LinkEstimator`'s default is 256
+KiB).  The benchmarks' links used to be HTB classes that let whole 64 kB GSO
+packets through at line rate (60 kB replies at "10 Mbit/s" in 0.03 ms); on
+their TBF links (``benchmarks/netns.py``) a 10 Mbit/s link has a 4 kB burst
+and 37-59 kB replies read 7.9-11.1 Mbit/s.  With 256 KiB a slow worker cut
+to one sample (~30 kB replies) took 20 steps to be seen back at 100 Mbit/s
+(``benchmarks/results/rate_change_v7.md``).  Where the timing thread waits
+for the GIL the marker is seen late and a reply reads too fast (7 of 240
+readings over 300 Mbit/s on 100 Mbit/s links in that run): the outlier rule
+holds a lone one.
 
 The estimator (per link), stated:
 
@@ -242,7 +250,8 @@ class LinkEstimates:
     def __init__(self, config: EsdConfig, me: int, **estimator_kwargs) -> None:
         self.config = config
         self.me = int(me)
-        kw = {"provisional_slowdowns": True, **estimator_kwargs}
+        # 32 KiB: see the module docstring (small replies)
+        kw = {"provisional_slowdowns": True, "full_weight_bytes": 32 * 1024, **estimator_kwargs}
         self.links = [LinkEstimator(w.bytes_per_second, w.latency_s, **kw) for w in config.workers]
         self.bytes_per_sample = [0.0] * config.num_workers  # last measured, per worker
         self.bytes_models = [BytesModel() for _ in config.workers]
