@@ -7,6 +7,16 @@
 
 namespace torchrec_esd {
 
+// a contiguous CPU tensor of dtype `type` and `dim` dimensions (host-side kernels' inputs)
+inline void check_cpu_tensor(const char* op, const char* name, const at::Tensor& t, at::ScalarType type,
+                             int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), "torchrec_esd::", op, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == type, "torchrec_esd::", op, ": ", name, " must be ", type, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == dim && t.is_contiguous(), "torchrec_esd::", op, ": ", name, " must be a contiguous ",
+              dim, "-D tensor");
+}
+
 inline void check_index_vector(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, "torchrec_esd::", op,
               ": ", name, " must be int32 or int64, got ", t.scalar_type());

@@ -53,6 +53,8 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include "../esd_checks.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -66,13 +68,6 @@ namespace {
 
 constexpr const char* kOp = "dedup_refine";
 
-void check_tensor(const char* name, const at::Tensor& t, at::ScalarType type, int64_t dim) {
-  TORCH_CHECK(t.device().is_cpu(), "torchrec_esd::", kOp, ": ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == type, "torchrec_esd::", kOp, ": ", name, " must be ", type,
-              ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == dim && t.is_contiguous(), "torchrec_esd::", kOp, ": ", name,
-              " must be a contiguous ", dim, "-D tensor");
-}
 
 using Clock = std::chrono::steady_clock;
 
@@ -592,13 +587,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dedup_refine_cpu(
     const at::Tensor& occ_s, const at::Tensor& occ_k, const at::Tensor& pull,
     const at::Tensor& push, const at::Tensor& owner, const at::Tensor& owner_push,
     const at::Tensor& assignment, int64_t max_rounds, double time_budget_s, int64_t group_size) {
-  check_tensor("occ_s", occ_s, at::kLong, 1);
-  check_tensor("occ_k", occ_k, at::kLong, 1);
-  check_tensor("pull", pull, at::kDouble, 2);
-  check_tensor("push", push, at::kDouble, 2);
-  check_tensor("owner", owner, at::kLong, 1);
-  check_tensor("owner_push", owner_push, at::kDouble, 1);
-  check_tensor("assignment", assignment, at::kLong, 1);
+  check_cpu_tensor(kOp, "occ_s", occ_s, at::kLong, 1);
+  check_cpu_tensor(kOp, "occ_k", occ_k, at::kLong, 1);
+  check_cpu_tensor(kOp, "pull", pull, at::kDouble, 2);
+  check_cpu_tensor(kOp, "push", push, at::kDouble, 2);
+  check_cpu_tensor(kOp, "owner", owner, at::kLong, 1);
+  check_cpu_tensor(kOp, "owner_push", owner_push, at::kDouble, 1);
+  check_cpu_tensor(kOp, "assignment", assignment, at::kLong, 1);
   const int64_t N = occ_s.numel(), U = pull.size(0), W = pull.size(1), B = assignment.numel();
   TORCH_CHECK(occ_k.numel() == N, "torchrec_esd::", kOp,
               ": occ_s and occ_k must have the same length, got ", N, " and ", occ_k.numel());

@@ -24,6 +24,9 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include "../esd_checks.h"
+#include "numpy_sum.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -37,40 +40,7 @@ namespace {
 
 constexpr const char* kOp = "dedup_start";
 
-void check_tensor(const char* name, const at::Tensor& t, at::ScalarType type, int64_t dim) {
-  TORCH_CHECK(t.device().is_cpu(), "torchrec_esd::", kOp, ": ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == type, "torchrec_esd::", kOp, ": ", name, " must be ", type,
-              ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == dim && t.is_contiguous(), "torchrec_esd::", kOp, ": ", name,
-              " must be a contiguous ", dim, "-D tensor");
-}
 
-// numpy's pairwise summation of a contiguous float64 array (np.add.reduce
-// starts from the identity 0.0 and adds this)
-double pairwise_sum(const double* a, int64_t n) {
-  if (n < 8) {
-    double r = 0.0;
-    for (int64_t i = 0; i < n; ++i) r += a[i];
-    return r;
-  }
-  if (n <= 128) {
-    double r[8];
-    for (int j = 0; j < 8; ++j) r[j] = a[j];
-    int64_t i = 8;
-    for (; i < n - (n % 8); i += 8)
-      for (int j = 0; j < 8; ++j) r[j] += a[i + j];
-    double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-    for (; i < n; ++i) res += a[i];
-    return res;
-  }
-  int64_t n2 = n / 2;
-  n2 -= n2 % 8;
-  return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
-}
-
-double np_sum(const std::vector<double>& a) {
-  return 0.0 + pairwise_sum(a.data(), static_cast<int64_t>(a.size()));
-}
 
 // per row of r [B, W] (columns `cols`): first argmin (position in cols), the
 // minimum, the minimum without it (inf with one column)
@@ -113,7 +83,7 @@ std::vector<double> dual_prices(const std::vector<double>& cost, int64_t B, int6
       for (int64_t w = 0; w < W; ++w) r[s * W + w] = cost[s * W + w] - u[w];
     best_two(r.data(), W, rows, cols, bi, bv, sv);
     for (int64_t w = 0; w < W; ++w) su[w] = static_cast<double>(shares[w]) * u[w];
-    const double v = np_sum(bv) + np_sum(su);
+    const double v = numpy_sum(bv) + numpy_sum(su);
     if (v > best_v) {
       best_u = u;
       best_v = v;
@@ -200,14 +170,14 @@ std::tuple<at::Tensor, at::Tensor> dedup_start_cpu(
     const at::Tensor& push, const at::Tensor& owner, const at::Tensor& owner_push,
     const at::Tensor& divisor, const at::Tensor& p_shared, at::IntArrayRef shares,
     int64_t price_sweeps) {
-  check_tensor("occ_s", occ_s, at::kLong, 1);
-  check_tensor("occ_k", occ_k, at::kLong, 1);
-  check_tensor("pull", pull, at::kDouble, 2);
-  check_tensor("push", push, at::kDouble, 2);
-  check_tensor("owner", owner, at::kLong, 1);
-  check_tensor("owner_push", owner_push, at::kDouble, 1);
-  check_tensor("divisor", divisor, at::kDouble, 2);
-  check_tensor("p_shared", p_shared, at::kDouble, 2);
+  check_cpu_tensor(kOp, "occ_s", occ_s, at::kLong, 1);
+  check_cpu_tensor(kOp, "occ_k", occ_k, at::kLong, 1);
+  check_cpu_tensor(kOp, "pull", pull, at::kDouble, 2);
+  check_cpu_tensor(kOp, "push", push, at::kDouble, 2);
+  check_cpu_tensor(kOp, "owner", owner, at::kLong, 1);
+  check_cpu_tensor(kOp, "owner_push", owner_push, at::kDouble, 1);
+  check_cpu_tensor(kOp, "divisor", divisor, at::kDouble, 2);
+  check_cpu_tensor(kOp, "p_shared", p_shared, at::kDouble, 2);
   const int64_t N = occ_s.numel(), U = pull.size(0), W = pull.size(1);
   const int64_t T = divisor.size(0);
   TORCH_CHECK(occ_k.numel() == N, "torchrec_esd::", kOp,

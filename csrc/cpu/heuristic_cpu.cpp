@@ -4,11 +4,13 @@
 // heuristic_total_solve: the regret heuristic of HeuristicDispatcher(objective="total",
 //   improve_sweeps=0): price_greedy (dual_prices' Jacobi sweeps, then greedy_rounds on the
 //   price-adjusted costs) and the lower bound dual_value of the prices.  The sums that pick
-//   the best prices are numpy's (0.0 + pairwise sum, numpy_sum below), so the same prices
+//   the best prices are numpy's (0.0 + pairwise sum, numpy_sum in numpy_sum.h), so the same prices
 //   win.  O(sweeps B W + rounds B W) with at most W rounds, plus an O(B) selection per
 //   worker and sweep.
 #include <torch/library.h>
 #include <torch/types.h>
+
+#include "numpy_sum.h"
 
 #include <algorithm>
 #include <cmath>
@@ -21,31 +23,6 @@ namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-// numpy's pairwise summation of a contiguous float64 run (loops_utils.h.src,
-// PW_BLOCKSIZE 128, 8 accumulators).
-double pairwise_sum(const double* a, int64_t n) {
-  if (n < 8) {
-    double res = -0.0;
-    for (int64_t i = 0; i < n; ++i) res += a[i];
-    return res;
-  }
-  if (n <= 128) {
-    double r[8];
-    for (int j = 0; j < 8; ++j) r[j] = a[j];
-    int64_t i = 8;
-    for (; i < n - (n % 8); i += 8)
-      for (int j = 0; j < 8; ++j) r[j] += a[i + j];
-    double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-    for (; i < n; ++i) res += a[i];
-    return res;
-  }
-  int64_t n2 = n / 2;
-  n2 -= n2 % 8;
-  return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
-}
-
-// np.sum of a 1-D float64 array: the identity 0.0 plus the pairwise sum.
-double numpy_sum(const std::vector<double>& a) { return 0.0 + pairwise_sum(a.data(), (int64_t)a.size()); }
 
 // sum_w shares[w] * u[w] as numpy computes (shf * u).sum().
 double shares_dot(const std::vector<double>& shf, const std::vector<double>& u) {
