@@ -17,6 +17,27 @@ inline void check_cpu_tensor(const char* op, const char* name, const at::Tensor&
               dim, "-D tensor");
 }
 
+// the de-duplicated cost model's inputs (DedupCost): occurrences (occ_s, occ_k) of N (sample, row)
+// pairs, per-row pull / push costs [U, W], each row's dirty owner and its push cost [U]
+inline void check_dedup_model(const char* op, const at::Tensor& occ_s, const at::Tensor& occ_k,
+                              const at::Tensor& pull, const at::Tensor& push, const at::Tensor& owner,
+                              const at::Tensor& owner_push) {
+  check_cpu_tensor(op, "occ_s", occ_s, at::kLong, 1);
+  check_cpu_tensor(op, "occ_k", occ_k, at::kLong, 1);
+  check_cpu_tensor(op, "pull", pull, at::kDouble, 2);
+  check_cpu_tensor(op, "push", push, at::kDouble, 2);
+  check_cpu_tensor(op, "owner", owner, at::kLong, 1);
+  check_cpu_tensor(op, "owner_push", owner_push, at::kDouble, 1);
+  const int64_t U = pull.size(0);
+  TORCH_CHECK(occ_k.numel() == occ_s.numel(), "torchrec_esd::", op,
+              ": occ_s and occ_k must have the same length, got ", occ_s.numel(), " and ", occ_k.numel());
+  TORCH_CHECK(pull.size(1) >= 1, "torchrec_esd::", op, ": pull must have at least one worker column");
+  TORCH_CHECK(push.sizes() == pull.sizes(), "torchrec_esd::", op,
+              ": push must have pull's shape ", pull.sizes(), ", got ", push.sizes());
+  TORCH_CHECK(owner.numel() == U && owner_push.numel() == U, "torchrec_esd::", op,
+              ": owner and owner_push must have one entry per row (", U, ")");
+}
+
 inline void check_index_vector(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, "torchrec_esd::", op,
               ": ", name, " must be int32 or int64, got ", t.scalar_type());

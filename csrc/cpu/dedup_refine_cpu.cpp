@@ -587,21 +587,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dedup_refine_cpu(
     const at::Tensor& occ_s, const at::Tensor& occ_k, const at::Tensor& pull,
     const at::Tensor& push, const at::Tensor& owner, const at::Tensor& owner_push,
     const at::Tensor& assignment, int64_t max_rounds, double time_budget_s, int64_t group_size) {
-  check_cpu_tensor(kOp, "occ_s", occ_s, at::kLong, 1);
-  check_cpu_tensor(kOp, "occ_k", occ_k, at::kLong, 1);
-  check_cpu_tensor(kOp, "pull", pull, at::kDouble, 2);
-  check_cpu_tensor(kOp, "push", push, at::kDouble, 2);
-  check_cpu_tensor(kOp, "owner", owner, at::kLong, 1);
-  check_cpu_tensor(kOp, "owner_push", owner_push, at::kDouble, 1);
+  check_dedup_model(kOp, occ_s, occ_k, pull, push, owner, owner_push);
   check_cpu_tensor(kOp, "assignment", assignment, at::kLong, 1);
   const int64_t N = occ_s.numel(), U = pull.size(0), W = pull.size(1), B = assignment.numel();
-  TORCH_CHECK(occ_k.numel() == N, "torchrec_esd::", kOp,
-              ": occ_s and occ_k must have the same length, got ", N, " and ", occ_k.numel());
-  TORCH_CHECK(W >= 1, "torchrec_esd::", kOp, ": pull must have at least one worker column");
-  TORCH_CHECK(push.sizes() == pull.sizes(), "torchrec_esd::", kOp,
-              ": push must have pull's shape ", pull.sizes(), ", got ", push.sizes());
-  TORCH_CHECK(owner.numel() == U && owner_push.numel() == U, "torchrec_esd::", kOp,
-              ": owner and owner_push must have one entry per row (", U, ")");
   TORCH_CHECK(max_rounds >= 0, "torchrec_esd::", kOp, ": max_rounds must be >= 0, got ",
               max_rounds);
   TORCH_CHECK(group_size >= 0, "torchrec_esd::", kOp, ": group_size must be >= 0, got ",

@@ -170,23 +170,11 @@ std::tuple<at::Tensor, at::Tensor> dedup_start_cpu(
     const at::Tensor& push, const at::Tensor& owner, const at::Tensor& owner_push,
     const at::Tensor& divisor, const at::Tensor& p_shared, at::IntArrayRef shares,
     int64_t price_sweeps) {
-  check_cpu_tensor(kOp, "occ_s", occ_s, at::kLong, 1);
-  check_cpu_tensor(kOp, "occ_k", occ_k, at::kLong, 1);
-  check_cpu_tensor(kOp, "pull", pull, at::kDouble, 2);
-  check_cpu_tensor(kOp, "push", push, at::kDouble, 2);
-  check_cpu_tensor(kOp, "owner", owner, at::kLong, 1);
-  check_cpu_tensor(kOp, "owner_push", owner_push, at::kDouble, 1);
+  check_dedup_model(kOp, occ_s, occ_k, pull, push, owner, owner_push);
   check_cpu_tensor(kOp, "divisor", divisor, at::kDouble, 2);
   check_cpu_tensor(kOp, "p_shared", p_shared, at::kDouble, 2);
   const int64_t N = occ_s.numel(), U = pull.size(0), W = pull.size(1);
   const int64_t T = divisor.size(0);
-  TORCH_CHECK(occ_k.numel() == N, "torchrec_esd::", kOp,
-              ": occ_s and occ_k must have the same length, got ", N, " and ", occ_k.numel());
-  TORCH_CHECK(W >= 1, "torchrec_esd::", kOp, ": pull must have at least one worker column");
-  TORCH_CHECK(push.sizes() == pull.sizes(), "torchrec_esd::", kOp,
-              ": push must have pull's shape ", pull.sizes(), ", got ", push.sizes());
-  TORCH_CHECK(owner.numel() == U && owner_push.numel() == U, "torchrec_esd::", kOp,
-              ": owner and owner_push must have one entry per row (", U, ")");
   TORCH_CHECK(divisor.size(1) == W && p_shared.sizes() == divisor.sizes(), "torchrec_esd::", kOp,
               ": divisor and p_shared must be [T, ", W, "] tables, got ", divisor.sizes(), " and ",
               p_shared.sizes());
