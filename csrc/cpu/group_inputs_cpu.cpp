@@ -29,10 +29,10 @@ namespace torchrec_esd {
 
 namespace {
 
-void check_vec(const at::Tensor& t, at::ScalarType dt, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dt && t.dim() == 1 && t.is_contiguous(),
-              "torchrec_esd::group_slice_expected: ", name, " must be a contiguous 1-D CPU ", c10::toString(dt),
-              " tensor");
+// op: "torchrec_esd::<name>: ", the message's prefix
+void check_vec(const char* op, const at::Tensor& t, at::ScalarType dt, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dt && t.dim() == 1 && t.is_contiguous(), op, name,
+              " must be a contiguous 1-D CPU ", c10::toString(dt), " tensor");
 }
 
 }  // namespace
@@ -42,18 +42,14 @@ at::Tensor group_price_cpu(const at::Tensor& hit_key, const at::Tensor& hit_grou
                            const at::Tensor& uses, const at::Tensor& per, int64_t num_samples,
                            const at::Tensor& occ_s, const at::Tensor& occ_k) {
   const char* op = "torchrec_esd::group_price: ";
-  auto vec = [&](const at::Tensor& t, at::ScalarType dt, const char* name) {
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dt && t.dim() == 1 && t.is_contiguous(), op, name,
-                " must be a contiguous 1-D CPU ", c10::toString(dt), " tensor");
-  };
-  vec(hit_key, at::kLong, "hit_key");
-  vec(hit_group, at::kLong, "hit_group");
-  vec(hit_outdated, at::kBool, "hit_outdated");
-  vec(table_of, at::kLong, "table_of");
-  vec(uses, at::kDouble, "uses");
-  vec(per, at::kDouble, "per");
-  vec(occ_s, at::kLong, "occ_s");
-  vec(occ_k, at::kLong, "occ_k");
+  check_vec(op, hit_key, at::kLong, "hit_key");
+  check_vec(op, hit_group, at::kLong, "hit_group");
+  check_vec(op, hit_outdated, at::kBool, "hit_outdated");
+  check_vec(op, table_of, at::kLong, "table_of");
+  check_vec(op, uses, at::kDouble, "uses");
+  check_vec(op, per, at::kDouble, "per");
+  check_vec(op, occ_s, at::kLong, "occ_s");
+  check_vec(op, occ_k, at::kLong, "occ_k");
   const int64_t H = hit_key.numel(), U = table_of.numel(), G = per.numel(), P = occ_s.numel();
   TORCH_CHECK(hit_group.numel() == H && hit_outdated.numel() == H, op, "hit_key, hit_group and hit_outdated",
               " must have the same length");
@@ -147,19 +143,19 @@ at::Tensor group_slice_expected_cpu(const at::Tensor& samples, const at::Tensor&
                                     const at::Tensor& owner, const at::Tensor& owner_push, const at::Tensor& shares,
                                     const at::Tensor& p_shared, const at::Tensor& uses_index, int64_t num_samples) {
   const char* op = "torchrec_esd::group_slice_expected: ";
-  check_vec(samples, at::kLong, "samples");
-  check_vec(workers, at::kLong, "workers");
-  check_vec(pair_ptr, at::kLong, "pair_ptr");
-  check_vec(occ_k, at::kLong, "occ_k");
-  check_vec(hit_ptr, at::kLong, "hit_ptr");
-  check_vec(hit_key, at::kLong, "hit_key");
-  check_vec(hit_outdated, at::kBool, "hit_outdated");
-  check_vec(table_of, at::kLong, "table_of");
-  check_vec(uses, at::kDouble, "uses");
-  check_vec(owner, at::kLong, "owner");
-  check_vec(owner_push, at::kDouble, "owner_push");
-  check_vec(shares, at::kDouble, "shares");
-  check_vec(uses_index, at::kLong, "uses_index");
+  check_vec(op, samples, at::kLong, "samples");
+  check_vec(op, workers, at::kLong, "workers");
+  check_vec(op, pair_ptr, at::kLong, "pair_ptr");
+  check_vec(op, occ_k, at::kLong, "occ_k");
+  check_vec(op, hit_ptr, at::kLong, "hit_ptr");
+  check_vec(op, hit_key, at::kLong, "hit_key");
+  check_vec(op, hit_outdated, at::kBool, "hit_outdated");
+  check_vec(op, table_of, at::kLong, "table_of");
+  check_vec(op, uses, at::kDouble, "uses");
+  check_vec(op, owner, at::kLong, "owner");
+  check_vec(op, owner_push, at::kDouble, "owner_push");
+  check_vec(op, shares, at::kDouble, "shares");
+  check_vec(op, uses_index, at::kLong, "uses_index");
   const int64_t Bg = samples.numel(), nw = workers.numel(), U = table_of.numel(), W = shares.numel();
   const int64_t B = pair_ptr.numel() - 1, H = hit_key.numel();
   TORCH_CHECK(B >= 0 && B == num_samples, op, "pair_ptr must have num_samples + 1 = ", num_samples + 1,
@@ -273,8 +269,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_key_pairs_cpu(
                                                                                 const at::Tensor& kidx,
                                                                                 int64_t num_keys) {
   const char* op = "torchrec_esd::sample_key_pairs: ";
-  check_vec(offsets, at::kLong, "offsets");
-  check_vec(kidx, at::kLong, "kidx");
+  check_vec(op, offsets, at::kLong, "offsets");
+  check_vec(op, kidx, at::kLong, "kidx");
   TORCH_CHECK(offsets.numel() >= 1, op, "offsets must have num_samples + 1 >= 1 entries");
   TORCH_CHECK(num_keys >= 0, op, "num_keys must be >= 0");
   const int64_t B = offsets.numel() - 1, N = kidx.numel();
@@ -312,7 +308,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_key_pairs_cpu(
 
 std::tuple<at::Tensor, at::Tensor> bucket_order_cpu(const at::Tensor& bins, int64_t num_bins) {
   const char* op = "torchrec_esd::bucket_order: ";
-  check_vec(bins, at::kLong, "bins");
+  check_vec(op, bins, at::kLong, "bins");
   TORCH_CHECK(num_bins >= 0, op, "num_bins must be >= 0");
   const int64_t n = bins.numel();
   const int64_t* b = bins.data_ptr<int64_t>();

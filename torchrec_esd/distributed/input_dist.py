@@ -164,12 +164,14 @@ class EsdInputDist(nn.Module):
         est = rt.link_estimates
         if est is None:
             shares = rt.config.batch_shares(b)
+            dense = rt.dense_sync_seconds()
         else:
             # every worker's measured links, gathered on this dispatch's group: the
             # same estimates (and so the same shares) on every worker
             est.share(group, device)
-            shares = est.shares(b, rt.config.compute_s_per_sample,
-                                extra_fixed_s=rt.dense_sync_seconds(est.bytes_per_second()))
+            # fixed per step whatever the share: the dense all-reduce on each link
+            dense = rt.dense_sync_seconds(est.bytes_per_second())
+            shares = est.shares(b, rt.config.compute_s_per_sample, extra_fixed_s=dense)
         compute = rt.compute_estimates
         if compute is not None:  # every worker's measured compute, gathered like the links
             compute.share(group, device)
@@ -179,8 +181,7 @@ class EsdInputDist(nn.Module):
             if est is not None:
                 self.cost_model.set_links(est.bytes_per_second())
             if compute is not None:
-                # fixed per step: the measured compute and the dense all-reduce on each link
-                dense = rt.dense_sync_seconds(est.bytes_per_second() if est is not None else None)
+                # fixed per step: the measured compute and the dense all-reduce
                 self.dispatcher.set_rates(compute.samples_per_s(),
                                           [c + d for c, d in zip(compute.fixed_s(), dense)])
             # what this dispatcher reads: the additive matrix, LAIA's hit
