@@ -29,22 +29,27 @@ def test_dense_sync_seconds_on_each_link():
         sync_seconds(link, [1.0, 0.0, 1.0])
 
 
-def _ddp_grads(mode):
+def _ddp_grads(mode, hidden=5, max_chunks=None):
     """Gradients of a DDP-wrapped model on this rank, with the ``mode`` sync,
-    after one backward on rank-specific data; also the bytes this rank sent."""
+    after one backward on rank-specific data; also the bytes this rank sent.
+    ``max_chunks``: the star's most pieces per bucket (default: the module's)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    from torchrec_esd.distributed import dense_sync
+
+    if max_chunks is not None:
+        dense_sync.STAR_MAX_CHUNKS = max_chunks
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    model = torch.nn.Sequential(torch.nn.Linear(7, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 3))
     ddp = DistributedDataParallel(model)
     n = register_dense_sync(ddp, mode, [10.0, 1000.0, 50.0][:world])
     g = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(4 + rank, 7, generator=g)
     ddp(x).pow(2).sum().backward()
     # what the mean gradient must be: every rank's local gradient, averaged
-    local = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    local = torch.nn.Sequential(torch.nn.Linear(7, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 3))
     local.load_state_dict(model.state_dict())
     local(x).pow(2).sum().backward()
     mine = torch.cat([p.grad.reshape(-1) for p in local.parameters()])
@@ -66,6 +71,28 @@ def test_star_allreduce_gives_the_mean_gradient_on_every_rank(world):
         assert out[r]["dense_bytes"] == (7 * 5 + 5 + 5 * 3 + 3) * 4
         torch.testing.assert_close(out[r]["grad"], out[r]["expected"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out[r]["grad"], out[0]["grad"], rtol=0, atol=0)  # identical everywhere
+
+
+def test_star_in_pieces_gives_the_same_bits_as_one_piece():
+    # 1000 hidden units: 44 kB of gradients, cut into 10 pieces of ~4.4 kB (4 KiB at least each)
+    from torchrec_esd.distributed.dense_sync import star_chunks
+
+    numel = 7 * 1000 + 1000 + 1000 * 3 + 3
+    assert star_chunks(numel) == 10
+    assert star_chunks(100) == 1 and star_chunks(10**7) == 16  # small buckets whole, at most 16 pieces
+    pieces = run_local_world(_ddp_grads, 3, "star", 1000, timeout_s=120)
+    whole = run_local_world(_ddp_grads, 3, "star", 1000, 1, timeout_s=120)
+    for r in range(3):
+        torch.testing.assert_close(pieces[r]["grad"], pieces[r]["expected"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pieces[r]["grad"], whole[r]["grad"], rtol=0, atol=0)  # same sums, same order
+        torch.testing.assert_close(pieces[r]["grad"], pieces[0]["grad"], rtol=0, atol=0)
+
+
+def test_star_pieces_overlap_the_two_directions_in_the_model():
+    link = link_bytes_per_step("star", [10.0, 1000.0], 25_600)
+    assert sync_seconds(link, [1.25e6, 1.25e8], chunks=4)[0] == pytest.approx(1.25 * 25_600 / 1.25e6)
+    with pytest.raises(EsdConfigError, match="chunks must be an integer >= 1"):
+        sync_seconds(link, [1.25e6, 1.25e8], chunks=0)
 
 
 def _bad_mode(_):

@@ -32,6 +32,8 @@ from torchrec_esd.config import EsdConfigError
 logger = logging.getLogger(__name__)
 
 DENSE_SYNCS = ("ring", "star")
+STAR_CHUNK_BYTES = 4096  # the star's smallest piece of a bucket
+STAR_MAX_CHUNKS = 16
 
 
 def fastest_worker(bandwidths_mbps: Sequence[float]) -> int:
@@ -54,15 +56,19 @@ def link_bytes_per_step(mode: str, bandwidths_mbps: Sequence[float], dense_bytes
     return [2 * (W - 1) / W * dense_bytes] * W
 
 
-def sync_seconds(link_bytes: Sequence[float], bytes_per_s: Sequence[float]) -> List[float]:
+def sync_seconds(link_bytes: Sequence[float], bytes_per_s: Sequence[float], chunks: int = 1) -> List[float]:
     """Seconds of every worker's step in the dense all-reduce: its
     ``link_bytes`` (:func:`link_bytes_per_step`) one way and then the other at
-    its link's ``bytes_per_s`` (the sum comes back only once every part is
-    in, so the two directions do not overlap)."""
+    its link's ``bytes_per_s``: the mean of a piece comes back only once
+    every worker's piece is in, so with the bucket in ``chunks`` pieces
+    (:func:`star_chunks`) the two directions overlap but for one piece,
+    ``(1 + 1/chunks)`` times the bytes' time (twice it in one piece)."""
     if len(link_bytes) != len(bytes_per_s) or any(not r > 0 for r in bytes_per_s):
         raise EsdConfigError(f"{len(link_bytes)} dense-sync byte counts need as many positive link rates,"
                              f" got {list(bytes_per_s)}")
-    return [2.0 * float(b) / float(r) for b, r in zip(link_bytes, bytes_per_s)]
+    if not (isinstance(chunks, int) and chunks >= 1):
+        raise EsdConfigError(f"chunks must be an integer >= 1, got {chunks!r}")
+    return [(1.0 + 1.0 / chunks) * float(b) / float(r) for b, r in zip(link_bytes, bytes_per_s)]
 
 
 def dense_gradient_bytes(model: nn.Module) -> int:
@@ -73,12 +79,26 @@ def dense_gradient_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for m in ddps for p in m.parameters() if p.requires_grad)
 
 
+def star_chunks(numel: int, element_size: int = 4) -> int:
+    """How many pieces the star cuts a bucket of ``numel`` elements into: pieces
+    of at least :data:`STAR_CHUNK_BYTES` (4 KiB), at most :data:`STAR_MAX_CHUNKS`
+    (so a bucket's mean starts back down a link while the rest of it is still
+    going up; a small bucket stays whole)."""
+    nbytes = int(numel) * int(element_size)
+    return max(1, min(STAR_MAX_CHUNKS, nbytes // STAR_CHUNK_BYTES, int(numel)))
+
+
 def star_allreduce_hook(hub: int, group=None, on_blocked: Optional[Callable[[float], None]] = None):
     """DDP comm hook: mean of the gradient bucket over ``group`` through ``hub``
     (a rank of ``group``), by point-to-point sends; see the module docstring.
-    ``on_blocked(seconds)``: told how long each call blocked (waiting for the
-    other workers; :mod:`~torchrec_esd.distributed.compute_estimates` takes it
-    out of the worker's compute time)."""
+    The bucket moves in :func:`star_chunks` pieces, all posted at once: the hub
+    sums piece ``k`` (in worker order, so the same bits as one piece) as soon
+    as every worker's piece ``k`` is in and sends it back at once, so piece
+    ``k``'s mean comes down each link while its later pieces still go up (a
+    link's two directions overlap; about ``(1 + 1/K)`` bucket times instead of
+    2).  ``on_blocked(seconds)``: told how long each call blocked (waiting for
+    the other workers; :mod:`~torchrec_esd.distributed.compute_estimates`
+    takes it out of the worker's compute time)."""
     world = dist.get_world_size(group)
     if not 0 <= hub < world:
         raise EsdConfigError(f"dense-sync hub {hub} is not a rank of a group of {world}")
@@ -88,23 +108,33 @@ def star_allreduce_hook(hub: int, group=None, on_blocked: Optional[Callable[[flo
         buf = bucket.buffer()
         me = dist.get_rank(group)
         if world > 1:
+            k = star_chunks(buf.numel(), buf.element_size())
+            mine = buf.tensor_split(k)  # k views of the flat bucket
             if me == hub:
-                parts: List[Optional[torch.Tensor]] = [None] * world
-                parts[hub] = buf  # not written before the sum is complete
-                for r in range(world):
-                    if r != hub:
-                        parts[r] = torch.empty_like(buf)
-                        dist.recv(parts[r], group=group, group_src=r)
-                total = parts[0].clone()  # type: ignore[union-attr]
-                for r in range(1, world):
-                    total.add_(parts[r])  # type: ignore[arg-type]
-                buf.copy_(total)
-                sends = [dist.isend(buf, group=group, group_dst=r) for r in range(world) if r != hub]
+                others = [r for r in range(world) if r != hub]
+                parts = {r: torch.empty_like(buf) for r in others}
+                recvs = {r: [dist.irecv(c, group=group, group_src=r, tag=i) for i, c in enumerate(parts[r].tensor_split(k))]
+                         for r in others}
+                total = torch.empty_like(buf).tensor_split(k)
+                sends = []
+                for i in range(k):
+                    for r in others:
+                        recvs[r][i].wait()
+                    pieces = [mine[i] if r == hub else parts[r].tensor_split(k)[i] for r in range(world)]
+                    total[i].copy_(pieces[0])
+                    for p in pieces[1:]:
+                        total[i].add_(p)
+                    sends += [dist.isend(total[i], group=group, group_dst=r, tag=i) for r in others]
                 for s in sends:
                     s.wait()  # type: ignore[union-attr]
+                buf.copy_(torch.cat(total))
             else:
-                dist.send(buf, group=group, group_dst=hub)
-                dist.recv(buf, group=group, group_src=hub)
+                mean = torch.empty_like(buf)
+                recvs = [dist.irecv(c, group=group, group_src=hub, tag=i) for i, c in enumerate(mean.tensor_split(k))]
+                sends = [dist.isend(c, group=group, group_dst=hub, tag=i) for i, c in enumerate(mine)]
+                for w in sends + recvs:
+                    w.wait()  # type: ignore[union-attr]
+                buf.copy_(mean)
         buf.div_(world)
         if on_blocked is not None:
             on_blocked(time.perf_counter() - t0)

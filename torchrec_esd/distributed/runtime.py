@@ -300,6 +300,7 @@ class EsdWorkerRuntime(EsdRuntime):
         # bytes the dense all-reduce moves on every worker's link per step and direction
         # (set_dense_sync; None: not known, priced at 0)
         self.dense_link_bytes: Optional[List[float]] = None
+        self.dense_chunks = 1  # pieces the star cuts the gradients into (its directions overlap)
         self.plans = PlanChannel()
         self.loss_scaling = LossScaling(config)
         self._executor = None  # the sharded embedding module of this worker
@@ -310,12 +311,14 @@ class EsdWorkerRuntime(EsdRuntime):
         gradients per step: the share rules price its time on every link
         (:meth:`dense_sync_seconds`), a fixed cost of every step whatever the
         worker's samples."""
-        from torchrec_esd.distributed.dense_sync import link_bytes_per_step
+        from torchrec_esd.distributed.dense_sync import link_bytes_per_step, star_chunks
 
         if not (isinstance(dense_bytes, int) and dense_bytes >= 0):
             raise EsdConfigError(f"dense_bytes must be an integer >= 0, got {dense_bytes!r}")
         self.dense_link_bytes = link_bytes_per_step(mode, [w.bandwidth_mbps for w in self.config.workers],
                                                     dense_bytes)
+        # (as one DDP bucket: DLRM's dense part is far below DDP's first 1 MB bucket)
+        self.dense_chunks = star_chunks(dense_bytes // 4) if mode == "star" else 1
 
     def dense_sync_seconds(self, bytes_per_s: Optional[Sequence[float]] = None) -> List[float]:
         """Seconds of every worker's step in the dense all-reduce at
@@ -327,7 +330,7 @@ class EsdWorkerRuntime(EsdRuntime):
         bps = [w.bytes_per_second for w in self.config.workers] if bytes_per_s is None else list(bytes_per_s)
         if self.dense_link_bytes is None:
             return [0.0] * len(bps)
-        return sync_seconds(self.dense_link_bytes, bps)
+        return sync_seconds(self.dense_link_bytes, bps, self.dense_chunks)
 
     @property
     def worker_index(self) -> int:
