@@ -67,7 +67,10 @@ from torchrec_esd.dispatch.base import Dispatcher, DispatchError, DispatchResult
 def water_fill(per_sample_s: np.ndarray, total: int, lo: np.ndarray, hi: np.ndarray,
                fixed_s: Optional[np.ndarray] = None) -> np.ndarray:
     """Integer shares ``n`` with ``lo <= n <= hi``, ``sum n = total`` that
-    (nearly) equalise ``fixed_s[w] + n_w * per_sample_s[w]`` (``O(W log)``)."""
+    (nearly) equalise ``fixed_s[w] + n_w * per_sample_s[w]``: the level where
+    the real-valued fill holds ``total`` (solved exactly on the piece of the
+    piecewise-linear sum where it does, ``O(W^2)`` numpy, no bisection), then
+    the largest remainders."""
     t = np.asarray(per_sample_s, dtype=np.float64)
     c = np.zeros_like(t) if fixed_s is None else np.asarray(fixed_s, dtype=np.float64)
     lo, hi = np.asarray(lo, dtype=np.int64), np.asarray(hi, dtype=np.int64)
@@ -77,14 +80,21 @@ def water_fill(per_sample_s: np.ndarray, total: int, lo: np.ndarray, hi: np.ndar
     def fill(T: float) -> np.ndarray:
         return np.clip((T - c) / np.maximum(t, 1e-300), lo, hi)
 
-    a, b = 0.0, float((hi * t + c).max()) + 1.0
-    for _ in range(100):
-        m = 0.5 * (a + b)
-        if fill(m).sum() < total:
-            a = m
-        else:
-            b = m
-    x = fill(b)
+    # the sum of fill(T) is piecewise linear and non-decreasing in T, with kinks where
+    # a worker reaches lo or hi: find the piece where it reaches total and solve it there
+    kinks = np.unique(np.concatenate([c + lo * t, c + hi * t]))
+    sums = np.clip((kinks[:, None] - c) / np.maximum(t, 1e-300), lo, hi).sum(1)
+    k = int(np.searchsorted(sums, total, side="left"))  # first kink with sum >= total
+    if k == 0:
+        T = float(kinks[0])
+    else:
+        T0, s0 = float(kinks[k - 1]), float(sums[k - 1])
+        T1 = float(kinks[min(k, kinks.size - 1)])
+        mid = 0.5 * (T0 + T1)
+        free = (c + lo * t < mid) & (mid < c + hi * t)  # the workers between their bounds on this piece
+        slope = float((1.0 / np.maximum(t[free], 1e-300)).sum())
+        T = T1 if slope <= 0 else min(T1, T0 + (total - s0) / slope)
+    x = fill(T)
     n = np.floor(x).astype(np.int64)
     n = np.clip(n, lo, hi)
     rest = total - int(n.sum())
@@ -209,12 +219,12 @@ class PerBatchShares(Dispatcher):
             out[self.dispatching_worker] = self.decision_load * self._decision_s
         return out
 
-    def predicted_s(self, cost, a: torch.Tensor, aux) -> np.ndarray:
-        """``[W]`` predicted seconds of every worker: compute + link (+ the
-        dispatching worker's decision load)."""
+    def predicted_s(self, cost, a: torch.Tensor, aux, link: Optional[np.ndarray] = None) -> np.ndarray:
+        """``[W]`` predicted seconds of every worker: compute + link (``link``:
+        :meth:`_link` of ``a`` where known) (+ the dispatching worker's decision load)."""
         W = cost.shape[1]
         n = np.bincount(a.numpy(), minlength=W)
-        return n / self.rates + self._link(cost, a, aux) + self._fixed(W)
+        return n / self.rates + (self._link(cost, a, aux) if link is None else link) + self._fixed(W)
 
     def _bounds(self, base: np.ndarray, cost: torch.Tensor):
         B = int(base.sum())
@@ -224,9 +234,9 @@ class PerBatchShares(Dispatcher):
         hi = np.where(finite, hi, np.minimum(hi, base))  # an unreachable worker never gets more
         return np.minimum(lo, hi), hi
 
-    def _observe(self, cost, a: torch.Tensor, aux) -> None:
+    def _observe(self, cost, a: torch.Tensor, link: np.ndarray) -> None:
         n = np.bincount(a.numpy(), minlength=cost.shape[1])
-        per = self._link(cost, a, aux) / np.maximum(n, 1)
+        per = link / np.maximum(n, 1)
         if self._link_per_sample is None or self._link_per_sample.size != per.size:
             self._link_per_sample = per
         else:
@@ -249,8 +259,9 @@ class PerBatchShares(Dispatcher):
             else:
                 now = water_fill(1.0 / self.rates + self._link_per_sample, B, lo, hi, self._fixed(W))
             best_a = self.inner.assign(cost, now.tolist(), aux=aux).assignment
-            self._observe(cost, best_a, aux)
-            best_t, base_t, tried = float(self.predicted_s(cost, best_a, aux).max()), float("nan"), 1
+            link = self._link(cost, best_a, aux)  # once: the estimate and the prediction
+            self._observe(cost, best_a, link)
+            best_t, base_t, tried = float(self.predicted_s(cost, best_a, aux, link).max()), float("nan"), 1
         else:
             best_a, best_t, base_t, tried = self._rounds(cost, base, lo, hi, aux, t0)
         dt = time.perf_counter() - t0
