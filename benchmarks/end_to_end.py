@@ -62,11 +62,12 @@ import netns  # noqa: E402
 import rate_change  # noqa: E402
 
 METHODS = ["vanilla", "random", "laia", "heuristic", "optimal", "hybrid", "esd"]
-VARIANTS = ("des", "plan", "shares", "online", "prefetch")  # "+des": DES-served misses; "+plan": the planner's
+VARIANTS = ("des", "plan", "shares", "online", "prefetch", "latepull")  # "+des": DES-served misses; "+plan": the planner's
 # shares; "+shares": shares decided per batch around the (planned or equal) shares (torchrec_esd.dispatch.shares);
 # "+online": links measured on the PS exchanges (EsdConfig.online_links, shares from the estimates);
 # "+prefetch": EsdConfig.prefetch_depth = --dispatch-ahead (at least 1): the next batches' safe rows are
-# pulled while a batch computes
+# pulled while a batch computes; "+latepull": EsdConfig.early_pull=False (a batch's push/pull in its forward,
+# not right after the previous batch's gradients)
 LABEL = {
     "vanilla": "vanilla TorchRec",
     "random": "cache-only (random)",
@@ -81,7 +82,7 @@ LABEL = {
 def method_label(method: str) -> str:
     base, *variants = method.split("+")
     extra = {"des": "DES misses", "plan": "planned shares", "shares": "per-batch shares",
-             "online": "online link estimates", "prefetch": "prefetch"}
+             "online": "online link estimates", "prefetch": "prefetch", "latepull": "push/pull in the forward"}
     return " + ".join([LABEL.get(base, base)] + [extra.get(v, v) for v in variants])
 
 
@@ -260,6 +261,8 @@ def rank_main(spec_path: str) -> None:
                 if "online" in variants:
                     cfg = dataclasses.replace(cfg, online_links=True, compute_s_per_sample=1.0 / spec["samples_per_s"])
                 ahead = spec["dispatch_ahead"]
+                if "latepull" in variants:
+                    cfg = dataclasses.replace(cfg, early_pull=False)
                 if "prefetch" in variants:
                     ahead = max(1, ahead)
                     cfg = dataclasses.replace(cfg, prefetch_depth=ahead)
@@ -516,6 +519,7 @@ def summarize(args, mixes, methods, raw) -> Dict:
                 mt = w0["metrics"]
                 s["emb"] = {
                     "prefetched_rows": mt.get("prefetched_rows", 0),
+                    "early_pulls": mt.get("early_pulls", 0),
                     "total_bytes": mt["total_bytes"], "total_link_s": mt["total_link_s"],
                     "makespan_link_s": mt["makespan_link_s"], "rows": mt["rows"],
                     "per_worker": [{"bytes": p["total_bytes"], "link_s": p["link_s"], "rows": p["rows"]}

@@ -130,6 +130,21 @@ def test_equivalence_prefetch(depth, optimizer, dispatcher, mode, num_ps):
     m = esd[0]["metrics"]
     pulled = m["rows"]["miss_pull"] + m["rows"]["update_pull"]
     assert 0 < m["prefetched_rows"] < pulled, (m["prefetched_rows"], pulled)
+    # and the push/pulls went right after the previous gradients (EsdConfig.early_pull, on by default)
+    assert 0 < m["early_pulls"] < STEPS * 3, m["early_pulls"]
+
+
+@pytest.mark.parametrize("early_pull", [True, False])
+def test_equivalence_early_pull(early_pull):
+    # batch i+1's push/pull is posted right after batch i's gradients (its plan dispatched
+    # ahead), so its reply comes down during i's dense all-reduce and optimizer step
+    _, esd = _compare(3, [1, 2, 1], "esd", "rowwise_adagrad", "global", [1.0, 4.0, 8.0], num_ps=2,
+                      dispatch_ahead=1, dense_sync="star", esd_options=dict(early_pull=early_pull))
+    posted = esd[0]["metrics"]["early_pulls"]
+    if early_pull:  # every push/pull but the first is posted early, as far as the dispatch thread kept ahead
+        assert 0 < posted <= 3 * (STEPS - 1), posted
+    else:
+        assert posted == 0
 
 
 @pytest.mark.parametrize("dispatch_ahead", [0, 1])

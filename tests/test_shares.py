@@ -104,3 +104,23 @@ def test_variable_shares_require_the_scaled_loss_even_at_equal_config_shares():
     msg = scaling.forward(2, 5, training=True)
     assert "iteration 1 was not scaled" in msg and "decided per batch" in msg
     assert float(scaling.scale(torch.ones(5, requires_grad=True))) == pytest.approx(5 * 2 / 8)
+
+
+def test_online_shares_keep_the_inner_search_within_a_share_of_the_predicted_iteration():
+    cm, kjt, views, shares = _real_instance(48)
+    d = make_dispatcher("shares", inner="esd", samples_per_s=[300.0, 3000.0, 30000.0], decision_share=0.05)
+    budget0 = d.inner.time_budget_s
+    cost, aux = d.inputs(cm, kjt, views)
+    r1 = d.assign(cost, shares, aux=aux)
+    assert d.inner.time_budget_s == budget0  # no prediction yet: the inner budget
+    d.assign(cost, shares, aux=aux)
+    assert d.inner.time_budget_s == pytest.approx(min(budget0, 0.05 * r1.info["predicted_iter_s"]))
+    with pytest.raises(DispatchError, match="decision_share"):
+        make_dispatcher("shares", inner="esd", samples_per_s=[1.0, 1.0, 1.0], decision_share=1.5)
+    # other inner dispatchers keep their own budgets (HybridDis's is its CPU credit)
+    h = make_dispatcher("shares", inner="hybrid", samples_per_s=[300.0, 3000.0, 30000.0], decision_share=0.05)
+    before = h.inner.time_budget_s
+    hcost, haux = h.inputs(cm, kjt, views)
+    h.assign(hcost, shares, aux=haux)
+    h.assign(hcost, shares, aux=haux)
+    assert h.inner.time_budget_s == before

@@ -168,6 +168,15 @@ class EsdConfig:
             prefetch_depth)`` and every worker planning every cache from the
             global batch (not ``plan_from_summaries=True``; the default then
             plans from the global batch at any W).  ``0``: off.
+        early_pull: post the push/pull of batch ``i+1`` right after the
+            gradients of batch ``i`` when ``i+1`` is dispatched already
+            (``EsdInputDist.dispatch_ahead``), instead of in its forward: the
+            PS answers it once every worker's gradients of ``i`` are applied,
+            so the reply comes down a worker's link while its backward, the
+            dense all-reduce and the optimizer step still run (a link's two
+            directions overlap).  Exact (the same request, served in the same
+            phase).  Not with ``des_misses`` (the DES request needs the batch)
+            or ``online_links`` (a timed reply is timed alone).
     """
 
     workers: Sequence[WorkerSpec]
@@ -184,6 +193,7 @@ class EsdConfig:
     check_finite: bool = False
     plan_from_summaries: Optional[bool] = None
     prefetch_depth: int = 0
+    early_pull: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -240,6 +250,10 @@ class EsdConfig:
         _require(
             self.fault_timeout_s is None or _is_positive_number(self.fault_timeout_s),
             f"EsdConfig.fault_timeout_s must be > 0 seconds or None (no fault monitor), got {self.fault_timeout_s!r}",
+        )
+        _require(
+            isinstance(self.early_pull, bool),
+            f"EsdConfig.early_pull must be a bool, got {self.early_pull!r}",
         )
         _require(
             isinstance(self.check_finite, bool),

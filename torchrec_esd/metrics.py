@@ -47,6 +47,8 @@ class TransmissionMeter:
     # pulled rows (counted in miss_pull / update_pull) that were prefetched while an
     # earlier batch computed (EsdConfig.prefetch_depth)
     prefetched_rows: int = 0
+    # push/pulls posted right after the previous batch's gradients (EsdConfig.early_pull)
+    early_pulls: int = 0
 
     def add(self, kind: str, rows: int, num_bytes: int) -> None:
         if kind not in self.rows:
@@ -116,6 +118,7 @@ class TransmissionMeter:
             "link_s": self.link_s,
             "iterations": self.iterations,
             "prefetched_rows": self.prefetched_rows,
+            "early_pulls": self.early_pulls,
         }
 
     @staticmethod
@@ -129,4 +132,5 @@ class TransmissionMeter:
             "makespan_link_s": max((w["link_s"] for w in per_worker), default=0.0),
             "rows": {k: sum(w["rows"][k] for w in per_worker) for k in KINDS},
             "prefetched_rows": sum(w.get("prefetched_rows", 0) for w in per_worker),
+            "early_pulls": sum(w.get("early_pulls", 0) for w in per_worker),
         }

@@ -146,6 +146,11 @@ class PerBatchShares(Dispatcher):
             it also trains (``decision_load`` of it: 1.0 when they share the
             cores, 0.0 on a machine with cores to spare).
         time_budget_ms: offline mode: no new round starts after it.
+        decision_share: online mode: the inner dispatcher's time budget
+            (``esd``'s anytime local search; other inner dispatchers keep
+            theirs) is at most this fraction of the iteration time predicted
+            at the previous batch, so the decision stays a small part of the
+            step it decides (``None``: the inner dispatcher's own budget).
         objective: passed to the inner dispatcher.
         inner_kwargs: more options of the inner dispatcher.
     """
@@ -157,7 +162,7 @@ class PerBatchShares(Dispatcher):
                  online: bool = True, rounds: int = 2, dispatching_worker: Optional[int] = 0,
                  decision_load: float = 1.0, ema: float = 0.5, time_budget_ms: float = 50.0,
                  objective: str = "total", inner_kwargs: Optional[Mapping] = None,
-                 measured_compute: bool = True) -> None:
+                 measured_compute: bool = True, decision_share: Optional[float] = 0.06) -> None:
         from torchrec_esd.dispatch import make_dispatcher
 
         if samples_per_s is None:
@@ -173,6 +178,8 @@ class PerBatchShares(Dispatcher):
             raise DispatchError(f"dispatching_worker {dispatching_worker} is not one of the {len(rates)} workers")
         if inner == "shares":
             raise DispatchError("per-batch shares cannot wrap itself")
+        if decision_share is not None and not 0 < decision_share < 1:
+            raise DispatchError(f"decision_share must be in (0, 1) or None, got {decision_share}")
         self.inner = make_dispatcher(inner, objective=objective, **dict(inner_kwargs or {}))
         self.inner_name = inner
         self.rates = np.asarray(rates)
@@ -187,6 +194,13 @@ class PerBatchShares(Dispatcher):
         self.needs_dedup, self.cost_input = self.inner.needs_dedup, self.inner.cost_input
         self._link_per_sample: Optional[np.ndarray] = None  # online estimate, seconds per sample per worker
         self._decision_s = 0.0  # average decision time (the dispatching worker's extra load)
+        self.decision_share = decision_share
+        from torchrec_esd.dispatch.dedup_search import DedupSearchDispatcher
+
+        # an anytime inner search whose deadline the decision share may shorten
+        self._inner_budget_s: Optional[float] = (self.inner.time_budget_s
+                                                 if isinstance(self.inner, DedupSearchDispatcher) else None)
+        self._predicted_iter_s = 0.0  # of the previous online decision (0: none yet)
 
     def set_rates(self, samples_per_s: Sequence[float], fixed_s: Optional[Sequence[float]] = None) -> None:
         """Every worker's compute rate (samples / s) and compute seconds per
@@ -258,10 +272,13 @@ class PerBatchShares(Dispatcher):
                 now = base
             else:
                 now = water_fill(1.0 / self.rates + self._link_per_sample, B, lo, hi, self._fixed(W))
+            if self._inner_budget_s is not None and self.decision_share is not None and self._predicted_iter_s > 0:
+                self.inner.time_budget_s = min(self._inner_budget_s, self.decision_share * self._predicted_iter_s)
             best_a = self.inner.assign(cost, now.tolist(), aux=aux).assignment
             link = self._link(cost, best_a, aux)  # once: the estimate and the prediction
             self._observe(cost, best_a, link)
             best_t, base_t, tried = float(self.predicted_s(cost, best_a, aux, link).max()), float("nan"), 1
+            self._predicted_iter_s = best_t
         else:
             best_a, best_t, base_t, tried = self._rounds(cost, base, lo, hi, aux, t0)
         dt = time.perf_counter() - t0

@@ -29,7 +29,7 @@ import torch
 
 from torchrec_esd.cache import IterationPlan, WorkerPlan, prefetch_keys
 from torchrec_esd.ps import DesRequest, DesRoute
-from torchrec_esd.ps.client import PendingPrefetch
+from torchrec_esd.ps.client import PendingPrefetch, PendingPushPull
 from torchrec_esd.ps.protocol import Section, SectionSize
 from torchrec_esd.ps.transport import LinkStats, Traffic
 
@@ -53,14 +53,24 @@ class PsSync:
         self._ready: Dict[int, List[Tuple[torch.Tensor, torch.Tensor, Traffic]]] = {}
         self._deferred: Optional[IterationPlan] = None  # a prefetch to post before the gradients
         self._wait_s = runtime.config.collective_timeout_s  # bound on waiting for the next plan there
+        # the push/pull of the next iteration, posted after this one's gradients (post_next):
+        # (iteration, exchange, mask of the plan's pull keys it asked for, prefetched keys left out)
+        self._next: Optional[Tuple[int, PendingPushPull, Optional[torch.Tensor], int]] = None
+        self._no_partials = torch.empty(0, runtime.client.routing.wire_dim)
+        self._post_next = (runtime.config.early_pull and not runtime.config.des_misses
+                           and not runtime.client.timed_replies)
 
     def push_pull(
-        self, wp: WorkerPlan, push_values: torch.Tensor, des: Optional[DesRequest] = None,
+        self, wp: WorkerPlan, push_values: Optional[torch.Tensor], des: Optional[DesRequest] = None,
         iteration: Optional[int] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[DesRoute]]:
         """Push ``push_values`` ``[len(wp.push_keys), wire_dim + state_dim]``,
         pull ``wp.pull_keys``: (pulled rows, DES partial sums, DES route).
-        The rows prefetched for ``iteration`` (the plan's) are not pulled again."""
+        The rows prefetched for ``iteration`` (the plan's) are not pulled again;
+        where :meth:`post_next` posted this exchange already (:meth:`posted`),
+        it waits for that one (``push_values`` unused, may be None)."""
+        if self._next is not None:
+            return self._take_next(wp, iteration), self._no_partials, None
         pull_keys = wp.pull_keys
         have, have_rows, extra = self._take_prefetched(iteration)
         rest = ~torch.isin(pull_keys, have) if have.numel() else None
@@ -68,19 +78,82 @@ class PsSync:
             wp.push_keys, push_values.cpu(), pull_keys if rest is None else pull_keys[rest], des,
             batch_fingerprint=wp.global_fingerprint)
         traffic = self._client.last_traffic
-        if rest is not None:
-            rows = torch.empty(pull_keys.numel(), got.shape[1])
-            rows[rest] = got
-            pos = torch.searchsorted(pull_keys, have)  # pull_keys are sorted (used_keys order)
-            rows[pos] = have_rows
-            got = rows
         if self._estimates is not None:  # the one synchronous exchange, its reply timed
             self._estimates.record(traffic.wire_bytes, traffic.seconds, wp.num_samples,
                                    traffic.transfer_bytes, traffic.transfer_seconds)
+        return self._merged(wp, got, rest, have, have_rows, traffic, extra), partial, route
+
+    def _merged(self, wp: WorkerPlan, got: torch.Tensor, rest: Optional[torch.Tensor], have: torch.Tensor,
+                have_rows, traffic: Traffic, extra: List[Traffic]) -> torch.Tensor:
+        """The rows of ``wp.pull_keys``: ``got`` (those of ``rest``; all where
+        None) and the prefetched ``have``; meters the push/pull."""
+        if rest is not None:
+            rows = torch.empty(wp.pull_keys.numel(), got.shape[1])
+            rows[rest] = got
+            pos = torch.searchsorted(wp.pull_keys, have)  # pull_keys are sorted (used_keys order)
+            rows[pos] = have_rows
+            got = rows
         for t in extra:
             traffic = traffic.merged(t)
         self._meter.record_push_pull(wp.rows, traffic, self._link)
-        return got, partial, route
+        return got
+
+    # ------------------------------------------------------------ the next push/pull, early
+    def post_next(self, iteration: int, store) -> None:
+        """After the gradients of ``iteration``: post the push/pull of
+        ``iteration + 1`` when its plan is dispatched already (returns at
+        once): its request follows the gradients to the PS, which answers it
+        as soon as every worker's gradients of ``iteration`` are applied, so
+        its reply comes down while this worker still runs its backward, the
+        dense all-reduce and the optimizer step.  Exact: the request is what
+        the forward of ``iteration + 1`` would send (the rows it pushes are
+        read from ``store`` after this iteration's local updates, and nothing
+        writes them before that forward), and the PS serves it in the same
+        phase.  Not with DES-served misses (the DES request needs the batch)
+        or timed replies (``EsdConfig.online_links``: a reply is timed alone),
+        nor when ``EsdConfig.early_pull`` is off."""
+        if not self._post_next or self._next is not None:
+            return
+        plan = self._plans.peek(iteration + 1)
+        if plan is None:
+            return
+        wp = plan.workers[self._worker]
+        have = self._prefetched_keys(iteration + 1)
+        rest = ~torch.isin(wp.pull_keys, have) if have.numel() else None
+        pending = self._client.post_push_pull(
+            wp.push_keys, store.read(wp.push_slots).cpu(), wp.pull_keys if rest is None else wp.pull_keys[rest],
+            batch_fingerprint=wp.global_fingerprint)
+        self._next = (iteration + 1, pending, rest, int(have.numel()))
+        self._meter.early_pulls += 1
+
+    def posted(self, iteration: int) -> bool:
+        """Whether the push/pull of ``iteration`` is posted already (:meth:`post_next`)."""
+        return self._next is not None and self._next[0] == iteration
+
+    def _take_next(self, wp: WorkerPlan, iteration: Optional[int]) -> torch.Tensor:
+        it, pending, rest, n_have = self._next  # type: ignore[misc]
+        self._next = None
+        if iteration != it:
+            raise EsdConfigError(f"the push/pull of iteration {it} was posted after the previous gradients, but "
+                                 f"the module computes iteration {iteration}: train batches in dispatch order")
+        got = self._client.finish_push_pull(pending)
+        traffic = self._client.last_traffic
+        have, have_rows, extra = self._take_prefetched(iteration)
+        if have.numel() != n_have:
+            raise EsdConfigError(f"iteration {it}: {have.numel()} rows prefetched, {n_have} when its push/pull "
+                                 "was posted")
+        return self._merged(wp, got, rest, have, have_rows, traffic, extra)
+
+    def _prefetched_keys(self, iteration: int) -> torch.Tensor:
+        """Keys prefetched (ready or posted) for ``iteration``, without waiting."""
+        keys = [k for k, _, _ in self._ready.get(iteration, [])]
+        for handle, parts in self._posted:
+            start = 0
+            for j, count in parts:
+                if j == iteration:
+                    keys.append(handle.keys[start : start + count])
+                start += count
+        return torch.cat(keys) if keys else _NO_KEYS
 
     # ------------------------------------------------------------ prefetch
     def prefetch(self, current: IterationPlan) -> None:

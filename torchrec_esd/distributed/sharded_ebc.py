@@ -216,7 +216,8 @@ class ShardedEsdEmbeddingBagCollection(
         layout, gkeys, epos = self._layout(kjt, wp, plan.iteration)
         des = self._des_request(wp, layout, gkeys, epos) if rt.config.des_misses else None
         store = self._store
-        got, partial, route = self._ps.push_pull(wp, store.read(wp.push_slots), des, plan.iteration)
+        push = None if self._ps.posted(plan.iteration) else store.read(wp.push_slots)  # (posted: pushed already)
+        got, partial, route = self._ps.push_pull(wp, push, des, plan.iteration)
         if rt.config.prefetch_depth:  # the next batches' safe pulls move while this one computes
             self._ps.prefetch(plan)
         clock = rt.compute_estimates
@@ -380,6 +381,9 @@ class ShardedEsdEmbeddingBagCollection(
         keys = wp.used_keys[wp.grad_pos]
         self._ps.push_grads(keys, grad[wp.grad_pos.to(self._device)], pending["des_route"], des_grad)
         self._pending = None
+        # the next batch's push/pull goes now (EsdConfig.early_pull): its reply comes down while this
+        # backward, the dense all-reduce and the optimizer step run
+        self._ps.post_next(pending["iteration"], self._store)
 
     def _update_replicas(self, grad: torch.Tensor) -> None:
         """Data-parallel step of the replicated tables: sum the workers' gradients

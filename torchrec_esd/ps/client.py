@@ -59,6 +59,20 @@ class PendingPrefetch:
     sections: Dict
 
 
+@dataclass
+class PendingPushPull:
+    """A posted :meth:`PsClient.post_push_pull`: its requests and replies in
+    flight (completed by :meth:`PsClient.finish_push_pull`)."""
+
+    order: Optional[torch.Tensor]  # the pull keys grouped by PS (None: one PS, as given)
+    frames: list
+    earlier: List[Pending]  # sends of the exchange before it (the gradients), waited with it
+    sends: List[Pending]
+    recvs: List[Pending]
+    replies: List[torch.Tensor]
+    sections: Dict
+
+
 class PsClient:
     """One worker's connection to every PS (``transport.ps_ranks``, in PS order)."""
 
@@ -165,22 +179,35 @@ class PsClient:
         out[order] = torch.cat(list(parts))
         return out
 
+    def _post(self, frames: Sequence[Frame], parts: Sequence[Parts], reply_bytes: Sequence[int]):
+        """Post a request to every PS and the receives of its replies, without
+        waiting: (sends, receives, reply buffers, payload sections)."""
+        t = self.transport
+        sections: Dict = {}
+        sends: List[Pending] = []
+        for i, dst in enumerate(t.ps_ranks):
+            frames[i].check(self.limits[i], f"worker request to PS {i}")  # what the PS would reject
+            add_sections(sections, parts[i])
+            sends += t.send_frame(dst, frames[i], pack(parts[i]))
+        recvs, replies = [], []
+        for i, src in enumerate(t.ps_ranks):
+            buf = torch.empty(int(reply_bytes[i]), dtype=torch.uint8)
+            if buf.numel():
+                recvs.append(t.recv(src, buf))
+            replies.append(buf)
+        return sends, recvs, replies, sections
+
+    @staticmethod
+    def _own_traffic(sends: List[Pending], recvs: List[Pending], sections: Dict) -> Traffic:
+        """What a posted exchange's own messages moved (other exchanges may
+        have run between its posting and its end; no wall seconds)."""
+        nbytes = [m.buf.numel() * m.buf.element_size() for m in sends + recvs]
+        link = LinkStats(sum(nbytes[: len(sends)]), sum(nbytes[len(sends):]), len(sends), len(recvs))
+        return Traffic(link, sections, 0.0)
+
     # ------------------------------------------------------------ phases
-    def push_pull(
-        self,
-        push_keys: torch.Tensor,
-        push_vals: torch.Tensor,
-        pull_keys: torch.Tensor,
-        des: Optional[DesRequest] = None,
-        batch_fingerprint: int = 0,
-    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[DesRoute]]:
-        """Store ``push_vals`` [n, D+S] at ``push_keys``, then return the rows
-        (value + state) of ``pull_keys`` in their order, and (with DES) the
-        pooled partial sums ``[des.num_bags, D]`` of the DES request plus the
-        route that :meth:`push_grads` needs for the bags' gradients.  One
-        request to and one reply from each PS; ``batch_fingerprint`` (of the
-        global batch, or 0) goes in its frame and must match every worker's."""
-        dim = self.routing.wire_dim
+    def _push_pull_requests(self, push_keys, push_vals, pull_keys, des, batch_fingerprint):
+        """(pull keys' PS order, DES route, one PushPullRequest per PS)."""
         if des is not None and not self.des:
             raise EsdConfigError("a DES request on a PS client built without des_misses")
         route: Optional[DesRoute] = None
@@ -197,6 +224,24 @@ class PsClient:
                 w = route.weights[i] if route.weighted[i] else None
                 reqs.append(PushPullRequest(pk[i], qk[i], pv[i], route.packed[i], int(route.bags_per_ps[i]), w,
                                             batch_fingerprint, self.timed_replies))
+        return qo, route, reqs
+
+    def push_pull(
+        self,
+        push_keys: torch.Tensor,
+        push_vals: torch.Tensor,
+        pull_keys: torch.Tensor,
+        des: Optional[DesRequest] = None,
+        batch_fingerprint: int = 0,
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[DesRoute]]:
+        """Store ``push_vals`` [n, D+S] at ``push_keys``, then return the rows
+        (value + state) of ``pull_keys`` in their order, and (with DES) the
+        pooled partial sums ``[des.num_bags, D]`` of the DES request plus the
+        route that :meth:`push_grads` needs for the bags' gradients.  One
+        request to and one reply from each PS; ``batch_fingerprint`` (of the
+        global batch, or 0) goes in its frame and must match every worker's."""
+        dim = self.routing.wire_dim
+        qo, route, reqs = self._push_pull_requests(push_keys, push_vals, pull_keys, des, batch_fingerprint)
         frames = [q.frame() for q in reqs]
         got = self._exchange(frames, [q.parts() for q in reqs], [f.reply_bytes(self.fmt) for f in frames])
         replies = [PushPullReply.decode(f, buf, self.fmt) for f, buf in zip(frames, got)]
@@ -211,6 +256,37 @@ class PsClient:
             )
         return out, partial, route
 
+    def post_push_pull(self, push_keys: torch.Tensor, push_vals: torch.Tensor, pull_keys: torch.Tensor,
+                       batch_fingerprint: int = 0) -> PendingPushPull:
+        """:meth:`push_pull` (no DES, untimed replies) posted without waiting,
+        not even for the previous exchange's sends (the gradients: messages
+        to one PS arrive in the order they were posted, so the PS reads this
+        request after them, and answers it after their phase): the request
+        and its reply move while the worker computes (gloo progresses them in
+        its own thread).  :meth:`finish_push_pull` waits for it; no other
+        exchange may come between."""
+        if self.des or self.timed_replies:
+            raise EsdConfigError("a posted push/pull has no DES request and no timed reply (the DES request "
+                                 "needs the batch; a timed reply must be timed alone)")
+        qo, _, reqs = self._push_pull_requests(push_keys, push_vals, pull_keys, None, batch_fingerprint)
+        frames = [q.frame() for q in reqs]
+        sends, recvs, replies, sections = self._post(frames, [q.parts() for q in reqs],
+                                                     [f.reply_bytes(self.fmt) for f in frames])
+        earlier, self._unsent = self._unsent, []
+        return PendingPushPull(qo, frames, earlier, sends, recvs, replies, sections)
+
+    def finish_push_pull(self, p: PendingPushPull) -> torch.Tensor:
+        """Wait for ``p``'s replies: the pulled rows in the order of its pull
+        keys; :attr:`last_traffic`: its own messages (no wall seconds)."""
+        t = self.transport
+        t.wait(p.earlier + p.sends + p.recvs)
+        replies = [PushPullReply.decode(f, buf, self.fmt) for f, buf in zip(p.frames, p.replies)]
+        sections = dict(p.sections)
+        for r in replies:
+            add_sections(sections, r.parts())
+        self.last_traffic = self._own_traffic(p.sends, p.recvs, sections)
+        return self._in_key_order(p.order, [r.rows for r in replies])
+
     def post_prefetch(self, keys: torch.Tensor) -> PendingPrefetch:
         """Ask every PS for the rows (value + state) of ``keys`` as they are
         now, without waiting: the requests and the replies move while the
@@ -219,22 +295,11 @@ class PsClient:
         ``keys`` may be empty).  Replies to one PS are matched in the order
         their receives were posted, so later exchanges may run before
         :meth:`finish_prefetch`."""
-        t = self.transport
         order, ks = self._split_by_ps(keys)
         reqs = [PrefetchRequest(ks[i]) for i in range(self.routing.num_ps)]
         frames = [q.frame() for q in reqs]
-        sections: Dict = {}
-        sends: List[Pending] = []
-        recvs, replies = [], []
-        for i, dst in enumerate(t.ps_ranks):
-            frames[i].check(self.limits[i], f"worker request to PS {i}")
-            add_sections(sections, reqs[i].parts())
-            sends += t.send_frame(dst, frames[i], pack(reqs[i].parts()))
-        for i, src in enumerate(t.ps_ranks):
-            buf = torch.empty(frames[i].reply_bytes(self.fmt), dtype=torch.uint8)
-            if buf.numel():
-                recvs.append(t.recv(src, buf))
-            replies.append(buf)
+        sends, recvs, replies, sections = self._post(frames, [q.parts() for q in reqs],
+                                                     [f.reply_bytes(self.fmt) for f in frames])
         return PendingPrefetch(keys, order, frames, sends, recvs, replies, sections)
 
     def finish_prefetch(self, p: PendingPrefetch) -> Tuple[torch.Tensor, Traffic]:
@@ -247,9 +312,7 @@ class PsClient:
         sections = dict(p.sections)
         out = self._in_key_order(p.order, rows)
         add_sections(sections, [(Section.PULL_ROWS, r) for r in rows])
-        nbytes = [m.buf.numel() * m.buf.element_size() for m in p.sends + p.recvs]
-        link = LinkStats(sum(nbytes[: len(p.sends)]), sum(nbytes[len(p.sends):]), len(p.sends), len(p.recvs))
-        return out, Traffic(link, sections, 0.0)
+        return out, self._own_traffic(p.sends, p.recvs, sections)
 
     def push_grads(
         self, keys: torch.Tensor, grads: torch.Tensor, des_route: Optional[DesRoute] = None,
