@@ -29,10 +29,12 @@ def test_dense_sync_seconds_on_each_link():
         sync_seconds(link, [1.0, 0.0, 1.0])
 
 
-def _ddp_grads(mode, hidden=5, max_chunks=None):
+def _ddp_grads(mode, hidden=5, max_chunks=None, empty=None, skip=None):
     """Gradients of a DDP-wrapped model on this rank, with the ``mode`` sync,
     after one backward on rank-specific data; also the bytes this rank sent.
-    ``max_chunks``: the star's most pieces per bucket (default: the module's)."""
+    ``max_chunks``: the star's most pieces per bucket (default: the module's).
+    ``empty``: a rank with an empty batch; ``skip``: a rank the star is told
+    sends nothing."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -44,9 +46,10 @@ def _ddp_grads(mode, hidden=5, max_chunks=None):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(7, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 3))
     ddp = DistributedDataParallel(model)
-    n = register_dense_sync(ddp, mode, [10.0, 1000.0, 50.0][:world])
+    senders = None if skip is None else (lambda: [r != skip for r in range(world)])
+    n = register_dense_sync(ddp, mode, [10.0, 1000.0, 50.0][:world], senders=senders)
     g = torch.Generator().manual_seed(100 + rank)
-    x = torch.randn(4 + rank, 7, generator=g)
+    x = torch.randn(0 if rank == empty else 4 + rank, 7, generator=g)
     ddp(x).pow(2).sum().backward()
     # what the mean gradient must be: every rank's local gradient, averaged
     local = torch.nn.Sequential(torch.nn.Linear(7, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 3))
@@ -86,6 +89,29 @@ def test_star_in_pieces_gives_the_same_bits_as_one_piece():
         torch.testing.assert_close(pieces[r]["grad"], pieces[r]["expected"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(pieces[r]["grad"], whole[r]["grad"], rtol=0, atol=0)  # same sums, same order
         torch.testing.assert_close(pieces[r]["grad"], pieces[0]["grad"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("idle", [0, 1])  # a worker, and the hub (rank 1 is the fastest)
+def test_star_takes_no_gradient_from_a_worker_without_samples(idle):
+    skipping = run_local_world(_ddp_grads, 3, "star", 1000, None, idle, idle, timeout_s=120)
+    sending = run_local_world(_ddp_grads, 3, "star", 1000, None, idle, None, timeout_s=120)  # its zeros sent
+    for r in range(3):
+        torch.testing.assert_close(skipping[r]["grad"], skipping[r]["expected"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(skipping[r]["grad"], skipping[0]["grad"], rtol=0, atol=0)
+        # leaving the zeros out of the sum changes nothing
+        torch.testing.assert_close(skipping[r]["grad"], sending[r]["grad"], rtol=0, atol=0)
+
+
+def _lying(_):
+    return _ddp_grads("star", 5, None, None, 2)  # rank 2 has samples but is told it sends nothing
+
+
+def test_a_worker_told_it_sends_nothing_but_holding_a_gradient_fails():
+    from torchrec_esd.apps.launch import RankFailed
+
+    with pytest.raises(RankFailed) as info:
+        run_local_world(_lying, 3, None, timeout_s=120)
+    assert "non-zero dense gradient" in str(info.value)
 
 
 def test_star_pieces_overlap_the_two_directions_in_the_model():

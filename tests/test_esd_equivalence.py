@@ -342,6 +342,19 @@ def test_equivalence_per_batch_shares():
     assert any(s[t] != BATCH // 3 for s in sizes for t in range(STEPS))
 
 
+def test_equivalence_per_batch_shares_leave_a_slow_worker_idle():
+    # worker 0 computes 400x slower than the others (configured rates): the per-batch shares
+    # give it no sample from the second batch on; it then sends no dense gradients through
+    # the star (it only receives their mean) and still trains the same model as vanilla
+    rates = [50.0, 20000.0, 20000.0]
+    _, esd = _compare(3, [1, 1, 1], "shares", "rowwise_adagrad", "global", [1.0, 4.0, 8.0], dense_sync="star",
+                      dispatch_ahead=1, dispatcher_kwargs={"inner": "esd", "samples_per_s": rates,
+                                                           "measured_compute": False})
+    sizes = [esd[r]["local_samples"] for r in range(3)]
+    assert all(sum(s[t] for s in sizes) == BATCH for t in range(STEPS))
+    assert sizes[0][0] == BATCH // 3 and all(n == 0 for n in sizes[0][1:]), sizes[0]
+
+
 def test_equivalence_grouped_dispatch_from_per_group_inputs():
     # worker 0 decides through GroupedDispatcher.decide (a [B, G] stage 1, then inputs
     # built per group: one worker per group here), inside the real runtime

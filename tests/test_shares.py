@@ -82,7 +82,7 @@ def test_bad_options():
     with pytest.raises(DispatchError):
         make_dispatcher("shares", samples_per_s=[1.0, 0.0])
     with pytest.raises(DispatchError):
-        make_dispatcher("shares", samples_per_s=[1.0], bound=1.0)
+        make_dispatcher("shares", samples_per_s=[1.0], bound=1.5)  # (1.0 is valid: a worker may get none)
     with pytest.raises(DispatchError):
         make_dispatcher("shares", inner="shares", samples_per_s=[1.0])
     with pytest.raises(DispatchError):
@@ -124,3 +124,36 @@ def test_online_shares_keep_the_inner_search_within_a_share_of_the_predicted_ite
     h.assign(hcost, shares, aux=haux)
     h.assign(hcost, shares, aux=haux)
     assert h.inner.time_budget_s == before
+
+
+def test_fill_with_idle_leaves_out_a_worker_whose_fixed_cost_outweighs_its_samples():
+    from torchrec_esd.dispatch.shares import fill_with_idle
+
+    t = np.array([1e-4, 1e-4, 1e-4, 2e-3])  # worker 3: 20x slower per sample
+    fixed = np.array([0.005, 0.005, 0.005, 0.040])  # and 40 ms per step whatever its samples
+    idle = np.array([0.001, 0.001, 0.001, 0.020])  # 20 ms with none (it still receives the dense mean)
+    lo, hi = np.zeros(4, dtype=np.int64), np.array([1024, 1024, 1024, 32])
+    n = fill_with_idle(t, 512, lo, hi, fixed, idle)
+    assert n.sum() == 512 and n[3] == 0 and (n[:3] > 0).all()
+    # with a small fixed cost it keeps its samples (water filling alone)
+    n = fill_with_idle(t, 512, lo, hi, np.full(4, 0.001), idle)
+    assert n[3] > 0 and n.tolist() == water_fill(t, 512, np.ones(4, dtype=np.int64), hi, np.full(4, 0.001)).tolist()
+    # a worker whose lower bound is positive is never left out
+    n = fill_with_idle(t, 512, np.array([0, 0, 0, 4]), hi, fixed, idle)
+    assert n[3] >= 4
+
+
+def test_per_batch_shares_may_leave_a_worker_idle_and_price_it_idle():
+    cm, kjt, views, shares = _real_instance(48)
+    d = make_dispatcher("shares", inner="esd", samples_per_s=[3000.0, 3000.0, 3000.0], dispatching_worker=None)
+    # worker 0: a large fixed cost per step with samples, a small one without
+    d.set_rates([3000.0, 3000.0, 3000.0], fixed_s=[1.0, 0.0, 0.0], idle_s=[0.001, 0.0, 0.0])
+    cost, aux = d.inputs(cm, kjt, views)
+    d.assign(cost, shares, aux=aux)  # the first batch runs at the base shares
+    r = d.assign(cost, shares, aux=aux)
+    counts = np.bincount(r.assignment.numpy(), minlength=3)
+    assert counts[0] == 0 and counts.sum() == 48
+    pred = d.predicted_s(cost, r.assignment, aux)
+    assert pred[0] == pytest.approx(0.001 + d._link(cost, r.assignment, aux)[0])  # idle, plus the rows it pushes
+    with pytest.raises(DispatchError, match="idle times must be finite"):
+        d.set_rates([1.0, 1.0, 1.0], idle_s=[0.0, -1.0, 0.0])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -83,6 +83,9 @@ class IterationPlan:
     # sorted distinct row keys of the whole global batch (every worker's used_keys;
     # None where the plan was made from a summary): what its gradient phase may change
     batch_keys: Optional[torch.Tensor] = None
+    # every worker's samples in this iteration (from the dispatch's assignment, the same on
+    # every worker; None where unknown): a worker without samples sends no dense gradients
+    sample_counts: Optional[Tuple[int, ...]] = None
 
     def rows(self, worker: int) -> Dict[str, int]:
         p = self.workers[worker]

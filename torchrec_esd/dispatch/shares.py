@@ -39,8 +39,14 @@ the first measurements arrive.  ``measured_compute=False`` keeps the
 configured rates.
 
 Bounds: ``lo_w = floor(B_w (1 - bound))`` (at least 1 for a worker with a
-positive base share), ``hi_w = ceil(B_w (1 + bound))``; a worker with a base
-share of 0 stays at 0.  This is a heuristic: the joint problem (shares and
+positive base share while ``bound < 1``), ``hi_w = ceil(B_w (1 + bound))``; a
+worker with a base share of 0 stays at 0.  With ``bound = 1`` (the default) a
+worker may also get no sample in a batch: it then costs its *idle* seconds
+(``set_rates(idle_s=...)``: in a job, the dense all-reduce's receive alone,
+since a worker without samples sends no dense gradients) plus the rows it must
+push for the others, instead of its fixed seconds plus its samples'; the
+shares try leaving out the costliest workers one by one
+(:func:`fill_with_idle`).  This is a heuristic: the joint problem (shares and
 assignment, makespan with compute) contains the makespan dispatch, which is
 NP-hard (:mod:`~torchrec_esd.dispatch.exact_makespan`); each round costs one
 inner decision, ``O(W log B)`` besides.
@@ -56,7 +62,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -116,6 +122,33 @@ def water_fill(per_sample_s: np.ndarray, total: int, lo: np.ndarray, hi: np.ndar
     return n
 
 
+def fill_with_idle(per_sample_s: np.ndarray, total: int, lo: np.ndarray, hi: np.ndarray,
+                   fixed_s: np.ndarray, idle_s: np.ndarray) -> np.ndarray:
+    """:func:`water_fill` where a worker with ``lo == 0`` may get no sample
+    and then costs ``idle_s`` instead of ``fixed_s + n per_sample_s``: the
+    fills leaving out none, then the 1, 2, ... costliest such workers (by
+    ``fixed_s + per_sample_s``), the one with the smallest predicted
+    maximum (``O(W)`` fills)."""
+    t = np.asarray(per_sample_s, dtype=np.float64)
+    c = np.asarray(fixed_s, dtype=np.float64)
+    idle = np.asarray(idle_s, dtype=np.float64)
+    lo, hi = np.asarray(lo, dtype=np.int64), np.asarray(hi, dtype=np.int64)
+    may = [int(w) for w in np.argsort(-(c + t), kind="stable") if lo[w] == 0 and hi[w] > 0]
+    best: Optional[Tuple[float, np.ndarray]] = None
+    for k in range(len(may) + 1):
+        lo2, hi2 = np.where(hi > 0, np.maximum(lo, 1), 0), hi.copy()
+        lo2[may[:k]], hi2[may[:k]] = 0, 0
+        if int(lo2.sum()) > total or int(hi2.sum()) < total:
+            continue
+        n = water_fill(t, total, lo2, hi2, c)
+        worst = float(np.where(n > 0, c + n * t, idle).max())
+        if best is None or worst < best[0]:
+            best = (worst, n)
+    if best is None:
+        raise DispatchError(f"share bounds {lo.tolist()}..{hi.tolist()} cannot hold {total} samples")
+    return best[1]
+
+
 def _rates(samples_per_s: Sequence[float]) -> list:
     rates = [float(r) for r in samples_per_s]
     if not rates or any(not (r > 0 and math.isfinite(r)) for r in rates):
@@ -133,7 +166,8 @@ class PerBatchShares(Dispatcher):
             ``measured_compute=False``.
         measured_compute: price compute with the rates the runtime measures
             online (:meth:`set_rates`; see the module docstring).
-        bound: shares stay within ``(1 -+ bound)`` of the base shares.
+        bound: shares stay within ``(1 -+ bound)`` of the base shares (``1``:
+            a worker may also get none, see the module docstring).
         online: one inner decision per batch, at the shares water-filled from
             the previous batches' per-sample link estimates (exponential
             average, weight ``ema``); the first batch runs at the base
@@ -158,7 +192,7 @@ class PerBatchShares(Dispatcher):
     name = "shares"
     varies_shares = True
 
-    def __init__(self, inner: str = "esd", samples_per_s: Optional[Sequence[float]] = None, bound: float = 0.5,
+    def __init__(self, inner: str = "esd", samples_per_s: Optional[Sequence[float]] = None, bound: float = 1.0,
                  online: bool = True, rounds: int = 2, dispatching_worker: Optional[int] = 0,
                  decision_load: float = 1.0, ema: float = 0.5, time_budget_ms: float = 50.0,
                  objective: str = "total", inner_kwargs: Optional[Mapping] = None,
@@ -168,8 +202,8 @@ class PerBatchShares(Dispatcher):
         if samples_per_s is None:
             raise DispatchError("per-batch shares need every worker's compute rate (samples_per_s)")
         rates = _rates(samples_per_s)
-        if not 0 <= bound < 1:
-            raise DispatchError(f"bound must be in [0, 1), got {bound}")
+        if not 0 <= bound <= 1:
+            raise DispatchError(f"bound must be in [0, 1], got {bound}")
         if rounds < 0 or not time_budget_ms > 0:
             raise DispatchError(f"need rounds >= 0 and time_budget_ms > 0, got {rounds}, {time_budget_ms}")
         if not 0 < ema <= 1 or not 0 <= decision_load <= 1:
@@ -185,6 +219,7 @@ class PerBatchShares(Dispatcher):
         self.rates = np.asarray(rates)
         self.prior_samples_per_s = tuple(rates)
         self._compute_fixed = np.zeros(len(rates))  # seconds per step whatever the share (measured)
+        self._idle: Optional[np.ndarray] = None  # seconds per step of a worker without samples (None: 0)
         self.reads_compute_rates = bool(measured_compute)
         self.bound, self.online, self.rounds, self.budget_s = bound, bool(online), rounds, time_budget_ms / 1e3
         self.dispatching_worker = None if dispatching_worker is None else int(dispatching_worker)
@@ -202,17 +237,22 @@ class PerBatchShares(Dispatcher):
                                                  if isinstance(self.inner, DedupSearchDispatcher) else None)
         self._predicted_iter_s = 0.0  # of the previous online decision (0: none yet)
 
-    def set_rates(self, samples_per_s: Sequence[float], fixed_s: Optional[Sequence[float]] = None) -> None:
-        """Every worker's compute rate (samples / s) and compute seconds per
-        step whatever its samples (``fixed_s``, default 0) from now on: the
-        measured ones (:mod:`~torchrec_esd.distributed.compute_estimates`)."""
+    def set_rates(self, samples_per_s: Sequence[float], fixed_s: Optional[Sequence[float]] = None,
+                  idle_s: Optional[Sequence[float]] = None) -> None:
+        """Every worker's compute rate (samples / s), its seconds per step
+        whatever its samples (``fixed_s``, default 0) and its seconds per step
+        with no sample (``idle_s``, default 0) from now on: the measured ones
+        (:mod:`~torchrec_esd.distributed.compute_estimates`)."""
         rates = _rates(samples_per_s)
         fixed = np.zeros(len(rates)) if fixed_s is None else np.asarray([float(f) for f in fixed_s])
-        if len(rates) != self.rates.size or fixed.size != self.rates.size:
-            raise DispatchError(f"{len(rates)} compute rates and {fixed.size} fixed times for {self.rates.size} workers")
-        if not (np.isfinite(fixed).all() and (fixed >= 0).all()):
-            raise DispatchError(f"fixed compute times must be finite and >= 0, got {fixed.tolist()}")
-        self.rates, self._compute_fixed = np.asarray(rates), fixed
+        idle = np.zeros(len(rates)) if idle_s is None else np.asarray([float(f) for f in idle_s])
+        if len(rates) != self.rates.size or fixed.size != self.rates.size or idle.size != self.rates.size:
+            raise DispatchError(f"{len(rates)} compute rates, {fixed.size} fixed and {idle.size} idle times for "
+                                f"{self.rates.size} workers")
+        for what, v in (("fixed", fixed), ("idle", idle)):
+            if not (np.isfinite(v).all() and (v >= 0).all()):
+                raise DispatchError(f"{what} times must be finite and >= 0, got {v.tolist()}")
+        self.rates, self._compute_fixed, self._idle = np.asarray(rates), fixed, idle
 
     def inputs(self, cost_model, kjt, views):
         return self.inner.inputs(cost_model, kjt, views)
@@ -238,11 +278,17 @@ class PerBatchShares(Dispatcher):
         :meth:`_link` of ``a`` where known) (+ the dispatching worker's decision load)."""
         W = cost.shape[1]
         n = np.bincount(a.numpy(), minlength=W)
-        return n / self.rates + (self._link(cost, a, aux) if link is None else link) + self._fixed(W)
+        link = self._link(cost, a, aux) if link is None else link
+        return np.where(n > 0, n / self.rates + self._fixed(W), self._idle_s(W)) + link
+
+    def _idle_s(self, W: int) -> np.ndarray:
+        """``[W]`` seconds of a worker without samples (before the rows it pushes)."""
+        return self._idle if self._idle is not None and self._idle.size == W else np.zeros(W)
 
     def _bounds(self, base: np.ndarray, cost: torch.Tensor):
         B = int(base.sum())
-        lo = np.where(base > 0, np.maximum(1, np.floor(base * (1 - self.bound))), 0).astype(np.int64)
+        least = 0 if self.bound >= 1 else 1  # bound 1: a worker may get no sample
+        lo = np.where(base > 0, np.maximum(least, np.floor(base * (1 - self.bound))), 0).astype(np.int64)
         hi = np.where(base > 0, np.minimum(B, np.ceil(base * (1 + self.bound))), 0).astype(np.int64)
         finite = torch.isfinite(cost).all(0).numpy()
         hi = np.where(finite, hi, np.minimum(hi, base))  # an unreachable worker never gets more
@@ -251,10 +297,14 @@ class PerBatchShares(Dispatcher):
     def _observe(self, cost, a: torch.Tensor, link: np.ndarray) -> None:
         n = np.bincount(a.numpy(), minlength=cost.shape[1])
         per = link / np.maximum(n, 1)
+        # a worker without samples: its mean additive price per sample of this batch (no
+        # sharing counted, so on the cautious side), so that it can come back when its link does
+        alone = cost.detach().cpu().double().mean(0).numpy() if cost.shape[0] else np.zeros(n.size)
+        per = np.where(n == 0, alone, per)
         if self._link_per_sample is None or self._link_per_sample.size != per.size:
-            self._link_per_sample = per
+            self._link_per_sample = np.where(np.isfinite(per), per, 0.0)
         else:
-            keep = n == 0  # no sample there this batch: no news
+            keep = ~np.isfinite(per)  # an unreachable worker: no news
             new = (1 - self.ema) * self._link_per_sample + self.ema * per
             self._link_per_sample = np.where(keep, self._link_per_sample, new)
 
@@ -271,7 +321,8 @@ class PerBatchShares(Dispatcher):
             if self._link_per_sample is None or self._link_per_sample.size != W:
                 now = base
             else:
-                now = water_fill(1.0 / self.rates + self._link_per_sample, B, lo, hi, self._fixed(W))
+                now = fill_with_idle(1.0 / self.rates + self._link_per_sample, B, lo, hi, self._fixed(W),
+                                     self._idle_s(W))
             if self._inner_budget_s is not None and self.decision_share is not None and self._predicted_iter_s > 0:
                 self.inner.time_budget_s = min(self._inner_budget_s, self.decision_share * self._predicted_iter_s)
             best_a = self.inner.assign(cost, now.tolist(), aux=aux).assignment
@@ -309,7 +360,7 @@ class PerBatchShares(Dispatcher):
                 break
             n = np.bincount(a.numpy(), minlength=W)
             per_sample = 1.0 / self.rates + self._link(cost, a, aux) / np.maximum(n, 1)
-            nxt = water_fill(per_sample, B, lo, hi, self._fixed(W))
+            nxt = fill_with_idle(per_sample, B, lo, hi, self._fixed(W), self._idle_s(W))
             if np.array_equal(nxt, cur):
                 break
             a = self.inner.assign(cost, nxt.tolist(), aux=aux).assignment

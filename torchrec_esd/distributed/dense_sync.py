@@ -88,7 +88,8 @@ def star_chunks(numel: int, element_size: int = 4) -> int:
     return max(1, min(STAR_MAX_CHUNKS, nbytes // STAR_CHUNK_BYTES, int(numel)))
 
 
-def star_allreduce_hook(hub: int, group=None, on_blocked: Optional[Callable[[float], None]] = None):
+def star_allreduce_hook(hub: int, group=None, on_blocked: Optional[Callable[[float], None]] = None,
+                        senders: Optional[Callable[[], Optional[Sequence[bool]]]] = None):
     """DDP comm hook: mean of the gradient bucket over ``group`` through ``hub``
     (a rank of ``group``), by point-to-point sends; see the module docstring.
     The bucket moves in :func:`star_chunks` pieces, all posted at once: the hub
@@ -98,7 +99,15 @@ def star_allreduce_hook(hub: int, group=None, on_blocked: Optional[Callable[[flo
     link's two directions overlap; about ``(1 + 1/K)`` bucket times instead of
     2).  ``on_blocked(seconds)``: told how long each call blocked (waiting for
     the other workers; :mod:`~torchrec_esd.distributed.compute_estimates`
-    takes it out of the worker's compute time)."""
+    takes it out of the worker's compute time).
+
+    ``senders()``: which ranks have a gradient this step (None: all), the same
+    on every rank (ESD: the workers with samples in the iteration,
+    ``EsdWorkerRuntime.dense_senders``).  The others send nothing and only
+    receive the mean (the sum over the senders, divided by the group size as
+    always): a worker without samples has an all-zero gradient, and leaving a
+    zero out of a sum changes no parameter.  A rank told it sends nothing but
+    holding a non-zero gradient raises (its part would be lost)."""
     world = dist.get_world_size(group)
     if not 0 <= hub < world:
         raise EsdConfigError(f"dense-sync hub {hub} is not a rank of a group of {world}")
@@ -108,19 +117,28 @@ def star_allreduce_hook(hub: int, group=None, on_blocked: Optional[Callable[[flo
         buf = bucket.buffer()
         me = dist.get_rank(group)
         if world > 1:
+            given = senders() if senders is not None else None
+            sends_ = [True] * world if given is None else [bool(x) for x in given]
+            if len(sends_) != world or not any(sends_):
+                raise EsdConfigError(f"dense sync: senders {given} for a group of {world} (at least one sends)")
+            if not sends_[me] and bool(buf.any()):
+                raise EsdConfigError(
+                    f"dense sync: rank {me} has no samples this step but a non-zero dense gradient (a backward "
+                    "outside the dispatched iterations?); its part would be lost"
+                )
             k = star_chunks(buf.numel(), buf.element_size())
             mine = buf.tensor_split(k)  # k views of the flat bucket
             if me == hub:
                 others = [r for r in range(world) if r != hub]
-                parts = {r: torch.empty_like(buf) for r in others}
+                parts = {r: torch.empty_like(buf) for r in others if sends_[r]}
                 recvs = {r: [dist.irecv(c, group=group, group_src=r, tag=i) for i, c in enumerate(parts[r].tensor_split(k))]
-                         for r in others}
+                         for r in parts}
                 total = torch.empty_like(buf).tensor_split(k)
                 sends = []
                 for i in range(k):
-                    for r in others:
+                    for r in parts:
                         recvs[r][i].wait()
-                    pieces = [mine[i] if r == hub else parts[r].tensor_split(k)[i] for r in range(world)]
+                    pieces = [mine[i] if r == hub else parts[r].tensor_split(k)[i] for r in range(world) if sends_[r]]
                     total[i].copy_(pieces[0])
                     for p in pieces[1:]:
                         total[i].add_(p)
@@ -131,7 +149,7 @@ def star_allreduce_hook(hub: int, group=None, on_blocked: Optional[Callable[[flo
             else:
                 mean = torch.empty_like(buf)
                 recvs = [dist.irecv(c, group=group, group_src=hub, tag=i) for i, c in enumerate(mean.tensor_split(k))]
-                sends = [dist.isend(c, group=group, group_dst=hub, tag=i) for i, c in enumerate(mine)]
+                sends = [dist.isend(c, group=group, group_dst=hub, tag=i) for i, c in enumerate(mine)] if sends_[me] else []
                 for w in sends + recvs:
                     w.wait()  # type: ignore[union-attr]
                 buf.copy_(mean)
@@ -146,10 +164,11 @@ def star_allreduce_hook(hub: int, group=None, on_blocked: Optional[Callable[[flo
 
 
 def register_dense_sync(model: nn.Module, mode: str, bandwidths_mbps: Sequence[float], group=None,
-                        on_blocked: Optional[Callable[[float], None]] = None) -> int:
+                        on_blocked: Optional[Callable[[float], None]] = None,
+                        senders: Optional[Callable[[], Optional[Sequence[bool]]]] = None) -> int:
     """Install the ``mode`` all-reduce (``"ring"``: DDP's own, nothing to do;
     ``"star"``: :func:`star_allreduce_hook` through the fastest worker, with
-    its ``on_blocked``) on every ``DistributedDataParallel`` inside ``model``;
+    its ``on_blocked`` and ``senders``) on every ``DistributedDataParallel`` inside ``model``;
     returns how many DDP modules got the hook."""
     if mode not in DENSE_SYNCS:
         raise EsdConfigError(f"dense_sync must be one of {DENSE_SYNCS}, got {mode!r}")
@@ -161,7 +180,7 @@ def register_dense_sync(model: nn.Module, mode: str, bandwidths_mbps: Sequence[f
         )
     ddps = [m for m in model.modules() if isinstance(m, DistributedDataParallel)]
     hub = fastest_worker(list(bandwidths_mbps))
-    hook = star_allreduce_hook(hub, group, on_blocked)
+    hook = star_allreduce_hook(hub, group, on_blocked, senders)
     for m in ddps:
         m.register_comm_hook(None, hook)
     logger.info("dense gradients: star all-reduce through worker %d on %d DDP module(s)", hub, len(ddps))

@@ -165,12 +165,14 @@ class EsdInputDist(nn.Module):
         if est is None:
             shares = rt.config.batch_shares(b)
             dense = rt.dense_sync_seconds()
+            idle = rt.dense_idle_seconds()
         else:
             # every worker's measured links, gathered on this dispatch's group: the
             # same estimates (and so the same shares) on every worker
             est.share(group, device)
             # fixed per step whatever the share: the dense all-reduce on each link
             dense = rt.dense_sync_seconds(est.bytes_per_second())
+            idle = rt.dense_idle_seconds(est.bytes_per_second())
             shares = est.shares(b, rt.config.compute_s_per_sample, extra_fixed_s=dense)
         compute = rt.compute_estimates
         if compute is not None:  # every worker's measured compute, gathered like the links
@@ -181,9 +183,11 @@ class EsdInputDist(nn.Module):
             if est is not None:
                 self.cost_model.set_links(est.bytes_per_second())
             if compute is not None:
-                # fixed per step: the measured compute and the dense all-reduce
-                self.dispatcher.set_rates(compute.samples_per_s(),
-                                          [c + d for c, d in zip(compute.fixed_s(), dense)])
+                # fixed per step: the measured compute and the dense all-reduce; a
+                # worker without samples (idle) only receives the dense mean
+                fixed = compute.fixed_s()
+                self.dispatcher.set_rates(compute.samples_per_s(), [c + d for c, d in zip(fixed, dense)],
+                                          [c + i for c, i in zip(fixed, idle)])
             # what this dispatcher reads: the additive matrix, LAIA's hit
             # counts, esd's de-duplicated model (nothing for cost-blind ones)
             result = self.dispatcher.decide(
@@ -433,6 +437,7 @@ class EsdInputDist(nn.Module):
             plan.workers[me].global_fingerprint = global_batch_fingerprint(
                 bk.keys, bk.lengths, batch.dense_features, batch.labels, kjt.weights_or_none()
             )
+        plan.sample_counts = tuple(int(c) for c in torch.bincount(assignment, minlength=rt.config.num_workers))
         rt.loss_scaling.dispatched(plan.iteration, b, shares)
         rt.enqueue(plan)
         mine = (assignment == me).nonzero().view(-1)  # global indices of this worker's samples

@@ -301,6 +301,7 @@ class EsdWorkerRuntime(EsdRuntime):
         # (set_dense_sync; None: not known, priced at 0)
         self.dense_link_bytes: Optional[List[float]] = None
         self.dense_chunks = 1  # pieces the star cuts the gradients into (its directions overlap)
+        self.computing: Optional[IterationPlan] = None  # the plan of the iteration the module computes
         self.plans = PlanChannel()
         self.loss_scaling = LossScaling(config)
         self._executor = None  # the sharded embedding module of this worker
@@ -331,6 +332,17 @@ class EsdWorkerRuntime(EsdRuntime):
         if self.dense_link_bytes is None:
             return [0.0] * len(bps)
         return sync_seconds(self.dense_link_bytes, bps, self.dense_chunks)
+
+    def dense_idle_seconds(self, bytes_per_s: Optional[Sequence[float]] = None) -> List[float]:
+        """Seconds of a worker's step in the dense all-reduce when it has no
+        samples: it only receives the mean (one way of its link bytes; the
+        hub, which relays the others' gradients either way, is priced the
+        same, its link being the fastest), 0 where :meth:`set_dense_sync` was
+        not called."""
+        bps = [w.bytes_per_second for w in self.config.workers] if bytes_per_s is None else list(bytes_per_s)
+        if self.dense_link_bytes is None:
+            return [0.0] * len(bps)
+        return [float(b) / float(r) for b, r in zip(self.dense_link_bytes, bps)]
 
     @property
     def worker_index(self) -> int:
@@ -383,7 +395,18 @@ class EsdWorkerRuntime(EsdRuntime):
 
     def next_plan(self) -> IterationPlan:
         """The plan of the next iteration the sharded module computes."""
-        return self.plans.take()
+        self.computing = self.plans.take()
+        return self.computing
+
+    def dense_senders(self) -> Optional[List[bool]]:
+        """Which workers have samples in the iteration the sharded module
+        computes (its plan's ``sample_counts``; None: unknown, all send): the
+        star all-reduce takes dense gradients only from them (a worker without
+        samples has none to give), and every worker gets the mean."""
+        plan = self.computing
+        if plan is None or plan.sample_counts is None:
+            return None
+        return [c > 0 for c in plan.sample_counts]
 
     def flush(self) -> None:
         """Push every dirty cached row to the PS (checkpoint / end of training)."""
