@@ -127,12 +127,7 @@ class PsClient:
         self._unsent = []
         before = t.meter.total()
         start = time.perf_counter()
-        sections: Dict = {}
-        sends: List[Pending] = []
-        for i, dst in enumerate(t.ps_ranks):
-            frames[i].check(self.limits[i], f"worker request to PS {i}")  # what the PS would reject
-            add_sections(sections, parts[i])
-            sends += t.send_frame(dst, frames[i], pack(parts[i]))
+        sends, sections = self._send_requests(frames, parts)
         recvs, replies, markers = [], [], []
         for i, src in enumerate(t.ps_ranks):
             buf = torch.empty(int(reply_bytes[i]) if reply_bytes is not None else 0, dtype=torch.uint8)
@@ -179,9 +174,9 @@ class PsClient:
         out[order] = torch.cat(list(parts))
         return out
 
-    def _post(self, frames: Sequence[Frame], parts: Sequence[Parts], reply_bytes: Sequence[int]):
-        """Post a request to every PS and the receives of its replies, without
-        waiting: (sends, receives, reply buffers, payload sections)."""
+    def _send_requests(self, frames: Sequence[Frame], parts: Sequence[Parts]) -> Tuple[List[Pending], Dict]:
+        """Post frame ``frames[i]`` and payload ``parts[i]`` to every PS ``i``
+        (checked as the PS would): (the sends, the payload sections)."""
         t = self.transport
         sections: Dict = {}
         sends: List[Pending] = []
@@ -189,6 +184,13 @@ class PsClient:
             frames[i].check(self.limits[i], f"worker request to PS {i}")  # what the PS would reject
             add_sections(sections, parts[i])
             sends += t.send_frame(dst, frames[i], pack(parts[i]))
+        return sends, sections
+
+    def _post(self, frames: Sequence[Frame], parts: Sequence[Parts], reply_bytes: Sequence[int]):
+        """Post a request to every PS and the receives of its replies, without
+        waiting: (sends, receives, reply buffers, payload sections)."""
+        t = self.transport
+        sends, sections = self._send_requests(frames, parts)
         recvs, replies = [], []
         for i, src in enumerate(t.ps_ranks):
             buf = torch.empty(int(reply_bytes[i]), dtype=torch.uint8)
