@@ -177,19 +177,50 @@ def checkpointer(job, dmp, dense: KeyedOptimizerWrapper, group, tables, sparse_o
                         job_meta(tables, sparse_optimizer), fail=fail)
 
 
-def sum_and_preempted(value: torch.Tensor, preemption: Optional["Preemption"], group) -> Tuple[float, bool]:
-    """All-reduce a step's scalar ``value`` over ``group`` with the
-    preemption flag riding along (no extra collective): (the sum, whether any
-    rank was asked to stop), the same on every rank."""
-    flag = 1.0 if preemption is not None and preemption.requested else 0.0
-    g = torch.stack([value.detach().reshape(()).to(torch.float32), torch.tensor(flag)])
-    dist.all_reduce(g, group=group)
-    return float(g[0]), float(g[1]) > 0
+class LaggedStepSum:
+    """The sum of a step's scalar (the loss) over ``group`` with the
+    preemption flag riding along (no extra collective), one step late,
+    without a barrier per step.
+
+    A step's all-reduce (its scalar and the flag) starts at the
+    step's end and is read at the end of the next one (:meth:`push`) or at
+    :meth:`settle`, so a worker goes on with its next step instead of
+    waiting there for the slowest worker of this one (the training's own
+    exchanges still order the workers; only the bookkeeping stops
+    synchronising them).  Every rank reads the same sums at the same step,
+    so they still agree on a preemption (one step later)."""
+
+    def __init__(self, preemption: Optional["Preemption"], group) -> None:
+        self.preemption, self.group = preemption, group
+        self._pending: Optional[Tuple[object, torch.Tensor, object]] = None
+
+    def push(self, value: torch.Tensor, payload=None) -> Optional[Tuple[float, bool, object]]:
+        """Start the sum of this step's ``value``; returns the previous
+        step's (sum, preempted, its ``payload``), or None at the first."""
+        flag = 1.0 if self.preemption is not None and self.preemption.requested else 0.0
+        g = torch.stack([value.detach().reshape(()).to(torch.float32), torch.tensor(flag)])
+        work = dist.all_reduce(g, group=self.group, async_op=True)
+        done = self.settle()
+        self._pending = (work, g, payload)
+        return done
+
+    def settle(self) -> Optional[Tuple[float, bool, object]]:
+        """Wait for the step in flight: (sum, preempted, payload), or None."""
+        if self._pending is None:
+            return None
+        work, g, payload = self._pending
+        self._pending = None
+        work.wait()  # type: ignore[attr-defined]
+        return float(g[0]), float(g[1]) > 0, payload
+
+    @property
+    def in_flight(self) -> int:
+        return int(self._pending is not None)
 
 
 class Preemption:
     """SIGTERM -> a flag the training loop reads at step boundaries (the loop
-    makes every worker agree before acting on it, :func:`sum_and_preempted`)."""
+    makes every worker agree before acting on it, :class:`LaggedStepSum`)."""
 
     def __init__(self) -> None:
         self.requested = False

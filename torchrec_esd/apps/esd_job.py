@@ -19,7 +19,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingPlan
 
-from torchrec_esd.apps.checkpointing import Preemption, checkpointer, dense_optimizer, sum_and_preempted
+from torchrec_esd.apps.checkpointing import LaggedStepSum, Preemption, checkpointer, dense_optimizer
 from torchrec_esd.apps.job import (
     EBC_PATH,
     DlrmTask,
@@ -173,17 +173,25 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
     # (dispatch-ahead queue + the one in hand, the pipeline's in-flight batches)
     read_ahead = job.dispatch_ahead + (4 if job.use_pipeline else 2)
 
-    def record(loss, logits, labels):
-        total, preempted = sum_and_preempted(loss / dispatch.loss_scale, preemption, runtime.worker_group)
-        step = len(track.losses)
-        decision = decisions[step] if track.metrics is not None and step < len(decisions) else None
-        meter = runtime.meter.as_dict() if track.metrics is not None else None
+    # the loss sum of a step is read one step later: no barrier of every worker per step
+    sums = LaggedStepSum(preemption, runtime.worker_group)
+
+    def settled(done) -> None:
+        if done is None:
+            return
+        total, preempted, (logits, labels, meter, decision) = done
         track.step(total / job.global_batch, logits, labels, meter=meter, decision=decision)
         if preempted and stop["at"] is None:
             # every worker agrees at this step; the batches already read ahead
             # (and dispatched: the directory counts them) are still trained
-            stop["at"] = start + len(track.losses)
+            stop["at"] = start + track.steps_ended
             limit[0] = min(limit[0], stop["at"] + read_ahead)
+
+    def record(loss, logits, labels):
+        step = track.end_step()
+        decision = decisions[step] if track.metrics is not None and step < len(decisions) else None
+        meter = runtime.meter.as_dict() if track.metrics is not None else None
+        settled(sums.push(loss / dispatch.loss_scale, (logits, labels, meter, decision)))
 
     def train(lo: int, hi: int) -> None:
         if job.use_pipeline:
@@ -204,7 +212,7 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
                 loss, (_, logits, labels) = dmp(local)
                 if cfg.check_finite and not bool(torch.isfinite(loss.detach()).all()):
                     raise EsdConfigError(
-                        f"check_finite: non-finite loss {float(loss.detach())} at step {start + len(track.losses) + 1} "
+                        f"check_finite: non-finite loss {float(loss.detach())} at step {start + track.steps_ended + 1} "
                         f"on worker {me}; the job stops before its gradients reach the parameter servers"
                     )
                 loss.backward()
@@ -217,6 +225,7 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
         hi = min(job.steps, (step // job.checkpoint_every + 1) * job.checkpoint_every) \
             if ckpt is not None and job.checkpoint_every > 0 else job.steps
         train(step, hi)
+        settled(sums.settle())  # the segment's last step
         step = start + len(track.losses)
         if stop["at"] is not None:
             limit[0] = step  # everything read was trained: stop here

@@ -147,23 +147,36 @@ class _Tracker:
             bws = [w.bandwidth_mbps for w in job.esd.workers] if job.method == "esd" and job.esd else None
             self.metrics = StepMetrics(job_label(job), group, job.metrics_jsonl, job.tensorboard_dir, bws)
 
+    @property
+    def steps_ended(self) -> int:
+        return len(self.step_end_s)
+
+    def end_step(self) -> int:
+        """The end of a step whose loss comes later (:meth:`step`): its wall
+        and CPU clocks now, ``on_step``; returns its index."""
+        self.step_end_s.append(time.perf_counter())
+        self.step_end_cpu_s.append(time.process_time())
+        if self.on_step is not None:
+            self.on_step(len(self.step_end_s) - 1)
+        return len(self.step_end_s) - 1
+
     def step(self, mean_loss: float, logits: torch.Tensor, labels: torch.Tensor,
              meter: Optional[Dict] = None, decision: Optional[Dict] = None) -> None:
-        """``meter`` / ``decision``: the ESD worker's transmission counters now
-        and the step's dispatch decision, for the per-step metrics."""
+        """The loss of the oldest step without one (ended now if
+        :meth:`end_step` was not called for it).  ``meter`` / ``decision``:
+        the ESD worker's transmission counters at the step's end and the
+        step's dispatch decision, for the per-step metrics."""
+        if len(self.step_end_s) == len(self.losses):
+            self.end_step()
         if self.metrics is not None:
             self.metrics.step(mean_loss, meter, decision)
         self.losses.append(mean_loss)
-        self.step_end_s.append(time.perf_counter())
-        self.step_end_cpu_s.append(time.process_time())
         self.preds.append(logits.detach().float())
         self.labels.append(labels.detach().float())
         self.preds, self.labels = self.preds[-self.keep :], self.labels[-self.keep :]
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{mean_loss:.4f}")
-        if self.on_step is not None:
-            self.on_step(len(self.losses) - 1)
 
     def write_metrics(self) -> None:
         """Write the per-step records (collective on the job's group)."""

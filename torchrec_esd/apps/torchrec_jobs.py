@@ -23,7 +23,7 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from torchrec_esd.apps.checkpointing import Preemption, checkpointer, dense_optimizer, sum_and_preempted
+from torchrec_esd.apps.checkpointing import LaggedStepSum, Preemption, checkpointer, dense_optimizer
 from torchrec_esd.apps.job import (
     EBC_PATH,
     DlrmTask,
@@ -55,21 +55,35 @@ def _train_local_batches(dmp, job: JobConfig, workload: SyntheticWorkload, group
     track = _Tracker(job, group, rank, label)
     t0 = time.perf_counter()
     step, stopped = start, None
+    # the loss sum of a step is read one step later (as in the ESD loop): no barrier per step
+    sums = LaggedStepSum(preemption, group)
+
+    def settled(done) -> bool:
+        if done is None:
+            return False
+        total, preempted, (logits, labels) = done
+        track.step(total / job.global_batch, logits, labels)
+        return preempted
+
     while step < job.steps:
         batch = workload.local_batch(step, job.global_batch, rank, world)
         dense_opt.zero_grad()
         loss, (_, logits, labels) = dmp(batch)
         loss.backward()
         dense_opt.step()
-        total, preempted = sum_and_preempted(loss * per, preemption, group)
-        track.step(total / job.global_batch, logits, labels)
+        track.end_step()
+        preempted = settled(sums.push(loss * per, (logits, labels)))
         step += 1
+        checkpoint = ckpt is not None and (ckpt.due(step) or step == job.steps)
+        if checkpoint or preempted or step == job.steps:
+            preempted = settled(sums.settle()) or preempted
         if preempted:
             stopped = step
-        if ckpt is not None and (ckpt.due(step) or step == job.steps or stopped is not None):
+        if ckpt is not None and (checkpoint or stopped is not None):
             ckpt.save(step)
         if stopped is not None:
             break
+    settled(sums.settle())
     if preemption is not None:
         preemption.uninstall()
     elapsed = time.perf_counter() - t0
