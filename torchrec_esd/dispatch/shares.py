@@ -196,7 +196,7 @@ class PerBatchShares(Dispatcher):
                  online: bool = True, rounds: int = 2, dispatching_worker: Optional[int] = 0,
                  decision_load: float = 1.0, ema: float = 0.5, time_budget_ms: float = 50.0,
                  objective: str = "total", inner_kwargs: Optional[Mapping] = None,
-                 measured_compute: bool = True, decision_share: Optional[float] = 0.06) -> None:
+                 measured_compute: bool = True, decision_share: Optional[float] = 0.04) -> None:
         from torchrec_esd.dispatch import make_dispatcher
 
         if samples_per_s is None:
