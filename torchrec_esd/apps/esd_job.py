@@ -103,8 +103,7 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
                 runtime.compute_estimates.exclude(seconds)
 
         if not register_dense_sync(dmp, job.dense_sync, [w.bandwidth_mbps for w in cfg.workers], runtime.worker_group,
-                                   on_blocked=blocked, senders=runtime.dense_senders,
-                                   on_start=runtime.retry_early_pull):
+                                   on_blocked=blocked, senders=runtime.dense_senders):
             raise EsdConfigError(f"dense_sync={job.dense_sync!r}: the model has no DistributedDataParallel part")
     runtime.set_dense_sync(job.dense_sync, dense_gradient_bytes(dmp))
     dense_opt = dense_optimizer(dmp, job.dense_lr)

@@ -89,8 +89,7 @@ def star_chunks(numel: int, element_size: int = 4) -> int:
 
 
 def star_allreduce_hook(hub: int, group=None, on_blocked: Optional[Callable[[float], None]] = None,
-                        senders: Optional[Callable[[], Optional[Sequence[bool]]]] = None,
-                        on_start: Optional[Callable[[], None]] = None):
+                        senders: Optional[Callable[[], Optional[Sequence[bool]]]] = None):
     """DDP comm hook: mean of the gradient bucket over ``group`` through ``hub``
     (a rank of ``group``), by point-to-point sends; see the module docstring.
     The bucket moves in :func:`star_chunks` pieces, all posted at once: the hub
@@ -108,17 +107,13 @@ def star_allreduce_hook(hub: int, group=None, on_blocked: Optional[Callable[[flo
     receive the mean (the sum over the senders, divided by the group size as
     always): a worker without samples has an all-zero gradient, and leaving a
     zero out of a sum changes no parameter.  A rank told it sends nothing but
-    holding a non-zero gradient raises (its part would be lost).  ``on_start()``:
-    called as each call starts, before it blocks (ESD: post the next batch's
-    push/pull if its plan arrived during the backward)."""
+    holding a non-zero gradient raises (its part would be lost)."""
     world = dist.get_world_size(group)
     if not 0 <= hub < world:
         raise EsdConfigError(f"dense-sync hub {hub} is not a rank of a group of {world}")
 
     def hook(state, bucket):  # no annotations: DDP checks them literally
         t0 = time.perf_counter()
-        if on_start is not None:
-            on_start()
         buf = bucket.buffer()
         me = dist.get_rank(group)
         if world > 1:
@@ -170,11 +165,10 @@ def star_allreduce_hook(hub: int, group=None, on_blocked: Optional[Callable[[flo
 
 def register_dense_sync(model: nn.Module, mode: str, bandwidths_mbps: Sequence[float], group=None,
                         on_blocked: Optional[Callable[[float], None]] = None,
-                        senders: Optional[Callable[[], Optional[Sequence[bool]]]] = None,
-                        on_start: Optional[Callable[[], None]] = None) -> int:
+                        senders: Optional[Callable[[], Optional[Sequence[bool]]]] = None) -> int:
     """Install the ``mode`` all-reduce (``"ring"``: DDP's own, nothing to do;
     ``"star"``: :func:`star_allreduce_hook` through the fastest worker, with
-    its ``on_blocked``, ``senders`` and ``on_start``) on every ``DistributedDataParallel`` inside ``model``;
+    its ``on_blocked`` and ``senders``) on every ``DistributedDataParallel`` inside ``model``;
     returns how many DDP modules got the hook."""
     if mode not in DENSE_SYNCS:
         raise EsdConfigError(f"dense_sync must be one of {DENSE_SYNCS}, got {mode!r}")
@@ -186,7 +180,7 @@ def register_dense_sync(model: nn.Module, mode: str, bandwidths_mbps: Sequence[f
         )
     ddps = [m for m in model.modules() if isinstance(m, DistributedDataParallel)]
     hub = fastest_worker(list(bandwidths_mbps))
-    hook = star_allreduce_hook(hub, group, on_blocked, senders, on_start)
+    hook = star_allreduce_hook(hub, group, on_blocked, senders)
     for m in ddps:
         m.register_comm_hook(None, hook)
     logger.info("dense gradients: star all-reduce through worker %d on %d DDP module(s)", hub, len(ddps))

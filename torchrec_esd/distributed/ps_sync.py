@@ -57,8 +57,6 @@ class PsSync:
         # (iteration, exchange, mask of the plan's pull keys it asked for, prefetched keys left out)
         self._next: Optional[Tuple[int, PendingPushPull, Optional[torch.Tensor], int]] = None
         self._no_partials = torch.empty(0, runtime.client.routing.wire_dim)
-        # (iteration, store) of a gradient phase whose next plan was not there yet (retry_next)
-        self._missed: Optional[Tuple[int, object]] = None
         self._post_next = (runtime.config.early_pull and not runtime.config.des_misses
                            and not runtime.client.timed_replies)
 
@@ -71,7 +69,6 @@ class PsSync:
         The rows prefetched for ``iteration`` (the plan's) are not pulled again;
         where :meth:`post_next` posted this exchange already (:meth:`posted`),
         it waits for that one (``push_values`` unused, may be None)."""
-        self._missed = None
         if self._next is not None:
             return self._take_next(wp, iteration), self._no_partials, None
         pull_keys = wp.pull_keys
@@ -119,9 +116,7 @@ class PsSync:
             return
         plan = self._plans.peek(iteration + 1)
         if plan is None:
-            self._missed = (iteration, store)  # the plan may come before the next exchange: retry_next
             return
-        self._missed = None
         wp = plan.workers[self._worker]
         have = self._prefetched_keys(iteration + 1)
         rest = ~torch.isin(wp.pull_keys, have) if have.numel() else None
@@ -130,15 +125,6 @@ class PsSync:
             batch_fingerprint=wp.global_fingerprint)
         self._next = (iteration + 1, pending, rest, int(have.numel()))
         self._meter.early_pulls += 1
-
-    def retry_next(self) -> None:
-        """:meth:`post_next` again if the next plan was not dispatched at the
-        gradient phase and no exchange came since (the dense all-reduce calls
-        it as it starts: the dispatch thread may have delivered the plan during
-        the backward)."""
-        if self._missed is not None and self._next is None:
-            iteration, store = self._missed
-            self.post_next(iteration, store)
 
     def posted(self, iteration: int) -> bool:
         """Whether the push/pull of ``iteration`` is posted already (:meth:`post_next`)."""
@@ -239,7 +225,6 @@ class PsSync:
         returns before the sends complete (the next exchange waits for them).
         A prefetch deferred by :meth:`prefetch` is posted first (its phase
         comes before the gradients')."""
-        self._missed = None
         if self._deferred is not None:
             self._post(self._deferred, self._wait_s)
         self._client.push_grads(keys, grads.detach().cpu(), route, bag_grads.detach().cpu())

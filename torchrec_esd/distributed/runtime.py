@@ -398,13 +398,6 @@ class EsdWorkerRuntime(EsdRuntime):
         self.computing = self.plans.take()
         return self.computing
 
-    def retry_early_pull(self) -> None:
-        """Called as the dense all-reduce starts (``register_dense_sync``'s
-        ``on_start``): the next batch's push/pull goes now if its plan arrived
-        during the backward (``EsdConfig.early_pull``)."""
-        if self._executor is not None:
-            self._executor.retry_early_pull()
-
     def dense_senders(self) -> Optional[List[bool]]:
         """Which workers have samples in the iteration the sharded module
         computes (its plan's ``sample_counts``; None: unknown, all send): the

@@ -385,11 +385,6 @@ class ShardedEsdEmbeddingBagCollection(
         # backward, the dense all-reduce and the optimizer step run
         self._ps.post_next(pending["iteration"], self._store)
 
-    def retry_early_pull(self) -> None:
-        """Post the next batch's push/pull now if its plan arrived since the
-        gradient phase (``EsdConfig.early_pull``; see ``PsSync.retry_next``)."""
-        self._ps.retry_next()
-
     def _update_replicas(self, grad: torch.Tensor) -> None:
         """Data-parallel step of the replicated tables: sum the workers' gradients
         (the same division as ESD rows is already applied), same update everywhere."""
