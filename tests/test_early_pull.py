@@ -1,0 +1,77 @@
+"""The early pull's bookkeeping (distributed/ps_sync.py): when it posts and when it does not.
+
+The end-to-end exactness is in tests/test_esd_equivalence.py::test_equivalence_early_pull; here
+fakes stand in for the transport so that the order of the calls is visible."""
+
+from types import SimpleNamespace
+
+import torch
+
+from torchrec_esd.distributed.ps_sync import PsSync
+
+
+class _Plans:
+    def __init__(self):
+        self.plans = {}
+
+    def peek(self, iteration, wait_s=0.0):
+        return self.plans.get(iteration)
+
+
+class _Client:
+    timed_replies = False
+    routing = SimpleNamespace(wire_dim=4)
+
+    def __init__(self):
+        self.calls = []
+
+    def post_push_pull(self, push_keys, push_vals, pull_keys, batch_fingerprint=0):
+        self.calls.append(("post", pull_keys.tolist()))
+        return "pending"
+
+    def push_grads(self, keys, grads, route, bag_grads):
+        self.calls.append(("grads", keys.tolist()))
+
+    last_traffic = None
+
+
+class _Store:
+    def read(self, slots):
+        return torch.zeros(slots.numel(), 5)
+
+
+def _sync(early_pull=True, des=False):
+    meter = SimpleNamespace(early_pulls=0, prefetched_rows=0, record_grads=lambda *a: None)
+    client = _Client()
+    rt = SimpleNamespace(client=client, meter=meter, link=0, link_estimates=None, plans=_Plans(), worker_index=0,
+                         config=SimpleNamespace(prefetch_depth=0, collective_timeout_s=1.0, early_pull=early_pull,
+                                                des_misses=des))
+    return PsSync(rt), rt, client
+
+
+def _plan(iteration):
+    wp = SimpleNamespace(push_keys=torch.tensor([5]), push_slots=torch.tensor([0]), pull_keys=torch.tensor([1, 2]),
+                         global_fingerprint=7)
+    return SimpleNamespace(iteration=iteration, workers=[wp])
+
+
+def test_the_next_push_pull_goes_after_the_gradients_when_its_plan_is_there():
+    ps, rt, client = _sync()
+    rt.plans.plans[4] = _plan(4)
+    ps.push_grads(torch.tensor([9]), torch.zeros(1, 4), None, torch.zeros(0, 4))
+    ps.post_next(3, _Store())
+    assert client.calls == [("grads", [9]), ("post", [1, 2])]
+    assert ps.posted(4) and not ps.posted(5) and rt.meter.early_pulls == 1
+    ps.post_next(3, _Store())  # posted already: nothing more
+    assert len(client.calls) == 2
+
+
+def test_no_post_without_the_next_plan_or_when_the_early_pull_is_off():
+    ps, rt, client = _sync()
+    ps.post_next(3, _Store())  # the dispatch thread has not delivered plan 4 yet: the forward pulls
+    assert not ps.posted(4) and client.calls == [] and rt.meter.early_pulls == 0
+    for off in (_sync(early_pull=False), _sync(des=True)):
+        ps, rt, client = off
+        rt.plans.plans[4] = _plan(4)
+        ps.post_next(3, _Store())
+        assert not ps.posted(4) and client.calls == []
