@@ -122,6 +122,9 @@ def water_fill(per_sample_s: np.ndarray, total: int, lo: np.ndarray, hi: np.ndar
     return n
 
 
+MIN_INNER_BUDGET_S = 5e-4  # the inner search's least budget under decision_share (its start always runs)
+
+
 def fill_with_idle(per_sample_s: np.ndarray, total: int, lo: np.ndarray, hi: np.ndarray,
                    fixed_s: np.ndarray, idle_s: np.ndarray) -> np.ndarray:
     """:func:`water_fill` where a worker with ``lo == 0`` may get no sample
@@ -180,11 +183,13 @@ class PerBatchShares(Dispatcher):
             it also trains (``decision_load`` of it: 1.0 when they share the
             cores, 0.0 on a machine with cores to spare).
         time_budget_ms: offline mode: no new round starts after it.
-        decision_share: online mode: the inner dispatcher's time budget
-            (``esd``'s anytime local search; other inner dispatchers keep
-            theirs) is at most this fraction of the iteration time predicted
-            at the previous batch, so the decision stays a small part of the
-            step it decides (``None``: the inner dispatcher's own budget).
+        decision_share: online mode: the whole decision is to take at most
+            this fraction of the iteration time predicted at the previous
+            batch, so it stays a small part of the step it decides: the inner
+            dispatcher's time budget (``esd``'s anytime local search; other
+            inner dispatchers keep theirs) is that share less what the rest of
+            the decision took at the previous batch, and at least
+            ``MIN_INNER_BUDGET_S`` (``None``: the inner dispatcher's own budget).
         objective: passed to the inner dispatcher.
         inner_kwargs: more options of the inner dispatcher.
     """
@@ -196,7 +201,7 @@ class PerBatchShares(Dispatcher):
                  online: bool = True, rounds: int = 2, dispatching_worker: Optional[int] = 0,
                  decision_load: float = 1.0, ema: float = 0.5, time_budget_ms: float = 50.0,
                  objective: str = "total", inner_kwargs: Optional[Mapping] = None,
-                 measured_compute: bool = True, decision_share: Optional[float] = 0.04) -> None:
+                 measured_compute: bool = True, decision_share: Optional[float] = 0.06) -> None:
         from torchrec_esd.dispatch import make_dispatcher
 
         if samples_per_s is None:
@@ -236,6 +241,7 @@ class PerBatchShares(Dispatcher):
         self._inner_budget_s: Optional[float] = (self.inner.time_budget_s
                                                  if isinstance(self.inner, DedupSearchDispatcher) else None)
         self._predicted_iter_s = 0.0  # of the previous online decision (0: none yet)
+        self._rest_s = 0.0  # the previous online decision's time outside the inner dispatcher
 
     def set_rates(self, samples_per_s: Sequence[float], fixed_s: Optional[Sequence[float]] = None,
                   idle_s: Optional[Sequence[float]] = None) -> None:
@@ -324,12 +330,16 @@ class PerBatchShares(Dispatcher):
                 now = fill_with_idle(1.0 / self.rates + self._link_per_sample, B, lo, hi, self._fixed(W),
                                      self._idle_s(W))
             if self._inner_budget_s is not None and self.decision_share is not None and self._predicted_iter_s > 0:
-                self.inner.time_budget_s = min(self._inner_budget_s, self.decision_share * self._predicted_iter_s)
+                share_s = self.decision_share * self._predicted_iter_s - self._rest_s
+                self.inner.time_budget_s = min(self._inner_budget_s, max(MIN_INNER_BUDGET_S, share_s))
+            t_inner = time.perf_counter()
             best_a = self.inner.assign(cost, now.tolist(), aux=aux).assignment
+            t_inner = time.perf_counter() - t_inner
             link = self._link(cost, best_a, aux)  # once: the estimate and the prediction
             self._observe(cost, best_a, link)
             best_t, base_t, tried = float(self.predicted_s(cost, best_a, aux, link).max()), float("nan"), 1
             self._predicted_iter_s = best_t
+            self._rest_s = max(0.0, time.perf_counter() - t0 - t_inner)
         else:
             best_a, best_t, base_t, tried = self._rounds(cost, base, lo, hi, aux, t0)
         dt = time.perf_counter() - t0
