@@ -75,3 +75,16 @@ def test_no_post_without_the_next_plan_or_when_the_early_pull_is_off():
         rt.plans.plans[4] = _plan(4)
         ps.post_next(3, _Store())
         assert not ps.posted(4) and client.calls == []
+
+
+def test_a_posted_push_pull_for_another_iteration_is_a_clear_error():
+    import pytest
+
+    from torchrec_esd.config import EsdConfigError
+
+    ps, rt, client = _sync()
+    rt.plans.plans[4] = _plan(4)
+    ps.post_next(3, _Store())
+    with pytest.raises(EsdConfigError, match="posted after the previous gradients, but the module computes "
+                                             "iteration 5"):
+        ps.push_pull(_plan(5).workers[0], None, iteration=5)

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from torchrec_esd.cache import IterationPlan, WorkerPlan, prefetch_keys
+from torchrec_esd.config import EsdConfigError
 from torchrec_esd.ps import DesRequest, DesRoute
 from torchrec_esd.ps.client import PendingPrefetch, PendingPushPull
 from torchrec_esd.ps.protocol import Section, SectionSize
