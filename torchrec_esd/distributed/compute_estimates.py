@@ -56,9 +56,10 @@ from collections import deque
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 
 from torchrec_esd.config import EsdConfigError
-from torchrec_esd.distributed.link_estimates import LinkEstimator, gather_pending
+from torchrec_esd.distributed.link_estimates import LinkEstimator
 
 
 class ComputeEstimator(LinkEstimator):
@@ -125,6 +126,7 @@ class ComputeEstimates:
         self._started: Optional[float] = None
         self._excluded = 0.0
         self.history: "deque[List[List[float]]]" = deque(maxlen=4096)  # every gathered [W, 3]
+        self._inflight = None  # (work, tensors) of the all-gather the last share started
 
     # ------------------------------------------------------------ the clock (training thread)
     def start(self) -> None:
@@ -156,11 +158,26 @@ class ComputeEstimates:
             p[2] += float(samples)
 
     # ------------------------------------------------------------ at dispatch
-    def share(self, group, device: Optional[torch.device] = None) -> torch.Tensor:
-        """All-gather every worker's observations since its last share (a
-        collective on ``group``, every worker at the same dispatch) and feed
-        every estimator from them in worker order; returns the ``[W, 3]``."""
-        gathered = gather_pending(self._lock, self._pending, len(self.workers), group, device)
+    def share(self, group, device: Optional[torch.device] = None) -> Optional[torch.Tensor]:
+        """Start the all-gather of every worker's observations since its last
+        share (a collective on ``group``, every worker at the same dispatch)
+        and feed every estimator, in worker order, from the one the previous
+        share started; returns that ``[W, 3]`` (None at the first share).  The
+        estimates are one dispatch older than a blocking gather's, and the
+        dispatch does not wait for the slowest link's queue (on a slow link
+        the observations queue behind the step's gradients, and the next
+        plan, which the early pull needs at the gradient phase, came late)."""
+        with self._lock:
+            mine = torch.tensor(self._pending, dtype=torch.float64, device=device)
+            self._pending[:] = [0.0] * len(self._pending)
+        every = [torch.zeros_like(mine) for _ in self.workers]
+        work = dist.all_gather(every, mine, group=group, async_op=True)
+        previous, self._inflight = self._inflight, (work, every)
+        if previous is None:
+            return None
+        work, every = previous
+        work.wait()
+        gathered = torch.stack(every).cpu()
         self.update(gathered)
         return gathered
 
