@@ -38,6 +38,22 @@ inline void check_dedup_model(const char* op, const at::Tensor& occ_s, const at:
               ": owner and owner_push must have one entry per row (", U, ")");
 }
 
+// the data of the occurrences: occ_s sorted, every sample in [0, B) (`b_note` follows the
+// bound in the message), every row in [0, U); per_occurrence(i) runs after occurrence i's checks
+template <class F>
+inline void check_occurrences(const char* op, const int64_t* s, const int64_t* k, int64_t N, int64_t B,
+                              int64_t U, const char* b_note, F&& per_occurrence) {
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(s[i] >= 0 && s[i] < B, "torchrec_esd::", op, ": occ_s[", i, "] = ", s[i],
+                " is not a sample in [0, ", B, ")", b_note);
+    TORCH_CHECK(i == 0 || s[i] >= s[i - 1], "torchrec_esd::", op,
+                ": occ_s must be sorted (non-decreasing)");
+    TORCH_CHECK(k[i] >= 0 && k[i] < U, "torchrec_esd::", op, ": occ_k[", i, "] = ", k[i],
+                " is not a row in [0, ", U, ")");
+    per_occurrence(i);
+  }
+}
+
 inline void check_index_vector(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, "torchrec_esd::", op,
               ": ", name, " must be int32 or int64, got ", t.scalar_type());

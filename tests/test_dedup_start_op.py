@@ -14,30 +14,15 @@ import torch
 from torchrec_esd import ops
 from torchrec_esd.apps.sessions import make_workload, make_workload_config
 from torchrec_esd.cache import CacheDirectory
-from torchrec_esd.cost import DedupCost
 from torchrec_esd.cost.dedup import amortise_factors, amortise_table
 from torchrec_esd.dispatch import make_dispatcher
 from torchrec_esd.dispatch.dedup_search import refine, start, start_and_refine, start_reference
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 import dispatch_true_cost as dtc  # noqa: E402
+from test_dispatch import _random_dedup  # noqa: E402  (tests/ is on sys.path under pytest)
 
 needs_op = pytest.mark.skipif(not ops.has_dedup_start(), reason="extension without dedup_start")
-
-
-def _instance(rng, B, W, K, max_rows=4):
-    pairs = set()
-    for s in range(B):
-        for k in rng.choice(K, int(rng.integers(1, min(K, max_rows) + 1)), replace=False):
-            pairs.add((s, int(k)))
-    used = {k for _, k in pairs}
-    pairs.update((int(rng.integers(0, B)), k) for k in range(K) if k not in used)  # every row is used
-    occ = np.array(sorted(pairs))
-    rt = rng.choice([1.0, 2.0, 10.0], size=W)[None, :] * np.ones((K, 1))
-    pull = rt * rng.choice([0.0, 1.0, 1.25], size=(K, W))
-    owner = np.where(rng.random(K) < 0.3, rng.integers(0, W, K), -1)
-    return DedupCost(B, W, occ[:, 0], occ[:, 1], pull, rt, owner,
-                     np.where(owner >= 0, rt[0, np.maximum(owner, 0)], 0.0))
 
 
 def test_amortise_table_rows_equal_the_factors_of_every_row():
@@ -83,7 +68,7 @@ def test_equals_the_reference_on_random_instances():
     rng = np.random.default_rng(5)
     for _ in range(20):
         B, W = int(rng.integers(2, 80)), int(rng.integers(1, 6))
-        d = _instance(rng, B, W, int(rng.integers(3, 50)))
+        d = _random_dedup(rng, B, W, int(rng.integers(3, 50)), every_row_used=True)
         shares = np.bincount(rng.integers(0, W, B), minlength=W).tolist()  # some may be 0
         a = start(d, shares)
         np.testing.assert_array_equal(a, start_reference(d, shares))
@@ -93,7 +78,7 @@ def test_equals_the_reference_on_random_instances():
 @needs_op
 def test_bad_inputs_raise():
     rng = np.random.default_rng(7)
-    d = _instance(rng, 20, 3, 10)
+    d = _random_dedup(rng, 20, 3, 10, every_row_used=True)
     m, p = amortise_table((10, 5, 5), 20)
     t = lambda v: torch.from_numpy(v)  # noqa: E731
     base = [t(d.occ_s), t(d.occ_k), t(d.pull), t(d.push), t(d.owner), t(d.owner_push), m, p]
@@ -111,7 +96,7 @@ def test_bad_inputs_raise():
 
 def test_without_the_operator_start_is_the_reference(monkeypatch):
     rng = np.random.default_rng(9)
-    d = _instance(rng, 40, 3, 30)
+    d = _random_dedup(rng, 40, 3, 30, every_row_used=True)
     monkeypatch.setattr(ops, "HAS_DEDUP_START", False)
     monkeypatch.setattr(ops, "HAS_DEDUP_DECIDE", False)
     np.testing.assert_array_equal(start(d, [20, 10, 10]), start_reference(d, [20, 10, 10]))
@@ -124,7 +109,7 @@ def test_without_the_operator_start_is_the_reference(monkeypatch):
 @needs_op
 def test_decide_counts_the_start_in_the_budget():
     rng = np.random.default_rng(8)
-    d = _instance(rng, 60, 3, 40)
+    d = _random_dedup(rng, 60, 3, 40, every_row_used=True)
     m, p = amortise_table((20, 20, 20), 60)
     arrays = [torch.from_numpy(v) for v in (d.occ_s, d.occ_k, d.pull, d.push, d.owner, d.owner_push)]
     a, swaps, info, first = ops.dedup_decide(*arrays, m, p, [20, 20, 20], 3, 64, 0.0, 4)

@@ -469,9 +469,14 @@ def test_esd_colocates_where_additive_dispatch_cannot_tell():
     assert d.total(a) == 33.0 and info["start_cost"] == 66.0 and info["cost"] == 33.0
 
 
-def _random_dedup(rng, B, W, K):
+def _random_dedup(rng, B, W, K, max_rows=4, every_row_used=False):
+    """A random DedupCost: every sample uses 1..max_rows of the K rows
+    (``every_row_used``: a row no sample drew goes to a random sample)."""
     pairs = {(int(s), int(k)) for s in range(B)
-             for k in rng.choice(K, int(rng.integers(1, min(K, 4) + 1)), replace=False)}
+             for k in rng.choice(K, int(rng.integers(1, min(K, max_rows) + 1)), replace=False)}
+    if every_row_used:
+        used = {k for _, k in pairs}
+        pairs.update((int(rng.integers(0, B)), k) for k in range(K) if k not in used)
     occ = np.array(sorted(pairs))
     rt = rng.choice([1.0, 2.0, 10.0], size=W)[None, :] * np.ones((K, 1))
     pull = rt * rng.choice([0.0, 1.0, 1.25], size=(K, W))

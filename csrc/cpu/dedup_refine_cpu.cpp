@@ -617,17 +617,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dedup_refine_cpu(
                 ": owner_push must be finite and >= 0 (row ", i, ")");
   }
   std::vector<int64_t> seen(U, -1);
-  for (int64_t i = 0; i < N; ++i) {
-    TORCH_CHECK(s[i] >= 0 && s[i] < B, "torchrec_esd::", kOp, ": occ_s[", i, "] = ", s[i],
-                " is not a sample in [0, ", B, ")");
-    TORCH_CHECK(i == 0 || s[i] >= s[i - 1], "torchrec_esd::", kOp,
-                ": occ_s must be sorted (non-decreasing)");
-    TORCH_CHECK(k[i] >= 0 && k[i] < U, "torchrec_esd::", kOp, ": occ_k[", i, "] = ", k[i],
-                " is not a row in [0, ", U, ")");
+  check_occurrences(kOp, s, k, N, B, U, "", [&](int64_t i) {
     TORCH_CHECK(seen[k[i]] != s[i], "torchrec_esd::", kOp, ": (sample ", s[i], ", row ", k[i],
                 ") occurs twice; occurrences must be distinct pairs");
     seen[k[i]] = s[i];
-  }
+  });
 
   SwapSearch search(B, W, U, occ_s, occ_k, p, q, own, op, a);
   const double start = search.total();

@@ -194,15 +194,7 @@ std::tuple<at::Tensor, at::Tensor> dedup_start_cpu(
   const double* mt = divisor.data_ptr<double>();
   const double* pt = p_shared.data_ptr<double>();
   std::vector<int64_t> uses(U, 0);
-  for (int64_t i = 0; i < N; ++i) {
-    TORCH_CHECK(s[i] >= 0 && s[i] < B, "torchrec_esd::", kOp, ": occ_s[", i, "] = ", s[i],
-                " is not a sample in [0, ", B, ") (B = sum of shares)");
-    TORCH_CHECK(i == 0 || s[i] >= s[i - 1], "torchrec_esd::", kOp,
-                ": occ_s must be sorted (non-decreasing)");
-    TORCH_CHECK(k[i] >= 0 && k[i] < U, "torchrec_esd::", kOp, ": occ_k[", i, "] = ", k[i],
-                " is not a row in [0, ", U, ")");
-    ++uses[k[i]];
-  }
+  check_occurrences(kOp, s, k, N, B, U, " (B = sum of shares)", [&](int64_t i) { ++uses[k[i]]; });
   for (int64_t x = 0; x < U; ++x) {
     TORCH_CHECK(uses[x] < T, "torchrec_esd::", kOp, ": row ", x, " has ", uses[x],
                 " uses, the tables have ", T, " rows");
