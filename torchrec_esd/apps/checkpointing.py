@@ -213,10 +213,6 @@ class LaggedStepSum:
         work.wait()  # type: ignore[attr-defined]
         return float(g[0]), float(g[1]) > 0, payload
 
-    @property
-    def in_flight(self) -> int:
-        return int(self._pending is not None)
-
 
 class Preemption:
     """SIGTERM -> a flag the training loop reads at step boundaries (the loop

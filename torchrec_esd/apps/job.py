@@ -162,12 +162,11 @@ class _Tracker:
 
     def step(self, mean_loss: float, logits: torch.Tensor, labels: torch.Tensor,
              meter: Optional[Dict] = None, decision: Optional[Dict] = None) -> None:
-        """The loss of the oldest step without one (ended now if
-        :meth:`end_step` was not called for it).  ``meter`` / ``decision``:
-        the ESD worker's transmission counters at the step's end and the
-        step's dispatch decision, for the per-step metrics."""
-        if len(self.step_end_s) == len(self.losses):
-            self.end_step()
+        """The loss of the oldest step without one (ended by :meth:`end_step`).
+        ``meter`` / ``decision``: the ESD worker's transmission counters at the
+        step's end and the step's dispatch decision, for the per-step metrics."""
+        if len(self.step_end_s) <= len(self.losses):
+            raise RuntimeError("_Tracker.step: no ended step without a loss (call end_step at the step's end)")
         if self.metrics is not None:
             self.metrics.step(mean_loss, meter, decision)
         self.losses.append(mean_loss)

@@ -74,15 +74,13 @@ def _train_local_batches(dmp, job: JobConfig, workload: SyntheticWorkload, group
         track.end_step()
         preempted = settled(sums.push(loss * per, (logits, labels)))
         step += 1
-        checkpoint = ckpt is not None and (ckpt.due(step) or step == job.steps)
-        if checkpoint or preempted or step == job.steps:
-            preempted = settled(sums.settle()) or preempted
-        if preempted:
-            stopped = step
-        if ckpt is not None and (checkpoint or stopped is not None):
+        if preempted or (ckpt is not None and (ckpt.due(step) or step == job.steps)):
+            preempted = settled(sums.settle()) or preempted  # every loss in, and its flag
+            stopped = step if preempted else None
+            assert ckpt is not None  # (a preemption is only ever requested with a checkpointer)
             ckpt.save(step)
-        if stopped is not None:
-            break
+            if stopped is not None:
+                break
     settled(sums.settle())
     if preemption is not None:
         preemption.uninstall()

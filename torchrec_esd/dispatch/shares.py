@@ -224,7 +224,7 @@ class PerBatchShares(Dispatcher):
         self.rates = np.asarray(rates)
         self.prior_samples_per_s = tuple(rates)
         self._compute_fixed = np.zeros(len(rates))  # seconds per step whatever the share (measured)
-        self._idle: Optional[np.ndarray] = None  # seconds per step of a worker without samples (None: 0)
+        self._idle = np.zeros(len(rates))  # seconds per step of a worker without samples (measured)
         self.reads_compute_rates = bool(measured_compute)
         self.bound, self.online, self.rounds, self.budget_s = bound, bool(online), rounds, time_budget_ms / 1e3
         self.dispatching_worker = None if dispatching_worker is None else int(dispatching_worker)
@@ -289,7 +289,7 @@ class PerBatchShares(Dispatcher):
 
     def _idle_s(self, W: int) -> np.ndarray:
         """``[W]`` seconds of a worker without samples (before the rows it pushes)."""
-        return self._idle if self._idle is not None and self._idle.size == W else np.zeros(W)
+        return self._idle if self._idle.size == W else np.zeros(W)
 
     def _bounds(self, base: np.ndarray, cost: torch.Tensor):
         B = int(base.sum())
@@ -303,10 +303,10 @@ class PerBatchShares(Dispatcher):
     def _observe(self, cost, a: torch.Tensor, link: np.ndarray) -> None:
         n = np.bincount(a.numpy(), minlength=cost.shape[1])
         per = link / np.maximum(n, 1)
-        # a worker without samples: its mean additive price per sample of this batch (no
-        # sharing counted, so on the cautious side), so that it can come back when its link does
-        alone = cost.detach().cpu().double().mean(0).numpy() if cost.shape[0] else np.zeros(n.size)
-        per = np.where(n == 0, alone, per)
+        if (n == 0).any() and cost.shape[0]:
+            # a worker without samples: its mean additive price per sample of this batch (no
+            # sharing counted, so on the cautious side), so that it can come back when its link does
+            per = np.where(n == 0, cost.detach().cpu().double().mean(0).numpy(), per)
         if self._link_per_sample is None or self._link_per_sample.size != per.size:
             self._link_per_sample = np.where(np.isfinite(per), per, 0.0)
         else:

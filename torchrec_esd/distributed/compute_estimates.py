@@ -56,10 +56,9 @@ from collections import deque
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 
 from torchrec_esd.config import EsdConfigError
-from torchrec_esd.distributed.link_estimates import LinkEstimator
+from torchrec_esd.distributed.link_estimates import LinkEstimator, gathered_pending, start_gather_pending
 
 
 class ComputeEstimator(LinkEstimator):
@@ -167,17 +166,11 @@ class ComputeEstimates:
         dispatch does not wait for the slowest link's queue (on a slow link
         the observations queue behind the step's gradients, and the next
         plan, which the early pull needs at the gradient phase, came late)."""
-        with self._lock:
-            mine = torch.tensor(self._pending, dtype=torch.float64, device=device)
-            self._pending[:] = [0.0] * len(self._pending)
-        every = [torch.zeros_like(mine) for _ in self.workers]
-        work = dist.all_gather(every, mine, group=group, async_op=True)
-        previous, self._inflight = self._inflight, (work, every)
+        previous = self._inflight
+        self._inflight = start_gather_pending(self._lock, self._pending, len(self.workers), group, device)
         if previous is None:
             return None
-        work, every = previous
-        work.wait()
-        gathered = torch.stack(every).cpu()
+        gathered = gathered_pending(previous)
         self.update(gathered)
         return gathered
 

@@ -130,22 +130,25 @@ def star_allreduce_hook(hub: int, group=None, on_blocked: Optional[Callable[[flo
             mine = buf.tensor_split(k)  # k views of the flat bucket
             if me == hub:
                 others = [r for r in range(world) if r != hub]
-                parts = {r: torch.empty_like(buf) for r in others if sends_[r]}
-                recvs = {r: [dist.irecv(c, group=group, group_src=r, tag=i) for i, c in enumerate(parts[r].tensor_split(k))]
-                         for r in parts}
-                total = torch.empty_like(buf).tensor_split(k)
+                # every sender's pieces, in worker order (the hub's own: its bucket)
+                pieces = {r: mine if r == hub else torch.empty_like(buf).tensor_split(k)
+                          for r in range(world) if sends_[r]}
+                recvs = {r: [dist.irecv(c, group=group, group_src=r, tag=i) for i, c in enumerate(p)]
+                         for r, p in pieces.items() if r != hub}
+                total = torch.empty_like(buf)
+                sums = total.tensor_split(k)
                 sends = []
                 for i in range(k):
-                    for r in parts:
-                        recvs[r][i].wait()
-                    pieces = [mine[i] if r == hub else parts[r].tensor_split(k)[i] for r in range(world) if sends_[r]]
-                    total[i].copy_(pieces[0])
-                    for p in pieces[1:]:
-                        total[i].add_(p)
-                    sends += [dist.isend(total[i], group=group, group_dst=r, tag=i) for r in others]
+                    for waiting in recvs.values():
+                        waiting[i].wait()
+                    first, *rest = (p[i] for p in pieces.values())
+                    sums[i].copy_(first)
+                    for p in rest:
+                        sums[i].add_(p)
+                    sends += [dist.isend(sums[i], group=group, group_dst=r, tag=i) for r in others]
                 for s in sends:
                     s.wait()  # type: ignore[union-attr]
-                buf.copy_(torch.cat(total))
+                buf.copy_(total)
             else:
                 mean = torch.empty_like(buf)
                 recvs = [dist.irecv(c, group=group, group_src=hub, tag=i) for i, c in enumerate(mean.tensor_split(k))]

@@ -164,15 +164,14 @@ class EsdInputDist(nn.Module):
         est = rt.link_estimates
         if est is None:
             shares = rt.config.batch_shares(b)
-            dense = rt.dense_sync_seconds()
-            idle = rt.dense_idle_seconds()
+            dense, idle = rt.dense_sync_seconds(), rt.dense_sync_seconds(idle=True)
         else:
             # every worker's measured links, gathered on this dispatch's group: the
             # same estimates (and so the same shares) on every worker
             est.share(group, device)
             # fixed per step whatever the share: the dense all-reduce on each link
-            dense = rt.dense_sync_seconds(est.bytes_per_second())
-            idle = rt.dense_idle_seconds(est.bytes_per_second())
+            bps = est.bytes_per_second()
+            dense, idle = rt.dense_sync_seconds(bps), rt.dense_sync_seconds(bps, idle=True)
             shares = est.shares(b, rt.config.compute_s_per_sample, extra_fixed_s=dense)
         compute = rt.compute_estimates
         if compute is not None:  # every worker's measured compute, gathered like the links
@@ -437,7 +436,7 @@ class EsdInputDist(nn.Module):
             plan.workers[me].global_fingerprint = global_batch_fingerprint(
                 bk.keys, bk.lengths, batch.dense_features, batch.labels, kjt.weights_or_none()
             )
-        plan.sample_counts = tuple(int(c) for c in torch.bincount(assignment, minlength=rt.config.num_workers))
+        plan.sample_counts = tuple(torch.bincount(assignment, minlength=rt.config.num_workers).tolist())
         rt.loss_scaling.dispatched(plan.iteration, b, shares)
         rt.enqueue(plan)
         mine = (assignment == me).nonzero().view(-1)  # global indices of this worker's samples

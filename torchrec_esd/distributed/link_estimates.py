@@ -334,18 +334,32 @@ class LinkEstimates:
         return equal_time_counts_concave(global_batch, compute, curves, fixed)
 
 
-def gather_pending(lock: threading.Lock, pending: List[float], num_workers: int, group,
-                   device: Optional[torch.device] = None) -> torch.Tensor:
-    """All-gather every worker's ``pending`` sums (a collective on ``group``;
-    this worker's are read and zeroed in place under ``lock``, which guards
-    them against the recording thread): ``[num_workers, len(pending)]``
-    float64 on the CPU, in worker order."""
+def start_gather_pending(lock: threading.Lock, pending: List[float], num_workers: int, group,
+                         device: Optional[torch.device] = None):
+    """Start the all-gather of every worker's ``pending`` sums (a collective
+    on ``group``; this worker's are read and zeroed in place under ``lock``,
+    which guards them against the recording thread): ``(work, tensors)``,
+    read by :func:`gathered_pending`."""
     with lock:
         mine = torch.tensor(pending, dtype=torch.float64, device=device)
         pending[:] = [0.0] * len(pending)
     every = [torch.zeros_like(mine) for _ in range(num_workers)]
-    dist.all_gather(every, mine, group=group)
+    return dist.all_gather(every, mine, group=group, async_op=True), every
+
+
+def gathered_pending(started) -> torch.Tensor:
+    """Wait for a :func:`start_gather_pending`: ``[num_workers, len(pending)]``
+    float64 on the CPU, in worker order."""
+    work, every = started
+    work.wait()
     return torch.stack(every).cpu()
+
+
+def gather_pending(lock: threading.Lock, pending: List[float], num_workers: int, group,
+                   device: Optional[torch.device] = None) -> torch.Tensor:
+    """All-gather every worker's ``pending`` sums now (:func:`start_gather_pending`
+    and :func:`gathered_pending`)."""
+    return gathered_pending(start_gather_pending(lock, pending, num_workers, group, device))
 
 
 class BytesModel:

@@ -321,28 +321,22 @@ class EsdWorkerRuntime(EsdRuntime):
         # (as one DDP bucket: DLRM's dense part is far below DDP's first 1 MB bucket)
         self.dense_chunks = star_chunks(dense_bytes // 4) if mode == "star" else 1
 
-    def dense_sync_seconds(self, bytes_per_s: Optional[Sequence[float]] = None) -> List[float]:
+    def dense_sync_seconds(self, bytes_per_s: Optional[Sequence[float]] = None, idle: bool = False) -> List[float]:
         """Seconds of every worker's step in the dense all-reduce at
         ``bytes_per_s`` (default: the configured links;
         :func:`~torchrec_esd.distributed.dense_sync.sync_seconds`), 0 where
-        :meth:`set_dense_sync` was not called."""
+        :meth:`set_dense_sync` was not called.  ``idle``: for a worker without
+        samples, which only receives the mean (one way of its link bytes; the
+        hub, which relays the others' gradients either way, is priced the
+        same, its link being the fastest)."""
         from torchrec_esd.distributed.dense_sync import sync_seconds
 
         bps = [w.bytes_per_second for w in self.config.workers] if bytes_per_s is None else list(bytes_per_s)
         if self.dense_link_bytes is None:
             return [0.0] * len(bps)
+        if idle:
+            return [float(b) / float(r) for b, r in zip(self.dense_link_bytes, bps)]
         return sync_seconds(self.dense_link_bytes, bps, self.dense_chunks)
-
-    def dense_idle_seconds(self, bytes_per_s: Optional[Sequence[float]] = None) -> List[float]:
-        """Seconds of a worker's step in the dense all-reduce when it has no
-        samples: it only receives the mean (one way of its link bytes; the
-        hub, which relays the others' gradients either way, is priced the
-        same, its link being the fastest), 0 where :meth:`set_dense_sync` was
-        not called."""
-        bps = [w.bytes_per_second for w in self.config.workers] if bytes_per_s is None else list(bytes_per_s)
-        if self.dense_link_bytes is None:
-            return [0.0] * len(bps)
-        return [float(b) / float(r) for b, r in zip(self.dense_link_bytes, bps)]
 
     @property
     def worker_index(self) -> int:
