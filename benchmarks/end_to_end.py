@@ -132,6 +132,11 @@ def parse_args(argv=None):
     p.add_argument("--rate-change", default=None,
                    help="WORKER:STEP=MBIT[,STEP=MBIT...]: change that worker's tc rate mid-run, e.g. 3:20=10,40=100 "
                         "(benchmarks/rate_change.py; also written: iteration time per step)")
+    p.add_argument("--reference-methods", default=None,
+                   help="with --rate-change: also run these ESD methods (e.g. esd,esd+online) on one mix per rate "
+                        "the changing worker has (no change, configured with that rate), interleaved repeat by "
+                        "repeat with the main run; each phase's reference level is the lowest of theirs over "
+                        "the phase's steps (benchmarks/rate_change.py)")
     p.add_argument("--timeout-s", type=float, default=1500.0, help="kill the world after this long")
     p.add_argument("--keep-logs", action="store_true")
     p.add_argument("--_rank", default=None, help=argparse.SUPPRESS)
@@ -222,95 +227,100 @@ def rank_main(spec_path: str) -> None:
 
     records = []
     rate_requests = 0  # numbered in the same order on every worker rank
-    for k, mix in enumerate(spec["mixes"]):
-        # the launcher (re)shapes the links between mixes
-        dist.barrier()
-        if rank == 0:
-            open(os.path.join(outdir, f"mix{k}.request"), "w").close()
-            rate_change.wait_for_file(os.path.join(outdir, f"mix{k}.ready"), 120, "answer", poll_s=0.05)
-        dist.barrier()
-        with open(os.path.join(outdir, f"mix{k}.ready")) as f:
-            latency_ms = json.load(f)["latency_ms_model"]
-        esd = EsdConfig(
-            heterogeneous_workers(mix["bandwidths"], cache, latency_ms=latency_ms),
-            num_ps=spec["num_ps"], staleness=spec["staleness"],
-            collective_timeout_s=spec["barrier_timeout_s"],
-        )
-        base = dict(steps=spec["steps"], global_batch=spec["batch"], embedding_dim=spec["embedding_dim"],
-                    workload=workload, sparse_optimizer=spec["sparse_optimizer"], esd=esd,
-                    input_mode=spec["input_mode"])
-        planned = None  # the planner's workers for this mix, computed once on first use
-        order = [(rep, m) for rep in range(spec["repeats"])
-                 for m in (spec["methods"] if rep % 2 == 0 else list(reversed(spec["methods"])))]
-        for rep, method in order:
-            dispatcher, *variants = method.split("+")
-            if method == "vanilla":
-                job = JobConfig(method="vanilla", **base)
-            else:
-                cfg = esd
-                if "des" in variants:
-                    cfg = dataclasses.replace(cfg, des_misses=True)
-                if "plan" in variants:
-                    planned = planned or planned_workers(spec, mix, cache, latency_ms, workload)
-                    cfg = dataclasses.replace(cfg, workers=planned)
-                kw = {}
-                if "shares" in variants:  # the planner's compute rate: the prior of the measured rates
-                    kw = dict(dispatcher_kwargs={"inner": dispatcher,
-                                                 "samples_per_s": [spec["samples_per_s"]] * len(mix["bandwidths"])})
-                    dispatcher = "shares"
-                if "online" in variants:
-                    cfg = dataclasses.replace(cfg, online_links=True, compute_s_per_sample=1.0 / spec["samples_per_s"])
-                ahead = spec["dispatch_ahead"]
-                if "latepull" in variants:
-                    cfg = dataclasses.replace(cfg, early_pull=False)
-                if "prefetch" in variants:
-                    ahead = max(1, ahead)
-                    cfg = dataclasses.replace(cfg, prefetch_depth=ahead)
-                job = JobConfig(method="esd", dispatcher=dispatcher, dispatch_ahead=ahead,
-                                dense_sync=spec["dense_sync"], **{**base, "esd": cfg}, **kw)
-            hook = None
-            if spec.get("rate_change") and rank < len(mix["bandwidths"]):
-                hook = rate_change.RateHook(outdir, rank, spec["rate_change"])
-                hook.count = rate_requests
-                hook.request(mix["bandwidths"][hook.worker])  # every method starts at the mix's rate
-                job = dataclasses.replace(job, on_step=hook)
+    switches = 0  # mix switches, numbered in the schedule's order
+    current, planned_by_mix = None, {}
+    for k, rep, method in spec["schedule"]:
+        mix = spec["mixes"][k]
+        if k != current:
+            # the launcher (re)shapes the links whenever the schedule moves to another mix
             dist.barrier()
-            c0, t0, p0 = _iface_counters(), time.perf_counter(), time.process_time()
-            r = run(job)
-            cpu_s = time.process_time() - p0  # this rank's CPU (all threads) for the whole job
-            dist.barrier()  # PS and idle ranks wait here, with the world's long timeout
-            wall, c1 = time.perf_counter() - t0, _iface_counters()
-            rec = {"mix": mix["name"], "method": method, "rep": rep, "rank": rank, "wall_s": wall, "cpu_s": cpu_s,
-                   "role": r.get("role", "worker"),
-                   "shares": job.esd.batch_shares(spec["batch"]) if job.esd is not None and method != "vanilla"
-                   else None}
-            if c0 is not None:
-                rec["wire"] = {k2: c1[k2] - c0[k2] for k2 in c0}
-            if hook is not None:
-                rate_requests = hook.count
-                rec["rate_waits"] = hook.waits
-            if "local_samples" in r:
-                rec.update(local_samples=r["local_samples"], link_estimates_mbps=r["link_estimates_mbps"],
-                           link_observations=r["link_observations"],
-                           compute_estimates_sps=r.get("compute_estimates_sps") or [])
-            if "losses" in r:
-                # per-step wall and CPU times between consecutive step ends (the
-                # training thread's clock; CPU counts every thread of the process)
-                ts, cs = r["step_end_s"], r["step_end_cpu_s"]
-                rec.update(losses=r["losses"], auc=r["auc"], elapsed_s=r["elapsed_s"],
-                           step_s=[b - a for a, b in zip(ts, ts[1:])],
-                           step_cpu_s=[b - a for a, b in zip(cs, cs[1:])])
-            if "table_owner" in r and rank == 0:  # vanilla: TorchRec's table-wise plan (main_job.py's link model)
-                rec["table_owner"] = r["table_owner"]
-            if "metrics" in r and rank == 0:
-                rec["metrics"] = r["metrics"]
-                solvers: Dict[str, int] = {}
-                for d in r["decisions"]:
-                    solvers[d["solver"]] = solvers.get(d["solver"], 0) + 1
-                rec["dispatch"] = {"solvers": solvers, "decision_ms": [d["ms"] for d in r["decisions"]]}
-            records.append(rec)
-            progress(f"{mix['name']:>8} {method:<10} rep {rep} {wall:6.1f} s wall"
-                     + (f", {r['elapsed_s']:.1f} s training, loss {r['losses'][-1]:.4f}" if "losses" in r else ""))
+            n, switches = switches, switches + 1
+            if rank == 0:
+                with open(os.path.join(outdir, f"mix{n}.request.tmp"), "w") as f:
+                    json.dump({"mix": k}, f)
+                os.replace(os.path.join(outdir, f"mix{n}.request.tmp"), os.path.join(outdir, f"mix{n}.request"))
+                rate_change.wait_for_file(os.path.join(outdir, f"mix{n}.ready"), 120, "answer", poll_s=0.05)
+            dist.barrier()
+            with open(os.path.join(outdir, f"mix{n}.ready")) as f:
+                latency_ms = json.load(f)["latency_ms_model"]
+            esd = EsdConfig(
+                heterogeneous_workers(mix["bandwidths"], cache, latency_ms=latency_ms),
+                num_ps=spec["num_ps"], staleness=spec["staleness"],
+                collective_timeout_s=spec["barrier_timeout_s"],
+            )
+            base = dict(steps=spec["steps"], global_batch=spec["batch"], embedding_dim=spec["embedding_dim"],
+                        workload=workload, sparse_optimizer=spec["sparse_optimizer"], esd=esd,
+                        input_mode=spec["input_mode"])
+            current = k
+        dispatcher, *variants = method.split("+")
+        if method == "vanilla":
+            job = JobConfig(method="vanilla", **base)
+        else:
+            cfg = esd
+            if "des" in variants:
+                cfg = dataclasses.replace(cfg, des_misses=True)
+            if "plan" in variants:
+                if k not in planned_by_mix:  # the planner's workers for this mix, computed once on first use
+                    planned_by_mix[k] = planned_workers(spec, mix, cache, latency_ms, workload)
+                cfg = dataclasses.replace(cfg, workers=planned_by_mix[k])
+            kw = {}
+            if "shares" in variants:  # the planner's compute rate: the prior of the measured rates
+                kw = dict(dispatcher_kwargs={"inner": dispatcher,
+                                             "samples_per_s": [spec["samples_per_s"]] * len(mix["bandwidths"])})
+                dispatcher = "shares"
+            if "online" in variants:
+                cfg = dataclasses.replace(cfg, online_links=True, compute_s_per_sample=1.0 / spec["samples_per_s"])
+            ahead = spec["dispatch_ahead"]
+            if "latepull" in variants:
+                cfg = dataclasses.replace(cfg, early_pull=False)
+            if "prefetch" in variants:
+                ahead = max(1, ahead)
+                cfg = dataclasses.replace(cfg, prefetch_depth=ahead)
+            job = JobConfig(method="esd", dispatcher=dispatcher, dispatch_ahead=ahead,
+                            dense_sync=spec["dense_sync"], **{**base, "esd": cfg}, **kw)
+        hook = None
+        if spec.get("rate_change") and k == 0 and rank < len(mix["bandwidths"]):  # references: no change
+            hook = rate_change.RateHook(outdir, rank, spec["rate_change"])
+            hook.count = rate_requests
+            hook.request(mix["bandwidths"][hook.worker])  # every method starts at the mix's rate
+            job = dataclasses.replace(job, on_step=hook)
+        dist.barrier()
+        c0, t0, p0 = _iface_counters(), time.perf_counter(), time.process_time()
+        r = run(job)
+        cpu_s = time.process_time() - p0  # this rank's CPU (all threads) for the whole job
+        dist.barrier()  # PS and idle ranks wait here, with the world's long timeout
+        wall, c1 = time.perf_counter() - t0, _iface_counters()
+        rec = {"mix": mix["name"], "method": method, "rep": rep, "rank": rank, "wall_s": wall, "cpu_s": cpu_s,
+               "role": r.get("role", "worker"),
+               "shares": job.esd.batch_shares(spec["batch"]) if job.esd is not None and method != "vanilla"
+               else None}
+        if c0 is not None:
+            rec["wire"] = {k2: c1[k2] - c0[k2] for k2 in c0}
+        if hook is not None:
+            rate_requests = hook.count
+            rec["rate_waits"] = hook.waits
+        if "local_samples" in r:
+            rec.update(local_samples=r["local_samples"], link_estimates_mbps=r["link_estimates_mbps"],
+                       link_observations=r["link_observations"],
+                       compute_estimates_sps=r.get("compute_estimates_sps") or [])
+        if "losses" in r:
+            # per-step wall and CPU times between consecutive step ends (the
+            # training thread's clock; CPU counts every thread of the process)
+            ts, cs = r["step_end_s"], r["step_end_cpu_s"]
+            rec.update(losses=r["losses"], auc=r["auc"], elapsed_s=r["elapsed_s"],
+                       step_s=[b - a for a, b in zip(ts, ts[1:])],
+                       step_cpu_s=[b - a for a, b in zip(cs, cs[1:])])
+        if "table_owner" in r and rank == 0:  # vanilla: TorchRec's table-wise plan (main_job.py's link model)
+            rec["table_owner"] = r["table_owner"]
+        if "metrics" in r and rank == 0:
+            rec["metrics"] = r["metrics"]
+            solvers: Dict[str, int] = {}
+            for d in r["decisions"]:
+                solvers[d["solver"]] = solvers.get(d["solver"], 0) + 1
+            rec["dispatch"] = {"solvers": solvers, "decision_ms": [d["ms"] for d in r["decisions"]]}
+        records.append(rec)
+        progress(f"{mix['name']:>8} {method:<10} rep {rep} {wall:6.1f} s wall"
+                 + (f", {r['elapsed_s']:.1f} s training, loss {r['losses'][-1]:.4f}" if "losses" in r else ""))
     with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
         json.dump(records, f)
     dist.barrier()
@@ -343,6 +353,38 @@ def _cpu_usage(a: Dict[str, float], b: Dict[str, float]) -> Dict[str, Optional[f
     return out
 
 
+def schedule(mix_methods: List[List[str]], repeats: int, interleave: bool) -> List[List]:
+    """``[mix index, repeat, method]`` in run order: every method of a mix
+    ``repeats`` times, odd repeats in reverse order; mix by mix, or (with
+    ``interleave``) repeat by repeat, every mix in turn, so that the mixes
+    compared with each other run under the same machine load."""
+    def one(k: int, rep: int) -> List[List]:
+        ms = mix_methods[k] if rep % 2 == 0 else list(reversed(mix_methods[k]))
+        return [[k, rep, m] for m in ms]
+
+    if interleave:
+        return [e for rep in range(repeats) for k in range(len(mix_methods)) for e in one(k, rep)]
+    return [e for k in range(len(mix_methods)) for rep in range(repeats) for e in one(k, rep)]
+
+
+def reference_mixes(mix: Dict, rc: Dict) -> List[Dict]:
+    """The rate-change run's reference mixes: ``mix`` with the changing
+    worker's link at each rate it has in the run (first its own), no change."""
+    w = rc["worker"]
+    if not 0 <= w < len(mix["bandwidths"]):
+        raise SystemExit(f"--rate-change worker {w}: the mix has workers 0..{len(mix['bandwidths']) - 1}")
+    rates = [mix["bandwidths"][w]]
+    for _, r in rc["changes"]:
+        if r not in rates:
+            rates.append(r)
+    out = []
+    for r in rates:
+        bws = list(mix["bandwidths"])
+        bws[w] = r
+        out.append({"name": f"ref_w{w}_{r:g}", "bandwidths": bws, "reference_rate": r})
+    return out
+
+
 def launch(args, mixes: List[Dict], methods: List[str]) -> Dict:
     W = len(mixes[0]["bandwidths"])
     world = W + args.num_ps
@@ -361,6 +403,8 @@ def launch(args, mixes: List[Dict], methods: List[str]) -> Dict:
         "dispatch_ahead": args.dispatch_ahead, "dense_sync": args.dense_sync,
         "barrier_timeout_s": max(300.0, args.timeout_s / 2),
         "rate_change": rate_change.parse(args.rate_change),
+        "schedule": schedule([m.get("methods", methods) for m in mixes], args.repeats,
+                             any("reference_rate" in m for m in mixes)),
     }
     rates = rate_change.RateServer(tmp, W)
     spec_path = os.path.join(tmp, "spec.json")
@@ -384,8 +428,10 @@ def launch(args, mixes: List[Dict], methods: List[str]) -> Dict:
             for line in new.splitlines():
                 print(f"[e2e {time.perf_counter() - t_start:6.1f} s] {line}", flush=True)
         rates.poll(cluster, t_start)
-        k = state["next_mix"]
-        if k < len(mixes) and os.path.exists(os.path.join(tmp, f"mix{k}.request")):
+        n = state["next_mix"]  # the schedule's n-th switch of mix
+        if os.path.exists(os.path.join(tmp, f"mix{n}.request")):
+            with open(os.path.join(tmp, f"mix{n}.request")) as f:
+                k = int(json.load(f)["mix"])
             if cluster is not None:
                 applied[mixes[k]["name"]] = cluster.apply(links_for(mixes[k]))
                 lat = min(a["upload"]["delay_ms"] for a in applied[mixes[k]["name"]][:W])
@@ -396,10 +442,10 @@ def launch(args, mixes: List[Dict], methods: List[str]) -> Dict:
                       + ", PS unshaped", flush=True)
             else:
                 lat = args.delay_ms
-            with open(os.path.join(tmp, f"mix{k}.ready.tmp"), "w") as f:
+            with open(os.path.join(tmp, f"mix{n}.ready.tmp"), "w") as f:
                 json.dump({"latency_ms_model": lat}, f)
-            os.replace(os.path.join(tmp, f"mix{k}.ready.tmp"), os.path.join(tmp, f"mix{k}.ready"))
-            state["next_mix"] = k + 1
+            os.replace(os.path.join(tmp, f"mix{n}.ready.tmp"), os.path.join(tmp, f"mix{n}.ready"))
+            state["next_mix"] = n + 1
 
     argv = [sys.executable, os.path.abspath(__file__), "--_rank", spec_path]
     cpu0 = _cpu_snapshot()
@@ -448,7 +494,7 @@ def summarize(args, mixes, methods, raw) -> Dict:
     for mix in mixes:
         bws = mix["bandwidths"]
         res = {}
-        for m in methods:
+        for m in mix.get("methods", methods):
             every = [rec for rank in raw["per_rank"] for rec in rank if rec["mix"] == mix["name"] and rec["method"] == m]
             skip = min(args.warmup_steps, args.steps - 2)
             steady_reps, elapsed_reps, slowest_reps = [], [], []
@@ -752,7 +798,7 @@ def plot(summary: Dict, path: str, links: str) -> bool:
 
     def rel(base: str, key: str):
         def f(ms, m):
-            if key not in ms[m] or base not in ms or key not in ms[base]:
+            if m not in ms or key not in ms[m] or base not in ms or key not in ms[base]:
                 return None
             return ms[m][key]["total_link_s"] / ms[base][key]["total_link_s"]
         return f
@@ -763,7 +809,7 @@ def plot(summary: Dict, path: str, links: str) -> bool:
          if links == "emulated-tc" else "on-wire traffic: not measured (links modelled)", rel("vanilla", "wire")),
         ("speedup vs vanilla TorchRec\n(steady-state iteration time" + (", shaped links)" if links == "emulated-tc"
                                                                           else ", NO link time: modelled)"),
-         lambda ms, m: ms[m]["ratios"].get("speedup_vs_vanilla")),
+         lambda ms, m: ms[m]["ratios"].get("speedup_vs_vanilla") if m in ms else None),
     ]
     for ax, (title, fn) in zip(axes, panels):
         for i, mix in enumerate(mixes):
@@ -804,13 +850,23 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}, "
                          f"ESD ones optionally with +{' / +'.join(VARIANTS)}")
+    rc = rate_change.parse(args.rate_change)
+    if args.reference_methods:
+        refs = [m.strip() for m in args.reference_methods.split(",") if m.strip()]
+        if rc is None or len(mixes) != 1:
+            raise SystemExit("--reference-methods needs --rate-change and one mix")
+        if not refs or any(m == "vanilla" or m.split("+")[0] not in METHODS
+                           or not set(m.split("+")[1:]) <= set(VARIANTS) for m in refs):
+            raise SystemExit(f"--reference-methods {args.reference_methods!r}: ESD methods, e.g. esd,esd+online")
+        mixes = mixes + [dict(m, methods=refs) for m in reference_mixes(mixes[0], rc)]
     W = len(mixes[0]["bandwidths"])
     print(f"[e2e] {W} workers + {args.num_ps} PS, steps {args.steps}, batch {args.batch}, dim "
           f"{args.embedding_dim}, max cardinality {args.max_cardinality}, cache {args.cache_fraction:g}, "
           f"mixes {[m['name'] for m in mixes]}, methods {methods}", flush=True)
     raw = launch(args, mixes, methods)
     summary = summarize(args, mixes, methods, raw)
-    tg = targets(summary, raw["links"], args.workload)
+    tg = targets({k: v for k, v in summary.items() if k == mixes[0]["name"] or not k.startswith("ref_w")}
+                 if args.reference_methods else summary, raw["links"], args.workload)
     spreads = [100 * (max(s["iter_ms_repeats"]) - min(s["iter_ms_repeats"])) / 2 / s["iter_ms"]
                for d in summary.values() for s in d["methods"].values()]
     meta = {"W": W, "netem": raw["netem"], "spread_pct": max(spreads), "cpu": raw["cpu"]}
@@ -824,11 +880,18 @@ def main(argv=None) -> None:
         "runtime_s": elapsed, "world_s": raw["world_s"], "cpu_during_world": raw["cpu"],
         "results": summary, "targets": tg, "markdown": md,
     }
-    rc = rate_change.parse(args.rate_change)
     if rc is not None:
-        res = rate_change.analyse(raw, methods, rc, W)
+        res = rate_change.analyse(raw, methods, rc, W, mix=mixes[0]["name"])
+        references = None
+        if args.reference_methods:
+            # each phase against the in-run reference mix with that phase's rate
+            references = rate_change.in_run_references(summary, mixes, rc, len(next(iter(res.values()))["step_ms"]),
+                                                       warmup=args.warmup_steps)
+            for d in res.values():
+                rate_change.apply_references(d, rc, references)
         rc_md = rate_change.markdown(res, rc, method_label, md.splitlines()[-1])
-        result["rate_change"] = {"spec": rc, "applied": raw["rate_changes"], "results": res, "markdown": rc_md}
+        result["rate_change"] = {"spec": rc, "applied": raw["rate_changes"], "results": res, "markdown": rc_md,
+                                 "references": references}
         md = md + "\n\n" + rc_md
         rate_change.plot(res, rc, os.path.splitext(args.out)[0] + "_per_step.png", method_label)
     with open(args.out, "w") as f:

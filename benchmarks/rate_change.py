@@ -194,13 +194,16 @@ def phases(times: List[float], changes: List[Tuple[int, float]],
     return out
 
 
-def analyse(raw: Dict, methods: List[str], spec: Dict, W: int) -> Dict:
+def analyse(raw: Dict, methods: List[str], spec: Dict, W: int, mix: Optional[str] = None) -> Dict:
+    """Per method of the rate-change run (the records of mix ``mix``, every
+    mix when None): per-step medians across repeats and the phases."""
     out = {}
-    reps = sorted({rec["rep"] for rank in raw["per_rank"] for rec in rank})
+    runs = [rec for rank in raw["per_rank"] for rec in rank if mix is None or rec["mix"] == mix]
+    reps = sorted({rec["rep"] for rec in runs})
     for m in methods:
         series, slow = [], []
         for rep in reps:
-            recs = [rec for rank in raw["per_rank"] for rec in rank if rec["method"] == m and rec["rep"] == rep]
+            recs = [rec for rec in runs if rec["method"] == m and rec["rep"] == rep]
             workers = sorted([r for r in recs if r["rank"] < W], key=lambda r: r["rank"])
             series.append(step_times(workers))
             slow.append(workers[spec["worker"]])
@@ -242,6 +245,34 @@ def reference_level_ms(result: Dict, from_step: int, to_step: int, warmup: int =
         levels[m] = statistics.median(med[lo - 1 : hi])
     best = min(levels, key=levels.get)
     return levels[best], best
+
+
+def phase_bounds(spec: Dict, steps: int) -> List[Tuple[int, int]]:
+    """Every phase's first and last step counted in its criteria (the run's
+    last ``DRAIN_STEPS`` left out)."""
+    b = [1] + [st for st, _ in spec["changes"]] + [steps + 1 - DRAIN_STEPS]
+    return [(b[i], b[i + 1] - 1) for i in range(len(b) - 1)]
+
+
+def in_run_references(summary: Dict, mixes: List[Dict], spec: Dict, steps: int, warmup: int = 2) -> Dict[str, Dict]:
+    """Phase index -> ``{"mix", "steps", "level_ms", "method"}``: the reference
+    level of each phase from the reference mixes of the same run
+    (``end_to_end.py --reference-methods``: the mix whose changing worker has
+    the phase's rate, no change; :func:`reference_level_ms` over the phase's
+    steps)."""
+    by_rate = {m["reference_rate"]: m["name"] for m in mixes if "reference_rate" in m}
+    rates = [mixes[0]["bandwidths"][spec["worker"]]] + [r for _, r in spec["changes"]]
+    out = {}
+    for i, ((lo, hi), rate) in enumerate(zip(phase_bounds(spec, steps), rates)):
+        name = by_rate[rate]
+        level, by = reference_level_ms({"results": {name: summary[name]}}, lo, hi, warmup=warmup)
+        out[str(i)] = {"mix": name, "steps": [lo, hi], "level_ms": level, "method": by}
+    return out
+
+
+def apply_references(d: Dict, spec: Dict, references: Dict[str, Dict]) -> None:
+    """Recompute one method's phases (:func:`analyse`'s) against ``references``."""
+    _phases_into(d, spec, {int(k): v["level_ms"] for k, v in references.items()})
 
 
 def _settled(k: int, phase: Dict) -> str:
@@ -359,10 +390,10 @@ def main(argv=None) -> int:
     rc = result["rate_change"]
     refs, rc["references"] = {}, {}
     steps = len(next(iter(rc["results"].values()))["step_ms"])
-    bounds = [1] + [st for st, _ in rc["spec"]["changes"]] + [steps + 1 - DRAIN_STEPS]
+    bounds = phase_bounds(rc["spec"], steps)
     for item in a.reference:
         k, _, path = item.partition("=")
-        lo, hi = bounds[int(k)], bounds[int(k) + 1] - 1
+        lo, hi = bounds[int(k)]
         with open(path) as f:
             refs[int(k)], by = reference_level_ms(json.load(f), lo, hi, warmup=int(result["args"]["warmup_steps"]))
         rc["references"][k] = {"path": path, "steps": [lo, hi], "level_ms": refs[int(k)], "method": by}

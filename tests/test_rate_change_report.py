@@ -69,3 +69,59 @@ def test_settle_against_a_reference_is_one_sided_and_the_reference_uses_the_same
     assert rate_change.reference_level_ms(ref, 1, 10) == (90.0, "esd+online")
     with pytest.raises(SystemExit, match="no steps"):
         rate_change.reference_level_ms(ref, 30, 40)
+
+
+def _e2e():
+    import end_to_end  # noqa: E402  (benchmarks/ is on the path above)
+
+    return end_to_end
+
+
+def test_reference_mixes_take_every_rate_of_the_changing_worker_once():
+    e2e = _e2e()
+    spec = rate_change.parse("3:20=10,40=100")
+    refs = e2e.reference_mixes({"name": "edge", "bandwidths": [100.0, 50.0, 100.0, 100.0]}, spec)
+    assert [(m["name"], m["bandwidths"], m["reference_rate"]) for m in refs] == [
+        ("ref_w3_100", [100.0, 50.0, 100.0, 100.0], 100.0), ("ref_w3_10", [100.0, 50.0, 100.0, 10.0], 10.0)]
+    with pytest.raises(SystemExit, match="workers 0..1"):
+        e2e.reference_mixes({"name": "x", "bandwidths": [1.0, 2.0]}, spec)
+
+
+def test_schedule_interleaves_the_mixes_repeat_by_repeat_only_when_asked():
+    e2e = _e2e()
+    mm = [["a", "b"], ["r"]]
+    assert e2e.schedule(mm, 2, interleave=False) == [
+        [0, 0, "a"], [0, 0, "b"], [0, 1, "b"], [0, 1, "a"], [1, 0, "r"], [1, 1, "r"]]
+    assert e2e.schedule(mm, 2, interleave=True) == [
+        [0, 0, "a"], [0, 0, "b"], [1, 0, "r"], [0, 1, "b"], [0, 1, "a"], [1, 1, "r"]]
+
+
+def test_in_run_references_read_each_phase_from_the_mix_with_its_rate_over_its_own_steps():
+    spec = rate_change.parse("1:6=10,11=100")
+    mixes = [{"name": "edge", "bandwidths": [100.0, 100.0]},
+             {"name": "ref_w1_100", "bandwidths": [100.0, 100.0], "reference_rate": 100.0},
+             {"name": "ref_w1_10", "bandwidths": [100.0, 10.0], "reference_rate": 10.0}]
+    # 16 timed steps (step k + 1 at index k); the fast reference drifts from 100 to 120 ms at step 11
+    fast = [[100.0] * 10 + [120.0] * 6] * 3
+    slow = [[400.0] * 16, [380.0] * 16, [390.0] * 16]
+    summary = {"ref_w1_100": {"methods": {"esd": {"step_ms_slowest_repeats": fast}}},
+               "ref_w1_10": {"methods": {"esd": {"step_ms_slowest_repeats": slow},
+                                         "esd+online": {"step_ms_slowest_repeats": [[385.0] * 16] * 3}}}}
+    refs = rate_change.in_run_references(summary, mixes, spec, 16, warmup=2)
+    assert refs["0"] == {"mix": "ref_w1_100", "steps": [1, 5], "level_ms": 100.0, "method": "esd"}
+    assert refs["1"] == {"mix": "ref_w1_10", "steps": [6, 10], "level_ms": 385.0, "method": "esd+online"}
+    # the last phase: steps 11..14 (the last DRAIN_STEPS of 16 left out), the drifted level
+    assert refs["2"] == {"mix": "ref_w1_100", "steps": [11, 14], "level_ms": 120.0, "method": "esd"}
+    d = {"step_ms": [100.0] * 5 + [900.0, 430.0] + [400.0] * 3 + [130.0] * 6}
+    rate_change.apply_references(d, spec, refs)
+    ph = d["phases"]
+    assert [p["steps_to_reference"] for p in ph] == [0, 2, 0]
+    assert ph[1]["level_vs_reference"] == pytest.approx(400.0 / 385.0)
+
+
+def test_analyse_reads_only_the_named_mix():
+    spec = {"worker": 1, "changes": [[3, 10.0]]}
+    recs = [[dict(_rank(0, "m", 0, [0.1] * 6), mix="main"), dict(_rank(0, "m", 0, [0.9] * 6), mix="ref")],
+            [dict(_rank(1, "m", 0, [0.0] * 6), mix="main"), dict(_rank(1, "m", 0, [0.0] * 6), mix="ref")]]
+    res = rate_change.analyse({"per_rank": recs}, ["m"], spec, 2, mix="main")["m"]
+    assert res["step_ms"] == pytest.approx([100.0] * 6)
