@@ -231,10 +231,11 @@ def test_config_fields_are_checked():
         EsdConfig(w, online_links=1)
 
 
-def _simulate(steps, true_mbps, config, batch=512, bytes_per_sample=2000.0, compute_s=2e-4, bytes_fn=None):
+def _simulate(steps, true_mbps, config, batch=512, bytes_per_sample=2000.0, compute_s=2e-4, bytes_fn=None,
+              noise=0.03, **kw):
     """Per step: shares from the estimates, every worker's exchange timed on
     its true link (``true_mbps(step, w)``), the observations gathered."""
-    est = LinkEstimates(config, 0)
+    est = LinkEstimates(config, 0, **kw)
     rng = random.Random(3)
     counts = []
     for step in range(steps):
@@ -243,7 +244,7 @@ def _simulate(steps, true_mbps, config, batch=512, bytes_per_sample=2000.0, comp
         obs = []
         for w, n in enumerate(c):
             nbytes = bytes_per_sample * n if bytes_fn is None else bytes_fn(n)
-            obs.append([1.0, nbytes, _transfer(nbytes, true_mbps(step, w), 0.001, 0.03, rng), float(n)])
+            obs.append([1.0, nbytes, _transfer(nbytes, true_mbps(step, w), 0.001, noise, rng), float(n)])
         est.update(torch.tensor(obs, dtype=torch.float64))
     return counts, est
 
@@ -380,3 +381,25 @@ def test_a_decision_waits_for_the_steps_exchange_or_its_end():
     # and a stopped consumer ends it with False
     threading.Timer(0.02, stop.set).start()
     assert not est.wait_for_step(5, stop, poll_s=0.01)
+
+
+def test_noisy_steady_links_keep_their_shares_and_a_real_change_still_moves_them_at_once():
+    config = EsdConfig([WorkerSpec(1, 100.0, latency_ms=1.0) for _ in range(4)], online_links=True,
+                       compute_s_per_sample=2e-4)
+
+    def moves(counts):
+        return sum(a != b for a, b in zip(counts, counts[1:]))
+
+    # equal links read with +-15 % timing noise: without hysteresis a few samples move every step
+    def steady(step, w):
+        return 100.0
+
+    loose, _ = _simulate(30, steady, config, noise=0.15, share_hysteresis=0.0)
+    held, _ = _simulate(30, steady, config, noise=0.15)
+    assert moves(loose[3:]) >= 15 and moves(held[3:]) <= 3, (moves(loose[3:]), moves(held[3:]))
+    assert all(max(c) - min(c) <= 0.1 * 128 for c in held[3:])
+    # a link 2x slower from step 10: its share drops at the first decision that sees it
+    counts, _ = _simulate(20, lambda step, w: 50.0 if (w == 3 and step >= 10) else 100.0, config, noise=0.15)
+    assert counts[11][3] < 0.9 * counts[9][3]
+    with pytest.raises(EsdConfigError, match="share_hysteresis"):
+        LinkEstimates(config, 0, share_hysteresis=1.0)

@@ -114,6 +114,9 @@ import torch.distributed as dist
 
 from torchrec_esd.config import EsdConfig, EsdConfigError
 
+# the share rule moves samples only for a predicted step this much shorter (LinkEstimates.shares)
+SHARE_HYSTERESIS = 0.05
+
 
 class LinkEstimator:
     """Bandwidth and latency of one link from ``(bytes, seconds)`` observations
@@ -247,9 +250,14 @@ class LinkEstimates:
     the module docstring): this worker :meth:`record` s its exchanges, each
     dispatch :meth:`share` s them."""
 
-    def __init__(self, config: EsdConfig, me: int, **estimator_kwargs) -> None:
+    def __init__(self, config: EsdConfig, me: int, share_hysteresis: float = SHARE_HYSTERESIS,
+                 **estimator_kwargs) -> None:
+        if not 0.0 <= share_hysteresis < 1.0:
+            raise EsdConfigError(f"share_hysteresis must be in [0, 1), got {share_hysteresis!r}")
         self.config = config
         self.me = int(me)
+        self.share_hysteresis = float(share_hysteresis)
+        self._last_counts: Optional[List[int]] = None  # the share rule's last counts (the same on every worker)
         # 32 KiB: see the module docstring (small replies)
         kw = {"provisional_slowdowns": True, "full_weight_bytes": 32 * 1024, **estimator_kwargs}
         self.links = [LinkEstimator(w.bytes_per_second, w.latency_s, **kw) for w in config.workers]
@@ -344,7 +352,16 @@ class LinkEstimates:
         """Per-worker sample counts of a batch (the share rule of the module
         docstring; ``config.batch_shares`` without a compute time);
         ``extra_fixed_s``: seconds of every worker's step whatever its samples
-        besides its latency (the dense all-reduce on its link)."""
+        besides its latency (the dense all-reduce on its link).
+
+        Hysteresis: the last counts stay while the new ones would not cut the
+        predicted step (the largest ``t_w``, both priced with the current
+        estimates) by more than ``share_hysteresis`` (5 %): on steady links
+        the estimates' noise (+-10-20 % per reading) would otherwise move a few
+        samples back and forth every step, and the worker that just got more
+        makes the step slower; a real change (a link 2x slower) moves them at
+        once.  Every worker calls this once per dispatch with the same
+        estimates, so every worker keeps the same counts."""
         if compute_s_per_sample is None or not any(self.bytes_per_sample):
             return self.config.batch_shares(global_batch)
         weights = [w.share for w in self.config.workers]
@@ -356,7 +373,14 @@ class LinkEstimates:
             if len(extra_fixed_s) != len(fixed):
                 raise EsdConfigError(f"{len(extra_fixed_s)} fixed times for {len(fixed)} workers")
             fixed = [a + float(x) for a, x in zip(fixed, extra_fixed_s)]
-        return equal_time_counts_concave(global_batch, compute, curves, fixed)
+        counts = equal_time_counts_concave(global_batch, compute, curves, fixed)
+        last = self._last_counts
+        if last is not None and len(last) == len(counts) and sum(last) == global_batch and last != counts:
+            if predicted_step_s(counts, compute, curves, fixed) \
+                    > (1.0 - self.share_hysteresis) * predicted_step_s(last, compute, curves, fixed):
+                counts = list(last)
+        self._last_counts = list(counts)
+        return counts
 
 
 def start_gather_pending(lock: threading.Lock, pending: List[float], num_workers: int, group,
@@ -428,6 +452,21 @@ class BytesModel:
         return b_last * (float(n) / n_last) ** (below if n < n_last else above)
 
 
+def _time_at(compute_s: float, curve: Tuple[float, float, float, float], fixed_s: float, n: int) -> float:
+    """A worker's predicted step with ``n`` samples (:func:`equal_time_counts_concave`'s ``t_w``)."""
+    m, lk, below, above = curve
+    return n * compute_s + lk * (n / m) ** (below if n < m else above) + fixed_s
+
+
+def predicted_step_s(counts: Sequence[int], compute_s: Sequence[float],
+                     curves: Sequence[Tuple[float, float, float, float]], fixed_s: Sequence[float]) -> float:
+    """The largest predicted ``t_w(n_w)`` of ``counts`` (a worker with
+    ``c_w = inf`` counts at its link and fixed time only: it trains one
+    sample)."""
+    return max(_time_at(c if math.isfinite(c) else 0.0, cv, f, n)
+               for c, cv, f, n in zip(compute_s, curves, fixed_s, counts))
+
+
 def equal_time_counts_concave(batch: int, compute_s: Sequence[float],
                               curves: Sequence[Tuple[float, float, float, float]],
                               fixed_s: Sequence[float]) -> List[int]:
@@ -449,8 +488,7 @@ def equal_time_counts_concave(batch: int, compute_s: Sequence[float],
         raise EsdConfigError(f"a batch of {batch} samples cannot give each of {W} workers one")
 
     def time_at(w: int, n: int) -> float:
-        m, lk, below, above = curves[w]
-        return n * compute_s[w] + lk * (n / m) ** (below if n < m else above) + fixed_s[w]
+        return _time_at(compute_s[w], curves[w], fixed_s[w], n)
 
     counts = [1] * W
     heap = [(time_at(w, 2), w) for w in range(W) if math.isfinite(compute_s[w])]
