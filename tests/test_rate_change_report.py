@@ -125,3 +125,11 @@ def test_analyse_reads_only_the_named_mix():
             [dict(_rank(1, "m", 0, [0.0] * 6), mix="main"), dict(_rank(1, "m", 0, [0.0] * 6), mix="ref")]]
     res = rate_change.analyse({"per_rank": recs}, ["m"], spec, 2, mix="main")["m"]
     assert res["step_ms"] == pytest.approx([100.0] * 6)
+
+
+def test_reach_counts_the_steps_to_the_first_one_near_the_reference():
+    xs = [0.5, 0.25, 0.2, 0.25, 0.19, 0.2]
+    assert rate_change.first_within(xs, 0.2) == 2  # 0.25 is 25 % above, 0.2 within
+    assert rate_change.first_within([0.5, 0.5], 0.2) == 2  # never
+    ph = rate_change.phases(xs, [], {0: 200.0})
+    assert ph[0]["steps_to_reach_reference"] == 2 and ph[0]["steps_to_reference"] == 4
