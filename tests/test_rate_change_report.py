@@ -133,3 +133,28 @@ def test_reach_counts_the_steps_to_the_first_one_near_the_reference():
     assert rate_change.first_within([0.5, 0.5], 0.2) == 2  # never
     ph = rate_change.phases(xs, [], {0: 200.0})
     assert ph[0]["steps_to_reach_reference"] == 2 and ph[0]["steps_to_reference"] == 4
+
+
+def test_rate_server_leaves_a_link_already_at_the_rate_alone(tmp_path):
+    import json
+
+    class Link:
+        def __init__(self, r):
+            self.rate_mbit = r
+
+    class Cluster:
+        def __init__(self):
+            self.links, self.calls = [Link(100.0), Link(100.0)], []
+
+        def set_rate(self, rank, mbit):
+            self.calls.append((rank, mbit))
+            self.links[rank] = Link(float(mbit))
+
+    cl, srv = Cluster(), rate_change.RateServer(str(tmp_path), 2)
+    for n, mbit in enumerate([100.0, 10.0, 10.0, 100.0]):
+        with open(tmp_path / f"rate{n}.request", "w") as f:
+            json.dump({"worker": 1, "mbit": mbit}, f)
+        srv.poll(cl, 0.0)
+        assert (tmp_path / f"rate{n}.ready").exists()
+    assert cl.calls == [(1, 10.0), (1, 100.0)]
+    assert [r["unchanged"] for r in srv.applied] == [True, False, True, False]
