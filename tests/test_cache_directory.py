@@ -94,7 +94,7 @@ class VersionSimulator:
             self.ps[p.push_keys] = self.cache[w][p.push_slots]
 
 
-def _run(staleness, policy, steps=25, seed=0, shares=(1, 1, 1)):
+def _run(staleness, policy, steps=25, seed=0, shares=(1, 1, 1), flush_at=None):
     wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=3, cardinalities=[40, 200, 7], bag_size=(0, 4), alpha=1.1, seed=seed))
     tables = _tables(wl.config.cardinalities)
     cfg = EsdConfig(
@@ -111,7 +111,12 @@ def _run(staleness, policy, steps=25, seed=0, shares=(1, 1, 1)):
         kjt = wl.global_batch(step, B).sparse_features
         sh = cfg.batch_shares(B)
         a = torch.repeat_interleave(torch.arange(3), torch.tensor(sh))[torch.randperm(B, generator=g)]
-        plan = d.plan(kjt, a)
+        flush = flush_at(step) if flush_at is not None else ()
+        dirty = {w: d.dirty_keys(w).sort().values for w in flush}
+        plan = d.plan(kjt, a, flush=flush)
+        for w in flush:  # every row only it held up to date goes up in this iteration's value push
+            assert torch.isin(dirty[w], plan.workers[w].push_keys).all()
+            assert plan.workers[w].push_keys.unique().numel() == plan.workers[w].push_keys.numel()
         _check_plan_invariants(d, plan)
         sim.step(plan)
     return d, sim
@@ -182,6 +187,16 @@ def test_synchronous_plans_read_latest_and_lose_nothing(policy):
     sim.flush()
     assert torch.equal(sim.ps, sim.truth), "lost updates"
     assert all(d.dirty_keys(w).numel() == 0 for w in range(3))
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_a_worker_that_writes_back_its_dirty_rows_keeps_every_read_exact(policy):
+    # EsdConfig.flush_on_slowdown: now and then a worker pushes every dirty row of its cache;
+    # reads stay at the latest version and nothing is lost
+    d, sim = _run(staleness=0, policy=policy, steps=30, flush_at=lambda step: [step % 3] if step % 4 == 3 else [])
+    assert sim.max_lag == 0
+    sim.flush()
+    assert torch.equal(sim.ps, sim.truth), "lost updates"
 
 
 @pytest.mark.parametrize("s", [1, 3])

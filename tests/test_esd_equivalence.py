@@ -22,14 +22,15 @@ CACHE = {"t_cat_0": 12, "t_cat_1": 30, "t_cat_2": 40, "t_cat_3": 6}
 
 
 def _compare(W, shares, dispatcher, optimizer, mode, bandwidths, num_ps=1, workload=WORKLOAD, cache=CACHE,
-             des_misses=False, pooling="sum", esd_options=None, **esd_kwargs):
+             des_misses=False, pooling="sum", esd_options=None, esd_runner=None, **esd_kwargs):
     common = dict(steps=STEPS, global_batch=BATCH, workload=workload, collect_tables=True,
                   sparse_optimizer=optimizer, sparse_lr=0.1, dense_lr=0.1, pooling=pooling)
     vanilla = run_local_world(run, W, JobConfig(method="vanilla", **common))
     cfg = EsdConfig([WorkerSpec(cache, bw, share=s) for bw, s in zip(bandwidths, shares)], num_ps=num_ps,
                     des_misses=des_misses, **(esd_options or {}))
     esd = run_local_world(
-        run, W + num_ps, JobConfig(method="esd", esd=cfg, dispatcher=dispatcher, input_mode=mode, **esd_kwargs, **common)
+        esd_runner or run, W + num_ps,
+        JobConfig(method="esd", esd=cfg, dispatcher=dispatcher, input_mode=mode, **esd_kwargs, **common)
     )
     v, e = vanilla[0], esd[0]
     assert all(esd[W + p] == {"role": "ps"} for p in range(num_ps))
@@ -105,11 +106,34 @@ def test_equivalence_lookahead_eviction_dispatch_ahead_local_batches():
              esd_options=dict(cache_policy="lookahead", cache_lookahead=3))
 
 
-def test_equivalence_online_links_shares_follow_the_measured_links():
+def _run_with_a_slowdown_every_other_dispatch(job):
+    """``run`` where every other dispatch reports one worker's link (in turn)
+    as slowed down (``LinkEstimates.slowed_down``; the same on every worker:
+    every worker calls it once per dispatch), so that worker writes back its
+    dirty rows (``EsdConfig.flush_on_slowdown``)."""
+    from torchrec_esd.distributed.link_estimates import LinkEstimates
+
+    calls = [0]
+
+    def slowed_down(self, factor):
+        calls[0] += 1
+        return [calls[0] // 2 % len(self.links)] if calls[0] % 2 == 0 else []
+
+    LinkEstimates.slowed_down = slowed_down
+    return run(job)
+
+
+@pytest.mark.parametrize("flush", [False, True])
+def test_equivalence_online_links_shares_follow_the_measured_links(flush):
     # the shares come from the links measured on the PS exchanges, gathered on every
-    # worker (they change from step to step): the loss scaling keeps vanilla's model
+    # worker (they change from step to step): the loss scaling keeps vanilla's model;
+    # and with a worker writing back its dirty rows every other iteration
+    # (EsdConfig.flush_on_slowdown after a slowdown) still vanilla's model
     _, esd = _compare(3, [1, 1, 1], "esd", "rowwise_adagrad", "global", [1.0, 8.0, 8.0], dispatch_ahead=1,
-                      esd_options=dict(online_links=True, compute_s_per_sample=1e-4))
+                      esd_options=dict(online_links=True, compute_s_per_sample=1e-4),
+                      esd_runner=_run_with_a_slowdown_every_other_dispatch if flush else None)
+    flushed = esd[0]["metrics"]["flushed_rows"]
+    assert (flushed > 0) if flush else (flushed == 0), flushed
     est = [esd[r]["link_estimates_mbps"] for r in range(3)]
     assert est[0] == est[1] == est[2] and len(est[0]) == STEPS
     counts = [esd[r]["local_samples"] for r in range(3)]

@@ -403,3 +403,21 @@ def test_noisy_steady_links_keep_their_shares_and_a_real_change_still_moves_them
     assert counts[11][3] < 0.9 * counts[9][3]
     with pytest.raises(EsdConfigError, match="share_hysteresis"):
         LinkEstimates(config, 0, share_hysteresis=1.0)
+
+
+def test_a_link_that_fell_below_half_is_named_once_for_its_write_back():
+    est = LinkEstimates(EsdConfig([WorkerSpec(1, 100.0), WorkerSpec(1, 100.0)], online_links=True), 0)
+    assert est.slowed_down(2.0) == []  # nothing to compare with yet
+    nbytes = 1e6
+
+    def timed(mbps):  # exchanges, wire bytes, seconds, samples, timed transfer bytes and seconds
+        s = nbytes / (mbps * MBIT)
+        return [1.0, nbytes, s, 10.0, nbytes, s]
+
+    est.update(torch.tensor([timed(100.0), timed(10.0)], dtype=torch.float64))  # worker 1: 10x slower
+    assert est.bytes_per_second()[1] < 0.5 * 100.0 * MBIT  # a slowdown is believed at once
+    assert est.slowed_down(2.0) == [1]
+    est.update(torch.tensor([timed(100.0), timed(10.0)], dtype=torch.float64))
+    assert est.slowed_down(2.0) == []  # still slow, no new drop
+    with pytest.raises(EsdConfigError, match="flush_on_slowdown"):
+        EsdConfig([WorkerSpec(1, 100.0)], online_links=True, flush_on_slowdown=1.0)

@@ -177,6 +177,15 @@ class EsdConfig:
             directions overlap).  Exact (the same request, served in the same
             phase).  Not with ``des_misses`` (the DES request needs the batch)
             or ``online_links`` (a timed reply is timed alone).
+        flush_on_slowdown: with ``online_links``, when a worker's estimated
+            link falls below ``1 / flush_on_slowdown`` of the previous
+            dispatch's estimate, that worker writes back every dirty row of
+            its cache in the next iteration's push (the rows only it holds
+            up to date), instead of draining them through its slow link one
+            iteration at a time as the others come to need them.  The
+            estimates are the same on every worker, so every directory
+            replica flushes at the same iteration.  ``None``: never.  Not
+            with ``prefetch_depth`` (its rule reads the pushes).
     """
 
     workers: Sequence[WorkerSpec]
@@ -194,6 +203,7 @@ class EsdConfig:
     plan_from_summaries: Optional[bool] = None
     prefetch_depth: int = 0
     early_pull: bool = True
+    flush_on_slowdown: Optional[float] = 2.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -250,6 +260,11 @@ class EsdConfig:
         _require(
             self.fault_timeout_s is None or _is_positive_number(self.fault_timeout_s),
             f"EsdConfig.fault_timeout_s must be > 0 seconds or None (no fault monitor), got {self.fault_timeout_s!r}",
+        )
+        _require(
+            self.flush_on_slowdown is None or (_is_positive_number(self.flush_on_slowdown)
+                                               and self.flush_on_slowdown > 1.0),
+            f"EsdConfig.flush_on_slowdown must be None or a number > 1, got {self.flush_on_slowdown!r}",
         )
         _require(
             isinstance(self.early_pull, bool),

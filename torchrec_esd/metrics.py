@@ -49,6 +49,9 @@ class TransmissionMeter:
     prefetched_rows: int = 0
     # push/pulls posted right after the previous batch's gradients (EsdConfig.early_pull)
     early_pulls: int = 0
+    # dirty rows written back after the worker's link slowed down (EsdConfig.flush_on_slowdown),
+    # counted in update_push too
+    flushed_rows: int = 0
 
     def add(self, kind: str, rows: int, num_bytes: int) -> None:
         if kind not in self.rows:
@@ -119,6 +122,7 @@ class TransmissionMeter:
             "iterations": self.iterations,
             "prefetched_rows": self.prefetched_rows,
             "early_pulls": self.early_pulls,
+            "flushed_rows": self.flushed_rows,
         }
 
     @staticmethod
@@ -133,4 +137,5 @@ class TransmissionMeter:
             "rows": {k: sum(w["rows"][k] for w in per_worker) for k in KINDS},
             "prefetched_rows": sum(w.get("prefetched_rows", 0) for w in per_worker),
             "early_pulls": sum(w.get("early_pulls", 0) for w in per_worker),
+            "flushed_rows": sum(w.get("flushed_rows", 0) for w in per_worker),
         }

@@ -70,7 +70,7 @@ from torchrec_esd import ops
 from torchrec_esd.cache.directory_state import DirectoryCacheState
 from torchrec_esd.cache.holders import HolderIndex
 from torchrec_esd.cache.lookahead import UpcomingUse
-from torchrec_esd.cache.plans import EMPTY, IterationPlan, WorkerPlan, row_counts
+from torchrec_esd.cache.plans import EMPTY, IterationPlan, TransmissionKind, WorkerPlan, row_counts
 from torchrec_esd.cache.policy import EvictionPolicy, make_policy
 from torchrec_esd.cache.slots import WorkerSlots
 from torchrec_esd.cache.sorted_keys import count_of, group_rank, sorted_member
@@ -203,14 +203,17 @@ class CacheDirectory:
     # ------------------------------------------------------------ one iteration
     def plan(
         self, kjt: KeyedJaggedTensor, assignment: torch.Tensor,
-        upcoming: Sequence[KeyedJaggedTensor] = (),
+        upcoming: Sequence[KeyedJaggedTensor] = (), flush: Sequence[int] = (),
     ) -> IterationPlan:
         """Plan one iteration for the global batch ``kjt`` dispatched by
         ``assignment`` and advance the directory to its end state.
 
         ``upcoming``: the next global batches (nearest first, at most
         ``config.cache_lookahead``), for a policy that reads them
-        (:mod:`torchrec_esd.cache.lookahead`); every replica must get the same."""
+        (:mod:`torchrec_esd.cache.lookahead`); every replica must get the same.
+        ``flush``: workers that first write back every dirty row of their
+        cache in this iteration's value push (``EsdConfig.flush_on_slowdown``;
+        every replica must get the same)."""
         if self.policy.reads_upcoming:
             self.policy.look_ahead(UpcomingUse.of_batches(self.keyspace, upcoming, self.config.cache_lookahead))
         W = self.num_workers
@@ -228,8 +231,9 @@ class CacheDirectory:
         num_samples = torch.bincount(assignment, minlength=W).tolist()
         self.iteration += 1
         plans: List[Optional[WorkerPlan]] = [None] * W
+        flush = set(int(w) for w in flush)
         for w in self.tracked:
-            plans[w] = self._step(w, used[w], user_keys, user_counts, num_samples[w], pairs.get(w))
+            plans[w] = self._step(w, used[w], user_keys, user_counts, num_samples[w], pairs.get(w), w in flush)
         self._end_iteration(user_keys, plans)
         return IterationPlan(self.iteration, plans, batch_keys=user_keys)
 
@@ -254,12 +258,14 @@ class CacheDirectory:
         mine = torch.split(pair % u, torch.bincount(pair // u, minlength=W).tolist())
         return [StepSummary(w, used[w], user_keys[mine[w]], user_counts[mine[w]], num_samples[w]) for w in range(W)]
 
-    def plan_from_summary(self, summary: StepSummary, upcoming: Sequence[KeyedJaggedTensor] = ()) -> WorkerPlan:
+    def plan_from_summary(self, summary: StepSummary, upcoming: Sequence[KeyedJaggedTensor] = (),
+                          flush: bool = False) -> WorkerPlan:
         """Plan one iteration of the one worker this directory tracks from its
         :class:`StepSummary` alone (no global batch): the same plan and end
         state as :meth:`plan`, in O(U_w log U_s + S_w + U_s) for a summary of
         U_s keys (module docstring).  Not with DES-served misses (they need
-        the worker's bags); ``upcoming`` as in :meth:`plan`."""
+        the worker's bags); ``upcoming`` as in :meth:`plan`; ``flush``: this
+        worker is in :meth:`plan`'s ``flush``."""
         if self.tracked != [summary.worker]:
             raise EsdConfigError(f"plan_from_summary needs a directory that tracks worker {summary.worker} alone"
                                  f" (tracks {self.tracked})")
@@ -269,19 +275,35 @@ class CacheDirectory:
             self.policy.look_ahead(UpcomingUse.of_batches(self.keyspace, upcoming, self.config.cache_lookahead))
         self.iteration += 1
         w = summary.worker
-        plans = {w: self._step(w, summary.keys, summary.user_keys, summary.user_counts, summary.num_samples, None)}
+        plans = {w: self._step(w, summary.keys, summary.user_keys, summary.user_counts, summary.num_samples, None,
+                               flush)}
         self._end_iteration(summary.user_keys, plans)
         return plans[w]
 
     def _step(self, w: int, keys: torch.Tensor, user_keys: torch.Tensor, user_counts: torch.Tensor,
-              num_samples: int, pairs) -> WorkerPlan:
-        """Worker ``w``'s cache step (and the holder index told its placements)."""
+              num_samples: int, pairs, flush: bool = False) -> WorkerPlan:
+        """Worker ``w``'s cache step (and the holder index told its placements).
+        With ``flush``, every dirty row of its cache is written back first:
+        marked clean before the step (which then neither pushes it as shared
+        nor as evicted) and pushed with the step's own value pushes (read
+        from their slots before any pull overwrites them)."""
         st = self._w[w]
+        flushed = None
+        if flush:
+            slots = st.dirty.nonzero().view(-1)
+            flushed = (st.keys[slots].clone(), slots)
+            st.dirty[slots] = False
         if self._kernel_plans(w):  # step A included
             p = self._plan_worker_kernel(st, keys, user_keys, user_counts, num_samples)
         else:
             pushed = self._push_shared_dirty(st, keys, user_keys, user_counts)
             p = self._plan_worker(w, keys, user_keys, user_counts, pushed, num_samples, pairs)
+        if flushed is not None and flushed[0].numel():
+            p.push_keys = torch.cat([flushed[0], p.push_keys])
+            p.push_slots = torch.cat([flushed[1], p.push_slots])
+            p.rows[TransmissionKind.UPDATE_PUSH] = int(p.rows.get(TransmissionKind.UPDATE_PUSH, 0)) + \
+                int(flushed[0].numel())
+            p.flushed_rows = int(flushed[0].numel())
         if self._holders is not None:
             self._holders.sync(w, st)
         return p

@@ -57,6 +57,8 @@ class WorkerPlan:
     # fingerprint of the whole global batch (EsdInputDist mode "global", else 0):
     # sent with this worker's PS requests, the PS checks that all workers agree
     global_fingerprint: int = 0
+    # of push_keys, the dirty rows written back because the link slowed down (EsdConfig.flush_on_slowdown)
+    flushed_rows: int = 0
 
     @property
     def pull_keys(self) -> torch.Tensor:

@@ -163,6 +163,7 @@ class EsdInputDist(nn.Module):
         rt = self.runtime
         b = kjt.stride()
         est = rt.link_estimates
+        flush: List[int] = []
         if est is None:
             shares = rt.config.batch_shares(b)
             dense, idle = rt.dense_sync_seconds(), rt.dense_sync_seconds(idle=True)
@@ -174,6 +175,10 @@ class EsdInputDist(nn.Module):
             bps = est.bytes_per_second()
             dense, idle = rt.dense_sync_seconds(bps), rt.dense_sync_seconds(bps, idle=True)
             shares = est.shares(b, rt.config.compute_s_per_sample, extra_fixed_s=dense)
+            # a link that just became much slower writes back its dirty rows at once
+            factor = rt.config.flush_on_slowdown
+            if factor is not None and not rt.config.prefetch_depth:
+                flush = est.slowed_down(factor)
         compute = rt.compute_estimates
         if compute is not None:  # every worker's measured compute, gathered like the links
             compute.share(group, device)
@@ -196,7 +201,7 @@ class EsdInputDist(nn.Module):
             assignment.copy_(result.assignment)
         a = assignment.to(device)
         dist.broadcast(a, src=0, group=group)
-        return a.cpu(), result, shares
+        return a.cpu(), result, shares, flush
 
     def _gather_ids(self, batch: Batch, group) -> tuple:
         """All-gather the local batches' sparse features (and sizes)."""
@@ -440,8 +445,8 @@ class EsdInputDist(nn.Module):
         me = rt.worker_index
         batch, gkjt, strides, ekjt = read.batch, read.global_kjt, read.strides, read.esd
         b = gkjt.stride()
-        assignment, result, shares = self._decide(ekjt, group, device)
-        plan = plan_iteration(rt, ekjt, assignment, group, upcoming)
+        assignment, result, shares, flush = self._decide(ekjt, group, device)
+        plan = plan_iteration(rt, ekjt, assignment, group, upcoming, flush=flush)
         bk = rt.keyspace.decode(ekjt)  # the directory's decode of this batch, not a second one
         plan.workers[me].fingerprint = batch_fingerprint(bk.keys[assignment[bk.sample] == me])
         if self.mode == "global":  # the PS checks that every worker was handed this batch

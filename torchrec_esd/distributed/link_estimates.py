@@ -64,6 +64,18 @@ So a rate change is followed within two observations (a slowdown within one
 with ``provisional_slowdowns``), and a single outlier moves the estimate for
 at most one observation.
 
+Write-back after a slowdown (``EsdConfig.flush_on_slowdown``, default 2):
+when a worker's estimate falls below half of the previous dispatch's
+(:meth:`LinkEstimates.slowed_down`), the next iteration's plan has that worker
+push every dirty row of its cache (``CacheDirectory.plan(flush=...)``).
+Those rows are the only up-to-date copies; the others would otherwise pull
+them through its now slow link one iteration at a time as they come to need
+them (after a 100 -> 10 Mbit/s drop that drain kept the step 10-60 % above
+its level for 7-8 steps, ``benchmarks/results/rate_change_v10_v11.md``).  A
+dirty row is pushed once whatever happens (when another worker needs it or
+when it is evicted), so the write-back moves no extra row unless the worker
+would have updated it again first.
+
 Every worker must hold the *same* estimates where the dispatcher or the share
 rule reads them: worker 0 decides the assignment for everybody and every
 worker checks the loss scaling against the shares.  :class:`LinkEstimates`
@@ -258,6 +270,7 @@ class LinkEstimates:
         self.me = int(me)
         self.share_hysteresis = float(share_hysteresis)
         self._last_counts: Optional[List[int]] = None  # the share rule's last counts (the same on every worker)
+        self._before: Optional[List[float]] = None  # the bandwidths at the last slowed_down()
         # 32 KiB: see the module docstring (small replies)
         kw = {"provisional_slowdowns": True, "full_weight_bytes": 32 * 1024, **estimator_kwargs}
         self.links = [LinkEstimator(w.bytes_per_second, w.latency_s, **kw) for w in config.workers]
@@ -343,6 +356,17 @@ class LinkEstimates:
 
     def bytes_per_second(self) -> List[float]:
         return [e.bytes_per_second for e in self.links]
+
+    def slowed_down(self, factor: float) -> List[int]:
+        """The workers whose estimated bandwidth is now below ``1 / factor``
+        of what it was at the previous call (none at the first); call it
+        once per dispatch, after :meth:`share`, on every worker (the same
+        answer everywhere: the estimates are)."""
+        now = self.bytes_per_second()
+        before, self._before = self._before, now
+        if before is None:
+            return []
+        return [w for w, (a, b) in enumerate(zip(before, now)) if b * factor < a]
 
     def latency_s(self) -> List[float]:
         return [e.latency_s for e in self.links]

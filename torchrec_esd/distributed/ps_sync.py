@@ -97,6 +97,7 @@ class PsSync:
         for t in extra:
             traffic = traffic.merged(t)
         self._meter.record_push_pull(wp.rows, traffic, self._link)
+        self._meter.flushed_rows += wp.flushed_rows
         return got
 
     # ------------------------------------------------------------ the next push/pull, early

@@ -46,7 +46,7 @@ def uses_summaries(config) -> bool:
 
 
 def plan_iteration(rt: EsdRuntime, kjt: KeyedJaggedTensor, assignment: torch.Tensor, group,
-               upcoming: Sequence[KeyedJaggedTensor] = ()) -> IterationPlan:
+               upcoming: Sequence[KeyedJaggedTensor] = (), flush: Sequence[int] = ()) -> IterationPlan:
     """This iteration's plan.  Worker 0 (the dispatcher: its directory
     tracks every cache) plans every cache and sends each other worker its
     :class:`~torchrec_esd.cache.StepSummary`; a worker then plans its own
@@ -54,18 +54,20 @@ def plan_iteration(rt: EsdRuntime, kjt: KeyedJaggedTensor, assignment: torch.Ten
     others use) instead of O(global batch) (the same plan: see
     ``CacheDirectory.plan_from_summary``).  With DES-served misses every
     worker plans from the global batch (they need its bags), and so does
-    every worker under a policy that reads the upcoming batches."""
+    every worker under a policy that reads the upcoming batches.  ``flush``:
+    the workers that write back their dirty rows this iteration
+    (``CacheDirectory.plan``), the same on every worker."""
     directory = rt.directory
     assert directory is not None
     W = rt.config.num_workers
     if (rt.config.des_misses or W == 1 or directory.policy.reads_upcoming or rt.config.prefetch_depth
             or not uses_summaries(rt.config)):
-        return directory.plan(kjt, assignment, upcoming)
+        return directory.plan(kjt, assignment, upcoming, flush=flush)
     me = rt.worker_index
     got: List[Optional[StepSummary]] = [None]
     if me == 0:
         summaries: List[Optional[StepSummary]] = list(directory.step_summaries(kjt, assignment))
-        plan = directory.plan(kjt, assignment)
+        plan = directory.plan(kjt, assignment, flush=flush)
         summaries[0] = None  # worker 0 keeps its own plan
         dist.scatter_object_list(got, summaries, src=0, group=group)
         return plan
@@ -73,6 +75,6 @@ def plan_iteration(rt: EsdRuntime, kjt: KeyedJaggedTensor, assignment: torch.Ten
     summary = got[0]
     if not isinstance(summary, StepSummary) or summary.worker != me:
         raise EsdConfigError(f"worker {me} received no step summary of its own from worker 0")
-    mine = directory.plan_from_summary(summary)
+    mine = directory.plan_from_summary(summary, flush=me in flush)
     return IterationPlan(directory.iteration, [mine if w == me else None for w in range(W)])
 
