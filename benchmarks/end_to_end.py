@@ -137,6 +137,11 @@ def parse_args(argv=None):
                         "the changing worker has (no change, configured with that rate), interleaved repeat by "
                         "repeat with the main run; each phase's reference level is the lowest of theirs over "
                         "the phase's steps (benchmarks/rate_change.py)")
+    p.add_argument("--fault-timeout-s", type=float, default=30.0,
+                   help="EsdConfig.fault_timeout_s of the ESD methods: a rank whose heartbeat is silent this long "
+                        "ends the job (the rate-change runs use 120: a 10 Mbit/s link queueing several MB of "
+                        "vanilla's or LAIA's traffic stalled a worker's store connection for 30 s, see "
+                        "benchmarks/results/rate_change_v10_v11.md)")
     p.add_argument("--timeout-s", type=float, default=1500.0, help="kill the world after this long")
     p.add_argument("--keep-logs", action="store_true")
     p.add_argument("--_rank", default=None, help=argparse.SUPPRESS)
@@ -246,7 +251,7 @@ def rank_main(spec_path: str) -> None:
             esd = EsdConfig(
                 heterogeneous_workers(mix["bandwidths"], cache, latency_ms=latency_ms),
                 num_ps=spec["num_ps"], staleness=spec["staleness"],
-                collective_timeout_s=spec["barrier_timeout_s"],
+                collective_timeout_s=spec["barrier_timeout_s"], fault_timeout_s=spec.get("fault_timeout_s", 30.0),
             )
             base = dict(steps=spec["steps"], global_batch=spec["batch"], embedding_dim=spec["embedding_dim"],
                         workload=workload, sparse_optimizer=spec["sparse_optimizer"], esd=esd,
@@ -401,7 +406,7 @@ def launch(args, mixes: List[Dict], methods: List[str]) -> Dict:
         "cache_fraction": args.cache_fraction, "staleness": args.staleness, "samples_per_s": args.samples_per_s,
         "sparse_optimizer": args.sparse_optimizer, "input_mode": args.input_mode, "repeats": args.repeats,
         "dispatch_ahead": args.dispatch_ahead, "dense_sync": args.dense_sync,
-        "barrier_timeout_s": max(300.0, args.timeout_s / 2),
+        "barrier_timeout_s": max(300.0, args.timeout_s / 2), "fault_timeout_s": args.fault_timeout_s,
         "rate_change": rate_change.parse(args.rate_change),
         "schedule": schedule([m.get("methods", methods) for m in mixes], args.repeats,
                              any("reference_rate" in m for m in mixes)),
