@@ -130,7 +130,8 @@ def test_equivalence_online_links_shares_follow_the_measured_links(flush):
     # and with a worker writing back its dirty rows every other iteration
     # (EsdConfig.flush_on_slowdown after a slowdown) still vanilla's model
     _, esd = _compare(3, [1, 1, 1], "esd", "rowwise_adagrad", "global", [1.0, 8.0, 8.0], dispatch_ahead=1,
-                      esd_options=dict(online_links=True, compute_s_per_sample=1e-4),
+                      esd_options=dict(online_links=True, compute_s_per_sample=1e-4,
+                                       flush_on_slowdown=2.0 if flush else None),
                       esd_runner=_run_with_a_slowdown_every_other_dispatch if flush else None)
     flushed = esd[0]["metrics"]["flushed_rows"]
     assert (flushed > 0) if flush else (flushed == 0), flushed

@@ -184,8 +184,12 @@ class EsdConfig:
             up to date), instead of draining them through its slow link one
             iteration at a time as the others come to need them.  The
             estimates are the same on every worker, so every directory
-            replica flushes at the same iteration.  ``None``: never.  Not
-            with ``prefetch_depth`` (its rule reads the pushes).
+            replica flushes at the same iteration.  ``None`` (default):
+            never.  Not with ``prefetch_depth`` (its rule reads the pushes).
+            Off by default: after a 100 -> 10 Mbit/s drop (factor 2) it
+            turned 7 steps of 10-60 % over the level into one step of 1.9 s
+            (most dirty rows are ones nobody else needs soon),
+            ``benchmarks/results/rate_change_v10_v11.md``.
     """
 
     workers: Sequence[WorkerSpec]
@@ -203,7 +207,7 @@ class EsdConfig:
     plan_from_summaries: Optional[bool] = None
     prefetch_depth: int = 0
     early_pull: bool = True
-    flush_on_slowdown: Optional[float] = 2.0
+    flush_on_slowdown: Optional[float] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))

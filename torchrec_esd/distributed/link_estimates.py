@@ -64,17 +64,19 @@ So a rate change is followed within two observations (a slowdown within one
 with ``provisional_slowdowns``), and a single outlier moves the estimate for
 at most one observation.
 
-Write-back after a slowdown (``EsdConfig.flush_on_slowdown``, default 2):
+Write-back after a slowdown (``EsdConfig.flush_on_slowdown``, off by default):
 when a worker's estimate falls below half of the previous dispatch's
 (:meth:`LinkEstimates.slowed_down`), the next iteration's plan has that worker
 push every dirty row of its cache (``CacheDirectory.plan(flush=...)``).
 Those rows are the only up-to-date copies; the others would otherwise pull
 them through its now slow link one iteration at a time as they come to need
 them (after a 100 -> 10 Mbit/s drop that drain kept the step 10-60 % above
-its level for 7-8 steps, ``benchmarks/results/rate_change_v10_v11.md``).  A
-dirty row is pushed once whatever happens (when another worker needs it or
-when it is evicted), so the write-back moves no extra row unless the worker
-would have updated it again first.
+its level for 7-8 steps, ``benchmarks/results/rate_change_v10_v11.md``).
+Measured with factor 2 (v12 there): the slow worker's step after the drop took
+1.9 s, pushing every dirty row, most of which nobody else needed soon (they
+would have gone up only when evicted), so in all it cost more than the drain
+it replaced; hence off by default.  Writing back only the rows the next
+batches need elsewhere is the version that would pay.
 
 Every worker must hold the *same* estimates where the dispatcher or the share
 rule reads them: worker 0 decides the assignment for everybody and every
