@@ -361,28 +361,6 @@ def test_a_small_timed_transfer_that_looks_instant_moves_the_estimate_a_little()
         LinkEstimator(1e6, 0.0, full_weight_bytes=0)
 
 
-def test_a_decision_waits_for_the_steps_exchange_or_its_end():
-    import threading
-    import time
-
-    est = LinkEstimates(EsdConfig([WorkerSpec(1, 50.0), WorkerSpec(1, 50.0)], online_links=True), 0)
-    stop = threading.Event()
-    # the exchange of step 0 comes in from the training thread while the decision waits
-    t = threading.Timer(0.05, lambda: est.record(1000, 0.01, 5))
-    t0 = time.perf_counter()
-    t.start()
-    assert est.wait_for_step(0, stop)
-    assert time.perf_counter() - t0 >= 0.04 and est.exchanges_recorded == 1
-    assert est.wait_for_step(0, stop)  # already in: no wait
-    # a step that ended without an exchange releases the wait too
-    threading.Timer(0.02, est.step_ended).start()
-    threading.Timer(0.04, est.step_ended).start()
-    assert est.wait_for_step(1, stop) and est.steps_ended == 2
-    # and a stopped consumer ends it with False
-    threading.Timer(0.02, stop.set).start()
-    assert not est.wait_for_step(5, stop, poll_s=0.01)
-
-
 def test_noisy_steady_links_keep_their_shares_and_a_real_change_still_moves_them_at_once():
     config = EsdConfig([WorkerSpec(1, 100.0, latency_ms=1.0) for _ in range(4)], online_links=True,
                        compute_s_per_sample=2e-4)

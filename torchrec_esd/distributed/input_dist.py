@@ -23,9 +23,8 @@ worker's directory plan for batch ``t + 1`` run while batch ``t`` trains (they
 depend only on the directory state after batch ``t``'s plan, which is known
 before ``t`` trains).  With online link or compute estimates (and no
 prefetch), batch ``t + depth`` is decided when batch ``t`` is taken, and
-reads the estimates of every exchange up to step ``t - 1`` (with online links
-it waits for this worker's exchange of step ``t`` and reads up to step ``t``);
-otherwise one batch earlier (prefetch needs the plans by the push/pull).  The
+reads the estimates of every exchange up to step ``t - 1``; otherwise one
+batch earlier (prefetch needs the plans by the push/pull).  The
 assignments, plans and trained model are the same as calling the module
 batch by batch.  With an eviction policy that reads the upcoming batches
 (``"lookahead"``), the thread reads ``EsdConfig.cache_lookahead`` batches
@@ -301,11 +300,11 @@ class EsdInputDist(nn.Module):
         # a batch is dispatched only once a slot is free.  With online estimates
         # (links or compute) and no prefetch, ``depth`` slots: when the consumer
         # takes batch s, batch s + depth is decided, and its decision reads the
-        # estimates of the exchanges up to step s - 1; with online links it
-        # first waits for this worker's exchange of step s (the push/pull before
-        # its forward; or the step's end), so the links it reads are one step
-        # newer: a link that slowed down in step s gets its new share from batch
-        # s + depth on, not s + depth + 1.  Otherwise ``depth + 1``
+        # estimates of the exchanges up to step s - 1 (waiting for step s's own
+        # exchange first would cut a slowed link one step sooner, but on the
+        # 2-core machine the decision then came late: worker 0 waited 19 ms and
+        # the others 5-6 ms per step for the next batch, against 0.0-0.5 ms;
+        # benchmarks/results/rate_change_v10_v11.md).  Otherwise ``depth + 1``
         # (decide, then wait for room): one more batch of slack against a slow
         # decision, and the plans prefetch pulls for are known by the push/pull
         # of step s instead of being in the making then; the estimates would
@@ -314,7 +313,6 @@ class EsdInputDist(nn.Module):
         fresh = (rt.link_estimates is not None or rt.compute_estimates is not None) and not rt.config.prefetch_depth
         slots = threading.Semaphore(int(depth) + (0 if fresh else 1))
         stop = threading.Event()
-        links = rt.link_estimates if fresh else None  # decisions wait for the last step's exchange
 
         def offer(item: tuple) -> bool:
             while not stop.is_set():
@@ -333,7 +331,6 @@ class EsdInputDist(nn.Module):
             # sees them; a batch whose read failed ends the window before it
             ahead: "deque[ReadBatch]" = deque()
             source = iter(batches)
-            dispatched = 0
             try:
                 while True:
                     while len(ahead) <= window and (not ahead or readable(ahead[-1])):
@@ -352,15 +349,11 @@ class EsdInputDist(nn.Module):
                     while not slots.acquire(timeout=0.05):
                         if stop.is_set():
                             return
-                    if links is not None and dispatched >= depth \
-                            and not links.wait_for_step(dispatched - int(depth), stop):
-                        return
                     current = ahead.popleft()
                     upcoming = [r.esd for r in ahead]
                     if ahead and not readable(ahead[-1]):
                         upcoming.pop()
                     d = self._dispatch(current, rt.dispatch_group, cpu, upcoming)
-                    dispatched += 1
                     if not offer(("batch", d)):
                         return
                 offer(("end", None))
@@ -387,8 +380,6 @@ class EsdInputDist(nn.Module):
                     raise item
                 slots.release()
                 yield self._adopt(item)
-                if links is not None:
-                    links.step_ended()
         finally:
             stop.set()
             producer.join(timeout=1.0)

@@ -281,29 +281,6 @@ class LinkEstimates:
         # exchanges, wire bytes, seconds, samples, timed transfer bytes, transfer seconds
         self._pending = [0.0] * 6
         self.history: "deque[List[List[float]]]" = deque(maxlen=4096)  # every gathered [W, 6], oldest first
-        # this worker's exchanges recorded and steps ended (training thread), for wait_for_step
-        self._progress = threading.Condition(self._lock)
-        self.exchanges_recorded = 0
-        self.steps_ended = 0
-
-    def step_ended(self) -> None:
-        """This worker's training thread finished a step (whether or not it
-        recorded an exchange in it)."""
-        with self._progress:
-            self.steps_ended += 1
-            self._progress.notify_all()
-
-    def wait_for_step(self, step: int, stop: threading.Event, poll_s: float = 0.05) -> bool:
-        """Block until this worker's exchange of step ``step`` (counted from 0,
-        one synchronous exchange per step) is recorded or that step has ended,
-        so that the next :meth:`share` carries it: a decision then reads the
-        link as it was one step later.  False when ``stop`` is set first."""
-        with self._progress:
-            while self.exchanges_recorded <= step and self.steps_ended <= step:
-                if stop.is_set():
-                    return False
-                self._progress.wait(poll_s)
-        return True
 
     def record(self, nbytes: int, seconds: float, samples: int, transfer_bytes: int = 0,
                transfer_seconds: float = 0.0) -> None:
@@ -319,8 +296,6 @@ class LinkEstimates:
             p[3] += float(samples)
             p[4] += float(transfer_bytes)
             p[5] += float(transfer_seconds)
-            self.exchanges_recorded += 1
-            self._progress.notify_all()
 
     def share(self, group, device: Optional[torch.device] = None) -> torch.Tensor:
         """All-gather every worker's observations since its last share (a
