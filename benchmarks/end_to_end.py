@@ -251,7 +251,7 @@ def rank_main(spec_path: str) -> None:
             esd = EsdConfig(
                 heterogeneous_workers(mix["bandwidths"], cache, latency_ms=latency_ms),
                 num_ps=spec["num_ps"], staleness=spec["staleness"],
-                collective_timeout_s=spec["barrier_timeout_s"], fault_timeout_s=spec.get("fault_timeout_s", 30.0),
+                collective_timeout_s=spec["barrier_timeout_s"], fault_timeout_s=spec["fault_timeout_s"],
             )
             base = dict(steps=spec["steps"], global_batch=spec["batch"], embedding_dim=spec["embedding_dim"],
                         workload=workload, sparse_optimizer=spec["sparse_optimizer"], esd=esd,

@@ -399,3 +399,10 @@ def test_a_link_that_fell_below_half_is_named_once_for_its_write_back():
     assert est.slowed_down(2.0) == []  # still slow, no new drop
     with pytest.raises(EsdConfigError, match="flush_on_slowdown"):
         EsdConfig([WorkerSpec(1, 100.0)], online_links=True, flush_on_slowdown=1.0)
+
+
+def test_a_write_back_after_a_slowdown_needs_online_links_and_no_prefetch():
+    for bad in (dict(), dict(online_links=True, prefetch_depth=1)):
+        with pytest.raises(EsdConfigError, match="flush_on_slowdown reads the measured links"):
+            EsdConfig([WorkerSpec(1, 100.0)], flush_on_slowdown=2.0, **bad)
+    EsdConfig([WorkerSpec(1, 100.0)], online_links=True, flush_on_slowdown=2.0)

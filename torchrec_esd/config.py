@@ -271,6 +271,11 @@ class EsdConfig:
             f"EsdConfig.flush_on_slowdown must be None or a number > 1, got {self.flush_on_slowdown!r}",
         )
         _require(
+            self.flush_on_slowdown is None or (self.online_links and not self.prefetch_depth),
+            "EsdConfig.flush_on_slowdown reads the measured links and changes the pushes prefetch's rule reads: "
+            "it needs online_links=True and prefetch_depth=0",
+        )
+        _require(
             isinstance(self.early_pull, bool),
             f"EsdConfig.early_pull must be a bool, got {self.early_pull!r}",
         )

@@ -288,22 +288,17 @@ class CacheDirectory:
         nor as evicted) and pushed with the step's own value pushes (read
         from their slots before any pull overwrites them)."""
         st = self._w[w]
-        flushed = None
-        if flush:
-            slots = st.dirty.nonzero().view(-1)
-            flushed = (st.keys[slots].clone(), slots)
-            st.dirty[slots] = False
+        flushed = self._take_dirty(st) if flush else None
         if self._kernel_plans(w):  # step A included
             p = self._plan_worker_kernel(st, keys, user_keys, user_counts, num_samples)
         else:
             pushed = self._push_shared_dirty(st, keys, user_keys, user_counts)
             p = self._plan_worker(w, keys, user_keys, user_counts, pushed, num_samples, pairs)
         if flushed is not None and flushed[0].numel():
-            p.push_keys = torch.cat([flushed[0], p.push_keys])
-            p.push_slots = torch.cat([flushed[1], p.push_slots])
-            p.rows[TransmissionKind.UPDATE_PUSH] = int(p.rows.get(TransmissionKind.UPDATE_PUSH, 0)) + \
-                int(flushed[0].numel())
-            p.flushed_rows = int(flushed[0].numel())
+            keys, slots = flushed
+            p.push_keys, p.push_slots = torch.cat([keys, p.push_keys]), torch.cat([slots, p.push_slots])
+            p.flushed_rows = int(keys.numel())
+            p.rows[TransmissionKind.UPDATE_PUSH] = int(p.rows.get(TransmissionKind.UPDATE_PUSH, 0)) + p.flushed_rows
         if self._holders is not None:
             self._holders.sync(w, st)
         return p
@@ -459,14 +454,21 @@ class CacheDirectory:
             num_samples=num_samples,
         )
 
+    @staticmethod
+    def _take_dirty(st: WorkerSlots) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(keys, slots)`` of every dirty row of ``st``, now marked clean (to
+        be written back by the caller's plan)."""
+        slots = st.dirty.nonzero().view(-1)
+        keys = st.keys[slots].clone()
+        st.dirty[slots] = False
+        return keys, slots
+
     def flush_plan(self) -> List[WorkerPlan]:
         """Push every dirty row (checkpoint / end of training): per worker, the
         value pushes to execute; marks all rows clean."""
         out: List[Optional[WorkerPlan]] = [None] * self.num_workers
         for w, st in self._w.items():
-            slots = st.dirty.nonzero().view(-1)
-            keys = st.keys[slots].clone()
-            st.dirty[slots] = False
+            keys, slots = self._take_dirty(st)
             if self._holders is not None:
                 self._holders.count(w, st)  # no key moved, dirty flags did
             out[w] = WorkerPlan(

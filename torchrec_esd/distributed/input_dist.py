@@ -175,9 +175,8 @@ class EsdInputDist(nn.Module):
             dense, idle = rt.dense_sync_seconds(bps), rt.dense_sync_seconds(bps, idle=True)
             shares = est.shares(b, rt.config.compute_s_per_sample, extra_fixed_s=dense)
             # a link that just became much slower writes back its dirty rows at once
-            factor = rt.config.flush_on_slowdown
-            if factor is not None and not rt.config.prefetch_depth:
-                flush = est.slowed_down(factor)
+            if rt.config.flush_on_slowdown is not None:  # (EsdConfig: only without prefetch)
+                flush = est.slowed_down(rt.config.flush_on_slowdown)
         compute = rt.compute_estimates
         if compute is not None:  # every worker's measured compute, gathered like the links
             compute.share(group, device)
