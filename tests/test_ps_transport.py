@@ -2,6 +2,7 @@
 (non-gloo) Transport, the per-link meter, and the transmission meter fed by
 what the transport really moved."""
 
+import dataclasses
 import queue
 import threading
 from collections import defaultdict, deque
@@ -298,9 +299,12 @@ def test_transmission_meter_takes_bytes_and_messages_from_the_traffic():
         m.record_push_pull({"miss_pull": 1, "update_pull": 1}, pp, link)
 
 
-def _timed_world(delay_s):
+def _timed_world(delay_s, posted=False):
     """Two workers with timed replies; worker 1 sends its push/pull
-    ``delay_s`` late, so the PS holds worker 0's reply that long."""
+    ``delay_s`` late, so the PS holds worker 0's reply that long.  With
+    ``posted``, worker 0 posts its push/pull (the early pull) and finishes it
+    later; its traffic then carries the wall seconds from posting to the
+    finish as ``seconds``."""
     import time
 
     w0 = _weights(3)
@@ -316,9 +320,17 @@ def _timed_world(delay_s):
         try:
             if w == 1:
                 time.sleep(delay_s)
-            rows, _, _ = clients[w].push_pull(torch.empty(0, dtype=torch.int64), torch.empty(0, DIM + 0),
-                                              torch.tensor([3, 15, 4]) if w == 0 else torch.tensor([1]))
-            res[w] = (rows, clients[w].last_traffic)
+            keys = torch.tensor([3, 15, 4]) if w == 0 else torch.tensor([1])
+            if posted and w == 0:
+                t0 = time.perf_counter()
+                p = clients[w].post_push_pull(torch.empty(0, dtype=torch.int64), torch.empty(0, DIM + 0), keys)
+                rows = clients[w].finish_push_pull(p)
+                tr = clients[w].last_traffic
+                tr = dataclasses.replace(tr, seconds=time.perf_counter() - t0)
+            else:
+                rows, _, _ = clients[w].push_pull(torch.empty(0, dtype=torch.int64), torch.empty(0, DIM + 0), keys)
+                tr = clients[w].last_traffic
+            res[w] = (rows, tr)
             clients[w].stop()
         except Exception as e:  # noqa: BLE001
             errors[w] = e
@@ -332,8 +344,10 @@ def _timed_world(delay_s):
     return res, glob
 
 
-def test_timed_replies_time_the_transfer_without_the_wait_for_other_workers():
-    res, glob = _timed_world(0.3)
+@pytest.mark.parametrize("posted", [False, True], ids=["synchronous", "posted"])
+def test_timed_replies_time_the_transfer_without_the_wait_for_other_workers(posted):
+    # posted: the early pull's exchange, timed by a ReplyClock while the worker would compute
+    res, glob = _timed_world(0.3, posted)
     rows, tr = res[0]
     assert torch.equal(rows, glob[[3, 15, 4]])  # the marker does not change the reply
     assert torch.equal(res[1][0], glob[[1]])
@@ -345,7 +359,8 @@ def test_timed_replies_time_the_transfer_without_the_wait_for_other_workers():
     assert 0.0 <= tr.transfer_seconds < 0.1 and tr.transfer_seconds <= tr.seconds
 
 
-def test_a_reply_marker_that_disagrees_with_the_request_is_a_protocol_error():
+@pytest.mark.parametrize("posted", [False, True], ids=["synchronous", "posted"])
+def test_a_reply_marker_that_disagrees_with_the_request_is_a_protocol_error(posted):
     hub = _Hub()
     routing = KeySpace(TABLES, 1)
     worker, ps = QueueTransport(hub, 0, [1], [0]), QueueTransport(hub, 1, [1], [0])
@@ -362,7 +377,11 @@ def test_a_reply_marker_that_disagrees_with_the_request_is_a_protocol_error():
 
     def run():
         try:
-            client.push_pull(torch.empty(0, dtype=torch.int64), torch.empty(0, DIM), torch.tensor([1, 2]))
+            if posted:
+                client.finish_push_pull(client.post_push_pull(torch.empty(0, dtype=torch.int64), torch.empty(0, DIM),
+                                                              torch.tensor([1, 2])))
+            else:
+                client.push_pull(torch.empty(0, dtype=torch.int64), torch.empty(0, DIM), torch.tensor([1, 2]))
         except Exception as e:  # noqa: BLE001
             out["error"] = e
 
@@ -373,3 +392,19 @@ def test_a_reply_marker_that_disagrees_with_the_request_is_a_protocol_error():
         t.join(30)
     assert isinstance(out.get("error"), EsdProtocolError)
     assert "marker announces 48 bytes, the request implies 32" in str(out["error"])
+
+
+def test_a_posted_timed_push_pull_whose_ps_goes_silent_fails_at_the_finish_instead_of_hanging():
+    # the ReplyClock thread is the only waiter of the reply: its transport error reaches finish_push_pull
+    import time
+
+    hub = _Hub()
+    routing = KeySpace(TABLES, 1)
+    worker = QueueTransport(hub, 0, [1], [0], timeout_s=0.3)
+    client = PsClient(routing, SparseOptimizer(), worker, timed_replies=True)
+    p = client.post_push_pull(torch.empty(0, dtype=torch.int64), torch.empty(0, DIM), torch.tensor([1, 2]))
+    assert p.clock is not None and len(p.markers) == 1
+    t0 = time.perf_counter()
+    with pytest.raises(queue.Empty):  # this test transport's timeout error (gloo's names the peer)
+        client.finish_push_pull(p)
+    assert time.perf_counter() - t0 < 5.0

@@ -175,8 +175,9 @@ class EsdConfig:
             so the reply comes down a worker's link while its backward, the
             dense all-reduce and the optimizer step still run (a link's two
             directions overlap).  Exact (the same request, served in the same
-            phase).  Not with ``des_misses`` (the DES request needs the batch)
-            or ``online_links`` (a timed reply is timed alone).
+            phase).  Not with ``des_misses`` (the DES request needs the
+            batch).  With ``online_links`` a thread of the PS client times the
+            posted reply (``torchrec_esd.ps.client.ReplyClock``).
         flush_on_slowdown: with ``online_links``, when a worker's estimated
             link falls below ``1 / flush_on_slowdown`` of the previous
             dispatch's estimate, that worker writes back every dirty row of

@@ -58,8 +58,7 @@ class PsSync:
         # (iteration, exchange, mask of the plan's pull keys it asked for, prefetched keys left out)
         self._next: Optional[Tuple[int, PendingPushPull, Optional[torch.Tensor], int]] = None
         self._no_partials = torch.empty(0, runtime.client.routing.wire_dim)
-        self._post_next = (runtime.config.early_pull and not runtime.config.des_misses
-                           and not runtime.client.timed_replies)
+        self._post_next = runtime.config.early_pull and not runtime.config.des_misses
 
     def push_pull(
         self, wp: WorkerPlan, push_values: Optional[torch.Tensor], des: Optional[DesRequest] = None,
@@ -111,9 +110,10 @@ class PsSync:
         the forward of ``iteration + 1`` would send (the rows it pushes are
         read from ``store`` after this iteration's local updates, and nothing
         writes them before that forward), and the PS serves it in the same
-        phase.  Not with DES-served misses (the DES request needs the batch)
-        or timed replies (``EsdConfig.online_links``: a reply is timed alone),
-        nor when ``EsdConfig.early_pull`` is off."""
+        phase.  With timed replies (``EsdConfig.online_links``) the client
+        times the reply off the training thread (``ReplyClock``).  Not with
+        DES-served misses (the DES request needs the batch), nor when
+        ``EsdConfig.early_pull`` is off."""
         if not self._post_next or self._next is not None:
             return
         plan = self._plans.peek(iteration + 1)
@@ -140,6 +140,9 @@ class PsSync:
                                  f"the module computes iteration {iteration}: train batches in dispatch order")
         got = self._client.finish_push_pull(pending)
         traffic = self._client.last_traffic
+        if self._estimates is not None and traffic.transfer_bytes:  # its reply timed while this worker computed
+            self._estimates.record(traffic.wire_bytes, 0.0, wp.num_samples,
+                                   traffic.transfer_bytes, traffic.transfer_seconds)
         have, have_rows, extra = self._take_prefetched(iteration)
         if have.numel() != n_have:
             raise EsdConfigError(f"iteration {it}: {have.numel()} rows prefetched, {n_have} when its push/pull "

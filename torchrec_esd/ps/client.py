@@ -10,8 +10,9 @@ reads.
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -22,6 +23,7 @@ from torchrec_esd.optim import SparseOptimizer
 from torchrec_esd.ps.des_route import DesRequest, DesRoute
 from torchrec_esd.ps.protocol import (
     DEFAULT_MAX_DES_PAIRS,
+    EsdPeerLostError,
     REPLY_MARKER_BYTES,
     Frame,
     GatherFrame,
@@ -71,6 +73,59 @@ class PendingPushPull:
     recvs: List[Pending]
     replies: List[torch.Tensor]
     sections: Dict
+    markers: List[Tuple[int, Pending]] = field(default_factory=list)  # (PS, marker) of timed replies
+    clock: Optional["ReplyClock"] = None  # times the timed replies (None: untimed)
+
+
+class ReplyClock:
+    """Times the replies of a posted exchange while the worker computes.
+
+    A posted exchange (:meth:`PsClient.post_push_pull`) completes in gloo's
+    own thread while the training thread runs the backward, the dense
+    all-reduce and the optimizer, so the training thread cannot see when its
+    reply arrived.  A short-lived thread waits for the markers of the timed
+    replies (:data:`REPLY_MARKER_BYTES`), reads the clock, waits for the
+    replies and reads it again: the seconds from the last marker to the last
+    reply byte, as :meth:`PsClient._exchange` measures a synchronous timed
+    exchange.  It is the only waiter of those receives (a gloo receive is
+    waited for once); :meth:`join` hands its answer, or its error, to the
+    training thread.  Every wait has the transport's timeout, so the thread
+    always ends.  The clock is read when the thread holds the GIL again
+    after a receive completes: while the training thread runs Python code,
+    that can be a few milliseconds late (the interpreter's switch interval),
+    which the estimator's outlier rule absorbs
+    (:mod:`torchrec_esd.distributed.link_estimates`)."""
+
+    def __init__(self, transport: Transport, markers: List[Pending], recvs: List[Pending]) -> None:
+        self._transport = transport
+        self._markers, self._recvs = markers, recvs
+        self._done = threading.Event()
+        self.error: Optional[BaseException] = None
+        self.first = self.end = 0.0
+        self._thread = threading.Thread(target=self._run, name="esd-reply-clock", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._transport.wait(self._markers)
+            self.first = time.perf_counter()
+            self._transport.wait(self._recvs)
+            self.end = time.perf_counter()
+        except BaseException as e:  # raised in the training thread, by join
+            self.error = e
+        finally:
+            self._done.set()
+
+    def join(self) -> float:
+        """Wait for the replies; the seconds from the last marker to the
+        last reply byte.  Raises what the waits raised."""
+        bound = self._transport.timeout_s * (len(self._markers) + len(self._recvs)) + 10.0
+        if not self._done.wait(bound):  # cannot happen: every wait of the thread is bounded
+            raise EsdPeerLostError(f"the replies of a posted push/pull did not complete in {bound:.0f} s")
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.end - self.first
 
 
 class PsClient:
@@ -188,16 +243,20 @@ class PsClient:
 
     def _post(self, frames: Sequence[Frame], parts: Sequence[Parts], reply_bytes: Sequence[int]):
         """Post a request to every PS and the receives of its replies, without
-        waiting: (sends, receives, reply buffers, payload sections)."""
+        waiting: (sends, receives, reply buffers, payload sections, markers:
+        ``(PS, receive)`` of the marker before each non-empty timed reply,
+        posted before that reply's receive)."""
         t = self.transport
         sends, sections = self._send_requests(frames, parts)
-        recvs, replies = [], []
+        recvs, replies, markers = [], [], []
         for i, src in enumerate(t.ps_ranks):
             buf = torch.empty(int(reply_bytes[i]), dtype=torch.uint8)
             if buf.numel():
+                if getattr(frames[i], "timed", False):  # what the PS sends a marker for
+                    markers.append((i, t.recv(src, torch.empty(REPLY_MARKER_BYTES // 8, dtype=torch.int64))))
                 recvs.append(t.recv(src, buf))
             replies.append(buf)
-        return sends, recvs, replies, sections
+        return sends, recvs, replies, sections, markers
 
     @staticmethod
     def _own_traffic(sends: List[Pending], recvs: List[Pending], sections: Dict) -> Traffic:
@@ -260,33 +319,44 @@ class PsClient:
 
     def post_push_pull(self, push_keys: torch.Tensor, push_vals: torch.Tensor, pull_keys: torch.Tensor,
                        batch_fingerprint: int = 0) -> PendingPushPull:
-        """:meth:`push_pull` (no DES, untimed replies) posted without waiting,
+        """:meth:`push_pull` (no DES) posted without waiting,
         not even for the previous exchange's sends (the gradients: messages
         to one PS arrive in the order they were posted, so the PS reads this
         request after them, and answers it after their phase): the request
         and its reply move while the worker computes (gloo progresses them in
-        its own thread).  :meth:`finish_push_pull` waits for it; no other
+        its own thread).  With timed replies a :class:`ReplyClock` times them
+        meanwhile.  :meth:`finish_push_pull` waits for it; no other
         exchange may come between."""
-        if self.des or self.timed_replies:
-            raise EsdConfigError("a posted push/pull has no DES request and no timed reply (the DES request "
-                                 "needs the batch; a timed reply must be timed alone)")
+        if self.des:
+            raise EsdConfigError("a posted push/pull has no DES request (the DES request needs the batch)")
         qo, _, reqs = self._push_pull_requests(push_keys, push_vals, pull_keys, None, batch_fingerprint)
         frames = [q.frame() for q in reqs]
-        sends, recvs, replies, sections = self._post(frames, [q.parts() for q in reqs],
-                                                     [f.reply_bytes(self.fmt) for f in frames])
+        sends, recvs, replies, sections, markers = self._post(
+            frames, [q.parts() for q in reqs], [f.reply_bytes(self.fmt) for f in frames])
         earlier, self._unsent = self._unsent, []
-        return PendingPushPull(qo, frames, earlier, sends, recvs, replies, sections)
+        clock = ReplyClock(self.transport, [m for _, m in markers], recvs) if markers else None
+        return PendingPushPull(qo, frames, earlier, sends, recvs, replies, sections, markers, clock)
 
     def finish_push_pull(self, p: PendingPushPull) -> torch.Tensor:
         """Wait for ``p``'s replies: the pulled rows in the order of its pull
-        keys; :attr:`last_traffic`: its own messages (no wall seconds)."""
+        keys; :attr:`last_traffic`: its own messages (no wall seconds; with
+        timed replies their bytes and transfer seconds)."""
         t = self.transport
-        t.wait(p.earlier + p.sends + p.recvs)
+        transfer_s, transfer_b = 0.0, 0
+        if p.clock is None:
+            t.wait(p.earlier + p.sends + p.recvs)
+        else:
+            t.wait(p.earlier + p.sends)
+            transfer_s = p.clock.join()
+            for i, m in p.markers:
+                check_reply_marker(m.buf, p.replies[i].numel(), f"PS {i}")
+            transfer_b = sum(p.replies[i].numel() for i, _ in p.markers)
         replies = [PushPullReply.decode(f, buf, self.fmt) for f, buf in zip(p.frames, p.replies)]
         sections = dict(p.sections)
         for r in replies:
             add_sections(sections, r.parts())
-        self.last_traffic = self._own_traffic(p.sends, p.recvs, sections)
+        traffic = self._own_traffic(p.sends, [m for _, m in p.markers] + p.recvs, sections)
+        self.last_traffic = Traffic(traffic.link, traffic.sections, 0.0, transfer_b, transfer_s)
         return self._in_key_order(p.order, [r.rows for r in replies])
 
     def post_prefetch(self, keys: torch.Tensor) -> PendingPrefetch:
@@ -300,7 +370,7 @@ class PsClient:
         order, ks = self._split_by_ps(keys)
         reqs = [PrefetchRequest(ks[i]) for i in range(self.routing.num_ps)]
         frames = [q.frame() for q in reqs]
-        sends, recvs, replies, sections = self._post(frames, [q.parts() for q in reqs],
+        sends, recvs, replies, sections, _ = self._post(frames, [q.parts() for q in reqs],
                                                      [f.reply_bytes(self.fmt) for f in frames])
         return PendingPrefetch(keys, order, frames, sends, recvs, replies, sections)
 
