@@ -43,7 +43,8 @@ class _Store:
 def _sync(early_pull=True, des=False):
     meter = SimpleNamespace(early_pulls=0, prefetched_rows=0, record_grads=lambda *a: None)
     client = _Client()
-    rt = SimpleNamespace(client=client, meter=meter, link=0, link_estimates=None, plans=_Plans(), worker_index=0,
+    rt = SimpleNamespace(client=client, meter=meter, link=0, link_estimates=None, estimates_group=None, plans=_Plans(),
+                         worker_index=0,
                          config=SimpleNamespace(prefetch_depth=0, collective_timeout_s=1.0, early_pull=early_pull,
                                                 des_misses=des))
     return PsSync(rt), rt, client

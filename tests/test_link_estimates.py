@@ -406,3 +406,62 @@ def test_a_write_back_after_a_slowdown_needs_online_links_and_no_prefetch():
         with pytest.raises(EsdConfigError, match="flush_on_slowdown reads the measured links"):
             EsdConfig([WorkerSpec(1, 100.0)], flush_on_slowdown=2.0, **bad)
     EsdConfig([WorkerSpec(1, 100.0)], online_links=True, flush_on_slowdown=2.0)
+
+
+def _publish_then_take_on_every_rank(rounds, lag):
+    """The runtime's path: a training thread records and publishes after each
+    exchange (rank 1 late), a dispatch thread takes publication ``j - lag`` at
+    decision ``j``; returns every decision's estimates."""
+    import threading
+    import time
+
+    me = dist.get_rank()
+    config = EsdConfig([WorkerSpec(1, 50.0, latency_ms=1.0), WorkerSpec(1, 50.0, latency_ms=1.0)], online_links=True)
+    est = LinkEstimates(config, me)
+    seen, taken = [], []
+
+    def train():
+        for records in rounds:
+            if me == 1:
+                time.sleep(0.05)  # this worker's exchange ends later: the decision waits for its publication
+            for nbytes, seconds in records[me]:
+                est.record(nbytes, seconds, 10)
+            est.publish(None)
+
+    t = threading.Thread(target=train)
+    t.start()
+    for j in range(len(rounds) + lag):
+        taken.append(est.take(max(0, j - lag), timeout_s=30.0))
+        seen.append(est.bytes_per_second())
+    taken.append(est.take(len(rounds), timeout_s=30.0))  # the rest
+    t.join()
+    return seen, taken, est.published, est.bytes_per_second(), est.latency_s()
+
+
+@pytest.mark.parametrize("lag", [0, 1])
+def test_published_observations_are_taken_the_same_on_every_worker(lag):
+    # the all-gathers start in the training thread after each exchange; decision j takes those of
+    # exchanges < j - lag: the same estimates on every worker, as the blocking share() gives
+    rounds = [[[(1e5, 0.011), (2e5, 0.021)], [(1e5, 0.101)]],
+              [[(1e5, 0.011)], [(1e5, 0.101)]],
+              [[], []]]
+    out = run_local_world(_publish_then_take_on_every_rank, 2, rounds, lag, timeout_s=60)
+    assert out[0] == out[1]
+    seen, taken, published, final_bps, final_latency = out[0]
+    assert published == 3
+    assert taken == ([0, 1, 1, 1] if lag == 0 else [0, 0, 1, 1, 1])  # decision j: exchanges < j - lag
+    assert seen[0] == [50 * MBIT, 50 * MBIT]  # nothing published before the first decision
+    # worker 1's first exchange (0.1 s for 1e5 B) is held as a provisional slowdown once taken
+    assert seen[1 + lag][1] == pytest.approx(1e5 / 0.1, rel=0.05)
+    shared = run_local_world(_share_on_every_rank, 2, rounds, timeout_s=60)[0]
+    assert final_bps == shared[1] and final_latency == shared[2]  # what the blocking gather gives
+
+
+def test_taking_a_publication_that_never_comes_is_a_clear_error():
+    config = EsdConfig([WorkerSpec(1, 50.0), WorkerSpec(1, 50.0)], online_links=True)
+    est = LinkEstimates(config, 0)
+    with pytest.raises(EsdConfigError, match="waited 0 s for the link observations of PS exchange 0"):
+        est.take(1, timeout_s=0.2)
+    with pytest.raises(EsdConfigError, match="dispatch stopped"):
+        est.take(1, timeout_s=30.0, stop=lambda: True)
+    assert est.take(0, timeout_s=0.0) == 0

@@ -44,7 +44,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -119,6 +119,12 @@ class EsdInputDist(nn.Module):
         # every worker's measured compute rate (samples/s) it was dispatched with (a dispatcher reading them)
         self.last_compute_estimates: Optional[List[float]] = None
         self._cost_model = None
+        # online links: decisions so far, and how many decisions a batch's own PS exchange may lag
+        # behind (dispatch_ahead's slots; None: decided in the training thread, which has
+        # published every exchange before it)
+        self._decisions = 0
+        self._estimate_lag: Optional[int] = None
+        self._dispatch_stop: Optional[Callable[[], bool]] = None
 
     # ------------------------------------------------------------ helpers
     @staticmethod
@@ -167,9 +173,12 @@ class EsdInputDist(nn.Module):
             shares = rt.config.batch_shares(b)
             dense, idle = rt.dense_sync_seconds(), rt.dense_sync_seconds(idle=True)
         else:
-            # every worker's measured links, gathered on this dispatch's group: the
-            # same estimates (and so the same shares) on every worker
-            est.share(group, device)
+            # every worker's measured links: the same publications (all-gathers the training
+            # threads started after their PS exchanges) at the same decision on every worker, so
+            # the same estimates (and the same shares) everywhere.  Batch j is decided once the
+            # consumer took batch j - lag, i.e. after every exchange up to j - lag - 1 was published
+            upto = est.published if self._estimate_lag is None else max(0, self._decisions - self._estimate_lag)
+            est.take(upto, rt.config.collective_timeout_s, self._dispatch_stop)
             # fixed per step whatever the share: the dense all-reduce on each link
             bps = est.bytes_per_second()
             dense, idle = rt.dense_sync_seconds(bps), rt.dense_sync_seconds(bps, idle=True)
@@ -177,6 +186,7 @@ class EsdInputDist(nn.Module):
             # a link that just became much slower writes back its dirty rows at once
             if rt.config.flush_on_slowdown is not None:  # (EsdConfig: only without prefetch)
                 flush = est.slowed_down(rt.config.flush_on_slowdown)
+        self._decisions += 1
         compute = rt.compute_estimates
         if compute is not None:  # every worker's measured compute, gathered like the links
             compute.share(group, device)
@@ -299,7 +309,10 @@ class EsdInputDist(nn.Module):
         # a batch is dispatched only once a slot is free.  With online estimates
         # (links or compute) and no prefetch, ``depth`` slots: when the consumer
         # takes batch s, batch s + depth is decided, and its decision reads the
-        # estimates of the exchanges up to step s - 1 (waiting for step s's own
+        # estimates of the exchanges up to step s - 1 (LinkEstimates.take of the
+        # all-gathers the training threads started after those exchanges, not a
+        # gather at the decision, which waited behind the slowest link's queue;
+        # waiting for step s's own
         # exchange first would cut a slowed link one step sooner, but on the
         # 2-core machine the decision then came late: worker 0 waited 19 ms and
         # the others 5-6 ms per step for the next batch, against 0.0-0.5 ms;
@@ -312,6 +325,8 @@ class EsdInputDist(nn.Module):
         fresh = (rt.link_estimates is not None or rt.compute_estimates is not None) and not rt.config.prefetch_depth
         slots = threading.Semaphore(int(depth) + (0 if fresh else 1))
         stop = threading.Event()
+        self._estimate_lag = int(depth) + (0 if fresh else 1)
+        self._dispatch_stop = stop.is_set
 
         def offer(item: tuple) -> bool:
             while not stop.is_set():
@@ -382,6 +397,7 @@ class EsdInputDist(nn.Module):
         finally:
             stop.set()
             producer.join(timeout=1.0)
+            self._estimate_lag, self._dispatch_stop = None, None
 
     def _adopt(self, d: DispatchedBatch) -> Batch:
         """Make ``d`` the current batch (the attributes describe it)."""

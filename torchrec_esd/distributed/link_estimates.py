@@ -1,10 +1,24 @@
 """Online estimates of every worker's link, measured on the PS exchanges.
 
-With ``EsdConfig.online_links`` each worker times its synchronous PS
-exchange (the push/pull before each forward) and counts the bytes the
-transport really moved in it (``Traffic.link``).  :class:`LinkEstimator`
-turns ``(bytes, seconds)`` pairs into a bandwidth and a latency per link; the
+With ``EsdConfig.online_links`` each worker times its PS push/pull (the one
+before each forward, or the one posted early after the previous gradients,
+``EsdConfig.early_pull``: then a thread of the PS client times its reply,
+``torchrec_esd.ps.client.ReplyClock``) and counts the bytes the transport
+really moved in it (``Traffic.link``).  :class:`LinkEstimator` turns
+``(bytes, seconds)`` pairs into a bandwidth and a latency per link; the
 configured ``WorkerSpec.bandwidth_mbps`` / ``latency_ms`` are the prior.
+
+How every worker gets the same estimates: after each push/pull the training
+thread starts an all-gather of its observations on a group of its own
+(:meth:`LinkEstimates.publish`); the decision of batch ``j`` feeds the
+estimators from the publications of the exchanges before ``j - lag``
+(:meth:`LinkEstimates.take`; ``lag`` = the batches dispatched ahead), the
+same ones on every worker.  The gather thus moves while the workers compute.
+A gather at each decision (:meth:`LinkEstimates.share`, how it was done
+before) was a barrier of every worker in front of the decision that waited
+behind the slowest link's queued traffic: on 4 x 100 Mbit/s the next plan
+came too late for the early pull at 50-57 of 116 steps
+(``benchmarks/results/s10_online_overhead.md``).
 
 What is timed: the PS answers a push/pull only when every worker's request
 is in (synchronous training), so the exchange's wall time (``Traffic.seconds``)
@@ -120,8 +134,9 @@ from __future__ import annotations
 import heapq
 import math
 import threading
+import time
 from collections import deque
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -280,6 +295,12 @@ class LinkEstimates:
         self._lock = threading.Lock()  # the training thread records, the dispatch thread shares
         # exchanges, wire bytes, seconds, samples, timed transfer bytes, transfer seconds
         self._pending = [0.0] * 6
+        # all-gathers started by publish() and not yet taken (oldest first), how many were started
+        # and how many taken; the condition wakes a take() waiting for a publication
+        self._published: "deque[tuple]" = deque()
+        self._started = 0
+        self._taken = 0
+        self._publication = threading.Condition()
         self.history: "deque[List[List[float]]]" = deque(maxlen=4096)  # every gathered [W, 6], oldest first
 
     def record(self, nbytes: int, seconds: float, samples: int, transfer_bytes: int = 0,
@@ -296,6 +317,55 @@ class LinkEstimates:
             p[3] += float(samples)
             p[4] += float(transfer_bytes)
             p[5] += float(transfer_seconds)
+
+    def publish(self, group, device: Optional[torch.device] = None) -> None:
+        """Start the all-gather of this worker's observations since its last
+        publication (a collective on ``group``, the runtime's estimates group,
+        which nothing else uses; returns at once).  The training thread calls
+        it after every PS push/pull, so every worker publishes once per
+        exchange, in the same order; :meth:`take` feeds the estimators from
+        them.  The gather then moves while the worker computes, instead of
+        being a barrier of every worker in front of the decision (a blocking
+        all-gather at each dispatch waited behind the queued traffic of the
+        slowest link, and the next plan came too late for the early pull)."""
+        started = start_gather_pending(self._lock, self._pending, self.config.num_workers, group, device)
+        with self._publication:
+            self._published.append(started)
+            self._started += 1
+            self._publication.notify_all()
+
+    @property
+    def published(self) -> int:
+        """How many publications this worker has started."""
+        with self._publication:
+            return self._started
+
+    def take(self, upto: int, timeout_s: float, stop: Optional[Callable[[], bool]] = None) -> int:
+        """Feed every estimator, in worker order, from the publications
+        ``taken .. upto - 1`` (the first ``upto`` of the job; waiting, at most
+        ``timeout_s``, for those not started yet on this worker).  Every
+        worker takes the same publications at the same dispatch, so the
+        estimates stay identical everywhere.  Returns how many it took.
+        ``stop()`` true ends a wait with :class:`EsdConfigError` (the
+        consumer of the batches is gone).  ``O(W)`` per publication."""
+        upto = int(upto)
+        deadline = time.monotonic() + float(timeout_s)
+        with self._publication:
+            while self._started < upto:
+                if stop is not None and stop():
+                    raise EsdConfigError("the dispatch stopped while waiting for link observations")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise EsdConfigError(
+                        f"waited {timeout_s:.0f} s for the link observations of PS exchange {upto - 1} of this "
+                        f"worker ({self._started} published): the batches dispatched ahead must be trained in "
+                        "dispatch order")
+                self._publication.wait(min(left, 0.05))
+            items = [self._published.popleft() for _ in range(max(0, upto - self._taken))]
+            self._taken = max(self._taken, upto)
+        for started in items:
+            self.update(gathered_pending(started))
+        return len(items)
 
     def share(self, group, device: Optional[torch.device] = None) -> torch.Tensor:
         """All-gather every worker's observations since its last share (a

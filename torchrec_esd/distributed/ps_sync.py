@@ -45,6 +45,7 @@ class PsSync:
         self._meter = runtime.meter
         self._link = runtime.link
         self._estimates = runtime.link_estimates  # None without EsdConfig.online_links
+        self._estimates_group = runtime.estimates_group
         self._plans = runtime.plans
         self._worker = runtime.worker_index
         self._depth = runtime.config.prefetch_depth
@@ -81,6 +82,7 @@ class PsSync:
         if self._estimates is not None:  # the one synchronous exchange, its reply timed
             self._estimates.record(traffic.wire_bytes, traffic.seconds, wp.num_samples,
                                    traffic.transfer_bytes, traffic.transfer_seconds)
+            self._estimates.publish(self._estimates_group)  # once per exchange on every worker
         return self._merged(wp, got, rest, have, have_rows, traffic, extra), partial, route
 
     def _merged(self, wp: WorkerPlan, got: torch.Tensor, rest: Optional[torch.Tensor], have: torch.Tensor,
@@ -140,9 +142,11 @@ class PsSync:
                                  f"the module computes iteration {iteration}: train batches in dispatch order")
         got = self._client.finish_push_pull(pending)
         traffic = self._client.last_traffic
-        if self._estimates is not None and traffic.transfer_bytes:  # its reply timed while this worker computed
-            self._estimates.record(traffic.wire_bytes, 0.0, wp.num_samples,
-                                   traffic.transfer_bytes, traffic.transfer_seconds)
+        if self._estimates is not None:
+            if traffic.transfer_bytes:  # its reply timed while this worker computed
+                self._estimates.record(traffic.wire_bytes, 0.0, wp.num_samples,
+                                       traffic.transfer_bytes, traffic.transfer_seconds)
+            self._estimates.publish(self._estimates_group)  # once per exchange on every worker
         have, have_rows, extra = self._take_prefetched(iteration)
         if have.numel() != n_have:
             raise EsdConfigError(f"iteration {it}: {have.numel()} rows prefetched, {n_have} when its push/pull "

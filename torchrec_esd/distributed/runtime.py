@@ -67,10 +67,14 @@ def initial_weight(weight: torch.Tensor, table: EmbeddingBagConfig) -> torch.Ten
 
 def esd_process_groups(config: EsdConfig):
     """(all-ranks gloo group, workers-only group, workers-only gloo dispatch
-    group) of ``config``'s topology.  The dispatch group carries only
+    group, workers-only gloo estimates group) of ``config``'s topology.  The
+    dispatch group carries only
     :class:`~torchrec_esd.distributed.input_dist.EsdInputDist`'s collectives when it
     dispatches ahead in a background thread (a group is never shared by two
-    threads, so collectives cannot interleave differently on two ranks).
+    threads, so collectives cannot interleave differently on two ranks); the
+    estimates group only the all-gathers of the link observations, which the
+    training thread starts after each PS push/pull
+    (:meth:`~torchrec_esd.distributed.link_estimates.LinkEstimates.publish`).
 
     Created once per process and reused by every runtime of the same
     topology.  Group names come from a per-process counter, so call this on
@@ -89,7 +93,8 @@ def esd_process_groups(config: EsdConfig):
         all_group = dist.new_group(list(range(config.world_size)), timeout=timeout, backend="gloo")
         worker_group = dist.new_group(list(range(config.num_workers)), timeout=timeout)
         dispatch_group = dist.new_group(list(range(config.num_workers)), timeout=timeout, backend="gloo")
-        _GROUPS[key] = (all_group, worker_group, dispatch_group)
+        estimates_group = dist.new_group(list(range(config.num_workers)), timeout=timeout, backend="gloo")
+        _GROUPS[key] = (all_group, worker_group, dispatch_group, estimates_group)
     return _GROUPS[key]
 
 
@@ -153,7 +158,7 @@ class EsdRuntime:
                 f"{config.num_workers} workers + {config.num_ps} parameter servers = "
                 f"{config.world_size} ranks"
             )
-        self.all_group, self.worker_group, self.dispatch_group = esd_process_groups(config)
+        self.all_group, self.worker_group, self.dispatch_group, self.estimates_group = esd_process_groups(config)
         # the one owner of row keys, PS blocks and row formats on this rank
         self.keyspace = KeySpace(self.tables, config.num_ps, state_dim=optimizer.state_dim)
         self._check_same_config_everywhere()
