@@ -175,8 +175,8 @@ class EsdInputDist(nn.Module):
         else:
             # every worker's measured links: the same publications (all-gathers the training
             # threads started after their PS exchanges) at the same decision on every worker, so
-            # the same estimates (and the same shares) everywhere.  Batch j is decided once the
-            # consumer took batch j - lag, i.e. after every exchange up to j - lag - 1 was published
+            # the same estimates (and the same shares) everywhere: decision j takes those of the
+            # exchanges before j - lag (dispatch_ahead's lag), waiting for any not published yet
             upto = est.published if self._estimate_lag is None else max(0, self._decisions - self._estimate_lag)
             est.take(upto, rt.config.collective_timeout_s, self._dispatch_stop)
             # fixed per step whatever the share: the dense all-reduce on each link
@@ -306,26 +306,33 @@ class EsdInputDist(nn.Module):
         require_dispatch_ahead(rt, int(depth))
         cpu = torch.device("cpu")
         q: "queue.Queue[tuple]" = queue.Queue(maxsize=int(depth))
-        # a batch is dispatched only once a slot is free.  With online estimates
-        # (links or compute) and no prefetch, ``depth`` slots: when the consumer
-        # takes batch s, batch s + depth is decided, and its decision reads the
-        # estimates of the exchanges up to step s - 1 (LinkEstimates.take of the
-        # all-gathers the training threads started after those exchanges, not a
-        # gather at the decision, which waited behind the slowest link's queue;
-        # waiting for step s's own
-        # exchange first would cut a slowed link one step sooner, but on the
-        # 2-core machine the decision then came late: worker 0 waited 19 ms and
-        # the others 5-6 ms per step for the next batch, against 0.0-0.5 ms;
-        # benchmarks/results/rate_change_v10_v11.md).  Otherwise ``depth + 1``
-        # (decide, then wait for room): one more batch of slack against a slow
-        # decision, and the plans prefetch pulls for are known by the push/pull
-        # of step s instead of being in the making then; the estimates would
-        # reach the decisions a step later, but there are none or prefetch needs
-        # the plans first.
-        fresh = (rt.link_estimates is not None or rt.compute_estimates is not None) and not rt.config.prefetch_depth
-        slots = threading.Semaphore(int(depth) + (0 if fresh else 1))
+        # a batch is dispatched only once a slot is free: ``depth + 1`` slots
+        # (decide, then wait for room), so when the consumer takes batch s,
+        # batch s + depth + 1 may be decided: one batch of slack against a slow
+        # decision, and the plan of batch s + 1 is there when the gradients of s
+        # post its push/pull early (EsdConfig.early_pull) and when prefetch pulls
+        # for it.  With online estimates (links or compute) and no prefetch, the
+        # decision of batch j also waits for the publication of this worker's
+        # exchange of step j - depth - 1, the step the consumer just took
+        # (LinkEstimates.take, lag ``depth``): a link measured at step s steers
+        # batch s + depth + 1, and the wait (about one push/pull) runs in the
+        # dispatch thread while a whole step of slack remains.  (Measured on 4 x
+        # 100 Mbit/s, benchmarks/results/s10_online_overhead.md: with ``depth``
+        # slots and no wait, the plan missed the early pull at 5-8 of 30 steps,
+        # each such push/pull then ran in the forward at 55-88 ms instead of
+        # 35-44, and ESD with online links ran 9-16 % slower than without; in
+        # session 9 a wait with ``depth`` slots left the consumer waiting 19 ms
+        # per step, rate_change_v10_v11.md.)  With prefetch, lag ``depth + 1``:
+        # the plans prefetch pulls for must not wait for an exchange.
+        # The measured compute alone (a dispatcher reading rates, no online
+        # links) keeps ``depth`` slots and no wait: its estimates, gathered one
+        # dispatch late, then reach the decisions a step sooner (how the
+        # per-batch shares were measured, session 8).
+        links = rt.link_estimates is not None and not rt.config.prefetch_depth
+        compute_only = rt.link_estimates is None and rt.compute_estimates is not None and not rt.config.prefetch_depth
+        slots = threading.Semaphore(int(depth) + (0 if compute_only else 1))
         stop = threading.Event()
-        self._estimate_lag = int(depth) + (0 if fresh else 1)
+        self._estimate_lag = int(depth) + (0 if links else 1)
         self._dispatch_stop = stop.is_set
 
         def offer(item: tuple) -> bool:
