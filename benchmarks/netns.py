@@ -143,7 +143,12 @@ def _kill_namespace_processes(name: str) -> None:
 _QDISC_CACHE: Dict[str, bool] = {}
 
 
-def tbf_params(rate_mbit: float) -> List[str]:
+def tbf_burst(rate_mbit: float) -> int:
+    """The TBF bucket of a link at ``rate_mbit``: ~1 ms of traffic, at least 4000 B."""
+    return max(4_000, int(float(rate_mbit) * 1e6 / 8 * 0.001))
+
+
+def tbf_params(rate_mbit: float, burst: Optional[int] = None) -> List[str]:
     """``tc ... tbf`` arguments of a link at ``rate_mbit``: burst ~1 ms of
     traffic and at least 4000 B (two full frames), queue 15 MB (no drops, as
     with the former 10000-packet fifo).
@@ -159,7 +164,7 @@ def tbf_params(rate_mbit: float) -> List[str]:
     sender GSO on, 60 kB to 600 kB transfers after an idle gap then measured
     9.7-10.2 Mbit/s of payload on a 10 Mbit/s link (HTB with its former 16 kB
     burst: 60 kB at 17-26 Mbit/s, 150 kB at 12.5)."""
-    burst = max(4_000, int(float(rate_mbit) * 1e6 / 8 * 0.001))
+    burst = tbf_burst(rate_mbit) if burst is None else int(burst)
     return ["rate", f"{float(rate_mbit):g}mbit", "burst", str(burst), "limit", "15000000"]
 
 
@@ -316,8 +321,8 @@ class NetnsCluster:
 
     # -- shaping
     @staticmethod
-    def _tbf(exec_tc: List[str], verb: str, dev: str, rate_mbit: float) -> None:
-        _run(exec_tc + ["qdisc", verb, "dev", dev, "root", "handle", "1:", "tbf"] + tbf_params(rate_mbit))
+    def _tbf(exec_tc: List[str], verb: str, dev: str, rate_mbit: float, burst: Optional[int] = None) -> None:
+        _run(exec_tc + ["qdisc", verb, "dev", dev, "root", "handle", "1:", "tbf"] + tbf_params(rate_mbit, burst))
 
     def _shape(self, ns: str, dev: str, link: Link) -> Dict:
         exec_tc = ["ip", "netns", "exec", ns, "tc"]
@@ -340,6 +345,7 @@ class NetnsCluster:
         if len(links) != self.size:
             raise NetnsError(f"{len(links)} links for {self.size} ranks")
         self.links = list(links)
+        self.bursts: Dict[int, int] = {}  # a link's largest TBF bucket since its qdisc was made (set_rate)
         applied = []
         for r, link in enumerate(self.links):
             up = self._shape(self.rank_ns[r], IFACE, link)  # rank -> bridge
@@ -354,14 +360,21 @@ class NetnsCluster:
     def set_rate(self, rank: int, rate_mbit: float) -> Dict:
         """Change the rate of a shaped rank's link in both directions in
         place (``tc qdisc change`` of its TBF: queued packets and the netem
-        child stay)."""
+        child stay).  The bucket never shrinks below the largest the link
+        had (:attr:`bursts`): a TBF change does not re-cut packets already
+        queued, so a packet that fit the old bucket but not the new one would
+        never leave, and the link would stall for good (seen in session 10:
+        a 100 -> 10 Mbit/s change left 95 kB stuck in the download queue of
+        worker 3, whose store heartbeat then went silent)."""
         link = self.links[rank]
         if link.rate_mbit is None:
             raise NetnsError(f"rank {rank}'s link is unshaped: apply() a rate first")
+        burst = max(tbf_burst(rate_mbit), self.bursts.get(rank, tbf_burst(link.rate_mbit)))
         for ns, dev in ((self.rank_ns[rank], IFACE), (self.bridge_ns, self.bridge_port(rank))):
-            self._tbf(["ip", "netns", "exec", ns, "tc"], "change", dev, float(rate_mbit))
+            self._tbf(["ip", "netns", "exec", ns, "tc"], "change", dev, float(rate_mbit), burst)
         self.links[rank] = Link(float(rate_mbit), link.delay_ms)
-        return {"rank": rank, "rate_mbit": float(rate_mbit)}
+        self.bursts[rank] = burst
+        return {"rank": rank, "rate_mbit": float(rate_mbit), "burst": burst}
 
     def qdiscs(self, rank: int) -> str:
         a = _run(["ip", "netns", "exec", self.rank_ns[rank], "tc", "qdisc", "show", "dev", IFACE], check=False)

@@ -103,5 +103,12 @@ def test_set_rate_changes_a_shaped_link_in_place():
                                  capture_output=True, text=True).stdout
             assert "rate 10Mbit" in out, out
         assert cl.links[0].rate_mbit == 10.0
+        # the bucket keeps its 100 Mbit/s size: a packet queued under it must still fit (a smaller one
+        # would strand it and stall the link for good)
+        assert "burst 12500b" in out, out
+        cl.set_rate(0, 1000.0)
+        out = subprocess.run(["ip", "netns", "exec", cl.bridge_ns, "tc", "qdisc", "show", "dev", cl.bridge_port(0)],
+                             capture_output=True, text=True).stdout
+        assert "rate 1Gbit" in out and "burst 125000b" in out, out
         with pytest.raises(netns.NetnsError, match="unshaped"):
             cl.set_rate(1, 10.0)
