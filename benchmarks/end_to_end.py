@@ -456,7 +456,10 @@ def launch(args, mixes: List[Dict], methods: List[str]) -> Dict:
     cpu0 = _cpu_snapshot()
     try:
         if use_netns:
-            cluster = netns.NetnsCluster([netns.Link(None, 0.0)] * world)
+            # a link that changes rate in place must not hold packets larger than its new
+            # TBF bucket (NetnsCluster.set_rate): GSO packets capped below the smallest bucket
+            cluster = netns.NetnsCluster([netns.Link(None, 0.0)] * world,
+                                         max_packet_bytes=3000 if spec.get("rate_change") else None)
             cluster.setup()
             if cluster.removed_stale:
                 print(f"[e2e] removed stale namespaces: {' '.join(cluster.removed_stale)}", flush=True)

@@ -219,13 +219,22 @@ def netns_support() -> Tuple[bool, str]:
 # ------------------------------------------------------------------ cluster
 class NetnsCluster:
     """``len(links)`` rank namespaces around one bridge; rank ``r`` has
-    address ``SUBNET.(10 + r)`` on ``eth0`` and link ``links[r]``."""
+    address ``SUBNET.(10 + r)`` on ``eth0`` and link ``links[r]``.
 
-    def __init__(self, links: Sequence[Link], prefix: str = PREFIX, subnet: str = SUBNET) -> None:
+    ``max_packet_bytes``: cap every veth's GSO packets at that size
+    (``ip link set ... gso_max_size``), so that no queued packet can exceed
+    a smaller TBF bucket that :meth:`set_rate` puts in place (for runs whose
+    links change rate; default: the kernel's 64 kB GSO packets)."""
+
+    def __init__(self, links: Sequence[Link], prefix: str = PREFIX, subnet: str = SUBNET,
+                 max_packet_bytes: Optional[int] = None) -> None:
         if not links:
             raise NetnsError("a cluster needs at least one rank")
         if len(links) > 200:
             raise NetnsError("at most 200 ranks per cluster")
+        if max_packet_bytes is not None and not 1500 <= int(max_packet_bytes) <= 65536:
+            raise NetnsError(f"max_packet_bytes must be in [1500, 65536], got {max_packet_bytes}")
+        self.max_packet_bytes = None if max_packet_bytes is None else int(max_packet_bytes)
         self.prefix, self.subnet = prefix, subnet
         self.tag = f"{prefix}-{os.getpid()}"
         self.links: List[Link] = list(links)
@@ -277,6 +286,9 @@ class NetnsCluster:
                 _run(["ip", "-n", br, "link", "add", port, "type", "veth", "peer", "name", IFACE, "netns", ns])
                 _run(["ip", "-n", br, "link", "set", port, "master", "br0"])
                 _run(["ip", "-n", br, "link", "set", port, "up"])
+                if self.max_packet_bytes is not None:
+                    _run(["ip", "-n", br, "link", "set", "dev", port, "gso_max_size", str(self.max_packet_bytes)])
+                    _run(["ip", "-n", ns, "link", "set", "dev", IFACE, "gso_max_size", str(self.max_packet_bytes)])
                 _run(["ip", "-n", ns, "addr", "add", f"{self.addr(r)}/24", "dev", IFACE])
                 _run(["ip", "-n", ns, "link", "set", IFACE, "up"])
             self.apply(self.links)
@@ -360,16 +372,20 @@ class NetnsCluster:
     def set_rate(self, rank: int, rate_mbit: float) -> Dict:
         """Change the rate of a shaped rank's link in both directions in
         place (``tc qdisc change`` of its TBF: queued packets and the netem
-        child stay).  The bucket never shrinks below the largest the link
-        had (:attr:`bursts`): a TBF change does not re-cut packets already
-        queued, so a packet that fit the old bucket but not the new one would
-        never leave, and the link would stall for good (seen in session 10:
-        a 100 -> 10 Mbit/s change left 95 kB stuck in the download queue of
-        worker 3, whose store heartbeat then went silent)."""
+        child stay).  The bucket never shrinks below a packet that may be
+        queued: a TBF change does not re-cut packets already queued, so a
+        packet that fit the old bucket but not the new one would never leave,
+        and the link would stall for good (seen in session 10: a 100 -> 10
+        Mbit/s change left 95 kB stuck in the download queue of worker 3,
+        whose store heartbeat then went silent).  With ``max_packet_bytes``
+        no packet exceeds that, and the bucket is the new rate's; without,
+        queued packets may be as large as the largest bucket the link had
+        (:attr:`bursts`), which the link then keeps."""
         link = self.links[rank]
         if link.rate_mbit is None:
             raise NetnsError(f"rank {rank}'s link is unshaped: apply() a rate first")
-        burst = max(tbf_burst(rate_mbit), self.bursts.get(rank, tbf_burst(link.rate_mbit)))
+        largest = self.max_packet_bytes or self.bursts.get(rank, tbf_burst(link.rate_mbit))
+        burst = max(tbf_burst(rate_mbit), largest)
         for ns, dev in ((self.rank_ns[rank], IFACE), (self.bridge_ns, self.bridge_port(rank))):
             self._tbf(["ip", "netns", "exec", ns, "tc"], "change", dev, float(rate_mbit), burst)
         self.links[rank] = Link(float(rate_mbit), link.delay_ms)

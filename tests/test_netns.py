@@ -112,3 +112,17 @@ def test_set_rate_changes_a_shaped_link_in_place():
         assert "rate 1Gbit" in out and "burst 125000b" in out, out
         with pytest.raises(netns.NetnsError, match="unshaped"):
             cl.set_rate(1, 10.0)
+
+
+def test_set_rate_with_small_packets_takes_the_new_rates_bucket():
+    # GSO packets capped below the smallest bucket: no queued packet can outgrow a smaller one
+    with netns.NetnsCluster([netns.Link(100.0), netns.Link(None)], max_packet_bytes=3000) as cl:
+        for ns, dev in ((cl.rank_ns[0], netns.IFACE), (cl.bridge_ns, cl.bridge_port(0))):
+            out = subprocess.run(["ip", "-d", "-n", ns, "link", "show", dev], capture_output=True, text=True).stdout
+            assert "gso_max_size 3000 " in out, out
+        cl.set_rate(0, 10.0)
+        out = subprocess.run(["ip", "netns", "exec", cl.bridge_ns, "tc", "qdisc", "show", "dev", cl.bridge_port(0)],
+                             capture_output=True, text=True).stdout
+        assert "rate 10Mbit" in out and "burst 4000b" in out, out
+    with pytest.raises(netns.NetnsError, match="max_packet_bytes"):
+        netns.NetnsCluster([netns.Link(None)], max_packet_bytes=100)
