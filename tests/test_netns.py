@@ -95,21 +95,25 @@ def test_cleanup_keeps_the_namespaces_of_a_live_concurrent_run():
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
+def _qdiscs(cl, rank):
+    """``tc qdisc show`` of both ends of ``rank``'s link (upload, download)."""
+    return [subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev", dev],
+                           capture_output=True, text=True).stdout
+            for ns, dev in ((cl.rank_ns[rank], netns.IFACE), (cl.bridge_ns, cl.bridge_port(rank)))]
+
+
 def test_set_rate_changes_a_shaped_link_in_place():
     with netns.NetnsCluster([netns.Link(100.0), netns.Link(None)]) as cl:
         cl.set_rate(0, 10.0)
-        for ns, dev in ((cl.rank_ns[0], netns.IFACE), (cl.bridge_ns, cl.bridge_port(0))):
-            out = subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev", dev],
-                                 capture_output=True, text=True).stdout
+        for out in _qdiscs(cl, 0):
             assert "rate 10Mbit" in out, out
         assert cl.links[0].rate_mbit == 10.0
         # the bucket keeps its 100 Mbit/s size: a packet queued under it must still fit (a smaller one
         # would strand it and stall the link for good)
         assert "burst 12500b" in out, out
         cl.set_rate(0, 1000.0)
-        out = subprocess.run(["ip", "netns", "exec", cl.bridge_ns, "tc", "qdisc", "show", "dev", cl.bridge_port(0)],
-                             capture_output=True, text=True).stdout
-        assert "rate 1Gbit" in out and "burst 125000b" in out, out
+        for out in _qdiscs(cl, 0):
+            assert "rate 1Gbit" in out and "burst 125000b" in out, out
         with pytest.raises(netns.NetnsError, match="unshaped"):
             cl.set_rate(1, 10.0)
 
@@ -121,8 +125,7 @@ def test_set_rate_with_small_packets_takes_the_new_rates_bucket():
             out = subprocess.run(["ip", "-d", "-n", ns, "link", "show", dev], capture_output=True, text=True).stdout
             assert "gso_max_size 3000 " in out, out
         cl.set_rate(0, 10.0)
-        out = subprocess.run(["ip", "netns", "exec", cl.bridge_ns, "tc", "qdisc", "show", "dev", cl.bridge_port(0)],
-                             capture_output=True, text=True).stdout
-        assert "rate 10Mbit" in out and "burst 4000b" in out, out
+        for out in _qdiscs(cl, 0):
+            assert "rate 10Mbit" in out and "burst 4000b" in out, out
     with pytest.raises(netns.NetnsError, match="max_packet_bytes"):
         netns.NetnsCluster([netns.Link(None)], max_packet_bytes=100)
