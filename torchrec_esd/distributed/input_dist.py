@@ -21,10 +21,12 @@ iterator and dispatches up to ``depth`` batches ahead in a background thread,
 over the runtime's own dispatch process group, so worker 0's decision and every
 worker's directory plan for batch ``t + 1`` run while batch ``t`` trains (they
 depend only on the directory state after batch ``t``'s plan, which is known
-before ``t`` trains).  With online link or compute estimates (and no
-prefetch), batch ``t + depth`` is decided when batch ``t`` is taken, and
-reads the estimates of every exchange up to step ``t - 1``; otherwise one
-batch earlier (prefetch needs the plans by the push/pull).  The
+before ``t`` trains).  When batch ``t`` is taken, batch ``t + depth + 1``
+may be decided; with online links (and no prefetch) its decision first
+waits for this worker's exchange of step ``t`` and reads the link estimates
+of every exchange up to it.  With the measured compute alone (no online
+links, no prefetch), batch ``t + depth`` is decided when batch ``t`` is
+taken.  The
 assignments, plans and trained model are the same as calling the module
 batch by batch.  With an eviction policy that reads the upcoming batches
 (``"lookahead"``), the thread reads ``EsdConfig.cache_lookahead`` batches
@@ -311,16 +313,16 @@ class EsdInputDist(nn.Module):
         # batch s + depth + 1 may be decided: one batch of slack against a slow
         # decision, and the plan of batch s + 1 is there when the gradients of s
         # post its push/pull early (EsdConfig.early_pull) and when prefetch pulls
-        # for it.  With online estimates (links or compute) and no prefetch, the
+        # for it.  With online links and no prefetch, the
         # decision of batch j also waits for the publication of this worker's
         # exchange of step j - depth - 1, the step the consumer just took
         # (LinkEstimates.take, lag ``depth``): a link measured at step s steers
         # batch s + depth + 1, and the wait (about one push/pull) runs in the
         # dispatch thread while a whole step of slack remains.  (Measured on 4 x
         # 100 Mbit/s, benchmarks/results/s10_online_overhead.md: with ``depth``
-        # slots and no wait, the plan missed the early pull at 5-8 of 30 steps,
-        # each such push/pull then ran in the forward at 55-88 ms instead of
-        # 35-44, and ESD with online links ran 9-16 % slower than without; in
+        # slots and no wait, the plan missed the early pull at 3-8 of 30 steps,
+        # each such push/pull then ran in the forward at 51-94 ms instead of
+        # 32-44, and ESD with online links ran 9-16 % slower than without; in
         # session 9 a wait with ``depth`` slots left the consumer waiting 19 ms
         # per step, rate_change_v10_v11.md.)  With prefetch, lag ``depth + 1``:
         # the plans prefetch pulls for must not wait for an exchange.

@@ -14,8 +14,8 @@ thread starts an all-gather of its observations on a group of its own
 estimators from the publications of the exchanges before ``j - lag``
 (:meth:`LinkEstimates.take`; ``lag`` = the batches dispatched ahead), the
 same ones on every worker.  The gather thus moves while the workers compute.
-A gather at each decision (:meth:`LinkEstimates.share`, how it was done
-before) was a barrier of every worker in front of the decision that waited
+A gather at each decision (how it was done before; :meth:`LinkEstimates.share`
+still does it in one call) was a barrier of every worker in front of the decision that waited
 behind the slowest link's queued traffic: on 4 x 100 Mbit/s the next plan
 came too late for the early pull at 50-57 of 116 steps
 (``benchmarks/results/s10_online_overhead.md``).
@@ -276,8 +276,9 @@ class LinkEstimator:
 
 class LinkEstimates:
     """Every worker's :class:`LinkEstimator`, identical on every worker (see
-    the module docstring): this worker :meth:`record` s its exchanges, each
-    dispatch :meth:`share` s them."""
+    the module docstring): this worker :meth:`record` s its exchanges and
+    :meth:`publish` es them after each; each dispatch :meth:`take` s the
+    publications it may read."""
 
     def __init__(self, config: EsdConfig, me: int, share_hysteresis: float = SHARE_HYSTERESIS,
                  **estimator_kwargs) -> None:
@@ -348,6 +349,10 @@ class LinkEstimates:
         estimates stay identical everywhere.  Returns how many it took.
         ``stop()`` true ends a wait with :class:`EsdConfigError` (the
         consumer of the batches is gone).  ``O(W)`` per publication."""
+        return len(self._take(upto, timeout_s, stop))
+
+    def _take(self, upto: int, timeout_s: float, stop: Optional[Callable[[], bool]]) -> List[torch.Tensor]:
+        """:meth:`take`; the gathered ``[W, 6]`` of each publication taken."""
         upto = int(upto)
         deadline = time.monotonic() + float(timeout_s)
         with self._publication:
@@ -363,18 +368,19 @@ class LinkEstimates:
                 self._publication.wait(min(left, 0.05))
             items = [self._published.popleft() for _ in range(max(0, upto - self._taken))]
             self._taken = max(self._taken, upto)
+        out = []
         for started in items:
-            self.update(gathered_pending(started))
-        return len(items)
+            out.append(gathered_pending(started))
+            self.update(out[-1])
+        return out
 
     def share(self, group, device: Optional[torch.device] = None) -> torch.Tensor:
-        """All-gather every worker's observations since its last share (a
-        collective on ``group``, with tensors on ``device``, the group's;
-        every worker calls it at the same dispatch) and update every estimator
-        from them, in worker order; returns the gathered ``[W, 6]``."""
-        gathered = gather_pending(self._lock, self._pending, self.config.num_workers, group, device)
-        self.update(gathered)
-        return gathered
+        """:meth:`publish` and :meth:`take` at once, waiting for the gather:
+        every worker calls it at the same point; takes any earlier
+        publication too and returns the gathered ``[W, 6]`` of this one (for
+        a loop that decides in its own thread, and the tests)."""
+        self.publish(group, device)
+        return self._take(self.published, 0.0, None)[-1]
 
     def update(self, gathered: torch.Tensor) -> None:
         """Feed ``[W, 6]`` observations (exchanges, wire bytes, seconds,
@@ -473,13 +479,6 @@ def gathered_pending(started) -> torch.Tensor:
     work, every = started
     work.wait()
     return torch.stack(every).cpu()
-
-
-def gather_pending(lock: threading.Lock, pending: List[float], num_workers: int, group,
-                   device: Optional[torch.device] = None) -> torch.Tensor:
-    """All-gather every worker's ``pending`` sums now (:func:`start_gather_pending`
-    and :func:`gathered_pending`)."""
-    return gathered_pending(start_gather_pending(lock, pending, num_workers, group, device))
 
 
 class BytesModel:

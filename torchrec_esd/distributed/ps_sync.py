@@ -79,11 +79,19 @@ class PsSync:
             wp.push_keys, push_values.cpu(), pull_keys if rest is None else pull_keys[rest], des,
             batch_fingerprint=wp.global_fingerprint)
         traffic = self._client.last_traffic
-        if self._estimates is not None:  # the one synchronous exchange, its reply timed
-            self._estimates.record(traffic.wire_bytes, traffic.seconds, wp.num_samples,
-                                   traffic.transfer_bytes, traffic.transfer_seconds)
-            self._estimates.publish(self._estimates_group)  # once per exchange on every worker
+        self._observe_link(traffic, wp.num_samples)  # the one synchronous exchange, its reply timed
         return self._merged(wp, got, rest, have, have_rows, traffic, extra), partial, route
+
+    def _observe_link(self, traffic: Traffic, samples: int) -> None:
+        """With online links: record this push/pull (a posted one only where
+        its reply was timed: it has no wall seconds of its own) and publish
+        the observations, once per push/pull on every worker."""
+        if self._estimates is None:
+            return
+        if traffic.seconds > 0 or traffic.transfer_bytes:
+            self._estimates.record(traffic.wire_bytes, traffic.seconds, samples,
+                                   traffic.transfer_bytes, traffic.transfer_seconds)
+        self._estimates.publish(self._estimates_group)
 
     def _merged(self, wp: WorkerPlan, got: torch.Tensor, rest: Optional[torch.Tensor], have: torch.Tensor,
                 have_rows, traffic: Traffic, extra: List[Traffic]) -> torch.Tensor:
@@ -142,11 +150,7 @@ class PsSync:
                                  f"the module computes iteration {iteration}: train batches in dispatch order")
         got = self._client.finish_push_pull(pending)
         traffic = self._client.last_traffic
-        if self._estimates is not None:
-            if traffic.transfer_bytes:  # its reply timed while this worker computed
-                self._estimates.record(traffic.wire_bytes, 0.0, wp.num_samples,
-                                       traffic.transfer_bytes, traffic.transfer_seconds)
-            self._estimates.publish(self._estimates_group)  # once per exchange on every worker
+        self._observe_link(traffic, wp.num_samples)  # its reply timed while this worker computed
         have, have_rows, extra = self._take_prefetched(iteration)
         if have.numel() != n_have:
             raise EsdConfigError(f"iteration {it}: {have.numel()} rows prefetched, {n_have} when its push/pull "

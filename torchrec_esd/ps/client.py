@@ -182,15 +182,8 @@ class PsClient:
         self._unsent = []
         before = t.meter.total()
         start = time.perf_counter()
-        sends, sections = self._send_requests(frames, parts)
-        recvs, replies, markers = [], [], []
-        for i, src in enumerate(t.ps_ranks):
-            buf = torch.empty(int(reply_bytes[i]) if reply_bytes is not None else 0, dtype=torch.uint8)
-            if buf.numel():
-                if getattr(frames[i], "timed", False):  # what the PS sends a marker for
-                    markers.append((i, t.recv(src, torch.empty(REPLY_MARKER_BYTES // 8, dtype=torch.int64))))
-                recvs.append(t.recv(src, buf))
-            replies.append(buf)
+        sends, recvs, replies, sections, markers = self._post(
+            frames, parts, reply_bytes if reply_bytes is not None else [0] * len(t.ps_ranks))
         seconds, transfer_s, transfer_b = 0.0, 0.0, 0
         if not wait and reply_bytes is None:
             self._unsent = sends
@@ -200,11 +193,9 @@ class PsClient:
             first = time.perf_counter()
             t.wait(sends + recvs)
             seconds = time.perf_counter() - start
-            for i, m in markers:
-                check_reply_marker(m.buf, replies[i].numel(), f"PS {i}")
+            transfer_b = self._timed_reply_bytes(markers, replies)
             if markers:
                 transfer_s = seconds - (first - start)
-                transfer_b = sum(replies[i].numel() for i, _ in markers)
         self.last_traffic = Traffic(t.meter.total() - before, sections, seconds, transfer_b, transfer_s)
         return replies
 
@@ -259,12 +250,21 @@ class PsClient:
         return sends, recvs, replies, sections, markers
 
     @staticmethod
-    def _own_traffic(sends: List[Pending], recvs: List[Pending], sections: Dict) -> Traffic:
+    def _timed_reply_bytes(markers: List[Tuple[int, Pending]], replies: List[torch.Tensor]) -> int:
+        """Check every received marker against its reply's size; the bytes of
+        the timed replies."""
+        for i, m in markers:
+            check_reply_marker(m.buf, replies[i].numel(), f"PS {i}")
+        return sum(replies[i].numel() for i, _ in markers)
+
+    @staticmethod
+    def _own_traffic(sends: List[Pending], recvs: List[Pending], sections: Dict, transfer_bytes: int = 0,
+                     transfer_seconds: float = 0.0) -> Traffic:
         """What a posted exchange's own messages moved (other exchanges may
         have run between its posting and its end; no wall seconds)."""
         nbytes = [m.buf.numel() * m.buf.element_size() for m in sends + recvs]
         link = LinkStats(sum(nbytes[: len(sends)]), sum(nbytes[len(sends):]), len(sends), len(recvs))
-        return Traffic(link, sections, 0.0)
+        return Traffic(link, sections, 0.0, transfer_bytes, transfer_seconds)
 
     # ------------------------------------------------------------ phases
     def _push_pull_requests(self, push_keys, push_vals, pull_keys, des, batch_fingerprint):
@@ -348,15 +348,13 @@ class PsClient:
         else:
             t.wait(p.earlier + p.sends)
             transfer_s = p.clock.join()
-            for i, m in p.markers:
-                check_reply_marker(m.buf, p.replies[i].numel(), f"PS {i}")
-            transfer_b = sum(p.replies[i].numel() for i, _ in p.markers)
+            transfer_b = self._timed_reply_bytes(p.markers, p.replies)
         replies = [PushPullReply.decode(f, buf, self.fmt) for f, buf in zip(p.frames, p.replies)]
         sections = dict(p.sections)
         for r in replies:
             add_sections(sections, r.parts())
-        traffic = self._own_traffic(p.sends, [m for _, m in p.markers] + p.recvs, sections)
-        self.last_traffic = Traffic(traffic.link, traffic.sections, 0.0, transfer_b, transfer_s)
+        self.last_traffic = self._own_traffic(p.sends, [m for _, m in p.markers] + p.recvs, sections,
+                                              transfer_b, transfer_s)
         return self._in_key_order(p.order, [r.rows for r in replies])
 
     def post_prefetch(self, keys: torch.Tensor) -> PendingPrefetch:
