@@ -6,13 +6,28 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <exception>
+
+// csrc/reply_clock.cpp: the native waiter of posted receives (a pybind11 class)
+void register_reply_clock(PyObject* module);
+
 extern "C" {
 // Importing torchrec_esd._C runs the static initialisers below, which register
-// the operators with the dispatcher; the Python module itself is empty.
+// the operators with the dispatcher; the Python module itself holds only
+// NativeReplyClock (csrc/reply_clock.cpp).
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", "torchrec_esd operators (see torchrec_esd.ops)", -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  try {
+    register_reply_clock(module);
+  } catch (const std::exception& e) {
+    Py_DECREF(module);
+    PyErr_SetString(PyExc_ImportError, e.what());
+    return nullptr;
+  }
+  return module;
 }
 }
 

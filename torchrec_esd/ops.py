@@ -554,3 +554,19 @@ def holder_index_read(head: torch.Tensor, next_: torch.Tensor, base: torch.Tenso
     falls back to the lookup and PyTorch gathers (its reference) without it."""
     return torch.ops.torchrec_esd.holder_index_read(head, next_, base, bucket_worker, int(shift), lag, dirty,
                                                     queries.to(torch.int64).contiguous())
+
+
+def native_reply_clock(markers: List, replies: List, timeout_s: float):
+    """A native waiter of posted c10d receives (``csrc/reply_clock.cpp``):
+    a thread that never takes the GIL waits for ``markers`` then ``replies``
+    (c10d ``Work`` objects, each wait bounded by ``timeout_s``) and reads
+    ``CLOCK_MONOTONIC`` after the last of each; its ``join()`` (the GIL
+    released) returns ``(first, end, failed, error)``: the two times, the
+    index (markers first) of the wait that failed or -1, and its message.
+    ``None`` without the extension (the caller then times in Python)."""
+    if not HAS_NATIVE_REPLY_CLOCK:
+        return None
+    return _C.NativeReplyClock(list(markers), list(replies), float(timeout_s))
+
+
+HAS_NATIVE_REPLY_CLOCK = EXTENSION_LOADED and hasattr(_C, "NativeReplyClock")

@@ -23,6 +23,7 @@ from typing import Any, Dict, Iterable, List, Sequence
 import torch
 import torch.distributed as dist
 
+from torchrec_esd import ops
 from torchrec_esd.ps.protocol import FRAME_WORDS, EsdPeerLostError, Frame, Section, SectionSize, encode_frame
 
 
@@ -196,12 +197,32 @@ class Transport(ABC):
             try:
                 self._wait(p.work, self.timeout_s)
             except RuntimeError as e:  # the peer died, or went silent past the timeout
-                what = "receiving from" if p.receive else "sending to"
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise EsdPeerLostError(f"{what} {self.peer_name(p.peer)} failed: {first}") from e
-            p.done = True
-            if p.receive:
-                self.meter.on_receive(p.peer, p.buf.numel() * p.buf.element_size())
+                raise self.failure(p, str(e) or type(e).__name__) from e
+            self.completed(p)
+
+    def completed(self, p: Pending) -> None:
+        """Record that ``p`` completed (its bytes metered once): what
+        :meth:`wait` does after each wait, for a receive waited elsewhere
+        (:meth:`native_clock`)."""
+        if p.done:
+            return
+        p.done = True
+        if p.receive:
+            self.meter.on_receive(p.peer, p.buf.numel() * p.buf.element_size())
+
+    def native_clock(self, markers: Sequence[Pending], replies: Sequence[Pending]):
+        """A native waiter of posted receives that reads the clock without the
+        GIL (:func:`torchrec_esd.ops.native_reply_clock`), or ``None`` where
+        the transport's handles are not c10d works (the caller then waits in
+        a Python thread).  The receives are then waited for by it only: mark
+        each :meth:`completed` after its ``join``."""
+        return None
+
+    def failure(self, p: Pending, message: str) -> EsdPeerLostError:
+        """The error of a failed wait for ``p`` (the peer named)."""
+        what = "receiving from" if p.receive else "sending to"
+        first = message.strip().splitlines()[0] if message.strip() else "unknown error"
+        return EsdPeerLostError(f"{what} {self.peer_name(p.peer)} failed: {first}")
 
     def peer_name(self, rank: int) -> str:
         """``"PS j (rank r)"`` or ``"worker i (rank r)"``."""
@@ -247,3 +268,6 @@ class GlooP2PTransport(Transport):
 
     def _wait(self, work: Any, timeout_s: float) -> None:
         work.wait(timedelta(seconds=timeout_s))
+
+    def native_clock(self, markers: Sequence[Pending], replies: Sequence[Pending]):
+        return ops.native_reply_clock([p.work for p in markers], [p.work for p in replies], self.timeout_s)
