@@ -62,12 +62,13 @@ import netns  # noqa: E402
 import rate_change  # noqa: E402
 
 METHODS = ["vanilla", "random", "laia", "heuristic", "optimal", "hybrid", "esd"]
-VARIANTS = ("des", "plan", "shares", "online", "prefetch", "latepull")  # "+des": DES-served misses; "+plan": the planner's
+VARIANTS = ("des", "plan", "shares", "online", "prefetch", "latepull", "prepush")  # "+des": DES-served misses; "+plan": the planner's
 # shares; "+shares": shares decided per batch around the (planned or equal) shares (torchrec_esd.dispatch.shares);
 # "+online": links measured on the PS exchanges (EsdConfig.online_links, shares from the estimates);
 # "+prefetch": EsdConfig.prefetch_depth = --dispatch-ahead (at least 1): the next batches' safe rows are
 # pulled while a batch computes; "+latepull": EsdConfig.early_pull=False (a batch's push/pull in its forward,
-# not right after the previous batch's gradients)
+# not right after the previous batch's gradients); "+prepush": EsdConfig.pre_push (the next batch's dirty
+# pushes leave right after this batch's push/pull, while it computes)
 LABEL = {
     "vanilla": "vanilla TorchRec",
     "random": "cache-only (random)",
@@ -82,7 +83,7 @@ LABEL = {
 def method_label(method: str) -> str:
     base, *variants = method.split("+")
     extra = {"des": "DES misses", "plan": "planned shares", "shares": "per-batch shares",
-             "online": "online link estimates", "prefetch": "prefetch", "latepull": "push/pull in the forward"}
+             "online": "online link estimates", "prefetch": "prefetch", "latepull": "push/pull in the forward", "prepush": "pre-push"}
     return " + ".join([LABEL.get(base, base)] + [extra.get(v, v) for v in variants])
 
 
@@ -278,6 +279,8 @@ def rank_main(spec_path: str) -> None:
             ahead = spec["dispatch_ahead"]
             if "latepull" in variants:
                 cfg = dataclasses.replace(cfg, early_pull=False)
+            if "prepush" in variants:
+                cfg = dataclasses.replace(cfg, pre_push=True)
             if "prefetch" in variants:
                 ahead = max(1, ahead)
                 cfg = dataclasses.replace(cfg, prefetch_depth=ahead)
@@ -574,6 +577,7 @@ def summarize(args, mixes, methods, raw) -> Dict:
                 s["emb"] = {
                     "prefetched_rows": mt.get("prefetched_rows", 0),
                     "early_pulls": mt.get("early_pulls", 0),
+                    "pre_pushed_rows": mt.get("pre_pushed_rows", 0),
                     "total_bytes": mt["total_bytes"], "total_link_s": mt["total_link_s"],
                     "makespan_link_s": mt["makespan_link_s"], "rows": mt["rows"],
                     "per_worker": [{"bytes": p["total_bytes"], "link_s": p["link_s"], "rows": p["rows"]}

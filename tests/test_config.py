@@ -50,6 +50,10 @@ def test_roundtrip_and_fingerprint():
         (lambda: EsdConfig([WorkerSpec(1, 1)], prefetch_depth=-1), "prefetch_depth"),
         (lambda: EsdConfig([WorkerSpec(1, 1)], prefetch_depth=True), "prefetch_depth"),
         (lambda: EsdConfig([WorkerSpec(1, 1)], prefetch_depth=1, plan_from_summaries=True), "plan_from_summaries"),
+        (lambda: EsdConfig([WorkerSpec(1, 1)], pre_push=1), "pre_push must be a bool"),
+        (lambda: EsdConfig([WorkerSpec(1, 1)], pre_push=True, staleness=1), "exact only at staleness=0"),
+        (lambda: EsdConfig([WorkerSpec(1, 1)], pre_push=True, des_misses=True), "des_misses"),
+        (lambda: EsdConfig([WorkerSpec(1, 1)], pre_push=True, prefetch_depth=1), "prefetch_depth"),
     ],
 )
 def test_bad_config(make, match):

@@ -27,7 +27,11 @@ class _Client:
 
     def post_push_pull(self, push_keys, push_vals, pull_keys, batch_fingerprint=0):
         self.calls.append(("post", pull_keys.tolist()))
+        self.pushed = push_keys.tolist()
         return "pending"
+
+    def pre_push(self, keys, rows):
+        self.calls.append(("pre_push", keys.tolist()))
 
     def push_grads(self, keys, grads, route, bag_grads):
         self.calls.append(("grads", keys.tolist()))
@@ -40,19 +44,21 @@ class _Store:
         return torch.zeros(slots.numel(), 5)
 
 
-def _sync(early_pull=True, des=False):
-    meter = SimpleNamespace(early_pulls=0, prefetched_rows=0, record_grads=lambda *a: None)
+def _sync(early_pull=True, des=False, pre_push=False):
+    meter = SimpleNamespace(early_pulls=0, prefetched_rows=0, pre_pushed_rows=0, record_grads=lambda *a: None)
     client = _Client()
+    client.optimizer = SimpleNamespace(state_dim=1)
     rt = SimpleNamespace(client=client, meter=meter, link=0, link_estimates=None, estimates_group=None, plans=_Plans(),
                          worker_index=0,
                          config=SimpleNamespace(prefetch_depth=0, collective_timeout_s=1.0, early_pull=early_pull,
-                                                des_misses=des))
+                                                des_misses=des, pre_push=pre_push))
     return PsSync(rt), rt, client
 
 
-def _plan(iteration):
-    wp = SimpleNamespace(push_keys=torch.tensor([5]), push_slots=torch.tensor([0]), pull_keys=torch.tensor([1, 2]),
-                         global_fingerprint=7)
+def _plan(iteration, push_keys=(5,), used_keys=()):
+    wp = SimpleNamespace(push_keys=torch.tensor(list(push_keys), dtype=torch.int64),
+                         push_slots=torch.arange(len(push_keys)), pull_keys=torch.tensor([1, 2]),
+                         used_keys=torch.tensor(list(used_keys), dtype=torch.int64), global_fingerprint=7)
     return SimpleNamespace(iteration=iteration, workers=[wp])
 
 
@@ -89,3 +95,26 @@ def test_a_posted_push_pull_for_another_iteration_is_a_clear_error():
     with pytest.raises(EsdConfigError, match="posted after the previous gradients, but the module computes "
                                              "iteration 5"):
         ps.push_pull(_plan(5).workers[0], None, iteration=5)
+
+
+def test_pre_push_sends_the_next_pushes_this_batch_does_not_use_and_the_next_push_pull_leaves_them_out():
+    ps, rt, client = _sync(pre_push=True)
+    rt.plans.plans[4] = _plan(4, push_keys=(5, 8, 11))
+    ps.pre_push(_plan(3, used_keys=(8, 20)), _Store())  # right after the push/pull of 3: 8 changes in 3
+    assert client.calls == [("pre_push", [5, 11])] and rt.meter.pre_pushed_rows == 2
+    ps.push_grads(torch.tensor([9]), torch.zeros(1, 4), None, torch.zeros(0, 4))
+    ps.post_next(3, _Store())
+    assert client.calls[1:] == [("grads", [9]), ("post", [1, 2])] and client.pushed == [8]
+
+
+def test_pre_push_sends_an_empty_request_without_the_next_plan_and_nothing_when_off():
+    ps, rt, client = _sync(pre_push=True)
+    ps.pre_push(_plan(3), _Store())  # plan 4 not dispatched yet: the PS phase still needs the request
+    assert client.calls == [("pre_push", [])]
+    rt.plans.plans[4] = _plan(4, push_keys=(5, 8))
+    ps.post_next(3, _Store())
+    assert client.pushed == [5, 8]  # nothing was sent early for 4
+    ps, rt, client = _sync(pre_push=False)
+    rt.plans.plans[4] = _plan(4)
+    ps.pre_push(_plan(3), _Store())
+    assert client.calls == []

@@ -388,3 +388,23 @@ def test_equivalence_grouped_dispatch_from_per_group_inputs():
     _, esd = _compare(3, [1, 1, 2], "grouped", "sgd", "global", [1.0, 4.0, 8.0],
                       dispatcher_kwargs={"group_size": 1})
     assert {d["solver"] for d in esd[0]["decisions"]} == {"grouped"}
+
+
+@pytest.mark.parametrize("early_pull,num_ps,mode", [(True, 2, "global"), (False, 1, "local")])
+def test_equivalence_pre_push(early_pull, num_ps, mode):
+    # EsdConfig.pre_push: right after each push/pull, the dirty rows the next batch's push/pull
+    # would push (and this batch does not use) go to the PS (a PRE_PUSH phase before the gradients),
+    # and that push/pull leaves them out: still vanilla's model, the same rows per kind
+    args = (3, [1, 2, 3], "esd", "rowwise_adagrad", mode, [1.0, 4.0, 8.0])
+    kw = dict(num_ps=num_ps, dispatch_ahead=2, dense_sync="star")
+    _, pre = _compare(*args, esd_options=dict(pre_push=True, early_pull=early_pull), **kw)
+    _, plain = _compare(*args, esd_options=dict(early_pull=early_pull), **kw)
+    m, p = pre[0]["metrics"], plain[0]["metrics"]
+    sent_early = sum(w["pre_pushed_rows"] for w in m["per_worker"])
+    pushed = m["rows"]["update_push"] + m["rows"]["miss_push"]
+    assert 0 < sent_early < pushed, (sent_early, pushed)
+    assert p["pre_pushed_rows"] == 0
+    # the same decisions and plans with and without: only when the pushes leave differs
+    for r in range(3):
+        assert torch.equal(pre[r]["samples_seen"], plain[r]["samples_seen"])
+    assert m["rows"] == p["rows"]

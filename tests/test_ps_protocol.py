@@ -15,6 +15,8 @@ from torchrec_esd.ps.protocol import (
     GradsRequest,
     PayloadReader,
     PrefetchFrame,
+    PrePushFrame,
+    PrePushRequest,
     ProtocolLimits,
     PushPullFrame,
     PushPullReply,
@@ -58,6 +60,7 @@ def test_protocol_error_is_a_remote_error():
         PushPullFrame(2, 0, des_pairs=1, des_bags=1, weighted=False),
         GradsFrame(6, 2),
         PrefetchFrame(9),
+        PrePushFrame(4),
         GatherFrame(),
         StopFrame(),
         AbortFrame(17),
@@ -91,6 +94,7 @@ def test_payload_bytes_follow_the_counts():
         (_words(Command.GRADS, 0, 2**62, 0), "rows", 2**62, 100),
         (_words(Command.GRADS, 0, 1, 10**9), "bags", 10**9, 1000),
         (_words(Command.PREFETCH, 0, 101), "pulls", 101, 100),
+        (_words(Command.PRE_PUSH, 0, 2**50), "pushes", 2**50, 100),
         (_words(Command.ABORT, 2**40, 2**40), "message_bytes", 2**40, 4096),
     ],
 )
@@ -155,6 +159,19 @@ def test_push_pull_payloads_round_trip_and_sections():
     assert rbuf.numel() == frame.reply_bytes(FMT)
     rback = PushPullReply.decode(frame, rbuf, FMT)
     assert torch.equal(rback.rows, reply.rows) and torch.equal(rback.partials, reply.partials)
+
+
+def test_pre_push_payload_round_trips_and_is_sized_by_its_count():
+    # keys 8 B + rows (4 + 1) x 4 B each
+    assert PrePushFrame(3).payload_bytes(FMT) == 3 * (8 + 20)
+    req = PrePushRequest(torch.tensor([7, 2, 9]), torch.randn(3, 5))
+    buf = pack(req.parts())
+    frame = _decode(encode_frame(req.frame(), buf.numel()))
+    assert frame == PrePushFrame(3)
+    back = PrePushRequest.decode(frame, buf, FMT)
+    assert torch.equal(back.keys, req.keys) and torch.equal(back.rows, req.rows)
+    with pytest.raises(EsdProtocolError):
+        PrePushRequest.decode(frame, buf[:-4], FMT)
 
 
 def test_grads_gather_and_abort_payloads_round_trip():

@@ -27,7 +27,7 @@ from torchrec_esd.ps import (
     Traffic,
     Transport,
 )
-from torchrec_esd.ps.protocol import FRAME_BYTES, GradsFrame, PushPullFrame, encode_frame
+from torchrec_esd.ps.protocol import FRAME_BYTES, GradsFrame, PrePushFrame, PushPullFrame, encode_frame
 
 DIM = 4
 
@@ -265,6 +265,50 @@ def test_server_checks_bag_gradients_against_the_bags_it_served():
     _, _, _, errors = _world(1, 1, True, SparseOptimizer(), _weights(), [rogue])
     assert isinstance(errors[1], EsdProtocolError)
     assert "'bags' = 3 but this PS served 0 DES bags" in str(errors[1])
+
+
+def test_pre_pushed_rows_are_stored_before_the_gradients_of_the_phase():
+    # EsdConfig.pre_push: PUSH_PULL, then PRE_PUSH (worker 0 sends rows of the next
+    # iteration, worker 1 an empty request), then GRADS of other rows: the next pulls see them
+    w0 = _weights(1)
+    glob = torch.cat([w0["t0"], w0["t1"]])
+    early = torch.full((2, DIM), 4.5)
+
+    def worker0(c):
+        c.push_pull(torch.empty(0, dtype=torch.int64), torch.empty(0, DIM), torch.tensor([2]))
+        c.pre_push(torch.tensor([6, 13]), early)
+        out = {"pre": c.last_traffic}
+        c.push_grads(torch.tensor([2]), torch.ones(1, DIM))
+        out["rows"], _, _ = c.push_pull(torch.empty(0, dtype=torch.int64), torch.empty(0, DIM),
+                                        torch.tensor([13, 6, 2]))
+        c.stop()
+        return out
+
+    def worker1(c):
+        c.push_pull(torch.empty(0, dtype=torch.int64), torch.empty(0, DIM), torch.empty(0, dtype=torch.int64))
+        c.pre_push(torch.empty(0, dtype=torch.int64), torch.empty(0, DIM))
+        c.push_grads(torch.empty(0, dtype=torch.int64), torch.empty(0, DIM))
+        rows, _, _ = c.push_pull(torch.empty(0, dtype=torch.int64), torch.empty(0, DIM), torch.tensor([6]))
+        c.stop()
+        return rows
+
+    res, _, _, errors = _world(2, 2, False, SparseOptimizer("sgd", 0.5), w0, [worker0, worker1])
+    assert errors == {}
+    assert torch.equal(res[0]["rows"][:2], early) and torch.equal(res[1], early[:1])
+    assert torch.equal(res[0]["rows"][2], glob[2] - 0.5)
+    # a frame to each PS, a payload (keys and rows) to each PS owning one of the keys
+    owners = len(set(KeySpace(TABLES, 2).locate(torch.tensor([6, 13]))[0].tolist()))
+    pre = res[0]["pre"]
+    assert pre.link == LinkStats(bytes_sent=2 * FRAME_BYTES + 2 * (8 + DIM * 4), messages_sent=2 + owners)
+    assert pre.section(Section.PUSH_ROWS) == SectionSize(2, 2 * DIM * 4)
+
+
+def test_a_pre_push_to_a_des_ps_is_a_protocol_error():
+    words = encode_frame(PrePushFrame(1), 8 + DIM * 4)
+    rogue = _Rogue(words, torch.zeros(8 + DIM * 4, dtype=torch.uint8))
+    _, _, _, errors = _world(1, 1, True, SparseOptimizer(), _weights(), [rogue])
+    assert isinstance(errors[1], EsdProtocolError)
+    assert "PRE_PUSH request to a PS with DES" in str(errors[1])
 
 
 def test_transmission_meter_takes_bytes_and_messages_from_the_traffic():

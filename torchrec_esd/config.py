@@ -191,6 +191,20 @@ class EsdConfig:
             turned 7 steps of 10-60 % over the level into one step of 1.9 s
             (most dirty rows are ones nobody else needs soon),
             ``benchmarks/results/rate_change_v10_v11.md``.
+        pre_push: send, right after the push/pull of batch ``i`` (before its
+            forward), the dirty rows that batch ``i+1``'s push/pull would
+            push and that this worker's batch ``i`` does not use, when ``i+1``
+            is dispatched already (``EsdInputDist.dispatch_ahead``): the PS
+            stores them at once, so they cross the worker's uplink while
+            batch ``i`` computes instead of after its gradients, and the
+            other workers' pulls of ``i+1`` no longer wait for them.  Exact
+            at staleness 0: no gradient of batch ``i`` touches those rows (a
+            row only one worker holds up to date is used by no other worker
+            in ``i``, and this worker does not use it either), so storing
+            them before the gradients of ``i`` or after is the same.  Every
+            worker then sends one (possibly empty) ``PRE_PUSH`` request per
+            iteration.  Needs ``staleness=0``, not with ``des_misses`` or
+            ``prefetch_depth``.  Default off.
     """
 
     workers: Sequence[WorkerSpec]
@@ -209,6 +223,7 @@ class EsdConfig:
     prefetch_depth: int = 0
     early_pull: bool = True
     flush_on_slowdown: Optional[float] = None
+    pre_push: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -275,6 +290,16 @@ class EsdConfig:
             self.flush_on_slowdown is None or (self.online_links and not self.prefetch_depth),
             "EsdConfig.flush_on_slowdown reads the measured links and changes the pushes prefetch's rule reads: "
             "it needs online_links=True and prefetch_depth=0",
+        )
+        _require(
+            isinstance(self.pre_push, bool),
+            f"EsdConfig.pre_push must be a bool, got {self.pre_push!r}",
+        )
+        _require(
+            not self.pre_push or (self.staleness == 0 and not self.des_misses and not self.prefetch_depth),
+            "EsdConfig.pre_push stores the next iteration's dirty rows before this one's gradients, which is "
+            "exact only at staleness=0, and it is not combined with des_misses or prefetch_depth (got "
+            f"staleness={self.staleness}, des_misses={self.des_misses}, prefetch_depth={self.prefetch_depth})",
         )
         _require(
             isinstance(self.early_pull, bool),

@@ -52,6 +52,9 @@ class TransmissionMeter:
     # dirty rows written back after the worker's link slowed down (EsdConfig.flush_on_slowdown),
     # counted in update_push too
     flushed_rows: int = 0
+    # pushed rows (counted in their kinds with the push/pull they belong to) sent right after the
+    # previous push/pull, while the previous batch computed (EsdConfig.pre_push)
+    pre_pushed_rows: int = 0
 
     def add(self, kind: str, rows: int, num_bytes: int) -> None:
         if kind not in self.rows:
@@ -123,6 +126,7 @@ class TransmissionMeter:
             "prefetched_rows": self.prefetched_rows,
             "early_pulls": self.early_pulls,
             "flushed_rows": self.flushed_rows,
+            "pre_pushed_rows": self.pre_pushed_rows,
         }
 
     @staticmethod
@@ -138,4 +142,5 @@ class TransmissionMeter:
             "prefetched_rows": sum(w.get("prefetched_rows", 0) for w in per_worker),
             "early_pulls": sum(w.get("early_pulls", 0) for w in per_worker),
             "flushed_rows": sum(w.get("flushed_rows", 0) for w in per_worker),
+            "pre_pushed_rows": sum(w.get("pre_pushed_rows", 0) for w in per_worker),
         }

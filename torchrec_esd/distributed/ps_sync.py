@@ -56,10 +56,16 @@ class PsSync:
         self._deferred: Optional[IterationPlan] = None  # a prefetch to post before the gradients
         self._wait_s = runtime.config.collective_timeout_s  # bound on waiting for the next plan there
         # the push/pull of the next iteration, posted after this one's gradients (post_next):
-        # (iteration, exchange, mask of the plan's pull keys it asked for, prefetched keys left out)
-        self._next: Optional[Tuple[int, PendingPushPull, Optional[torch.Tensor], int]] = None
+        # (iteration, exchange, mask of the plan's pull keys it asked for, prefetched keys left out,
+        # the pre-push's traffic to meter with it)
+        self._next: Optional[Tuple[int, PendingPushPull, Optional[torch.Tensor], int, List[Traffic]]] = None
         self._no_partials = torch.empty(0, runtime.client.routing.wire_dim)
         self._post_next = runtime.config.early_pull and not runtime.config.des_misses
+        self._pre_push = runtime.config.pre_push
+        # rows of the next iteration's pushes sent early (pre_push): (iteration, keys, traffic)
+        self._prepushed: Optional[Tuple[int, torch.Tensor, Traffic]] = None
+        if self._pre_push:
+            self._row_width = runtime.client.routing.wire_dim + runtime.client.optimizer.state_dim
 
     def push_pull(
         self, wp: WorkerPlan, push_values: Optional[torch.Tensor], des: Optional[DesRequest] = None,
@@ -75,9 +81,14 @@ class PsSync:
         pull_keys = wp.pull_keys
         have, have_rows, extra = self._take_prefetched(iteration)
         rest = ~torch.isin(pull_keys, have) if have.numel() else None
+        push_keys, push_values = wp.push_keys, push_values.cpu()
+        unsent, pre = self._not_prepushed(wp, iteration)
+        if unsent is not None:
+            push_keys, push_values = push_keys[unsent], push_values[unsent]
         got, partial, route = self._client.push_pull(
-            wp.push_keys, push_values.cpu(), pull_keys if rest is None else pull_keys[rest], des,
+            push_keys, push_values, pull_keys if rest is None else pull_keys[rest], des,
             batch_fingerprint=wp.global_fingerprint)
+        extra = extra + pre
         traffic = self._client.last_traffic
         self._observe_link(traffic, wp.num_samples)  # the one synchronous exchange, its reply timed
         return self._merged(wp, got, rest, have, have_rows, traffic, extra), partial, route
@@ -109,6 +120,44 @@ class PsSync:
         self._meter.flushed_rows += wp.flushed_rows
         return got
 
+    # ------------------------------------------------------------ the next pushes, early
+    def pre_push(self, current: IterationPlan, store) -> None:
+        """Right after the push/pull of ``current`` (``EsdConfig.pre_push``):
+        send the rows the next iteration's push/pull would push (value +
+        state, read from ``store``) except those this worker uses in
+        ``current``, when the next plan is dispatched already; returns before
+        the sends complete, so they cross the uplink while ``current``
+        computes.  Every worker calls it once per push/pull (a lockstep PS
+        phase between the push/pull and the gradients), with or without rows.
+        Exact at staleness 0 (``EsdConfig.pre_push``): a row in the next push
+        set is dirty here, so no other worker used it in ``current`` (it
+        would have been pushed for that, and only a local update dirties it
+        again), and this worker does not use it: no gradient of ``current``
+        touches it, and its value is final now."""
+        if not self._pre_push:
+            return
+        it = current.iteration + 1
+        keys, rows = _NO_KEYS, torch.empty(0, self._row_width)
+        nxt = self._plans.peek(it)
+        if nxt is not None:
+            wn = nxt.workers[self._worker]
+            if wn.push_keys.numel():
+                early = ~torch.isin(wn.push_keys, current.workers[self._worker].used_keys)
+                keys = wn.push_keys[early]
+                rows = store.read(wn.push_slots[early]).cpu()
+        self._client.pre_push(keys, rows)
+        self._prepushed = (it, keys, self._client.last_traffic)
+        self._meter.pre_pushed_rows += int(keys.numel())
+
+    def _not_prepushed(self, wp: WorkerPlan, iteration: Optional[int]) -> Tuple[Optional[torch.Tensor], List[Traffic]]:
+        """(mask of ``wp.push_keys`` not sent by :meth:`pre_push` or None for
+        all, the pre-push's traffic to meter with this push/pull)."""
+        if self._prepushed is None or iteration is None or self._prepushed[0] != iteration:
+            return None, []
+        _, keys, traffic = self._prepushed
+        self._prepushed = None
+        return (~torch.isin(wp.push_keys, keys) if keys.numel() else None), [traffic]
+
     # ------------------------------------------------------------ the next push/pull, early
     def post_next(self, iteration: int, store) -> None:
         """After the gradients of ``iteration``: post the push/pull of
@@ -132,10 +181,14 @@ class PsSync:
         wp = plan.workers[self._worker]
         have = self._prefetched_keys(iteration + 1)
         rest = ~torch.isin(wp.pull_keys, have) if have.numel() else None
+        push_keys, push_slots = wp.push_keys, wp.push_slots
+        unsent, pre = self._not_prepushed(wp, iteration + 1)
+        if unsent is not None:
+            push_keys, push_slots = push_keys[unsent], push_slots[unsent]
         pending = self._client.post_push_pull(
-            wp.push_keys, store.read(wp.push_slots).cpu(), wp.pull_keys if rest is None else wp.pull_keys[rest],
+            push_keys, store.read(push_slots).cpu(), wp.pull_keys if rest is None else wp.pull_keys[rest],
             batch_fingerprint=wp.global_fingerprint)
-        self._next = (iteration + 1, pending, rest, int(have.numel()))
+        self._next = (iteration + 1, pending, rest, int(have.numel()), pre)
         self._meter.early_pulls += 1
 
     def posted(self, iteration: int) -> bool:
@@ -143,7 +196,7 @@ class PsSync:
         return self._next is not None and self._next[0] == iteration
 
     def _take_next(self, wp: WorkerPlan, iteration: Optional[int]) -> torch.Tensor:
-        it, pending, rest, n_have = self._next  # type: ignore[misc]
+        it, pending, rest, n_have, pre = self._next  # type: ignore[misc]
         self._next = None
         if iteration != it:
             raise EsdConfigError(f"the push/pull of iteration {it} was posted after the previous gradients, but "
@@ -155,7 +208,7 @@ class PsSync:
         if have.numel() != n_have:
             raise EsdConfigError(f"iteration {it}: {have.numel()} rows prefetched, {n_have} when its push/pull "
                                  "was posted")
-        return self._merged(wp, got, rest, have, have_rows, traffic, extra)
+        return self._merged(wp, got, rest, have, have_rows, traffic, extra + pre)
 
     def _prefetched_keys(self, iteration: int) -> torch.Tensor:
         """Keys prefetched (ready or posted) for ``iteration``, without waiting."""

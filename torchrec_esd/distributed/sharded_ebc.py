@@ -229,6 +229,7 @@ class ShardedEsdEmbeddingBagCollection(
         dst = slot[pull_pos]
         cached = dst >= 0
         store.write(dst[cached], got[cached])
+        self._ps.pre_push(plan, store)  # (EsdConfig.pre_push) the next batch's pushes leave now
         # working set: the rows this batch uses, in used_keys order (DES-served rows
         # stay zero: no value points at them, their bags read the partial sums)
         d = self._wire_dim

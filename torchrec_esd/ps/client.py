@@ -31,6 +31,7 @@ from torchrec_esd.ps.protocol import (
     GradsRequest,
     Parts,
     PrefetchRequest,
+    PrePushRequest,
     ProtocolLimits,
     PushPullReply,
     PushPullRequest,
@@ -203,15 +204,18 @@ class PsClient:
         arrival to the last reply byte are the replies' transfer
         (``Traffic.transfer_seconds``)."""
         t = self.transport
-        t.wait(self._unsent)
-        self._unsent = []
+        if wait or reply_bytes is not None:
+            t.wait(self._unsent)
+            self._unsent = []
         before = t.meter.total()
         start = time.perf_counter()
         sends, recvs, replies, sections, markers = self._post(
             frames, parts, reply_bytes if reply_bytes is not None else [0] * len(t.ps_ranks))
         seconds, transfer_s, transfer_b = 0.0, 0.0, 0
         if not wait and reply_bytes is None:
-            self._unsent = sends
+            # waited for at the next exchange that waits: a request with no reply does not wait
+            # for the previous one's sends (a pre-push may still cross a slow uplink)
+            self._unsent += sends
         else:
             mk = [m for _, m in markers]
             native = t.native_clock(mk, recvs) if markers else None
@@ -442,6 +446,15 @@ class PsClient:
         _, ks, gs = self._split_by_ps(keys, grads.to(torch.float32))  # the request's pack copies them
         reqs = [GradsRequest(ks[i], gs[i], send_bags[i]) for i in range(self.routing.num_ps)]
         self._exchange([q.frame() for q in reqs], [q.parts() for q in reqs], wait=False)  # the worker goes on
+
+    def pre_push(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
+        """Send ``rows`` [n, D+S] (value + state) of ``keys`` to be stored
+        now (``EsdConfig.pre_push``: between a push/pull and its gradients;
+        one request to each PS, also where empty, no reply); returns before
+        the sends complete, as :meth:`push_grads`."""
+        _, ks, rs = self._split_by_ps(keys, rows.to(torch.float32))
+        reqs = [PrePushRequest(ks[i], rs[i]) for i in range(self.routing.num_ps)]
+        self._exchange([q.frame() for q in reqs], [q.parts() for q in reqs], wait=False)
 
     def gather_tables(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
         """Full tables and optimizer states, assembled from every PS's storage

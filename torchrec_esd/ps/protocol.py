@@ -66,6 +66,7 @@ class Command(IntEnum):
     GRADS = 2  # row and DES bag gradients; no reply
     GATHER = 3  # every PS replies its whole storage (tests, checkpoints)
     PREFETCH = 4  # pull rows of a later iteration early (EsdConfig.prefetch_depth); one reply
+    PRE_PUSH = 5  # dirty rows the next iteration pushes, sent while this one computes (EsdConfig.pre_push); no reply
     STOP = 8
     ABORT = 9  # payload: the reason, UTF-8
 
@@ -185,6 +186,22 @@ class PrefetchFrame:
 
 
 @dataclass(frozen=True)
+class PrePushFrame:
+    """Push-only request between a push/pull and its gradients: rows (value +
+    state) that the next iteration's push/pull would push, stored at once
+    (``EsdConfig.pre_push``); no reply."""
+
+    COMMAND: ClassVar[Command] = Command.PRE_PUSH
+    pushes: int
+
+    def check(self, limits: ProtocolLimits, where: str) -> None:
+        _bound(where, "PRE_PUSH", "pushes", self.pushes, limits.rows, "rows the PS owns")
+
+    def payload_bytes(self, fmt: RowFormat) -> int:
+        return self.pushes * (KEY_BYTES + fmt.row_bytes)
+
+
+@dataclass(frozen=True)
 class GatherFrame:
     COMMAND: ClassVar[Command] = Command.GATHER
 
@@ -219,8 +236,9 @@ class AbortFrame:
         return self.message_bytes
 
 
-Frame = Union[PushPullFrame, GradsFrame, PrefetchFrame, GatherFrame, StopFrame, AbortFrame]
-FRAME_TYPES = {t.COMMAND: t for t in (PushPullFrame, GradsFrame, PrefetchFrame, GatherFrame, StopFrame, AbortFrame)}
+Frame = Union[PushPullFrame, GradsFrame, PrefetchFrame, PrePushFrame, GatherFrame, StopFrame, AbortFrame]
+FRAME_TYPES = {t.COMMAND: t for t in (PushPullFrame, GradsFrame, PrefetchFrame, PrePushFrame, GatherFrame, StopFrame,
+                                      AbortFrame)}
 
 
 def encode_frame(frame: Frame, payload_bytes: int) -> torch.Tensor:
@@ -407,6 +425,28 @@ class PrefetchRequest:
         rows = rd.take(frame.pulls, torch.float32, (fmt.dim + fmt.state_dim,))
         rd.done()
         return rows
+
+
+@dataclass
+class PrePushRequest:
+    """Wire order: the keys, then their rows ``[pushes, D+S]`` (value + state)."""
+
+    keys: torch.Tensor  # [n] int64
+    rows: torch.Tensor  # [n, D+S] float32
+
+    def frame(self) -> PrePushFrame:
+        return PrePushFrame(self.keys.numel())
+
+    def parts(self) -> Parts:
+        return [(Section.KEYS, self.keys), (Section.PUSH_ROWS, self.rows.to(torch.float32))]
+
+    @staticmethod
+    def decode(frame: PrePushFrame, buf: torch.Tensor, fmt: RowFormat) -> "PrePushRequest":
+        rd = PayloadReader(buf)
+        req = PrePushRequest(rd.take(frame.pushes, torch.int64), rd.take(frame.pushes, torch.float32,
+                                                                            (fmt.dim + fmt.state_dim,)))
+        rd.done()
+        return req
 
 
 @dataclass

@@ -14,6 +14,11 @@ they all sent the same command and answers where the phase has a reply:
   iteration from the storage as it is now (the workers ask only for rows
   that nothing changes before that iteration reads them,
   :mod:`torchrec_esd.cache.prefetch`); no state changes;
+* ``PRE_PUSH`` (``EsdConfig.pre_push``): store pushed rows (value + state)
+  that the next push/pull would push; it comes between a push/pull and its
+  gradients, and the workers send only rows that no gradient of that phase
+  touches (:meth:`torchrec_esd.distributed.ps_sync.PsSync.pre_push`); no
+  reply;
 * ``GATHER``: send every worker this PS's storage; ``STOP``; ``ABORT``.
 
 Every frame is bounded (:func:`~torchrec_esd.ps.protocol.decode_frame`) and
@@ -41,6 +46,8 @@ from torchrec_esd.ps.protocol import (
     GradsFrame,
     GradsRequest,
     PrefetchRequest,
+    PrePushFrame,
+    PrePushRequest,
     ProtocolLimits,
     PushPullFrame,
     PushPullReply,
@@ -104,6 +111,8 @@ class ParameterServer:
                 self.iterations += 1
             elif cmd is Command.PREFETCH:
                 self._prefetch(frames, payloads)
+            elif cmd is Command.PRE_PUSH:
+                self._pre_push(frames, payloads)
             elif cmd is Command.GATHER:
                 self._gather()
             elif cmd is Command.STOP:
@@ -159,6 +168,9 @@ class ParameterServer:
         where = f"PS {self.ps_index}: request from worker {worker}"
         if isinstance(frame, PushPullFrame) and not self.des and (frame.des_pairs or frame.des_bags):
             raise EsdProtocolError(f"{where}: a DES request (des_pairs = {frame.des_pairs}) to a PS without DES")
+        if isinstance(frame, PrePushFrame) and self.des:
+            raise EsdProtocolError(f"{where}: a PRE_PUSH request to a PS with DES (EsdConfig.pre_push is not "
+                                   "combined with des_misses)")
         if isinstance(frame, GradsFrame):
             if not self.des and frame.bags:
                 raise EsdProtocolError(f"{where}: DES bag gradients (bags = {frame.bags}) sent to a PS without DES")
@@ -228,6 +240,14 @@ class ParameterServer:
         rows, state = self.storage.rows(uniq), self.storage.state(uniq)
         self.optimizer.apply_(rows, state, total, self.storage.row_dims(uniq))
         self.storage.write(uniq, rows, state)
+
+    def _pre_push(self, frames: List[Frame], payloads: List[torch.Tensor]) -> None:
+        reqs = [PrePushRequest.decode(f, p, self.fmt) for f, p in zip(frames, payloads)]  # type: ignore[arg-type]
+        keys = torch.cat([q.keys for q in reqs])
+        if keys.numel():
+            dim = self.routing.wire_dim
+            vals = torch.cat([q.rows for q in reqs])
+            self.storage.write(self._local(keys), vals[:, :dim], vals[:, dim:])
 
     def _prefetch(self, frames: List[Frame], payloads: List[torch.Tensor]) -> None:
         reqs = [PrefetchRequest.decode(f, p, self.fmt) for f, p in zip(frames, payloads)]  # type: ignore[arg-type]
