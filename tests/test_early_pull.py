@@ -107,14 +107,24 @@ def test_pre_push_sends_the_next_pushes_this_batch_does_not_use_and_the_next_pus
     assert client.calls[1:] == [("grads", [9]), ("post", [1, 2])] and client.pushed == [8]
 
 
-def test_pre_push_sends_an_empty_request_without_the_next_plan_and_nothing_when_off():
+def test_pre_push_waits_for_the_next_plan_before_the_gradients_and_is_empty_when_none_comes():
     ps, rt, client = _sync(pre_push=True)
-    ps.pre_push(_plan(3), _Store())  # plan 4 not dispatched yet: the PS phase still needs the request
-    assert client.calls == [("pre_push", [])]
+    ps.pre_push(_plan(3, used_keys=(8,)), _Store())  # plan 4 not dispatched yet: deferred
+    assert client.calls == []
     rt.plans.plans[4] = _plan(4, push_keys=(5, 8))
+    ps.push_grads(torch.tensor([9]), torch.zeros(1, 4), None, torch.zeros(0, 4))
+    assert client.calls == [("pre_push", [5]), ("grads", [9])]
     ps.post_next(3, _Store())
-    assert client.pushed == [5, 8]  # nothing was sent early for 4
+    assert client.pushed == [8]
+    # the last batch: no plan comes, the PS phase still gets its (empty) request before the gradients
+    ps.pre_push(_plan(4), _Store())
+    ps.push_grads(torch.tensor([1]), torch.zeros(1, 4), None, torch.zeros(0, 4))
+    assert client.calls[-2:] == [("pre_push", []), ("grads", [1])]
+
+
+def test_no_pre_push_when_off():
     ps, rt, client = _sync(pre_push=False)
     rt.plans.plans[4] = _plan(4)
     ps.pre_push(_plan(3), _Store())
-    assert client.calls == []
+    ps.push_grads(torch.tensor([9]), torch.zeros(1, 4), None, torch.zeros(0, 4))
+    assert client.calls == [("grads", [9])]

@@ -64,6 +64,7 @@ class PsSync:
         self._pre_push = runtime.config.pre_push
         # rows of the next iteration's pushes sent early (pre_push): (iteration, keys, traffic)
         self._prepushed: Optional[Tuple[int, torch.Tensor, Traffic]] = None
+        self._pre_deferred = None  # (plan, store) of a pre-push waiting for the next plan (push_grads)
         if self._pre_push:
             self._row_width = runtime.client.routing.wire_dim + runtime.client.optimizer.state_dim
 
@@ -129,6 +130,11 @@ class PsSync:
         the sends complete, so they cross the uplink while ``current``
         computes.  Every worker calls it once per push/pull (a lockstep PS
         phase between the push/pull and the gradients), with or without rows.
+        When the dispatch thread has not planned the next batch yet, the
+        request moves to just before the gradients and waits there for that
+        plan (as :meth:`prefetch` does), so what is sent early does not
+        depend on thread timing; the values are the same then (this batch's
+        local updates do not touch those rows).
         Exact at staleness 0 (``EsdConfig.pre_push``): a row in the next push
         set is dirty here, so no other worker used it in ``current`` (it
         would have been pushed for that, and only a local update dirties it
@@ -136,9 +142,16 @@ class PsSync:
         touches it, and its value is final now."""
         if not self._pre_push:
             return
+        if self._plans.peek(current.iteration + 1) is None:
+            self._pre_deferred = (current, store)  # sent before the gradients (push_grads)
+            return
+        self._send_pre_push(current, store)
+
+    def _send_pre_push(self, current: IterationPlan, store, wait_s: float = 0.0) -> None:
+        self._pre_deferred = None
         it = current.iteration + 1
         keys, rows = _NO_KEYS, torch.empty(0, self._row_width)
-        nxt = self._plans.peek(it)
+        nxt = self._plans.peek(it, wait_s)
         if nxt is not None:
             wn = nxt.workers[self._worker]
             if wn.push_keys.numel():
@@ -289,10 +302,13 @@ class PsSync:
                    bag_grads: torch.Tensor) -> None:
         """Gradients of ``keys`` (and of the DES bags of ``route``) to the PS;
         returns before the sends complete (the next exchange waits for them).
-        A prefetch deferred by :meth:`prefetch` is posted first (its phase
-        comes before the gradients')."""
+        A prefetch deferred by :meth:`prefetch`, or a pre-push deferred by
+        :meth:`pre_push`, is posted first (its phase comes before the
+        gradients')."""
         if self._deferred is not None:
             self._post(self._deferred, self._wait_s)
+        if self._pre_deferred is not None:
+            self._send_pre_push(*self._pre_deferred, wait_s=self._wait_s)
         self._client.push_grads(keys, grads.detach().cpu(), route, bag_grads.detach().cpu())
         self._meter.record_grads(self._client.last_traffic, self._link)
 
