@@ -44,11 +44,12 @@ class _Store:
         return torch.zeros(slots.numel(), 5)
 
 
-def _sync(early_pull=True, des=False, pre_push=False):
+def _sync(early_pull=True, des=False, pre_push=False, uplink_bytes_per_s=1e3):
     meter = SimpleNamespace(early_pulls=0, prefetched_rows=0, pre_pushed_rows=0, record_grads=lambda *a: None)
     client = _Client()
     client.optimizer = SimpleNamespace(state_dim=1)
-    rt = SimpleNamespace(client=client, meter=meter, link=0, link_estimates=None, estimates_group=None, plans=_Plans(),
+    rt = SimpleNamespace(client=client, meter=meter, link=SimpleNamespace(bytes_per_second=uplink_bytes_per_s),
+                         link_estimates=None, estimates_group=None, plans=_Plans(),
                          worker_index=0,
                          config=SimpleNamespace(prefetch_depth=0, collective_timeout_s=1.0, early_pull=early_pull,
                                                 des_misses=des, pre_push=pre_push))
@@ -120,6 +121,16 @@ def test_pre_push_waits_for_the_next_plan_before_the_gradients_and_is_empty_when
     ps.pre_push(_plan(4), _Store())
     ps.push_grads(torch.tensor([1]), torch.zeros(1, 4), None, torch.zeros(0, 4))
     assert client.calls[-2:] == [("pre_push", []), ("grads", [1])]
+
+
+def test_pre_push_leaves_rows_to_the_push_pull_where_they_are_quick_on_the_uplink():
+    # 2 rows x (8 + 4 x 5) B = 56 B: at 1e6 B/s 0.056 ms, under PRE_PUSH_MIN_S (the request is empty)
+    ps, rt, client = _sync(pre_push=True, uplink_bytes_per_s=1e6)
+    rt.plans.plans[4] = _plan(4, push_keys=(5, 11))
+    ps.pre_push(_plan(3), _Store())
+    assert client.calls == [("pre_push", [])]
+    ps.post_next(3, _Store())
+    assert client.pushed == [5, 11]
 
 
 def test_no_pre_push_when_off():

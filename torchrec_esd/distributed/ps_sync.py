@@ -35,6 +35,12 @@ from torchrec_esd.ps.protocol import Section, SectionSize
 from torchrec_esd.ps.transport import LinkStats, Traffic
 
 _NO_KEYS = torch.empty(0, dtype=torch.int64)
+# EsdConfig.pre_push: a worker sends its rows early only when they would take at least this long on its
+# uplink (its estimated link with online_links, else the configured one); otherwise its request is empty.
+# On the hetero mix the fast workers' early rows cost CPU and saved nothing: with every worker sending,
+# the planner's shares ran 75 -> 80 ms, with only the 10 Mbit/s worker 79 -> 81 ms, and equal shares kept
+# their gain (154 -> 148 ms) (benchmarks/results/s11_pre_push.md)
+PRE_PUSH_MIN_S = 0.002
 
 
 class PsSync:
@@ -135,6 +141,9 @@ class PsSync:
         plan (as :meth:`prefetch` does), so what is sent early does not
         depend on thread timing; the values are the same then (this batch's
         local updates do not touch those rows).
+        Rows that would take less than :data:`PRE_PUSH_MIN_S` on this
+        worker's uplink are not worth it (the request is then empty and the
+        next push/pull pushes them).
         Exact at staleness 0 (``EsdConfig.pre_push``): a row in the next push
         set is dirty here, so no other worker used it in ``current`` (it
         would have been pushed for that, and only a local update dirties it
@@ -156,11 +165,19 @@ class PsSync:
             wn = nxt.workers[self._worker]
             if wn.push_keys.numel():
                 early = ~torch.isin(wn.push_keys, current.workers[self._worker].used_keys)
-                keys = wn.push_keys[early]
-                rows = store.read(wn.push_slots[early]).cpu()
+                n = int(early.sum())
+                if n * (8 + 4 * self._row_width) >= PRE_PUSH_MIN_S * self._uplink_bytes_per_s():
+                    keys = wn.push_keys[early]
+                    rows = store.read(wn.push_slots[early]).cpu()
         self._client.pre_push(keys, rows)
         self._prepushed = (it, keys, self._client.last_traffic)
         self._meter.pre_pushed_rows += int(keys.numel())
+
+    def _uplink_bytes_per_s(self) -> float:
+        """This worker's link: its current estimate with online links, else the configured rate."""
+        if self._estimates is not None:
+            return float(self._estimates.links[self._worker].bytes_per_second)
+        return float(self._link.bytes_per_second)
 
     def _not_prepushed(self, wp: WorkerPlan, iteration: Optional[int]) -> Tuple[Optional[torch.Tensor], List[Traffic]]:
         """(mask of ``wp.push_keys`` not sent by :meth:`pre_push` or None for
