@@ -44,15 +44,15 @@ class _Store:
         return torch.zeros(slots.numel(), 5)
 
 
-def _sync(early_pull=True, des=False, pre_push=False, uplink_bytes_per_s=1e3):
+def _sync(early_pull=True, des=False, pre_push=False, uplink_bytes_per_s=1e3, slowest=1e3):
     meter = SimpleNamespace(early_pulls=0, prefetched_rows=0, pre_pushed_rows=0, record_grads=lambda *a: None)
     client = _Client()
     client.optimizer = SimpleNamespace(state_dim=1)
-    rt = SimpleNamespace(client=client, meter=meter, link=SimpleNamespace(bytes_per_second=uplink_bytes_per_s),
-                         link_estimates=None, estimates_group=None, plans=_Plans(),
+    links = [SimpleNamespace(bytes_per_second=uplink_bytes_per_s), SimpleNamespace(bytes_per_second=slowest)]
+    rt = SimpleNamespace(client=client, meter=meter, link=links[0], link_estimates=None, estimates_group=None, plans=_Plans(),
                          worker_index=0,
                          config=SimpleNamespace(prefetch_depth=0, collective_timeout_s=1.0, early_pull=early_pull,
-                                                des_misses=des, pre_push=pre_push))
+                                                des_misses=des, pre_push=pre_push, workers=links))
     return PsSync(rt), rt, client
 
 
@@ -131,6 +131,11 @@ def test_pre_push_leaves_rows_to_the_push_pull_where_they_are_quick_on_the_uplin
     assert client.calls == [("pre_push", [])]
     ps.post_next(3, _Store())
     assert client.pushed == [5, 11]
+    # and where another worker's link is much slower: that one's pushes are the ones that matter
+    ps, rt, client = _sync(pre_push=True, uplink_bytes_per_s=1e3, slowest=1e2)
+    rt.plans.plans[4] = _plan(4, push_keys=(5, 11))
+    ps.pre_push(_plan(3), _Store())
+    assert client.calls == [("pre_push", [])]
 
 
 def test_no_pre_push_when_off():
@@ -139,3 +144,15 @@ def test_no_pre_push_when_off():
     ps.pre_push(_plan(3), _Store())
     ps.push_grads(torch.tensor([9]), torch.zeros(1, 4), None, torch.zeros(0, 4))
     assert client.calls == [("grads", [9])]
+
+
+def test_pre_push_reads_the_links_from_the_online_estimates_when_there_are_some():
+    # configured: this worker the slowest; estimated: another worker 10x slower, so this one stays quiet
+    ps, rt, client = _sync(pre_push=True, uplink_bytes_per_s=1e3, slowest=1e3)
+    ps._estimates = SimpleNamespace(bytes_per_second=lambda: [1e3, 1e2])
+    rt.plans.plans[4] = _plan(4, push_keys=(5, 11))
+    ps.pre_push(_plan(3), _Store())
+    assert client.calls == [("pre_push", [])]
+    ps._estimates = SimpleNamespace(bytes_per_second=lambda: [1e2, 1e3])  # now it is the slow one
+    ps.pre_push(_plan(3), _Store())
+    assert client.calls[-1] == ("pre_push", [5, 11])

@@ -35,12 +35,14 @@ from torchrec_esd.ps.protocol import Section, SectionSize
 from torchrec_esd.ps.transport import LinkStats, Traffic
 
 _NO_KEYS = torch.empty(0, dtype=torch.int64)
-# EsdConfig.pre_push: a worker sends its rows early only when they would take at least this long on its
-# uplink (its estimated link with online_links, else the configured one); otherwise its request is empty.
-# On the hetero mix the fast workers' early rows cost CPU and saved nothing: with every worker sending,
-# the planner's shares ran 75 -> 80 ms, with only the 10 Mbit/s worker 79 -> 81 ms, and equal shares kept
-# their gain (154 -> 148 ms) (benchmarks/results/s11_pre_push.md)
+# EsdConfig.pre_push: a worker sends its rows early only when its link is among the slowest (within
+# PRE_PUSH_SLOWEST of the slowest worker's; the estimates with online_links, else the configured rates) and
+# the rows would take at least PRE_PUSH_MIN_S on it; otherwise its request is empty.  On the hetero mix the
+# faster workers' early rows cost CPU and saved nothing: with every worker sending, the planner's shares ran
+# 75 -> 80 ms, with only the 10 Mbit/s worker 79 -> 81 ms, and equal shares kept their gain (154 -> 148 ms)
+# (benchmarks/results/s11_pre_push.md)
 PRE_PUSH_MIN_S = 0.002
+PRE_PUSH_SLOWEST = 1.25
 
 
 class PsSync:
@@ -68,6 +70,7 @@ class PsSync:
         self._no_partials = torch.empty(0, runtime.client.routing.wire_dim)
         self._post_next = runtime.config.early_pull and not runtime.config.des_misses
         self._pre_push = runtime.config.pre_push
+        self._workers = runtime.config.workers  # their configured links (pre_push without online_links)
         # rows of the next iteration's pushes sent early (pre_push): (iteration, keys, traffic)
         self._prepushed: Optional[Tuple[int, torch.Tensor, Traffic]] = None
         self._pre_deferred = None  # (plan, store) of a pre-push waiting for the next plan (push_grads)
@@ -141,9 +144,10 @@ class PsSync:
         plan (as :meth:`prefetch` does), so what is sent early does not
         depend on thread timing; the values are the same then (this batch's
         local updates do not touch those rows).
-        Rows that would take less than :data:`PRE_PUSH_MIN_S` on this
-        worker's uplink are not worth it (the request is then empty and the
-        next push/pull pushes them).
+        Only a worker whose link is among the slowest
+        (:data:`PRE_PUSH_SLOWEST`) sends rows, and only rows that would take
+        at least :data:`PRE_PUSH_MIN_S` on it: elsewhere the request is empty
+        and the next push/pull pushes them.
         Exact at staleness 0 (``EsdConfig.pre_push``): a row in the next push
         set is dirty here, so no other worker used it in ``current`` (it
         would have been pushed for that, and only a local update dirties it
@@ -166,18 +170,22 @@ class PsSync:
             if wn.push_keys.numel():
                 early = ~torch.isin(wn.push_keys, current.workers[self._worker].used_keys)
                 n = int(early.sum())
-                if n * (8 + 4 * self._row_width) >= PRE_PUSH_MIN_S * self._uplink_bytes_per_s():
+                mine, slowest = self._uplinks_bytes_per_s()
+                if mine <= PRE_PUSH_SLOWEST * slowest and n * (8 + 4 * self._row_width) >= PRE_PUSH_MIN_S * mine:
                     keys = wn.push_keys[early]
                     rows = store.read(wn.push_slots[early]).cpu()
         self._client.pre_push(keys, rows)
         self._prepushed = (it, keys, self._client.last_traffic)
         self._meter.pre_pushed_rows += int(keys.numel())
 
-    def _uplink_bytes_per_s(self) -> float:
-        """This worker's link: its current estimate with online links, else the configured rate."""
+    def _uplinks_bytes_per_s(self) -> Tuple[float, float]:
+        """(this worker's link, the slowest worker's): the current estimates
+        with online links, else the configured rates."""
         if self._estimates is not None:
-            return float(self._estimates.links[self._worker].bytes_per_second)
-        return float(self._link.bytes_per_second)
+            rates = [float(r) for r in self._estimates.bytes_per_second()]
+        else:
+            rates = [float(w.bytes_per_second) for w in self._workers]
+        return rates[self._worker], min(rates)
 
     def _not_prepushed(self, wp: WorkerPlan, iteration: Optional[int]) -> Tuple[Optional[torch.Tensor], List[Traffic]]:
         """(mask of ``wp.push_keys`` not sent by :meth:`pre_push` or None for
