@@ -45,6 +45,13 @@ PRE_PUSH_MIN_S = 0.002
 PRE_PUSH_SLOWEST = 1.25
 
 
+def _with(traffic: Traffic, more: List[Traffic]) -> Traffic:
+    """``traffic`` with the bytes of ``more`` added (its own seconds and timed reply)."""
+    for t in more:
+        traffic = traffic.merged(t)
+    return traffic
+
+
 class PsSync:
     """The PS phases of one worker (``runtime``: an ``EsdWorkerRuntime``)."""
 
@@ -98,10 +105,10 @@ class PsSync:
         got, partial, route = self._client.push_pull(
             push_keys, push_values, pull_keys if rest is None else pull_keys[rest], des,
             batch_fingerprint=wp.global_fingerprint)
-        extra = extra + pre
         traffic = self._client.last_traffic
-        self._observe_link(traffic, wp.num_samples)  # the one synchronous exchange, its reply timed
-        return self._merged(wp, got, rest, have, have_rows, traffic, extra), partial, route
+        # the one synchronous exchange, its reply timed; its bytes with the pre-push's (the link carried both)
+        self._observe_link(_with(traffic, pre), wp.num_samples)
+        return self._merged(wp, got, rest, have, have_rows, traffic, extra + pre), partial, route
 
     def _observe_link(self, traffic: Traffic, samples: int) -> None:
         """With online links: record this push/pull (a posted one only where
@@ -241,7 +248,7 @@ class PsSync:
                                  f"the module computes iteration {iteration}: train batches in dispatch order")
         got = self._client.finish_push_pull(pending)
         traffic = self._client.last_traffic
-        self._observe_link(traffic, wp.num_samples)  # its reply timed while this worker computed
+        self._observe_link(_with(traffic, pre), wp.num_samples)  # its reply timed while this worker computed
         have, have_rows, extra = self._take_prefetched(iteration)
         if have.numel() != n_have:
             raise EsdConfigError(f"iteration {it}: {have.numel()} rows prefetched, {n_have} when its push/pull "
