@@ -156,3 +156,27 @@ def test_pre_push_reads_the_links_from_the_online_estimates_when_there_are_some(
     ps._estimates = SimpleNamespace(bytes_per_second=lambda: [1e2, 1e3])  # now it is the slow one
     ps.pre_push(_plan(3), _Store())
     assert client.calls[-1] == ("pre_push", [5, 11])
+
+
+def test_the_link_observation_of_a_push_pull_counts_its_pre_push_bytes():
+    from torchrec_esd.ps.transport import LinkStats, Traffic
+
+    ps, rt, client = _sync(pre_push=True)
+    seen = []
+    ps._estimates = SimpleNamespace(bytes_per_second=lambda: [1e3, 1e3],
+                                    record=lambda nbytes, *a: seen.append(nbytes), publish=lambda group: None)
+    client.last_traffic = Traffic(LinkStats(bytes_sent=300), {}, 0.0)  # what the pre-push moved
+    rt.plans.plans[4] = _plan(4, push_keys=(5, 11))
+    ps.pre_push(_plan(3), _Store())
+
+    def push_pull(push_keys, push_vals, pull_keys, des, batch_fingerprint=0):
+        client.last_traffic = Traffic(LinkStats(bytes_sent=100, bytes_received=50), {}, 0.01)
+        return torch.zeros(pull_keys.numel(), 5), torch.zeros(0, 4), None
+
+    client.push_pull = push_pull
+    rt.meter.record_push_pull = lambda *a: None
+    rt.meter.flushed_rows = 0
+    wp = _plan(4, push_keys=(5, 11)).workers[0]
+    wp.rows, wp.flushed_rows, wp.num_samples = {}, 0, 3
+    ps.push_pull(wp, torch.zeros(2, 5), iteration=4)
+    assert seen == [450]  # 100 + 50 of the push/pull, 300 of its pre-push

@@ -203,8 +203,11 @@ class EsdConfig:
             in ``i``, and this worker does not use it either), so storing
             them before the gradients of ``i`` or after is the same.  Every
             worker then sends one (possibly empty) ``PRE_PUSH`` request per
-            iteration.  Needs ``staleness=0``, not with ``des_misses`` or
-            ``prefetch_depth``.  Default off.
+            iteration; only a worker whose link is within 1.25x of the
+            slowest (estimated with ``online_links``) puts rows in it
+            (``torchrec_esd.distributed.ps_sync.PRE_PUSH_SLOWEST``).  Needs
+            ``staleness=0``, not with ``des_misses`` or ``prefetch_depth``.
+            Default off (``benchmarks/results/s11_pre_push.md``).
     """
 
     workers: Sequence[WorkerSpec]
