@@ -196,8 +196,10 @@ class PsClient:
         """Send every PS ``i`` the frame ``frames[i]`` and the payload
         ``parts[i]``; returns the replies (``reply_bytes[i]`` bytes from PS
         ``i``, nothing where 0).  With ``wait=False`` (no reply) it returns
-        before its sends complete; they complete, in order, before the next
-        exchange's, and an error surfaces there.  Sets :attr:`last_traffic` (with the
+        before its sends complete, without waiting for earlier ones either
+        (a pre-push may still be crossing a slow uplink when the gradients
+        go); all are waited for, in order, at the next exchange that waits,
+        and an error surfaces there.  Sets :attr:`last_traffic` (with the
         exchange's wall seconds where it waits for its sends and replies).
         A timed request's non-empty reply (``PushPullFrame.timed``) comes after
         a marker holding its size (checked); the seconds from the markers'
