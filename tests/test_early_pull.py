@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import torch
 
 from torchrec_esd.distributed.ps_sync import PsSync
+from torchrec_esd.layout import RowFormat
 
 
 class _Plans:
@@ -21,6 +22,7 @@ class _Plans:
 class _Client:
     timed_replies = False
     routing = SimpleNamespace(wire_dim=4)
+    fmt = RowFormat(dim=4, state_dim=1)
 
     def __init__(self):
         self.calls = []
@@ -47,7 +49,6 @@ class _Store:
 def _sync(early_pull=True, des=False, pre_push=False, uplink_bytes_per_s=1e3, slowest=1e3):
     meter = SimpleNamespace(early_pulls=0, prefetched_rows=0, pre_pushed_rows=0, record_grads=lambda *a: None)
     client = _Client()
-    client.optimizer = SimpleNamespace(state_dim=1)
     links = [SimpleNamespace(bytes_per_second=uplink_bytes_per_s), SimpleNamespace(bytes_per_second=slowest)]
     rt = SimpleNamespace(client=client, meter=meter, link=links[0], link_estimates=None, estimates_group=None, plans=_Plans(),
                          worker_index=0,

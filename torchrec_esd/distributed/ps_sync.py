@@ -31,7 +31,7 @@ from torchrec_esd.cache import IterationPlan, WorkerPlan, prefetch_keys
 from torchrec_esd.config import EsdConfigError
 from torchrec_esd.ps import DesRequest, DesRoute
 from torchrec_esd.ps.client import PendingPrefetch, PendingPushPull
-from torchrec_esd.ps.protocol import Section, SectionSize
+from torchrec_esd.ps.protocol import PrePushFrame, Section, SectionSize
 from torchrec_esd.ps.transport import LinkStats, Traffic
 
 _NO_KEYS = torch.empty(0, dtype=torch.int64)
@@ -81,8 +81,6 @@ class PsSync:
         # rows of the next iteration's pushes sent early (pre_push): (iteration, keys, traffic)
         self._prepushed: Optional[Tuple[int, torch.Tensor, Traffic]] = None
         self._pre_deferred = None  # (plan, store) of a pre-push waiting for the next plan (push_grads)
-        if self._pre_push:
-            self._row_width = runtime.client.routing.wire_dim + runtime.client.optimizer.state_dim
 
     def push_pull(
         self, wp: WorkerPlan, push_values: Optional[torch.Tensor], des: Optional[DesRequest] = None,
@@ -170,17 +168,16 @@ class PsSync:
     def _send_pre_push(self, current: IterationPlan, store, wait_s: float = 0.0) -> None:
         self._pre_deferred = None
         it = current.iteration + 1
-        keys, rows = _NO_KEYS, torch.empty(0, self._row_width)
+        fmt = self._client.fmt
+        keys, rows = _NO_KEYS, torch.empty(0, fmt.dim + fmt.state_dim)
         nxt = self._plans.peek(it, wait_s)
-        if nxt is not None:
+        mine, slowest = self._uplinks_bytes_per_s()
+        if nxt is not None and nxt.workers[self._worker].push_keys.numel() and mine <= PRE_PUSH_SLOWEST * slowest:
             wn = nxt.workers[self._worker]
-            if wn.push_keys.numel():
-                early = ~torch.isin(wn.push_keys, current.workers[self._worker].used_keys)
-                n = int(early.sum())
-                mine, slowest = self._uplinks_bytes_per_s()
-                if mine <= PRE_PUSH_SLOWEST * slowest and n * (8 + 4 * self._row_width) >= PRE_PUSH_MIN_S * mine:
-                    keys = wn.push_keys[early]
-                    rows = store.read(wn.push_slots[early]).cpu()
+            early = ~torch.isin(wn.push_keys, current.workers[self._worker].used_keys)
+            if PrePushFrame(int(early.sum())).payload_bytes(fmt) >= PRE_PUSH_MIN_S * mine:
+                keys = wn.push_keys[early]
+                rows = store.read(wn.push_slots[early]).cpu()
         self._client.pre_push(keys, rows)
         self._prepushed = (it, keys, self._client.last_traffic)
         self._meter.pre_pushed_rows += int(keys.numel())

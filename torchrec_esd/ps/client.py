@@ -206,7 +206,8 @@ class PsClient:
         arrival to the last reply byte are the replies' transfer
         (``Traffic.transfer_seconds``)."""
         t = self.transport
-        if wait or reply_bytes is not None:
+        no_reply = not wait and reply_bytes is None
+        if not no_reply:
             t.wait(self._unsent)
             self._unsent = []
         before = t.meter.total()
@@ -214,7 +215,7 @@ class PsClient:
         sends, recvs, replies, sections, markers = self._post(
             frames, parts, reply_bytes if reply_bytes is not None else [0] * len(t.ps_ranks))
         seconds, transfer_s, transfer_b = 0.0, 0.0, 0
-        if not wait and reply_bytes is None:
+        if no_reply:
             # waited for at the next exchange that waits: a request with no reply does not wait
             # for the previous one's sends (a pre-push may still cross a slow uplink)
             self._unsent += sends

@@ -202,11 +202,7 @@ class ParameterServer:
                 des_w.append(q.des_weights if q.des_weights is not None else torch.ones(packed.numel()))
                 bag_base += nb
                 bags_per_sender.append(nb)
-        pk = torch.cat([q.push_keys for q in reqs])
-        if pk.numel():
-            local = self._local(pk)
-            vals = torch.cat([q.push_rows for q in reqs])
-            self.storage.write(local, vals[:, :dim], vals[:, dim:])
+        self._store_rows([q.push_keys for q in reqs], [q.push_rows for q in reqs])
         local = self._local(torch.cat([q.pull_keys for q in reqs]))
         pulled = torch.cat([self.storage.rows(local), self.storage.state(local)], dim=1)
         rows = torch.split(pulled, [q.pull_keys.numel() for q in reqs])
@@ -243,11 +239,15 @@ class ParameterServer:
 
     def _pre_push(self, frames: List[Frame], payloads: List[torch.Tensor]) -> None:
         reqs = [PrePushRequest.decode(f, p, self.fmt) for f, p in zip(frames, payloads)]  # type: ignore[arg-type]
-        keys = torch.cat([q.keys for q in reqs])
-        if keys.numel():
+        self._store_rows([q.keys for q in reqs], [q.rows for q in reqs])
+
+    def _store_rows(self, keys: List[torch.Tensor], rows: List[torch.Tensor]) -> None:
+        """Store every sender's pushed rows (value + state) at their keys."""
+        k = torch.cat(keys)
+        if k.numel():
             dim = self.routing.wire_dim
-            vals = torch.cat([q.rows for q in reqs])
-            self.storage.write(self._local(keys), vals[:, :dim], vals[:, dim:])
+            vals = torch.cat(rows)
+            self.storage.write(self._local(k), vals[:, :dim], vals[:, dim:])
 
     def _prefetch(self, frames: List[Frame], payloads: List[torch.Tensor]) -> None:
         reqs = [PrefetchRequest.decode(f, p, self.fmt) for f, p in zip(frames, payloads)]  # type: ignore[arg-type]
