@@ -81,7 +81,7 @@ def test_estimates_are_fed_in_worker_order_and_the_clock_excludes_waiting():
 
 
 # ---------------------------------------------------------------- end to end
-SLOW_S_PER_SAMPLE = 1e-3  # what the test adds to worker 1's compute of every sample
+SLOW_S_PER_SAMPLE = 5e-3  # what the test adds to worker 1's compute of every sample
 
 
 def _slow_worker_job(job, slow_rank):
@@ -131,7 +131,7 @@ def test_a_worker_with_slow_compute_gets_fewer_samples_and_the_model_stays_vanil
     assert rates[0] == rates[1] == rates[2] and len(rates[0]) == STEPS
     last = rates[0][-1]
     assert last[1] < 0.5 * min(last[0], last[2]), f"estimated rates {last}"
-    assert last[1] < 1.5 / SLOW_S_PER_SAMPLE  # close to what the sleep allows (<= 1000 samples/s)
+    assert last[1] < 1.5 / SLOW_S_PER_SAMPLE  # close to what the sleep allows (<= 200 samples/s)
     # from the second half on, the slow worker trains fewer than its equal share every step
     later = range(STEPS // 2, STEPS)
     assert all(sizes[1][t] < BATCH // W for t in later), f"worker 1's samples {sizes[1]}"
