@@ -875,6 +875,22 @@ def _hybrid_solvers(bws, steps=7, name="hybrid", **kw):
     return out, shares
 
 
+@pytest.mark.parametrize("name", ["laia", "heuristic", "random"])
+def test_decide_reports_the_time_its_inputs_took_beside_the_solve(name):
+    from torchrec_esd.cache import CacheDirectory
+
+    wl, tables, cfg, cm = _small_world((100.0, 50.0, 10.0))
+    cd = CacheDirectory(cfg, tables)
+    kjt = wl.global_batch(0, 60).sparse_features
+    shares = cfg.batch_shares(60)
+    r = make_dispatcher(name).decide(cm, kjt, cd.cache_state, shares)
+    _check_valid(r, shares, 60)
+    assert r.info["inputs_s"] > 0 and r.decision_s > 0
+    # assign() alone builds no inputs: nothing to report
+    cost, aux = make_dispatcher(name).inputs(cm, kjt, cd.cache_state)
+    assert "inputs_s" not in make_dispatcher(name).assign(cost, shares, aux=aux).info
+
+
 @pytest.mark.parametrize("name", ["hybrid", "esd"])
 def test_hybrid_takes_the_plain_split_when_the_link_at_stake_is_below_its_decision_time(name):
     from torchrec_esd.dispatch.baselines import contiguous_slices as plain_split
@@ -889,6 +905,8 @@ def test_hybrid_takes_the_plain_split_when_the_link_at_stake_is_below_its_decisi
             assert torch.equal(r.assignment, plain_split(shares)) and math.isnan(r.objective)
         else:
             assert 0 <= r.info["stake_s"] < r.info["full_decision_cpu_s"] and r.info["full_decision_s"] > 0
+            # the whole decision is its inputs plus the solve
+            assert 0 < r.info["inputs_s"] and r.info["inputs_s"] + r.decision_s <= r.info["full_decision_s"]
     # links so slow that a split's slowest link takes seconds: always decide
     slow, _ = _hybrid_solvers((1e-3, 1e-3, 1e-4), name=name, probe_every=3)
     assert all(r.solver != f"{name}:split" for r in slow)

@@ -188,10 +188,15 @@ class Dispatcher:
     def decide(self, cost_model, kjt, views, shares: Sequence[int]) -> DispatchResult:
         """Read this dispatcher's inputs for the batch ``kjt`` and decide
         (:meth:`inputs` then :meth:`assign`; ``decision_s`` is the solve
-        alone).  Dispatchers that can decide without the full ``[B, W]``
+        alone, ``info["inputs_s"]`` the time :meth:`inputs` took: the whole
+        decision is their sum).  Dispatchers that can decide without the full ``[B, W]``
         inputs override it (:class:`~torchrec_esd.dispatch.grouped.GroupedDispatcher`)."""
+        t0 = time.perf_counter()
         cost, aux = self.inputs(cost_model, kjt, views)
-        return self.assign(cost, shares, aux=aux)
+        inputs_s = time.perf_counter() - t0
+        result = self.assign(cost, shares, aux=aux)
+        result.info["inputs_s"] = inputs_s
+        return result
 
     objective: str = "total"
 

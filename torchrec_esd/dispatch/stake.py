@@ -73,7 +73,7 @@ class StakeRule:
 
     def decide(self, cost_model, kjt, views, shares: Sequence[int]) -> DispatchResult:
         """Decide in full (``inputs`` + ``assign``; its ``info`` gains
-        ``stake_s``, ``full_decision_s`` (wall) and ``full_decision_cpu_s``),
+        ``stake_s``, ``inputs_s``, ``full_decision_s`` (wall) and ``full_decision_cpu_s``),
         or take the plain split while the last full decision took more CPU
         time than the link time at stake."""
         if self.stake_ratio > 0 and self._split_left > 0:
@@ -84,6 +84,7 @@ class StakeRule:
                                   decision_s=time.perf_counter() - t0)
         t0, c0 = time.perf_counter(), time.thread_time()
         cost, aux = self.inputs(cost_model, kjt, views)
+        inputs_s = time.perf_counter() - t0
         result = self.assign(cost, shares, aux=aux)
         cpu = time.thread_time() - c0
         wall = time.perf_counter() - t0
@@ -100,6 +101,7 @@ class StakeRule:
             self.assign(again, shares, aux=again_aux)
             cpu = time.thread_time() - c1
         result.info["stake_s"] = stake
+        result.info["inputs_s"] = inputs_s
         result.info["full_decision_s"] = wall
         result.info["full_decision_cpu_s"] = cpu
         if stake < self.stake_ratio * cpu:
