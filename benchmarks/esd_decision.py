@@ -41,7 +41,7 @@ from torchrec_esd.dispatch import make_dispatcher  # noqa: E402
 import dispatch_true_cost as dtc  # noqa: E402
 
 
-FLAGS = ("HAS_DEDUP_REFINE", "HAS_DEDUP_START", "HAS_DEDUP_DECIDE")  # the esd operators
+FLAGS = ("HAS_DEDUP_REFINE", "HAS_DEDUP_START", "HAS_DEDUP_DECIDE", "HAS_DEDUP_INPUTS")  # the esd operators
 
 
 def decide(esd, cm, kjt, state, shares, native: bool):

@@ -106,6 +106,15 @@ TORCH_LIBRARY(torchrec_esd, m) {
       "Tensor owner_push, Tensor divisor, Tensor p_shared, int[] shares, int price_sweeps, "
       "int max_rounds, float time_budget_s, int group_size) -> "
       "(Tensor refined, Tensor swaps, Tensor info, Tensor start)");
+  // The de-duplicated cost model of one batch (torchrec_esd.cost.DedupCost) and its additive
+  // [B, W] matrix from the batch read (sample-major keys, offsets, the id table of its distinct
+  // keys, their tables, every worker's cached / outdated / dirty [W, U] state) and the per-worker,
+  // per-table seconds of a row and of an expected eviction push.  CPU only.
+  m.def(
+      "dedup_inputs(Tensor keys, Tensor offsets, Tensor slots, Tensor table_of, Tensor cached, "
+      "Tensor outdated, Tensor dirty, Tensor row_time, Tensor evict_time) -> "
+      "(Tensor occ_s, Tensor occ_k, Tensor pull, Tensor push, Tensor owner, Tensor owner_push, "
+      "Tensor additive)");
   // Holder index (torchrec_esd/cache/holders.py, csrc/cpu/holders_cpu.cpp): row key -> every
   // global cache slot holding it, as a doubly linked list per key (next/prev over the global
   // slots, the list heads in an id table, gkey the key recorded at every global slot).  Sync

@@ -365,6 +365,37 @@ def has_dedup_decide() -> bool:
     return HAS_DEDUP_DECIDE
 
 
+HAS_DEDUP_INPUTS = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "dedup_inputs")
+
+if HAS_DEDUP_INPUTS:
+
+    @torch.library.register_fake("torchrec_esd::dedup_inputs")
+    def _dedup_inputs_fake(keys, offsets, slots, table_of, cached, outdated, dirty, row_time, evict_time):
+        n = torch.library.get_ctx().new_dynamic_size()
+        w, u, b = row_time.shape[0], table_of.shape[0], offsets.shape[0] - 1
+        f64 = row_time
+        return (keys.new_empty((n,)), keys.new_empty((n,)), f64.new_empty((u, w)), f64.new_empty((u, w)),
+                keys.new_empty((u,)), f64.new_empty((u,)), f64.new_empty((b, w)))
+
+
+def dedup_inputs(keys: torch.Tensor, offsets: torch.Tensor, slots: torch.Tensor, table_of: torch.Tensor,
+                 cached: torch.Tensor, outdated: torch.Tensor, dirty: torch.Tensor, row_time: torch.Tensor,
+                 evict_time: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """The arrays of a batch's :class:`~torchrec_esd.cost.DedupCost` and its
+    additive ``[B, W]`` matrix in one call (``csrc/cpu/dedup_inputs_cpu.cpp``):
+    ``(occ_s, occ_k, pull, push, owner, owner_push, additive)`` from the batch
+    read (:class:`~torchrec_esd.cost.batch.BatchState`: sample-major ``keys``,
+    ``offsets``, the id table ``slots`` of its distinct keys, their
+    ``table_of``, the ``[W, U]`` bool ``cached`` / ``outdated`` / ``dirty``)
+    and the float64 ``[W, T]`` seconds of one row (``row_time``) and of a
+    miss's expected eviction push (``evict_time``).  Equal bit for bit to
+    :meth:`CostModel.dedup_cost` and :meth:`DedupCost.additive_matrix` on the
+    PyTorch / numpy path.  O(N log N + U W + P W) for N keys and P distinct
+    (sample, row) pairs."""
+    return torch.ops.torchrec_esd.dedup_inputs(keys, offsets, slots, table_of, cached, outdated, dirty,
+                                               row_time, evict_time)
+
+
 def dedup_decide(occ_s: torch.Tensor, occ_k: torch.Tensor, pull: torch.Tensor, push: torch.Tensor,
                  owner: torch.Tensor, owner_push: torch.Tensor, divisor: torch.Tensor,
                  p_shared: torch.Tensor, shares: List[int], price_sweeps: int, max_rounds: int,

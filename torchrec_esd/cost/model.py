@@ -259,6 +259,27 @@ class CostModel:
         owner_push = np.where(has_owner, rt[np.arange(u), np.maximum(owner, 0)], 0.0)
         return DedupCost(b, W, occ_s, occ_k, pull, rt.copy(), owner, owner_push)
 
+    def dedup_inputs(self, kjt: KeyedJaggedTensor, views: Caches,
+                     native: Optional[bool] = None) -> Tuple[DedupCost, np.ndarray]:
+        """:meth:`dedup_cost` and its :meth:`DedupCost.additive_matrix`, from
+        one C++ call (:func:`torchrec_esd.ops.dedup_inputs`) where the
+        extension has it (``native=None``), bit for bit what the PyTorch /
+        numpy path (``native=False``) gives.  What the ``esd`` dispatcher
+        reads: built in a background thread while the training thread runs
+        Python, the dozen steps of that path each wait for the GIL again."""
+        if native is None:
+            native = ops.HAS_DEDUP_INPUTS
+        if not native:
+            dedup = self.dedup_cost(kjt, views)
+            return dedup, dedup.additive_matrix()
+        st = self._state(kjt, views)
+        evict = self._evict_fraction(st) * self.row_time  # [W, T]
+        occ_s, occ_k, pull, push, owner, owner_push, additive = ops.dedup_inputs(
+            st.keys, st.offsets, st.slots, st.table_of, st.cached, st.outdated, st.dirty, self.row_time, evict)
+        dedup = DedupCost(st.num_samples, self.num_workers, occ_s.numpy(), occ_k.numpy(), pull.numpy(),
+                          push.numpy(), owner.numpy(), owner_push.numpy())
+        return dedup, additive.numpy()
+
     # --------------------------------------------------------------- measure
     def measure(
         self,

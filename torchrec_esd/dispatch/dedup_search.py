@@ -192,8 +192,8 @@ class DedupSearchDispatcher(StakeRule, Dispatcher):
         """The de-duplicated model of the batch, and the additive matrix from
         it (one pass over the cache state instead of two)."""
         v = views() if callable(views) else views
-        dedup = cost_model.dedup_cost(kjt, v)
-        return torch.from_numpy(dedup.additive_matrix()), {"dedup": dedup}
+        dedup, additive = cost_model.dedup_inputs(kjt, v)
+        return torch.from_numpy(additive), {"dedup": dedup}
 
     def stake_s(self, cost, aux, shares) -> float:
         """The plain split's slowest link on the de-duplicated model (what the
