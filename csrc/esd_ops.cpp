@@ -108,11 +108,13 @@ TORCH_LIBRARY(torchrec_esd, m) {
       "(Tensor refined, Tensor swaps, Tensor info, Tensor start)");
   // The de-duplicated cost model of one batch (torchrec_esd.cost.DedupCost) and its additive
   // [B, W] matrix from the batch read (sample-major keys, offsets, the id table of its distinct
-  // keys, their tables, every worker's cached / outdated / dirty [W, U] state) and the per-worker,
-  // per-table seconds of a row and of an expected eviction push.  CPU only.
+  // keys, their tables, the cached (worker, key) pairs with their outdated / dirty flags), the
+  // caches' occupied / dirty / capacity rows per (worker, table) and the seconds of one row on
+  // every worker's link per table.  CPU only.
   m.def(
-      "dedup_inputs(Tensor keys, Tensor offsets, Tensor slots, Tensor table_of, Tensor cached, "
-      "Tensor outdated, Tensor dirty, Tensor row_time, Tensor evict_time) -> "
+      "dedup_inputs(Tensor keys, Tensor offsets, Tensor slots, Tensor table_of, Tensor hit_worker, "
+      "Tensor hit_key, Tensor hit_outdated, Tensor hit_dirty, Tensor occupied, Tensor ndirty, "
+      "Tensor capacity, Tensor row_time) -> "
       "(Tensor occ_s, Tensor occ_k, Tensor pull, Tensor push, Tensor owner, Tensor owner_push, "
       "Tensor additive)");
   // Holder index (torchrec_esd/cache/holders.py, csrc/cpu/holders_cpu.cpp): row key -> every

@@ -79,17 +79,25 @@ def test_a_batch_without_keys_and_bad_inputs():
         lengths=torch.zeros(len(kjt.keys()) * 8, dtype=torch.int32))
     state = directory.cache_state()
     _assert_same(cm.dedup_inputs(empty, state, native=True), cm.dedup_inputs(empty, state, native=False))
+    directory.plan(kjt, torch.arange(8) % 2)  # some rows cached: hits to corrupt
+    kjt = wl.global_batch(1, 8).sparse_features
+    state = directory.cache_state()
     st = cm._state(kjt, state)
+    h = st.look.hits
+    assert h.worker.numel() > 0
     rt = cm.row_time
-    good = (st.keys, st.offsets, st.slots, st.table_of, st.cached, st.outdated, st.dirty, rt, rt * 0)
+    good = (st.keys, st.offsets, st.slots, st.table_of, h.worker, h.key, h.outdated, h.dirty,
+            st.occupied, st.ndirty, st.cap, rt)
     ops.dedup_inputs(*good)
     bad = {
         0: st.keys.int(),  # keys not int64
         1: st.offsets[:-1],  # offsets not ending at the keys' count
         3: st.table_of + rt.shape[1],  # a table outside [0, T)
-        4: st.cached[:, :-1],  # [W, U - 1]
-        7: rt.float(),  # row_time not float64
-        8: rt[:, :-1].contiguous(),  # evict_time of another shape
+        4: h.worker + rt.shape[0],  # a hit on a worker outside [0, W)
+        5: h.key[:-1],  # hits of different lengths
+        6: h.outdated.long(),  # flags not bool
+        8: st.occupied[:, :-1],  # occupancy of another shape
+        11: rt.float(),  # row_time not float64
     }
     for i, v in bad.items():
         args_ = list(good)

@@ -370,7 +370,8 @@ HAS_DEDUP_INPUTS = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "dedup_i
 if HAS_DEDUP_INPUTS:
 
     @torch.library.register_fake("torchrec_esd::dedup_inputs")
-    def _dedup_inputs_fake(keys, offsets, slots, table_of, cached, outdated, dirty, row_time, evict_time):
+    def _dedup_inputs_fake(keys, offsets, slots, table_of, hit_worker, hit_key, hit_outdated, hit_dirty,
+                           occupied, ndirty, capacity, row_time):
         n = torch.library.get_ctx().new_dynamic_size()
         w, u, b = row_time.shape[0], table_of.shape[0], offsets.shape[0] - 1
         f64 = row_time
@@ -379,21 +380,23 @@ if HAS_DEDUP_INPUTS:
 
 
 def dedup_inputs(keys: torch.Tensor, offsets: torch.Tensor, slots: torch.Tensor, table_of: torch.Tensor,
-                 cached: torch.Tensor, outdated: torch.Tensor, dirty: torch.Tensor, row_time: torch.Tensor,
-                 evict_time: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+                 hit_worker: torch.Tensor, hit_key: torch.Tensor, hit_outdated: torch.Tensor,
+                 hit_dirty: torch.Tensor, occupied: torch.Tensor, ndirty: torch.Tensor, capacity: torch.Tensor,
+                 row_time: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     """The arrays of a batch's :class:`~torchrec_esd.cost.DedupCost` and its
     additive ``[B, W]`` matrix in one call (``csrc/cpu/dedup_inputs_cpu.cpp``):
     ``(occ_s, occ_k, pull, push, owner, owner_push, additive)`` from the batch
     read (:class:`~torchrec_esd.cost.batch.BatchState`: sample-major ``keys``,
     ``offsets``, the id table ``slots`` of its distinct keys, their
-    ``table_of``, the ``[W, U]`` bool ``cached`` / ``outdated`` / ``dirty``)
-    and the float64 ``[W, T]`` seconds of one row (``row_time``) and of a
-    miss's expected eviction push (``evict_time``).  Equal bit for bit to
-    :meth:`CostModel.dedup_cost` and :meth:`DedupCost.additive_matrix` on the
-    PyTorch / numpy path.  O(N log N + U W + P W) for N keys and P distinct
-    (sample, row) pairs."""
-    return torch.ops.torchrec_esd.dedup_inputs(keys, offsets, slots, table_of, cached, outdated, dirty,
-                                               row_time, evict_time)
+    ``table_of``, the cached (worker, key index) pairs with their outdated and
+    dirty flags, :class:`~torchrec_esd.cache.state.CacheHits`), the int64
+    ``[W, T]`` ``occupied`` / ``ndirty`` / ``capacity`` rows of every cache and
+    the float64 ``[W, T]`` seconds of one row (``row_time``).  Equal bit for
+    bit to :meth:`CostModel.dedup_cost` and :meth:`DedupCost.additive_matrix`
+    on the PyTorch / numpy path.  O(N log N + H + U W + P W) for N keys, H
+    hits and P distinct (sample, row) pairs."""
+    return torch.ops.torchrec_esd.dedup_inputs(keys, offsets, slots, table_of, hit_worker, hit_key, hit_outdated,
+                                               hit_dirty, occupied, ndirty, capacity, row_time)
 
 
 def dedup_decide(occ_s: torch.Tensor, occ_k: torch.Tensor, pull: torch.Tensor, push: torch.Tensor,

@@ -1,6 +1,8 @@
 // CPU kernel of dedup_inputs: the arrays of one batch's de-duplicated cost model
 // (torchrec_esd.cost.DedupCost) and its additive [B, W] matrix in one call, from
-// the batch read against the caches (torchrec_esd.cost.batch.read_batch).  The
+// the batch read against the caches (torchrec_esd.cost.batch.read_batch: the
+// cached (worker, key) pairs of its distinct keys, CacheLookup.hits) and the
+// caches' occupancy.  The
 // PyTorch / numpy path of CostModel.dedup_cost and DedupCost.additive_matrix is
 // the reference the tests compare it to, bit for bit.
 //
@@ -10,8 +12,9 @@
 // took 12-19 ms per decision in the end-to-end run instead of ~5 ms alone.
 //
 //   occ_s, occ_k   the distinct (sample, row) pairs, sorted by (sample, row index)
-//   pull[u, w]     0 if w holds row u fresh, rt[w, u] if outdated, else
-//                  rt[w, u] + evict_time[w, table_of[u]] (miss pull + expected miss push)
+//   pull[u, w]     0 if w holds row u fresh, rt[w, u] if outdated, else rt[w, u] plus
+//                  the expected miss push: rt[w, u] times the dirty fraction of w's
+//                  cache of that table where it is full (CostModel._evict_fraction)
 //   push[u, w]     rt[w, u] = row_time[w, table_of[u]]
 //   owner[u]       the first worker holding u dirty, -1 if none
 //   owner_push[u]  rt[owner[u], u] (0 without owner)
@@ -23,7 +26,10 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "numpy_sum.h"
@@ -36,16 +42,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unique_keys_per_group_cpu(
 
 namespace {
 
-void check_wu(const char* op, const char* name, const at::Tensor& t, int64_t w, int64_t u) {
-  TORCH_CHECK(t.scalar_type() == at::kBool && t.dim() == 2 && t.size(0) == w && t.size(1) == u,
-              "torchrec_esd::", op, ": ", name, " must be a bool [", w, ", ", u, "] tensor, got ",
-              t.scalar_type(), " ", t.sizes());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 dedup_inputs_cpu(const at::Tensor& keys, const at::Tensor& offsets, const at::Tensor& slots,
-                 const at::Tensor& table_of, const at::Tensor& cached, const at::Tensor& outdated,
-                 const at::Tensor& dirty, const at::Tensor& row_time, const at::Tensor& evict_time) {
+                 const at::Tensor& table_of, const at::Tensor& hit_worker, const at::Tensor& hit_key,
+                 const at::Tensor& hit_outdated, const at::Tensor& hit_dirty, const at::Tensor& occupied,
+                 const at::Tensor& ndirty, const at::Tensor& capacity, const at::Tensor& row_time) {
   const char* op = "dedup_inputs";
   TORCH_CHECK(keys.scalar_type() == at::kLong && keys.dim() == 1, "torchrec_esd::", op,
               ": keys must be an int64 vector, got ", keys.scalar_type(), " ", keys.sizes());
@@ -54,15 +55,63 @@ dedup_inputs_cpu(const at::Tensor& keys, const at::Tensor& offsets, const at::Te
               offsets.scalar_type(), " ", offsets.sizes());
   TORCH_CHECK(table_of.scalar_type() == at::kLong && table_of.dim() == 1, "torchrec_esd::", op,
               ": table_of must be an int64 vector, got ", table_of.scalar_type(), " ", table_of.sizes());
-  TORCH_CHECK(row_time.scalar_type() == at::kDouble && row_time.dim() == 2 &&
-                  evict_time.scalar_type() == at::kDouble && evict_time.sizes() == row_time.sizes(),
-              "torchrec_esd::", op, ": row_time and evict_time must be float64 [W, T] tensors of one "
-              "shape, got ", row_time.sizes(), " and ", evict_time.sizes());
+  TORCH_CHECK(row_time.scalar_type() == at::kDouble && row_time.dim() == 2, "torchrec_esd::", op,
+              ": row_time must be a float64 [W, T] tensor, got ", row_time.scalar_type(), " ",
+              row_time.sizes());
   const int64_t W = row_time.size(0), T = row_time.size(1), U = table_of.numel();
   const int64_t N = keys.numel(), B = offsets.numel() - 1;
-  check_wu(op, "cached", cached, W, U);
-  check_wu(op, "outdated", outdated, W, U);
-  check_wu(op, "dirty", dirty, W, U);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"occupied", &occupied},
+                                {"ndirty", &ndirty}, {"capacity", &capacity}}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 2 && t->size(0) == W && t->size(1) == T,
+                "torchrec_esd::", op, ": ", name, " must be an int64 [", W, ", ", T, "] tensor, got ",
+                t->scalar_type(), " ", t->sizes());
+  }
+  const int64_t H = hit_worker.numel();
+  TORCH_CHECK(hit_worker.scalar_type() == at::kLong && hit_key.scalar_type() == at::kLong &&
+                  hit_outdated.scalar_type() == at::kBool && hit_dirty.scalar_type() == at::kBool &&
+                  hit_worker.dim() == 1 && hit_key.dim() == 1 && hit_outdated.dim() == 1 &&
+                  hit_dirty.dim() == 1 && hit_key.numel() == H && hit_outdated.numel() == H &&
+                  hit_dirty.numel() == H,
+              "torchrec_esd::", op, ": the hits must be int64 worker and key and bool outdated and "
+              "dirty vectors of one length, got ", hit_worker.sizes(), " ", hit_key.sizes(), " ",
+              hit_outdated.sizes(), " ", hit_dirty.sizes());
+  // every worker's state of the distinct keys from the cached (worker, key) pairs
+  std::vector<uint8_t> cached(static_cast<size_t>(W * U), 0), outdated(cached.size(), 0),
+      dirty(cached.size(), 0);
+  {
+    const at::Tensor hw = hit_worker.contiguous(), hk = hit_key.contiguous();
+    const at::Tensor ho = hit_outdated.contiguous(), hd = hit_dirty.contiguous();
+    const int64_t* pw = hw.data_ptr<int64_t>();
+    const int64_t* pk = hk.data_ptr<int64_t>();
+    const bool* pho = ho.data_ptr<bool>();
+    const bool* phd = hd.data_ptr<bool>();
+    for (int64_t i = 0; i < H; ++i) {
+      TORCH_CHECK(pw[i] >= 0 && pw[i] < W && pk[i] >= 0 && pk[i] < U, "torchrec_esd::", op,
+                  ": hit ", i, " names worker ", pw[i], ", key ", pk[i], " outside [0, ", W,
+                  ") x [0, ", U, ")");
+      const int64_t wu = pw[i] * U + pk[i];
+      cached[wu] = 1;
+      outdated[wu] = pho[i];
+      dirty[wu] = phd[i];
+    }
+  }
+  // seconds of a miss's expected eviction push: the dirty fraction of a full cache
+  // (CostModel._evict_fraction) times the row's time
+  std::vector<double> ev(static_cast<size_t>(W * T));
+  {
+    const at::Tensor occ = occupied.contiguous(), nd = ndirty.contiguous(), cap = capacity.contiguous();
+    const int64_t* po_ = occ.data_ptr<int64_t>();
+    const int64_t* pn = nd.data_ptr<int64_t>();
+    const int64_t* pc_ = cap.data_ptr<int64_t>();
+    const at::Tensor rtc0 = row_time.contiguous();
+    const double* r0 = rtc0.data_ptr<double>();
+    for (int64_t i = 0; i < W * T; ++i) {
+      const bool full = po_[i] > 0 && po_[i] >= pc_[i];
+      const double frac =
+          static_cast<double>(pn[i]) / static_cast<double>(std::max<int64_t>(po_[i], 1));
+      ev[i] = (full ? frac : 0.0) * r0[i];
+    }
+  }
   const at::Tensor off = offsets.contiguous();
   const int64_t* po = off.data_ptr<int64_t>();
   TORCH_CHECK(po[0] == 0 && po[B] == N, "torchrec_esd::", op, ": offsets must run from 0 to the ",
@@ -98,13 +147,11 @@ dedup_inputs_cpu(const at::Tensor& keys, const at::Tensor& offsets, const at::Te
                 ": the id table names a row outside the ", U, " distinct keys");
   }
 
-  const at::Tensor rtc = row_time.contiguous(), evc = evict_time.contiguous();
+  const at::Tensor rtc = row_time.contiguous();
   const double* rt = rtc.data_ptr<double>();
-  const double* ev = evc.data_ptr<double>();
-  const at::Tensor cc = cached.contiguous(), oc = outdated.contiguous(), dc = dirty.contiguous();
-  const bool* pc = cc.data_ptr<bool>();
-  const bool* pod = oc.data_ptr<bool>();
-  const bool* pd = dc.data_ptr<bool>();
+  const uint8_t* pc = cached.data();
+  const uint8_t* pod = outdated.data();
+  const uint8_t* pd = dirty.data();
 
   at::Tensor pull = at::empty({U, W}, at::kDouble), push = at::empty({U, W}, at::kDouble);
   at::Tensor owner = at::empty({U}, at::kLong), owner_push = at::empty({U}, at::kDouble);
@@ -120,8 +167,8 @@ dedup_inputs_cpu(const at::Tensor& keys, const at::Tensor& offsets, const at::Te
       const int64_t wu = w * U + u;
       ph[u * W + w] = r;
       // torch.where(cached, outdated.double() * rt, rt + evict)
-      pp[u * W + w] = pc[wu] ? (pod[wu] ? 1.0 : 0.0) * r : r + ev[w * T + t];
-      if (own < 0 && pd[wu]) own = w;
+      pp[u * W + w] = pc[wu] ? (pod[wu] ? 1.0 : 0.0) * r : r + ev[static_cast<size_t>(w * T + t)];
+      if (own < 0 && pc[wu] && pd[wu]) own = w;
     }
     pw[u] = own;
     pop[u] = own >= 0 ? ph[u * W + own] : 0.0;

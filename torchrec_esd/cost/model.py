@@ -273,9 +273,10 @@ class CostModel:
             dedup = self.dedup_cost(kjt, views)
             return dedup, dedup.additive_matrix()
         st = self._state(kjt, views)
-        evict = self._evict_fraction(st) * self.row_time  # [W, T]
+        h = st.look.hits  # what a live directory's lookup holds (a dense lookup derives it)
         occ_s, occ_k, pull, push, owner, owner_push, additive = ops.dedup_inputs(
-            st.keys, st.offsets, st.slots, st.table_of, st.cached, st.outdated, st.dirty, self.row_time, evict)
+            st.keys, st.offsets, st.slots, st.table_of, h.worker, h.key, h.outdated, h.dirty,
+            st.occupied, st.ndirty, st.cap, self.row_time)
         dedup = DedupCost(st.num_samples, self.num_workers, occ_s.numpy(), occ_k.numpy(), pull.numpy(),
                           push.numpy(), owner.numpy(), owner_push.numpy())
         return dedup, additive.numpy()
