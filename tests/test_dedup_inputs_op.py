@@ -58,6 +58,10 @@ def test_equals_the_reference_on_workload_batches(workload, bandwidths, stalenes
         seen["owner"] += int((native[0].owner >= 0).sum())
         seen["outdated"] += int((st.cached & st.outdated).sum())
         seen["evict"] += int(bool((cm._evict_fraction(st) > 0).any()))
+        # dedup_cost and HybridDis's expected matrix read the native arrays too
+        _assert_same((cm.dedup_cost(kjt, state), ref[1]), ref)
+        np.testing.assert_array_equal(cm.expected_matrix(kjt, state, shares).numpy(),
+                                      ref[0].amortised_matrix(shares))
         # what esd reads by default is the native one
         cost, aux = esd.inputs(cm, kjt, state)
         np.testing.assert_array_equal(cost.numpy(), ref[1])

@@ -237,7 +237,15 @@ class CostModel:
         """The batch's de-duplicated cost model (:class:`DedupCost`): the cost
         of an assignment as a function of which workers use each distinct row,
         so that a dispatcher can evaluate (and locally improve) the TRUE cost
-        that :meth:`measure` reports instead of the additive matrix."""
+        that :meth:`measure` reports instead of the additive matrix.  Built by
+        the extension where it has the operator (:meth:`dedup_inputs`), else
+        in PyTorch / numpy (the same arrays)."""
+        if ops.HAS_DEDUP_INPUTS:
+            return self.dedup_inputs(kjt, views, native=True)[0]
+        return self._dedup_cost_torch(kjt, views)
+
+    def _dedup_cost_torch(self, kjt: KeyedJaggedTensor, views: Caches) -> DedupCost:
+        """:meth:`dedup_cost` in PyTorch / numpy (the reference of the operator)."""
         st = self._state(kjt, views)
         W = self.num_workers
         b = st.num_samples
@@ -270,7 +278,7 @@ class CostModel:
         if native is None:
             native = ops.HAS_DEDUP_INPUTS
         if not native:
-            dedup = self.dedup_cost(kjt, views)
+            dedup = self._dedup_cost_torch(kjt, views)
             return dedup, dedup.additive_matrix()
         st = self._state(kjt, views)
         h = st.look.hits  # what a live directory's lookup holds (a dense lookup derives it)
