@@ -41,6 +41,40 @@ def test_deterministic_per_seed_and_step():
     assert not torch.equal(a.sparse_features.values(), c.sparse_features.values())
 
 
+def _global_batch_one_feature_at_a_time(wl, step, batch_size):
+    """The batch as it was built before the vectorised path (feature by
+    feature: a draw, a search and the id map, then each feature's label
+    effect in turn): the values that path must reproduce bit for bit."""
+    c = wl.config
+    gen = wl._generator(step)
+    lo, hi = c.bag_size
+    dense = torch.randn(batch_size, c.num_dense, generator=gen)
+    lengths = torch.randint(lo, hi + 1, (c.num_sparse, batch_size), generator=gen)
+    values = [wl.sample_ids(f, int(lengths[f].sum()), gen) for f in range(c.num_sparse)]
+    logit = dense.double() @ wl._dense_w
+    for f in range(c.num_sparse):
+        eff = ((values[f] * 2654435761 + wl._id_effect_salt[f]) % 1000).double() / 1000 - 0.5
+        seg = torch.repeat_interleave(torch.arange(batch_size), lengths[f])
+        logit += torch.zeros(batch_size, dtype=torch.float64).index_add_(0, seg, eff) / max(1.0, (lo + hi) / 2)
+    noise = torch.rand(batch_size, generator=gen, dtype=torch.float64)
+    return dense, lengths, torch.cat(values), (noise < torch.sigmoid(logit)).float(), logit
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(bag_size=(0, 4), alpha=1.3, seed=7),
+                                 dict(num_sparse=3, cardinalities=[5, 1, 300], bag_size=(2, 9), seed=2)])
+def test_the_vectorised_batch_is_the_feature_by_feature_one_bit_for_bit(cfg):
+    wl = SyntheticWorkload(SyntheticWorkloadConfig(**cfg))
+    for step, b in ((0, 64), (3, 257), (11, 1)):
+        dense, lengths, values, labels, logit = _global_batch_one_feature_at_a_time(wl, step, b)
+        got = wl.global_batch(step, b)
+        assert torch.equal(got.dense_features, dense)
+        assert torch.equal(got.sparse_features.lengths(), lengths.reshape(-1).to(torch.int32))
+        assert torch.equal(got.sparse_features.values(), values)
+        assert torch.equal(got.labels, labels)
+        assert 0 < float(labels.mean()) < 1 or b == 1  # the labels depend on the ids (logit spread)
+        assert float(logit.std() if b > 1 else 1.0) > 0
+
+
 def test_local_batches_partition_the_global_batch():
     wl = SyntheticWorkload(SyntheticWorkloadConfig(bag_size=(0, 4)))
     g = wl.global_batch(2, 60)
