@@ -326,7 +326,7 @@ def rank_main(spec_path: str) -> None:
             for d in r["decisions"]:
                 solvers[d["solver"]] = solvers.get(d["solver"], 0) + 1
             rec["dispatch"] = {"solvers": solvers, "decision_ms": [d["ms"] for d in r["decisions"]],
-                               "inputs_ms": [d.get("inputs_ms", 0.0) for d in r["decisions"]]}
+                               "inputs_ms": [d["inputs_ms"] for d in r["decisions"]]}
         records.append(rec)
         progress(f"{mix['name']:>8} {method:<10} rep {rep} {wall:6.1f} s wall"
                  + (f", {r['elapsed_s']:.1f} s training, loss {r['losses'][-1]:.4f}" if "losses" in r else ""))
@@ -587,7 +587,7 @@ def summarize(args, mixes, methods, raw) -> Dict:
                 # modelled iteration time: compute as measured + the slowest worker's modelled link time
                 s["modelled_iter_ms"] = s["iter_ms"] + mt["makespan_link_s"] / args.steps * 1e3
                 dec = w0["dispatch"]["decision_ms"]
-                inp = w0["dispatch"].get("inputs_ms", [0.0] * len(dec))
+                inp = w0["dispatch"]["inputs_ms"]
                 # the solve alone, and the whole decision (its inputs read from the batch and the caches, + the solve)
                 s["dispatch"] = {"solvers": w0["dispatch"]["solvers"],
                                  "mean_decision_ms": sum(dec) / max(1, len(dec)),
@@ -646,10 +646,10 @@ def issue18_targets(het: str, ms: Dict, links: str, workload: str) -> List[Dict]
     for cand, s in ms.items():
         if "dispatch" in s and s.get("iter_ms"):
             d = s["dispatch"]
-            full = d.get("mean_full_decision_ms", d["mean_decision_ms"])
+            full = d["mean_full_decision_ms"]
             pct = 100 * full / s["iter_ms"]
             rows.append({"target": f"[{het}, {workload}] {method_label(cand)} decision time <= 10 % of the iteration",
-                         "measured": f"{full:.1f} ms (inputs {d.get('mean_inputs_ms', 0.0):.1f} + solve "
+                         "measured": f"{full:.1f} ms (inputs {d['mean_inputs_ms']:.1f} + solve "
                                      f"{d['mean_decision_ms']:.1f}) = {pct:.1f} % of {s['iter_ms']:.0f} ms"
                                      " (decided ahead in a background thread when --dispatch-ahead > 0)",
                          "met": pct <= 10})
@@ -926,8 +926,8 @@ def main(argv=None) -> None:
         for m, s in d["methods"].items():
             if "dispatch" in s:
                 print(f"  [{name}] {method_label(m)}: dispatch {s['dispatch']['solvers']}, "
-                      f"{s['dispatch'].get('mean_full_decision_ms', 0.0):.1f} ms/decision (inputs "
-                      f"{s['dispatch'].get('mean_inputs_ms', 0.0):.1f} + solve {s['dispatch']['mean_decision_ms']:.1f});"
+                      f"{s['dispatch']['mean_full_decision_ms']:.1f} ms/decision (inputs "
+                      f"{s['dispatch']['mean_inputs_ms']:.1f} + solve {s['dispatch']['mean_decision_ms']:.1f});"
                       f" rows {s['emb']['rows']}")
             if "compute_samples_per_s_last" in s:
                 print(f"  [{name}] {method_label(m)}: measured compute samples/s per worker (last dispatch) "
