@@ -43,14 +43,20 @@ def test_deterministic_per_seed_and_step():
 
 def _global_batch_one_feature_at_a_time(wl, step, batch_size):
     """The batch as it was built before the vectorised path (feature by
-    feature: a draw, a search and the id map, then each feature's label
-    effect in turn): the values that path must reproduce bit for bit."""
+    feature: a draw, a search and the id map, as sample_ids did, then each
+    feature's label effect in turn): the values that path must reproduce bit
+    for bit."""
     c = wl.config
     gen = wl._generator(step)
     lo, hi = c.bag_size
     dense = torch.randn(batch_size, c.num_dense, generator=gen)
     lengths = torch.randint(lo, hi + 1, (c.num_sparse, batch_size), generator=gen)
-    values = [wl.sample_ids(f, int(lengths[f].sum()), gen) for f in range(c.num_sparse)]
+    values = []
+    for f, n in enumerate(c.cardinalities):
+        u = torch.rand(int(lengths[f].sum()), generator=gen, dtype=torch.float64)
+        rank = torch.searchsorted(wl._cdfs[f], u).clamp_(max=n - 1)
+        a, b = wl._perm[f]
+        values.append((rank * a + b) % n)
     logit = dense.double() @ wl._dense_w
     for f in range(c.num_sparse):
         eff = ((values[f] * 2654435761 + wl._id_effect_salt[f]) % 1000).double() / 1000 - 0.5
@@ -73,6 +79,12 @@ def test_the_vectorised_batch_is_the_feature_by_feature_one_bit_for_bit(cfg):
         assert torch.equal(got.labels, labels)
         assert 0 < float(labels.mean()) < 1 or b == 1  # the labels depend on the ids (logit spread)
         assert float(logit.std() if b > 1 else 1.0) > 0
+    # sample_ids (what the sessions workload draws feature by feature) is the same map
+    for f, n in enumerate(wl.config.cardinalities):
+        g1, g2 = torch.Generator().manual_seed(f), torch.Generator().manual_seed(f)
+        rank = torch.searchsorted(wl._cdfs[f], torch.rand(50, generator=g2, dtype=torch.float64)).clamp_(max=n - 1)
+        a, b = wl._perm[f]
+        assert torch.equal(wl.sample_ids(f, 50, g1), (rank * a + b) % n)
 
 
 def test_local_batches_partition_the_global_batch():

@@ -192,11 +192,7 @@ class SyntheticWorkload:
     # ------------------------------------------------------------------ ids
     def sample_ids(self, feature: int, count: int, gen: torch.Generator) -> torch.Tensor:
         """``count`` ids of feature ``feature`` (int64), Zipf distributed."""
-        n = self.config.cardinalities[feature]
-        u = torch.rand(count, generator=gen, dtype=torch.float64)
-        rank = torch.searchsorted(self._cdfs[feature], u).clamp_(max=n - 1)
-        a, b = self._perm[feature]
-        return (rank * a + b) % n
+        return self._sample_features([feature], torch.tensor([count], dtype=torch.int64), gen)[0]
 
     def _generator(self, step: int) -> torch.Generator:
         if step < 0:
@@ -212,19 +208,23 @@ class SyntheticWorkload:
         lo, hi = c.bag_size
         dense = torch.randn(batch_size, c.num_dense, generator=gen)
         lengths = torch.randint(lo, hi + 1, (c.num_sparse, batch_size), generator=gen)
-        return self.make_batch(dense, lengths, self._sample_features(lengths.sum(1), gen), gen)
+        return self.make_batch(dense, lengths, self._sample_features(range(c.num_sparse), lengths.sum(1), gen), gen)
 
-    def _sample_features(self, counts: torch.Tensor, gen: torch.Generator) -> List[torch.Tensor]:
-        """:meth:`sample_ids` of every feature in turn (``counts[f]`` ids of
-        feature ``f``), the same values from fewer operator calls: one draw of
-        the uniforms (the CPU generator draws them one after the other either
-        way), one search per feature, the rank -> id map for all at once (a
-        batch costs ~26 calls instead of ~130; every rank builds every step's
-        batch, so this is CPU inside every measured step)."""
+    def _sample_features(self, features: Sequence[int], counts: torch.Tensor,
+                         gen: torch.Generator) -> List[torch.Tensor]:
+        """Zipf ids of ``features`` in turn (``counts[i]`` ids of
+        ``features[i]``): the rank of a uniform in the feature's CDF, mapped
+        to an id by the feature's bijection.  One draw of the uniforms for
+        all (the CPU generator draws them one after the other either way),
+        one search per feature, the rank -> id map for all at once: a global
+        batch costs ~26 operator calls instead of ~130 feature by feature
+        (every rank builds every step's batch, so this is CPU inside every
+        measured step)."""
         u = torch.rand(int(counts.sum()), generator=gen, dtype=torch.float64)
         sizes = counts.tolist()
-        ranks = torch.cat([torch.searchsorted(cdf, part) for cdf, part in zip(self._cdfs, u.split(sizes))])
-        abn = self._id_map_t.repeat_interleave(counts, dim=0)  # [total, 3]: a, b, n of every id's feature
+        ranks = torch.cat([torch.searchsorted(self._cdfs[f], part) for f, part in zip(features, u.split(sizes))])
+        # [total, 3]: a, b, n of every id's feature
+        abn = self._id_map_t[torch.as_tensor(list(features), dtype=torch.int64)].repeat_interleave(counts, dim=0)
         a, b, n = abn.unbind(1)
         ids = (torch.minimum(ranks, n - 1) * a + b) % n
         return list(ids.split(sizes))
