@@ -374,9 +374,9 @@ if HAS_DEDUP_INPUTS:
                            occupied, ndirty, capacity, row_time):
         n = torch.library.get_ctx().new_dynamic_size()
         w, u, b = row_time.shape[0], table_of.shape[0], offsets.shape[0] - 1
-        f64 = row_time
-        return (keys.new_empty((n,)), keys.new_empty((n,)), f64.new_empty((u, w)), f64.new_empty((u, w)),
-                keys.new_empty((u,)), f64.new_empty((u,)), f64.new_empty((b, w)))
+        return (keys.new_empty((n,)), keys.new_empty((n,)), row_time.new_empty((u, w)),
+                row_time.new_empty((u, w)), keys.new_empty((u,)), row_time.new_empty((u,)),
+                row_time.new_empty((b, w)))
 
 
 def dedup_inputs(keys: torch.Tensor, offsets: torch.Tensor, slots: torch.Tensor, table_of: torch.Tensor,

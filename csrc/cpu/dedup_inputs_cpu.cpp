@@ -95,6 +95,8 @@ dedup_inputs_cpu(const at::Tensor& keys, const at::Tensor& offsets, const at::Te
       dirty[wu] = phd[i];
     }
   }
+  const at::Tensor rtc = row_time.contiguous();
+  const double* rt = rtc.data_ptr<double>();
   // seconds of a miss's expected eviction push: the dirty fraction of a full cache
   // (CostModel._evict_fraction) times the row's time
   std::vector<double> ev(static_cast<size_t>(W * T));
@@ -103,13 +105,11 @@ dedup_inputs_cpu(const at::Tensor& keys, const at::Tensor& offsets, const at::Te
     const int64_t* po_ = occ.data_ptr<int64_t>();
     const int64_t* pn = nd.data_ptr<int64_t>();
     const int64_t* pc_ = cap.data_ptr<int64_t>();
-    const at::Tensor rtc0 = row_time.contiguous();
-    const double* r0 = rtc0.data_ptr<double>();
     for (int64_t i = 0; i < W * T; ++i) {
       const bool full = po_[i] > 0 && po_[i] >= pc_[i];
       const double frac =
           static_cast<double>(pn[i]) / static_cast<double>(std::max<int64_t>(po_[i], 1));
-      ev[i] = (full ? frac : 0.0) * r0[i];
+      ev[i] = (full ? frac : 0.0) * rt[i];
     }
   }
   const at::Tensor off = offsets.contiguous();
@@ -147,8 +147,6 @@ dedup_inputs_cpu(const at::Tensor& keys, const at::Tensor& offsets, const at::Te
                 ": the id table names a row outside the ", U, " distinct keys");
   }
 
-  const at::Tensor rtc = row_time.contiguous();
-  const double* rt = rtc.data_ptr<double>();
   const uint8_t* pc = cached.data();
   const uint8_t* pod = outdated.data();
   const uint8_t* pd = dirty.data();
