@@ -4,21 +4,15 @@ arrays, bit for bit, on batches of the iid and sessions workloads read against
 cache states that fill, evict and hold dirty and outdated rows (staleness 0 and
 1, W = 4 and 3), on a batch whose bags are all empty, and bad inputs raise."""
 
-import os
-import sys
-
 import numpy as np
 import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_esd import ops
-from torchrec_esd.apps.sessions import make_workload, make_workload_config
-from torchrec_esd.cache import CacheDirectory
 from torchrec_esd.dispatch import make_dispatcher
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-import dispatch_true_cost as dtc  # noqa: E402
+from test_dedup_start_op import workload_world  # noqa: E402  (tests/ is on sys.path under pytest)
 
 needs_op = pytest.mark.skipif(not ops.HAS_DEDUP_INPUTS, reason="extension without dedup_inputs")
 
@@ -40,12 +34,10 @@ def _assert_same(native, ref):
 @pytest.mark.parametrize("workload", ["iid", "sessions"])
 @pytest.mark.parametrize("bandwidths,staleness", [([1000.0, 100.0, 50.0, 10.0], 0), ([1000.0, 300.0, 10.0], 1)])
 def test_equals_the_reference_on_workload_batches(workload, bandwidths, staleness):
-    args = dtc.parse_args(["--staleness", str(staleness), "--max-cardinality", "3000", "--cache-ratio", "0.05"])
-    wl = make_workload(make_workload_config(workload))
-    tables, config, cm, _ = dtc.build(args, wl, bandwidths)
+    wl, _, config, cm, directory = workload_world(workload, bandwidths,
+                                                  ["--staleness", str(staleness), "--cache-ratio", "0.05"])
     B = 192
     shares = [int(s) for s in config.batch_shares(B)]
-    directory = CacheDirectory(config, tables)
     esd = make_dispatcher("esd")
     seen = {"owner": 0, "outdated": 0, "evict": 0}
     for step in range(8):
@@ -73,10 +65,7 @@ def test_equals_the_reference_on_workload_batches(workload, bandwidths, stalenes
 
 @needs_op
 def test_a_batch_without_keys_and_bad_inputs():
-    args = dtc.parse_args(["--max-cardinality", "2000"])
-    wl = make_workload(make_workload_config("iid"))
-    tables, config, cm, _ = dtc.build(args, wl, [100.0, 10.0])
-    directory = CacheDirectory(config, tables)
+    wl, _, _, cm, directory = workload_world("iid", [100.0, 10.0])
     kjt = wl.global_batch(0, 8).sparse_features
     empty = KeyedJaggedTensor.from_lengths_sync(
         keys=kjt.keys(), values=torch.zeros(0, dtype=torch.int64),

@@ -25,6 +25,16 @@ from test_dispatch import _random_dedup  # noqa: E402  (tests/ is on sys.path un
 needs_op = pytest.mark.skipif(not ops.has_dedup_start(), reason="extension without dedup_start")
 
 
+def workload_world(workload, bandwidths, argv=()):
+    """``dispatch_true_cost.py``'s world for ``workload`` on links of
+    ``bandwidths`` (its command-line ``argv``): the workload, its tables, the
+    config, the cost model and a cold cache directory."""
+    args = dtc.parse_args(list(argv))
+    wl = make_workload(make_workload_config(workload))
+    tables, config, cm, _ = dtc.build(args, wl, bandwidths)
+    return wl, tables, config, cm, CacheDirectory(config, tables)
+
+
 def test_amortise_table_rows_equal_the_factors_of_every_row():
     rng = np.random.default_rng(3)
     uses = rng.integers(1, 301, 2000).astype(np.float64)
@@ -41,12 +51,10 @@ def test_amortise_table_rows_equal_the_factors_of_every_row():
 @pytest.mark.parametrize("bandwidths", [[1000.0, 100.0, 50.0, 10.0], [1000.0, 300.0, 10.0]])
 @pytest.mark.parametrize("staleness", [0, 1])
 def test_equals_the_reference_on_workload_batches(workload, bandwidths, staleness):
-    args = dtc.parse_args(["--staleness", str(staleness), "--max-cardinality", "5000"])
-    wl = make_workload(make_workload_config(workload))
-    tables, config, cm, _ = dtc.build(args, wl, bandwidths)
+    wl, _, config, cm, directory = workload_world(workload, bandwidths,
+                                                  ["--staleness", str(staleness), "--max-cardinality", "5000"])
     B = 256
     shares = [int(s) for s in config.batch_shares(B)]
-    directory = CacheDirectory(config, tables)
     esd = make_dispatcher("esd")
     weights = np.linspace(0.5, 2.0, len(shares))
     for step in range(4):
