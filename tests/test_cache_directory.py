@@ -420,3 +420,52 @@ def test_cache_step_kernel_refuses_bad_keys():
     with pytest.raises(RuntimeError, match="user_keys must be distinct and ascending"):
         ops.plan_worker_cache(st.keys, st.last_use, st.freq, st.lag, st.dirty, st.slot_map, st.table_start,
                               torch.tensor([3, 1]), torch.tensor([1, 1]), torch.tensor([1]), d.row_offset, 1, 0, False)
+
+
+@pytest.mark.parametrize("hashed", [False, True])
+def test_cache_step_kernel_finds_the_same_shared_dirty_rows_by_either_search(hashed, monkeypatch):
+    """Step A of the C++ cache step (a dirty copy another worker uses is
+    pushed) either looks the batch's rows up in the slot map (few batch rows)
+    or scans the worker's slots for dirty ones (the batch's rows outnumber its
+    slots, as at large W).  The same step on the same state, once as it is
+    (fewer batch rows than slots) and once with ``user_keys`` padded by keys
+    past the last row (never cached: more batch rows than slots), gives the
+    same plan and the same end state, with shared dirty rows pushed."""
+    import torchrec_esd.cache.slots as slots_mod
+    from torchrec_esd import ops
+
+    if hashed:
+        monkeypatch.setattr(slots_mod, "DENSE_SLOT_MAP_ROWS", 0)
+        monkeypatch.setattr(slots_mod, "DENSE_ROWS_PER_SLOT", 0)
+    assert ops.has_plan_kernel(), "the extension is built without plan_worker_cache"
+    wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=2, cardinalities=[400, 300], bag_size=(1, 3),
+                                                   alpha=1.05, seed=5))
+    tables = _tables(wl.config.cardinalities)
+    cfg = EsdConfig([WorkerSpec(60, 1.0), WorkerSpec(60, 1.0)], cache_policy="lru")
+    d = CacheDirectory(cfg, tables)
+    g = torch.Generator().manual_seed(3)
+    pushed = 0
+    for step in range(30):
+        kjt = wl.global_batch(step, 8).sparse_features
+        a = torch.randint(0, 2, (8,), generator=g)
+        keys, sample = d.batch_keys(kjt)
+        ukeys, uw, _ = ops.unique_keys_per_group(keys, a[sample], 2)
+        used = list(torch.split(ukeys, torch.bincount(uw, minlength=2).tolist()))
+        user_keys, user_counts = ops.sorted_distinct(ukeys)
+        st = d._w[0]
+        assert user_keys.numel() < st.keys.numel()  # the lookup of the batch's rows
+        pad = torch.arange(st.keys.numel() + 1, dtype=torch.int64) + d.total_rows
+        padded = (torch.cat([user_keys, pad]), torch.cat([user_counts, torch.ones_like(pad)]))
+        outs, states = [], []
+        for uk, uc in ((user_keys, user_counts), padded):
+            s = [t.clone() for t in (st.keys, st.last_use, st.freq, st.lag, st.dirty, st.slot_map)]
+            outs.append(ops.plan_worker_cache(*s, st.table_start, uk, uc, used[0], d.row_offset, d.iteration + 1,
+                                              0, int(d.policy.kernel_code)))
+            states.append(s)
+        for x, y in zip(outs[0], outs[1]):
+            assert torch.equal(x, y), step
+        for x, y in zip(states[0], states[1]):
+            assert torch.equal(x, y), step
+        pushed += int(outs[0][6][2])  # shared dirty rows pushed
+        d.plan(kjt, a)
+    assert pushed > 0  # step A found shared dirty rows
