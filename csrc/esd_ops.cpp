@@ -62,12 +62,15 @@ TORCH_LIBRARY(torchrec_esd, m) {
   // miss pushes).
   // The slot map is dense (int32 [rows]) or an id table (int64 [cap, 2], row = (key, slot));
   // `lag` is how many versions each cached copy is behind; `user_keys` / `user_counts` the
-  // rows used this iteration (ascending) and how many workers use each.
+  // rows used this iteration (ascending) and how many workers use each; `user_table`, if
+  // given, an id table of user_keys (id_table_build): their counts are found by probing it
+  // instead of a binary search, and their order is not checked (what a caller that steps
+  // many workers on the same rows passes, built once).
   m.def(
       "plan_worker_cache(Tensor(a!) slot_keys, Tensor(b!) last_use, Tensor(c!) freq, "
       "Tensor(d!) lag, Tensor(e!) dirty, Tensor(f!) slot_map, Tensor table_start, "
       "Tensor user_keys, Tensor user_counts, Tensor keys, Tensor row_offset, int iteration, "
-      "int staleness, int policy) -> "
+      "int staleness, int policy, Tensor? user_table=None) -> "
       "(Tensor used_slot, Tensor pull_pos, Tensor local_pos, Tensor grad_pos, "
       "Tensor push_keys, Tensor push_slots, Tensor counts)");
   // In place on an id table (int64 [cap, 2], linear probing, see id_table_build): erase

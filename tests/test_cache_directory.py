@@ -420,6 +420,15 @@ def test_cache_step_kernel_refuses_bad_keys():
     with pytest.raises(RuntimeError, match="user_keys must be distinct and ascending"):
         ops.plan_worker_cache(st.keys, st.last_use, st.freq, st.lag, st.dirty, st.slot_map, st.table_start,
                               torch.tensor([3, 1]), torch.tensor([1, 1]), torch.tensor([1]), d.row_offset, 1, 0, False)
+    # an id table that does not map user_keys to their positions, or is not an id table
+    with pytest.raises(RuntimeError, match="user_table does not map user_keys"):
+        ops.plan_worker_cache(st.keys, st.last_use, st.freq, st.lag, st.dirty, st.slot_map, st.table_start,
+                              torch.tensor([1, 3]), torch.tensor([1, 1]), torch.tensor([1]), d.row_offset, 1, 0, False,
+                              ops.id_table_build(torch.tensor([3, 1])))
+    with pytest.raises(RuntimeError, match="user_table must be an id table"):
+        ops.plan_worker_cache(st.keys, st.last_use, st.freq, st.lag, st.dirty, st.slot_map, st.table_start,
+                              torch.tensor([1, 3]), torch.tensor([1, 1]), torch.tensor([1]), d.row_offset, 1, 0, False,
+                              torch.zeros(3, 2, dtype=torch.int64))
 
 
 @pytest.mark.parametrize("hashed", [False, True])
@@ -457,15 +466,18 @@ def test_cache_step_kernel_finds_the_same_shared_dirty_rows_by_either_search(has
         pad = torch.arange(st.keys.numel() + 1, dtype=torch.int64) + d.total_rows
         padded = (torch.cat([user_keys, pad]), torch.cat([user_counts, torch.ones_like(pad)]))
         outs, states = [], []
-        for uk, uc in ((user_keys, user_counts), padded):
+        # as it is, padded, and each with the users found in an id table (what plan() passes)
+        for uk, uc, table in ((user_keys, user_counts, False), (*padded, False), (user_keys, user_counts, True),
+                              (*padded, True)):
             s = [t.clone() for t in (st.keys, st.last_use, st.freq, st.lag, st.dirty, st.slot_map)]
             outs.append(ops.plan_worker_cache(*s, st.table_start, uk, uc, used[0], d.row_offset, d.iteration + 1,
-                                              0, int(d.policy.kernel_code)))
+                                              0, int(d.policy.kernel_code), ops.id_table_build(uk) if table else None))
             states.append(s)
-        for x, y in zip(outs[0], outs[1]):
-            assert torch.equal(x, y), step
-        for x, y in zip(states[0], states[1]):
-            assert torch.equal(x, y), step
+        for i in range(1, 4):
+            for x, y in zip(outs[0], outs[i]):
+                assert torch.equal(x, y), (step, i)
+            for x, y in zip(states[0], states[i]):
+                assert torch.equal(x, y), (step, i)
         pushed += int(outs[0][6][2])  # shared dirty rows pushed
         d.plan(kjt, a)
     assert pushed > 0  # step A found shared dirty rows

@@ -10,7 +10,7 @@ and a loud warning says so (tests fail in that state unless explicitly allowed).
 from __future__ import annotations
 
 import warnings
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -99,7 +99,7 @@ if HAS_PLAN_KERNEL:
     @torch.library.register_fake("torchrec_esd::plan_worker_cache")
     def _plan_worker_cache_fake(
         slot_keys, last_use, freq, lag, dirty, slot_map, table_start, user_keys, user_counts, keys,
-        row_offset, iteration: int, staleness: int, policy: int,
+        row_offset, iteration: int, staleness: int, policy: int, user_table=None,
     ):
         torch._check(keys.dim() == 1, lambda: "plan_worker_cache: keys must be 1-D")
         ctx = torch.library.get_ctx()
@@ -232,7 +232,7 @@ def plan_worker_cache(
     slot_keys: torch.Tensor, last_use: torch.Tensor, freq: torch.Tensor, lag: torch.Tensor,
     dirty: torch.Tensor, slot_map: torch.Tensor, table_start: torch.Tensor, user_keys: torch.Tensor,
     user_counts: torch.Tensor, keys: torch.Tensor, row_offset: torch.Tensor, iteration: int,
-    staleness: int, policy: int,
+    staleness: int, policy: int, user_table: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """One worker's cache step of one iteration, in place (the C++ kernel of
     ``CacheDirectory._push_shared_dirty`` + ``_plan_worker`` without DES-served
@@ -240,8 +240,12 @@ def plan_worker_cache(
     (int32 ``[rows]``) or an id table (int64 ``[cap, 2]``, :func:`id_table_assign`);
     ``lag`` is how many versions each cached copy is behind; ``user_keys``
     (ascending) / ``user_counts`` the rows used this iteration and their number
-    of user workers (at least this worker's keys and its cached rows others use).
-    O(U log N + S) for U keys, N user keys, S slots.  Returns ``(used_slot,
+    of user workers (at least this worker's keys and its cached rows others use);
+    ``user_table``, optional, :func:`id_table_build` of ``user_keys``: a caller
+    that steps many workers on the same rows builds it once, and each step then
+    probes it instead of checking ``user_keys``' order and searching them.
+    O(N + S + (U + D) log N) for U keys, N user keys, S slots, D dirty slots
+    (O(S + U + D) expected with ``user_table``).  Returns ``(used_slot,
     pull_pos, local_pos, grad_pos, push_keys, push_slots, counts)``: the value
     pushes are the dirty rows other workers use (slot order), then the evicted
     dirty rows; ``counts`` = (miss pulls, update pulls, shared pushes, miss pushes).
@@ -249,7 +253,7 @@ def plan_worker_cache(
     (:class:`torchrec_esd.cache.policy.KernelPolicy`: 0 LRU, 1 LFU)."""
     return torch.ops.torchrec_esd.plan_worker_cache(
         slot_keys, last_use, freq, lag, dirty, slot_map, table_start, user_keys, user_counts, keys,
-        row_offset, int(iteration), int(staleness), int(policy),
+        row_offset, int(iteration), int(staleness), int(policy), user_table,
     )
 
 

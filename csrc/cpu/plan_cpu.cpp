@@ -23,6 +23,7 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <optional>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -72,7 +73,7 @@ plan_worker_cache_cpu(at::Tensor slot_keys, at::Tensor last_use, at::Tensor freq
                       at::Tensor dirty, at::Tensor slot_map, const at::Tensor& table_start,
                       const at::Tensor& user_keys, const at::Tensor& user_counts,
                       const at::Tensor& keys, const at::Tensor& row_offset, int64_t iteration,
-                      int64_t staleness, int64_t policy) {
+                      int64_t staleness, int64_t policy, const std::optional<at::Tensor>& user_table) {
   const int64_t S = slot_keys.numel();
   check_vec("slot_keys", slot_keys, at::kLong);
   check_vec("last_use", last_use, at::kLong, S);
@@ -133,21 +134,41 @@ plan_worker_cache_cpu(at::Tensor slot_keys, at::Tensor last_use, at::Tensor freq
   const int64_t NU = user_keys.numel();
   const int64_t* uk = user_keys.data_ptr<int64_t>();
   const int64_t* uc = user_counts.data_ptr<int64_t>();
-  {
-    // one branch-free pass (it vectorises: the full directory passes the whole batch's
-    // rows to every worker's step), one check
+  // the users of a row: by probing user_table (an id table of user_keys built once by a
+  // caller that steps many workers on the same rows: O(1), no O(NU) order check per
+  // worker) or by a binary search in user_keys (checked ascending, one branch-free pass)
+  const int64_t* ut = nullptr;
+  uint64_t umask = 0;
+  if (user_table.has_value() && user_table->defined()) {
+    const at::Tensor& tb = *user_table;
+    TORCH_CHECK(tb.device().is_cpu() && tb.scalar_type() == at::kLong && tb.dim() == 2 &&
+                    tb.size(1) == 2 && tb.is_contiguous() && tb.size(0) >= 2 &&
+                    (tb.size(0) & (tb.size(0) - 1)) == 0,
+                "torchrec_esd::", kOp, ": user_table must be an id table of user_keys (contiguous "
+                "CPU int64 [cap, 2], cap a power of two; id_table_build)");
+    ut = tb.data_ptr<int64_t>();
+    umask = static_cast<uint64_t>(tb.size(0) - 1);
+  } else {
     bool ascending = true;
     for (int64_t i = 1; i < NU; ++i) ascending &= uk[i] > uk[i - 1];
     TORCH_CHECK(ascending, "torchrec_esd::", kOp, ": user_keys must be distinct and ascending");
   }
   auto users_of = [&](int64_t key) -> int64_t {
+    if (ut != nullptr) {
+      const int64_t i = table_probe(ut, umask, key, table_hash(static_cast<uint64_t>(key)));
+      if (i < 0) return 0;
+      TORCH_CHECK(i < NU && uk[i] == key, "torchrec_esd::", kOp,
+                  ": user_table does not map user_keys to their positions");
+      return uc[i];
+    }
     const int64_t* p = std::lower_bound(uk, uk + NU, key);
     return (p != uk + NU && *p == key) ? uc[p - uk] : 0;
   };
-  // users_of for ascending keys: a search that moves forward from the last key's place
-  // (doubling steps, then bisection), O(log gap) per key and cache-friendly
+  // users_of for ascending keys: without the table, a search that moves forward from the
+  // last key's place (doubling steps, then bisection), O(log gap) per key and cache-friendly
   int64_t user_pos = 0;
   auto users_of_next = [&](int64_t key) -> int64_t {
+    if (ut != nullptr) return users_of(key);
     int64_t step = 1, lo = user_pos, hi = user_pos;
     while (hi < NU && uk[hi] < key) {
       lo = hi + 1;

@@ -49,9 +49,10 @@ row -> caching workers (:meth:`CacheDirectory.holder_index`, built on first use)
 Time of one iteration (N batch values, U distinct keys, U_w of them on worker
 w, S_w slots, H cached (worker, row) pairs of the batch's rows): the decode
 and per-worker grouping, O(N log N) once; per tracked worker, the cache step in
-O(U + S_w + (U_w + D_w) log U) for D_w dirty slots (the C++ kernel checks the
-order of the U rows; its step A scans the dirty slots when U > S_w, else looks
-the U rows up; evictions scan the table's slots); the end-of-iteration lag update, O(U) slot-map probes per worker, or
+O(S_w + U_w + D_w) expected for D_w dirty slots (step A scans the dirty slots
+when U > S_w, else looks the U rows up; evictions scan the table's slots; the
+users of a row come from an id table of the U rows that :meth:`CacheDirectory.plan`
+builds once, O(U), where it steps several workers); the end-of-iteration lag update, O(U) slot-map probes per worker, or
 O(U + H) for all at once with the holder index (plus its O(S_w) sync).  A
 worker planning from a :class:`StepSummary` (:meth:`CacheDirectory.plan_from_summary`)
 replaces U by its summary's size, O(U_w + |rows of its cache others use|): it
@@ -234,8 +235,13 @@ class CacheDirectory:
         self.iteration += 1
         plans: List[Optional[WorkerPlan]] = [None] * W
         flush = set(int(w) for w in flush)
+        # several workers' kernel steps read the users of the same rows: an id table of them,
+        # built once, spares each step an O(U) order check and binary searches
+        user_table = (ops.id_table_build(user_keys) if len(self.tracked) > 1 and user_keys.numel()
+                      and any(self._kernel_plans(w) for w in self.tracked) else None)
         for w in self.tracked:
-            plans[w] = self._step(w, used[w], user_keys, user_counts, num_samples[w], pairs.get(w), w in flush)
+            plans[w] = self._step(w, used[w], user_keys, user_counts, num_samples[w], pairs.get(w), w in flush,
+                                  user_table)
         self._end_iteration(user_keys, plans)
         return IterationPlan(self.iteration, plans, batch_keys=user_keys)
 
@@ -286,16 +292,19 @@ class CacheDirectory:
         return plans[w]
 
     def _step(self, w: int, keys: torch.Tensor, user_keys: torch.Tensor, user_counts: torch.Tensor,
-              num_samples: int, pairs, flush: bool = False) -> WorkerPlan:
+              num_samples: int, pairs, flush: bool = False,
+              user_table: Optional[torch.Tensor] = None) -> WorkerPlan:
         """Worker ``w``'s cache step (and the holder index told its placements).
         With ``flush``, every dirty row of its cache is written back first:
         marked clean before the step (which then neither pushes it as shared
         nor as evicted) and pushed with the step's own value pushes (read
-        from their slots before any pull overwrites them)."""
+        from their slots before any pull overwrites them).  ``user_table``:
+        an id table of ``user_keys`` for the C++ step (built once by
+        :meth:`plan` for all its workers)."""
         st = self._w[w]
         flushed = self._take_dirty(st) if flush else None
         if self._kernel_plans(w):  # step A included
-            p = self._plan_worker_kernel(st, keys, user_keys, user_counts, num_samples)
+            p = self._plan_worker_kernel(st, keys, user_keys, user_counts, num_samples, user_table)
         else:
             pushed = self._push_shared_dirty(st, keys, user_keys, user_counts)
             p = self._plan_worker(w, keys, user_keys, user_counts, pushed, num_samples, pairs)
@@ -436,14 +445,14 @@ class CacheDirectory:
 
     def _plan_worker_kernel(
         self, st: WorkerSlots, keys: torch.Tensor, user_keys: torch.Tensor, user_counts: torch.Tensor,
-        num_samples: int,
+        num_samples: int, user_table: Optional[torch.Tensor] = None,
     ) -> WorkerPlan:
         """Steps A-C of one worker (:meth:`_push_shared_dirty` and
         :meth:`_plan_worker`) in the C++ kernel: same plan, same end state."""
         used_slot, pull_pos, local_pos, grad_pos, push_keys, push_slots, counts = ops.plan_worker_cache(
             st.keys, st.last_use, st.freq, st.lag, st.dirty, st.slot_map, st.table_start,
             user_keys.contiguous(), user_counts.contiguous(), keys.contiguous(), self.row_offset, self.iteration,
-            self.config.staleness, int(self.policy.kernel_code),
+            self.config.staleness, int(self.policy.kernel_code), user_table,
         )
         n_miss, n_update, n_shared, n_miss_push = counts.tolist()
         return WorkerPlan(
