@@ -49,6 +49,9 @@ def _entry(rank: int, world: int, port: int, outdir: str, fn, args, timeout_s: f
         result = fn(*args)
         close_open_monitors()  # a runtime fn left open: done, not silent
         torch.save({"ok": True, "result": result}, path)
+        # a rank whose fn needs no peer could otherwise close its gloo pairs while
+        # another rank still connects its mesh ("connection closed by peer" there)
+        _linger(outdir, world)
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         fail_open_monitors(e)  # every other rank ends with this message
         torch.save({"ok": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()}, path)
@@ -65,10 +68,11 @@ LINGER_S = 3.0
 
 
 def _linger(outdir: str, world: int) -> None:
-    """A failed rank stays up (at most :data:`LINGER_S`) until every rank has
-    a result: a rank that fails while others are still connecting (rank 0
-    hosts the rendezvous store, every rank is a peer of gloo's mesh) would
-    otherwise hand them a 'connection closed' instead of their own error."""
+    """A rank that is done stays up (at most :data:`LINGER_S`) until every
+    rank has a result: a rank that fails, or finishes without talking to its
+    peers, while others are still connecting (rank 0 hosts the rendezvous
+    store, every rank is a peer of gloo's mesh) would otherwise hand them a
+    'connection closed' instead of their own error or result."""
     end = time.monotonic() + LINGER_S
     while time.monotonic() < end:
         if all(os.path.exists(os.path.join(outdir, f"rank{r}.pt")) for r in range(world)):
