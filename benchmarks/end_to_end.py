@@ -62,13 +62,14 @@ import netns  # noqa: E402
 import rate_change  # noqa: E402
 
 METHODS = ["vanilla", "random", "laia", "heuristic", "optimal", "hybrid", "esd"]
-VARIANTS = ("des", "plan", "shares", "online", "prefetch", "latepull", "prepush")  # "+des": DES-served misses; "+plan": the planner's
+VARIANTS = ("des", "plan", "shares", "online", "prefetch", "latepull", "prepush", "lookahead")  # "+des": DES-served misses; "+plan": the planner's
 # shares; "+shares": shares decided per batch around the (planned or equal) shares (torchrec_esd.dispatch.shares);
 # "+online": links measured on the PS exchanges (EsdConfig.online_links, shares from the estimates);
 # "+prefetch": EsdConfig.prefetch_depth = --dispatch-ahead (at least 1): the next batches' safe rows are
 # pulled while a batch computes; "+latepull": EsdConfig.early_pull=False (a batch's push/pull in its forward,
 # not right after the previous batch's gradients); "+prepush": EsdConfig.pre_push (the next batch's dirty
-# pushes leave right after this batch's push/pull, while it computes)
+# pushes leave right after this batch's push/pull, while it computes); "+lookahead": EsdConfig.cache_policy
+# "lookahead" (evict by next use in the upcoming batches) for any method, LAIA's included
 LABEL = {
     "vanilla": "vanilla TorchRec",
     "random": "cache-only (random)",
@@ -83,7 +84,8 @@ LABEL = {
 def method_label(method: str) -> str:
     base, *variants = method.split("+")
     extra = {"des": "DES misses", "plan": "planned shares", "shares": "per-batch shares",
-             "online": "online link estimates", "prefetch": "prefetch", "latepull": "push/pull in the forward", "prepush": "pre-push"}
+             "online": "online link estimates", "prefetch": "prefetch", "latepull": "push/pull in the forward", "prepush": "pre-push",
+             "lookahead": "lookahead eviction"}
     return " + ".join([LABEL.get(base, base)] + [extra.get(v, v) for v in variants])
 
 
@@ -281,6 +283,8 @@ def rank_main(spec_path: str) -> None:
                 cfg = dataclasses.replace(cfg, early_pull=False)
             if "prepush" in variants:
                 cfg = dataclasses.replace(cfg, pre_push=True)
+            if "lookahead" in variants:  # eviction by next use within the dispatched-ahead batches
+                cfg = dataclasses.replace(cfg, cache_policy="lookahead")
             if "prefetch" in variants:
                 ahead = max(1, ahead)
                 cfg = dataclasses.replace(cfg, prefetch_depth=ahead)
