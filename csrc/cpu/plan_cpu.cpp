@@ -164,21 +164,6 @@ plan_worker_cache_cpu(at::Tensor slot_keys, at::Tensor last_use, at::Tensor freq
     const int64_t* p = std::lower_bound(uk, uk + NU, key);
     return (p != uk + NU && *p == key) ? uc[p - uk] : 0;
   };
-  // users_of for ascending keys: without the table, a search that moves forward from the
-  // last key's place (doubling steps, then bisection), O(log gap) per key and cache-friendly
-  int64_t user_pos = 0;
-  auto users_of_next = [&](int64_t key) -> int64_t {
-    if (ut != nullptr) return users_of(key);
-    int64_t step = 1, lo = user_pos, hi = user_pos;
-    while (hi < NU && uk[hi] < key) {
-      lo = hi + 1;
-      hi += step;
-      step *= 2;
-    }
-    const int64_t* p = std::lower_bound(uk + lo, uk + std::min(hi, NU), key);
-    user_pos = p - uk;
-    return (p != uk + NU && *p == key) ? uc[p - uk] : 0;
-  };
   const int64_t* k = keys.data_ptr<int64_t>();
   const int64_t U = keys.numel();
   for (int64_t i = 0; i < U; ++i) {
@@ -319,7 +304,7 @@ plan_worker_cache_cpu(at::Tensor slot_keys, at::Tensor last_use, at::Tensor freq
       lu[s] = iteration;
       fq[s] += 1;
     }
-    const bool local = users_of_next(k[j]) == 1 && s >= 0 && (current[j] || pulled);
+    const bool local = users_of(k[j]) == 1 && s >= 0 && (current[j] || pulled);
     (local ? local_pos : grad_pos).push_back(j);
   }
   const int64_t n_miss_push = static_cast<int64_t>(push_keys.size()) - n_shared;

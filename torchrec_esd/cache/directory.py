@@ -51,8 +51,9 @@ w, S_w slots, H cached (worker, row) pairs of the batch's rows): the decode
 and per-worker grouping, O(N log N) once; per tracked worker, the cache step in
 O(S_w + U_w + D_w) expected for D_w dirty slots (step A scans the dirty slots
 when U > S_w, else looks the U rows up; evictions scan the table's slots; the
-users of a row come from an id table of the U rows that :meth:`CacheDirectory.plan`
-builds once, O(U), where it steps several workers); the end-of-iteration lag update, O(U) slot-map probes per worker, or
+users of a row come from an id table of the U rows that
+:meth:`CacheDirectory.plan` builds once, O(U), where it steps several workers);
+the end-of-iteration lag update, O(U) slot-map probes per worker, or
 O(U + H) for all at once with the holder index (plus its O(S_w) sync).  A
 worker planning from a :class:`StepSummary` (:meth:`CacheDirectory.plan_from_summary`)
 replaces U by its summary's size, O(U_w + |rows of its cache others use|): it
