@@ -958,3 +958,25 @@ def test_a_split_verdict_on_the_first_decision_is_timed_again(monkeypatch, slow_
     else:
         assert first["full_decision_cpu_s"] >= 0.06
         assert [r.solver.endswith(":split") for r in res] == [False, True, True]
+
+
+@pytest.mark.parametrize("name", ["random", "round_robin"])
+def test_input_blind_dispatchers_decide_without_reading_the_caches(name):
+    """random / round_robin read no inputs: decide() builds no [B, W] matrix and never
+    reads the caches, and gives assign()'s assignment (the same seed) with zero shares too."""
+    wl, tables, cfg, cm = _small_world((100.0, 50.0, 10.0))
+    kjt = wl.global_batch(0, 60).sparse_features
+
+    def views():
+        raise AssertionError("an input-blind dispatcher read the caches")
+
+    for shares in ([20, 20, 20], [0, 45, 15], [60, 0, 0]):
+        r = make_dispatcher(name).decide(cm, kjt, views, shares)
+        _check_valid(r, shares, 60)
+        ref = make_dispatcher(name).assign(torch.zeros(60, 3, dtype=torch.float64), shares)
+        assert torch.equal(r.assignment, ref.assignment) and r.objective == ref.objective == 0.0
+        assert r.solver == name and r.info["inputs_s"] >= 0 and r.decision_s >= 0
+    with pytest.raises(DispatchError, match="add up to"):
+        make_dispatcher(name).decide(cm, kjt, views, [20, 20, 19])
+    with pytest.raises(DispatchError, match="shares for"):
+        make_dispatcher(name).decide(cm, kjt, views, [30, 30])
