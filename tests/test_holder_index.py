@@ -87,6 +87,32 @@ def test_index_equals_slot_map_probes_on_evicting_steps(monkeypatch, kernel, pol
     assert d.nbytes() == sum(d.nbytes(w) for w in range(4)) + d.holder_index().nbytes()
 
 
+
+def test_occupancy_read_after_skipped_steps_and_a_flush_is_the_current_count():
+    """The per-table counts are lazy (HolderIndex.count marks, occupancy() counts): read after
+    several unread steps, a flush and more steps, they are the slots' counts at that moment."""
+    wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=3, cardinalities=[40, 200, 7], bag_size=(0, 4),
+                                                   alpha=1.1, seed=5))
+    tables = _tables(wl.config.cardinalities)
+    cfg = EsdConfig([WorkerSpec(6, 1.0), WorkerSpec(3, 1.0), WorkerSpec(5, 1.0)])
+    d = CacheDirectory(cfg, tables)
+    d.holder_index()
+    g = torch.Generator().manual_seed(1)
+    T = d.num_tables
+    for step in range(14):
+        kjt = wl.global_batch(step, 24).sparse_features
+        d.plan(kjt, torch.randint(0, 3, (24,), generator=g))
+        if step == 6:
+            d.flush_plan()
+        if step in (4, 6, 11, 13):  # unread steps in between (a plain-split dispatcher reads nothing)
+            state = d.cache_state()
+            slots = [d._w[w] for w in range(3)]
+            assert torch.equal(state.occupied, torch.stack([st.per_table(st.keys >= 0, T) for st in slots]))
+            assert torch.equal(state.ndirty, torch.stack([st.per_table(st.dirty, T) for st in slots]))
+            # right after the flush no row is dirty; elsewhere the local updates left some
+            assert (int(state.ndirty.sum()) == 0) == (step == 6)
+            assert int(state.occupied.sum()) > 0
+
 def test_index_on_hashed_maps_of_a_big_table():
     rows = 1 << 30
     tables = _tables([rows, rows])
