@@ -44,7 +44,7 @@ def _job(args):
     if args.method == "vanilla":
         return JobConfig(method="vanilla", **base)
     return JobConfig(method="esd", dispatcher=args.dispatcher, dispatch_ahead=args.dispatch_ahead,
-                     dense_sync="star", **base)
+                     dense_sync=args.dense_sync, **base)
 
 
 def _rank(args):
@@ -134,6 +134,7 @@ def main(argv=None):
     p.add_argument("--max-cardinality", type=int, default=20000)
     p.add_argument("--cache-fraction", type=float, default=0.1)
     p.add_argument("--dispatch-ahead", type=int, default=1)
+    p.add_argument("--dense-sync", default="star", choices=["star", "ring"], help="ESD's dense all-reduce")
     p.add_argument("--profile", default=None, help="write rank<r>.txt cProfiles of every thread here")
     p.add_argument("--top", type=int, default=40, help="functions per profile listing")
     p.add_argument("--callers", action="append", default=[],

@@ -169,4 +169,9 @@ TORCH_LIBRARY(torchrec_esd, m) {
   m.def(
       "holder_index_read(Tensor head, Tensor next, Tensor base, Tensor bucket_worker, int shift, Tensor lag, "
       "Tensor dirty, Tensor queries) -> (Tensor pos, Tensor worker, Tensor outdated, Tensor dirty_out)");
+  // 0-d int64: the wrapping sum over i of mix(values[i] * C + i * P + salt) (values as int64; mix:
+  // splitmix64's two multiply-xorshift steps with arithmetic shifts): one part of the global batch
+  // fingerprint (torchrec_esd/distributed/plan_channel.py, whose PyTorch form is the reference).
+  // CPU only.
+  m.def("positioned_mix_sum(Tensor values, int salt) -> Tensor");
 }

@@ -71,6 +71,47 @@ def test_batch_fingerprint_is_order_free_and_sees_multiplicity():
     assert batch_fingerprint(torch.empty(0, dtype=torch.int64)) == 0
 
 
+
+def _positioned_reference(values, salt):
+    v = values.reshape(-1).to(torch.int64)
+    return v * -0x4B47D5B1A37C3C43 + torch.arange(v.numel(), dtype=torch.int64) * 0x2545F4914F6CDD1D + salt
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_global_batch_fingerprint_is_the_positioned_order_free_one_and_sees_order(monkeypatch, kernel):
+    """global_batch_fingerprint sums per part (positioned_mix_sum, C++ or its reference): the same value
+    as batch_fingerprint of all parts' positioned values in one tensor; a swap of two values, a changed
+    dense bit or label changes it."""
+    from torchrec_esd import ops
+    from torchrec_esd.distributed.plan_channel import _words, global_batch_fingerprint
+
+    if kernel:
+        assert ops.HAS_MIX_SUM, "the extension is built without positioned_mix_sum"
+    monkeypatch.setattr(ops, "HAS_MIX_SUM", ops.HAS_MIX_SUM and kernel)
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randint(0, 1 << 40, (300,), generator=g)
+    lengths = torch.randint(0, 4, (60,), generator=g, dtype=torch.int32)
+    dense = torch.randn(12, 5, generator=g)
+    labels = (torch.rand(12, generator=g) < 0.5).float()
+    weights = torch.rand(300, generator=g, dtype=torch.float64)
+    parts = [(keys, 1), (lengths, 2), (_words(dense), 3), (_words(labels), 4), (_words(weights), 5)]
+    ref = batch_fingerprint(torch.cat([_positioned_reference(t, s) for t, s in parts]))
+    fp = global_batch_fingerprint(keys, lengths, dense, labels, weights)
+    assert fp == ref
+    swapped = keys.clone()
+    swapped[[3, 4]] = keys[[4, 3]]
+    assert global_batch_fingerprint(swapped, lengths, dense, labels, weights) != fp
+    flipped = dense.clone()
+    flipped.view(-1).view(torch.int32)[7] ^= 1
+    assert global_batch_fingerprint(keys, lengths, flipped, labels, weights) != fp
+    assert global_batch_fingerprint(keys, lengths, dense, 1 - labels, weights) != fp
+    # uint8 and int16 words (1- and 2-byte tensors) and an empty batch
+    small = torch.tensor([200, 3, 255], dtype=torch.uint8)
+    half = torch.tensor([-7, 30000], dtype=torch.int16)
+    assert global_batch_fingerprint(keys[:0], lengths[:0], small, half) == batch_fingerprint(
+        torch.cat([_positioned_reference(small, 3), _positioned_reference(half, 4)]))
+    assert global_batch_fingerprint(keys[:0], lengths[:0]) == 0
+
 def test_compute_kernel_names_a_lookup_backend():
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 

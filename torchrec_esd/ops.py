@@ -608,3 +608,26 @@ def native_reply_clock(markers: List, replies: List, timeout_s: float):
 
 
 HAS_NATIVE_REPLY_CLOCK = EXTENSION_LOADED and hasattr(_C, "NativeReplyClock")
+
+
+HAS_MIX_SUM = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "positioned_mix_sum")
+_MIX_SUM_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+
+if HAS_MIX_SUM:
+
+    @torch.library.register_fake("torchrec_esd::positioned_mix_sum")
+    def _positioned_mix_sum_fake(values: torch.Tensor, salt: int) -> torch.Tensor:
+        torch._check(values.dtype in _MIX_SUM_DTYPES,
+                     lambda: "positioned_mix_sum: values must be int64/int32/int16/uint8")
+        return values.new_empty((), dtype=torch.int64)
+
+
+def positioned_mix_sum(values: torch.Tensor, salt: int) -> torch.Tensor:
+    """0-d int64: the wrapping sum over ``i`` of ``mix(values[i] * C + i * P + salt)``:
+    one part of the order-aware global batch fingerprint
+    (:func:`torchrec_esd.distributed.plan_channel.global_batch_fingerprint`).  One C++
+    pass for CPU integer tensors, else :func:`reference_ops.positioned_mix_sum_ref`
+    (any device: the same value)."""
+    if HAS_MIX_SUM and values.device.type == "cpu" and values.dtype in _MIX_SUM_DTYPES:
+        return torch.ops.torchrec_esd.positioned_mix_sum(values, int(salt))
+    return reference_ops.positioned_mix_sum_ref(values, int(salt))

@@ -424,3 +424,16 @@ def id_table_assign_ref(table: torch.Tensor, erase_keys: torch.Tensor, keys: tor
         tk[i], tv[i] = key, val
     table[:, 0] = torch.tensor(tk, dtype=torch.int64)
     table[:, 1] = torch.tensor(tv, dtype=torch.int64)
+
+
+def positioned_mix_sum_ref(values: torch.Tensor, salt: int) -> torch.Tensor:
+    """0-d int64: the wrapping sum over ``i`` of ``mix(values[i] * C + i * P + salt)``
+    (``values`` as int64; ``mix``: splitmix64's two multiply-xorshift steps, arithmetic
+    shifts as int64 tensors shift): the reference of ``torchrec_esd::positioned_mix_sum``."""
+    v = values.reshape(-1).to(torch.int64)
+    pos = torch.arange(v.numel(), device=v.device, dtype=torch.int64)
+    x = v * -0x4B47D5B1A37C3C43 + pos * 0x2545F4914F6CDD1D + int(salt)
+    x = x * -0x61C8864680B583EB  # splitmix64's steps, wrapping in int64
+    x = x ^ (x >> 31)
+    x = x * -0x40A7B892E31B1A47
+    return (x ^ (x >> 29)).sum()
