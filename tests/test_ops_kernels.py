@@ -532,6 +532,46 @@ def test_opcheck():
                           test_utils=checks)
 
 
+def _mix_sum_model(values, salt):
+    """positioned_mix_sum from its definition, in Python integers mod 2^64."""
+    M = (1 << 64) - 1
+
+    def signed(x):
+        return x - (1 << 64) if x >> 63 else x
+
+    def sxor(x, k):  # x ^ (x >> k), the shift arithmetic on the signed value
+        return (x ^ (signed(x) >> k)) & M
+
+    total = 0
+    for i, v in enumerate(int(x) for x in values.reshape(-1).tolist()):
+        x = (v * -0x4B47D5B1A37C3C43 + i * 0x2545F4914F6CDD1D + salt) & M
+        x = sxor((x * -0x61C8864680B583EB) & M, 31)
+        total = (total + sxor((x * -0x40A7B892E31B1A47) & M, 29)) & M
+    return signed(total)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
+def test_positioned_mix_sum_kernel_reference_and_model(dtype):
+    gen = torch.Generator().manual_seed(9)
+    info = torch.iinfo(dtype)
+    for n in (0, 1, 7, 300):
+        v = torch.randint(info.min, info.max, (n,), generator=gen, dtype=torch.int64).to(dtype)
+        if n >= 2:
+            v[0], v[1] = info.min, info.max
+        for salt in (0, 3, -5):
+            want = _mix_sum_model(v, salt)
+            ref = R.positioned_mix_sum_ref(v, salt)
+            assert ref.dtype == torch.int64 and ref.dim() == 0 and int(ref) == want
+            if ops.HAS_MIX_SUM:
+                got = torch.ops.torchrec_esd.positioned_mix_sum(v.view(-1, 1) if n % 2 else v, salt)
+                assert got.dtype == torch.int64 and got.dim() == 0 and int(got) == want
+    if ops.HAS_MIX_SUM:
+        with pytest.raises(RuntimeError, match="int64/int32/int16/uint8"):
+            torch.ops.torchrec_esd.positioned_mix_sum(torch.ones(3), 1)
+        torch.library.opcheck(torch.ops.torchrec_esd.positioned_mix_sum, (torch.arange(5), 2),
+                               test_utils=("test_schema", "test_faketensor"))
+
+
 # ---------------------------------------------------------------------------
 # CUDA kernels vs the CPU reference
 # ---------------------------------------------------------------------------
