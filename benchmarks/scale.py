@@ -29,8 +29,11 @@ second figure adds a stated compute time per sample
 (``iteration_compute_s``, the largest worker's sum).  ``critical ms``: for
 ``grouped``, the decision with its groups' slices and inner solves on ranks
 of their own (everything else plus the slowest group; what moving the
-samples and results between ranks would cost is not counted); for the other
-dispatchers it equals the decision.
+samples and results between ranks would cost is not counted); for
+``grouped-split`` (``--grouped-slices`` stage-1 slices of the batch, each read
+and put on the groups on its own, then each group reading only its samples:
+:meth:`GroupedDispatcher._decide_split`) the slowest slice plus the slowest
+group; for the other dispatchers it equals the decision.
 
 Per-worker planning: ``--sample-workers`` workers also run a directory that
 tracks themselves alone, fed (a) their :class:`StepSummary` (``plan ms``,
@@ -100,6 +103,8 @@ def parse_args(argv=None):
     p.add_argument("--hybrid-budget-ms", type=float, default=50.0)
     p.add_argument("--group-size", type=int, default=16, help="workers per group of 'grouped'")
     p.add_argument("--grouped-inner", default="heuristic", help="dispatcher inside each group of 'grouped'")
+    p.add_argument("--grouped-slices", type=int, default=16,
+                   help="stage-1 sample slices of 'grouped-split' (grouped with no step reading the whole batch)")
     p.add_argument("--grouped-cost-input", default=None, choices=["additive", "expected"],
                    help="cost matrix 'grouped' reads (default: its inner dispatcher's)")
     p.add_argument("--compute-us-per-sample", type=float, default=100.0,
@@ -152,9 +157,11 @@ def make(name: str, args):
         kw["stake_ratio"] = 0.0  # time every decision: no plain-split batches (dispatch/stake.py)
     if name == "esd":
         kw["stake_ratio"] = 0.0
-    if name == "grouped":
+    if name in ("grouped", "grouped-split"):
         kw["group_size"], kw["inner"] = args.group_size, args.grouped_inner
         kw["cost_input"] = args.grouped_cost_input
+        if name == "grouped-split":  # no step reads the whole batch (GroupedDispatcher.stage1_slices)
+            name, kw["stage1_slices"] = "grouped", args.grouped_slices
     return make_dispatcher(name, **kw)
 
 
@@ -193,7 +200,10 @@ def run(args, tables, W: int, name: str) -> Dict:
         # grouped: the groups' slices and inner solves are independent; on ranks of their own the
         # decision would take everything else plus the slowest group (transfers not counted)
         info = r.info or {}
-        rec["critical_ms"].append(t_dec - 1e3 * (info.get("group_s_sum", 0.0) - info.get("group_s_max", 0.0)))
+        if "critical_s" in info:  # grouped-split: the slowest stage-1 slice plus the slowest group
+            rec["critical_ms"].append(1e3 * info["critical_s"])
+        else:
+            rec["critical_ms"].append(t_dec - 1e3 * (info.get("group_s_sum", 0.0) - info.get("group_s_max", 0.0)))
         t0 = time.perf_counter()
         sums = directory.step_summaries(kjt, r.assignment)
         rec["summaries_ms"].append(_ms(t0))

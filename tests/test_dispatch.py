@@ -980,3 +980,42 @@ def test_input_blind_dispatchers_decide_without_reading_the_caches(name):
         make_dispatcher(name).decide(cm, kjt, views, [20, 20, 19])
     with pytest.raises(DispatchError, match="shares for"):
         make_dispatcher(name).decide(cm, kjt, views, [30, 30])
+
+
+def test_slice_capacities_deal_every_group_over_the_slices():
+    from torchrec_esd.dispatch.grouped import slice_capacities
+
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        caps = rng.integers(0, 60, rng.integers(1, 9)).tolist()
+        k = int(rng.integers(1, 12))
+        c = np.array(slice_capacities(caps, k))
+        B = sum(caps)
+        assert c.shape == (k, len(caps)) and (c >= 0).all()
+        assert c.sum(0).tolist() == caps  # every group's parts add up to its capacity
+        assert c.sum(1).tolist() == [(j + 1) * B // k - j * B // k for j in range(k)]  # contiguous cuts
+        # each slice gets about each group's proportional part (the seats are dealt evenly)
+        want = np.outer(c.sum(1), caps) / max(B, 1)
+        assert (np.abs(c - want) < 2.0).all(), (caps, k, c)
+    with pytest.raises(DispatchError):
+        slice_capacities([3, -1], 2)
+
+
+@pytest.mark.parametrize("inner", ["heuristic", "laia"])
+def test_grouped_split_decision_keeps_the_shares_and_reports_its_critical_path(inner):
+    cm, cd, kjt = _grouped_world(23, batch=230)
+    b = kjt.stride()
+    rng = np.random.default_rng(2)
+    for shares in (cm.config.batch_shares(b), _random_shares(rng, b, 23, allow_zero=True)):
+        d = make_dispatcher("grouped", inner=inner, group_size=3, stage1_slices=4)
+        r = d.decide(cm, kjt, cd.cache_state, shares)
+        _check_valid(r, shares, b)
+        active = [w for w, s in enumerate(shares) if s > 0]
+        assert r.info["groups"] == math.ceil(len(active) / 3) and r.info["slices"] == 4
+        assert 0 < r.info["critical_s"] <= r.info["stage1_s_max"] + r.info["group_s_sum"]
+        assert r.info["group_s_max"] <= r.info["group_s_sum"]
+        # every slice's stage 1 and every group's read are timed: the critical path is their slowest
+        assert r.info["stage1_s_max"] > 0 and r.info["critical_s"] == pytest.approx(
+            r.info["stage1_s_max"] + r.info["group_s_max"])
+    with pytest.raises(DispatchError, match="stage1_slices"):
+        make_dispatcher("grouped", stage1_slices=0)

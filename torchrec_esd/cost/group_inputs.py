@@ -87,9 +87,12 @@ def sample_key_pairs_reference(offsets: torch.Tensor, kidx: torch.Tensor,
 
 class GroupInputs:
     """One batch read against the caches for grouped dispatch; see the module
-    docstring.  ``caches``: what :class:`~torchrec_esd.cost.CostModel` reads."""
+    docstring.  ``caches``: what :class:`~torchrec_esd.cost.CostModel` reads;
+    ``shares``: the per-worker shares the expected matrix amortises over (default
+    the configuration's split of this batch; a group reading only its own samples
+    passes its workers' shares and 0 elsewhere)."""
 
-    def __init__(self, cost_model, kjt: KeyedJaggedTensor, caches) -> None:
+    def __init__(self, cost_model, kjt: KeyedJaggedTensor, caches, shares: Optional[Sequence[int]] = None) -> None:
         cm = cost_model
         self.cm = cm
         st = cm._state(kjt, caches)
@@ -116,7 +119,11 @@ class GroupInputs:
         else:
             self.occ_s, self.occ_k, self.pair_ptr, self.uses = sample_key_pairs_reference(st.offsets, self.kidx, u)
         self._by_worker = None  # the hits in worker order, built by the first _group_state
-        self.shares = np.asarray(cm.config.batch_shares(b), dtype=np.float64)  # the expected matrix's shares
+        if shares is None:
+            shares = cm.config.batch_shares(b)
+        elif len(shares) != cm.num_workers or sum(int(x) for x in shares) != b:
+            raise ValueError(f"GroupInputs: shares {list(shares)} do not split {b} samples over {cm.num_workers} workers")
+        self.shares = np.asarray(shares, dtype=np.float64)  # the expected matrix's shares
         self._shares_t = torch.from_numpy(self.shares)
         self._uses_table = None  # (distinct use counts, each key's index in them), built by sub_matrix
 
