@@ -626,7 +626,8 @@ def test_inputs_give_each_dispatcher_what_it_reads():
     assert aux is None and float(cost.abs().sum()) == 0.0 and cost.shape == (30, 3)
     cost, aux = make_dispatcher("laia").inputs(cm, kjt, lambda: views)
     torch.testing.assert_close(aux["hits"], cm.hit_matrix(kjt, views))
-    torch.testing.assert_close(cost, cm.matrix(kjt, views))
+    # LAIA reads the hit counts alone: no cost matrix is built for it
+    assert float(cost.abs().sum()) == 0.0 and cost.shape == (30, 3)
     # cost-matrix dispatchers read the expected matrix (shared rows amortised
     # over the config's shares of the batch) unless asked for the additive one
     expected = torch.from_numpy(cm.dedup_cost(kjt, views).amortised_matrix(cfg.batch_shares(30)))

@@ -160,3 +160,21 @@ def test_per_batch_shares_may_leave_a_worker_idle_and_price_it_idle():
     assert pred[0] == pytest.approx(0.001 + d._link(cost, r.assignment, aux)[0])  # idle, plus the rows it pushes
     with pytest.raises(DispatchError, match="idle times must be finite"):
         d.set_rates([1.0, 1.0, 1.0], idle_s=[0.0, -1.0, 0.0])
+
+
+@pytest.mark.parametrize("inner", ["laia", "random"])
+def test_shares_read_the_cost_matrix_where_their_inner_dispatcher_reads_none(inner):
+    """LAIA reads hit counts alone and random nothing; the per-batch shares over them still
+    predict link times from the additive cost matrix, so they read it (and LAIA's hits)."""
+    cm, kjt, views, shares = _real_instance(48)
+    d = make_dispatcher("shares", inner=inner, samples_per_s=[300.0, 3000.0, 30000.0], bound=0.5, online=False,
+                        dispatching_worker=None)
+    cost, aux = d.inputs(cm, kjt, views)
+    torch.testing.assert_close(cost, cm.matrix(kjt, views))
+    assert float(cost.abs().sum()) > 0
+    if inner == "laia":
+        torch.testing.assert_close(aux["hits"], cm.hit_matrix(kjt, views))
+    alone, _ = make_dispatcher(inner).inputs(cm, kjt, views)
+    assert float(alone.abs().sum()) == 0.0  # the inner dispatcher alone builds no matrix
+    r = d.decide(cm, kjt, views, shares)
+    assert np.bincount(r.assignment.numpy(), minlength=3).sum() == 48

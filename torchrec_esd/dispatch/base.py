@@ -203,7 +203,7 @@ class Dispatcher:
         ``O(B W)`` (at ``W = 256`` the zero matrix and its checks took ~70 ms
         of ``random``'s decision in ``benchmarks/scale.py``).  The same
         assignment as :meth:`assign` on any matrix; the objective is 0."""
-        if not (self.needs_cost or self.needs_hits or self.needs_dedup):
+        if not (self.needs_cost or self.needs_hits or self.needs_dedup) and type(self).assign is Dispatcher.assign:
             return self._decide_blind(kjt.stride(), cost_model.num_workers, shares)
         t0 = time.perf_counter()
         cost, aux = self.inputs(cost_model, kjt, views)

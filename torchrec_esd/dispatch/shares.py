@@ -230,7 +230,10 @@ class PerBatchShares(Dispatcher):
         self.dispatching_worker = None if dispatching_worker is None else int(dispatching_worker)
         self.decision_load, self.ema = float(decision_load), float(ema)
         self.objective = objective
-        self.needs_cost, self.needs_hits = self.inner.needs_cost, self.inner.needs_hits
+        # it predicts link times from the de-duplicated model or, without one, from the cost
+        # matrix, which it reads even where its inner dispatcher does not (LAIA, random)
+        self.needs_cost = self.inner.needs_cost or not self.inner.needs_dedup
+        self.needs_hits = self.inner.needs_hits
         self.needs_dedup, self.cost_input = self.inner.needs_dedup, self.inner.cost_input
         self._link_per_sample: Optional[np.ndarray] = None  # online estimate, seconds per sample per worker
         self._decision_s = 0.0  # average decision time (the dispatching worker's extra load)
@@ -261,6 +264,8 @@ class PerBatchShares(Dispatcher):
         self.rates, self._compute_fixed, self._idle = np.asarray(rates), fixed, idle
 
     def inputs(self, cost_model, kjt, views):
+        if self.needs_cost and not self.inner.needs_cost:  # the matrix for the link prediction
+            return Dispatcher.inputs(self, cost_model, kjt, views)
         return self.inner.inputs(cost_model, kjt, views)
 
     def _link(self, cost: torch.Tensor, a: torch.Tensor, aux) -> np.ndarray:
