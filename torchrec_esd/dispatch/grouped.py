@@ -48,6 +48,11 @@ Two entry points:
   No lower bound is reported (stage 1's is not one of the full problem).  With DES-served
   misses, or a single group, it is :meth:`Dispatcher.decide` (full inputs).
 
+With ``stage1_slices = k > 1``, :meth:`decide` never reads the whole batch: stage 1
+runs on ``k`` sample slices of it, each read on its own, and every group reads only
+its own samples (:meth:`GroupedDispatcher._decide_split`; its critical path is the
+slowest slice plus the slowest group).
+
 Limits (not hidden): inner dispatchers that need a per-batch model in ``aux``
 (``esd`` / ``dedup_search``) are refused.  Stage 1 prices a group by its best
 worker (or, in :meth:`decide`, by its best cached copy and fastest link),
@@ -207,9 +212,10 @@ class GroupedDispatcher(Dispatcher):
         plus the slowest group, ``info["critical_s"]`` (moving sample indices between the
         ranks not counted).  Each slice and group reads the directory's holder index, which
         a real deployment would have to keep on every such rank.  What a group reads is its
-        own samples': the expected matrix amortises shared rows over the group's samples
-        at its workers' shares, and the batch is never read whole, so the answer is not :meth:`decide`'s with one
-        slice (``benchmarks/scale.py --grouped-slices`` reports both)."""
+        own samples': the expected matrix amortises shared rows over the group's samples at
+        its workers' shares, and the batch is never read whole, so the answer is not
+        :meth:`decide`'s with one slice (``benchmarks/scale.py`` ``grouped-split`` reports
+        both)."""
         from torchrec_esd.batch_select import select_kjt_samples
 
         b = kjt.stride()
