@@ -174,4 +174,10 @@ TORCH_LIBRARY(torchrec_esd, m) {
   // fingerprint (torchrec_esd/distributed/plan_channel.py, whose PyTorch form is the reference).
   // CPU only.
   m.def("positioned_mix_sum(Tensor values, int salt) -> Tensor");
+  // DedupCost.per_worker (torchrec_esd/cost/dedup.py, the reference): float64 [W] predicted link
+  // seconds of every worker for `assignment` [B] (its pulls, its pushes of shared rows, the dirty
+  // rows it owns and pushes).  CPU only.
+  m.def(
+      "dedup_per_worker(Tensor occ_s, Tensor occ_k, Tensor pull, Tensor push, Tensor owner, "
+      "Tensor owner_push, Tensor assignment) -> Tensor");
 }

@@ -631,3 +631,20 @@ def positioned_mix_sum(values: torch.Tensor, salt: int) -> torch.Tensor:
     if HAS_MIX_SUM and values.device.type == "cpu" and values.dtype in _MIX_SUM_DTYPES:
         return torch.ops.torchrec_esd.positioned_mix_sum(values, int(salt))
     return reference_ops.positioned_mix_sum_ref(values, int(salt))
+
+
+HAS_DEDUP_PER_WORKER = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "dedup_per_worker")
+
+if HAS_DEDUP_PER_WORKER:
+
+    @torch.library.register_fake("torchrec_esd::dedup_per_worker")
+    def _dedup_per_worker_fake(occ_s, occ_k, pull, push, owner, owner_push, assignment) -> torch.Tensor:
+        torch._check(pull.dim() == 2, lambda: "dedup_per_worker: pull must be [U, W]")
+        return pull.new_empty((pull.shape[1],))
+
+
+def dedup_per_worker(occ_s: torch.Tensor, occ_k: torch.Tensor, pull: torch.Tensor, push: torch.Tensor,
+                     owner: torch.Tensor, owner_push: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
+    """float64 ``[W]``: :meth:`torchrec_esd.cost.DedupCost.per_worker` of ``assignment``
+    (its numpy form is the reference) in one C++ pass, ``O(N + U W)``.  CPU tensors."""
+    return torch.ops.torchrec_esd.dedup_per_worker(occ_s, occ_k, pull, push, owner, owner_push, assignment)

@@ -208,7 +208,19 @@ class DedupCost:
 
     def per_worker(self, assignment) -> np.ndarray:
         """``[W]`` predicted link seconds of every worker (its pulls, its
-        gradient pushes, and the dirty rows it pushes)."""
+        gradient pushes, and the dirty rows it pushes): one C++ pass
+        (:func:`torchrec_esd.ops.dedup_per_worker`) where built, else
+        :meth:`per_worker_reference`, summed in the same order."""
+        from torchrec_esd import ops
+
+        if not ops.HAS_DEDUP_PER_WORKER:
+            return self.per_worker_reference(assignment)
+        a = torch.from_numpy(np.ascontiguousarray(assignment, dtype=np.int64))
+        arrays = (self.occ_s, self.occ_k, self.pull, self.push, self.owner, self.owner_push)
+        return ops.dedup_per_worker(*(torch.from_numpy(v) for v in arrays), a).numpy()
+
+    def per_worker_reference(self, assignment) -> np.ndarray:
+        """:meth:`per_worker` in numpy (the kernel's reference)."""
         used = self.counts(assignment) > 0
         n_users = used.sum(1)
         out = (self.pull * used + np.where((n_users > 1)[:, None], self.push * used, 0.0)).sum(0)
