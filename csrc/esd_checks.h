@@ -38,6 +38,20 @@ inline void check_dedup_model(const char* op, const at::Tensor& occ_s, const at:
               ": owner and owner_push must have one entry per row (", U, ")");
 }
 
+// every entry of an assignment [B] a worker in [0, W)
+inline void check_assignment_workers(const char* op, const int64_t* a, int64_t B, int64_t W) {
+  for (int64_t i = 0; i < B; ++i)
+    TORCH_CHECK(a[i] >= 0 && a[i] < W, "torchrec_esd::", op, ": assignment[", i, "] = ", a[i],
+                " is not a worker in [0, ", W, ")");
+}
+
+// every row's dirty owner -1 (none) or a worker in [0, W)
+inline void check_owners(const char* op, const int64_t* own, int64_t U, int64_t W) {
+  for (int64_t i = 0; i < U; ++i)
+    TORCH_CHECK(own[i] >= -1 && own[i] < W, "torchrec_esd::", op, ": owner[", i, "] = ", own[i],
+                " is neither -1 nor a worker in [0, ", W, ")");
+}
+
 // the data of the occurrences: occ_s sorted, every sample in [0, B) (`b_note` follows the
 // bound in the message), every row in [0, U); per_occurrence(i) runs after occurrence i's checks
 template <class F>

@@ -22,19 +22,12 @@ at::Tensor dedup_per_worker_cpu(const at::Tensor& occ_s, const at::Tensor& occ_k
   check_dedup_model(kOp, occ_s, occ_k, pull, push, owner, owner_push);
   check_cpu_tensor(kOp, "assignment", assignment, at::kLong, 1);
   const int64_t N = occ_s.numel(), U = pull.size(0), W = pull.size(1), B = assignment.numel();
-  const int64_t* s = occ_s.data_ptr<int64_t>();
-  const int64_t* k = occ_k.data_ptr<int64_t>();
   const int64_t* a = assignment.data_ptr<int64_t>();
   const int64_t* own = owner.data_ptr<int64_t>();
-  const double* p = pull.data_ptr<double>();
-  const double* q = push.data_ptr<double>();
-  const double* op = owner_push.data_ptr<double>();
-  for (int64_t i = 0; i < B; ++i)
-    TORCH_CHECK(a[i] >= 0 && a[i] < W, "torchrec_esd::", kOp, ": assignment[", i, "] = ", a[i],
-                " is not a worker in [0, ", W, ")");
-  for (int64_t i = 0; i < U; ++i)
-    TORCH_CHECK(own[i] >= -1 && own[i] < W, "torchrec_esd::", kOp, ": owner[", i, "] = ", own[i],
-                " is neither -1 nor a worker in [0, ", W, ")");
+  check_assignment_workers(kOp, a, B, W);
+  check_owners(kOp, own, U, W);
+  const int64_t *s = occ_s.data_ptr<int64_t>(), *k = occ_k.data_ptr<int64_t>();
+  const double *p = pull.data_ptr<double>(), *q = push.data_ptr<double>(), *op = owner_push.data_ptr<double>();
   // which workers use each row: [U, W] flags from the occurrences
   std::vector<uint8_t> used(static_cast<size_t>(U * W), 0);
   check_occurrences(kOp, s, k, N, B, U, " (the assignment's samples)",

@@ -602,20 +602,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dedup_refine_cpu(
   const double* p = pull.data_ptr<double>();
   const double* q = push.data_ptr<double>();
   const double* op = owner_push.data_ptr<double>();
-  for (int64_t i = 0; i < B; ++i)
-    TORCH_CHECK(a[i] >= 0 && a[i] < W, "torchrec_esd::", kOp, ": assignment[", i, "] = ", a[i],
-                " is not a worker in [0, ", W, ")");
+  check_assignment_workers(kOp, a, B, W);
   // the bound that prunes the pairs needs f monotone in the user set
   for (int64_t i = 0; i < U * W; ++i)
     TORCH_CHECK(std::isfinite(p[i]) && p[i] >= 0.0 && std::isfinite(q[i]) && q[i] >= 0.0,
                 "torchrec_esd::", kOp, ": pull and push must be finite and >= 0 (row ", i / W,
                 ", worker ", i % W, ")");
-  for (int64_t i = 0; i < U; ++i) {
-    TORCH_CHECK(own[i] >= -1 && own[i] < W, "torchrec_esd::", kOp, ": owner[", i, "] = ", own[i],
-                " is neither -1 nor a worker in [0, ", W, ")");
+  check_owners(kOp, own, U, W);
+  for (int64_t i = 0; i < U; ++i)
     TORCH_CHECK(std::isfinite(op[i]) && op[i] >= 0.0, "torchrec_esd::", kOp,
                 ": owner_push must be finite and >= 0 (row ", i, ")");
-  }
   std::vector<int64_t> seen(U, -1);
   check_occurrences(kOp, s, k, N, B, U, "", [&](int64_t i) {
     TORCH_CHECK(seen[k[i]] != s[i], "torchrec_esd::", kOp, ": (sample ", s[i], ", row ", k[i],

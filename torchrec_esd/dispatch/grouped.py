@@ -177,25 +177,38 @@ class GroupedDispatcher(Dispatcher):
         to_group = torch.as_tensor(to_group, dtype=torch.int64).view(-1)
         t_solve = stage1_s = time.perf_counter() - t0
         kind = self.cost_input if self.needs_cost else "none"
-        out = torch.empty(b, dtype=torch.int64)
-        values, group_s = [], []
-        for gi_, g in enumerate(groups):
-            t0 = time.perf_counter()
+
+        def group_slice(gi_: int, g: List[int]):
             rows = (to_group == gi_).nonzero().view(-1)
-            sub, hits = gi.sub_matrix(rows, g, kind, hits=self.needs_hits)
-            t1 = time.perf_counter()
-            r = self.inner.assign(sub, [shares[w] for w in g], aux={"hits": hits} if hits is not None else None)
-            t_in += t1 - t0
-            t_solve += time.perf_counter() - t1
-            group_s.append(time.perf_counter() - t0)
-            cols = torch.tensor(g, dtype=torch.int64)
-            out[rows] = cols[r.assignment]
-            values.append(objective_value(sub, r.assignment, self.objective))
+            return (rows,) + gi.sub_matrix(rows, g, kind, hits=self.needs_hits)
+
+        out = torch.empty(b, dtype=torch.int64)
+        values, group_s, g_in, g_solve = self._solve_groups(groups, shares, out, group_slice)
+        t_in, t_solve = t_in + g_in, t_solve + g_solve
         check_assignment(out, shares)
         obj = sum(values) if self.objective == "total" else max(values)
         return DispatchResult(assignment=out, objective=float(obj), solver=self.name, decision_s=t_solve,
                               info={"groups": float(len(groups)), "inputs_s": t_in, "stage1_s": stage1_s,
                                     "group_s_sum": sum(group_s), "group_s_max": max(group_s)})
+
+    def _solve_groups(self, groups: List[List[int]], shares: List[int], out: torch.Tensor, group_slice):
+        """Per group ``g``: ``group_slice(index, g)`` gives its samples and its slice of the
+        inner dispatcher's inputs ``(rows, cost, hits)``; the inner dispatcher solves it at
+        the group's workers' shares and ``out[rows]`` gets their workers.  Returns the
+        groups' objective values, their wall seconds (slice and solve), and the inputs'
+        and solves' seconds in all."""
+        values, group_s, t_in, t_solve = [], [], 0.0, 0.0
+        for gi_, g in enumerate(groups):
+            t0 = time.perf_counter()
+            rows, sub, hits = group_slice(gi_, g)
+            t1 = time.perf_counter()
+            r = self.inner.assign(sub, [shares[w] for w in g], aux={"hits": hits} if hits is not None else None)
+            t2 = time.perf_counter()
+            t_in, t_solve = t_in + t1 - t0, t_solve + t2 - t1
+            group_s.append(t2 - t0)
+            out[rows] = torch.tensor(g, dtype=torch.int64)[r.assignment]
+            values.append(objective_value(sub, r.assignment, self.objective))
+        return values, group_s, t_in, t_solve
 
     def _decide_split(self, cost_model, kjt, views, shares: List[int], active: List[int]) -> DispatchResult:
         """:meth:`decide` with no step that reads the whole batch (``stage1_slices = k``):
@@ -242,21 +255,17 @@ class GroupedDispatcher(Dispatcher):
             t_in, t_solve = t_in + t1 - t0, t_solve + t2 - t1
             slice_s.append(t2 - t0)
         kind = self.cost_input if self.needs_cost else "none"
-        out = torch.empty(b, dtype=torch.int64)
-        values, group_s = [], []
-        for gi_, g in enumerate(groups):
-            t0 = time.perf_counter()
+
+        def own_samples(gi_: int, g: List[int]):
+            # the group reads only its samples, amortised over its workers' shares
             rows = (to_group == gi_).nonzero().view(-1)
-            mine = [shares[w] if w in g else 0 for w in range(len(shares))]  # its samples go to its workers
+            mine = [shares[w] if w in g else 0 for w in range(len(shares))]
             sub_in = GroupInputs(cost_model, select_kjt_samples(kjt, rows), views, shares=mine)
-            sub, hits = sub_in.sub_matrix(torch.arange(rows.numel()), g, kind, hits=self.needs_hits)
-            t1 = time.perf_counter()
-            r = self.inner.assign(sub, [shares[w] for w in g], aux={"hits": hits} if hits is not None else None)
-            t_in += t1 - t0
-            t_solve += time.perf_counter() - t1
-            group_s.append(time.perf_counter() - t0)
-            out[rows] = torch.tensor(g, dtype=torch.int64)[r.assignment]
-            values.append(objective_value(sub, r.assignment, self.objective))
+            return (rows,) + sub_in.sub_matrix(torch.arange(rows.numel()), g, kind, hits=self.needs_hits)
+
+        out = torch.empty(b, dtype=torch.int64)
+        values, group_s, g_in, g_solve = self._solve_groups(groups, shares, out, own_samples)
+        t_in, t_solve = t_in + g_in, t_solve + g_solve
         check_assignment(out, shares)
         obj = sum(values) if self.objective == "total" else max(values)
         return DispatchResult(assignment=out, objective=float(obj), solver=self.name, decision_s=t_solve,
