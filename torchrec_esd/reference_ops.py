@@ -426,14 +426,21 @@ def id_table_assign_ref(table: torch.Tensor, erase_keys: torch.Tensor, keys: tor
     table[:, 1] = torch.tensor(tv, dtype=torch.int64)
 
 
-def positioned_mix_sum_ref(values: torch.Tensor, salt: int) -> torch.Tensor:
-    """0-d int64: the wrapping sum over ``i`` of ``mix(values[i] * C + i * P + salt)``
-    (``values`` as int64; ``mix``: splitmix64's two multiply-xorshift steps, arithmetic
-    shifts as int64 tensors shift): the reference of ``torchrec_esd::positioned_mix_sum``."""
-    v = values.reshape(-1).to(torch.int64)
-    pos = torch.arange(v.numel(), device=v.device, dtype=torch.int64)
-    x = v * -0x4B47D5B1A37C3C43 + pos * 0x2545F4914F6CDD1D + int(salt)
-    x = x * -0x61C8864680B583EB  # splitmix64's steps, wrapping in int64
+def fingerprint_mix(x: torch.Tensor) -> torch.Tensor:
+    """int64 ``x`` mixed by splitmix64's two multiply-xorshift steps, wrapping in int64
+    with arithmetic shifts: the mix of the batch fingerprints
+    (:func:`torchrec_esd.distributed.plan_channel.batch_fingerprint`,
+    :func:`positioned_mix_sum_ref`; ``csrc/cpu/fingerprint_cpu.cpp`` repeats it in C++)."""
+    x = x * -0x61C8864680B583EB
     x = x ^ (x >> 31)
     x = x * -0x40A7B892E31B1A47
-    return (x ^ (x >> 29)).sum()
+    return x ^ (x >> 29)
+
+
+def positioned_mix_sum_ref(values: torch.Tensor, salt: int) -> torch.Tensor:
+    """0-d int64: the wrapping sum over ``i`` of ``mix(values[i] * C + i * P + salt)``
+    (``values`` as int64; ``mix``: :func:`fingerprint_mix`): the reference of
+    ``torchrec_esd::positioned_mix_sum``."""
+    v = values.reshape(-1).to(torch.int64)
+    pos = torch.arange(v.numel(), device=v.device, dtype=torch.int64)
+    return fingerprint_mix(v * -0x4B47D5B1A37C3C43 + pos * 0x2545F4914F6CDD1D + int(salt)).sum()

@@ -11,6 +11,8 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from torchrec_esd import ops
+
 
 def segment_sum(rows: np.ndarray, segment: np.ndarray, num_segments: int) -> np.ndarray:
     """``out[j] = sum of rows[i] with segment[i] == j`` (float64 ``[num_segments, W]``)."""
@@ -211,8 +213,6 @@ class DedupCost:
         gradient pushes, and the dirty rows it pushes): one C++ pass
         (:func:`torchrec_esd.ops.dedup_per_worker`) where built, else
         :meth:`per_worker_reference`, summed in the same order."""
-        from torchrec_esd import ops
-
         if not ops.HAS_DEDUP_PER_WORKER:
             return self.per_worker_reference(assignment)
         a = torch.from_numpy(np.ascontiguousarray(assignment, dtype=np.int64))

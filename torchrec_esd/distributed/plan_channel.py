@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from torchrec_esd import ops
+from torchrec_esd import ops, reference_ops
 from torchrec_esd.cache import IterationPlan
 from torchrec_esd.config import EsdConfigError
 
@@ -31,10 +31,7 @@ def batch_fingerprint(keys: torch.Tensor) -> int:
     for, the module compares the batch it got."""
     if keys.numel() == 0:
         return 0
-    x = keys.to(torch.int64) * -0x61C8864680B583EB  # splitmix64's steps, wrapping in int64
-    x = x ^ (x >> 31)
-    x = x * -0x40A7B892E31B1A47
-    mixed = x ^ (x >> 29)
+    mixed = reference_ops.fingerprint_mix(keys.to(torch.int64))
     return (int(mixed.sum()) * 1000003 + keys.numel()) & 0x7FFFFFFFFFFFFFFF
 
 
@@ -55,9 +52,9 @@ def global_batch_fingerprint(keys: torch.Tensor, lengths: torch.Tensor, *tensors
     n = sum(int(t.numel()) for t, _ in parts)
     if n == 0:
         return 0
-    total = 0
-    for t, salt in parts:  # the int64 sum of all mixed values, wrapping
-        total = (total + int(ops.positioned_mix_sum(t, salt)) + (1 << 63)) % (1 << 64) - (1 << 63)
+    # the parts' int64 sums, added as Python ints: they differ from the wrapping int64 sum by
+    # a multiple of 2^64, which the mask below (mod 2^63, times 1000003) takes out
+    total = sum(int(ops.positioned_mix_sum(t, salt)) for t, salt in parts)
     return (total * 1000003 + n) & 0x7FFFFFFFFFFFFFFF
 
 
