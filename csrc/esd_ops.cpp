@@ -123,11 +123,12 @@ TORCH_LIBRARY(torchrec_esd, m) {
   // Holder index (torchrec_esd/cache/holders.py, csrc/cpu/holders_cpu.cpp): row key -> every
   // global cache slot holding it, as a doubly linked list per key (next/prev over the global
   // slots, the list heads in an id table, gkey the key recorded at every global slot).  Sync
-  // makes slots [base, base + len(slot_keys)) record slot_keys (in place); lookup returns,
-  // per query key, every holder (query position, global slot), queries in order.  CPU only.
+  // makes slots [base, base + len(slot_keys)) record slot_keys (in place) and returns the keys
+  // that left a slot (int64, slot order); lookup returns, per query key, every holder (query
+  // position, global slot), queries in order.  CPU only.
   m.def(
       "holder_index_sync(Tensor(a!) head, Tensor(b!) next, Tensor(c!) prev, Tensor(d!) gkey, "
-      "int base, Tensor slot_keys) -> ()");
+      "int base, Tensor slot_keys) -> Tensor");
   m.def("holder_index_lookup(Tensor head, Tensor next, Tensor queries) -> (Tensor pos, Tensor slots)");
   // Grouped dispatch (csrc/cpu/heuristic_cpu.cpp), each equal bit for bit to its Python
   // reference.  The regret heuristic of HeuristicDispatcher(objective="total", improve_sweeps=0)
@@ -143,6 +144,13 @@ TORCH_LIBRARY(torchrec_esd, m) {
       "group_price(Tensor hit_key, Tensor hit_group, Tensor hit_outdated, Tensor table_of, "
       "Tensor row_time, Tensor evict_time, Tensor uses, Tensor per, int num_samples, Tensor occ_s, "
       "Tensor occ_k) -> Tensor");
+  // The same [B, G] price of a batch slice from its sample-major row keys (offsets [B + 1])
+  // and the holder index's group bits (id table key -> held | fresh << 31), per table row
+  // offsets [T + 1], [T, G] row time / eviction push and per [G]: nothing per cached copy
+  // (group_matrix_from_bits, csrc/cpu/group_bits_cpu.cpp).  CPU only.
+  m.def(
+      "group_price_bits(Tensor keys, Tensor offsets, Tensor bits_table, Tensor row_offset, "
+      "Tensor row_time, Tensor evict_time, Tensor per) -> Tensor");
   // One group's [B_g, |g|] slice of the expected cost matrix (GroupInputs.sub_matrix(samples,
   // workers, "expected"), csrc/cpu/group_slice_cpu.cpp): the ascending samples' distinct (sample,
   // key) pairs (pair_ptr / occ_k), the hits in worker order (hit_ptr [W + 1], key, outdated), per

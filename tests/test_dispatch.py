@@ -822,6 +822,58 @@ def test_group_inputs_are_the_slices_of_the_full_matrices(staleness):
         gi.sub_matrix(samples, [0], "fastest")
 
 
+@pytest.mark.parametrize("staleness", [0, 2])
+def test_stage1_price_from_group_bits_is_the_price_from_the_cached_copies(staleness):
+    # stage 1 of the split decision reads which groups hold each key from the directory's
+    # group bits (one probe per key) instead of every cached copy: the same [B, G] matrix
+    from torchrec_esd.cost.group_inputs import GroupInputs, group_matrix_from_bits, link_groups
+
+    cm, cd, kjt = _grouped_world(11, staleness=staleness)
+    state = cd.cache_state()
+    b = kjt.stride()
+    rng = np.random.default_rng(1)
+    for shares in (cm.config.batch_shares(b), _random_shares(rng, b, 11, allow_zero=True)):
+        active = [w for w, s in enumerate(shares) if s > 0]
+        for size in (1, 3, 4):
+            groups = link_groups(cm.bytes_per_second, active, size)
+            gi = GroupInputs(cm, kjt, state)
+            want = gi.group_matrix(groups, shares)
+            assert torch.equal(want, gi.group_matrix_reference(groups, shares))
+            for kernel in (True, False):  # the one-pass C++ kernel and the PyTorch path
+                got = group_matrix_from_bits(cm, kjt, state, groups, shares, kernel=kernel)
+                assert torch.equal(got, want), (size, shares, kernel)
+            if size == 3:  # the instance has keys held fresh, held outdated only, and held nowhere, per group
+                keys, _ = cm.row_keys(kjt)
+                gof = torch.full((11,), -1, dtype=torch.int64)
+                for gi_, g in enumerate(groups):
+                    gof[torch.tensor(g)] = gi_
+                held, fresh = state.group_bits(torch.unique(keys), gof)
+                assert bool((fresh != 0).any()) and bool((held & ~fresh != 0).any())
+                assert bool((held != (1 << len(groups)) - 1).any())
+
+
+def test_grouped_split_decision_is_the_same_with_and_without_group_bits():
+    from torchrec_esd.cache.directory_state import DirectoryCacheState
+
+    class CopiesOnly:  # the live state without its group bits: stage 1 reads every cached copy
+        def __init__(self, st):
+            self._st = st
+            self.tables, self.occupied, self.ndirty, self.capacity = st.tables, st.occupied, st.ndirty, st.capacity
+
+        def lookup(self, keys):
+            return self._st.lookup(keys)
+
+    cm, cd, kjt = _grouped_world(23, batch=230)
+    b = kjt.stride()
+    d = make_dispatcher("grouped", inner="heuristic", group_size=3, stage1_slices=4)
+    state = cd.cache_state()
+    assert isinstance(state, DirectoryCacheState)
+    with_bits = d.decide(cm, kjt, state, cm.config.batch_shares(b))
+    assert cd.holder_index()._gbits is not None  # the bits were read
+    copies = d.decide(cm, kjt, CopiesOnly(state), cm.config.batch_shares(b))
+    assert torch.equal(with_bits.assignment, copies.assignment) and with_bits.objective == copies.objective
+
+
 @pytest.mark.parametrize("inner", ["heuristic", "hybrid", "laia", "random"])
 @pytest.mark.parametrize("objective", ["total", "makespan"])
 def test_grouped_decide_is_valid_at_many_groups(inner, objective):

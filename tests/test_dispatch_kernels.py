@@ -179,3 +179,57 @@ def test_grouped_decide_same_with_and_without_kernels(monkeypatch):
     assert not ops.has_grouped_kernels()
     ref = d.decide(cm, kjt, cd.cache_state, shares)
     assert torch.equal(fast.assignment, ref.assignment) and fast.objective == ref.objective
+
+
+@pytest.mark.skipif(not ops.HAS_GROUP_PRICE_BITS, reason="group_price_bits not built")
+def test_group_price_bits_equals_the_pytorch_price_on_random_slices():
+    """The one-pass stage-1 price from row keys and group bits equals the PyTorch price
+    (group_inputs.group_price on the distinct (sample, key) pairs) bit for bit: repeated keys
+    within a sample, empty samples, keys held nowhere, fresh and outdated-only groups."""
+    from torchrec_esd.cost.group_inputs import group_price, sample_key_pairs_reference
+
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        T, G = int(rng.integers(1, 5)), int(rng.integers(1, 32))
+        rows = rng.integers(1, 50, T)
+        row_offset = torch.from_numpy(np.concatenate([[0], np.cumsum(rows)])).to(torch.int64)
+        b = int(rng.integers(1, 40))
+        lengths = rng.integers(0, 6, b)
+        offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)])).to(torch.int64)
+        keys = torch.from_numpy(rng.integers(0, int(row_offset[-1]), int(lengths.sum()))).to(torch.int64)
+        # group bits of a random subset of the keys: held groups, a fresh subset of them
+        known = torch.unique(keys)[torch.from_numpy(rng.random(torch.unique(keys).numel()) < 0.7)]
+        held = torch.from_numpy(rng.integers(0, 1 << G, known.numel())).to(torch.int64)
+        fresh = held & torch.from_numpy(rng.integers(0, 1 << G, known.numel())).to(torch.int64)
+        table = torch.full((ops.id_table_capacity(max(1, known.numel())), 2), -1, dtype=torch.int64)
+        some = held > 0
+        ops.id_table_assign(table, known[~some], known[some], held[some] | (fresh[some] << 31))
+        W = G + 2
+        row_time = torch.from_numpy(rng.random((W, T)) * 1e-4)
+        evict_time = row_time * torch.from_numpy(rng.random((W, T)))
+        if trial % 4 == 0:
+            evict_time.zero_()
+        groups = [[g] for g in range(G)]
+        groups[0] = [0, G, G + 1]
+        shares = rng.integers(0, 30, W).tolist()
+        from torchrec_esd.cost.group_inputs import _group_terms
+
+        _, rt, ev, per = _group_terms(row_time, evict_time, groups, shares)
+        got = ops.group_price_bits(keys, offsets, table, row_offset, rt, ev, per)
+        # the reference: distinct keys and pairs in PyTorch, the bits per key, the PyTorch price
+        uniq = torch.unique(keys)
+        kidx = torch.searchsorted(uniq, keys)
+        occ_s, occ_k, _, uses = sample_key_pairs_reference(offsets, kidx, uniq.numel())
+        v = ops.id_table_lookup(table, uniq).clamp(min=0)
+        bit = torch.ones(G, dtype=torch.int64) << torch.arange(G)
+        held_m, fresh_m = (v.view(-1, 1) & bit) != 0, ((v >> 31).view(-1, 1) & bit) != 0
+        table_of = torch.searchsorted(row_offset, uniq, right=True) - 1
+        want = group_price(held_m, fresh_m, table_of, row_time, evict_time, groups, shares, uses, b, occ_s, occ_k)
+        assert torch.equal(got, want), trial
+    with pytest.raises(RuntimeError, match="outside the tables"):
+        ops.group_price_bits(torch.tensor([0, int(row_offset[-1])]), torch.tensor([0, 2]), table, row_offset, rt,
+                             ev, per)
+    with pytest.raises(RuntimeError, match="offsets must run"):
+        ops.group_price_bits(keys, offsets[:-1], table, row_offset, rt, ev, per)
+    torch.library.opcheck(torch.ops.torchrec_esd.group_price_bits, (keys, offsets, table, row_offset, rt, ev, per),
+                          test_utils=("test_schema", "test_faketensor"))

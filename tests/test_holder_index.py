@@ -88,6 +88,71 @@ def test_index_equals_slot_map_probes_on_evicting_steps(monkeypatch, kernel, pol
 
 
 
+def _brute_group_bits(d: CacheDirectory, group_of, keys: torch.Tensor):
+    """Per key, the groups holding it and holding it fresh, from every worker's slots."""
+    held, fresh = torch.zeros(keys.numel(), dtype=torch.int64), torch.zeros(keys.numel(), dtype=torch.int64)
+    cached, outdated, _ = _probed(d, keys)
+    for w, g in enumerate(group_of):
+        if g >= 0:
+            held |= cached[w].to(torch.int64) << g
+            fresh |= (cached[w] & ~outdated[w]).to(torch.int64) << g
+    return held, fresh
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_group_bits_equal_the_slots_after_every_step_flush_and_partition_change(monkeypatch, kernel, staleness):
+    """The grouped dispatcher's stage 1 reads per key the groups holding it (fresh) from bits
+    the directory maintains, and each group reads its own workers' copies from lists kept per
+    (key, group) and the keys' dirty owners: after evicting steps, flushes inside a step and
+    outside, a partition change and a cold reset they equal what the slots say, for cached
+    keys and for keys cached nowhere."""
+    monkeypatch.setattr(directory_mod, "USE_PLAN_KERNEL", kernel)
+    wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=3, cardinalities=[40, 200, 7], bag_size=(0, 4),
+                                                   alpha=1.1, seed=7))
+    tables = _tables(wl.config.cardinalities)
+    W = 6
+    cfg = EsdConfig([WorkerSpec(c, 1.0) for c in (7, 3, 5, 4, 6, 2)], staleness=staleness)
+    d = CacheDirectory(cfg, tables)
+    parts = [[0, 1, 0, 2, -1, 1], [3, 3, 0, 1, 2, 0]]
+    all_keys = torch.arange(int(d.total_rows))
+    g = torch.Generator().manual_seed(3)
+    checked = fresh_and_outdated = dirty_keys = 0
+    for step in range(24):
+        part = parts[step >= 14]
+        if step >= 2:  # first read at step 2 (built from the slots), then kept by the steps
+            state = d.cache_state()
+            held, fresh = state.group_bits(all_keys, torch.tensor(part))
+            want = _brute_group_bits(d, part, all_keys)
+            assert torch.equal(held, want[0]) and torch.equal(fresh, want[1]), step
+            checked += 1
+            fresh_and_outdated += int(((held & ~fresh) != 0).sum())  # some group holds a key outdated only
+            # the lists are per (key, group) now: a full lookup still lists every copy, a group's
+            # view its workers' copies, and every key's dirty owner is the lowest dirty worker
+            cached, outdated, dirty = _probed(d, all_keys)
+            look = state.lookup(all_keys)
+            assert torch.equal(look.cached, cached) and torch.equal(look.outdated, outdated)
+            assert torch.equal(look.dirty, dirty)
+            for gi in range(max(part) + 1):
+                mine = torch.tensor([x == gi for x in part]).view(-1, 1)
+                gl = state.group_view(torch.tensor(part), gi).lookup(all_keys)
+                assert torch.equal(gl.cached, cached & mine) and torch.equal(gl.outdated, outdated & mine)
+                assert torch.equal(gl.dirty, dirty & mine)
+            owner = state.group_view(torch.tensor(part), 0).dirty_owner(all_keys)
+            first = torch.where(dirty.any(0), dirty.to(torch.int8).argmax(0), torch.full_like(owner, -1))
+            assert torch.equal(owner, first)
+            dirty_keys += int((owner >= 0).sum())
+        kjt = wl.global_batch(step, 24).sparse_features
+        d.plan(kjt, torch.randint(0, W, (24,), generator=g), flush=[1] if step == 6 else ())
+        if step == 9:
+            d.flush_plan()
+        if step == 18:
+            d.reset_caches()
+    assert checked == 22 and fresh_and_outdated > 0 and dirty_keys > 0
+    with pytest.raises(ValueError, match="group_of"):
+        d.holder_index().group_bits(torch.tensor([0, 1, 31, 0, 0, 0]), all_keys)
+
+
 def test_occupancy_read_after_skipped_steps_and_a_flush_is_the_current_count():
     """The per-table counts are lazy (HolderIndex.count marks, occupancy() counts): read after
     several unread steps, a flush and more steps, they are the slots' counts at that moment."""
@@ -141,11 +206,14 @@ def test_sync_and_lookup_kernels_equal_a_dict(impl):
         w = rng.randrange(3)
         new = torch.tensor([rng.choice([-1, 1, 2, 3, 4, 5]) for _ in range(6)], dtype=torch.int64)
         slots[w].keys = new
+        old = idx.gkey[int(idx.base[w]):int(idx.base[w]) + 6].clone()
         if impl == "kernel":
-            idx.sync(w, slots[w])
+            left = ops.holder_index_sync(idx.head, idx.next, idx.prev, idx.gkey, int(idx.base[w]), new)
         else:
-            holder_index_sync_ref(idx.head, idx.next, idx.prev, idx.gkey, int(idx.base[w]), new)
-        holder_index_sync_ref(ref.head, ref.next, ref.prev, ref.gkey, int(ref.base[w]), new)
+            left = holder_index_sync_ref(idx.head, idx.next, idx.prev, idx.gkey, int(idx.base[w]), new)
+        rleft = holder_index_sync_ref(ref.head, ref.next, ref.prev, ref.gkey, int(ref.base[w]), new)
+        # the keys that left a slot, in slot order
+        assert torch.equal(left, rleft) and torch.equal(left, old[(old != new.clamp(min=-1)) & (old >= 0)])
         for f in ("head", "next", "prev", "gkey"):
             assert torch.equal(getattr(idx, f), getattr(ref, f)), f
         q = torch.tensor([0, 1, 2, 3, 4, 5, 6], dtype=torch.int64)

@@ -117,6 +117,27 @@ def test_select_samples_reorders_bags_with_weights():
         select_samples(b, torch.tensor([3]))
 
 
+
+def test_select_range_is_the_selection_of_the_range():
+    from torchrec_esd.batch_select import select_kjt_range, select_kjt_samples
+
+    g = torch.Generator().manual_seed(0)
+    for weighted in (False, True):
+        lengths = torch.randint(0, 4, (3 * 7,), generator=g)
+        n = int(lengths.sum())
+        kjt = KeyedJaggedTensor(keys=["a", "b", "c"], values=torch.randint(0, 100, (n,), generator=g),
+                                lengths=lengths, weights=torch.rand(n, generator=g) if weighted else None)
+        for start, stop in ((0, 7), (2, 5), (3, 3), (6, 7)):
+            got, want = select_kjt_range(kjt, start, stop), select_kjt_samples(kjt, torch.arange(start, stop))
+            assert got.stride() == want.stride() == stop - start and got.keys() == want.keys()
+            assert torch.equal(got.values(), want.values()) and torch.equal(got.lengths(), want.lengths())
+            assert (got.weights_or_none() is None) == (not weighted)
+            if weighted:
+                assert torch.equal(got.weights(), want.weights())
+    with pytest.raises(IndexError):
+        select_kjt_range(kjt, 5, 8)
+
+
 @pytest.mark.parametrize("n", [10_000])
 def test_zipf_skew_grows_with_alpha(n):
     shares = []

@@ -29,8 +29,8 @@ def select_kjt_samples(kjt: KeyedJaggedTensor, index: torch.Tensor) -> KeyedJagg
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= stride):
         raise IndexError(f"sample index out of range for a batch of {stride} samples")
     lengths = kjt.lengths().view(num_keys, stride).to(torch.int64)
-    offsets = torch.zeros(num_keys * stride + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(lengths.reshape(-1), 0)
+    # the KJT keeps its offsets once computed: a batch cut into many selections sums once
+    offsets = kjt.offsets().to(torch.int64)
     sel_len = lengths[:, index]  # (F, b)
     starts = offsets[:-1].view(num_keys, stride)[:, index].reshape(-1)
     flat_len = sel_len.reshape(-1)
@@ -48,6 +48,27 @@ def select_kjt_samples(kjt: KeyedJaggedTensor, index: torch.Tensor) -> KeyedJagg
         lengths=flat_len.to(kjt.lengths().dtype),
         weights=weights.index_select(0, pos) if weights is not None else None,
         stride=int(index.numel()),
+    )
+
+
+def select_kjt_range(kjt: KeyedJaggedTensor, start: int, stop: int) -> KeyedJaggedTensor:
+    """Samples ``[start, stop)`` of every key of a KJT: :func:`select_kjt_samples` of
+    ``arange(start, stop)``, as one slice of the values (and weights) per key."""
+    num_keys = len(kjt.keys())
+    stride = kjt.stride()
+    if not 0 <= start <= stop <= stride:
+        raise IndexError(f"sample range [{start}, {stop}) out of range for a batch of {stride} samples")
+    offsets = kjt.offsets().to(torch.int64)
+    first = torch.arange(num_keys, dtype=torch.int64) * stride
+    lo, hi = offsets[first + start].tolist(), offsets[first + stop].tolist()
+    lengths = kjt.lengths().view(num_keys, stride)[:, start:stop].reshape(-1)
+    values, weights = kjt.values(), kjt.weights_or_none()
+    return KeyedJaggedTensor(
+        keys=kjt.keys(),
+        values=torch.cat([values[a:b] for a, b in zip(lo, hi)]),
+        lengths=lengths.clone(),
+        weights=torch.cat([weights[a:b] for a, b in zip(lo, hi)]) if weights is not None else None,
+        stride=stop - start,
     )
 
 

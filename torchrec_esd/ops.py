@@ -421,18 +421,18 @@ HAS_HOLDER_INDEX = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "holder_
 
 
 def holder_index_sync(head: torch.Tensor, next_: torch.Tensor, prev: torch.Tensor, gkey: torch.Tensor,
-                      base: int, slot_keys: torch.Tensor) -> None:
+                      base: int, slot_keys: torch.Tensor) -> torch.Tensor:
     """In place on a holder index (:class:`torchrec_esd.cache.holders.HolderIndex`):
     global slots ``[base, base + len(slot_keys))`` record ``slot_keys``
-    (negative: empty).  O(len(slot_keys)) compares plus O(1) expected per
-    changed slot.  CPU tensors."""
+    (negative: empty).  Returns the keys that left a slot (int64, in slot
+    order).  O(len(slot_keys)) compares plus O(1) expected per changed slot.
+    CPU tensors."""
     slot_keys = slot_keys.to(torch.int64).contiguous()
     if HAS_HOLDER_INDEX:
-        torch.ops.torchrec_esd.holder_index_sync(head, next_, prev, gkey, int(base), slot_keys)
-    else:
-        from torchrec_esd.reference_holder_ops import holder_index_sync_ref
+        return torch.ops.torchrec_esd.holder_index_sync(head, next_, prev, gkey, int(base), slot_keys)
+    from torchrec_esd.reference_holder_ops import holder_index_sync_ref
 
-        holder_index_sync_ref(head, next_, prev, gkey, int(base), slot_keys)
+    return holder_index_sync_ref(head, next_, prev, gkey, int(base), slot_keys)
 
 
 def holder_index_lookup(head: torch.Tensor, next_: torch.Tensor,
@@ -562,6 +562,27 @@ def sample_key_pairs(offsets: torch.Tensor, kidx: torch.Tensor,
     longest sample."""
     return torch.ops.torchrec_esd.sample_key_pairs(offsets.to(torch.int64).contiguous(),
                                                    kidx.to(torch.int64).contiguous(), int(num_keys))
+
+
+HAS_GROUP_PRICE_BITS = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "group_price_bits")
+
+if HAS_GROUP_PRICE_BITS:
+
+    @torch.library.register_fake("torchrec_esd::group_price_bits")
+    def _group_price_bits_fake(keys, offsets, bits_table, row_offset, row_time, evict_time, per):
+        torch._check(offsets.dim() == 1, lambda: "group_price_bits: offsets must be 1-D")
+        return row_time.new_empty((offsets.shape[0] - 1, per.shape[0]))
+
+
+def group_price_bits(keys: torch.Tensor, offsets: torch.Tensor, bits_table: torch.Tensor, row_offset: torch.Tensor,
+                     row_time: torch.Tensor, evict_time: torch.Tensor, per: torch.Tensor) -> torch.Tensor:
+    """float64 ``[B, G]`` stage-1 price of a batch slice in one C++ pass (``csrc/cpu/group_bits_cpu.cpp``):
+    sample-major int64 row ``keys`` with per-sample ``offsets`` ``[B + 1]``, the holder index's group
+    bits (an id table, :meth:`~torchrec_esd.cache.holders.HolderIndex.group_bits_table`), the
+    tables' ``row_offset`` ``[T + 1]``, per group ``[T, G]`` row time and eviction push and ``per``
+    ``[G]`` (:func:`~torchrec_esd.cost.group_inputs.group_matrix_from_bits`, whose PyTorch path is
+    the reference).  Only with the extension built (:data:`HAS_GROUP_PRICE_BITS`)."""
+    return torch.ops.torchrec_esd.group_price_bits(keys, offsets, bits_table, row_offset, row_time, evict_time, per)
 
 
 def bucket_order(bins: torch.Tensor, num_bins: int) -> Tuple[torch.Tensor, torch.Tensor]:

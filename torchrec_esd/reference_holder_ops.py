@@ -19,22 +19,25 @@ def _head_of(head: torch.Tensor, key: int) -> int:
 
 
 def holder_index_sync_ref(head: torch.Tensor, next_: torch.Tensor, prev: torch.Tensor, gkey: torch.Tensor,
-                          base: int, slot_keys: torch.Tensor) -> None:
+                          base: int, slot_keys: torch.Tensor) -> torch.Tensor:
     """In place: global slots ``[base, base + len(slot_keys))`` record
     ``slot_keys`` (negative: empty); a changed slot leaves its old key's list
-    and goes to the head of its new key's list."""
+    and goes to the head of its new key's list.  Returns the keys that left a
+    slot, in slot order."""
     op = "holder_index_sync"
     n = gkey.numel()
     if base < 0 or base + slot_keys.numel() > n:
         raise RuntimeError(f"torchrec_esd::{op}: slots [{base}, {base + slot_keys.numel()}) outside the"
                            f" index's {n} global slots")
     nx, pv, gk = next_.tolist(), prev.tolist(), gkey.tolist()
+    left = []
     for s, k in enumerate(slot_keys.tolist()):
         g, k = base + s, max(int(k), -1)
         old = gk[g]
         if old == k:
             continue
         if old >= 0:
+            left.append(old)
             p, q = pv[g], nx[g]
             if p >= 0:
                 nx[p] = q
@@ -58,6 +61,7 @@ def holder_index_sync_ref(head: torch.Tensor, next_: torch.Tensor, prev: torch.T
     next_.copy_(torch.tensor(nx, dtype=torch.int64))
     prev.copy_(torch.tensor(pv, dtype=torch.int64))
     gkey.copy_(torch.tensor(gk, dtype=torch.int64))
+    return torch.tensor(left, dtype=torch.int64)
 
 
 def holder_index_lookup_ref(head: torch.Tensor, next_: torch.Tensor,

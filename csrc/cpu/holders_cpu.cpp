@@ -10,10 +10,11 @@
 //   gkey  [n]       the key the index records at every global slot (-1 empty).
 // holder_index_sync makes slots [base, base + len(slot_keys)) record
 // slot_keys: O(len) compares plus O(1) expected per changed slot (unlink the
-// old key, link the new one at its list's head).  holder_index_lookup walks
-// the lists of the query keys: O(len(queries) + hits).  holder_index_read is the lookup plus
-// every hit's worker (by buckets of slots, HolderIndex.slot_workers) and its slot's outdated /
-// dirty flags, in one pass that prefetches the per-slot state.
+// old key, link the new one at its list's head); it returns the keys that left a slot.  holder_index_lookup walks
+// the lists of the query keys: O(len(queries) + hits), several lists side by side so that
+// their hops' memory loads overlap (holder_walk).  holder_index_read is the lookup plus every
+// hit's worker (by buckets of slots, HolderIndex.slot_workers) and its slot's outdated / dirty
+// flags, read in the same walk.
 #include <torch/library.h>
 #include <torch/types.h>
 
@@ -42,8 +43,8 @@ void check_head(const char* op, const at::Tensor& head) {
 
 }  // namespace
 
-void holder_index_sync_cpu(at::Tensor head, at::Tensor next, at::Tensor prev, at::Tensor gkey, int64_t base,
-                           const at::Tensor& slot_keys) {
+at::Tensor holder_index_sync_cpu(at::Tensor head, at::Tensor next, at::Tensor prev, at::Tensor gkey, int64_t base,
+                                 const at::Tensor& slot_keys) {
   const char* op = "holder_index_sync";
   check_head(op, head);
   const int64_t n = gkey.numel();
@@ -60,12 +61,14 @@ void holder_index_sync_cpu(at::Tensor head, at::Tensor next, at::Tensor prev, at
   int64_t* pv = prev.data_ptr<int64_t>();
   int64_t* gk = gkey.data_ptr<int64_t>();
   const int64_t* sk = slot_keys.data_ptr<int64_t>();
+  std::vector<int64_t> left;  // the keys that left a slot
   for (int64_t s = 0; s < S; ++s) {
     const int64_t g = base + s;
     const int64_t k = sk[s] < 0 ? -1 : sk[s];
     const int64_t old = gk[g];
     if (old == k) continue;
     if (old >= 0) {  // unlink g from old's list
+      left.push_back(old);
       const int64_t p = pv[g], q = nx[g];
       if (p >= 0) {
         nx[p] = q;
@@ -88,7 +91,110 @@ void holder_index_sync_cpu(at::Tensor head, at::Tensor next, at::Tensor prev, at
     }
     gk[g] = k;
   }
+  auto out = at::empty({static_cast<int64_t>(left.size())}, slot_keys.options());
+  std::copy(left.begin(), left.end(), out.data_ptr<int64_t>());
+  return out;
 }
+
+namespace {
+
+// The hits of the query keys' holder lists, tagged by query, in walk order (see
+// holder_walk); with `state` also every hit's slot flags (bit 0: dirty, bit 1: lag > 0).
+struct HolderHits {
+  std::vector<int64_t> count;  // hits per query
+  std::vector<int64_t> tag, slot;
+  std::vector<uint8_t> flags;
+};
+
+// Every hop of a holder list is a load at a random global slot (next is 8 n bytes): one
+// list walked alone waits a memory latency per hop.  kLanes lists are walked side by side,
+// one hop of each per round, each lane's next slot (and, with `lag`, its slot state)
+// prefetched a round ahead; a lane that reaches its list's end takes the next query (its
+// head row prefetched kAhead queries earlier).  The hits come out interleaved, tagged by
+// query: holder_hits_scatter puts them back in the order of one walk after the other.
+template <bool kState>
+HolderHits holder_walk(const char* op, const int64_t* tab, uint64_t mask, const int64_t* nx, int64_t n,
+                       const int64_t* q, int64_t nq, const int64_t* lg, const bool* dt) {
+  for (int64_t i = 0; i < nq; ++i)
+    TORCH_CHECK(q[i] >= 0, "torchrec_esd::", op, ": queries must be non-negative, got ", q[i]);
+  constexpr int kLanes = 24;
+  constexpr int64_t kAhead = 2 * kLanes;
+  auto home = [&](int64_t i) { __builtin_prefetch(tab + 2 * (table_hash(static_cast<uint64_t>(q[i])) & mask)); };
+  auto fetch = [&](int64_t g) {
+    __builtin_prefetch(nx + g);
+    if constexpr (kState) {
+      __builtin_prefetch(lg + g);
+      __builtin_prefetch(dt + g);
+    }
+  };
+  for (int64_t i = 0; i < std::min(nq, kAhead); ++i) home(i);
+  std::vector<int64_t> count(nq, 0), tag, slot;
+  std::vector<uint8_t> flags;
+  tag.reserve(nq);
+  slot.reserve(nq);
+  if constexpr (kState) flags.reserve(nq);
+  int64_t lane_q[kLanes], lane_g[kLanes], lane_steps[kLanes];
+  int64_t taken = 0;  // queries given to lanes so far
+  // lane l takes the next query with a non-empty list (-1 when none is left)
+  auto start = [&](int l) {
+    while (taken < nq) {
+      const int64_t i = taken++;
+      if (i + kAhead < nq) home(i + kAhead);
+      const int64_t g = table_probe(tab, mask, q[i], table_hash(static_cast<uint64_t>(q[i])));
+      if (g >= 0) {
+        TORCH_CHECK(g < n, "torchrec_esd::", op, ": corrupt holder list of key ", q[i]);
+        fetch(g);
+        lane_q[l] = i;
+        lane_g[l] = g;
+        lane_steps[l] = 0;
+        return;
+      }
+    }
+    lane_q[l] = -1;
+  };
+  int active = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    start(l);
+    active += lane_q[l] >= 0;
+  }
+  while (active > 0) {
+    for (int l = 0; l < kLanes; ++l) {
+      const int64_t i = lane_q[l];
+      if (i < 0) continue;
+      const int64_t g = lane_g[l];
+      tag.push_back(i);
+      slot.push_back(g);
+      if constexpr (kState) flags.push_back(static_cast<uint8_t>(dt[g] ? 1 : 0) | static_cast<uint8_t>(lg[g] > 0 ? 2 : 0));
+      ++count[i];
+      const int64_t h = nx[g];
+      TORCH_CHECK(++lane_steps[l] < n && h < n, "torchrec_esd::", op, ": corrupt holder list of key ", q[i]);
+      if (h >= 0) {
+        fetch(h);
+        lane_g[l] = h;
+      } else {
+        start(l);
+        active -= lane_q[l] < 0;
+      }
+    }
+  }
+  return {std::move(count), std::move(tag), std::move(slot), std::move(flags)};
+}
+
+// Hit j's place in query order (a stable counting sort by tag: within a query, list order);
+// out.count becomes the queries' write cursors.
+std::vector<int64_t> holder_hits_order(HolderHits& hits) {
+  int64_t acc = 0;
+  for (auto& c : hits.count) {
+    const int64_t k = c;
+    c = acc;
+    acc += k;
+  }
+  std::vector<int64_t> at(hits.tag.size());
+  for (size_t j = 0; j < hits.tag.size(); ++j) at[j] = hits.count[hits.tag[j]]++;
+  return at;
+}
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> holder_index_lookup_cpu(const at::Tensor& head, const at::Tensor& next,
                                                            const at::Tensor& queries) {
@@ -96,40 +202,20 @@ std::tuple<at::Tensor, at::Tensor> holder_index_lookup_cpu(const at::Tensor& hea
   check_head(op, head);
   check_long_vec(op, "next", next);
   check_long_vec(op, "queries", queries);
-  const int64_t* tab = head.data_ptr<int64_t>();
-  const uint64_t mask = static_cast<uint64_t>(head.size(0) - 1);
-  const int64_t* nx = next.data_ptr<int64_t>();
-  const int64_t n = next.numel();
-  const int64_t* q = queries.data_ptr<int64_t>();
-  std::vector<int64_t> pos, slot;
-  pos.reserve(queries.numel());
-  slot.reserve(queries.numel());
-  // the head table is large (2 n rows): fetch the home row of the query kPrefetch ahead
-  constexpr int64_t kPrefetch = 16;
-  const int64_t nq = queries.numel();
-  for (int64_t i = 0; i < nq; ++i) {
-    if (i + kPrefetch < nq && q[i + kPrefetch] >= 0)
-      __builtin_prefetch(tab + 2 * (table_hash(static_cast<uint64_t>(q[i + kPrefetch])) & mask));
-    // and, half way, the second holder of that query (its head row is in cache by now)
-    if (i + kPrefetch / 2 < nq && q[i + kPrefetch / 2] >= 0) {
-      const int64_t h = table_probe(tab, mask, q[i + kPrefetch / 2],
-                                    table_hash(static_cast<uint64_t>(q[i + kPrefetch / 2])));
-      if (h >= 0 && h < n) __builtin_prefetch(nx + h);
-    }
-    TORCH_CHECK(q[i] >= 0, "torchrec_esd::", op, ": queries must be non-negative, got ", q[i]);
-    int64_t g = table_probe(tab, mask, q[i], table_hash(static_cast<uint64_t>(q[i])));
-    for (int64_t steps = 0; g >= 0; ++steps) {
-      TORCH_CHECK(steps < n && g < n, "torchrec_esd::", op, ": corrupt holder list of key ", q[i]);
-      pos.push_back(i);
-      slot.push_back(g);
-      g = nx[g];
-    }
-  }
+  HolderHits hits = holder_walk<false>(op, head.data_ptr<int64_t>(), static_cast<uint64_t>(head.size(0) - 1),
+                                next.data_ptr<int64_t>(), next.numel(), queries.data_ptr<int64_t>(),
+                                queries.numel(), nullptr, nullptr);
+  const std::vector<int64_t> at_ = holder_hits_order(hits);
+  const int64_t H = static_cast<int64_t>(at_.size());
   auto opts = at::TensorOptions().dtype(at::kLong);
-  auto p = at::empty({static_cast<int64_t>(pos.size())}, opts);
-  auto s = at::empty({static_cast<int64_t>(slot.size())}, opts);
-  std::copy(pos.begin(), pos.end(), p.data_ptr<int64_t>());
-  std::copy(slot.begin(), slot.end(), s.data_ptr<int64_t>());
+  auto p = at::empty({H}, opts);
+  auto s = at::empty({H}, opts);
+  int64_t* pp = p.data_ptr<int64_t>();
+  int64_t* sp = s.data_ptr<int64_t>();
+  for (int64_t j = 0; j < H; ++j) {
+    pp[at_[j]] = hits.tag[j];
+    sp[at_[j]] = hits.slot[j];
+  }
   return {p, s};
 }
 
@@ -137,7 +223,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> holder_index_read_cpu
     const at::Tensor& head, const at::Tensor& next, const at::Tensor& base, const at::Tensor& bucket_worker,
     int64_t shift, const at::Tensor& lag, const at::Tensor& dirty, const at::Tensor& queries) {
   const char* op = "holder_index_read";
-  const auto [pos, slots] = holder_index_lookup_cpu(head, next, queries);
+  check_head(op, head);
+  check_long_vec(op, "next", next);
+  check_long_vec(op, "queries", queries);
   const int64_t n = next.numel();
   check_long_vec(op, "base", base);
   check_long_vec(op, "bucket_worker", bucket_worker);
@@ -149,27 +237,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> holder_index_read_cpu
   TORCH_CHECK(W >= 0 && base.data_ptr<int64_t>()[W] == n, "torchrec_esd::", op,
               ": base must end at the index's ", n, " global slots");
   TORCH_CHECK(shift >= 0 && shift < 63, "torchrec_esd::", op, ": shift must be in [0, 63)");
-  const int64_t H = slots.numel();
-  auto worker = at::empty({H}, slots.options());
+  // one walk reads every hit's slot state with its list (prefetched with the hop)
+  HolderHits hits = holder_walk<true>(op, head.data_ptr<int64_t>(), static_cast<uint64_t>(head.size(0) - 1),
+                                next.data_ptr<int64_t>(), n, queries.data_ptr<int64_t>(), queries.numel(),
+                                lag.data_ptr<int64_t>(), dirty.data_ptr<bool>());
+  const std::vector<int64_t> at_ = holder_hits_order(hits);
+  const int64_t H = static_cast<int64_t>(at_.size());
+  auto opts = at::TensorOptions().dtype(at::kLong);
+  auto pos = at::empty({H}, opts);
+  auto worker = at::empty({H}, opts);
   auto outdated = at::empty({H}, dirty.options());
   auto dirt = at::empty({H}, dirty.options());
-  const int64_t* g = slots.data_ptr<int64_t>();
   const int64_t* bs = base.data_ptr<int64_t>();
   const int64_t* bw = bucket_worker.data_ptr<int64_t>();
   const int64_t nb = bucket_worker.numel();
-  const int64_t* lg = lag.data_ptr<int64_t>();
-  const bool* dt = dirty.data_ptr<bool>();
+  int64_t* po = pos.data_ptr<int64_t>();
   int64_t* wo = worker.data_ptr<int64_t>();
   bool* od = outdated.data_ptr<bool>();
   bool* dd = dirt.data_ptr<bool>();
-  // the per-slot state is read at the hits (random in [n]): fetched kPrefetch hits ahead
-  constexpr int64_t kPrefetch = 16;
-  for (int64_t i = 0; i < H; ++i) {
-    if (i + kPrefetch < H) {
-      __builtin_prefetch(lg + g[i + kPrefetch]);
-      __builtin_prefetch(dt + g[i + kPrefetch]);
-    }
-    const int64_t s = g[i];
+  for (int64_t j = 0; j < H; ++j) {
+    const int64_t s = hits.slot[j];
     int64_t w;
     if (nb > 0) {  // buckets of 2^shift slots lie within at most two workers
       TORCH_CHECK((s >> shift) < nb, "torchrec_esd::", op, ": slot ", s, " outside the buckets");
@@ -178,9 +265,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> holder_index_read_cpu
     } else {  // the last worker whose range starts at or before s
       w = static_cast<int64_t>(std::upper_bound(bs, bs + W + 1, s) - bs) - 1;
     }
-    wo[i] = w;
-    dd[i] = dt[s];
-    od[i] = lg[s] > 0 && !dt[s];
+    const int64_t k = at_[j];
+    const uint8_t f = hits.flags[j];
+    po[k] = hits.tag[j];
+    wo[k] = w;
+    dd[k] = (f & 1) != 0;
+    od[k] = f == 2;  // lag > 0 and not dirty
   }
   return {pos, worker, outdated, dirt};
 }

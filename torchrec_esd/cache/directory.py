@@ -311,6 +311,8 @@ class CacheDirectory:
             p = self._plan_worker(w, keys, user_keys, user_counts, pushed, num_samples, pairs)
         if flushed is not None and flushed[0].numel():
             keys, slots = flushed
+            if self._holders is not None:
+                self._holders.note_changed(keys)  # their dirty flags changed: group bits re-read
             p.push_keys, p.push_slots = torch.cat([keys, p.push_keys]), torch.cat([slots, p.push_slots])
             p.flushed_rows = int(keys.numel())
             p.rows[TransmissionKind.UPDATE_PUSH] = int(p.rows.get(TransmissionKind.UPDATE_PUSH, 0)) + p.flushed_rows
@@ -326,7 +328,8 @@ class CacheDirectory:
         key and worker."""
         holders = self._holders
         if holders is not None:
-            holders.lag[holders.lookup(user_keys)[2]] += 1
+            looked = holders.lookup(user_keys)
+            holders.lag[looked[2]] += 1
         for w in self.tracked:
             st, p = self._w[w], plans[w]
             if holders is None:
@@ -337,6 +340,8 @@ class CacheDirectory:
             st.dirty[slots] = True
             if holders is not None:
                 holders.count(w, st)  # its dirty slots per table
+        if holders is not None:
+            holders.refresh_group_bits(user_keys, looked)  # every copy of these rows changed lag or flags
 
     def _kernel_plans(self, w: int) -> bool:
         """Whether worker ``w``'s cache step runs in the C++ kernel."""
@@ -491,5 +496,7 @@ class CacheDirectory:
                 pull_pos=EMPTY, local_pos=EMPTY, grad_pos=EMPTY,
                 rows=row_counts(0, 0, 0, int(keys.numel())),
             )
+        if self._holders is not None:
+            self._holders.refresh_group_bits(torch.cat([p.push_keys for p in out if p is not None]))
         return out
 

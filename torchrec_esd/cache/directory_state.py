@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 
 from torchrec_esd.cache.state import CacheHits, CacheLookup
@@ -35,3 +37,59 @@ class DirectoryCacheState:
         # the holder index (cache/holders.py): O(u + hits), the slot state read at the hits only
         pos, worker, outdated, dirty = d.holder_index().read(keys)
         return CacheLookup.from_hits(CacheHits(worker, pos, outdated, dirty), d.num_workers, keys.numel())
+
+    def group_bits(self, keys: torch.Tensor, group_of: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(held, fresh)`` int64 group bits of ``keys`` for the partition ``group_of``
+        (:meth:`~torchrec_esd.cache.holders.HolderIndex.group_bits`): ``O(len(keys))``
+        from bits the directory keeps exact (built on the first read of a partition)."""
+        d = self._directory
+        if d.iteration != self._iteration:
+            raise EsdConfigError("cache state used after the directory planned another iteration")
+        return d.holder_index().group_bits(group_of, keys)
+
+    def group_bits_table(self, group_of: torch.Tensor) -> torch.Tensor:
+        """The id table behind :meth:`group_bits`
+        (:meth:`~torchrec_esd.cache.holders.HolderIndex.group_bits_table`)."""
+        d = self._directory
+        if d.iteration != self._iteration:
+            raise EsdConfigError("cache state used after the directory planned another iteration")
+        return d.holder_index().group_bits_table(group_of)
+
+    def group_view(self, group_of: torch.Tensor, group: int) -> "GroupCacheState":
+        """The caches of group ``group``'s workers alone (:class:`GroupCacheState`), for the
+        partition ``group_of`` (the holder index keeps one list per key and group)."""
+        d = self._directory
+        if d.iteration != self._iteration:
+            raise EsdConfigError("cache state used after the directory planned another iteration")
+        d.holder_index().partition(group_of)
+        return GroupCacheState(self, group_of, group)
+
+
+class GroupCacheState:
+    """A :class:`~torchrec_esd.cache.state.CacheState` whose :meth:`lookup` lists only the
+    copies on one group's workers (``O(U + H_g)``: the holder index's list of the key and
+    group, :meth:`~torchrec_esd.cache.holders.HolderIndex.read_group`), with every key's
+    dirty owner over all workers (:meth:`dirty_owner`, kept with the group bits).  What one
+    group of the grouped dispatcher reads: its slice of the cost matrix needs its own
+    workers' copies and, of the others, only who would push a dirty row."""
+
+    def __init__(self, full: DirectoryCacheState, group_of: torch.Tensor, group: int) -> None:
+        self._full, self._group_of, self._group = full, group_of, int(group)
+        self.tables, self.occupied, self.ndirty, self.capacity = full.tables, full.occupied, full.ndirty, full.capacity
+
+    def __len__(self) -> int:
+        return len(self._full)
+
+    def lookup(self, keys: torch.Tensor) -> CacheLookup:
+        d = self._full._directory
+        if d.iteration != self._full._iteration:
+            raise EsdConfigError("cache state used after the directory planned another iteration")
+        pos, worker, outdated, dirty = d.holder_index().read_group(self._group, keys)
+        return CacheLookup.from_hits(CacheHits(worker, pos, outdated, dirty), d.num_workers, keys.numel())
+
+    def dirty_owner(self, keys: torch.Tensor) -> torch.Tensor:
+        """Each key's dirty owner over every worker (-1: none)."""
+        d = self._full._directory
+        if d.iteration != self._full._iteration:
+            raise EsdConfigError("cache state used after the directory planned another iteration")
+        return d.holder_index().dirty_owner(self._group_of, keys)

@@ -85,6 +85,92 @@ def sample_key_pairs_reference(offsets: torch.Tensor, kidx: torch.Tensor,
     return occ_s, occ_k, torch.searchsorted(occ_s, torch.arange(b + 1)), torch.bincount(occ_k, minlength=u).double()
 
 
+def group_price(held: torch.Tensor, fresh: torch.Tensor, table_of: torch.Tensor, row_time: torch.Tensor,
+                evict_time: torch.Tensor, groups: Sequence[Sequence[int]], shares: Sequence[int],
+                uses: torch.Tensor, b: int, occ_s: torch.Tensor, occ_k: torch.Tensor) -> torch.Tensor:
+    """float64 ``[B, G]`` stage-1 price (module docstring) from bool ``[U, G]`` ``held`` /
+    ``fresh`` (some worker of the group caches the key / caches it fresh), the keys' tables,
+    the workers' ``[W, T]`` row and eviction-push times, the per-worker ``shares``, the
+    keys' use counts and the distinct (sample, key) pairs.  ``O(U G + N G)``."""
+    G = len(groups)
+    # per group, its fastest link's row time and lowest eviction push per table: [T, G] -> [U, G]
+    rt = torch.stack([row_time[g].min(0).values for g in groups], 1).index_select(0, table_of)
+    ev = torch.stack([evict_time[g].min(0).values for g in groups], 1).index_select(0, table_of)
+    c = torch.where(fresh, 0.0, torch.where(held, rt, rt + ev))  # 0 fresh, rt held outdated, rt + ev
+    per = torch.tensor([max(sum(int(shares[w]) for w in g) / len(g) - 1.0, 0.0) for g in groups],
+                       dtype=torch.float64)
+    cost = c / (1.0 + (uses - 1.0).view(-1, 1) * per.view(1, -1) / max(1, b - 1))
+    # a sample's price on a group: the sum over its distinct keys
+    return torch.zeros(b, G, dtype=torch.float64).index_add_(0, occ_s, cost.index_select(0, occ_k))
+
+
+def group_matrix_from_bits(cost_model, kjt: KeyedJaggedTensor, caches, groups: Sequence[Sequence[int]],
+                           shares: Sequence[int], kernel: bool = True) -> torch.Tensor:
+    """:meth:`GroupInputs.group_matrix` of ``kjt`` without reading a cached copy: which
+    groups hold each key (fresh) come from the group bits ``caches.group_bits`` keeps
+    (:meth:`~torchrec_esd.cache.holders.HolderIndex.group_bits`, one probe per key), the
+    eviction pushes from the caches' occupancy.  With ``kernel`` (and the extension built) one
+    C++ pass (:func:`~torchrec_esd.ops.group_price_bits`), else the distinct keys and pairs in
+    PyTorch and :func:`~torchrec_esd.ops.group_price` on one entry per (key, group) held (or
+    :func:`group_price`).  The same matrix, bit for bit (``tests/test_dispatch.py``).
+    ``O(N log N + U G + N G)``: nothing per cached copy."""
+    cm = cost_model
+    state = cm.cache_state(caches)
+    keys, offsets = cm.row_keys(kjt)
+    b = offsets.numel() - 1
+    G = len(groups)
+    if keys.numel() == 0:
+        return torch.zeros(b, G, dtype=torch.float64)
+    evict_time = cm._evict_fraction(_Occupancy(state.occupied, state.ndirty, state.capacity)) * cm.row_time
+    group_of, rt, ev, per = _group_terms(cm.row_time, evict_time, groups, shares)
+    if kernel and ops.HAS_GROUP_PRICE_BITS and hasattr(caches, "group_bits_table"):  # one C++ pass
+        return ops.group_price_bits(keys.to(torch.int64), offsets.to(torch.int64),
+                                    caches.group_bits_table(group_of), cm.row_offset.to(torch.int64), rt, ev, per)
+    uniq, _ = ops.sorted_distinct(keys)
+    u = uniq.numel()
+    table_of = torch.searchsorted(cm.row_offset, uniq, right=True) - 1
+    kidx = ops.id_table_lookup(ops.id_table_build(uniq), keys)
+    if ops.has_grouped_kernels():
+        occ_s, occ_k, _, uses = ops.sample_key_pairs(offsets, kidx, u)
+    else:
+        occ_s, occ_k, _, uses = sample_key_pairs_reference(offsets, kidx, u)
+    held_bits, fresh_bits = caches.group_bits(uniq, group_of)
+    bit = torch.ones(G, dtype=torch.int64) << torch.arange(G)
+    held = (held_bits.view(-1, 1) & bit) != 0
+    fresh = (fresh_bits.view(-1, 1) & bit) != 0
+    if not ops.has_grouped_kernels():
+        return group_price(held, fresh, table_of, cm.row_time, evict_time, groups, shares, uses, b, occ_s, occ_k)
+    # the kernel reads cached copies: one per (key, group) held, outdated where not fresh
+    key, g = held.nonzero(as_tuple=True)
+    return ops.group_price(key, g, ~fresh[key, g], table_of, rt, ev, uses, per, b, occ_s, occ_k)
+
+
+def _group_terms(row_time: torch.Tensor, evict_time: torch.Tensor, groups: Sequence[Sequence[int]],
+                 shares: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(group_of [W], rt [T, G], ev [T, G], per [G])``: every worker's group (-1: none),
+    per group its fastest link's row time and lowest eviction push per table, and its
+    amortisation factor (the group's mean share less one, at least 0)."""
+    W, T, G = row_time.shape[0], row_time.shape[1], len(groups)
+    group_of = torch.full((W,), -1, dtype=torch.int64)
+    for gi, g in enumerate(groups):
+        group_of[torch.tensor(list(g), dtype=torch.int64)] = gi
+    member = group_of >= 0
+    idx = group_of[member].view(-1, 1).expand(-1, T)
+    inf = torch.full((G, T), float("inf"), dtype=torch.float64)
+    rt = inf.scatter_reduce(0, idx, row_time[member], "amin").t().contiguous()
+    ev = inf.scatter_reduce(0, idx, evict_time[member], "amin").t().contiguous()
+    per = torch.tensor([max(sum(int(shares[w]) for w in g) / len(g) - 1.0, 0.0) for g in groups],
+                       dtype=torch.float64)
+    return group_of, rt, ev, per
+
+
+class _Occupancy:
+    """What :meth:`CostModel._evict_fraction` reads of a batch state."""
+
+    def __init__(self, occupied: torch.Tensor, ndirty: torch.Tensor, cap: torch.Tensor) -> None:
+        self.occupied, self.ndirty, self.cap = occupied, ndirty, cap
+
+
 class GroupInputs:
     """One batch read against the caches for grouped dispatch; see the module
     docstring.  ``caches``: what :class:`~torchrec_esd.cost.CostModel` reads;
@@ -104,9 +190,14 @@ class GroupInputs:
         # lowest worker if ever several), from the dirty (worker, key) pairs
         self.hits = h = st.look.hits
         W = st.look.shape[0]
-        first = torch.full((u,), W, dtype=torch.int64).scatter_reduce_(0, h.key[h.dirty], h.worker[h.dirty], "amin")
-        self.has_owner = first < W
-        self.owner = torch.where(self.has_owner, first, torch.full_like(first, -1))
+        if hasattr(caches, "dirty_owner"):  # a group's view: the owners over every worker are kept
+            self.owner = caches.dirty_owner(st.uniq)
+            self.has_owner = self.owner >= 0
+        else:
+            first = torch.full((u,), W, dtype=torch.int64).scatter_reduce_(0, h.key[h.dirty], h.worker[h.dirty],
+                                                                          "amin")
+            self.has_owner = first < W
+            self.owner = torch.where(self.has_owner, first, torch.full_like(first, -1))
         self.row_time = cm.row_time  # [W, T]
         self.evict_time = cm._evict_fraction(st) * cm.row_time  # [W, T]
         T = self.row_time.shape[1]
@@ -136,18 +227,7 @@ class GroupInputs:
         st, b = self.st, self.num_samples
         if not ops.has_grouped_kernels() or st.keys.numel() == 0:
             return self.group_matrix_reference(groups, shares)
-        G = len(groups)
-        group_of = torch.full((st.look.shape[0],), -1, dtype=torch.int64)
-        for gi, g in enumerate(groups):
-            group_of[torch.tensor(g, dtype=torch.int64)] = gi
-        member = group_of >= 0
-        idx = group_of[member].view(-1, 1).expand(-1, self.row_time.shape[1])
-        inf = torch.full((G, self.row_time.shape[1]), float("inf"), dtype=torch.float64)
-        # per group, its fastest link's row time and lowest eviction push per table: [T, G]
-        rt = inf.scatter_reduce(0, idx, self.row_time[member], "amin").t().contiguous()
-        ev = inf.scatter_reduce(0, idx, self.evict_time[member], "amin").t().contiguous()
-        per = torch.tensor([max(sum(int(shares[w]) for w in g) / len(g) - 1.0, 0.0) for g in groups],
-                           dtype=torch.float64)
+        group_of, rt, ev, per = _group_terms(self.row_time, self.evict_time, groups, shares)
         h = self.hits
         return ops.group_price(h.key, group_of.index_select(0, h.worker), h.outdated, st.table_of, rt, ev,
                                self.uses, per, b, self.occ_s, self.occ_k)
@@ -172,16 +252,8 @@ class GroupInputs:
         held[flat] = True
         fresh = torch.zeros(u * G, dtype=torch.bool)
         fresh[flat[fresh_hit]] = True
-        held, fresh = held.view(u, G), fresh.view(u, G)
-        # per group, its fastest link's row time and lowest eviction push per table: [T, G] -> [U, G]
-        rt = torch.stack([self.row_time[g].min(0).values for g in groups], 1).index_select(0, st.table_of)
-        ev = torch.stack([self.evict_time[g].min(0).values for g in groups], 1).index_select(0, st.table_of)
-        c = torch.where(fresh, 0.0, torch.where(held, rt, rt + ev))  # 0 fresh, rt held outdated, rt + ev
-        per = torch.tensor([max(sum(int(shares[w]) for w in g) / len(g) - 1.0, 0.0) for g in groups],
-                           dtype=torch.float64)
-        cost = c / (1.0 + (self.uses - 1.0).view(-1, 1) * per.view(1, -1) / max(1, b - 1))
-        # a sample's price on a group: the sum over its distinct keys
-        return torch.zeros(b, G, dtype=torch.float64).index_add_(0, self.occ_s, cost.index_select(0, self.occ_k))
+        return group_price(held.view(u, G), fresh.view(u, G), st.table_of, self.row_time, self.evict_time,
+                           groups, shares, self.uses, b, self.occ_s, self.occ_k)
 
     # ------------------------------------------------------------- stage 2
     def _hits_by_worker(self) -> Tuple[torch.Tensor, ...]:

@@ -67,7 +67,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from torchrec_esd.cost.group_inputs import GroupInputs, link_groups
+from torchrec_esd.cache.holders import HolderIndex
+from torchrec_esd.cost.group_inputs import GroupInputs, group_matrix_from_bits, link_groups
 from torchrec_esd.dispatch.base import (
     Dispatcher, DispatchError, DispatchResult, check_assignment, check_cost_input, objective_value,
 )
@@ -213,10 +214,14 @@ class GroupedDispatcher(Dispatcher):
     def _decide_split(self, cost_model, kjt, views, shares: List[int], active: List[int]) -> DispatchResult:
         """:meth:`decide` with no step that reads the whole batch (``stage1_slices = k``):
 
-        1. the batch's samples are cut into ``k`` contiguous slices; each slice is read
-           against the caches on its own (:class:`GroupInputs` of the slice), priced on the
-           groups and put on them by stage 1 with the slice's part of every group's
-           capacity (:func:`slice_capacities`: the parts add up to the groups' shares);
+        1. the batch's samples are cut into ``k`` contiguous slices; each slice is priced on
+           the groups and put on them by stage 1 with the slice's part of every group's
+           capacity (:func:`slice_capacities`: the parts add up to the groups' shares).  A
+           live directory's cache state gives which groups hold each key (fresh) in one
+           probe per key (:func:`~torchrec_esd.cost.group_inputs.group_matrix_from_bits`:
+           ``O(N_j log N_j + U_j G)`` for a slice of ``N_j`` values, nothing per cached
+           copy); other cache states are read copy by copy (:class:`GroupInputs` of the
+           slice, ``O(N_j log N_j + U_j + H_j)``), the same matrix;
         2. each group reads only its samples (:class:`GroupInputs` of them) and solves its
            slice of the inner dispatcher's matrix at its workers' exact shares.
 
@@ -229,7 +234,7 @@ class GroupedDispatcher(Dispatcher):
         its workers' shares, and the batch is never read whole, so the answer is not
         :meth:`decide`'s with one slice (``benchmarks/scale.py`` ``grouped-split`` reports
         both)."""
-        from torchrec_esd.batch_select import select_kjt_samples
+        from torchrec_esd.batch_select import select_kjt_range, select_kjt_samples
 
         b = kjt.stride()
         groups = link_groups(cost_model.bytes_per_second, active, self.group_size)
@@ -240,14 +245,21 @@ class GroupedDispatcher(Dispatcher):
         to_group = torch.empty(b, dtype=torch.int64)
         t_in = t_solve = 0.0
         slice_s = []
+        # a live directory keeps per key the groups holding it (HolderIndex.group_bits)
+        bits = (hasattr(views, "group_bits") and hasattr(views, "group_view") and not cost_model.config.des_misses
+                and len(groups) <= HolderIndex.MAX_GROUPS)
         for j, cap in enumerate(caps):
             t0 = time.perf_counter()
             idx = torch.arange(bounds[j], bounds[j + 1], dtype=torch.int64)
             if idx.numel() == 0:
                 continue
-            gi = GroupInputs(cost_model, select_kjt_samples(kjt, idx), views)
+            part = select_kjt_range(kjt, bounds[j], bounds[j + 1])
             # the slice's per-worker shares: the batch's, scaled (stage 1's amortisation only)
-            gcost = gi.group_matrix(groups, cost_model.config.batch_shares(idx.numel()))
+            part_shares = cost_model.config.batch_shares(idx.numel())
+            if bits:  # which groups hold each key (fresh), one probe per key: no cached copy read
+                gcost = group_matrix_from_bits(cost_model, part, views, groups, part_shares)
+            else:
+                gcost = GroupInputs(cost_model, part, views).group_matrix(groups, part_shares)
             t1 = time.perf_counter()
             tg, _ = self.stage1._solve(gcost, cap)
             to_group[idx] = torch.as_tensor(tg, dtype=torch.int64).view(-1)
@@ -256,11 +268,17 @@ class GroupedDispatcher(Dispatcher):
             slice_s.append(t2 - t0)
         kind = self.cost_input if self.needs_cost else "none"
 
+        group_of = torch.full((len(shares),), -1, dtype=torch.int64)
+        for gi_, g in enumerate(groups):
+            group_of[torch.tensor(g, dtype=torch.int64)] = gi_
+
         def own_samples(gi_: int, g: List[int]):
-            # the group reads only its samples, amortised over its workers' shares
+            # the group reads only its samples, amortised over its workers' shares, and (from a
+            # live directory) only its workers' cached copies and the keys' dirty owners
             rows = (to_group == gi_).nonzero().view(-1)
             mine = [shares[w] if w in g else 0 for w in range(len(shares))]
-            sub_in = GroupInputs(cost_model, select_kjt_samples(kjt, rows), views, shares=mine)
+            caches = views.group_view(group_of, gi_) if bits else views
+            sub_in = GroupInputs(cost_model, select_kjt_samples(kjt, rows), caches, shares=mine)
             return (rows,) + sub_in.sub_matrix(torch.arange(rows.numel()), g, kind, hits=self.needs_hits)
 
         out = torch.empty(b, dtype=torch.int64)
