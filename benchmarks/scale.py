@@ -30,10 +30,13 @@ second figure adds a stated compute time per sample
 ``grouped``, the decision with its groups' slices and inner solves on ranks
 of their own (everything else plus the slowest group; what moving the
 samples and results between ranks would cost is not counted); for
-``grouped-split`` (``--grouped-slices`` stage-1 slices of the batch, each read
-and put on the groups on its own, then each group reading only its samples:
+``grouped-split`` (``--grouped-slices`` stage-1 slices of the batch, each priced
+on the groups from the directory's group bits and put on them on its own, then
+each group reading only its samples and its workers' cached copies:
 :meth:`GroupedDispatcher._decide_split`) the slowest slice plus the slowest
-group; for the other dispatchers it equals the decision.
+group; for the other dispatchers it equals the decision.  ``directory plan ms``
+is the dispatcher's whole-directory step (every worker's cache step, the holder
+index and, for ``grouped-split``, the group bits it keeps).
 
 Per-worker planning: ``--sample-workers`` workers also run a directory that
 tracks themselves alone, fed (a) their :class:`StepSummary` (``plan ms``,

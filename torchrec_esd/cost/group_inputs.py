@@ -49,6 +49,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_esd import ops
+from torchrec_esd.cost.batch import read_batch
 from torchrec_esd.cost.dedup import amortised_key_costs, segment_sum
 
 
@@ -60,7 +61,7 @@ def link_groups(bytes_per_second: torch.Tensor, workers: Sequence[int], group_si
     return [sorted(order[i:i + group_size]) for i in range(0, len(order), group_size)]
 
 
-def _segments(offsets: torch.Tensor, samples: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def sample_segments(offsets: torch.Tensor, samples: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Positions of the keys of ``samples`` (ascending) in a sample-major key
     array with ``offsets``, and the offsets of the selection."""
     lens = offsets[1:] - offsets[:-1]
@@ -104,19 +105,21 @@ def group_price(held: torch.Tensor, fresh: torch.Tensor, table_of: torch.Tensor,
     return torch.zeros(b, G, dtype=torch.float64).index_add_(0, occ_s, cost.index_select(0, occ_k))
 
 
-def group_matrix_from_bits(cost_model, kjt: KeyedJaggedTensor, caches, groups: Sequence[Sequence[int]],
-                           shares: Sequence[int], kernel: bool = True) -> torch.Tensor:
+def group_matrix_from_bits(cost_model, kjt: Optional[KeyedJaggedTensor], caches, groups: Sequence[Sequence[int]],
+                           shares: Sequence[int], kernel: bool = True,
+                           row_keys: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """:meth:`GroupInputs.group_matrix` of ``kjt`` without reading a cached copy: which
     groups hold each key (fresh) come from the group bits ``caches.group_bits`` keeps
     (:meth:`~torchrec_esd.cache.holders.HolderIndex.group_bits`, one probe per key), the
-    eviction pushes from the caches' occupancy.  With ``kernel`` (and the extension built) one
+    eviction pushes from the caches' occupancy (``row_keys``: ``kjt`` decoded already, as
+    :meth:`GroupInputs` takes it).  With ``kernel`` (and the extension built) one
     C++ pass (:func:`~torchrec_esd.ops.group_price_bits`), else the distinct keys and pairs in
     PyTorch and :func:`~torchrec_esd.ops.group_price` on one entry per (key, group) held (or
     :func:`group_price`).  The same matrix, bit for bit (``tests/test_dispatch.py``).
     ``O(N log N + U G + N G)``: nothing per cached copy."""
     cm = cost_model
     state = cm.cache_state(caches)
-    keys, offsets = cm.row_keys(kjt)
+    keys, offsets = row_keys if row_keys is not None else cm.row_keys(kjt)
     b = offsets.numel() - 1
     G = len(groups)
     if keys.numel() == 0:
@@ -176,12 +179,18 @@ class GroupInputs:
     docstring.  ``caches``: what :class:`~torchrec_esd.cost.CostModel` reads;
     ``shares``: the per-worker shares the expected matrix amortises over (default
     the configuration's split of this batch; a group reading only its own samples
-    passes its workers' shares and 0 elsewhere)."""
+    passes its workers' shares and 0 elsewhere); ``row_keys``: ``(keys, offsets)``,
+    the batch as :meth:`CostModel.row_keys` gives it, instead of ``kjt`` (a group of
+    the split decision gets its samples' keys from the stage-1 slices that decoded
+    them)."""
 
-    def __init__(self, cost_model, kjt: KeyedJaggedTensor, caches, shares: Optional[Sequence[int]] = None) -> None:
-        cm = cost_model
-        self.cm = cm
-        st = cm._state(kjt, caches)
+    def __init__(self, cost_model, kjt: Optional[KeyedJaggedTensor], caches, shares: Optional[Sequence[int]] = None,
+                 row_keys: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> None:
+        cm = self.cm = cost_model
+        if row_keys is not None:  # the batch's sample-major row keys and offsets, decoded already
+            st = read_batch(row_keys[0], row_keys[1], cm.cache_state(caches), cm.row_offset)
+        else:
+            st = cm._state(kjt, caches)
         self.st = st
         self.num_samples = st.num_samples
         u = st.uniq.numel()
@@ -286,7 +295,7 @@ class GroupInputs:
         once, ``O(H + W)``)."""
         ptr, hw, hk, hod, hdt = self._hits_by_worker()
         order = torch.argsort(gw)
-        pos, off = _segments(ptr, gw[order])
+        pos, off = sample_segments(ptr, gw[order])
         row = order[torch.repeat_interleave(torch.arange(gw.numel()), off[1:] - off[:-1], output_size=pos.numel())]
         col = ops.id_table_lookup(slots, self.st.uniq[hk[pos]])
         ok = col >= 0
@@ -334,7 +343,7 @@ class GroupInputs:
         if st.keys.numel() == 0 or bg == 0:
             return zeros, (zeros.clone() if hits else None)
         gw = torch.tensor(list(workers), dtype=torch.int64)
-        pos, sub_off = _segments(st.offsets, samples)
+        pos, sub_off = sample_segments(st.offsets, samples)
         keys = st.keys[pos]
         ku = torch.unique(self.kidx[pos])  # the group's distinct keys (indices into uniq), ascending
         slots = ops.id_table_build(st.uniq[ku])
@@ -365,7 +374,7 @@ class GroupInputs:
                                 self.has_owner[ku].numpy(), owner_col.numpy(), self.owner_push[ku].numpy(),
                                 shares, self.num_samples)
         # the group's distinct (sample, key) pairs, in the full model's order
-        ppos, poff = _segments(self.pair_ptr, samples)
+        ppos, poff = sample_segments(self.pair_ptr, samples)
         ls = torch.repeat_interleave(torch.arange(bg), poff[1:] - poff[:-1], output_size=ppos.numel())
         lk = ops.id_table_lookup(slots, st.uniq[self.occ_k[ppos]])
         return torch.from_numpy(segment_sum(h[lk.numpy()], ls.numpy(), bg)), hit

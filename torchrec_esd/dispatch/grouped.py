@@ -68,7 +68,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from torchrec_esd.cache.holders import HolderIndex
-from torchrec_esd.cost.group_inputs import GroupInputs, group_matrix_from_bits, link_groups
+from torchrec_esd.cost.group_inputs import GroupInputs, sample_segments, group_matrix_from_bits, link_groups
 from torchrec_esd.dispatch.base import (
     Dispatcher, DispatchError, DispatchResult, check_assignment, check_cost_input, objective_value,
 )
@@ -227,9 +227,12 @@ class GroupedDispatcher(Dispatcher):
 
         The slices' stage 1 are independent of each other, and so are the groups: on ranks
         of their own (a slice and a group per rank) the decision takes the slowest slice
-        plus the slowest group, ``info["critical_s"]`` (moving sample indices between the
-        ranks not counted).  Each slice and group reads the directory's holder index, which
-        a real deployment would have to keep on every such rank.  What a group reads is its
+        plus the slowest group, ``info["critical_s"]`` (moving sample indices and the slices'
+        decoded row keys between the ranks not counted; joining those keys into one array
+        is).  From a live directory each slice reads the group bits and each group its
+        workers' holder lists and the keys' dirty owners: a real deployment would keep the
+        bits on every slice rank and a group's lists on its rank (other cache states are
+        read copy by copy, by slices and groups alike).  What a group reads is its
         own samples': the expected matrix amortises shared rows over the group's samples at
         its workers' shares, and the batch is never read whole, so the answer is not
         :meth:`decide`'s with one slice (``benchmarks/scale.py`` ``grouped-split`` reports
@@ -245,6 +248,7 @@ class GroupedDispatcher(Dispatcher):
         to_group = torch.empty(b, dtype=torch.int64)
         t_in = t_solve = 0.0
         slice_s = []
+        decoded = []  # with bits: the slices' row keys, which the groups then take theirs from
         # a live directory keeps per key the groups holding it (HolderIndex.group_bits)
         bits = (hasattr(views, "group_bits") and hasattr(views, "group_view") and not cost_model.config.des_misses
                 and len(groups) <= HolderIndex.MAX_GROUPS)
@@ -257,7 +261,8 @@ class GroupedDispatcher(Dispatcher):
             # the slice's per-worker shares: the batch's, scaled (stage 1's amortisation only)
             part_shares = cost_model.config.batch_shares(idx.numel())
             if bits:  # which groups hold each key (fresh), one probe per key: no cached copy read
-                gcost = group_matrix_from_bits(cost_model, part, views, groups, part_shares)
+                decoded.append(cost_model.row_keys(part))
+                gcost = group_matrix_from_bits(cost_model, None, views, groups, part_shares, row_keys=decoded[-1])
             else:
                 gcost = GroupInputs(cost_model, part, views).group_matrix(groups, part_shares)
             t1 = time.perf_counter()
@@ -271,14 +276,25 @@ class GroupedDispatcher(Dispatcher):
         group_of = torch.full((len(shares),), -1, dtype=torch.int64)
         for gi_, g in enumerate(groups):
             group_of[torch.tensor(g, dtype=torch.int64)] = gi_
+        t_join = time.perf_counter()
+        if decoded:  # the batch's sample-major row keys, slice after slice (the slices are in order)
+            all_keys = torch.cat([k for k, _ in decoded])
+            all_off = torch.cat([torch.zeros(1, dtype=torch.int64)]
+                                + [o[1:] + int(n) for (_, o), n in zip(decoded, _starts([k for k, _ in decoded]))])
+        t_join = time.perf_counter() - t_join  # on the critical path (counted there)
+        t_in += t_join
 
         def own_samples(gi_: int, g: List[int]):
             # the group reads only its samples, amortised over its workers' shares, and (from a
             # live directory) only its workers' cached copies and the keys' dirty owners
             rows = (to_group == gi_).nonzero().view(-1)
             mine = [shares[w] if w in g else 0 for w in range(len(shares))]
-            caches = views.group_view(group_of, gi_) if bits else views
-            sub_in = GroupInputs(cost_model, select_kjt_samples(kjt, rows), caches, shares=mine)
+            if bits:  # its samples' row keys from the slices' decode, its workers' copies alone
+                pos, sub_off = sample_segments(all_off, rows)
+                sub_in = GroupInputs(cost_model, None, views.group_view(group_of, gi_), shares=mine,
+                                     row_keys=(all_keys.index_select(0, pos), sub_off))
+            else:
+                sub_in = GroupInputs(cost_model, select_kjt_samples(kjt, rows), views, shares=mine)
             return (rows,) + sub_in.sub_matrix(torch.arange(rows.numel()), g, kind, hits=self.needs_hits)
 
         out = torch.empty(b, dtype=torch.int64)
@@ -289,7 +305,17 @@ class GroupedDispatcher(Dispatcher):
         return DispatchResult(assignment=out, objective=float(obj), solver=self.name, decision_s=t_solve,
                               info={"groups": float(len(groups)), "inputs_s": t_in, "slices": float(len(slice_s)),
                                     "stage1_s_max": max(slice_s), "group_s_sum": sum(group_s),
-                                    "group_s_max": max(group_s), "critical_s": max(slice_s) + max(group_s)})
+                                    "group_s_max": max(group_s), "join_s": t_join,
+                                    "critical_s": max(slice_s) + t_join + max(group_s)})
+
+
+def _starts(parts: List[torch.Tensor]) -> List[int]:
+    """Where each of ``parts`` starts in their concatenation."""
+    out, n = [], 0
+    for p in parts:
+        out.append(n)
+        n += p.numel()
+    return out
 
 
 def slice_capacities(group_caps: Sequence[int], k: int) -> List[List[int]]:
