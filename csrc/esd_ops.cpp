@@ -151,6 +151,11 @@ TORCH_LIBRARY(torchrec_esd, m) {
   m.def(
       "group_price_bits(Tensor keys, Tensor offsets, Tensor bits_table, Tensor row_offset, "
       "Tensor row_time, Tensor evict_time, Tensor per) -> Tensor");
+  // The holder index's group bits and dirty owners of some keys from all their cached copies
+  // (HolderIndex._assign, in place on the two id tables; csrc/cpu/group_bits_cpu.cpp).  CPU only.
+  m.def(
+      "group_bits_assign(Tensor(a!) bits_table, Tensor(b!) owner_table, Tensor keys, Tensor pos, "
+      "Tensor worker, Tensor outdated, Tensor dirty, Tensor list_of, int num_groups) -> ()");
   // One group's [B_g, |g|] slice of the expected cost matrix (GroupInputs.sub_matrix(samples,
   // workers, "expected"), csrc/cpu/group_slice_cpu.cpp): the ascending samples' distinct (sample,
   // key) pairs (pair_ptr / occ_k), the hits in worker order (hit_ptr [W + 1], key, outdated), per

@@ -6,6 +6,7 @@ dirty rows, staleness, a cold reset)."""
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,6 +103,10 @@ def _brute_group_bits(d: CacheDirectory, group_of, keys: torch.Tensor):
 @pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("staleness", [0, 1])
 def test_group_bits_equal_the_slots_after_every_step_flush_and_partition_change(monkeypatch, kernel, staleness):
+    # kernel: the C++ cache step and the C++ group-bits pass, else both in PyTorch
+    from torchrec_esd.cache import holders as holders_mod
+
+    monkeypatch.setattr(holders_mod, "USE_BITS_KERNEL", kernel)
     """The grouped dispatcher's stage 1 reads per key the groups holding it (fresh) from bits
     the directory maintains, and each group reads its own workers' copies from lists kept per
     (key, group) and the keys' dirty owners: after evicting steps, flushes inside a step and
@@ -268,3 +273,43 @@ def test_slot_workers_equal_the_binary_search():
         index = HolderIndex([_Slots(int(n)) for n in sizes])
         g = torch.arange(int(index.base[-1]))
         assert torch.equal(index.slot_workers(g), torch.searchsorted(index.base, g, right=True) - 1), sizes
+
+
+@pytest.mark.skipif(not ops.HAS_GROUP_BITS_ASSIGN, reason="group_bits_assign not built")
+def test_group_bits_assign_kernel_equals_the_reference_on_random_copies():
+    """HolderIndex._assign's C++ pass stores the same bits and owners as its PyTorch reference
+    (read back key by key: the two tables may lay their rows out differently), erasing keys
+    no group holds and keys no worker holds dirty, over tables that hold earlier values."""
+    rng = np.random.default_rng(4)
+    for trial in range(40):
+        W, G = int(rng.integers(1, 12)), int(rng.integers(1, 8))
+        lists = torch.from_numpy(rng.integers(0, G + 1, W)).to(torch.int64)  # G: in no group
+        keys = torch.from_numpy(np.sort(rng.choice(500, int(rng.integers(1, 60)), replace=False))).to(torch.int64)
+        H = int(rng.integers(0, 200))
+        pos = torch.from_numpy(rng.integers(0, keys.numel(), H)).to(torch.int64)
+        worker = torch.from_numpy(rng.integers(0, W, H)).to(torch.int64)
+        outdated = torch.from_numpy(rng.random(H) < 0.4)
+        dirty = torch.from_numpy(rng.random(H) < 0.2) & ~outdated
+        results = []
+        for kernel in (True, False):
+            idx = HolderIndex([WorkerSlots([2], 1000, dense=True) for _ in range(W)])
+            cap = ops.id_table_capacity(1000)
+            tables = [torch.full((cap, 2), -1, dtype=torch.int64) for _ in range(2)]
+            stale = torch.arange(0, 500, 3, dtype=torch.int64)  # earlier entries, some of them erased now
+            for t in tables:
+                ops.id_table_assign(t, torch.zeros(0, dtype=torch.int64), stale, stale + 1)
+            idx.heads = [idx.heads[0]] * (G + 1)
+            idx._gbits = (tuple(lists.tolist()), lists, tables[0], tables[1])
+            if kernel:
+                ops.group_bits_assign(tables[0], tables[1], keys, pos, worker, outdated, dirty, lists, G)
+            else:
+                idx._assign_reference(keys, pos, worker, outdated, dirty)
+            q = torch.arange(500, dtype=torch.int64)
+            results.append((ops.id_table_lookup(tables[0], q), ops.id_table_lookup(tables[1], q)))
+        assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1]), trial
+    with pytest.raises(RuntimeError, match="outside"):
+        ops.group_bits_assign(tables[0], tables[1], keys, torch.tensor([keys.numel()]), torch.tensor([0]),
+                              torch.tensor([False]), torch.tensor([False]), lists, G)
+    torch.library.opcheck(torch.ops.torchrec_esd.group_bits_assign,
+                          (tables[0], tables[1], keys, pos, worker, outdated, dirty, lists, G),
+                          test_utils=("test_schema",))

@@ -585,6 +585,22 @@ def group_price_bits(keys: torch.Tensor, offsets: torch.Tensor, bits_table: torc
     return torch.ops.torchrec_esd.group_price_bits(keys, offsets, bits_table, row_offset, row_time, evict_time, per)
 
 
+HAS_GROUP_BITS_ASSIGN = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "group_bits_assign")
+
+
+def group_bits_assign(bits_table: torch.Tensor, owner_table: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor,
+                      worker: torch.Tensor, outdated: torch.Tensor, dirty: torch.Tensor, list_of: torch.Tensor,
+                      num_groups: int) -> None:
+    """In place: the holder index's group bits (held groups | fresh groups << 31) and dirty
+    owners of ``keys`` from every cached copy of them (``pos`` the key of each, its
+    ``worker``, flags), ``list_of`` each worker's group (``num_groups``: none); keys held by
+    no group / dirty nowhere are erased.  One C++ pass, ``O(U + H)``
+    (:meth:`~torchrec_esd.cache.holders.HolderIndex._assign_reference` is the reference).
+    Only with the extension built (:data:`HAS_GROUP_BITS_ASSIGN`)."""
+    torch.ops.torchrec_esd.group_bits_assign(bits_table, owner_table, keys.to(torch.int64), pos, worker, outdated,
+                                             dirty, list_of, int(num_groups))
+
+
 def bucket_order(bins: torch.Tensor, num_bins: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(order, ptr)``: the stable order of ``bins`` (int values in ``[0,
     num_bins)``) by value, and every bin's offsets in it (``[num_bins + 1]``).

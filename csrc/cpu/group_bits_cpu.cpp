@@ -123,6 +123,68 @@ at::Tensor group_price_bits_cpu(const at::Tensor& keys, const at::Tensor& offset
   return out;
 }
 
-TORCH_LIBRARY_IMPL(torchrec_esd, CPU, m) { m.impl("group_price_bits", &group_price_bits_cpu); }
+// group_bits_assign: HolderIndex._assign in one pass.  From every cached copy of `keys` (pos:
+// the key's index; worker; outdated; dirty) and each worker's list (list_of [W]: its group, or
+// num_groups for none), store per key in `bits_table` the groups holding it (bits 0-30) and those
+// holding it fresh (bits 31-61), or erase it where no group holds it, and in `owner_table` the
+// lowest worker holding it dirty, or erase it.  O(U + H) expected, in place.
+void group_bits_assign_cpu(at::Tensor bits_table, at::Tensor owner_table, const at::Tensor& keys,
+                           const at::Tensor& pos, const at::Tensor& worker, const at::Tensor& outdated,
+                           const at::Tensor& dirty, const at::Tensor& list_of, int64_t num_groups) {
+  const char* op = "torchrec_esd::group_bits_assign: ";
+  for (const at::Tensor* t : {&bits_table, &owner_table})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kLong && t->dim() == 2 && t->size(1) == 2 &&
+                    t->is_contiguous() && t->size(0) >= 2 && (t->size(0) & (t->size(0) - 1)) == 0,
+                op, "bits_table and owner_table must be contiguous CPU int64 [cap, 2] id tables, cap a power of two");
+  for (const at::Tensor* t : {&keys, &pos, &worker, &list_of})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous(), op,
+                "keys, pos, worker and list_of must be contiguous 1-D CPU int64 tensors");
+  for (const at::Tensor* t : {&outdated, &dirty})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBool && t->dim() == 1 && t->is_contiguous(), op,
+                "outdated and dirty must be contiguous 1-D CPU bool tensors");
+  const int64_t U = keys.numel(), H = pos.numel(), W = list_of.numel();
+  TORCH_CHECK(worker.numel() == H && outdated.numel() == H && dirty.numel() == H, op,
+              "pos, worker, outdated and dirty must have one entry per copy");
+  TORCH_CHECK(num_groups >= 0 && num_groups <= 31, op, "num_groups must be in [0, 31], got ", num_groups);
+  const int64_t* k = keys.data_ptr<int64_t>();
+  const int64_t* p = pos.data_ptr<int64_t>();
+  const int64_t* w = worker.data_ptr<int64_t>();
+  const int64_t* lo = list_of.data_ptr<int64_t>();
+  const bool* od = outdated.data_ptr<bool>();
+  const bool* dt = dirty.data_ptr<bool>();
+  std::vector<int64_t> held(static_cast<size_t>(U), 0), fresh(static_cast<size_t>(U), 0), owner(static_cast<size_t>(U), W);
+  for (int64_t i = 0; i < H; ++i) {
+    TORCH_CHECK(p[i] >= 0 && p[i] < U && w[i] >= 0 && w[i] < W, op, "copy ", i, " names key ", p[i], " / worker ",
+                w[i], " outside [0, ", U, ") x [0, ", W, ")");
+    const int64_t l = lo[w[i]];
+    if (l >= 0 && l < num_groups) {
+      held[p[i]] |= int64_t{1} << l;
+      if (!od[i]) fresh[p[i]] |= int64_t{1} << l;
+    }
+    if (dt[i]) owner[p[i]] = std::min(owner[p[i]], w[i]);
+  }
+  int64_t* bt = bits_table.data_ptr<int64_t>();
+  int64_t* ot = owner_table.data_ptr<int64_t>();
+  const uint64_t bmask = static_cast<uint64_t>(bits_table.size(0) - 1);
+  const uint64_t omask = static_cast<uint64_t>(owner_table.size(0) - 1);
+  for (int64_t x = 0; x < U; ++x) {
+    TORCH_CHECK(k[x] >= 0, op, "keys must be non-negative, got ", k[x]);
+    if (held[x]) {
+      TORCH_CHECK(table_insert(bt, bmask, k[x], held[x] | (fresh[x] << 31)), op, "the bits table is full");
+    } else {
+      table_erase(bt, bmask, k[x]);
+    }
+    if (owner[x] < W) {
+      TORCH_CHECK(table_insert(ot, omask, k[x], owner[x]), op, "the owner table is full");
+    } else {
+      table_erase(ot, omask, k[x]);
+    }
+  }
+}
+
+TORCH_LIBRARY_IMPL(torchrec_esd, CPU, m) {
+  m.impl("group_price_bits", &group_price_bits_cpu);
+  m.impl("group_bits_assign", &group_bits_assign_cpu);
+}
 
 }  // namespace torchrec_esd

@@ -56,6 +56,9 @@ from torchrec_esd import ops
 from torchrec_esd.cache.slots import WorkerSlots
 
 
+USE_BITS_KERNEL = True  # HolderIndex._assign in C++ when built (tests compare both ways)
+
+
 class HolderIndex:
     """The holders of every cached row key over ``slots`` (worker ``w``'s at
     position ``w``); see the module docstring.  Built from the slots' current
@@ -291,11 +294,22 @@ class HolderIndex:
     def _assign(self, keys: torch.Tensor, pos: torch.Tensor, worker: torch.Tensor, outdated: torch.Tensor,
                 dirty: torch.Tensor) -> None:
         """Store the group bits and dirty owners of ``keys`` from all their copies (``pos``
-        the key of each)."""
+        the key of each): one C++ pass (:func:`~torchrec_esd.ops.group_bits_assign`) when
+        built and :data:`USE_BITS_KERNEL`, else :meth:`_assign_reference`."""
+        part, lists, table, owners = self._gbits
+        if keys.numel() == 0:
+            return
+        if USE_BITS_KERNEL and ops.HAS_GROUP_BITS_ASSIGN:
+            ops.group_bits_assign(table, owners, keys, pos, worker, outdated, dirty, lists,
+                                  len(self.heads) - 1 if part else 0)
+        else:
+            self._assign_reference(keys, pos, worker, outdated, dirty)
+
+    def _assign_reference(self, keys: torch.Tensor, pos: torch.Tensor, worker: torch.Tensor,
+                          outdated: torch.Tensor, dirty: torch.Tensor) -> None:
+        """:meth:`_assign` in PyTorch (the kernel's reference)."""
         part, lists, table, owners = self._gbits
         u, W = keys.numel(), self.base.numel() - 1
-        if u == 0:
-            return
         first = torch.full((u,), W, dtype=torch.int64).scatter_reduce_(0, pos[dirty], worker[dirty], "amin")
         has = first < W
         ops.id_table_assign(owners, keys[~has], keys[has], first[has])
