@@ -107,6 +107,9 @@ def test_group_bits_equal_the_slots_after_every_step_flush_and_partition_change(
     from torchrec_esd.cache import holders as holders_mod
 
     monkeypatch.setattr(holders_mod, "USE_BITS_KERNEL", kernel)
+    # tables that start small and grow as rows come (HolderIndex._reserve) keep every entry
+    monkeypatch.setattr(holders_mod.HolderIndex, "GROUP_TABLE_MIN_KEYS", 1)
+    grown = set()
     """The grouped dispatcher's stage 1 reads per key the groups holding it (fresh) from bits
     the directory maintains, and each group reads its own workers' copies from lists kept per
     (key, group) and the keys' dirty owners: after evicting steps, flushes inside a step and
@@ -147,13 +150,15 @@ def test_group_bits_equal_the_slots_after_every_step_flush_and_partition_change(
             first = torch.where(dirty.any(0), dirty.to(torch.int8).argmax(0), torch.full_like(owner, -1))
             assert torch.equal(owner, first)
             dirty_keys += int((owner >= 0).sum())
+            grown.add(tuple(int(t.shape[0]) for t in d.holder_index()._gbits[2:]))
+            assert d.holder_index()._gb_rows == [int((t[:, 0] >= 0).sum()) for t in d.holder_index()._gbits[2:]]
         kjt = wl.global_batch(step, 24).sparse_features
         d.plan(kjt, torch.randint(0, W, (24,), generator=g), flush=[1] if step == 6 else ())
         if step == 9:
             d.flush_plan()
         if step == 18:
             d.reset_caches()
-    assert checked == 22 and fresh_and_outdated > 0 and dirty_keys > 0
+    assert checked == 22 and fresh_and_outdated > 0 and dirty_keys > 0 and len(grown) > 2
     with pytest.raises(ValueError, match="group_of"):
         d.holder_index().group_bits(torch.tensor([0, 1, 31, 0, 0, 0]), all_keys)
 

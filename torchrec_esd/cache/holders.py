@@ -223,6 +223,7 @@ class HolderIndex:
 
     # ------------------------------------------------------------ group bits
     MAX_GROUPS = 31  # held bits 0-30, fresh bits 31-61 of one non-negative int64
+    GROUP_TABLE_MIN_KEYS = 1024  # the bits and owner tables start with room for this many keys at least
 
     def group_bits(self, group_of: torch.Tensor, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(held, fresh)`` int64 ``[len(keys)]``: bit ``g`` set where a worker of group
@@ -254,11 +255,15 @@ class HolderIndex:
         (``O(n)``) unless they are kept already."""
         self.partition(group_of)
         if self._gbits is None:
-            cap = ops.id_table_capacity(int(self.base[-1]))  # at most one key per global slot
-            self._gbits = (self._partition, self._list_of.clone(), torch.full((cap, 2), -1, dtype=torch.int64),
-                           torch.full((cap, 2), -1, dtype=torch.int64))
+            cached = torch.unique(self.gkey[self.gkey >= 0])
+            # sized to the distinct cached rows (far fewer than the slots where hot rows are in
+            # many caches), grown on demand by _reserve
+            cap = ops.id_table_capacity(max(int(cached.numel()), self.GROUP_TABLE_MIN_KEYS))
+            self._gbits = [self._partition, self._list_of.clone(), torch.full((cap, 2), -1, dtype=torch.int64),
+                           torch.full((cap, 2), -1, dtype=torch.int64)]
+            self._gb_rows = [0, 0]  # entries in the two tables, exactly
             self._gb_changed = []
-            self._refresh(torch.unique(self.gkey[self.gkey >= 0]))
+            self._refresh(cached)
 
     def note_changed(self, keys: torch.Tensor) -> None:
         """Record ``keys`` whose copies' flags changed outside a slot move (a flush):
@@ -296,14 +301,29 @@ class HolderIndex:
         """Store the group bits and dirty owners of ``keys`` from all their copies (``pos``
         the key of each): one C++ pass (:func:`~torchrec_esd.ops.group_bits_assign`) when
         built and :data:`USE_BITS_KERNEL`, else :meth:`_assign_reference`."""
-        part, lists, table, owners = self._gbits
         if keys.numel() == 0:
             return
+        self._reserve(keys.numel())
+        part, lists, table, owners = self._gbits
+        before = [int((ops.id_table_lookup(t, keys) >= 0).sum()) for t in (table, owners)]
         if USE_BITS_KERNEL and ops.HAS_GROUP_BITS_ASSIGN:
             ops.group_bits_assign(table, owners, keys, pos, worker, outdated, dirty, lists,
                                   len(self.heads) - 1 if part else 0)
         else:
             self._assign_reference(keys, pos, worker, outdated, dirty)
+        for i, t in enumerate((table, owners)):
+            self._gb_rows[i] += int((ops.id_table_lookup(t, keys) >= 0).sum()) - before[i]
+
+    def _reserve(self, u: int) -> None:
+        """Grow the bits or owner table (``O(its capacity)``) where ``u`` more keys could
+        load it over 1/2: to a load of at most 1/4, so that growth is rare."""
+        for i in (0, 1):
+            t = self._gbits[2 + i]
+            if 2 * (self._gb_rows[i] + u) > t.shape[0]:
+                rows = t[t[:, 0] >= 0]
+                grown = torch.full((ops.id_table_capacity(2 * (self._gb_rows[i] + u)), 2), -1, dtype=torch.int64)
+                ops.id_table_assign(grown, torch.zeros(0, dtype=torch.int64), rows[:, 0], rows[:, 1])
+                self._gbits[2 + i] = grown
 
     def _assign_reference(self, keys: torch.Tensor, pos: torch.Tensor, worker: torch.Tensor,
                           outdated: torch.Tensor, dirty: torch.Tensor) -> None:
