@@ -129,7 +129,11 @@ TORCH_LIBRARY(torchrec_esd, m) {
   m.def(
       "holder_index_sync(Tensor(a!) head, Tensor(b!) next, Tensor(c!) prev, Tensor(d!) gkey, "
       "int base, Tensor slot_keys) -> Tensor");
-  m.def("holder_index_lookup(Tensor head, Tensor next, Tensor queries) -> (Tensor pos, Tensor slots)");
+  // lanes: how many lists are walked side by side (0: one after the other; -1: by the index's
+  // size, side by side once `next` outgrows the caches).
+  m.def(
+      "holder_index_lookup(Tensor head, Tensor next, Tensor queries, int lanes=-1) -> (Tensor pos, "
+      "Tensor slots)");
   // Grouped dispatch (csrc/cpu/heuristic_cpu.cpp), each equal bit for bit to its Python
   // reference.  The regret heuristic of HeuristicDispatcher(objective="total", improve_sweeps=0)
   // on a float64 [B, W] cost (torchrec_esd.dispatch.heuristic.price_greedy + dual_value):
@@ -181,7 +185,7 @@ TORCH_LIBRARY(torchrec_esd, m) {
   // and not dirty, dirty.  Returns (pos, worker, outdated, dirty).  CPU only.
   m.def(
       "holder_index_read(Tensor head, Tensor next, Tensor base, Tensor bucket_worker, int shift, Tensor lag, "
-      "Tensor dirty, Tensor queries) -> (Tensor pos, Tensor worker, Tensor outdated, Tensor dirty_out)");
+      "Tensor dirty, Tensor queries, int lanes=-1) -> (Tensor pos, Tensor worker, Tensor outdated, Tensor dirty_out)");
   // 0-d int64: the wrapping sum over i of mix(values[i] * C + i * P + salt) (values as int64; mix:
   // splitmix64's two multiply-xorshift steps with arithmetic shifts): one part of the global batch
   // fingerprint (torchrec_esd/distributed/plan_channel.py, whose PyTorch form is the reference).

@@ -55,6 +55,15 @@ def _check(d: CacheDirectory, kjt) -> int:
                                       index.lag, index.dirty, u)  # the workers by binary search
     for got, got_bs, exp in zip(index.read(u), nobuckets, ref):
         assert torch.equal(got, exp) and torch.equal(got_bs, exp)
+    # one list after the other, or several side by side (what an index too large for the caches
+    # takes): the same hits in the same order
+    bw = index._bucket_worker if index._bucket_worker is not None else torch.zeros(0, dtype=torch.int64)
+    for lanes in (0, 1, 5, 24, 64):
+        side = ops.holder_index_read(index.head, index.next, index.base, bw, index._shift, index.lag, index.dirty,
+                                     u, lanes=lanes)
+        assert all(torch.equal(a, b) for a, b in zip(side, ref)), lanes
+        pos, g = ops.holder_index_lookup(index.head, index.next, u, lanes=lanes)
+        assert torch.equal(pos, ref[0]) and torch.equal(index.slot_workers(g), ref[1]), lanes
     return int(want[2].sum())
 
 
@@ -227,9 +236,10 @@ def test_sync_and_lookup_kernels_equal_a_dict(impl):
         for f in ("head", "next", "prev", "gkey"):
             assert torch.equal(getattr(idx, f), getattr(ref, f)), f
         q = torch.tensor([0, 1, 2, 3, 4, 5, 6], dtype=torch.int64)
-        pos, g = ops.holder_index_lookup(idx.head, idx.next, q)
         rpos, rg = holder_index_lookup_ref(idx.head, idx.next, q)
-        assert torch.equal(pos, rpos) and torch.equal(g, rg)
+        for lanes in (-1, 0, 1, 3, 24):
+            pos, g = ops.holder_index_lookup(idx.head, idx.next, q, lanes=lanes)
+            assert torch.equal(pos, rpos) and torch.equal(g, rg), lanes
         truth = sorted((i, 6 * w_ + s) for w_ in range(3) for s, k in enumerate(slots[w_].keys.tolist())
                        for i, x in enumerate(q.tolist()) if k == x)
         assert sorted(zip(pos.tolist(), g.tolist())) == truth
@@ -318,3 +328,23 @@ def test_group_bits_assign_kernel_equals_the_reference_on_random_copies():
     torch.library.opcheck(torch.ops.torchrec_esd.group_bits_assign,
                           (tables[0], tables[1], keys, pos, worker, outdated, dirty, lists, G),
                           test_utils=("test_schema",))
+
+
+@pytest.mark.skipif(not ops.HAS_HOLDER_READ, reason="the holder index kernels are not built")
+def test_a_cyclic_holder_list_is_an_error_not_a_hang():
+    slots = [WorkerSlots([4], 100, dense=True) for _ in range(3)]
+    for w, st in enumerate(slots):
+        st.keys = torch.tensor([1, 2, 10 + w, -1], dtype=torch.int64)
+    idx = HolderIndex(slots)
+    q = torch.tensor([1, 2, 5], dtype=torch.int64)
+    pos, g = ops.holder_index_lookup(idx.head, idx.next, q)
+    assert pos.tolist() == [0, 0, 0, 1, 1, 1]
+    idx.next[int(g[0])] = int(g[0])  # key 1's list now loops on its first holder
+    bw = idx._bucket_worker if idx._bucket_worker is not None else torch.zeros(0, dtype=torch.int64)
+    for lanes in (0, 1, 24):
+        with pytest.raises(RuntimeError, match="corrupt holder list of key 1"):
+            ops.holder_index_lookup(idx.head, idx.next, q, lanes=lanes)
+        with pytest.raises(RuntimeError, match="corrupt holder list of key 1"):
+            ops.holder_index_read(idx.head, idx.next, idx.base, bw, idx._shift, idx.lag, idx.dirty, q, lanes=lanes)
+    with pytest.raises(RuntimeError, match="lanes"):
+        ops.holder_index_lookup(idx.head, idx.next, q, lanes=-2)

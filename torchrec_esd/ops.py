@@ -436,13 +436,14 @@ def holder_index_sync(head: torch.Tensor, next_: torch.Tensor, prev: torch.Tenso
 
 
 def holder_index_lookup(head: torch.Tensor, next_: torch.Tensor,
-                        queries: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+                        queries: torch.Tensor, lanes: int = -1) -> Tuple[torch.Tensor, torch.Tensor]:
     """Every holder of every query key: ``(pos, slots)``, ``pos`` the query's
     position (ascending) and ``slots`` the global slot.  O(len(queries) +
-    holders found)."""
+    holders found).  ``lanes``: lists walked side by side in C++ (0: one after
+    the other; -1: by the index's size); the same result either way."""
     queries = queries.to(torch.int64).contiguous()
     if HAS_HOLDER_INDEX:
-        return torch.ops.torchrec_esd.holder_index_lookup(head, next_, queries)
+        return torch.ops.torchrec_esd.holder_index_lookup(head, next_, queries, int(lanes))
     from torchrec_esd.reference_holder_ops import holder_index_lookup_ref
 
     return holder_index_lookup_ref(head, next_, queries)
@@ -618,17 +619,17 @@ HAS_HOLDER_READ = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "holder_i
 
 
 def holder_index_read(head: torch.Tensor, next_: torch.Tensor, base: torch.Tensor, bucket_worker: torch.Tensor,
-                      shift: int, lag: torch.Tensor, dirty: torch.Tensor, queries: torch.Tensor
+                      shift: int, lag: torch.Tensor, dirty: torch.Tensor, queries: torch.Tensor, lanes: int = -1
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`holder_index_lookup` plus, per holder, its worker (``base`` the
     workers' first global slots; ``bucket_worker[g >> shift]`` the worker of
     each bucket's first slot, or empty for a binary search) and its slot's
     flags: ``(pos, worker, outdated, dirty)`` with ``outdated = (lag > 0) &
     ~dirty``.  One C++ pass that prefetches the per-slot state: O(len(queries)
-    + holders).  CPU tensors; :meth:`torchrec_esd.cache.holders.HolderIndex.read`
+    + holders) (``lanes`` as in :func:`holder_index_lookup`).  CPU tensors; :meth:`torchrec_esd.cache.holders.HolderIndex.read`
     falls back to the lookup and PyTorch gathers (its reference) without it."""
     return torch.ops.torchrec_esd.holder_index_read(head, next_, base, bucket_worker, int(shift), lag, dirty,
-                                                    queries.to(torch.int64).contiguous())
+                                                    queries.to(torch.int64).contiguous(), int(lanes))
 
 
 def native_reply_clock(markers: List, replies: List, timeout_s: float):
