@@ -154,16 +154,20 @@ def _group_terms(row_time: torch.Tensor, evict_time: torch.Tensor, groups: Seque
     per group its fastest link's row time and lowest eviction push per table, and its
     amortisation factor (the group's mean share less one, at least 0)."""
     W, T, G = row_time.shape[0], row_time.shape[1], len(groups)
+    sizes = torch.tensor([len(g) for g in groups], dtype=torch.int64)
+    flat = torch.tensor([int(w) for g in groups for w in g], dtype=torch.int64)
+    gid = torch.repeat_interleave(torch.arange(G), sizes)
     group_of = torch.full((W,), -1, dtype=torch.int64)
-    for gi, g in enumerate(groups):
-        group_of[torch.tensor(list(g), dtype=torch.int64)] = gi
+    group_of[flat] = gid
     member = group_of >= 0
     idx = group_of[member].view(-1, 1).expand(-1, T)
     inf = torch.full((G, T), float("inf"), dtype=torch.float64)
     rt = inf.scatter_reduce(0, idx, row_time[member], "amin").t().contiguous()
     ev = inf.scatter_reduce(0, idx, evict_time[member], "amin").t().contiguous()
-    per = torch.tensor([max(sum(int(shares[w]) for w in g) / len(g) - 1.0, 0.0) for g in groups],
-                       dtype=torch.float64)
+    # the group's mean share less one (integer sums: exact in float64, as the Python sums)
+    total = torch.zeros(G, dtype=torch.float64).index_add_(
+        0, gid, torch.as_tensor([int(x) for x in shares], dtype=torch.float64).index_select(0, flat))
+    per = (total / sizes.to(torch.float64) - 1.0).clamp(min=0.0)
     return group_of, rt, ev, per
 
 

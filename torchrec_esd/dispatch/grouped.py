@@ -273,10 +273,10 @@ class GroupedDispatcher(Dispatcher):
             slice_s.append(t2 - t0)
         kind = self.cost_input if self.needs_cost else "none"
 
+        t_join = time.perf_counter()
         group_of = torch.full((len(shares),), -1, dtype=torch.int64)
         for gi_, g in enumerate(groups):
             group_of[torch.tensor(g, dtype=torch.int64)] = gi_
-        t_join = time.perf_counter()
         if decoded:  # the batch's sample-major row keys, slice after slice (the slices are in order)
             all_keys = torch.cat([k for k, _ in decoded])
             all_off = torch.cat([torch.zeros(1, dtype=torch.int64)]
