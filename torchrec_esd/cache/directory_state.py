@@ -30,38 +30,33 @@ class DirectoryCacheState:
     def __len__(self) -> int:
         return self.capacity.shape[0]
 
-    def lookup(self, keys: torch.Tensor) -> CacheLookup:
+    def _index(self):
+        """The directory's holder index, refused once the directory planned another iteration."""
         d = self._directory
         if d.iteration != self._iteration:
             raise EsdConfigError("cache state used after the directory planned another iteration")
+        return d.holder_index()
+
+    def lookup(self, keys: torch.Tensor) -> CacheLookup:
         # the holder index (cache/holders.py): O(u + hits), the slot state read at the hits only
-        pos, worker, outdated, dirty = d.holder_index().read(keys)
-        return CacheLookup.from_hits(CacheHits(worker, pos, outdated, dirty), d.num_workers, keys.numel())
+        pos, worker, outdated, dirty = self._index().read(keys)
+        return CacheLookup.from_hits(CacheHits(worker, pos, outdated, dirty), len(self), keys.numel())
 
     def group_bits(self, keys: torch.Tensor, group_of: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(held, fresh)`` int64 group bits of ``keys`` for the partition ``group_of``
         (:meth:`~torchrec_esd.cache.holders.HolderIndex.group_bits`): ``O(len(keys))``
         from bits the directory keeps exact (built on the first read of a partition)."""
-        d = self._directory
-        if d.iteration != self._iteration:
-            raise EsdConfigError("cache state used after the directory planned another iteration")
-        return d.holder_index().group_bits(group_of, keys)
+        return self._index().group_bits(group_of, keys)
 
     def group_bits_table(self, group_of: torch.Tensor) -> torch.Tensor:
         """The id table behind :meth:`group_bits`
         (:meth:`~torchrec_esd.cache.holders.HolderIndex.group_bits_table`)."""
-        d = self._directory
-        if d.iteration != self._iteration:
-            raise EsdConfigError("cache state used after the directory planned another iteration")
-        return d.holder_index().group_bits_table(group_of)
+        return self._index().group_bits_table(group_of)
 
     def group_view(self, group_of: torch.Tensor, group: int) -> "GroupCacheState":
         """The caches of group ``group``'s workers alone (:class:`GroupCacheState`), for the
         partition ``group_of`` (the holder index keeps one list per key and group)."""
-        d = self._directory
-        if d.iteration != self._iteration:
-            raise EsdConfigError("cache state used after the directory planned another iteration")
-        d.holder_index().partition(group_of)
+        self._index().partition(group_of)
         return GroupCacheState(self, group_of, group)
 
 
@@ -81,15 +76,9 @@ class GroupCacheState:
         return len(self._full)
 
     def lookup(self, keys: torch.Tensor) -> CacheLookup:
-        d = self._full._directory
-        if d.iteration != self._full._iteration:
-            raise EsdConfigError("cache state used after the directory planned another iteration")
-        pos, worker, outdated, dirty = d.holder_index().read_group(self._group, keys)
-        return CacheLookup.from_hits(CacheHits(worker, pos, outdated, dirty), d.num_workers, keys.numel())
+        pos, worker, outdated, dirty = self._full._index().read_group(self._group, keys)
+        return CacheLookup.from_hits(CacheHits(worker, pos, outdated, dirty), len(self), keys.numel())
 
     def dirty_owner(self, keys: torch.Tensor) -> torch.Tensor:
         """Each key's dirty owner over every worker (-1: none)."""
-        d = self._full._directory
-        if d.iteration != self._full._iteration:
-            raise EsdConfigError("cache state used after the directory planned another iteration")
-        return d.holder_index().dirty_owner(self._group_of, keys)
+        return self._full._index().dirty_owner(self._group_of, keys)

@@ -175,16 +175,19 @@ class HolderIndex:
         if kernel and ops.HAS_HOLDER_READ:
             return self._merged([self._read_list(h, keys) for h in self.heads], keys.numel())
         pos, worker, g = self.lookup(keys)
+        return (pos, worker) + self.slot_flags(g)
+
+    def slot_flags(self, g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(outdated, dirty)`` of the global slots ``g`` (``outdated``: lag > 0 and not dirty)."""
         dirty = self.dirty[g]
-        return pos, worker, (self.lag[g] > 0) & ~dirty, dirty
+        return (self.lag[g] > 0) & ~dirty, dirty
 
     def _read_list(self, head: torch.Tensor, keys: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         if ops.HAS_HOLDER_READ:
             bw = self._bucket_worker if self._bucket_worker is not None else torch.zeros(0, dtype=torch.int64)
             return ops.holder_index_read(head, self.next, self.base, bw, self._shift, self.lag, self.dirty, keys)
         pos, g = ops.holder_index_lookup(head, self.next, keys)
-        dirty = self.dirty[g]
-        return pos, self.slot_workers(g), (self.lag[g] > 0) & ~dirty, dirty
+        return (pos, self.slot_workers(g)) + self.slot_flags(g)
 
     # ------------------------------------------------------------ partition
     def partition(self, group_of: torch.Tensor) -> None:
@@ -285,8 +288,7 @@ class HolderIndex:
             self._refresh(keys)
         else:
             pos, worker, g = looked
-            dirty = self.dirty[g]
-            self._assign(keys, pos, worker, (self.lag[g] > 0) & ~dirty, dirty)
+            self._assign(keys, pos, worker, *self.slot_flags(g))
         if self._gb_changed:
             changed, self._gb_changed = torch.cat(self._gb_changed), []
             if changed.numel():

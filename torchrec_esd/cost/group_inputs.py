@@ -154,21 +154,27 @@ def _group_terms(row_time: torch.Tensor, evict_time: torch.Tensor, groups: Seque
     per group its fastest link's row time and lowest eviction push per table, and its
     amortisation factor (the group's mean share less one, at least 0)."""
     W, T, G = row_time.shape[0], row_time.shape[1], len(groups)
-    sizes = torch.tensor([len(g) for g in groups], dtype=torch.int64)
-    flat = torch.tensor([int(w) for g in groups for w in g], dtype=torch.int64)
-    gid = torch.repeat_interleave(torch.arange(G), sizes)
-    group_of = torch.full((W,), -1, dtype=torch.int64)
-    group_of[flat] = gid
+    group_of = group_index(groups, W)
     member = group_of >= 0
-    idx = group_of[member].view(-1, 1).expand(-1, T)
+    gm = group_of[member]
+    idx = gm.view(-1, 1).expand(-1, T)
     inf = torch.full((G, T), float("inf"), dtype=torch.float64)
     rt = inf.scatter_reduce(0, idx, row_time[member], "amin").t().contiguous()
     ev = inf.scatter_reduce(0, idx, evict_time[member], "amin").t().contiguous()
     # the group's mean share less one (integer sums: exact in float64, as the Python sums)
     total = torch.zeros(G, dtype=torch.float64).index_add_(
-        0, gid, torch.as_tensor([int(x) for x in shares], dtype=torch.float64).index_select(0, flat))
-    per = (total / sizes.to(torch.float64) - 1.0).clamp(min=0.0)
+        0, gm, torch.as_tensor([int(x) for x in shares], dtype=torch.float64)[member])
+    per = (total / torch.tensor([len(g) for g in groups], dtype=torch.float64) - 1.0).clamp(min=0.0)
     return group_of, rt, ev, per
+
+
+def group_index(groups: Sequence[Sequence[int]], num_workers: int) -> torch.Tensor:
+    """int64 ``[num_workers]``: every worker's index in ``groups`` (-1: in none)."""
+    sizes = torch.tensor([len(g) for g in groups], dtype=torch.int64)
+    group_of = torch.full((num_workers,), -1, dtype=torch.int64)
+    group_of[torch.tensor([int(w) for g in groups for w in g], dtype=torch.int64)] = torch.repeat_interleave(
+        torch.arange(len(groups)), sizes)
+    return group_of
 
 
 class _Occupancy:

@@ -68,7 +68,9 @@ from typing import List, Optional, Sequence
 import torch
 
 from torchrec_esd.cache.holders import HolderIndex
-from torchrec_esd.cost.group_inputs import GroupInputs, sample_segments, group_matrix_from_bits, link_groups
+from torchrec_esd.cost.group_inputs import (
+    GroupInputs, group_index, group_matrix_from_bits, link_groups, sample_segments,
+)
 from torchrec_esd.dispatch.base import (
     Dispatcher, DispatchError, DispatchResult, check_assignment, check_cost_input, objective_value,
 )
@@ -274,13 +276,12 @@ class GroupedDispatcher(Dispatcher):
         kind = self.cost_input if self.needs_cost else "none"
 
         t_join = time.perf_counter()
-        group_of = torch.full((len(shares),), -1, dtype=torch.int64)
-        for gi_, g in enumerate(groups):
-            group_of[torch.tensor(g, dtype=torch.int64)] = gi_
+        group_of = group_index(groups, len(shares))
         if decoded:  # the batch's sample-major row keys, slice after slice (the slices are in order)
             all_keys = torch.cat([k for k, _ in decoded])
-            all_off = torch.cat([torch.zeros(1, dtype=torch.int64)]
-                                + [o[1:] + int(n) for (_, o), n in zip(decoded, _starts([k for k, _ in decoded]))])
+            lengths = torch.cat([o[1:] - o[:-1] for _, o in decoded])
+            all_off = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+            torch.cumsum(lengths, 0, out=all_off[1:])
         t_join = time.perf_counter() - t_join  # on the critical path (counted there)
         t_in += t_join
 
@@ -307,15 +308,6 @@ class GroupedDispatcher(Dispatcher):
                                     "stage1_s_max": max(slice_s), "group_s_sum": sum(group_s),
                                     "group_s_max": max(group_s), "join_s": t_join,
                                     "critical_s": max(slice_s) + t_join + max(group_s)})
-
-
-def _starts(parts: List[torch.Tensor]) -> List[int]:
-    """Where each of ``parts`` starts in their concatenation."""
-    out, n = [], 0
-    for p in parts:
-        out.append(n)
-        n += p.numel()
-    return out
 
 
 def slice_capacities(group_caps: Sequence[int], k: int) -> List[List[int]]:
