@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../esd_checks.h"
 #include "../table_common.h"
 
 namespace torchrec_esd {
@@ -23,22 +24,20 @@ namespace torchrec_esd {
 at::Tensor group_price_bits_cpu(const at::Tensor& keys, const at::Tensor& offsets, const at::Tensor& bits_table,
                                 const at::Tensor& row_offset, const at::Tensor& row_time,
                                 const at::Tensor& evict_time, const at::Tensor& per) {
+  const char* name = "group_price_bits";
   const char* op = "torchrec_esd::group_price_bits: ";
-  for (const at::Tensor* t : {&keys, &offsets, &row_offset})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous(), op,
-                "keys, offsets and row_offset must be contiguous 1-D CPU int64 tensors");
-  TORCH_CHECK(bits_table.device().is_cpu() && bits_table.scalar_type() == at::kLong && bits_table.dim() == 2 &&
-                  bits_table.size(1) == 2 && bits_table.is_contiguous() && bits_table.size(0) >= 2 &&
-                  (bits_table.size(0) & (bits_table.size(0) - 1)) == 0,
-              op, "bits_table must be a contiguous CPU int64 [cap, 2] id table, cap a power of two");
-  TORCH_CHECK(per.device().is_cpu() && per.scalar_type() == at::kDouble && per.dim() == 1 && per.is_contiguous(),
-              op, "per must be a contiguous 1-D CPU float64 tensor");
+  check_cpu_tensor(name, "keys", keys, at::kLong, 1);
+  check_cpu_tensor(name, "offsets", offsets, at::kLong, 1);
+  check_cpu_tensor(name, "row_offset", row_offset, at::kLong, 1);
+  check_cpu_tensor(name, "bits_table", bits_table, at::kLong, 2);
+  check_slots(name, "bits_table", bits_table);
+  check_cpu_tensor(name, "per", per, at::kDouble, 1);
+  check_cpu_tensor(name, "row_time", row_time, at::kDouble, 2);
+  check_cpu_tensor(name, "evict_time", evict_time, at::kDouble, 2);
   const int64_t G = per.numel();
   TORCH_CHECK(G <= 31, op, "at most 31 groups, got ", G);
-  for (const at::Tensor* t : {&row_time, &evict_time})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kDouble && t->dim() == 2 && t->size(1) == G &&
-                    t->is_contiguous(),
-                op, "row_time and evict_time must be contiguous float64 CPU [T, G] matrices, G = ", G);
+  TORCH_CHECK(row_time.size(1) == G && evict_time.size(1) == G, op,
+              "row_time and evict_time must be [T, G] matrices, G = ", G);
   const int64_t T = row_time.size(0);
   TORCH_CHECK(evict_time.size(0) == T && row_offset.numel() == T + 1, op,
               "row_time, evict_time and row_offset must have the same ", T, " tables");
@@ -131,17 +130,18 @@ at::Tensor group_price_bits_cpu(const at::Tensor& keys, const at::Tensor& offset
 void group_bits_assign_cpu(at::Tensor bits_table, at::Tensor owner_table, const at::Tensor& keys,
                            const at::Tensor& pos, const at::Tensor& worker, const at::Tensor& outdated,
                            const at::Tensor& dirty, const at::Tensor& list_of, int64_t num_groups) {
+  const char* name = "group_bits_assign";
   const char* op = "torchrec_esd::group_bits_assign: ";
-  for (const at::Tensor* t : {&bits_table, &owner_table})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kLong && t->dim() == 2 && t->size(1) == 2 &&
-                    t->is_contiguous() && t->size(0) >= 2 && (t->size(0) & (t->size(0) - 1)) == 0,
-                op, "bits_table and owner_table must be contiguous CPU int64 [cap, 2] id tables, cap a power of two");
-  for (const at::Tensor* t : {&keys, &pos, &worker, &list_of})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous(), op,
-                "keys, pos, worker and list_of must be contiguous 1-D CPU int64 tensors");
-  for (const at::Tensor* t : {&outdated, &dirty})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBool && t->dim() == 1 && t->is_contiguous(), op,
-                "outdated and dirty must be contiguous 1-D CPU bool tensors");
+  check_cpu_tensor(name, "bits_table", bits_table, at::kLong, 2);
+  check_slots(name, "bits_table", bits_table);
+  check_cpu_tensor(name, "owner_table", owner_table, at::kLong, 2);
+  check_slots(name, "owner_table", owner_table);
+  check_cpu_tensor(name, "keys", keys, at::kLong, 1);
+  check_cpu_tensor(name, "pos", pos, at::kLong, 1);
+  check_cpu_tensor(name, "worker", worker, at::kLong, 1);
+  check_cpu_tensor(name, "list_of", list_of, at::kLong, 1);
+  check_cpu_tensor(name, "outdated", outdated, at::kBool, 1);
+  check_cpu_tensor(name, "dirty", dirty, at::kBool, 1);
   const int64_t U = keys.numel(), H = pos.numel(), W = list_of.numel();
   TORCH_CHECK(worker.numel() == H && outdated.numel() == H && dirty.numel() == H, op,
               "pos, worker, outdated and dirty must have one entry per copy");

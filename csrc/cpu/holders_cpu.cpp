@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../esd_checks.h"
 #include "../table_common.h"
 
 namespace torchrec_esd {
@@ -35,10 +36,8 @@ void check_long_vec(const char* op, const char* name, const at::Tensor& t, int64
 }
 
 void check_head(const char* op, const at::Tensor& head) {
-  TORCH_CHECK(head.device().is_cpu() && head.scalar_type() == at::kLong && head.dim() == 2 &&
-                  head.size(1) == 2 && head.is_contiguous() && head.size(0) >= 2 &&
-                  (head.size(0) & (head.size(0) - 1)) == 0,
-              "torchrec_esd::", op, ": head must be a contiguous CPU int64 [cap, 2], cap a power of two");
+  check_cpu_tensor(op, "head", head, at::kLong, 2);
+  check_slots(op, "head", head);
 }
 
 }  // namespace
@@ -208,14 +207,10 @@ HolderHits holder_walk(const char* op, const int64_t* tab, uint64_t mask, const 
   return {std::move(count), std::move(tag), std::move(slot), std::move(flags), false};
 }
 
-// Hit j's place in query order (a stable counting sort by tag: within a query, list order);
-// out.count becomes the queries' write cursors.
+// Hit j's place in query order for the interleaved walk's hits (a stable counting sort by tag:
+// within a query, list order); hits.count becomes the queries' write cursors.
 std::vector<int64_t> holder_hits_order(HolderHits& hits) {
   std::vector<int64_t> at(hits.tag.size());
-  if (hits.in_order) {
-    for (size_t j = 0; j < at.size(); ++j) at[j] = static_cast<int64_t>(j);
-    return at;
-  }
   int64_t acc = 0;
   for (auto& c : hits.count) {
     const int64_t k = c;
@@ -278,8 +273,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> holder_index_read_cpu
   HolderHits hits = holder_walk<true>(op, head.data_ptr<int64_t>(), static_cast<uint64_t>(head.size(0) - 1),
                                 next.data_ptr<int64_t>(), n, queries.data_ptr<int64_t>(), queries.numel(),
                                 lag.data_ptr<int64_t>(), dirty.data_ptr<bool>(), lanes);
-  const std::vector<int64_t> at_ = holder_hits_order(hits);
-  const int64_t H = static_cast<int64_t>(at_.size());
+  // the interleaved walk's hits go to their places in query order; one list after the other
+  // gives them in that order already
+  const std::vector<int64_t> at_ = hits.in_order ? std::vector<int64_t>() : holder_hits_order(hits);
+  const int64_t H = static_cast<int64_t>(hits.tag.size());
   const int64_t* lg = lag.data_ptr<int64_t>();
   const bool* dt = dirty.data_ptr<bool>();
   auto opts = at::TensorOptions().dtype(at::kLong);
@@ -311,7 +308,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> holder_index_read_cpu
     } else {  // the last worker whose range starts at or before s
       w = static_cast<int64_t>(std::upper_bound(bs, bs + W + 1, s) - bs) - 1;
     }
-    const int64_t k = at_[j];
+    const int64_t k = hits.in_order ? j : at_[j];
     const uint8_t f = hits.in_order ? static_cast<uint8_t>((dt[s] ? 1 : 0) | (lg[s] > 0 ? 2 : 0)) : hits.flags[j];
     po[k] = hits.tag[j];
     wo[k] = w;
