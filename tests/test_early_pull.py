@@ -53,7 +53,8 @@ def _sync(early_pull=True, des=False, pre_push=False, uplink_bytes_per_s=1e3, sl
     rt = SimpleNamespace(client=client, meter=meter, link=links[0], link_estimates=None, estimates_group=None, plans=_Plans(),
                          worker_index=0,
                          config=SimpleNamespace(prefetch_depth=0, collective_timeout_s=1.0, early_pull=early_pull,
-                                                des_misses=des, pre_push=pre_push, workers=links))
+                                                des_misses=des, pre_push=pre_push, workers=links,
+                                                split_reply=False))
     return PsSync(rt), rt, client
 
 

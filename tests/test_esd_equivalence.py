@@ -161,17 +161,38 @@ def test_equivalence_prefetch(depth, optimizer, dispatcher, mode, num_ps):
     assert 0 < m["early_pulls"] < STEPS * 3, m["early_pulls"]
 
 
-@pytest.mark.parametrize("early_pull", [True, False])
-def test_equivalence_early_pull(early_pull):
+@pytest.mark.parametrize("early_pull,split_reply", [(True, True), (True, False), (False, True)])
+def test_equivalence_early_pull(early_pull, split_reply):
     # batch i+1's push/pull is posted right after batch i's gradients (its plan dispatched
-    # ahead), so its reply comes down during i's dense all-reduce and optimizer step
+    # ahead), so its reply comes down during i's dense all-reduce and optimizer step; with
+    # split replies it goes between the gradients' keys and values, and the PS answers in parts
     _, esd = _compare(3, [1, 2, 1], "esd", "rowwise_adagrad", "global", [1.0, 4.0, 8.0], num_ps=2,
-                      dispatch_ahead=1, dense_sync="star", esd_options=dict(early_pull=early_pull))
-    posted = esd[0]["metrics"]["early_pulls"]
+                      dispatch_ahead=1, dense_sync="star",
+                      esd_options=dict(early_pull=early_pull, split_reply=split_reply))
+    posted, split = esd[0]["metrics"]["early_pulls"], esd[0]["metrics"]["split_replies"]
     if early_pull:  # every push/pull but the first is posted early, as far as the dispatch thread kept ahead
         assert 0 < posted <= 3 * (STEPS - 1), posted
     else:
         assert posted == 0
+    assert (split == posted) if split_reply else (split == 0), (split, posted)
+
+
+def test_split_replies_leave_the_same_bits_as_whole_gradient_phases():
+    # the PS sums each row's gradients in worker order whatever order the split values
+    # arrive in: the tables, optimizer states and losses are bit for bit those of whole phases
+    common = dict(steps=STEPS, global_batch=BATCH, workload=WORKLOAD, collect_tables=True,
+                  sparse_optimizer="rowwise_adagrad", sparse_lr=0.1, dense_lr=0.1)
+    runs = []
+    for split in (True, False):
+        cfg = EsdConfig([WorkerSpec(CACHE, bw) for bw in (1.0, 4.0, 8.0)], num_ps=2, split_reply=split)
+        runs.append(run_local_world(run, 5, JobConfig(method="esd", esd=cfg, dispatcher="esd", input_mode="global",
+                                                      dispatch_ahead=1, **common)))
+    a, b = runs[0][0], runs[1][0]
+    assert a["metrics"]["split_replies"] > 0 and b["metrics"]["split_replies"] == 0
+    for name in b["tables"]:
+        assert torch.equal(a["tables"][name], b["tables"][name]), name
+        assert torch.equal(a["tables_state"][name], b["tables_state"][name]), name
+    assert a["losses"] == b["losses"]
 
 
 @pytest.mark.parametrize("dispatch_ahead", [0, 1])

@@ -122,8 +122,8 @@ def test_malformed_words_raise():
         _decode(_words(Command.PUSH_PULL, -5, 0, 0))
     with pytest.raises(EsdProtocolError, match="'pulls' = -1 is negative"):
         _decode(_words(Command.PUSH_PULL, 0, 0, -1))
-    with pytest.raises(EsdProtocolError, match="'word 4' = 4 is unused"):
-        _decode(_words(Command.GRADS, 0, 0, 0, 4))
+    with pytest.raises(EsdProtocolError, match="'word 5' = 4 is unused"):  # GRADS: rows, bags, split
+        _decode(_words(Command.GRADS, 0, 0, 0, 0, 4))
     with pytest.raises(EsdProtocolError, match=f"{FRAME_WORDS} int64 words"):
         _decode(torch.zeros(4, dtype=torch.int64))
 

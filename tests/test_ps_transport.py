@@ -452,3 +452,143 @@ def test_a_posted_timed_push_pull_whose_ps_goes_silent_fails_at_the_finish_inste
     with pytest.raises(queue.Empty):  # this test transport's timeout error (gloo's names the peer)
         client.finish_push_pull(p)
     assert time.perf_counter() - t0 < 5.0
+
+
+class _HoldingTransport(QueueTransport):
+    """A QueueTransport that keeps back the messages ``hold(buf)`` picks until
+    :meth:`release` (a worker whose gradient values are still on a slow uplink)."""
+
+    hold = staticmethod(lambda buf: False)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.held = []
+
+    def _isend(self, buf, peer):
+        if self.hold(buf):
+            self.held.append((buf.clone(), peer))
+            return None
+        return super()._isend(buf, peer)
+
+    def release(self):
+        for buf, peer in self.held:
+            self.hub.q(self.rank, peer).put(buf)
+        self.held = []
+
+
+def _is_values(value):
+    """Picks a message of float32 gradients that are all ``value``."""
+    def pick(buf):
+        data = buf.view(-1).view(torch.uint8)
+        if data.numel() % (DIM * 4):
+            return False
+        return bool((data.view(torch.float32) == value).all())
+    return pick
+
+
+def test_a_split_gradient_phase_answers_the_rows_that_wait_only_for_the_others_first():
+    # EsdConfig.split_reply: worker 0 sends its gradients' keys, its next push/pull, then its
+    # values, and the values stay on its uplink (held) until its first reply part is in: the
+    # rows it sent no gradient for. Worker 1 sends its gradients whole, worker 2 splits too.
+    w0 = _weights(2)
+    glob = torch.cat([w0["t0"], w0["t1"]])
+    lr = 0.5
+    no_keys, no_rows = torch.empty(0, dtype=torch.int64), torch.empty(0, DIM)
+    g0, g2 = 123.0, 5.0
+    hub = _Hub()
+    workers, ps = [0, 1, 2], [3, 4]
+    routing = KeySpace(TABLES, 2)
+    transports = {r: (_HoldingTransport if r == 0 else QueueTransport)(hub, r, ps, workers) for r in workers + ps}
+    transports[0].hold = _is_values(g0)
+    opt = SparseOptimizer("sgd", lr)
+    servers = [ParameterServer(i, routing, opt, transports[r], w0) for i, r in enumerate(ps)]
+    pushed12 = torch.full((1, DIM), 9.0)
+    # worker 0's next pulls: 3 (its own gradient and worker 1's), 8 (only its own), 4 (worker 1's
+    # gradient), 12 (worker 2 pushes it), 15 (nothing changes it)
+    pulls0 = torch.tensor([3, 4, 8, 12, 15])
+    first = pulls0[[1, 3, 4]]  # what does not wait for worker 0's values
+    out, errors = {}, {}
+
+    def worker0(c):
+        c.push_pull(no_keys, no_rows, no_keys)
+        p, traffic = c.post_grads_push_pull(torch.tensor([3, 8]), torch.full((2, DIM), g0), no_keys, no_rows, pulls0)
+        # its first parts come while its values are held back: one message per PS that owns such a row
+        owners = set(routing.locate(first)[0].tolist())
+        for i in owners:
+            q = hub.q(ps[i], 0)
+            deadline = 200
+            while q.qsize() < 1 and deadline:
+                threading.Event().wait(0.05)
+                deadline -= 1
+            out.setdefault("early", []).append(q.qsize())
+        transports[0].release()
+        out["rows"] = c.finish_push_pull(p)
+        out["grads"], out["pp"] = traffic, c.last_traffic
+        out["tables"] = c.gather_tables()
+        c.stop()
+
+    def worker1(c):
+        c.push_pull(no_keys, no_rows, no_keys)
+        c.push_grads(torch.tensor([3, 4]), torch.ones(2, DIM))
+        out["rows1"], _, _ = c.push_pull(no_keys, no_rows, torch.tensor([8]))
+        c.gather_tables()
+        c.stop()
+
+    def worker2(c):
+        c.push_pull(no_keys, no_rows, no_keys)
+        p, _ = c.post_grads_push_pull(torch.tensor([9]), torch.full((1, DIM), g2), torch.tensor([12]), pushed12,
+                                      torch.tensor([3, 9]))
+        out["rows2"] = c.finish_push_pull(p)
+        c.gather_tables()
+        c.stop()
+
+    def run(rank, fn):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001  (reported to the test)
+            errors[rank] = e
+
+    clients = {w: PsClient(routing, opt, transports[w]) for w in workers}
+    fns = {0: worker0, 1: worker1, 2: worker2}
+    threads = [threading.Thread(target=run, args=(r, s.serve)) for r, s in zip(ps, servers)]
+    threads += [threading.Thread(target=run, args=(w, lambda w=w: fns[w](clients[w]))) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a rank hung"
+    assert errors == {}
+    assert out["early"] == [1] * len(out["early"]) and out["early"]  # the first parts came before the values
+    expect = glob.clone()
+    expect[3] -= lr * (g0 + 1.0)
+    expect[4] -= lr * 1.0
+    expect[8] -= lr * g0
+    expect[9] -= lr * g2
+    expect[12] = pushed12[0]
+    assert torch.equal(out["rows"], expect[pulls0])  # both parts back in pull order
+    assert torch.equal(out["rows1"], expect[[8]]) and torch.equal(out["rows2"], expect[[3, 9]])
+    tables, _ = out["tables"]
+    assert torch.equal(tables["t0"], expect[:10]) and torch.equal(tables["t1"], expect[10:])
+    assert all(s.iterations == 1 for s in servers)
+    # what the gradients moved: a frame to each PS, keys to the owners, values after the push/pull
+    owners = len(set(routing.locate(torch.tensor([3, 8]))[0].tolist()))
+    assert out["grads"].link == LinkStats(bytes_sent=2 * FRAME_BYTES + 2 * 8 + 2 * DIM * 4, messages_sent=2 + 2 * owners)
+    assert out["grads"].section(Section.ROW_GRADS) == SectionSize(2, 2 * DIM * 4)
+    assert out["pp"].section(Section.PULL_ROWS) == SectionSize(5, 5 * DIM * 4)
+
+
+def test_split_gradients_not_followed_by_a_push_pull_are_a_protocol_error():
+    words = encode_frame(GradsFrame(1, 0, True), 8)
+    stop = encode_frame(dataclasses.replace(PrePushFrame(0)), 0)
+
+    def rogue(c):
+        t = c.transport
+        t.wait([t.send(t.ps_ranks[0], words), t.send(t.ps_ranks[0], torch.zeros(8, dtype=torch.uint8)),
+                t.send(t.ps_ranks[0], stop)])
+
+    _, _, _, errors = _world(1, 1, False, SparseOptimizer(), _weights(), [rogue])
+    assert isinstance(errors[1], EsdProtocolError)
+    assert "split gradients of iteration 1 must be followed by a push/pull" in str(errors[1])
+    # and a split frame to a DES PS
+    _, _, _, errors = _world(1, 1, True, SparseOptimizer(), _weights(), [_Rogue(words, torch.zeros(8, dtype=torch.uint8))])
+    assert isinstance(errors[1], EsdProtocolError) and "split GRADS frame to a PS with DES" in str(errors[1])

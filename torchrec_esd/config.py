@@ -178,6 +178,17 @@ class EsdConfig:
             phase).  Not with ``des_misses`` (the DES request needs the
             batch).  With ``online_links`` a thread of the PS client times the
             posted reply (``torchrec_esd.ps.client.ReplyClock``).
+        split_reply: with ``early_pull``, the gradients of batch ``i`` and
+            the posted push/pull of ``i+1`` go as one *split* exchange: the
+            gradients' keys, the push/pull request, then the gradient values
+            (``torchrec_esd.ps.client.PsClient.post_grads_push_pull``).  The
+            PS applies each row as soon as all its gradients are in and
+            answers in two parts: first the pulled rows this worker sent no
+            gradient for (final once the OTHER workers' gradients are
+            applied, so on a slow link they come down while this worker's
+            own values still go up), then the rest.  Exact: each row's
+            gradients are summed in worker order as before, so the PS holds
+            the same bits.  Default on.
         flush_on_slowdown: with ``online_links``, when a worker's estimated
             link falls below ``1 / flush_on_slowdown`` of the previous
             dispatch's estimate, that worker writes back every dirty row of
@@ -227,6 +238,7 @@ class EsdConfig:
     early_pull: bool = True
     flush_on_slowdown: Optional[float] = None
     pre_push: bool = False
+    split_reply: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -307,6 +319,10 @@ class EsdConfig:
         _require(
             isinstance(self.early_pull, bool),
             f"EsdConfig.early_pull must be a bool, got {self.early_pull!r}",
+        )
+        _require(
+            isinstance(self.split_reply, bool),
+            f"EsdConfig.split_reply must be a bool, got {self.split_reply!r}",
         )
         _require(
             isinstance(self.check_finite, bool),

@@ -49,6 +49,8 @@ class TransmissionMeter:
     prefetched_rows: int = 0
     # push/pulls posted right after the previous batch's gradients (EsdConfig.early_pull)
     early_pulls: int = 0
+    # of those, posted with this batch's gradients as one split exchange (EsdConfig.split_reply)
+    split_replies: int = 0
     # dirty rows written back after the worker's link slowed down (EsdConfig.flush_on_slowdown),
     # counted in update_push too
     flushed_rows: int = 0
@@ -125,6 +127,7 @@ class TransmissionMeter:
             "iterations": self.iterations,
             "prefetched_rows": self.prefetched_rows,
             "early_pulls": self.early_pulls,
+            "split_replies": self.split_replies,
             "flushed_rows": self.flushed_rows,
             "pre_pushed_rows": self.pre_pushed_rows,
         }
@@ -141,6 +144,7 @@ class TransmissionMeter:
             "rows": {k: sum(w["rows"][k] for w in per_worker) for k in KINDS},
             "prefetched_rows": sum(w.get("prefetched_rows", 0) for w in per_worker),
             "early_pulls": sum(w.get("early_pulls", 0) for w in per_worker),
+            "split_replies": sum(w.get("split_replies", 0) for w in per_worker),
             "flushed_rows": sum(w.get("flushed_rows", 0) for w in per_worker),
             "pre_pushed_rows": sum(w.get("pre_pushed_rows", 0) for w in per_worker),
         }

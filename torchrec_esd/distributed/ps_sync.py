@@ -76,6 +76,7 @@ class PsSync:
         self._next: Optional[Tuple[int, PendingPushPull, Optional[torch.Tensor], int, List[Traffic]]] = None
         self._no_partials = torch.empty(0, runtime.client.routing.wire_dim)
         self._post_next = runtime.config.early_pull and not runtime.config.des_misses
+        self._split = self._post_next and runtime.config.split_reply
         self._pre_push = runtime.config.pre_push
         self._workers = runtime.config.workers  # their configured links (pre_push without online_links)
         # rows of the next iteration's pushes sent early (pre_push): (iteration, keys, traffic)
@@ -215,11 +216,25 @@ class PsSync:
         times the reply off the training thread (``ReplyClock``).  Not with
         DES-served misses (the DES request needs the batch), nor when
         ``EsdConfig.early_pull`` is off."""
-        if not self._post_next or self._next is not None:
+        nxt = self._next_request(iteration, store)
+        if nxt is None:
             return
+        wp, push_keys, push_values, pull_keys, rest, n_have, pre = nxt
+        pending = self._client.post_push_pull(push_keys, push_values, pull_keys,
+                                              batch_fingerprint=wp.global_fingerprint)
+        self._next = (iteration + 1, pending, rest, n_have, pre)
+        self._meter.early_pulls += 1
+
+    def _next_request(self, iteration: int, store):
+        """The push/pull of ``iteration + 1`` to post now (:meth:`post_next`),
+        or None (early pull off, posted already, or its plan not there yet):
+        (its plan, push keys, push values, pull keys, mask of the plan's pull
+        keys asked for or None, prefetched keys left out, pre-push traffic)."""
+        if not self._post_next or self._next is not None:
+            return None
         plan = self._plans.peek(iteration + 1)
         if plan is None:
-            return
+            return None
         wp = plan.workers[self._worker]
         have = self._prefetched_keys(iteration + 1)
         rest = ~torch.isin(wp.pull_keys, have) if have.numel() else None
@@ -227,11 +242,35 @@ class PsSync:
         unsent, pre = self._not_prepushed(wp, iteration + 1)
         if unsent is not None:
             push_keys, push_slots = push_keys[unsent], push_slots[unsent]
-        pending = self._client.post_push_pull(
-            push_keys, store.read(push_slots).cpu(), wp.pull_keys if rest is None else wp.pull_keys[rest],
-            batch_fingerprint=wp.global_fingerprint)
-        self._next = (iteration + 1, pending, rest, int(have.numel()), pre)
+        pull_keys = wp.pull_keys if rest is None else wp.pull_keys[rest]
+        return wp, push_keys, store.read(push_slots).cpu(), pull_keys, rest, int(have.numel()), pre
+
+    def push_grads_and_next(self, keys: torch.Tensor, grads: torch.Tensor, route: Optional[DesRoute],
+                            bag_grads: torch.Tensor, iteration: int, store) -> None:
+        """:meth:`push_grads` then :meth:`post_next`; with
+        ``EsdConfig.split_reply``, where the push/pull of ``iteration + 1``
+        is posted, both go as one split exchange
+        (:meth:`~torchrec_esd.ps.PsClient.post_grads_push_pull`): the PS
+        answers the rows this worker sent no gradient for while its gradient
+        values still cross the uplink.  The PS takes split and whole gradient
+        frames in one phase, so workers whose next plan is not there yet send
+        theirs whole."""
+        if not self._split or route is not None:
+            self.push_grads(keys, grads, route, bag_grads)
+            self.post_next(iteration, store)
+            return
+        self._post_deferred()
+        nxt = self._next_request(iteration, store)
+        if nxt is None:
+            self.push_grads(keys, grads, route, bag_grads)
+            return
+        wp, push_keys, push_values, pull_keys, rest, n_have, pre = nxt
+        pending, traffic = self._client.post_grads_push_pull(keys, grads.detach().cpu(), push_keys, push_values,
+                                                             pull_keys, batch_fingerprint=wp.global_fingerprint)
+        self._meter.record_grads(traffic, self._link)
+        self._next = (iteration + 1, pending, rest, n_have, pre)
         self._meter.early_pulls += 1
+        self._meter.split_replies += 1
 
     def posted(self, iteration: int) -> bool:
         """Whether the push/pull of ``iteration`` is posted already (:meth:`post_next`)."""
@@ -327,6 +366,14 @@ class PsSync:
             return _NO_KEYS, None, []
         return torch.cat([k for k, _, _ in got]), torch.cat([r for _, r, _ in got]), [t for _, _, t in got]
 
+    def _post_deferred(self) -> None:
+        """Post a prefetch deferred by :meth:`prefetch`, or a pre-push deferred
+        by :meth:`pre_push` (their phases come before the gradients')."""
+        if self._deferred is not None:
+            self._post(self._deferred, self._wait_s)
+        if self._pre_deferred is not None:
+            self._send_pre_push(*self._pre_deferred, wait_s=self._wait_s)
+
     def push_grads(self, keys: torch.Tensor, grads: torch.Tensor, route: Optional[DesRoute],
                    bag_grads: torch.Tensor) -> None:
         """Gradients of ``keys`` (and of the DES bags of ``route``) to the PS;
@@ -334,10 +381,7 @@ class PsSync:
         A prefetch deferred by :meth:`prefetch`, or a pre-push deferred by
         :meth:`pre_push`, is posted first (its phase comes before the
         gradients')."""
-        if self._deferred is not None:
-            self._post(self._deferred, self._wait_s)
-        if self._pre_deferred is not None:
-            self._send_pre_push(*self._pre_deferred, wait_s=self._wait_s)
+        self._post_deferred()
         self._client.push_grads(keys, grads.detach().cpu(), route, bag_grads.detach().cpu())
         self._meter.record_grads(self._client.last_traffic, self._link)
 

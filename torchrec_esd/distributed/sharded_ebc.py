@@ -380,11 +380,12 @@ class ShardedEsdEmbeddingBagCollection(
             self._store.rows.index_copy_(0, slots, rows)
             self._store.state.index_copy_(0, slots, state)
         keys = wp.used_keys[wp.grad_pos]
-        self._ps.push_grads(keys, grad[wp.grad_pos.to(self._device)], pending["des_route"], des_grad)
         self._pending = None
         # the next batch's push/pull goes now (EsdConfig.early_pull): its reply comes down while this
-        # backward, the dense all-reduce and the optimizer step run
-        self._ps.post_next(pending["iteration"], self._store)
+        # backward, the dense all-reduce and the optimizer step run (EsdConfig.split_reply: the rows
+        # this worker sent no gradient for even while its gradient values still go up)
+        self._ps.push_grads_and_next(keys, grad[wp.grad_pos.to(self._device)], pending["des_route"], des_grad,
+                                     pending["iteration"], self._store)
 
     def _update_replicas(self, grad: torch.Tensor) -> None:
         """Data-parallel step of the replicated tables: sum the workers' gradients

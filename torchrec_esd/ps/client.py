@@ -31,6 +31,7 @@ from torchrec_esd.ps.protocol import (
     GradsRequest,
     Parts,
     PrefetchRequest,
+    PushPullFrame,
     PrePushRequest,
     ProtocolLimits,
     PushPullReply,
@@ -41,6 +42,7 @@ from torchrec_esd.ps.protocol import (
     abort_parts,
     add_sections,
     check_reply_marker,
+    own_updated,
     pack,
 )
 from torchrec_esd.ps.transport import LinkStats, Pending, Traffic, Transport
@@ -74,8 +76,12 @@ class PendingPushPull:
     recvs: List[Pending]
     replies: List[torch.Tensor]
     sections: Dict
-    markers: List[Tuple[int, Pending]] = field(default_factory=list)  # (PS, marker) of timed replies
+    markers: List[Tuple[int, Pending]] = field(default_factory=list)  # (reply, marker) of timed replies
     clock: Optional["ReplyClock"] = None  # times the timed replies (None: untimed)
+    # a split reply (post_grads_push_pull): replies are two per PS, [rows the worker sent no gradient
+    # for, the rest]; own[i] marks the second part's keys among PS i's pull keys; clock_b times the second parts
+    own: Optional[List[torch.Tensor]] = None
+    clock_b: Optional["ReplyClock"] = None
 
 
 class ReplyClock:
@@ -379,19 +385,87 @@ class PsClient:
             clock = ReplyClock(self.transport, mk, recvs, self.transport.native_clock(mk, recvs))
         return PendingPushPull(qo, frames, earlier, sends, recvs, replies, sections, markers, clock)
 
+    def post_grads_push_pull(
+        self, grad_keys: torch.Tensor, grads: torch.Tensor, push_keys: torch.Tensor, push_vals: torch.Tensor,
+        pull_keys: torch.Tensor, batch_fingerprint: int = 0,
+    ) -> Tuple[PendingPushPull, Traffic]:
+        """:meth:`push_grads` (no DES) then :meth:`post_push_pull`, with a
+        *split* reply (``EsdConfig.split_reply``): to every PS the gradients'
+        frame and keys, then the push/pull request, then the gradient values.
+        The PS answers the pulled rows this worker sent no gradient for as
+        soon as the other workers' gradients of them are applied, while this
+        worker's values may still be on the uplink, and the rest after
+        (:func:`~torchrec_esd.ps.protocol.own_updated`).  Returns the
+        posted exchange (:meth:`finish_push_pull` waits for it) and what the
+        gradients moved (their sends complete at that wait)."""
+        if self.des:
+            raise EsdConfigError("a split gradient phase has no DES bag gradients (it comes with the early pull)")
+        t = self.transport
+        _, gk, gv = self._split_by_ps(grad_keys, grads.to(torch.float32))
+        greqs = [GradsRequest(gk[i], gv[i], torch.empty(0, self.routing.wire_dim), split=True)
+                 for i in range(self.routing.num_ps)]
+        qo, _, reqs = self._push_pull_requests(push_keys, push_vals, pull_keys, None, batch_fingerprint)
+        gsends, gsections = self._send_requests([q.frame() for q in greqs], [q.parts() for q in greqs])
+        frames = [q.frame() for q in reqs]
+        sends, sections = self._send_requests(frames, [q.parts() for q in reqs])
+        for i, dst in enumerate(t.ps_ranks):  # the values last: the PS knows every key before they come
+            if greqs[i].keys.numel():
+                gsends.append(t.send(dst, pack(greqs[i].value_parts())))
+                add_sections(gsections, greqs[i].value_parts())
+        own = [own_updated(reqs[i].pull_keys, gk[i]) for i in range(self.routing.num_ps)]
+        recvs: List[Pending] = []
+        replies: List[torch.Tensor] = []
+        markers: List[Tuple[int, Pending]] = []
+        timed: List[List[Pending]] = [[], [], [], []]  # markers and receives of the first parts, of the second
+        for i, src in enumerate(t.ps_ranks):
+            for part, mask in enumerate((~own[i], own[i])):
+                buf = torch.empty(int(mask.sum()) * self.fmt.row_bytes, dtype=torch.uint8)
+                if buf.numel():
+                    if self.timed_replies:
+                        m = t.recv(src, torch.empty(REPLY_MARKER_BYTES // 8, dtype=torch.int64))
+                        markers.append((len(replies), m))
+                        timed[2 * part].append(m)
+                    recvs.append(t.recv(src, buf))
+                    timed[2 * part + 1].append(recvs[-1])
+                replies.append(buf)
+        earlier, self._unsent = self._unsent + gsends, []
+        clocks = [ReplyClock(t, mk, rv, t.native_clock(mk, rv)) if mk else None
+                  for mk, rv in ((timed[0], timed[1]), (timed[2], timed[3]))]
+        pending = PendingPushPull(qo, frames, earlier, sends, recvs, replies, sections, markers, clocks[0],
+                                  own, clocks[1])
+        return pending, self._own_traffic(gsends, [], gsections)
+
+    def _split_rows(self, p: PendingPushPull) -> List[PushPullReply]:
+        """The replies of a split push/pull, each PS's two parts back in its pull order."""
+        assert p.own is not None
+        out = []
+        width = self.fmt.dim + self.fmt.state_dim
+        for i, (f, own) in enumerate(zip(p.frames, p.own)):
+            parts = [PushPullReply.decode(PushPullFrame(0, int(m.sum())), p.replies[2 * i + k], self.fmt).rows
+                     for k, m in enumerate((~own, own))]
+            rows = torch.empty(f.pulls, width)
+            rows[~own], rows[own] = parts[0], parts[1]
+            out.append(PushPullReply(rows, torch.empty(0, self.fmt.dim)))
+        return out
+
     def finish_push_pull(self, p: PendingPushPull) -> torch.Tensor:
         """Wait for ``p``'s replies: the pulled rows in the order of its pull
         keys; :attr:`last_traffic`: its own messages (no wall seconds; with
-        timed replies their bytes and transfer seconds)."""
+        timed replies their bytes and transfer seconds: with a split reply,
+        the two parts' transfers added)."""
         t = self.transport
         transfer_s, transfer_b = 0.0, 0
-        if p.clock is None:
+        if p.clock is None and p.clock_b is None:
             t.wait(p.earlier + p.sends + p.recvs)
         else:
             t.wait(p.earlier + p.sends)
-            transfer_s = p.clock.join()
+            for clock in (p.clock, p.clock_b):
+                transfer_s += clock.join() if clock is not None else 0.0
             transfer_b = self._timed_reply_bytes(p.markers, p.replies)
-        replies = [PushPullReply.decode(f, buf, self.fmt) for f, buf in zip(p.frames, p.replies)]
+        if p.own is not None:
+            replies = self._split_rows(p)
+        else:
+            replies = [PushPullReply.decode(f, buf, self.fmt) for f, buf in zip(p.frames, p.replies)]
         sections = dict(p.sections)
         for r in replies:
             add_sections(sections, r.parts())

@@ -40,7 +40,7 @@ KEY_BYTES = 8  # int64 row key / packed DES pair
 VALUE_BYTES = 4  # float32 value, optimizer state, gradient, DES weight
 MAX_ABORT_BYTES = 4096
 REPLY_MARKER_BYTES = 8  # before a timed reply: its byte count (int64)
-FLAG_FIELDS = ("weighted", "timed")  # frame fields that are 0 or 1
+FLAG_FIELDS = ("weighted", "timed", "split")  # frame fields that are 0 or 1
 # per request and PS: 4 Mi DES (row, bag) pairs, 48 MB with their weights: what one
 # malformed or hostile frame can make a PS allocate beyond its own storage's size
 DEFAULT_MAX_DES_PAIRS = 1 << 22
@@ -155,16 +155,31 @@ class PushPullFrame:
 
 @dataclass(frozen=True)
 class GradsFrame:
+    """Row (and DES bag) gradients.  A *split* frame (``EsdConfig.split_reply``)
+    carries only the keys; their gradient values (:meth:`values_bytes`) are a
+    message of their own, sent after the next push/pull request of the same
+    worker, so that the PS knows which rows wait for this worker before its
+    values are in (:meth:`torchrec_esd.ps.server.ParameterServer`)."""
+
     COMMAND: ClassVar[Command] = Command.GRADS
     rows: int
     bags: int = 0
+    split: bool = False
 
     def check(self, limits: ProtocolLimits, where: str) -> None:
         _bound(where, "GRADS", "rows", self.rows, limits.rows, "rows the PS owns")
         _bound(where, "GRADS", "bags", self.bags, limits.max_des_pairs, "ProtocolLimits.max_des_pairs")
+        if self.split:
+            _bound(where, "GRADS", "bags", self.bags, 0, "a split gradient frame carries no DES bag gradients")
 
     def payload_bytes(self, fmt: RowFormat) -> int:
+        if self.split:
+            return self.rows * KEY_BYTES
         return self.rows * (KEY_BYTES + fmt.value_bytes) + self.bags * fmt.value_bytes
+
+    def values_bytes(self, fmt: RowFormat) -> int:
+        """Bytes of a split frame's separate values message (0 for a whole frame)."""
+        return self.rows * fmt.value_bytes if self.split else 0
 
 
 @dataclass(frozen=True)
@@ -451,24 +466,53 @@ class PrePushRequest:
 
 @dataclass
 class GradsRequest:
+    """Wire order: keys, row gradients, DES bag gradients.  ``split``: the
+    frame's payload is the keys alone and :meth:`value_parts` the separate
+    values message (:class:`GradsFrame`)."""
+
     keys: torch.Tensor  # [n] int64
-    grads: torch.Tensor  # [n, D] float32
+    grads: Optional[torch.Tensor]  # [n, D] float32 (None: a split request's values, not received yet)
     bag_grads: torch.Tensor  # [nb, D] float32: gradient of each DES bag this PS served
+    split: bool = False
 
     def frame(self) -> GradsFrame:
-        return GradsFrame(self.keys.numel(), int(self.bag_grads.shape[0]))
+        return GradsFrame(self.keys.numel(), int(self.bag_grads.shape[0]), self.split)
 
     def parts(self) -> Parts:
-        return [(Section.KEYS, self.keys), (Section.ROW_GRADS, self.grads.to(torch.float32)),
-                (Section.BAG_GRADS, self.bag_grads.to(torch.float32))]
+        if self.split:
+            return [(Section.KEYS, self.keys)]
+        return [(Section.KEYS, self.keys)] + self.value_parts() + [(Section.BAG_GRADS, self.bag_grads.to(torch.float32))]
+
+    def value_parts(self) -> Parts:
+        assert self.grads is not None
+        return [(Section.ROW_GRADS, self.grads.to(torch.float32))]
 
     @staticmethod
     def decode(frame: GradsFrame, buf: torch.Tensor, fmt: RowFormat) -> "GradsRequest":
         rd = PayloadReader(buf)
-        req = GradsRequest(rd.take(frame.rows, torch.int64), rd.take(frame.rows, torch.float32, (fmt.dim,)),
-                           rd.take(frame.bags, torch.float32, (fmt.dim,)))
+        keys = rd.take(frame.rows, torch.int64)
+        grads = None if frame.split else rd.take(frame.rows, torch.float32, (fmt.dim,))
+        req = GradsRequest(keys, grads, rd.take(frame.bags, torch.float32, (fmt.dim,)), frame.split)
         rd.done()
         return req
+
+    @staticmethod
+    def decode_values(frame: GradsFrame, buf: torch.Tensor, fmt: RowFormat) -> torch.Tensor:
+        """The row gradients ``[rows, D]`` of a split frame's values message."""
+        rd = PayloadReader(buf)
+        grads = rd.take(frame.rows, torch.float32, (fmt.dim,))
+        rd.done()
+        return grads
+
+
+def own_updated(pull_keys: torch.Tensor, grad_keys: torch.Tensor) -> torch.Tensor:
+    """Mask of the ``pull_keys`` a worker sent gradients for in the split
+    gradient phase before (``grad_keys``): the second part of its split
+    push/pull reply, the rest the first (each part in pull order).  Worker
+    and PS compute it from the same two key lists."""
+    if grad_keys.numel() == 0 or pull_keys.numel() == 0:
+        return torch.zeros(pull_keys.numel(), dtype=torch.bool)
+    return torch.isin(pull_keys, grad_keys)
 
 
 @dataclass

@@ -10,6 +10,17 @@ they all sent the same command and answers where the phase has a reply:
   request's reply comes after a marker (``PushPullFrame.timed``);
 * ``GRADS``: scatter DES bag gradients to the bags' rows, sum all workers'
   gradients per row and apply the optimizer once per row (synchronous);
+  where a worker's frame is *split* (``EsdConfig.split_reply``) only its
+  keys came, and the phase ends in the next push/pull, below;
+* ``PUSH_PULL`` after split gradients: each split worker's gradient values
+  follow its push/pull request.  The PS takes them as they arrive (not in
+  worker order), applies every row whose gradients are all in (summed in
+  worker order, as above, so the rows are the same bits), and answers each
+  split worker in two parts as soon as their rows are final: first the rows
+  it sent no gradient for (those wait only for the OTHER workers, so on a
+  slow link they come down while its own values still go up), then the
+  rest (:func:`~torchrec_esd.ps.protocol.own_updated`); a worker that did
+  not split gets its one reply once its rows are final;
 * ``PREFETCH`` (``EsdConfig.prefetch_depth``): answer the pulls of a later
   iteration from the storage as it is now (the workers ask only for rows
   that nothing changes before that iteration reads them,
@@ -56,11 +67,12 @@ from torchrec_esd.ps.protocol import (
     Section,
     abort_message,
     decode_frame,
+    own_updated,
     pack,
     reply_marker,
 )
 from torchrec_esd.ps.row_storage import DenseRowStorage, PsRowStorage
-from torchrec_esd.ps.transport import Transport
+from torchrec_esd.ps.transport import Pending, Transport
 
 
 class ParameterServer:
@@ -99,12 +111,21 @@ class ParameterServer:
                                  f" {storage.state_dim} state values (the optimizer keeps {optimizer.state_dim})")
         self.storage = storage
         self.iterations = 0
+        # a gradient phase with split frames, until the push/pull that brings their values:
+        # per worker (its frame, its local row keys, its gradients or None while they are to come)
+        self._held: Optional[List[Tuple[GradsFrame, torch.Tensor, Optional[torch.Tensor]]]] = None
 
     def serve(self) -> None:
         """Follow the workers' phases until STOP (or raise on ABORT)."""
         while True:
             cmd, frames, payloads = self._receive()
-            if cmd is Command.PUSH_PULL:
+            if self._held is not None and cmd not in (Command.PUSH_PULL, Command.ABORT):
+                raise EsdProtocolError(
+                    f"PS {self.ps_index}: split gradients of iteration {self.iterations} must be followed by a "
+                    f"push/pull (their values come after it), got a {cmd.name} phase")
+            if cmd is Command.PUSH_PULL and self._held is not None:
+                self._push_pull_split(frames, payloads)
+            elif cmd is Command.PUSH_PULL:
                 self._push_pull(frames, payloads)
             elif cmd is Command.GRADS:
                 self._grads(frames, payloads)
@@ -172,6 +193,9 @@ class ParameterServer:
             raise EsdProtocolError(f"{where}: a PRE_PUSH request to a PS with DES (EsdConfig.pre_push is not "
                                    "combined with des_misses)")
         if isinstance(frame, GradsFrame):
+            if self.des and frame.split:
+                raise EsdProtocolError(f"{where}: a split GRADS frame to a PS with DES (EsdConfig.split_reply "
+                                       "comes with the early pull, which DES-served misses do not use)")
             if not self.des and frame.bags:
                 raise EsdProtocolError(f"{where}: DES bag gradients (bags = {frame.bags}) sent to a PS without DES")
             served = self._des_pending[3][worker] if self._des_pending is not None else 0
@@ -219,6 +243,9 @@ class ParameterServer:
 
     def _grads(self, frames: List[Frame], payloads: List[torch.Tensor]) -> None:
         reqs = [GradsRequest.decode(f, p, self.fmt) for f, p in zip(frames, payloads)]  # type: ignore[arg-type]
+        if any(q.split for q in reqs):  # values come after the next push/pull (_push_pull_split)
+            self._held = [(f, self._local(q.keys), q.grads) for f, q in zip(frames, reqs)]  # type: ignore[misc]
+            return
         local = self._local(torch.cat([q.keys for q in reqs]))
         grads = torch.cat([q.grads for q in reqs])
         if self.des:
@@ -232,10 +259,104 @@ class ParameterServer:
         if local.numel() == 0:
             return
         uniq, inv = ops.sorted_distinct_inverse(local)
+        self._apply(uniq, inv, grads)
+
+    def _apply(self, uniq: torch.Tensor, inv: torch.Tensor, grads: torch.Tensor) -> None:
+        """Sum ``grads`` into the rows ``uniq[inv]`` (in the order given) and
+        apply the optimizer once per row of ``uniq``."""
         total = torch.zeros(uniq.numel(), self.routing.wire_dim).index_add_(0, inv, grads)
         rows, state = self.storage.rows(uniq), self.storage.state(uniq)
         self.optimizer.apply_(rows, state, total, self.storage.row_dims(uniq))
         self.storage.write(uniq, rows, state)
+
+    def _push_pull_split(self, frames: List[Frame], payloads: List[torch.Tensor]) -> None:
+        """The push/pull after a gradient phase with split frames: take the
+        split workers' gradient values as they arrive, apply each row once
+        all its gradients are in, answer every reply part once its rows are
+        final (see the module docstring).  The same rows as :meth:`_grads`
+        then :meth:`_push_pull`: each row's gradients are summed in worker
+        order, and a row is pushed after its gradients are applied."""
+        held, self._held = self._held, None
+        assert held is not None
+        t, dim = self.transport, self.routing.wire_dim
+        reqs = [PushPullRequest.decode(f, p, self.fmt) for f, p in zip(frames, payloads)]  # type: ignore[arg-type]
+        sizes = [int(k.numel()) for _, k, _ in held]
+        starts = [0] + torch.tensor(sizes).cumsum(0).tolist()
+        # the values still to come, posted now: each follows its worker's push/pull request
+        waits: List[Pending] = []
+        waiting_for: List[int] = []
+        grads = torch.empty(starts[-1], dim)
+        pending = torch.zeros(starts[-1], dtype=torch.int64)  # 1 where a gradient's value is still to come
+        for r, (f, _, g) in enumerate(held):
+            if g is not None:
+                grads[starts[r] : starts[r + 1]] = g
+            elif f.rows:
+                waits.append(t.recv(t.worker_ranks[r], torch.empty(f.values_bytes(self.fmt), dtype=torch.uint8)))
+                waiting_for.append(r)
+                pending[starts[r] : starts[r + 1]] = 1
+        uniq, inv = ops.sorted_distinct_inverse(torch.cat([k for _, k, _ in held]))
+        missing = torch.zeros(uniq.numel(), dtype=torch.int64).index_add_(0, inv, pending)  # values to come per row
+        applied = torch.zeros(uniq.numel(), dtype=torch.bool)
+        # pushes: rows with gradients in this phase are stored after those are applied (as in two phases)
+        push_keys = self._local(torch.cat([q.push_keys for q in reqs]))
+        push_rows = torch.cat([q.push_rows for q in reqs])
+        late = torch.isin(push_keys, uniq)
+        if bool((~late).any()):
+            self.storage.write(push_keys[~late], push_rows[~late, :dim], push_rows[~late, dim:])
+        # each worker's reply parts: (local pull keys, their rows' index in uniq or -1), sent in order
+        parts: List[List[Tuple[torch.Tensor, torch.Tensor]]] = []
+        for r, q in enumerate(reqs):
+            local = self._local(q.pull_keys)
+            pos = torch.searchsorted(uniq, local).clamp_(max=max(uniq.numel() - 1, 0))
+            dep = torch.where(uniq[pos] == local, pos, -1) if uniq.numel() else torch.full_like(local, -1)
+            if held[r][0].split:
+                own = own_updated(local, held[r][1])  # (local keys of this PS: the same mask as the worker's)
+                parts.append([(local[~own], dep[~own]), (local[own], dep[own])])
+            else:
+                parts.append([(local, dep)])
+        sends: List[Pending] = []
+
+        def step() -> None:
+            """Apply the rows now complete; send every part whose rows are final."""
+            now = (missing == 0) & ~applied
+            if bool(now.any()):
+                sel = now[inv].nonzero().view(-1)  # their gradients, in worker order
+                at = torch.cumsum(now, 0) - 1
+                self._apply(uniq[now], at[inv[sel]], grads[sel])
+                applied.logical_or_(now)
+                if bool(late.any()):
+                    done = late & torch.isin(push_keys, uniq[now])
+                    if bool(done.any()):
+                        self.storage.write(push_keys[done], push_rows[done, :dim], push_rows[done, dim:])
+            for r, todo in enumerate(parts):
+                while todo:
+                    local, dep = todo[0]
+                    d = dep[dep >= 0]
+                    if d.numel() and not bool(applied[d].all()):
+                        break
+                    todo.pop(0)
+                    sends.extend(self._send_rows(r, local, frames[r].timed))  # type: ignore[union-attr]
+
+        step()
+        for i in t.in_completion_order(waits):
+            r = waiting_for[i]
+            g = GradsRequest.decode_values(held[r][0], waits[i].buf, self.fmt)
+            grads[starts[r] : starts[r + 1]] = g
+            missing.index_add_(0, inv[starts[r] : starts[r + 1]], torch.full((sizes[r],), -1, dtype=torch.int64))
+            step()
+        if not bool(applied.all()) or any(parts):  # every value is in: cannot happen
+            raise EsdRemoteError(f"PS {self.ps_index}: a split push/pull left rows unapplied or replies unsent")
+        t.wait(sends)
+
+    def _send_rows(self, r: int, local: torch.Tensor, timed: bool) -> List[Pending]:
+        """Post worker ``r`` the rows (value + state) of ``local`` as one
+        message (after a marker with its size where ``timed``); nothing when empty."""
+        if local.numel() == 0:
+            return []
+        data = torch.cat([self.storage.rows(local), self.storage.state(local)], dim=1).view(-1).view(torch.uint8)
+        t, dst = self.transport, self.transport.worker_ranks[r]
+        out = [t.send(dst, reply_marker(data.numel()))] if timed else []
+        return out + [t.send(dst, data)]
 
     def _pre_push(self, frames: List[Frame], payloads: List[torch.Tensor]) -> None:
         reqs = [PrePushRequest.decode(f, p, self.fmt) for f, p in zip(frames, payloads)]  # type: ignore[arg-type]

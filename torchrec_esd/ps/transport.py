@@ -15,10 +15,12 @@ are matched in the order they were posted.
 
 from __future__ import annotations
 
+import queue
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
-from typing import Any, Dict, Iterable, List, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -199,6 +201,39 @@ class Transport(ABC):
             except RuntimeError as e:  # the peer died, or went silent past the timeout
                 raise self.failure(p, str(e) or type(e).__name__) from e
             self.completed(p)
+
+    def in_completion_order(self, pending: Sequence[Pending]) -> Iterator[int]:
+        """The indices of ``pending`` (at most one per peer) in the order they
+        complete: each is waited for in a thread of its own (a wait releases
+        the GIL), and each completion is yielded (and metered) in the calling
+        thread.  A failed or timed-out wait raises here, naming its peer; the
+        other threads end within the transport's timeout."""
+        peers = [p.peer for p in pending]
+        if len(set(peers)) != len(peers):
+            raise ValueError("in_completion_order waits for at most one message per peer")
+        done: "queue.Queue" = queue.Queue()
+
+        def waiter(i: int, p: Pending) -> None:
+            try:
+                if not p.done:
+                    self._wait(p.work, self.timeout_s)
+                done.put((i, None))
+            except BaseException as e:  # handed to the calling thread
+                done.put((i, e))
+
+        for i, p in enumerate(pending):
+            threading.Thread(target=waiter, args=(i, p), name="esd-wait", daemon=True).start()
+        for _ in pending:
+            try:
+                i, err = done.get(timeout=self.timeout_s + 10.0)  # every waiter ends within its timeout
+            except queue.Empty:
+                raise EsdPeerLostError(f"no message of {[self.peer_name(q) for q in peers]} completed in "
+                                       f"{self.timeout_s + 10.0:.0f} s") from None
+            p = pending[i]
+            if err is not None:
+                raise self.failure(p, str(err) or type(err).__name__) from err
+            self.completed(p)
+            yield i
 
     def completed(self, p: Pending) -> None:
         """Record that ``p`` completed (its bytes metered once): what
