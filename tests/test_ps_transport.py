@@ -487,9 +487,10 @@ def _is_values(value):
 
 
 def test_a_split_gradient_phase_answers_the_rows_that_wait_only_for_the_others_first():
-    # EsdConfig.split_reply: worker 0 sends its gradients' keys, its next push/pull, then its
-    # values, and the values stay on its uplink (held) until its first reply part is in: the
-    # rows it sent no gradient for. Worker 1 sends its gradients whole, worker 2 splits too.
+    # EsdConfig.split_reply: worker 0 sends its gradients' keys, its next push/pull's keys, then
+    # its gradient values and pushed rows, and those stay on its uplink (held) until its first
+    # reply part is in: the rows it sent no gradient for. Worker 1 sends its gradients whole
+    # (and pulls the row worker 0 pushes), worker 2 splits too.
     w0 = _weights(2)
     glob = torch.cat([w0["t0"], w0["t1"]])
     lr = 0.5
@@ -511,7 +512,8 @@ def test_a_split_gradient_phase_answers_the_rows_that_wait_only_for_the_others_f
 
     def worker0(c):
         c.push_pull(no_keys, no_rows, no_keys)
-        p, traffic = c.post_grads_push_pull(torch.tensor([3, 8]), torch.full((2, DIM), g0), no_keys, no_rows, pulls0)
+        p, traffic = c.post_grads_push_pull(torch.tensor([3, 8]), torch.full((2, DIM), g0), torch.tensor([6]),
+                                            torch.full((1, DIM), g0), pulls0)
         # its first parts come while its values are held back: one message per PS that owns such a row
         owners = set(routing.locate(first)[0].tolist())
         for i in owners:
@@ -530,7 +532,7 @@ def test_a_split_gradient_phase_answers_the_rows_that_wait_only_for_the_others_f
     def worker1(c):
         c.push_pull(no_keys, no_rows, no_keys)
         c.push_grads(torch.tensor([3, 4]), torch.ones(2, DIM))
-        out["rows1"], _, _ = c.push_pull(no_keys, no_rows, torch.tensor([8]))
+        out["rows1"], _, _ = c.push_pull(no_keys, no_rows, torch.tensor([8, 6]))
         c.gather_tables()
         c.stop()
 
@@ -565,8 +567,9 @@ def test_a_split_gradient_phase_answers_the_rows_that_wait_only_for_the_others_f
     expect[8] -= lr * g0
     expect[9] -= lr * g2
     expect[12] = pushed12[0]
+    expect[6] = g0
     assert torch.equal(out["rows"], expect[pulls0])  # both parts back in pull order
-    assert torch.equal(out["rows1"], expect[[8]]) and torch.equal(out["rows2"], expect[[3, 9]])
+    assert torch.equal(out["rows1"], expect[[8, 6]]) and torch.equal(out["rows2"], expect[[3, 9]])
     tables, _ = out["tables"]
     assert torch.equal(tables["t0"], expect[:10]) and torch.equal(tables["t1"], expect[10:])
     assert all(s.iterations == 1 for s in servers)
@@ -575,6 +578,7 @@ def test_a_split_gradient_phase_answers_the_rows_that_wait_only_for_the_others_f
     assert out["grads"].link == LinkStats(bytes_sent=2 * FRAME_BYTES + 2 * 8 + 2 * DIM * 4, messages_sent=2 + 2 * owners)
     assert out["grads"].section(Section.ROW_GRADS) == SectionSize(2, 2 * DIM * 4)
     assert out["pp"].section(Section.PULL_ROWS) == SectionSize(5, 5 * DIM * 4)
+    assert out["pp"].section(Section.PUSH_ROWS) == SectionSize(1, DIM * 4)
 
 
 def test_split_gradients_not_followed_by_a_push_pull_are_a_protocol_error():

@@ -391,10 +391,11 @@ class PsClient:
     ) -> Tuple[PendingPushPull, Traffic]:
         """:meth:`push_grads` (no DES) then :meth:`post_push_pull`, with a
         *split* reply (``EsdConfig.split_reply``): to every PS the gradients'
-        frame and keys, then the push/pull request, then the gradient values.
-        The PS answers the pulled rows this worker sent no gradient for as
-        soon as the other workers' gradients of them are applied, while this
-        worker's values may still be on the uplink, and the rest after
+        frame and keys, then the push/pull request's frame and keys, then the
+        gradient values, then the pushed rows.  The PS answers the pulled
+        rows this worker sent no gradient for as soon as the other workers'
+        gradients and pushes of them are in, while this worker's values may
+        still be on the uplink, and the rest after
         (:func:`~torchrec_esd.ps.protocol.own_updated`).  Returns the
         posted exchange (:meth:`finish_push_pull` waits for it) and what the
         gradients moved (their sends complete at that wait)."""
@@ -407,11 +408,15 @@ class PsClient:
         qo, _, reqs = self._push_pull_requests(push_keys, push_vals, pull_keys, None, batch_fingerprint)
         gsends, gsections = self._send_requests([q.frame() for q in greqs], [q.parts() for q in greqs])
         frames = [q.frame() for q in reqs]
-        sends, sections = self._send_requests(frames, [q.parts() for q in reqs])
-        for i, dst in enumerate(t.ps_ranks):  # the values last: the PS knows every key before they come
+        sends, sections = self._send_requests(frames, [q.parts(rows_apart=True) for q in reqs])
+        for i, dst in enumerate(t.ps_ranks):  # the values after: the PS knows every key before they come
             if greqs[i].keys.numel():
                 gsends.append(t.send(dst, pack(greqs[i].value_parts())))
                 add_sections(gsections, greqs[i].value_parts())
+        for i, dst in enumerate(t.ps_ranks):  # the pushed rows last: only other workers' pulls wait for them
+            if reqs[i].push_keys.numel():
+                sends.append(t.send(dst, pack(reqs[i].row_parts())))
+                add_sections(sections, reqs[i].row_parts())
         own = [own_updated(reqs[i].pull_keys, gk[i]) for i in range(self.routing.num_ps)]
         recvs: List[Pending] = []
         replies: List[torch.Tensor] = []

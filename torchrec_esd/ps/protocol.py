@@ -145,9 +145,12 @@ class PushPullFrame:
         _bound(where, "PUSH_PULL", "des_pairs", self.des_pairs, self.des_bags * limits.rows,
                "distinct (row, bag) pairs: des_bags x rows the PS owns")
 
-    def payload_bytes(self, fmt: RowFormat) -> int:
+    def payload_bytes(self, fmt: RowFormat, rows_apart: bool = False) -> int:
+        """``rows_apart``: the request of a split exchange, whose pushed rows
+        are a message of their own after the gradient values (:class:`GradsFrame`)."""
         keys = (self.pushes + self.pulls + self.des_pairs) * KEY_BYTES
-        return keys + self.pushes * fmt.row_bytes + (self.des_pairs * VALUE_BYTES if self.weighted else 0)
+        rows = 0 if rows_apart else self.pushes * fmt.row_bytes
+        return keys + rows + (self.des_pairs * VALUE_BYTES if self.weighted else 0)
 
     def reply_bytes(self, fmt: RowFormat) -> int:
         return self.pulls * fmt.row_bytes + self.des_bags * fmt.value_bytes
@@ -156,10 +159,13 @@ class PushPullFrame:
 @dataclass(frozen=True)
 class GradsFrame:
     """Row (and DES bag) gradients.  A *split* frame (``EsdConfig.split_reply``)
-    carries only the keys; their gradient values (:meth:`values_bytes`) are a
-    message of their own, sent after the next push/pull request of the same
-    worker, so that the PS knows which rows wait for this worker before its
-    values are in (:meth:`torchrec_esd.ps.server.ParameterServer`)."""
+    carries only the keys.  The same worker's next request is then a
+    push/pull whose payload is its keys alone, and two messages follow it:
+    the gradient values (:meth:`values_bytes`), then the pushed rows
+    (``PushPullFrame.payload_bytes(rows_apart=True)``).  So the PS knows
+    every key before the first value, and can answer what waits for no
+    value of this worker while those still cross its uplink
+    (:mod:`torchrec_esd.ps.server`)."""
 
     COMMAND: ClassVar[Command] = Command.GRADS
     rows: int
@@ -273,11 +279,14 @@ _FRAME_FIELDS = {
 }
 
 
-def decode_frame(words: torch.Tensor, limits: ProtocolLimits, fmt: RowFormat, where: str) -> Frame:
+def decode_frame(words: torch.Tensor, limits: ProtocolLimits, fmt: RowFormat, where: str,
+                 rows_apart: bool = False) -> Frame:
     """The typed frame of ``words``, every field bounded (see the module
     docstring); ``where`` names the receiver and sender in errors.  O(1):
     one pass over the 8 words (the field names are looked up once per
-    command type, at import)."""
+    command type, at import).  ``rows_apart``: the sender split its
+    gradients before (:class:`GradsFrame`), so a push/pull's payload is its
+    keys alone."""
     if words.dtype != torch.int64 or words.numel() != FRAME_WORDS:
         raise EsdProtocolError(
             f"{where}: a frame is {FRAME_WORDS} int64 words, got {words.numel()} {words.dtype}"
@@ -303,7 +312,8 @@ def decode_frame(words: torch.Tensor, limits: ProtocolLimits, fmt: RowFormat, wh
         counts[i] = bool(counts[i])
     frame = typ(*counts)
     frame.check(limits, where)
-    expected = frame.payload_bytes(fmt)
+    expected = frame.payload_bytes(fmt, True) if rows_apart and isinstance(frame, PushPullFrame) else \
+        frame.payload_bytes(fmt)
     if w[1] != expected:
         raise EsdProtocolError(
             f"{where}: {label} frame field 'payload_bytes' = {w[1]} but its counts imply {expected} bytes"
@@ -379,19 +389,35 @@ class PushPullRequest:
         return PushPullFrame(self.push_keys.numel(), self.pull_keys.numel(), self.des_packed.numel(),
                              self.des_bags, self.des_weights is not None, self.fingerprint, self.timed)
 
-    def parts(self) -> Parts:
-        out = [(Section.KEYS, self.push_keys), (Section.KEYS, self.pull_keys),
-               (Section.DES_PAIRS, self.des_packed), (Section.PUSH_ROWS, self.push_rows.to(torch.float32))]
+    def parts(self, rows_apart: bool = False) -> Parts:
+        """The payload; ``rows_apart``: without the pushed rows (:meth:`row_parts`, sent after)."""
+        out = [(Section.KEYS, self.push_keys), (Section.KEYS, self.pull_keys), (Section.DES_PAIRS, self.des_packed)]
+        if not rows_apart:
+            out += self.row_parts()
         if self.des_weights is not None:
             out.append((Section.DES_WEIGHTS, self.des_weights.to(torch.float32)))
         return out
 
+    def row_parts(self) -> Parts:
+        return [(Section.PUSH_ROWS, self.push_rows.to(torch.float32))]
+
     @staticmethod
-    def decode(frame: PushPullFrame, buf: torch.Tensor, fmt: RowFormat) -> "PushPullRequest":
+    def decode_rows(frame: PushPullFrame, buf: torch.Tensor, fmt: RowFormat) -> torch.Tensor:
+        """The pushed rows ``[pushes, D+S]`` of a request sent with its rows apart."""
+        rd = PayloadReader(buf)
+        rows = rd.take(frame.pushes, torch.float32, (fmt.dim + fmt.state_dim,))
+        rd.done()
+        return rows
+
+    @staticmethod
+    def decode(frame: PushPullFrame, buf: torch.Tensor, fmt: RowFormat, rows_apart: bool = False) -> "PushPullRequest":
+        """``rows_apart``: ``buf`` holds the keys only; ``push_rows`` is then
+        empty until :meth:`decode_rows` of the message that follows."""
         rd = PayloadReader(buf)
         a, b, c = frame.pushes, frame.pulls, frame.des_pairs
         keys = rd.take(a + b + c, torch.int64)
-        rows = rd.take(a, torch.float32, (fmt.dim + fmt.state_dim,))
+        rows = torch.empty(0, fmt.dim + fmt.state_dim) if rows_apart else \
+            rd.take(a, torch.float32, (fmt.dim + fmt.state_dim,))
         weights = rd.take(c, torch.float32) if frame.weighted else None
         rd.done()
         return PushPullRequest(keys[:a], keys[a : a + b], rows, keys[a + b :], frame.des_bags, weights,

@@ -12,10 +12,11 @@ they all sent the same command and answers where the phase has a reply:
   gradients per row and apply the optimizer once per row (synchronous);
   where a worker's frame is *split* (``EsdConfig.split_reply``) only its
   keys came, and the phase ends in the next push/pull, below;
-* ``PUSH_PULL`` after split gradients: each split worker's gradient values
-  follow its push/pull request.  The PS takes them as they arrive (not in
-  worker order), applies every row whose gradients are all in (summed in
-  worker order, as above, so the rows are the same bits), and answers each
+* ``PUSH_PULL`` after split gradients: a split worker's push/pull request
+  is its keys; its gradient values, then its pushed rows, follow.  The PS
+  takes them as they arrive (not in worker order), applies every row whose
+  gradients are all in (summed in worker order, as above, so the rows are
+  the same bits), stores every pushed row once it is in, and answers each
   split worker in two parts as soon as their rows are final: first the rows
   it sent no gradient for (those wait only for the OTHER workers, so on a
   slow link they come down while its own values still go up), then the
@@ -153,10 +154,14 @@ class ParameterServer:
         payloads, pending = [], []
         for r, (src, p) in enumerate(zip(t.worker_ranks, posted)):
             t.wait([p])  # each payload is taken as soon as its frame is in
-            frame = decode_frame(p.buf, self.limits, self.fmt, f"PS {self.ps_index}: request from rank {src}")
+            # after its split gradients a worker's push/pull payload is its keys (the rows follow its values)
+            apart = self._held is not None and self._held[r][0].split
+            frame = decode_frame(p.buf, self.limits, self.fmt, f"PS {self.ps_index}: request from rank {src}", apart)
             self._check_state(r, frame)
             # bounded by decode_frame and _check_state: safe to allocate
-            buf = torch.empty(frame.payload_bytes(self.fmt), dtype=torch.uint8)
+            size = frame.payload_bytes(self.fmt, True) if apart and isinstance(frame, PushPullFrame) else \
+                frame.payload_bytes(self.fmt)
+            buf = torch.empty(size, dtype=torch.uint8)
             if buf.numel():
                 pending.append(t.recv(src, buf))
             frames.append(frame)
@@ -271,45 +276,52 @@ class ParameterServer:
 
     def _push_pull_split(self, frames: List[Frame], payloads: List[torch.Tensor]) -> None:
         """The push/pull after a gradient phase with split frames: take the
-        split workers' gradient values as they arrive, apply each row once
-        all its gradients are in, answer every reply part once its rows are
-        final (see the module docstring).  The same rows as :meth:`_grads`
-        then :meth:`_push_pull`: each row's gradients are summed in worker
-        order, and a row is pushed after its gradients are applied."""
+        split workers' gradient values and pushed rows as they arrive, apply
+        each row once all its gradients are in and store each pushed row once
+        it is in, answer every reply part once its rows are final (see the
+        module docstring).  The same rows as :meth:`_grads` then
+        :meth:`_push_pull`: each row's gradients are summed in worker order,
+        and a row with gradients and a push gets the push after them."""
         held, self._held = self._held, None
         assert held is not None
         t, dim = self.transport, self.routing.wire_dim
-        reqs = [PushPullRequest.decode(f, p, self.fmt) for f, p in zip(frames, payloads)]  # type: ignore[arg-type]
-        sizes = [int(k.numel()) for _, k, _ in held]
-        starts = [0] + torch.tensor(sizes).cumsum(0).tolist()
-        # the values still to come, posted now: each follows its worker's push/pull request
+        apart = [f.split for f, _, _ in held]
+        reqs = [PushPullRequest.decode(f, p, self.fmt, a)  # type: ignore[arg-type]
+                for f, p, a in zip(frames, payloads, apart)]
+        W = len(reqs)
+        # every gradient (worker order), then every pushed row (worker order): an entry each
+        g_sizes = [int(k.numel()) for _, k, _ in held]
+        p_sizes = [int(q.push_keys.numel()) for q in reqs]
+        starts = torch.tensor([0] + g_sizes + p_sizes).cumsum(0).tolist()  # entry ranges: W gradients, W pushes
+        n_grads = starts[W]
+        keys = torch.cat([k for _, k, _ in held] + [self._local(q.push_keys) for q in reqs])
+        values = torch.empty(starts[-1], dim + self.fmt.state_dim)  # gradients use the first dim columns
+        # what is still to come, posted now in wire order (each worker's values, then its rows)
         waits: List[Pending] = []
-        waiting_for: List[int] = []
-        grads = torch.empty(starts[-1], dim)
-        pending = torch.zeros(starts[-1], dtype=torch.int64)  # 1 where a gradient's value is still to come
+        ranges: List[int] = []  # the entry range of each wait (r: gradients of r, W + r: pushes of r)
+        pending = torch.zeros(starts[-1], dtype=torch.int64)
         for r, (f, _, g) in enumerate(held):
-            if g is not None:
-                grads[starts[r] : starts[r + 1]] = g
-            elif f.rows:
-                waits.append(t.recv(t.worker_ranks[r], torch.empty(f.values_bytes(self.fmt), dtype=torch.uint8)))
-                waiting_for.append(r)
-                pending[starts[r] : starts[r + 1]] = 1
-        uniq, inv = ops.sorted_distinct_inverse(torch.cat([k for _, k, _ in held]))
-        missing = torch.zeros(uniq.numel(), dtype=torch.int64).index_add_(0, inv, pending)  # values to come per row
-        applied = torch.zeros(uniq.numel(), dtype=torch.bool)
-        # pushes: rows with gradients in this phase are stored after those are applied (as in two phases)
-        push_keys = self._local(torch.cat([q.push_keys for q in reqs]))
-        push_rows = torch.cat([q.push_rows for q in reqs])
-        late = torch.isin(push_keys, uniq)
-        if bool((~late).any()):
-            self.storage.write(push_keys[~late], push_rows[~late, :dim], push_rows[~late, dim:])
+            for rng, size, have in ((r, f.values_bytes(self.fmt), g), (W + r, 0, reqs[r].push_rows)):
+                lo, hi = starts[rng], starts[rng + 1]
+                if rng >= W and apart[r]:
+                    size = reqs[r].frame().pushes * self.fmt.row_bytes
+                if size:
+                    waits.append(t.recv(t.worker_ranks[r], torch.empty(size, dtype=torch.uint8)))
+                    ranges.append(rng)
+                    pending[lo:hi] = 1
+                elif hi > lo:
+                    values[lo:hi, : have.shape[1]] = have
+        uniq, inv = ops.sorted_distinct_inverse(keys)
+        missing = torch.zeros(uniq.numel(), dtype=torch.int64).index_add_(0, inv, pending)  # entries to come per row
+        done = torch.zeros(uniq.numel(), dtype=torch.bool)
+        is_grad = torch.arange(starts[-1]) < n_grads
         # each worker's reply parts: (local pull keys, their rows' index in uniq or -1), sent in order
         parts: List[List[Tuple[torch.Tensor, torch.Tensor]]] = []
         for r, q in enumerate(reqs):
             local = self._local(q.pull_keys)
             pos = torch.searchsorted(uniq, local).clamp_(max=max(uniq.numel() - 1, 0))
             dep = torch.where(uniq[pos] == local, pos, -1) if uniq.numel() else torch.full_like(local, -1)
-            if held[r][0].split:
+            if apart[r]:
                 own = own_updated(local, held[r][1])  # (local keys of this PS: the same mask as the worker's)
                 parts.append([(local[~own], dep[~own]), (local[own], dep[own])])
             else:
@@ -317,34 +329,39 @@ class ParameterServer:
         sends: List[Pending] = []
 
         def step() -> None:
-            """Apply the rows now complete; send every part whose rows are final."""
-            now = (missing == 0) & ~applied
+            """Finish the rows now complete; send every part whose rows are final."""
+            now = (missing == 0) & ~done
             if bool(now.any()):
-                sel = now[inv].nonzero().view(-1)  # their gradients, in worker order
-                at = torch.cumsum(now, 0) - 1
-                self._apply(uniq[now], at[inv[sel]], grads[sel])
-                applied.logical_or_(now)
-                if bool(late.any()):
-                    done = late & torch.isin(push_keys, uniq[now])
-                    if bool(done.any()):
-                        self.storage.write(push_keys[done], push_rows[done, :dim], push_rows[done, dim:])
+                sel = now[inv]
+                g = (sel & is_grad).nonzero().view(-1)  # their gradients, in worker order
+                if g.numel():
+                    at = torch.cumsum(now, 0) - 1
+                    self._apply(uniq[now], at[inv[g]], values[g, :dim])
+                p = (sel & ~is_grad).nonzero().view(-1)  # then their pushed rows
+                if p.numel():
+                    self.storage.write(keys[p], values[p, :dim], values[p, dim:])
+                done.logical_or_(now)
             for r, todo in enumerate(parts):
                 while todo:
                     local, dep = todo[0]
                     d = dep[dep >= 0]
-                    if d.numel() and not bool(applied[d].all()):
+                    if d.numel() and not bool(done[d].all()):
                         break
                     todo.pop(0)
                     sends.extend(self._send_rows(r, local, frames[r].timed))  # type: ignore[union-attr]
 
         step()
         for i in t.in_completion_order(waits):
-            r = waiting_for[i]
-            g = GradsRequest.decode_values(held[r][0], waits[i].buf, self.fmt)
-            grads[starts[r] : starts[r + 1]] = g
-            missing.index_add_(0, inv[starts[r] : starts[r + 1]], torch.full((sizes[r],), -1, dtype=torch.int64))
+            rng = ranges[i]
+            r = rng % W
+            lo, hi = starts[rng], starts[rng + 1]
+            if rng < W:
+                values[lo:hi, :dim] = GradsRequest.decode_values(held[r][0], waits[i].buf, self.fmt)
+            else:
+                values[lo:hi] = PushPullRequest.decode_rows(frames[r], waits[i].buf, self.fmt)  # type: ignore[arg-type]
+            missing.index_add_(0, inv[lo:hi], torch.full((hi - lo,), -1, dtype=torch.int64))
             step()
-        if not bool(applied.all()) or any(parts):  # every value is in: cannot happen
+        if not bool(done.all()) or any(parts):  # every value is in: cannot happen
             raise EsdRemoteError(f"PS {self.ps_index}: a split push/pull left rows unapplied or replies unsent")
         t.wait(sends)
 

@@ -203,26 +203,28 @@ class Transport(ABC):
             self.completed(p)
 
     def in_completion_order(self, pending: Sequence[Pending]) -> Iterator[int]:
-        """The indices of ``pending`` (at most one per peer) in the order they
-        complete: each is waited for in a thread of its own (a wait releases
-        the GIL), and each completion is yielded (and metered) in the calling
-        thread.  A failed or timed-out wait raises here, naming its peer; the
-        other threads end within the transport's timeout."""
+        """The indices of ``pending`` in the order they complete: each peer's
+        are waited for in a thread of its own, in the order given (receives
+        from one peer complete in posting order; a wait releases the GIL),
+        and each completion is yielded (and metered) in the calling thread.
+        A failed or timed-out wait raises here, naming its peer; the other
+        threads end within the transport's timeout."""
         peers = [p.peer for p in pending]
-        if len(set(peers)) != len(peers):
-            raise ValueError("in_completion_order waits for at most one message per peer")
         done: "queue.Queue" = queue.Queue()
 
-        def waiter(i: int, p: Pending) -> None:
-            try:
-                if not p.done:
-                    self._wait(p.work, self.timeout_s)
-                done.put((i, None))
-            except BaseException as e:  # handed to the calling thread
-                done.put((i, e))
+        def waiter(items: List[int]) -> None:
+            for i in items:
+                try:
+                    if not pending[i].done:
+                        self._wait(pending[i].work, self.timeout_s)
+                    done.put((i, None))
+                except BaseException as e:  # handed to the calling thread
+                    done.put((i, e))
+                    return
 
-        for i, p in enumerate(pending):
-            threading.Thread(target=waiter, args=(i, p), name="esd-wait", daemon=True).start()
+        for peer in dict.fromkeys(peers):
+            items = [i for i, q in enumerate(peers) if q == peer]
+            threading.Thread(target=waiter, args=(items,), name="esd-wait", daemon=True).start()
         for _ in pending:
             try:
                 i, err = done.get(timeout=self.timeout_s + 10.0)  # every waiter ends within its timeout
