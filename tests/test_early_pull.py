@@ -182,3 +182,25 @@ def test_the_link_observation_of_a_push_pull_counts_its_pre_push_bytes():
     wp.rows, wp.flushed_rows, wp.num_samples = {}, 0, 3
     ps.push_pull(wp, torch.zeros(2, 5), iteration=4)
     assert seen == [450]  # 100 + 50 of the push/pull, 300 of its pre-push
+
+
+def test_split_reply_sends_the_keys_in_the_forward_and_the_values_after_the_backward():
+    from torchrec_esd.ps.transport import Traffic
+
+    ps, rt, client = _sync()
+    ps._split = True
+    rt.meter.split_replies = 0
+    client.post_split_head = lambda gk, pk, qk, batch_fingerprint=0: (
+        client.calls.append(("head", gk.tolist(), pk.tolist(), qk.tolist())), "pending")[1]
+    client.send_split_tail = lambda p, grads, push: (
+        client.calls.append(("tail", p, grads.shape[0], push.shape[0])), Traffic())[1]
+    current = _plan(3, used_keys=(20, 21))
+    current.workers[0].grad_pos = torch.tensor([1])
+    ps.post_head(current)  # plan 4 not dispatched yet: nothing goes in the forward
+    assert client.calls == []
+    rt.plans.plans[4] = _plan(4, push_keys=(5, 11))
+    ps.post_head(current)
+    assert client.calls == [("head", [21], [5, 11], [1, 2])]
+    ps.push_grads_and_next(torch.tensor([21]), torch.zeros(1, 4), None, torch.zeros(0, 4), 3, _Store())
+    assert client.calls[1] == ("tail", "pending", 1, 2)  # the values and the pushed rows, read now
+    assert ps.posted(4) and rt.meter.split_replies == 1 and rt.meter.early_pulls == 1

@@ -573,9 +573,10 @@ def test_a_split_gradient_phase_answers_the_rows_that_wait_only_for_the_others_f
     tables, _ = out["tables"]
     assert torch.equal(tables["t0"], expect[:10]) and torch.equal(tables["t1"], expect[10:])
     assert all(s.iterations == 1 for s in servers)
-    # what the gradients moved: a frame to each PS, keys to the owners, values after the push/pull
+    # what the gradients moved: a frame to each PS, keys to the owners, after the push/pull a VALUES
+    # frame to each PS and the values to the owners
     owners = len(set(routing.locate(torch.tensor([3, 8]))[0].tolist()))
-    assert out["grads"].link == LinkStats(bytes_sent=2 * FRAME_BYTES + 2 * 8 + 2 * DIM * 4, messages_sent=2 + 2 * owners)
+    assert out["grads"].link == LinkStats(bytes_sent=4 * FRAME_BYTES + 2 * 8 + 2 * DIM * 4, messages_sent=4 + 2 * owners)
     assert out["grads"].section(Section.ROW_GRADS) == SectionSize(2, 2 * DIM * 4)
     assert out["pp"].section(Section.PULL_ROWS) == SectionSize(5, 5 * DIM * 4)
     assert out["pp"].section(Section.PUSH_ROWS) == SectionSize(1, DIM * 4)
@@ -596,3 +597,43 @@ def test_split_gradients_not_followed_by_a_push_pull_are_a_protocol_error():
     # and a split frame to a DES PS
     _, _, _, errors = _world(1, 1, True, SparseOptimizer(), _weights(), [_Rogue(words, torch.zeros(8, dtype=torch.uint8))])
     assert isinstance(errors[1], EsdProtocolError) and "split GRADS frame to a PS with DES" in str(errors[1])
+
+
+def test_a_worker_that_fails_between_the_keys_and_the_values_of_a_split_exchange_aborts_the_ps():
+    # the keys of a split exchange go in the forward (PsSync.post_head); a worker whose backward then
+    # fails sends an ABORT where its VALUES frame would be, and the PS raises its message
+    no_keys, no_rows = torch.empty(0, dtype=torch.int64), torch.empty(0, DIM)
+
+    def worker0(c):
+        c.push_pull(no_keys, no_rows, no_keys)
+        c.post_split_head(torch.tensor([3, 8]), no_keys, torch.tensor([4]))
+        c.abort("worker 0: the backward of step 1 failed")
+
+    def worker1(c):
+        c.push_pull(no_keys, no_rows, no_keys)
+        c.push_grads(torch.tensor([3]), torch.ones(1, DIM))
+        c.post_push_pull(no_keys, no_rows, torch.tensor([5]))
+        c.abort("worker 1 follows")
+
+    _, _, _, errors = _world(2, 1, False, SparseOptimizer(), _weights(), [worker0, worker1])
+    assert isinstance(errors.get(2), EsdRemoteError), errors
+    assert "ESD job aborted by the workers: worker 0: the backward of step 1 failed" in str(errors[2])
+
+
+def test_values_that_do_not_match_their_split_keys_are_a_protocol_error():
+    from torchrec_esd.ps.protocol import ValuesFrame
+
+    no_keys, no_rows = torch.empty(0, dtype=torch.int64), torch.empty(0, DIM)
+
+    def worker0(c):
+        c.push_pull(no_keys, no_rows, no_keys)
+        c.post_split_head(torch.tensor([3, 8]), no_keys, torch.tensor([4]))
+        t = c.transport
+        t.wait([t.send(t.ps_ranks[0], encode_frame(ValuesFrame(1, 0), DIM * 4))])  # 1 row, not 2
+
+    _, _, _, errors = _world(1, 1, False, SparseOptimizer(), _weights(), [worker0])
+    assert isinstance(errors.get(1), EsdProtocolError), errors
+    assert "split its gradients (2 rows)" in str(errors[1]) and "instead of their values" in str(errors[1])
+    # and a VALUES frame as a request of its own
+    _, _, _, errors = _world(1, 1, False, SparseOptimizer(), _weights(), [_Rogue(encode_frame(ValuesFrame(0, 0), 0))])
+    assert isinstance(errors[1], EsdProtocolError) and "VALUES frame outside a split exchange" in str(errors[1])

@@ -77,6 +77,9 @@ class PsSync:
         self._no_partials = torch.empty(0, runtime.client.routing.wire_dim)
         self._post_next = runtime.config.early_pull and not runtime.config.des_misses
         self._split = self._post_next and runtime.config.split_reply
+        # the keys of a split exchange sent in the forward (post_head), until the backward sends the values:
+        # (iteration, exchange, the next pushes' cache slots, pull mask, prefetched keys left out, pre-push traffic)
+        self._head = None
         self._pre_push = runtime.config.pre_push
         self._workers = runtime.config.workers  # their configured links (pre_push without online_links)
         # rows of the next iteration's pushes sent early (pre_push): (iteration, keys, traffic)
@@ -216,20 +219,20 @@ class PsSync:
         times the reply off the training thread (``ReplyClock``).  Not with
         DES-served misses (the DES request needs the batch), nor when
         ``EsdConfig.early_pull`` is off."""
-        nxt = self._next_request(iteration, store)
+        nxt = self._next_request(iteration)
         if nxt is None:
             return
-        wp, push_keys, push_values, pull_keys, rest, n_have, pre = nxt
-        pending = self._client.post_push_pull(push_keys, push_values, pull_keys,
+        wp, push_keys, push_slots, pull_keys, rest, n_have, pre = nxt
+        pending = self._client.post_push_pull(push_keys, store.read(push_slots).cpu(), pull_keys,
                                               batch_fingerprint=wp.global_fingerprint)
         self._next = (iteration + 1, pending, rest, n_have, pre)
         self._meter.early_pulls += 1
 
-    def _next_request(self, iteration: int, store):
+    def _next_request(self, iteration: int):
         """The push/pull of ``iteration + 1`` to post now (:meth:`post_next`),
         or None (early pull off, posted already, or its plan not there yet):
-        (its plan, push keys, push values, pull keys, mask of the plan's pull
-        keys asked for or None, prefetched keys left out, pre-push traffic)."""
+        (its plan, push keys, their cache slots, pull keys, mask of the plan's
+        pull keys asked for or None, prefetched keys left out, pre-push traffic)."""
         if not self._post_next or self._next is not None:
             return None
         plan = self._plans.peek(iteration + 1)
@@ -243,7 +246,30 @@ class PsSync:
         if unsent is not None:
             push_keys, push_slots = push_keys[unsent], push_slots[unsent]
         pull_keys = wp.pull_keys if rest is None else wp.pull_keys[rest]
-        return wp, push_keys, store.read(push_slots).cpu(), pull_keys, rest, int(have.numel()), pre
+        return wp, push_keys, push_slots, pull_keys, rest, int(have.numel()), pre
+
+    def post_head(self, current: IterationPlan) -> None:
+        """With ``EsdConfig.split_reply``, right after the push/pull of
+        ``current`` (and its prefetch and pre-push), when the next plan is
+        there: send the PS the keys of ``current``'s gradients and of the
+        next iteration's push/pull (both known from the plans:
+        :meth:`~torchrec_esd.ps.PsClient.post_split_head`), so that they
+        cross the uplink while ``current`` computes; :meth:`push_grads_and_next`
+        sends the values after the backward.  The PS can then answer the
+        rows this worker sends no gradient for as soon as the other workers'
+        values are in.  Without the next plan (or with a prefetch or
+        pre-push still waiting for it) nothing goes now."""
+        if not self._split or self._head is not None or self._deferred is not None \
+                or self._pre_deferred is not None:
+            return
+        nxt = self._next_request(current.iteration)
+        if nxt is None:
+            return
+        wp_next, push_keys, push_slots, pull_keys, rest, n_have, pre = nxt
+        wp = current.workers[self._worker]
+        pending = self._client.post_split_head(wp.used_keys[wp.grad_pos], push_keys, pull_keys,
+                                               batch_fingerprint=wp_next.global_fingerprint)
+        self._head = (current.iteration, pending, push_slots, rest, n_have, pre)
 
     def push_grads_and_next(self, keys: torch.Tensor, grads: torch.Tensor, route: Optional[DesRoute],
                             bag_grads: torch.Tensor, iteration: int, store) -> None:
@@ -255,18 +281,27 @@ class PsSync:
         values still cross the uplink.  The PS takes split and whole gradient
         frames in one phase, so workers whose next plan is not there yet send
         theirs whole."""
-        if not self._split or route is not None:
+        if self._head is not None:  # the keys went in the forward (post_head): now the values
+            it, pending, push_slots, rest, n_have, pre = self._head
+            self._head = None
+            if it != iteration:
+                raise EsdConfigError(f"the keys of iteration {it}'s gradients went to the PS, but the backward is "
+                                     f"iteration {iteration}'s: train batches in dispatch order")
+            traffic = self._client.send_split_tail(pending, grads.detach().cpu(), store.read(push_slots).cpu())
+        elif not self._split or route is not None:
             self.push_grads(keys, grads, route, bag_grads)
             self.post_next(iteration, store)
             return
-        self._post_deferred()
-        nxt = self._next_request(iteration, store)
-        if nxt is None:
-            self.push_grads(keys, grads, route, bag_grads)
-            return
-        wp, push_keys, push_values, pull_keys, rest, n_have, pre = nxt
-        pending, traffic = self._client.post_grads_push_pull(keys, grads.detach().cpu(), push_keys, push_values,
-                                                             pull_keys, batch_fingerprint=wp.global_fingerprint)
+        else:
+            self._post_deferred()
+            nxt = self._next_request(iteration)
+            if nxt is None:
+                self.push_grads(keys, grads, route, bag_grads)
+                return
+            wp, push_keys, push_slots, pull_keys, rest, n_have, pre = nxt
+            pending, traffic = self._client.post_grads_push_pull(
+                keys, grads.detach().cpu(), push_keys, store.read(push_slots).cpu(), pull_keys,
+                batch_fingerprint=wp.global_fingerprint)
         self._meter.record_grads(traffic, self._link)
         self._next = (iteration + 1, pending, rest, n_have, pre)
         self._meter.early_pulls += 1

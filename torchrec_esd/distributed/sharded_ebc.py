@@ -230,6 +230,7 @@ class ShardedEsdEmbeddingBagCollection(
         cached = dst >= 0
         store.write(dst[cached], got[cached])
         self._ps.pre_push(plan, store)  # (EsdConfig.pre_push) the next batch's pushes leave now
+        self._ps.post_head(plan)  # (EsdConfig.split_reply) the keys of this backward and of the next push/pull
         # working set: the rows this batch uses, in used_keys order (DES-served rows
         # stay zero: no value points at them, their bags read the partial sums)
         d = self._wire_dim

@@ -39,9 +39,11 @@ from torchrec_esd.ps.protocol import (
     RowFormat,
     Section,
     StopFrame,
+    ValuesFrame,
     abort_parts,
     add_sections,
     check_reply_marker,
+    encode_frame,
     own_updated,
     pack,
 )
@@ -82,6 +84,17 @@ class PendingPushPull:
     # for, the rest]; own[i] marks the second part's keys among PS i's pull keys; clock_b times the second parts
     own: Optional[List[torch.Tensor]] = None
     clock_b: Optional["ReplyClock"] = None
+    tail: Optional["SplitTail"] = None  # a split exchange whose values are not sent yet (send_split_tail)
+
+
+@dataclass
+class SplitTail:
+    """What :meth:`PsClient.send_split_tail` needs of a posted split head."""
+
+    grad_keys: torch.Tensor  # in the order of the gradients to come
+    push_keys: torch.Tensor  # in the order of the pushed rows to come
+    sends: List[Pending]  # the head's gradient frames and keys
+    sections: Dict
 
 
 class ReplyClock:
@@ -385,38 +398,34 @@ class PsClient:
             clock = ReplyClock(self.transport, mk, recvs, self.transport.native_clock(mk, recvs))
         return PendingPushPull(qo, frames, earlier, sends, recvs, replies, sections, markers, clock)
 
-    def post_grads_push_pull(
-        self, grad_keys: torch.Tensor, grads: torch.Tensor, push_keys: torch.Tensor, push_vals: torch.Tensor,
-        pull_keys: torch.Tensor, batch_fingerprint: int = 0,
-    ) -> Tuple[PendingPushPull, Traffic]:
-        """:meth:`push_grads` (no DES) then :meth:`post_push_pull`, with a
-        *split* reply (``EsdConfig.split_reply``): to every PS the gradients'
-        frame and keys, then the push/pull request's frame and keys, then the
-        gradient values, then the pushed rows.  The PS answers the pulled
-        rows this worker sent no gradient for as soon as the other workers'
-        gradients and pushes of them are in, while this worker's values may
-        still be on the uplink, and the rest after
-        (:func:`~torchrec_esd.ps.protocol.own_updated`).  Returns the
-        posted exchange (:meth:`finish_push_pull` waits for it) and what the
-        gradients moved (their sends complete at that wait)."""
+    def post_split_head(self, grad_keys: torch.Tensor, push_keys: torch.Tensor, pull_keys: torch.Tensor,
+                        batch_fingerprint: int = 0) -> PendingPushPull:
+        """The first half of a *split* exchange (``EsdConfig.split_reply``;
+        no DES): to every PS the frame and keys of this iteration's
+        gradients, then the frame and keys of the next iteration's push/pull,
+        and the receives of its reply, posted.  The keys are known from the
+        plans, so this may go before the backward computes the gradients;
+        :meth:`send_split_tail` sends their values and the pushed rows (no
+        other request to the PS may come between), :meth:`finish_push_pull`
+        waits for the reply.  The PS answers the pulled rows this worker
+        sends no gradient for as soon as the other workers' gradients and
+        pushes of them are in, while this worker's values may still be on
+        the uplink, and the rest after
+        (:func:`~torchrec_esd.ps.protocol.own_updated`), each part in pull
+        order."""
         if self.des:
             raise EsdConfigError("a split gradient phase has no DES bag gradients (it comes with the early pull)")
         t = self.transport
-        _, gk, gv = self._split_by_ps(grad_keys, grads.to(torch.float32))
-        greqs = [GradsRequest(gk[i], gv[i], torch.empty(0, self.routing.wire_dim), split=True)
+        width = self.fmt.dim + self.fmt.state_dim
+        _, gk = self._split_by_ps(grad_keys)
+        greqs = [GradsRequest(gk[i], None, torch.empty(0, self.routing.wire_dim), split=True)
                  for i in range(self.routing.num_ps)]
-        qo, _, reqs = self._push_pull_requests(push_keys, push_vals, pull_keys, None, batch_fingerprint)
+        # (the pushed rows are read after the backward: the tail sends them)
+        qo, _, reqs = self._push_pull_requests(push_keys, torch.empty(push_keys.numel(), width), pull_keys, None,
+                                               batch_fingerprint)
         gsends, gsections = self._send_requests([q.frame() for q in greqs], [q.parts() for q in greqs])
         frames = [q.frame() for q in reqs]
         sends, sections = self._send_requests(frames, [q.parts(rows_apart=True) for q in reqs])
-        for i, dst in enumerate(t.ps_ranks):  # the values after: the PS knows every key before they come
-            if greqs[i].keys.numel():
-                gsends.append(t.send(dst, pack(greqs[i].value_parts())))
-                add_sections(gsections, greqs[i].value_parts())
-        for i, dst in enumerate(t.ps_ranks):  # the pushed rows last: only other workers' pulls wait for them
-            if reqs[i].push_keys.numel():
-                sends.append(t.send(dst, pack(reqs[i].row_parts())))
-                add_sections(sections, reqs[i].row_parts())
         own = [own_updated(reqs[i].pull_keys, gk[i]) for i in range(self.routing.num_ps)]
         recvs: List[Pending] = []
         replies: List[torch.Tensor] = []
@@ -436,9 +445,51 @@ class PsClient:
         earlier, self._unsent = self._unsent + gsends, []
         clocks = [ReplyClock(t, mk, rv, t.native_clock(mk, rv)) if mk else None
                   for mk, rv in ((timed[0], timed[1]), (timed[2], timed[3]))]
-        pending = PendingPushPull(qo, frames, earlier, sends, recvs, replies, sections, markers, clocks[0],
-                                  own, clocks[1])
-        return pending, self._own_traffic(gsends, [], gsections)
+        return PendingPushPull(qo, frames, earlier, sends, recvs, replies, sections, markers, clocks[0], own,
+                               clocks[1], SplitTail(grad_keys, push_keys, gsends, gsections))
+
+    def send_split_tail(self, p: PendingPushPull, grads: torch.Tensor, push_vals: torch.Tensor) -> Traffic:
+        """The second half of :meth:`post_split_head`'s exchange: to every PS
+        a VALUES frame, the gradient values ``grads`` [len(grad keys), D],
+        then the pushed rows ``push_vals`` [len(push keys), D+S] (each where
+        not empty); returns before the sends complete.  What the gradients
+        moved (head and tail; their sends complete at :meth:`finish_push_pull`)."""
+        tail = p.tail
+        if tail is None:
+            raise EsdConfigError("the values of this split exchange were sent already (or it is not split)")
+        if grads.shape[0] != tail.grad_keys.numel() or push_vals.shape[0] != tail.push_keys.numel():
+            raise EsdConfigError(
+                f"a split exchange announced {tail.grad_keys.numel()} gradients and {tail.push_keys.numel()} pushed "
+                f"rows, then got {grads.shape[0]} and {push_vals.shape[0]}")
+        p.tail = None
+        t = self.transport
+        _, gk, gv = self._split_by_ps(tail.grad_keys, grads.to(torch.float32))
+        _, pk, pv = self._split_by_ps(tail.push_keys, push_vals.to(torch.float32))
+        sends: List[Pending] = []
+        sections = dict(tail.sections)
+        for i, dst in enumerate(t.ps_ranks):
+            frame = ValuesFrame(gk[i].numel(), pk[i].numel())
+            frame.check(self.limits[i], f"worker request to PS {i}")
+            sends.append(t.send(dst, encode_frame(frame, frame.payload_bytes(self.fmt))))
+            if gk[i].numel():  # the values first: the reply's second part waits for them
+                part = [(Section.ROW_GRADS, gv[i])]
+                sends.append(t.send(dst, pack(part)))
+                add_sections(sections, part)
+            if pk[i].numel():  # the pushed rows last: only other workers' pulls wait for them
+                part = [(Section.PUSH_ROWS, pv[i])]
+                p.sends.append(t.send(dst, pack(part)))
+                add_sections(p.sections, part)
+        p.earlier += sends
+        return self._own_traffic(tail.sends + sends, [], sections)
+
+    def post_grads_push_pull(
+        self, grad_keys: torch.Tensor, grads: torch.Tensor, push_keys: torch.Tensor, push_vals: torch.Tensor,
+        pull_keys: torch.Tensor, batch_fingerprint: int = 0,
+    ) -> Tuple[PendingPushPull, Traffic]:
+        """:meth:`post_split_head` and :meth:`send_split_tail` at once:
+        :meth:`push_grads` (no DES) then :meth:`post_push_pull`, with a split reply."""
+        p = self.post_split_head(grad_keys, push_keys, pull_keys, batch_fingerprint)
+        return p, self.send_split_tail(p, grads, push_vals)
 
     def _split_rows(self, p: PendingPushPull) -> List[PushPullReply]:
         """The replies of a split push/pull, each PS's two parts back in its pull order."""
@@ -458,6 +509,8 @@ class PsClient:
         keys; :attr:`last_traffic`: its own messages (no wall seconds; with
         timed replies their bytes and transfer seconds: with a split reply,
         the two parts' transfers added)."""
+        if p.tail is not None:
+            raise EsdConfigError("a split exchange's values were never sent (PsClient.send_split_tail)")
         t = self.transport
         transfer_s, transfer_b = 0.0, 0
         if p.clock is None and p.clock_b is None:

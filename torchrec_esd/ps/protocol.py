@@ -67,6 +67,7 @@ class Command(IntEnum):
     GATHER = 3  # every PS replies its whole storage (tests, checkpoints)
     PREFETCH = 4  # pull rows of a later iteration early (EsdConfig.prefetch_depth); one reply
     PRE_PUSH = 5  # dirty rows the next iteration pushes, sent while this one computes (EsdConfig.pre_push); no reply
+    VALUES = 6  # the gradient values and pushed rows of a split exchange (GradsFrame.split); not a phase of its own
     STOP = 8
     ABORT = 9  # payload: the reason, UTF-8
 
@@ -160,12 +161,12 @@ class PushPullFrame:
 class GradsFrame:
     """Row (and DES bag) gradients.  A *split* frame (``EsdConfig.split_reply``)
     carries only the keys.  The same worker's next request is then a
-    push/pull whose payload is its keys alone, and two messages follow it:
-    the gradient values (:meth:`values_bytes`), then the pushed rows
-    (``PushPullFrame.payload_bytes(rows_apart=True)``).  So the PS knows
-    every key before the first value, and can answer what waits for no
-    value of this worker while those still cross its uplink
-    (:mod:`torchrec_esd.ps.server`)."""
+    push/pull whose payload is its keys alone, and a :class:`ValuesFrame`
+    follows it with the gradient values, then the pushed rows, as messages
+    of their own.  So the PS knows every key before the first value (the
+    keys may even go before the backward that computes the values), and
+    can answer what waits for no value of this worker while those still
+    cross its uplink (:mod:`torchrec_esd.ps.server`)."""
 
     COMMAND: ClassVar[Command] = Command.GRADS
     rows: int
@@ -223,6 +224,31 @@ class PrePushFrame:
 
 
 @dataclass(frozen=True)
+class ValuesFrame:
+    """The second half of a split exchange: after it, ``rows`` gradient
+    values ``[rows, D]`` as one message, then ``pushes`` pushed rows
+    ``[pushes, D+S]`` as another (each only where not empty).  Both counts
+    must be those of the worker's split gradients and push/pull before it.
+    Framed, so that a worker that fails between the keys and the values
+    sends an ABORT in its place and the PS raises its message."""
+
+    COMMAND: ClassVar[Command] = Command.VALUES
+    rows: int
+    pushes: int
+
+    def check(self, limits: ProtocolLimits, where: str) -> None:
+        _bound(where, "VALUES", "rows", self.rows, limits.rows, "rows the PS owns")
+        _bound(where, "VALUES", "pushes", self.pushes, limits.rows, "rows the PS owns")
+
+    def message_bytes(self, fmt: RowFormat) -> Tuple[int, int]:
+        """(bytes of the values message, of the pushed-rows message)."""
+        return self.rows * fmt.value_bytes, self.pushes * fmt.row_bytes
+
+    def payload_bytes(self, fmt: RowFormat) -> int:
+        return sum(self.message_bytes(fmt))
+
+
+@dataclass(frozen=True)
 class GatherFrame:
     COMMAND: ClassVar[Command] = Command.GATHER
 
@@ -257,9 +283,10 @@ class AbortFrame:
         return self.message_bytes
 
 
-Frame = Union[PushPullFrame, GradsFrame, PrefetchFrame, PrePushFrame, GatherFrame, StopFrame, AbortFrame]
-FRAME_TYPES = {t.COMMAND: t for t in (PushPullFrame, GradsFrame, PrefetchFrame, PrePushFrame, GatherFrame, StopFrame,
-                                      AbortFrame)}
+Frame = Union[PushPullFrame, GradsFrame, PrefetchFrame, PrePushFrame, ValuesFrame, GatherFrame, StopFrame,
+              AbortFrame]
+FRAME_TYPES = {t.COMMAND: t for t in (PushPullFrame, GradsFrame, PrefetchFrame, PrePushFrame, ValuesFrame, GatherFrame,
+                                      StopFrame, AbortFrame)}
 
 
 def encode_frame(frame: Frame, payload_bytes: int) -> torch.Tensor:

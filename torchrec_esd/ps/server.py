@@ -66,6 +66,7 @@ from torchrec_esd.ps.protocol import (
     PushPullRequest,
     RowFormat,
     Section,
+    ValuesFrame,
     abort_message,
     decode_frame,
     own_updated,
@@ -139,6 +140,8 @@ class ParameterServer:
                 self._gather()
             elif cmd is Command.STOP:
                 return
+            elif cmd is Command.VALUES:
+                raise EsdProtocolError(f"PS {self.ps_index}: a VALUES frame outside a split exchange")
             else:  # ABORT: every worker sends the message; the first non-empty one is raised
                 msg = next((abort_message(p) for f, p in zip(frames, payloads)
                             if isinstance(f, AbortFrame) and p.numel()), "")
@@ -296,18 +299,12 @@ class ParameterServer:
         n_grads = starts[W]
         keys = torch.cat([k for _, k, _ in held] + [self._local(q.push_keys) for q in reqs])
         values = torch.empty(starts[-1], dim + self.fmt.state_dim)  # gradients use the first dim columns
-        # what is still to come, posted now in wire order (each worker's values, then its rows)
-        waits: List[Pending] = []
-        ranges: List[int] = []  # the entry range of each wait (r: gradients of r, W + r: pushes of r)
+        # what is still to come: the split workers' values and pushed rows (after a VALUES frame each)
         pending = torch.zeros(starts[-1], dtype=torch.int64)
         for r, (f, _, g) in enumerate(held):
-            for rng, size, have in ((r, f.values_bytes(self.fmt), g), (W + r, 0, reqs[r].push_rows)):
+            for rng, have in ((r, g), (W + r, reqs[r].push_rows)):
                 lo, hi = starts[rng], starts[rng + 1]
-                if rng >= W and apart[r]:
-                    size = reqs[r].frame().pushes * self.fmt.row_bytes
-                if size:
-                    waits.append(t.recv(t.worker_ranks[r], torch.empty(size, dtype=torch.uint8)))
-                    ranges.append(rng)
+                if apart[r]:
                     pending[lo:hi] = 1
                 elif hi > lo:
                     values[lo:hi, : have.shape[1]] = have
@@ -351,19 +348,48 @@ class ParameterServer:
                     sends.extend(self._send_rows(r, local, frames[r].timed))  # type: ignore[union-attr]
 
         step()
-        for i in t.in_completion_order(waits):
-            rng = ranges[i]
-            r = rng % W
-            lo, hi = starts[rng], starts[rng + 1]
-            if rng < W:
-                values[lo:hi, :dim] = GradsRequest.decode_values(held[r][0], waits[i].buf, self.fmt)
-            else:
-                values[lo:hi] = PushPullRequest.decode_rows(frames[r], waits[i].buf, self.fmt)  # type: ignore[arg-type]
-            missing.index_add_(0, inv[lo:hi], torch.full((hi - lo,), -1, dtype=torch.int64))
-            step()
+        cq = t.completions()
+        try:
+            for r in range(W):
+                if apart[r]:
+                    cq.add(t.recv_frame(t.worker_ranks[r]), (r, -1))
+            while cq.outstanding:
+                (r, rng), got = cq.next()
+                if rng < 0:  # a VALUES frame (or an ABORT in its place): post what it announces
+                    for rng, size in self._values_frame(r, got.buf, g_sizes[r], p_sizes[r]):
+                        cq.add(t.recv(t.worker_ranks[r], torch.empty(size, dtype=torch.uint8)), (r, rng))
+                    continue
+                lo, hi = starts[rng], starts[rng + 1]
+                if rng < W:
+                    values[lo:hi, :dim] = GradsRequest.decode_values(held[r][0], got.buf, self.fmt)
+                else:
+                    values[lo:hi] = PushPullRequest.decode_rows(frames[r], got.buf, self.fmt)  # type: ignore[arg-type]
+                missing.index_add_(0, inv[lo:hi], torch.full((hi - lo,), -1, dtype=torch.int64))
+                step()
+        finally:
+            cq.close()
         if not bool(done.all()) or any(parts):  # every value is in: cannot happen
             raise EsdRemoteError(f"PS {self.ps_index}: a split push/pull left rows unapplied or replies unsent")
         t.wait(sends)
+
+    def _values_frame(self, r: int, words: torch.Tensor, rows: int, pushes: int) -> List[Tuple[int, int]]:
+        """The messages a split worker's VALUES frame announces: (entry
+        range, bytes) of its values (range ``r``) and pushed rows (``W + r``),
+        checked against its keys; an ABORT in its place raises its message."""
+        src = self.transport.worker_ranks[r]
+        frame = decode_frame(words, self.limits, self.fmt, f"PS {self.ps_index}: values from rank {src}")
+        if isinstance(frame, AbortFrame):
+            buf = torch.empty(frame.message_bytes, dtype=torch.uint8)  # bounded by decode_frame
+            if buf.numel():
+                self.transport.wait([self.transport.recv(src, buf)])
+            raise EsdRemoteError(f"ESD job aborted by the workers: {abort_message(buf)}")
+        if not isinstance(frame, ValuesFrame) or (frame.rows, frame.pushes) != (rows, pushes):
+            raise EsdProtocolError(
+                f"PS {self.ps_index}: worker {r} split its gradients ({rows} rows) and push/pull ({pushes} "
+                f"pushes), then sent {frame} instead of their values")
+        W = len(self.transport.worker_ranks)
+        sizes = frame.message_bytes(self.fmt)
+        return [(rng, size) for rng, size in ((r, sizes[0]), (W + r, sizes[1])) if size]
 
     def _send_rows(self, r: int, local: torch.Tensor, timed: bool) -> List[Pending]:
         """Post worker ``r`` the rows (value + state) of ``local`` as one
