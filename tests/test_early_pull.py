@@ -204,3 +204,18 @@ def test_split_reply_sends_the_keys_in_the_forward_and_the_values_after_the_back
     ps.push_grads_and_next(torch.tensor([21]), torch.zeros(1, 4), None, torch.zeros(0, 4), 3, _Store())
     assert client.calls[1] == ("tail", "pending", 1, 2)  # the values and the pushed rows, read now
     assert ps.posted(4) and rt.meter.split_replies == 1 and rt.meter.early_pulls == 1
+
+
+def test_a_worker_whose_values_are_quick_on_its_link_does_not_split():
+    # 1 gradient x 16 B + 2 pushed rows x 20 B = 56 B: at 1e6 B/s 0.056 ms, under SPLIT_MIN_S
+    ps, rt, client = _sync(uplink_bytes_per_s=1e6)
+    ps._split = True
+    rt.meter.split_replies = 0
+    client.post_split_head = lambda *a, **k: client.calls.append(("head",))
+    current = _plan(3, used_keys=(20, 21))
+    current.workers[0].grad_pos = torch.tensor([1])
+    rt.plans.plans[4] = _plan(4, push_keys=(5, 11))
+    ps.post_head(current)
+    ps.push_grads_and_next(torch.tensor([21]), torch.zeros(1, 4), None, torch.zeros(0, 4), 3, _Store())
+    assert client.calls == [("grads", [21]), ("post", [1, 2])]  # whole gradients, then the early push/pull
+    assert rt.meter.split_replies == 0 and rt.meter.early_pulls == 1

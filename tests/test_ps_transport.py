@@ -502,7 +502,8 @@ def test_a_split_gradient_phase_answers_the_rows_that_wait_only_for_the_others_f
     transports = {r: (_HoldingTransport if r == 0 else QueueTransport)(hub, r, ps, workers) for r in workers + ps}
     transports[0].hold = _is_values(g0)
     opt = SparseOptimizer("sgd", lr)
-    servers = [ParameterServer(i, routing, opt, transports[r], w0) for i, r in enumerate(ps)]
+    # worker 0 has the slow link: the PS takes its values last (ParameterServer.arrival_order)
+    servers = [ParameterServer(i, routing, opt, transports[r], w0, arrival_order=[1, 2, 0]) for i, r in enumerate(ps)]
     pushed12 = torch.full((1, DIM), 9.0)
     # worker 0's next pulls: 3 (its own gradient and worker 1's), 8 (only its own), 4 (worker 1's
     # gradient), 12 (worker 2 pushes it), 15 (nothing changes it)

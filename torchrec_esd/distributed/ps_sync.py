@@ -43,6 +43,11 @@ _NO_KEYS = torch.empty(0, dtype=torch.int64)
 # (benchmarks/results/s11_pre_push.md)
 PRE_PUSH_MIN_S = 0.002
 PRE_PUSH_SLOWEST = 1.25
+# EsdConfig.split_reply: a worker splits its exchange only where its gradient values and pushed rows would take at
+# least SPLIT_MIN_S on its link (the estimate with online_links, else the configured rate): a split phase costs the
+# PS more CPU, which only a slow link pays back.  On 4 x 1000 Mbit/s, every worker splitting made the CPU-bound
+# step 56 -> 76 ms (benchmarks/results/s16_split_reply.md)
+SPLIT_MIN_S = 0.002
 
 
 def _with(traffic: Traffic, more: List[Traffic]) -> Traffic:
@@ -262,11 +267,13 @@ class PsSync:
         if not self._split or self._head is not None or self._deferred is not None \
                 or self._pre_deferred is not None:
             return
+        wp = current.workers[self._worker]
+        if not self._worth_splitting(current.iteration, wp.grad_pos.numel()):
+            return
         nxt = self._next_request(current.iteration)
         if nxt is None:
             return
         wp_next, push_keys, push_slots, pull_keys, rest, n_have, pre = nxt
-        wp = current.workers[self._worker]
         pending = self._client.post_split_head(wp.used_keys[wp.grad_pos], push_keys, pull_keys,
                                                batch_fingerprint=wp_next.global_fingerprint)
         self._head = (current.iteration, pending, push_slots, rest, n_have, pre)
@@ -294,9 +301,10 @@ class PsSync:
             return
         else:
             self._post_deferred()
-            nxt = self._next_request(iteration)
+            nxt = self._next_request(iteration) if self._worth_splitting(iteration, keys.numel()) else None
             if nxt is None:
                 self.push_grads(keys, grads, route, bag_grads)
+                self.post_next(iteration, store)
                 return
             wp, push_keys, push_slots, pull_keys, rest, n_have, pre = nxt
             pending, traffic = self._client.post_grads_push_pull(
@@ -306,6 +314,17 @@ class PsSync:
         self._next = (iteration + 1, pending, rest, n_have, pre)
         self._meter.early_pulls += 1
         self._meter.split_replies += 1
+
+    def _worth_splitting(self, iteration: int, grads: int) -> bool:
+        """Whether the ``grads`` gradient values of ``iteration`` and the
+        rows the next iteration pushes (when its plan is there) take at least
+        :data:`SPLIT_MIN_S` on this worker's link."""
+        plan = self._plans.peek(iteration + 1)
+        if plan is None:
+            return False
+        fmt = self._client.fmt
+        nbytes = grads * fmt.value_bytes + plan.workers[self._worker].push_keys.numel() * fmt.row_bytes
+        return nbytes >= SPLIT_MIN_S * self._uplinks_bytes_per_s()[0]
 
     def posted(self, iteration: int) -> bool:
         """Whether the push/pull of ``iteration`` is posted already (:meth:`post_next`)."""

@@ -248,8 +248,11 @@ class EsdPsRuntime(EsdRuntime):
                     for name, bag in ebc.embedding_bags.items()
                     if name in self.keyspace.names
                 }
+            # a split exchange takes the workers' values fastest configured link first
+            order = sorted(range(self.config.num_workers), key=lambda w: -float(self.config.workers[w].bytes_per_second))
             server = ParameterServer(
                 p, self.keyspace, self.optimizer, self.transport, weights, des=self.config.des_misses, storage=storage,
+                arrival_order=order,
             )
             logger.info("parameter server %d serving %d tables%s", p, self.keyspace.num_tables,
                         " (rows created on first touch)" if init is not None else "")

@@ -39,7 +39,7 @@ checked against the PS's state before its payload buffer is allocated.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -90,10 +90,14 @@ class ParameterServer:
         des: bool = False,
         max_des_pairs: int = DEFAULT_MAX_DES_PAIRS,
         storage: Optional[PsRowStorage] = None,
+        arrival_order: Optional[Sequence[int]] = None,
     ) -> None:
         """Rows live in ``storage`` (:mod:`torchrec_esd.ps.row_storage`, e.g.
         a :class:`~torchrec_esd.ps.row_storage.LazyRowStorage`), or, without
-        one, in a dense storage filled from ``initial_weights``."""
+        one, in a dense storage filled from ``initial_weights``.
+        ``arrival_order``: the workers, the one whose values are expected
+        first (the fastest link) first; a split exchange waits for them in
+        that order (default: worker order)."""
         self.ps_index = ps_index
         self.des = des
         # DES requests of the last push/pull phase, until their bag gradients arrive:
@@ -113,6 +117,11 @@ class ParameterServer:
                                  f" {storage.state_dim} state values (the optimizer keeps {optimizer.state_dim})")
         self.storage = storage
         self.iterations = 0
+        W = len(transport.worker_ranks)
+        order = list(range(W)) if arrival_order is None else [int(r) for r in arrival_order]
+        if sorted(order) != list(range(W)):
+            raise EsdConfigError(f"PS {ps_index}: arrival_order {order} is not an order of the {W} workers")
+        self.arrival_order = order
         # a gradient phase with split frames, until the push/pull that brings their values:
         # per worker (its frame, its local row keys, its gradients or None while they are to come)
         self._held: Optional[List[Tuple[GradsFrame, torch.Tensor, Optional[torch.Tensor]]]] = None
@@ -348,17 +357,18 @@ class ParameterServer:
                     sends.extend(self._send_rows(r, local, frames[r].timed))  # type: ignore[union-attr]
 
         step()
-        cq = t.completions()
-        try:
-            for r in range(W):
-                if apart[r]:
-                    cq.add(t.recv_frame(t.worker_ranks[r]), (r, -1))
-            while cq.outstanding:
-                (r, rng), got = cq.next()
-                if rng < 0:  # a VALUES frame (or an ABORT in its place): post what it announces
-                    for rng, size in self._values_frame(r, got.buf, g_sizes[r], p_sizes[r]):
-                        cq.add(t.recv(t.worker_ranks[r], torch.empty(size, dtype=torch.uint8)), (r, rng))
-                    continue
+        # the split workers' VALUES frames and what they announce, taken one worker after the other,
+        # the fastest link first (arrival_order): each wait costs no thread, and the slow workers' come
+        # last, by when the others' values are applied and their first reply parts are on the way
+        for r in self.arrival_order:
+            if not apart[r]:
+                continue
+            src = t.worker_ranks[r]
+            head = t.recv_frame(src)
+            t.wait([head])
+            for rng, size in self._values_frame(r, head.buf, g_sizes[r], p_sizes[r]):
+                got = t.recv(src, torch.empty(size, dtype=torch.uint8))
+                t.wait([got])
                 lo, hi = starts[rng], starts[rng + 1]
                 if rng < W:
                     values[lo:hi, :dim] = GradsRequest.decode_values(held[r][0], got.buf, self.fmt)
@@ -366,8 +376,6 @@ class ParameterServer:
                     values[lo:hi] = PushPullRequest.decode_rows(frames[r], got.buf, self.fmt)  # type: ignore[arg-type]
                 missing.index_add_(0, inv[lo:hi], torch.full((hi - lo,), -1, dtype=torch.int64))
                 step()
-        finally:
-            cq.close()
         if not bool(done.all()) or any(parts):  # every value is in: cannot happen
             raise EsdRemoteError(f"PS {self.ps_index}: a split push/pull left rows unapplied or replies unsent")
         t.wait(sends)

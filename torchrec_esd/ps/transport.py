@@ -15,12 +15,10 @@ are matched in the order they were posted.
 
 from __future__ import annotations
 
-import queue
-import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
-from typing import Any, Dict, Iterable, List, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -202,10 +200,6 @@ class Transport(ABC):
                 raise self.failure(p, str(e) or type(e).__name__) from e
             self.completed(p)
 
-    def completions(self) -> "CompletionQueue":
-        """A :class:`CompletionQueue` of this transport's receives."""
-        return CompletionQueue(self)
-
     def completed(self, p: Pending) -> None:
         """Record that ``p`` completed (its bytes metered once): what
         :meth:`wait` does after each wait, for a receive waited elsewhere
@@ -249,68 +243,6 @@ class Transport(ABC):
     def recv_frame(self, peer: int) -> Pending:
         """Post the receive of ``peer``'s next frame (decode ``.buf`` once waited)."""
         return self.recv(peer, torch.empty(FRAME_WORDS, dtype=torch.int64))
-
-
-class CompletionQueue:
-    """Receives from several peers, handed back in the order they complete.
-
-    Each peer's receives are waited for in a thread of that peer, in the
-    order they were added (receives from one peer complete in posting
-    order; a wait releases the GIL); :meth:`next` hands each completion
-    (metered) to the calling thread, and may be followed by more
-    :meth:`add`\ s.  A failed or timed-out wait raises in :meth:`next`,
-    naming its peer; :meth:`close` ends the peers' threads (each within the
-    transport's timeout)."""
-
-    def __init__(self, transport: Transport) -> None:
-        self._t = transport
-        self._done: "queue.Queue" = queue.Queue()
-        self._peers: Dict[int, "queue.Queue"] = {}
-        self.outstanding = 0
-
-    def add(self, p: Pending, tag: Any) -> None:
-        """Wait for ``p`` (after the earlier ones of its peer); :meth:`next` returns ``(tag, p)``."""
-        todo = self._peers.get(p.peer)
-        if todo is None:
-            todo = self._peers[p.peer] = queue.Queue()
-            threading.Thread(target=self._waiter, args=(todo,), name="esd-wait", daemon=True).start()
-        self.outstanding += 1
-        todo.put((p, tag))
-
-    def _waiter(self, todo: "queue.Queue") -> None:
-        while True:
-            item = todo.get()
-            if item is None:
-                return
-            p, tag = item
-            try:
-                if not p.done:
-                    self._t._wait(p.work, self._t.timeout_s)
-                self._done.put((p, tag, None))
-            except BaseException as e:  # handed to the calling thread
-                self._done.put((p, tag, e))
-                return
-
-    def next(self) -> Tuple[Any, Pending]:
-        """The next completed receive: ``(tag, pending)``."""
-        if self.outstanding <= 0:
-            raise ValueError("no receive is outstanding")
-        try:
-            p, tag, err = self._done.get(timeout=self._t.timeout_s + 10.0)  # each wait ends within its timeout
-        except queue.Empty:
-            raise EsdPeerLostError(f"no message of {[self._t.peer_name(q) for q in self._peers]} completed in "
-                                   f"{self._t.timeout_s + 10.0:.0f} s") from None
-        self.outstanding -= 1
-        if err is not None:
-            self.close()
-            raise self._t.failure(p, str(err) or type(err).__name__) from err
-        self._t.completed(p)
-        return tag, p
-
-    def close(self) -> None:
-        for todo in self._peers.values():
-            todo.put(None)
-        self._peers = {}
 
 
 class GlooP2PTransport(Transport):
