@@ -600,14 +600,17 @@ def test_split_gradients_not_followed_by_a_push_pull_are_a_protocol_error():
     assert isinstance(errors[1], EsdProtocolError) and "split GRADS frame to a PS with DES" in str(errors[1])
 
 
-def test_a_worker_that_fails_between_the_keys_and_the_values_of_a_split_exchange_aborts_the_ps():
+@pytest.mark.parametrize("grad_rows", [2, 12])
+def test_a_worker_that_fails_between_the_keys_and_the_values_of_a_split_exchange_aborts_the_ps(grad_rows):
     # the keys of a split exchange go in the forward (PsSync.post_head); a worker whose backward then
-    # fails sends an ABORT where its VALUES frame would be, and the PS raises its message
+    # fails sends an ABORT where its VALUES frame would be, its message in the messages the PS posted
+    # for the values (2 rows: 32 B, the rest of the message after them; 12 rows: 192 B, padded)
     no_keys, no_rows = torch.empty(0, dtype=torch.int64), torch.empty(0, DIM)
 
     def worker0(c):
         c.push_pull(no_keys, no_rows, no_keys)
-        c.post_split_head(torch.tensor([3, 8]), no_keys, torch.tensor([4]))
+        c.post_split_head(torch.tensor([3, 8, 0, 1, 2, 5, 6, 7, 9, 10, 11, 12][:grad_rows]), no_keys,
+                          torch.tensor([4]))
         c.abort("worker 0: the backward of step 1 failed")
 
     def worker1(c):

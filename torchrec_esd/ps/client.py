@@ -23,6 +23,7 @@ from torchrec_esd.optim import SparseOptimizer
 from torchrec_esd.ps.des_route import DesRequest, DesRoute
 from torchrec_esd.ps.protocol import (
     DEFAULT_MAX_DES_PAIRS,
+    AbortFrame,
     EsdPeerLostError,
     REPLY_MARKER_BYTES,
     Frame,
@@ -203,6 +204,7 @@ class PsClient:
         # next request, so that the worker goes on while the PS still collects
         self._unsent: List[Pending] = []
         self.last_traffic = Traffic()
+        self._open_tail: Optional[SplitTail] = None  # a split exchange whose values are not sent yet
 
     # ------------------------------------------------------------ exchange
     def _exchange(
@@ -445,8 +447,9 @@ class PsClient:
         earlier, self._unsent = self._unsent + gsends, []
         clocks = [ReplyClock(t, mk, rv, t.native_clock(mk, rv)) if mk else None
                   for mk, rv in ((timed[0], timed[1]), (timed[2], timed[3]))]
+        self._open_tail = SplitTail(grad_keys, push_keys, gsends, gsections)
         return PendingPushPull(qo, frames, earlier, sends, recvs, replies, sections, markers, clocks[0], own,
-                               clocks[1], SplitTail(grad_keys, push_keys, gsends, gsections))
+                               clocks[1], self._open_tail)
 
     def send_split_tail(self, p: PendingPushPull, grads: torch.Tensor, push_vals: torch.Tensor) -> Traffic:
         """The second half of :meth:`post_split_head`'s exchange: to every PS
@@ -461,7 +464,7 @@ class PsClient:
             raise EsdConfigError(
                 f"a split exchange announced {tail.grad_keys.numel()} gradients and {tail.push_keys.numel()} pushed "
                 f"rows, then got {grads.shape[0]} and {push_vals.shape[0]}")
-        p.tail = None
+        p.tail = self._open_tail = None
         t = self.transport
         _, gk, gv = self._split_by_ps(tail.grad_keys, grads.to(torch.float32))
         _, pk, pv = self._split_by_ps(tail.push_keys, push_vals.to(torch.float32))
@@ -621,6 +624,31 @@ class PsClient:
 
     def abort(self, msg: str) -> None:
         """Make the PS ranks fail with ``msg``.  Every worker calls it (it is a
-        collective); the message of worker 0 is the one the PS ranks raise."""
-        frame, parts = abort_parts(msg, self.limits[0])
-        self._exchange([frame] * self.routing.num_ps, [parts] * self.routing.num_ps)
+        collective); the message of worker 0 is the one the PS ranks raise.
+        Where a split exchange's values are still to come
+        (:meth:`post_split_head`), the ABORT takes the VALUES frame's place
+        and its message fills the messages the PS posted for the values and
+        pushed rows (cut to their size, zero-padded)."""
+        tail = self._open_tail
+        if tail is None:
+            frame, parts = abort_parts(msg, self.limits[0])
+            self._exchange([frame] * self.routing.num_ps, [parts] * self.routing.num_ps)
+            return
+        self._open_tail = None
+        t = self.transport
+        data = torch.tensor(list(msg.encode()), dtype=torch.uint8)
+        _, gk = self._split_by_ps(tail.grad_keys)
+        _, pk = self._split_by_ps(tail.push_keys)
+        sends: List[Pending] = []
+        for i, dst in enumerate(t.ps_ranks):
+            sizes = ValuesFrame(gk[i].numel(), pk[i].numel()).message_bytes(self.fmt)
+            room = torch.zeros(sum(sizes), dtype=torch.uint8)
+            n = min(data.numel(), self.limits[i].max_abort_bytes)
+            k = min(n, room.numel())
+            room[:k] = data[:k]
+            sends.append(t.send(dst, encode_frame(AbortFrame(n), n)))
+            sends += [t.send(dst, part) for part in room.split(list(sizes)) if part.numel()]
+            if n > k:  # what did not fit, as a message of its own
+                sends.append(t.send(dst, data[k:n].clone()))
+        t.wait(self._unsent + sends)
+        self._unsent = []

@@ -125,6 +125,8 @@ class ParameterServer:
         # a gradient phase with split frames, until the push/pull that brings their values:
         # per worker (its frame, its local row keys, its gradients or None while they are to come)
         self._held: Optional[List[Tuple[GradsFrame, torch.Tensor, Optional[torch.Tensor]]]] = None
+        # the posted receives of each split worker's VALUES frame, values and pushed rows (_post_tail)
+        self._tails: Dict[int, Tuple[Pending, Optional[Pending], Optional[Pending]]] = {}
 
     def serve(self) -> None:
         """Follow the workers' phases until STOP (or raise on ABORT)."""
@@ -176,6 +178,8 @@ class ParameterServer:
             buf = torch.empty(size, dtype=torch.uint8)
             if buf.numel():
                 pending.append(t.recv(src, buf))
+            if apart and isinstance(frame, PushPullFrame):
+                self._post_tail(r, frame)
             frames.append(frame)
             payloads.append(buf)
         t.wait(pending)
@@ -187,6 +191,20 @@ class ParameterServer:
         if cmds[0] is Command.PUSH_PULL:
             self._check_same_batch(frames)  # type: ignore[arg-type]
         return cmds[0], frames, payloads
+
+    def _post_tail(self, r: int, frame: PushPullFrame) -> None:
+        """Post the receives of split worker ``r``'s VALUES frame, gradient
+        values and pushed rows right behind its push/pull request's: gloo
+        sends a message only once its receive is posted, and the notice that
+        it is would otherwise cross the worker's (slow, busy) downlink after
+        the VALUES frame is in.  Their sizes follow from the frames, which
+        are bounded."""
+        assert self._held is not None
+        t, src = self.transport, self.transport.worker_ranks[r]
+        sizes = ValuesFrame(self._held[r][0].rows, frame.pushes).message_bytes(self.fmt)
+        head = t.recv_frame(src)  # (receives from one peer are matched in the order they are posted)
+        bufs = [t.recv(src, torch.empty(n, dtype=torch.uint8)) if n else None for n in sizes]
+        self._tails[r] = (head, bufs[0], bufs[1])
 
     def _check_same_batch(self, frames: List[PushPullFrame]) -> None:
         """Workers of ``EsdInputDist(mode="global")`` must all be handed the same
@@ -363,11 +381,12 @@ class ParameterServer:
         for r in self.arrival_order:
             if not apart[r]:
                 continue
-            src = t.worker_ranks[r]
-            head = t.recv_frame(src)
+            head, *bufs = self._tails.pop(r)
             t.wait([head])
-            for rng, size in self._values_frame(r, head.buf, g_sizes[r], p_sizes[r]):
-                got = t.recv(src, torch.empty(size, dtype=torch.uint8))
+            self._values_frame(r, head.buf, g_sizes[r], p_sizes[r], bufs)
+            for rng, got in zip((r, W + r), bufs):
+                if got is None:
+                    continue
                 t.wait([got])
                 lo, hi = starts[rng], starts[rng + 1]
                 if rng < W:
@@ -380,24 +399,27 @@ class ParameterServer:
             raise EsdRemoteError(f"PS {self.ps_index}: a split push/pull left rows unapplied or replies unsent")
         t.wait(sends)
 
-    def _values_frame(self, r: int, words: torch.Tensor, rows: int, pushes: int) -> List[Tuple[int, int]]:
-        """The messages a split worker's VALUES frame announces: (entry
-        range, bytes) of its values (range ``r``) and pushed rows (``W + r``),
-        checked against its keys; an ABORT in its place raises its message."""
-        src = self.transport.worker_ranks[r]
+    def _values_frame(self, r: int, words: torch.Tensor, rows: int, pushes: int,
+                      bufs: List[Optional[Pending]]) -> None:
+        """Check a split worker's VALUES frame against its keys.  An ABORT in
+        its place raises its message, which the worker sends in the messages
+        the values and pushed rows would have filled
+        (:meth:`~torchrec_esd.ps.PsClient.abort`)."""
+        t, src = self.transport, self.transport.worker_ranks[r]
         frame = decode_frame(words, self.limits, self.fmt, f"PS {self.ps_index}: values from rank {src}")
         if isinstance(frame, AbortFrame):
-            buf = torch.empty(frame.message_bytes, dtype=torch.uint8)  # bounded by decode_frame
-            if buf.numel():
-                self.transport.wait([self.transport.recv(src, buf)])
-            raise EsdRemoteError(f"ESD job aborted by the workers: {abort_message(buf)}")
+            posted = [p for p in bufs if p is not None]
+            t.wait(posted)
+            data = torch.cat([p.buf for p in posted]) if posted else torch.empty(0, dtype=torch.uint8)
+            if frame.message_bytes > data.numel():  # the rest of the message (bounded by decode_frame)
+                rest = t.recv(src, torch.empty(frame.message_bytes - data.numel(), dtype=torch.uint8))
+                t.wait([rest])
+                data = torch.cat([data, rest.buf])
+            raise EsdRemoteError(f"ESD job aborted by the workers: {abort_message(data[: frame.message_bytes])}")
         if not isinstance(frame, ValuesFrame) or (frame.rows, frame.pushes) != (rows, pushes):
             raise EsdProtocolError(
                 f"PS {self.ps_index}: worker {r} split its gradients ({rows} rows) and push/pull ({pushes} "
                 f"pushes), then sent {frame} instead of their values")
-        W = len(self.transport.worker_ranks)
-        sizes = frame.message_bytes(self.fmt)
-        return [(rng, size) for rng, size in ((r, sizes[0]), (W + r, sizes[1])) if size]
 
     def _send_rows(self, r: int, local: torch.Tensor, timed: bool) -> List[Pending]:
         """Post worker ``r`` the rows (value + state) of ``local`` as one
