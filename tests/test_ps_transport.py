@@ -87,15 +87,17 @@ TABLES = [
 ]
 
 
-def _world(num_workers, num_ps, des, optimizer, weights, worker_fns):
+def _world(num_workers, num_ps, des, optimizer, weights, worker_fns, transport_of=None, **server_kwargs):
     """Run ``num_ps`` servers and one ``worker_fns[w](client)`` per worker in
-    threads over a QueueTransport; returns (results, servers, transports, errors)."""
+    threads over a QueueTransport (``transport_of[rank]``: another class for
+    that rank); returns (results, servers, transports, errors)."""
     hub = _Hub()
     workers = list(range(num_workers))
     ps = list(range(num_workers, num_workers + num_ps))
     routing = KeySpace(TABLES, num_ps)
-    transports = {r: QueueTransport(hub, r, ps, workers) for r in workers + ps}
-    servers = [ParameterServer(i, routing, optimizer, transports[r], weights, des=des) for i, r in enumerate(ps)]
+    transports = {r: (transport_of or {}).get(r, QueueTransport)(hub, r, ps, workers) for r in workers + ps}
+    servers = [ParameterServer(i, routing, optimizer, transports[r], weights, des=des, **server_kwargs)
+               for i, r in enumerate(ps)]
     results, errors = {}, {}
 
     def run(rank, fn):
@@ -496,20 +498,19 @@ def test_a_split_gradient_phase_answers_the_rows_that_wait_only_for_the_others_f
     lr = 0.5
     no_keys, no_rows = torch.empty(0, dtype=torch.int64), torch.empty(0, DIM)
     g0, g2 = 123.0, 5.0
-    hub = _Hub()
-    workers, ps = [0, 1, 2], [3, 4]
+
+    class Holding(_HoldingTransport):  # worker 0's uplink
+        hold = staticmethod(_is_values(g0))
+
+    ps = [3, 4]
     routing = KeySpace(TABLES, 2)
-    transports = {r: (_HoldingTransport if r == 0 else QueueTransport)(hub, r, ps, workers) for r in workers + ps}
-    transports[0].hold = _is_values(g0)
     opt = SparseOptimizer("sgd", lr)
-    # worker 0 has the slow link: the PS takes its values last (ParameterServer.arrival_order)
-    servers = [ParameterServer(i, routing, opt, transports[r], w0, arrival_order=[1, 2, 0]) for i, r in enumerate(ps)]
     pushed12 = torch.full((1, DIM), 9.0)
     # worker 0's next pulls: 3 (its own gradient and worker 1's), 8 (only its own), 4 (worker 1's
     # gradient), 12 (worker 2 pushes it), 15 (nothing changes it)
     pulls0 = torch.tensor([3, 4, 8, 12, 15])
     first = pulls0[[1, 3, 4]]  # what does not wait for worker 0's values
-    out, errors = {}, {}
+    out = {}
 
     def worker0(c):
         c.push_pull(no_keys, no_rows, no_keys)
@@ -518,13 +519,13 @@ def test_a_split_gradient_phase_answers_the_rows_that_wait_only_for_the_others_f
         # its first parts come while its values are held back: one message per PS that owns such a row
         owners = set(routing.locate(first)[0].tolist())
         for i in owners:
-            q = hub.q(ps[i], 0)
+            q = c.transport.hub.q(ps[i], 0)
             deadline = 200
             while q.qsize() < 1 and deadline:
                 threading.Event().wait(0.05)
                 deadline -= 1
             out.setdefault("early", []).append(q.qsize())
-        transports[0].release()
+        c.transport.release()
         out["rows"] = c.finish_push_pull(p)
         out["grads"], out["pp"] = traffic, c.last_traffic
         out["tables"] = c.gather_tables()
@@ -545,21 +546,9 @@ def test_a_split_gradient_phase_answers_the_rows_that_wait_only_for_the_others_f
         c.gather_tables()
         c.stop()
 
-    def run(rank, fn):
-        try:
-            fn()
-        except Exception as e:  # noqa: BLE001  (reported to the test)
-            errors[rank] = e
-
-    clients = {w: PsClient(routing, opt, transports[w]) for w in workers}
-    fns = {0: worker0, 1: worker1, 2: worker2}
-    threads = [threading.Thread(target=run, args=(r, s.serve)) for r, s in zip(ps, servers)]
-    threads += [threading.Thread(target=run, args=(w, lambda w=w: fns[w](clients[w]))) for w in workers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads), "a rank hung"
+    # worker 0 has the slow link: the PS takes its values last (ParameterServer.arrival_order)
+    _, servers, _, errors = _world(3, 2, False, opt, w0, [worker0, worker1, worker2], transport_of={0: Holding},
+                                   arrival_order=[1, 2, 0])
     assert errors == {}
     assert out["early"] == [1] * len(out["early"]) and out["early"]  # the first parts came before the values
     expect = glob.clone()

@@ -399,6 +399,14 @@ class PayloadReader:
             raise EsdProtocolError(f"a payload of {self.buf.numel()} bytes is longer than its counts say")
 
 
+def read_only(buf: torch.Tensor, n: int, dtype: torch.dtype, row: Sequence[int] = ()) -> torch.Tensor:
+    """A payload that is one section of ``n`` rows of ``row`` (checked to be exactly that)."""
+    rd = PayloadReader(buf)
+    out = rd.take(n, dtype, row)
+    rd.done()
+    return out
+
+
 @dataclass
 class PushPullRequest:
     """Wire order: keys (pushes, pulls, DES pairs), pushed rows, DES weights."""
@@ -431,10 +439,7 @@ class PushPullRequest:
     @staticmethod
     def decode_rows(frame: PushPullFrame, buf: torch.Tensor, fmt: RowFormat) -> torch.Tensor:
         """The pushed rows ``[pushes, D+S]`` of a request sent with its rows apart."""
-        rd = PayloadReader(buf)
-        rows = rd.take(frame.pushes, torch.float32, (fmt.dim + fmt.state_dim,))
-        rd.done()
-        return rows
+        return read_only(buf, frame.pushes, torch.float32, (fmt.dim + fmt.state_dim,))
 
     @staticmethod
     def decode(frame: PushPullFrame, buf: torch.Tensor, fmt: RowFormat, rows_apart: bool = False) -> "PushPullRequest":
@@ -489,10 +494,7 @@ class PrefetchRequest:
 
     @staticmethod
     def decode_reply(frame: PrefetchFrame, buf: torch.Tensor, fmt: RowFormat) -> torch.Tensor:
-        rd = PayloadReader(buf)
-        rows = rd.take(frame.pulls, torch.float32, (fmt.dim + fmt.state_dim,))
-        rd.done()
-        return rows
+        return read_only(buf, frame.pulls, torch.float32, (fmt.dim + fmt.state_dim,))
 
 
 @dataclass
@@ -552,10 +554,7 @@ class GradsRequest:
     @staticmethod
     def decode_values(frame: GradsFrame, buf: torch.Tensor, fmt: RowFormat) -> torch.Tensor:
         """The row gradients ``[rows, D]`` of a split frame's values message."""
-        rd = PayloadReader(buf)
-        grads = rd.take(frame.rows, torch.float32, (fmt.dim,))
-        rd.done()
-        return grads
+        return read_only(buf, frame.rows, torch.float32, (fmt.dim,))
 
 
 def own_updated(pull_keys: torch.Tensor, grad_keys: torch.Tensor) -> torch.Tensor:
