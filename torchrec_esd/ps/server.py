@@ -14,7 +14,8 @@ they all sent the same command and answers where the phase has a reply:
   keys came, and the phase ends in the next push/pull, below;
 * ``PUSH_PULL`` after split gradients: a split worker's push/pull request
   is its keys; its gradient values, then its pushed rows, follow.  The PS
-  takes them as they arrive (not in worker order), applies every row whose
+  takes them one worker after the other, fastest configured link first
+  (their receives posted behind the request's), applies every row whose
   gradients are all in (summed in worker order, as above, so the rows are
   the same bits), stores every pushed row once it is in, and answers each
   split worker in two parts as soon as their rows are final: first the rows
@@ -306,7 +307,8 @@ class ParameterServer:
 
     def _push_pull_split(self, frames: List[Frame], payloads: List[torch.Tensor]) -> None:
         """The push/pull after a gradient phase with split frames: take the
-        split workers' gradient values and pushed rows as they arrive, apply
+        split workers' gradient values and pushed rows one worker after the
+        other (:attr:`arrival_order`: the fastest configured link first), apply
         each row once all its gradients are in and store each pushed row once
         it is in, answer every reply part once its rows are final (see the
         module docstring).  The same rows as :meth:`_grads` then
