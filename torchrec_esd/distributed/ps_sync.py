@@ -295,14 +295,12 @@ class PsSync:
                 raise EsdConfigError(f"the keys of iteration {it}'s gradients went to the PS, but the backward is "
                                      f"iteration {iteration}'s: train batches in dispatch order")
             traffic = self._client.send_split_tail(pending, grads.detach().cpu(), store.read(push_slots).cpu())
-        elif not self._split or route is not None:
-            self.push_grads(keys, grads, route, bag_grads)
-            self.post_next(iteration, store)
-            return
         else:
-            self._post_deferred()
-            nxt = self._next_request(iteration) if self._worth_splitting(iteration, keys.numel()) else None
-            if nxt is None:
+            nxt = None
+            if self._split and route is None:
+                self._post_deferred()
+                nxt = self._next_request(iteration) if self._worth_splitting(iteration, keys.numel()) else None
+            if nxt is None:  # whole gradients, then (where the next plan is there) the early push/pull
                 self.push_grads(keys, grads, route, bag_grads)
                 self.post_next(iteration, store)
                 return

@@ -23,7 +23,6 @@ from torchrec_esd.optim import SparseOptimizer
 from torchrec_esd.ps.des_route import DesRequest, DesRoute
 from torchrec_esd.ps.protocol import (
     DEFAULT_MAX_DES_PAIRS,
-    AbortFrame,
     EsdPeerLostError,
     REPLY_MARKER_BYTES,
     Frame,
@@ -297,17 +296,29 @@ class PsClient:
         waiting: (sends, receives, reply buffers, payload sections, markers:
         ``(PS, receive)`` of the marker before each non-empty timed reply,
         posted before that reply's receive)."""
-        t = self.transport
         sends, sections = self._send_requests(frames, parts)
         recvs, replies, markers = [], [], []
-        for i, src in enumerate(t.ps_ranks):
-            buf = torch.empty(int(reply_bytes[i]), dtype=torch.uint8)
-            if buf.numel():
-                if getattr(frames[i], "timed", False):  # what the PS sends a marker for
-                    markers.append((i, t.recv(src, torch.empty(REPLY_MARKER_BYTES // 8, dtype=torch.int64))))
-                recvs.append(t.recv(src, buf))
-            replies.append(buf)
+        for i, src in enumerate(self.transport.ps_ranks):
+            # (a timed frame: the PS sends a marker before a non-empty reply)
+            self._recv_reply(src, int(reply_bytes[i]), getattr(frames[i], "timed", False), recvs, replies, markers)
         return sends, recvs, replies, sections, markers
+
+    def _recv_reply(self, src: int, nbytes: int, timed: bool, recvs: List[Pending], replies: List[torch.Tensor],
+                    markers: List[Tuple[int, Pending]]) -> Optional[Pending]:
+        """Post the receive of a reply of ``nbytes`` from ``src`` (after the
+        receive of its marker where ``timed``; nothing where empty) and
+        append it: its buffer to ``replies``, its receive to ``recvs``, its
+        marker to ``markers`` as ``(reply index, receive)``.  Returns the
+        marker's receive or None."""
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        marker = None
+        if nbytes:
+            if timed:
+                marker = self.transport.recv(src, torch.empty(REPLY_MARKER_BYTES // 8, dtype=torch.int64))
+                markers.append((len(replies), marker))
+            recvs.append(self.transport.recv(src, buf))
+        replies.append(buf)
+        return marker
 
     @staticmethod
     def _timed_reply_bytes(markers: List[Tuple[int, Pending]], replies: List[torch.Tensor]) -> int:
@@ -435,15 +446,11 @@ class PsClient:
         timed: List[List[Pending]] = [[], [], [], []]  # markers and receives of the first parts, of the second
         for i, src in enumerate(t.ps_ranks):
             for part, mask in enumerate((~own[i], own[i])):
-                buf = torch.empty(int(mask.sum()) * self.fmt.row_bytes, dtype=torch.uint8)
-                if buf.numel():
-                    if self.timed_replies:
-                        m = t.recv(src, torch.empty(REPLY_MARKER_BYTES // 8, dtype=torch.int64))
-                        markers.append((len(replies), m))
-                        timed[2 * part].append(m)
-                    recvs.append(t.recv(src, buf))
+                n = int(mask.sum()) * self.fmt.row_bytes
+                m = self._recv_reply(src, n, self.timed_replies, recvs, replies, markers)
+                if m is not None:
+                    timed[2 * part].append(m)
                     timed[2 * part + 1].append(recvs[-1])
-                replies.append(buf)
         earlier, self._unsent = self._unsent + gsends, []
         clocks = [ReplyClock(t, mk, rv, t.native_clock(mk, rv)) if mk else None
                   for mk, rv in ((timed[0], timed[1]), (timed[2], timed[3]))]
@@ -636,17 +643,17 @@ class PsClient:
             return
         self._open_tail = None
         t = self.transport
-        data = torch.tensor(list(msg.encode()), dtype=torch.uint8)
         _, gk = self._split_by_ps(tail.grad_keys)
         _, pk = self._split_by_ps(tail.push_keys)
         sends: List[Pending] = []
         for i, dst in enumerate(t.ps_ranks):
+            frame, ((_, data),) = abort_parts(msg, self.limits[i])
             sizes = ValuesFrame(gk[i].numel(), pk[i].numel()).message_bytes(self.fmt)
             room = torch.zeros(sum(sizes), dtype=torch.uint8)
-            n = min(data.numel(), self.limits[i].max_abort_bytes)
+            n = frame.message_bytes
             k = min(n, room.numel())
             room[:k] = data[:k]
-            sends.append(t.send(dst, encode_frame(AbortFrame(n), n)))
+            sends.append(t.send(dst, encode_frame(frame, n)))
             sends += [t.send(dst, part) for part in room.split(list(sizes)) if part.numel()]
             if n > k:  # what did not fit, as a message of its own
                 sends.append(t.send(dst, data[k:n].clone()))

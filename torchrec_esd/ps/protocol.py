@@ -184,10 +184,6 @@ class GradsFrame:
             return self.rows * KEY_BYTES
         return self.rows * (KEY_BYTES + fmt.value_bytes) + self.bags * fmt.value_bytes
 
-    def values_bytes(self, fmt: RowFormat) -> int:
-        """Bytes of a split frame's separate values message (0 for a whole frame)."""
-        return self.rows * fmt.value_bytes if self.split else 0
-
 
 @dataclass(frozen=True)
 class PrefetchFrame:
@@ -306,6 +302,14 @@ _FRAME_FIELDS = {
 }
 
 
+def payload_bytes(frame: Frame, fmt: RowFormat, rows_apart: bool = False) -> int:
+    """The payload size ``frame`` implies; ``rows_apart``: its sender split
+    its gradients before, so a push/pull's payload is its keys alone."""
+    if rows_apart and isinstance(frame, PushPullFrame):
+        return frame.payload_bytes(fmt, True)
+    return frame.payload_bytes(fmt)
+
+
 def decode_frame(words: torch.Tensor, limits: ProtocolLimits, fmt: RowFormat, where: str,
                  rows_apart: bool = False) -> Frame:
     """The typed frame of ``words``, every field bounded (see the module
@@ -339,8 +343,7 @@ def decode_frame(words: torch.Tensor, limits: ProtocolLimits, fmt: RowFormat, wh
         counts[i] = bool(counts[i])
     frame = typ(*counts)
     frame.check(limits, where)
-    expected = frame.payload_bytes(fmt, True) if rows_apart and isinstance(frame, PushPullFrame) else \
-        frame.payload_bytes(fmt)
+    expected = payload_bytes(frame, fmt, rows_apart)
     if w[1] != expected:
         raise EsdProtocolError(
             f"{where}: {label} frame field 'payload_bytes' = {w[1]} but its counts imply {expected} bytes"
@@ -522,8 +525,8 @@ class PrePushRequest:
 @dataclass
 class GradsRequest:
     """Wire order: keys, row gradients, DES bag gradients.  ``split``: the
-    frame's payload is the keys alone and :meth:`value_parts` the separate
-    values message (:class:`GradsFrame`)."""
+    frame's payload is the keys alone; the values follow a
+    :class:`ValuesFrame` (:class:`GradsFrame`)."""
 
     keys: torch.Tensor  # [n] int64
     grads: Optional[torch.Tensor]  # [n, D] float32 (None: a split request's values, not received yet)
@@ -536,11 +539,9 @@ class GradsRequest:
     def parts(self) -> Parts:
         if self.split:
             return [(Section.KEYS, self.keys)]
-        return [(Section.KEYS, self.keys)] + self.value_parts() + [(Section.BAG_GRADS, self.bag_grads.to(torch.float32))]
-
-    def value_parts(self) -> Parts:
         assert self.grads is not None
-        return [(Section.ROW_GRADS, self.grads.to(torch.float32))]
+        return [(Section.KEYS, self.keys), (Section.ROW_GRADS, self.grads.to(torch.float32)),
+                (Section.BAG_GRADS, self.bag_grads.to(torch.float32))]
 
     @staticmethod
     def decode(frame: GradsFrame, buf: torch.Tensor, fmt: RowFormat) -> "GradsRequest":

@@ -72,6 +72,7 @@ from torchrec_esd.ps.protocol import (
     decode_frame,
     own_updated,
     pack,
+    payload_bytes,
     reply_marker,
 )
 from torchrec_esd.ps.row_storage import DenseRowStorage, PsRowStorage
@@ -174,9 +175,7 @@ class ParameterServer:
             frame = decode_frame(p.buf, self.limits, self.fmt, f"PS {self.ps_index}: request from rank {src}", apart)
             self._check_state(r, frame)
             # bounded by decode_frame and _check_state: safe to allocate
-            size = frame.payload_bytes(self.fmt, True) if apart and isinstance(frame, PushPullFrame) else \
-                frame.payload_bytes(self.fmt)
-            buf = torch.empty(size, dtype=torch.uint8)
+            buf = torch.empty(payload_bytes(frame, self.fmt, apart), dtype=torch.uint8)
             if buf.numel():
                 pending.append(t.recv(src, buf))
             if apart and isinstance(frame, PushPullFrame):
