@@ -190,9 +190,9 @@ def test_split_reply_sends_the_keys_in_the_forward_and_the_values_after_the_back
     ps, rt, client = _sync()
     ps._split = True
     rt.meter.split_replies = 0
-    client.post_split_head = lambda gk, pk, qk, batch_fingerprint=0: (
+    client.post_split_head = lambda gk, pk, qk, batch_fingerprint=0, sums=False: (
         client.calls.append(("head", gk.tolist(), pk.tolist(), qk.tolist())), "pending")[1]
-    client.send_split_tail = lambda p, grads, push: (
+    client.send_split_tail = lambda p, grads, push, old_rows=None: (
         client.calls.append(("tail", p, grads.shape[0], push.shape[0])), Traffic())[1]
     current = _plan(3, used_keys=(20, 21))
     current.workers[0].grad_pos = torch.tensor([1])

@@ -178,18 +178,26 @@ def test_equivalence_early_pull(early_pull, split_reply):
     assert (0 < split <= posted) if split_reply and early_pull else (split == 0), (split, posted)
 
 
-def test_split_replies_leave_the_same_bits_as_whole_gradient_phases():
-    # the PS sums each row's gradients in worker order whatever order the split values
-    # arrive in: the tables, optimizer states and losses are bit for bit those of whole phases
+@pytest.mark.parametrize("split_sums", [True, False], ids=["sums", "rows"])
+def test_split_replies_leave_the_same_bits_as_whole_gradient_phases(split_sums):
+    # the PS sums each row's gradients in one order (fastest configured link first) whatever
+    # order the split values arrive in, and the slowest worker, summed last, makes its rows from
+    # the others' gradient sums with the PS's own operations (split_sums): the tables, optimizer
+    # states and losses are bit for bit those of whole phases
     common = dict(steps=STEPS, global_batch=BATCH, workload=WORKLOAD, collect_tables=True,
                   sparse_optimizer="rowwise_adagrad", sparse_lr=0.1, dense_lr=0.1)
     runs = []
     for split in (True, False):
-        cfg = EsdConfig([WorkerSpec(CACHE, bw) for bw in (1.0, 4.0, 8.0)], num_ps=2, split_reply=split)
+        cfg = EsdConfig([WorkerSpec(CACHE, bw) for bw in (1.0, 4.0, 8.0)], num_ps=2, split_reply=split,
+                        split_sums=split_sums)
         runs.append(run_local_world(run, 5, JobConfig(method="esd", esd=cfg, dispatcher="esd", input_mode="global",
                                                       dispatch_ahead=1, **common)))
     a, b = runs[0][0], runs[1][0]
     assert a["metrics"]["split_replies"] > 0 and b["metrics"]["split_replies"] == 0
+    # worker 0 (1 Mbit/s) is summed last: it alone takes sums, on every split exchange of its
+    per = a["metrics"]["per_worker"]
+    assert [w["sum_replies"] for w in per[1:]] == [0, 0] and b["metrics"]["sum_replies"] == 0, per
+    assert per[0]["sum_replies"] == (per[0]["split_replies"] if split_sums else 0) and per[0]["split_replies"] > 0
     for name in b["tables"]:
         assert torch.equal(a["tables"][name], b["tables"][name]), name
         assert torch.equal(a["tables_state"][name], b["tables_state"][name]), name

@@ -122,8 +122,12 @@ def test_malformed_words_raise():
         _decode(_words(Command.PUSH_PULL, -5, 0, 0))
     with pytest.raises(EsdProtocolError, match="'pulls' = -1 is negative"):
         _decode(_words(Command.PUSH_PULL, 0, 0, -1))
-    with pytest.raises(EsdProtocolError, match="'word 5' = 4 is unused"):  # GRADS: rows, bags, split
-        _decode(_words(Command.GRADS, 0, 0, 0, 0, 4))
+    with pytest.raises(EsdProtocolError, match="'word 6' = 4 is unused"):  # GRADS: rows, bags, split, sums
+        _decode(_words(Command.GRADS, 0, 0, 0, 0, 0, 4))
+    with pytest.raises(EsdProtocolError, match="'sums' = 4 exceeds its bound 1"):
+        _decode(_words(Command.GRADS, 0, 0, 0, 1, 4))
+    with pytest.raises(EsdProtocolError, match="'sums' = 1 exceeds its bound 0 .gradient sums answer only a split"):
+        _decode(_words(Command.GRADS, 0, 0, 0, 0, 1))
     with pytest.raises(EsdProtocolError, match=f"{FRAME_WORDS} int64 words"):
         _decode(torch.zeros(4, dtype=torch.int64))
 

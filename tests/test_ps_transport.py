@@ -27,7 +27,15 @@ from torchrec_esd.ps import (
     Traffic,
     Transport,
 )
-from torchrec_esd.ps.protocol import FRAME_BYTES, GradsFrame, PrePushFrame, PushPullFrame, encode_frame
+from torchrec_esd.ps.protocol import (
+    FRAME_BYTES,
+    FRAME_WORDS,
+    Command,
+    GradsFrame,
+    PrePushFrame,
+    PushPullFrame,
+    encode_frame,
+)
 
 DIM = 4
 
@@ -570,6 +578,126 @@ def test_a_split_gradient_phase_answers_the_rows_that_wait_only_for_the_others_f
     assert out["grads"].section(Section.ROW_GRADS) == SectionSize(2, 2 * DIM * 4)
     assert out["pp"].section(Section.PULL_ROWS) == SectionSize(5, 5 * DIM * 4)
     assert out["pp"].section(Section.PUSH_ROWS) == SectionSize(1, DIM * 4)
+
+
+class _HoldFromValues(_HoldingTransport):
+    """Holds everything this rank sends from its first VALUES frame until
+    :meth:`release` (a split worker whose values are still on its uplink)."""
+
+    holding = False
+
+    def hold(self, buf):
+        if buf.dtype == torch.int64 and buf.numel() == FRAME_WORDS and int(buf[0]) == int(Command.VALUES):
+            self.holding = True
+        return self.holding
+
+    def release(self):
+        self.holding = False
+        super().release()
+
+
+def test_the_worker_summed_last_makes_its_rows_from_the_others_gradient_sums_before_its_values_go():
+    # EsdConfig.split_sums: worker 0 (the slow link, last of arrival_order) asks for the rest of its
+    # split reply as the other workers' gradient sums. Both its parts come while its gradient values
+    # are held on its uplink, and the rows it makes of them (its own gradient added last, the
+    # optimizer step on the rows it read) are the PS's bits. Workers 1 (whole) and 2 (split) send
+    # gradients of the same rows, so the summing order matters.
+    w0 = _weights(3)
+    glob = torch.cat([w0["t0"], w0["t1"]])
+    opt = SparseOptimizer("rowwise_adagrad", 0.3)
+    gen = torch.Generator().manual_seed(7)
+    keys = torch.tensor([3, 8, 12])
+    g = [torch.randn(3, DIM, generator=gen) * 10 for _ in range(3)]
+    pulls0 = torch.tensor([3, 4, 8, 12, 15])
+    no_keys, no_rows = torch.empty(0, dtype=torch.int64), torch.empty(0, DIM + 1)
+    routing = KeySpace(TABLES, 2)
+    ps = [3, 4]
+    out = {}
+
+    def worker0(c):
+        old, _, _ = c.push_pull(no_keys, no_rows, keys)  # the rows (value + state) its gradients are computed on
+        p, _ = c.post_grads_push_pull(keys, g[0], no_keys, no_rows, pulls0, old_rows=old)
+        owner = routing.locate(pulls0)[0]
+        own = torch.isin(pulls0, keys)
+        want = {i: int((~own[owner == i]).any()) + int(own[owner == i].any()) for i in range(2)}
+        for i, n in want.items():  # every part of the reply, while the values are held back
+            q = c.transport.hub.q(ps[i], 0)
+            deadline = 200
+            while q.qsize() < n and deadline:
+                threading.Event().wait(0.05)
+                deadline -= 1
+            out.setdefault("early", []).append((q.qsize(), n))
+        assert c.transport.held  # (the values are held)
+        c.transport.release()
+        out["rows"] = c.finish_push_pull(p)
+        out["pp"] = c.last_traffic
+        out["tables"] = c.gather_tables()
+        c.stop()
+
+    def worker1(c):
+        c.push_pull(no_keys, no_rows, no_keys)
+        c.push_grads(keys, g[1])
+        c.push_pull(no_keys, no_rows, torch.tensor([8]))
+        c.gather_tables()
+        c.stop()
+
+    def worker2(c):
+        c.push_pull(no_keys, no_rows, no_keys)
+        p, _ = c.post_grads_push_pull(keys, g[2], no_keys, no_rows, torch.tensor([4]))
+        c.finish_push_pull(p)
+        c.gather_tables()
+        c.stop()
+
+    _, _, _, errors = _world(3, 2, False, opt, w0, [worker0, worker1, worker2], transport_of={0: _HoldFromValues},
+                             arrival_order=[1, 2, 0])
+    assert errors == {}
+    assert all(got == n for got, n in out["early"]), out["early"]  # the parts came before the values
+    rows, state = glob[keys].clone(), torch.zeros(3, 1)
+    total = torch.zeros(3, DIM)
+    for r in (1, 2, 0):  # arrival_order: worker 0 last
+        total += g[r]
+    opt.apply_(rows, state, total)
+    expect = torch.cat([glob, torch.zeros(glob.shape[0], 1)], dim=1)
+    expect[keys] = torch.cat([rows, state], dim=1)
+    assert torch.equal(out["rows"], expect[pulls0])
+    tables, states = out["tables"]
+    assert torch.equal(torch.cat([tables["t0"], tables["t1"]]), expect[:, :DIM])
+    assert torch.equal(torch.cat([states["t0"], states["t1"]]), expect[:, DIM:])
+    # the order matters here: the sum in worker order has other bits
+    assert not torch.equal(g[0] + g[1] + g[2], total)
+    # the wire: the 3 own rows came as gradient sums (DIM values each), the other 2 as rows
+    assert out["pp"].section(Section.PULL_ROWS) == SectionSize(5, 3 * DIM * 4 + 2 * (DIM + 1) * 4)
+
+
+def test_gradient_sums_only_for_the_worker_summed_last_and_never_for_a_pushed_row():
+    no_keys, no_rows = torch.empty(0, dtype=torch.int64), torch.empty(0, DIM)
+
+    def asks(c):  # worker 0, but the PS sums worker 1 last
+        c.push_pull(no_keys, no_rows, no_keys)
+        c.post_split_head(torch.tensor([3]), no_keys, torch.tensor([3]), sums=True)
+
+    def quiet(c):
+        c.push_pull(no_keys, no_rows, no_keys)
+
+    _, _, _, errors = _world(2, 1, False, SparseOptimizer(), _weights(), [asks, quiet], arrival_order=[0, 1])
+    assert isinstance(errors.get(2), EsdProtocolError), errors
+    assert "sums worker 1's gradients last" in str(errors[2])
+
+    # worker 1 pushes row 3, which worker 0 sent a gradient for and pulls as a gradient sum: its value
+    # would be the pushed row, so the PS fails instead of answering a sum
+    def summed(c):
+        c.push_pull(no_keys, no_rows, no_keys)
+        c.post_grads_push_pull(torch.tensor([3]), torch.ones(1, DIM), no_keys, no_rows, torch.tensor([3]),
+                               old_rows=torch.zeros(1, DIM))
+
+    def pushes(c):
+        c.push_pull(no_keys, no_rows, no_keys)
+        c.push_grads(no_keys, no_rows)
+        c.post_push_pull(torch.tensor([3]), torch.ones(1, DIM), no_keys)
+
+    _, _, _, errors = _world(2, 1, False, SparseOptimizer(), _weights(), [summed, pushes], arrival_order=[1, 0])
+    assert isinstance(errors.get(2), EsdRemoteError), errors
+    assert "gradient sums of rows that a worker also pushes" in str(errors[2])
 
 
 def test_split_gradients_not_followed_by_a_push_pull_are_a_protocol_error():

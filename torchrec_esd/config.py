@@ -187,8 +187,18 @@ class EsdConfig:
             gradient for (final once the OTHER workers' gradients are
             applied, so on a slow link they come down while this worker's
             own values still go up), then the rest.  Exact: each row's
-            gradients are summed in worker order as before, so the PS holds
-            the same bits.  Default on.
+            gradients are summed in one fixed order whether split or not
+            (fastest configured link first, ties in worker order:
+            ``torchrec_esd.ps.server.arrival_order``), so the PS holds the
+            same bits.  Default on.
+        split_sums: with ``split_reply``, at staleness 0, the worker whose
+            gradients the PS sums last (the slowest configured link) gets
+            the rest not as rows but as the other workers' summed gradients
+            of those rows, sent as soon as their values are in; it adds its
+            own gradient and applies the optimizer to the row and state it
+            read in the forward: the PS's running sum and the same optimizer
+            step, so the same bits.  Its download then waits for no part of
+            its own upload.  Default on.
         flush_on_slowdown: with ``online_links``, when a worker's estimated
             link falls below ``1 / flush_on_slowdown`` of the previous
             dispatch's estimate, that worker writes back every dirty row of
@@ -239,6 +249,7 @@ class EsdConfig:
     flush_on_slowdown: Optional[float] = None
     pre_push: bool = False
     split_reply: bool = True
+    split_sums: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -319,6 +330,10 @@ class EsdConfig:
         _require(
             isinstance(self.early_pull, bool),
             f"EsdConfig.early_pull must be a bool, got {self.early_pull!r}",
+        )
+        _require(
+            isinstance(self.split_sums, bool),
+            f"EsdConfig.split_sums must be a bool, got {self.split_sums!r}",
         )
         _require(
             isinstance(self.split_reply, bool),

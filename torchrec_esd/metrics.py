@@ -51,6 +51,7 @@ class TransmissionMeter:
     early_pulls: int = 0
     # of those, posted with this batch's gradients as one split exchange (EsdConfig.split_reply)
     split_replies: int = 0
+    sum_replies: int = 0  # split replies whose second part came as gradient sums (EsdConfig.split_sums)
     # dirty rows written back after the worker's link slowed down (EsdConfig.flush_on_slowdown),
     # counted in update_push too
     flushed_rows: int = 0
@@ -128,6 +129,7 @@ class TransmissionMeter:
             "prefetched_rows": self.prefetched_rows,
             "early_pulls": self.early_pulls,
             "split_replies": self.split_replies,
+            "sum_replies": self.sum_replies,
             "flushed_rows": self.flushed_rows,
             "pre_pushed_rows": self.pre_pushed_rows,
         }
@@ -145,6 +147,7 @@ class TransmissionMeter:
             "prefetched_rows": sum(w.get("prefetched_rows", 0) for w in per_worker),
             "early_pulls": sum(w.get("early_pulls", 0) for w in per_worker),
             "split_replies": sum(w.get("split_replies", 0) for w in per_worker),
+            "sum_replies": sum(w.get("sum_replies", 0) for w in per_worker),
             "flushed_rows": sum(w.get("flushed_rows", 0) for w in per_worker),
             "pre_pushed_rows": sum(w.get("pre_pushed_rows", 0) for w in per_worker),
         }

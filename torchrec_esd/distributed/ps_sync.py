@@ -32,6 +32,7 @@ from torchrec_esd.config import EsdConfigError
 from torchrec_esd.ps import DesRequest, DesRoute
 from torchrec_esd.ps.client import PendingPrefetch, PendingPushPull
 from torchrec_esd.ps.protocol import PrePushFrame, Section, SectionSize
+from torchrec_esd.ps.server import arrival_order
 from torchrec_esd.ps.transport import LinkStats, Traffic
 
 _NO_KEYS = torch.empty(0, dtype=torch.int64)
@@ -82,6 +83,11 @@ class PsSync:
         self._no_partials = torch.empty(0, runtime.client.routing.wire_dim)
         self._post_next = runtime.config.early_pull and not runtime.config.des_misses
         self._split = self._post_next and runtime.config.split_reply
+        cfg = runtime.config
+        # EsdConfig.split_sums: only the worker the PS sums last, and only at staleness 0 (the rows it read
+        # are the PS's then)
+        self.sums = self._split and cfg.split_sums and cfg.staleness == 0 and \
+            arrival_order([w.bytes_per_second for w in cfg.workers])[-1] == self._worker
         # the keys of a split exchange sent in the forward (post_head), until the backward sends the values:
         # (iteration, exchange, the next pushes' cache slots, pull mask, prefetched keys left out, pre-push traffic)
         self._head = None
@@ -275,11 +281,12 @@ class PsSync:
             return
         wp_next, push_keys, push_slots, pull_keys, rest, n_have, pre = nxt
         pending = self._client.post_split_head(wp.used_keys[wp.grad_pos], push_keys, pull_keys,
-                                               batch_fingerprint=wp_next.global_fingerprint)
+                                               batch_fingerprint=wp_next.global_fingerprint, sums=self.sums)
         self._head = (current.iteration, pending, push_slots, rest, n_have, pre)
 
     def push_grads_and_next(self, keys: torch.Tensor, grads: torch.Tensor, route: Optional[DesRoute],
-                            bag_grads: torch.Tensor, iteration: int, store) -> None:
+                            bag_grads: torch.Tensor, iteration: int, store,
+                            old_rows: Optional[torch.Tensor] = None) -> None:
         """:meth:`push_grads` then :meth:`post_next`; with
         ``EsdConfig.split_reply``, where the push/pull of ``iteration + 1``
         is posted, both go as one split exchange
@@ -287,14 +294,20 @@ class PsSync:
         answers the rows this worker sent no gradient for while its gradient
         values still cross the uplink.  The PS takes split and whole gradient
         frames in one phase, so workers whose next plan is not there yet send
-        theirs whole."""
+        theirs whole.  ``old_rows`` (where :attr:`sums`): the rows (value +
+        state) ``grads`` were computed on, from which this worker makes the
+        PS's new rows out of the others' gradient sums."""
+        if self.sums and old_rows is None:
+            raise EsdConfigError("EsdConfig.split_sums: the gradients of this worker go without the rows they were "
+                                 "computed on")
+        old = old_rows.cpu() if self.sums else None  # type: ignore[union-attr]
         if self._head is not None:  # the keys went in the forward (post_head): now the values
             it, pending, push_slots, rest, n_have, pre = self._head
             self._head = None
             if it != iteration:
                 raise EsdConfigError(f"the keys of iteration {it}'s gradients went to the PS, but the backward is "
                                      f"iteration {iteration}'s: train batches in dispatch order")
-            traffic = self._client.send_split_tail(pending, grads.detach().cpu(), store.read(push_slots).cpu())
+            traffic = self._client.send_split_tail(pending, grads.detach().cpu(), store.read(push_slots).cpu(), old)
         else:
             nxt = None
             if self._split and route is None:
@@ -307,11 +320,13 @@ class PsSync:
             wp, push_keys, push_slots, pull_keys, rest, n_have, pre = nxt
             pending, traffic = self._client.post_grads_push_pull(
                 keys, grads.detach().cpu(), push_keys, store.read(push_slots).cpu(), pull_keys,
-                batch_fingerprint=wp.global_fingerprint)
+                batch_fingerprint=wp.global_fingerprint, old_rows=old)
         self._meter.record_grads(traffic, self._link)
         self._next = (iteration + 1, pending, rest, n_have, pre)
         self._meter.early_pulls += 1
         self._meter.split_replies += 1
+        if self.sums:  # (the head went with sums=self.sums)
+            self._meter.sum_replies += 1
 
     def _worth_splitting(self, iteration: int, grads: int) -> bool:
         """Whether the ``grads`` gradient values of ``iteration`` and the

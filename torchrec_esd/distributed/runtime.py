@@ -48,6 +48,7 @@ from torchrec_esd.metrics import TransmissionMeter
 from torchrec_esd.optim import SparseOptimizer
 from torchrec_esd.ps import GlooP2PTransport, ParameterServer, PsClient
 from torchrec_esd.ps.row_storage import HashedUniformInit, LazyRowStorage
+from torchrec_esd.ps.server import arrival_order
 
 
 _GROUPS: Dict[tuple, tuple] = {}
@@ -248,8 +249,8 @@ class EsdPsRuntime(EsdRuntime):
                     for name, bag in ebc.embedding_bags.items()
                     if name in self.keyspace.names
                 }
-            # a split exchange takes the workers' values fastest configured link first
-            order = sorted(range(self.config.num_workers), key=lambda w: -float(self.config.workers[w].bytes_per_second))
+            # rows' gradients are summed, and a split exchange's values taken, fastest configured link first
+            order = arrival_order([w.bytes_per_second for w in self.config.workers])
             server = ParameterServer(
                 p, self.keyspace, self.optimizer, self.transport, weights, des=self.config.des_misses, storage=storage,
                 arrival_order=order,

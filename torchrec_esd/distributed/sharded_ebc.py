@@ -238,6 +238,7 @@ class ShardedEsdEmbeddingBagCollection(
         inc = slot >= 0
         working_set[inc, :d] = store.rows[slot[inc]]
         working_set[pull_pos[~cached], :d] = got[~cached, :d]
+        old = self._gradient_rows(wp, working_set, slot, pull_pos, cached, got) if self._ps.sums else None
         n_esd = working_set.shape[0]
         parts = [working_set] + list(self._replicas.values())
         des_base = sum(p.shape[0] for p in parts)
@@ -251,7 +252,7 @@ class ShardedEsdEmbeddingBagCollection(
             working_set.requires_grad_(True)
         pooled = self._lookup_backend(layout, working_set)
         pending = {"plan": wp, "rows": working_set.shape[0], "esd_rows": n_esd, "done": False,
-                   "des_base": des_base, "des_route": route, "iteration": plan.iteration}
+                   "des_base": des_base, "des_route": route, "iteration": plan.iteration, "old": old}
         self._pending = pending
         if training:
             working_set.register_hook(lambda g, p=pending: self._after_backward(p, g))
@@ -259,6 +260,22 @@ class ShardedEsdEmbeddingBagCollection(
             self._finish_pending_backward()
         rt.meter.iterations += 1
         return pooled
+
+    def _gradient_rows(self, wp: WorkerPlan, working_set: torch.Tensor, slot: torch.Tensor, pull_pos: torch.Tensor,
+                       cached: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
+        """The rows (value + optimizer state) this batch's gradient pushes are
+        computed on, in ``wp.grad_pos`` order: what ``EsdConfig.split_sums``
+        turns the others' gradient sums into new rows with.  At staleness 0
+        they are the PS's: a used row is read fresh (cached or pulled), and
+        no local update touches a row whose gradient is pushed."""
+        d = self._wire_dim
+        S = self._store.state.shape[1]
+        state = torch.empty(working_set.shape[0], S, device=self._device)
+        inc = slot >= 0
+        state[inc] = self._store.state[slot[inc]]
+        state[pull_pos[~cached]] = got[~cached, d:]
+        gp = wp.grad_pos.to(self._device)
+        return torch.cat([working_set[gp, :d], state[gp]], dim=1)
 
     def _layout(self, kjt: KeyedJaggedTensor, wp: WorkerPlan, iteration: int):
         """Where every KJT value reads its row: ``pos`` (all values) indexes the
@@ -386,7 +403,7 @@ class ShardedEsdEmbeddingBagCollection(
         # backward, the dense all-reduce and the optimizer step run (EsdConfig.split_reply: the rows
         # this worker sent no gradient for even while its gradient values still go up)
         self._ps.push_grads_and_next(keys, grad[wp.grad_pos.to(self._device)], pending["des_route"], des_grad,
-                                     pending["iteration"], self._store)
+                                     pending["iteration"], self._store, pending["old"])
 
     def _update_replicas(self, grad: torch.Tensor) -> None:
         """Data-parallel step of the replicated tables: sum the workers' gradients

@@ -44,8 +44,10 @@ from torchrec_esd.ps.protocol import (
     add_sections,
     check_reply_marker,
     encode_frame,
+    own_part_bytes,
     own_updated,
     pack,
+    read_only,
 )
 from torchrec_esd.ps.transport import LinkStats, Pending, Traffic, Transport
 
@@ -85,6 +87,10 @@ class PendingPushPull:
     own: Optional[List[torch.Tensor]] = None
     clock_b: Optional["ReplyClock"] = None
     tail: Optional["SplitTail"] = None  # a split exchange whose values are not sent yet (send_split_tail)
+    # with gradient sums (GradsFrame.sums): per PS, (the second part's keys, the index of each among that PS's
+    # gradient keys) (the head), then per PS (their gradients, the rows + states those were computed on) (the tail)
+    own_at: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
+    own_inputs: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
 
 
 @dataclass
@@ -412,7 +418,7 @@ class PsClient:
         return PendingPushPull(qo, frames, earlier, sends, recvs, replies, sections, markers, clock)
 
     def post_split_head(self, grad_keys: torch.Tensor, push_keys: torch.Tensor, pull_keys: torch.Tensor,
-                        batch_fingerprint: int = 0) -> PendingPushPull:
+                        batch_fingerprint: int = 0, sums: bool = False) -> PendingPushPull:
         """The first half of a *split* exchange (``EsdConfig.split_reply``;
         no DES): to every PS the frame and keys of this iteration's
         gradients, then the frame and keys of the next iteration's push/pull,
@@ -425,13 +431,17 @@ class PsClient:
         pushes of them are in, while this worker's values may still be on
         the uplink, and the rest after
         (:func:`~torchrec_esd.ps.protocol.own_updated`), each part in pull
-        order."""
+        order.  ``sums`` (``EsdConfig.split_sums``; only the worker the PS
+        sums last): the rest comes as the other workers' summed gradients,
+        which :meth:`finish_push_pull` turns into the rows with this worker's
+        own gradients and the rows they were computed on
+        (:meth:`send_split_tail`'s ``old_rows``)."""
         if self.des:
             raise EsdConfigError("a split gradient phase has no DES bag gradients (it comes with the early pull)")
         t = self.transport
         width = self.fmt.dim + self.fmt.state_dim
         _, gk = self._split_by_ps(grad_keys)
-        greqs = [GradsRequest(gk[i], None, torch.empty(0, self.routing.wire_dim), split=True)
+        greqs = [GradsRequest(gk[i], None, torch.empty(0, self.routing.wire_dim), split=True, sums=sums)
                  for i in range(self.routing.num_ps)]
         # (the pushed rows are read after the backward: the tail sends them)
         qo, _, reqs = self._push_pull_requests(push_keys, torch.empty(push_keys.numel(), width), pull_keys, None,
@@ -446,7 +456,7 @@ class PsClient:
         timed: List[List[Pending]] = [[], [], [], []]  # markers and receives of the first parts, of the second
         for i, src in enumerate(t.ps_ranks):
             for part, mask in enumerate((~own[i], own[i])):
-                n = int(mask.sum()) * self.fmt.row_bytes
+                n = own_part_bytes(int(mask.sum()), self.fmt, sums and part == 1)
                 m = self._recv_reply(src, n, self.timed_replies, recvs, replies, markers)
                 if m is not None:
                     timed[2 * part].append(m)
@@ -455,15 +465,26 @@ class PsClient:
         clocks = [ReplyClock(t, mk, rv, t.native_clock(mk, rv)) if mk else None
                   for mk, rv in ((timed[0], timed[1]), (timed[2], timed[3]))]
         self._open_tail = SplitTail(grad_keys, push_keys, gsends, gsections)
+        own_at = None
+        if sums:  # where each key of the second parts sits among the gradients (keys distinct per PS)
+            own_at = []
+            for i in range(self.routing.num_ps):
+                ordered, perm = torch.sort(gk[i])
+                keys = reqs[i].pull_keys[own[i]]
+                own_at.append((keys, perm[torch.searchsorted(ordered, keys)]))
         return PendingPushPull(qo, frames, earlier, sends, recvs, replies, sections, markers, clocks[0], own,
-                               clocks[1], self._open_tail)
+                               clocks[1], self._open_tail, own_at)
 
-    def send_split_tail(self, p: PendingPushPull, grads: torch.Tensor, push_vals: torch.Tensor) -> Traffic:
+    def send_split_tail(self, p: PendingPushPull, grads: torch.Tensor, push_vals: torch.Tensor,
+                        old_rows: Optional[torch.Tensor] = None) -> Traffic:
         """The second half of :meth:`post_split_head`'s exchange: to every PS
         a VALUES frame, the gradient values ``grads`` [len(grad keys), D],
         then the pushed rows ``push_vals`` [len(push keys), D+S] (each where
-        not empty); returns before the sends complete.  What the gradients
-        moved (head and tail; their sends complete at :meth:`finish_push_pull`)."""
+        not empty); returns before the sends complete.  With gradient sums,
+        ``old_rows`` [len(grad keys), D+S]: the rows (value + optimizer
+        state) the gradients were computed on, as the PS holds them.  What
+        the gradients moved (head and tail; their sends complete at
+        :meth:`finish_push_pull`)."""
         tail = p.tail
         if tail is None:
             raise EsdConfigError("the values of this split exchange were sent already (or it is not split)")
@@ -471,9 +492,18 @@ class PsClient:
             raise EsdConfigError(
                 f"a split exchange announced {tail.grad_keys.numel()} gradients and {tail.push_keys.numel()} pushed "
                 f"rows, then got {grads.shape[0]} and {push_vals.shape[0]}")
+        if p.own_at is not None and (old_rows is None or tuple(old_rows.shape) != (
+                tail.grad_keys.numel(), self.fmt.dim + self.fmt.state_dim)):
+            raise EsdConfigError(
+                f"a split exchange with gradient sums needs the {tail.grad_keys.numel()} rows its gradients were "
+                f"computed on (value + state), got {None if old_rows is None else tuple(old_rows.shape)}")
         p.tail = self._open_tail = None
         t = self.transport
-        _, gk, gv = self._split_by_ps(tail.grad_keys, grads.to(torch.float32))
+        grads = grads.to(torch.float32)
+        if p.own_at is not None:
+            _, _, gv, ov = self._split_by_ps(tail.grad_keys, grads, old_rows.to(torch.float32))  # type: ignore[union-attr]
+            p.own_inputs = [(g[a], o[a]) for g, o, (_, a) in zip(gv, ov, p.own_at)]
+        _, gk, gv = self._split_by_ps(tail.grad_keys, grads)
         _, pk, pv = self._split_by_ps(tail.push_keys, push_vals.to(torch.float32))
         sends: List[Pending] = []
         sections = dict(tail.sections)
@@ -494,25 +524,49 @@ class PsClient:
 
     def post_grads_push_pull(
         self, grad_keys: torch.Tensor, grads: torch.Tensor, push_keys: torch.Tensor, push_vals: torch.Tensor,
-        pull_keys: torch.Tensor, batch_fingerprint: int = 0,
+        pull_keys: torch.Tensor, batch_fingerprint: int = 0, old_rows: Optional[torch.Tensor] = None,
     ) -> Tuple[PendingPushPull, Traffic]:
         """:meth:`post_split_head` and :meth:`send_split_tail` at once:
-        :meth:`push_grads` (no DES) then :meth:`post_push_pull`, with a split reply."""
-        p = self.post_split_head(grad_keys, push_keys, pull_keys, batch_fingerprint)
-        return p, self.send_split_tail(p, grads, push_vals)
+        :meth:`push_grads` (no DES) then :meth:`post_push_pull`, with a split
+        reply (with gradient sums where ``old_rows`` is given)."""
+        p = self.post_split_head(grad_keys, push_keys, pull_keys, batch_fingerprint, sums=old_rows is not None)
+        return p, self.send_split_tail(p, grads, push_vals, old_rows)
 
-    def _split_rows(self, p: PendingPushPull) -> List[PushPullReply]:
-        """The replies of a split push/pull, each PS's two parts back in its pull order."""
+    def _split_rows(self, p: PendingPushPull, sections: Dict) -> List[PushPullReply]:
+        """The replies of a split push/pull, each PS's two parts back in its
+        pull order (the second from gradient sums where asked for:
+        :meth:`_rows_from_sums`); their sections as received go to ``sections``."""
         assert p.own is not None
         out = []
         width = self.fmt.dim + self.fmt.state_dim
         for i, (f, own) in enumerate(zip(p.frames, p.own)):
             parts = [PushPullReply.decode(PushPullFrame(0, int(m.sum())), p.replies[2 * i + k], self.fmt).rows
-                     for k, m in enumerate((~own, own))]
+                     for k, m in enumerate((~own, own)) if k == 0 or p.own_at is None]
+            add_sections(sections, [(Section.PULL_ROWS, parts[0])])
+            if p.own_at is not None:
+                sums = read_only(p.replies[2 * i + 1], int(own.sum()), torch.float32, (self.fmt.dim,))
+                add_sections(sections, [(Section.PULL_ROWS, sums)])
+                parts.append(self._rows_from_sums(p.own_at[i][0], sums, *p.own_inputs[i]))  # type: ignore[index]
+            else:
+                add_sections(sections, [(Section.PULL_ROWS, parts[1])])
             rows = torch.empty(f.pulls, width)
             rows[~own], rows[own] = parts[0], parts[1]
             out.append(PushPullReply(rows, torch.empty(0, self.fmt.dim)))
         return out
+
+    def _rows_from_sums(self, keys: torch.Tensor, sums: torch.Tensor, grads: torch.Tensor,
+                        old: torch.Tensor) -> torch.Tensor:
+        """The PS's new rows (value + state) of ``keys``, whose reply part
+        came as the other workers' gradient sums ``sums``: the PS's running
+        sum of each row plus this worker's gradient ``grads`` (the last it
+        adds), then the optimizer step on the row and state ``old`` the
+        gradient was computed on.  The PS's own operations on the same
+        values, so the same bits (``torch.equal``, tested)."""
+        d = self.fmt.dim
+        total = sums + grads
+        rows, state = old[:, :d].clone(), old[:, d:].clone()
+        self.optimizer.apply_(rows, state, total, self.routing.row_dims(keys))
+        return torch.cat([rows, state], dim=1)
 
     def finish_push_pull(self, p: PendingPushPull) -> torch.Tensor:
         """Wait for ``p``'s replies: the pulled rows in the order of its pull
@@ -530,13 +584,13 @@ class PsClient:
             for clock in (p.clock, p.clock_b):
                 transfer_s += clock.join() if clock is not None else 0.0
             transfer_b = self._timed_reply_bytes(p.markers, p.replies)
+        sections = dict(p.sections)
         if p.own is not None:
-            replies = self._split_rows(p)
+            replies = self._split_rows(p, sections)
         else:
             replies = [PushPullReply.decode(f, buf, self.fmt) for f, buf in zip(p.frames, p.replies)]
-        sections = dict(p.sections)
-        for r in replies:
-            add_sections(sections, r.parts())
+            for r in replies:
+                add_sections(sections, r.parts())
         self.last_traffic = self._own_traffic(p.sends, [m for _, m in p.markers] + p.recvs, sections,
                                               transfer_b, transfer_s)
         return self._in_key_order(p.order, [r.rows for r in replies])

@@ -40,7 +40,7 @@ KEY_BYTES = 8  # int64 row key / packed DES pair
 VALUE_BYTES = 4  # float32 value, optimizer state, gradient, DES weight
 MAX_ABORT_BYTES = 4096
 REPLY_MARKER_BYTES = 8  # before a timed reply: its byte count (int64)
-FLAG_FIELDS = ("weighted", "timed", "split")  # frame fields that are 0 or 1
+FLAG_FIELDS = ("weighted", "timed", "split", "sums")  # frame fields that are 0 or 1
 # per request and PS: 4 Mi DES (row, bag) pairs, 48 MB with their weights: what one
 # malformed or hostile frame can make a PS allocate beyond its own storage's size
 DEFAULT_MAX_DES_PAIRS = 1 << 22
@@ -166,18 +166,29 @@ class GradsFrame:
     of their own.  So the PS knows every key before the first value (the
     keys may even go before the backward that computes the values), and
     can answer what waits for no value of this worker while those still
-    cross its uplink (:mod:`torchrec_esd.ps.server`)."""
+    cross its uplink (:mod:`torchrec_esd.ps.server`).
+
+    ``sums`` (a split frame of the worker whose gradients the PS sums last,
+    ``EsdConfig.split_sums``): the second part of the reply to its next
+    push/pull carries, for the rows it sent gradients for, the other
+    workers' summed gradients ``[n, D]`` instead of the rows
+    (:func:`own_part_bytes`); the worker adds its own gradient and applies
+    the optimizer to the row and state it read, which gives the PS's bits,
+    so that part no longer waits for its upload."""
 
     COMMAND: ClassVar[Command] = Command.GRADS
     rows: int
     bags: int = 0
     split: bool = False
+    sums: bool = False
 
     def check(self, limits: ProtocolLimits, where: str) -> None:
         _bound(where, "GRADS", "rows", self.rows, limits.rows, "rows the PS owns")
         _bound(where, "GRADS", "bags", self.bags, limits.max_des_pairs, "ProtocolLimits.max_des_pairs")
         if self.split:
             _bound(where, "GRADS", "bags", self.bags, 0, "a split gradient frame carries no DES bag gradients")
+        else:
+            _bound(where, "GRADS", "sums", int(self.sums), 0, "gradient sums answer only a split frame")
 
     def payload_bytes(self, fmt: RowFormat) -> int:
         if self.split:
@@ -532,9 +543,10 @@ class GradsRequest:
     grads: Optional[torch.Tensor]  # [n, D] float32 (None: a split request's values, not received yet)
     bag_grads: torch.Tensor  # [nb, D] float32: gradient of each DES bag this PS served
     split: bool = False
+    sums: bool = False  # (split only) answer its rows as the other workers' gradient sums (GradsFrame.sums)
 
     def frame(self) -> GradsFrame:
-        return GradsFrame(self.keys.numel(), int(self.bag_grads.shape[0]), self.split)
+        return GradsFrame(self.keys.numel(), int(self.bag_grads.shape[0]), self.split, self.sums)
 
     def parts(self) -> Parts:
         if self.split:
@@ -548,7 +560,7 @@ class GradsRequest:
         rd = PayloadReader(buf)
         keys = rd.take(frame.rows, torch.int64)
         grads = None if frame.split else rd.take(frame.rows, torch.float32, (fmt.dim,))
-        req = GradsRequest(keys, grads, rd.take(frame.bags, torch.float32, (fmt.dim,)), frame.split)
+        req = GradsRequest(keys, grads, rd.take(frame.bags, torch.float32, (fmt.dim,)), frame.split, frame.sums)
         rd.done()
         return req
 
@@ -566,6 +578,13 @@ def own_updated(pull_keys: torch.Tensor, grad_keys: torch.Tensor) -> torch.Tenso
     if grad_keys.numel() == 0 or pull_keys.numel() == 0:
         return torch.zeros(pull_keys.numel(), dtype=torch.bool)
     return torch.isin(pull_keys, grad_keys)
+
+
+def own_part_bytes(rows: int, fmt: RowFormat, sums: bool) -> int:
+    """Bytes of the second part of a split push/pull reply, ``rows`` keys:
+    their rows (value + state), or with :attr:`GradsFrame.sums` the other
+    workers' summed gradients ``[rows, D]``."""
+    return rows * (fmt.value_bytes if sums else fmt.row_bytes)
 
 
 @dataclass

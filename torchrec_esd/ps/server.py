@@ -9,7 +9,9 @@ they all sent the same command and answers where the phase has a reply:
   the rows this PS owns (see :mod:`torchrec_esd.des.served_misses`); a timed
   request's reply comes after a marker (``PushPullFrame.timed``);
 * ``GRADS``: scatter DES bag gradients to the bags' rows, sum all workers'
-  gradients per row and apply the optimizer once per row (synchronous);
+  gradients per row, in :attr:`ParameterServer.arrival_order` (the fastest
+  configured link first: :func:`arrival_order`), and apply the optimizer once
+  per row (synchronous);
   where a worker's frame is *split* (``EsdConfig.split_reply``) only its
   keys came, and the phase ends in the next push/pull, below;
 * ``PUSH_PULL`` after split gradients: a split worker's push/pull request
@@ -22,7 +24,11 @@ they all sent the same command and answers where the phase has a reply:
   it sent no gradient for (those wait only for the OTHER workers, so on a
   slow link they come down while its own values still go up), then the
   rest (:func:`~torchrec_esd.ps.protocol.own_updated`); a worker that did
-  not split gets its one reply once its rows are final;
+  not split gets its one reply once its rows are final.  The worker summed
+  last (the last of ``arrival_order``) may ask for the rest as the other
+  workers' summed gradients (``GradsFrame.sums``): each row's partial sum
+  before its own gradient, sent as soon as the others' values are in, so
+  its download does not wait for its upload at all;
 * ``PREFETCH`` (``EsdConfig.prefetch_depth``): answer the pulls of a later
   iteration from the storage as it is now (the workers ask only for rows
   that nothing changes before that iteration reads them,
@@ -79,6 +85,15 @@ from torchrec_esd.ps.row_storage import DenseRowStorage, PsRowStorage
 from torchrec_esd.ps.transport import Pending, Transport
 
 
+def arrival_order(bytes_per_second: Sequence[float]) -> List[int]:
+    """The workers, fastest configured link first (ties in worker order):
+    the order a PS sums each row's gradients in and takes split workers'
+    values in (:class:`ParameterServer`); every rank derives it from the
+    same config, so a worker knows whether its gradients are summed last
+    (``EsdConfig.split_sums``)."""
+    return sorted(range(len(bytes_per_second)), key=lambda w: -float(bytes_per_second[w]))
+
+
 class ParameterServer:
     """One PS rank (``ps_index`` in ``0..P-1``) serving ``transport``'s workers."""
 
@@ -98,8 +113,9 @@ class ParameterServer:
         a :class:`~torchrec_esd.ps.row_storage.LazyRowStorage`), or, without
         one, in a dense storage filled from ``initial_weights``.
         ``arrival_order``: the workers, the one whose values are expected
-        first (the fastest link) first; a split exchange waits for them in
-        that order (default: worker order)."""
+        first (the fastest link) first (:func:`arrival_order`); every row's
+        gradients are summed in that order, and a split exchange waits for
+        the workers' values in it (default: worker order)."""
         self.ps_index = ps_index
         self.des = des
         # DES requests of the last push/pull phase, until their bag gradients arrive:
@@ -231,6 +247,11 @@ class ParameterServer:
             if self.des and frame.split:
                 raise EsdProtocolError(f"{where}: a split GRADS frame to a PS with DES (EsdConfig.split_reply "
                                        "comes with the early pull, which DES-served misses do not use)")
+            if frame.sums and worker != self.arrival_order[-1]:
+                raise EsdProtocolError(
+                    f"{where}: a GRADS frame asking for gradient sums, but this PS sums worker "
+                    f"{self.arrival_order[-1]}'s gradients last (arrival_order {self.arrival_order}), not this "
+                    "worker's: its sums would not give the PS's rows")
             if not self.des and frame.bags:
                 raise EsdProtocolError(f"{where}: DES bag gradients (bags = {frame.bags}) sent to a PS without DES")
             served = self._des_pending[3][worker] if self._des_pending is not None else 0
@@ -281,8 +302,9 @@ class ParameterServer:
         if any(q.split for q in reqs):  # values come after the next push/pull (_push_pull_split)
             self._held = [(f, self._local(q.keys), q.grads) for f, q in zip(frames, reqs)]  # type: ignore[misc]
             return
-        local = self._local(torch.cat([q.keys for q in reqs]))
-        grads = torch.cat([q.grads for q in reqs])
+        order = self.arrival_order  # (each row's gradients are summed in this order)
+        local = self._local(torch.cat([reqs[r].keys for r in order]))
+        grads = torch.cat([reqs[r].grads for r in order])  # type: ignore[misc]
         if self.des:
             dl, db, pair_w, _ = self._des_pending or (None, None, None, None)
             self._des_pending = None  # bag counts were checked per frame (_check_state)
@@ -311,64 +333,81 @@ class ParameterServer:
         each row once all its gradients are in and store each pushed row once
         it is in, answer every reply part once its rows are final (see the
         module docstring).  The same rows as :meth:`_grads` then
-        :meth:`_push_pull`: each row's gradients are summed in worker order,
-        and a row with gradients and a push gets the push after them."""
+        :meth:`_push_pull`: each row's gradients are summed in
+        :attr:`arrival_order`, and a row with gradients and a push gets the
+        push after them.  A worker that asked for sums (``GradsFrame.sums``,
+        the last of :attr:`arrival_order`) gets the second part once every
+        other worker's values are in: per row, the sum of the others'
+        gradients in that order, which is the PS's running sum right before
+        this worker's gradient is added."""
         held, self._held = self._held, None
         assert held is not None
         t, dim = self.transport, self.routing.wire_dim
         apart = [f.split for f, _, _ in held]
         reqs = [PushPullRequest.decode(f, p, self.fmt, a)  # type: ignore[arg-type]
                 for f, p, a in zip(frames, payloads, apart)]
-        W = len(reqs)
-        # every gradient (worker order), then every pushed row (worker order): an entry each
-        g_sizes = [int(k.numel()) for _, k, _ in held]
-        p_sizes = [int(q.push_keys.numel()) for q in reqs]
-        starts = torch.tensor([0] + g_sizes + p_sizes).cumsum(0).tolist()  # entry ranges: W gradients, W pushes
+        W, order = len(reqs), self.arrival_order
+        # an entry each: every gradient (workers in arrival order: the order a row's gradients are
+        # summed in), then every pushed row (worker order); entry range of worker r's gradients: at[r]
+        at = {r: i for i, r in enumerate(order)}
+        sizes = [int(held[r][1].numel()) for r in order] + [int(q.push_keys.numel()) for q in reqs]
+        starts = torch.tensor([0] + sizes).cumsum(0).tolist()
         n_grads = starts[W]
-        keys = torch.cat([k for _, k, _ in held] + [self._local(q.push_keys) for q in reqs])
+        keys = torch.cat([held[r][1] for r in order] + [self._local(q.push_keys) for q in reqs])
         values = torch.empty(starts[-1], dim + self.fmt.state_dim)  # gradients use the first dim columns
-        # what is still to come: the split workers' values and pushed rows (after a VALUES frame each)
-        pending = torch.zeros(starts[-1], dtype=torch.int64)
+        # what is still to come (per entry): the split workers' values and pushed rows (after a VALUES frame each)
+        pending = torch.zeros(starts[-1], dtype=torch.bool)
         for r, (f, _, g) in enumerate(held):
-            for rng, have in ((r, g), (W + r, reqs[r].push_rows)):
+            for rng, have in ((at[r], g), (W + r, reqs[r].push_rows)):
                 lo, hi = starts[rng], starts[rng + 1]
                 if apart[r]:
-                    pending[lo:hi] = 1
+                    pending[lo:hi] = True
                 elif hi > lo:
                     values[lo:hi, : have.shape[1]] = have
         uniq, inv = ops.sorted_distinct_inverse(keys)
-        missing = torch.zeros(uniq.numel(), dtype=torch.int64).index_add_(0, inv, pending)  # entries to come per row
+        missing = torch.zeros(uniq.numel(), dtype=torch.int64).index_add_(0, inv, pending.long())  # per row
         done = torch.zeros(uniq.numel(), dtype=torch.bool)
         is_grad = torch.arange(starts[-1]) < n_grads
-        # each worker's reply parts: (local pull keys, their rows' index in uniq or -1), sent in order
-        parts: List[List[Tuple[torch.Tensor, torch.Tensor]]] = []
+        # each worker's reply parts, sent in order: (local pull keys, their rows' index in uniq or -1, None),
+        # or for a worker's gradient sums (local keys, the entries they sum, in summing order, their key's index)
+        parts: List[List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]] = []
         for r, q in enumerate(reqs):
             local = self._local(q.pull_keys)
             pos = torch.searchsorted(uniq, local).clamp_(max=max(uniq.numel() - 1, 0))
             dep = torch.where(uniq[pos] == local, pos, -1) if uniq.numel() else torch.full_like(local, -1)
-            if apart[r]:
-                own = own_updated(local, held[r][1])  # (local keys of this PS: the same mask as the worker's)
-                parts.append([(local[~own], dep[~own]), (local[own], dep[own])])
-            else:
-                parts.append([(local, dep)])
+            if not apart[r]:
+                parts.append([(local, dep, None)])
+                continue
+            own = own_updated(local, held[r][1])  # (local keys of this PS: the same mask as the worker's)
+            second = (local[own], dep[own], None)
+            if held[r][0].sums:
+                second = self._sums_part(r, local[own], keys, is_grad, starts[at[r]], starts[at[r] + 1])
+            parts.append([(local[~own], dep[~own], None), second])
         sends: List[Pending] = []
 
         def step() -> None:
-            """Finish the rows now complete; send every part whose rows are final."""
+            """Finish the rows now complete; send every part whose rows (or summed gradients) are final."""
             now = (missing == 0) & ~done
             if bool(now.any()):
                 sel = now[inv]
-                g = (sel & is_grad).nonzero().view(-1)  # their gradients, in worker order
+                g = (sel & is_grad).nonzero().view(-1)  # their gradients, in arrival order
                 if g.numel():
-                    at = torch.cumsum(now, 0) - 1
-                    self._apply(uniq[now], at[inv[g]], values[g, :dim])
+                    pos = torch.cumsum(now, 0) - 1
+                    self._apply(uniq[now], pos[inv[g]], values[g, :dim])
                 p = (sel & ~is_grad).nonzero().view(-1)  # then their pushed rows
                 if p.numel():
                     self.storage.write(keys[p], values[p, :dim], values[p, dim:])
                 done.logical_or_(now)
             for r, todo in enumerate(parts):
                 while todo:
-                    local, dep = todo[0]
+                    local, dep, into = todo[0]
+                    if into is not None:  # gradient sums: every entry they add up is in
+                        if bool(pending[dep].any()):
+                            break
+                        todo.pop(0)
+                        sums = torch.zeros(local.numel(), dim).index_add_(0, into, values[dep, :dim])
+                        sends.extend(self._send(r, sums, frames[r].timed))  # type: ignore[union-attr]
+                        continue
                     d = dep[dep >= 0]
                     if d.numel() and not bool(done[d].all()):
                         break
@@ -379,13 +418,13 @@ class ParameterServer:
         # the split workers' VALUES frames and what they announce, taken one worker after the other,
         # the fastest link first (arrival_order): each wait costs no thread, and the slow workers' come
         # last, by when the others' values are applied and their first reply parts are on the way
-        for r in self.arrival_order:
+        for r in order:
             if not apart[r]:
                 continue
             head, *bufs = self._tails.pop(r)
             t.wait([head])
-            self._values_frame(r, head.buf, g_sizes[r], p_sizes[r], bufs)
-            for rng, got in zip((r, W + r), bufs):
+            self._values_frame(r, head.buf, int(held[r][1].numel()), int(reqs[r].push_keys.numel()), bufs)
+            for rng, got in zip((at[r], W + r), bufs):
                 if got is None:
                     continue
                 t.wait([got])
@@ -394,11 +433,44 @@ class ParameterServer:
                     values[lo:hi, :dim] = GradsRequest.decode_values(held[r][0], got.buf, self.fmt)
                 else:
                     values[lo:hi] = PushPullRequest.decode_rows(frames[r], got.buf, self.fmt)  # type: ignore[arg-type]
+                pending[lo:hi] = False
                 missing.index_add_(0, inv[lo:hi], torch.full((hi - lo,), -1, dtype=torch.int64))
                 step()
         if not bool(done.all()) or any(parts):  # every value is in: cannot happen
             raise EsdRemoteError(f"PS {self.ps_index}: a split push/pull left rows unapplied or replies unsent")
         t.wait(sends)
+
+    def _sums_part(self, r: int, own: torch.Tensor, keys: torch.Tensor, is_grad: torch.Tensor, lo: int,
+                   hi: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The reply part of worker ``r``'s gradient sums (``GradsFrame.sums``)
+        for its rows ``own`` (local keys): (``own``, the gradient entries of
+        the other workers on them, in summing order, each entry's index in
+        ``own``).  Worker ``r``'s own entries are ``lo:hi``, the last of every
+        row's (it is the last of :attr:`arrival_order`, checked on its frame).
+        A row of ``own`` that a worker also pushes in this phase would end as
+        the pushed row, not as the optimizer's step: at staleness 0 no row is
+        both (a pushed row is dirty on its holder, so no other worker used it),
+        and if one were, this raises instead of answering a wrong row."""
+        in_own = torch.isin(keys, own)
+        if bool((in_own & ~is_grad).any()):
+            raise EsdRemoteError(f"PS {self.ps_index}: worker {r} asked for gradient sums of rows that a worker "
+                                 "also pushes in this phase (their value is the pushed row)")
+        others = in_own & is_grad
+        others[lo:hi] = False
+        entries = others.nonzero().view(-1)  # ascending: the summing order
+        sorted_own, perm = torch.sort(own)
+        into = perm[torch.searchsorted(sorted_own, keys[entries])]
+        return own, entries, into
+
+    def _send(self, r: int, data: torch.Tensor, timed: bool) -> List[Pending]:
+        """Post worker ``r`` ``data`` as one message (after a marker with its
+        size where ``timed``); nothing when empty."""
+        if data.numel() == 0:
+            return []
+        data = data.contiguous().view(-1).view(torch.uint8)
+        t, dst = self.transport, self.transport.worker_ranks[r]
+        out = [t.send(dst, reply_marker(data.numel()))] if timed else []
+        return out + [t.send(dst, data)]
 
     def _values_frame(self, r: int, words: torch.Tensor, rows: int, pushes: int,
                       bufs: List[Optional[Pending]]) -> None:
@@ -427,10 +499,7 @@ class ParameterServer:
         message (after a marker with its size where ``timed``); nothing when empty."""
         if local.numel() == 0:
             return []
-        data = torch.cat([self.storage.rows(local), self.storage.state(local)], dim=1).view(-1).view(torch.uint8)
-        t, dst = self.transport, self.transport.worker_ranks[r]
-        out = [t.send(dst, reply_marker(data.numel()))] if timed else []
-        return out + [t.send(dst, data)]
+        return self._send(r, torch.cat([self.storage.rows(local), self.storage.state(local)], dim=1), timed)
 
     def _pre_push(self, frames: List[Frame], payloads: List[torch.Tensor]) -> None:
         reqs = [PrePushRequest.decode(f, p, self.fmt) for f, p in zip(frames, payloads)]  # type: ignore[arg-type]
