@@ -62,16 +62,16 @@ import netns  # noqa: E402
 import rate_change  # noqa: E402
 
 METHODS = ["vanilla", "random", "laia", "heuristic", "optimal", "hybrid", "esd"]
-VARIANTS = ("des", "plan", "shares", "online", "prefetch", "latepull", "wholereply", "nosums", "prepush",
+VARIANTS = ("des", "plan", "shares", "online", "prefetch", "latepull", "wholereply", "sums", "prepush",
             "lookahead")  # "+des": DES-served misses; "+plan": the planner's
 # shares; "+shares": shares decided per batch around the (planned or equal) shares (torchrec_esd.dispatch.shares);
 # "+online": links measured on the PS exchanges (EsdConfig.online_links, shares from the estimates);
 # "+prefetch": EsdConfig.prefetch_depth = --dispatch-ahead (at least 1): the next batches' safe rows are
 # pulled while a batch computes; "+latepull": EsdConfig.early_pull=False (a batch's push/pull in its forward,
 # not right after the previous batch's gradients); "+wholereply": EsdConfig.split_reply=False (the early
-# push/pull goes after the whole gradients and its reply waits for every worker's); "+nosums":
-# EsdConfig.split_sums=False (the slowest worker's split reply brings its own updated rows, after its values are
-# in, instead of the others' gradient sums); "+prepush": EsdConfig.pre_push (the next batch's dirty
+# push/pull goes after the whole gradients and its reply waits for every worker's); "+sums":
+# EsdConfig.split_sums=True (the slowest worker's split reply brings the others' gradient sums of the rows it
+# updates, not waiting for its values, instead of those rows after its values are in); "+prepush": EsdConfig.pre_push (the next batch's dirty
 # pushes leave right after this batch's push/pull, while it computes); "+lookahead": EsdConfig.cache_policy
 # "lookahead" (evict by next use in the upcoming batches) for any method, LAIA's included
 LABEL = {
@@ -89,7 +89,7 @@ def method_label(method: str) -> str:
     base, *variants = method.split("+")
     extra = {"des": "DES misses", "plan": "planned shares", "shares": "per-batch shares",
              "online": "online link estimates", "prefetch": "prefetch", "latepull": "push/pull in the forward", "wholereply": "whole replies",
-             "nosums": "split replies without gradient sums", "prepush": "pre-push",
+             "sums": "gradient sums", "prepush": "pre-push",
              "lookahead": "lookahead eviction"}
     return " + ".join([LABEL.get(base, base)] + [extra.get(v, v) for v in variants])
 
@@ -288,8 +288,8 @@ def rank_main(spec_path: str) -> None:
                 cfg = dataclasses.replace(cfg, early_pull=False)
             if "wholereply" in variants:
                 cfg = dataclasses.replace(cfg, split_reply=False)
-            if "nosums" in variants:
-                cfg = dataclasses.replace(cfg, split_sums=False)
+            if "sums" in variants:
+                cfg = dataclasses.replace(cfg, split_sums=True)
             if "prepush" in variants:
                 cfg = dataclasses.replace(cfg, pre_push=True)
             if "lookahead" in variants:  # eviction by next use within the dispatched-ahead batches

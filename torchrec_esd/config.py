@@ -198,7 +198,11 @@ class EsdConfig:
             own gradient and applies the optimizer to the row and state it
             read in the forward: the PS's running sum and the same optimizer
             step, so the same bits.  Its download then waits for no part of
-            its own upload.  Default on.
+            its own upload.  Default off: on the hetero mix (iid and sessions
+            workloads) it made no difference to the iteration time in four
+            A/B runs, as the reply's second part is small there and the step
+            already ran at 1.01-1.04x its link time
+            (``benchmarks/results/s17_split_sums.md``).
         flush_on_slowdown: with ``online_links``, when a worker's estimated
             link falls below ``1 / flush_on_slowdown`` of the previous
             dispatch's estimate, that worker writes back every dirty row of
@@ -249,7 +253,7 @@ class EsdConfig:
     flush_on_slowdown: Optional[float] = None
     pre_push: bool = False
     split_reply: bool = True
-    split_sums: bool = True
+    split_sums: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
