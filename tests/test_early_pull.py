@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import torch
 
-from torchrec_esd.distributed.ps_sync import PsSync
+from torchrec_esd.distributed.link_estimates import PROBE_REPLY_BYTES
+from torchrec_esd.distributed.ps_sync import PROBE_EVERY, PsSync
 from torchrec_esd.layout import RowFormat
 
 
@@ -171,7 +172,7 @@ def test_the_link_observation_of_a_push_pull_counts_its_pre_push_bytes():
     rt.plans.plans[4] = _plan(4, push_keys=(5, 11))
     ps.pre_push(_plan(3), _Store())
 
-    def push_pull(push_keys, push_vals, pull_keys, des, batch_fingerprint=0):
+    def push_pull(push_keys, push_vals, pull_keys, des, batch_fingerprint=0, **probe):
         client.last_traffic = Traffic(LinkStats(bytes_sent=100, bytes_received=50), {}, 0.01)
         return torch.zeros(pull_keys.numel(), 5), torch.zeros(0, 4), None
 
@@ -182,6 +183,17 @@ def test_the_link_observation_of_a_push_pull_counts_its_pre_push_bytes():
     wp.rows, wp.flushed_rows, wp.num_samples = {}, 0, 3
     ps.push_pull(wp, torch.zeros(2, 5), iteration=4)
     assert seen == [450]  # 100 + 50 of the push/pull, 300 of its pre-push
+
+
+def test_with_online_links_every_other_small_reply_is_padded_to_a_measurable_size():
+    ps, rt, client = _sync()
+    assert ps._probe(3) == {}  # no online links: no padding
+    ps._estimates = SimpleNamespace()
+    row = client.fmt.row_bytes
+    asks = [ps._probe(3) for _ in range(2 * PROBE_EVERY)]
+    assert asks == ([{}] * (PROBE_EVERY - 1) + [{"probe_bytes": PROBE_REPLY_BYTES - 3 * row}]) * 2
+    big = PROBE_REPLY_BYTES // row + 1
+    assert [ps._probe(big) for _ in range(PROBE_EVERY)] == [{}] * PROBE_EVERY  # large enough already
 
 
 def test_split_reply_sends_the_keys_in_the_forward_and_the_values_after_the_backward():

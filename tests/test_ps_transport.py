@@ -65,6 +65,14 @@ class QueueTransport(Transport):
         super().__init__(ps_ranks, worker_ranks, timeout_s)
         self.hub, self.rank = hub, rank
         self._posted = defaultdict(deque)
+        # a split reply's two reply clocks wait on one peer's receives from two threads: taking the
+        # next posted receive and the next message is one step per peer
+        self._lock = threading.Lock()
+        self._peer_locks = {}
+
+    def _peer_lock(self, peer):
+        with self._lock:
+            return self._peer_locks.setdefault(peer, threading.Lock())
 
     def _isend(self, buf, peer):
         self.hub.q(self.rank, peer).put(buf.clone())
@@ -79,14 +87,17 @@ class QueueTransport(Transport):
         if work is None:  # a send
             return
         while not work.done:
-            r = self._posted[work.peer].popleft()
-            data = self.hub.q(work.peer, self.rank).get(timeout=timeout_s)
-            dst = r.buf.view(-1).view(torch.uint8)
-            src = data.view(-1).view(torch.uint8)
-            if dst.numel() != src.numel():
-                raise RuntimeError(f"message of {src.numel()} bytes into a buffer of {dst.numel()}")
-            dst.copy_(src)
-            r.done = True
+            with self._peer_lock(work.peer):
+                if work.done:
+                    break
+                r = self._posted[work.peer].popleft()
+                data = self.hub.q(work.peer, self.rank).get(timeout=timeout_s)
+                dst = r.buf.view(-1).view(torch.uint8)
+                src = data.view(-1).view(torch.uint8)
+                if dst.numel() != src.numel():
+                    raise RuntimeError(f"message of {src.numel()} bytes into a buffer of {dst.numel()}")
+                dst.copy_(src)
+                r.done = True
 
 
 TABLES = [
@@ -95,7 +106,8 @@ TABLES = [
 ]
 
 
-def _world(num_workers, num_ps, des, optimizer, weights, worker_fns, transport_of=None, **server_kwargs):
+def _world(num_workers, num_ps, des, optimizer, weights, worker_fns, transport_of=None, timed_replies=False,
+           **server_kwargs):
     """Run ``num_ps`` servers and one ``worker_fns[w](client)`` per worker in
     threads over a QueueTransport (``transport_of[rank]``: another class for
     that rank); returns (results, servers, transports, errors)."""
@@ -115,7 +127,7 @@ def _world(num_workers, num_ps, des, optimizer, weights, worker_fns, transport_o
             errors[rank] = e
 
     threads = [threading.Thread(target=run, args=(r, s.serve)) for r, s in zip(ps, servers)]
-    clients = [PsClient(routing, optimizer, transports[w], des=des) for w in workers]
+    clients = [PsClient(routing, optimizer, transports[w], des=des, timed_replies=timed_replies) for w in workers]
     threads += [threading.Thread(target=run, args=(w, lambda w=w: worker_fns[w](clients[w]))) for w in workers]
     for t in threads:
         t.start()
@@ -411,6 +423,61 @@ def test_timed_replies_time_the_transfer_without_the_wait_for_other_workers(post
     # worker 0 waited at the PS for worker 1 (>= 0.3 s), its reply's transfer took a fraction of that
     assert tr.seconds >= 0.29
     assert 0.0 <= tr.transfer_seconds < 0.1 and tr.transfer_seconds <= tr.seconds
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_a_timed_reply_carries_the_padding_its_request_asks_for(split):
+    # a worker given few samples asks for its reply padded to a measurable size (PushPullFrame.probe,
+    # PROBE_REPLY_BYTES): the rows are those of an unpadded reply, and the padding is timed with them
+    # (in a split reply, with the first part)
+    w0 = _weights(4)
+    glob = torch.cat([w0["t0"], w0["t1"]])
+    lr = 0.5
+    no_keys, no_rows = torch.empty(0, dtype=torch.int64), torch.empty(0, DIM)
+    pulls = torch.tensor([3, 4])
+    out = {}
+
+    def worker0(c):
+        c.push_pull(no_keys, no_rows, no_keys)
+        if split:
+            p, _ = c.post_grads_push_pull(torch.tensor([3]), torch.ones(1, DIM), no_keys, no_rows, pulls,
+                                          probe_bytes=1000)
+            out["rows"] = c.finish_push_pull(p)
+        else:
+            c.push_grads(torch.tensor([3]), torch.ones(1, DIM))
+            out["rows"], _, _ = c.push_pull(no_keys, no_rows, pulls, probe_bytes=1000)
+        out["traffic"] = c.last_traffic
+        c.stop()
+
+    def worker1(c):
+        c.push_pull(no_keys, no_rows, no_keys)
+        c.push_grads(torch.tensor([3]), torch.full((1, DIM), 2.0))
+        c.push_pull(no_keys, no_rows, no_keys)
+        c.stop()
+
+    _, _, _, errors = _world(2, 1, False, SparseOptimizer("sgd", lr), w0, [worker0, worker1], timed_replies=True)
+    assert errors == {}
+    expect = glob.clone()
+    expect[3] -= lr * 3.0
+    assert torch.equal(out["rows"], expect[pulls])
+    tr = out["traffic"]
+    assert tr.transfer_bytes == 2 * DIM * 4 + 1000  # the rows and the padding, timed
+    assert tr.section(Section.PROBE) == SectionSize(1000, 1000)
+    assert tr.section(Section.PULL_ROWS) == SectionSize(2, 2 * DIM * 4)
+
+
+def test_padding_is_bounded_and_only_for_timed_replies():
+    from torchrec_esd.layout import RowFormat
+    from torchrec_esd.ps.protocol import MAX_PROBE_BYTES, ProtocolLimits, decode_frame
+
+    fmt, limits = RowFormat(DIM), ProtocolLimits(rows=10)
+    for frame, why in ((PushPullFrame(0, 1, probe=8), "0 when not timed"),
+                       (PushPullFrame(0, 1, timed=True, probe=MAX_PROBE_BYTES + 1), "MAX_PROBE_BYTES")):
+        with pytest.raises(EsdProtocolError, match=f"'probe' = {frame.probe} exceeds .*{why}"):
+            decode_frame(encode_frame(frame, frame.payload_bytes(fmt)), limits, fmt, "test")
+    ok = PushPullFrame(0, 1, timed=True, probe=MAX_PROBE_BYTES)
+    assert decode_frame(encode_frame(ok, ok.payload_bytes(fmt)), limits, fmt, "test") == ok
+    assert ok.reply_bytes(fmt) == DIM * 4 + MAX_PROBE_BYTES
 
 
 @pytest.mark.parametrize("posted", [False, True], ids=["synchronous", "posted"])

@@ -39,7 +39,14 @@ estimate more than ``outlier_factor`` in one step: a token bucket's burst
 carries the first bytes of a transfer at line rate, so a slow worker given
 few samples could otherwise look hundreds of times faster than it is.
 :class:`LinkEstimates` uses 32 KiB (:class:`LinkEstimator`'s default is 256
-KiB).  The benchmarks' links used to be HTB classes that let whole 64 kB GSO
+KiB).  On every other push/pull a worker whose reply would be smaller asks
+the PS to pad it to that size (``PushPullFrame.probe``, :data:`PROBE_REPLY_BYTES`,
+``torchrec_esd.distributed.ps_sync.PROBE_EVERY``): cut to one sample after a
+drop, the slow worker otherwise moved a few kB per reply, and its estimate
+climbed back so slowly after its link recovered that it stayed at one sample
+for 6 to more than 20 steps; with the padding it was back in 7
+(``benchmarks/results/s17_split_sums.md``).  The
+benchmarks' links used to be HTB classes that let whole 64 kB GSO
 packets through at line rate (60 kB replies at "10 Mbit/s" in 0.03 ms); on
 their TBF links (``benchmarks/netns.py``) a 10 Mbit/s link has a 4 kB burst
 and 37-59 kB replies read 7.9-11.1 Mbit/s.  With 256 KiB a slow worker cut
@@ -145,6 +152,11 @@ from torchrec_esd.config import EsdConfig, EsdConfigError
 
 # the share rule moves samples only for a predicted step this much shorter (LinkEstimates.shares)
 SHARE_HYSTERESIS = 0.05
+# a timed reply from this size on moves a link's estimate with full weight (LinkEstimates); on every other
+# push/pull a worker whose reply would be smaller asks the PS to pad it to this size (PushPullFrame.probe,
+# ps_sync.PROBE_EVERY), so that a worker cut to a few samples after its link slowed down still measures its
+# link and is seen when the link comes back
+PROBE_REPLY_BYTES = 32 * 1024
 
 
 class LinkEstimator:
@@ -290,7 +302,7 @@ class LinkEstimates:
         self._last_counts: Optional[List[int]] = None  # the share rule's last counts (the same on every worker)
         self._before: Optional[List[float]] = None  # the bandwidths at the last slowed_down()
         # 32 KiB: see the module docstring (small replies)
-        kw = {"provisional_slowdowns": True, "full_weight_bytes": 32 * 1024, **estimator_kwargs}
+        kw = {"provisional_slowdowns": True, "full_weight_bytes": PROBE_REPLY_BYTES, **estimator_kwargs}
         self.links = [LinkEstimator(w.bytes_per_second, w.latency_s, **kw) for w in config.workers]
         self.bytes_models = [BytesModel() for _ in config.workers]
         self._lock = threading.Lock()  # the training thread records, the dispatch thread shares

@@ -29,6 +29,7 @@ import torch
 
 from torchrec_esd.cache import IterationPlan, WorkerPlan, prefetch_keys
 from torchrec_esd.config import EsdConfigError
+from torchrec_esd.distributed.link_estimates import PROBE_REPLY_BYTES
 from torchrec_esd.ps import DesRequest, DesRoute
 from torchrec_esd.ps.client import PendingPrefetch, PendingPushPull
 from torchrec_esd.ps.protocol import PrePushFrame, Section, SectionSize
@@ -49,6 +50,9 @@ PRE_PUSH_SLOWEST = 1.25
 # PS more CPU, which only a slow link pays back.  On 4 x 1000 Mbit/s, every worker splitting made the CPU-bound
 # step 56 -> 76 ms (benchmarks/results/s16_split_reply.md)
 SPLIT_MIN_S = 0.002
+# EsdConfig.online_links: every PROBE_EVERY-th push/pull reply of a worker is padded to PROBE_REPLY_BYTES where it
+# is smaller (PsSync._probe); a much faster reading is held until the next padded one confirms it
+PROBE_EVERY = 2
 
 
 def _with(traffic: Traffic, more: List[Traffic]) -> Traffic:
@@ -96,6 +100,7 @@ class PsSync:
         # rows of the next iteration's pushes sent early (pre_push): (iteration, keys, traffic)
         self._prepushed: Optional[Tuple[int, torch.Tensor, Traffic]] = None
         self._pre_deferred = None  # (plan, store) of a pre-push waiting for the next plan (push_grads)
+        self._exchanges = 0  # push/pulls asked for (every PROBE_EVERY-th small reply is padded: _probe)
 
     def push_pull(
         self, wp: WorkerPlan, push_values: Optional[torch.Tensor], des: Optional[DesRequest] = None,
@@ -115,13 +120,36 @@ class PsSync:
         unsent, pre = self._not_prepushed(wp, iteration)
         if unsent is not None:
             push_keys, push_values = push_keys[unsent], push_values[unsent]
+        asked = pull_keys if rest is None else pull_keys[rest]
         got, partial, route = self._client.push_pull(
-            push_keys, push_values, pull_keys if rest is None else pull_keys[rest], des,
-            batch_fingerprint=wp.global_fingerprint)
+            push_keys, push_values, asked, des, batch_fingerprint=wp.global_fingerprint,
+            **self._probe(asked.numel(), des.num_bags if des is not None else 0))
         traffic = self._client.last_traffic
         # the one synchronous exchange, its reply timed; its bytes with the pre-push's (the link carried both)
         self._observe_link(_with(traffic, pre), wp.num_samples)
         return self._merged(wp, got, rest, have, have_rows, traffic, extra + pre), partial, route
+
+    def _probe(self, rows: int, bags: int = 0) -> Dict[str, int]:
+        """With online links, on every :data:`PROBE_EVERY`-th push/pull: the
+        padding to ask of its reply of ``rows`` pulled rows (and ``bags`` DES
+        partial sums) so that it is
+        :data:`~torchrec_esd.distributed.link_estimates.PROBE_REPLY_BYTES`
+        long, as keyword arguments of the client's push/pull (none where the
+        reply is that long already).  A worker given one sample after its
+        link slowed down gets replies of a few kB, which move its estimate
+        only a little (a token bucket's burst can carry them at line rate), so
+        without padding it was seen again 6 to more than 20 steps after its
+        link came back; padding every reply brought it back in 4-7 steps but
+        made the slow phase 14-15 % slower, the padding crossing the slow
+        link on every step (``benchmarks/results/s17_split_sums.md``)."""
+        if self._estimates is None:
+            return {}
+        self._exchanges += 1
+        if self._exchanges % PROBE_EVERY:
+            return {}
+        fmt = self._client.fmt
+        pad = PROBE_REPLY_BYTES - rows * fmt.row_bytes - bags * fmt.value_bytes
+        return {"probe_bytes": pad} if pad > 0 else {}
 
     def _observe_link(self, traffic: Traffic, samples: int) -> None:
         """With online links: record this push/pull (a posted one only where
@@ -235,7 +263,7 @@ class PsSync:
             return
         wp, push_keys, push_slots, pull_keys, rest, n_have, pre = nxt
         pending = self._client.post_push_pull(push_keys, store.read(push_slots).cpu(), pull_keys,
-                                              batch_fingerprint=wp.global_fingerprint)
+                                              batch_fingerprint=wp.global_fingerprint, **self._probe(pull_keys.numel()))
         self._next = (iteration + 1, pending, rest, n_have, pre)
         self._meter.early_pulls += 1
 
@@ -281,7 +309,8 @@ class PsSync:
             return
         wp_next, push_keys, push_slots, pull_keys, rest, n_have, pre = nxt
         pending = self._client.post_split_head(wp.used_keys[wp.grad_pos], push_keys, pull_keys,
-                                               batch_fingerprint=wp_next.global_fingerprint, sums=self.sums)
+                                               batch_fingerprint=wp_next.global_fingerprint, sums=self.sums,
+                                               **self._probe(pull_keys.numel()))
         self._head = (current.iteration, pending, push_slots, rest, n_have, pre)
 
     def push_grads_and_next(self, keys: torch.Tensor, grads: torch.Tensor, route: Optional[DesRoute],
@@ -320,7 +349,7 @@ class PsSync:
             wp, push_keys, push_slots, pull_keys, rest, n_have, pre = nxt
             pending, traffic = self._client.post_grads_push_pull(
                 keys, grads.detach().cpu(), push_keys, store.read(push_slots).cpu(), pull_keys,
-                batch_fingerprint=wp.global_fingerprint, old_rows=old)
+                batch_fingerprint=wp.global_fingerprint, old_rows=old, **self._probe(pull_keys.numel()))
         self._meter.record_grads(traffic, self._link)
         self._next = (iteration + 1, pending, rest, n_have, pre)
         self._meter.early_pulls += 1

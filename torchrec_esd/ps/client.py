@@ -47,6 +47,7 @@ from torchrec_esd.ps.protocol import (
     own_part_bytes,
     own_updated,
     pack,
+    probe_parts,
     read_only,
 )
 from torchrec_esd.ps.transport import LinkStats, Pending, Traffic, Transport
@@ -344,8 +345,9 @@ class PsClient:
         return Traffic(link, sections, 0.0, transfer_bytes, transfer_seconds)
 
     # ------------------------------------------------------------ phases
-    def _push_pull_requests(self, push_keys, push_vals, pull_keys, des, batch_fingerprint):
-        """(pull keys' PS order, DES route, one PushPullRequest per PS)."""
+    def _push_pull_requests(self, push_keys, push_vals, pull_keys, des, batch_fingerprint, probe_bytes=0):
+        """(pull keys' PS order, DES route, one PushPullRequest per PS);
+        ``probe_bytes`` of padding asked of PS 0's reply (timed replies only)."""
         if des is not None and not self.des:
             raise EsdConfigError("a DES request on a PS client built without des_misses")
         route: Optional[DesRoute] = None
@@ -355,13 +357,14 @@ class PsClient:
         qo, qk = self._split_by_ps(pull_keys)
         reqs = []
         for i in range(self.routing.num_ps):
+            probe = int(probe_bytes) if i == 0 and self.timed_replies else 0
             if route is None:
                 reqs.append(PushPullRequest(pk[i], qk[i], pv[i], _NO_KEYS, fingerprint=batch_fingerprint,
-                                            timed=self.timed_replies))
+                                            timed=self.timed_replies, probe=probe))
             else:
                 w = route.weights[i] if route.weighted[i] else None
                 reqs.append(PushPullRequest(pk[i], qk[i], pv[i], route.packed[i], int(route.bags_per_ps[i]), w,
-                                            batch_fingerprint, self.timed_replies))
+                                            batch_fingerprint, self.timed_replies, probe))
         return qo, route, reqs
 
     def push_pull(
@@ -371,15 +374,19 @@ class PsClient:
         pull_keys: torch.Tensor,
         des: Optional[DesRequest] = None,
         batch_fingerprint: int = 0,
+        probe_bytes: int = 0,
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[DesRoute]]:
         """Store ``push_vals`` [n, D+S] at ``push_keys``, then return the rows
         (value + state) of ``pull_keys`` in their order, and (with DES) the
         pooled partial sums ``[des.num_bags, D]`` of the DES request plus the
         route that :meth:`push_grads` needs for the bags' gradients.  One
         request to and one reply from each PS; ``batch_fingerprint`` (of the
-        global batch, or 0) goes in its frame and must match every worker's."""
+        global batch, or 0) goes in its frame and must match every worker's.
+        ``probe_bytes``: with timed replies, padding asked of the reply so
+        that it is large enough to measure the link on (PS 0 adds it)."""
         dim = self.routing.wire_dim
-        qo, route, reqs = self._push_pull_requests(push_keys, push_vals, pull_keys, des, batch_fingerprint)
+        qo, route, reqs = self._push_pull_requests(push_keys, push_vals, pull_keys, des, batch_fingerprint,
+                                                   probe_bytes)
         frames = [q.frame() for q in reqs]
         got = self._exchange(frames, [q.parts() for q in reqs], [f.reply_bytes(self.fmt) for f in frames])
         replies = [PushPullReply.decode(f, buf, self.fmt) for f, buf in zip(frames, got)]
@@ -395,7 +402,7 @@ class PsClient:
         return out, partial, route
 
     def post_push_pull(self, push_keys: torch.Tensor, push_vals: torch.Tensor, pull_keys: torch.Tensor,
-                       batch_fingerprint: int = 0) -> PendingPushPull:
+                       batch_fingerprint: int = 0, probe_bytes: int = 0) -> PendingPushPull:
         """:meth:`push_pull` (no DES) posted without waiting,
         not even for the previous exchange's sends (the gradients: messages
         to one PS arrive in the order they were posted, so the PS reads this
@@ -406,7 +413,8 @@ class PsClient:
         exchange may come between."""
         if self.des:
             raise EsdConfigError("a posted push/pull has no DES request (the DES request needs the batch)")
-        qo, _, reqs = self._push_pull_requests(push_keys, push_vals, pull_keys, None, batch_fingerprint)
+        qo, _, reqs = self._push_pull_requests(push_keys, push_vals, pull_keys, None, batch_fingerprint,
+                                               probe_bytes)
         frames = [q.frame() for q in reqs]
         sends, recvs, replies, sections, markers = self._post(
             frames, [q.parts() for q in reqs], [f.reply_bytes(self.fmt) for f in frames])
@@ -418,7 +426,7 @@ class PsClient:
         return PendingPushPull(qo, frames, earlier, sends, recvs, replies, sections, markers, clock)
 
     def post_split_head(self, grad_keys: torch.Tensor, push_keys: torch.Tensor, pull_keys: torch.Tensor,
-                        batch_fingerprint: int = 0, sums: bool = False) -> PendingPushPull:
+                        batch_fingerprint: int = 0, sums: bool = False, probe_bytes: int = 0) -> PendingPushPull:
         """The first half of a *split* exchange (``EsdConfig.split_reply``;
         no DES): to every PS the frame and keys of this iteration's
         gradients, then the frame and keys of the next iteration's push/pull,
@@ -445,7 +453,7 @@ class PsClient:
                  for i in range(self.routing.num_ps)]
         # (the pushed rows are read after the backward: the tail sends them)
         qo, _, reqs = self._push_pull_requests(push_keys, torch.empty(push_keys.numel(), width), pull_keys, None,
-                                               batch_fingerprint)
+                                               batch_fingerprint, probe_bytes)
         gsends, gsections = self._send_requests([q.frame() for q in greqs], [q.parts() for q in greqs])
         frames = [q.frame() for q in reqs]
         sends, sections = self._send_requests(frames, [q.parts(rows_apart=True) for q in reqs])
@@ -456,7 +464,9 @@ class PsClient:
         timed: List[List[Pending]] = [[], [], [], []]  # markers and receives of the first parts, of the second
         for i, src in enumerate(t.ps_ranks):
             for part, mask in enumerate((~own[i], own[i])):
-                n = own_part_bytes(int(mask.sum()), self.fmt, sums and part == 1)
+                # (the first part carries the padding: PushPullFrame.probe)
+                n = own_part_bytes(int(mask.sum()), self.fmt, sums and part == 1) if part else \
+                    int(mask.sum()) * self.fmt.row_bytes + frames[i].probe
                 m = self._recv_reply(src, n, self.timed_replies, recvs, replies, markers)
                 if m is not None:
                     timed[2 * part].append(m)
@@ -525,11 +535,13 @@ class PsClient:
     def post_grads_push_pull(
         self, grad_keys: torch.Tensor, grads: torch.Tensor, push_keys: torch.Tensor, push_vals: torch.Tensor,
         pull_keys: torch.Tensor, batch_fingerprint: int = 0, old_rows: Optional[torch.Tensor] = None,
+        probe_bytes: int = 0,
     ) -> Tuple[PendingPushPull, Traffic]:
         """:meth:`post_split_head` and :meth:`send_split_tail` at once:
         :meth:`push_grads` (no DES) then :meth:`post_push_pull`, with a split
         reply (with gradient sums where ``old_rows`` is given)."""
-        p = self.post_split_head(grad_keys, push_keys, pull_keys, batch_fingerprint, sums=old_rows is not None)
+        p = self.post_split_head(grad_keys, push_keys, pull_keys, batch_fingerprint, sums=old_rows is not None,
+                                 probe_bytes=probe_bytes)
         return p, self.send_split_tail(p, grads, push_vals, old_rows)
 
     def _split_rows(self, p: PendingPushPull, sections: Dict) -> List[PushPullReply]:
@@ -540,9 +552,10 @@ class PsClient:
         out = []
         width = self.fmt.dim + self.fmt.state_dim
         for i, (f, own) in enumerate(zip(p.frames, p.own)):
-            parts = [PushPullReply.decode(PushPullFrame(0, int(m.sum())), p.replies[2 * i + k], self.fmt).rows
+            parts = [PushPullReply.decode(PushPullFrame(0, int(m.sum()), timed=f.timed, probe=f.probe if k == 0 else 0),
+                                          p.replies[2 * i + k], self.fmt).rows
                      for k, m in enumerate((~own, own)) if k == 0 or p.own_at is None]
-            add_sections(sections, [(Section.PULL_ROWS, parts[0])])
+            add_sections(sections, [(Section.PULL_ROWS, parts[0])] + probe_parts(f.probe))
             if p.own_at is not None:
                 sums = read_only(p.replies[2 * i + 1], int(own.sum()), torch.float32, (self.fmt.dim,))
                 add_sections(sections, [(Section.PULL_ROWS, sums)])

@@ -10,7 +10,7 @@ reply's transfer from the marker's arrival, without the time its request
 waited at the PS for the other workers' (:mod:`torchrec_esd.distributed.link_estimates`).
 
 Invariants a receiver relies on (checked by :func:`decode_frame` before any
-buffer is allocated, so that a malformed or hostile frame costs 72 bytes, not
+buffer is allocated, so that a malformed or hostile frame costs 80 bytes, not
 gigabytes):
 
 * the command is a :class:`Command`, every word is ``>= 0``, unused words are 0;
@@ -34,12 +34,14 @@ import torch
 
 from torchrec_esd.layout import RowFormat
 
-FRAME_WORDS = 9  # command, payload bytes, up to 7 counts
+FRAME_WORDS = 10  # command, payload bytes, up to 8 counts
 FRAME_BYTES = FRAME_WORDS * 8
 KEY_BYTES = 8  # int64 row key / packed DES pair
 VALUE_BYTES = 4  # float32 value, optimizer state, gradient, DES weight
 MAX_ABORT_BYTES = 4096
 REPLY_MARKER_BYTES = 8  # before a timed reply: its byte count (int64)
+# the most padding a timed push/pull may ask its reply to carry (PushPullFrame.probe)
+MAX_PROBE_BYTES = 256 * 1024
 FLAG_FIELDS = ("weighted", "timed", "split", "sums")  # frame fields that are 0 or 1
 # per request and PS: 4 Mi DES (row, bag) pairs, 48 MB with their weights: what one
 # malformed or hostile frame can make a PS allocate beyond its own storage's size
@@ -86,6 +88,7 @@ class Section(Enum):
     ROW_GRADS = "row_grads"
     BAG_GRADS = "bag_grads"
     TABLE_ROWS = "table_rows"
+    PROBE = "probe"  # padding of a timed reply, so that the link is measured on enough bytes
 
     @property
     def is_payload(self) -> bool:
@@ -135,9 +138,15 @@ class PushPullFrame:
     # a timed reply: a non-empty reply is preceded by REPLY_MARKER_BYTES (its byte count, int64), so
     # that the worker can time the reply's transfer alone (EsdConfig.online_links)
     timed: bool = False
+    # bytes of padding at the end of the reply (a timed one only): a worker given few samples gets
+    # replies too small to measure its link on, so it asks for a reply of a measurable size
+    # (torchrec_esd.distributed.link_estimates.PROBE_REPLY_BYTES)
+    probe: int = 0
 
     def check(self, limits: ProtocolLimits, where: str) -> None:
         rows = "rows the PS owns"
+        _bound(where, "PUSH_PULL", "probe", self.probe, MAX_PROBE_BYTES if self.timed else 0,
+               "padding of a timed reply: MAX_PROBE_BYTES, 0 when not timed")
         _bound(where, "PUSH_PULL", "pushes", self.pushes, limits.rows, rows)
         _bound(where, "PUSH_PULL", "pulls", self.pulls, limits.rows, rows)
         _bound(where, "PUSH_PULL", "des_pairs", self.des_pairs, limits.max_des_pairs,
@@ -154,7 +163,7 @@ class PushPullFrame:
         return keys + rows + (self.des_pairs * VALUE_BYTES if self.weighted else 0)
 
     def reply_bytes(self, fmt: RowFormat) -> int:
-        return self.pulls * fmt.row_bytes + self.des_bags * fmt.value_bytes
+        return self.pulls * fmt.row_bytes + self.des_bags * fmt.value_bytes + self.probe
 
 
 @dataclass(frozen=True)
@@ -433,10 +442,12 @@ class PushPullRequest:
     des_weights: Optional[torch.Tensor] = None  # [c] float32; None: all 1, not sent
     fingerprint: int = 0  # of the global batch (frame only)
     timed: bool = False  # the reply comes after a marker (frame only; PushPullFrame.timed)
+    probe: int = 0  # bytes of padding the reply ends with (frame only; PushPullFrame.probe)
 
     def frame(self) -> PushPullFrame:
         return PushPullFrame(self.push_keys.numel(), self.pull_keys.numel(), self.des_packed.numel(),
-                             self.des_bags, self.des_weights is not None, self.fingerprint, self.timed)
+                             self.des_bags, self.des_weights is not None, self.fingerprint, self.timed,
+                             self.probe)
 
     def parts(self, rows_apart: bool = False) -> Parts:
         """The payload; ``rows_apart``: without the pushed rows (:meth:`row_parts`, sent after)."""
@@ -467,24 +478,35 @@ class PushPullRequest:
         weights = rd.take(c, torch.float32) if frame.weighted else None
         rd.done()
         return PushPullRequest(keys[:a], keys[a : a + b], rows, keys[a + b :], frame.des_bags, weights,
-                               frame.fingerprint, frame.timed)
+                               frame.fingerprint, frame.timed, frame.probe)
 
 
 @dataclass
 class PushPullReply:
+    """Wire order: pulled rows, DES partial sums, then ``probe`` bytes of
+    padding (:attr:`PushPullFrame.probe`; zeros, read and dropped)."""
+
     rows: torch.Tensor  # [pulls, D+S] float32
     partials: torch.Tensor  # [des_bags, D] float32: pooled partial sum per bag
+    probe: int = 0
 
     def parts(self) -> Parts:
-        return [(Section.PULL_ROWS, self.rows), (Section.DES_PARTIALS, self.partials)]
+        out = [(Section.PULL_ROWS, self.rows), (Section.DES_PARTIALS, self.partials)]
+        return out + probe_parts(self.probe)
 
     @staticmethod
     def decode(frame: PushPullFrame, buf: torch.Tensor, fmt: RowFormat) -> "PushPullReply":
         rd = PayloadReader(buf)
         rows = rd.take(frame.pulls, torch.float32, (fmt.dim + fmt.state_dim,))
         partials = rd.take(frame.des_bags, torch.float32, (fmt.dim,))
+        rd.take(frame.probe, torch.uint8)
         rd.done()
-        return PushPullReply(rows, partials)
+        return PushPullReply(rows, partials, frame.probe)
+
+
+def probe_parts(nbytes: int) -> Parts:
+    """The padding of a reply that asked for ``nbytes`` (none for 0)."""
+    return [(Section.PROBE, torch.zeros(int(nbytes), dtype=torch.uint8))] if nbytes else []
 
 
 @dataclass

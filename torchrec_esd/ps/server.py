@@ -79,6 +79,7 @@ from torchrec_esd.ps.protocol import (
     own_updated,
     pack,
     payload_bytes,
+    probe_parts,
     reply_marker,
 )
 from torchrec_esd.ps.row_storage import DenseRowStorage, PsRowStorage
@@ -295,7 +296,8 @@ class ParameterServer:
             partial = torch.zeros(bag_base, dim).index_add_(0, db, self.storage.rows(dl) * pair_w.view(-1, 1))
             partials = list(torch.split(partial, bags_per_sender))
             self._des_pending = (dl, db, pair_w, bags_per_sender)
-        self._reply([PushPullReply(q, s).parts() for q, s in zip(rows, partials)], [f.timed for f in frames])
+        self._reply([PushPullReply(q, s, f.probe).parts() for q, s, f in zip(rows, partials, frames)],
+                    [f.timed for f in frames])
 
     def _grads(self, frames: List[Frame], payloads: List[torch.Tensor]) -> None:
         reqs = [GradsRequest.decode(f, p, self.fmt) for f, p in zip(frames, payloads)]  # type: ignore[arg-type]
@@ -384,6 +386,7 @@ class ParameterServer:
                 second = self._sums_part(r, local[own], keys, is_grad, starts[at[r]], starts[at[r] + 1])
             parts.append([(local[~own], dep[~own], None), second])
         sends: List[Pending] = []
+        first = [True] * W  # each worker's first reply part carries its padding (PushPullFrame.probe)
 
         def step() -> None:
             """Finish the rows now complete; send every part whose rows (or summed gradients) are final."""
@@ -412,7 +415,9 @@ class ParameterServer:
                     if d.numel() and not bool(done[d].all()):
                         break
                     todo.pop(0)
-                    sends.extend(self._send_rows(r, local, frames[r].timed))  # type: ignore[union-attr]
+                    pad = frames[r].probe if first[r] else 0  # type: ignore[union-attr]
+                    first[r] = False
+                    sends.extend(self._send_rows(r, local, frames[r].timed, pad))  # type: ignore[union-attr]
 
         step()
         # the split workers' VALUES frames and what they announce, taken one worker after the other,
@@ -494,12 +499,16 @@ class ParameterServer:
                 f"PS {self.ps_index}: worker {r} split its gradients ({rows} rows) and push/pull ({pushes} "
                 f"pushes), then sent {frame} instead of their values")
 
-    def _send_rows(self, r: int, local: torch.Tensor, timed: bool) -> List[Pending]:
-        """Post worker ``r`` the rows (value + state) of ``local`` as one
-        message (after a marker with its size where ``timed``); nothing when empty."""
-        if local.numel() == 0:
+    def _send_rows(self, r: int, local: torch.Tensor, timed: bool, pad: int = 0) -> List[Pending]:
+        """Post worker ``r`` the rows (value + state) of ``local`` and ``pad``
+        bytes of padding as one message (after a marker with its size where
+        ``timed``); nothing when empty."""
+        if local.numel() == 0 and not pad:
             return []
-        return self._send(r, torch.cat([self.storage.rows(local), self.storage.state(local)], dim=1), timed)
+        rows = torch.cat([self.storage.rows(local), self.storage.state(local)], dim=1)
+        if pad:
+            return self._send(r, pack([(Section.PULL_ROWS, rows)] + probe_parts(pad)), timed)
+        return self._send(r, rows, timed)
 
     def _pre_push(self, frames: List[Frame], payloads: List[torch.Tensor]) -> None:
         reqs = [PrePushRequest.decode(f, p, self.fmt) for f, p in zip(frames, payloads)]  # type: ignore[arg-type]
