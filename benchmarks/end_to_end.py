@@ -593,6 +593,7 @@ def summarize(args, mixes, methods, raw) -> Dict:
                     "early_pulls": mt.get("early_pulls", 0),
                     "split_replies": mt.get("split_replies", 0),
                     "sum_replies": mt.get("sum_replies", 0),
+                    "probe_bytes": mt.get("probe_bytes", 0),
                     "pre_pushed_rows": mt.get("pre_pushed_rows", 0),
                     "total_bytes": mt["total_bytes"], "total_link_s": mt["total_link_s"],
                     "makespan_link_s": mt["makespan_link_s"], "rows": mt["rows"],

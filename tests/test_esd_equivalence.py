@@ -137,6 +137,8 @@ def test_equivalence_online_links_shares_follow_the_measured_links(flush):
     assert (flushed > 0) if flush else (flushed == 0), flushed
     # timed replies posted early (EsdConfig.early_pull), timed off the training thread (ReplyClock)
     assert esd[0]["metrics"]["early_pulls"] > 0, esd[0]["metrics"]["early_pulls"]
+    # these replies are small: every other one came padded to a measurable size (PushPullFrame.probe)
+    assert esd[0]["metrics"]["probe_bytes"] > 0, esd[0]["metrics"]["probe_bytes"]
     est = [esd[r]["link_estimates_mbps"] for r in range(3)]
     assert est[0] == est[1] == est[2] and len(est[0]) == STEPS
     counts = [esd[r]["local_samples"] for r in range(3)]

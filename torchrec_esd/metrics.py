@@ -52,6 +52,9 @@ class TransmissionMeter:
     # of those, posted with this batch's gradients as one split exchange (EsdConfig.split_reply)
     split_replies: int = 0
     sum_replies: int = 0  # split replies whose second part came as gradient sums (EsdConfig.split_sums)
+    # padding the PS added to small timed replies so that the link is measured on enough bytes
+    # (EsdConfig.online_links, PushPullFrame.probe); on the wire and in key_bytes, not a payload
+    probe_bytes: int = 0
     # dirty rows written back after the worker's link slowed down (EsdConfig.flush_on_slowdown),
     # counted in update_push too
     flushed_rows: int = 0
@@ -85,6 +88,7 @@ class TransmissionMeter:
         pulled = traffic.section(Section.PULL_ROWS)
         self._add_split(pulled, {k: int(plan_rows.get(k, 0)) for k in ("miss_pull", "update_pull")})
         self.add("des_pull", int(plan_rows.get("des_rows", 0)), traffic.section(Section.DES_PARTIALS).bytes)
+        self.probe_bytes += traffic.section(Section.PROBE).bytes
         self._add_wire(traffic, link)
 
     def record_grads(self, traffic: Traffic, link: WorkerSpec) -> None:
@@ -130,6 +134,7 @@ class TransmissionMeter:
             "early_pulls": self.early_pulls,
             "split_replies": self.split_replies,
             "sum_replies": self.sum_replies,
+            "probe_bytes": self.probe_bytes,
             "flushed_rows": self.flushed_rows,
             "pre_pushed_rows": self.pre_pushed_rows,
         }
@@ -148,6 +153,7 @@ class TransmissionMeter:
             "early_pulls": sum(w.get("early_pulls", 0) for w in per_worker),
             "split_replies": sum(w.get("split_replies", 0) for w in per_worker),
             "sum_replies": sum(w.get("sum_replies", 0) for w in per_worker),
+            "probe_bytes": sum(w.get("probe_bytes", 0) for w in per_worker),
             "flushed_rows": sum(w.get("flushed_rows", 0) for w in per_worker),
             "pre_pushed_rows": sum(w.get("pre_pushed_rows", 0) for w in per_worker),
         }
