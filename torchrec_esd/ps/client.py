@@ -47,7 +47,6 @@ from torchrec_esd.ps.protocol import (
     own_part_bytes,
     own_updated,
     pack,
-    probe_parts,
     read_only,
 )
 from torchrec_esd.ps.transport import LinkStats, Pending, Traffic, Transport
@@ -509,11 +508,10 @@ class PsClient:
                 f"computed on (value + state), got {None if old_rows is None else tuple(old_rows.shape)}")
         p.tail = self._open_tail = None
         t = self.transport
-        grads = grads.to(torch.float32)
+        old = [] if p.own_at is None else [old_rows.to(torch.float32)]  # type: ignore[union-attr]
+        _, gk, gv, *ov = self._split_by_ps(tail.grad_keys, grads.to(torch.float32), *old)
         if p.own_at is not None:
-            _, _, gv, ov = self._split_by_ps(tail.grad_keys, grads, old_rows.to(torch.float32))  # type: ignore[union-attr]
-            p.own_inputs = [(g[a], o[a]) for g, o, (_, a) in zip(gv, ov, p.own_at)]
-        _, gk, gv = self._split_by_ps(tail.grad_keys, grads)
+            p.own_inputs = [(g[a], o[a]) for g, o, (_, a) in zip(gv, ov[0], p.own_at)]
         _, pk, pv = self._split_by_ps(tail.push_keys, push_vals.to(torch.float32))
         sends: List[Pending] = []
         sections = dict(tail.sections)
@@ -552,18 +550,18 @@ class PsClient:
         out = []
         width = self.fmt.dim + self.fmt.state_dim
         for i, (f, own) in enumerate(zip(p.frames, p.own)):
-            parts = [PushPullReply.decode(PushPullFrame(0, int(m.sum()), timed=f.timed, probe=f.probe if k == 0 else 0),
-                                          p.replies[2 * i + k], self.fmt).rows
-                     for k, m in enumerate((~own, own)) if k == 0 or p.own_at is None]
-            add_sections(sections, [(Section.PULL_ROWS, parts[0])] + probe_parts(f.probe))
-            if p.own_at is not None:
-                sums = read_only(p.replies[2 * i + 1], int(own.sum()), torch.float32, (self.fmt.dim,))
-                add_sections(sections, [(Section.PULL_ROWS, sums)])
-                parts.append(self._rows_from_sums(p.own_at[i][0], sums, *p.own_inputs[i]))  # type: ignore[index]
+            first_frame = PushPullFrame(0, int((~own).sum()), timed=f.timed, probe=f.probe)  # (it carries the padding)
+            first = PushPullReply.decode(first_frame, p.replies[2 * i], self.fmt)
+            n = int(own.sum())
+            if p.own_at is None:
+                second = PushPullReply.decode(PushPullFrame(0, n), p.replies[2 * i + 1], self.fmt).rows
+                received = second
             else:
-                add_sections(sections, [(Section.PULL_ROWS, parts[1])])
+                received = read_only(p.replies[2 * i + 1], n, torch.float32, (self.fmt.dim,))
+                second = self._rows_from_sums(p.own_at[i][0], received, *p.own_inputs[i])  # type: ignore[index]
+            add_sections(sections, first.parts() + [(Section.PULL_ROWS, received)])
             rows = torch.empty(f.pulls, width)
-            rows[~own], rows[own] = parts[0], parts[1]
+            rows[~own], rows[own] = first.rows, second
             out.append(PushPullReply(rows, torch.empty(0, self.fmt.dim)))
         return out
 

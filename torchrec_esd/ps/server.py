@@ -545,18 +545,14 @@ class ParameterServer:
     def _reply(self, parts_per_worker, timed: Optional[List[bool]] = None) -> None:
         """Send worker ``r`` its reply ``parts_per_worker[r]`` (nothing if
         empty), after a marker with its byte count where ``timed[r]``."""
-        t = self.transport
         sends = []
-        for r, (dst, parts) in enumerate(zip(t.worker_ranks, parts_per_worker)):
+        for r, parts in enumerate(parts_per_worker):
             full = [x for _, x in parts if x.numel()]
             # one part (pulled rows without DES partial sums): sent as it is, not
             # copied by pack; it is a fresh tensor, and the sends are waited below
-            data = full[0].contiguous().view(-1).view(torch.uint8) if len(full) == 1 else pack(parts)
-            if data.numel():
-                if timed is not None and timed[r]:
-                    sends.append(t.send(dst, reply_marker(data.numel())))
-                sends.append(t.send(dst, data))
-        t.wait(sends)
+            data = full[0] if len(full) == 1 else pack(parts)
+            sends += self._send(r, data, timed is not None and timed[r])
+        self.transport.wait(sends)
 
     def _local(self, keys: torch.Tensor) -> torch.Tensor:
         if keys.numel() and (int(keys.min()) < 0 or int(keys.max()) >= self.routing.total_rows):
