@@ -36,7 +36,13 @@ each group reading only its samples and its workers' cached copies:
 :meth:`GroupedDispatcher._decide_split`) the slowest slice plus the slowest
 group; for the other dispatchers it equals the decision.  ``directory plan ms``
 is the dispatcher's whole-directory step (every worker's cache step, the holder
-index and, for ``grouped-split``, the group bits it keeps).
+index and, for ``grouped-split``, the group bits it keeps); ``summaries ms`` the
+workers' :class:`StepSummary` it builds.  ``split crit`` / ``split all`` (for the
+``--split-step`` dispatchers): the same step and summaries split over a group
+rank per group and as many row shards (:mod:`torchrec_esd.cache.split_step`),
+the slowest rank of each of its four phases summed / every rank's time summed,
+checked at every step against the whole-directory step's plans, summaries and
+group bits (messages between the ranks not counted).
 
 Per-worker planning: ``--sample-workers`` workers also run a directory that
 tracks themselves alone, fed (a) their :class:`StepSummary` (``plan ms``,
@@ -52,12 +58,16 @@ few steps; the design it replaces needed 4 B (slot map) + 8 B (latest
 version) per row and tracked worker, plus an 8 B per row bincount per step.
 
 Steady-state figures are means over iterations after the first
-``--warmup`` ones.  Results JSON + a plot (skipped without matplotlib).
+``--warmup`` ones.  Python's cyclic garbage collector is off while an
+iteration is timed and runs between iterations (as ``timeit`` does): the
+simulation's heap of up to 256 directories made a collection cost ~120 ms,
+landing on whichever step it fell in.  Results JSON + a plot (skipped without matplotlib).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -75,6 +85,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from torchrec_esd import ops  # noqa: E402
 from torchrec_esd.cache import KINDS, CacheDirectory  # noqa: E402
+from torchrec_esd.cache.split_step import make_split_ranks, shard_of, split_step  # noqa: E402
+from torchrec_esd.cost.group_inputs import link_groups  # noqa: E402
 from torchrec_esd.config import EsdConfig, heterogeneous_workers  # noqa: E402
 from torchrec_esd.cost import CostModel  # noqa: E402
 from torchrec_esd.dispatch import make_dispatcher  # noqa: E402
@@ -108,6 +120,9 @@ def parse_args(argv=None):
     p.add_argument("--grouped-inner", default="heuristic", help="dispatcher inside each group of 'grouped'")
     p.add_argument("--grouped-slices", type=int, default=16,
                    help="stage-1 sample slices of 'grouped-split' (grouped with no step reading the whole batch)")
+    p.add_argument("--split-step", default="grouped,grouped-split",
+                   help="dispatchers whose runs also run the split directory step (cache/split_step.py):"
+                        " a group rank per group of --group-size workers, as many row shards")
     p.add_argument("--grouped-cost-input", default=None, choices=["additive", "expected"],
                    help="cost matrix 'grouped' reads (default: its inner dispatcher's)")
     p.add_argument("--compute-us-per-sample", type=float, default=100.0,
@@ -177,6 +192,54 @@ def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def one_iteration(args, W: int, name: str, step: int, d, cm, config, directory, tables, B: int, shares, sample,
+                  alone, selfd, row_bytes: float, split, rec: Dict[str, List]) -> None:
+    """One timed iteration of :func:`run` (its records appended to ``rec``)."""
+    kjt = global_batch(tables, B, step, args.alpha, args.seed)
+    t0 = time.perf_counter()
+    r = d.decide(cm, kjt, directory.cache_state(), shares)  # what the dispatcher rank runs
+    t_dec = _ms(t0)
+    rec["inputs_ms"].append(t_dec - r.decision_s * 1e3)
+    rec["solve_ms"].append(r.decision_s * 1e3)
+    rec["decision_ms"].append(t_dec)
+    # grouped: the groups' slices and inner solves are independent; on ranks of their own the
+    # decision would take everything else plus the slowest group (transfers not counted)
+    info = r.info or {}
+    if "critical_s" in info:  # grouped-split: the slowest stage-1 slice plus the slowest group
+        rec["critical_ms"].append(1e3 * info["critical_s"])
+    else:
+        rec["critical_ms"].append(t_dec - 1e3 * (info.get("group_s_sum", 0.0) - info.get("group_s_max", 0.0)))
+    t0 = time.perf_counter()
+    sums = directory.step_summaries(kjt, r.assignment)
+    rec["summaries_ms"].append(_ms(t0))
+    t0 = time.perf_counter()
+    plan = directory.plan(kjt, r.assignment)
+    rec["directory_plan_ms"].append(_ms(t0))
+    if split:
+        check_split_step(W, name, step, directory, *split, kjt, r.assignment, plan, sums, rec)
+    pm, sm, sb = [], [], []
+    for w in sample:
+        t0 = time.perf_counter()
+        pw = alone[w].plan_from_summary(sums[w])
+        pm.append(_ms(t0))
+        sb.append(sums[w].nbytes())
+        t0 = time.perf_counter()
+        selfd[w].plan(kjt, r.assignment)
+        sm.append(_ms(t0))
+        if not torch.equal(pw.used_slot, plan.workers[w].used_slot) or pw.rows != plan.workers[w].rows:
+            raise SystemExit(f"W={W} {name} step {step}: worker {w}'s plan from its summary differs")
+    rec["plan_ms"].append(float(np.mean(pm)))
+    rec["self_ms"].append(float(np.mean(sm)))
+    rec["summary_bytes"].append(float(np.mean(sb)))
+    rows = torch.tensor([[p.rows[k] for k in KINDS] for p in plan.workers], dtype=torch.float64)
+    secs = link_seconds(config, rows, row_bytes)
+    rec["makespan_s"].append(float(secs.max()))
+    n_w = torch.bincount(r.assignment, minlength=W).double()
+    rec["iteration_compute_s"].append(float((secs + n_w * args.compute_us_per_sample * 1e-6).max()))
+    rec["total_s"].append(float(secs.sum()))
+    rec["per_worker_s"].append(secs.tolist())
+
+
 def run(args, tables, W: int, name: str) -> Dict:
     config = make_config(args, tables, W)
     cm = CostModel(config, tables, optimizer_state_bytes_per_row=args.optimizer_state_bytes)
@@ -188,54 +251,30 @@ def run(args, tables, W: int, name: str) -> Dict:
     sample = sorted({int(round(i * (W - 1) / max(1, args.sample_workers - 1))) for i in range(args.sample_workers)})
     alone = {w: CacheDirectory(config, tables, track=[w]) for w in sample}  # plans from summaries
     selfd = {w: CacheDirectory(config, tables, track=[w]) for w in sample}  # plans from the global batch
+    split = name in [x for x in args.split_step.split(",") if x]
+    if split:  # the grouped dispatcher's groups (link_groups), a row shard per group
+        groups = link_groups(cm.bytes_per_second, list(range(W)), args.group_size)
+        ranks, shards, group_of = make_split_ranks(config, tables, groups, len(groups), keyspace=directory.keyspace)
     rec: Dict[str, List] = {k: [] for k in ("decision_ms", "inputs_ms", "solve_ms", "critical_ms",
+                                            "split_critical_ms", "split_total_ms", "split_count_ms",
+                                            "split_route_ms", "split_step_ms", "split_apply_ms",
                                             "iteration_compute_s", "directory_plan_ms",
                                             "summaries_ms", "plan_ms", "self_ms", "summary_bytes",
                                             "makespan_s", "total_s", "per_worker_s")}
-    for step in range(args.iters):
-        kjt = global_batch(tables, B, step, args.alpha, args.seed)
-        t0 = time.perf_counter()
-        r = d.decide(cm, kjt, directory.cache_state(), shares)  # what the dispatcher rank runs
-        t_dec = _ms(t0)
-        rec["inputs_ms"].append(t_dec - r.decision_s * 1e3)
-        rec["solve_ms"].append(r.decision_s * 1e3)
-        rec["decision_ms"].append(t_dec)
-        # grouped: the groups' slices and inner solves are independent; on ranks of their own the
-        # decision would take everything else plus the slowest group (transfers not counted)
-        info = r.info or {}
-        if "critical_s" in info:  # grouped-split: the slowest stage-1 slice plus the slowest group
-            rec["critical_ms"].append(1e3 * info["critical_s"])
-        else:
-            rec["critical_ms"].append(t_dec - 1e3 * (info.get("group_s_sum", 0.0) - info.get("group_s_max", 0.0)))
-        t0 = time.perf_counter()
-        sums = directory.step_summaries(kjt, r.assignment)
-        rec["summaries_ms"].append(_ms(t0))
-        t0 = time.perf_counter()
-        plan = directory.plan(kjt, r.assignment)
-        rec["directory_plan_ms"].append(_ms(t0))
-        pm, sm, sb = [], [], []
-        for w in sample:
-            t0 = time.perf_counter()
-            pw = alone[w].plan_from_summary(sums[w])
-            pm.append(_ms(t0))
-            sb.append(sums[w].nbytes())
-            t0 = time.perf_counter()
-            selfd[w].plan(kjt, r.assignment)
-            sm.append(_ms(t0))
-            if not torch.equal(pw.used_slot, plan.workers[w].used_slot) or pw.rows != plan.workers[w].rows:
-                raise SystemExit(f"W={W} {name} step {step}: worker {w}'s plan from its summary differs")
-        rec["plan_ms"].append(float(np.mean(pm)))
-        rec["self_ms"].append(float(np.mean(sm)))
-        rec["summary_bytes"].append(float(np.mean(sb)))
-        rows = torch.tensor([[p.rows[k] for k in KINDS] for p in plan.workers], dtype=torch.float64)
-        secs = link_seconds(config, rows, row_bytes)
-        rec["makespan_s"].append(float(secs.max()))
-        n_w = torch.bincount(r.assignment, minlength=W).double()
-        rec["iteration_compute_s"].append(float((secs + n_w * args.compute_us_per_sample * 1e-6).max()))
-        rec["total_s"].append(float(secs.sum()))
-        rec["per_worker_s"].append(secs.tolist())
+    gc.disable()  # collected between iterations, untimed (as timeit does): see the module docstring
+    try:
+        for step in range(args.iters):
+            gc.collect()
+            one_iteration(args, W, name, step, d, cm, config, directory, tables, B, shares, sample, alone, selfd,
+                          row_bytes, split and (ranks, shards, group_of), rec)
+    finally:
+        gc.enable()
     ss = slice(min(args.warmup, args.iters - 1), None)
-    out = {k: float(np.mean(v[ss])) for k, v in rec.items() if k != "per_worker_s"}
+    out = {k: float(np.mean(v[ss])) if v else None for k, v in rec.items() if k != "per_worker_s"}
+    if split:
+        out["split_group_rank_bytes_max"] = max(rk.nbytes() for rk in ranks)
+        out["split_shard_bytes_max"] = max(sh.nbytes() for sh in shards)
+        out["split_ranks"] = [len(ranks), len(shards)]
     out["decision_ms_max"] = float(np.max(rec["decision_ms"][ss]))
     out["per_worker_s"] = np.mean(np.array(rec["per_worker_s"][ss]), 0).tolist()
     out["decision_pct_of_iteration"] = 100.0 * out["decision_ms"] / 1e3 / max(out["makespan_s"], 1e-12)
@@ -248,6 +287,34 @@ def run(args, tables, W: int, name: str) -> Dict:
     out["B"] = B
     out["sampled_workers"] = sample
     return out
+
+
+def check_split_step(W: int, name: str, step: int, directory: CacheDirectory, ranks, shards, group_of, kjt,
+                     assignment: torch.Tensor, plan, sums, rec: Dict[str, List]) -> None:
+    """The split directory step (cache/split_step.py) of this batch, timed rank by rank,
+    and checked against the dispatcher directory that just planned it: every worker's plan
+    and summary, and the shards' group bits and owners of the batch's rows."""
+    keys, sample = directory.batch_keys(kjt)
+    res = split_step(ranks, shards, keys, assignment[sample], torch.bincount(assignment, minlength=W).tolist(),
+                     summaries=True)
+    rec["split_critical_ms"].append(1e3 * res.critical_s)
+    rec["split_total_ms"].append(1e3 * res.total_s)
+    for ph, v in res.phase_s.items():
+        rec[f"split_{ph}_ms"].append(1e3 * max(v))
+    for w in range(W):
+        p, q, s, e = res.plans[w], plan.workers[w], res.summaries[w], sums[w]
+        if not (torch.equal(p.used_slot, q.used_slot) and p.rows == q.rows and torch.equal(p.push_keys, q.push_keys)
+                and torch.equal(s.user_keys, e.user_keys) and torch.equal(s.user_counts, e.user_counts)):
+            raise SystemExit(f"W={W} {name} step {step}: the split step's plan or summary of worker {w} differs")
+    u = torch.unique(keys)
+    held, fresh = directory.holder_index().group_bits(group_of, u)
+    owner = directory.holder_index().dirty_owner(group_of, u)
+    where = shard_of(u, len(shards))
+    for j, sh in enumerate(shards):
+        m = where == j
+        h, f = sh.group_bits(u[m])
+        if not (torch.equal(h, held[m]) and torch.equal(f, fresh[m]) and torch.equal(sh.dirty_owner(u[m]), owner[m])):
+            raise SystemExit(f"W={W} {name} step {step}: shard {j}'s group bits or owners differ")
 
 
 def big_directory(args) -> Dict:
@@ -312,7 +379,8 @@ def main(argv=None) -> Dict:
           f" {args.per_worker_batch} samples per worker, {args.cache_rows} cache rows per worker")
     print(f"{'W':>4} {'dispatcher':>10} | {'B':>6} {'mksp s':>7} {'total s':>8} | {'dec ms':>8} {'% iter':>7}"
           f" | {'crit ms':>8} {'% iter':>7} | {'+cmp s':>7} {'% dec':>6} {'% crit':>6}"
-          f" | {'dir MB/w':>8} {'old MB/w':>9} | {'plan ms':>7} {'self ms':>7} {'sum KB':>6} | {'disp plan ms':>12}")
+          f" | {'dir MB/w':>8} {'old MB/w':>9} | {'plan ms':>7} {'self ms':>7} {'sum KB':>6} | {'disp plan ms':>12}"
+          f" {'split crit':>10} {'split all':>9}")
     res: Dict[str, Dict] = {}
     for W in [int(x) for x in args.workers.split(",")]:
         res[str(W)] = {}
@@ -326,7 +394,8 @@ def main(argv=None) -> Dict:
                   f" | {r['iteration_compute_s']:7.3f} {r['decision_pct_of_iteration_compute']:6.1f}"
                   f" {r['critical_pct_of_iteration_compute']:6.1f} | {r['directory_bytes_per_worker'] / 2**20:8.2f}"
                   f" {r['old_design_bytes_per_worker'] / 2**20:9.0f} | {r['plan_ms']:7.2f} {r['self_ms']:7.2f}"
-                  f" {r['summary_bytes'] / 1024:6.1f} | {r['directory_plan_ms']:12.1f}")
+                  f" {r['summary_bytes'] / 1024:6.1f} | {r['directory_plan_ms']:12.1f}"
+                  + (f" {r['split_critical_ms']:10.1f} {r['split_total_ms']:9.1f}" if r["split_critical_ms"] else ""))
             sys.stdout.flush()
     big = big_directory(args)
     print(f"one worker's directory, {big['table_rows']:.3g}-row table, {big['cache_rows']} cache rows:"

@@ -120,6 +120,7 @@ class CacheDirectory:
         self.tracked = sorted(set(track)) if track is not None else list(range(self.num_workers))
         if any(w < 0 or w >= self.num_workers for w in self.tracked):
             raise EsdConfigError(f"tracked workers {self.tracked} outside [0, {self.num_workers})")
+        self._pos = {w: i for i, w in enumerate(self.tracked)}  # a worker's position in the holder index
         self._w: Dict[int, WorkerSlots] = {}
         self.reset_caches()
 
@@ -190,9 +191,11 @@ class CacheDirectory:
         return DirectoryCacheState(self)
 
     def holder_index(self) -> HolderIndex:
-        """Row key -> the workers caching it (:mod:`~torchrec_esd.cache.holders`), built
-        on first use (``O(slots)``), then kept exact by every cache step (``O(S_w)``)."""
-        self._require_all_tracked("holder_index()")
+        """Row key -> the tracked workers caching it (:mod:`~torchrec_esd.cache.holders`), built
+        on first use (``O(slots)``), then kept exact by every cache step (``O(S_w)``).  Its
+        workers are positions in :attr:`tracked` (the worker ids where every worker is tracked,
+        as in the dispatcher's directory; a group rank's directory,
+        :mod:`~torchrec_esd.cache.split_step`, tracks its group's workers)."""
         self._holders = self._holders or HolderIndex([self._w[w] for w in self.tracked])
         return self._holders
 
@@ -260,6 +263,16 @@ class CacheDirectory:
         used = list(torch.split(ukeys, torch.bincount(uw, minlength=W).tolist()))
         user_keys, user_counts = ops.sorted_distinct(ukeys)
         num_samples = torch.bincount(assignment, minlength=W).tolist()
+        return self._summaries(ukeys, uw, used, user_keys, user_counts, num_samples)
+
+    def _summaries(self, ukeys: torch.Tensor, uw: torch.Tensor, used: List[torch.Tensor], user_keys: torch.Tensor,
+                   user_counts: torch.Tensor, num_samples: List[int]) -> List[StepSummary]:
+        """The tracked workers' :class:`StepSummary` against the caches as they are now:
+        ``ukeys`` the distinct keys of each tracked worker's samples (``uw`` its position in
+        :attr:`tracked`, ``used`` split by position), ``user_keys`` / ``user_counts`` every row
+        that one of them uses or caches and someone uses (ascending), with its user workers.
+        ``O(N + H)`` for the ``H`` cached copies of ``user_keys``."""
+        n = len(self.tracked)
         # per worker, the positions in user_keys of its own rows and of the rows its cache holds
         hp, hw, _ = self.holder_index().lookup(user_keys)
         u = max(user_keys.numel(), 1)
@@ -267,8 +280,50 @@ class CacheDirectory:
         # the pairs are non-negative, so the radix sort dedups them (both ~3x torch's sorts at W = 256)
         at = ops.id_table_lookup(ops.id_table_build(user_keys), ukeys) if ukeys.numel() else ukeys
         pair, _ = ops.sorted_distinct(torch.cat([uw * u + at, hw * u + hp]))
-        mine = torch.split(pair % u, torch.bincount(pair // u, minlength=W).tolist())
-        return [StepSummary(w, used[w], user_keys[mine[w]], user_counts[mine[w]], num_samples[w]) for w in range(W)]
+        mine = torch.split(pair % u, torch.bincount(pair // u, minlength=n).tolist())
+        return [StepSummary(w, used[i], user_keys[mine[i]], user_counts[mine[i]], num_samples[i])
+                for i, w in enumerate(self.tracked)]
+
+    def plan_tracked(self, used: Sequence[torch.Tensor], user_keys: torch.Tensor, user_counts: torch.Tensor,
+                     num_samples: Sequence[int], summaries: bool = False, upcoming: Sequence[KeyedJaggedTensor] = (),
+                     flush: Sequence[int] = ()
+                     ) -> Tuple[Dict[int, WorkerPlan], Optional[List[StepSummary]], Optional[torch.Tensor]]:
+        """Plan one iteration of every tracked worker without the global batch, from what
+        a group rank gets (:mod:`~torchrec_esd.cache.split_step`): ``used[i]`` the distinct
+        keys (ascending) of the samples of ``tracked[i]``, ``num_samples[i]`` their number;
+        ``user_keys`` (ascending) and ``user_counts``: every row that one of the tracked
+        workers uses, or caches while any worker uses it, with its number of user workers
+        over *all* workers.  That is a superset of each tracked worker's
+        :class:`StepSummary` (and a subset of :meth:`plan`'s rows), so the plans and end
+        state are :meth:`plan`'s.  Returns ``(plans by worker, summaries, changed)``:
+        with ``summaries``, the tracked workers' :class:`StepSummary` against the caches
+        before the step (what each would plan from on its own); ``changed``: the keys whose
+        group bits the holder index re-read (None where it keeps none).  ``upcoming`` and
+        ``flush`` as in :meth:`plan`.  Not with DES-served misses.  ``O(sum_w (U_w + S_w) +
+        U + H)`` for ``U = len(user_keys)`` and their ``H`` cached copies: nothing grows with
+        the untracked workers."""
+        if self.config.des_misses:
+            raise EsdConfigError("plan_tracked does not plan DES-served misses (EsdConfig.des_misses)")
+        n = len(self.tracked)
+        if len(used) != n or len(num_samples) != n:
+            raise EsdConfigError(f"plan_tracked needs the used keys and samples of {n} tracked workers,"
+                                 f" got {len(used)} and {len(num_samples)}")
+        if user_keys.numel() != user_counts.numel():
+            raise EsdConfigError(f"{user_keys.numel()} user keys with {user_counts.numel()} counts")
+        sums = None
+        if summaries:
+            uw = torch.repeat_interleave(torch.arange(n), torch.tensor([k.numel() for k in used], dtype=torch.int64))
+            sums = self._summaries(torch.cat(list(used)), uw, list(used), user_keys, user_counts, list(num_samples))
+        if self.policy.reads_upcoming:
+            self.policy.look_ahead(UpcomingUse.of_batches(self.keyspace, upcoming, self.config.cache_lookahead))
+        self.iteration += 1
+        flush = set(int(w) for w in flush)
+        user_table = (ops.id_table_build(user_keys) if n > 1 and user_keys.numel()
+                      and any(self._kernel_plans(w) for w in self.tracked) else None)
+        plans = {w: self._step(w, used[i], user_keys, user_counts, int(num_samples[i]), None, w in flush, user_table)
+                 for i, w in enumerate(self.tracked)}
+        changed = self._end_iteration(user_keys, plans)
+        return plans, sums, changed
 
     def plan_from_summary(self, summary: StepSummary, upcoming: Sequence[KeyedJaggedTensor] = (),
                           flush: bool = False) -> WorkerPlan:
@@ -317,15 +372,16 @@ class CacheDirectory:
             p.flushed_rows = int(keys.numel())
             p.rows[TransmissionKind.UPDATE_PUSH] = int(p.rows.get(TransmissionKind.UPDATE_PUSH, 0)) + p.flushed_rows
         if self._holders is not None:
-            self._holders.sync(w, st)
+            self._holders.sync(self._pos[w], st)
         return p
 
-    def _end_iteration(self, user_keys: torch.Tensor, plans) -> None:
+    def _end_iteration(self, user_keys: torch.Tensor, plans) -> Optional[torch.Tensor]:
         """After every tracked worker's cache step (``plans[w]``): every row used
         this iteration has one new version, and a worker's local update is it.
         The lag update is one holder-index lookup for all workers' copies
         (``O(U + hits)``) where the index exists, else one slot-map probe per
-        key and worker."""
+        key and worker.  Returns the keys whose group bits the index re-read
+        (:meth:`HolderIndex.refresh_group_bits`; None without group bits)."""
         holders = self._holders
         if holders is not None:
             looked = holders.lookup(user_keys)
@@ -339,9 +395,10 @@ class CacheDirectory:
             st.lag[slots] = 0
             st.dirty[slots] = True
             if holders is not None:
-                holders.count(w, st)  # its dirty slots per table
+                holders.count(self._pos[w], st)  # its dirty slots per table
         if holders is not None:
-            holders.refresh_group_bits(user_keys, looked)  # every copy of these rows changed lag or flags
+            return holders.refresh_group_bits(user_keys, looked)  # every copy of these rows changed lag or flags
+        return None
 
     def _kernel_plans(self, w: int) -> bool:
         """Whether worker ``w``'s cache step runs in the C++ kernel."""
@@ -490,7 +547,7 @@ class CacheDirectory:
         for w, st in self._w.items():
             keys, slots = self._take_dirty(st)
             if self._holders is not None:
-                self._holders.count(w, st)  # no key moved, dirty flags did
+                self._holders.count(self._pos[w], st)  # no key moved, dirty flags did
             out[w] = WorkerPlan(
                 used_keys=EMPTY, used_slot=EMPTY, push_keys=keys, push_slots=slots,
                 pull_pos=EMPTY, local_pos=EMPTY, grad_pos=EMPTY,

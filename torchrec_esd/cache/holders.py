@@ -274,15 +274,18 @@ class HolderIndex:
         if self._gbits is not None:
             self._gb_changed.append(keys.to(torch.int64))
 
-    def refresh_group_bits(self, keys: torch.Tensor, looked: Optional[Tuple[torch.Tensor, ...]] = None) -> None:
+    def refresh_group_bits(self, keys: torch.Tensor,
+                           looked: Optional[Tuple[torch.Tensor, ...]] = None) -> Optional[torch.Tensor]:
         """Re-read the group bits and dirty owners of ``keys`` (ascending, distinct) and of
         every key that left a slot or was flushed since the last refresh (the directory
         calls it after each iteration with the iteration's rows, and after a flush with the
         flushed ones).  ``looked``: ``(pos, worker, g)``, :meth:`lookup` of ``keys`` (the
         directory's lag update has it), so that only the other keys are walked.
-        ``O(U + H)`` for their ``H`` copies; nothing without group bits."""
+        ``O(U + H)`` for their ``H`` copies; nothing without group bits.  Returns
+        the keys re-read (``keys``, then the others; None without group bits): every
+        key whose bits or owner may have changed since the last refresh."""
         if self._gbits is None:
-            return
+            return None
         keys = keys.to(torch.int64)
         if looked is None:
             self._refresh(keys)
@@ -292,7 +295,10 @@ class HolderIndex:
         if self._gb_changed:
             changed, self._gb_changed = torch.cat(self._gb_changed), []
             if changed.numel():
-                self._refresh(ops.sorted_distinct(changed)[0])
+                changed = ops.sorted_distinct(changed)[0]
+                self._refresh(changed)
+                return torch.cat([keys, changed])
+        return keys
 
     def _refresh(self, keys: torch.Tensor) -> None:
         if keys.numel():
@@ -315,6 +321,14 @@ class HolderIndex:
             self._assign_reference(keys, pos, worker, outdated, dirty)
         for i, t in enumerate((table, owners)):
             self._gb_rows[i] += int((ops.id_table_lookup(t, keys) >= 0).sum()) - before[i]
+
+    def reserve(self, u: int) -> None:
+        """Room for ``u`` more keys in the group bits and owner tables (built if need
+        be), so that they do not grow while those keys come: a group rank's index
+        (:mod:`~torchrec_esd.cache.split_step`) reserves its slots' count once."""
+        if self._gbits is None:
+            raise ValueError("reserve() needs the group bits (call group_bits() first)")
+        self._reserve(int(u))
 
     def _reserve(self, u: int) -> None:
         """Grow the bits or owner table (``O(its capacity)``) where ``u`` more keys could
