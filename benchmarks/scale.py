@@ -350,7 +350,7 @@ def plot(res: Dict, path: str) -> None:
         return
     Ws = sorted({int(w) for w in res})
     names = list(next(iter(res.values())).keys())
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4))
     for n in names:
         ax[0].plot(Ws, [res[str(w)][n]["decision_pct_of_iteration"] if n in res[str(w)] else np.nan for w in Ws], "o-", label=n)
         ax[1].plot(Ws, [res[str(w)][n]["makespan_s"] if n in res[str(w)] else np.nan for w in Ws], "o-", label=n)
@@ -361,6 +361,12 @@ def plot(res: Dict, path: str) -> None:
     ax[2].plot(Ws, [res[str(w)][n0]["plan_ms"] for w in Ws], "o-", label="plan from summary")
     ax[2].plot(Ws, [res[str(w)][n0]["self_ms"] for w in Ws], "s--", label="plan from global batch")
     ax[2].set(xscale="log", yscale="log", xlabel="workers W", ylabel="per-worker planning ms")
+    for n in names:  # the dispatcher's directory step: one directory, or split over ranks
+        if all(res[str(w)].get(n, {}).get("split_critical_ms") for w in Ws):
+            ax[3].plot(Ws, [res[str(w)][n]["directory_plan_ms"] + res[str(w)][n]["summaries_ms"] for w in Ws], "s--",
+                       label=f"{n}: one directory")
+            ax[3].plot(Ws, [res[str(w)][n]["split_critical_ms"] for w in Ws], "o-", label=f"{n}: split, critical path")
+    ax[3].set(xscale="log", yscale="log", xlabel="workers W", ylabel="directory step + summaries ms")
     for a in ax:
         a.legend(fontsize=7)
     fig.tight_layout()
