@@ -318,10 +318,14 @@ class CacheDirectory:
             self.policy.look_ahead(UpcomingUse.of_batches(self.keyspace, upcoming, self.config.cache_lookahead))
         self.iteration += 1
         flush = set(int(w) for w in flush)
-        user_table = (ops.id_table_build(user_keys) if n > 1 and user_keys.numel()
-                      and any(self._kernel_plans(w) for w in self.tracked) else None)
-        plans = {w: self._step(w, used[i], user_keys, user_counts, int(num_samples[i]), None, w in flush, user_table)
-                 for i, w in enumerate(self.tracked)}
+        if sums is not None:  # each worker's own rows: a smaller step than on the group's (same plan)
+            plans = {w: self._step(w, used[i], sums[i].user_keys, sums[i].user_counts, int(num_samples[i]), None,
+                                   w in flush) for i, w in enumerate(self.tracked)}
+        else:
+            user_table = (ops.id_table_build(user_keys) if n > 1 and user_keys.numel()
+                          and any(self._kernel_plans(w) for w in self.tracked) else None)
+            plans = {w: self._step(w, used[i], user_keys, user_counts, int(num_samples[i]), None, w in flush,
+                                   user_table) for i, w in enumerate(self.tracked)}
         changed = self._end_iteration(user_keys, plans)
         return plans, sums, changed
 
