@@ -21,11 +21,12 @@ def _same_plan(a, b) -> bool:
         and a.num_samples == b.num_samples
 
 
-def _setup(staleness: int, seed: int = 7):
+def _setup(staleness: int, seed: int = 7, policy: str = "lru"):
     wl = SyntheticWorkload(SyntheticWorkloadConfig(num_sparse=3, cardinalities=[40, 200, 7], bag_size=(0, 4),
                                                    alpha=1.1, seed=seed))
     tables = _tables(wl.config.cardinalities)
-    cfg = EsdConfig([WorkerSpec(c, 1.0) for c in (7, 3, 5, 4, 6, 2, 1)], staleness=staleness)
+    cfg = EsdConfig([WorkerSpec(c, 1.0) for c in (7, 3, 5, 4, 6, 2, 1)], staleness=staleness, cache_policy=policy,
+                    cache_lookahead=2)
     return wl, tables, cfg
 
 
@@ -51,10 +52,11 @@ def _check_shards(full: CacheDirectory, shards, group_of) -> int:
 
 
 @pytest.mark.parametrize("kernel", [True, False])
-@pytest.mark.parametrize("staleness,num_shards", [(0, 3), (1, 1), (2, 4)])
-def test_split_step_equals_the_dispatcher_directory(monkeypatch, kernel, staleness, num_shards):
+@pytest.mark.parametrize("staleness,num_shards,policy", [(0, 3, "lru"), (1, 1, "lfu"), (2, 4, "lru"),
+                                                         (0, 2, "lookahead")])
+def test_split_step_equals_the_dispatcher_directory(monkeypatch, kernel, staleness, num_shards, policy):
     monkeypatch.setattr(directory_mod, "USE_PLAN_KERNEL", kernel)
-    wl, tables, cfg = _setup(staleness)
+    wl, tables, cfg = _setup(staleness, policy=policy)
     W = cfg.num_workers
     groups = [[0, 4], [1, 2, 5], [3, 6]]
     full = CacheDirectory(cfg, tables)
@@ -67,9 +69,10 @@ def test_split_step_equals_the_dispatcher_directory(monkeypatch, kernel, stalene
         flush = [2] if step == 9 else ()
         keys, sample = full.batch_keys(kjt)
         want_sums = full.step_summaries(kjt, a)
-        want = full.plan(kjt, a, flush=flush)
+        upcoming = [wl.global_batch(step + k, 28).sparse_features for k in (1, 2)] if policy == "lookahead" else ()
+        want = full.plan(kjt, a, flush=flush, upcoming=upcoming)
         got = split_step(ranks, shards, keys, a[sample], torch.bincount(a, minlength=W).tolist(), summaries=True,
-                         flush=flush)
+                         flush=flush, upcoming=upcoming)
         for w in range(W):
             assert _same_plan(got.plans[w], want.workers[w]), (step, w)
             s, e = got.summaries[w], want_sums[w]

@@ -77,6 +77,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_esd import ops
 from torchrec_esd.cache.directory import CacheDirectory
@@ -302,14 +303,16 @@ class GroupRank:
         self._pending = (used, [int(x) for x in num_samples])
         return [tuple(p) for p in _split_by(shard_of(rows, self.num_shards), self.num_shards, rows, counts)]
 
-    def step(self, parts: Sequence[Pairs], summaries: bool = False, flush: Sequence[int] = ()
+    def step(self, parts: Sequence[Pairs], summaries: bool = False, flush: Sequence[int] = (),
+             upcoming: Sequence[KeyedJaggedTensor] = ()
              ) -> Tuple[Dict[int, WorkerPlan], Optional[List[StepSummary]], List[Tuple[torch.Tensor, ...]]]:
         """Phase 3.  ``parts[r]``: shard ``r``'s ``(rows, totals)`` for this group.
         Steps the group's workers' caches (:meth:`CacheDirectory.plan_tracked`) and returns
         ``(plans by worker, their StepSummary or None, reports)``: per shard ``(rows, held,
         fresh, owner)`` of every row whose copies in the group changed (for
         :meth:`RowShard.apply`).  ``flush``: workers of the group that write back every
-        dirty row first (as in :meth:`CacheDirectory.plan`)."""
+        dirty row first; ``upcoming``: the next global batches, for a policy that reads them
+        (both as in :meth:`CacheDirectory.plan`)."""
         if self._pending is None:
             raise EsdConfigError("GroupRank.step before count")
         used, num_samples = self._pending
@@ -321,7 +324,7 @@ class GroupRank:
             raise EsdConfigError("the shards sent one row twice")
         user_counts = torch.empty_like(user_keys).index_copy_(0, inv, totals)
         plans, sums, changed = self.directory.plan_tracked(used, user_keys, user_counts, num_samples,
-                                                           summaries=summaries, flush=flush)
+                                                           summaries=summaries, flush=flush, upcoming=upcoming)
         return plans, sums, self.report(changed)
 
     def report(self, changed: Optional[torch.Tensor]) -> List[Tuple[torch.Tensor, ...]]:
@@ -384,12 +387,15 @@ def make_split_ranks(config: EsdConfig, tables: Sequence[EmbeddingBagConfig], gr
 
 
 def split_step(ranks: Sequence[GroupRank], shards: Sequence[RowShard], keys: torch.Tensor, owner: torch.Tensor,
-               num_samples: Sequence[int], summaries: bool = False, flush: Sequence[int] = ()) -> SplitStepResult:
+               num_samples: Sequence[int], summaries: bool = False, flush: Sequence[int] = (),
+               upcoming: Sequence[KeyedJaggedTensor] = ()) -> SplitStepResult:
     """One iteration of the split directory step (module docstring), the ranks run one
     after the other and timed one by one.  ``keys``: the row key of every value of the
     global batch, ``owner``: the worker of each (the decision), ``num_samples``: every
-    worker's samples.  (Handing each group its samples' keys is not timed: a group rank
-    has them from its own decision.)"""
+    worker's samples; ``flush`` and ``upcoming`` as in :meth:`CacheDirectory.plan` (a
+    lookahead policy makes every group rank read the next global batches: O(N) each).
+    (Handing each group its samples' keys is not timed: a group rank has them from its
+    own decision.)"""
     G = len(ranks)
     group_of = shards[0].group_of
     keys, owner = keys.to(torch.int64), owner.to(torch.int64)
@@ -413,7 +419,8 @@ def split_step(ranks: Sequence[GroupRank], shards: Sequence[RowShard], keys: tor
     reports = []
     for g, rank in enumerate(ranks):
         t0 = time.perf_counter()
-        p, s, rep = rank.step(to_group[g], summaries=summaries, flush=[w for w in flush if w in rank.workers])
+        p, s, rep = rank.step(to_group[g], summaries=summaries, flush=[w for w in flush if w in rank.workers],
+                              upcoming=upcoming)
         phase["step"].append(time.perf_counter() - t0)
         plans.update(p)
         if s is not None:
