@@ -297,7 +297,9 @@ class CacheDirectory:
         :class:`StepSummary` (and a subset of :meth:`plan`'s rows), so the plans and end
         state are :meth:`plan`'s.  Returns ``(plans by worker, summaries, changed)``:
         with ``summaries``, the tracked workers' :class:`StepSummary` against the caches
-        before the step (what each would plan from on its own); ``changed``: the keys whose
+        before the step (what each would plan from on its own; each worker's cache step then
+        reads its summary's rows alone, as :meth:`plan_from_summary` does, which is cheaper
+        than the group's rows and gives the same plan); ``changed``: the keys whose
         group bits the holder index re-read (None where it keeps none).  ``upcoming`` and
         ``flush`` as in :meth:`plan`.  Not with DES-served misses.  ``O(sum_w (U_w + S_w) +
         U + H)`` for ``U = len(user_keys)`` and their ``H`` cached copies: nothing grows with

@@ -323,9 +323,9 @@ class HolderIndex:
             self._gb_rows[i] += int((ops.id_table_lookup(t, keys) >= 0).sum()) - before[i]
 
     def reserve(self, u: int) -> None:
-        """Room for ``u`` more keys in the group bits and owner tables (built if need
-        be), so that they do not grow while those keys come: a group rank's index
-        (:mod:`~torchrec_esd.cache.split_step`) reserves its slots' count once."""
+        """Room for ``u`` more keys in the group bits and owner tables (built by a first
+        :meth:`group_bits`), so that they do not grow while those keys come: a group rank's
+        index (:mod:`~torchrec_esd.cache.split_step`) reserves its slots' count once."""
         if self._gbits is None:
             raise ValueError("reserve() needs the group bits (call group_bits() first)")
         self._reserve(int(u))
