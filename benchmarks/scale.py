@@ -42,7 +42,8 @@ workers' :class:`StepSummary` it builds.  ``split crit`` / ``split all`` (for th
 rank per group and as many row shards (:mod:`torchrec_esd.cache.split_step`),
 the slowest rank of each of its four phases summed / every rank's time summed,
 checked at every step against the whole-directory step's plans, summaries and
-group bits (messages between the ranks not counted).
+group bits (messages between the ranks not timed; ``split_*_sent_kb``: the most
+one rank sends in each phase, as the tensors are).
 
 Per-worker planning: ``--sample-workers`` workers also run a directory that
 tracks themselves alone, fed (a) their :class:`StepSummary` (``plan ms``,
@@ -258,6 +259,7 @@ def run(args, tables, W: int, name: str) -> Dict:
     rec: Dict[str, List] = {k: [] for k in ("decision_ms", "inputs_ms", "solve_ms", "critical_ms",
                                             "split_critical_ms", "split_total_ms", "split_count_ms",
                                             "split_route_ms", "split_step_ms", "split_apply_ms",
+                                            "split_count_sent_kb", "split_route_sent_kb", "split_step_sent_kb",
                                             "iteration_compute_s", "directory_plan_ms",
                                             "summaries_ms", "plan_ms", "self_ms", "summary_bytes",
                                             "makespan_s", "total_s", "per_worker_s")}
@@ -301,6 +303,8 @@ def check_split_step(W: int, name: str, step: int, directory: CacheDirectory, ra
     rec["split_total_ms"].append(1e3 * res.total_s)
     for ph, v in res.phase_s.items():
         rec[f"split_{ph}_ms"].append(1e3 * max(v))
+    for ph, v in res.sent_bytes.items():  # the most one rank sends in the phase
+        rec[f"split_{ph}_sent_kb"].append(max(v) / 1024)
     for w in range(W):
         p, q, s, e = res.plans[w], plan.workers[w], res.summaries[w], sums[w]
         if not (torch.equal(p.used_slot, q.used_slot) and p.rows == q.rows and torch.equal(p.push_keys, q.push_keys)

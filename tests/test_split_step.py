@@ -80,6 +80,12 @@ def test_split_step_equals_the_dispatcher_directory(monkeypatch, kernel, stalene
             assert torch.equal(s.user_counts, e.user_counts) and s.num_samples == e.num_samples, (step, w)
         assert set(got.phase_s) == {"count", "route", "step", "apply"}
         assert [len(v) for v in got.phase_s.values()] == [3, num_shards, 3, num_shards]
+        # what crosses ranks: each group's (row, count) pairs of its distinct rows, 16 B a row
+        for gi, ws in enumerate(groups):
+            mine = torch.isin(a[sample], torch.tensor(ws))
+            assert got.sent_bytes["count"][gi] == 16 * torch.unique(keys[mine]).numel(), (step, gi)
+        assert len(got.sent_bytes["route"]) == num_shards and sum(got.sent_bytes["route"]) >= sum(
+            got.sent_bytes["count"])  # every used row goes back to its users, held rows to holders too
         dirty += _check_shards(full, shards, group_of)
         evicted += sum(p.rows["miss_push"] for p in want.workers)
         local += sum(p.local_pos.numel() for p in want.workers)

@@ -349,11 +349,15 @@ class GroupRank:
 @dataclass
 class SplitStepResult:
     """One :func:`split_step`: the plans (by worker), the summaries (by worker, where
-    asked), and per phase the seconds of every rank (``phase_s``)."""
+    asked), per phase the seconds of every rank (``phase_s``), and per phase the bytes
+    every rank sends to the others (``sent_bytes``: ``count`` and ``step`` by group,
+    ``route`` by shard; the tensors' bytes as they are, int64 and bool; ``apply`` sends
+    nothing)."""
 
     plans: Dict[int, WorkerPlan]
     summaries: Dict[int, StepSummary]
     phase_s: Dict[str, List[float]] = field(default_factory=dict)
+    sent_bytes: Dict[str, List[int]] = field(default_factory=dict)
 
     @property
     def critical_s(self) -> float:
@@ -430,7 +434,13 @@ def split_step(ranks: Sequence[GroupRank], shards: Sequence[RowShard], keys: tor
         t0 = time.perf_counter()
         shard.apply([reports[g][r] for g in range(G)])
         phase["apply"].append(time.perf_counter() - t0)
-    return SplitStepResult(plans, sums, phase)
+    def nbytes(messages) -> int:
+        return sum(t.numel() * t.element_size() for m in messages for t in m)
+
+    sent = {"count": [nbytes(m) for m in to_shard],
+            "route": [nbytes(to_group[g][r] for g in range(G)) for r in range(len(shards))],
+            "step": [nbytes(rep) for rep in reports]}
+    return SplitStepResult(plans, sums, phase, sent)
 
 
 def split_flush(ranks: Sequence[GroupRank], shards: Sequence[RowShard]) -> Dict[int, WorkerPlan]:
