@@ -316,20 +316,52 @@ class CacheDirectory:
         if summaries:
             uw = torch.repeat_interleave(torch.arange(n), torch.tensor([k.numel() for k in used], dtype=torch.int64))
             sums = self._summaries(torch.cat(list(used)), uw, list(used), user_keys, user_counts, list(num_samples))
+        if sums is not None:  # each worker's own rows: a smaller step than on the group's (same plan)
+            plans, changed = self._step_summarised(sums, user_keys, upcoming, flush)
+            return plans, sums, changed
         if self.policy.reads_upcoming:
             self.policy.look_ahead(UpcomingUse.of_batches(self.keyspace, upcoming, self.config.cache_lookahead))
         self.iteration += 1
         flush = set(int(w) for w in flush)
-        if sums is not None:  # each worker's own rows: a smaller step than on the group's (same plan)
-            plans = {w: self._step(w, used[i], sums[i].user_keys, sums[i].user_counts, int(num_samples[i]), None,
-                                   w in flush) for i, w in enumerate(self.tracked)}
-        else:
-            user_table = (ops.id_table_build(user_keys) if n > 1 and user_keys.numel()
-                          and any(self._kernel_plans(w) for w in self.tracked) else None)
-            plans = {w: self._step(w, used[i], user_keys, user_counts, int(num_samples[i]), None, w in flush,
-                                   user_table) for i, w in enumerate(self.tracked)}
+        user_table = (ops.id_table_build(user_keys) if n > 1 and user_keys.numel()
+                      and any(self._kernel_plans(w) for w in self.tracked) else None)
+        plans = {w: self._step(w, used[i], user_keys, user_counts, int(num_samples[i]), None, w in flush,
+                               user_table) for i, w in enumerate(self.tracked)}
         changed = self._end_iteration(user_keys, plans)
         return plans, sums, changed
+
+    def plan_summarised(self, summaries: Sequence[StepSummary], flush: Sequence[int] = (),
+                        upcoming: Sequence[KeyedJaggedTensor] = ()) -> IterationPlan:
+        """:meth:`plan` of the batch that :meth:`step_summaries` just summarised, from those
+        summaries: every tracked worker's cache steps on its own summary's rows (as
+        :meth:`plan_from_summary` does), not on every row of the batch.  The same plans and
+        end state as :meth:`plan`; what the dispatcher runs once it has sent the summaries.
+        ``O(sum_w (U_s(w) + S_w) + U + H)``: a worker's step no longer reads the rows only
+        others use, which at W = 256 outnumber its slots.  ``flush`` and ``upcoming`` as in
+        :meth:`plan`; not with DES-served misses."""
+        if self.config.des_misses:
+            raise EsdConfigError("plan_summarised does not plan DES-served misses (EsdConfig.des_misses)")
+        if sorted(s.worker for s in summaries) != self.tracked or len(summaries) != len(self.tracked):
+            raise EsdConfigError(f"plan_summarised needs one summary per tracked worker {self.tracked}, got"
+                                 f" {[s.worker for s in summaries]}")
+        sums = sorted(summaries, key=lambda s: s.worker)
+        parts = [s.user_keys for s in sums]
+        user_keys = ops.sorted_distinct(torch.cat(parts))[0] if parts else torch.zeros(0, dtype=torch.int64)
+        plans, _ = self._step_summarised(sums, user_keys, upcoming, flush)
+        return IterationPlan(self.iteration, [plans.get(w) for w in range(self.num_workers)], batch_keys=user_keys)
+
+    def _step_summarised(self, sums: Sequence[StepSummary], user_keys: torch.Tensor,
+                         upcoming: Sequence[KeyedJaggedTensor], flush: Sequence[int]):
+        """Step every tracked worker (``sums[i]`` is ``tracked[i]``'s summary) and end the
+        iteration on ``user_keys`` (every row used, or held and used, by the tracked workers:
+        the union of the summaries' rows).  ``(plans by worker, changed keys)``."""
+        if self.policy.reads_upcoming:
+            self.policy.look_ahead(UpcomingUse.of_batches(self.keyspace, upcoming, self.config.cache_lookahead))
+        self.iteration += 1
+        flush = set(int(w) for w in flush)
+        plans = {s.worker: self._step(s.worker, s.keys, s.user_keys, s.user_counts, int(s.num_samples), None,
+                                      s.worker in flush) for s in sums}
+        return plans, self._end_iteration(user_keys, plans)
 
     def plan_from_summary(self, summary: StepSummary, upcoming: Sequence[KeyedJaggedTensor] = (),
                           flush: bool = False) -> WorkerPlan:
