@@ -35,10 +35,9 @@ on the groups from the directory's group bits and put on them on its own, then
 each group reading only its samples and its workers' cached copies:
 :meth:`GroupedDispatcher._decide_split`) the slowest slice plus the slowest
 group; for the other dispatchers it equals the decision.  ``directory plan ms``
-is the dispatcher's whole-directory step (every worker's cache step, each on its
-own summary's rows, :meth:`CacheDirectory.plan_summarised`, as worker 0 runs it;
-the holder index and, for ``grouped-split``, the group bits it keeps);
-``summaries ms`` the workers' :class:`StepSummary` it builds first.  ``split crit`` / ``split all`` (for the
+is the dispatcher's whole-directory step (every worker's cache step, the holder
+index and, for ``grouped-split``, the group bits it keeps); ``summaries ms`` the
+workers' :class:`StepSummary` it builds first.  ``split crit`` / ``split all`` (for the
 ``--split-step`` dispatchers): the same step and summaries split over a group
 rank per group and as many row shards (:mod:`torchrec_esd.cache.split_step`),
 the slowest rank of each of its four phases summed / every rank's time summed,
@@ -215,7 +214,7 @@ def one_iteration(args, W: int, name: str, step: int, d, cm, config, directory, 
     sums = directory.step_summaries(kjt, r.assignment)
     rec["summaries_ms"].append(_ms(t0))
     t0 = time.perf_counter()
-    plan = directory.plan_summarised(sums)  # worker 0's step in the runtime (distributed/worker_plans.py)
+    plan = directory.plan(kjt, r.assignment)
     rec["directory_plan_ms"].append(_ms(t0))
     if split:
         check_split_step(W, name, step, directory, *split, kjt, r.assignment, plan, sums, rec)

@@ -330,26 +330,6 @@ class CacheDirectory:
         changed = self._end_iteration(user_keys, plans)
         return plans, sums, changed
 
-    def plan_summarised(self, summaries: Sequence[StepSummary], flush: Sequence[int] = (),
-                        upcoming: Sequence[KeyedJaggedTensor] = ()) -> IterationPlan:
-        """:meth:`plan` of the batch that :meth:`step_summaries` just summarised, from those
-        summaries: every tracked worker's cache steps on its own summary's rows (as
-        :meth:`plan_from_summary` does), not on every row of the batch.  The same plans and
-        end state as :meth:`plan`; what the dispatcher runs once it has sent the summaries.
-        ``O(sum_w (U_s(w) + S_w) + U + H)``: a worker's step no longer reads the rows only
-        others use, which at W = 256 outnumber its slots.  ``flush`` and ``upcoming`` as in
-        :meth:`plan`; not with DES-served misses."""
-        if self.config.des_misses:
-            raise EsdConfigError("plan_summarised does not plan DES-served misses (EsdConfig.des_misses)")
-        if sorted(s.worker for s in summaries) != self.tracked or len(summaries) != len(self.tracked):
-            raise EsdConfigError(f"plan_summarised needs one summary per tracked worker {self.tracked}, got"
-                                 f" {[s.worker for s in summaries]}")
-        sums = sorted(summaries, key=lambda s: s.worker)
-        parts = [s.user_keys for s in sums]
-        user_keys = ops.sorted_distinct(torch.cat(parts))[0] if parts else torch.zeros(0, dtype=torch.int64)
-        plans, _ = self._step_summarised(sums, user_keys, upcoming, flush)
-        return IterationPlan(self.iteration, [plans.get(w) for w in range(self.num_workers)], batch_keys=user_keys)
-
     def _step_summarised(self, sums: Sequence[StepSummary], user_keys: torch.Tensor,
                          upcoming: Sequence[KeyedJaggedTensor], flush: Sequence[int]):
         """Step every tracked worker (``sums[i]`` is ``tracked[i]``'s summary) and end the

@@ -5,10 +5,9 @@ assignment is known).
 Worker 0 is the dispatcher: its directory tracks every worker's cache, so it
 builds each worker's :class:`~torchrec_esd.cache.StepSummary` (O(N + H) for a
 global batch of N values and the H cached copies of its rows), scatters them
-over the dispatch group, and then plans every cache, each on its own
-summary's rows (:meth:`~torchrec_esd.cache.CacheDirectory.plan_summarised`,
-O(sum_w (U_s(w) + S_w))); every other worker plans its own cache from its summary
-alone, in O(U_w log U_s + S_w + U_s) (its U_w keys, S_w slots, a summary of
+over the dispatch group, and only then plans every cache (O(N log N +
+sum_w (U_w + S_w))), so that the others plan theirs meanwhile; every other
+worker plans its own cache from its summary alone, in O(U_w log U_s + S_w + U_s) (its U_w keys, S_w slots, a summary of
 U_s keys), which does not grow with the number of workers at a fixed
 per-worker batch.  With DES-served misses (they need the batch's bags) or an
 eviction policy that reads the upcoming batches, or with prefetch (whose
@@ -50,8 +49,8 @@ def plan_iteration(rt: EsdRuntime, kjt: KeyedJaggedTensor, assignment: torch.Ten
                upcoming: Sequence[KeyedJaggedTensor] = (), flush: Sequence[int] = ()) -> IterationPlan:
     """This iteration's plan.  Worker 0 (the dispatcher: its directory
     tracks every cache) sends each other worker its
-    :class:`~torchrec_esd.cache.StepSummary`, then plans every cache from those
-    summaries; a worker plans its own
+    :class:`~torchrec_esd.cache.StepSummary`, then plans every cache; a worker
+    plans its own
     cache from that summary alone, in O(its keys + its cached rows that
     others use) instead of O(global batch) (the same plan: see
     ``CacheDirectory.plan_from_summary``).  With DES-served misses every
@@ -69,10 +68,9 @@ def plan_iteration(rt: EsdRuntime, kjt: KeyedJaggedTensor, assignment: torch.Ten
     got: List[Optional[StepSummary]] = [None]
     if me == 0:
         summaries = directory.step_summaries(kjt, assignment)
-        # the others get their summaries first and plan while worker 0 steps every cache,
-        # each on its own summary's rows (CacheDirectory.plan_summarised: plan()'s plans)
+        # the others get their summaries first and plan while worker 0 steps every cache
         dist.scatter_object_list(got, [None] + list(summaries[1:]), src=0, group=group)
-        return directory.plan_summarised(summaries, flush=flush)
+        return directory.plan(kjt, assignment, flush=flush)
     dist.scatter_object_list(got, None, src=0, group=group)
     summary = got[0]
     if not isinstance(summary, StepSummary) or summary.worker != me:
