@@ -163,3 +163,83 @@ def test_split_step_refuses_malformed_input():
         one = torch.ones_like(twice)
         with pytest.raises(EsdConfigError, match="reported one row twice"):
             shards[0].apply([(twice, one, one, -one), (empty, empty, empty, empty)])
+
+
+def _split_world(staleness: int, steps: int):
+    """One rank of a gloo world running the split step (SplitRank): group and shard
+    ``rank``, checked against a one-directory replica every step."""
+    import torch.distributed as dist
+
+    from torchrec_esd.cache.split_step import SplitRank
+
+    wl, tables, cfg = _setup(staleness)
+    W = cfg.num_workers
+    groups = [[0, 4], [1, 2, 5], [3, 6]]
+    me = dist.get_rank()
+    split = SplitRank(cfg, tables, groups)
+    full = CacheDirectory(cfg, tables)  # the reference, replicated on every rank
+    g = torch.Generator().manual_seed(11)
+    checked = dirty = 0
+    for step in range(steps):
+        kjt = wl.global_batch(step, 28).sparse_features
+        a = torch.randint(0, W, (28,), generator=g)
+        flush = [groups[1][0]] if step == 7 else ()
+        keys, sample = full.batch_keys(kjt)
+        owner = a[sample]
+        mine = torch.isin(owner, torch.tensor(groups[me]))
+        want_sums = full.step_summaries(kjt, a)
+        want = full.plan(kjt, a, flush=flush)
+        plans, sums = split.step(keys[mine], owner[mine], torch.bincount(a, minlength=W).tolist(), summaries=True,
+                                 flush=flush)
+        assert sorted(plans) == groups[me]
+        for w in groups[me]:
+            assert _same_plan(plans[w], want.workers[w]), (me, step, w)
+        for s in sums:
+            assert torch.equal(s.user_keys, want_sums[s.worker].user_keys), (me, step, s.worker)
+            assert torch.equal(s.user_counts, want_sums[s.worker].user_counts), (me, step, s.worker)
+        # this rank's shard: the bits and owners of its rows, as the one directory has them
+        index = full.holder_index()
+        cached = torch.unique(index.gkey[index.gkey >= 0])
+        cached = cached[shard_of(cached, dist.get_world_size()) == me]
+        held, fresh = index.group_bits(split.group_of, cached)
+        h, f = split.shard.group_bits(cached)
+        owner_want = index.dirty_owner(split.group_of, cached)
+        assert torch.equal(h, held) and torch.equal(f, fresh), (me, step)
+        assert torch.equal(split.shard.dirty_owner(cached), owner_want), (me, step)
+        assert split.shard.bits.rows == cached.numel(), (me, step)
+        checked += len(groups[me])
+        dirty += int((owner_want >= 0).sum())
+    return checked, dirty
+
+
+def test_split_step_on_a_gloo_world_equals_the_dispatcher_directory():
+    """The four phases on three real ranks (a group and a shard each), their messages
+    moved by all_to_all_single: every rank's plans, summaries, bits and owners are the
+    one directory's, step after step."""
+    from torchrec_esd.apps.launch import run_local_world
+
+    out = run_local_world(_split_world, 3, 1, 16, timeout_s=120)
+    assert [c for c, _ in out] == [2 * 16, 3 * 16, 2 * 16]
+    assert sum(d for _, d in out) > 0  # some rows were dirty on some shard
+
+
+def _split_rank_refuses(kind: str):
+    import torch.distributed as dist
+
+    from torchrec_esd.cache.split_step import SplitRank
+
+    _, tables, cfg = _setup(0)
+    if kind == "groups":
+        SplitRank(cfg, tables, [[0, 1, 2, 3, 4, 5, 6]])  # one group on two ranks
+    split = SplitRank(cfg, tables, [[0, 1, 2], [3, 4, 5, 6]], max_rows=4)
+    keys = torch.arange(30, dtype=torch.int64) if dist.get_rank() == 0 else torch.zeros(0, dtype=torch.int64)
+    owner = torch.zeros_like(keys)
+    split.step(keys, owner, [30, 0, 0, 0, 0, 0, 0])  # 30 distinct rows over 2 shards: more than 4 to one
+
+
+@pytest.mark.parametrize("kind,match", [("groups", "one group per rank"), ("size", "announced")])
+def test_split_rank_refuses_bad_setups_and_oversized_messages(kind, match):
+    from torchrec_esd.apps.launch import RankFailed, run_local_world
+
+    with pytest.raises(RankFailed, match=match):
+        run_local_world(_split_rank_refuses, 2, kind, timeout_s=60)

@@ -67,6 +67,11 @@ Limits:
 * at most :attr:`HolderIndex.MAX_GROUPS` groups;
 * the runtime's ``EsdInputDist`` still runs the one dispatcher directory. This
   module is the split state that group and shard ranks would run.
+
+:class:`SplitRank` runs the same four phases on real ranks of a process group,
+one group and one shard per rank, their messages moved by ``all_to_all_single``
+(``tests/test_split_step.py`` runs it on a gloo world and checks it against the
+one directory).
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -370,20 +376,26 @@ class SplitStepResult:
         return sum(sum(v) for v in self.phase_s.values())
 
 
+def _group_of(config: EsdConfig, groups: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Every worker's group, ``groups`` checked to be a partition of the workers."""
+    W = config.num_workers
+    flat = sorted(int(w) for g in groups for w in g)
+    if flat != list(range(W)):
+        raise EsdConfigError(f"the groups {list(map(list, groups))} are not a partition of the {W} workers")
+    group_of = torch.empty(W, dtype=torch.int64)
+    for g, ws in enumerate(groups):
+        group_of[torch.tensor(list(ws), dtype=torch.int64)] = g
+    return group_of
+
+
 def make_split_ranks(config: EsdConfig, tables: Sequence[EmbeddingBagConfig], groups: Sequence[Sequence[int]],
                      num_shards: int, keyspace: Optional[KeySpace] = None
                      ) -> Tuple[List[GroupRank], List[RowShard], torch.Tensor]:
     """The group ranks of ``groups`` (a partition of all workers), ``num_shards`` row
     shards, and ``group_of`` (every worker's group), all with cold caches."""
-    W = config.num_workers
-    flat = sorted(int(w) for g in groups for w in g)
-    if flat != list(range(W)):
-        raise EsdConfigError(f"the groups {list(map(list, groups))} are not a partition of the {W} workers")
     if num_shards < 1:
         raise EsdConfigError(f"num_shards must be >= 1, got {num_shards}")
-    group_of = torch.empty(W, dtype=torch.int64)
-    for g, ws in enumerate(groups):
-        group_of[torch.tensor(list(ws), dtype=torch.int64)] = g
+    group_of = _group_of(config, groups)
     keyspace = keyspace if keyspace is not None else KeySpace(tables)
     ranks = [GroupRank(config, tables, ws, num_shards, keyspace=keyspace) for ws in groups]
     shards = [RowShard(group_of, r, num_shards) for r in range(num_shards)]
@@ -453,3 +465,52 @@ def split_flush(ranks: Sequence[GroupRank], shards: Sequence[RowShard]) -> Dict[
     for r, shard in enumerate(shards):
         shard.apply([rep[r] for rep in reports])
     return plans
+
+
+class SplitRank:
+    """One rank of the split directory step on a process group: group ``rank`` of
+    ``groups`` (a :class:`GroupRank`) and shard ``rank`` (a :class:`RowShard`), the four
+    phases' messages moved between the ranks by ``all_to_all_single`` (gloo or NCCL; the
+    tensors stay on the CPU here, as the directory does).  Every rank of ``pg`` calls
+    :meth:`step` with the same iteration.  A count read off the wire above
+    ``max_rows`` rows (default: the table rows) raises before anything is allocated."""
+
+    def __init__(self, config: EsdConfig, tables: Sequence[EmbeddingBagConfig], groups: Sequence[Sequence[int]],
+                 pg=None, keyspace: Optional[KeySpace] = None, max_rows: Optional[int] = None) -> None:
+        self.pg = pg
+        self.rank, self.size = dist.get_rank(pg), dist.get_world_size(pg)
+        if len(groups) != self.size:
+            raise EsdConfigError(f"{len(groups)} groups on a process group of {self.size} ranks (one group per rank)")
+        self.group_of = _group_of(config, groups)
+        self.group = GroupRank(config, tables, groups[self.rank], self.size, keyspace=keyspace)
+        self.shard = RowShard(self.group_of, self.rank, self.size)
+        self.max_rows = int(max_rows) if max_rows is not None else int(self.group.directory.total_rows)
+
+    def _exchange(self, parts: Sequence[Tuple[torch.Tensor, ...]], k: int) -> List[Tuple[torch.Tensor, ...]]:
+        """Send ``parts[r]`` (``k`` int64 columns of equal length) to rank ``r``; returns what
+        every rank sent this one, by rank."""
+        send = [torch.stack([c.to(torch.int64) for c in cols], 1) if cols[0].numel()
+                else torch.zeros(0, k, dtype=torch.int64) for cols in parts]
+        n_send = torch.tensor([t.shape[0] for t in send], dtype=torch.int64)
+        n_recv = torch.empty(self.size, dtype=torch.int64)
+        dist.all_to_all_single(n_recv, n_send, group=self.pg)
+        if bool((n_recv < 0).any()) or bool((n_recv > self.max_rows).any()):
+            raise EsdConfigError(f"split step rank {self.rank}: peers announced {n_recv.tolist()} rows,"
+                                 f" outside [0, {self.max_rows}]")
+        out = torch.empty(int(n_recv.sum()) * k, dtype=torch.int64)
+        dist.all_to_all_single(out, torch.cat(send).reshape(-1), (n_recv * k).tolist(), (n_send * k).tolist(),
+                               group=self.pg)
+        return [tuple(p[:, i] for i in range(k)) for p in torch.split(out.view(-1, k), n_recv.tolist())]
+
+    def step(self, keys: torch.Tensor, owner: torch.Tensor, num_samples: Sequence[int], summaries: bool = False,
+             flush: Sequence[int] = (), upcoming: Sequence[KeyedJaggedTensor] = ()
+             ) -> Tuple[Dict[int, WorkerPlan], Optional[List[StepSummary]]]:
+        """One iteration: ``keys`` / ``owner`` the row keys of this group's samples' values and
+        their workers, ``num_samples`` every worker's samples.  Returns this group's plans
+        (by worker) and, with ``summaries``, its workers' summaries."""
+        counts = self._exchange(self.group.count(keys, owner, [num_samples[w] for w in self.group.workers]), 2)
+        totals = self._exchange(self.shard.route(counts), 2)
+        plans, sums, reports = self.group.step(totals, summaries=summaries,
+                                               flush=[w for w in flush if w in self.group.workers], upcoming=upcoming)
+        self.shard.apply(self._exchange(reports, 4))
+        return plans, sums
