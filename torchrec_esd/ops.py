@@ -273,6 +273,18 @@ def id_table_assign(table: torch.Tensor, erase_keys: torch.Tensor, keys: torch.T
         reference_ops.id_table_assign_ref(table, erase_keys, keys, values)
 
 
+def id_table_reserve(table: torch.Tensor, num_keys: int, more: int) -> torch.Tensor:
+    """``table`` (:func:`id_table_build`'s layout, holding ``num_keys`` keys) itself, or,
+    where ``more`` keys could load it over 1/2, a copy with the same entries grown to a
+    load of at most 1/4 (``O(its capacity)``), so that growth is rare."""
+    if 2 * (num_keys + more) <= table.shape[0]:
+        return table
+    live = table[table[:, 0] >= 0]
+    grown = torch.full((id_table_capacity(2 * (num_keys + more)), 2), -1, dtype=torch.int64)
+    id_table_assign(grown, torch.zeros(0, dtype=torch.int64), live[:, 0], live[:, 1])
+    return grown
+
+
 HAS_DEDUP_REFINE = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "dedup_refine")
 
 if HAS_DEDUP_REFINE:

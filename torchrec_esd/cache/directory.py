@@ -221,8 +221,6 @@ class CacheDirectory:
         ``flush``: workers that first write back every dirty row of their
         cache in this iteration's value push (``EsdConfig.flush_on_slowdown``;
         every replica must get the same)."""
-        if self.policy.reads_upcoming:
-            self.policy.look_ahead(UpcomingUse.of_batches(self.keyspace, upcoming, self.config.cache_lookahead))
         W = self.num_workers
         assignment = assignment.to(torch.int64).view(-1)
         if assignment.numel() != kjt.stride():
@@ -236,18 +234,10 @@ class CacheDirectory:
         used = list(torch.split(ukeys, torch.bincount(uw, minlength=W).tolist()))
         user_keys, user_counts = ops.sorted_distinct(ukeys)  # each row's user workers
         num_samples = torch.bincount(assignment, minlength=W).tolist()
-        self.iteration += 1
-        plans: List[Optional[WorkerPlan]] = [None] * W
-        flush = set(int(w) for w in flush)
-        # several workers' kernel steps read the users of the same rows: an id table of them,
-        # built once, spares each step an O(U) order check and binary searches
-        user_table = (ops.id_table_build(user_keys) if len(self.tracked) > 1 and user_keys.numel()
-                      and any(self._kernel_plans(w) for w in self.tracked) else None)
-        for w in self.tracked:
-            plans[w] = self._step(w, used[w], user_keys, user_counts, num_samples[w], pairs.get(w), w in flush,
-                                  user_table)
-        self._end_iteration(user_keys, plans)
-        return IterationPlan(self.iteration, plans, batch_keys=user_keys)
+        user_table = self._user_table(user_keys)
+        plans, _ = self._advance({w: (used[w], user_keys, user_counts, num_samples[w], pairs.get(w), user_table)
+                                  for w in self.tracked}, user_keys, upcoming, flush)
+        return IterationPlan(self.iteration, [plans.get(w) for w in range(W)], batch_keys=user_keys)
 
     def step_summaries(self, kjt: KeyedJaggedTensor, assignment: torch.Tensor) -> List[StepSummary]:
         """Per worker, the :class:`StepSummary` of this batch and assignment
@@ -312,36 +302,38 @@ class CacheDirectory:
                                  f" got {len(used)} and {len(num_samples)}")
         if user_keys.numel() != user_counts.numel():
             raise EsdConfigError(f"{user_keys.numel()} user keys with {user_counts.numel()} counts")
-        sums = None
-        if summaries:
+        if summaries:  # each worker on its own summary's rows: a smaller step than on the group's (same plan)
             uw = torch.repeat_interleave(torch.arange(n), torch.tensor([k.numel() for k in used], dtype=torch.int64))
             sums = self._summaries(torch.cat(list(used)), uw, list(used), user_keys, user_counts, list(num_samples))
-        if sums is not None:  # each worker's own rows: a smaller step than on the group's (same plan)
-            plans, changed = self._step_summarised(sums, user_keys, upcoming, flush)
-            return plans, sums, changed
-        if self.policy.reads_upcoming:
-            self.policy.look_ahead(UpcomingUse.of_batches(self.keyspace, upcoming, self.config.cache_lookahead))
-        self.iteration += 1
-        flush = set(int(w) for w in flush)
-        user_table = (ops.id_table_build(user_keys) if n > 1 and user_keys.numel()
-                      and any(self._kernel_plans(w) for w in self.tracked) else None)
-        plans = {w: self._step(w, used[i], user_keys, user_counts, int(num_samples[i]), None, w in flush,
-                               user_table) for i, w in enumerate(self.tracked)}
-        changed = self._end_iteration(user_keys, plans)
+            steps = {s.worker: (s.keys, s.user_keys, s.user_counts, s.num_samples, None, None) for s in sums}
+        else:
+            sums, user_table = None, self._user_table(user_keys)
+            steps = {w: (used[i], user_keys, user_counts, num_samples[i], None, user_table)
+                     for i, w in enumerate(self.tracked)}
+        plans, changed = self._advance(steps, user_keys, upcoming, flush)
         return plans, sums, changed
 
-    def _step_summarised(self, sums: Sequence[StepSummary], user_keys: torch.Tensor,
-                         upcoming: Sequence[KeyedJaggedTensor], flush: Sequence[int]):
-        """Step every tracked worker (``sums[i]`` is ``tracked[i]``'s summary) and end the
-        iteration on ``user_keys`` (every row used, or held and used, by the tracked workers:
-        the union of the summaries' rows).  ``(plans by worker, changed keys)``."""
+    def _user_table(self, user_keys: torch.Tensor) -> Optional[torch.Tensor]:
+        """Several workers' kernel steps read the users of the same rows: an id table of
+        them, built once, spares each step an O(U) order check and binary searches."""
+        return (ops.id_table_build(user_keys) if len(self.tracked) > 1 and user_keys.numel()
+                and any(self._kernel_plans(w) for w in self.tracked) else None)
+
+    def _advance(self, steps: Dict[int, tuple], end_keys: torch.Tensor, upcoming: Sequence[KeyedJaggedTensor],
+                 flush: Sequence[int]) -> Tuple[Dict[int, WorkerPlan], Optional[torch.Tensor]]:
+        """One iteration of the tracked workers, what :meth:`plan`, :meth:`plan_from_summary`
+        and :meth:`plan_tracked` share: the policy's look-ahead window, the iteration count,
+        worker ``w``'s cache step on ``steps[w] = (keys, user_keys, user_counts, num_samples,
+        DES pairs, user table)`` (flushing first where ``w`` is in ``flush``), then
+        :meth:`_end_iteration` on ``end_keys`` (every row used, or held and used, by the
+        tracked workers).  ``(plans by worker, the keys whose group bits were re-read)``."""
         if self.policy.reads_upcoming:
             self.policy.look_ahead(UpcomingUse.of_batches(self.keyspace, upcoming, self.config.cache_lookahead))
         self.iteration += 1
         flush = set(int(w) for w in flush)
-        plans = {s.worker: self._step(s.worker, s.keys, s.user_keys, s.user_counts, int(s.num_samples), None,
-                                      s.worker in flush) for s in sums}
-        return plans, self._end_iteration(user_keys, plans)
+        plans = {w: self._step(w, keys, uk, uc, int(n), pairs, w in flush, table)
+                 for w, (keys, uk, uc, n, pairs, table) in steps.items()}
+        return plans, self._end_iteration(end_keys, plans)
 
     def plan_from_summary(self, summary: StepSummary, upcoming: Sequence[KeyedJaggedTensor] = (),
                           flush: bool = False) -> WorkerPlan:
@@ -356,13 +348,9 @@ class CacheDirectory:
                                  f" (tracks {self.tracked})")
         if self.config.des_misses:
             raise EsdConfigError("plan_from_summary does not plan DES-served misses (EsdConfig.des_misses)")
-        if self.policy.reads_upcoming:
-            self.policy.look_ahead(UpcomingUse.of_batches(self.keyspace, upcoming, self.config.cache_lookahead))
-        self.iteration += 1
         w = summary.worker
-        plans = {w: self._step(w, summary.keys, summary.user_keys, summary.user_counts, summary.num_samples, None,
-                               flush)}
-        self._end_iteration(summary.user_keys, plans)
+        plans, _ = self._advance({w: (summary.keys, summary.user_keys, summary.user_counts, summary.num_samples,
+                                      None, None)}, summary.user_keys, upcoming, [w] if flush else ())
         return plans[w]
 
     def _step(self, w: int, keys: torch.Tensor, user_keys: torch.Tensor, user_counts: torch.Tensor,

@@ -331,15 +331,10 @@ class HolderIndex:
         self._reserve(int(u))
 
     def _reserve(self, u: int) -> None:
-        """Grow the bits or owner table (``O(its capacity)``) where ``u`` more keys could
-        load it over 1/2: to a load of at most 1/4, so that growth is rare."""
+        """Grow the bits or owner table where ``u`` more keys could load it over 1/2
+        (:func:`~torchrec_esd.ops.id_table_reserve`)."""
         for i in (0, 1):
-            t = self._gbits[2 + i]
-            if 2 * (self._gb_rows[i] + u) > t.shape[0]:
-                rows = t[t[:, 0] >= 0]
-                grown = torch.full((ops.id_table_capacity(2 * (self._gb_rows[i] + u)), 2), -1, dtype=torch.int64)
-                ops.id_table_assign(grown, torch.zeros(0, dtype=torch.int64), rows[:, 0], rows[:, 1])
-                self._gbits[2 + i] = grown
+            self._gbits[2 + i] = ops.id_table_reserve(self._gbits[2 + i], self._gb_rows[i], u)
 
     def _assign_reference(self, keys: torch.Tensor, pos: torch.Tensor, worker: torch.Tensor,
                           outdated: torch.Tensor, dirty: torch.Tensor) -> None:

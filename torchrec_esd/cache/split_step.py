@@ -139,8 +139,8 @@ def _set_bits(bits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 class _GrowingIdTable:
     """An id table (:func:`~torchrec_esd.ops.id_table_build`'s layout) of row key ->
-    int64 that counts its entries and grows (to a load of at most 1/4) before an
-    assignment could load it over 1/2."""
+    int64 that counts its entries and grows before an assignment could load it over
+    1/2 (:func:`~torchrec_esd.ops.id_table_reserve`, as the holder index's bits tables)."""
 
     def __init__(self, min_keys: int = 1024) -> None:
         self.table = torch.full((ops.id_table_capacity(min_keys), 2), -1, dtype=torch.int64)
@@ -153,11 +153,7 @@ class _GrowingIdTable:
         """Erase ``erase`` (absent ones ignored), then map ``keys[i] -> values[i]``."""
         if erase.numel() + keys.numel() == 0:
             return
-        if 2 * (self.rows + keys.numel()) > self.table.shape[0]:
-            live = self.table[self.table[:, 0] >= 0]
-            grown = torch.full((ops.id_table_capacity(2 * (self.rows + keys.numel())), 2), -1, dtype=torch.int64)
-            ops.id_table_assign(grown, torch.zeros(0, dtype=torch.int64), live[:, 0], live[:, 1])
-            self.table = grown
+        self.table = ops.id_table_reserve(self.table, self.rows, keys.numel())
         touched = ops.sorted_distinct(torch.cat([erase, keys]))[0]
         before = int((self.lookup(touched) >= 0).sum())
         ops.id_table_assign(self.table, erase, keys, values)
@@ -203,31 +199,44 @@ class RowShard:
         """Each key's dirty owner (-1: none), as :meth:`HolderIndex.dirty_owner` gives it."""
         return self.owners.lookup(keys.to(torch.int64))
 
+    def _merged(self, parts: Sequence[Tuple[torch.Tensor, ...]], what: str):
+        """The groups' messages ``parts[g] = (rows, *columns)`` as one: ``(distinct rows,
+        each entry's row among them, per row the groups that sent it as bits, each entry's
+        group, the columns concatenated)``; None when all are empty.  A wrong number of
+        groups, or a row sent twice by one group, raises."""
+        G = len(parts)
+        if G != self.num_groups:
+            raise EsdConfigError(f"shard {self.shard} got {what} from {G} groups, expected {self.num_groups}")
+        keys = torch.cat([p[0].to(torch.int64) for p in parts])
+        if keys.numel() == 0:
+            return None
+        cols = [torch.cat([p[i].to(torch.int64) for p in parts]) for i in range(1, len(parts[0]))]
+        src = torch.repeat_interleave(torch.arange(G, dtype=torch.int64),
+                                      torch.tensor([p[0].numel() for p in parts], dtype=torch.int64))
+        rows, inv = ops.sorted_distinct_inverse(keys)
+        if ops.sorted_distinct(inv * G + src)[0].numel() != keys.numel():
+            raise EsdConfigError(f"a group sent shard {self.shard} one row twice" if what == "counts" else
+                                 f"a group reported one row twice to shard {self.shard}")
+        # each group sends a row once: the sum of its bits is their union
+        senders = torch.zeros(rows.numel(), dtype=torch.int64).index_add_(0, inv, torch.ones_like(src) << src)
+        return rows, inv, senders, src, cols
+
     def route(self, parts: Sequence[Pairs]) -> List[Pairs]:
         """Phase 2.  ``parts[g]``: ``(rows, counts)`` from group ``g``, the distinct
         rows of its samples in this shard with their user workers in the group.  Returns,
         per group, ``(rows, totals)``: every row of this iteration that the group uses or
         holds, with its user workers over all groups.  ``O(M + P)``."""
-        G = len(parts)
-        if G != self.num_groups:
-            raise EsdConfigError(f"shard {self.shard} got counts from {G} groups, expected {self.num_groups}")
-        keys = torch.cat([k.to(torch.int64) for k, _ in parts])
-        if keys.numel() == 0:
-            return [(keys, keys) for _ in range(G)]
-        counts = torch.cat([c.to(torch.int64) for _, c in parts])
-        src = torch.repeat_interleave(torch.arange(G, dtype=torch.int64),
-                                      torch.tensor([k.numel() for k, _ in parts], dtype=torch.int64))
-        if self.num_shards > 1 and bool((shard_of(keys, self.num_shards) != self.shard).any()):
+        merged = self._merged(parts, "counts")
+        if merged is None:
+            empty = torch.zeros(0, dtype=torch.int64)
+            return [(empty, empty) for _ in range(self.num_groups)]
+        rows, inv, users, _, (counts,) = merged
+        if self.num_shards > 1 and bool((shard_of(rows, self.num_shards) != self.shard).any()):
             raise EsdConfigError(f"shard {self.shard} got counts of rows of another shard")
-        rows, inv = ops.sorted_distinct_inverse(keys)
         total = torch.zeros(rows.numel(), dtype=torch.int64).index_add_(0, inv, counts)
-        if ops.sorted_distinct(inv * G + src)[0].numel() != keys.numel():
-            raise EsdConfigError(f"a group sent shard {self.shard} one row twice")
-        # each group sends a row once: the sum of its bits is their union
-        users = torch.zeros(rows.numel(), dtype=torch.int64).index_add_(0, inv, torch.ones_like(src) << src)
         held, _ = self.group_bits(rows)
         i, g = _set_bits(users | held)
-        return [(rows.index_select(0, ii), total.index_select(0, ii)) for (ii,) in _split_by(g, G, i)]
+        return [(rows.index_select(0, ii), total.index_select(0, ii)) for (ii,) in _split_by(g, self.num_groups, i)]
 
     def apply(self, parts: Sequence[Tuple[torch.Tensor, ...]]) -> None:
         """Phase 4: ``parts[g]`` is group ``g``'s report ``(rows, held, fresh, owner)``
@@ -235,21 +244,12 @@ class RowShard:
         each row (``held``), holds it fresh (``fresh``), and which of them holds it dirty
         (``owner``, a worker id, or -1).  All groups' reports at once, ``O(reported
         rows)``."""
-        G = len(parts)
-        if G != self.num_groups:
-            raise EsdConfigError(f"shard {self.shard} got reports from {G} groups, expected {self.num_groups}")
-        keys = torch.cat([p[0].to(torch.int64) for p in parts])
-        if keys.numel() == 0:
+        merged = self._merged(parts, "reports")
+        if merged is None:
             return
-        held, fresh, owner = (torch.cat([p[i].to(torch.int64) for p in parts]) for i in (1, 2, 3))
-        src = torch.repeat_interleave(torch.arange(G, dtype=torch.int64),
-                                      torch.tensor([p[0].numel() for p in parts], dtype=torch.int64))
-        rows, inv = ops.sorted_distinct_inverse(keys)
-        if rows.numel() and ops.sorted_distinct(inv * G + src)[0].numel() != keys.numel():
-            raise EsdConfigError(f"a group reported one row twice to shard {self.shard}")
+        rows, inv, reporting, src, (held, fresh, owner) = merged
         u = rows.numel()
         # each group reports a row once: sums of its bits are unions
-        reporting = torch.zeros(u, dtype=torch.int64).index_add_(0, inv, torch.ones_like(src) << src)
         setbits = torch.zeros(u, dtype=torch.int64).index_add_(
             0, inv, ((held & 1) << src) | ((fresh & 1) << (FRESH_SHIFT + src)))
         cur = self.bits.lookup(rows).clamp(min=0)
@@ -316,8 +316,8 @@ class GroupRank:
         Steps the group's workers' caches (:meth:`CacheDirectory.plan_tracked`) and returns
         ``(plans by worker, their StepSummary or None, reports)``: per shard ``(rows, held,
         fresh, owner)`` of every row whose copies in the group changed (for
-        :meth:`RowShard.apply`).  ``flush``: workers of the group that write back every
-        dirty row first; ``upcoming``: the next global batches, for a policy that reads them
+        :meth:`RowShard.apply`).  ``flush``: workers that write back every dirty row
+        first (those of other groups are left to their groups); ``upcoming``: the next global batches, for a policy that reads them
         (both as in :meth:`CacheDirectory.plan`)."""
         if self._pending is None:
             raise EsdConfigError("GroupRank.step before count")
@@ -329,8 +329,9 @@ class GroupRank:
         if user_keys.numel() != rows.numel():
             raise EsdConfigError("the shards sent one row twice")
         user_counts = torch.empty_like(user_keys).index_copy_(0, inv, totals)
+        mine = [w for w in flush if w in self.workers]
         plans, sums, changed = self.directory.plan_tracked(used, user_keys, user_counts, num_samples,
-                                                           summaries=summaries, flush=flush, upcoming=upcoming)
+                                                           summaries=summaries, flush=mine, upcoming=upcoming)
         return plans, sums, self.report(changed)
 
     def report(self, changed: Optional[torch.Tensor]) -> List[Tuple[torch.Tensor, ...]]:
@@ -435,8 +436,7 @@ def split_step(ranks: Sequence[GroupRank], shards: Sequence[RowShard], keys: tor
     reports = []
     for g, rank in enumerate(ranks):
         t0 = time.perf_counter()
-        p, s, rep = rank.step(to_group[g], summaries=summaries, flush=[w for w in flush if w in rank.workers],
-                              upcoming=upcoming)
+        p, s, rep = rank.step(to_group[g], summaries=summaries, flush=flush, upcoming=upcoming)
         phase["step"].append(time.perf_counter() - t0)
         plans.update(p)
         if s is not None:
@@ -510,7 +510,6 @@ class SplitRank:
         (by worker) and, with ``summaries``, its workers' summaries."""
         counts = self._exchange(self.group.count(keys, owner, [num_samples[w] for w in self.group.workers]), 2)
         totals = self._exchange(self.shard.route(counts), 2)
-        plans, sums, reports = self.group.step(totals, summaries=summaries,
-                                               flush=[w for w in flush if w in self.group.workers], upcoming=upcoming)
+        plans, sums, reports = self.group.step(totals, summaries=summaries, flush=flush, upcoming=upcoming)
         self.shard.apply(self._exchange(reports, 4))
         return plans, sums
