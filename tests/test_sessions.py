@@ -105,3 +105,36 @@ def test_bad_configs():
         make_workload_config("markov")
     with pytest.raises(EsdConfigError):
         SessionWorkload(SyntheticWorkloadConfig())
+
+
+def _global_batch_feature_by_feature(wl, step, batch_size):
+    """The session batch built one feature after the other (the reference of
+    the vectorised :meth:`SessionWorkload.global_batch`)."""
+    c = wl.config
+    gen = wl._generator(step)
+    lo, hi = c.bag_size
+    dense = torch.randn(batch_size, c.num_dense, generator=gen)
+    lengths = torch.randint(lo, hi + 1, (c.num_sparse, batch_size), generator=gen)
+    session_of, users = wl.sessions(step, batch_size)
+    sgen = torch.Generator().manual_seed(c.seed * 1_000_003 + step + 1 + (2 << 40))
+    sample_user = users[session_of]
+    values = []
+    for f in range(c.num_sparse):
+        n = int(lengths[f].sum())
+        iid = wl.sample_ids(f, n, gen)
+        seg = torch.repeat_interleave(torch.arange(batch_size), lengths[f])
+        starts = torch.cumsum(lengths[f], 0) - lengths[f]
+        position = torch.arange(n) - starts[seg]
+        local = torch.rand(n, generator=sgen, dtype=torch.float64) < c.locality
+        member = torch.randint(0, c.cluster_items, (n,), generator=sgen)
+        values.append(torch.where(local, wl.local_ids(f, sample_user[seg], position, member), iid))
+    return wl.make_batch(dense, lengths, values, gen)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(bag_size=(0, 4), locality=0.6, seed=3),
+                                dict(bag_size=(2, 2), num_user_features=0, seed=5),
+                                dict(num_user_features=26, cluster_items=7, seed=6)])
+def test_vectorised_batch_equals_the_feature_by_feature_one(kw):
+    wl = SessionWorkload(SessionWorkloadConfig(max_cardinality=5000, alpha=1.1, **kw))
+    for step, b in ((0, 512), (7, 96), (31, 1)):
+        assert _same(wl.global_batch(step, b), _global_batch_feature_by_feature(wl, step, b))

@@ -178,6 +178,18 @@ class SessionWorkload(SyntheticWorkload):
 
     # ------------------------------------------------------------ batches
     def global_batch(self, step: int, batch_size: int) -> Batch:
+        """The global batch of ``step``: every id the iid Zipf draw or, with
+        probability ``locality``, its sample's user-profile or cluster id.
+
+        Vectorised over the features (every rank builds every step's global
+        batch, so this runs inside every measured step): the per-feature
+        random draws keep their order on both generators (the iid uniforms of
+        every feature from ``gen`` in one draw, as :meth:`_sample_features`
+        does; the locality and member draws from ``sgen``, feature by
+        feature), the hashes and the rank -> id maps run once over all the
+        ids, and only the CDF searches stay per feature.  The same batches as
+        the feature-by-feature loop (``tests/test_sessions.py`` compares
+        them bit for bit)."""
         c = self.config
         if c.locality == 0:  # exactly the iid workload
             return super().global_batch(step, batch_size)
@@ -190,18 +202,32 @@ class SessionWorkload(SyntheticWorkload):
         session_of, users = self.sessions(step, batch_size)
         sgen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step + 1 + (2 << 40))
         sample_user = users[session_of]
-        values = []
-        for f in range(c.num_sparse):
-            n = int(lengths[f].sum())
-            iid = self.sample_ids(f, n, gen)
-            seg = torch.repeat_interleave(torch.arange(batch_size), lengths[f])
-            starts = torch.cumsum(lengths[f], 0) - lengths[f]
-            position = torch.arange(n) - starts[seg]
-            local = torch.rand(n, generator=sgen, dtype=torch.float64) < c.locality
-            member = torch.randint(0, c.cluster_items, (n,), generator=sgen)
-            ids = torch.where(local, self.local_ids(f, sample_user[seg], position, member), iid)
-            values.append(ids)
-        return self.make_batch(dense, lengths, values, gen)
+        counts = lengths.sum(1)
+        sizes = counts.tolist()
+        # the iid ids' uniforms (what _sample_features draws from gen), then per feature
+        # which ids are local and their cluster member (from sgen)
+        u_iid = torch.rand(int(counts.sum()), generator=gen, dtype=torch.float64)
+        draws = [(torch.rand(n, generator=sgen, dtype=torch.float64) < c.locality,
+                  torch.randint(0, c.cluster_items, (n,), generator=sgen)) for n in sizes]
+        local = torch.cat([d[0] for d in draws])
+        member = torch.cat([d[1] for d in draws])
+        # every id's (feature, sample) bag and its position in the bag; ids are
+        # feature-major, so the user-side features' ids come first
+        flat = lengths.reshape(-1)
+        bag = torch.repeat_interleave(torch.arange(flat.numel()), flat)
+        position = torch.arange(bag.numel()) - (torch.cumsum(flat, 0) - flat)[bag]
+        feature = bag // batch_size
+        user = sample_user[bag % batch_size]
+        salt = torch.tensor(self._salt, dtype=torch.int64)[feature]  # [N, 4]
+        nu = sum(sizes[:c.num_user_features])
+        cluster = _hash(user[nu:], self._user_salt, 12345) % c.num_clusters
+        h = torch.cat([_hash(user[:nu] * 64 + position[:nu], salt[:nu, 0], salt[:nu, 1]),
+                       _hash(cluster * c.cluster_items + member[nu:], salt[nu:, 2], salt[nu:, 3])])
+        # a local id is the Zipf id whose uniform is its hash: one CDF search per
+        # feature for the local and the iid ids together, one rank -> id map
+        u = torch.where(local, (h.double() + 0.5) / _P, u_iid)
+        ids = self.zipf_ids(range(c.num_sparse), counts, u)
+        return self.make_batch(dense, lengths, list(ids.split(sizes)), gen)
 
 
 def session_repeat_rate(ids: torch.Tensor, session_of: torch.Tensor) -> float:

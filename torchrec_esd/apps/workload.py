@@ -221,13 +221,21 @@ class SyntheticWorkload:
         (every rank builds every step's batch, so this is CPU inside every
         measured step)."""
         u = torch.rand(int(counts.sum()), generator=gen, dtype=torch.float64)
+        return list(self.zipf_ids(features, counts, u).split(counts.tolist()))
+
+    def zipf_ids(self, features: Sequence[int], counts: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The Zipf ids whose ranks are the inverse CDF of the uniforms ``u``
+        (``counts[i]`` of them, in turn, for ``features[i]``): one search per
+        feature, the rank -> id bijections for all at once.  (One batched
+        search over a padded ``[F, max n]`` CDF table measured slower.)"""
+        features = list(features)
         sizes = counts.tolist()
-        ranks = torch.cat([torch.searchsorted(self._cdfs[f], part) for f, part in zip(features, u.split(sizes))])
+        ranks = torch.cat([torch.searchsorted(self._cdfs[f], part) for f, part in zip(features, u.split(sizes))]
+                          or [torch.zeros(0, dtype=torch.int64)])
         # [total, 3]: a, b, n of every id's feature
-        abn = self._id_map_t[torch.as_tensor(list(features), dtype=torch.int64)].repeat_interleave(counts, dim=0)
+        abn = self._id_map_t[torch.as_tensor(features, dtype=torch.int64)].repeat_interleave(counts, dim=0)
         a, b, n = abn.unbind(1)
-        ids = (torch.minimum(ranks, n - 1) * a + b) % n
-        return list(ids.split(sizes))
+        return (torch.minimum(ranks, n - 1) * a + b) % n
 
     def make_batch(self, dense: torch.Tensor, lengths: torch.Tensor, values: List[torch.Tensor],
                    gen: torch.Generator) -> Batch:
