@@ -339,7 +339,8 @@ def rank_main(spec_path: str) -> None:
             for d in r["decisions"]:
                 solvers[d["solver"]] = solvers.get(d["solver"], 0) + 1
             rec["dispatch"] = {"solvers": solvers, "decision_ms": [d["ms"] for d in r["decisions"]],
-                               "inputs_ms": [d["inputs_ms"] for d in r["decisions"]]}
+                               "inputs_ms": [d["inputs_ms"] for d in r["decisions"]],
+                               "cpu_ms": [d.get("cpu_ms", float("nan")) for d in r["decisions"]]}
         records.append(rec)
         progress(f"{mix['name']:>8} {method:<10} rep {rep} {wall:6.1f} s wall"
                  + (f", {r['elapsed_s']:.1f} s training, loss {r['losses'][-1]:.4f}" if "losses" in r else ""))
@@ -609,6 +610,11 @@ def summarize(args, mixes, methods, raw) -> Dict:
                                  "mean_decision_ms": sum(dec) / max(1, len(dec)),
                                  "mean_inputs_ms": sum(inp) / max(1, len(inp)),
                                  "mean_full_decision_ms": (sum(dec) + sum(inp)) / max(1, len(dec))}
+                # the dispatch thread's CPU time per full decision (split-verdict batches,
+                # which report none, left out)
+                cpu = [c for c in w0["dispatch"].get("cpu_ms", []) if c == c]
+                if cpu:
+                    s["dispatch"]["mean_full_decision_cpu_ms"] = sum(cpu) / len(cpu)
             res[m] = s
         # ratios
         van = res.get("vanilla")
@@ -665,9 +671,11 @@ def issue18_targets(het: str, ms: Dict, links: str, workload: str) -> List[Dict]
             full = d["mean_full_decision_ms"]
             pct = 100 * full / s["iter_ms"]
             rows.append({"target": f"[{het}, {workload}] {method_label(cand)} decision time <= 10 % of the iteration",
-                         "measured": f"{full:.1f} ms (inputs {d['mean_inputs_ms']:.1f} + solve "
-                                     f"{d['mean_decision_ms']:.1f}) = {pct:.1f} % of {s['iter_ms']:.0f} ms"
-                                     " (decided ahead in a background thread when --dispatch-ahead > 0)",
+                         "measured": (f"{full:.1f} ms (inputs {d['mean_inputs_ms']:.1f} + solve "
+                                      f"{d['mean_decision_ms']:.1f}) = {pct:.1f} % of {s['iter_ms']:.0f} ms"
+                                      + (f"; the dispatch thread's CPU {d['mean_full_decision_cpu_ms']:.1f} ms"
+                                         if "mean_full_decision_cpu_ms" in d else "")
+                                      + " (decided ahead in a background thread when --dispatch-ahead > 0)"),
                          "met": pct <= 10})
     return rows
 
