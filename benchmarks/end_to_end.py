@@ -340,7 +340,8 @@ def rank_main(spec_path: str) -> None:
                 solvers[d["solver"]] = solvers.get(d["solver"], 0) + 1
             rec["dispatch"] = {"solvers": solvers, "decision_ms": [d["ms"] for d in r["decisions"]],
                                "inputs_ms": [d["inputs_ms"] for d in r["decisions"]],
-                               "cpu_ms": [d.get("cpu_ms", float("nan")) for d in r["decisions"]]}
+                               "cpu_ms": [d.get("cpu_ms", float("nan")) for d in r["decisions"]],
+                               "runqueue_ms": [d.get("runqueue_ms", float("nan")) for d in r["decisions"]]}
         records.append(rec)
         progress(f"{mix['name']:>8} {method:<10} rep {rep} {wall:6.1f} s wall"
                  + (f", {r['elapsed_s']:.1f} s training, loss {r['losses'][-1]:.4f}" if "losses" in r else ""))
@@ -612,9 +613,10 @@ def summarize(args, mixes, methods, raw) -> Dict:
                                  "mean_full_decision_ms": (sum(dec) + sum(inp)) / max(1, len(dec))}
                 # the dispatch thread's CPU time per full decision (split-verdict batches,
                 # which report none, left out)
-                cpu = [c for c in w0["dispatch"].get("cpu_ms", []) if c == c]
-                if cpu:
-                    s["dispatch"]["mean_full_decision_cpu_ms"] = sum(cpu) / len(cpu)
+                for key in ("cpu_ms", "runqueue_ms"):
+                    vals = [c for c in w0["dispatch"].get(key, []) if c == c]
+                    if vals:
+                        s["dispatch"][f"mean_full_decision_{key}"] = sum(vals) / len(vals)
             res[m] = s
         # ratios
         van = res.get("vanilla")
@@ -675,6 +677,8 @@ def issue18_targets(het: str, ms: Dict, links: str, workload: str) -> List[Dict]
                                       f"{d['mean_decision_ms']:.1f}) = {pct:.1f} % of {s['iter_ms']:.0f} ms"
                                       + (f"; the dispatch thread's CPU {d['mean_full_decision_cpu_ms']:.1f} ms"
                                          if "mean_full_decision_cpu_ms" in d else "")
+                                      + (f", waiting for a core {d['mean_full_decision_runqueue_ms']:.1f} ms"
+                                         if "mean_full_decision_runqueue_ms" in d else "")
                                       + " (decided ahead in a background thread when --dispatch-ahead > 0)"),
                          "met": pct <= 10})
     return rows

@@ -944,6 +944,44 @@ def test_decide_reports_the_time_its_inputs_took_beside_the_solve(name):
     assert "inputs_s" not in make_dispatcher(name).assign(cost, shares, aux=aux).info
 
 
+@pytest.mark.parametrize("name", ["laia", "esd", "hybrid"])
+def test_decide_reports_its_cpu_time_and_its_wait_for_a_core(name, monkeypatch):
+    """The whole decision's CPU time (and, where the kernel has it, the time the thread
+    waited for a core) beside its wall time: a decision that spins in CPU reports it."""
+    import time as _time
+
+    from torchrec_esd.cache import CacheDirectory
+    from torchrec_esd.dispatch import clock
+
+    wl, tables, cfg, cm = _small_world((100.0, 50.0, 10.0))
+    cd = CacheDirectory(cfg, tables)
+    kjt = wl.global_batch(0, 60).sparse_features
+    shares = cfg.batch_shares(60)
+    d = make_dispatcher(name, stake_ratio=0.0) if name != "laia" else make_dispatcher(name)
+    plain_inputs = d.inputs
+
+    def spinning_inputs(*a, **k):  # 30 ms of this thread's CPU inside the decision
+        t = _time.thread_time()
+        while _time.thread_time() - t < 0.03:
+            pass
+        return plain_inputs(*a, **k)
+
+    monkeypatch.setattr(d, "inputs", spinning_inputs)
+    t0 = _time.perf_counter()
+    r = d.decide(cm, kjt, cd.cache_state, shares)
+    wall = _time.perf_counter() - t0
+    _check_valid(r, shares, 60)
+    cpu = r.info["full_decision_cpu_s"]
+    assert 0.03 <= cpu <= wall + 1e-3
+    if clock.runqueue_wait_s() is not None:
+        assert 0.0 <= r.info["full_decision_runqueue_s"] <= wall - cpu + 2e-3
+    # without the scheduler's statistics the wait is left out, not made up
+    monkeypatch.setattr(clock, "_SCHEDSTAT", "/nonexistent/schedstat")
+    assert clock.runqueue_wait_s() is None
+    r = d.decide(cm, kjt, cd.cache_state, shares)
+    assert "full_decision_runqueue_s" not in r.info and r.info["full_decision_cpu_s"] > 0
+
+
 @pytest.mark.parametrize("name", ["hybrid", "esd"])
 def test_hybrid_takes_the_plain_split_when_the_link_at_stake_is_below_its_decision_time(name):
     from torchrec_esd.dispatch.baselines import contiguous_slices as plain_split

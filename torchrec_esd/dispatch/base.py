@@ -14,6 +14,7 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 
+from torchrec_esd.dispatch.clock import DecisionClock
 
 class DispatchError(ValueError):
     """The dispatch problem has no valid answer (bad shares, bad costs)."""
@@ -86,6 +87,17 @@ def check_assignment(assignment: torch.Tensor, shares: Sequence[int]) -> None:
         raise DispatchError(
             f"assignment gives per-worker counts {counts.tolist()}, shares are {list(shares)}"
         )
+
+
+def decision_clock_info(clock: DecisionClock) -> Dict[str, float]:
+    """``info`` entries of a whole decision timed by ``clock``: ``full_decision_cpu_s``
+    (the deciding thread's CPU) and, where the kernel reports it,
+    ``full_decision_runqueue_s`` (its time runnable but waiting for a core)."""
+    t = clock.read()
+    out = {"full_decision_cpu_s": t["cpu_s"]}
+    if "runqueue_s" in t:
+        out["full_decision_runqueue_s"] = t["runqueue_s"]
+    return out
 
 
 class Dispatcher:
@@ -195,7 +207,8 @@ class Dispatcher:
         """Read this dispatcher's inputs for the batch ``kjt`` and decide
         (:meth:`inputs` then :meth:`assign`; ``decision_s`` is the solve
         alone, ``info["inputs_s"]`` the time :meth:`inputs` took: the whole
-        decision is their sum).  Dispatchers that can decide without the full ``[B, W]``
+        decision is their sum; :func:`decision_clock_info` adds its CPU time and
+        its wait for a core).  Dispatchers that can decide without the full ``[B, W]``
         inputs override it (:class:`~torchrec_esd.dispatch.grouped.GroupedDispatcher`).
 
         A dispatcher that reads no inputs (``random``, ``round_robin``) decides
@@ -205,11 +218,13 @@ class Dispatcher:
         assignment as :meth:`assign` on any matrix; the objective is 0."""
         if not (self.needs_cost or self.needs_hits or self.needs_dedup) and type(self).assign is Dispatcher.assign:
             return self._decide_blind(kjt.stride(), cost_model.num_workers, shares)
+        clock = DecisionClock()
         t0 = time.perf_counter()
         cost, aux = self.inputs(cost_model, kjt, views)
         inputs_s = time.perf_counter() - t0
         result = self.assign(cost, shares, aux=aux)
         result.info["inputs_s"] = inputs_s
+        result.info.update(decision_clock_info(clock))
         return result
 
     def _decide_blind(self, b: int, w: int, shares: Sequence[int]) -> DispatchResult:

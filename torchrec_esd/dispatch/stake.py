@@ -34,7 +34,8 @@ from typing import Sequence
 
 import torch
 
-from torchrec_esd.dispatch.base import DispatchError, DispatchResult, objective_value
+from torchrec_esd.dispatch.base import DispatchError, DispatchResult, decision_clock_info, objective_value
+from torchrec_esd.dispatch.clock import DecisionClock
 from torchrec_esd.dispatch.baselines import contiguous_slices as plain_split  # vanilla's slices
 
 
@@ -82,11 +83,13 @@ class StakeRule:
             split = plain_split(shares)
             return DispatchResult(split, objective=float("nan"), solver=f"{self.name}:split",
                                   decision_s=time.perf_counter() - t0)
-        t0, c0 = time.perf_counter(), time.thread_time()
+        clock = DecisionClock()
+        t0 = time.perf_counter()
         cost, aux = self.inputs(cost_model, kjt, views)
         inputs_s = time.perf_counter() - t0
         result = self.assign(cost, shares, aux=aux)
-        cpu = time.thread_time() - c0
+        clocked = decision_clock_info(clock)
+        cpu = clocked["full_decision_cpu_s"]
         wall = time.perf_counter() - t0
         stake = self.stake_s(cost, aux, shares)
         self._full_decisions += 1
@@ -104,6 +107,8 @@ class StakeRule:
         result.info["inputs_s"] = inputs_s
         result.info["full_decision_s"] = wall
         result.info["full_decision_cpu_s"] = cpu
+        if "full_decision_runqueue_s" in clocked:
+            result.info["full_decision_runqueue_s"] = clocked["full_decision_runqueue_s"]
         if stake < self.stake_ratio * cpu:
             self._split_left = self.probe_every - 1
         return result
