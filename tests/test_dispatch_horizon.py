@@ -1,0 +1,45 @@
+"""benchmarks/dispatch_horizon.py: its batch concatenation, its share repair
+and every variant on a small world (each keeps the shares at every step: the
+benchmark checks every assignment)."""
+
+import os
+import sys
+
+import numpy as np
+import torch
+
+from torchrec_esd.apps.sessions import make_workload, make_workload_config
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+import dispatch_horizon as dh  # noqa: E402
+
+
+def test_concat_batches_puts_the_second_batch_after_the_first():
+    wl = make_workload(make_workload_config("sessions", max_cardinality=500, bag_size=(0, 3)))
+    a, b = wl.global_batch(0, 7).sparse_features, wl.global_batch(1, 5).sparse_features
+    c = dh.concat_batches(a, b)
+    assert c.stride() == 12 and c.keys() == a.keys()
+    da, db, dc = a.to_dict(), b.to_dict(), c.to_dict()
+    for k in a.keys():
+        assert torch.equal(dc[k].lengths(), torch.cat([da[k].lengths(), db[k].lengths()]))
+        assert torch.equal(dc[k].values(), torch.cat([da[k].values(), db[k].values()]))
+
+
+def test_to_shares_moves_only_the_surplus():
+    rng = np.random.default_rng(0)
+    a = np.array([0, 0, 0, 0, 1, 2, 2, 3, 3, 3])
+    shares = [2, 3, 2, 3]
+    b = dh.to_shares(a, shares, rng)
+    assert np.bincount(b, minlength=4).tolist() == shares
+    assert int((a != b).sum()) == 2 and set(a[a != b].tolist()) == {0}
+
+
+def test_every_variant_keeps_the_shares_and_reports_a_cut(capsys):
+    out = dh.main(["--iters", "4", "--batch", "64", "--shares", "30,20,10,4", "--warmup-skip", "1",
+                   "--variants", "laia,esd,esd+ils:2,esd+next,esd+reuse:1"])["results"]
+    assert set(out) == {"laia", "esd", "esd+ils:2", "esd+next", "esd+reuse:1"}
+    for r in out.values():
+        assert r["total_s"] > 0 and len(r["per_worker_s"]) == 4 and r["shares"] == [30, 20, 10, 4]
+        assert np.isclose(r["cut_vs_laia_pct"], 100 * (1 - r["total_s"] / out["laia"]["total_s"]))
+    assert out["laia"]["predicted_total_s"] is None
+    assert "less than laia" in capsys.readouterr().out
