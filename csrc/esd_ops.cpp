@@ -179,6 +179,9 @@ TORCH_LIBRARY(torchrec_esd, m) {
   // Stable order of `bins` (values in [0, num_bins)) by value and the bins' offsets [num_bins + 1]
   // (a counting sort; torch.argsort(stable=True) + bincount is its reference).  CPU only.
   m.def("bucket_order(Tensor bins, int num_bins) -> (Tensor order, Tensor ptr)");
+  // A worker's occupied (key >= 0) and dirty cache slots per table, whose slots are the
+  // contiguous ranges table_start[t]:table_start[t + 1]: two int64 [T] tensors.
+  m.def("slot_table_counts(Tensor keys, Tensor dirty, Tensor table_start) -> (Tensor, Tensor)");
   // holder_index_lookup plus, per hit, its worker (base [W + 1] the workers' first global slots;
   // bucket_worker[g >> shift] the worker of a bucket's first slot, every worker holding at least
   // 2^shift slots, or empty: a binary search over base) and its slot's flags: outdated = lag > 0

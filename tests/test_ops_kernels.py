@@ -654,3 +654,47 @@ def test_wrappers_fall_back_to_reference(monkeypatch):
     assert ops.cache_hit_counts(q, offsets, [t]).tolist() == [[1], [0]]
     uk, ug, c = ops.unique_keys_per_group(q, torch.tensor([1, 1, 0]), 2)
     assert uk.tolist() == [5, 4] and ug.tolist() == [0, 1] and c.tolist() == [1, 2]
+
+
+# ---------------------------------------------------------------------------
+# slot_table_counts: occupied and dirty slots per table
+# ---------------------------------------------------------------------------
+
+
+def _slot_counts_brute(keys, dirty, table_start):
+    occ, nd = [], []
+    for t in range(table_start.numel() - 1):
+        lo, hi = int(table_start[t]), int(table_start[t + 1])
+        occ.append(sum(int(k) >= 0 for k in keys[lo:hi]))
+        nd.append(sum(bool(d) for d in dirty[lo:hi]))
+    return torch.tensor(occ, dtype=torch.int64), torch.tensor(nd, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("sizes", [[5, 0, 17, 1], [0], [64], [3, 3, 0, 0, 9]])
+def test_slot_table_counts_equal_the_reference_and_the_definition(sizes):
+    g = torch.Generator().manual_seed(sum(sizes) + len(sizes))
+    S = sum(sizes)
+    table_start = torch.tensor([0] + sizes, dtype=torch.int64).cumsum(0)
+    keys = torch.randint(-1, 50, (S,), generator=g)
+    dirty = (torch.rand(S, generator=g) < 0.4) & (keys >= 0)
+    want = _slot_counts_brute(keys, dirty, table_start)
+    for got in (ops.slot_table_counts(keys, dirty, table_start), R.slot_table_counts(keys, dirty, table_start)):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert got[0].dtype == torch.int64 and got[0].shape == (len(sizes),)
+
+
+@pytest.mark.parametrize("args, match", [
+    ((torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.bool), torch.tensor([0, 3])), "keys must be"),
+    ((torch.zeros(3, dtype=torch.int64), torch.zeros(2, dtype=torch.bool), torch.tensor([0, 3])),
+     "one flag per slot"),
+    ((torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.bool), torch.tensor([0, 2])),
+     "run from 0 to the 3 slots"),
+    ((torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.bool), torch.tensor([0, 2, 1, 3])),
+     "must not decrease"),
+    ((torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.bool), torch.zeros(0, dtype=torch.int64)),
+     "at least one entry"),
+])
+def test_slot_table_counts_refuse_bad_input_like_the_reference(args, match):
+    for fn in (ops.slot_table_counts, R.slot_table_counts):
+        with pytest.raises(RuntimeError, match=match):
+            fn(*args)

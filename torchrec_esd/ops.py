@@ -627,6 +627,30 @@ def bucket_order(bins: torch.Tensor, num_bins: int) -> Tuple[torch.Tensor, torch
     return torch.argsort(bins, stable=True), ptr
 
 
+HAS_SLOT_COUNTS = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "slot_table_counts")
+
+if HAS_SLOT_COUNTS:
+
+    @torch.library.register_fake("torchrec_esd::slot_table_counts")
+    def _slot_table_counts_fake(keys: torch.Tensor, dirty: torch.Tensor, table_start: torch.Tensor):
+        torch._check(keys.dim() == 1 and dirty.dim() == 1 and table_start.dim() == 1,
+                     lambda: "slot_table_counts: 1-D tensors")
+        t = table_start.numel() - 1
+        return keys.new_empty(t, dtype=torch.int64), keys.new_empty(t, dtype=torch.int64)
+
+
+def slot_table_counts(keys: torch.Tensor, dirty: torch.Tensor, table_start: torch.Tensor
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(occupied, ndirty)`` int64 ``[T]``: per table, the slots holding a key
+    (``keys >= 0``) and the dirty ones, for slots laid out table by table
+    (``table_start`` ``[T + 1]``, from 0 to ``len(keys)``).  One C++ pass;
+    without the extension two running counts
+    (:meth:`torchrec_esd.cache.slots.WorkerSlots.per_table`'s, the reference)."""
+    if HAS_SLOT_COUNTS:
+        return torch.ops.torchrec_esd.slot_table_counts(keys, dirty, table_start)
+    return reference_ops.slot_table_counts(keys, dirty, table_start)
+
+
 HAS_HOLDER_READ = EXTENSION_LOADED and hasattr(torch.ops.torchrec_esd, "holder_index_read")
 
 

@@ -444,3 +444,43 @@ def positioned_mix_sum_ref(values: torch.Tensor, salt: int) -> torch.Tensor:
     v = values.reshape(-1).to(torch.int64)
     pos = torch.arange(v.numel(), device=v.device, dtype=torch.int64)
     return fingerprint_mix(v * -0x4B47D5B1A37C3C43 + pos * 0x2545F4914F6CDD1D + int(salt)).sum()
+
+
+# ---------------------------------------------------------------------------
+# Cache slots per table.
+# ---------------------------------------------------------------------------
+
+
+def slot_table_counts(keys: torch.Tensor, dirty: torch.Tensor, table_start: torch.Tensor
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``torchrec_esd::slot_table_counts``: per table (slots
+    ``table_start[t]:table_start[t + 1]``), the slots holding a key and the
+    dirty ones, as differences of two running counts (same checks and
+    messages as the kernel)."""
+    op = "slot_table_counts"
+    for name, t, dtype in (("keys", keys, torch.int64), ("dirty", dirty, torch.bool),
+                           ("table_start", table_start, torch.int64)):
+        if t.device.type != "cpu":
+            raise RuntimeError(f"torchrec_esd::{op}: {name} must be a CPU tensor")
+        if t.dtype != dtype:
+            raise RuntimeError(f"torchrec_esd::{op}: {name} must be {dtype}, got {t.dtype}")
+        if t.dim() != 1 or not t.is_contiguous():
+            raise RuntimeError(f"torchrec_esd::{op}: {name} must be a contiguous 1-D tensor")
+    S = keys.numel()
+    if dirty.numel() != S:
+        raise RuntimeError(f"torchrec_esd::{op}: dirty must have one flag per slot ({S}), got {dirty.numel()}")
+    if table_start.numel() < 1:
+        raise RuntimeError(f"torchrec_esd::{op}: table_start must hold at least one entry")
+    if int(table_start[0]) != 0 or int(table_start[-1]) != S:
+        raise RuntimeError(f"torchrec_esd::{op}: table_start must run from 0 to the {S} slots, got"
+                           f" {int(table_start[0])} to {int(table_start[-1])}")
+    steps = table_start[1:] - table_start[:-1]
+    if steps.numel() and bool((steps < 0).any()):
+        t = int((steps < 0).nonzero()[0])
+        raise RuntimeError(f"torchrec_esd::{op}: table_start must not decrease (table {t})")
+    out = []
+    for mask in (keys >= 0, dirty):
+        run = torch.zeros(S + 1, dtype=torch.int64)
+        torch.cumsum(mask, 0, out=run[1:])
+        out.append(run[table_start[1:]] - run[table_start[:-1]])
+    return out[0], out[1]

@@ -118,10 +118,8 @@ class HolderIndex:
     def occupancy(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(occupied, ndirty)`` int64 ``[W, T]``, as each worker's last :meth:`count` found them
         (the workers counted since the last call are counted now: ``O(S_w)`` each)."""
-        T = self.occupied.shape[1]
         for w, st in self._stale.items():
-            self.occupied[w] = st.per_table(st.keys >= 0, T)
-            self.ndirty[w] = st.per_table(st.dirty, T)
+            self.occupied[w], self.ndirty[w] = ops.slot_table_counts(st.keys, st.dirty, st.table_start)
         self._stale = {}
         return self.occupied.clone(), self.ndirty.clone()
 
