@@ -116,6 +116,23 @@ def reuse_priced(dedup, shares: List[int], lam: float):
     return dedup
 
 
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_variant(name: str):
+    """``name.partition(":")`` of a known variant; exits with the known ones otherwise."""
+    kind, sep, param = name.partition(":")
+    if not ((kind in ("laia", "esd", "esd+next") and not sep)
+            or (kind == "esd+ils" and param.isdigit()) or (kind == "esd+reuse" and _is_float(param))):
+        raise SystemExit(f"unknown variant {name!r}: laia, esd, esd+ils:K, esd+next or esd+reuse:L")
+    return kind, sep, param
+
+
 def run_variant(name: str, args, wl, bws: List[float]) -> Dict:
     base_args = dtc.parse_args(["--workload", args.workload, "--batch", str(args.batch),
                                 "--bandwidths", args.bandwidths, "--seed", str(args.seed)])
@@ -125,7 +142,7 @@ def run_variant(name: str, args, wl, bws: List[float]) -> Dict:
               else [int(x) for x in args.shares.split(",")])
     if len(shares) != W or sum(shares) != B:
         raise SystemExit(f"--shares {shares} must be {W} counts summing to {B}")
-    kind, _, param = name.partition(":")
+    kind, _, param = check_variant(name)
     d = dtc.make("laia" if kind == "laia" else "esd", base_args)
     directory = CacheDirectory(config, tables)
     rng = np.random.default_rng(args.seed)
@@ -168,6 +185,8 @@ def main(argv=None) -> Dict:
     wl = make_workload(make_workload_config(args.workload, alpha=1.1, max_cardinality=20000, seed=args.seed))
     bws = [float(x) for x in args.bandwidths.split(",")]
     names = [n for n in args.variants.split(",") if n]
+    for n in names:  # every name checked before any run
+        check_variant(n)
     res = {}
     print(f"workload {args.workload}, {args.iters} iterations from cold caches (first {args.warmup_skip} left"
           f" out), B={args.batch}, links {bws} Mbit/s, shares {args.shares}; link seconds from the"

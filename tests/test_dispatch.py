@@ -889,6 +889,8 @@ def test_grouped_decide_is_valid_at_many_groups(inner, objective):
         active = [w for w, s in enumerate(shares) if s > 0]
         assert r.solver == "grouped" and r.info["groups"] == math.ceil(len(active) / 3)
         assert r.info["inputs_s"] >= 0 and r.decision_s >= r.info["stage1_s"] >= 0
+        # the whole decision's CPU time is reported (the grouped path's own decide)
+        assert r.info["full_decision_cpu_s"] > 0
         # the reported objective is the full matrix's for this assignment
         full = cm.matrix(kjt, cd.cache_state()) if d.cost_input == "additive" else cm.expected_matrix(kjt, cd.cache_state())
         if d.needs_cost:

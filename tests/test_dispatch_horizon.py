@@ -6,6 +6,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from torchrec_esd.apps.sessions import make_workload, make_workload_config
@@ -43,3 +44,10 @@ def test_every_variant_keeps_the_shares_and_reports_a_cut(capsys):
         assert np.isclose(r["cut_vs_laia_pct"], 100 * (1 - r["total_s"] / out["laia"]["total_s"]))
     assert out["laia"]["predicted_total_s"] is None
     assert "less than laia" in capsys.readouterr().out
+
+
+def test_an_unknown_variant_is_refused_before_any_run(capsys):
+    for bad in ("esd+foo", "esd+ils:x", "laia:3", "esd+reuse:", "esd:"):
+        with pytest.raises(SystemExit, match="unknown variant"):
+            dh.main(["--iters", "2", "--batch", "16", "--shares", "8,4,2,2", "--variants", "laia," + bad])
+    assert capsys.readouterr().out == ""  # refused before the header: laia, listed first, never ran

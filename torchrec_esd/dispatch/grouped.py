@@ -72,8 +72,10 @@ from torchrec_esd.cost.group_inputs import (
     GroupInputs, group_index, group_matrix_from_bits, link_groups, sample_segments,
 )
 from torchrec_esd.dispatch.base import (
-    Dispatcher, DispatchError, DispatchResult, check_assignment, check_cost_input, objective_value,
+    Dispatcher, DispatchError, DispatchResult, check_assignment, check_cost_input, decision_clock_info,
+    objective_value,
 )
+from torchrec_esd.dispatch.clock import DecisionClock
 from torchrec_esd.dispatch.heuristic import HeuristicDispatcher
 
 
@@ -155,10 +157,18 @@ class GroupedDispatcher(Dispatcher):
         inner ones); ``info`` has ``inputs_s`` (the batch read and every
         input built), ``groups``, ``stage1_s`` and ``group_s_sum`` /
         ``group_s_max`` (one group's slice and inner solve: independent of the
-        other groups', so ranks of their own could run them in parallel).  ``objective`` is the
+        other groups', so ranks of their own could run them in parallel), and the
+        whole decision's CPU and wait for a core (:func:`decision_clock_info`).
+        ``objective`` is the
         objective of the inner dispatcher's matrix (summed over groups for
         ``"total"``, the largest group's for ``"makespan"``), equal to
         :meth:`objective_value` of the full matrix for the same assignment."""
+        clock = DecisionClock()
+        result = self._decide_grouped(cost_model, kjt, views, shares)
+        result.info.update(decision_clock_info(clock))
+        return result
+
+    def _decide_grouped(self, cost_model, kjt, views, shares: Sequence[int]) -> DispatchResult:
         shares = [int(s) for s in shares]
         b = kjt.stride()
         if len(shares) != cost_model.num_workers or any(s < 0 for s in shares) or sum(shares) != b:
