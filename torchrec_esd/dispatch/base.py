@@ -16,6 +16,7 @@ import torch
 
 from torchrec_esd.dispatch.clock import DecisionClock
 
+
 class DispatchError(ValueError):
     """The dispatch problem has no valid answer (bad shares, bad costs)."""
 
