@@ -52,6 +52,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
 from torchrec_esd.apps.sessions import make_workload, make_workload_config  # noqa: E402
 from torchrec_esd.cache import CacheDirectory  # noqa: E402
+from torchrec_esd.cost import DedupCost  # noqa: E402
 from torchrec_esd.dispatch import dedup_search  # noqa: E402
 
 
@@ -107,13 +108,13 @@ def ils(dedup, a: np.ndarray, rounds: int, rng: np.random.Generator) -> np.ndarr
     return best
 
 
-def reuse_priced(dedup, shares: List[int], lam: float):
-    """``dedup`` with each push priced ``1 + lam * q[x, w]``, ``q`` the chance that
-    worker ``w``'s next share of a batch like this one uses row ``x``."""
+def reuse_priced(dedup, shares: List[int], lam: float) -> DedupCost:
+    """A copy of ``dedup`` with each push priced ``1 + lam * q[x, w]``, ``q`` the chance
+    that worker ``w``'s next share of a batch like this one uses row ``x``."""
     n = dedup.uses[:, None] / dedup.num_samples
     q = 1.0 - (1.0 - np.minimum(n, 1.0)) ** np.asarray(shares, dtype=np.float64)[None, :]
-    dedup.push = np.ascontiguousarray(dedup.push * (1.0 + lam * q))
-    return dedup
+    return DedupCost(dedup.num_samples, dedup.num_workers, dedup.occ_s, dedup.occ_k, dedup.pull,
+                     dedup.push * (1.0 + lam * q), dedup.owner, dedup.owner_push)
 
 
 def _is_float(text: str) -> bool:
@@ -159,16 +160,16 @@ def run_variant(name: str, args, wl, bws: List[float]) -> Dict:
             a, _ = dedup_search.refine(aux["dedup"], to_shares(a2[:B], shares, rng))
         else:
             cost, aux = d.inputs(cm, kjt, directory.cost_views())
+            priced = aux
             if kind == "esd+reuse":
-                aux["dedup"] = reuse_priced(aux["dedup"], shares, float(param))
-            a = d.assign(cost, shares, aux=aux).assignment.numpy()
+                priced = {**aux, "dedup": reuse_priced(aux["dedup"], shares, float(param))}
+            a = d.assign(cost, shares, aux=priced).assignment.numpy()
             if kind == "esd+ils":
                 a = ils(aux["dedup"], a, int(param), rng)
         dec_ms.append((time.perf_counter() - t0) * 1e3)
         if kind != "laia":
             # the batch's predicted cost on the unpriced model (what the search optimises)
-            _, plain = d.inputs(cm, kjt, directory.cost_views())
-            predicted.append(plain["dedup"].total(a))
+            predicted.append(aux["dedup"].total(a))
         if np.bincount(a, minlength=W).tolist() != list(shares):
             raise AssertionError(f"{name}: assignment off its shares at step {step}")
         rows = dtc.plan_rows(directory.plan(kjt, torch.from_numpy(np.ascontiguousarray(a))))

@@ -644,8 +644,8 @@ def slot_table_counts(keys: torch.Tensor, dirty: torch.Tensor, table_start: torc
     """``(occupied, ndirty)`` int64 ``[T]``: per table, the slots holding a key
     (``keys >= 0``) and the dirty ones, for slots laid out table by table
     (``table_start`` ``[T + 1]``, from 0 to ``len(keys)``).  One C++ pass;
-    without the extension two running counts
-    (:meth:`torchrec_esd.cache.slots.WorkerSlots.per_table`'s, the reference)."""
+    without the extension :func:`torchrec_esd.reference_ops.slot_table_counts`
+    (two running counts, as :meth:`torchrec_esd.cache.slots.WorkerSlots.per_table`)."""
     if HAS_SLOT_COUNTS:
         return torch.ops.torchrec_esd.slot_table_counts(keys, dirty, table_start)
     return reference_ops.slot_table_counts(keys, dirty, table_start)

@@ -155,10 +155,7 @@ class SessionWorkload(SyntheticWorkload):
 
     def zipf_ids_from_uniform(self, feature: int, u: torch.Tensor) -> torch.Tensor:
         """Ids of ``feature`` whose Zipf ranks are the inverse CDF of ``u`` in [0, 1)."""
-        n = self.config.cardinalities[feature]
-        rank = torch.searchsorted(self._cdfs[feature], u).clamp_(max=n - 1)
-        a, b = self._perm[feature]
-        return (rank * a + b) % n
+        return self.zipf_ids([feature], torch.tensor([u.numel()], dtype=torch.int64), u)
 
     def local_ids(self, feature: int, users: torch.Tensor, position: torch.Tensor,
                   member: torch.Tensor) -> torch.Tensor:

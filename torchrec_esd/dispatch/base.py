@@ -90,17 +90,6 @@ def check_assignment(assignment: torch.Tensor, shares: Sequence[int]) -> None:
         )
 
 
-def decision_clock_info(clock: DecisionClock) -> Dict[str, float]:
-    """``info`` entries of a whole decision timed by ``clock``: ``full_decision_cpu_s``
-    (the deciding thread's CPU) and, where the kernel reports it,
-    ``full_decision_runqueue_s`` (its time runnable but waiting for a core)."""
-    t = clock.read()
-    out = {"full_decision_cpu_s": t["cpu_s"]}
-    if "runqueue_s" in t:
-        out["full_decision_runqueue_s"] = t["runqueue_s"]
-    return out
-
-
 class Dispatcher:
     """Base class: subclasses implement :meth:`_solve`."""
 
@@ -208,8 +197,8 @@ class Dispatcher:
         """Read this dispatcher's inputs for the batch ``kjt`` and decide
         (:meth:`inputs` then :meth:`assign`; ``decision_s`` is the solve
         alone, ``info["inputs_s"]`` the time :meth:`inputs` took: the whole
-        decision is their sum; :func:`decision_clock_info` adds its CPU time and
-        its wait for a core).  Dispatchers that can decide without the full ``[B, W]``
+        decision is their sum; :meth:`DecisionClock.info` adds its wall time,
+        its CPU time and its wait for a core).  Dispatchers that can decide without the full ``[B, W]``
         inputs override it (:class:`~torchrec_esd.dispatch.grouped.GroupedDispatcher`).
 
         A dispatcher that reads no inputs (``random``, ``round_robin``) decides
@@ -225,7 +214,7 @@ class Dispatcher:
         inputs_s = time.perf_counter() - t0
         result = self.assign(cost, shares, aux=aux)
         result.info["inputs_s"] = inputs_s
-        result.info.update(decision_clock_info(clock))
+        result.info.update(clock.info())
         return result
 
     def _decide_blind(self, b: int, w: int, shares: Sequence[int]) -> DispatchResult:

@@ -38,6 +38,17 @@ class DecisionClock:
         self._cpu = time.thread_time()
         self._wait = runqueue_wait_s()
 
+    def info(self) -> Dict[str, float]:
+        """The ``DispatchResult.info`` entries of a whole decision timed by this
+        clock: ``full_decision_s`` (wall), ``full_decision_cpu_s`` (the deciding
+        thread's CPU) and, where the kernel reports it, ``full_decision_runqueue_s``
+        (its time runnable but waiting for a core)."""
+        t = self.read()
+        out = {"full_decision_s": t["wall_s"], "full_decision_cpu_s": t["cpu_s"]}
+        if "runqueue_s" in t:
+            out["full_decision_runqueue_s"] = t["runqueue_s"]
+        return out
+
     def read(self) -> Dict[str, float]:
         out = {"wall_s": time.perf_counter() - self._wall, "cpu_s": time.thread_time() - self._cpu}
         if self._wait is not None:

@@ -72,8 +72,7 @@ from torchrec_esd.cost.group_inputs import (
     GroupInputs, group_index, group_matrix_from_bits, link_groups, sample_segments,
 )
 from torchrec_esd.dispatch.base import (
-    Dispatcher, DispatchError, DispatchResult, check_assignment, check_cost_input, decision_clock_info,
-    objective_value,
+    Dispatcher, DispatchError, DispatchResult, check_assignment, check_cost_input, objective_value,
 )
 from torchrec_esd.dispatch.clock import DecisionClock
 from torchrec_esd.dispatch.heuristic import HeuristicDispatcher
@@ -158,14 +157,14 @@ class GroupedDispatcher(Dispatcher):
         input built), ``groups``, ``stage1_s`` and ``group_s_sum`` /
         ``group_s_max`` (one group's slice and inner solve: independent of the
         other groups', so ranks of their own could run them in parallel), and the
-        whole decision's CPU and wait for a core (:func:`decision_clock_info`).
+        whole decision's wall time, CPU and wait for a core (:meth:`DecisionClock.info`).
         ``objective`` is the
         objective of the inner dispatcher's matrix (summed over groups for
         ``"total"``, the largest group's for ``"makespan"``), equal to
         :meth:`objective_value` of the full matrix for the same assignment."""
         clock = DecisionClock()
         result = self._decide_grouped(cost_model, kjt, views, shares)
-        result.info.update(decision_clock_info(clock))
+        result.info.update(clock.info())
         return result
 
     def _decide_grouped(self, cost_model, kjt, views, shares: Sequence[int]) -> DispatchResult:

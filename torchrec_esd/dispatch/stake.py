@@ -34,7 +34,7 @@ from typing import Sequence
 
 import torch
 
-from torchrec_esd.dispatch.base import DispatchError, DispatchResult, decision_clock_info, objective_value
+from torchrec_esd.dispatch.base import DispatchError, DispatchResult, objective_value
 from torchrec_esd.dispatch.clock import DecisionClock
 from torchrec_esd.dispatch.baselines import contiguous_slices as plain_split  # vanilla's slices
 
@@ -88,9 +88,8 @@ class StakeRule:
         cost, aux = self.inputs(cost_model, kjt, views)
         inputs_s = time.perf_counter() - t0
         result = self.assign(cost, shares, aux=aux)
-        clocked = decision_clock_info(clock)
+        clocked = clock.info()
         cpu = clocked["full_decision_cpu_s"]
-        wall = time.perf_counter() - t0
         stake = self.stake_s(cost, aux, shares)
         self._full_decisions += 1
         if stake < self.stake_ratio * cpu and self._full_decisions == 1:
@@ -105,10 +104,8 @@ class StakeRule:
             cpu = time.thread_time() - c1
         result.info["stake_s"] = stake
         result.info["inputs_s"] = inputs_s
-        result.info["full_decision_s"] = wall
-        result.info["full_decision_cpu_s"] = cpu
-        if "full_decision_runqueue_s" in clocked:
-            result.info["full_decision_runqueue_s"] = clocked["full_decision_runqueue_s"]
+        # wall, CPU and wait of this decision; the CPU timed again on a first decision
+        result.info.update(clocked, full_decision_cpu_s=cpu)
         if stake < self.stake_ratio * cpu:
             self._split_left = self.probe_every - 1
         return result
