@@ -617,6 +617,7 @@ def summarize(args, mixes, methods, raw) -> Dict:
                     vals = [c for c in w0["dispatch"].get(key, []) if c == c]
                     if vals:
                         s["dispatch"][f"mean_full_decision_{key}"] = sum(vals) / len(vals)
+                s["dispatch"].update(steady_decisions(every, args.repeats, skip))
             res[m] = s
         # ratios
         van = res.get("vanilla")
@@ -641,6 +642,37 @@ def summarize(args, mixes, methods, raw) -> Dict:
                     r[f"wire_link_reduction_vs_{base}_pct"] = 100 * (1 - s["wire"]["total_link_s"] / b["wire"]["total_link_s"])
             s["ratios"] = r
         out[mix["name"]] = {"bandwidths": bws, "methods": res}
+    return out
+
+
+def steady_decisions(every: List[Dict], repeats: int, skip: int) -> Dict:
+    """The dispatching worker's decisions of the steps ``iter_ms`` averages:
+    every repeat, after the ``skip`` warm-up steps (decision ``j`` is batch
+    ``j``'s), so that the decision time compares with the iteration time it is
+    a share of.  The ``mean_*`` figures beside them are the first repeat's
+    every decision, the first one's one-time costs (lazy initialisation,
+    first calls of the operators) included.  Means over the decisions, and
+    per repeat (``steady_full_decision_ms_repeats``); CPU and waiting for a
+    core over the full decisions (a plain-split verdict reports none)."""
+    full, cpu, wait, per_rep = [], [], [], []
+    for rep in range(repeats):
+        recs = [r for r in every if r["rep"] == rep and r["rank"] == 0 and "dispatch" in r]
+        if not recs:
+            continue
+        d = recs[0]["dispatch"]
+        f = [a + b for a, b in zip(d["decision_ms"][skip:], d["inputs_ms"][skip:])]
+        full += f
+        per_rep.append(sum(f) / max(1, len(f)))
+        cpu += [c for c in d.get("cpu_ms", [])[skip:] if c == c]
+        wait += [c for c in d.get("runqueue_ms", [])[skip:] if c == c]
+    if not full:
+        return {}
+    out = {"steady_full_decision_ms": sum(full) / len(full), "steady_full_decision_ms_repeats": per_rep,
+           "steady_decisions": len(full)}
+    if cpu:
+        out["steady_full_decision_cpu_ms"] = sum(cpu) / len(cpu)
+    if wait:
+        out["steady_full_decision_runqueue_ms"] = sum(wait) / len(wait)
     return out
 
 
@@ -670,15 +702,20 @@ def issue18_targets(het: str, ms: Dict, links: str, workload: str) -> List[Dict]
     for cand, s in ms.items():
         if "dispatch" in s and s.get("iter_ms"):
             d = s["dispatch"]
-            full = d["mean_full_decision_ms"]
+            # the steady state's decisions (the steps iter_ms averages, every repeat), else every decision
+            pre = "steady" if "steady_full_decision_ms" in d else "mean"
+            full = d[f"{pre}_full_decision_ms"]
             pct = 100 * full / s["iter_ms"]
             rows.append({"target": f"[{het}, {workload}] {method_label(cand)} decision time <= 10 % of the iteration",
-                         "measured": (f"{full:.1f} ms (inputs {d['mean_inputs_ms']:.1f} + solve "
-                                      f"{d['mean_decision_ms']:.1f}) = {pct:.1f} % of {s['iter_ms']:.0f} ms"
-                                      + (f"; the dispatch thread's CPU {d['mean_full_decision_cpu_ms']:.1f} ms"
-                                         if "mean_full_decision_cpu_ms" in d else "")
-                                      + (f", waiting for a core {d['mean_full_decision_runqueue_ms']:.1f} ms"
-                                         if "mean_full_decision_runqueue_ms" in d else "")
+                         "measured": (f"{full:.1f} ms = {pct:.1f} % of {s['iter_ms']:.0f} ms"
+                                      + (" (steady state, every repeat)" if pre == "steady" else "")
+                                      + (f"; the dispatch thread's CPU {d[pre + '_full_decision_cpu_ms']:.1f} ms"
+                                         f" ({100 * d[pre + '_full_decision_cpu_ms'] / s['iter_ms']:.1f} %)"
+                                         if pre + "_full_decision_cpu_ms" in d else "")
+                                      + (f", waiting for a core {d[pre + '_full_decision_runqueue_ms']:.1f} ms"
+                                         if pre + "_full_decision_runqueue_ms" in d else "")
+                                      + f"; first repeat, every decision: {d['mean_full_decision_ms']:.1f} ms (inputs "
+                                        f"{d['mean_inputs_ms']:.1f} + solve {d['mean_decision_ms']:.1f})"
                                       + " (decided ahead in a background thread when --dispatch-ahead > 0)"),
                          "met": pct <= 10})
     return rows

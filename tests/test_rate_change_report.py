@@ -158,3 +158,27 @@ def test_rate_server_leaves_a_link_already_at_the_rate_alone(tmp_path):
         assert (tmp_path / f"rate{n}.ready").exists()
     assert cl.calls == [(1, 10.0), (1, 100.0)]
     assert [r["unchanged"] for r in srv.applied] == [True, False, True, False]
+
+
+def test_steady_decisions_take_every_repeat_after_the_warm_up_and_leave_out_split_verdicts():
+    e2e = _e2e()
+    nan = float("nan")
+
+    def rec(rank, rep, solve, inputs, cpu, wait):
+        return {"rank": rank, "rep": rep, "dispatch": {"decision_ms": solve, "inputs_ms": inputs,
+                                                       "cpu_ms": cpu, "runqueue_ms": wait}}
+
+    every = [
+        # repeat 0: a first decision with one-time costs (left out with the warm-up), then 2 + 3 ms and 4 + 4 ms
+        rec(0, 0, [40.0, 9.0, 2.0, 4.0], [20.0, 1.0, 3.0, 4.0], [30.0, 5.0, 4.0, 6.0], [10.0, 2.0, 1.0, 2.0]),
+        # repeat 1: a plain-split verdict (no CPU, no wait) among the steady decisions
+        rec(0, 1, [50.0, 9.0, 0.1, 6.0], [10.0, 1.0, 0.0, 2.0], [25.0, 5.0, nan, 7.0], [9.0, 2.0, nan, 3.0]),
+        rec(1, 0, [99.0] * 4, [99.0] * 4, [99.0] * 4, [99.0] * 4),  # not the dispatching worker
+    ]
+    out = e2e.steady_decisions(every, repeats=2, skip=2)
+    assert out["steady_decisions"] == 4
+    assert out["steady_full_decision_ms"] == pytest.approx((5.0 + 8.0 + 0.1 + 8.0) / 4)
+    assert out["steady_full_decision_ms_repeats"] == pytest.approx([6.5, 4.05])
+    assert out["steady_full_decision_cpu_ms"] == pytest.approx((4.0 + 6.0 + 7.0) / 3)
+    assert out["steady_full_decision_runqueue_ms"] == pytest.approx((1.0 + 2.0 + 3.0) / 3)
+    assert e2e.steady_decisions([rec(1, 0, [1.0], [1.0], [1.0], [1.0])], repeats=1, skip=0) == {}
