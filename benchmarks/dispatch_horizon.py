@@ -27,6 +27,18 @@ summed after ``--warmup-skip`` iterations.  Variants, all at the same shares:
   next batch (from its uses in this one): sharing a row now leaves every
   user's copy stale at its next use.
 
+Two variants do not keep the shares:
+
+* ``esd+shares``: esd with shares decided per batch
+  (:class:`torchrec_esd.dispatch.shares.PerBatchShares`, online, around the
+  ``--shares``), the workers' compute at ``--samples-per-s`` (one rate, the
+  prior ``end_to_end.py`` gives it, or one per worker, e.g. the rates a run
+  measured: its JSON's ``compute_samples_per_s_last``; a training job
+  measures them as it goes, so its shares differ from these).
+* ``laia@esd+shares``: LAIA at the shares ``esd+shares`` chose, batch by
+  batch (``esd+shares`` runs first): ESD's per-batch-share method against
+  LAIA given the same shares.
+
 The default ``--shares`` are the planner's shares on the hetero mix that
 ``end_to_end.py`` measures (its JSON's ``shares`` for ``+plan`` methods);
 ``equal`` splits the batch evenly.
@@ -39,7 +51,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -53,7 +65,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 from torchrec_esd.apps.sessions import make_workload, make_workload_config  # noqa: E402
 from torchrec_esd.cache import CacheDirectory  # noqa: E402
 from torchrec_esd.cost import DedupCost  # noqa: E402
-from torchrec_esd.dispatch import dedup_search  # noqa: E402
+from torchrec_esd.dispatch import dedup_search, make_dispatcher  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -65,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--bandwidths", default="1000,100,50,10")
     p.add_argument("--shares", default="229,158,109,16", help="samples per worker, or 'equal'")
     p.add_argument("--variants", default="laia,esd,esd+ils:5,esd+ils:20,esd+next,esd+reuse:0.5,esd+reuse:1")
+    p.add_argument("--samples-per-s", default="5000",
+                   help="esd+shares: the workers' compute rates (samples/s): one for all, or one per worker")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
@@ -128,13 +142,18 @@ def _is_float(text: str) -> bool:
 def check_variant(name: str):
     """``name.partition(":")`` of a known variant; exits with the known ones otherwise."""
     kind, sep, param = name.partition(":")
-    if not ((kind in ("laia", "esd", "esd+next") and not sep)
+    if not ((kind in ("laia", "esd", "esd+next", "esd+shares", "laia@esd+shares") and not sep)
             or (kind == "esd+ils" and param.isdigit()) or (kind == "esd+reuse" and _is_float(param))):
-        raise SystemExit(f"unknown variant {name!r}: laia, esd, esd+ils:K, esd+next or esd+reuse:L")
+        raise SystemExit(f"unknown variant {name!r}: laia, esd, esd+ils:K, esd+next, esd+reuse:L, esd+shares or "
+                         "laia@esd+shares")
     return kind, sep, param
 
 
-def run_variant(name: str, args, wl, bws: List[float]) -> Dict:
+def run_variant(name: str, args, wl, bws: List[float], replay: Optional[List[List[int]]] = None) -> Dict:
+    """One variant's run; ``replay``: the per-step shares ``laia@esd+shares`` takes."""
+    kind, _, param = check_variant(name)
+    if kind == "laia@esd+shares" and (replay is None or len(replay) < args.iters):
+        raise SystemExit("laia@esd+shares needs the shares of an esd+shares run of as many iterations")
     base_args = dtc.parse_args(["--workload", args.workload, "--batch", str(args.batch),
                                 "--bandwidths", args.bandwidths, "--seed", str(args.seed)])
     tables, config, cm, rb = dtc.build(base_args, wl, bws)
@@ -143,8 +162,15 @@ def run_variant(name: str, args, wl, bws: List[float]) -> Dict:
               else [int(x) for x in args.shares.split(",")])
     if len(shares) != W or sum(shares) != B:
         raise SystemExit(f"--shares {shares} must be {W} counts summing to {B}")
-    kind, _, param = check_variant(name)
-    d = dtc.make("laia" if kind == "laia" else "esd", base_args)
+    if kind == "esd+shares":
+        rates = [float(x) for x in str(args.samples_per_s).split(",")]
+        if len(rates) not in (1, W):
+            raise SystemExit(f"--samples-per-s: one rate or {W}, got {args.samples_per_s}")
+        d = make_dispatcher("shares", inner="esd", samples_per_s=rates * W if len(rates) == 1 else rates,
+                            measured_compute=False)
+    else:
+        d = dtc.make("laia" if kind.startswith("laia") else "esd", base_args)
+    taken = []  # samples per worker, every step
     directory = CacheDirectory(config, tables)
     rng = np.random.default_rng(args.seed)
     secs = torch.zeros(args.iters, W, dtype=torch.float64)
@@ -159,25 +185,28 @@ def run_variant(name: str, args, wl, bws: List[float]) -> Dict:
             _, aux = d.inputs(cm, kjt, directory.cost_views())
             a, _ = dedup_search.refine(aux["dedup"], to_shares(a2[:B], shares, rng))
         else:
+            at = replay[step] if kind == "laia@esd+shares" else shares
             cost, aux = d.inputs(cm, kjt, directory.cost_views())
             priced = aux
             if kind == "esd+reuse":
                 priced = {**aux, "dedup": reuse_priced(aux["dedup"], shares, float(param))}
-            a = d.assign(cost, shares, aux=priced).assignment.numpy()
+            a = d.assign(cost, at, aux=priced).assignment.numpy()
             if kind == "esd+ils":
                 a = ils(aux["dedup"], a, int(param), rng)
         dec_ms.append((time.perf_counter() - t0) * 1e3)
-        if kind != "laia":
+        if not kind.startswith("laia"):
             # the batch's predicted cost on the unpriced model (what the search optimises)
             predicted.append(aux["dedup"].total(a))
-        if np.bincount(a, minlength=W).tolist() != list(shares):
+        taken.append(np.bincount(a, minlength=W).tolist())
+        if kind != "esd+shares" and taken[-1] != list(at if kind == "laia@esd+shares" else shares):
             raise AssertionError(f"{name}: assignment off its shares at step {step}")
         rows = dtc.plan_rows(directory.plan(kjt, torch.from_numpy(np.ascontiguousarray(a))))
         secs[step] = dtc.link_seconds(config, rows, rb)
     steady = secs[args.warmup_skip:]
     return {"total_s": float(steady.sum()), "per_worker_s": steady.sum(0).tolist(),
             "decision_ms_mean": float(np.mean(dec_ms)),
-            "predicted_total_s": float(sum(predicted)) if predicted else None, "shares": shares}
+            "predicted_total_s": float(sum(predicted)) if predicted else None, "shares": shares,
+            "shares_per_step": taken, "mean_shares": np.mean(taken[args.warmup_skip:], 0).tolist()}
 
 
 def main(argv=None) -> Dict:
@@ -192,8 +221,11 @@ def main(argv=None) -> Dict:
     print(f"workload {args.workload}, {args.iters} iterations from cold caches (first {args.warmup_skip} left"
           f" out), B={args.batch}, links {bws} Mbit/s, shares {args.shares}; link seconds from the"
           " directory's plans")
-    for n in names:
-        res[n] = run_variant(n, args, wl, bws)
+    if "laia@esd+shares" in names and "esd+shares" not in names:  # the shares it replays
+        names.insert(names.index("laia@esd+shares"), "esd+shares")
+    for n in sorted(names, key=lambda n: n == "laia@esd+shares"):  # after esd+shares
+        res[n] = run_variant(n, args, wl, bws, replay=res.get("esd+shares", {}).get("shares_per_step"))
+    res = {n: res[n] for n in names}
     ref = res.get("laia", {}).get("total_s")
     for n, r in res.items():
         cut = f"{100 * (1 - r['total_s'] / ref):6.2f} %" if ref else "-"
@@ -202,6 +234,11 @@ def main(argv=None) -> Dict:
               f" decision {r['decision_ms_mean']:.1f} ms, per worker {[round(x, 3) for x in r['per_worker_s']]}")
         if ref:
             r["cut_vs_laia_pct"] = 100 * (1 - r["total_s"] / ref)
+    if "laia@esd+shares" in res:
+        same = res["esd+shares"]["cut_vs_laia_same_shares_pct"] = \
+            100 * (1 - res["esd+shares"]["total_s"] / res["laia@esd+shares"]["total_s"])
+        print(f"esd+shares vs laia at the same per-batch shares: {same:.2f} % less link time (mean shares "
+              f"{[round(x, 1) for x in res['esd+shares']['mean_shares']]})")
     out = {"args": vars(args), "results": res}
     if args.out:
         with open(args.out, "w") as f:

@@ -51,3 +51,22 @@ def test_an_unknown_variant_is_refused_before_any_run(capsys):
         with pytest.raises(SystemExit, match="unknown variant"):
             dh.main(["--iters", "2", "--batch", "16", "--shares", "8,4,2,2", "--variants", "laia," + bad])
     assert capsys.readouterr().out == ""  # refused before the header: laia, listed first, never ran
+
+
+def test_laia_at_the_per_batch_shares_replays_the_shares_esd_chose(capsys):
+    # listed alone, laia@esd+shares runs esd+shares first, and takes its shares batch by batch
+    out = dh.main(["--iters", "4", "--batch", "64", "--shares", "30,20,10,4", "--warmup-skip", "1",
+                   "--samples-per-s", "2000,3000,1500,500", "--variants", "laia,laia@esd+shares"])["results"]
+    assert list(out) == ["laia", "esd+shares", "laia@esd+shares"]
+    chosen, replayed = out["esd+shares"]["shares_per_step"], out["laia@esd+shares"]["shares_per_step"]
+    assert chosen == replayed and len(chosen) == 4 and all(sum(n) == 64 for n in chosen)
+    assert out["laia"]["shares_per_step"] == [[30, 20, 10, 4]] * 4
+    assert out["laia@esd+shares"]["predicted_total_s"] is None
+    same = out["esd+shares"]["cut_vs_laia_same_shares_pct"]
+    assert np.isclose(same, 100 * (1 - out["esd+shares"]["total_s"] / out["laia@esd+shares"]["total_s"]))
+    assert "at the same per-batch shares" in capsys.readouterr().out
+
+
+def test_laia_at_the_per_batch_shares_needs_their_run():
+    with pytest.raises(SystemExit, match="needs the shares"):
+        dh.run_variant("laia@esd+shares", dh.parse_args(["--iters", "2"]), None, [1.0] * 4, replay=None)
