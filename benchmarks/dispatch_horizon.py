@@ -10,7 +10,9 @@ caches, staleness 0) per variant is fed ``--iters`` global batches, each
 dispatched by the variant on the directory's own state; the ground truth is the
 directory's plan of every iteration (rows each worker pulls and pushes, per
 kind, over its link, as in ``dispatch_true_cost.py``; no per-message latency),
-summed after ``--warmup-skip`` iterations.  Variants, all at the same shares:
+summed after ``--warmup-skip`` iterations (beside it, the dirty rows left in every
+cache after the last one, which the end of training writes back: ``end_to_end.py``'s
+link time includes them).  Variants, all at the same shares:
 
 * ``laia``, ``esd``: the product's dispatchers (``make_dispatcher``).
 * ``esd+ils:K``: esd's answer, then ``K`` rounds of a perturbation (8 random
@@ -203,7 +205,12 @@ def run_variant(name: str, args, wl, bws: List[float], replay: Optional[List[Lis
         rows = dtc.plan_rows(directory.plan(kjt, torch.from_numpy(np.ascontiguousarray(a))))
         secs[step] = dtc.link_seconds(config, rows, rb)
     steady = secs[args.warmup_skip:]
+    # the dirty rows left in every cache after the last iteration, which the end of training writes
+    # back (in a training job's link time, not in total_s), and their link seconds
+    dirty = directory.cache_state().ndirty.sum(1).to(torch.float64)
+    bps = torch.tensor([w.bytes_per_second for w in config.workers], dtype=torch.float64)
     return {"total_s": float(steady.sum()), "per_worker_s": steady.sum(0).tolist(),
+            "final_dirty_rows": dirty.tolist(), "final_write_back_s": (dirty * rb / bps).tolist(),
             "decision_ms_mean": float(np.mean(dec_ms)),
             "predicted_total_s": float(sum(predicted)) if predicted else None, "shares": shares,
             "shares_per_step": taken, "mean_shares": np.mean(taken[args.warmup_skip:], 0).tolist()}

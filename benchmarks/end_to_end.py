@@ -335,6 +335,8 @@ def rank_main(spec_path: str) -> None:
             rec["table_owner"] = r["table_owner"]
         if "metrics" in r and rank == 0:
             rec["metrics"] = r["metrics"]
+            if "metrics_before_flush" in r:  # the training steps alone, before the end-of-training flush
+                rec["metrics_before_flush"] = r["metrics_before_flush"]
             solvers: Dict[str, int] = {}
             for d in r["decisions"]:
                 solvers[d["solver"]] = solvers.get(d["solver"], 0) + 1
@@ -602,6 +604,13 @@ def summarize(args, mixes, methods, raw) -> Dict:
                     "per_worker": [{"bytes": p["total_bytes"], "link_s": p["link_s"], "rows": p["rows"]}
                                    for p in mt["per_worker"]],
                 }
+                if "metrics_before_flush" in w0:
+                    # the end of training writes every dirty cached row back once: the same for any
+                    # dispatch, and about a tenth of LAIA's link time in a 30-step run
+                    mb = w0["metrics_before_flush"]
+                    s["emb"]["training_link_s"] = mb["total_link_s"]
+                    s["emb"]["write_back_link_s"] = mt["total_link_s"] - mb["total_link_s"]
+                    s["emb"]["write_back_rows"] = mt["rows"]["update_push"] - mb["rows"]["update_push"]
                 # modelled iteration time: compute as measured + the slowest worker's modelled link time
                 s["modelled_iter_ms"] = s["iter_ms"] + mt["makespan_link_s"] / args.steps * 1e3
                 dec = w0["dispatch"]["decision_ms"]
@@ -687,9 +696,13 @@ def issue18_targets(het: str, ms: Dict, links: str, workload: str) -> List[Dict]
         if cand == "laia+plan" or "emb" not in s or "emb" not in laia or not cand.endswith("+plan"):
             continue
         red = 100 * (1 - s["emb"]["total_link_s"] / laia["emb"]["total_link_s"])
+        train = ""
+        if "training_link_s" in s["emb"] and "training_link_s" in laia["emb"]:
+            train = (f"; {100 * (1 - s['emb']['training_link_s'] / laia['emb']['training_link_s']):.1f} % over the "
+                     "training steps alone, without the end-of-training write-back of the dirty cached rows")
         rows.append({"target": f"[{het}, {workload}] {method_label(cand)} >= {goal:g} % less embedding link time "
                                "than LAIA at the same planned shares",
-                     "measured": f"{red:.1f} % less (modelled embedding link time)", "met": red >= goal})
+                     "measured": f"{red:.1f} % less (modelled embedding link time{train})", "met": red >= goal})
     for cand, s in ms.items():
         if "shares" not in cand.split("+") or "emb" not in s:
             continue

@@ -65,6 +65,12 @@ def test_laia_at_the_per_batch_shares_replays_the_shares_esd_chose(capsys):
     same = out["esd+shares"]["cut_vs_laia_same_shares_pct"]
     assert np.isclose(same, 100 * (1 - out["esd+shares"]["total_s"] / out["laia@esd+shares"]["total_s"]))
     assert "at the same per-batch shares" in capsys.readouterr().out
+    for r in out.values():  # what the end of training writes back: at most every slot, priced per link
+        dirty, secs = np.asarray(r["final_dirty_rows"]), np.asarray(r["final_write_back_s"])
+        assert dirty.shape == (4,) and (dirty >= 0).all() and dirty.sum() > 0
+        held = dirty > 0
+        per_row_bits = secs[held] / dirty[held] * np.array([1000.0, 100.0, 50.0, 10.0])[held]  # x 1e6
+        assert np.allclose(per_row_bits, per_row_bits[0]) and (secs[~held] == 0).all()
 
 
 def test_laia_at_the_per_batch_shares_needs_their_run():

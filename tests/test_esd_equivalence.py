@@ -44,6 +44,10 @@ def _compare(W, shares, dispatcher, optimizer, mode, bandwidths, num_ps=1, workl
     m = e["metrics"]
     assert m["rows"]["miss_pull"] > 0 and m["total_bytes"] > 0
     assert all(w["iterations"] == STEPS for w in m["per_worker"])
+    if "metrics_before_flush" in e:  # the end-of-training flush adds its written-back rows alone
+        b = e["metrics_before_flush"]
+        assert all(b["rows"][k] == m["rows"][k] for k in m["rows"] if k != "update_push")
+        assert b["rows"]["update_push"] <= m["rows"]["update_push"] and b["total_link_s"] <= m["total_link_s"]
     return vanilla, esd
 
 
