@@ -671,7 +671,8 @@ def steady_decisions(every: List[Dict], repeats: int, skip: int) -> Dict:
         d = recs[0]["dispatch"]
         f = [a + b for a, b in zip(d["decision_ms"][skip:], d["inputs_ms"][skip:])]
         full += f
-        per_rep.append(sum(f) / max(1, len(f)))
+        if f:
+            per_rep.append(sum(f) / len(f))
         cpu += [c for c in d.get("cpu_ms", [])[skip:] if c == c]
         wait += [c for c in d.get("runqueue_ms", [])[skip:] if c == c]
     if not full:

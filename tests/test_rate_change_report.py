@@ -182,3 +182,8 @@ def test_steady_decisions_take_every_repeat_after_the_warm_up_and_leave_out_spli
     assert out["steady_full_decision_cpu_ms"] == pytest.approx((4.0 + 6.0 + 7.0) / 3)
     assert out["steady_full_decision_runqueue_ms"] == pytest.approx((1.0 + 2.0 + 3.0) / 3)
     assert e2e.steady_decisions([rec(1, 0, [1.0], [1.0], [1.0], [1.0])], repeats=1, skip=0) == {}
+    # a repeat that ended within the warm-up adds nothing, not a zero
+    short = [rec(0, 0, [1.0], [1.0], [1.0], [1.0]), rec(0, 1, [9.0, 9.0, 2.0], [9.0, 9.0, 2.0], [9.0, 9.0, 3.0],
+                                                           [9.0, 9.0, 1.0])]
+    out = e2e.steady_decisions(short, repeats=2, skip=2)
+    assert out["steady_full_decision_ms_repeats"] == [4.0] and out["steady_decisions"] == 1
