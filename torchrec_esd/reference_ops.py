@@ -451,6 +451,14 @@ def positioned_mix_sum_ref(values: torch.Tensor, salt: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
+def counts_in_ranges(mask: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """``[R]`` the set entries of ``mask`` in each contiguous range
+    ``starts[r]:starts[r + 1]``: differences of ``mask``'s running count (O(len(mask)))."""
+    run = torch.zeros(mask.numel() + 1, dtype=torch.int64)
+    torch.cumsum(mask.view(-1), 0, out=run[1:])
+    return run[starts[1:]] - run[starts[:-1]]
+
+
 def slot_table_counts(keys: torch.Tensor, dirty: torch.Tensor, table_start: torch.Tensor
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference of ``torchrec_esd::slot_table_counts``: per table (slots
@@ -478,9 +486,4 @@ def slot_table_counts(keys: torch.Tensor, dirty: torch.Tensor, table_start: torc
     if steps.numel() and bool((steps < 0).any()):
         t = int((steps < 0).nonzero()[0])
         raise RuntimeError(f"torchrec_esd::{op}: table_start must not decrease (table {t})")
-    out = []
-    for mask in (keys >= 0, dirty):
-        run = torch.zeros(S + 1, dtype=torch.int64)
-        torch.cumsum(mask, 0, out=run[1:])
-        out.append(run[table_start[1:]] - run[table_start[:-1]])
-    return out[0], out[1]
+    return counts_in_ranges(keys >= 0, table_start), counts_in_ranges(dirty, table_start)

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 import torch
 
 from torchrec_esd import ops
+from torchrec_esd.reference_ops import counts_in_ranges
 
 # a dense slot map below this many rows whatever the slots (int32: 4 MiB)
 DENSE_SLOT_MAP_ROWS = 1 << 20
@@ -103,6 +104,4 @@ class WorkerSlots:
         (O(S), no gather of the masked slots' tables)."""
         if num_tables != self.table_start.numel() - 1:
             raise ValueError(f"{num_tables} tables asked of the slots of {self.table_start.numel() - 1}")
-        run = torch.zeros(mask.numel() + 1, dtype=torch.int64)
-        torch.cumsum(mask.view(-1), 0, out=run[1:])
-        return run[self.table_start[1:]] - run[self.table_start[:-1]]
+        return counts_in_ranges(mask, self.table_start)
