@@ -179,6 +179,7 @@ def run_variant(name: str, args, wl, bws: List[float], replay: Optional[List[Lis
     dec_ms, predicted = [], []
     for step in range(args.iters):
         kjt = wl.global_batch(step, B).sparse_features
+        at = replay[step] if kind == "laia@esd+shares" else shares  # the shares this step keeps
         t0 = time.perf_counter()
         if kind == "esd+next":
             both = concat_batches(kjt, wl.global_batch(step + 1, B).sparse_features)
@@ -187,7 +188,6 @@ def run_variant(name: str, args, wl, bws: List[float], replay: Optional[List[Lis
             _, aux = d.inputs(cm, kjt, directory.cost_views())
             a, _ = dedup_search.refine(aux["dedup"], to_shares(a2[:B], shares, rng))
         else:
-            at = replay[step] if kind == "laia@esd+shares" else shares
             cost, aux = d.inputs(cm, kjt, directory.cost_views())
             priced = aux
             if kind == "esd+reuse":
@@ -200,17 +200,16 @@ def run_variant(name: str, args, wl, bws: List[float], replay: Optional[List[Lis
             # the batch's predicted cost on the unpriced model (what the search optimises)
             predicted.append(aux["dedup"].total(a))
         taken.append(np.bincount(a, minlength=W).tolist())
-        if kind != "esd+shares" and taken[-1] != list(at if kind == "laia@esd+shares" else shares):
+        if kind != "esd+shares" and taken[-1] != list(at):
             raise AssertionError(f"{name}: assignment off its shares at step {step}")
         rows = dtc.plan_rows(directory.plan(kjt, torch.from_numpy(np.ascontiguousarray(a))))
         secs[step] = dtc.link_seconds(config, rows, rb)
     steady = secs[args.warmup_skip:]
     # the dirty rows left in every cache after the last iteration, which the end of training writes
-    # back (in a training job's link time, not in total_s), and their link seconds
+    # back (in a training job's link time, not in total_s), priced as one push per link
     dirty = directory.cache_state().ndirty.sum(1).to(torch.float64)
-    bps = torch.tensor([w.bytes_per_second for w in config.workers], dtype=torch.float64)
     return {"total_s": float(steady.sum()), "per_worker_s": steady.sum(0).tolist(),
-            "final_dirty_rows": dirty.tolist(), "final_write_back_s": (dirty * rb / bps).tolist(),
+            "final_dirty_rows": dirty.tolist(), "final_write_back_s": dtc.link_seconds(config, dirty.view(-1, 1), rb).tolist(),
             "decision_ms_mean": float(np.mean(dec_ms)),
             "predicted_total_s": float(sum(predicted)) if predicted else None, "shares": shares,
             "shares_per_step": taken, "mean_shares": np.mean(taken[args.warmup_skip:], 0).tolist()}
