@@ -149,3 +149,57 @@ def test_plot_script_summarises_and_skips_the_plot_without_matplotlib(tmp_path, 
     path.write_text("{not json\n")
     with pytest.raises(SystemExit, match="m.jsonl:1: not a metrics record"):
         _plot_script().main([str(path)])
+
+
+def _steady_jobs():
+    from torchrec_esd.apps.trainer import JobConfig, run
+
+    wl = SyntheticWorkloadConfig(num_sparse=3, cardinalities=[40, 200, 70], bag_size=(1, 3), seed=5)
+    cache = {f"t_cat_{i}": 8 for i in range(3)}
+    esd = EsdConfig(heterogeneous_workers([100.0, 10.0], cache, latency_ms=1.0), num_ps=1)
+    base = dict(global_batch=32, workload=wl, esd=esd, method="esd", dispatcher="laia")
+    return {"long": run(JobConfig(steps=7, steady_from_step=3, **base)),
+            "first": run(JobConfig(steps=3, **base)),
+            "from0": run(JobConfig(steps=3, steady_from_step=0, **base)),
+            "short": run(JobConfig(steps=2, steady_from_step=3, **base))}
+
+
+def test_steady_metrics_are_the_steps_after_the_warm_up():
+    # the traffic of steps 3..6 of a 7-step job is its traffic before the final flush
+    # less what a 3-step job of the same batches and dispatch moved before its flush
+    res = run_local_world(_steady_jobs, 3, timeout_s=240)
+    for r in res[:2]:  # every worker reports the same gathered figures
+        long, first = r["long"], r["first"]
+        steady, total, warm = long["metrics_steady"], long["metrics_before_flush"], first["metrics_before_flush"]
+        assert steady["rows"]["miss_pull"] > 0 and steady["total_link_s"] > 0
+        for w in range(2):
+            s, t, f = steady["per_worker"][w], total["per_worker"][w], warm["per_worker"][w]
+            assert s["iterations"] == 4 and f["iterations"] == 3
+            for kind in KINDS:
+                assert s["rows"][kind] == t["rows"][kind] - f["rows"][kind]
+                assert s["bytes"][kind] == t["bytes"][kind] - f["bytes"][kind]
+            assert s["link_s"] == pytest.approx(t["link_s"] - f["link_s"], rel=1e-12)
+        assert steady["total_link_s"] < total["total_link_s"]
+        # from step 0: everything before the flush; a job that ended before the warm-up: none
+        assert r["from0"]["metrics_steady"] == r["from0"]["metrics_before_flush"]
+        assert r["short"]["metrics_steady"] is None
+    assert res[2] == {"long": {"role": "ps"}, "first": {"role": "ps"}, "from0": {"role": "ps"},
+                      "short": {"role": "ps"}}
+
+
+def test_meter_difference_refuses_snapshots_out_of_order():
+    from torchrec_esd.metrics import TransmissionMeter
+
+    a = {"rows": {"miss_pull": 5}, "link_s": 1.0, "iterations": 2}
+    b = {"rows": {"miss_pull": 7}, "link_s": 1.5, "iterations": 3}
+    assert TransmissionMeter.difference(b, a) == {"rows": {"miss_pull": 2}, "link_s": 0.5, "iterations": 1}
+    with pytest.raises(ValueError, match="out of order"):
+        TransmissionMeter.difference(a, b)
+
+
+def test_negative_steady_from_step_is_refused_before_anything_runs():
+    from torchrec_esd.apps.esd_job import _esd
+    from torchrec_esd.apps.trainer import JobConfig
+
+    with pytest.raises(EsdConfigError, match="steady_from_step must be >= 0, got -1"):
+        _esd(JobConfig(method="esd", steady_from_step=-1), None)

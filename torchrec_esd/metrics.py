@@ -140,6 +140,24 @@ class TransmissionMeter:
         }
 
     @staticmethod
+    def difference(later: Dict, earlier: Dict) -> Dict:
+        """The traffic between two :meth:`as_dict` snapshots of one meter
+        (``later`` taken after ``earlier``): every counter less its earlier
+        value, the per-kind ``rows`` and ``bytes`` kind by kind.  A counter
+        that went down means the snapshots are not of one meter in order."""
+        out: Dict = {}
+        for k, v in later.items():
+            if isinstance(v, dict):
+                out[k] = {kind: n - earlier[k][kind] for kind, n in v.items()}
+                bad = [kind for kind, n in out[k].items() if n < 0]
+            else:
+                out[k] = v - earlier[k]
+                bad = [k] if out[k] < 0 else []
+            if bad:
+                raise ValueError(f"meter snapshots out of order: {k} {bad} went down")
+        return out
+
+    @staticmethod
     def summarize(per_worker: List[Dict]) -> Dict:
         """Job-level view of per-worker ``as_dict()`` results."""
         return {

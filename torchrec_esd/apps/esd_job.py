@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingPlan
@@ -39,8 +40,23 @@ from torchrec_esd.distributed.dense_sync import dense_gradient_bytes, register_d
 from torchrec_esd.distributed.input_dist import EsdInputDist
 from torchrec_esd.distributed.runtime import EsdRuntime
 from torchrec_esd.distributed.sharding import EsdEmbeddingBagCollectionSharder, esd_module_plan
+from torchrec_esd.metrics import TransmissionMeter
 
 logger = logging.getLogger(__name__)
+
+
+def _steady_metrics(runtime: EsdRuntime, now: Dict, first_step: int, at_warm: Optional[Dict]) -> Optional[Dict]:
+    """Every worker's transmission from step ``first_step`` on, up to ``now``
+    (its counters before the end-of-training flush): ``now`` less its counters
+    when step ``first_step - 1`` ended (all of it for ``first_step`` 0),
+    gathered like :meth:`EsdRuntime.all_metrics`.  ``None`` on every worker
+    when one of them did not get that far (a job of fewer steps)."""
+    mine = now if first_step == 0 else (None if at_warm is None else TransmissionMeter.difference(now, at_warm))
+    out: List[Optional[Dict]] = [None] * runtime.config.num_workers
+    dist.all_gather_object(out, mine, group=runtime.worker_group)
+    if any(m is None for m in out):
+        return None
+    return TransmissionMeter.summarize(out)  # type: ignore[arg-type]
 
 
 def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
@@ -49,6 +65,8 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
             "JobConfig.lazy_tables with checkpoint_dir: a checkpoint of lazy tables would materialise every "
             "row (not supported; see docs/checkpoints.md)"
         )
+    if job.steady_from_step is not None and job.steady_from_step < 0:
+        raise EsdConfigError(f"JobConfig.steady_from_step must be >= 0, got {job.steady_from_step}")
     if job.plan is not None:
         job = replace(job, esd=job.plan.esd_config(), replicated=tuple(job.plan.replicated))
     if job.esd is None:
@@ -193,8 +211,13 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
             stop["at"] = start + track.steps_ended
             limit[0] = min(limit[0], stop["at"] + read_ahead)
 
+    # this worker's transmission counters when the warm-up steps ended (JobConfig.steady_from_step)
+    warm_meter: Dict = {}
+
     def record(loss, logits, labels):
         step = track.end_step()
+        if job.steady_from_step is not None and step + 1 == job.steady_from_step:
+            warm_meter["at"] = runtime.meter.as_dict()
         decision = decisions[step] if track.metrics is not None and step < len(decisions) else None
         meter = runtime.meter.as_dict() if track.metrics is not None else None
         settled(sums.push(loss / dispatch.loss_scale, (logits, labels, meter, decision)))
@@ -245,6 +268,9 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
     # the training steps' traffic alone: the flush then writes back every dirty cached row once
     # (the same for any dispatch), which "metrics" counts too
     before_flush = runtime.all_metrics()
+    steady = None
+    if job.steady_from_step is not None:
+        steady = _steady_metrics(runtime, before_flush["per_worker"][me], job.steady_from_step, warm_meter.get("at"))
     runtime.flush()
     track.write_metrics()
     out = {
@@ -256,6 +282,7 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
         "elapsed_s": elapsed,
         "metrics": runtime.all_metrics(),
         "metrics_before_flush": before_flush,
+        "metrics_steady": steady,
         "decisions": decisions,
         "samples_seen": samples_seen,
         "start_step": start,

@@ -74,6 +74,10 @@ class JobConfig:
     # called on every worker after each training step with the step's index (from 0),
     # e.g. by a benchmark that changes a link mid-run
     on_step: Optional[Callable[[int], None]] = None
+    # ESD: also report the training steps' traffic from this step on (counted from the run's
+    # first step; the steps after a benchmark's warm-up, without the end-of-training
+    # write-back) as "metrics_steady"
+    steady_from_step: Optional[int] = None
     # tables initialised per (table, row) from a hash of (seed, table, id) (ps.row_storage.HashedUniformInit),
     # on every method alike; ESD's PS then creates rows on first touch (LazyRowStorage)
     lazy_tables: bool = False
