@@ -349,7 +349,8 @@ def rank_main(spec_path: str) -> None:
             rec["dispatch"] = {"solvers": solvers, "decision_ms": [d["ms"] for d in r["decisions"]],
                                "inputs_ms": [d["inputs_ms"] for d in r["decisions"]],
                                "cpu_ms": [d.get("cpu_ms", float("nan")) for d in r["decisions"]],
-                               "runqueue_ms": [d.get("runqueue_ms", float("nan")) for d in r["decisions"]]}
+                               "runqueue_ms": [d.get("runqueue_ms", float("nan")) for d in r["decisions"]],
+                               "wait_ms": [d.get("wait_ms", float("nan")) for d in r["decisions"]]}
         records.append(rec)
         progress(f"{mix['name']:>8} {method:<10} rep {rep} {wall:6.1f} s wall"
                  + (f", {r['elapsed_s']:.1f} s training, loss {r['losses'][-1]:.4f}" if "losses" in r else ""))
@@ -686,8 +687,11 @@ def steady_decisions(every: List[Dict], repeats: int, skip: int) -> Dict:
     every decision, the first one's one-time costs (lazy initialisation,
     first calls of the operators) included.  Means over the decisions, and
     per repeat (``steady_full_decision_ms_repeats``); CPU and waiting for a
-    core over the full decisions (a plain-split verdict reports none)."""
-    full, cpu, wait, per_rep = [], [], [], []
+    core over the full decisions (a plain-split verdict reports none); the
+    training thread's wait for its batch's dispatch over every step
+    (``steady_training_wait_ms``: the decision's share of the critical path
+    when dispatched ahead)."""
+    full, cpu, wait, stall, per_rep = [], [], [], [], []
     for rep in range(repeats):
         recs = [r for r in every if r["rep"] == rep and r["rank"] == 0 and "dispatch" in r]
         if not recs:
@@ -699,6 +703,7 @@ def steady_decisions(every: List[Dict], repeats: int, skip: int) -> Dict:
             per_rep.append(sum(f) / len(f))
         cpu += [c for c in d.get("cpu_ms", [])[skip:] if c == c]
         wait += [c for c in d.get("runqueue_ms", [])[skip:] if c == c]
+        stall += [c for c in d.get("wait_ms", [])[skip:] if c == c]
     if not full:
         return {}
     out = {"steady_full_decision_ms": sum(full) / len(full), "steady_full_decision_ms_repeats": per_rep,
@@ -707,6 +712,8 @@ def steady_decisions(every: List[Dict], repeats: int, skip: int) -> Dict:
         out["steady_full_decision_cpu_ms"] = sum(cpu) / len(cpu)
     if wait:
         out["steady_full_decision_runqueue_ms"] = sum(wait) / len(wait)
+    if stall:  # the training thread's wait for the dispatch of its batch (dispatched ahead)
+        out["steady_training_wait_ms"] = sum(stall) / len(stall)
     return out
 
 
@@ -755,6 +762,10 @@ def issue18_targets(het: str, ms: Dict, links: str, workload: str) -> List[Dict]
                                          if pre + "_full_decision_cpu_ms" in d else "")
                                       + (f", waiting for a core {d[pre + '_full_decision_runqueue_ms']:.1f} ms"
                                          if pre + "_full_decision_runqueue_ms" in d else "")
+                                      + (f"; the training thread waited {d['steady_training_wait_ms']:.2f} ms per "
+                                         f"step for its batch's dispatch "
+                                         f"({100 * d['steady_training_wait_ms'] / s['iter_ms']:.1f} %)"
+                                         if pre == "steady" and "steady_training_wait_ms" in d else "")
                                       + f"; first repeat, every decision: {d['mean_full_decision_ms']:.1f} ms (inputs "
                                         f"{d['mean_inputs_ms']:.1f} + solve {d['mean_decision_ms']:.1f})"
                                       + " (decided ahead in a background thread when --dispatch-ahead > 0)"),

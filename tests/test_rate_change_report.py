@@ -164,9 +164,11 @@ def test_steady_decisions_take_every_repeat_after_the_warm_up_and_leave_out_spli
     e2e = _e2e()
     nan = float("nan")
 
-    def rec(rank, rep, solve, inputs, cpu, wait):
-        return {"rank": rank, "rep": rep, "dispatch": {"decision_ms": solve, "inputs_ms": inputs,
-                                                       "cpu_ms": cpu, "runqueue_ms": wait}}
+    def rec(rank, rep, solve, inputs, cpu, wait, stall=None):
+        d = {"decision_ms": solve, "inputs_ms": inputs, "cpu_ms": cpu, "runqueue_ms": wait}
+        if stall is not None:
+            d["wait_ms"] = stall
+        return {"rank": rank, "rep": rep, "dispatch": d}
 
     every = [
         # repeat 0: a first decision with one-time costs (left out with the warm-up), then 2 + 3 ms and 4 + 4 ms
@@ -187,6 +189,11 @@ def test_steady_decisions_take_every_repeat_after_the_warm_up_and_leave_out_spli
                                                            [9.0, 9.0, 1.0])]
     out = e2e.steady_decisions(short, repeats=2, skip=2)
     assert out["steady_full_decision_ms_repeats"] == [4.0] and out["steady_decisions"] == 1
+    assert "steady_training_wait_ms" not in out  # records without the training thread's wait
+    # the training thread's wait for its batch's dispatch: every steady step, NaN (inline) left out
+    stalls = [rec(0, 0, [1.0] * 4, [1.0] * 4, [1.0] * 4, [1.0] * 4, [30.0, 20.0, 0.5, 1.5]),
+              rec(0, 1, [1.0] * 4, [1.0] * 4, [1.0] * 4, [1.0] * 4, [30.0, 20.0, nan, 4.0])]
+    assert e2e.steady_decisions(stalls, repeats=2, skip=2)["steady_training_wait_ms"] == pytest.approx(2.0)
 
 
 def test_steady_link_time_starts_after_the_warm_up_and_the_issue18_line_prints_its_cut():

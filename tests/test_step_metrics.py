@@ -42,6 +42,9 @@ def test_spawned_run_writes_documented_json_lines(tmp_path):
     assert [r["step"] for r in esd] == list(range(STEPS))
     # the losses are the job's own, and the per-step bytes add up to the job's totals
     assert [r["loss"] for r in esd] == pytest.approx(results[0]["losses"])
+    # dispatched ahead: every step says how long the training thread waited for its batch's dispatch
+    waits = [d["wait_ms"] for d in results[0]["decisions"]]
+    assert len(waits) == STEPS and all(0.0 <= w < 240e3 for w in waits), waits
     totals = results[0]["metrics"]["per_worker"]
     for r in esd:
         assert set(ESD_METRIC_KEYS) <= set(r)

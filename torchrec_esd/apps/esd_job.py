@@ -177,11 +177,14 @@ def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:
                 # "ms": the solve; "inputs_ms": reading the batch and building the solver's inputs
                 # "cpu_ms": the dispatch thread's CPU time over the whole decision (inputs +
                 # solve), "runqueue_ms" its time runnable but waiting for a core (Linux), where
-                # the dispatcher reports them (not on a plain-split verdict)
+                # the dispatcher reports them (not on a plain-split verdict); "wait_ms": how long the
+                # training thread waited for this batch's dispatch (dispatched ahead; NaN inline)
+                wait = dispatch.last_wait_s
                 decisions.append({"solver": res.solver, "ms": res.decision_s * 1e3,
                                   "inputs_ms": res.info.get("inputs_s", 0.0) * 1e3,
                                   "cpu_ms": res.info.get("full_decision_cpu_s", float("nan")) * 1e3,
-                                  "runqueue_ms": res.info.get("full_decision_runqueue_s", float("nan")) * 1e3})
+                                  "runqueue_ms": res.info.get("full_decision_runqueue_s", float("nan")) * 1e3,
+                                  "wait_ms": float("nan") if wait is None else wait * 1e3})
             yield local
 
     def _abort_on_bad_input(it):

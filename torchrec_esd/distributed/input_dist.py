@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
@@ -120,6 +121,9 @@ class EsdInputDist(nn.Module):
         self.last_link_estimates: Optional[List[float]] = None
         # every worker's measured compute rate (samples/s) it was dispatched with (a dispatcher reading them)
         self.last_compute_estimates: Optional[List[float]] = None
+        # dispatch_ahead: how long the consumer (the training thread) waited for the current
+        # batch's dispatch, the part of the decision on its critical path (None: dispatched inline)
+        self.last_wait_s: Optional[float] = None
         self._cost_model = None
         # online links: decisions so far, and how many decisions a batch's own PS exchange may lag
         # behind (dispatch_ahead's slots; None: decided in the training thread, which has
@@ -299,7 +303,8 @@ class EsdInputDist(nn.Module):
         batch they belong to; a bad batch also stops the PS ranks, as in
         :meth:`forward`.  After each yield, :attr:`last_result`,
         :attr:`last_mine`, :attr:`loss_scale`, :attr:`last_shares` and
-        :attr:`last_link_estimates` describe the yielded batch.
+        :attr:`last_link_estimates` describe the yielded batch, and
+        :attr:`last_wait_s` says how long the consumer waited for it.
         """
         if int(depth) < 1:
             raise EsdConfigError(f"dispatch_ahead needs depth >= 1, got {depth}")
@@ -394,7 +399,9 @@ class EsdInputDist(nn.Module):
         producer.start()
         try:
             while True:
+                t0 = time.perf_counter()
                 kind, item = q.get()
+                waited = time.perf_counter() - t0
                 if kind == "end":
                     return
                 if kind == "error":
@@ -402,11 +409,14 @@ class EsdInputDist(nn.Module):
                         self._fail(item)
                     raise item
                 slots.release()
-                yield self._adopt(item)
+                local = self._adopt(item)
+                self.last_wait_s = waited
+                yield local
         finally:
             stop.set()
             producer.join(timeout=1.0)
             self._estimate_lag, self._dispatch_stop = None, None
+            self.last_wait_s = None
 
     def _adopt(self, d: DispatchedBatch) -> Batch:
         """Make ``d`` the current batch (the attributes describe it)."""
