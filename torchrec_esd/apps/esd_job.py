@@ -15,7 +15,6 @@ from dataclasses import replace
 from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingPlan
@@ -49,14 +48,10 @@ def _steady_metrics(runtime: EsdRuntime, now: Dict, first_step: int, at_warm: Op
     """Every worker's transmission from step ``first_step`` on, up to ``now``
     (its counters before the end-of-training flush): ``now`` less its counters
     when step ``first_step - 1`` ended (all of it for ``first_step`` 0),
-    gathered like :meth:`EsdRuntime.all_metrics`.  ``None`` on every worker
+    gathered by :meth:`EsdRuntime.gather_metrics`.  ``None`` on every worker
     when one of them did not get that far (a job of fewer steps)."""
     mine = now if first_step == 0 else (None if at_warm is None else TransmissionMeter.difference(now, at_warm))
-    out: List[Optional[Dict]] = [None] * runtime.config.num_workers
-    dist.all_gather_object(out, mine, group=runtime.worker_group)
-    if any(m is None for m in out):
-        return None
-    return TransmissionMeter.summarize(out)  # type: ignore[arg-type]
+    return runtime.gather_metrics(mine)
 
 
 def _esd(job: JobConfig, workload: SyntheticWorkload) -> Dict:

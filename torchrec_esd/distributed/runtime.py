@@ -499,6 +499,15 @@ class EsdWorkerRuntime(EsdRuntime):
 
     def all_metrics(self) -> Dict:
         """Per-worker transmission metrics gathered on every worker."""
+        return self.gather_metrics(self.metrics())  # type: ignore[return-value]
+
+    def gather_metrics(self, mine: Optional[Dict]) -> Optional[Dict]:
+        """Every worker's ``mine`` (a :meth:`TransmissionMeter.as_dict`-shaped
+        dict, e.g. the traffic of some steps) gathered on every worker and
+        summarised; ``None`` on every worker when one of them has none (a
+        collective of the worker group: every worker calls it)."""
         out: List[Optional[Dict]] = [None] * self.config.num_workers
-        dist.all_gather_object(out, self.metrics(), group=self.worker_group)
+        dist.all_gather_object(out, mine, group=self.worker_group)
+        if any(m is None for m in out):
+            return None
         return TransmissionMeter.summarize(out)  # type: ignore[arg-type]
